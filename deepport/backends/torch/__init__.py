@@ -1,0 +1,20 @@
+"""The torch backend: vectorised PyTorch, on any torch device (CPU, CUDA, ROCm, XPU, MPS, NPU ...).
+
+The portable fallback for every torch build. It gathers the pages in use, masks what lies past each
+sequence (so poisoned tails never reach the arithmetic) and computes in float32.
+"""
+
+import torch
+
+from deepport.dispatch import Backend, OpSupport
+
+BACKEND = Backend(
+    name="torch",
+    summary="vectorised PyTorch, float32 math (any torch device)",
+    version="1",
+    ops=(
+        OpSupport(op="mla_decode", entry="deepport.backends.torch.mla_decode:run",
+                  dtypes=frozenset({torch.bfloat16, torch.float16})),
+    ),
+    priority={"*": 10},
+)

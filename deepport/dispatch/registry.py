@@ -1,0 +1,100 @@
+"""The registry of backends: built-in ones (``deepport.backends.BUILTIN``), then entry points.
+
+Third-party backends register through the entry-point group ``deepport.backends`` (each entry
+names a module or object exposing a :class:`Backend`), or at run time with :func:`register`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import threading
+from collections.abc import Iterator
+from importlib.metadata import entry_points
+
+from deepport.dispatch.backend import Backend
+from deepport.errors import UnknownBackendError
+
+_log = logging.getLogger("deepport.dispatch")
+_lock = threading.RLock()
+_backends: dict[str, Backend] = {}
+_loaded = False
+_generation = 0  # bumped on every change, so cached selections are invalidated
+
+
+def _as_backend(obj: object, origin: str) -> Backend:
+    backend = getattr(obj, "BACKEND", obj)
+    if not isinstance(backend, Backend):
+        raise TypeError(f"{origin} does not provide a deepport Backend (got {type(backend).__name__})")
+    return backend
+
+
+def _load() -> None:
+    global _loaded
+    with _lock:
+        if _loaded:
+            return
+        from deepport.backends import BUILTIN
+
+        for module_name in BUILTIN:
+            _add(_as_backend(importlib.import_module(module_name), module_name))
+        for ep in entry_points(group="deepport.backends"):
+            try:
+                _add(_as_backend(ep.load(), f"entry point {ep.name!r}"))
+            except Exception as exc:  # a broken plug-in must not break deepport
+                _log.warning("deepport: skipping backend entry point %r: %s", ep.name, exc)
+        _loaded = True
+
+
+def _add(backend: Backend) -> None:
+    global _generation
+    if backend.name in _backends:
+        raise ValueError(f"a backend named {backend.name!r} is already registered")
+    _backends[backend.name] = backend
+    _generation += 1
+
+
+def register(backend: Backend) -> None:
+    """Add a backend at run time (raises if the name is taken)."""
+    _load()
+    with _lock:
+        _add(backend)
+
+
+def unregister(name: str) -> None:
+    global _generation
+    _load()
+    with _lock:
+        if _backends.pop(name, None) is None:
+            raise UnknownBackendError(name, list(_backends))
+        _generation += 1
+
+
+@contextlib.contextmanager
+def registered(backend: Backend) -> Iterator[Backend]:
+    """Register ``backend`` for the duration of a ``with`` block (tests, exploit corpus)."""
+    register(backend)
+    try:
+        yield backend
+    finally:
+        unregister(backend.name)
+
+
+def get(name: str) -> Backend:
+    _load()
+    try:
+        return _backends[name]
+    except KeyError:
+        raise UnknownBackendError(name, list(_backends)) from None
+
+
+def all_backends() -> list[Backend]:
+    """Every registered backend, in registration order."""
+    _load()
+    return list(_backends.values())
+
+
+def generation() -> int:
+    _load()
+    return _generation

@@ -1,0 +1,78 @@
+"""Boundary checks shared by the op modules. Each raises with the argument's name, expected and got."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+
+import torch
+
+from deepport.errors import ArgumentTypeError, InvalidArgumentError
+
+
+def expect_tensor(name: str, value: object) -> torch.Tensor:
+    if type(value) is not torch.Tensor and not isinstance(value, torch.Tensor):
+        raise ArgumentTypeError(name, f"expected a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def expect_dtype(name: str, t: torch.Tensor, allowed: Collection[torch.dtype]) -> None:
+    if t.dtype not in allowed:
+        want = " or ".join(str(d) for d in allowed)
+        raise ArgumentTypeError(name, f"expected dtype {want}, got {t.dtype}")
+
+
+def expect_ndim(name: str, t: torch.Tensor, ndim: int, layout: str) -> None:
+    if t.dim() != ndim:
+        raise InvalidArgumentError(
+            name, f"expected {ndim} dimensions {layout}, got {t.dim()} with shape {tuple(t.shape)}"
+        )
+
+
+def expect_dim(name: str, t: torch.Tensor, dim: int, expected: int, what: str) -> None:
+    if t.shape[dim] != expected:
+        raise InvalidArgumentError(
+            name, f"expected size {expected} ({what}) in dimension {dim}, got shape {tuple(t.shape)}"
+        )
+
+
+def expect_shape(name: str, t: torch.Tensor, shape: Sequence[int], layout: str) -> None:
+    if tuple(t.shape) != tuple(shape):
+        raise InvalidArgumentError(name, f"expected shape {tuple(shape)} {layout}, got {tuple(t.shape)}")
+
+
+def expect_positive(name: str, t: torch.Tensor, dim: int, what: str) -> None:
+    if t.shape[dim] <= 0:
+        raise InvalidArgumentError(name, f"{what} (dimension {dim}) must be > 0, got shape {tuple(t.shape)}")
+
+
+def expect_same_device(name: str, t: torch.Tensor, device: torch.device, anchor: str) -> None:
+    if t.device != device:
+        raise InvalidArgumentError(name, f"expected device {device} (the device of `{anchor}`), got {t.device}")
+
+
+def expect_last_dim_contiguous(name: str, t: torch.Tensor) -> None:
+    if t.dim() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise InvalidArgumentError(
+            name, f"expected the last dimension to be contiguous (stride 1), got strides {t.stride()}"
+        )
+
+
+def expect_contiguous(name: str, t: torch.Tensor) -> None:
+    if not t.is_contiguous():
+        raise InvalidArgumentError(
+            name, f"expected a contiguous tensor, got shape {tuple(t.shape)} with strides {t.stride()}"
+        )
+
+
+def expect_int(name: str, value: object, *, minimum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ArgumentTypeError(name, f"expected an int, got {type(value).__name__}")
+    if minimum is not None and value < minimum:
+        raise InvalidArgumentError(name, f"expected an int >= {minimum}, got {value}")
+    return value
+
+
+def expect_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ArgumentTypeError(name, f"expected a bool, got {type(value).__name__}")
+    return value
