@@ -1,0 +1,117 @@
+"""The records a conformance run produces, and their JSON form (``results.json``).
+
+``results.json`` is the artifact; the JUnit XML and Markdown summary are derived from it. Schema
+(``schema_version`` 1)::
+
+    {
+      "schema": "deepport.conformance.results", "schema_version": 1,
+      "suite_version": str, "generator_version": int, "tier": "smoke" | "full",
+      "run_seed": int,            # every case seed derives from it; --seed reproduces a run
+      "command": str, "started": ISO-8601, "finished": ISO-8601, "duration_s": float,
+      "environment": {"python", "platform", "deepport", "numpy", "torch", "device": {...}, ...},
+      "backends": {name: {"version", "summary", "available", "unavailable_reason"}},
+      "summary": {backend: {op: {status: count}}},
+      "cases": [CaseResult.to_dict(), ...]
+    }
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+SCHEMA = "deepport.conformance.results"
+SCHEMA_VERSION = 1
+
+
+class Status(str, enum.Enum):
+    """Outcome of one case on one backend."""
+
+    PASS = "pass"
+    FAIL = "fail"  # ran, but an output (or an input it must not touch) is wrong
+    NOT_SUPPORTED = "not_supported"  # the backend declares it cannot run this call (with reasons)
+    ERROR = "error"  # the backend raised or crashed
+    INTERNAL_ERROR = "internal_error"  # the suite itself is at fault (e.g. a case failed calibration)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass
+class CaseResult:
+    """One (case, backend) outcome.
+
+    ``metrics`` maps each output name (``"out"``, ``"lse"``) to its measured errors (``max_abs_err``,
+    ``max_rel_err``, ``calc_diff``, ``mismatches`` ...); ``tolerance`` maps each output name to the
+    bounds applied. ``message`` says why a case did not pass, with the seed to reproduce it.
+    """
+
+    case_id: str
+    op: str
+    backend: str
+    tier: str
+    profile: str  # "core" or "extension"
+    features: tuple[str, ...]
+    params: Mapping[str, Any]
+    seed: int
+    status: Status
+    duration_s: float
+    metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
+    tolerance: dict[str, dict[str, Any]] = field(default_factory=dict)
+    message: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["status"] = self.status.value
+        d["features"] = list(self.features)
+        d["params"] = dict(self.params)
+        return d
+
+
+@dataclass
+class SuiteRun:
+    """A whole run: identity of what ran where, and every case result."""
+
+    suite_version: str
+    generator_version: int
+    tier: str
+    run_seed: int
+    command: str
+    started: str
+    finished: str
+    duration_s: float
+    environment: dict[str, Any]
+    backends: dict[str, dict[str, Any]]
+    cases: list[CaseResult]
+
+    def summary(self) -> dict[str, dict[str, dict[str, int]]]:
+        """``{backend: {op: {status: count}}}`` with every status present (zeros included)."""
+        table: dict[str, dict[str, dict[str, int]]] = {}
+        for r in self.cases:
+            per_op = table.setdefault(r.backend, {}).setdefault(r.op, {s.value: 0 for s in Status})
+            per_op[r.status.value] += 1
+        return table
+
+    def passed(self) -> bool:
+        """True when no case failed or errored (``not_supported`` is an honest answer, not a failure)."""
+        return all(r.status in (Status.PASS, Status.NOT_SUPPORTED) for r in self.cases)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA,
+            "schema_version": SCHEMA_VERSION,
+            "suite_version": self.suite_version,
+            "generator_version": self.generator_version,
+            "tier": self.tier,
+            "run_seed": self.run_seed,
+            "command": self.command,
+            "started": self.started,
+            "finished": self.finished,
+            "duration_s": self.duration_s,
+            "environment": self.environment,
+            "backends": self.backends,
+            "summary": self.summary(),
+            "cases": [r.to_dict() for r in self.cases],
+        }
