@@ -40,22 +40,23 @@ def mla_decode_f64(
         pages = torch.from_numpy(table[i, : -(-length // page)].astype(np.int64))
         kv = _f64(k_cache.index_select(0, pages.to(k_cache.device)))
         kv = kv.reshape(-1, h_kv, d_qk)[:length]  # [L, h_kv, d_qk]
-        qi = _f64(q[i]).reshape(s_q, h_kv, group, d_qk)
-        logits = softmax_scale * np.einsum("skgd,tkd->skgt", qi, kv)  # [s_q, h_kv, group, L]
+        rows = s_q * group  # query rows served by one KV head, ordered (token j, head in group)
+        qi = _f64(q[i]).reshape(s_q, h_kv, group, d_qk).transpose(1, 0, 2, 3).reshape(h_kv, rows, d_qk)
+        logits = softmax_scale * (qi @ kv.transpose(1, 2, 0))  # [h_kv, rows, L]
         if causal:
             # query j sees tokens t <= L - s_q + j (bottom-right aligned)
             last_visible = length - s_q + np.arange(s_q)
             hidden = np.arange(length)[None, :] > last_visible[:, None]  # [s_q, L]
-            logits = np.where(hidden[:, None, None, :], -np.inf, logits)
+            logits = np.where(np.repeat(hidden, group, axis=0)[None], -np.inf, logits)
         peak = logits.max(axis=-1, keepdims=True)
         seen = np.isfinite(peak)  # False where a query sees no token
         shifted = np.exp(np.where(seen, logits - np.where(seen, peak, 0.0), -np.inf))
         total = shifted.sum(axis=-1, keepdims=True)
         probs = np.divide(shifted, total, out=np.zeros_like(shifted), where=total > 0)
-        o = np.einsum("skgt,tkv->skgv", probs, kv[:, :, :head_dim_v])  # [s_q, h_kv, group, d_v]
-        out[i] = o.reshape(s_q, h_q, head_dim_v)
+        o = probs @ kv[:, :, :head_dim_v].transpose(1, 0, 2)  # [h_kv, rows, d_v]
+        out[i] = o.reshape(h_kv, s_q, group, head_dim_v).transpose(1, 0, 2, 3).reshape(s_q, h_q, head_dim_v)
         row_lse = np.where(seen, peak + np.log(np.where(total > 0, total, 1.0)), np.inf)[..., 0]
-        lse[i] = row_lse.reshape(s_q, h_q).T
+        lse[i] = row_lse.reshape(h_kv, s_q, group).transpose(0, 2, 1).reshape(h_q, s_q)
     return out, lse
 
 

@@ -1,0 +1,52 @@
+"""Calibration: a case must be able to tell right from wrong, or it is a suite bug.
+
+For each case the suite checks, on the reference itself, that
+- the reference rounded to the output dtype passes (an honest backend can pass),
+- an all-zero output fails, and
+- the reference plus 5% Gaussian noise (of the output's rms, or absolute 0.05 where the reference is
+  all zero) fails.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+from deepport.conformance.checker import check_output
+from deepport.conformance.tolerance import Tolerance
+
+
+def _rounded(ref: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    return torch.from_numpy(ref).to(dtype)
+
+
+def calibrate(references: Mapping[str, np.ndarray], dtypes: Mapping[str, torch.dtype],
+              tolerances: Mapping[str, Tolerance], seed: int) -> list[str]:
+    """Problems with this case's discriminating power (empty when calibrated)."""
+    problems: list[str] = []
+    rng = np.random.default_rng(seed)
+    cpu = torch.device("cpu")
+
+    def case_passes(candidates: Mapping[str, torch.Tensor]) -> bool:
+        return all(check_output(n, candidates[n], references[n], dtype=dtypes[n], device=cpu,
+                                tol=tolerances[n]).passed for n in references)
+
+    rounded = {n: _rounded(r, dtypes[n]) for n, r in references.items()}
+    for n, r in references.items():
+        check = check_output(n, rounded[n], r, dtype=dtypes[n], device=cpu, tol=tolerances[n])
+        if not check.passed:
+            problems.append(f"the reference rounded to {dtypes[n]} fails: {'; '.join(check.failures)}")
+    zeros = {n: torch.zeros(r.shape, dtype=dtypes[n]) for n, r in references.items()}
+    if case_passes(zeros):
+        problems.append("an all-zero output passes")
+    noisy = {}
+    for n, r in references.items():
+        finite = r[np.isfinite(r)]
+        rms = float(np.sqrt(np.mean(np.square(finite)))) if finite.size else 0.0
+        scale = 0.05 * rms if rms > 0 else 0.05
+        noisy[n] = _rounded(r + scale * rng.standard_normal(r.shape), dtypes[n])
+    if case_passes(noisy):
+        problems.append("the reference plus 5% noise passes")
+    return problems

@@ -1,0 +1,87 @@
+"""Comparing one output with its float64 reference: structure, special values, element-wise, global.
+
+All four must hold for the output to pass; every measured figure is returned for the report.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from deepport.conformance.tolerance import Tolerance
+
+
+@dataclass
+class OutputCheck:
+    name: str
+    failures: list[str] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+
+def calc_diff(a: np.ndarray, r: np.ndarray) -> float:
+    """DeepGEMM's global difference ``1 - 2*sum(a*r) / sum(a*a + r*r)`` in float64 (0 when both ~0)."""
+    a64, r64 = a.astype(np.float64), r.astype(np.float64)
+    denominator = float(np.sum(a64 * a64 + r64 * r64))
+    if denominator < 1e-12:
+        return 0.0
+    return float(1.0 - 2.0 * np.sum(a64 * r64) / denominator)
+
+
+def to_float64(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to("cpu", torch.float64).numpy()
+
+
+def check_output(name: str, got: object, reference: np.ndarray, *, dtype: torch.dtype,
+                 device: torch.device, tol: Tolerance) -> OutputCheck:
+    """Check ``got`` against ``reference`` (float64, the exact answer before output rounding)."""
+    result = OutputCheck(name)
+    # 1. exact structure: a plain tensor (no subclass, no lazy object) of the declared dtype, shape, device
+    if type(got) is not torch.Tensor:
+        result.failures.append(f"{name}: expected a plain torch.Tensor, got {type(got).__name__}")
+        return result
+    if got.dtype != dtype or tuple(got.shape) != reference.shape or got.device != device:
+        result.failures.append(f"{name}: expected {dtype} {reference.shape} on {device}, "
+                               f"got {got.dtype} {tuple(got.shape)} on {got.device}")
+        return result
+    a = to_float64(got)
+    # 2. exact positions of NaN, +inf, -inf (NaN is never a wildcard)
+    for label, mask in (("NaN", np.isnan), ("+inf", np.isposinf), ("-inf", np.isneginf)):
+        ga, gr = mask(a), mask(reference)
+        if not np.array_equal(ga, gr):
+            where = np.argwhere(ga != gr)[0].tolist()
+            result.failures.append(f"{name}: {label} positions differ ({int(np.sum(ga))} in output, "
+                                   f"{int(np.sum(gr))} in reference; first at {where})")
+    finite = np.isfinite(reference) & np.isfinite(a)
+    av, rv = a[finite], reference[finite]
+    # 3. element-wise |a - r| <= atol + rtol * |r|, atol scaled to the case
+    atol = tol.atol(reference)
+    err = np.abs(av - rv)
+    bound = atol + tol.rtol * np.abs(rv)
+    bad = err > bound
+    result.metrics.update(
+        elements=int(reference.size), compared=int(rv.size), atol=atol, rtol=tol.rtol,
+        max_abs_err=float(err.max()) if err.size else 0.0,
+        max_rel_err=float(np.max(err / np.maximum(np.abs(rv), 1e-30))) if err.size else 0.0,
+        max_err_over_bound=float(np.max(err / np.maximum(bound, 1e-300))) if err.size else 0.0,
+        mismatches=int(bad.sum()),
+    )
+    if bad.any():
+        full_index = np.argwhere(finite)[int(np.argmax(err - bound))].tolist()
+        worst = tuple(full_index)
+        result.failures.append(
+            f"{name}: {int(bad.sum())}/{rv.size} elements ({100.0 * bad.mean():.3g}%) outside "
+            f"atol={atol:.3g} + rtol={tol.rtol:.3g}*|ref|; worst at {list(worst)}: got {a[worst]!r}, "
+            f"expected {reference[worst]!r}")
+    # 4. global difference on the finite values
+    diff = calc_diff(av, rv)
+    result.metrics["calc_diff"] = diff
+    if diff > tol.max_calc_diff:
+        result.failures.append(f"{name}: calc_diff {diff:.3g} > {tol.max_calc_diff:.3g}")
+    return result
