@@ -75,7 +75,7 @@ class Backend:
         return support.entry
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load_entry(backend: str, op: str, entry: str) -> Callable[..., Any]:
     module_name, _, attr = entry.partition(":")
     fn: Callable[..., Any] = getattr(importlib.import_module(module_name), attr)

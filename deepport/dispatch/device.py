@@ -40,7 +40,7 @@ class DeviceInfo:
         return f"{where} ({self.name}{extra}, {self.multiprocessors} units)"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _device_info(device_type: str, index: int | None) -> DeviceInfo:
     if device_type == "cpu":
         return DeviceInfo("cpu", None, "cpu", "cpu", platform.processor() or platform.machine(),

@@ -41,7 +41,8 @@ def verdicts(op: str, signature: CallSignature) -> list[Verdict]:
     found = [
         Verdict(b.name, tuple(b.reasons(op, signature)), b.auto_priority(kind)) for b in registry.all_backends()
     ]
-    return sorted(found, key=lambda v: -1 if v.priority is None else v.priority, reverse=True)
+    # Stable: equal ranks keep registration order; never-automatic backends (None) come last.
+    return sorted(found, key=lambda v: (v.priority is not None, v.priority or 0), reverse=True)
 
 
 def choose(op: str, signature: CallSignature, backend: str | None = None) -> tuple[Backend, str]:
@@ -64,7 +65,8 @@ def _explicit(op: str, signature: CallSignature, name: str, source: str) -> Back
 
 
 def _automatic(op: str, signature: CallSignature) -> Backend:
-    key = (op, signature, registry.generation())
+    generation = registry.generation()
+    key = (op, signature, generation)
     cached = _auto_cache.get(key)
     if cached is not None:
         return cached
@@ -74,13 +76,15 @@ def _automatic(op: str, signature: CallSignature) -> Backend:
         raise NoBackendError(op, {v.backend: v.reasons or ("not chosen automatically on this device",)
                                   for v in found})
     winner = runnable[0]
-    skipped = "; ".join(f"{v.backend}: {', '.join(v.reasons)}" for v in found
-                        if not v.can_run and (v.priority or -1) > (winner.priority or 0))
+    # Ranked before the winner yet not chosen: those could not run this call.
+    skipped = "; ".join(f"{v.backend}: {', '.join(v.reasons)}" for v in found[:found.index(winner)])
     level = logging.WARNING if winner.backend == "reference" else logging.INFO
     _log.log(level, "deepport: %s [%s] on %s -> %s (priority %s)%s%s", op, signature, signature.device.describe(),
              winner.backend, winner.priority, f"; passed over {skipped}" if skipped else "",
              "; this is the float64 NumPy oracle, slow by design" if winner.backend == "reference" else "")
     chosen = registry.get(winner.backend)
     with _auto_lock:
+        for stale in [k for k in _auto_cache if k[2] != generation]:  # the registry changed since
+            del _auto_cache[stale]
         _auto_cache[key] = chosen
     return chosen

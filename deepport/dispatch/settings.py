@@ -24,6 +24,8 @@ from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
 from types import MappingProxyType
 
+from deepport.errors import InvalidArgumentError
+
 _EMPTY: Mapping[str, str] = MappingProxyType({})
 _context_choice: ContextVar[Mapping[str, str]] = ContextVar("deepport_backend_choice", default=_EMPTY)
 
@@ -35,10 +37,19 @@ def use_backend(name: str | None = None, /, **per_op: str) -> Iterator[None]:
     """Choose backends for calls made inside the ``with`` block (this thread / task only).
 
     ``use_backend("torch")`` picks one backend for every op; ``use_backend(mla_decode="reference")``
-    picks per op; both forms combine, and an inner block overrides an outer one. The choice is
-    explicit: a call the backend cannot run raises :class:`deepport.errors.BackendNotSupportedError`.
+    picks per op; both forms combine (the per-op choice wins within one block), and an inner block
+    overrides an outer one: an inner ``use_backend("torch")`` also replaces an outer per-op choice.
+    The choice is explicit: a call the backend cannot run raises
+    :class:`deepport.errors.BackendNotSupportedError`. An op name deepport does not have raises
+    :class:`deepport.errors.InvalidArgumentError` at once (a misspelt op would otherwise do nothing).
     """
-    merged = dict(_context_choice.get())
+    from deepport.kernels import OPS  # deepport.kernels imports dispatch, so not at module level
+
+    for op in per_op:
+        if op not in OPS:
+            raise InvalidArgumentError(op, f"expected an op name ({', '.join(OPS)}) as keyword of use_backend, "
+                                       f"got {op!r}")
+    merged = {} if name is not None else dict(_context_choice.get())
     if name is not None:
         merged[ANY_OP] = name
     merged.update(per_op)

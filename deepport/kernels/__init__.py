@@ -1,7 +1,8 @@
 """The abstract op interface: one module per op family, each the spec of its ops.
 
 ``OPS`` maps each op name to its module; every op module exposes ``OP`` (the name), ``OP_VERSION``,
-``bind(...)`` (validate arguments, return the call a backend receives) and ``example_signature``.
+``bind(...)`` (validate every argument of the op but ``backend=``, return the call a backend receives)
+and ``example_signature``.
 """
 
 from __future__ import annotations

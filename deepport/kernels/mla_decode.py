@@ -182,9 +182,9 @@ def mla_decode(
         deepport.errors.BackendNotSupportedError / NoBackendError: no backend can run the call.
     """
     call = bind(q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale=softmax_scale,
-                causal=causal, metadata=metadata)
+                causal=causal, metadata=metadata, out=out, lse=lse)
     chosen, _ = selection.choose(OP, call.signature, backend)
-    out, lse = _outputs(call, out, lse)
+    out, lse = _allocate_outputs(call, out, lse)
     if call.batch > 0:
         chosen.implementation(OP)(call, out, lse)
     return out, lse
@@ -200,8 +200,11 @@ def bind(
     softmax_scale: float | None = None,
     causal: bool = False,
     metadata: MLAMetadata | None = None,
+    out: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
 ) -> MLADecodeCall:
-    """Validate the arguments of :func:`mla_decode` and build the call a backend receives."""
+    """Validate the arguments of :func:`mla_decode` (all but ``backend=``, the outputs included) and
+    build the call a backend receives."""
     q = chk.expect_tensor("q", q)
     chk.expect_dtype("q", q, INPUT_DTYPES)
     chk.expect_ndim("q", q, 4, "[batch, s_q, h_q, d_qk]")
@@ -249,17 +252,26 @@ def bind(
         _check_index_values(block_table, cache_seqlens, page, num_blocks, metadata)
 
     signature = MLADecodeSignature(device_info(q.device), q.dtype, s_q, h_q, h_kv, d_qk, d_v, page, causal)
+    if out is not None:
+        _check_output("out", out, (b, s_q, h_q, d_v), q.dtype, q.device, "[batch, s_q, h_q, d_v]")
+    if lse is not None:
+        _check_output("lse", lse, (b, h_q, s_q), torch.float32, q.device, "[batch, h_q, s_q]")
     return MLADecodeCall(q, k_cache, block_table, cache_seqlens, d_v, scale, causal, metadata, signature)
 
 
 def _softmax_scale(softmax_scale: float | None, d_qk: int) -> float:
     if softmax_scale is None:
-        return float(d_qk) ** -0.5
+        default: float = float(d_qk) ** -0.5
+        return default
     if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
         raise ArgumentTypeError("softmax_scale", f"expected a float or None, got {type(softmax_scale).__name__}")
-    if not math.isfinite(softmax_scale):
+    try:
+        scale = float(softmax_scale)
+    except OverflowError:  # an int beyond float range
+        scale = math.inf
+    if not math.isfinite(scale):
         raise InvalidArgumentError("softmax_scale", f"expected a finite number, got {softmax_scale}")
-    return float(softmax_scale)
+    return scale
 
 
 def _check_metadata_shape(md: MLAMetadata, b: int, q_rows: int, h_kv: int, h_q: int) -> None:
@@ -305,19 +317,14 @@ def _check_index_values(block_table: torch.Tensor, cache_seqlens: torch.Tensor, 
                                    "call get_mla_metadata again for this step")
 
 
-def _outputs(call: MLADecodeCall, out: torch.Tensor | None,
-             lse: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _allocate_outputs(call: MLADecodeCall, out: torch.Tensor | None,
+                      lse: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The caller's outputs (already checked by :func:`bind`), or new ones where none were given."""
     sig, q = call.signature, call.q
-    out_shape = (call.batch, sig.s_q, sig.h_q, sig.d_v)
-    lse_shape = (call.batch, sig.h_q, sig.s_q)
     if out is None:
-        out = torch.empty(out_shape, dtype=q.dtype, device=q.device)
-    else:
-        _check_output("out", out, out_shape, q.dtype, q.device, "[batch, s_q, h_q, d_v]")
+        out = torch.empty((call.batch, sig.s_q, sig.h_q, sig.d_v), dtype=q.dtype, device=q.device)
     if lse is None:
-        lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
-    else:
-        _check_output("lse", lse, lse_shape, torch.float32, q.device, "[batch, h_q, s_q]")
+        lse = torch.empty((call.batch, sig.h_q, sig.s_q), dtype=torch.float32, device=q.device)
     return out, lse
 
 

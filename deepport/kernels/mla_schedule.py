@@ -26,9 +26,13 @@ def plan_split_kv(seqlens: np.ndarray, parts: int) -> tuple[np.ndarray, np.ndarr
 
     Returns ``(records, num_splits)``:
 
-    - ``records``: int32 ``[parts, 8]``, per part ``begin_req, end_req (inclusive), begin_block,
-      end_block (exclusive, in end_req), begin_split_idx, first_req_is_split, last_req_is_split, 0``.
-      A part with no work has ``begin_req = b`` and ``end_req = b - 1``.
+    - ``records``: int32 ``[parts, 8]``, per part ``begin_req, end_req (inclusive), begin_block
+      (in begin_req), end_block (exclusive, in end_req), begin_split_idx, first_req_is_split,
+      last_req_is_split, 0``. Blocks are ``BLOCK_N``-token blocks. ``begin_split_idx`` is the row of
+      the split accumulator that the part's first piece writes (``num_splits[begin_req]`` plus the
+      piece's index within its request; FlashMLA's record stores only the latter, and tokens rather
+      than blocks). A ``*_is_split`` flag is 1 when that request is cut into several pieces. A part
+      with no work is ``(b, b - 1, 0, 0, total pieces, 0, 0, 0)``.
     - ``num_splits``: int32 ``[b + 1]``, the exclusive prefix sum of pieces per request
       (``num_splits[0] = 0``); request ``i``'s partial results occupy rows
       ``num_splits[i] : num_splits[i + 1]`` of a split accumulator.
