@@ -1,0 +1,5 @@
+"""``python -m deepport ...`` is the ``deepport`` command."""
+
+from deepport.cli.main import main
+
+raise SystemExit(main())

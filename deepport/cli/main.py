@@ -1,0 +1,127 @@
+"""``deepport``: the command line.
+
+- ``deepport info [--json]``: the devices and torch build found, every registered backend (available or
+  why not, version, the ops it implements with their declared support, its automatic priorities), and
+  for each device and op the backend automatic selection picks for the op's core example call.
+- ``deepport certify [--backend NAME ...] [--tier smoke|full] [--out DIR] [--device DEV] [--seed N]
+  [--op OP ...] [--case PATTERN]``: runs the conformance suite and writes ``results.json``,
+  ``junit.xml`` and ``summary.md`` into ``DIR`` (default ``certify-out``); see :mod:`deepport.cli.certify`.
+- ``deepport report RESULTS_JSON [--out DIR]``: regenerates ``junit.xml`` and ``summary.md`` from a
+  saved ``results.json`` (into its own folder unless ``--out`` is given).
+
+Exit status: 0 success (certify: every case passed or is honestly not supported), 1 a case failed or
+errored, 2 a usage error (unknown backend, no matching case, unreadable results file ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+from rich.text import Text
+
+from deepport.conformance.case import TIERS
+
+EXIT_OK, EXIT_USAGE, EXIT_INTERRUPTED = 0, 2, 130  # certify returns 1 itself when a case failed
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"expected 0 <= seed < 2**63, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deepport", description="DeepSeek's inference kernels on any GPU, "
+                                     "and the conformance suite that certifies each port.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    info = commands.add_parser("info", help="devices, backends, and what automatic selection picks")
+    info.add_argument("--json", action="store_true", help="print the same information as JSON")
+
+    certify = commands.add_parser("certify", help="run the conformance suite and write reports")
+    certify.add_argument("--backend", action="extend", nargs="+", metavar="NAME",
+                         help="backend(s) to certify (default: every usable backend)")
+    certify.add_argument("--tier", choices=TIERS, default="smoke",
+                         help="smoke (quick, cannot certify) or full (default: smoke)")
+    certify.add_argument("--out", type=Path, default=Path("certify-out"), metavar="DIR",
+                         help="folder for results.json, junit.xml, summary.md (default: certify-out)")
+    certify.add_argument("--device", help="torch device, e.g. cpu, cuda:1 (default: cuda if present, else cpu)")
+    certify.add_argument("--seed", type=_seed, metavar="N", help="run seed (default: random; always printed)")
+    certify.add_argument("--op", action="extend", nargs="+", metavar="OP", help="only the cases of these ops")
+    certify.add_argument("--case", metavar="PATTERN", help="only cases whose id matches (glob or substring)")
+
+    rep = commands.add_parser("report", help="regenerate junit.xml and summary.md from a results.json")
+    rep.add_argument("results", type=Path, metavar="RESULTS_JSON")
+    rep.add_argument("--out", type=Path, metavar="DIR", help="output folder (default: the results file's folder)")
+    return parser
+
+
+def _usage_error(command: str, message: str) -> int:
+    Console(stderr=True).print(Text(f"deepport {command}: error: {message}", style="red"), soft_wrap=True)
+    return EXIT_USAGE
+
+
+def _info(args: argparse.Namespace) -> int:
+    from deepport.cli import info
+
+    data = info.collect()
+    if args.json:
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+    else:
+        info.render(data, Console())
+    return EXIT_OK
+
+
+def _certify(args: argparse.Namespace) -> int:
+    from deepport.cli import certify
+
+    try:
+        p = certify.plan(args.backend, args.tier, args.device, args.seed, args.op, args.case, args.out)
+    except certify.UsageError as exc:
+        return _usage_error("certify", str(exc))
+    return certify.certify(p, Console())
+
+
+def _report(args: argparse.Namespace) -> int:
+    from deepport.cli.certify import print_table
+    from deepport.conformance import report
+
+    try:
+        results = report.load_results(args.results)
+    except report.ResultsFileError as exc:
+        return _usage_error("report", str(exc))
+    out_dir = args.out if args.out is not None else args.results.parent
+    paths = report.write_derived_reports(results, out_dir)
+    console = Console()
+    print_table(results, console)
+    console.print(Text(f"run seed {results.get('run_seed')}, tier {results.get('tier')}; reports written:"))
+    for path in paths.values():
+        console.print(Text(f"  {path}"), soft_wrap=True)
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``deepport`` command with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # argparse reports usage errors (status 2) and --help (status 0) this way
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    handlers = {"info": _info, "certify": _certify, "report": _report}
+    try:
+        return handlers[args.command](args)
+    except KeyboardInterrupt:
+        Console(stderr=True).print(Text(f"deepport {args.command}: interrupted", style="red"))
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
