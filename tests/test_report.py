@@ -42,7 +42,7 @@ ONE_OF_EACH = [
 
 @pytest.fixture
 def results() -> dict[str, Any]:
-    return report.results_dict(_run(ONE_OF_EACH))
+    return _run(ONE_OF_EACH).to_dict()
 
 
 def test_junit_xml_parses_and_counts_each_status(results: dict[str, Any]) -> None:
@@ -85,13 +85,13 @@ def test_markdown_lists_every_non_passing_case_and_the_core_verdict(results: dic
 
 def test_core_profile_passes_when_only_extension_cases_are_unsupported() -> None:
     run = _run([_result("a", Status.PASS), _result("ext", Status.NOT_SUPPORTED, "no", profile="extension")])
-    results = report.results_dict(run)
+    results = run.to_dict()
     assert report.profile_verdicts(results) == {"torch": "core profile: PASS (1/1 core cases passed)"}
     assert [r.verdict for r in report.table_rows(results)] == ["PASS (core)"]
 
 
 def test_core_case_not_supported_is_not_a_core_pass() -> None:
-    results = report.results_dict(_run([_result("a", Status.PASS), _result("b", Status.NOT_SUPPORTED, "no")]))
+    results = _run([_result("a", Status.PASS), _result("b", Status.NOT_SUPPORTED, "no")]).to_dict()
     assert report.profile_verdicts(results)["torch"].startswith("core profile: FAIL")
     assert [r.verdict for r in report.table_rows(results)] == ["CORE INCOMPLETE"]
 
@@ -100,7 +100,7 @@ def test_results_json_round_trips_through_load_results(tmp_path: Path) -> None:
     run = _run(ONE_OF_EACH)
     paths = report.write_reports(run, tmp_path / "out")
     assert set(paths) == {"results", "junit", "summary"} and all(p.exists() for p in paths.values())
-    assert report.load_results(paths["results"]) == json.loads(json.dumps(report.results_dict(run)))
+    assert report.load_results(paths["results"]) == json.loads(json.dumps(run.to_dict()))
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.endswith(".tmp")]
 
 
@@ -117,7 +117,7 @@ def test_reports_regenerate_identically_from_saved_results(tmp_path: Path) -> No
 ])
 def test_load_results_rejects_another_schema(tmp_path: Path, change: dict[str, Any], expected: str) -> None:
     path = tmp_path / "results.json"
-    path.write_text(json.dumps({**report.results_dict(_run(ONE_OF_EACH)), **change}))
+    path.write_text(json.dumps({**_run(ONE_OF_EACH).to_dict(), **change}))
     with pytest.raises(report.ResultsFileError, match=expected):
         report.load_results(path)
 

@@ -157,7 +157,7 @@ def certify(p: Plan, out: Console) -> int:
     """Run the plan, print the table, write the reports; 0 when every case passed or is not supported."""
     _header(p, out)
     run = _run_with_progress(p)
-    results = report.results_dict(run)
+    results = run.to_dict()
     out.print()
     print_table(results, out)
     if p.tier != "full":

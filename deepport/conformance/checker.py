@@ -77,8 +77,8 @@ def check_output(name: str, got: object, reference: np.ndarray, *, dtype: torch.
         worst = tuple(full_index)
         result.failures.append(
             f"{name}: {int(bad.sum())}/{rv.size} elements ({100.0 * bad.mean():.3g}%) outside "
-            f"atol={atol:.3g} + rtol={tol.rtol:.3g}*|ref|; worst at {list(worst)}: got {a[worst]!r}, "
-            f"expected {reference[worst]!r}")
+            f"atol={atol:.3g} + rtol={tol.rtol:.3g}*|ref|; worst at {list(worst)}: got {float(a[worst])!r}, "
+            f"expected {float(reference[worst])!r}")
     # 4. global difference on the finite values
     diff = calc_diff(av, rv)
     result.metrics["calc_diff"] = diff

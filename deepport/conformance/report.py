@@ -15,7 +15,6 @@ Verdicts, shared by the Markdown summary and ``deepport certify``'s table:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -71,19 +70,12 @@ def load_results(path: str | os.PathLike[str]) -> dict[str, Any]:
     return data
 
 
-def results_dict(run: SuiteRun) -> dict[str, Any]:
-    """``run.to_dict()``, each case's ``params`` made a plain dict first: a :class:`Case` keeps them as
-    a read-only ``MappingProxyType``, which ``dataclasses.asdict`` (in ``CaseResult.to_dict``) cannot copy."""
-    plain = [dataclasses.replace(r, params=dict(r.params)) for r in run.cases]
-    return dataclasses.replace(run, cases=plain).to_dict()
-
-
 def write_reports(run: SuiteRun, out_dir: Path) -> dict[str, Path]:
     """Write ``results.json``, ``junit.xml`` and ``summary.md`` into ``out_dir`` (created if needed).
 
     Returns ``{"results": path, "junit": path, "summary": path}``.
     """
-    results = results_dict(run)
+    results = run.to_dict()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"results": _write_atomic(out_dir / RESULTS_JSON, json.dumps(results, indent=2) + "\n")}

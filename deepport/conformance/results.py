@@ -10,6 +10,7 @@
       "command": str, "started": ISO-8601, "finished": ISO-8601, "duration_s": float,
       "environment": {"python", "platform", "deepport", "numpy", "torch", "device": {...}, ...},
       "backends": {name: {"version", "summary", "available", "unavailable_reason"}},
+      "selection": {"ops": [...] | null, "case_pattern": str | null},  # filters; empty = whole tier
       "summary": {backend: {op: {status: count}}},
       "cases": [CaseResult.to_dict(), ...]
     }
@@ -19,14 +20,14 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 SCHEMA = "deepport.conformance.results"
 SCHEMA_VERSION = 1
 
 
-class Status(str, enum.Enum):
+class Status(enum.StrEnum):
     """Outcome of one case on one backend."""
 
     PASS = "pass"
@@ -63,10 +64,10 @@ class CaseResult:
     message: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["status"] = self.status.value
         d["features"] = list(self.features)
-        d["params"] = dict(self.params)
+        d["params"] = dict(self.params)  # a Case keeps them read-only; JSON wants a plain dict
         return d
 
 
@@ -85,6 +86,7 @@ class SuiteRun:
     environment: dict[str, Any]
     backends: dict[str, dict[str, Any]]
     cases: list[CaseResult]
+    selection: dict[str, Any] = field(default_factory=dict)  # filters of this run: ops, case pattern
 
     def summary(self) -> dict[str, dict[str, dict[str, int]]]:
         """``{backend: {op: {status: count}}}`` with every status present (zeros included)."""
@@ -95,8 +97,13 @@ class SuiteRun:
         return table
 
     def passed(self) -> bool:
-        """True when no case failed or errored (``not_supported`` is an honest answer, not a failure)."""
-        return all(r.status in (Status.PASS, Status.NOT_SUPPORTED) for r in self.cases)
+        """True when every case passed, except extension cases the backend declared unsupported.
+
+        ``not_supported`` is an honest answer for an extension (beyond upstream's shapes), but a
+        backend that cannot run a core case does not pass: the core profile is what a port promises.
+        """
+        return all(r.status is Status.PASS or (r.status is Status.NOT_SUPPORTED and r.profile != "core")
+                   for r in self.cases)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -112,6 +119,7 @@ class SuiteRun:
             "duration_s": self.duration_s,
             "environment": self.environment,
             "backends": self.backends,
+            "selection": self.selection,
             "summary": self.summary(),
             "cases": [r.to_dict() for r in self.cases],
         }

@@ -111,10 +111,12 @@ class _Reference:
 
 def _run_backend(suite: ModuleType, case: Case, inputs: Any, ref: _Reference, backend: str,
                  device: torch.device, seed: int, run_seed: int) -> CaseResult:
+    """Stage, poison, call, then check one backend on one case. ``duration_s`` covers staging and the call."""
     started = time.perf_counter()
     result = CaseResult(case.id, case.op, backend, case.tier, case.profile, case.features, case.params, seed,
                         Status.PASS, 0.0)
-    repro = f"(case seed {seed}; reproduce: deepport certify --backend {backend} --case '{case.id}' --seed {run_seed})"
+    repro = (f"(case seed {seed}; reproduce: deepport certify --backend {backend} --tier {case.tier} "
+             f"--device {device} --case '{case.id}' --seed {run_seed})")
     try:
         tensors = {n: t.to(device, copy=True) for n, t in inputs.tensors.items()}
         outputs = {n: _poisoned(shape, dtype, device) for n, (shape, dtype) in suite.output_specs(inputs).items()}
@@ -243,7 +245,8 @@ def run_suite(
     }
     generator_versions = {op: s.GENERATOR_VERSION for op, s in SUITES.items()}
     return SuiteRun(SUITE_VERSION, max(generator_versions.values()), tier, seed, command, started, _now(),
-                    time.perf_counter() - t0, environment(dev), backend_info, results)
+                    time.perf_counter() - t0, environment(dev), backend_info, results,
+                    {"ops": list(ops) if ops else None, "case_pattern": case_pattern})
 
 
 def results_by_status(run: SuiteRun) -> Mapping[str, list[CaseResult]]:

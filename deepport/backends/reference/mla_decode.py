@@ -61,7 +61,7 @@ def mla_decode_f64(
 
 
 def run(call: MLADecodeCall, out: torch.Tensor, lse: torch.Tensor) -> None:
-    o, l = mla_decode_f64(call.q, call.k_cache, call.block_table, call.cache_seqlens, call.head_dim_v,
+    o, lse_f64 = mla_decode_f64(call.q, call.k_cache, call.block_table, call.cache_seqlens, call.head_dim_v,
                           call.softmax_scale, call.causal)
     out.copy_(torch.from_numpy(o).to(out.dtype))
-    lse.copy_(torch.from_numpy(l).to(torch.float32))
+    lse.copy_(torch.from_numpy(lse_f64).to(torch.float32))

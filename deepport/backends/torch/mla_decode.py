@@ -45,9 +45,9 @@ def run(call: MLADecodeCall, out: torch.Tensor, lse: torch.Tensor) -> None:
     with _ieee_fp32_matmul(call.q.device):
         for start in range(0, b, chunk):
             stop = min(b, start + chunk)
-            o, l = _decode_chunk(call, lens[start:stop], start, stop, pages)
+            o, chunk_lse = _decode_chunk(call, lens[start:stop], start, stop, pages)
             out[start:stop].copy_(o)
-            lse[start:stop].copy_(l)
+            lse[start:stop].copy_(chunk_lse)
 
 
 def _decode_chunk(call: MLADecodeCall, lens: torch.Tensor, start: int, stop: int,
@@ -84,6 +84,6 @@ def _decode_chunk(call: MLADecodeCall, lens: torch.Tensor, start: int, stop: int
     probs = torch.exp(logits.sub_(torch.where(empty, 0.0, row_lse)[..., None]))  # exp(-inf) = 0 on empty rows
     o = torch.matmul(probs, k[..., :d_v])  # [bc, h_kv, s_q*group, d_v]
     o = o.reshape(bc, h_kv, s_q, group, d_v).permute(0, 2, 1, 3, 4).reshape(bc, s_q, h_q, d_v)
-    l = torch.where(empty, float("inf"), row_lse).reshape(bc, h_kv, s_q, group)
-    l = l.permute(0, 1, 3, 2).reshape(bc, h_q, s_q)
-    return o.to(call.q.dtype), l
+    lse = torch.where(empty, float("inf"), row_lse).reshape(bc, h_kv, s_q, group)
+    lse = lse.permute(0, 1, 3, 2).reshape(bc, h_q, s_q)
+    return o.to(call.q.dtype), lse

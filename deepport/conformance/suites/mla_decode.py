@@ -144,11 +144,12 @@ class Inputs:
 
 def _lengths(p: Mapping[str, Any], rng: np.random.Generator) -> np.ndarray:
     if p["lengths"] is not None:
-        return np.asarray(p["lengths"], dtype=np.int64)
+        explicit: np.ndarray = np.asarray(p["lengths"], dtype=np.int64)
+        return explicit
     b, s_k = p["b"], p["s_k"]
     if p["varlen"]:
         min_len = p["s_q"] if p["causal"] else 1
-        lens = np.clip(np.rint(rng.normal(s_k, s_k / 2, size=b)), min_len, 2 * s_k).astype(np.int64)
+        lens: np.ndarray = np.clip(np.rint(rng.normal(s_k, s_k / 2, size=b)), min_len, 2 * s_k).astype(np.int64)
     else:
         lens = np.full(b, s_k, dtype=np.int64)
     if p["zero_frac"] > 0:
