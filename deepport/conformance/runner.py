@@ -48,6 +48,12 @@ def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def concrete_device(device: torch.device | str) -> torch.device:
+    """``cuda`` -> ``cuda:0`` (the current device): tensors report their index, and outputs are checked
+    against the device they must be on."""
+    return torch.empty(0, device=device).device
+
+
 def select_cases(tier: str, ops: Sequence[str] | None = None, pattern: str | None = None) -> list[Case]:
     """The cases of ``tier`` (``full`` includes ``smoke``), optionally by op and by id glob/substring."""
     if tier not in TIERS:
@@ -161,6 +167,7 @@ def run_case(case: Case, backends: Sequence[str], device: torch.device, run_seed
     """Run one case on each backend (same inputs for all of them)."""
     suite = SUITES[case.op]
     seed = case.seed(run_seed)
+    device = concrete_device(device)
     try:
         inputs = suite.generate(case, seed)
         ref = _Reference(suite, inputs, seed)
@@ -223,7 +230,7 @@ def run_suite(
     pass it back to reproduce a run. ``on_start(total)`` and ``on_result(result)`` drive progress
     display. Unknown backend names raise before anything runs.
     """
-    dev = default_device() if device is None else torch.device(device)
+    dev = concrete_device(default_device() if device is None else device)
     known = {b.name: b for b in registry.all_backends()}
     for name in backends:
         registry.get(name)  # raises UnknownBackendError with the registered names
