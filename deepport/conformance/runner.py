@@ -10,8 +10,11 @@ check that no input changed (bitwise), compute the float64 reference from the pr
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import fnmatch
+import gc
+import hashlib
 import platform
 import secrets
 import subprocess
@@ -96,42 +99,49 @@ def _bitwise_equal(got: torch.Tensor, pristine: torch.Tensor) -> bool:
     return torch.equal(got.contiguous().view(as_int), pristine.contiguous().view(as_int))
 
 
-class _Reference:
-    """The float64 answer of one case, computed once, after the first backend has run."""
-
-    def __init__(self, suite: ModuleType, inputs: Any, seed: int) -> None:
-        self.suite, self.inputs, self.seed = suite, inputs, seed
-        self.values: dict[str, np.ndarray] | None = None
-        self.problems: list[str] = []
-        specs = suite.output_specs(inputs)
-        dtype = suite.dtype_name(inputs)
-        self.dtypes = {n: spec[1] for n, spec in specs.items()}
-        self.tolerances: dict[str, Tolerance] = {n: tolerance(suite.OP, n, dtype) for n in specs}
-
-    def get(self) -> dict[str, np.ndarray]:
-        if self.values is None:
-            self.values = self.suite.reference(self.inputs)
-            self.problems = calibrate(self.values, self.dtypes, self.tolerances, self.seed)
-        return self.values
+def _inputs_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
+    """Digest of the generated inputs (names, dtypes, shapes, strides and bytes), for the record."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}:{t.stride()};".encode())
+        digest.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
-def _run_backend(suite: ModuleType, case: Case, inputs: Any, ref: _Reference, backend: str,
-                 device: torch.device, seed: int, run_seed: int) -> CaseResult:
-    """Stage, poison, call, then check one backend on one case. ``duration_s`` covers staging and the call."""
+def _stage(suite: ModuleType, case: Case, seed: int,
+           device: torch.device) -> tuple[Any, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Generate the inputs and keep only what the backend gets: device copies, poisoned outputs, and the
+    call's non-tensor arguments. The host-side originals are dropped before the call."""
+    inputs = suite.generate(case, seed)
+    tensors = {n: t.to(device, copy=True) for n, t in inputs.tensors.items()}
+    outputs = {n: _poisoned(shape, dtype, device) for n, (shape, dtype) in suite.output_specs(inputs).items()}
+    return dataclasses.replace(inputs, tensors={}), tensors, outputs
+
+
+def _run_backend(suite: ModuleType, case: Case, backend: str, device: torch.device, seed: int,
+                 run_seed: int) -> CaseResult:
+    """One backend on one case, isolated from the suite's answers and from every other backend.
+
+    1. Generate the inputs from ``(case, seed)``, stage device copies, poison the outputs, drop the
+       host originals; 2. call the public op; 3. regenerate the pristine inputs (objects the backend
+       never saw), check its copies are bitwise unchanged, compute the float64 reference, calibrate
+       the case, compare. Nothing of this run outlives the function, so a later backend cannot find
+       this one's outputs or the reference in memory. ``duration_s`` covers staging and the call.
+    """
     started = time.perf_counter()
     result = CaseResult(case.id, case.op, backend, case.tier, case.profile, case.features, case.params, seed,
                         Status.PASS, 0.0)
     repro = (f"(case seed {seed}; reproduce: deepport certify --backend {backend} --tier {case.tier} "
              f"--device {device} --case '{case.id}' --seed {run_seed})")
     try:
-        tensors = {n: t.to(device, copy=True) for n, t in inputs.tensors.items()}
-        outputs = {n: _poisoned(shape, dtype, device) for n, (shape, dtype) in suite.output_specs(inputs).items()}
+        call_spec, tensors, outputs = _stage(suite, case, seed, device)
     except Exception as exc:
-        result.status, result.message = Status.INTERNAL_ERROR, f"could not stage inputs: {exc!r}"
+        result.status, result.message = Status.INTERNAL_ERROR, f"could not generate or stage inputs: {exc!r}"
         result.duration_s = time.perf_counter() - started
         return result
     try:
-        suite.invoke(inputs, tensors, backend, outputs)
+        suite.invoke(call_spec, tensors, backend, outputs)
         _synchronize(device)
     except BackendNotSupportedError as exc:
         result.status, result.message = Status.NOT_SUPPORTED, "; ".join(exc.reasons)
@@ -145,37 +155,40 @@ def _run_backend(suite: ModuleType, case: Case, inputs: Any, ref: _Reference, ba
     if result.status is not Status.PASS:
         return result
 
+    pristine = suite.generate(case, seed)
+    result.metrics["inputs"] = {"sha256": _inputs_sha256(pristine.tensors)}
     failures = [f"input `{n}` was modified by the call" for n, t in tensors.items()
-                if not _bitwise_equal(t, inputs.tensors[n])]
-    references = ref.get()
-    if ref.problems:
+                if not _bitwise_equal(t, pristine.tensors[n])]
+    specs = suite.output_specs(pristine)
+    dtypes = {n: spec[1] for n, spec in specs.items()}
+    tolerances: dict[str, Tolerance] = {n: tolerance(suite.OP, n, suite.dtype_name(pristine)) for n in specs}
+    references = suite.reference(pristine)
+    problems = calibrate(references, dtypes, tolerances, seed)
+    if problems:
         result.status = Status.INTERNAL_ERROR
-        result.message = "case failed calibration: " + "; ".join(ref.problems)
+        result.message = "case failed calibration: " + "; ".join(problems)
         return result
     for name, reference in references.items():
-        check = check_output(name, outputs[name], reference, dtype=ref.dtypes[name], device=device,
-                             tol=ref.tolerances[name])
+        check = check_output(name, outputs[name], reference, dtype=dtypes[name], device=device,
+                             tol=tolerances[name])
         result.metrics[name] = check.metrics
-        result.tolerance[name] = ref.tolerances[name].to_dict()
+        result.tolerance[name] = tolerances[name].to_dict()
         failures += check.failures
     if failures:
         result.status, result.message = Status.FAIL, "; ".join(failures) + " " + repro
     return result
 
 
-def run_case(case: Case, backends: Sequence[str], device: torch.device, run_seed: int) -> list[CaseResult]:
-    """Run one case on each backend (same inputs for all of them)."""
+def run_case(case: Case, backends: Sequence[str], device: torch.device | str, run_seed: int) -> list[CaseResult]:
+    """Run one case on each backend: the same inputs (same seed) for all, each run isolated."""
     suite = SUITES[case.op]
     seed = case.seed(run_seed)
-    device = concrete_device(device)
-    try:
-        inputs = suite.generate(case, seed)
-        ref = _Reference(suite, inputs, seed)
-    except Exception as exc:
-        return [CaseResult(case.id, case.op, b, case.tier, case.profile, case.features, case.params, seed,
-                           Status.INTERNAL_ERROR, 0.0, message=f"input generation failed: {exc!r}")
-                for b in backends]
-    return [_run_backend(suite, case, inputs, ref, b, device, seed, run_seed) for b in backends]
+    dev = concrete_device(device)
+    results = []
+    for backend in backends:
+        results.append(_run_backend(suite, case, backend, dev, seed, run_seed))
+        gc.collect()  # this backend's outputs and the reference are gone before the next one runs
+    return results
 
 
 def _git_revision() -> str | None:
@@ -235,6 +248,8 @@ def run_suite(
     for name in backends:
         registry.get(name)  # raises UnknownBackendError with the registered names
     seed = secrets.randbits(63) if run_seed is None else int(run_seed)
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"run_seed must be in [0, 2**64), got {seed}")
     chosen = select_cases(tier, ops, case_pattern)
     if on_start is not None:
         on_start(len(chosen) * len(backends))

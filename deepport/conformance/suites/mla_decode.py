@@ -8,9 +8,12 @@ machine gets the same bits:
   ``zero_frac`` of requests set to 0; or the explicit ``lengths`` list.
 - pages: each request's pages drawn from a random permutation of all blocks, with ``extra_pages``
   spare blocks that no request uses.
-- poison: every cache token past a request's length (rest of its last page) and every spare block is
-  NaN; every ``block_table`` slot past a request's last page holds an out-of-range id
-  (2147480000, -1, num_blocks or -2**31). A backend that reads any of them fails.
+- poison (``poison="nan"``, the default): every cache token past a request's length (rest of its last
+  page) and every spare block is NaN; every ``block_table`` slot past a request's last page holds an
+  out-of-range id (2147480000, -1, num_blocks or -2**31). A backend that reads any of them fails.
+- poison ``"garbage"``: the same places hold *finite* values 4x larger than the data, and unused table
+  slots hold valid ids of other pages, so a backend that reads past a length and drops only NaN, or
+  clamps ids instead of honouring the length, gets a different (not a NaN) answer.
 - values: q and cache ~ N(0, 1)/10 clamped to [-1, 1] (FlashMLA's test data) or N(0, 1) (``unit``:
   peaky softmax), rounded to the input dtype.
 - ``noncontig_q``: q is a transposed view (last dimension contiguous, other strides not).
@@ -38,7 +41,7 @@ _CORE = (576, 512, 64)
 _DEFAULTS: dict[str, Any] = dict(
     b=3, s_q=1, h_q=16, h_kv=1, d_qk=576, d_v=512, page=64, s_k=100, varlen=True, zero_frac=0.0,
     lengths=None, causal=False, dtype="bfloat16", noncontig_q=False, scale_pow=None, values="small",
-    metadata=False, extra_pages=3, table_pad=2,
+    metadata=False, extra_pages=3, table_pad=2, poison="nan",
 )
 
 
@@ -60,6 +63,8 @@ def _features(p: Mapping[str, Any]) -> tuple[str, ...]:
         f.append("metadata")
     if p["scale_pow"] is not None:
         f.append("softmax_scale")
+    if p["poison"] != "nan":
+        f.append(f"poison_{p['poison']}")
     if p["page"] != 64:
         f.append(f"page_{p['page']}")
     if (p["d_qk"], p["d_v"]) != (576, 512):
@@ -101,7 +106,10 @@ def cases() -> list[Case]:
         _case("smoke", "float16_sq2_causal_gqa", s_q=2, h_kv=2, causal=True, dtype="float16"),
         _case("smoke", "float16_hq3", h_q=3, dtype="float16", noncontig_q=True),
         _case("smoke", "metadata_b5", b=5, s_k=200, zero_frac=0.2, metadata=True),
-        _case("smoke", "softmax_scale_pow_0.55", scale_pow=-0.55),
+        # unit values: logits of order 1, so a backend that ignores the scale is far off
+        _case("smoke", "softmax_scale_pow_0.55", scale_pow=-0.55, values="unit"),
+        _case("smoke", "finite_poison_b4_sq2_causal_gqa", b=4, s_q=2, h_kv=2, causal=True, zero_frac=0.25,
+              poison="garbage"),
         _case("smoke", "unit_values_peaky", values="unit", s_q=2, causal=True),
         _case("smoke", "long_b1_sk700", b=1, s_k=700, varlen=False, h_q=16),
         # extensions beyond FlashMLA's shapes: other page sizes and head dims
@@ -110,6 +118,7 @@ def cases() -> list[Case]:
         _case("smoke", "ext_head_dim_512_512", d_qk=512, d_v=512),
         _case("smoke", "ext_head_dim_64_32_page32", d_qk=64, d_v=32, page=32, s_q=2, causal=True),
         _case("smoke", "ext_gqa_hq24_hkv8", h_q=24, h_kv=8, d_qk=128, d_v=128),
+        _case("smoke", "ext_page16_finite_poison", page=16, s_k=60, poison="garbage"),
     ]
     full = _head_grid([(1, 1), (3, 1), (16, 1), (16, 2), (64, 1), (64, 2), (128, 1), (128, 2)], "full",
                       b=8, s_k=1024)
@@ -125,6 +134,8 @@ def cases() -> list[Case]:
         _case("full", "deepseek_float16_b64_sq2_hq128_sk4096_causal", b=64, s_q=2, h_q=128, s_k=4096,
               causal=True, dtype="float16"),
         _case("full", "deepseek_unit_values_b16_hq128_sk8192", b=16, h_q=128, s_k=8192, values="unit"),
+        _case("full", "deepseek_b64_sq2_hq128_sk4096_causal_finite_poison", b=64, s_q=2, h_q=128, s_k=4096,
+              causal=True, zero_frac=0.1, poison="garbage"),
         _case("full", "ext_page16_b16_hq64_sk2048", b=16, h_q=64, s_k=2048, page=16),
         _case("full", "ext_head_dim_512_512_b16_hq64_sk2048", b=16, h_q=64, d_qk=512, d_v=512, s_k=2048),
     ]
@@ -177,8 +188,11 @@ def generate(case: Case, seed: int) -> Inputs:
     order = rng.permutation(num_blocks)
 
     table = np.zeros((b, max(max_blocks, 1)), dtype=np.int64)
-    bad = np.array([num_blocks if x is None else x for x in _BAD_IDS], dtype=np.int64)
-    table[:] = rng.choice(bad, size=table.shape)
+    if p["poison"] == "garbage" and num_blocks > 0:
+        table[:] = rng.integers(0, num_blocks, size=table.shape)  # valid ids of pages the request does not own
+    else:
+        bad = np.array([num_blocks if x is None else x for x in _BAD_IDS], dtype=np.int64)
+        table[:] = rng.choice(bad, size=table.shape)
     k_cache = _values(rng, (num_blocks, page, h_kv, d_qk), p["values"], dtype)
     in_use = np.zeros((num_blocks, page), dtype=bool)
     cursor = 0
@@ -189,7 +203,11 @@ def generate(case: Case, seed: int) -> Inputs:
         table[i, :n] = blocks
         for j, blk in enumerate(blocks):
             in_use[blk, : min(page, int(lens[i]) - j * page)] = True
-    k_cache[torch.from_numpy(~in_use)] = float("nan")
+    unused = torch.from_numpy(~in_use)
+    if p["poison"] == "garbage":
+        k_cache[unused] = 4 * _values(rng, (int(unused.sum()), h_kv, d_qk), p["values"], dtype)
+    else:
+        k_cache[unused] = float("nan")
 
     if p["noncontig_q"]:
         q = _values(rng, (b, h_q, s_q, d_qk), p["values"], dtype).transpose(1, 2)
