@@ -37,9 +37,11 @@ class ArgumentTypeError(InvalidArgumentError, TypeError):
 class UnknownBackendError(DeepportError, ValueError):
     """A backend name that no registered backend carries."""
 
-    def __init__(self, name: str, known: Sequence[str]) -> None:
+    def __init__(self, name: str, known: Sequence[str], source: str | None = None) -> None:
         self.name = name
-        super().__init__(f"unknown backend {name!r}; registered backends: {', '.join(known)}")
+        self.source = source
+        named_by = f" (named by {source})" if source else ""
+        super().__init__(f"unknown backend {name!r}{named_by}; registered backends: {', '.join(known)}")
 
 
 class BackendNotSupportedError(DeepportError, RuntimeError):

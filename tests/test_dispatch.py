@@ -162,6 +162,8 @@ def test_unknown_backend_name_raises_and_lists_the_registered_ones(inputs: Any, 
         deepport.mla_decode(*inputs.args, **kwargs)
     assert info.value.name == "nope"
     assert "'nope'" in str(info.value) and "reference" in str(info.value) and "torch" in str(info.value)
+    source = "the backend= argument" if way == "argument" else "$DEEPPORT_BACKEND"
+    assert info.value.source == source and f"(named by {source})" in str(info.value)
 
 
 # ---- automatic choice ---------------------------------------------------------------------------------------------

@@ -340,3 +340,22 @@ def test_explain_validates_like_the_op_outputs_included(base: Any) -> None:
     assert bad_out.value.argument == "out"
     good = deepport.explain("mla_decode", *base.args, out=torch.empty(2, 2, 4, 32, dtype=torch.bfloat16))
     assert good.chosen == "torch"
+
+
+
+def test_out_sharing_memory_with_an_input_is_rejected(spy: list[Any], base: Any) -> None:
+    buffer = torch.empty(2 * 2 * 4 * 64, dtype=torch.bfloat16)
+    q = buffer.view(2, 2, 4, 64).copy_(base.q)
+    _rejected(spy, InvalidArgumentError, "out", ("memory disjoint from `q`",), base, q=q,
+              out=buffer[: 2 * 2 * 4 * 32].view(2, 2, 4, 32))  # q's own bytes: read while written
+
+
+def test_lse_sharing_memory_with_out_is_rejected_but_disjoint_slices_of_one_buffer_are_fine(
+        spy: list[Any], base: Any) -> None:
+    workspace = torch.empty(2 * 2 * 4 * 32 + 2 * 4 * 2, dtype=torch.float32)
+    out = torch.empty(2, 2, 4, 32, dtype=torch.bfloat16)
+    overlapping = out.view(torch.float32).view(-1)[: 2 * 4 * 2].view(2, 4, 2)
+    _rejected(spy, InvalidArgumentError, "lse", ("memory disjoint from `out`",), base, out=out, lse=overlapping)
+    lse = workspace[2 * 2 * 4 * 32:].view(2, 4, 2)  # same storage as other data, but disjoint bytes
+    _call(base, lse=lse)
+    assert [name for name, _ in spy] == ["spy"]

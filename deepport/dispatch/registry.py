@@ -37,8 +37,11 @@ def _load() -> None:
             return
         from deepport.backends import BUILTIN
 
-        for module_name in BUILTIN:
-            _add(_as_backend(importlib.import_module(module_name), module_name))
+        # Import every built-in first: a failing import leaves the registry empty, not half loaded.
+        # (Built-in modules import with numpy and torch alone; their probes report missing toolchains.)
+        builtin = [_as_backend(importlib.import_module(name), name) for name in BUILTIN]
+        for backend in builtin:
+            _add(backend)
         for ep in entry_points(group="deepport.backends"):
             try:
                 _add(_as_backend(ep.load(), f"entry point {ep.name!r}"))

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from deepport.dispatch import registry, settings
 from deepport.dispatch.backend import Backend
 from deepport.dispatch.capability import CallSignature
-from deepport.errors import BackendNotSupportedError, NoBackendError
+from deepport.errors import BackendNotSupportedError, NoBackendError, UnknownBackendError
 
 _log = logging.getLogger("deepport.dispatch")
 _auto_cache: dict[tuple[str, object, int], Backend] = {}
@@ -57,7 +57,10 @@ def choose(op: str, signature: CallSignature, backend: str | None = None) -> tup
 
 
 def _explicit(op: str, signature: CallSignature, name: str, source: str) -> Backend:
-    chosen = registry.get(name)
+    try:
+        chosen = registry.get(name)
+    except UnknownBackendError:  # say where the name came from: a typo in an env var is hard to trace
+        raise UnknownBackendError(name, [b.name for b in registry.all_backends()], source) from None
     reasons = chosen.reasons(op, signature)
     if reasons:
         raise BackendNotSupportedError(op, name, source, reasons)

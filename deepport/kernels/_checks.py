@@ -76,3 +76,23 @@ def expect_bool(name: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise ArgumentTypeError(name, f"expected a bool, got {type(value).__name__}")
     return value
+
+
+def _byte_span(t: torch.Tensor) -> tuple[int, int]:
+    """``[first, last)`` bytes a tensor can touch (its strided extent; exact for contiguous tensors)."""
+    if t.numel() == 0:
+        return t.data_ptr(), t.data_ptr()
+    extent = 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride(), strict=True))
+    return t.data_ptr(), t.data_ptr() + extent * t.element_size()
+
+
+def expect_no_overlap(name: str, t: torch.Tensor, others: dict[str, torch.Tensor]) -> None:
+    """An output must not share memory with an input or another output (it would be read while written)."""
+    first, last = _byte_span(t)
+    for other_name, other in others.items():
+        if other.device != t.device:
+            continue
+        o_first, o_last = _byte_span(other)
+        if first < o_last and o_first < last:
+            raise InvalidArgumentError(name, f"expected memory disjoint from `{other_name}`, got overlapping "
+                                       f"byte ranges [{first:#x}, {last:#x}) and [{o_first:#x}, {o_last:#x})")

@@ -165,8 +165,8 @@ def mla_decode(
             ``t <= L - s_q + j``. No effect when ``s_q == 1``.
         metadata: the plan from :func:`get_mla_metadata` for this step, or ``None``.
         backend: run on this backend (explicit: raises if it cannot, never falls back).
-        out, lse: optional preallocated outputs (shapes and dtypes below, contiguous, on ``q``'s device);
-            written in place and returned.
+        out, lse: optional preallocated outputs (shapes and dtypes below, contiguous, on ``q``'s device,
+            sharing no memory with the inputs or each other); written in place and returned.
 
     Returns:
         ``(out, lse)``: ``out [b, s_q, h_q, d_v]`` in ``q``'s dtype,
@@ -252,10 +252,13 @@ def bind(
         _check_index_values(block_table, cache_seqlens, page, num_blocks, metadata)
 
     signature = MLADecodeSignature(device_info(q.device), q.dtype, s_q, h_q, h_kv, d_qk, d_v, page, causal)
+    inputs = {"q": q, "k_cache": k_cache, "block_table": block_table, "cache_seqlens": cache_seqlens}
     if out is not None:
         _check_output("out", out, (b, s_q, h_q, d_v), q.dtype, q.device, "[batch, s_q, h_q, d_v]")
+        chk.expect_no_overlap("out", out, inputs)
     if lse is not None:
         _check_output("lse", lse, (b, h_q, s_q), torch.float32, q.device, "[batch, h_q, s_q]")
+        chk.expect_no_overlap("lse", lse, inputs if out is None else {**inputs, "out": out})
     return MLADecodeCall(q, k_cache, block_table, cache_seqlens, d_v, scale, causal, metadata, signature)
 
 
