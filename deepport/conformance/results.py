@@ -11,6 +11,7 @@
       "environment": {"python", "platform", "deepport", "numpy", "torch", "device": {...}, ...},
       "backends": {name: {"version", "summary", "available", "unavailable_reason"}},
       "selection": {"ops": [...] | null, "case_pattern": str | null},  # filters; empty = whole tier
+      "isolation": "process" | "none",   # whether each backend ran in its own worker process
       "summary": {backend: {op: {status: count}}},
       "cases": [CaseResult.to_dict(), ...]
     }
@@ -87,6 +88,7 @@ class SuiteRun:
     backends: dict[str, dict[str, Any]]
     cases: list[CaseResult]
     selection: dict[str, Any] = field(default_factory=dict)  # filters of this run: ops, case pattern
+    isolation: str = "none"  # "process": each backend ran in its own spawned worker; "none": in-process
 
     def summary(self) -> dict[str, dict[str, dict[str, int]]]:
         """``{backend: {op: {status: count}}}`` with every status present (zeros included)."""
@@ -120,6 +122,7 @@ class SuiteRun:
             "environment": self.environment,
             "backends": self.backends,
             "selection": self.selection,
+            "isolation": self.isolation,
             "summary": self.summary(),
             "cases": [r.to_dict() for r in self.cases],
         }

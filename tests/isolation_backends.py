@@ -1,0 +1,35 @@
+"""Backends for tests/test_isolation.py that a spawned worker can import by module path
+(``isolation_backends:BACKENDS``): one kills its process, one hangs."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from deepport.dispatch import Backend, OpSupport
+from deepport.kernels.mla_decode import MLADecodeCall
+
+_DTYPES = frozenset({torch.bfloat16, torch.float16})
+
+
+def crash(call: MLADecodeCall, out: torch.Tensor, lse: torch.Tensor) -> None:
+    """Dies the way a kernel fault kills a process: no exception, no cleanup."""
+    os._exit(3)
+
+
+def hang(call: MLADecodeCall, out: torch.Tensor, lse: torch.Tensor) -> None:
+    """Never returns within any reasonable timeout."""
+    time.sleep(3600)
+
+
+def _backend(name: str, entry: str) -> Backend:
+    return Backend(name=name, summary=f"test backend that {name}es", version="0",
+                   ops=(OpSupport(op="mla_decode", entry=entry, dtypes=_DTYPES),), priority={})
+
+
+BACKENDS = (
+    _backend("test_crash", "isolation_backends:crash"),
+    _backend("test_hang", "isolation_backends:hang"),
+)

@@ -1,0 +1,64 @@
+"""Process isolation (``run_suite(..., isolate=True)``): the backend runs in a spawned worker, the
+judgement in the harness; a crash or a hang costs one case, not the run."""
+
+from __future__ import annotations
+
+import pytest
+
+from deepport.conformance import Status, run_suite
+from deepport.conformance.exploits import EXPLOITS as CORPUS
+from deepport.dispatch import registry
+
+pytestmark = pytest.mark.timeout(300)
+
+SEED = 20261128
+FEW = "mla_decode/b3_sq2_hq16_hkv2_d576v512_p64_sk100_causal_bfloat16"
+PLUGIN = "deepport.conformance.exploits:EXPLOITS"
+
+
+def _forget(*names: str) -> None:
+    """Plugins register in this process too; drop them so other tests see the built-ins only."""
+    for name in names:
+        if name in {b.name for b in registry.all_backends()}:
+            registry.unregister(name)
+
+
+def test_isolated_run_passes_an_honest_backend_and_records_the_isolation() -> None:
+    run = run_suite(["torch", "reference"], "smoke", case_pattern="*sq2*causal*", run_seed=SEED, isolate=True)
+    assert run.isolation == "process" and run.to_dict()["isolation"] == "process"
+    assert len(run.cases) >= 6
+    assert all(r.status is Status.PASS for r in run.cases), [(r.case_id, r.message) for r in run.cases]
+    assert all(r.metrics["inputs"]["sha256"] for r in run.cases)
+
+
+@pytest.mark.parametrize("name", ["exploit_zeros", "exploit_zeroes_pristine_inputs", "exploit_mutates_q"])
+def test_plugins_reach_the_worker_and_cheats_are_still_rejected(name: str) -> None:
+    try:
+        run = run_suite([name], "smoke", case_pattern=FEW, run_seed=SEED, isolate=True, plugins=[PLUGIN])
+    finally:
+        _forget(*(b.name for b in CORPUS))
+    (result,) = run.cases
+    assert result.status is Status.FAIL, result.message
+
+
+def test_a_backend_that_kills_its_process_is_an_error_and_the_run_goes_on() -> None:
+    try:
+        run = run_suite(["test_crash", "torch"], "smoke", case_pattern="*page*", run_seed=SEED, isolate=True,
+                        plugins=["isolation_backends:BACKENDS"])
+    finally:
+        _forget("test_crash", "test_hang")
+    crashed = [r for r in run.cases if r.backend == "test_crash"]
+    honest = [r for r in run.cases if r.backend == "torch"]
+    assert len(crashed) >= 2, "the worker must be restarted after a crash"
+    assert all(r.status is Status.ERROR and "worker process died (exit code 3)" in r.message for r in crashed)
+    assert all(r.status is Status.PASS for r in honest)
+
+
+def test_a_backend_that_hangs_is_stopped_at_the_timeout() -> None:
+    try:
+        run = run_suite(["test_hang"], "smoke", case_pattern=FEW, run_seed=SEED, isolate=True,
+                        plugins=["isolation_backends:BACKENDS"], timeout_s=5)
+    finally:
+        _forget("test_crash", "test_hang")
+    (result,) = run.cases
+    assert result.status is Status.ERROR and "timed out after 5 s" in result.message
