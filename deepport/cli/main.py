@@ -8,6 +8,8 @@
   ``junit.xml`` and ``summary.md`` into ``DIR`` (default ``certify-out``); see :mod:`deepport.cli.certify`.
 - ``deepport report RESULTS_JSON [--out DIR]``: regenerates ``junit.xml`` and ``summary.md`` from a
   saved ``results.json`` (into its own folder unless ``--out`` is given).
+- ``deepport verify RESULTS_JSON [--regenerate N|all]``: checks that a ``results.json`` is a valid
+  certificate for the installed suite; see :mod:`deepport.cli.verify` (exit 1 unless it is).
 
 Exit status: 0 success (certify: every case passed or is honestly not supported), 1 a case failed or
 errored, 2 a usage error (unknown backend, no matching case, unreadable results file ...).
@@ -62,7 +64,18 @@ def build_parser() -> argparse.ArgumentParser:
     rep = commands.add_parser("report", help="regenerate junit.xml and summary.md from a results.json")
     rep.add_argument("results", type=Path, metavar="RESULTS_JSON")
     rep.add_argument("--out", type=Path, metavar="DIR", help="output folder (default: the results file's folder)")
+
+    ver = commands.add_parser("verify", help="check that a results.json is a valid certificate for this suite")
+    ver.add_argument("results", type=Path, metavar="RESULTS_JSON")
+    ver.add_argument("--regenerate", type=_regenerate, default=8, metavar="N|all",
+                     help="regenerate and hash the inputs of the N smallest cases, or all (default: 8)")
     return parser
+
+
+def _regenerate(text: str) -> int | str:
+    from deepport.cli.verify import regenerate_count
+
+    return regenerate_count(text)
 
 
 def _usage_error(command: str, message: str) -> int:
@@ -109,13 +122,24 @@ def _report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _verify(args: argparse.Namespace) -> int:
+    from deepport.cli import verify
+    from deepport.conformance import report
+
+    try:
+        results = report.load_results(args.results)
+    except report.ResultsFileError as exc:
+        return _usage_error("verify", str(exc))
+    return verify.run(results, args.regenerate, Console())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``deepport`` command with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # argparse reports usage errors (status 2) and --help (status 0) this way
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    handlers = {"info": _info, "certify": _certify, "report": _report}
+    handlers = {"info": _info, "certify": _certify, "report": _report, "verify": _verify}
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt:

@@ -1,0 +1,212 @@
+"""``deepport verify``: a genuine run verifies cleanly, and every kind of tampering is an error.
+
+The genuine run is the whole smoke tier on the torch backend (once per module). Smoke is not a
+certification tier, so it verifies as "NOT A CERTIFICATION RUN"; to reach the VALID verdict on a
+CPU, tests pass ``certification_tier="smoke"`` (a test hook of :func:`verify`, documented there).
+The real full-tier certificate committed under ``benchmarks/results`` is checked as it is.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from deepport.cli.main import main
+from deepport.conformance.runner import SUITE_VERSION, run_suite, select_cases
+from deepport.conformance.verify import INVALID, NOT_CERTIFICATION, VALID, input_elements, verify, verify_file
+
+Results = dict[str, Any]
+H200 = Path(__file__).resolve().parents[1] / "benchmarks/results/2026-11-28-h200-certify-full-torch/results.json"
+
+
+@pytest.fixture(scope="module")
+def genuine() -> Results:
+    """The whole smoke tier on torch, as read back from results.json."""
+    data: Results = json.loads(json.dumps(run_suite(["torch"], "smoke", device="cpu", run_seed=20261128).to_dict()))
+    return data
+
+
+@pytest.fixture
+def results(genuine: Results) -> Results:
+    return copy.deepcopy(genuine)
+
+
+def _index(results: Results, name: str) -> int:
+    return next(i for i, c in enumerate(results["cases"]) if c["case_id"] == f"mla_decode/{name}")
+
+
+def _smallest(results: Results) -> int:
+    """The case verify regenerates first (fewest input elements)."""
+    return min(range(len(results["cases"])), key=lambda i: input_elements(results["cases"][i]["params"]))
+
+
+def test_smoke_run_is_not_a_certification_run_and_has_no_error(results: Results) -> None:
+    rep = verify(results)
+    assert rep.findings == []
+    assert rep.verdict == NOT_CERTIFICATION and rep.exit_code == 1
+    assert rep.not_certification_reasons == ["tier 'smoke': only a 'full'-tier run certifies"]
+    assert len(rep.regenerated) == 8
+    n_core = sum(c.profile == "core" for c in select_cases("smoke"))
+    assert rep.profiles["torch"][0] == f"core profile: PASS ({n_core}/{n_core})"
+
+
+def test_smoke_run_is_valid_when_smoke_is_made_the_certification_tier(results: Results) -> None:
+    rep = verify(results, certification_tier="smoke", regenerate="all")
+    assert rep.verdict == VALID and rep.exit_code == 0
+    assert len(rep.regenerated) == len(select_cases("smoke"))
+
+
+@pytest.mark.skipif(not H200.exists(), reason="the committed H200 certificate is not in this checkout")
+def test_committed_full_tier_certificate_is_valid() -> None:
+    if json.loads(H200.read_text())["suite_version"] != SUITE_VERSION:
+        pytest.skip(f"the committed certificate is for another suite release than {SUITE_VERSION}")
+    rep = verify_file(H200)
+    assert rep.verdict == VALID, rep.findings
+    assert rep.profiles["torch"][0] == "core profile: PASS (80/80)"
+
+
+def test_a_filtered_run_is_not_a_certification_run_but_is_checked_for_its_selection() -> None:
+    data = json.loads(json.dumps(run_suite(["torch"], "smoke", device="cpu", run_seed=5,
+                                           case_pattern="page_edges").to_dict()))
+    rep = verify(data, certification_tier="smoke")
+    assert rep.verdict == NOT_CERTIFICATION and not rep.errors
+    assert rep.not_certification_reasons == ["selection restricted to cases matching 'page_edges'"]
+    data["cases"].append({**data["cases"][0], "case_id": "mla_decode/all_empty_b3"})
+    assert any("extra" in f.message for f in verify(data, certification_tier="smoke").errors)
+
+
+def _set(path: str, value: Any) -> Callable[[Results], None]:
+    """Set ``results[k1][k2]...`` (``#name`` picks the case with that id, ``#smallest`` the cheapest)."""
+    def tamper(results: Results) -> None:
+        node: Any = results
+        keys: list[Any] = path.split(".")
+        for i, key in enumerate(keys):
+            if key.startswith("#"):
+                keys[i] = _smallest(results) if key == "#smallest" else _index(results, key[1:])
+        for key in keys[:-1]:
+            node = node[key]
+        node[keys[-1]] = value(node[keys[-1]]) if callable(value) else value
+    return tamper
+
+
+def _drop(results: Results) -> None:
+    del results["cases"][_index(results, "page_edges")]
+
+
+def _duplicate(results: Results) -> None:
+    results["cases"].append(copy.deepcopy(results["cases"][_index(results, "page_edges")]))
+
+
+def _core_not_supported(results: Results) -> None:
+    case = results["cases"][_index(results, "page_edges")]
+    case.update(status="not_supported", metrics={}, tolerance={}, message="no")
+
+
+def _relabel_core_as_extension(results: Results) -> None:
+    _core_not_supported(results)
+    results["cases"][_index(results, "page_edges")]["profile"] = "extension"
+
+
+def _extra(results: Results) -> None:
+    full_only = next(c for c in select_cases("full") if c.tier == "full")
+    results["cases"].append({**results["cases"][0], "case_id": full_only.id})
+
+
+TAMPERINGS: dict[str, tuple[Callable[[Results], None], str | None, str]] = {
+    "seed": (_set("cases.#page_edges.seed", lambda s: s + 1), "page_edges", "not the one derived from the run seed"),
+    "run_seed": (_set("run_seed", 1), "page_edges", "not the one derived from the run seed"),
+    "drop": (_drop, "page_edges", "missing"),
+    "duplicate": (_duplicate, "page_edges", "recorded 2 times"),
+    "extra": (_extra, "sk1024", "extra"),
+    "param": (_set("cases.#page_edges.params.s_k", 99), "page_edges", "params differ"),
+    "param_type": (_set("cases.#page_edges.params.varlen", 1), "page_edges", "params differ"),
+    "features": (_set("cases.#page_edges.features", ["bfloat16"]), "page_edges", "features"),
+    "tier": (_set("cases.#page_edges.tier", "full"), "page_edges", "tier 'full'"),
+    "loosened_tolerance": (_set("cases.#page_edges.tolerance.out.rtol", lambda r: 2 * r), "page_edges",
+                           "is looser than"),
+    "dropped_tolerance": (_set("cases.#page_edges.tolerance", {}), "page_edges", "differs from"),
+    "core_not_supported": (_core_not_supported, "page_edges", "not_supported on a core case"),
+    "relabelled_extension": (_relabel_core_as_extension, "page_edges", "profile 'extension'"),
+    "fail": (_set("cases.#page_edges.status", "fail"), "page_edges", "status 'fail'"),
+    "internal_error": (_set("cases.#page_edges.status", "internal_error"), "page_edges", "status 'internal_error'"),
+    "error_over_bound": (_set("cases.#page_edges.metrics.out.max_err_over_bound", 1.5), "page_edges",
+                         "max_err_over_bound 1.5"),
+    "calc_diff": (_set("cases.#page_edges.metrics.lse.calc_diff", 1e-3), "page_edges", "calc_diff"),
+    "no_output_metrics": (_set("cases.#page_edges.metrics", {"inputs": {"sha256": "x"}}), "page_edges",
+                          "without metrics for this output"),
+    "input_sha": (_set("cases.#smallest.metrics.inputs.sha256", "0" * 64), None, "inputs sha256"),
+    "suite_version": (_set("suite_version", "2025.1.0"), None, "another release of the suite"),
+    "generator_version": (_set("generator_version", 0), None, "another generator"),
+    "summary": (_set("summary.torch.mla_decode.pass", lambda n: n - 1), None, "summary for mla_decode"),
+    "unlisted_backend": (_set("cases.#page_edges.backend", "other"), None, "not listed in `backends`"),
+    "malformed_record": (_set("cases.#page_edges", "garbage"), None, "not a case record"),
+    "schema": (_set("schema_version", 2), None, "schema"),
+}
+
+
+@pytest.mark.parametrize("name", list(TAMPERINGS))
+def test_tampering_is_an_error(results: Results, name: str) -> None:
+    tamper, case, words = TAMPERINGS[name]
+    tamper(results)
+    rep = verify(results, certification_tier="smoke")
+    assert rep.verdict == INVALID and rep.exit_code == 1
+    hits = [f for f in rep.errors if words in f.message and (case is None or case in (f.case_id or ""))]
+    assert hits, f"{name}: no error with {words!r} on {case}; got {rep.errors}"
+
+
+def test_the_tampered_input_sha_names_the_case_and_backend(results: Results) -> None:
+    i = _smallest(results)
+    results["cases"][i]["metrics"]["inputs"]["sha256"] = "0" * 64
+    (error,) = verify(results, certification_tier="smoke").errors
+    assert error.case_id == results["cases"][i]["case_id"] and error.backend == "torch"
+
+
+def test_regenerate_zero_skips_the_input_check(results: Results) -> None:
+    results["cases"][_smallest(results)]["metrics"]["inputs"]["sha256"] = "0" * 64
+    rep = verify(results, certification_tier="smoke", regenerate=0)
+    assert rep.verdict == VALID and rep.regenerated == []
+
+
+def test_extension_not_supported_is_allowed(results: Results) -> None:
+    case = results["cases"][_index(results, "ext_page1")]
+    case.update(status="not_supported", metrics={}, tolerance={}, message="page 1 unsupported")
+    counts = results["summary"]["torch"]["mla_decode"]
+    counts["pass"] -= 1
+    counts["not_supported"] += 1
+    rep = verify(results, certification_tier="smoke")
+    assert rep.verdict == VALID, rep.findings
+    assert rep.profiles["torch"][1].endswith("passed, 1 not supported")
+
+
+def test_missing_environment_is_a_warning_only(results: Results) -> None:
+    results["environment"] = {}
+    rep = verify(results, certification_tier="smoke")
+    assert rep.verdict == VALID and len(rep.warnings) == 2
+
+
+def test_cli_verify_prints_the_verdict_and_exits_1_for_a_smoke_run(
+        results: Results, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(results))
+    assert main(["verify", str(path)]) == 1
+    printed = capsys.readouterr().out
+    assert "verdict: NOT A CERTIFICATION RUN" in printed and "core profile: PASS" in printed
+    results["cases"][0]["seed"] += 1
+    path.write_text(json.dumps(results))
+    assert main(["verify", str(path), "--regenerate", "all"]) == 1
+    printed = capsys.readouterr().out
+    assert "verdict: INVALID" in printed and results["cases"][0]["case_id"] in printed
+
+
+def test_cli_verify_usage_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "results.json"
+    path.write_text("not json {")
+    assert main(["verify", str(path)]) == 2
+    assert "cannot read conformance results" in capsys.readouterr().err
+    assert main(["verify", str(tmp_path / "absent.json")]) == 2
+    assert main(["verify", str(path), "--regenerate", "some"]) == 2
