@@ -52,7 +52,9 @@ def render(results: Mapping[str, Any], rep: VerifyReport, out: Console) -> None:
     for backend, lines in rep.profiles.items():
         core_style = "green" if ": PASS" in lines[0] else "red"
         out.print(Text.assemble(f"{backend}: ", (lines[0], core_style), *(f"; {line}" for line in lines[1:])))
-    reasons = f" ({'; '.join(rep.not_certification_reasons)})" if rep.not_certification_reasons else ""
+    reasons = "; ".join(rep.not_certification_reasons)
+    if reasons:
+        reasons = f" ({'also not a certification run: ' if rep.verdict == INVALID else ''}{reasons})"
     out.print(Text.assemble("verdict: ", (rep.verdict, _VERDICT_STYLE.get(rep.verdict, "bold yellow")), reasons),
               soft_wrap=True)
 
