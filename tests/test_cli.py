@@ -120,3 +120,28 @@ def test_report_rejects_a_results_file_of_another_schema(tmp_path: Path, capsys:
 def test_import_deepport_does_not_import_rich() -> None:
     code = "import sys, deepport; sys.exit('rich' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_certify_isolated_with_a_plugin_backend_records_isolation_and_fails_a_cheat(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from deepport.conformance.exploits import EXPLOITS
+    from deepport.dispatch import registry
+
+    try:
+        status = main(["certify", "--backend", "exploit_zeros", "--plugin", "deepport.conformance.exploits:EXPLOITS",
+                       "--case", "page_edges", "--isolate", "--seed", "3", "--out", str(tmp_path)])
+    finally:
+        for b in EXPLOITS:
+            if b.name in {x.name for x in registry.all_backends()}:
+                registry.unregister(b.name)
+    assert status == 1
+    out = capsys.readouterr().out
+    assert "isolation: each backend in its own process" in out
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["isolation"] == "process"
+    assert "--plugin deepport.conformance.exploits:EXPLOITS" in results["command"] and "--isolate" in results["command"]
+    assert [c["status"] for c in results["cases"]] == ["fail"]
+
+
+def test_certify_with_a_plugin_that_does_not_import_is_a_usage_error(tmp_path: Path) -> None:
+    assert main(["certify", "--plugin", "no_such_module_for_deepport", "--out", str(tmp_path)]) == 2

@@ -26,8 +26,9 @@ H200 = Path(__file__).resolve().parents[1] / "benchmarks/results/2026-11-28-h200
 
 @pytest.fixture(scope="module")
 def genuine() -> Results:
-    """The whole smoke tier on torch, as read back from results.json."""
-    data: Results = json.loads(json.dumps(run_suite(["torch"], "smoke", device="cpu", run_seed=20261128).to_dict()))
+    """The whole smoke tier on torch, isolated as a certification run is, read back from results.json."""
+    run = run_suite(["torch"], "smoke", device="cpu", run_seed=20261128, isolate=True)
+    data: Results = json.loads(json.dumps(run.to_dict()))
     return data
 
 
@@ -68,6 +69,14 @@ def test_committed_full_tier_certificate_is_valid() -> None:
     rep = verify_file(H200)
     assert rep.verdict == VALID, rep.findings
     assert rep.profiles["torch"][0] == "core profile: PASS (80/80)"
+
+
+def test_a_run_without_process_isolation_gets_a_warning(results: Results) -> None:
+    results["isolation"] = "none"
+    rep = verify(results, certification_tier="smoke", regenerate=1)
+    assert rep.verdict == VALID and not rep.errors
+    (warning,) = rep.warnings
+    assert warning.message.startswith("backends ran in the harness's process")
 
 
 def test_a_filtered_run_is_not_a_certification_run_but_is_checked_for_its_selection() -> None:

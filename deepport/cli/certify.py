@@ -22,6 +22,7 @@ from rich.text import Text
 
 from deepport.conformance import report
 from deepport.conformance.case import Case
+from deepport.conformance.isolation import load_plugins
 from deepport.conformance.results import CaseResult, Status, SuiteRun
 from deepport.conformance.runner import SUITE_VERSION, default_device, run_suite, select_cases, usable_backends
 from deepport.dispatch import device_info, registry
@@ -48,6 +49,9 @@ class Plan:
     case_pattern: str | None
     cases: list[Case]
     out_dir: Path
+    isolate: bool = False
+    plugins: tuple[str, ...] = ()
+    timeout_s: float = 600.0
 
     def command(self) -> str:
         """The command line that reproduces this run (seed included)."""
@@ -58,12 +62,27 @@ class Plan:
             args += ["--op", op]
         if self.case_pattern:
             args += ["--case", self.case_pattern]
+        for spec in self.plugins:
+            args += ["--plugin", spec]
+        args += ["--isolate" if self.isolate else "--no-isolate"]
         return shlex.join(args)
 
 
 def plan(backends: Sequence[str] | None, tier: str, device: str | None, seed: int | None,
-         ops: Sequence[str] | None, case_pattern: str | None, out_dir: Path) -> Plan:
-    """Resolve defaults and check every argument; raises :class:`UsageError` with what is wrong."""
+         ops: Sequence[str] | None, case_pattern: str | None, out_dir: Path, *, isolate: bool | None = None,
+         plugins: Sequence[str] = (), timeout_s: float = 600.0) -> Plan:
+    """Resolve defaults and check every argument; raises :class:`UsageError` with what is wrong.
+
+    ``isolate`` defaults to on for the ``full`` tier (a certification runs each backend in its own
+    process) and off for ``smoke`` (quick, in-process). ``plugins`` are loaded first, so the backends
+    they provide can be named.
+    """
+    try:
+        load_plugins(plugins)
+    except Exception as exc:
+        raise UsageError(f"cannot load plugin: {type(exc).__name__}: {exc}") from None
+    if timeout_s <= 0:
+        raise UsageError(f"--timeout must be > 0 seconds, got {timeout_s:g}")
     known = {b.name: b for b in registry.all_backends()}
     names = list(dict.fromkeys(backends)) if backends else usable_backends()
     for name in names:
@@ -92,7 +111,8 @@ def plan(backends: Sequence[str] | None, tier: str, device: str | None, seed: in
                          + (f" for ops {', '.join(ops)}" if ops else "")
                          + "; case ids look like 'mla_decode/page_edges' (glob or substring)")
     return Plan(names, tier, dev, secrets.randbits(63) if seed is None else seed, list(ops) if ops else None,
-                case_pattern, cases, out_dir)
+                case_pattern, cases, out_dir, tier == "full" if isolate is None else isolate, tuple(plugins),
+                timeout_s)
 
 
 def _header(p: Plan, out: Console) -> None:
@@ -101,6 +121,8 @@ def _header(p: Plan, out: Console) -> None:
     out.print(Text(f"  device:   {device_info(p.device).describe()}"))
     out.print(Text(f"  run seed: {p.seed}  (reproduce with --seed {p.seed})"))
     out.print(Text(f"  backends: {', '.join(p.backends)}"))
+    out.print(Text("  isolation: " + (f"each backend in its own process (timeout {p.timeout_s:g} s per call)"
+                                      if p.isolate else "none (backends run in this process)")))
     if p.tier != "full":
         out.print(Text(f"  note: {p.tier}-tier results cannot certify a backend; only `--tier full` can.",
                        style="yellow"))
@@ -133,7 +155,8 @@ def _run_with_progress(p: Plan) -> SuiteRun:
                 progress.console.print(line, soft_wrap=True)
 
         return run_suite(p.backends, p.tier, device=p.device, run_seed=p.seed, ops=p.ops,
-                         case_pattern=p.case_pattern, on_start=on_start, on_result=on_result, command=p.command())
+                         case_pattern=p.case_pattern, on_start=on_start, on_result=on_result, command=p.command(),
+                         isolate=p.isolate, plugins=p.plugins, timeout_s=p.timeout_s)
 
 
 def print_table(results: dict[str, object], out: Console) -> None:

@@ -4,8 +4,9 @@
   why not, version, the ops it implements with their declared support, its automatic priorities), and
   for each device and op the backend automatic selection picks for the op's core example call.
 - ``deepport certify [--backend NAME ...] [--tier smoke|full] [--out DIR] [--device DEV] [--seed N]
-  [--op OP ...] [--case PATTERN]``: runs the conformance suite and writes ``results.json``,
-  ``junit.xml`` and ``summary.md`` into ``DIR`` (default ``certify-out``); see :mod:`deepport.cli.certify`.
+  [--op OP ...] [--case PATTERN] [--isolate/--no-isolate] [--plugin MODULE[:ATTR]] [--timeout S]``:
+  runs the conformance suite and writes ``results.json``, ``junit.xml`` and ``summary.md`` into ``DIR``
+  (default ``certify-out``); see :mod:`deepport.cli.certify`.
 - ``deepport report RESULTS_JSON [--out DIR]``: regenerates ``junit.xml`` and ``summary.md`` from a
   saved ``results.json`` (into its own folder unless ``--out`` is given).
 - ``deepport verify RESULTS_JSON [--regenerate N|all]``: checks that a ``results.json`` is a valid
@@ -60,6 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     certify.add_argument("--seed", type=_seed, metavar="N", help="run seed (default: random; always printed)")
     certify.add_argument("--op", action="extend", nargs="+", metavar="OP", help="only the cases of these ops")
     certify.add_argument("--case", metavar="PATTERN", help="only cases whose id matches (glob or substring)")
+    certify.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
+                         help="run each backend in its own process (default: on for --tier full, off for smoke)")
+    certify.add_argument("--plugin", action="append", default=[], metavar="MODULE[:ATTR]",
+                         help="import an out-of-tree backend (a Backend or an iterable of them; ATTR "
+                              "defaults to BACKEND)")
+    certify.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS",
+                         help="per-call limit in isolated runs (default: 600)")
 
     rep = commands.add_parser("report", help="regenerate junit.xml and summary.md from a results.json")
     rep.add_argument("results", type=Path, metavar="RESULTS_JSON")
@@ -98,7 +106,8 @@ def _certify(args: argparse.Namespace) -> int:
     from deepport.cli import certify
 
     try:
-        p = certify.plan(args.backend, args.tier, args.device, args.seed, args.op, args.case, args.out)
+        p = certify.plan(args.backend, args.tier, args.device, args.seed, args.op, args.case, args.out,
+                         isolate=args.isolate, plugins=args.plugin, timeout_s=args.timeout)
     except certify.UsageError as exc:
         return _usage_error("certify", str(exc))
     return certify.certify(p, Console())

@@ -19,7 +19,8 @@ is internally consistent and describes exactly the installed suite's cases, run 
 6. the ``summary`` block equals the counts recomputed from the case records;
 7. the inputs of some cases (the ``regenerate`` smallest, or all) are regenerated from
    ``(case, seed)`` and their sha256 must equal the recorded one (the backend ran on the suite's inputs);
-8. the environment names the device and the torch version (a warning if not).
+8. the environment names the device and the torch version, and the backends ran isolated in their own
+   processes (``"isolation": "process"``); a warning if not.
 
 What it cannot check: the backend's outputs. The metrics are the harness's word; only a rerun
 (``deepport certify --seed RUN_SEED``, or better a fresh seed) re-measures them.
@@ -361,6 +362,9 @@ def _check_environment(results: Mapping[str, Any], rep: VerifyReport) -> None:
         rep.warning("environment does not name the device (environment.device.name)")
     if not env.get("torch"):
         rep.warning("environment does not record the torch version (environment.torch)")
+    if results.get("isolation") != "process":
+        rep.warning(f"backends ran in the harness's process (isolation {results.get('isolation', 'not recorded')!r}); "
+                    "a certification run should isolate them (deepport certify --isolate, the default for --tier full)")
 
 
 def _profiles(results: Mapping[str, Any], records: Sequence[Mapping[str, Any]],
