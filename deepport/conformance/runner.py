@@ -230,10 +230,3 @@ def run_suite(
                     time.perf_counter() - t0, environment(dev), backend_info, results,
                     {"ops": list(ops) if ops else None, "case_pattern": case_pattern},
                     "process" if isolate else "none")
-
-
-def results_by_status(run: SuiteRun) -> Mapping[str, list[CaseResult]]:
-    grouped: dict[str, list[CaseResult]] = {}
-    for r in run.cases:
-        grouped.setdefault(r.status.value, []).append(r)
-    return grouped
