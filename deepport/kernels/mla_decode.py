@@ -84,6 +84,7 @@ class MLADecodeCall:
     causal: bool
     metadata: MLAMetadata | None
     signature: MLADecodeSignature
+    max_seqlen: int | None = None  # max(cache_seqlens), when the value checks read it (saves a backend a sync)
 
     @property
     def batch(self) -> int:
@@ -248,8 +249,9 @@ def bind(
     if metadata is not None:
         _check_metadata_shape(metadata, b, s_q * h_q // h_kv, h_kv, h_q)
 
+    max_seqlen = None
     if settings.check_values() and b > 0:
-        _check_index_values(block_table, cache_seqlens, page, num_blocks, metadata)
+        max_seqlen = _check_index_values(block_table, cache_seqlens, page, num_blocks, metadata)
 
     signature = MLADecodeSignature(device_info(q.device), q.dtype, s_q, h_q, h_kv, d_qk, d_v, page, causal)
     inputs = {"q": q, "k_cache": k_cache, "block_table": block_table, "cache_seqlens": cache_seqlens}
@@ -259,7 +261,8 @@ def bind(
     if lse is not None:
         _check_output("lse", lse, (b, h_q, s_q), torch.float32, q.device, "[batch, h_q, s_q]")
         chk.expect_no_overlap("lse", lse, inputs if out is None else {**inputs, "out": out})
-    return MLADecodeCall(q, k_cache, block_table, cache_seqlens, d_v, scale, causal, metadata, signature)
+    return MLADecodeCall(q, k_cache, block_table, cache_seqlens, d_v, scale, causal, metadata, signature,
+                         max_seqlen)
 
 
 def _softmax_scale(softmax_scale: float | None, d_qk: int) -> float:
@@ -289,18 +292,19 @@ def _check_metadata_shape(md: MLAMetadata, b: int, q_rows: int, h_kv: int, h_q: 
 
 
 def _check_index_values(block_table: torch.Tensor, cache_seqlens: torch.Tensor, page: int,
-                        num_blocks: int, metadata: MLAMetadata | None) -> None:
-    """Lengths within the table, and block ids in range for every page a request uses.
+                        num_blocks: int, metadata: MLAMetadata | None) -> int:
+    """Lengths within the table, and block ids in range for every page a request uses; returns the
+    longest length.
 
-    Runs on the tensors' own device and synchronises once (a 3-flag transfer); details are gathered
-    on the host only when something is wrong.
+    Runs on the tensors' own device and synchronises once (three flags and the maximum length in one
+    transfer); details are gathered on the host only when something is wrong.
     """
     lens = cache_seqlens.to(torch.int64)
     max_blocks = int(block_table.shape[1])
     capacity = max_blocks * page
     used = torch.arange(max_blocks, device=lens.device)[None, :] < ((lens.clamp(min=0) + page - 1) // page)[:, None]
     bad_ids = used & ((block_table < 0) | (block_table >= num_blocks))
-    flags = torch.stack([(lens < 0).any(), (lens > capacity).any(), bad_ids.any()]).cpu()
+    flags = torch.stack([(lens < 0).any(), (lens > capacity).any(), bad_ids.any(), lens.max()]).cpu()
     if bool(flags[0]):
         i = int(torch.nonzero(lens < 0)[0, 0])
         raise InvalidArgumentError("cache_seqlens", f"expected lengths >= 0, got cache_seqlens[{i}] = {int(lens[i])}")
@@ -318,6 +322,7 @@ def _check_index_values(block_table: torch.Tensor, cache_seqlens: torch.Tensor, 
     if metadata is not None and not torch.equal(metadata.cache_seqlens, cache_seqlens.detach().cpu()):
         raise InvalidArgumentError("metadata", "planned for other cache_seqlens values than this call's; "
                                    "call get_mla_metadata again for this step")
+    return int(flags[3])
 
 
 def _allocate_outputs(call: MLADecodeCall, out: torch.Tensor | None,

@@ -32,7 +32,7 @@ def run(call: MLADecodeCall, out: torch.Tensor, lse: torch.Tensor) -> None:
     sig = call.signature
     b, page = call.batch, sig.page_block_size
     lens = call.cache_seqlens.to(torch.int64)
-    max_len = int(lens.max())
+    max_len = call.max_seqlen if call.max_seqlen is not None else int(lens.max())
     if max_len == 0:
         out.zero_()
         lse.fill_(float("inf"))
