@@ -16,12 +16,45 @@ from deepport.errors import (
     NoBackendError,
     UnknownBackendError,
 )
+from deepport.kernels.fp8_gemm import fp8_gemm_nn, fp8_gemm_nt, fp8_gemm_tn, fp8_gemm_tt
+from deepport.kernels.fp8_layout import (
+    ceil_to_ue8m0,
+    get_mk_alignment_for_contiguous_layout,
+    get_mn_major_tma_aligned_packed_ue8m0_tensor,
+    get_mn_major_tma_aligned_tensor,
+    pack_ue8m0,
+    per_block_cast_to_fp8,
+    per_token_cast_to_fp8,
+    unpack_ue8m0,
+)
 from deepport.kernels.mla_decode import MLAMetadata, get_mla_metadata, mla_decode
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ArgumentTypeError", "BackendNotSupportedError", "DeepportError", "InvalidArgumentError", "MLAMetadata",
-    "NoBackendError", "UnknownBackendError", "__version__", "all_backends", "explain", "get_mla_metadata",
-    "mla_decode", "use_backend",
+    "ArgumentTypeError",
+    "BackendNotSupportedError",
+    "DeepportError",
+    "InvalidArgumentError",
+    "MLAMetadata",
+    "NoBackendError",
+    "UnknownBackendError",
+    "__version__",
+    "all_backends",
+    "ceil_to_ue8m0",
+    "explain",
+    "fp8_gemm_nn",
+    "fp8_gemm_nt",
+    "fp8_gemm_tn",
+    "fp8_gemm_tt",
+    "get_mk_alignment_for_contiguous_layout",
+    "get_mla_metadata",
+    "get_mn_major_tma_aligned_packed_ue8m0_tensor",
+    "get_mn_major_tma_aligned_tensor",
+    "mla_decode",
+    "pack_ue8m0",
+    "per_block_cast_to_fp8",
+    "per_token_cast_to_fp8",
+    "unpack_ue8m0",
+    "use_backend",
 ]

@@ -1,24 +1,45 @@
 """The abstract op interface: one module per op family, each the spec of its ops.
 
-``OPS`` maps each op name to its module; every op module exposes ``OP`` (the name), ``OP_VERSION``,
+``OPS`` maps each op name to its spec: a module, or an object for one op of a family whose module
+serves several (``fp8_gemm_{nt,nn,tn,tt}``). Every spec exposes ``OP`` (the name), ``OP_VERSION``,
 ``bind(...)`` (validate every argument of the op but ``backend=``, return the call a backend receives)
-and ``example_signature``.
+and ``example_signature`` (:class:`OpSpec`).
 """
 
 from __future__ import annotations
 
-from types import ModuleType
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from deepport.dispatch.capability import CallSignature
+from deepport.dispatch.device import DeviceInfo
+from deepport.kernels import fp8_gemm as _fp8_gemm
 from deepport.kernels import mla_decode as _mla_decode
 
-OPS: dict[str, ModuleType] = {
+
+class OpSpec(Protocol):
+    """What deepport needs of an op's spec (an op module satisfies it)."""
+
+    @property
+    def OP(self) -> str: ...
+
+    @property
+    def OP_VERSION(self) -> int: ...
+
+    @property
+    def bind(self) -> Callable[..., Any]: ...
+
+    @property
+    def example_signature(self) -> Callable[[DeviceInfo], CallSignature]: ...
+
+
+OPS: dict[str, OpSpec] = {
     _mla_decode.OP: _mla_decode,
+    **{variant.OP: variant for variant in _fp8_gemm.VARIANTS},
 }
 
 
-def op_module(op: str) -> ModuleType:
+def op_module(op: str) -> OpSpec:
     try:
         return OPS[op]
     except KeyError:
