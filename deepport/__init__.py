@@ -17,6 +17,7 @@ from deepport.errors import (
     UnknownBackendError,
 )
 from deepport.kernels.fp8_gemm import fp8_gemm_nn, fp8_gemm_nt, fp8_gemm_tn, fp8_gemm_tt
+from deepport.kernels.fp8_grouped_gemm import m_grouped_fp8_gemm_nt_contiguous, m_grouped_fp8_gemm_nt_masked
 from deepport.kernels.fp8_layout import (
     ceil_to_ue8m0,
     get_mk_alignment_for_contiguous_layout,
@@ -51,6 +52,8 @@ __all__ = [
     "get_mla_metadata",
     "get_mn_major_tma_aligned_packed_ue8m0_tensor",
     "get_mn_major_tma_aligned_tensor",
+    "m_grouped_fp8_gemm_nt_contiguous",
+    "m_grouped_fp8_gemm_nt_masked",
     "mla_decode",
     "pack_ue8m0",
     "per_block_cast_to_fp8",

@@ -11,6 +11,10 @@
   saved ``results.json`` (into its own folder unless ``--out`` is given).
 - ``deepport verify RESULTS_JSON [--regenerate N|all]``: checks that a ``results.json`` is a valid
   certificate for the installed suite; see :mod:`deepport.cli.verify` (exit 1 unless it is).
+- ``deepport bench [--device DEV] [--op OP ...] [--config PATTERN] [--backend B ...] [--baseline NAME]
+  [--out DIR] [--quick] [--seed N] [--plot JSON]``: checked timings of every backend next to ceilings and
+  a baseline measured in the same run; see :mod:`deepport.cli.bench` (exit 1 if a backend errored or
+  failed its check).
 
 Exit status: 0 success (certify: every case passed or is honestly not supported), 1 a case failed or
 errored, 2 a usage error (unknown backend, no matching case, unreadable results file ...).
@@ -77,6 +81,20 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("results", type=Path, metavar="RESULTS_JSON")
     ver.add_argument("--regenerate", type=_regenerate, default=8, metavar="N|all",
                      help="regenerate and hash the inputs of the N smallest cases, or all (default: 8)")
+
+    ben = commands.add_parser("bench", help="time backends on op configs, next to ceilings and a baseline")
+    ben.add_argument("--device", help="torch device (default: cuda if present, else cpu; a cpu runs tiny configs)")
+    ben.add_argument("--op", action="extend", nargs="+", metavar="OP", help="only the configs of these ops")
+    ben.add_argument("--config", metavar="PATTERN", help="only configs whose op/name matches (glob or substring)")
+    ben.add_argument("--backend", action="extend", nargs="+", metavar="NAME",
+                     help="backends to time (default: every usable one implementing the op, except reference)")
+    ben.add_argument("--baseline", default="torch", metavar="NAME",
+                     help="backend every other is compared with, always run first (default: torch)")
+    ben.add_argument("--out", type=Path, metavar="DIR", help="folder for bench.json and bench.png (default: "
+                     "bench-out; with --plot: the JSON's folder)")
+    ben.add_argument("--quick", action="store_true", help="fewer samples and smaller ceiling runs")
+    ben.add_argument("--seed", type=_seed, default=0, metavar="N", help="input seed (default: 0)")
+    ben.add_argument("--plot", type=Path, metavar="JSON", help="only draw the chart of a saved bench.json")
     return parser
 
 
@@ -142,13 +160,25 @@ def _verify(args: argparse.Namespace) -> int:
     return verify.run(results, args.regenerate, Console())
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from deepport.cli import bench
+
+    try:
+        if args.plot is not None:
+            return bench.plot_saved(args.plot, args.out, Console())
+        request = bench.plan(args.device, args.op, args.config, args.backend, args.baseline, args.quick, args.seed)
+    except bench.UsageError as exc:
+        return _usage_error("bench", str(exc))
+    return bench.bench(request, args.out or Path("bench-out"), Console())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``deepport`` command with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # argparse reports usage errors (status 2) and --help (status 0) this way
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    handlers = {"info": _info, "certify": _certify, "report": _report, "verify": _verify}
+    handlers = {"info": _info, "certify": _certify, "report": _report, "verify": _verify, "bench": _bench}
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt:

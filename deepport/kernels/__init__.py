@@ -14,6 +14,7 @@ from typing import Any, Protocol
 from deepport.dispatch.capability import CallSignature
 from deepport.dispatch.device import DeviceInfo
 from deepport.kernels import fp8_gemm as _fp8_gemm
+from deepport.kernels import fp8_grouped_gemm as _fp8_grouped_gemm
 from deepport.kernels import mla_decode as _mla_decode
 
 
@@ -36,6 +37,7 @@ class OpSpec(Protocol):
 OPS: dict[str, OpSpec] = {
     _mla_decode.OP: _mla_decode,
     **{variant.OP: variant for variant in _fp8_gemm.VARIANTS},
+    **{variant.OP: variant for variant in _fp8_grouped_gemm.VARIANTS},
 }
 
 

@@ -15,6 +15,12 @@ BACKEND = Backend(
     ops=(
         OpSupport(op="mla_decode", entry="deepport.backends.torch.mla_decode:run",
                   dtypes=frozenset({torch.bfloat16, torch.float16})),
+        OpSupport(op="m_grouped_fp8_gemm_nt_contiguous",
+                  entry="deepport.backends.torch.fp8_grouped_gemm:run_contiguous",
+                  dtypes=frozenset({torch.float8_e4m3fn})),
+        OpSupport(op="m_grouped_fp8_gemm_nt_masked",
+                  entry="deepport.backends.torch.fp8_grouped_gemm:run_masked",
+                  dtypes=frozenset({torch.float8_e4m3fn})),
     ),
     priority={"*": 10},
 )

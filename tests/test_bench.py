@@ -1,0 +1,281 @@
+"""``deepport bench``: the counting rules, the config registry, the check that keeps wrong backends from
+being timed, the JSON and chart outputs, and the CLI, on tiny CPU configs (a GPU run is marked ``gpu``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from deepport.backends.torch import mla_decode as torch_mla
+from deepport.bench import ceilings, counting, timing
+from deepport.bench.check import find_case
+from deepport.bench.configs import all_configs, select
+from deepport.bench.results import BenchResult
+from deepport.cli.main import main
+from deepport.dispatch import Backend, OpSupport, registered
+from deepport.kernels.mla_decode import MLADecodeCall
+
+pytestmark = pytest.mark.usefixtures("clean_env")
+
+TINY = "tiny_b2_sq1_hq16_sk256"  # memory-bound tiny CPU config (lengths 256; its check case has lengths <= 200)
+RESULT_FIELDS = {"op", "config", "backend", "params", "status", "message", "flops", "bytes", "bound", "check",
+                 "timing", "time_us", "tflops", "gbps", "ceiling", "ceiling_value", "ceiling_unit", "pct_of_ceiling",
+                 "baseline", "x_baseline", "host_overhead_us"}
+
+
+def _bench(tmp_path: Path, *args: str) -> tuple[int, dict[str, Any]]:
+    out = tmp_path / "bench"
+    code = main(["bench", "--device", "cpu", "--quick", "--out", str(out), *args])
+    path = out / "bench.json"
+    return code, json.loads(path.read_text()) if path.exists() else {}
+
+
+@pytest.fixture(scope="module")
+def cpu_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, dict[str, Any], Path]:
+    """One CLI run on every tiny CPU config (shared by the tests that read its outputs)."""
+    out = tmp_path_factory.mktemp("bench")
+    code = main(["bench", "--device", "cpu", "--quick", "--out", str(out)])
+    return code, json.loads((out / "bench.json").read_text()), out
+
+
+# ---- counting (shared/BENCH.md) -------------------------------------------------------------------------------------
+
+def test_mla_decode_counts_match_hand_computed_numbers() -> None:
+    # b=128, s_q=1, h_q=16, s_k=4096, 576/512: 128*16*4096 * 2*(576+512) FLOP; 128*(16*576 + 4096*576 + 16*512)*2 B
+    assert counting.mla_decode_flops(128, 1, 16, 4096, 576, 512) == 18_253_611_008
+    assert counting.mla_decode_bytes(128, 1, 16, 1, 4096, 576, 512) == 608_436_224
+    assert counting.mla_decode_flops(2, 2, 4, 10.5, 8, 4) == 2 * 2 * 4 * 10.5 * 2 * 12
+    assert counting.mla_decode_bytes(1, 1, 2, 1, 3, 4, 2, element_bytes=4) == (8 + 12 + 4) * 4
+
+
+def test_mla_decode_counts_reproduce_benchs_flashmla_rates() -> None:
+    # BENCH.md: b=128 h_q=16 s_k=4096 in 202 us is 3.02 TB/s; b=128 h_q=128 s_k=4096 in 321 us is 455 TFLOP/s
+    assert counting.mla_decode_bytes(128, 1, 16, 1, 4096, 576, 512) / 202e-6 / 1e12 == pytest.approx(3.01, abs=0.01)
+    assert counting.mla_decode_flops(128, 1, 128, 4096, 576, 512) / 321e-6 / 1e12 == pytest.approx(455, abs=1)
+
+
+@pytest.mark.parametrize(("s_q", "h_q", "h_kv", "compute"), [
+    (1, 64, 1, False), (1, 128, 1, True), (2, 64, 1, True), (2, 128, 2, True), (1, 128, 2, False)])
+def test_mla_decode_is_compute_bound_from_128_query_rows_per_kv_head(s_q: int, h_q: int, h_kv: int,
+                                                                     compute: bool) -> None:
+    assert counting.mla_decode_compute_bound(s_q, h_q, h_kv) is compute
+
+
+def test_gemm_counts_match_hand_computed_numbers() -> None:
+    assert counting.gemm_flops(4096, 2112, 7168) == 124_017_180_672
+    assert counting.masked_gemm_flops([3, 0, 5], 256, 128) == 2 * 8 * 256 * 128
+    # A 1x128 + B 128x128 (e4m3: 1 byte) + fp32 scales (1 + 1 blocks) + bf16 out
+    assert counting.fp8_gemm_bytes(1, 128, 128) == 128 + 128 * 128 + 4 * (1 + 1) + 2 * 128
+    # N = 2112 is 16.5 blocks of 128 (17 scale rows), K = 7168 is 56 blocks
+    assert counting.fp8_gemm_bytes(64, 2112, 7168) == 64 * 7168 + 2112 * 7168 + 4 * (64 * 56 + 17 * 56) + 2 * 64 * 2112
+
+
+def test_rates_and_ceiling_percentage_follow_from_the_median_time() -> None:
+    r = BenchResult("op", "c", "b", {}, "ok", flops=2e12, bytes=3e9, bound="memory")
+    r.set_time(1e6)  # one second
+    assert (r.tflops, r.gbps) == (pytest.approx(2.0), pytest.approx(3.0))
+    r.set_ceiling("hbm_copy", 4.0, "GB/s")
+    assert r.pct_of_ceiling == pytest.approx(75.0)
+    compute = BenchResult("op", "c", "b", {}, "ok", flops=2e12, bytes=3e9, bound="compute")
+    compute.set_time(2e6)
+    compute.set_ceiling("bf16_matmul", 4.0, "TFLOP/s")
+    assert compute.pct_of_ceiling == pytest.approx(25.0)
+
+
+# ---- configs --------------------------------------------------------------------------------------------------------
+
+def test_every_config_names_an_existing_check_case_and_counts_per_bench() -> None:
+    configs = all_configs()
+    assert len({c.id for c in configs}) == len(configs)
+    for c in configs:
+        assert c.check_case is None or find_case(c.check_case).op == c.op
+        assert c.flops > 0 and c.bytes > 0
+        assert ceilings.resolve(c.ceiling, "cpu") in ceilings.CEILINGS
+
+
+def test_mla_decode_has_flashmlas_six_configs_with_the_right_ceilings() -> None:
+    gpu = {c.name: c for c in select("cuda", ["mla_decode"])}
+    expected = {"b128_sq1_hq16_sk4096": "memory", "b128_sq1_hq16_sk16384": "memory", "b64_sq1_hq16_sk32768": "memory",
+                "b128_sq1_hq64_sk8192": "memory", "b128_sq1_hq128_sk4096": "bf16_matmul",
+                "b128_sq2_hq128_sk4096_causal": "bf16_matmul"}
+    assert {n: c.ceiling for n, c in gpu.items() if n in expected} == expected
+    c = gpu["b128_sq1_hq16_sk4096"]
+    assert (c.flops, c.bytes) == (18_253_611_008, 608_436_224)
+    assert all(c.cpu for c in select("cpu", ["mla_decode"])) and select("cpu", ["mla_decode"])
+
+
+def test_a_config_builds_random_inputs_and_the_same_seed_gives_the_same_data() -> None:
+    (c,) = select("cpu", None, TINY)
+    a, b, other = (c.build(torch.device("cpu"), s) for s in (5, 5, 6))
+    a.call("torch")()
+    b.call("torch")()
+    other.call("torch")()
+    assert torch.equal(a.outputs["out"], b.outputs["out"])
+    assert not torch.equal(a.outputs["out"], other.outputs["out"])
+    assert a.outputs["out"].abs().sum() > 0 and a.footprint_bytes > 0
+
+
+# ---- the CLI on CPU -------------------------------------------------------------------------------------------------
+
+def test_cli_benchmarks_the_tiny_cpu_configs_and_the_json_has_every_field(cpu_run: Any) -> None:
+    code, doc, _ = cpu_run
+    assert code == 0
+    assert doc["schema"] == "deepport.bench" and doc["schema_version"] == 1
+    env = doc["environment"]
+    assert {"torch", "torch_cuda", "deepport_git", "python"} <= set(env) and env["device"]["name"]
+    assert doc["started"] and doc["finished"] and doc["command"].startswith("deepport bench")
+    assert set(doc["ceilings"]) == {"cpu_memcpy", "cpu_fp32_matmul"}
+    assert all(c["value"] > 0 and c["error"] is None and c["timing"]["samples"]["n"] > 0
+               for c in doc["ceilings"].values())
+    assert {r["config"] for r in doc["results"]} == {c.name for c in select("cpu")}
+    for r in doc["results"]:
+        assert set(r) == RESULT_FIELDS and r["status"] == "ok" and r["backend"] == "torch"
+        assert r["check"]["reference_twin"]["passed"] is True and r["check"]["agreement"]["passed"] is True
+        assert r["timing"]["method"] == "cpu_perf_counter"
+        samples = r["timing"]["samples"]
+        assert samples["n"] == doc["settings"]["samples"]
+        assert samples["min_us"] <= samples["median_us"] == r["time_us"] <= samples["max_us"]
+        assert r["tflops"] == pytest.approx(r["flops"] / r["time_us"] / 1e6)
+        assert r["gbps"] == pytest.approx(r["bytes"] / r["time_us"] / 1e3)
+        assert r["ceiling"] == ("cpu_memcpy" if r["bound"] == "memory" else "cpu_fp32_matmul")
+        figure = r["gbps"] if r["bound"] == "memory" else r["tflops"]
+        assert r["pct_of_ceiling"] == pytest.approx(100 * figure / doc["ceilings"][r["ceiling"]]["value"])
+        assert r["baseline"] == "torch" and r["x_baseline"] == 1.0
+        for mode in ("check_values_on", "check_values_off"):
+            o = r["host_overhead_us"][mode]
+            assert o["dispatch_us"] == pytest.approx(o["public_call_us"] - o["bound_call_us"])
+    assert doc["summary"]["ok"] == len(doc["results"])
+
+
+def test_cli_prints_the_table_with_every_column(cpu_run: Any, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    _, _, out = cpu_run
+    capsys.readouterr()
+    assert main(["bench", "--plot", str(out / "bench.json"), "--out", str(tmp_path)]) in (0, 1)  # 1: no matplotlib
+    text = capsys.readouterr().out
+    for column in ("op", "config", "backend", "time us", "TFLOP/s", "GB/s", "% of ceiling", "x baseline", "timing"):
+        assert column in text
+    assert TINY in text and "cpu_perf_counter" in text and "cpu_memcpy" in text
+
+
+def test_plot_renders_a_png_from_a_saved_json(cpu_run: Any, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    _, _, out = cpu_run
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # drawn by the run itself
+    assert main(["bench", "--plot", str(out / "bench.json"), "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_without_matplotlib_the_run_says_so_and_still_writes_the_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    code, doc = _bench(tmp_path, "--config", TINY)
+    assert code == 0 and doc["results"]
+    assert not (tmp_path / "bench" / "bench.png").exists()
+    text = capsys.readouterr().out
+    assert "matplotlib is not installed" in text and "deepport bench --plot" in text
+    assert main(["bench", "--plot", str(tmp_path / "bench" / "bench.json")]) == 1
+
+
+@pytest.mark.parametrize("args", [["--backend", "nonesuch"], ["--baseline", "nonesuch"], ["--op", "nonesuch"],
+                                  ["--config", "no_such_config"]])
+def test_usage_errors_exit_2_before_anything_runs(tmp_path: Path, args: list[str]) -> None:
+    code, doc = _bench(tmp_path, *args)
+    assert code == 2 and doc == {}
+
+
+def test_plot_of_a_file_that_is_not_a_bench_json_is_a_usage_error(tmp_path: Path) -> None:
+    path = tmp_path / "x.json"
+    path.write_text('{"schema": "deepport.conformance.results"}')
+    assert main(["bench", "--plot", str(path)]) == 2
+
+
+# ---- backends that are wrong, or fail, are never timed --------------------------------------------------------------
+
+def _zeros_run(call: MLADecodeCall, out: torch.Tensor, lse: torch.Tensor) -> None:
+    """Fast and wrong everywhere."""
+    out.zero_()
+    lse.zero_()
+
+
+def _truncating_run(call: MLADecodeCall, out: torch.Tensor, lse: torch.Tensor) -> None:
+    """Right for lengths up to 240 (the check case's), wrong beyond: reads only the first 240 tokens."""
+    short = dataclasses.replace(call, cache_seqlens=call.cache_seqlens.clamp(max=240), max_seqlen=None)
+    torch_mla.run(short, out, lse)
+
+
+def _raising_run(call: MLADecodeCall, out: torch.Tensor, lse: torch.Tensor) -> None:
+    raise RuntimeError("kernel launch failed")
+
+
+def _backend(name: str, fn: str) -> Backend:
+    support = OpSupport(op="mla_decode", entry=f"{__name__}:{fn}", dtypes=frozenset({torch.bfloat16}))
+    return Backend(name=name, summary=f"test backend {name}", version="0", ops=(support,), priority={})
+
+
+@pytest.mark.parametrize(("fn", "failing_part"), [("_zeros_run", "reference_twin"), ("_truncating_run", "agreement")])
+def test_a_wrong_backend_fails_its_check_is_not_timed_and_the_run_exits_1(tmp_path: Path, fn: str,
+                                                                          failing_part: str) -> None:
+    with registered(_backend("wrong", fn)):
+        code, doc = _bench(tmp_path, "--config", TINY, "--backend", "wrong")
+    assert code == 1
+    by_backend = {r["backend"]: r for r in doc["results"]}
+    assert by_backend["torch"]["status"] == "ok"  # the baseline runs first, always
+    wrong = by_backend["wrong"]
+    assert wrong["status"] == "check_failed" and failing_part in wrong["message"]
+    assert wrong["check"][failing_part]["passed"] is False
+    assert wrong["timing"] is None and wrong["time_us"] is None and wrong["x_baseline"] is None
+    assert doc["summary"]["check_failed"] == 1
+
+
+def test_a_backend_that_raises_is_recorded_as_an_error_and_the_run_exits_1(tmp_path: Path) -> None:
+    with registered(_backend("crashy", "_raising_run")):
+        code, doc = _bench(tmp_path, "--config", TINY, "--backend", "crashy")
+    assert code == 1
+    (crashy,) = [r for r in doc["results"] if r["backend"] == "crashy"]
+    assert crashy["status"] == "error" and "kernel launch failed" in crashy["message"]
+
+
+def test_a_backend_that_does_not_implement_the_op_is_not_supported_not_an_error(tmp_path: Path) -> None:
+    other = Backend(name="other_op", summary="implements nothing here", version="0",
+                    ops=(OpSupport(op="no_such_op", entry=f"{__name__}:_zeros_run",
+                                  dtypes=frozenset({torch.bfloat16})),), priority={})
+    with registered(other):
+        code, doc = _bench(tmp_path, "--config", TINY, "--backend", "other_op")
+    assert code == 0
+    (r,) = [r for r in doc["results"] if r["backend"] == "other_op"]
+    assert r["status"] == "not_supported" and r["timing"] is None
+
+
+# ---- timing ---------------------------------------------------------------------------------------------------------
+
+def test_cpu_timing_takes_the_median_of_its_samples_and_rotates_calls() -> None:
+    calls: list[int] = []
+    measured = timing.time_calls([lambda: calls.append(0), lambda: calls.append(1)], torch.device("cpu"),
+                                 samples=5, warmup=2)
+    assert measured.method == "cpu_perf_counter" and len(measured.samples_us) == 5
+    assert calls == [0, 1, 0, 1, 0, 1, 0]  # warm-up covers every copy, then samples rotate
+    assert measured.median_us == sorted(measured.samples_us)[2]
+    assert timing.copies_for_rotation(1, torch.device("cpu")) == 1
+
+
+# ---- on a GPU -------------------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_bench_measures_ceilings_and_records_the_timing_method(tmp_path: Path) -> None:
+    out = tmp_path / "gpu"
+    code = main(["bench", "--device", "cuda", "--quick", "--op", "mla_decode", "--config", "*b128_sq1_hq16_sk4096",
+                 "--out", str(out)])
+    doc = json.loads((out / "bench.json").read_text())
+    assert code == 0
+    assert doc["ceilings"]["hbm_copy"]["value"] > 100  # GB/s
+    (r,) = doc["results"]
+    assert r["status"] == "ok" and r["timing"]["method"] in {"cuda_graph", "cuda_events"}
+    assert r["gbps"] > 0 and r["pct_of_ceiling"] > 0 and r["x_baseline"] == 1.0
