@@ -29,6 +29,14 @@ from deepport.kernels.fp8_layout import (
     unpack_ue8m0,
 )
 from deepport.kernels.mla_decode import MLAMetadata, get_mla_metadata, mla_decode
+from deepport.kernels.moe_combine import moe_combine
+from deepport.kernels.moe_combine_expanded import moe_combine_expanded
+from deepport.kernels.moe_dispatch import moe_dispatch
+from deepport.kernels.moe_dispatch_expanded import moe_dispatch_expanded
+from deepport.kernels.moe_handle import MoEExpandedHandle, MoEHandle, MoELowLatencyHandle
+from deepport.kernels.moe_layout import moe_layout
+from deepport.kernels.moe_low_latency_combine import moe_low_latency_combine
+from deepport.kernels.moe_low_latency_dispatch import moe_low_latency_dispatch
 
 __version__ = "0.1.0"
 
@@ -38,6 +46,9 @@ __all__ = [
     "DeepportError",
     "InvalidArgumentError",
     "MLAMetadata",
+    "MoEExpandedHandle",
+    "MoEHandle",
+    "MoELowLatencyHandle",
     "NoBackendError",
     "UnknownBackendError",
     "__version__",
@@ -55,6 +66,13 @@ __all__ = [
     "m_grouped_fp8_gemm_nt_contiguous",
     "m_grouped_fp8_gemm_nt_masked",
     "mla_decode",
+    "moe_combine",
+    "moe_combine_expanded",
+    "moe_dispatch",
+    "moe_dispatch_expanded",
+    "moe_layout",
+    "moe_low_latency_combine",
+    "moe_low_latency_dispatch",
     "pack_ue8m0",
     "per_block_cast_to_fp8",
     "per_token_cast_to_fp8",

@@ -16,6 +16,13 @@ from deepport.dispatch.device import DeviceInfo
 from deepport.kernels import fp8_gemm as _fp8_gemm
 from deepport.kernels import fp8_grouped_gemm as _fp8_grouped_gemm
 from deepport.kernels import mla_decode as _mla_decode
+from deepport.kernels import moe_combine as _moe_combine
+from deepport.kernels import moe_combine_expanded as _moe_combine_expanded
+from deepport.kernels import moe_dispatch as _moe_dispatch
+from deepport.kernels import moe_dispatch_expanded as _moe_dispatch_expanded
+from deepport.kernels import moe_layout as _moe_layout
+from deepport.kernels import moe_low_latency_combine as _moe_low_latency_combine
+from deepport.kernels import moe_low_latency_dispatch as _moe_low_latency_dispatch
 
 
 class OpSpec(Protocol):
@@ -36,6 +43,13 @@ class OpSpec(Protocol):
 
 OPS: dict[str, OpSpec] = {
     _mla_decode.OP: _mla_decode,
+    _moe_layout.OP: _moe_layout,
+    _moe_dispatch.OP: _moe_dispatch,
+    _moe_combine.OP: _moe_combine,
+    _moe_dispatch_expanded.OP: _moe_dispatch_expanded,
+    _moe_combine_expanded.OP: _moe_combine_expanded,
+    _moe_low_latency_dispatch.OP: _moe_low_latency_dispatch,
+    _moe_low_latency_combine.OP: _moe_low_latency_combine,
     **{variant.OP: variant for variant in _fp8_gemm.VARIANTS},
     **{variant.OP: variant for variant in _fp8_grouped_gemm.VARIANTS},
 }

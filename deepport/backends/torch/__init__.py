@@ -6,6 +6,7 @@ sequence (so poisoned tails never reach the arithmetic) and computes in float32.
 
 import torch
 
+from deepport.backends.torch.moe_support import MOE_OPS
 from deepport.dispatch import Backend, OpSupport
 
 BACKEND = Backend(
@@ -15,6 +16,7 @@ BACKEND = Backend(
     ops=(
         OpSupport(op="mla_decode", entry="deepport.backends.torch.mla_decode:run",
                   dtypes=frozenset({torch.bfloat16, torch.float16})),
+        *MOE_OPS,
         OpSupport(op="m_grouped_fp8_gemm_nt_contiguous",
                   entry="deepport.backends.torch.fp8_grouped_gemm:run_contiguous",
                   dtypes=frozenset({torch.float8_e4m3fn})),

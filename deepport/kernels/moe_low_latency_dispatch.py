@@ -1,0 +1,114 @@
+"""Low-latency MoE dispatch: tokens packed per local expert into a fixed-capacity buffer.
+
+DeepEP's ``low_latency_dispatch`` layout ``[num_local_experts, world_size * max_tokens_per_rank,
+hidden]`` with per-expert counts, optionally cast to FP8 during the dispatch: exactly the input of
+``m_grouped_fp8_gemm_nt_masked``. Conventions: :mod:`deepport.kernels.moe_args`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from deepport.dispatch import selection
+from deepport.dispatch.device import DeviceInfo
+from deepport.errors import InvalidArgumentError
+from deepport.kernels import _checks as chk
+from deepport.kernels import moe_args
+from deepport.kernels.moe_args import Alloc, MoEGroup, MoEInput, MoESignature
+from deepport.kernels.moe_handle import MoELowLatencyHandle
+
+OP = "moe_low_latency_dispatch"
+OP_VERSION = 1
+FP8_MAX = 448.0
+AMAX_FLOOR = 1e-4
+
+
+@dataclass(frozen=True)
+class MoELowLatencyDispatchCall:
+    x: torch.Tensor  # bf16 [num_tokens, hidden]
+    topk_idx: torch.Tensor
+    max_tokens_per_rank: int
+    num_experts: int
+    use_fp8: bool
+    group: MoEGroup
+    alloc: Alloc
+    signature: MoESignature
+
+
+class MoELowLatencyDispatchResult(NamedTuple):
+    recv_x: MoEInput
+    recv_count: torch.Tensor
+    handle: MoELowLatencyHandle
+
+
+def moe_low_latency_dispatch(
+    x: torch.Tensor,
+    topk_idx: torch.Tensor,
+    max_tokens_per_rank: int,
+    num_experts: int,
+    *,
+    group: object = None,
+    use_fp8: bool = True,
+    backend: str | None = None,
+    alloc: Alloc | None = None,
+) -> MoELowLatencyDispatchResult:
+    """Dispatch into per-expert buffers of fixed capacity (collective over ``group``).
+
+    Args:
+        x: bf16 ``[num_tokens, hidden]`` contiguous, ``num_tokens <= max_tokens_per_rank``; ``hidden``
+            a multiple of 128 when ``use_fp8``.
+        topk_idx: int64/int32 ``[num_tokens, num_topk]``, ids in ``[-1, num_experts)``.
+        max_tokens_per_rank: ``T_max``, the same on every rank (>= 1).
+        num_experts: total experts, a multiple of the group's world size ``R``.
+        group, backend, alloc: as for :func:`deepport.moe_dispatch`.
+        use_fp8: cast to e4m3 per token and 128 channels: ``amax = max(|x|, 1e-4)`` over the block,
+            ``scale = amax / 448`` (float32), ``fp8 = round_to_e4m3(x * (448 / amax))``.
+
+    Returns:
+        :class:`MoELowLatencyDispatchResult` ``(recv_x, recv_count, handle)`` with ``L`` local experts:
+
+        - ``recv_x``: bf16 ``[L, R * T_max, hidden]``, or with ``use_fp8`` the tuple
+          ``(e4m3 [L, R * T_max, hidden], fp32 scales [L, R * T_max, hidden / 128])`` whose scales
+          are column-major in the last two dimensions (strides ``(hidden / 128 * R * T_max, 1,
+          R * T_max)``). Expert ``e``'s first ``recv_count[e]`` rows hold one row per distinct
+          (source rank, token) selecting it, ordered by source rank then token index; later rows
+          are unspecified.
+        - ``recv_count``: int32 ``[L]``.
+        - ``handle``: for :func:`deepport.moe_low_latency_combine`.
+    """
+    call = bind(x, topk_idx, max_tokens_per_rank, num_experts, group=group, use_fp8=use_fp8, alloc=alloc)
+    chosen, _ = selection.choose(OP, call.signature, backend)
+    result: MoELowLatencyDispatchResult = chosen.implementation(OP)(call)
+    return result
+
+
+def bind(x: torch.Tensor, topk_idx: torch.Tensor, max_tokens_per_rank: int, num_experts: int, *,
+         group: object = None, use_fp8: bool = True, alloc: Alloc | None = None) -> MoELowLatencyDispatchCall:
+    data, scales = moe_args.check_payload("x", x)
+    if scales is not None:
+        raise InvalidArgumentError("x", "expected a bf16 tensor (the low-latency dispatch casts to FP8 "
+                                   "itself with use_fp8=True), got an FP8 tuple")
+    fp8 = chk.expect_bool("use_fp8", use_fp8)
+    hidden = int(data.shape[1])
+    if fp8 and hidden % moe_args.FP8_BLOCK != 0:
+        raise InvalidArgumentError("x", f"expected hidden to be a multiple of {moe_args.FP8_BLOCK} with "
+                                   f"use_fp8=True, got {hidden}")
+    t_max = chk.expect_int("max_tokens_per_rank", max_tokens_per_rank, minimum=1)
+    if int(data.shape[0]) > t_max:
+        raise InvalidArgumentError("x", f"expected at most max_tokens_per_rank={t_max} rows, got "
+                                   f"{int(data.shape[0])}")
+    grp = moe_args.resolve_group(group, data.device)
+    experts = moe_args.check_num_experts(num_experts, grp.world_size)
+    idx = moe_args.check_topk_idx(topk_idx, experts, data.device, int(data.shape[0]))
+    sig = moe_args.signature(data.device, moe_args.FP8 if fp8 else data.dtype, hidden, int(idx.shape[1]),
+                             experts, grp)
+    return MoELowLatencyDispatchCall(data, idx, t_max, experts, fp8, grp,
+                                     moe_args.checked_alloc(alloc, data.device), sig)
+
+
+def example_signature(device: DeviceInfo) -> MoESignature:
+    """DeepSeek-V3 decode: hidden 7168 cast to FP8, top-8 of 256 experts, one process."""
+    return MoESignature(device, moe_args.FP8, 7168, 8, 256, 1, "none")
