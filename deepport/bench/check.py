@@ -1,10 +1,13 @@
 """The check every backend passes before it is timed, so a fast wrong kernel is never reported as a
 speed-up. Two halves, both required:
 
-1. **Reference twin.** The config's ``check_case`` (a case of the op's conformance suite with the same
-   operand layout, small enough for the float64 reference) is run on the backend through the
-   conformance runner: poisoned outputs, input-mutation check, the suite's tolerances. One result per
-   (case, backend) per run, shared by the configs that name the same case.
+1. **Float64 reference**, one or both of:
+   - *twin*: the config's ``check_case`` (a case of the op's conformance suite with the same operand
+     layout, small enough for the float64 reference) is run on the backend through the conformance
+     runner: poisoned outputs, input-mutation check, the suite's tolerances. One result per (case,
+     backend) per run, shared by the configs that name the same case;
+   - *sample*: the workload's ``reference_check`` judges part of the config's own output (its outputs
+     are poisoned before the call) against a float64 reference with :func:`sampled_rows_check`.
 2. **Agreement at full size.** On the config's own inputs, each output agrees with the baseline
    backend's output (itself checked by half 1): the same NaN/inf positions, and DeepGEMM's
    ``calc_diff`` on the finite values within the config's ``agreement`` bound. This catches what
@@ -20,8 +23,10 @@ from typing import Any
 import torch
 
 from deepport.conformance.case import Case
+from deepport.conformance.checker import check_output
 from deepport.conformance.runner import run_case
 from deepport.conformance.suites import SUITES
+from deepport.conformance.tolerance import Tolerance
 
 
 @dataclass
@@ -84,3 +89,20 @@ def agreement(outputs: Mapping[str, torch.Tensor], baseline: Mapping[str, torch.
             failures.append(f"{name}: calc_diff {metrics['calc_diff']:.3g} against {baseline_name} > {bound:.3g}")
         details["outputs"][name] = metrics
     return CheckResult(not failures, "; ".join(failures), details)
+
+
+def sample_rows(m: int, most: int = 64) -> list[int]:
+    """Up to ``most`` row indices spread over ``[0, m)``, the first and the last included."""
+    if m <= most:
+        return list(range(m))
+    return sorted({round(i * (m - 1) / (most - 1)) for i in range(most)})
+
+
+def sampled_rows_check(name: str, got: torch.Tensor, reference: torch.Tensor, tol: Tolerance,
+                       rows: list[int]) -> dict[str, Any]:
+    """Judge ``got[rows]`` against ``reference`` (float64, the exact answer of those rows) with the
+    conformance checker (structure, special values, element-wise bound, ``calc_diff``)."""
+    result = check_output(name, got[rows].contiguous(), reference.detach().cpu().numpy(), dtype=got.dtype,
+                          device=got.device, tol=tol)
+    return {"passed": result.passed, "message": "; ".join(result.failures), "rows": len(rows),
+            "tolerance": tol.to_dict(), **result.metrics}

@@ -1,7 +1,9 @@
 """Timing: median of samples after warm-up, by the method that measures the kernels and not the host.
 
-- CUDA, calls under ``GRAPH_BELOW_US`` (100 us): a CUDA graph of many calls, replayed; one sample =
-  one replay timed with CUDA events, divided by the calls in it (launch overhead excluded). Capture
+- CUDA, calls whose first estimate is under ``GRAPH_BELOW_US`` (1 ms; the estimate, events around a
+  call, includes host overhead, so a 100 us kernel behind a slow host can look several times longer):
+  a CUDA graph of many calls, replayed; one sample = one replay timed with CUDA events, divided by
+  the calls in it (launch overhead excluded). Capture
   runs on torch's side stream (``torch.cuda.graph``); if it fails (a call synchronises, reads a value
   on the host ...), the failure is recorded and the calls are timed with events around a loop instead.
 - CUDA, longer calls: CUDA events around each call, L2 flushed (a write of twice its size) before each.
@@ -24,7 +26,7 @@ import torch
 
 from deepport.conformance.call import synchronize
 
-GRAPH_BELOW_US = 100.0
+GRAPH_BELOW_US = 1000.0
 DEFAULT_L2_BYTES = 60 << 20  # the H200's, when the device does not say
 
 
@@ -51,6 +53,7 @@ class Timing:
             "samples": {"n": len(s), "median_us": statistics.median(s), "min_us": s[0], "max_us": s[-1],
                         "mean_us": statistics.fmean(s), "stdev_us": statistics.stdev(s) if len(s) > 1 else 0.0,
                         "p10_us": _quantile(s, 0.1), "p90_us": _quantile(s, 0.9)},
+            "samples_us": list(self.samples_us),  # in the order taken
         }
 
 
@@ -104,15 +107,32 @@ def time_calls(calls: Sequence[Callable[[], None]], device: torch.device, *, sam
     estimate = _events_loop(calls, device, len(calls), 1)[0]
     if estimate < GRAPH_BELOW_US:
         per_sample = max(10, min(1000, math.ceil(2000.0 / max(estimate, 0.5))))
-        try:
-            return _time_graph(calls, device, samples, per_sample)
-        except Exception as exc:  # capture failed: record why, time with events around a loop instead
-            _recover(device)
-            loop = _events_loop(calls, device, per_sample, samples)
-            return Timing("cuda_events", loop, per_sample, len(calls),
-                          notes=[f"CUDA graph capture failed ({type(exc).__name__}: {str(exc)[:200]}); events "
-                                 "around a loop of calls include host launch overhead"])
+        why_not = _synchronizes(calls[0])  # a call that syncs cannot be captured: do not even try
+        if why_not is None:
+            try:
+                return _time_graph(calls, device, samples, per_sample)
+            except Exception as exc:  # capture failed: record why, time with events around a loop instead
+                _recover(device)
+                why_not = f"CUDA graph capture failed ({type(exc).__name__}: {str(exc)[:200]})"
+        loop = _events_loop(calls, device, per_sample, samples)
+        return Timing("cuda_events", loop, per_sample, len(calls),
+                      notes=[f"{why_not}; events around a loop of calls include host launch overhead"])
     return _time_events_flushed(calls, device, samples)
+
+
+def _synchronizes(call: Callable[[], None]) -> str | None:
+    """Why ``call`` cannot be captured because it synchronises with the host (torch's sync debug mode
+    catches ``.item()``, ``.cpu()``, ``nonzero`` ...), or ``None``."""
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        call()
+    except RuntimeError as exc:
+        return f"the call synchronises with the host ({str(exc)[:200]})"
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    torch.cuda.synchronize()
+    return None
 
 
 def _time_host(calls: Sequence[Callable[[], None]], device: torch.device, samples: int) -> Timing:

@@ -18,9 +18,13 @@ Protocol (how to add an op's configs)
      microbenchmark measured on the device of the run (on a CPU: memcpy / fp32 matmul);
    - ``check_case``: the id of a case of the op's conformance suite (``deepport/conformance/suites``)
      with the same head/operand layout, small enough for the float64 reference; every backend must
-     pass it (full conformance check: poisoned outputs, tolerances of the suite) before it is timed;
+     pass it (full conformance check: poisoned outputs, tolerances of the suite) before it is timed.
+     Instead (or as well), the workload may carry ``reference_check``: a float64 reference of part of
+     the config's own call (e.g. sampled output rows of a GEMM, which are independent), judged by the
+     conformance checker; at least one of the two must exist;
    - ``agreement``: bound on DeepGEMM's ``calc_diff`` between a backend's output and the baseline
-     backend's output on the config's own (full-size) inputs: the second half of the check;
+     backend's output on the config's own (full-size) inputs: the second half of the check. Take
+     ``(sqrt(c1) + sqrt(c2))**2`` for backends each within ``c`` of the float64 answer;
    - ``cpu``: ``True`` for tiny configs meant for CPUs (CI); a CPU run takes only these, a GPU run
      only the others;
    - ``world_size`` and ``distributed``: see below.
@@ -61,13 +65,16 @@ class Workload:
     - ``bound_call(backend)``: validates the arguments once (the op's ``bind``) and returns a closure that
       runs the backend's implementation on that already-bound call (host overhead = public - bound);
     - ``outputs``: the preallocated outputs the calls write, by name;
-    - ``footprint_bytes``: bytes of inputs and outputs one call touches (decides L2 rotation).
+    - ``footprint_bytes``: bytes of inputs and outputs one call touches (decides L2 rotation);
+    - ``reference_check``: optional; judges the current ``outputs`` against a float64 reference of (part
+      of) this workload's call and returns ``{"passed": bool, "message": str, ...}`` (JSON-ready).
     """
 
     call: Callable[[str], BackendCall]
     bound_call: Callable[[str], BackendCall]
     outputs: Mapping[str, torch.Tensor]
     footprint_bytes: int
+    reference_check: Callable[[], dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)
