@@ -206,15 +206,8 @@ def bind_contiguous(a: object, b: object, out: object, m_indices: object, *,
     b_op, resolved = _check_b(b, k, a_data.device, sfa, recipe)
     g, n = int(b_op.data.shape[0]), int(b_op.data.shape[1])
     a_op = _check_sfa(a_data, sfa, (m_sum,), k, resolved, b_op.sf_format, "[M_sum, ")
-    fp8chk.expect_gemm_output("out", out, (m_sum, n), (torch.bfloat16,), a_data.device, "a", "[M_sum, N]")
-    assert isinstance(out, torch.Tensor)
-    chk.expect_no_overlap("out", out, {"a[0]": a_data, "a[1]": sfa, "b[0]": b_op.data, "b[1]": b_op.sf})
-    m_indices = chk.expect_tensor("m_indices", m_indices)
-    chk.expect_dtype("m_indices", m_indices, (torch.int32,))
-    chk.expect_shape("m_indices", m_indices, (m_sum,), "[M_sum] (one group id per row of `a`)")
-    chk.expect_same_device("m_indices", m_indices, a_data.device, "a")
-    chk.expect_contiguous("m_indices", m_indices)
-    chk.expect_no_overlap("out", out, {"m_indices": m_indices})
+    m_indices = _check_out_and_index(out, (m_sum, n), "[M_sum, N]", a_op, b_op, "m_indices", m_indices,
+                                     "[M_sum] (one group id per row of `a`)")
     host = None
     if settings.check_values() and m_sum > 0:
         host = m_indices.detach().to("cpu", copy=True).numpy()
@@ -234,15 +227,8 @@ def bind_masked(a: object, b: object, out: object, masked_m: object, expected_m:
     n = int(b_op.data.shape[1])
     chk.expect_dim("b[0]", b_op.data, 0, g, "G, dimension 0 of `a[0]`")
     a_op = _check_sfa(a_data, sfa, (g, m_max), k, resolved, b_op.sf_format, "[G, M_max, ")
-    fp8chk.expect_gemm_output("out", out, (g, m_max, n), (torch.bfloat16,), a_data.device, "a", "[G, M_max, N]")
-    assert isinstance(out, torch.Tensor)
-    chk.expect_no_overlap("out", out, {"a[0]": a_data, "a[1]": sfa, "b[0]": b_op.data, "b[1]": b_op.sf})
-    masked_m = chk.expect_tensor("masked_m", masked_m)
-    chk.expect_dtype("masked_m", masked_m, (torch.int32,))
-    chk.expect_shape("masked_m", masked_m, (g,), "[G] (rows in use per group)")
-    chk.expect_same_device("masked_m", masked_m, a_data.device, "a")
-    chk.expect_contiguous("masked_m", masked_m)
-    chk.expect_no_overlap("out", out, {"masked_m": masked_m})
+    masked_m = _check_out_and_index(out, (g, m_max, n), "[G, M_max, N]", a_op, b_op, "masked_m", masked_m,
+                                    "[G] (rows in use per group)")
     expected = chk.expect_int("expected_m", expected_m, minimum=1)
     host = None
     if settings.check_values():
@@ -297,6 +283,22 @@ def _check_b(b: object, k: int, device: torch.device, sfa: torch.Tensor,
     words = "ceil(K/128)" if fmt == fp8chk.SF_FLOAT32 else "ceil(K/512) int32 words"
     fp8chk.expect_scale_factors("b[1]", sfb, (g, rows, cols), f"[G, {what}, {words}]", device, "a")
     return ScaledOperand(b_data, sfb, fmt, gran_n), resolved
+
+
+def _check_out_and_index(out: object, shape: tuple[int, ...], layout: str, a_op: ScaledOperand, b_op: ScaledOperand,
+                         name: str, index: object, index_layout: str) -> torch.Tensor:
+    """``out`` (bfloat16 ``shape``, sharing no memory with any input) and the contiguous int32 index tensor
+    ``name`` of shape ``shape[:1]`` (``[M_sum]`` or ``[G]``) on A's device; returns the index."""
+    device = a_op.data.device
+    out = fp8chk.expect_gemm_output("out", out, shape, (torch.bfloat16,), device, "a", layout)
+    index = chk.expect_tensor(name, index)
+    chk.expect_dtype(name, index, (torch.int32,))
+    chk.expect_shape(name, index, shape[:1], index_layout)
+    chk.expect_same_device(name, index, device, "a")
+    chk.expect_contiguous(name, index)
+    inputs = {"a[0]": a_op.data, "a[1]": a_op.sf, "b[0]": b_op.data, "b[1]": b_op.sf, name: index}
+    chk.expect_no_overlap("out", out, inputs)
+    return index
 
 
 def _check_sfa(a_data: torch.Tensor, sfa: torch.Tensor, lead: tuple[int, ...], k: int, recipe: Recipe,
