@@ -110,6 +110,17 @@ def test_mla_decode_has_flashmlas_six_configs_with_the_right_ceilings() -> None:
     assert all(c.cpu for c in select("cpu", ["mla_decode"])) and select("cpu", ["mla_decode"])
 
 
+def test_grouped_fp8_gemm_configs_count_only_the_rows_in_use() -> None:
+    contiguous = {c.name: c for c in select("cuda", ["m_grouped_fp8_gemm_nt_contiguous"])}
+    assert set(contiguous) == {f"g{g}_m{m}_n{n}_k{k}" for g, m in ((4, 8192), (8, 4096))
+                               for n, k in ((4096, 7168), (7168, 2048))}
+    assert contiguous["g4_m8192_n4096_k7168"].flops == 2 * 4 * 8192 * 4096 * 7168
+    masked = {c.name: c for c in select("cuda", ["m_grouped_fp8_gemm_nt_masked"])}
+    assert len(masked) == 6
+    c = masked["g4_m256_n7168_k2048"]
+    assert c.params["m_max"] == 4096 and c.flops == 2 * (4 * 256) * 7168 * 2048  # not 4 * 4096 rows
+
+
 def test_a_config_builds_random_inputs_and_the_same_seed_gives_the_same_data() -> None:
     (c,) = select("cpu", None, TINY)
     a, b, other = (c.build(torch.device("cpu"), s) for s in (5, 5, 6))

@@ -148,7 +148,7 @@ class _ConfigRun:
 
     def _overhead(self, backend: str) -> dict[str, Any]:
         found: dict[str, Any] = {}
-        reps = 5 if self.request.quick else 30
+        reps = 3 if self.request.quick else 30
         for label, value in (("check_values_on", "1"), ("check_values_off", "0")):
             with timing.environment_var("DEEPPORT_CHECK_VALUES", value):
                 public = timing.host_time_us(self.workload.call(backend), self.device, reps)

@@ -26,12 +26,14 @@ BLOCK = counting.FP8_BLOCK
 TOLERANCE = Tolerance(rtol=2.01 * 2.0**-8, atol_rms=2.01 * 2.0**-8, atol_floor=0.0, max_calc_diff=1e-5)
 
 
-def _dequantized_a(a: torch.Tensor, sfa: torch.Tensor) -> torch.Tensor:
+def dequantized_a(a: torch.Tensor, sfa: torch.Tensor) -> torch.Tensor:
+    """float64 ``A * SFA`` (1x128 scales) of ``a`` ``[rows, K]``."""
     k = a.shape[1]
     return a.to(torch.float64) * sfa.to(torch.float64).repeat_interleave(BLOCK, dim=1)[:, :k]
 
 
-def _dequantized_b(b: torch.Tensor, sfb: torch.Tensor) -> torch.Tensor:
+def dequantized_b(b: torch.Tensor, sfb: torch.Tensor) -> torch.Tensor:
+    """float64 ``B * SFB`` (128x128 scales) of ``b`` ``[N, K]``."""
     n, k = b.shape
     scale = sfb.to(torch.float64).repeat_interleave(BLOCK, dim=0)[:n].repeat_interleave(BLOCK, dim=1)[:, :k]
     return b.to(torch.float64) * scale
@@ -59,7 +61,7 @@ def _builder(m: int, n: int, k: int) -> Any:
 
         def reference_check() -> dict[str, Any]:
             rows = sample_rows(m)
-            reference = _dequantized_a(a[rows], sfa[rows]) @ _dequantized_b(b, sfb).T
+            reference = dequantized_a(a[rows], sfa[rows]) @ dequantized_b(b, sfb).T
             return sampled_rows_check("out", out, reference, TOLERANCE, rows)
 
         footprint = sum(t.numel() * t.element_size() for t in (a, sfa, b, sfb, out))
