@@ -293,3 +293,26 @@ def test_gpu_bench_measures_ceilings_and_records_the_timing_method(tmp_path: Pat
     (r,) = doc["results"]
     assert r["status"] == "ok" and r["timing"]["method"] in {"cuda_graph", "cuda_events"}
     assert r["gbps"] > 0 and r["pct_of_ceiling"] > 0 and r["x_baseline"] == 1.0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_timing_graphs_capturable_calls_and_falls_back_to_events_for_syncing_ones() -> None:
+    device = torch.device("cuda")
+    x = torch.randn(256, 256, device=device)
+    out = torch.empty_like(x)
+
+    def capturable() -> None:
+        torch.mm(x, x, out=out)
+
+    def syncing() -> None:
+        torch.mm(x, x, out=out)
+        float(out.sum().item())
+
+    graphed = timing.time_calls([capturable], device, samples=5)
+    assert graphed.method == "cuda_graph" and graphed.calls_per_sample >= 10 and graphed.median_us > 0
+    fallback = timing.time_calls([syncing], device, samples=5)
+    assert fallback.method == "cuda_events" and "synchronises" in fallback.notes[0]
+    torch.mm(x, x, out=out)  # the context is still usable
+    torch.cuda.synchronize()
+    assert not torch.cuda.is_current_stream_capturing()

@@ -39,8 +39,10 @@ A config with ``world_size > 1`` is not timed by the single-process runner: it m
 checks each backend against the reference and the baseline, times with
 :mod:`deepport.bench.timing` on every rank behind a barrier, and returns rank 0's results (one per
 backend, plus a raw collective measured in the same run, e.g. NCCL ``all_to_all_single``, reported
-as its own backend name such as ``"nccl_all_to_all"``). The runner records them like any other
-result, resolves the ``ceiling`` and computes the ratios. A run skips such configs (recorded as
+as its own backend name such as ``"nccl_all_to_all"``). Each result carries its ``check`` and
+``timing`` (:meth:`deepport.bench.timing.Timing.summary`) and has ``set_time(median_us)`` applied; the
+runner then records them like any other result, resolves the ``ceiling`` and computes the ratio to
+the run's baseline backend. A run skips such configs (recorded as
 ``skipped`` with the reason) when fewer devices than ``world_size`` are visible.
 """
 
