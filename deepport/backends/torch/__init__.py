@@ -16,6 +16,8 @@ BACKEND = Backend(
     ops=(
         OpSupport(op="mla_decode", entry="deepport.backends.torch.mla_decode:run",
                   dtypes=frozenset({torch.bfloat16, torch.float16})),
+        *(OpSupport(op=f"fp8_gemm_{layout}", entry="deepport.backends.torch.fp8_gemm:run",
+                    dtypes=frozenset({torch.float8_e4m3fn})) for layout in ("nt", "nn", "tn", "tt")),
         *MOE_OPS,
         OpSupport(op="m_grouped_fp8_gemm_nt_contiguous",
                   entry="deepport.backends.torch.fp8_grouped_gemm:run_contiguous",
