@@ -81,6 +81,9 @@ def _stage(suite: ModuleType, case: Case, seed: int,
     inputs = suite.generate(case, seed)
     tensors = {n: t.to(device, copy=True) for n, t in inputs.tensors.items()}
     outputs = {n: poisoned(shape, dtype, device) for n, (shape, dtype) in suite.output_specs(inputs).items()}
+    prefill = getattr(suite, "prefill_outputs", None)
+    if prefill is not None:  # content the op must leave where it writes nothing (e.g. rows past masked_m)
+        prefill(inputs, outputs)
     return dataclasses.replace(inputs, tensors={}), tensors, outputs
 
 

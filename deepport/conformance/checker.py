@@ -85,3 +85,21 @@ def check_output(name: str, got: object, reference: np.ndarray, *, dtype: torch.
     if diff > tol.max_calc_diff:
         result.failures.append(f"{name}: calc_diff {diff:.3g} > {tol.max_calc_diff:.3g}")
     return result
+
+
+def check_exact(name: str, got: object, reference: np.ndarray, positions: np.ndarray, dtype: torch.dtype) -> list[str]:
+    """Elements of ``got`` at ``positions`` (a boolean mask of the output's shape) must equal ``reference``
+    rounded to ``dtype`` bit for bit (a NaN matches any NaN: NaN payloads are not canonical); e.g. padding
+    rows the op defines as +0.0, or elements it must leave as they were before the call."""
+    if type(got) is not torch.Tensor or tuple(got.shape) != reference.shape or got.dtype != dtype:
+        return []  # the structure check reports it
+    bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[got.element_size()]
+    a = got.detach().cpu()
+    r = torch.from_numpy(reference).to(dtype)
+    a_bits, r_bits = a.view(bits).numpy()[positions], r.view(bits).numpy()[positions]
+    differ = (a_bits != r_bits) & ~(torch.isnan(a).numpy()[positions] & np.isnan(reference[positions]))
+    if not differ.any():
+        return []
+    where = tuple(np.argwhere(positions)[int(np.argmax(differ))].tolist())
+    return [f"{name}: {int(differ.sum())}/{differ.size} elements that must be exact differ; first at {list(where)}: "
+            f"got {float(a[where])!r}, expected exactly {float(r[where])!r}"]

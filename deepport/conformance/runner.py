@@ -32,14 +32,14 @@ import deepport
 from deepport.conformance.calibration import calibrate
 from deepport.conformance.call import CallOutcome, call_backend, inputs_sha256, tensor_sha256
 from deepport.conformance.case import TIERS, Case
-from deepport.conformance.checker import check_output
+from deepport.conformance.checker import check_exact, check_output
 from deepport.conformance.isolation import BackendWorker, load_plugins
 from deepport.conformance.results import CaseResult, Status, SuiteRun
 from deepport.conformance.suites import SUITES
 from deepport.conformance.tolerance import Tolerance, tolerance
 from deepport.dispatch import device_info, registry
 
-SUITE_VERSION = "2026.11.1"
+SUITE_VERSION = "2026.11.2"  # 2026.11.2: + grouped FP8 GEMM cases
 
 
 def usable_backends() -> list[str]:
@@ -100,6 +100,9 @@ def _judge(suite: ModuleType, case: Case, seed: int, outcome: CallOutcome, resul
         result.metrics[name] = check.metrics
         result.tolerance[name] = tolerances[name].to_dict()
         failures += check.failures
+    exact = getattr(suite, "exact_positions", None)
+    for name, positions in (exact(pristine) if exact is not None else {}).items():
+        failures += check_exact(name, outcome.outputs.get(name), references[name], positions, dtypes[name])
     if failures:
         result.status, result.message = Status.FAIL, "; ".join(failures) + " " + repro
     return result

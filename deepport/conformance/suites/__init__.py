@@ -2,15 +2,19 @@
 
 Each module exposes ``OP``, ``GENERATOR_VERSION``, ``cases()``, ``generate(case, seed)``,
 ``output_specs(inputs)``, ``dtype_name(inputs)``, ``invoke(inputs, tensors, backend, outputs)`` and
-``reference(inputs)``.
+``reference(inputs)``. An op family may instead provide one object per op with the same attributes
+(``fp8_grouped_gemm.SUITES``). Optional hooks: ``prefill_outputs(inputs, outputs)`` (content ``out`` holds
+before the call, where the op may leave elements unwritten) and ``exact_positions(inputs)`` (elements
+that must equal the rounded reference bit for bit).
 """
 
 from __future__ import annotations
 
-from types import ModuleType
+from typing import Any
 
-from deepport.conformance.suites import mla_decode
+from deepport.conformance.suites import fp8_grouped_gemm, mla_decode
 
-SUITES: dict[str, ModuleType] = {
+SUITES: dict[str, Any] = {
     mla_decode.OP: mla_decode,
+    **{suite.OP: suite for suite in fp8_grouped_gemm.SUITES},
 }
