@@ -10,7 +10,6 @@ import torch
 from fp8_grouped_inputs import blocked_f64, contiguous_inputs, masked_inputs
 
 import deepport
-from deepport.backends.torch.fp8_grouped_gemm import blockwise_scaled_mm_available
 from deepport.kernels.fp8_layout import get_mn_major_tma_aligned_tensor, unpack_ue8m0
 
 pytestmark = pytest.mark.usefixtures("clean_env")
@@ -138,8 +137,23 @@ def test_torch_and_reference_agree_to_one_rounding_on_a_k_tail() -> None:
     _close_to(outs["torch"], want)
 
 
-def test_cublas_path_is_not_taken_off_cuda() -> None:
-    assert not blockwise_scaled_mm_available(torch.device("cpu"))
+@pytest.mark.parametrize("layout", ["contiguous", "masked"])
+def test_torch_backend_is_the_dense_torch_gemm_per_group(layout: str) -> None:
+    if layout == "contiguous":
+        q, m_indices = contiguous_inputs([70, 128, 3])
+        out = _poisoned(384, 160)
+        deepport.m_grouped_fp8_gemm_nt_contiguous(q.pair_a, q.pair_b, out, m_indices, backend="torch")
+        segments = [(slice(0, 70), 0), (slice(128, 256), 1), (slice(256, 259), 2)]
+        pieces = [(q.a[rows], q.sfa[rows], g, out[rows]) for rows, g in segments]
+    else:
+        q, masked_m = masked_inputs(3, 40, [40, 0, 7])
+        out = _poisoned(3, 40, 160)
+        deepport.m_grouped_fp8_gemm_nt_masked(q.pair_a, q.pair_b, out, masked_m, 16, backend="torch")
+        pieces = [(q.a[g, :m], q.sfa[g, :m], g, out[g, :m]) for g, m in ((0, 40), (2, 7))]
+    for a, sfa, g, got in pieces:
+        dense = _poisoned(*got.shape)
+        deepport.fp8_gemm_nt((a, sfa), (q.b[g], q.sfb[g]), dense, backend="torch")
+        assert torch.equal(got.view(torch.int16), dense.view(torch.int16))
 
 
 def test_automatic_choice_on_cpu_is_torch() -> None:

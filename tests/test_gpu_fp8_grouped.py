@@ -10,8 +10,10 @@ import torch
 from fp8_grouped_inputs import Grouped, contiguous_inputs, masked_inputs
 
 import deepport
-from deepport.backends.torch.fp8_grouped_gemm import blockwise_scaled_mm_available
+from deepport.backends.torch import fp8_gemm as dense
 from deepport.conformance import run_suite
+from deepport.dispatch import device_info
+from deepport.kernels import fp8_gemm
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 OPS = ["m_grouped_fp8_gemm_nt_contiguous", "m_grouped_fp8_gemm_nt_masked"]
@@ -28,10 +30,14 @@ def _within_bound(got: torch.Tensor, want: torch.Tensor) -> None:
     assert (np.abs(g - w) <= bound).all(), float(np.max(np.abs(g - w) - bound))
 
 
-def test_cublas_block_scaled_mm_is_available_on_an_nvidia_gpu() -> None:
-    if torch.version.hip:
-        pytest.skip("ROCm build")
-    assert blockwise_scaled_mm_available(torch.device("cuda"))
+def test_deepseek_shapes_take_the_cublas_path_on_an_h200() -> None:
+    if device_info(torch.device("cuda")).arch != "sm_90":
+        pytest.skip("cuBLAS block-scaled path is declared for sm_90 only")
+    q, _ = contiguous_inputs([128], n=4096, k=7168)
+    q = _cuda(q)
+    rows = q.a[:128], q.sfa[:128]
+    call = fp8_gemm.bind("nt", rows, (q.b[0], q.sfb[0]), torch.empty(128, 4096, dtype=torch.bfloat16, device="cuda"))
+    assert dense.path(call.signature) == ("scaled_mm", [])
 
 
 @pytest.mark.parametrize(("n", "k", "ue8m0", "per_row_b"), [(4096, 7168, False, False), (7168, 2048, False, False),
