@@ -39,7 +39,7 @@ from deepport.conformance.suites import SUITES
 from deepport.conformance.tolerance import Tolerance, tolerance
 from deepport.dispatch import device_info, registry
 
-SUITE_VERSION = "2026.11.2"  # 2026.11.2: + grouped FP8 GEMM cases
+SUITE_VERSION = "2026.11.3"  # 2026.11.2: + grouped FP8 GEMM cases; 2026.11.3: + MoE cases
 
 
 def usable_backends() -> list[str]:

@@ -43,6 +43,17 @@ class Tolerance:
 _BF16_ULP = 2.0**-7
 _FP16_ULP = 2.0**-10
 
+# MoE kinds: "exact" (integers, moved payloads); "sum" (float32 sums of bf16 rows, one bf16 rounding:
+# half a bf16 step); "weight_sum" (float32 sums of float32 weights); "cast" (e4m3 of x * 448 / amax:
+# half an e4m3 step, subnormal step 2**-9); "scale" (amax / 448 in float32)
+_MOE: Mapping[str, Tolerance] = MappingProxyType({
+    "exact": Tolerance(0.0, 0.0, 0.0, 0.0),
+    "sum": Tolerance(1.01 * 2.0**-8, 0.0, 0.0, 1e-5),
+    "weight_sum": Tolerance(1.01 * 2.0**-24, 0.0, 0.0, 1e-12),
+    "cast": Tolerance(1.01 * 2.0**-4, 0.0, 1.01 * 2.0**-10, 2e-3),
+    "scale": Tolerance(1.01 * 2.0**-24, 0.0, 0.0, 1e-12),
+})
+
 TOLERANCES: Mapping[tuple[str, str, str], Tolerance] = MappingProxyType({
     ("mla_decode", "out", "bfloat16"): Tolerance(2.01 * _BF16_ULP, 2.01 * _BF16_ULP, 0.0, 5e-6),
     ("mla_decode", "out", "float16"): Tolerance(2.01 * _FP16_ULP, 2.01 * _FP16_ULP, 0.0, 1e-6),
@@ -52,6 +63,25 @@ TOLERANCES: Mapping[tuple[str, str, str], Tolerance] = MappingProxyType({
     # rounding (<= 2**-8 relative) plus fp32 accumulation, with cuBLAS/WGMMA's per-128-K partial sums in room
     ("m_grouped_fp8_gemm_nt_contiguous", "out", "float8_e4m3fn"): Tolerance(2.01 * 2.0**-8, 2.0**-9, 0.0, 2e-5),
     ("m_grouped_fp8_gemm_nt_masked", "out", "float8_e4m3fn"): Tolerance(2.01 * 2.0**-8, 2.0**-9, 0.0, 2e-5),
+    **{(op, out, dt): _MOE[kind] for (op, dt), outputs in {
+        # MoE, per payload dtype: routes, counts and moved payloads are bit-exact; sums are float32, rounded once
+        ("moe_layout", "bfloat16"): {"num_tokens_per_rank": "exact", "num_tokens_per_expert": "exact",
+                                     "is_token_in_rank": "exact"},
+        **{("moe_dispatch", dt): {n: "exact" for n in (
+            "recv_x", "recv_topk_idx", "recv_topk_weights", "num_recv_tokens_per_expert", "recv_src_idx",
+            "recv_counts", "cached_recv_x", *(("recv_x_scales", "cached_recv_x_scales") if fp8 else ()))}
+           for dt, fp8 in (("bfloat16", False), ("float8_e4m3fn", True))},
+        ("moe_combine", "bfloat16"): {"combined_x": "sum", "combined_topk_weights": "exact"},
+        **{("moe_dispatch_expanded", dt): {"recv_x": "exact", "m_indices": "exact", "recv_weights": "weight_sum",
+                                           "num_recv_tokens_per_expert": "exact", **({"recv_x_scales": "exact"}
+                                                                                     if fp8 else {})}
+           for dt, fp8 in (("bfloat16", False), ("float8_e4m3fn", True))},
+        ("moe_combine_expanded", "bfloat16"): {"combined_x": "sum"},
+        ("moe_low_latency_dispatch", "bfloat16"): {"recv_x": "exact", "recv_count": "exact"},
+        ("moe_low_latency_dispatch", "float8_e4m3fn"): {"recv_x": "cast", "recv_x_scales": "scale",
+                                                        "recv_count": "exact"},
+        ("moe_low_latency_combine", "bfloat16"): {"combined_x": "sum"},
+    }.items() for out, kind in outputs.items()},
 })
 
 

@@ -12,9 +12,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from deepport.conformance.suites import fp8_grouped_gemm, mla_decode
+from deepport.conformance.suites import (
+    fp8_grouped_gemm,
+    mla_decode,
+    moe_combine,
+    moe_combine_expanded,
+    moe_dispatch,
+    moe_dispatch_expanded,
+    moe_layout,
+    moe_low_latency_combine,
+    moe_low_latency_dispatch,
+)
 
 SUITES: dict[str, Any] = {
     mla_decode.OP: mla_decode,
+    **{s.OP: s for s in (moe_layout, moe_dispatch, moe_combine, moe_dispatch_expanded, moe_combine_expanded,
+                         moe_low_latency_dispatch, moe_low_latency_combine)},
     **{suite.OP: suite for suite in fp8_grouped_gemm.SUITES},
 }
