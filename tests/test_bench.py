@@ -110,6 +110,16 @@ def test_mla_decode_has_flashmlas_six_configs_with_the_right_ceilings() -> None:
     assert all(c.cpu for c in select("cpu", ["mla_decode"])) and select("cpu", ["mla_decode"])
 
 
+def test_fp8_gemm_has_the_deepseek_v3_shapes_and_a_float64_row_check() -> None:
+    gpu = {c.name: c for c in select("cuda", ["fp8_gemm_nt"])}
+    nk = [(2112, 7168), (576, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048)]
+    assert set(gpu) == {f"m{m}_n{n}_k{k}" for m in (1, 64, 128, 4096) for n, k in nk}
+    c = gpu["m4096_n2112_k7168"]
+    assert (c.flops, c.ceiling, c.bound) == (2 * 4096 * 2112 * 7168, "fp8_matmul", "compute")
+    for tiny in select("cpu", ["fp8_gemm_nt"]):
+        assert tiny.build(torch.device("cpu"), 0).reference_check is not None
+
+
 def test_grouped_fp8_gemm_configs_count_only_the_rows_in_use() -> None:
     contiguous = {c.name: c for c in select("cuda", ["m_grouped_fp8_gemm_nt_contiguous"])}
     assert set(contiguous) == {f"g{g}_m{m}_n{n}_k{k}" for g, m in ((4, 8192), (8, 4096))
@@ -228,9 +238,22 @@ def _raising_run(call: MLADecodeCall, out: torch.Tensor, lse: torch.Tensor) -> N
     raise RuntimeError("kernel launch failed")
 
 
+def _fp8_zeros_run(call: Any, out: torch.Tensor) -> None:
+    out.zero_()
+
+
 def _backend(name: str, fn: str, op: str = "mla_decode", dtype: torch.dtype = torch.bfloat16) -> Backend:
     support = OpSupport(op=op, entry=f"{__name__}:{fn}", dtypes=frozenset({dtype}))
     return Backend(name=name, summary=f"test backend {name}", version="0", ops=(support,), priority={})
+
+
+def test_a_wrong_fp8_gemm_backend_fails_the_float64_row_check(tmp_path: Path) -> None:
+    with registered(_backend("wrong_fp8", "_fp8_zeros_run", "fp8_gemm_nt", torch.float8_e4m3fn)):
+        code, doc = _bench(tmp_path, "--config", "*tiny_m4_*", "--backend", "wrong_fp8")
+    assert code == 1
+    (wrong,) = [r for r in doc["results"] if r["backend"] == "wrong_fp8"]
+    assert wrong["status"] == "check_failed" and wrong["check"]["reference_sample"]["passed"] is False
+    assert wrong["timing"] is None
 
 
 @pytest.mark.parametrize(("fn", "failing_part"), [("_zeros_run", "reference_twin"), ("_truncating_run", "agreement")])

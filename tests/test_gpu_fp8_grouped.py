@@ -68,7 +68,8 @@ def test_masked_on_cuda_matches_the_reference_and_leaves_other_rows(n: int, k: i
     want = before.clone()
     deepport.m_grouped_fp8_gemm_nt_masked(q.pair_a, q.pair_b, want, masked_m, 64, backend="reference")
     for g, m in enumerate(masked):
-        _within_bound(out[g, :m], want[g, :m])
+        if m:
+            _within_bound(out[g, :m], want[g, :m])
         assert torch.equal(out[g, m:].view(torch.int16), before[g, m:].view(torch.int16))
 
 

@@ -11,6 +11,7 @@ implementation on an already-bound call, with the value checks on and off.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import gc
 import time
@@ -161,7 +162,8 @@ def run(request: Request, progress: Progress | None = None) -> dict[str, Any]:
     """Run the bench and return the results document (see :mod:`deepport.bench.results`)."""
     say = progress or (lambda _msg: None)
     started, t0 = _dt.datetime.now(_dt.UTC), time.perf_counter()
-    device = concrete_device(request.device)
+    device = concrete_device(request.device)  # cuda -> cuda:0: what tensors and checks report
+    request = dataclasses.replace(request, device=device)
     needed = sorted({ceilings.resolve(c.ceiling, device.type) for c in request.configs}
                     | {ceilings.resolve("memory", device.type)})
     measured: dict[str, ceilings.CeilingResult] = {}

@@ -109,6 +109,7 @@ class BenchConfig:
 # One line per op module. Each module exposes CONFIGS.
 _MODULES: tuple[str, ...] = (
     "deepport.bench.configs.mla_decode",
+    "deepport.bench.configs.fp8_gemm",
     "deepport.bench.configs.fp8_grouped_gemm",
 )
 
