@@ -44,7 +44,9 @@ def render(document: dict[str, Any], path: Path) -> Path:
                 labels.append(f"{figure:.3g} {unit}\n{hit['time_us']:.4g} us")
             bars = ax.bar(xs, heights, width, label=backend)
             ax.bar_label(bars, labels=labels, fontsize=6)
-        ax.set_xticks(range(len(configs)), configs, rotation=20, ha="right", fontsize=7)
+        ceiling_of = {r["config"]: r.get("ceiling") or "?" for r in rows}
+        ax.set_xticks(range(len(configs)), [f"{c}\nvs {ceiling_of[c]}" for c in configs], rotation=20, ha="right",
+                      fontsize=7)
         ax.set_ylabel("% of the ceiling measured in the run")
         ax.set_title(f"{op} on {device}")
         if backends:
