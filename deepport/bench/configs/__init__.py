@@ -111,6 +111,7 @@ _MODULES: tuple[str, ...] = (
     "deepport.bench.configs.mla_decode",
     "deepport.bench.configs.fp8_gemm",
     "deepport.bench.configs.fp8_grouped_gemm",
+    "deepport.bench.configs.moe",
 )
 
 
