@@ -8,7 +8,8 @@ one is the reason :func:`path` gives):
   ``BlockWise128x128`` (B), i.e. cuBLAS's DeepSeek recipe: the peer every faster backend is measured
   against. Scales are restaged into the layouts cuBLAS wants (A: ``[M, kb]`` with strides ``(1, M)``;
   B for ``mat2 = B^T``: ``[kb, ceil(N/128)]`` with strides ``(1, kb)``); operands that are not K-major
-  (the ``nn``/``tn``/``tt`` layouts) are copied K-major first; the bf16 result is copied into ``out``.
+  (the ``nn``/``tn``/``tt`` layouts) are copied K-major first; M is padded with zero rows to a multiple of
+  4 (cuBLAS has no block-scaled algorithm otherwise); the bf16 result's first M rows are copied into ``out``.
 - ``blocked``: per 128-K block, ``A8 @ B8^T`` in float32 (FP8 products are exact in float32), scaled by
   ``SFA * SFB`` and summed in float32 (DeepGEMM's SM90 promotion), then ``+ C`` and one rounding to
   ``out``'s dtype. Any device, any recipe, SF format, K tail, output dtype and accumulation. K blocks
@@ -28,6 +29,9 @@ from deepport.kernels._fp8_checks import RECIPE_1D2D, SF_FLOAT32, SF_UE8M0
 from deepport.kernels.fp8_gemm import FP8GemmCall, FP8GemmSignature
 from deepport.kernels.fp8_layout import BLOCK_K, unpack_ue8m0
 
+# cuBLAS (CUDA 13.0, H200) answers CUBLAS_STATUS_NOT_SUPPORTED for block-scaled FP8 unless M % 4 == 0
+# (measured: M in {1, 2, 3, 15, 17} fail, {4, 8, 16, 64} pass), and scaled_mm rejects a padded scale stride.
+_CUBLAS_M_MULTIPLE = 4
 _BUDGET_BYTES = {"cuda": 1 << 30, "cpu": 128 << 20}
 _DEFAULT_BUDGET = 256 << 20
 
@@ -91,11 +95,17 @@ def _scaled_mm(call: FP8GemmCall, out: torch.Tensor) -> None:
     assert api is not None  # path() checked it
     scaled_mm, scaling = api
     a, b = _k_major(call.a), _k_major(call.b)
-    scale_a = call.sfa.t().contiguous().t()  # [M, kb], strides (1, M)
+    m = call.m
+    m_padded = -(-m // _CUBLAS_M_MULTIPLE) * _CUBLAS_M_MULTIPLE
+    if m_padded != m:  # cuBLAS has no block-scaled algorithm for these M: add zero rows, drop them after
+        a = torch.cat([a, a.new_zeros(m_padded - m, a.shape[1])])
+    # [M_padded, kb] with strides (1, M_padded): compact M-major, as scaled_mm insists; padded rows scale 1
+    scale_a = torch.ones((call.sfa.shape[1], m_padded), dtype=torch.float32, device=a.device)
+    scale_a[:, :m] = call.sfa.t()
     scale_b = call.sfb.contiguous().t()  # [kb, ceil(N/128)], strides (1, kb): the scale of mat2 = B^T
-    d = scaled_mm(a, b.t(), scale_a, scaling.BlockWise1x128, scale_b, scaling.BlockWise128x128,
+    d = scaled_mm(a, b.t(), scale_a.t(), scaling.BlockWise1x128, scale_b, scaling.BlockWise128x128,
                   output_dtype=torch.bfloat16)
-    out.copy_(d)
+    out.copy_(d[:m])
 
 
 @contextlib.contextmanager
