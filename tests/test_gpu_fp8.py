@@ -64,7 +64,8 @@ def scaled_mm_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
-@pytest.mark.parametrize(("m", "n", "k"), [(64, 2112, 7168), (1, 576, 7168), (3, 256, 512), (17, 2112, 512), (128, 24576, 1536), (4096, 7168, 2048)])
+@pytest.mark.parametrize(("m", "n", "k"), [(64, 2112, 7168), (1, 576, 7168), (3, 256, 512), (17, 2112, 512),
+                                            (128, 24576, 1536), (4096, 7168, 2048)])
 def test_scaled_mm_path_matches_reference(m: int, n: int, k: int, scaled_mm_calls: list[int]) -> None:
     args, exact = _inputs(m, n, k)
     out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
