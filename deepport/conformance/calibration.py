@@ -34,6 +34,9 @@ def calibrate(references: Mapping[str, np.ndarray], dtypes: Mapping[str, torch.d
                                 tol=tolerances[n]).passed for n in references)
 
     rounded = {n: _rounded(r, dtypes[n]) for n, r in references.items()}
+    if all(r.size == 0 for r in references.values()):  # e.g. M = 0: only the structure can be judged
+        return [f"the reference rounded to {dtypes[n]} fails" for n, r in references.items()
+                if not check_output(n, rounded[n], r, dtype=dtypes[n], device=cpu, tol=tolerances[n]).passed]
     for n, r in references.items():
         check = check_output(n, rounded[n], r, dtype=dtypes[n], device=cpu, tol=tolerances[n])
         if not check.passed:

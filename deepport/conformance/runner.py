@@ -36,7 +36,7 @@ from deepport.conformance.checker import check_exact, check_output
 from deepport.conformance.isolation import BackendWorker, load_plugins
 from deepport.conformance.results import CaseResult, Status, SuiteRun
 from deepport.conformance.suites import SUITES
-from deepport.conformance.tolerance import Tolerance, tolerance
+from deepport.conformance.tolerance import Tolerance, exact_output_name, tolerance
 from deepport.dispatch import device_info, registry
 
 SUITE_VERSION = "2026.11.3"  # 2026.11.2: + grouped FP8 GEMM cases; 2026.11.3: + MoE cases
@@ -100,12 +100,34 @@ def _judge(suite: ModuleType, case: Case, seed: int, outcome: CallOutcome, resul
         result.metrics[name] = check.metrics
         result.tolerance[name] = tolerances[name].to_dict()
         failures += check.failures
+    failures += _check_exact_reference(suite, pristine, outcome, result, dtypes)
     exact = getattr(suite, "exact_positions", None)
     for name, positions in (exact(pristine) if exact is not None else {}).items():
         failures += check_exact(name, outcome.outputs.get(name), references[name], positions, dtypes[name])
     if failures:
         result.status, result.message = Status.FAIL, "; ".join(failures) + " " + repro
     return result
+
+
+def _check_exact_reference(suite: ModuleType, pristine: Any, outcome: CallOutcome, result: CaseResult,
+                           dtypes: Mapping[str, torch.dtype]) -> list[str]:
+    """The optional second reference (``suite.exact_reference(inputs)``, e.g. the unquantized answer of a
+    quantized op), judged by its own tolerance entry ``exact_output_name(output)`` and recorded under
+    that name; the simulated reference stays the calibrated, element-wise tight one."""
+    hook = getattr(suite, "exact_reference", None)
+    if hook is None:
+        return []
+    failures: list[str] = []
+    dtype = suite.dtype_name(pristine)
+    for name, exact in hook(pristine).items():
+        label = exact_output_name(name)
+        tol = tolerance(suite.OP, label, dtype)
+        check = check_output(label, outcome.outputs.get(name), exact, dtype=dtypes[name],
+                             device=torch.device(outcome.output_device), tol=tol)
+        result.metrics[label] = check.metrics
+        result.tolerance[label] = tol.to_dict()
+        failures += check.failures
+    return failures
 
 
 def _run_backend(suite: ModuleType, case: Case, backend: str, device: torch.device, seed: int, run_seed: int,

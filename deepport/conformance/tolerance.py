@@ -42,6 +42,15 @@ class Tolerance:
 
 _BF16_ULP = 2.0**-7
 _FP16_ULP = 2.0**-10
+_FP8_GEMM_OPS = ("fp8_gemm_nt", "fp8_gemm_nn", "fp8_gemm_tn", "fp8_gemm_tt")
+# Dense FP8 GEMM against the simulated reference (float64 on the dequantized operands): one rounding of
+# out (<= 2**-8 relative in bf16) plus float32 accumulation slack (2**-9 of the rms for bf16 out, room for
+# FP8 tensor cores' per-128-K partial sums; 2**-12 for float32 out).
+_FP8_GEMM = {"bfloat16": Tolerance(1.01 * 2.0**-8, 2.0**-9, 0.0, 2e-5),
+             "float32": Tolerance(2.0**-20, 2.0**-12, 0.0, 1e-7)}
+# Any FP8 GEMM against the exact reference (unquantized data): DeepGEMM's own test, calc_diff < 1e-3;
+# element-wise only gross errors (64 rms), since quantization error per element is not bounded tightly.
+_FP8_EXACT = Tolerance(0.0, 64.0, 0.0, 1e-3)
 
 # MoE kinds: "exact" (integers, moved payloads); "sum" (float32 sums of bf16 rows, one bf16 rounding:
 # half a bf16 step); "weight_sum" (float32 sums of float32 weights); "cast" (e4m3 of x * 448 / amax:
@@ -63,6 +72,10 @@ TOLERANCES: Mapping[tuple[str, str, str], Tolerance] = MappingProxyType({
     # rounding (<= 2**-8 relative) plus fp32 accumulation, with cuBLAS/WGMMA's per-128-K partial sums in room
     ("m_grouped_fp8_gemm_nt_contiguous", "out", "float8_e4m3fn"): Tolerance(2.01 * 2.0**-8, 2.0**-9, 0.0, 2e-5),
     ("m_grouped_fp8_gemm_nt_masked", "out", "float8_e4m3fn"): Tolerance(2.01 * 2.0**-8, 2.0**-9, 0.0, 2e-5),
+    **{(op, out, dt): tol for op in _FP8_GEMM_OPS for dt, simulated in _FP8_GEMM.items()
+       for out, tol in (("out", simulated), ("out:exact", _FP8_EXACT))},
+    **{(op, "out:exact", "float8_e4m3fn"): _FP8_EXACT
+       for op in ("m_grouped_fp8_gemm_nt_contiguous", "m_grouped_fp8_gemm_nt_masked")},
     **{(op, out, dt): _MOE[kind] for (op, dt), outputs in {
         # MoE, per payload dtype: routes, counts and moved payloads are bit-exact; sums are float32, rounded once
         ("moe_layout", "bfloat16"): {"num_tokens_per_rank": "exact", "num_tokens_per_expert": "exact",
@@ -83,6 +96,11 @@ TOLERANCES: Mapping[tuple[str, str, str], Tolerance] = MappingProxyType({
         ("moe_low_latency_combine", "bfloat16"): {"combined_x": "sum"},
     }.items() for out, kind in outputs.items()},
 })
+
+
+def exact_output_name(output: str) -> str:
+    """The table's name for ``output`` judged against a suite's second, exact reference."""
+    return f"{output}:exact"
 
 
 def tolerance(op: str, output: str, dtype: str) -> Tolerance:
