@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from deepport.backends.reference.f64_products import matmul_nt
 from deepport.kernels._fp8_checks import SF_UE8M0
 from deepport.kernels.fp8_gemm import FP8GemmCall
 from deepport.kernels.fp8_layout import BLOCK_K, num_k_blocks, unpack_ue8m0
@@ -43,7 +44,7 @@ def fp8_gemm_f64(a: torch.Tensor, sfa: np.ndarray, b: torch.Tensor, sfb: np.ndar
     for start in range(0, n, _ROWS_PER_CHUNK):
         stop = min(n, start + _ROWS_PER_CHUNK)
         rows = np.arange(start, stop) // gran_n
-        out[:, start:stop] += deq_a @ dequantize_f64(b[start:stop], sfb[rows]).T
+        out[:, start:stop] += matmul_nt(deq_a, dequantize_f64(b[start:stop], sfb[rows]))
     return out
 
 

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 import deepport
+from deepport.backends.reference.f64_products import matmul_nt
 from deepport.backends.reference.fp8_gemm import reference_f64
 from deepport.conformance.case import Case, make_case
 from deepport.kernels import fp8_gemm as op
@@ -253,7 +254,7 @@ def exact_reference(inputs: Inputs) -> dict[str, np.ndarray]:
     """The unquantized reference: ``C + x @ w^T`` in float64 on the bfloat16 data before quantization."""
     x = inputs.unquantized["x"].to(torch.float64).numpy()
     w = inputs.unquantized["w"].to(torch.float64).numpy()
-    out: np.ndarray = x @ w.T
+    out = matmul_nt(x, w)
     if "c" in inputs.tensors:
         out += inputs.tensors["c"].to(torch.float64).numpy()
     return {"out": out}

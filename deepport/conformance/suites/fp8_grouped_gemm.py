@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 import deepport
+from deepport.backends.reference.f64_products import matmul_nt
 from deepport.backends.reference.fp8_grouped_gemm import contiguous_f64, masked_rows_f64
 from deepport.conformance.case import Case, make_case
 from deepport.kernels.fp8_grouped_gemm import OP_CONTIGUOUS, OP_MASKED, bind_contiguous, bind_masked
@@ -350,12 +351,12 @@ def exact_reference(inputs: Inputs) -> dict[str, np.ndarray]:
         for g in range(int(w.shape[0])):
             rows = np.flatnonzero(idx == g)
             if rows.size:
-                out[rows] = x[rows] @ w[g].T
+                out[rows] = matmul_nt(x[rows], w[g])
         return {"out": out}
     out = _untouched(inputs)
     for g, used in enumerate(inputs.rows_in_use):
         if used:
-            out[g, :used] = x[g, :used] @ w[g].T
+            out[g, :used] = matmul_nt(x[g, :used], w[g])
     return {"out": out}
 
 
