@@ -43,10 +43,14 @@ class Tolerance:
 _BF16_ULP = 2.0**-7
 _FP16_ULP = 2.0**-10
 _FP8_GEMM_OPS = ("fp8_gemm_nt", "fp8_gemm_nn", "fp8_gemm_tn", "fp8_gemm_tt")
-# Dense FP8 GEMM against the simulated reference (float64 on the dequantized operands): one rounding of
-# out (<= 2**-8 relative in bf16) plus float32 accumulation slack (2**-9 of the rms for bf16 out, room for
-# FP8 tensor cores' per-128-K partial sums; 2**-12 for float32 out).
-_FP8_GEMM = {"bfloat16": Tolerance(1.01 * 2.0**-8, 2.0**-9, 0.0, 2e-5),
+# FP8 GEMMs (dense and grouped) against the simulated reference (float64 on the dequantized operands),
+# bf16 out: two bf16 roundings' worth (2.01 * 2**-8 relative) plus 2**-8 of the rms. Hopper's FP8 tensor
+# cores accumulate each 128-K block with limited precision before the float32 promotion, so an honest
+# kernel misses one rounding of the exact sum: cuBLAS's block-scaled GEMM on the H200 reached 1.61x a
+# (1.01 * 2**-8, 2**-9 rms) bound on 23 of 100M elements (full tier, 2026-11-28), i.e. about 0.8 of this
+# one. Zeros and 5% noise still fail every case (calibration). float32 out: 2**-20 relative + 2**-12 rms.
+_FP8_BF16_OUT = Tolerance(2.01 * 2.0**-8, 2.0**-8, 0.0, 2e-5)
+_FP8_GEMM = {"bfloat16": _FP8_BF16_OUT,
              "float32": Tolerance(2.0**-20, 2.0**-12, 0.0, 1e-7)}
 # Any FP8 GEMM against the exact reference (unquantized data): DeepGEMM's own test, calc_diff < 1e-3;
 # element-wise only gross errors (64 rms), since quantization error per element is not bounded tightly.
@@ -68,10 +72,9 @@ TOLERANCES: Mapping[tuple[str, str, str], Tolerance] = MappingProxyType({
     ("mla_decode", "out", "float16"): Tolerance(2.01 * _FP16_ULP, 2.01 * _FP16_ULP, 0.0, 1e-6),
     ("mla_decode", "lse", "bfloat16"): Tolerance(8.01 / 65536, 0.0, 1e-6, 1e-8),
     ("mla_decode", "lse", "float16"): Tolerance(8.01 / 65536, 0.0, 1e-6, 1e-8),
-    # M-grouped FP8 GEMMs against the simulated reference (float64 on the dequantized operands): one bf16
-    # rounding (<= 2**-8 relative) plus fp32 accumulation, with cuBLAS/WGMMA's per-128-K partial sums in room
-    ("m_grouped_fp8_gemm_nt_contiguous", "out", "float8_e4m3fn"): Tolerance(2.01 * 2.0**-8, 2.0**-9, 0.0, 2e-5),
-    ("m_grouped_fp8_gemm_nt_masked", "out", "float8_e4m3fn"): Tolerance(2.01 * 2.0**-8, 2.0**-9, 0.0, 2e-5),
+    # M-grouped FP8 GEMMs: the dense op's bound (_FP8_BF16_OUT), per group
+    ("m_grouped_fp8_gemm_nt_contiguous", "out", "float8_e4m3fn"): _FP8_BF16_OUT,
+    ("m_grouped_fp8_gemm_nt_masked", "out", "float8_e4m3fn"): _FP8_BF16_OUT,
     **{(op, out, dt): tol for op in _FP8_GEMM_OPS for dt, simulated in _FP8_GEMM.items()
        for out, tol in (("out", simulated), ("out:exact", _FP8_EXACT))},
     **{(op, "out:exact", "float8_e4m3fn"): _FP8_EXACT
