@@ -18,12 +18,11 @@ one is the reason :func:`path` gives):
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 
+from deepport.backends.torch._precision import ieee_fp32_matmul
 from deepport.dispatch.capability import Requirement
 from deepport.kernels._fp8_checks import RECIPE_1D2D, SF_FLOAT32, SF_UE8M0
 from deepport.kernels.fp8_gemm import FP8GemmCall, FP8GemmSignature
@@ -108,19 +107,6 @@ def _scaled_mm(call: FP8GemmCall, out: torch.Tensor) -> None:
     out.copy_(d[:m])
 
 
-@contextlib.contextmanager
-def _ieee_fp32_matmul(device: torch.device) -> Iterator[None]:
-    """Float32 matmuls in full float32 whatever the process-wide TF32 setting (FP8 values are exact
-    in TF32 too, but the partial sums must not be)."""
-    if device.type != "cuda":
-        yield
-        return
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(previous)
 
 
 def _sf_float32(sf: torch.Tensor, sf_format: str, k_blocks: int) -> torch.Tensor:
@@ -148,7 +134,7 @@ def _blocked(call: FP8GemmCall, out: torch.Tensor) -> None:
     budget = _BUDGET_BYTES.get(out.device.type, _DEFAULT_BUDGET)
     chunk = max(1, min(kb, budget // max(1, 8 * m * n)))  # partials and their scales, float32
     acc = torch.zeros((m, n), dtype=torch.float32, device=out.device)
-    with _ieee_fp32_matmul(out.device):
+    with ieee_fp32_matmul(out.device):
         for start in range(0, kb, chunk):
             stop = min(kb, start + chunk)
             partial = torch.bmm(a[start:stop], b[start:stop])  # [c, M, N], exact per block

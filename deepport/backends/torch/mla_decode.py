@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 
+from deepport.backends.torch._precision import ieee_fp32_matmul
 from deepport.kernels.mla_decode import MLADecodeCall
 
 # Working-set budget per chunk of requests (gathered KV in float32 plus logits and probabilities).
@@ -14,18 +12,6 @@ _BUDGET_BYTES = {"cuda": 2 << 30, "cpu": 256 << 20}
 _DEFAULT_BUDGET = 1 << 30
 
 
-@contextlib.contextmanager
-def _ieee_fp32_matmul(device: torch.device) -> Iterator[None]:
-    """Run float32 matmuls in full float32, whatever the process-wide TF32 setting is."""
-    if device.type != "cuda":
-        yield
-        return
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(previous)
 
 
 def run(call: MLADecodeCall, out: torch.Tensor, lse: torch.Tensor) -> None:
@@ -42,7 +28,7 @@ def run(call: MLADecodeCall, out: torch.Tensor, lse: torch.Tensor) -> None:
     per_request = 4 * tokens * (sig.h_kv * sig.d_qk * 2 + sig.s_q * sig.h_q * 2) + 2 * tokens * sig.h_kv * sig.d_qk
     budget = _BUDGET_BYTES.get(call.q.device.type, _DEFAULT_BUDGET)
     chunk = max(1, min(b, budget // max(per_request, 1)))
-    with _ieee_fp32_matmul(call.q.device):
+    with ieee_fp32_matmul(call.q.device):
         for start in range(0, b, chunk):
             stop = min(b, start + chunk)
             o, chunk_lse = _decode_chunk(call, lens[start:stop], start, stop, pages)
