@@ -37,9 +37,9 @@ import numpy as np
 import torch
 
 import deepport
-from deepport.backends.reference.f64_products import matmul_nt
-from deepport.backends.reference.fp8_grouped_gemm import contiguous_f64, masked_rows_f64
 from deepport.conformance.case import Case, make_case
+from deepport.kernels.f64.fp8_grouped_gemm import contiguous_f64, masked_rows_f64
+from deepport.kernels.f64.products import matmul_nt
 from deepport.kernels.fp8_grouped_gemm import OP_CONTIGUOUS, OP_MASKED, bind_contiguous, bind_masked
 from deepport.kernels.fp8_layout import (
     get_mk_alignment_for_contiguous_layout,
