@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from deepport.dispatch import ops as _dispatch_ops
 from deepport.dispatch.capability import CallSignature
 from deepport.dispatch.device import DeviceInfo
 from deepport.kernels import fp8_gemm as _fp8_gemm
@@ -53,6 +54,8 @@ OPS: dict[str, OpSpec] = {
     **{variant.OP: variant for variant in _fp8_gemm.VARIANTS},
     **{variant.OP: variant for variant in _fp8_grouped_gemm.VARIANTS},
 }
+
+_dispatch_ops.declare_ops(OPS)  # dispatch learns the op names as data (it never imports this package)
 
 
 def op_module(op: str) -> OpSpec:
