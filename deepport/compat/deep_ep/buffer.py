@@ -29,29 +29,22 @@ What DeepEP's arguments mean here:
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
 import deepport
 from deepport.compat.deep_ep._collectives import all_reduce_sum, gather_counts
-from deepport.compat.deep_ep._low_latency_cast import cast_pow2
+from deepport.compat.deep_ep._core import Payload
 from deepport.compat.deep_ep.config import COMBINE_CHUNKS, DISPATCH_CHUNKS, Config, low_latency_rdma_size_hint
 from deepport.compat.deep_ep.event import EventHandle, EventOverlap
-from deepport.compat.deep_ep.handles import DispatchHandle, LowLatencyHandle, low_latency_of, routes_of
+from deepport.compat.deep_ep.handles import DispatchHandle, routes_of
+from deepport.compat.deep_ep.low_latency import LowLatencyMethods
 from deepport.errors import ArgumentTypeError, InvalidArgumentError
 from deepport.kernels import _checks as chk
 
-Payload = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
-Hook = Callable[[], None]
 
-
-def _no_op_hook() -> None:
-    """The receive hook: deepport's dispatch/combine have received everything when they return."""
-
-
-class Buffer:
+class Buffer(LowLatencyMethods):
     """DeepEP's expert-parallel communication object (the V1 ``deep_ep.Buffer`` API).
 
     Args (DeepEP's; see the module docstring for what each means on deepport):
@@ -63,39 +56,6 @@ class Buffer:
     """
 
     num_sms: int = 20
-
-    def __init__(self, group: Any, num_nvl_bytes: int = 0, num_rdma_bytes: int = 0, low_latency_mode: bool = False,
-                 num_qps_per_rank: int = 24, allow_nvlink_for_low_latency_mode: bool = True, allow_mnnvl: bool = False,
-                 explicitly_destroy: bool = False, enable_shrink: bool = False, comm: Any = None, *,
-                 backend: str | None = None) -> None:
-        if comm is not None:
-            raise InvalidArgumentError("comm", "mpi4py communicators are not supported; pass a torch.distributed "
-                                       "group (or None for one process)")
-        if chk.expect_bool("enable_shrink", enable_shrink):
-            raise InvalidArgumentError("enable_shrink", "shrink mode (masking failed ranks) is not part of deepport; "
-                                       "expected False, got True")
-        self.num_nvl_bytes = chk.expect_int("num_nvl_bytes", num_nvl_bytes, minimum=0)
-        self.num_rdma_bytes = chk.expect_int("num_rdma_bytes", num_rdma_bytes, minimum=0)
-        self.low_latency_mode = chk.expect_bool("low_latency_mode", low_latency_mode)
-        self.num_qps_per_rank = chk.expect_int("num_qps_per_rank", num_qps_per_rank, minimum=1)
-        self.allow_nvlink_for_low_latency_mode = chk.expect_bool("allow_nvlink_for_low_latency_mode",
-                                                                 allow_nvlink_for_low_latency_mode)
-        self.allow_mnnvl = chk.expect_bool("allow_mnnvl", allow_mnnvl)
-        self.explicitly_destroy = chk.expect_bool("explicitly_destroy", explicitly_destroy)
-        self.enable_shrink = False
-        self.backend = backend
-        self.group = group
-        if group is None:
-            self.rank, self.group_size = 0, 1
-        else:
-            import torch.distributed as dist
-
-            if not isinstance(group, dist.ProcessGroup):
-                raise ArgumentTypeError("group", f"expected a torch.distributed.ProcessGroup or None, got "
-                                        f"{type(group).__name__}")
-            self.rank, self.group_size = dist.get_rank(group), dist.get_world_size(group)
-        self._alive = True
-        self._combine_buffer: torch.Tensor | None = None
 
     # ---- configuration (static, as DeepEP's) ----------------------------------------------------------
 
@@ -134,17 +94,6 @@ class Buffer:
         """DeepEP's tuned combine :class:`Config` for ``num_ranks`` (as :meth:`get_dispatch_config`)."""
         chunks = COMBINE_CHUNKS.get(chk.expect_int("num_ranks", num_ranks, minimum=1))
         return Config(Buffer.num_sms, *chunks) if chunks else Config(Buffer.num_sms)
-
-    def destroy(self) -> None:
-        """Release the Buffer (needs ``explicitly_destroy=True``, as DeepEP); later calls raise."""
-        if not self.explicitly_destroy:
-            raise InvalidArgumentError("explicitly_destroy", "destroy() needs Buffer(..., explicitly_destroy=True)")
-        self._alive = False
-        self._combine_buffer = None
-
-    def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
-        """No-op: deepport keeps no low-latency buffer state between calls (DeepEP must zero its buffers)."""
-        self._check_alive()
 
     # ---- layout and normal dispatch / combine ---------------------------------------------------------
 
@@ -244,114 +193,7 @@ class Buffer:
             combined = _add_bias(combined, bias)
         return combined, weights, self._after(async_finish, combined.device)
 
-    # ---- low latency -----------------------------------------------------------------------------------
-
-    def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, num_max_dispatch_tokens_per_rank: int,
-                             num_experts: int, cumulative_local_expert_recv_stats: torch.Tensor | None = None,
-                             dispatch_wait_recv_cost_stats: torch.Tensor | None = None, use_fp8: bool = True,
-                             round_scale: bool = False, use_ue8m0: bool = False, async_finish: bool = False,
-                             return_recv_hook: bool = False
-                             ) -> tuple[Payload, torch.Tensor, LowLatencyHandle, EventOverlap, Hook | None]:
-        """Dispatch into per-expert rows of fixed capacity (collective), via :func:`deepport.moe_low_latency_dispatch`.
-
-        Returns ``(recv_x, recv_count, handle, event, hook)``: ``recv_x`` bf16 ``[L, R * T_max, hidden]``,
-        or with ``use_fp8`` ``(e4m3 [L, R * T_max, hidden], scales)`` with float32 ``[L, R * T_max,
-        hidden / 128]`` scales (int32 ``[.., hidden / 512]`` with ``use_ue8m0``), column-major in the last
-        two dimensions; only the first ``recv_count[e]`` rows of expert ``e`` are valid. ``round_scale``
-        rounds each scale up to a power of two (cast here, see :mod:`._low_latency_cast`); ``use_ue8m0``
-        needs it. ``cumulative_local_expert_recv_stats`` (int32 ``[L]``) is incremented by ``recv_count``.
-        ``hook`` is a no-op callable with ``return_recv_hook`` (else ``None``).
-        """
-        self._check_alive()
-        fp8, rounded, ue8m0 = (chk.expect_bool(n, v) for n, v in (("use_fp8", use_fp8), ("round_scale", round_scale),
-                                                                    ("use_ue8m0", use_ue8m0)))
-        _check_hook_flags(async_finish, return_recv_hook)
-        if ue8m0 and not rounded:
-            raise InvalidArgumentError("use_ue8m0", "expected round_scale=True with use_ue8m0=True (UE8M0 scales are "
-                                       "powers of two), got round_scale=False")
-        if rounded and not fp8:
-            raise InvalidArgumentError("round_scale", "expected use_fp8=True with round_scale=True, got use_fp8=False")
-        if ue8m0 and isinstance(x, torch.Tensor) and x.dim() == 2 and int(x.shape[1]) % 512 != 0:
-            raise InvalidArgumentError("x", f"expected hidden to be a multiple of 512 with use_ue8m0=True (four "
-                                       f"scales per int32), got {int(x.shape[1])}")
-        result = deepport.moe_low_latency_dispatch(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
-                                                   group=self.group, use_fp8=fp8 and not rounded, backend=self.backend)
-        recv_x: Payload = result.recv_x
-        if rounded:
-            assert isinstance(recv_x, torch.Tensor)
-            recv_x = cast_pow2(recv_x, result.recv_count, ue8m0)
-        if cumulative_local_expert_recv_stats is not None:
-            stats = chk.expect_tensor("cumulative_local_expert_recv_stats", cumulative_local_expert_recv_stats)
-            chk.expect_dtype("cumulative_local_expert_recv_stats", stats, (torch.int32,))
-            chk.expect_shape("cumulative_local_expert_recv_stats", stats, tuple(result.recv_count.shape),
-                             "[num_local_experts]")
-            stats.add_(result.recv_count.to(stats.device))
-        if dispatch_wait_recv_cost_stats is not None:
-            chk.expect_tensor("dispatch_wait_recv_cost_stats", dispatch_wait_recv_cost_stats)
-        handle = LowLatencyHandle(result.handle, int(x.shape[1]))
-        return (recv_x, result.recv_count, handle, self._after(async_finish, x.device),
-                _no_op_hook if return_recv_hook else None)
-
-    def low_latency_combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
-                            handle: LowLatencyHandle, use_logfmt: bool = False, zero_copy: bool = False,
-                            async_finish: bool = False, return_recv_hook: bool = False, out: torch.Tensor | None = None,
-                            combine_wait_recv_cost_stats: torch.Tensor | None = None
-                            ) -> tuple[torch.Tensor, EventOverlap, Hook | None]:
-        """Weighted return of expert outputs to their tokens (collective), via :func:`deepport.moe_low_latency_combine`.
-
-        ``x`` bf16 ``[L, R * T_max, hidden]`` in the dispatch's row layout (with ``zero_copy=True`` the
-        rows are read from :meth:`get_next_low_latency_combine_buffer` instead); ``topk_idx``,
-        ``topk_weights``: this rank's dispatched routing and weights. Returns ``(combined_x bf16
-        [num_tokens, hidden], event, hook)``, ``combined_x[t] = sum_k w[t, k] * y[expert(t, k)][t]``
-        (written into ``out`` when given).
-        """
-        self._check_alive()
-        h = low_latency_of(handle)
-        chk.expect_bool("use_logfmt", use_logfmt)
-        _check_hook_flags(async_finish, return_recv_hook)
-        if chk.expect_bool("zero_copy", zero_copy):
-            x = self.get_next_low_latency_combine_buffer(h)
-        combined = deepport.moe_low_latency_combine(x, topk_idx, topk_weights, h.ll, backend=self.backend)
-        if out is not None:
-            target = chk.expect_tensor("out", out)
-            chk.expect_dtype("out", target, (torch.bfloat16,))
-            chk.expect_shape("out", target, tuple(combined.shape), "[num_tokens, hidden]")
-            chk.expect_same_device("out", target, combined.device, "x")
-            combined = target.copy_(combined)
-        if combine_wait_recv_cost_stats is not None:
-            chk.expect_tensor("combine_wait_recv_cost_stats", combine_wait_recv_cost_stats)
-        return combined, self._after(async_finish, combined.device), _no_op_hook if return_recv_hook else None
-
-    def get_next_low_latency_combine_buffer(self, handle: LowLatencyHandle) -> torch.Tensor:
-        """A bf16 ``[L, R * T_max, hidden]`` buffer owned by this Buffer; fill it with the expert outputs and
-        call :meth:`low_latency_combine` with ``zero_copy=True`` to combine from it."""
-        self._check_alive()
-        h = low_latency_of(handle)
-        routes = h.ll.routes
-        shape = (routes.num_local_experts, routes.world_size * h.ll.max_tokens_per_rank, int(h[3]))
-        buf = self._combine_buffer
-        if buf is None or tuple(buf.shape) != shape or buf.device != routes.device:
-            buf = self._combine_buffer = torch.zeros(shape, dtype=torch.bfloat16, device=routes.device)
-        return buf
-
     # ---- helpers ----------------------------------------------------------------------------------------
-
-    def _check_alive(self) -> None:
-        if not self._alive:
-            raise RuntimeError("this Buffer was destroyed")
-
-    def _before(self, previous_event: EventOverlap | None) -> None:
-        self._check_alive()
-        if previous_event is not None:
-            if not isinstance(previous_event, EventOverlap):
-                raise ArgumentTypeError("previous_event", f"expected an EventOverlap or None, got "
-                                        f"{type(previous_event).__name__}")
-            if previous_event.event is not None:
-                previous_event.event.current_stream_wait()
-
-    @staticmethod
-    def _after(async_finish: bool, device: torch.device) -> EventOverlap:
-        return EventOverlap(EventHandle(device)) if chk.expect_bool("async_finish", async_finish) else EventOverlap()
 
     def _check_layout(self, topk_idx: torch.Tensor, num_tokens_per_expert: torch.Tensor | None,
                       is_token_in_rank: torch.Tensor | None, num_tokens_per_rank: torch.Tensor | None) -> int:
@@ -397,12 +239,6 @@ class Buffer:
         total = all_reduce_sum(per_expert.to(torch.int64), self.group)[self.rank * local:(self.rank + 1) * local]
         align = chk.expect_int("expert_alignment", expert_alignment, minimum=1)
         return result, [-(-int(c) // align) * align for c in total.tolist()]
-
-
-def _check_hook_flags(async_finish: object, return_recv_hook: object) -> None:
-    if chk.expect_bool("async_finish", async_finish) and chk.expect_bool("return_recv_hook", return_recv_hook):
-        raise InvalidArgumentError("return_recv_hook", "expected async_finish=False with return_recv_hook=True "
-                                   "(DeepEP's rule), got both True")
 
 
 def _pad(value: Any, rows: int, fill: float = 0) -> Any:
