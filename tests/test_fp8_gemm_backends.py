@@ -1,5 +1,5 @@
 """Dense FP8 GEMM semantics on the reference and torch backends (CPU here; the CUDA paths are in
-tests/test_gpu_fp8.py)."""
+tests/test_fp8_gemm_gpu.py)."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ Protocol (how to add an op's configs)
    - ``build(device, seed) -> Workload``: allocates random inputs (never zeros) *on the device* from
      ``seed`` and preallocated outputs, and returns the closures the runner times (see :class:`Workload`);
      the same seed gives the same inputs, so every backend of a run sees identical data;
-   - ``flops`` and ``bytes``: counted with :mod:`deepport.bench.counting` (``shared/BENCH.md``'s rules);
+   - ``flops`` and ``bytes``: counted with :mod:`deepport.bench.counting` (the rules: ``benchmarks/README.md``);
    - ``ceiling``: the logical ceiling that bounds it: ``"memory"`` (memory-bound), ``"bf16_matmul"`` or
      ``"fp8_matmul"`` (compute-bound), or a name added to :data:`deepport.bench.ceilings.CEILINGS`
      (e.g. the MoE op's ``"nvlink_all_to_all"``); :func:`deepport.bench.ceilings.resolve` maps it to the

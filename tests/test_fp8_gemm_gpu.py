@@ -1,6 +1,6 @@
 """Dense FP8 GEMM on a CUDA device: the torch backend's cuBLAS ``scaled_mm`` path and its blocked
 fallback, against the float64 reference. Skipped where no GPU is present; run on the device machine:
-``python -m pytest -q -m gpu tests/test_gpu_fp8.py``."""
+``python -m pytest -q -m gpu tests/test_fp8_gemm_gpu.py``."""
 
 from __future__ import annotations
 
