@@ -1,0 +1,111 @@
+"""Kernel configurations of the sm90 FP8 GEMM and the per-shape choice among them.
+
+A :class:`GemmConfig` fixes the compile-time parameters of ``kernels/sm90_fp8_gemm.cu``: the tile
+(``BLOCK_M`` x ``BLOCK_N``), the pipeline depth, the variant (dense, grouped contiguous, grouped
+masked) and the rasterisation group. :func:`choose` picks the tile per shape with a traffic model in
+the manner of DeepGEMM's SM90 heuristic: for each candidate, the bytes the tiles pull through L2 and
+shared memory, divided by the fraction of the last wave that is busy; the smallest wins. ``BLOCK_M``
+64 (one consumer warpgroup) serves small M; ``BLOCK_N`` from 16 to 160 in steps of 16 lets a small
+problem still spread over every SM. Stages fill the shared memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+VARIANT_DENSE = 0
+VARIANT_CONTIGUOUS = 1
+VARIANT_MASKED = 2
+VARIANT_NAMES = {VARIANT_DENSE: "dense", VARIANT_CONTIGUOUS: "contiguous", VARIANT_MASKED: "masked"}
+
+SMEM_CAPACITY = 232448  # bytes of dynamic shared memory one block may opt into on sm_90
+SMEM_ALIGN_SLACK = 1024  # the kernel aligns its base to 1024 bytes inside the allocation
+MAX_STAGES = 10
+MIN_STAGES = 3
+BLOCK_K = 128
+BLOCK_MS = (64, 128)
+BLOCK_NS = tuple(range(16, 161, 16))  # 160: two 80-register accumulator sets stay within 232 registers
+GROUP_M = 16
+
+
+def stage_bytes(block_m: int, block_n: int) -> int:
+    """Shared memory of one pipeline stage: A and B tiles, the SFA column, 16 bytes of SFB, 2 mbarriers."""
+    return (block_m + block_n) * BLOCK_K + block_m * 4 + 16 + 2 * 8
+
+
+def max_stages(block_m: int, block_n: int) -> int:
+    return min(MAX_STAGES, (SMEM_CAPACITY - SMEM_ALIGN_SLACK) // stage_bytes(block_m, block_n))
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """Compile-time parameters of one FP8 GEMM kernel."""
+
+    block_m: int
+    block_n: int
+    stages: int
+    variant: int
+    group_m: int = GROUP_M
+
+    def __post_init__(self) -> None:
+        if self.block_m not in BLOCK_MS:
+            raise ValueError(f"block_m must be one of {BLOCK_MS}, got {self.block_m}")
+        if self.block_n % 8 or not 8 <= self.block_n <= 256:
+            raise ValueError(f"block_n must be a multiple of 8 in [8, 256], got {self.block_n}")
+        if not 1 <= self.stages <= max_stages(self.block_m, self.block_n):
+            raise ValueError(f"stages must be in [1, {max_stages(self.block_m, self.block_n)}], got {self.stages}")
+        if self.variant not in VARIANT_NAMES:
+            raise ValueError(f"variant must be one of {sorted(VARIANT_NAMES)}, got {self.variant}")
+
+    @property
+    def threads(self) -> int:
+        """One producer warpgroup plus one consumer warpgroup per 64 rows."""
+        return 128 + 128 * (self.block_m // 64)
+
+    @property
+    def smem_bytes(self) -> int:
+        return SMEM_ALIGN_SLACK + self.stages * stage_bytes(self.block_m, self.block_n)
+
+    def defines(self) -> tuple[str, ...]:
+        return (f"-DBLOCK_M={self.block_m}", f"-DBLOCK_N={self.block_n}", f"-DNUM_STAGES={self.stages}",
+                f"-DVARIANT={self.variant}", f"-DGROUP_M={self.group_m}")
+
+    def __str__(self) -> str:
+        return f"{VARIANT_NAMES[self.variant]} {self.block_m}x{self.block_n} {self.stages} stages"
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _cost(m: int, n: int, k: int, groups: int, block_m: int, block_n: int, num_sms: int) -> float:
+    """Modelled cycles: tile traffic through L2 and shared memory over the busy fraction of the waves."""
+    blocks = ceil_div(m, block_m) * ceil_div(n, block_n) * groups
+    waves = ceil_div(blocks, num_sms)
+    efficiency = blocks / (waves * num_sms)
+    k_pad = ceil_div(k, BLOCK_K) * BLOCK_K
+    out_bytes = block_m * block_n * 2
+    l2_bytes = k_pad * (block_m + block_n) + out_bytes
+    smem_bytes = k_pad * (block_m + block_n) + k_pad * (max(64, block_m) + block_n) + out_bytes
+    l2_per_cycle = min(64.0 * num_sms, 8e6 / 1.3e3)
+    smem_per_cycle = 128.0 * num_sms
+    cycles = max(l2_bytes * blocks / l2_per_cycle, smem_bytes * blocks / smem_per_cycle)
+    return cycles / efficiency
+
+
+def choose(m: int, n: int, k: int, variant: int, num_sms: int, groups: int = 1) -> GemmConfig:
+    """The configuration for ``groups`` GEMMs of ``m x n x k`` (``m``: rows per group, or the expected
+    rows for the masked layout) on a device with ``num_sms`` multiprocessors."""
+    block_ms = (128,) if variant == VARIANT_CONTIGUOUS else BLOCK_MS  # contiguous segments align to 128
+    best: tuple[float, int, GemmConfig] | None = None
+    for block_m in block_ms:
+        for block_n in BLOCK_NS:
+            stages = max_stages(block_m, block_n)
+            if stages < MIN_STAGES:
+                continue
+            cost = _cost(max(m, 1), n, k, groups, block_m, block_n, num_sms)
+            candidate = (cost, -block_m * block_n, GemmConfig(block_m, block_n, stages, variant))
+            if best is None or candidate[:2] < best[:2]:
+                best = candidate
+    assert best is not None
+    return best[2]
