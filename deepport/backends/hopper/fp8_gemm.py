@@ -6,10 +6,11 @@ parameter block, and launches on torch's current stream. Nothing is synchronised
 read back, so the calls can be captured in a CUDA graph (with ``DEEPPORT_CHECK_VALUES=0`` for the
 grouped ops, whose index check reads the indices on the host).
 
-Operand preparation (copies only where TMA cannot read the caller's tensor): A and B must have a
-16-byte aligned base and 16-byte multiple row and group strides (the op layer already requires K
-contiguous; :data:`~deepport.backends.hopper.support` requires K a multiple of 16); otherwise a
-contiguous copy is made. The output is written in place with 4-byte stores of bf16 pairs; an output
+Operand preparation (copies only where TMA cannot read the caller's tensor): A and B need a 16-byte
+aligned base and row and group strides that are multiples of 16 bytes (the op layer already requires
+K contiguous); otherwise they are copied into rows padded to 16 bytes (for K not a multiple of 16,
+every call). TMA reads zeros past K, so a K tail inside the last 128-block needs nothing else.
+The output is written in place with 4-byte stores of bf16 pairs; an output
 with an odd row stride or a base not 4-byte aligned is computed into a temporary (a copy of it, so rows
 the masked layout leaves alone keep their values) and copied back.
 """
@@ -53,11 +54,16 @@ def kernel_function(config: GemmConfig, device: torch.device) -> Any:
 # ---- operands --------------------------------------------------------------------------------------
 
 def _tma_view(x: torch.Tensor) -> torch.Tensor:
-    """``x`` (fp8, ``[rows, K]`` or ``[G, rows, K]``, K contiguous) itself if TMA can read it, else a copy."""
+    """``x`` (fp8, ``[rows, K]`` or ``[G, rows, K]``, K contiguous) itself if TMA can read it, else a copy
+    whose rows are padded to a multiple of 16 bytes (the padding is never read: TMA stops at K)."""
     outer = [x.stride(d) for d in range(x.dim() - 1) if x.shape[d] > 1]
     if tma.tma_compatible(x.data_ptr(), tuple(outer)):
         return x
-    return x.contiguous()
+    k = int(x.shape[-1])
+    padded = torch.empty((*x.shape[:-1], ceil_div(k, tma.TMA_ALIGN) * tma.TMA_ALIGN), dtype=x.dtype, device=x.device)
+    view = padded[..., :k]
+    view.copy_(x)
+    return view
 
 
 def _tile_map(x: torch.Tensor, box_rows: int) -> bytes:

@@ -1,7 +1,8 @@
 """The FP8 GEMM kernel's single ``__grid_constant__`` parameter, packed on the host.
 
 Mirrors ``struct dp::Params`` of ``kernels/sm90_fp8_gemm.cu``. The compile passes :data:`LAYOUT_DEFINES`
-so the kernel's ``static_assert`` checks that both sides agree on the size and field offsets.
+so the kernel's ``static_assert`` checks that both sides agree on the struct's size and the packed size
+of its fields (NVRTC has no ``offsetof``; the fields are ordered largest first, so there are no gaps).
 """
 
 from __future__ import annotations
@@ -13,13 +14,13 @@ TMAP_BYTES = 128
 OFF_SFA = 2 * TMAP_BYTES
 OFF_STRIDES = OFF_SFA + 4 * 8
 OFF_ROWS = OFF_STRIDES + 8 * 8
-SIZE = 384  # OFF_ROWS + 4 * 4 = 368, rounded up to the struct's 64-byte alignment
+USED = OFF_ROWS + 4 * 4  # 368 bytes of fields, no gaps
+SIZE = 384  # USED rounded up to the struct's 64-byte alignment
 _POINTERS = struct.Struct("<4Q")
 _STRIDES = struct.Struct("<8q")
 _SIZES = struct.Struct("<4i")
 
-LAYOUT_DEFINES: tuple[str, ...] = (f"-DDP_PARAMS_SIZE={SIZE}", f"-DDP_PARAMS_OFF_SFA={OFF_SFA}",
-                                   f"-DDP_PARAMS_OFF_STRIDES={OFF_STRIDES}", f"-DDP_PARAMS_OFF_ROWS={OFF_ROWS}")
+LAYOUT_DEFINES: tuple[str, ...] = (f"-DDP_PARAMS_SIZE={SIZE}", f"-DDP_PARAMS_USED={USED}")
 
 
 @dataclass(frozen=True)

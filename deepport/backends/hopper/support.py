@@ -7,19 +7,18 @@ it):
 - an NVIDIA sm_90 device (wgmma, TMA and setmaxnreg are sm_90a instructions);
 - recipe (1, 128, 128) with float32 SFs (the kernel promotes with one SFA per row and one SFB per
   128x128 block of B; UE8M0 / per-row SFB recipes are not implemented);
-- bfloat16 output without ``c`` (the epilogue writes bf16; no float32 accumulation);
-- K a multiple of 16 (TMA needs 16-byte row strides; a K tail inside the last 128-block is read as
-  zeros by TMA, so K need not be a multiple of 128).
+- bfloat16 output without ``c`` (the epilogue writes bf16; no float32 accumulation).
+
+Any M, N and K are accepted (TMA reads zeros past the edges; operands whose strides TMA cannot use are
+copied into padded rows by the host code).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from deepport.dispatch.capability import Requirement, device_arch, multiple_of
+from deepport.dispatch.capability import Requirement, device_arch
 from deepport.kernels._fp8_checks import RECIPE_1D2D, SF_FLOAT32
-
-K_MULTIPLE = 16
 
 
 def _recipe(sig: Any) -> str | None:
@@ -38,11 +37,10 @@ def _bf16_out(sig: Any) -> str | None:
 
 _SM90 = device_arch("sm_90")
 _RECIPE = Requirement("recipe (1, 128, 128) with float32 SFs (per-token SFA, 128x128-block SFB)", _recipe)
-_K = multiple_of("k", K_MULTIPLE)
 
 DENSE_REQUIREMENTS: tuple[Requirement, ...] = (
-    _SM90, _RECIPE, Requirement("bfloat16 out without c (the epilogue writes bf16)", _bf16_out), _K)
-GROUPED_REQUIREMENTS: tuple[Requirement, ...] = (_SM90, _RECIPE, _K)
+    _SM90, _RECIPE, Requirement("bfloat16 out without c (the epilogue writes bf16)", _bf16_out))
+GROUPED_REQUIREMENTS: tuple[Requirement, ...] = (_SM90, _RECIPE)
 
 
 def probe() -> str | None:

