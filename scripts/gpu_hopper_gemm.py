@@ -129,7 +129,8 @@ def _contiguous(n: int, k: int, rows: list[int], seed: int) -> dict[str, Any]:
         rows_g = idx == gi
         ref[rows_g] = da[rows_g] @ dequantized_b(b[gi], sfb[gi]).T
     result = _report(f"contiguous G={g} rows {rows} n{n} k{k}", out, ref)
-    result["padding_rows_exactly_zero"] = bool((out[pad] == 0).all()) and not bool(torch.signbit(out[pad].float()).any())
+    zeros = out[pad].float()
+    result["padding_rows_exactly_zero"] = bool((zeros == 0).all()) and not bool(torch.signbit(zeros).any())
     result["passed"] = result["passed"] and result["padding_rows_exactly_zero"]
     return result
 

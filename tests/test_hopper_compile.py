@@ -18,9 +18,9 @@ import pytest
 
 pytest.importorskip("cuda.bindings.nvrtc")
 
-from deepport.backends.hopper import cache, configs, jit, nvrtc  # noqa: E402
-from deepport.backends.hopper.fp8_gemm import kernel_options  # noqa: E402
-from deepport.backends.hopper.sources import fp8_gemm_source  # noqa: E402
+from deepport.backends.hopper import cache, configs, jit, nvrtc
+from deepport.backends.hopper.fp8_gemm import kernel_options
+from deepport.backends.hopper.sources import fp8_gemm_source
 
 try:
     nvrtc.version()

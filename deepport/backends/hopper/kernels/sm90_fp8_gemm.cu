@@ -261,9 +261,10 @@ __device__ __forceinline__ void consume(const Params& p, u8* smem) {
                     wgmma_m64k32_e4m3(acc, da + 2 * kk, db + 2 * kk, kk > 0 ? 1u : 0u);
                 }
                 wgmma_commit();
+                wgmma_wait_all();
+                // the accumulators are read only after the wait (the fences order them after it)
 #pragma unroll
                 for (u32 i = 0; i < kAccum; ++i) fence_operand(acc[i]);
-                wgmma_wait_all();
 
                 // the stage's smem (tiles and scales) is no longer read by this warp
                 __syncwarp();
