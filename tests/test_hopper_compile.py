@@ -38,7 +38,9 @@ def _configs() -> list[configs.GemmConfig]:
     found |= {configs.choose(m, n, k, configs.VARIANT_MASKED, 132, g) for g, m in ((1, 1024), (4, 256), (8, 64))
               for n, k in ((4096, 7168), (7168, 2048))}
     for variant in configs.VARIANT_NAMES:
-        for bm, bn in ((64, 16), (128, 160), (64, 160), (128, 96)):
+        for bm, bn in ((64, 16), (128, 160), (64, 160), (128, 96), (256, 128), (256, 64)):
+            if bm == 256 and variant == configs.VARIANT_CONTIGUOUS:
+                continue
             found.add(configs.GemmConfig(bm, bn, configs.max_stages(bm, bn), variant))
     return sorted(found, key=str)
 
@@ -70,9 +72,13 @@ def test_kernel_compiles_to_qgmma_and_tma_without_spills(config: configs.GemmCon
     assert " LDL" not in sass and " STL" not in sass
 
 
-def test_a_kernel_the_smem_budget_rejects_is_refused() -> None:
+def test_configs_outside_the_kernel_limits_are_refused() -> None:
     with pytest.raises(ValueError, match="stages"):
         configs.GemmConfig(128, 160, configs.max_stages(128, 160) + 1, configs.VARIANT_DENSE)
+    with pytest.raises(ValueError, match="256-row tiles"):
+        configs.GemmConfig(256, 160, 3, configs.VARIANT_DENSE)
+    with pytest.raises(ValueError, match="256-row tiles"):
+        configs.GemmConfig(256, 128, 3, configs.VARIANT_CONTIGUOUS)
 
 
 # ---- the JIT cache ---------------------------------------------------------------------------------

@@ -52,7 +52,8 @@ def forced(monkeypatch: pytest.MonkeyPatch) -> Any:
     return force
 
 
-@pytest.mark.parametrize(("block_m", "block_n"), [(128, 128), (64, 16), (128, 160), (64, 112), (128, 96)])
+@pytest.mark.parametrize(("block_m", "block_n"), [(128, 128), (64, 16), (128, 160), (64, 112), (128, 96),
+                                                (256, 128), (256, 64)])
 @pytest.mark.parametrize(("m", "n", "k"), [(300, 712, 640), (1, 256, 128), (200, 330, 328)])
 def test_dense_matches_float64(forced: Any, block_m: int, block_n: int, m: int, n: int, k: int) -> None:
     forced(block_m, block_n, configs.VARIANT_DENSE)
@@ -81,8 +82,10 @@ def test_contiguous_writes_zero_padding_rows_whatever_they_hold() -> None:
             _close(out[sel], clean_a[sel] @ dequantized_b(b[gi], sfb[gi]).T)
 
 
-def test_masked_leaves_rows_past_masked_m_untouched() -> None:
-    g, m_max, n, k, masked = 4, 192, 256, 512, [100, 0, 192, 1]
+@pytest.mark.parametrize(("block_m", "block_n"), [(64, 128), (128, 96), (256, 128)])
+def test_masked_leaves_rows_past_masked_m_untouched(forced: Any, block_m: int, block_n: int) -> None:
+    forced(block_m, block_n, configs.VARIANT_MASKED)
+    g, m_max, n, k, masked = 4, 320, 256, 512, [100, 0, 320, 1]
     a, sfa, b, sfb = _operands(g * m_max, n, k, seed=6, groups=g)
     a, sfa = a.view(g, m_max, k), sfa.view(g, m_max, -1)
     sentinel = torch.randn((g, m_max, n), device="cuda").to(torch.bfloat16)

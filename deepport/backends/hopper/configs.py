@@ -11,6 +11,7 @@ problem still spread over every SM. Stages fill the shared memory.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 VARIANT_DENSE = 0
@@ -23,8 +24,9 @@ SMEM_ALIGN_SLACK = 1024  # the kernel aligns its base to 1024 bytes inside the a
 MAX_STAGES = 10
 MIN_STAGES = 3
 BLOCK_K = 128
-BLOCK_MS = (64, 128)
+BLOCK_MS = (64, 128, 256)
 BLOCK_NS = tuple(range(16, 161, 16))  # 160: two 80-register accumulator sets stay within 232 registers
+MAX_BLOCK_N_256 = 128  # 256-row tiles keep two wave totals and one block accumulator: 3 x 64 registers
 GROUP_M = 16
 
 
@@ -56,11 +58,15 @@ class GemmConfig:
             raise ValueError(f"stages must be in [1, {max_stages(self.block_m, self.block_n)}], got {self.stages}")
         if self.variant not in VARIANT_NAMES:
             raise ValueError(f"variant must be one of {sorted(VARIANT_NAMES)}, got {self.variant}")
+        if self.block_m == 256 and (self.block_n > MAX_BLOCK_N_256 or self.variant == VARIANT_CONTIGUOUS):
+            raise ValueError(f"256-row tiles need block_n <= {MAX_BLOCK_N_256} and a dense or masked variant "
+                             f"(contiguous groups align to 128 rows), got {self}")
 
     @property
     def threads(self) -> int:
-        """One producer warpgroup plus one consumer warpgroup per 64 rows."""
-        return 128 + 128 * (self.block_m // 64)
+        """One producer warpgroup plus one consumer warpgroup per 64 rows, at most two (256-row tiles run
+        two 64-row waves per consumer warpgroup)."""
+        return 128 + 128 * min(2, self.block_m // 64)
 
     @property
     def smem_bytes(self) -> int:
@@ -93,10 +99,26 @@ def _cost(m: int, n: int, k: int, groups: int, block_m: int, block_n: int, num_s
     return cycles / efficiency
 
 
+TunedKey = tuple[int, int, int, int, int, int]  # (variant, m, n, k, groups, num_sms)
+TUNED: dict[TunedKey, tuple[int, int, int]] = {}
+"""Measured winners, ``(variant, m, n, k, groups, num_sms) -> (block_m, block_n, group_m)``, consulted
+before the model (see :func:`choose`)."""
+
+
+@functools.lru_cache(maxsize=1024)
 def choose(m: int, n: int, k: int, variant: int, num_sms: int, groups: int = 1) -> GemmConfig:
     """The configuration for ``groups`` GEMMs of ``m x n x k`` (``m``: rows per group, or the expected
-    rows for the masked layout) on a device with ``num_sms`` multiprocessors."""
-    block_ms = (128,) if variant == VARIANT_CONTIGUOUS else BLOCK_MS  # contiguous segments align to 128
+    rows for the masked layout) on a device with ``num_sms`` multiprocessors: a measured winner from
+    :data:`TUNED` if there is one, else the model's choice (cached per shape)."""
+    tuned = TUNED.get((variant, m, n, k, groups, num_sms))
+    if tuned is not None:
+        block_m, block_n, group_m = tuned
+        return GemmConfig(block_m, block_n, max_stages(block_m, block_n), variant, group_m)
+    return _modelled(m, n, k, variant, num_sms, groups)
+
+
+def _modelled(m: int, n: int, k: int, variant: int, num_sms: int, groups: int) -> GemmConfig:
+    block_ms = (128,) if variant == VARIANT_CONTIGUOUS else (64, 128)  # contiguous segments align to 128
     best: tuple[float, int, GemmConfig] | None = None
     for block_m in block_ms:
         for block_n in BLOCK_NS:

@@ -43,12 +43,20 @@ def kernel_options(config: GemmConfig) -> tuple[str, ...]:
     return (*config.defines(), *LAYOUT_DEFINES, *COMPILE_OPTIONS)
 
 
+_functions: dict[tuple[GemmConfig, int], Any] = {}
+
+
 def kernel_function(config: GemmConfig, device: torch.device) -> Any:
-    """The loaded kernel of ``config`` on ``device`` (compiled or read from the cache on first use)."""
-    source = fp8_gemm_source(config.block_n)
-    key, cubin = jit.get_cubin(source, kernel_options(config))
+    """The loaded kernel of ``config`` on ``device`` (compiled or read from the cache on first use, then
+    kept per config and device: a call costs one dictionary lookup)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return launch.load_function(key, cubin, source.entry, index, config.smem_bytes)
+    function = _functions.get((config, index))
+    if function is None:
+        source = fp8_gemm_source(config.block_n)
+        key, cubin = jit.get_cubin(source, kernel_options(config))
+        function = launch.load_function(key, cubin, source.entry, index, config.smem_bytes)
+        _functions[(config, index)] = function
+    return function
 
 
 # ---- operands --------------------------------------------------------------------------------------

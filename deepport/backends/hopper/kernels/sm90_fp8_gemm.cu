@@ -3,7 +3,8 @@
 // 128-wide K block, SFB float32 per 128x128 block of B (recipe (1, 128, 128)), D bfloat16.
 //
 // Compile-time configuration (NVRTC -D defines, chosen per shape on the host):
-//   BLOCK_M     64 or 128: rows per tile; one consumer warpgroup per 64 rows
+//   BLOCK_M     64, 128 or 256: rows per tile; one consumer warpgroup per 64 rows up to two, and with 256
+//               rows each of the two takes two 64-row waves (rows 128 i + 64 w of wave i, warpgroup w)
 //   BLOCK_N     multiple of 8 in [8, 256]: columns per tile (wgmma m64nBLOCK_Nk32)
 //   NUM_STAGES  depth of the shared-memory ring
 //   VARIANT     0 dense, 1 M-grouped contiguous (group per row from m_indices, -1 rows written as +0.0),
@@ -14,9 +15,10 @@
 //   - a producer warpgroup (registers lowered with setmaxnreg); its first warp waits for a free stage,
 //     issues the TMA copies of the A and B tiles (128-byte swizzle) and cp.async copies of the tile's
 //     SFA column and SFB values into the stage, all completing on the stage's `full` mbarrier;
-//   - BLOCK_M / 64 consumer warpgroups (registers raised): per 128-K block they wait on `full`, issue
-//     four wgmma.m64nNk32 e4m3 into a fresh fp32 accumulator, wait for them, free the stage (`empty`
-//     mbarrier) and promote: total += block_acc * SFA[row] * SFB[col block] (DeepGEMM's promotion);
+//   - one or two consumer warpgroups (registers raised): per 128-K block they wait on `full`, and per
+//     64-row wave issue four wgmma.m64nNk32 e4m3 into a fresh fp32 accumulator, wait for them and
+//     promote: total[wave] += block_acc * SFA[row] * SFB[col block] (DeepGEMM's promotion); after the
+//     last wave they free the stage (`empty` mbarrier);
 //   - the epilogue rounds to bf16 and stores bf16 pairs straight from registers, masking the M and N
 //     edges and applying the variant's row rules.
 #include "sm90_ptx.cuh"
@@ -44,7 +46,8 @@ constexpr u32 kBlockM = BLOCK_M;
 constexpr u32 kBlockN = BLOCK_N;
 constexpr u32 kBlockK = 128;  // one scale block; 128 fp8 bytes = one 128-byte swizzle row
 constexpr u32 kStages = NUM_STAGES;
-constexpr u32 kMathWarpgroups = kBlockM / 64;
+constexpr u32 kMathWarpgroups = kBlockM == 64 ? 1 : 2;
+constexpr u32 kWaves = kBlockM / (64 * kMathWarpgroups);  // 64-row waves per consumer warpgroup
 constexpr u32 kMathThreads = kMathWarpgroups * 128;
 constexpr u32 kThreads = kMathThreads + 128;
 constexpr u32 kAccum = kBlockN / 2;  // fp32 accumulators per thread of an m64nN wgmma
@@ -57,7 +60,8 @@ constexpr u32 kVariantContiguous = 1;
 constexpr u32 kVariantMasked = 2;
 constexpr u32 kVariant = VARIANT;
 
-static_assert(kBlockM == 64 || kBlockM == 128, "BLOCK_M must be 64 or 128");
+static_assert(kBlockM == 64 || kBlockM == 128 || kBlockM == 256, "BLOCK_M must be 64, 128 or 256");
+static_assert(kVariant != 1 || kBlockM <= 128, "contiguous tiles must not span two 128-row group blocks");
 static_assert(kBlockN % 8 == 0 && kBlockN >= 8 && kBlockN <= 256, "BLOCK_N must be a multiple of 8 in [8, 256]");
 static_assert(kNumSfb <= 3, "at most three SFB blocks per tile");
 static_assert(kVariant <= 2, "VARIANT must be 0, 1 or 2");
@@ -215,12 +219,12 @@ __device__ __forceinline__ void store_row_pair(const Params& p, u16* row_ptr, i3
 
 __device__ __forceinline__ void consume(const Params& p, u8* smem) {
     const u32 tid = threadIdx.x;
-    const u32 wg = tid / 128;            // consumer warpgroup: rows [64 wg, 64 wg + 64) of the tile
+    const u32 wg = tid / 128;            // consumer warpgroup: rows 128 i + 64 wg + [0, 64) in wave i
     const u32 warp = (tid % 128) / 32;
     const u32 lane = tid % 32;
     const u32 base = smem_addr(smem);
     const i32 k_blocks = ceil_div(p.k, kBlockK);
-    const u32 r0 = wg * 64 + warp * 16 + lane / 4;  // this thread's two tile rows: r0 and r0 + 8
+    const u32 r0 = wg * 64 + warp * 16 + lane / 4;  // this thread's rows in wave i: 128 i + r0 and + 8
     const u32 desc_a0 = base + kOffA + wg * 64 * kBlockK;
     const u32 desc_b0 = base + kOffB;
     const float* sfa_smem = reinterpret_cast<const float*>(smem + kOffSfa);
@@ -230,7 +234,7 @@ __device__ __forceinline__ void consume(const Params& p, u8* smem) {
     u32 stage = 0, phase = 0;
     i32 mb, nb, g;
     float acc[kAccum];
-    float total[kAccum];
+    float total[kWaves][kAccum];
     while (sched.next(p, mb, nb, g)) {
         const i32 row0 = mb * kBlockM;
         const i32 col0 = nb * kBlockN;
@@ -239,89 +243,100 @@ __device__ __forceinline__ void consume(const Params& p, u8* smem) {
         const i32 split1 = 128 - (col0 % 128);
         const i32 split2 = split1 + 128;
 #pragma unroll
-        for (u32 i = 0; i < kAccum; ++i) total[i] = 0.0f;
+        for (u32 w = 0; w < kWaves; ++w) {
+#pragma unroll
+            for (u32 i = 0; i < kAccum; ++i) total[w][i] = 0.0f;
+        }
 
         if (!padding_tile) {
             for (i32 kb = 0; kb < k_blocks; ++kb) {
                 mbar_wait(base + kOffFull + stage * 8, phase);
-                const float sa0 = sfa_smem[stage * kBlockM + r0];
-                const float sa1 = sfa_smem[stage * kBlockM + r0 + 8];
                 float sb[kNumSfb];
 #pragma unroll
                 for (u32 i = 0; i < kNumSfb; ++i) sb[i] = sfb_smem[stage * kSfbStride + i];
-
-                const u64 da = smem_desc_k128(desc_a0 + stage * kTileABytes);
                 const u64 db = smem_desc_k128(desc_b0 + stage * kTileBBytes);
 #pragma unroll
-                for (u32 i = 0; i < kAccum; ++i) fence_operand(acc[i]);
-                wgmma_fence();
+                for (u32 w = 0; w < kWaves; ++w) {
+                    const float sa0 = sfa_smem[stage * kBlockM + w * 128 + r0];
+                    const float sa1 = sfa_smem[stage * kBlockM + w * 128 + r0 + 8];
+                    const u64 da = smem_desc_k128(desc_a0 + stage * kTileABytes + w * 128 * kBlockK);
 #pragma unroll
-                for (u32 kk = 0; kk < kBlockK / 32; ++kk) {
-                    // +32 bytes of K per step: +2 in the descriptor's 16-byte address units
-                    wgmma_m64k32_e4m3(acc, da + 2 * kk, db + 2 * kk, kk > 0 ? 1u : 0u);
-                }
-                wgmma_commit();
-                wgmma_wait_all();
-                // the accumulators are read only after the wait (the fences order them after it)
+                    for (u32 i = 0; i < kAccum; ++i) fence_operand(acc[i]);
+                    wgmma_fence();
 #pragma unroll
-                for (u32 i = 0; i < kAccum; ++i) fence_operand(acc[i]);
-
-                // the stage's smem (tiles and scales) is no longer read by this warp
-                __syncwarp();
-                if (lane == 0) mbar_arrive(base + kOffEmpty + stage * 8);
-                stage = (stage + 1 == kStages) ? 0 : stage + 1;
-                phase ^= (stage == 0);
-
-                // promotion: accumulator i of chunk c = i / 4 covers columns 8c + 2 (lane % 4) + {0, 1}
-#pragma unroll
-                for (u32 c = 0; c < kAccum / 4; ++c) {
-                    float sb_c = sb[0];
-                    if constexpr (!kUniformSfb) {
-                        const i32 col = static_cast<i32>(c * 8);
-                        if constexpr (kNumSfb == 2) {
-                            sb_c = col < split1 ? sb[0] : sb[1];
-                        } else {
-                            sb_c = col < split1 ? sb[0] : (col < split2 ? sb[1] : sb[kNumSfb - 1]);
-                        }
+                    for (u32 kk = 0; kk < kBlockK / 32; ++kk) {
+                        // +32 bytes of K per step: +2 in the descriptor's 16-byte address units
+                        wgmma_m64k32_e4m3(acc, da + 2 * kk, db + 2 * kk, kk > 0 ? 1u : 0u);
                     }
-                    const float s0 = sa0 * sb_c;
-                    const float s1 = sa1 * sb_c;
-                    total[4 * c + 0] += s0 * acc[4 * c + 0];
-                    total[4 * c + 1] += s0 * acc[4 * c + 1];
-                    total[4 * c + 2] += s1 * acc[4 * c + 2];
-                    total[4 * c + 3] += s1 * acc[4 * c + 3];
+                    wgmma_commit();
+                    wgmma_wait_all();
+                    // the accumulators are read only after the wait (the fences order them after it)
+#pragma unroll
+                    for (u32 i = 0; i < kAccum; ++i) fence_operand(acc[i]);
+
+                    if (w + 1 == kWaves) {
+                        // the stage's smem (tiles and scales) is no longer read by this warp
+                        __syncwarp();
+                        if (lane == 0) mbar_arrive(base + kOffEmpty + stage * 8);
+                        stage = (stage + 1 == kStages) ? 0 : stage + 1;
+                        phase ^= (stage == 0);
+                    }
+
+                    // promotion: accumulator i of chunk c = i / 4 covers columns 8c + 2 (lane % 4) + {0, 1}
+#pragma unroll
+                    for (u32 c = 0; c < kAccum / 4; ++c) {
+                        float sb_c = sb[0];
+                        if constexpr (!kUniformSfb) {
+                            const i32 col = static_cast<i32>(c * 8);
+                            if constexpr (kNumSfb == 2) {
+                                sb_c = col < split1 ? sb[0] : sb[1];
+                            } else {
+                                sb_c = col < split1 ? sb[0] : (col < split2 ? sb[1] : sb[kNumSfb - 1]);
+                            }
+                        }
+                        const float s0 = sa0 * sb_c;
+                        const float s1 = sa1 * sb_c;
+                        total[w][4 * c + 0] += s0 * acc[4 * c + 0];
+                        total[w][4 * c + 1] += s0 * acc[4 * c + 1];
+                        total[w][4 * c + 2] += s1 * acc[4 * c + 2];
+                        total[w][4 * c + 3] += s1 * acc[4 * c + 3];
+                    }
                 }
             }
         }
 
-        // epilogue: rows row0 + r0 and row0 + r0 + 8, columns col0 + 8c + 2 (lane % 4) + {0, 1}
-        const i32 rows[2] = {row0 + static_cast<i32>(r0), row0 + static_cast<i32>(r0) + 8};
-        bool store[2];
-        bool zero[2];
-        u16* out_rows[2];
-#pragma unroll
-        for (u32 h = 0; h < 2; ++h) {
-            const i32 row = rows[h];
-            if constexpr (kVariant == kVariantMasked) {
-                store[h] = row < __ldg(p.groups + g);
-                zero[h] = false;
-            } else {
-                store[h] = row < p.rows;
-                zero[h] = (kVariant == kVariantContiguous) && store[h] && (padding_tile || __ldg(p.groups + row) < 0);
-            }
-            const i32 g_out = (kVariant == kVariantMasked) ? g : 0;
-            out_rows[h] = p.out + g_out * p.out_sg + static_cast<i64>(store[h] ? row : 0) * p.out_sm;
-        }
+        // epilogue: rows row0 + 128 w + r0 and + 8, columns col0 + 8c + 2 (lane % 4) + {0, 1}
         const i32 col_lane = col0 + static_cast<i32>(2 * (lane % 4));
+        const i32 masked_rows = (kVariant == kVariantMasked) ? __ldg(p.groups + g) : 0;
 #pragma unroll
-        for (u32 c = 0; c < kAccum / 4; ++c) {
-            const i32 col = col_lane + static_cast<i32>(8 * c);
+        for (u32 w = 0; w < kWaves; ++w) {
+            bool store[2];
+            bool zero[2];
+            u16* out_rows[2];
 #pragma unroll
             for (u32 h = 0; h < 2; ++h) {
-                if (store[h]) {
-                    const float v0 = zero[h] ? 0.0f : total[4 * c + 2 * h + 0];
-                    const float v1 = zero[h] ? 0.0f : total[4 * c + 2 * h + 1];
-                    store_row_pair(p, out_rows[h], col, v0, v1);
+                const i32 row = row0 + static_cast<i32>(w * 128 + r0 + 8 * h);
+                if constexpr (kVariant == kVariantMasked) {
+                    store[h] = row < masked_rows;
+                    zero[h] = false;
+                } else {
+                    store[h] = row < p.rows;
+                    zero[h] = (kVariant == kVariantContiguous) && store[h] &&
+                              (padding_tile || __ldg(p.groups + row) < 0);
+                }
+                const i32 g_out = (kVariant == kVariantMasked) ? g : 0;
+                out_rows[h] = p.out + g_out * p.out_sg + static_cast<i64>(store[h] ? row : 0) * p.out_sm;
+            }
+#pragma unroll
+            for (u32 c = 0; c < kAccum / 4; ++c) {
+                const i32 col = col_lane + static_cast<i32>(8 * c);
+#pragma unroll
+                for (u32 h = 0; h < 2; ++h) {
+                    if (store[h]) {
+                        const float v0 = zero[h] ? 0.0f : total[w][4 * c + 2 * h + 0];
+                        const float v1 = zero[h] ? 0.0f : total[w][4 * c + 2 * h + 1];
+                        store_row_pair(p, out_rows[h], col, v0, v1);
+                    }
                 }
             }
         }
