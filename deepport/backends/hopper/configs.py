@@ -2,10 +2,13 @@
 
 A :class:`GemmConfig` fixes the compile-time parameters of ``kernels/sm90_fp8_gemm.cu``: the tile
 (``BLOCK_M`` x ``BLOCK_N``), the pipeline depth, the variant (dense, grouped contiguous, grouped
-masked) and the rasterisation group. :func:`choose` picks the tile per shape with a traffic model in
-the manner of DeepGEMM's SM90 heuristic: for each candidate, the bytes the tiles pull through L2 and
-shared memory, divided by the fraction of the last wave that is busy; the smallest wins. ``BLOCK_M``
-64 (one consumer warpgroup) serves small M; ``BLOCK_N`` from 16 to 160 in steps of 16 lets a small
+masked) and the rasterisation group. :func:`choose` takes a measured winner from :data:`TUNED` (the
+DeepSeek-V3 shapes on an H200) or else picks the tile with a traffic model in the manner of DeepGEMM's
+SM90 heuristic: for each candidate, the bytes the tiles pull through L2 and shared memory, divided
+by the fraction of the last wave that is busy; the smallest wins. ``BLOCK_M`` 64 (one consumer
+warpgroup) serves small M; 256 (two warpgroups of two 64-row waves, ``BLOCK_N <= 128``) pulls the
+fewest bytes per FLOP and wins at large M (measured: 1.2-1.4x over 128x160 at M=4096, where the
+kernel is bound by operand traffic from L2); ``BLOCK_N`` from 16 to 160 in steps of 16 lets a small
 problem still spread over every SM. Stages fill the shared memory.
 """
 
@@ -100,7 +103,42 @@ def _cost(m: int, n: int, k: int, groups: int, block_m: int, block_n: int, num_s
 
 
 TunedKey = tuple[int, int, int, int, int, int]  # (variant, m, n, k, groups, num_sms)
-TUNED: dict[TunedKey, tuple[int, int, int]] = {}
+TUNED: dict[TunedKey, tuple[int, int, int]] = {
+    # The fastest tile of a sweep on an H200 (132 SMs), each candidate float64-checked before it was
+    # timed: scripts/gpu_hopper_gemm.py, benchmarks/results/2026-12-01-h200-hopper-gemm/run2/sweep.json.
+    # m is rows per group (contiguous: M_sum / G; masked: min(expected_m, M_max)).
+    (VARIANT_DENSE, 64, 2112, 7168, 1, 132): (64, 16, 16),  # m64_n2112_k7168
+    (VARIANT_DENSE, 64, 576, 7168, 1, 132): (64, 16, 16),  # m64_n576_k7168
+    (VARIANT_DENSE, 64, 24576, 1536, 1, 132): (64, 64, 16),  # m64_n24576_k1536
+    (VARIANT_DENSE, 64, 32768, 512, 1, 132): (64, 128, 16),  # m64_n32768_k512
+    (VARIANT_DENSE, 64, 7168, 16384, 1, 132): (64, 64, 16),  # m64_n7168_k16384
+    (VARIANT_DENSE, 64, 4096, 7168, 1, 132): (64, 32, 16),  # m64_n4096_k7168
+    (VARIANT_DENSE, 64, 7168, 2048, 1, 132): (64, 64, 16),  # m64_n7168_k2048
+    (VARIANT_DENSE, 128, 2112, 7168, 1, 132): (64, 32, 16),  # m128_n2112_k7168
+    (VARIANT_DENSE, 128, 576, 7168, 1, 132): (64, 16, 16),  # m128_n576_k7168
+    (VARIANT_DENSE, 128, 24576, 1536, 1, 132): (128, 96, 16),  # m128_n24576_k1536
+    (VARIANT_DENSE, 128, 32768, 512, 1, 132): (128, 128, 16),  # m128_n32768_k512
+    (VARIANT_DENSE, 128, 7168, 16384, 1, 132): (64, 128, 16),  # m128_n7168_k16384
+    (VARIANT_DENSE, 128, 4096, 7168, 1, 132): (64, 64, 16),  # m128_n4096_k7168
+    (VARIANT_DENSE, 128, 7168, 2048, 1, 132): (128, 64, 16),  # m128_n7168_k2048
+    (VARIANT_DENSE, 4096, 2112, 7168, 1, 132): (256, 96, 16),  # m4096_n2112_k7168
+    (VARIANT_DENSE, 4096, 576, 7168, 1, 132): (128, 144, 16),  # m4096_n576_k7168
+    (VARIANT_DENSE, 4096, 24576, 1536, 1, 132): (256, 128, 16),  # m4096_n24576_k1536
+    (VARIANT_DENSE, 4096, 32768, 512, 1, 132): (256, 128, 8),  # m4096_n32768_k512
+    (VARIANT_DENSE, 4096, 7168, 16384, 1, 132): (256, 128, 8),  # m4096_n7168_k16384
+    (VARIANT_DENSE, 4096, 4096, 7168, 1, 132): (256, 128, 8),  # m4096_n4096_k7168
+    (VARIANT_DENSE, 4096, 7168, 2048, 1, 132): (256, 128, 8),  # m4096_n7168_k2048
+    (VARIANT_CONTIGUOUS, 8192, 4096, 7168, 4, 132): (128, 128, 16),  # g4_m8192_n4096_k7168
+    (VARIANT_CONTIGUOUS, 8192, 7168, 2048, 4, 132): (128, 128, 16),  # g4_m8192_n7168_k2048
+    (VARIANT_CONTIGUOUS, 4096, 4096, 7168, 8, 132): (128, 128, 16),  # g8_m4096_n4096_k7168
+    (VARIANT_CONTIGUOUS, 4096, 7168, 2048, 8, 132): (128, 128, 16),  # g8_m4096_n7168_k2048
+    (VARIANT_MASKED, 1024, 4096, 7168, 1, 132): (256, 128, 16),  # g1_m1024_n4096_k7168
+    (VARIANT_MASKED, 1024, 7168, 2048, 1, 132): (256, 128, 16),  # g1_m1024_n7168_k2048
+    (VARIANT_MASKED, 512, 4096, 7168, 2, 132): (256, 128, 16),  # g2_m512_n4096_k7168
+    (VARIANT_MASKED, 512, 7168, 2048, 2, 132): (256, 128, 16),  # g2_m512_n7168_k2048
+    (VARIANT_MASKED, 256, 4096, 7168, 4, 132): (256, 128, 16),  # g4_m256_n4096_k7168
+    (VARIANT_MASKED, 256, 7168, 2048, 4, 132): (256, 128, 16),  # g4_m256_n7168_k2048
+}
 """Measured winners, ``(variant, m, n, k, groups, num_sms) -> (block_m, block_n, group_m)``, consulted
 before the model (see :func:`choose`)."""
 
@@ -118,10 +156,12 @@ def choose(m: int, n: int, k: int, variant: int, num_sms: int, groups: int = 1) 
 
 
 def _modelled(m: int, n: int, k: int, variant: int, num_sms: int, groups: int) -> GemmConfig:
-    block_ms = (128,) if variant == VARIANT_CONTIGUOUS else (64, 128)  # contiguous segments align to 128
+    block_ms = (128,) if variant == VARIANT_CONTIGUOUS else BLOCK_MS  # contiguous segments align to 128
     best: tuple[float, int, GemmConfig] | None = None
     for block_m in block_ms:
         for block_n in BLOCK_NS:
+            if block_m == 256 and block_n > MAX_BLOCK_N_256:
+                continue
             stages = max_stages(block_m, block_n)
             if stages < MIN_STAGES:
                 continue
