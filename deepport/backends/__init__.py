@@ -7,4 +7,5 @@ copy ``_template/`` (not registered) and follow its walk-through."""
 BUILTIN: tuple[str, ...] = (
     "deepport.backends.reference",
     "deepport.backends.torch",
+    "deepport.backends.hopper",
 )
