@@ -2,20 +2,29 @@
 
 A recording backend's implementation appends ``(backend name, call)`` to :data:`RUNS` and writes
 zeros, so a test can see which backend ran (or that none did) without trusting dispatch's word.
+
+With no CUDA device, ``TRITON_INTERPRET=1`` is set here, before any test module imports a Triton
+kernel (triton reads it when a kernel is decorated), so the triton backend runs through its interpreter.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import sys
-from collections.abc import Callable, Iterator
-from typing import Any
+import os
 
-import pytest
 import torch
 
-from deepport.dispatch import Backend, OpSupport, Requirement, registered
-from deepport.kernels.mla_decode import MLADecodeCall
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import dataclasses  # noqa: E402
+import sys  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
+from typing import Any  # noqa: E402
+
+import pytest  # noqa: E402
+
+from deepport.dispatch import Backend, OpSupport, Requirement, registered  # noqa: E402
+from deepport.kernels.mla_decode import MLADecodeCall  # noqa: E402
 
 RUNS: list[tuple[str, MLADecodeCall]] = []
 

@@ -15,7 +15,10 @@ import torch
 from deepport.backends.triton._runtime import DEVICE, probe
 from deepport.dispatch import Backend, OpSupport
 
-_MLA: tuple[OpSupport, ...] = ()  # mla_decode lands in the next commit
+_MLA = (
+    OpSupport(op="mla_decode", entry="deepport.backends.triton.mla_decode:run",
+              dtypes=frozenset({torch.bfloat16, torch.float16}), requirements=(DEVICE,)),
+)
 
 # --- FP8 GEMM ops (fp8_*.py, owned by the triton-gemm branch): their OpSupport records go here ---
 _FP8: tuple[OpSupport, ...] = ()

@@ -1,0 +1,57 @@
+"""Tuned launch configurations of the Triton kernels, as data: per GPU family and shape bucket.
+
+A family key matches as a case-insensitive substring of the device name (``torch.cuda.get_device_name``);
+a device or bucket with no entry takes ``DEFAULT``. The choice is logged once per device and bucket
+(logger ``deepport.backends.triton``, INFO). Figures behind the entries: benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from deepport.backends.triton import _runtime
+
+
+@dataclass(frozen=True)
+class MLAConfig:
+    """Tile sizes of :func:`mla_decode_split_kernel`: ``block_h`` query rows per program, ``block_n``
+    KV tokens per step, and triton's ``num_warps`` / ``num_stages`` (software pipelining depth)."""
+
+    block_h: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def mla_bucket(q_rows: int) -> str:
+    """Shape bucket of an MLA decode call: the query rows per KV head (``s_q * h_q / h_kv``).
+    Up to 16 rows the kernel streams the cache (memory-bound); from 64 on it is compute-bound."""
+    if q_rows <= 16:
+        return "rows<=16"
+    if q_rows <= 32:
+        return "rows<=32"
+    return "rows>32"
+
+
+MLA_DEFAULT: tuple[tuple[str, MLAConfig], ...] = (
+    ("rows<=16", MLAConfig(block_h=16, block_n=32, num_warps=4, num_stages=3)),
+    ("rows<=32", MLAConfig(block_h=32, block_n=32, num_warps=4, num_stages=3)),
+    ("rows>32", MLAConfig(block_h=64, block_n=32, num_warps=8, num_stages=2)),
+)
+
+MLA_TUNED: dict[str, tuple[tuple[str, MLAConfig], ...]] = {}
+
+INTERPRETER = MLAConfig(block_h=16, block_n=64, num_warps=4, num_stages=1)
+"""Under TRITON_INTERPRET the tile shape only sets how many numpy steps run: large tiles, few steps."""
+
+
+def mla_config(device_name: str, q_rows: int) -> MLAConfig:
+    """The MLA decode configuration for ``q_rows`` query rows per KV head on ``device_name``."""
+    bucket = mla_bucket(q_rows)
+    if _runtime.interpreting():
+        return MLAConfig(min(max(16, _next_pow2(q_rows)), 64), INTERPRETER.block_n, 4, 1)
+    return _runtime.pick_config(MLA_TUNED, MLA_DEFAULT, device_name, bucket, "mla_decode")
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
