@@ -14,13 +14,16 @@ from deepport.backends.triton import _runtime
 
 @dataclass(frozen=True)
 class MLAConfig:
-    """Tile sizes of :func:`mla_decode_split_kernel`: ``block_h`` query rows per program, ``block_n``
-    KV tokens per step, and triton's ``num_warps`` / ``num_stages`` (software pipelining depth)."""
+    """Launch shape of the MLA decode split kernel: ``block_h`` query rows per program, ``block_n`` KV
+    tokens per step, triton's ``num_warps`` / ``num_stages`` (software pipelining depth), and
+    ``programs_per_sm``: the split-KV plan deals the batch to ``SMs * programs_per_sm / (h_kv *
+    row tiles)`` parts (1 reproduces FlashMLA's ``num_sm_parts`` at ``block_h = 64``)."""
 
     block_h: int
     block_n: int
     num_warps: int
     num_stages: int
+    programs_per_sm: int = 1
 
 
 def mla_bucket(q_rows: int) -> str:
@@ -34,9 +37,9 @@ def mla_bucket(q_rows: int) -> str:
 
 
 MLA_DEFAULT: tuple[tuple[str, MLAConfig], ...] = (
-    ("rows<=16", MLAConfig(block_h=16, block_n=32, num_warps=4, num_stages=3)),
-    ("rows<=32", MLAConfig(block_h=32, block_n=32, num_warps=4, num_stages=3)),
-    ("rows>32", MLAConfig(block_h=64, block_n=32, num_warps=8, num_stages=2)),
+    ("rows<=16", MLAConfig(block_h=16, block_n=32, num_warps=8, num_stages=4)),
+    ("rows<=32", MLAConfig(block_h=32, block_n=32, num_warps=8, num_stages=3)),
+    ("rows>32", MLAConfig(block_h=64, block_n=32, num_warps=8, num_stages=3)),
 )
 
 MLA_TUNED: dict[str, tuple[tuple[str, MLAConfig], ...]] = {}

@@ -20,7 +20,7 @@ import torch
 from deepport.backends.triton import configs
 from deepport.backends.triton._runtime import interpreting
 from deepport.backends.triton.mla_decode_kernels import mla_decode_combine_kernel, mla_decode_split_kernel
-from deepport.backends.triton.mla_plan import device_plan
+from deepport.backends.triton.mla_plan import device_plan, num_parts
 from deepport.kernels.mla_decode import MLADecodeCall
 
 
@@ -44,7 +44,7 @@ def run(call: MLADecodeCall, out: torch.Tensor, lse: torch.Tensor,
     q_rows = sig.num_q_tokens_per_head_k
     acc_rows = sig.h_kv * q_rows
     cfg = config or configs.mla_config(sig.device.name, q_rows)
-    plan = device_plan(call)
+    plan = device_plan(call, num_parts(call, cfg.block_h, cfg.programs_per_sm))
     interp = interpreting()
     # The interpreter rounds float32 -> bf16/fp16 stores by truncation: store float32, round with torch.
     out_buf = torch.empty(out.shape, dtype=torch.float32, device=device) if interp else out

@@ -83,10 +83,13 @@ def mla_decode_split_kernel(
         l_i = tl.zeros([BLOCK_H], tl.float32)
         acc = tl.zeros([BLOCK_H, BLOCK_DV], tl.float32)
         table_row = table_ptr + req.to(tl.int64) * stride_tb
+        # block ids one step ahead (a loop-carried value), so the pipeliner can prefetch K tiles
+        blk = tl.load(table_row + (lo + cols) // PAGE, mask=lo + cols < hi, other=0)
         for start in range(lo, hi, BLOCK_N):
             tok = start + cols
             tok_ok = tok < hi
-            blk = tl.load(table_row + tok // PAGE, mask=tok_ok, other=0)
+            nxt = tok + BLOCK_N
+            blk_next = tl.load(table_row + nxt // PAGE, mask=nxt < hi, other=0)
             k_row = k_ptr + blk.to(tl.int64) * stride_kb + (tok % PAGE) * stride_kp + hk * stride_kh
             kv = tl.load(k_row[:, None] + dv[None, :], mask=tok_ok[:, None] & dv_ok[None, :], other=0.0)
             if UPCAST:
@@ -113,6 +116,7 @@ def mla_decode_split_kernel(
             else:
                 acc += tl.dot(p.to(kv.dtype), kv)
             m_i = m_new
+            blk = blk_next
         seen = l_i > 0.0
         o = acc / tl.where(seen, l_i, 1.0)[:, None]
         lse_nat = (tl.where(seen, m_i, 0.0) + tl.log2(tl.where(seen, l_i, 1.0))) * LN2

@@ -17,7 +17,7 @@ import torch
 
 from deepport.backends.triton.mla_decode_kernels import PIECE_FIELDS
 from deepport.kernels import mla_schedule
-from deepport.kernels.mla_decode import MLADecodeCall, MLAMetadata, get_mla_metadata
+from deepport.kernels.mla_decode import MLADecodeCall, MLAMetadata
 
 
 @dataclass(frozen=True)
@@ -67,36 +67,54 @@ def expand_pieces(records: np.ndarray, num_splits: np.ndarray,
     return out, np.asarray(part_ptr, dtype=np.int32)
 
 
-def _build(md: MLAMetadata, device: torch.device) -> DevicePlan:
-    splits = md.num_splits.numpy()
-    pieces, part_ptr = expand_pieces(md.tile_scheduler_metadata.numpy(), splits, md.cache_seqlens.numpy())
+def _build(records: np.ndarray, splits: np.ndarray, seqlens: np.ndarray, device: torch.device) -> DevicePlan:
+    pieces, part_ptr = expand_pieces(records, splits, seqlens)
     cut = np.nonzero(np.diff(splits) > 1)[0].astype(np.int32)
     put = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
-    return DevicePlan(int(md.num_sm_parts), int(splits[-1]), put(pieces), put(part_ptr), put(splits), put(cut))
+    return DevicePlan(int(records.shape[0]), int(splits[-1]), put(pieces), put(part_ptr), put(splits), put(cut))
 
 
-_cache: dict[tuple[int, str], DevicePlan] = {}
+def _plan(seqlens: np.ndarray, md: MLAMetadata | None, parts: int, device: torch.device) -> DevicePlan:
+    if md is not None and md.num_sm_parts == parts:
+        return _build(md.tile_scheduler_metadata.numpy(), md.num_splits.numpy(), seqlens, device)
+    records, splits = mla_schedule.plan_split_kv(seqlens, parts)
+    return _build(records, splits, seqlens, device)
+
+
+_cache: dict[tuple[int, str, int], DevicePlan] = {}
 _lock = threading.Lock()
 
 
-def _forget(key: tuple[int, str]) -> None:
+def _forget(key: tuple[int, str, int]) -> None:
     with _lock:
         _cache.pop(key, None)
 
 
-def device_plan(call: MLADecodeCall) -> DevicePlan:
-    """The call's plan on its device: the caller's metadata (cached per object), or a fresh plan
-    from ``get_mla_metadata`` when the call has none (this reads ``cache_seqlens`` on the host)."""
+def num_parts(call: MLADecodeCall, block_h: int, programs_per_sm: int) -> int:
+    """Parts of the batch for ``programs_per_sm`` programs per SM, each serving ``block_h`` query rows
+    of one KV head (FlashMLA's ``num_sm_parts`` when ``block_h = 64`` and one program per SM)."""
+    sig = call.signature
+    row_tiles = -(-sig.num_q_tokens_per_head_k // block_h)
+    return max(sig.device.multiprocessors * programs_per_sm // (sig.h_kv * row_tiles), 1)
+
+
+def device_plan(call: MLADecodeCall, parts: int) -> DevicePlan:
+    """The call's split-KV plan over ``parts`` parts, on its device.
+
+    With ``metadata``: its schedule when it was planned for ``parts`` parts, else the same greedy
+    schedule (:func:`deepport.kernels.mla_schedule.plan_split_kv`) re-dealt to ``parts`` from the
+    lengths it recorded; cached per (plan object, device, parts) for as long as the plan lives.
+    Without: planned from ``cache_seqlens`` read on the host (a device-to-host copy per call).
+    """
     device = call.q.device
     md = call.metadata
     if md is None:
-        sig = call.signature
-        return _build(get_mla_metadata(call.cache_seqlens, sig.num_q_tokens_per_head_k, sig.h_kv), device)
-    key = (id(md), str(device))
+        return _plan(call.cache_seqlens.cpu().numpy(), None, parts, device)
+    key = (id(md), str(device), parts)
     with _lock:
         plan = _cache.get(key)
     if plan is None:
-        plan = _build(md, device)
+        plan = _plan(md.cache_seqlens.numpy(), md, parts, device)
         with _lock:
             _cache[key] = plan
         weakref.finalize(md, _forget, key)
