@@ -8,6 +8,8 @@ Stages run in this order (each optional): warm, smoke, time, full.
    (triton's on-disk cache is shared), so the certify and timing stages do not compile serially.
 2. ``smoke`` / ``full``: ``python3 -m deepport certify --device cuda --backend triton --op mla_decode``
    at that tier (``full`` runs its head-grid cases, ``--case b8_``, when ``--full-pattern`` says so).
+4. ``profile`` (alone): runs each selected shape twice with the tuned config and writes nothing; for
+   ``ncu --kernel-name regex:mla_decode_split ... scripts/gpu_triton_mla.py --stages profile --shapes ...``.
 3. ``time``: BENCH's MLA configs (memory-bound: b=128 h_q=16 s_q=1 s_k 4096 / 16384, b=64 s_k=32768, b=128
    ragged s_k in [4096, 32768]; compute-bound: b=128 h_q=128 s_q in {1, 2 causal} s_k=4096), each
    kernel config as a CUDA graph of many calls (median of replays), next to the torch backend (events)
@@ -41,6 +43,8 @@ RUN_SEED = 20261201
 
 # name -> (block_h, block_n, num_warps, num_stages, programs_per_sm)
 MB_VARIANTS: dict[str, tuple[int, int, int, int, int]] = {
+    "h16n64w4s2p2": (16, 64, 4, 2, 2),
+    "h16n64w8s2": (16, 64, 8, 2, 1),
     "h16n32w8s4": (16, 32, 8, 4, 1),
     "h16n32w8s3": (16, 32, 8, 3, 1),
     "h16n32w8s5": (16, 32, 8, 5, 1),
@@ -54,6 +58,7 @@ CB_VARIANTS: dict[str, tuple[int, int, int, int, int]] = {
     "h64n32w8s3": (64, 32, 8, 3, 1),
     "h64n32w8s2": (64, 32, 8, 2, 1),
     "h64n64w8s2": (64, 64, 8, 2, 1),
+    "h32n64w8s2": (32, 64, 8, 2, 1),  # mma.sync on 32 rows, 4 row tiles
     "h64n16w8s4": (64, 16, 8, 4, 1),
 }
 # name -> (b, s_q, h_q, s_k or None for ragged, causal, kind)
@@ -341,6 +346,22 @@ def bf16_ceiling(cpu: bool) -> float | None:
     return 2 * 8192**3 / us / 1e6
 
 
+def profile(shapes: dict[str, tuple[int, int, int, int | None, bool, str]], cpu: bool) -> int:
+    """Run each shape twice with the tuned config and write nothing (for ``ncu ... --stages profile``)."""
+    import deepport
+
+    device = torch.device("cpu" if cpu else "cuda")
+    for name, (b, s_q, h_q, s_k, causal, _) in shapes.items():
+        q, k, table, seqlens = build(b, s_q, h_q, lengths(b, s_k, cpu), device)
+        md = deepport.get_mla_metadata(seqlens, s_q * h_q, 1)
+        for _ in range(2):
+            deepport.mla_decode(q, k, table, seqlens, D_V, causal=causal, metadata=md, backend="triton")
+        if not cpu:
+            torch.cuda.synchronize()
+        print("profiled", name, flush=True)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--stages", default="warm,smoke,time")
@@ -349,7 +370,7 @@ def main() -> int:
     ap.add_argument("--mb", default=",".join(MB_VARIANTS))
     ap.add_argument("--cb", default=",".join(CB_VARIANTS))
     ap.add_argument("--shapes", default="")
-    ap.add_argument("--full-pattern", default="b8_")
+    ap.add_argument("--full-pattern", default="b8_", help="comma-separated --case patterns, run in turn")
     ap.add_argument("--full-timeout", type=float, default=120.0)
     ap.add_argument("--workers", type=int, default=12)
     ap.add_argument("--cpu", action="store_true")
@@ -367,6 +388,8 @@ def main() -> int:
     mb = {n: MB_VARIANTS[n] for n in args.mb.split(",") if n}
     cb = {n: CB_VARIANTS[n] for n in args.cb.split(",") if n}
     report: dict[str, Any] = {"argv": sys.argv, "env": {}, "stages": stages}
+    if stages == ["profile"]:
+        return profile(shapes, args.cpu)
     import triton
 
     report["env"] = {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
@@ -382,8 +405,8 @@ def main() -> int:
         if "smoke" in stages or "full" in stages:
             from deepport.conformance.suites import mla_decode as suite
 
-            jobs += [("case", c.id) for c in suite.cases() if c.tier == "smoke"
-                     or ("full" in stages and args.full_pattern in c.id)]
+            patterns = args.full_pattern.split(",") if "full" in stages else []
+            jobs += [("case", c.id) for c in suite.cases() if c.tier == "smoke" or any(p in c.id for p in patterns)]
         warm(jobs, 2 if args.cpu else args.workers, log)
     report["warm_log"] = log
     report["certify"] = []
@@ -401,15 +424,21 @@ def main() -> int:
                 continue
             rows.append(time_shape(sname, shape, mb if shape[5] == "mb" else cb, args.cpu, deadline))
     if "full" in stages:
-        left = start + args.total_s - time.perf_counter()
-        if left > 20:
-            report["certify"].append(certify("full", args.full_pattern, out, min(args.full_timeout, left), args.cpu))
+        for pattern in args.full_pattern.split(","):
+            left = start + args.total_s - time.perf_counter()
+            if left < 20:
+                report["certify"].append({"tier": "full", "pattern": pattern, "skipped": "budget"})
+                continue
+            report["certify"].append(certify("full", pattern, out, min(args.full_timeout, left), args.cpu))
     report["timing"] = rows
     report["seconds"] = time.perf_counter() - start
     with open(f"{out}/triton_mla.json", "w") as f:
         json.dump(report, f, indent=1, default=str)
     for c in report["certify"]:
-        print(f"certify {c['tier']} {c['pattern'] or ''}: rc={c['returncode']} in {c['seconds']:.0f}s")
+        if "skipped" in c:
+            print(f"certify {c['tier']} {c['pattern']}: skipped ({c['skipped']})")
+        else:
+            print(f"certify {c['tier']} {c['pattern'] or ''}: rc={c['returncode']} in {c['seconds']:.0f}s")
     done = [r for r in rows if "variants" in r]
     if done and copy_gbs:
         print(table(done, copy_gbs, bf16))

@@ -33,6 +33,56 @@ _PIECE = tl.constexpr(PIECE_FIELDS)
 
 
 @triton.jit
+def _load_rows(ptrs, tok_ok, d, D_END: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr):
+    """K rows ``ptrs[token, channel]``; ``MASKED`` tiles skip tokens past the piece, odd widths their padding."""
+    if MASKED:
+        return tl.load(ptrs, mask=tok_ok[:, None] & (d[None, :] < D_END), other=0.0)
+    elif EVEN_D:
+        return tl.load(ptrs)
+    else:
+        return tl.load(ptrs, mask=d[None, :] < D_END, other=0.0)
+
+
+@triton.jit
+def _attend_tile(acc, m_i, l_i, q_main, q_tail, k_row, tok, hi, last, dv, dt, scale_log2,
+                 D_V: tl.constexpr, D_QK: tl.constexpr, HAS_TAIL: tl.constexpr, EVEN_DV: tl.constexpr,
+                 EVEN_DT: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr):
+    """One step of the online softmax over the K rows at ``k_row`` (tokens ``tok``).
+
+    Unmasked (``MASKED`` false) tiles hold only tokens below ``hi`` that every query row sees."""
+    tok_ok = tok < hi
+    kv = _load_rows(k_row[:, None] + dv[None, :], tok_ok, dv, D_V, MASKED, EVEN_DV)
+    if UPCAST:
+        kv = kv.to(tl.float32)
+    s = tl.dot(q_main, tl.trans(kv))
+    if HAS_TAIL:
+        k_tail = _load_rows(k_row[:, None] + dt[None, :], tok_ok, dt, D_QK, MASKED, EVEN_DT)
+        if UPCAST:
+            k_tail = k_tail.to(tl.float32)
+        s += tl.dot(q_tail, tl.trans(k_tail))
+    s = s * scale_log2
+    if MASKED:
+        visible = tok_ok[None, :]
+        if CAUSAL:
+            visible = visible & (tok[None, :] <= last[:, None])
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if MASKED:  # a row may have seen nothing yet: keep exp2 away from (-inf) - (-inf)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_use = m_new
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(s - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if UPCAST:
+        acc += tl.dot(p, kv)
+    else:
+        acc += tl.dot(p.to(kv.dtype), kv)
+    return acc, m_new, l_i
+
+
+@triton.jit
 def mla_decode_split_kernel(
     q_ptr, k_ptr, table_ptr, seqlens_ptr, pieces_ptr, part_ptr,
     out_ptr, lse_ptr, o_acc_ptr, lse_acc_ptr,
@@ -52,6 +102,8 @@ def mla_decode_split_kernel(
     s_idx = rows // group
     head = hk * group + rows % group
     HAS_TAIL: tl.constexpr = D_QK > D_V
+    EVEN_DV: tl.constexpr = BLOCK_DV == D_V
+    EVEN_DT: tl.constexpr = BLOCK_DT == D_QK - D_V
     dv = tl.arange(0, BLOCK_DV)
     dv_ok = dv < D_V
     dt = D_V + tl.arange(0, BLOCK_DT)
@@ -73,49 +125,41 @@ def mla_decode_split_kernel(
         q_main = tl.load(q_row[:, None] + dv[None, :], mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
         if UPCAST:
             q_main = q_main.to(tl.float32)
+        q_tail = q_main  # unused without a tail
         if HAS_TAIL:
             q_tail = tl.load(q_row[:, None] + dt[None, :], mask=row_ok[:, None] & dt_ok[None, :], other=0.0)
             if UPCAST:
                 q_tail = q_tail.to(tl.float32)
-        # last visible token of each row under the bottom-right causal mask (hi <= L bounds the rest)
-        last = tl.load(seqlens_ptr + req) - s_q + s_idx
+        # Last visible token of each row under the bottom-right causal mask (hi <= L bounds the rest).
+        # Tiles below min(hi, L - s_q + 1) are seen by every row: they run without masks.
+        seqlen = tl.load(seqlens_ptr + req)
+        last = seqlen - s_q + s_idx
+        open_end = hi
+        if CAUSAL:
+            open_end = tl.minimum(hi, seqlen - s_q + 1)
+        full_end = lo + tl.maximum(open_end - lo, 0) // BLOCK_N * BLOCK_N
         m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_H], tl.float32)
         acc = tl.zeros([BLOCK_H, BLOCK_DV], tl.float32)
         table_row = table_ptr + req.to(tl.int64) * stride_tb
+        k_head = k_ptr + hk * stride_kh
         # block ids one step ahead (a loop-carried value), so the pipeliner can prefetch K tiles
         blk = tl.load(table_row + (lo + cols) // PAGE, mask=lo + cols < hi, other=0)
-        for start in range(lo, hi, BLOCK_N):
+        for start in range(lo, full_end, BLOCK_N):
             tok = start + cols
-            tok_ok = tok < hi
             nxt = tok + BLOCK_N
             blk_next = tl.load(table_row + nxt // PAGE, mask=nxt < hi, other=0)
-            k_row = k_ptr + blk.to(tl.int64) * stride_kb + (tok % PAGE) * stride_kp + hk * stride_kh
-            kv = tl.load(k_row[:, None] + dv[None, :], mask=tok_ok[:, None] & dv_ok[None, :], other=0.0)
-            if UPCAST:
-                kv = kv.to(tl.float32)
-            s = tl.dot(q_main, tl.trans(kv))
-            if HAS_TAIL:
-                k_tail = tl.load(k_row[:, None] + dt[None, :], mask=tok_ok[:, None] & dt_ok[None, :], other=0.0)
-                if UPCAST:
-                    k_tail = k_tail.to(tl.float32)
-                s += tl.dot(q_tail, tl.trans(k_tail))
-            s = s * scale_log2
-            visible = tok_ok[None, :]
-            if CAUSAL:
-                visible = visible & (tok[None, :] <= last[:, None])
-            s = tl.where(visible, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_use)
-            p = tl.exp2(s - m_use[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-            if UPCAST:
-                acc += tl.dot(p, kv)
-            else:
-                acc += tl.dot(p.to(kv.dtype), kv)
-            m_i = m_new
+            k_row = k_head + blk.to(tl.int64) * stride_kb + (tok % PAGE) * stride_kp
+            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q_main, q_tail, k_row, tok, hi, last, dv, dt, scale_log2,
+                                         D_V, D_QK, HAS_TAIL, EVEN_DV, EVEN_DT, False, CAUSAL, UPCAST)
+            blk = blk_next
+        for start in range(full_end, hi, BLOCK_N):
+            tok = start + cols
+            nxt = tok + BLOCK_N
+            blk_next = tl.load(table_row + nxt // PAGE, mask=nxt < hi, other=0)
+            k_row = k_head + blk.to(tl.int64) * stride_kb + (tok % PAGE) * stride_kp
+            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q_main, q_tail, k_row, tok, hi, last, dv, dt, scale_log2,
+                                         D_V, D_QK, HAS_TAIL, EVEN_DV, EVEN_DT, True, CAUSAL, UPCAST)
             blk = blk_next
         seen = l_i > 0.0
         o = acc / tl.where(seen, l_i, 1.0)[:, None]
