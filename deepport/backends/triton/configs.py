@@ -37,10 +37,13 @@ def mla_bucket(q_rows: int) -> str:
 
 
 _MLA_HOPPER: tuple[tuple[str, MLAConfig], ...] = (
-    # memory-bound: mma.sync on 16 rows, 64-token K tiles, 2 of them in flight (3.0-3.2 TB/s on an H200)
+    # memory-bound: mma.sync on 16 rows, 64-token K tiles, 2 of them in flight: 2.85-3.06 TB/s on an H200
+    # (benchmarks/results/2026-12-01-h200-triton-mla). Measured faster in the same run, not yet through a
+    # GPU certify run: block_n=64, num_warps=4, num_stages=2, programs_per_sm=2 (3.0-3.6 TB/s).
     ("rows<=16", MLAConfig(block_h=16, block_n=64, num_warps=8, num_stages=3)),
     ("rows<=32", MLAConfig(block_h=32, block_n=64, num_warps=8, num_stages=2)),
-    # compute-bound: wgmma on 64 rows (two warpgroups split the 512 output channels), Q resident in smem
+    # compute-bound: wgmma on 64 rows (two warpgroups split the 512 output channels), Q resident in smem:
+    # 222-227 TFLOP/s on an H200 (the same results)
     ("rows>32", MLAConfig(block_h=64, block_n=64, num_warps=8, num_stages=2)),
 )
 
