@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import statistics
@@ -132,9 +131,8 @@ def _warm_job(job: tuple[str, Any]) -> str:
             outputs = {n: torch.empty(s, dtype=d, device=device) for n, (s, d) in suite.output_specs(inputs).items()}
             suite.invoke(inputs, tensors, "triton", outputs)
         else:
-            shape, variant = what
-            b, s_q, h_q, s_k, causal, _ = variant[0]
-            run_variant_once(b, s_q, h_q, causal, variant[1], device)
+            _, (shape, v) = what
+            run_variant_once(shape[1], shape[2], shape[4], v, device)
         if device.type == "cuda":
             torch.cuda.synchronize()
         return f"ok {kind} {what if kind == 'case' else what[0]} {time.perf_counter() - t0:.1f}s"
@@ -142,7 +140,7 @@ def _warm_job(job: tuple[str, Any]) -> str:
         return f"ERROR {kind} {what}: {type(exc).__name__}: {str(exc)[:300]}"
 
 
-def run_variant_once(b: int, s_q: int, h_q: int, causal: bool, v: tuple[int, int, int, int, int],
+def run_variant_once(s_q: int, h_q: int, causal: bool, v: tuple[int, int, int, int, int],
                      device: torch.device) -> None:
     """A small call with the bench shape's specialisation (same strides, table width a multiple of 16)."""
     import deepport
@@ -306,16 +304,14 @@ def time_shape(name: str, shape: tuple[int, int, int, int | None, bool, str], va
             ok, ratio = within(out, ref_out)
             lse_err = float(((lse - ref_lse).abs() / ref_lse.abs().clamp(min=1e-6)).max())
             rec.update(ok=ok and lse_err < 1e-4, err_ratio=ratio, lse_rel_err=lse_err)
-            fn = lambda: tm.run(call, out, lse, config=config_of(v))  # noqa: E731
+            cfg = config_of(v)
+            fn = lambda cfg=cfg: tm.run(call, out, lse, config=cfg)  # noqa: E731
             us = _median_cpu_us(fn, 1) if cpu else _median_graph_us(fn, calls=10, reps=7)
             rec.update(us=us, tflops=flops / us / 1e6, gbs=nbytes / us / 1e3, x_torch=torch_us / us)
         except Exception as exc:
             rec["error"] = f"{type(exc).__name__}: {str(exc)[:400]}"
         row["variants"][vname] = rec
         print(f"  {name} {vname}: {rec}", flush=True)
-    del q, k, table, out, lse, ref_out, ref_lse, call, md
-    if not cpu:
-        torch.cuda.empty_cache()
     return row
 
 
@@ -324,8 +320,9 @@ def table(rows: list[dict[str, Any]], copy_gbs: float, bf16_tflops: float | None
              + (f"; bf16 matmul ceiling: {bf16_tflops:.0f} TFLOP/s" if bf16_tflops else ""),
              f"{'shape':34} {'variant':14} {'us':>8} {'GB/s':>7} {'%copy':>6} {'TFLOP/s':>8} {'x torch':>8} ok"]
     for r in rows:
-        lines.append(f"{r['shape']:34} {'torch':14} {r['torch_us']:8.1f} {r['bytes'] / r['torch_us'] / 1e3:7.0f} "
-                     f"{100 * r['bytes'] / r['torch_us'] / 1e3 / copy_gbs:6.1f} {r['flops'] / r['torch_us'] / 1e6:8.1f}")
+        gbs = r["bytes"] / r["torch_us"] / 1e3
+        lines.append(f"{r['shape']:34} {'torch':14} {r['torch_us']:8.1f} {gbs:7.0f} "
+                     f"{100 * gbs / copy_gbs:6.1f} {r['flops'] / r['torch_us'] / 1e6:8.1f}")
         for name, v in r["variants"].items():
             if "us" not in v:
                 lines.append(f"{r['shape']:34} {name:14} {v.get('error', v.get('skipped', ''))[:60]}")
@@ -423,6 +420,8 @@ def main() -> int:
                 rows.append({"shape": sname, "skipped": "budget"})
                 continue
             rows.append(time_shape(sname, shape, mb if shape[5] == "mb" else cb, args.cpu, deadline))
+            if not args.cpu:
+                torch.cuda.empty_cache()  # the shape's inputs are gone with time_shape's frame
     if "full" in stages:
         for pattern in args.full_pattern.split(","):
             left = start + args.total_s - time.perf_counter()

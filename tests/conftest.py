@@ -16,15 +16,15 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import dataclasses  # noqa: E402
-import sys  # noqa: E402
-from collections.abc import Callable, Iterator  # noqa: E402
-from typing import Any  # noqa: E402
+import dataclasses
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
 
-import pytest  # noqa: E402
+import pytest
 
-from deepport.dispatch import Backend, OpSupport, Requirement, registered  # noqa: E402
-from deepport.kernels.mla_decode import MLADecodeCall  # noqa: E402
+from deepport.dispatch import Backend, OpSupport, Requirement, registered
+from deepport.kernels.mla_decode import MLADecodeCall
 
 RUNS: list[tuple[str, MLADecodeCall]] = []
 

@@ -6,8 +6,8 @@
   backend's ``torch.distributed`` code.
 
 Automatic choice prefers it on GPUs (priority 20, above torch's 10). On the CPU it runs only under
-``TRITON_INTERPRET=1`` (set before triton decorates a kernel) and ranks below torch: the interpreter
-is slow; ask for it explicitly (``backend="triton"``) to test kernels without a GPU.
+``TRITON_INTERPRET=1`` (set before triton decorates a kernel) and is never chosen automatically there
+(the interpreter is slow): ask for it explicitly (``backend="triton"``) to test kernels without a GPU.
 """
 
 import torch
@@ -29,6 +29,6 @@ BACKEND = Backend(
     summary="Triton kernels (NVIDIA, AMD, Intel GPUs; CPU through TRITON_INTERPRET=1)",
     version="1",
     ops=(*_MLA, *_FP8),
-    priority={"cuda": 20, "rocm": 20, "xpu": 20, "cpu": 1},
+    priority={"cuda": 20, "rocm": 20, "xpu": 20},  # never automatic on the CPU: the interpreter is slow
     probe=probe,
 )

@@ -67,7 +67,7 @@ def _attend_tile(acc, m_i, l_i, q_main, q_tail, k_row, tok, hi, last, dv, dt, sc
             visible = visible & (tok[None, :] <= last[:, None])
         s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    if MASKED:  # a row may have seen nothing yet: keep exp2 away from (-inf) - (-inf)
+    if MASKED:  # noqa: SIM108 (a row may have seen nothing yet: keep exp2 away from (-inf) - (-inf))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:
         m_use = m_new

@@ -70,7 +70,10 @@ def expand_pieces(records: np.ndarray, num_splits: np.ndarray,
 def _build(records: np.ndarray, splits: np.ndarray, seqlens: np.ndarray, device: torch.device) -> DevicePlan:
     pieces, part_ptr = expand_pieces(records, splits, seqlens)
     cut = np.nonzero(np.diff(splits) > 1)[0].astype(np.int32)
-    put = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
+
+    def put(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a)).to(device)
+
     return DevicePlan(int(records.shape[0]), int(splits[-1]), put(pieces), put(part_ptr), put(splits), put(cut))
 
 
