@@ -66,3 +66,29 @@ def test_call_with_metadata_replays_in_a_cuda_graph() -> None:
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, expected)
+
+
+def test_moe_expanded_dispatch_is_bit_exact_with_torch_on_cuda() -> None:
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(-1, 64, (512, 8), generator=g).cuda()
+    weights = torch.rand(512, 8, generator=g).cuda()
+    x = torch.randn(512, 1024, generator=g).to("cuda", torch.bfloat16)
+    got = deepport.moe_dispatch_expanded(x, idx, weights, 64, backend="triton")
+    want = deepport.moe_dispatch_expanded(x, idx, weights, 64, backend="torch")
+    assert torch.equal(got.recv_x.view(torch.int16), want.recv_x.view(torch.int16))
+    assert torch.equal(got.m_indices, want.m_indices)
+    y = torch.randn(got.recv_x.shape, generator=g).to("cuda", torch.bfloat16)
+    out = deepport.moe_combine_expanded(y, got.handle, backend="triton")
+    ref = deepport.moe_combine_expanded(y, want.handle, backend="torch")
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2**-8, atol=0)
+
+
+def test_moe_fp8_cast_is_bit_exact_with_torch_on_cuda() -> None:
+    from deepport.backends.torch import moe_local
+    from deepport.backends.triton import moe_permute
+
+    x = (torch.randn(256, 7168, generator=torch.Generator().manual_seed(1)) * 5).to("cuda", torch.bfloat16)
+    data, scales = moe_permute.cast_fp8(x)
+    ref_data, ref_scales = moe_local.cast_fp8(x)
+    assert torch.equal(scales, ref_scales)
+    assert torch.equal(data.view(torch.uint8), ref_data.view(torch.uint8))

@@ -122,9 +122,34 @@ def _counts(kernel: Any) -> dict[str, int]:
             "shared": int(kernel.metadata.shared), "sm_90a": int(".target sm_90a" in ptx)}
 
 
+def moe_lowering_report() -> dict[str, dict[str, int]]:
+    """Compile the MoE kernels for sm_90a; count the e4m3 conversions of the FP8 cast."""
+    from deepport.backends.triton import moe_permute_kernels as k
+
+    kernels = {
+        "layout": compile_for(k.moe_layout_count_kernel, dict(
+            idx_ptr=Ptr("i64"), per_rank_ptr=Ptr("i32"), per_expert_ptr=Ptr("i32"), in_rank_ptr=Ptr("u8"),
+            num_tokens=4096, num_topk=8, experts_per_rank=32, num_ranks=8, BLOCK_T=64, BLOCK_K=8)),
+        "place_rows": compile_for(k.moe_place_rows_kernel, dict(
+            src_ptr=Ptr("i16"), index_ptr=Ptr("i64"), dst_ptr=Ptr("i16"), rows_per_group=4096, num_cols=7168,
+            stride_src=7168, stride_dg=0, stride_dr=7168, stride_dc=1, ZERO_MISSING=True, BLOCK_C=4096)),
+        "weighted_rows": compile_for(k.moe_weighted_rows_kernel, dict(
+            y_ptr=Ptr("bf16"), src_pos_ptr=Ptr("i64"), weight_ptr=Ptr("fp32"), seg_ptr=Ptr("i64"),
+            out_ptr=Ptr("fp32"), num_cols=7168, stride_y=7168, BLOCK_C=4096)),
+        "cast_fp8": compile_for(k.moe_cast_fp8_kernel, dict(
+            x_ptr=Ptr("bf16"), q_ptr=Ptr("fp8e4nv"), scale_ptr=Ptr("fp32"), hidden=7168, fp8_max=448.0,
+            amax_floor=1e-4, STORE_FP32=False)),
+    }
+    report = {name: _counts(kernel) for name, kernel in kernels.items()}
+    report["cast_fp8"]["e4m3_cvt"] = kernels["cast_fp8"].asm["ptx"].count("e4m3x2.f32")
+    return report
+
+
 if __name__ == "__main__":
     import json
     import sys
 
     if sys.argv[1:] == ["mla"]:
         print(json.dumps(mla_lowering_report()))
+    elif sys.argv[1:] == ["moe"]:
+        print(json.dumps(moe_lowering_report()))
