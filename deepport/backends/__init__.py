@@ -7,5 +7,6 @@ copy ``_template/`` (not registered) and follow its walk-through."""
 BUILTIN: tuple[str, ...] = (
     "deepport.backends.reference",
     "deepport.backends.torch",
+    "deepport.backends.triton",
     "deepport.backends.hopper",
 )
