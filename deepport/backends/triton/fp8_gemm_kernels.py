@@ -26,7 +26,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-BLOCK_K = 128
+BLOCK_K = tl.constexpr(128)
 """K elements per scale factor and per main-loop step (``gran_k``)."""
 
 
@@ -121,7 +121,7 @@ def fp8_gemm_nt_kernel(a, b, sfa, sfb, c, out, M, N, K,
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_b = offs_n % N
-    if SFB_SCALAR:
+    if SFB_SCALAR:  # noqa: SIM108 (a constexpr branch: only one side is compiled)
         sfb_rows = (pid_n * BLOCK_N) // GRAN_N
     else:
         sfb_rows = rows_b // GRAN_N
@@ -166,11 +166,11 @@ def m_grouped_fp8_gemm_nt_contiguous_kernel(
     g = tl.maximum(group, 0)
     kb_hi = tl.where(group >= 0, tl.cdiv(K, BLOCK_K), 0)
     rows_b = offs_n % N
-    if SFB_SCALAR:
+    if SFB_SCALAR:  # noqa: SIM108 (a constexpr branch: only one side is compiled)
         sfb_rows = (pid_n * BLOCK_N) // GRAN_N
     else:
         sfb_rows = rows_b // GRAN_N
-    if USE_TMA:
+    if USE_TMA:  # noqa: SIM108 (a constexpr branch: only one side is compiled)
         b_g = b
     else:
         b_g = b + g.to(tl.int64) * s_bg
@@ -213,7 +213,7 @@ def m_grouped_fp8_gemm_nt_masked_kernel(
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rows_b = offs_n % N
-        if SFB_SCALAR:
+        if SFB_SCALAR:  # noqa: SIM108 (a constexpr branch: only one side is compiled)
             sfb_rows = (pid_n * BLOCK_N) // GRAN_N
         else:
             sfb_rows = rows_b // GRAN_N

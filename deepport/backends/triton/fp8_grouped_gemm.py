@@ -69,7 +69,7 @@ def launch_contiguous(call: ContiguousCall, out: torch.Tensor, config: fp8_confi
 
 def run_masked(call: MaskedCall, out: torch.Tensor) -> None:
     device = call.signature.device
-    g, n, k = (int(s) for s in call.b.data.shape)
+    _, n, k = (int(s) for s in call.b.data.shape)
     config = fp8_configs.choose(fp8_configs.MASKED, device.name, device.multiprocessors, call.expected_m, n, k)
     launch_masked(call, out, config)
 
