@@ -33,8 +33,10 @@ class GemmConfig:
     ``block_m`` x ``block_n`` output tile (K steps are 128, one scale block), ``num_warps`` and
     ``num_stages`` (software-pipelining depth of the K loop), ``group_m`` M tiles that sweep N together,
     ``split_k`` slices of the K blocks (dense only; > 1 adds a reduction kernel; 0 = choose from the
-    shape), ``tma``: load operands through tensor descriptors where their layout allows, ``waves``:
-    persistent programs per multiprocessor (masked kernel).
+    shape), ``split_n``: 2 computes each tile as two halves along N with one accumulator each (fewer
+    registers per thread), ``tma``: load operands through tensor descriptors where their layout allows,
+    ``waves``: persistent programs per multiprocessor (masked kernel), ``maxnreg``: a register cap per
+    thread (``None``: the compiler's choice).
     """
 
     block_m: int
@@ -45,12 +47,23 @@ class GemmConfig:
     split_k: int = 1
     tma: bool = True
     waves: int = 2
+    split_n: int = 1
+    maxnreg: int | None = None
 
     @property
     def label(self) -> str:
         split = "auto" if self.split_k == 0 else str(self.split_k)
-        return (f"m{self.block_m}n{self.block_n}w{self.num_warps}s{self.num_stages}g{self.group_m}k{split}"
-                f"{'tma' if self.tma else 'ptr'}")
+        halves = "x2" if self.split_n == 2 else ""
+        regs = f"r{self.maxnreg}" if self.maxnreg else ""
+        return (f"m{self.block_m}n{self.block_n}{halves}w{self.num_warps}s{self.num_stages}g{self.group_m}k{split}"
+                f"{'tma' if self.tma else 'ptr'}{regs}")
+
+    def launch_options(self) -> dict[str, int]:
+        """``num_warps``, ``num_stages`` (and ``maxnreg``) for a Triton launch."""
+        found = {"num_warps": self.num_warps, "num_stages": self.num_stages}
+        if self.maxnreg:
+            found["maxnreg"] = self.maxnreg
+        return found
 
 
 def m_bucket(m: int) -> str:

@@ -16,6 +16,7 @@ import torch
 from deepport.backends.triton import fp8_configs
 from deepport.backends.triton.fp8_gemm_kernels import fp8_gemm_nt_kernel, splitk_reduce_kernel
 from deepport.backends.triton.fp8_launch import operand, staged, unstage
+from deepport.backends.triton.fp8_support import interpreting
 from deepport.kernels._fp8_checks import SF_UE8M0
 from deepport.kernels.fp8_gemm import FP8GemmCall
 from deepport.kernels.fp8_layout import ceil_div
@@ -37,13 +38,15 @@ def launch(call: FP8GemmCall, out: torch.Tensor, config: fp8_configs.GemmConfig)
         return
     bm, bn = config.block_m, config.block_n
     split = config.split_k or fp8_configs.auto_split_k(m, n, k, config, call.signature.device.multiprocessors)
-    a_desc, b_desc = operand(call.a, bm, config.tma), operand(call.b, bn, config.tma)
+    a_desc, b_desc = operand(call.a, bm, config.tma), operand(call.b, bn // config.split_n, config.tma)
     use_tma = a_desc is not None and b_desc is not None
     a, b = (a_desc, b_desc) if use_tma else (call.a, call.b)
     sfa, sfb = call.sfa, call.sfb
+    # float32 results take bfloat16 MMAs (exact float32 accumulation); the interpreter's e4m3 dot is exact
+    precise = out.dtype == torch.float32 and not interpreting()
     flags = dict(GRAN_N=call.gran_n, UE8M0=call.sf_format == SF_UE8M0, USE_TMA=use_tma, EVEN_K=k % 128 == 0,
-                 SFB_SCALAR=call.gran_n % bn == 0, SPLIT_K=split, BLOCK_M=bm, BLOCK_N=bn, GROUP_M=config.group_m,
-                 num_warps=config.num_warps, num_stages=config.num_stages)
+                 SFB_SCALAR=call.gran_n % bn == 0, PRECISE=precise, SPLIT_K=split, SPLIT_N=config.split_n,
+                 BLOCK_M=bm, BLOCK_N=bn, GROUP_M=config.group_m, **config.launch_options())
     grid = (ceil_div(m, bm) * ceil_div(n, bn), split)
     target = staged(out)
     if split == 1:

@@ -28,13 +28,13 @@ from deepport.kernels.fp8_layout import ceil_div, get_mk_alignment_for_contiguou
 
 def _flags(b: ScaledOperand, k: int, use_tma: bool, config: fp8_configs.GemmConfig) -> dict[str, object]:
     return dict(GRAN_N=b.gran_mn, UE8M0=b.sf_format == SF_UE8M0, USE_TMA=use_tma, EVEN_K=k % 128 == 0,
-                SFB_SCALAR=b.gran_mn % config.block_n == 0, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-                num_warps=config.num_warps, num_stages=config.num_stages)
+                SFB_SCALAR=b.gran_mn % config.block_n == 0, SPLIT_N=config.split_n, BLOCK_M=config.block_m,
+                BLOCK_N=config.block_n, **config.launch_options())
 
 
 def _b_operand(b: torch.Tensor, config: fp8_configs.GemmConfig) -> object | None:
     flat = rows_view(b)
-    return None if flat is None else operand(flat, config.block_n, config.tma)
+    return None if flat is None else operand(flat, config.block_n // config.split_n, config.tma)
 
 
 def run_contiguous(call: ContiguousCall, out: torch.Tensor) -> None:
