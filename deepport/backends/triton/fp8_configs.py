@@ -75,10 +75,42 @@ def m_bucket(m: int) -> str:
 
 
 _C = GemmConfig
-# Measured on the H200 (see the module docstring); keys (bucket, N, K).
-_H200_DENSE: Mapping[tuple[str, int, int], GemmConfig] = MappingProxyType({})
-_H200_CONTIGUOUS: Mapping[tuple[str, int, int], GemmConfig] = MappingProxyType({})
-_H200_MASKED: Mapping[tuple[str, int, int], GemmConfig] = MappingProxyType({})
+_X2 = dict(split_n=2, maxnreg=128)  # two 64-wide halves, 128 registers: two 8-warp programs per multiprocessor
+# Measured on an H200 (132 SMs, triton 3.6, 2026-12-01; benchmarks/results/2026-12-01-h200-triton-gemm/):
+# the fastest configuration of the sweep per shape, every one checked against float64 first.
+_H200_DENSE: Mapping[tuple[str, int, int], GemmConfig] = MappingProxyType({
+    ("m<=64", 2112, 7168): _C(64, 64, 4, 5, split_k=4),
+    ("m<=64", 576, 7168): _C(64, 64, 4, 5, split_k=8),
+    ("m<=64", 24576, 1536): _C(64, 128, 4, 4),
+    ("m<=64", 32768, 512): _C(64, 128, 4, 4),
+    ("m<=64", 7168, 16384): _C(64, 128, 4, 4, split_k=3),
+    ("m<=64", 4096, 7168): _C(64, 64, 4, 5, split_k=3),
+    ("m<=64", 7168, 2048): _C(64, 64, 4, 5),
+    ("m<=128", 2112, 7168): _C(64, 64, 4, 5, split_k=2),
+    ("m<=128", 576, 7168): _C(64, 64, 4, 5, split_k=8),
+    ("m<=128", 24576, 1536): _C(64, 128, 4, 3, tma=False),
+    ("m<=128", 32768, 512): _C(64, 128, 4, 4),
+    ("m<=128", 7168, 16384): _C(64, 64, 4, 5),
+    ("m<=128", 4096, 7168): _C(64, 128, 4, 4, split_k=3),
+    ("m<=128", 7168, 2048): _C(64, 64, 4, 5),
+    ("m<=1024", 4096, 7168): _C(128, 128, 8, 3, **_X2),
+    ("m<=1024", 7168, 2048): _C(128, 128, 8, 3, **_X2),
+    ("large", 2112, 7168): _C(128, 128, 8, 4),
+    ("large", 576, 7168): _C(64, 128, 4, 3, tma=False),
+    ("large", 24576, 1536): _C(128, 128, 8, 3, **_X2),
+    ("large", 32768, 512): _C(64, 128, 4, 3),
+    ("large", 7168, 16384): _C(128, 128, 8, 3, **_X2),
+    ("large", 4096, 7168): _C(128, 128, 8, 3, **_X2),
+    ("large", 7168, 2048): _C(128, 128, 8, 3, **_X2),
+})
+_H200_CONTIGUOUS: Mapping[tuple[str, int, int], GemmConfig] = MappingProxyType({  # bucket of M_sum / G
+    ("large", 4096, 7168): _C(128, 128, 8, 3, split_n=2),
+    ("large", 7168, 2048): _C(128, 128, 8, 3, **_X2),
+})
+_H200_MASKED: Mapping[tuple[str, int, int], GemmConfig] = MappingProxyType({  # bucket of expected_m
+    ("m<=1024", 4096, 7168): _C(64, 128, 4, 4, waves=3),
+    ("m<=1024", 7168, 2048): _C(64, 128, 4, 3, waves=3),
+})
 
 TUNED: Mapping[str, Mapping[str, Mapping[tuple[str, int, int], GemmConfig]]] = MappingProxyType({
     "NVIDIA H200": MappingProxyType({DENSE: _H200_DENSE, CONTIGUOUS: _H200_CONTIGUOUS, MASKED: _H200_MASKED}),
@@ -87,12 +119,15 @@ TUNED: Mapping[str, Mapping[str, Mapping[tuple[str, int, int], GemmConfig]]] = M
 
 
 def default_config(kind: str, m: int) -> GemmConfig:
-    """The configuration of a GPU or shape with no tuned entry (``m``: rows, or masked's expected_m)."""
-    if m <= 64:
-        return _C(64, 128, num_warps=4, num_stages=4, split_k=0 if kind == DENSE else 1)
-    if m <= 128 and kind == DENSE:
-        return _C(64, 128, num_warps=4, num_stages=4, split_k=0)
-    return _C(128, 128, num_warps=8, num_stages=4)
+    """The configuration of a GPU or shape with no tuned entry (``m``: rows, or masked's expected_m): the
+    H200 sweep's most frequent winner per kind and M range, without settings tied to one chip."""
+    if kind == MASKED:
+        return _C(64, 128, 4, 4, waves=3)
+    if kind == DENSE and m <= 64:
+        return _C(64, 64, 4, 5, split_k=0)
+    if kind == DENSE and m <= 128:
+        return _C(64, 128, 4, 4, split_k=0)
+    return _C(128, 128, 8, 4)
 
 
 def auto_split_k(m: int, n: int, k: int, config: GemmConfig, multiprocessors: int) -> int:
