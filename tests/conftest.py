@@ -7,6 +7,7 @@ zeros, so a test can see which backend ran (or that none did) without trusting d
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -101,6 +102,7 @@ def mla_inputs() -> Callable[..., MLAInputs]:
 
 @pytest.fixture
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No backend or value-check setting inherited from the caller's environment (opt in per module)."""
-    for var in ("DEEPPORT_BACKEND", "DEEPPORT_BACKEND_MLA_DECODE", "DEEPPORT_CHECK_VALUES"):
+    """No ``DEEPPORT_*`` setting (backend choices for any op, value checks ...) inherited from the caller's
+    environment (opt in per module)."""
+    for var in [v for v in os.environ if v.startswith("DEEPPORT_")]:
         monkeypatch.delenv(var, raising=False)

@@ -19,8 +19,6 @@ if not torch.cuda.is_available():  # the interpreter must be on before the kerne
 pytest.importorskip("triton")
 
 import deepport
-from deepport.backends.reference.fp8_gemm import reference_f64
-from deepport.backends.reference.fp8_grouped_gemm import contiguous_f64, masked_rows_f64
 from deepport.backends.triton import fp8_configs
 from deepport.backends.triton import fp8_gemm as triton_dense
 from deepport.backends.triton import fp8_grouped_gemm as triton_grouped
@@ -30,6 +28,8 @@ from deepport.dispatch import registry
 from deepport.dispatch.device import DeviceInfo
 from deepport.kernels import fp8_gemm as op
 from deepport.kernels import fp8_grouped_gemm as grouped
+from deepport.kernels.f64.fp8_gemm import reference_f64
+from deepport.kernels.f64.fp8_grouped_gemm import contiguous_f64, masked_rows_f64
 from deepport.kernels.fp8_layout import (
     get_mn_major_tma_aligned_packed_ue8m0_tensor,
     get_mn_major_tma_aligned_tensor,

@@ -17,7 +17,7 @@ from deepport.dispatch.device import DeviceInfo
 from deepport.errors import InvalidArgumentError
 from deepport.kernels import _checks as chk
 from deepport.kernels import moe_args
-from deepport.kernels.moe_args import Alloc, MoEGroup, MoEInput, MoESignature
+from deepport.kernels.moe_args import Alloc, MoEGroup, MoEImpl, MoEInput, MoESignature
 from deepport.kernels.moe_handle import MoELowLatencyHandle
 
 OP = "moe_low_latency_dispatch"
@@ -81,7 +81,8 @@ def moe_low_latency_dispatch(
     """
     call = bind(x, topk_idx, max_tokens_per_rank, num_experts, group=group, use_fp8=use_fp8, alloc=alloc)
     chosen, _ = selection.choose(OP, call.signature, backend)
-    result: MoELowLatencyDispatchResult = chosen.implementation(OP)(call)
+    run: MoEImpl[MoELowLatencyDispatchCall, MoELowLatencyDispatchResult] = chosen.implementation(OP)
+    result = run(call)
     return result
 
 

@@ -75,7 +75,8 @@ def m_bucket(m: int) -> str:
 
 
 _C = GemmConfig
-_X2 = dict(split_n=2, maxnreg=128)  # two 64-wide halves, 128 registers: two 8-warp programs per multiprocessor
+# 128x128 tiles as two 64-wide halves capped at 128 registers per thread: two 8-warp programs per SM
+_HALVES = _C(128, 128, 8, 3, split_n=2, maxnreg=128)
 # Measured on an H200 (132 SMs, triton 3.6, 2026-12-01; benchmarks/results/2026-12-01-h200-triton-gemm/):
 # the fastest configuration of the sweep per shape, every one checked against float64 first.
 _H200_DENSE: Mapping[tuple[str, int, int], GemmConfig] = MappingProxyType({
@@ -93,19 +94,19 @@ _H200_DENSE: Mapping[tuple[str, int, int], GemmConfig] = MappingProxyType({
     ("m<=128", 7168, 16384): _C(64, 64, 4, 5),
     ("m<=128", 4096, 7168): _C(64, 128, 4, 4, split_k=3),
     ("m<=128", 7168, 2048): _C(64, 64, 4, 5),
-    ("m<=1024", 4096, 7168): _C(128, 128, 8, 3, **_X2),
-    ("m<=1024", 7168, 2048): _C(128, 128, 8, 3, **_X2),
+    ("m<=1024", 4096, 7168): _HALVES,
+    ("m<=1024", 7168, 2048): _HALVES,
     ("large", 2112, 7168): _C(128, 128, 8, 4),
     ("large", 576, 7168): _C(64, 128, 4, 3, tma=False),
-    ("large", 24576, 1536): _C(128, 128, 8, 3, **_X2),
+    ("large", 24576, 1536): _HALVES,
     ("large", 32768, 512): _C(64, 128, 4, 3),
-    ("large", 7168, 16384): _C(128, 128, 8, 3, **_X2),
-    ("large", 4096, 7168): _C(128, 128, 8, 3, **_X2),
-    ("large", 7168, 2048): _C(128, 128, 8, 3, **_X2),
+    ("large", 7168, 16384): _HALVES,
+    ("large", 4096, 7168): _HALVES,
+    ("large", 7168, 2048): _HALVES,
 })
 _H200_CONTIGUOUS: Mapping[tuple[str, int, int], GemmConfig] = MappingProxyType({  # bucket of M_sum / G
     ("large", 4096, 7168): _C(128, 128, 8, 3, split_n=2),
-    ("large", 7168, 2048): _C(128, 128, 8, 3, **_X2),
+    ("large", 7168, 2048): _HALVES,
 })
 _H200_MASKED: Mapping[tuple[str, int, int], GemmConfig] = MappingProxyType({  # bucket of expected_m
     ("m<=1024", 4096, 7168): _C(64, 128, 4, 4, waves=3),

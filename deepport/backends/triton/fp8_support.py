@@ -13,8 +13,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import torch
-
+from deepport.backends import dtypes
 from deepport.dispatch import OpSupport, Requirement
 
 MIN_CAPABILITY = (8, 9)
@@ -41,20 +40,21 @@ FP8_DEVICE = Requirement(
     "an NVIDIA GPU with FP8 tensor cores (compute capability >= 8.9), or the CPU under TRITON_INTERPRET=1",
     _fp8_device)
 
-_E4M3 = frozenset({torch.float8_e4m3fn})
 _KINDS = frozenset({"cuda", "cpu"})
-
-
-def _support(op: str, entry: str) -> OpSupport:
-    return OpSupport(op=op, entry=entry, dtypes=_E4M3, device_kinds=_KINDS, requirements=(FP8_DEVICE,))
-
+_REQUIRES = (FP8_DEVICE,)
 
 FP8_OPS: tuple[OpSupport, ...] = (
-    _support("fp8_gemm_nt", "deepport.backends.triton.fp8_gemm:run"),
-    _support("fp8_gemm_nn", "deepport.backends.triton.fp8_gemm:run"),
-    _support("fp8_gemm_tn", "deepport.backends.triton.fp8_gemm:run"),
-    _support("fp8_gemm_tt", "deepport.backends.triton.fp8_gemm:run"),
-    _support("m_grouped_fp8_gemm_nt_contiguous", "deepport.backends.triton.fp8_grouped_gemm:run_contiguous"),
-    _support("m_grouped_fp8_gemm_nt_masked", "deepport.backends.triton.fp8_grouped_gemm:run_masked"),
+    OpSupport(op="fp8_gemm_nt", entry="deepport.backends.triton.fp8_gemm:run", dtypes=dtypes.FP8,
+              device_kinds=_KINDS, requirements=_REQUIRES),
+    OpSupport(op="fp8_gemm_nn", entry="deepport.backends.triton.fp8_gemm:run", dtypes=dtypes.FP8,
+              device_kinds=_KINDS, requirements=_REQUIRES),
+    OpSupport(op="fp8_gemm_tn", entry="deepport.backends.triton.fp8_gemm:run", dtypes=dtypes.FP8,
+              device_kinds=_KINDS, requirements=_REQUIRES),
+    OpSupport(op="fp8_gemm_tt", entry="deepport.backends.triton.fp8_gemm:run", dtypes=dtypes.FP8,
+              device_kinds=_KINDS, requirements=_REQUIRES),
+    OpSupport(op="m_grouped_fp8_gemm_nt_contiguous", entry="deepport.backends.triton.fp8_grouped_gemm:run_contiguous",
+              dtypes=dtypes.FP8, device_kinds=_KINDS, requirements=_REQUIRES),
+    OpSupport(op="m_grouped_fp8_gemm_nt_masked", entry="deepport.backends.triton.fp8_grouped_gemm:run_masked",
+              dtypes=dtypes.FP8, device_kinds=_KINDS, requirements=_REQUIRES),
 )
 """The FP8 GEMM ops of the Triton backend (the backend's declaration includes these records)."""

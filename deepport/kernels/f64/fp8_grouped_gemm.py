@@ -1,6 +1,6 @@
 """M-grouped block-scaled FP8 GEMMs in NumPy float64: the definition of both grouped layouts.
 
-Each group is the dense op's float64 definition (:func:`deepport.backends.reference.fp8_gemm.fp8_gemm_f64`)
+Each group is the dense op's float64 definition (:func:`deepport.kernels.f64.fp8_gemm.fp8_gemm_f64`)
 on the group's rows and ``B[g]``. Only the rows the op says are read are copied to the host, so
 poison in padding rows or rows past ``masked_m`` never enters.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from deepport.backends.reference.fp8_gemm import fp8_gemm_f64, scale_factors_f64
+from deepport.kernels.f64.fp8_gemm import fp8_gemm_f64, scale_factors_f64
 from deepport.kernels.fp8_grouped_gemm import ContiguousCall, MaskedCall, ScaledOperand
 
 

@@ -1,6 +1,6 @@
 """Dense FP8 GEMM on a CUDA device: the torch backend's cuBLAS ``scaled_mm`` path and its blocked
 fallback, against the float64 reference. Skipped where no GPU is present; run on the device machine:
-``python -m pytest -q -m gpu tests/test_gpu_fp8.py``."""
+``python -m pytest -q -m gpu tests/test_fp8_gemm_gpu.py``."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import deepport
-from deepport.backends.reference.fp8_gemm import reference_f64
 from deepport.backends.torch import fp8_gemm as torch_fp8
 from deepport.conformance.checker import calc_diff
 from deepport.kernels import fp8_gemm as op
+from deepport.kernels.f64.fp8_gemm import reference_f64
 from deepport.kernels.fp8_layout import (
     get_mn_major_tma_aligned_packed_ue8m0_tensor,
     get_mn_major_tma_aligned_tensor,

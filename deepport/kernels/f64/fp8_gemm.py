@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from deepport.backends.reference.f64_products import matmul_nt
 from deepport.kernels._fp8_checks import SF_UE8M0
+from deepport.kernels.f64.products import matmul_nt
 from deepport.kernels.fp8_gemm import FP8GemmCall
 from deepport.kernels.fp8_layout import BLOCK_K, num_k_blocks, unpack_ue8m0
 

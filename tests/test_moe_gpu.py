@@ -1,7 +1,7 @@
 """GPU tests for MoE dispatch/combine: one CUDA device, and 2-rank NCCL (needs 2 GPUs of one host).
 
 Skipped without CUDA (or with fewer GPUs than ranks). On two H200s:
-``python3 -m pytest -q -m gpu tests/test_gpu_moe.py``.
+``python3 -m pytest -q -m gpu tests/test_moe_gpu.py``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """MoE dispatch/combine semantics in one process, on the reference and torch backends.
 
-(The multi-rank semantics are pinned by the conformance suite, run in tests/test_moe_conformance.py.)
+(The multi-rank semantics are pinned by the conformance suite, run in tests/test_moe_suite.py.)
 """
 
 from __future__ import annotations
