@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import deepport
-from deepport.backends.reference.mla_decode import mla_decode_f64
 from deepport.kernels import mla_schedule
+from deepport.kernels.f64.mla_decode import mla_decode_f64
 from deepport.kernels.mla_decode import bind
 
 triton = pytest.importorskip("triton")

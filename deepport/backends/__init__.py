@@ -9,4 +9,5 @@ BUILTIN: tuple[str, ...] = (
     "deepport.backends.torch",
     "deepport.backends.triton",
     "deepport.backends.hopper",
+    "deepport.backends.triton",
 )
