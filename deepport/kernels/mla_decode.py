@@ -114,6 +114,7 @@ def get_mla_metadata(
     seqlens = chk.expect_tensor("cache_seqlens", cache_seqlens)
     chk.expect_dtype("cache_seqlens", seqlens, (torch.int32,))
     chk.expect_ndim("cache_seqlens", seqlens, 1, "[batch]")
+    chk.expect_data("cache_seqlens", seqlens)
     q_rows = chk.expect_int("num_q_tokens_per_head_k", num_q_tokens_per_head_k, minimum=1)
     h_kv = chk.expect_int("num_heads_k", num_heads_k, minimum=1)
     if num_heads_q is not None:
@@ -249,6 +250,7 @@ def bind(
     if metadata is not None:
         _check_metadata_shape(metadata, b, s_q * h_q // h_kv, h_kv, h_q)
 
+    chk.expect_data("q", q)  # every other tensor is on q's device
     max_seqlen = None
     if settings.check_values() and b > 0:
         max_seqlen = _check_index_values(block_table, cache_seqlens, page, num_blocks, metadata)
