@@ -305,7 +305,10 @@ def _check_index_values(block_table: torch.Tensor, cache_seqlens: torch.Tensor, 
     max_blocks = int(block_table.shape[1])
     capacity = max_blocks * page
     used = torch.arange(max_blocks, device=lens.device)[None, :] < ((lens.clamp(min=0) + page - 1) // page)[:, None]
-    bad_ids = used & ((block_table < 0) | (block_table >= num_blocks))
+    out_of_range = block_table < 0
+    if num_blocks <= chk.INT32_MAX:  # a larger bound overflows the int32 comparison; every int32 id is below it
+        out_of_range |= block_table >= num_blocks
+    bad_ids = used & out_of_range
     flags = torch.stack([(lens < 0).any(), (lens > capacity).any(), bad_ids.any(), lens.max()]).cpu()
     if bool(flags[0]):
         i = int(torch.nonzero(lens < 0)[0, 0])
