@@ -290,7 +290,7 @@ def huge_on_meta(data: st.DataObject) -> tuple[Call, str]:
 @fuzz_settings()
 @given(case=moe_cases(), data=st.data())
 def test_every_invalid_call_is_refused_by_name_before_any_backend(case: MoECase, data: st.DataObject) -> None:
-    if data.draw(st.integers(0, 19)) == 0:
+    if data.draw(st.integers(0, 19)) == 7:  # one call in 20 (hypothesis favours the bounds)
         call, name = huge_on_meta(data)
         event(f"huge_on_meta -> {name}")
     else:
@@ -318,7 +318,7 @@ def test_an_allocator_that_hands_out_an_input_or_the_same_memory_twice_is_refuse
     before the backend writes to it, so no input changes."""
     if case.op == "moe_layout":  # takes no allocator
         return
-    calls = data.draw(st.integers(0, 3))
+    calls = data.draw(st.integers(0, 1))
     handed: list[torch.Tensor] = []
 
     def aliasing(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
