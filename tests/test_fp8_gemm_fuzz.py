@@ -14,12 +14,12 @@ from typing import Any
 
 import pytest
 import torch
+from fuzz_support import Call, assert_reaches_backend, assert_refused, fuzz_settings, sharing_memory, strided_last_dim
 from hypothesis import event, given
 from hypothesis import strategies as st
 
 import deepport
 from deepport.kernels.fp8_layout import get_mn_major_tma_aligned_tensor
-from fuzz_support import Call, assert_reaches_backend, assert_refused, fuzz_settings, sharing_memory, strided_last_dim
 
 pytestmark = pytest.mark.usefixtures("clean_env")
 
@@ -93,8 +93,8 @@ def gemm_cases(draw: st.DrawFn) -> GemmCase:
     out = torch.zeros(m, n + pad, dtype=out_dtype)[:, :n]
     c = None
     if out_dtype == torch.float32:
-        c = draw(st.sampled_from([None, "out", "separate"]))
-        c = out if c == "out" else torch.zeros(m, n) if c == "separate" else None
+        accumulate = draw(st.sampled_from([None, "out", "separate"]))
+        c = out if accumulate == "out" else torch.zeros(m, n) if accumulate == "separate" else None
     return GemmCase(layout, m, n, k, a, sfa, b, sfb, out, c, recipe)
 
 
@@ -207,7 +207,7 @@ def huge_on_meta(data: st.DataObject, g: GemmCase) -> tuple[Call, str]:
     sizes, no limit); the call is refused only because meta tensors hold no data."""
     m = data.draw(st.sampled_from([1, 2**17, 2**20]))
     n, k = data.draw(st.sampled_from([(129280, 7168), (2**31 + 1, 128), (7168, 2**31 + 1)]))
-    meta = {"device": "meta"}
+    meta: dict[str, Any] = {"device": "meta"}
     a = torch.empty(m, k, dtype=FP8, **meta)
     sfa = torch.empty(m, ceil_div(k, 128), **meta)
     b = torch.empty(n, k, dtype=FP8, **meta)
@@ -256,7 +256,7 @@ def test_every_invalid_call_is_refused_by_name_before_any_backend(case: GemmCase
     assert_refused(call, name)
 
 
-@fuzz_settings(default=500)
+@fuzz_settings(default=300)
 @given(case=gemm_cases())
 def test_every_valid_call_reaches_the_backend(case: GemmCase) -> None:
     assert_reaches_backend(case.call())

@@ -17,10 +17,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from hypothesis import event, given
-from hypothesis import strategies as st
-
-import deepport
 from fuzz_support import (
     INT32_MAX,
     Call,
@@ -31,6 +27,10 @@ from fuzz_support import (
     sharing_memory,
     strided_last_dim,
 )
+from hypothesis import event, given
+from hypothesis import strategies as st
+
+import deepport
 
 pytestmark = pytest.mark.usefixtures("clean_env")
 
@@ -234,7 +234,7 @@ def bad_scalar(data: st.DataObject, c: MLACase) -> tuple[Call, str]:
     d_qk = int(c.q.shape[3])
     name = data.draw(st.sampled_from(["head_dim_v", "softmax_scale", "causal"]))
     if name == "head_dim_v":
-        value = data.draw(st.sampled_from([0, -1, d_qk + 1, 2**70, float(c.d_v), True, np.int64(c.d_v), None]))
+        value: Any = data.draw(st.sampled_from([0, -1, d_qk + 1, 2**70, float(c.d_v), True, np.int64(c.d_v), None]))
         return c.call().replace(HEAD_DIM_V, value), name
     if name == "softmax_scale":
         value = data.draw(st.sampled_from([math.nan, math.inf, -math.inf, 10**400, "0.1", True, [0.1]]))
@@ -336,7 +336,7 @@ def test_every_invalid_call_is_refused_by_name_before_any_backend(case: MLACase,
     assert_refused(call, name)
 
 
-@fuzz_settings(default=500)
+@fuzz_settings(default=300)
 @given(case=mla_cases())
 def test_every_valid_call_reaches_the_backend(case: MLACase) -> None:
     assert_reaches_backend(case.call())
@@ -344,7 +344,7 @@ def test_every_valid_call_reaches_the_backend(case: MLACase) -> None:
 
 # ---- get_mla_metadata ----------------------------------------------------------------------------------------------
 
-@fuzz_settings(default=500)
+@fuzz_settings(default=300)
 @given(data=st.data(), lens=st.lists(st.integers(0, 4096), max_size=4), rows=st.integers(1, 256),
        h_kv=st.integers(1, 4))
 def test_get_mla_metadata_refuses_each_bad_argument_by_name(data: st.DataObject, lens: list[int], rows: int,
@@ -357,10 +357,12 @@ def test_get_mla_metadata_refuses_each_bad_argument_by_name(data: st.DataObject,
         bad: Any = data.draw(st.sampled_from(["int64", "2d", "meta", "list", "negative"]))
         if bad == "negative" and not lens:
             bad = "2d"
-        args[name] = {"int64": lambda: seqlens.long(), "2d": lambda: seqlens[None], "list": lambda: lens,
-                      "meta": lambda: seqlens.to("meta"),
-                      "negative": lambda: torch.tensor([*lens[:-1], data.draw(st.integers(INT32_MIN, -1))],
-                                                       dtype=torch.int32)}[bad]()
+        makers: dict[str, Callable[[], Any]] = {
+            "int64": lambda: seqlens.long(), "2d": lambda: seqlens[None], "list": lambda: lens,
+            "meta": lambda: seqlens.to("meta"),
+            "negative": lambda: torch.tensor([*lens[:-1], data.draw(st.integers(INT32_MIN, -1))], dtype=torch.int32),
+        }
+        args[name] = makers[bad]()
     elif name in ("num_q_tokens_per_head_k", "num_heads_k", "num_heads_q"):
         args[name] = data.draw(st.sampled_from([0, -3, 1.0, True, "2"]))
     elif name == "is_fp8_kvcache":

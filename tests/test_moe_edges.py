@@ -28,6 +28,7 @@ def test_tokens_routed_nowhere_reach_no_rank_and_combine_to_zero(backend: str) -
     assert not layout.is_token_in_rank.any()
 
     sent = deepport.moe_dispatch(x, idx, w, E, expert_alignment=128, backend=backend)
+    assert isinstance(sent.recv_x, torch.Tensor)
     assert sent.recv_x.shape == (0, H) and sent.num_recv_tokens_per_expert == [0] * E
     combined, weights = deepport.moe_combine(sent.recv_x, sent.handle, sent.recv_topk_weights, backend=backend)
     assert torch.equal(combined, torch.zeros(3, H, dtype=torch.bfloat16))
@@ -52,6 +53,7 @@ def test_a_single_token_goes_to_its_expert_and_comes_back_weighted(backend: str,
     idx = torch.tensor([[expert, -1]])
     w = torch.tensor([[0.5, 0.25]])
     sent = deepport.moe_dispatch(x, idx, w, E, backend=backend)
+    assert isinstance(sent.recv_x, torch.Tensor)
     assert torch.equal(sent.recv_x, x) and sent.num_recv_tokens_per_expert == [int(e == expert) for e in range(E)]
     combined, _ = deepport.moe_combine(sent.recv_x, sent.handle, backend=backend)
     assert torch.equal(combined, x)
@@ -65,7 +67,7 @@ def test_a_single_token_goes_to_its_expert_and_comes_back_weighted(backend: str,
 
     low = deepport.moe_low_latency_dispatch(x, idx, 1, E, use_fp8=False, backend=backend)
     assert low.recv_count.tolist() == [int(e == expert) for e in range(E)]
-    assert torch.equal(low.recv_x[expert, 0], x[0])
+    assert isinstance(low.recv_x, torch.Tensor) and torch.equal(low.recv_x[expert, 0], x[0])
     y = torch.full((E, 1, H), float("nan"), dtype=torch.bfloat16)
     y[expert, 0] = x[0]
     out = deepport.moe_low_latency_combine(y, idx, w, low.handle, backend=backend)

@@ -16,10 +16,6 @@ from typing import Any
 
 import pytest
 import torch
-from hypothesis import event, given
-from hypothesis import strategies as st
-
-import deepport
 from fuzz_support import (
     INT32_MAX,
     Call,
@@ -30,6 +26,10 @@ from fuzz_support import (
     non_contiguous,
     snapshot,
 )
+from hypothesis import event, given
+from hypothesis import strategies as st
+
+import deepport
 
 pytestmark = pytest.mark.usefixtures("clean_env")
 
@@ -252,15 +252,16 @@ def unexpected_for_cached(name: str) -> BadValue:
 
 
 COMMON = {"group": bad_group, "alloc": bad_alloc}
+BAD_ALIGNMENT = bad_int("expert_alignment", 2**31, 2**62)  # past int32
 ARGUMENTS: dict[str, dict[str, BadValue]] = {
     "moe_layout": {"topk_idx": bad_topk_idx, "num_experts": bad_num_experts, "num_ranks": bad_int("num_ranks")},
     "moe_dispatch": {"x": bad_payload, "topk_idx": bad_topk_idx, "topk_weights": bad_weights,
-                     "num_experts": bad_num_experts, "expert_alignment": bad_int("expert_alignment", 2**31, 2**62), **COMMON},
+                     "num_experts": bad_num_experts, "expert_alignment": BAD_ALIGNMENT, **COMMON},
     "moe_dispatch_cached": {"x": bad_payload, "handle": bad_handle, "group": bad_group, "alloc": bad_alloc,
                             **{n: unexpected_for_cached(n) for n in ("topk_idx", "topk_weights", "num_experts")}},
     "moe_combine": {"x": bad_payload, "handle": bad_handle, "topk_weights": bad_weights, "alloc": bad_alloc},
     "moe_dispatch_expanded": {"x": bad_payload, "topk_idx": bad_topk_idx, "topk_weights": bad_weights,
-                              "num_experts": bad_num_experts, "expert_alignment": bad_int("expert_alignment", 2**31, 2**62),
+                              "num_experts": bad_num_experts, "expert_alignment": BAD_ALIGNMENT,
                               **COMMON},
     "moe_combine_expanded": {"y": bad_payload, "handle": bad_handle, "alloc": bad_alloc},
     "moe_low_latency_dispatch": {"x": bad_payload, "topk_idx": bad_topk_idx, "max_tokens_per_rank": bad_t_max,
@@ -302,7 +303,7 @@ def test_every_invalid_call_is_refused_by_name_before_any_backend(case: MoECase,
     assert_refused(call, name)
 
 
-@fuzz_settings(default=500)
+@fuzz_settings(default=300)
 @given(case=moe_cases())
 def test_every_valid_call_reaches_the_backend(case: MoECase) -> None:
     assert_reaches_backend(case.call())
@@ -324,7 +325,7 @@ def test_an_allocator_that_hands_out_an_input_or_the_same_memory_twice_is_refuse
     def aliasing(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         t = torch.zeros(shape, dtype=dtype)
         if len(handed) == calls and t.numel() > 0:
-            source = handed[0] if handed and data.draw(st.booleans()) else None
+            source = handed[0] if len(handed) > 0 and data.draw(st.booleans()) else None
             if source is None:
                 inputs = [x for x in snapshot(case.call()) if x[0].numel() > 0]
                 source = inputs[0][0] if inputs else None
