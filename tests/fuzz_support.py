@@ -30,7 +30,7 @@ from hypothesis import HealthCheck, settings
 from deepport.dispatch import Backend
 from deepport.errors import DeepportError, InvalidArgumentError
 
-DEFAULT_EXAMPLES = 1500
+DEFAULT_EXAMPLES = 1000
 INT32_MAX = 2**31 - 1
 
 
