@@ -11,17 +11,13 @@ import torch
 
 from deepport.backends.torch.moe_comm import all_to_all_rows
 from deepport.backends.torch.moe_routes import return_rows, route, selection_mask, send_tokens
+from deepport.kernels.fp8_layout import amax_scales
 from deepport.kernels.moe_args import FP8, FP8_BLOCK, align_up
 from deepport.kernels.moe_combine_expanded import MoEExpandedCombineCall
 from deepport.kernels.moe_dispatch_expanded import MoEExpandedDispatchCall, MoEExpandedDispatchResult
 from deepport.kernels.moe_handle import MoEExpandedHandle, MoEHandle, MoELowLatencyHandle
 from deepport.kernels.moe_low_latency_combine import MoELowLatencyCombineCall
-from deepport.kernels.moe_low_latency_dispatch import (
-    AMAX_FLOOR,
-    FP8_MAX,
-    MoELowLatencyDispatchCall,
-    MoELowLatencyDispatchResult,
-)
+from deepport.kernels.moe_low_latency_dispatch import MoELowLatencyDispatchCall, MoELowLatencyDispatchResult
 
 
 def _pairs(local_idx: torch.Tensor, num_local: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -90,13 +86,13 @@ def combine_expanded(call: MoEExpandedCombineCall) -> torch.Tensor:
 
 
 def cast_per_token_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """bf16 ``[T, H]`` -> (e4m3 ``[T, H]``, fp32 scales ``[T, H/128]``): per 128 channels
-    ``amax = max(|x|, 1e-4)``, ``scale = amax / 448``, ``fp8 = x * (448 / amax)``."""
+    """bf16 ``[T, H]`` -> (e4m3 ``[T, H]``, fp32 scales ``[T, H/128]``), DeepEP's rule bit for bit (the
+    op's docstring): ``scale = float32(amax * float32(1/448))``, ``fp8 = e4m3(float32(x * (448 / amax)))``."""
     t, hidden = int(x.shape[0]), int(x.shape[1])
     blocks = x.to(torch.float32).view(t, hidden // FP8_BLOCK, FP8_BLOCK)
-    amax = blocks.abs().amax(dim=2).clamp(min=AMAX_FLOOR)
-    data = (blocks * (FP8_MAX / amax)[:, :, None]).to(FP8).view(t, hidden)
-    return data, amax / FP8_MAX
+    scale, multiplier = amax_scales(blocks.abs().amax(dim=2))
+    data = (blocks * multiplier[:, :, None]).to(FP8).view(t, hidden)
+    return data, scale
 
 
 def dispatch_low_latency(call: MoELowLatencyDispatchCall) -> MoELowLatencyDispatchResult:
