@@ -1,5 +1,6 @@
 """Backends for tests/test_isolation.py that a spawned worker can import by module path
-(``isolation_backends:BACKENDS``): one kills its process, one hangs."""
+(``isolation_backends:BACKENDS``): one kills its process, one hangs; and the exploit corpus's
+output-rebinding cheats (``isolation_backends:REBINDS``) for tests/test_exploits.py."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import time
 
 import torch
 
+from deepport.conformance.exploits import exploit
 from deepport.dispatch import Backend, OpSupport
 from deepport.kernels.mla_decode import MLADecodeCall
 
@@ -33,3 +35,5 @@ BACKENDS = (
     _backend("test_crash", "isolation_backends:crash"),
     _backend("test_hang", "isolation_backends:hang"),
 )
+
+REBINDS = (exploit("rebinds_outputs"), exploit("fp8_rebinds_output"))
