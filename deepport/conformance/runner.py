@@ -34,7 +34,8 @@ from deepport.conformance.calibration import calibrate
 from deepport.conformance.call import CallOutcome, call_backend, inputs_sha256, tensor_sha256
 from deepport.conformance.case import TIERS, Case
 from deepport.conformance.checker import check_exact, check_output
-from deepport.conformance.isolation import BackendWorker, load_plugins
+from deepport.conformance.isolation import BackendWorker
+from deepport.conformance.plugins import load_plugins
 from deepport.conformance.results import CaseResult, Status, SuiteRun
 from deepport.conformance.suites import SUITES
 from deepport.conformance.tolerance import Tolerance, exact_output_name, tolerance
