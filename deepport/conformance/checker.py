@@ -39,9 +39,16 @@ def to_float64(t: torch.Tensor) -> np.ndarray:
 
 
 def check_output(name: str, got: object, reference: np.ndarray, *, dtype: torch.dtype,
-                 device: torch.device, tol: Tolerance) -> OutputCheck:
-    """Check ``got`` against ``reference`` (float64, the exact answer before output rounding)."""
+                 device: torch.device, tol: Tolerance, elementwise: np.ndarray | None = None) -> OutputCheck:
+    """Check ``got`` against ``reference`` (float64, the exact answer before output rounding).
+
+    ``elementwise`` (the reference's shape) is the per-element absolute term of a tolerance that has one
+    (``tol.elementwise``: the suite computes it from the inputs); it is added to ``atol + rtol * |r|``."""
     result = OutputCheck(name)
+    if tol.elementwise is not None and (elementwise is None or elementwise.shape != reference.shape):
+        result.failures.append(f"{name}: the tolerance needs the suite's {tol.elementwise!r} bound of shape "
+                               f"{reference.shape}, got {None if elementwise is None else elementwise.shape}")
+        return result
     # 1. exact structure: a plain tensor (no subclass, no lazy object) of the declared dtype, shape, device
     if type(got) is not torch.Tensor:
         result.failures.append(f"{name}: expected a plain torch.Tensor, got {type(got).__name__}")
@@ -64,6 +71,9 @@ def check_output(name: str, got: object, reference: np.ndarray, *, dtype: torch.
     atol = tol.atol(reference)
     err = np.abs(av - rv)
     bound = atol + tol.rtol * np.abs(rv)
+    if elementwise is not None and tol.elementwise is not None:
+        bound = bound + elementwise[finite]
+        result.metrics["max_elementwise_bound"] = float(elementwise.max()) if elementwise.size else 0.0
     bad = err > bound
     result.metrics.update(
         elements=int(reference.size), compared=int(rv.size), atol=atol, rtol=tol.rtol,
@@ -75,9 +85,11 @@ def check_output(name: str, got: object, reference: np.ndarray, *, dtype: torch.
     if bad.any():
         full_index = np.argwhere(finite)[int(np.argmax(err - bound))].tolist()
         worst = tuple(full_index)
+        extra = "" if elementwise is None or tol.elementwise is None else \
+            f" + {tol.elementwise} (here {float(elementwise[worst]):.3g})"
         result.failures.append(
             f"{name}: {int(bad.sum())}/{rv.size} elements ({100.0 * bad.mean():.3g}%) outside "
-            f"atol={atol:.3g} + rtol={tol.rtol:.3g}*|ref|; worst at {list(worst)}: got {float(a[worst])!r}, "
+            f"atol={atol:.3g} + rtol={tol.rtol:.3g}*|ref|{extra}; worst at {list(worst)}: got {float(a[worst])!r}, "
             f"expected {float(reference[worst])!r}")
     # 4. global difference on the finite values
     diff = calc_diff(av, rv)

@@ -1,10 +1,10 @@
 """Conformance cases, input generator and references for the dense FP8 GEMMs ``fp8_gemm_{nt,nn,tn,tt}``.
 
-Generator (version 1), from ``numpy.random.Generator(PCG64(seed))``:
+Generator (version 2), from ``numpy.random.Generator(PCG64(seed))``:
 
 - values: ``x`` ``[M, K]`` and ``w`` ``[N, K]`` ~ N(0, 1) rounded to bfloat16 (DeepGEMM's test data);
   ``values="outliers"``: one element in 512 (of ``x`` and ``w``) multiplied by ``+-U(4, 16)``, so block
-  amaxes (and the float32 scales ``amax / 448``) vary; ``values="wide"``: every row of ``x`` multiplied by
+  amaxes (and the float32 scales ``amax * float32(1/448)``) vary; ``values="wide"``: every row of ``x`` multiplied by
   ``2**U(-4, 4)``, so its scales span 8 binades. Heavier outliers or wider rows leave outputs dominated by
   a few elements, and the unquantized reference's ``calc_diff`` (mean ~7e-4 for e4m3, bound 1e-3) too
   noisy to judge: sizes and data were chosen so its maximum over 150 seeds stays below ~8.5e-4. UE8M0
@@ -37,11 +37,12 @@ import torch
 import deepport
 from deepport.backends.reference.f64_products import matmul_nt
 from deepport.backends.reference.fp8_gemm import reference_f64
+from deepport.conformance import fp8_bound
 from deepport.conformance.case import Case, make_case
 from deepport.kernels import fp8_gemm as op
 from deepport.kernels.fp8_layout import get_tma_aligned_size, pack_ue8m0, per_block_cast_to_fp8, per_token_cast_to_fp8
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: scale factors by DeepEP's float32 rule, amax * float32(1/448)
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 _RECIPES = {"1d2d": (1, 128, 128), "1d1d": (1, 1, 128)}
 _UE8M0_POISON = -1  # every byte 0xFF: exponent 255 decodes to inf
@@ -241,13 +242,24 @@ def invoke(inputs: Inputs, tensors: Mapping[str, torch.Tensor], backend: str,
     gemm(**call_args(inputs, tensors), out=outputs["out"], backend=backend)
 
 
-def reference(inputs: Inputs) -> dict[str, np.ndarray]:
-    """The simulated reference: the op's definition in float64 on the exactly dequantized operands."""
+def _bound_call(inputs: Inputs) -> op.FP8GemmCall:
+    """The validated call (NT form) of the pristine inputs, for the oracles."""
     (out_shape, out_dtype), = output_specs(inputs).values()
     dummy = torch.empty(out_shape, dtype=out_dtype)
     args = call_args(inputs, inputs.tensors)
-    return {"out": reference_f64(op.bind(inputs.layout, args["a"], args["b"], dummy, c=args["c"],
-                                         recipe=args["recipe"]))}
+    return op.bind(inputs.layout, args["a"], args["b"], dummy, c=args["c"], recipe=args["recipe"])
+
+
+def reference(inputs: Inputs) -> dict[str, np.ndarray]:
+    """The simulated reference: the op's definition in float64 on the exactly dequantized operands."""
+    return {"out": reference_f64(_bound_call(inputs))}
+
+
+def elementwise_bound(inputs: Inputs) -> dict[str, np.ndarray]:
+    """The per-element accumulation term ``gamma(K) * S``, ``S = |C| + sum_k |SFA * SFB * A * B|``
+    (:mod:`deepport.conformance.fp8_bound`), from the same float64 oracle on the magnitudes."""
+    call = _bound_call(inputs)
+    return {"out": fp8_bound.elementwise_bound(call.k, reference_f64(call, absolute=True))}
 
 
 def exact_reference(inputs: Inputs) -> dict[str, np.ndarray]:
@@ -269,6 +281,7 @@ class FP8GemmSuite:
     dtype_name = staticmethod(dtype_name)
     invoke = staticmethod(invoke)
     reference = staticmethod(reference)
+    elementwise_bound = staticmethod(elementwise_bound)
     exact_reference = staticmethod(exact_reference)
 
     def __init__(self, layout: str) -> None:
