@@ -137,3 +137,16 @@ def test_the_block_constant_covers_outlier_dominated_blocks_of_the_grouped_gener
         worst = max(worst, float(np.max(np.abs(got - ref) / mag)))
     assert 0 < worst < 0.5 * fp8_bound.C_BLOCK * fp8_bound.U_ACC
     assert math.log2(worst) > -16  # the model is not trivially exact: truncation shows
+
+
+@pytest.mark.parametrize("case_id", ["fp8_gemm_nt/accumulate_m32_n200_k512", *GROUPED,
+                                     "m_grouped_fp8_gemm_nt_masked/g4_zero_and_full_hint1"])
+def test_the_magnitudes_kept_by_the_reference_equal_a_separate_pass(case_id: str) -> None:
+    case = _case(case_id)
+    suite = grouped if case.op.startswith("m_grouped") else dense
+    kept = suite.generate(case, 4)
+    suite.reference(kept)
+    separate = suite.generate(case, 4)
+    assert separate.magnitudes is None
+    np.testing.assert_allclose(suite.elementwise_bound(kept)["out"], suite.elementwise_bound(separate)["out"],
+                               rtol=1e-12, atol=0)

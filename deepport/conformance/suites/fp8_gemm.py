@@ -173,6 +173,7 @@ class Inputs:
     tensors: dict[str, torch.Tensor]
     unquantized: dict[str, torch.Tensor] = field(default_factory=dict)
     c_in_place: bool = False
+    magnitudes: np.ndarray | None = None  # S of the bound, kept by reference() (one pass over the operands)
 
 
 def _values(rng: np.random.Generator, shape: tuple[int, int], kind: str) -> torch.Tensor:
@@ -273,15 +274,19 @@ def _bound_call(inputs: Inputs) -> op.FP8GemmCall:
 
 
 def reference(inputs: Inputs) -> dict[str, np.ndarray]:
-    """The simulated reference: the op's definition in float64 on the exactly dequantized operands."""
-    return {"out": reference_f64(_bound_call(inputs))}
+    """The simulated reference: the op's definition in float64 on the exactly dequantized operands (the
+    same pass keeps the terms' magnitudes for :func:`elementwise_bound`)."""
+    call = _bound_call(inputs)
+    inputs.magnitudes = np.zeros((call.m, call.n))
+    return {"out": reference_f64(call, magnitudes=inputs.magnitudes)}
 
 
 def elementwise_bound(inputs: Inputs) -> dict[str, np.ndarray]:
     """The per-element accumulation term ``gamma(K) * S``, ``S = |C| + sum_k |SFA * SFB * A * B|``
     (:mod:`deepport.conformance.fp8_bound`), from the same float64 oracle on the magnitudes."""
     call = _bound_call(inputs)
-    return {"out": fp8_bound.elementwise_bound(call.k, reference_f64(call, absolute=True))}
+    magnitudes = inputs.magnitudes if inputs.magnitudes is not None else reference_f64(call, absolute=True)
+    return {"out": fp8_bound.elementwise_bound(call.k, magnitudes)}
 
 
 def exact_reference(inputs: Inputs) -> dict[str, np.ndarray]:

@@ -166,6 +166,7 @@ class Inputs:
     before: torch.Tensor | None = None
     rows_in_use: list[int] = field(default_factory=list)  # masked: masked_m; contiguous: rows per group
     sfa_mn_major: bool = False  # tensors["sfa"] is MN-major storage; the op gets sfa_view(...)
+    magnitudes: np.ndarray | None = None  # S of the bound, kept by reference() (one pass over the operands)
 
 
 def _bf16_normal(rng: np.random.Generator, shape: tuple[int, ...], outliers: bool) -> torch.Tensor:
@@ -325,33 +326,42 @@ def _untouched(inputs: Inputs) -> np.ndarray:
     return values
 
 
-def _computed(inputs: Inputs, absolute: bool, outside: np.ndarray | None) -> np.ndarray:
-    """The float64 oracle on the rows the op computes (with ``absolute``: the terms' magnitudes); padding
-    rows are 0, masked rows past ``masked_m`` hold ``outside`` (zeros when None)."""
+def _computed(inputs: Inputs, absolute: bool, outside: np.ndarray | None,
+              magnitudes: np.ndarray | None = None) -> np.ndarray:
+    """The float64 oracle on the rows the op computes (with ``absolute``: the terms' magnitudes; with
+    ``magnitudes``, an output's shape of zeros, those too in the same pass); padding rows are 0, masked
+    rows past ``masked_m`` hold ``outside`` (zeros when None)."""
     t = inputs.tensors
     n = int(t["b"].shape[1])
     dummy = torch.empty((*t["a"].shape[:-1], n), dtype=torch.bfloat16)
     a, b = (t["a"], sfa_view(inputs, t)), (t["b"], t["sfb"])
     if inputs.op == OP_CONTIGUOUS:
         call = bind_contiguous(a, b, dummy, t["m_indices"], recipe=inputs.recipe)
-        return contiguous_f64(call, t["m_indices"].numpy(), absolute=absolute)
+        return contiguous_f64(call, t["m_indices"].numpy(), absolute=absolute, magnitudes=magnitudes)
     masked = bind_masked(a, b, dummy, t["masked_m"], inputs.expected_m, recipe=inputs.recipe)
     out = np.zeros(tuple(dummy.shape)) if outside is None else outside
-    for g, block in enumerate(masked_rows_f64(masked, t["masked_m"].numpy(), absolute=absolute)):
+    mags: list[np.ndarray] | None = None if magnitudes is None else []
+    for g, block in enumerate(masked_rows_f64(masked, t["masked_m"].numpy(), absolute=absolute, magnitudes=mags)):
         out[g, : block.shape[0]] = block
+        if magnitudes is not None and mags is not None:
+            magnitudes[g, : block.shape[0]] = mags[g]
     return out
 
 
 def reference(inputs: Inputs) -> dict[str, np.ndarray]:
-    """The simulated reference: the op's definition in float64 on the dequantized operands."""
-    return {"out": _computed(inputs, False, _untouched(inputs))}
+    """The simulated reference: the op's definition in float64 on the dequantized operands (the same pass
+    keeps the terms' magnitudes for :func:`elementwise_bound`)."""
+    t = inputs.tensors
+    inputs.magnitudes = np.zeros((*t["a"].shape[:-1], int(t["b"].shape[1])))
+    return {"out": _computed(inputs, False, _untouched(inputs), inputs.magnitudes)}
 
 
 def elementwise_bound(inputs: Inputs) -> dict[str, np.ndarray]:
     """The per-element accumulation term ``gamma(K) * S`` of every computed row (0 elsewhere: padding and
     rows past ``masked_m`` are checked bit for bit), as for the dense op (:mod:`deepport.conformance.fp8_bound`)."""
     k = int(inputs.tensors["a"].shape[-1])
-    return {"out": fp8_bound.elementwise_bound(k, _computed(inputs, True, None))}
+    magnitudes = inputs.magnitudes if inputs.magnitudes is not None else _computed(inputs, True, None)
+    return {"out": fp8_bound.elementwise_bound(k, magnitudes)}
 
 
 def exact_reference(inputs: Inputs) -> dict[str, np.ndarray]:
