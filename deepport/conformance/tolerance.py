@@ -32,6 +32,8 @@ class Tolerance:
     elementwise: str | None = None
 
     def atol(self, reference: np.ndarray) -> float:
+        if self.atol_rms == 0.0:
+            return self.atol_floor
         finite = reference[np.isfinite(reference)]
         rms = math.sqrt(float(np.mean(np.square(finite)))) if finite.size else 0.0
         return self.atol_floor + self.atol_rms * rms
