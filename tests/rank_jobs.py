@@ -38,12 +38,12 @@ def exchange_rows(rank: int, group: Any, device: torch.device, rows_from: list[i
     from deepport.kernels.moe_args import MoEGroup
 
     world = dist.get_world_size(group)
-    grp = MoEGroup(group, rank, world, "gloo")
+    grp = MoEGroup(group, rank, world, str(dist.get_backend(group)))
     mine = rows_from[rank]
     send = torch.full((mine * world, 3), float(rank), device=device)
-    recv_counts = exchange_counts(torch.full((world,), mine, dtype=torch.int64), grp)
+    recv_counts = exchange_counts(torch.full((world,), mine, dtype=torch.int64, device=device), grp)
     got = all_to_all_rows(send, [mine] * world, recv_counts, grp)
-    rows: list[list[float]] = got.tolist()
+    rows: list[list[float]] = got.cpu().tolist()
     return rows
 
 
