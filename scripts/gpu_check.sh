@@ -3,9 +3,9 @@
 # reports under $OUT (the device tool brings them back).
 #
 # GPU tests:
-#   bash scripts/gpu_check.sh mla          tests/test_gpu.py (MLA decode)
-#   bash scripts/gpu_check.sh fp8          tests/test_gpu_fp8.py, test_gpu_fp8_grouped.py, test_f64_products.py
-#   bash scripts/gpu_check.sh moe-tests    tests/test_gpu_moe.py (1 GPU and 2-rank NCCL: run on 2 GPUs)
+#   bash scripts/gpu_check.sh mla          tests/test_mla_decode_gpu.py
+#   bash scripts/gpu_check.sh fp8          tests/test_fp8_gemm_gpu.py, test_fp8_grouped_gemm_gpu.py, test_f64_products.py
+#   bash scripts/gpu_check.sh moe-tests    tests/test_moe_gpu.py (1 GPU and 2-rank NCCL: run on 2 GPUs)
 #
 # The full-tier certificate of the torch backend, in parts of one run (the same run seed), merged on the host:
 #   DEEPPORT_CERT_SEED=N bash scripts/gpu_check.sh cert-a    parts mla + fp8-dense           (1 GPU is enough)
@@ -60,14 +60,14 @@ part() {  # part NAME: certify --tier full on torch (isolated) for the part's op
 case "$stage" in
   mla)
     environment
-    python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests_mla.txt" | tail -n 15 ;;
+    python3 -m pytest -q -p no:cacheprovider tests/test_mla_decode_gpu.py 2>&1 | tee "$OUT/gpu_tests_mla.txt" | tail -n 15 ;;
   fp8)
     environment
-    python3 -m pytest -q -p no:cacheprovider tests/test_gpu_fp8.py tests/test_gpu_fp8_grouped.py \
+    python3 -m pytest -q -p no:cacheprovider tests/test_fp8_gemm_gpu.py tests/test_fp8_grouped_gemm_gpu.py \
       tests/test_f64_products.py 2>&1 | tee "$OUT/gpu_tests_fp8.txt" | tail -n 15 ;;
   moe-tests)
     environment
-    python3 -m pytest -q -p no:cacheprovider tests/test_gpu_moe.py 2>&1 | tee "$OUT/gpu_tests_moe.txt" | tail -n 25 ;;
+    python3 -m pytest -q -p no:cacheprovider tests/test_moe_gpu.py 2>&1 | tee "$OUT/gpu_tests_moe.txt" | tail -n 25 ;;
   cert-a)
     environment; part mla; part fp8-dense ;;
   cert-b)

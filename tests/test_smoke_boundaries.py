@@ -9,11 +9,11 @@ from typing import Any
 import pytest
 import torch
 
-from deepport.backends.reference import fp8_gemm as oracle
 from deepport.backends.torch import fp8_gemm as torch_fp8
 from deepport.backends.torch import mla_decode as torch_mla
 from deepport.conformance import Status, select_cases
 from deepport.conformance.runner import run_case
+from deepport.kernels.f64 import fp8_gemm as oracle
 
 SMOKE = {c.id: c for c in select_cases("smoke")}
 

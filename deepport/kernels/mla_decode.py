@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -89,6 +90,21 @@ class MLADecodeCall:
     @property
     def batch(self) -> int:
         return int(self.q.shape[0])
+
+
+class MLADecodeImpl(Protocol):
+    """How a backend runs ``mla_decode``: ``run(call, out, lse) -> None`` (named by ``OpSupport.entry``).
+
+    Write, in place, ``out`` ``[b, s_q, h_q, d_v]`` (``q``'s dtype) and ``lse`` ``[b, h_q, s_q]`` float32,
+    both contiguous on ``q``'s device and poisoned (NaN) by the conformance suite before the call: every
+    element must be written. Read only tokens ``t < cache_seqlens[i]`` through
+    ``block_table[i, :ceil(L_i / page)]`` (the rest may hold NaN). Edges: a request with ``L = 0`` and a
+    query that sees no token under ``causal`` get ``out = 0`` and ``lse = +inf``; ``h_q`` is a multiple of
+    ``h_kv`` (query head ``h`` reads KV head ``h // (h_q // h_kv)``). Never modify an input. The call is
+    validated (:class:`MLADecodeCall`); ``call.metadata`` may be ``None``.
+    """
+
+    def __call__(self, call: MLADecodeCall, out: torch.Tensor, lse: torch.Tensor, /) -> None: ...
 
 
 def get_mla_metadata(
@@ -187,7 +203,8 @@ def mla_decode(
     chosen, _ = selection.choose(OP, call.signature, backend)
     out, lse = _allocate_outputs(call, out, lse)
     if call.batch > 0:
-        chosen.implementation(OP)(call, out, lse)
+        run: MLADecodeImpl = chosen.implementation(OP)
+        run(call, out, lse)
     return out, lse
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import torch
 
@@ -37,6 +37,34 @@ TOPK_DTYPES = (torch.int64, torch.int32)
 
 Alloc = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
 MoEInput = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+
+_CallT = TypeVar("_CallT", contravariant=True)
+_ResultT = TypeVar("_ResultT", covariant=True)
+
+
+class MoEImpl(Protocol[_CallT, _ResultT]):
+    """How a backend runs a MoE op: ``fn(call) -> result`` (named by ``OpSupport.entry``), one per op:
+
+    ========================  ============================  ===============================
+    op                        call                          result
+    ========================  ============================  ===============================
+    moe_layout                MoELayoutCall                 MoELayout
+    moe_dispatch              MoEDispatchCall               MoEDispatchResult
+    moe_combine               MoECombineCall                MoECombineResult
+    moe_dispatch_expanded     MoEExpandedDispatchCall       MoEExpandedDispatchResult
+    moe_combine_expanded      MoEExpandedCombineCall        torch.Tensor (combined_x)
+    moe_low_latency_dispatch  MoELowLatencyDispatchCall     MoELowLatencyDispatchResult
+    moe_low_latency_combine   MoELowLatencyCombineCall      torch.Tensor (combined_x)
+    ========================  ============================  ===============================
+
+    Every output tensor comes from ``call.alloc(shape, dtype)`` (the conformance suite poisons what it
+    returns: every element must be written) and the result records hold them (handles included, built
+    from the op module's records). Ranks call collectively over ``call.group`` (``None``: one process);
+    follow the conventions above (-1 routes select nothing; a duplicate expert counts once). Never modify
+    an input.
+    """
+
+    def __call__(self, call: _CallT, /) -> _ResultT: ...
 
 
 @dataclass(frozen=True)

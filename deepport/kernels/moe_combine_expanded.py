@@ -10,7 +10,7 @@ from deepport.dispatch import selection
 from deepport.dispatch.device import DeviceInfo
 from deepport.kernels import _checks as chk
 from deepport.kernels import moe_args
-from deepport.kernels.moe_args import Alloc, MoEGroup, MoESignature
+from deepport.kernels.moe_args import Alloc, MoEGroup, MoEImpl, MoESignature
 from deepport.kernels.moe_dispatch import check_handle
 from deepport.kernels.moe_handle import MoEExpandedHandle
 
@@ -46,7 +46,8 @@ def moe_combine_expanded(y: torch.Tensor, handle: MoEExpandedHandle, *, backend:
     """
     call = bind(y, handle, alloc=alloc)
     chosen, _ = selection.choose(OP, call.signature, backend)
-    out: torch.Tensor = chosen.implementation(OP)(call)
+    run: MoEImpl[MoEExpandedCombineCall, torch.Tensor] = chosen.implementation(OP)
+    out = run(call)
     return out
 
 

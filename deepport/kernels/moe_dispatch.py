@@ -15,7 +15,7 @@ from deepport.dispatch import selection
 from deepport.dispatch.device import DeviceInfo
 from deepport.errors import ArgumentTypeError, InvalidArgumentError
 from deepport.kernels import moe_args
-from deepport.kernels.moe_args import Alloc, MoEGroup, MoEInput, MoESignature
+from deepport.kernels.moe_args import Alloc, MoEGroup, MoEImpl, MoEInput, MoESignature
 from deepport.kernels.moe_handle import MoEHandle
 
 OP = "moe_dispatch"
@@ -99,7 +99,8 @@ def moe_dispatch(
     call = bind(x, topk_idx, topk_weights, num_experts, group=group, expert_alignment=expert_alignment,
                 handle=handle, alloc=alloc)
     chosen, _ = selection.choose(OP, call.signature, backend)
-    result: MoEDispatchResult = chosen.implementation(OP)(call)
+    run: MoEImpl[MoEDispatchCall, MoEDispatchResult] = chosen.implementation(OP)
+    result = run(call)
     return result
 
 

@@ -16,7 +16,7 @@ import torch
 from deepport.dispatch import selection
 from deepport.dispatch.device import DeviceInfo
 from deepport.kernels import moe_args
-from deepport.kernels.moe_args import Alloc, MoEGroup, MoEInput, MoESignature
+from deepport.kernels.moe_args import Alloc, MoEGroup, MoEImpl, MoEInput, MoESignature
 from deepport.kernels.moe_handle import MoEExpandedHandle
 
 OP = "moe_dispatch_expanded"
@@ -81,7 +81,8 @@ def moe_dispatch_expanded(
     call = bind(x, topk_idx, topk_weights, num_experts, group=group, expert_alignment=expert_alignment,
                 alloc=alloc)
     chosen, _ = selection.choose(OP, call.signature, backend)
-    result: MoEExpandedDispatchResult = chosen.implementation(OP)(call)
+    run: MoEImpl[MoEExpandedDispatchCall, MoEExpandedDispatchResult] = chosen.implementation(OP)
+    result = run(call)
     return result
 
 

@@ -16,12 +16,16 @@ from deepport.dispatch import selection
 from deepport.dispatch.device import DeviceInfo
 from deepport.errors import InvalidArgumentError
 from deepport.kernels import _checks as chk
-from deepport.kernels import moe_args
-from deepport.kernels.moe_args import Alloc, MoEGroup, MoEInput, MoESignature
+from deepport.kernels import fp8_layout, moe_args
+from deepport.kernels.moe_args import Alloc, MoEGroup, MoEImpl, MoEInput, MoESignature
 from deepport.kernels.moe_handle import MoELowLatencyHandle
 
 OP = "moe_low_latency_dispatch"
 OP_VERSION = 1
+# the FP8 cast's constants (the docstring of moe_low_latency_dispatch has the rule)
+FP8_MAX = fp8_layout.FP8_E4M3_MAX
+FP8_MAX_INV = fp8_layout.FP8_E4M3_MAX_INV
+AMAX_FLOOR = fp8_layout.AMAX_FLOOR
 
 
 @dataclass(frozen=True)
@@ -89,7 +93,8 @@ def moe_low_latency_dispatch(
     """
     call = bind(x, topk_idx, max_tokens_per_rank, num_experts, group=group, use_fp8=use_fp8, alloc=alloc)
     chosen, _ = selection.choose(OP, call.signature, backend)
-    result: MoELowLatencyDispatchResult = chosen.implementation(OP)(call)
+    run: MoEImpl[MoELowLatencyDispatchCall, MoELowLatencyDispatchResult] = chosen.implementation(OP)
+    result = run(call)
     return result
 
 
