@@ -125,8 +125,8 @@ def _smoke(layout: str) -> list[Case]:
         _case("smoke", "ext_sfa_pad_m7_n384_k512", m=7, n=384, k=512, sfa_layout="mn", sfa_pad=5),
         # across the chunks of the work: N > 1024 (the float64 oracle dequantizes B 1024 rows at a time;
         # 1100 also ends in a partial 128-row block), M = 130 past a 128-row tile, and M*N*(K/128)*8 bytes
-        # above the torch backend's 32 MB CPU working set (two K chunks)
-        _case("smoke", "chunks_m130_n1100_k3968", m=130, n=1100, k=3968),
+        # above the torch backend's 8 MB CPU working set (two K chunks: 7 blocks, then 2)
+        _case("smoke", "chunks_m130_n1100_k1152", m=130, n=1100, k=1152),
         # D = D + A B^T: C is the output buffer itself, read before it is written
         _case("smoke", "accumulate_in_place_m70_n1100_k640", m=70, n=1100, k=640, accumulate=True, c_in_place=True,
               dtype="float32", values="outliers"),
