@@ -22,7 +22,7 @@ from rich.text import Text
 
 from deepport.conformance import report
 from deepport.conformance.case import Case
-from deepport.conformance.isolation import load_plugins
+from deepport.conformance.plugins import load_plugins
 from deepport.conformance.results import CaseResult, Status, SuiteRun
 from deepport.conformance.runner import SUITE_VERSION, default_device, run_suite, select_cases, usable_backends
 from deepport.dispatch import device_info, registry

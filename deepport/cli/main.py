@@ -11,6 +11,10 @@
   saved ``results.json`` (into its own folder unless ``--out`` is given).
 - ``deepport verify RESULTS_JSON [--regenerate N|all]``: checks that a ``results.json`` is a valid
   certificate for the installed suite; see :mod:`deepport.cli.verify` (exit 1 unless it is).
+- ``deepport merge PART_JSON ... --out DIR``: joins the ``results.json`` of one certification run split
+  by op (``certify --op ...`` with the same ``--seed``) into ``DIR/results.json`` (+ ``junit.xml``,
+  ``summary.md``), the file one run over those ops would have written; see
+  :mod:`deepport.conformance.merge`.
 - ``deepport bench [--device DEV] [--op OP ...] [--config PATTERN] [--backend B ...] [--baseline NAME]
   [--out DIR] [--quick] [--seed N] [--plot JSON]``: checked timings of every backend next to ceilings and
   a baseline measured in the same run; see :mod:`deepport.cli.bench` (exit 1 if a backend errored or
@@ -81,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("results", type=Path, metavar="RESULTS_JSON")
     ver.add_argument("--regenerate", type=_regenerate, default=8, metavar="N|all",
                      help="regenerate and hash the inputs of the N smallest cases, or all (default: 8)")
+
+    mer = commands.add_parser("merge", help="join the results.json of one certification run split by op")
+    mer.add_argument("parts", type=Path, nargs="+", metavar="PART_JSON")
+    mer.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder for the merged results.json")
 
     ben = commands.add_parser("bench", help="time backends on op configs, next to ceilings and a baseline")
     ben.add_argument("--device", help="torch device (default: cuda if present, else cpu; a cpu runs tiny configs)")
@@ -160,6 +168,31 @@ def _verify(args: argparse.Namespace) -> int:
     return verify.run(results, args.regenerate, Console())
 
 
+def _merge(args: argparse.Namespace) -> int:
+    from deepport.cli.certify import print_table
+    from deepport.conformance import report
+    from deepport.conformance.merge import MergeError, merge_results
+
+    try:
+        parts = [report.load_results(p) for p in args.parts]
+        merged = merge_results(parts, [str(p) for p in args.parts])
+    except (report.ResultsFileError, MergeError) as exc:
+        return _usage_error("merge", str(exc))
+    out_dir: Path = args.out
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results_path = out_dir / report.RESULTS_JSON
+    results_path.write_text(json.dumps(merged, indent=2) + "\n", encoding="utf-8")
+    paths = report.write_derived_reports(merged, out_dir)
+    console = Console()
+    print_table(merged, console)
+    ops = merged["selection"]["ops"]
+    console.print(Text(f"merged {len(parts)} part(s), run seed {merged['run_seed']}, "
+                       f"{'every op' if ops is None else 'ops ' + ', '.join(ops)}; written:"))
+    for path in (results_path, *paths.values()):
+        console.print(Text(f"  {path}"), soft_wrap=True)
+    return EXIT_OK
+
+
 def _bench(args: argparse.Namespace) -> int:
     from deepport.cli import bench
 
@@ -178,7 +211,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # argparse reports usage errors (status 2) and --help (status 0) this way
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    handlers = {"info": _info, "certify": _certify, "report": _report, "verify": _verify, "bench": _bench}
+    handlers = {"info": _info, "certify": _certify, "report": _report, "verify": _verify, "merge": _merge,
+                "bench": _bench}
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt:

@@ -291,8 +291,9 @@ def _check_pass(rec: Mapping[str, Any], case: Case, rep: VerifyReport) -> None:
         suite_tol = tolerance(case.op, out, str(dtype)).to_dict()
         recorded = tolerances.get(out)
         if _canonical(recorded) != _canonical(suite_tol):
-            looser = isinstance(recorded, Mapping) and any(
-                (_number(recorded.get(k)) or 0.0) > v for k, v in suite_tol.items())
+            looser = isinstance(recorded, Mapping) and (any(
+                (_number(recorded.get(k)) or 0.0) > v for k, v in suite_tol.items() if _number(v) is not None)
+                or recorded.get("elementwise") != suite_tol.get("elementwise"))
             rep.error(f"`{out}`: recorded tolerance {recorded!r} {'is looser than' if looser else 'differs from'} "
                       f"the suite's {suite_tol!r}", cid, backend)
         m = metrics.get(out)

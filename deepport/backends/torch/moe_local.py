@@ -9,8 +9,9 @@ kernels) and reuses everything else.
   untouched otherwise. ``src [n, C]``, ``dst [G, R, C]`` with any strides, ``index`` int64 ``[G, R]``.
 - ``weighted_rows(y, src_pos, dst_row, weights, num_rows)``: float32 ``[num_rows, C]`` with
   ``out[dst_row[j]] += weights[j] * y[src_pos[j]]`` (``y [n, C]`` bf16, the others ``[k]``).
-- ``cast_fp8(x)``: bf16 ``[T, H]`` -> (e4m3 ``[T, H]``, float32 scales ``[T, H / 128]``): per 128
-  channels ``amax = max(|x|, 1e-4)``, ``scale = amax / 448``, ``fp8 = round_to_e4m3(x * (448 / amax))``.
+- ``cast_fp8(x)``: bf16 ``[T, H]`` -> (e4m3 ``[T, H]``, float32 scales ``[T, H / 128]``), DeepEP's rule
+  bit for bit (the op's docstring): per 128 channels ``amax = max(|x|, float32(1e-4))``, ``scale =
+  float32(amax * float32(1/448))``, ``fp8 = e4m3(float32(x * float32(448 / amax)))``.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from deepport.kernels.fp8_layout import amax_scales
 from deepport.kernels.moe_args import FP8, FP8_BLOCK
-from deepport.kernels.moe_low_latency_dispatch import AMAX_FLOOR, FP8_MAX
 
 
 @dataclass(frozen=True)
@@ -53,9 +54,9 @@ def weighted_rows(y: torch.Tensor, src_pos: torch.Tensor, dst_row: torch.Tensor,
 def cast_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     t, hidden = int(x.shape[0]), int(x.shape[1])
     blocks = x.to(torch.float32).view(t, hidden // FP8_BLOCK, FP8_BLOCK)
-    amax = blocks.abs().amax(dim=2).clamp(min=AMAX_FLOOR)
-    data = (blocks * (FP8_MAX / amax)[:, :, None]).to(FP8).view(t, hidden)
-    return data, amax / FP8_MAX
+    scale, multiplier = amax_scales(blocks.abs().amax(dim=2))
+    data = (blocks * multiplier[:, :, None]).to(FP8).view(t, hidden)
+    return data, scale
 
 
 TORCH = LocalSteps(place_rows, weighted_rows, cast_fp8)

@@ -31,6 +31,7 @@ from deepport.kernels.moe_low_latency_combine import MoELowLatencyCombineCall
 from deepport.kernels.moe_low_latency_dispatch import (
     AMAX_FLOOR,
     FP8_MAX,
+    FP8_MAX_INV,
     MoELowLatencyDispatchCall,
     MoELowLatencyDispatchResult,
 )
@@ -92,7 +93,7 @@ def cast_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if tokens and hidden:
         with _guard(x.device):
             moe_cast_fp8_kernel[(tokens, hidden // FP8_BLOCK)](
-                x.contiguous(), data, scales, hidden, FP8_MAX, AMAX_FLOOR, STORE_FP32=interp)
+                x.contiguous(), data, scales, hidden, FP8_MAX, FP8_MAX_INV, AMAX_FLOOR, STORE_FP32=interp)
     return (data.to(FP8) if interp else data), scales
 
 
