@@ -10,8 +10,8 @@ import os
 import time
 
 import torch
-from deepport.backends.torch.moe_support import MOE_OPS
 
+from deepport.backends.torch import BACKEND as TORCH
 from deepport.conformance.exploits import exploit
 from deepport.dispatch import Backend, OpSupport
 from deepport.kernels.mla_decode import MLADecodeCall
@@ -41,4 +41,4 @@ BACKENDS = (
 
 REBINDS = (exploit("rebinds_outputs"), exploit("fp8_rebinds_output"))
 PLUGIN_MOE = Backend(name="test_plugin_moe", summary="the torch MoE ops, loaded as a plugin", version="0",
-                     ops=MOE_OPS, priority={})
+                     ops=tuple(s for s in TORCH.ops if s.op.startswith("moe_")), priority={})
