@@ -5,4 +5,5 @@ entry-point group instead and touch nothing here."""
 BUILTIN: tuple[str, ...] = (
     "deepport.backends.reference",
     "deepport.backends.torch",
+    "deepport.backends.opencl",
 )
