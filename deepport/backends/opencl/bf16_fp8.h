@@ -25,15 +25,22 @@ inline ushort float_to_bf16(float f) {
 }
 
 /* float8_e4m3fn -> float: sign, 4 exponent bits (bias 7), 3 mantissa bits; no infinities;
- * 0x7f / 0xff are NaN; exponent 0 is subnormal (m * 2^-9). Exact for all 256 codes, independent of
- * the device's denormal mode (the subnormal path converts an integer). */
+ * 0x7f / 0xff are NaN; exponent 0 is subnormal (m * 2^-9). Exact for all 256 codes.
+ * With DEEPPORT_FP32_DENORMS=1 (the device keeps float32 denormals, CL_FP_DENORM): the 7 magnitude
+ * bits placed at float bits 20..26 read as 2^-120 times the value (a float denormal for exponent 0),
+ * so one exact multiply by 2^120 decodes normals and subnormals alike. Otherwise the subnormal path
+ * converts the integer mantissa, independent of the denormal mode. */
 inline float e4m3_to_float(uchar x) {
     uint bits = (uint)x;
+#if DEEPPORT_FP32_DENORMS
+    float v = as_float(((bits & 0x80u) << 24) | ((bits & 0x7fu) << 20)) * 0x1p120f;
+#else
     uint e = (bits >> 3) & 0xfu;
     uint m = bits & 0x7u;
     float mag = e != 0u ? as_float(((e + 120u) << 23) | (m << 20)) : (float)m * 0x1p-9f;
-    mag = (bits & 0x7fu) == 0x7fu ? as_float(0x7fc00000u) : mag;
-    return (bits & 0x80u) != 0u ? -mag : mag;
+    float v = (bits & 0x80u) != 0u ? -mag : mag;
+#endif
+    return (bits & 0x7fu) == 0x7fu ? as_float(0x7fc00000u | ((bits & 0x80u) << 24)) : v;
 }
 
 /* float -> float8_e4m3fn, round to nearest even, saturating to +-448 (torch's .to(float8_e4m3fn) for

@@ -44,6 +44,7 @@ class DeviceLimits:
     local_mem_size: int  # bytes per work-group
     local_mem_is_global: bool  # emulated local memory (CPU drivers): large tiles are cheap
     max_alloc: int
+    fp32_denorms: bool  # CL_FP_DENORM: float32 denormals are kept (enables the one-multiply e4m3 decode)
 
     @property
     def label(self) -> str:
@@ -113,7 +114,8 @@ def limits_of(device: Any) -> DeviceLimits:
         compute_units=int(device.max_compute_units), max_work_group_size=int(device.max_work_group_size),
         local_mem_size=int(device.local_mem_size),
         local_mem_is_global=int(device.local_mem_type) == int(cl.device_local_mem_type.GLOBAL),
-        max_alloc=int(device.max_mem_alloc_size))
+        max_alloc=int(device.max_mem_alloc_size),
+        fp32_denorms=bool(device.single_fp_config & cl.device_fp_config.DENORM))
 
 
 class Runtime:
@@ -132,7 +134,7 @@ class Runtime:
 
     def kernel(self, source: str, name: str, defines: Mapping[str, int | float] | None = None) -> Any:
         """The kernel ``name`` of ``source`` (a ``.cl`` file of this folder) built with ``defines``."""
-        options = _options(defines or {})
+        options = _options({"DEEPPORT_FP32_DENORMS": int(self.limits.fp32_denorms), **(defines or {})})
         key = _program_key(_source_text(source), options, self.limits)
         with self._lock:
             kernel = self._kernels.get((key, name))
