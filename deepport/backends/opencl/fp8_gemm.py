@@ -59,11 +59,12 @@ class GemmLaunch:
 
     def __init__(self, rt: Runtime, *, mode: int, a: torch.Tensor, sfa: torch.Tensor, b: torch.Tensor,
                  sfb: torch.Tensor, sf_format: str, gran_n: int, rows: int, groups: int, out_shape: tuple[int, ...],
-                 out_dtype: torch.dtype, m_index: torch.Tensor | None = None, c: torch.Tensor | None = None) -> None:
+                 out_dtype: torch.dtype, m_index: torch.Tensor | None = None, c: torch.Tensor | None = None,
+                 cfg: GemmConfig | None = None) -> None:
         self.rt, self.mode, self.rows, self.groups = rt, mode, rows, groups
         self.out_shape, self.out_dtype = out_shape, out_dtype
         self.n, self.k = int(b.shape[-2]), int(b.shape[-1])
-        self.cfg = choose_config(rt.limits)
+        self.cfg = cfg or choose_config(rt.limits)
         self.kernel = rt.kernel(SOURCE, "fp8_gemm", {"BM": self.cfg.bm, "BN": self.cfg.bn, "BK": self.cfg.bk})
         self.sf_cols = int(sfa.shape[-1])
         self.ue8m0 = sf_format == SF_UE8M0
@@ -99,10 +100,10 @@ class GemmLaunch:
         return transfer.download(self.rt, self.buffers["out"], self.out_shape, self.out_dtype)
 
 
-def dense_launch(rt: Runtime, call: FP8GemmCall, out_dtype: torch.dtype) -> GemmLaunch:
+def dense_launch(rt: Runtime, call: FP8GemmCall, out_dtype: torch.dtype, cfg: GemmConfig | None = None) -> GemmLaunch:
     return GemmLaunch(rt, mode=MODE_DENSE, a=call.a, sfa=call.sfa, b=call.b.unsqueeze(0), sfb=call.sfb.unsqueeze(0),
                       sf_format=call.sf_format, gran_n=call.gran_n, rows=call.m, groups=1,
-                      out_shape=(call.m, call.n), out_dtype=out_dtype, c=call.c)
+                      out_shape=(call.m, call.n), out_dtype=out_dtype, c=call.c, cfg=cfg)
 
 
 def run(call: FP8GemmCall, out: torch.Tensor) -> None:
