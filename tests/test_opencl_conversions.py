@@ -12,9 +12,9 @@ import pytest
 import torch
 
 pytest.importorskip("pyopencl")
-from deepport.backends.opencl import runtime  # noqa: E402
-from deepport.backends.opencl.runtime import Runtime  # noqa: E402
-from deepport.kernels.fp8_layout import pack_ue8m0, unpack_ue8m0  # noqa: E402
+from deepport.backends.opencl import runtime
+from deepport.backends.opencl.runtime import Runtime
+from deepport.kernels.fp8_layout import pack_ue8m0, unpack_ue8m0
 
 if runtime.unavailable_reason() is not None:
     pytest.skip(f"OpenCL backend unavailable: {runtime.unavailable_reason()}", allow_module_level=True)

@@ -111,7 +111,8 @@ class MLALaunch:
             "q": transfer.upload(rt, call.q), "kv": transfer.upload(rt, call.k_cache),
             "table": transfer.upload(rt, call.block_table), "lens": transfer.upload(rt, call.cache_seqlens),
             "pieces": transfer.upload(rt, pieces), "splits": transfer.upload(rt, num_splits.astype(np.int32)),
-            "o_acc": transfer.scratch(rt, 4 * acc_rows * hs * sig.d_v), "lse_acc": transfer.scratch(rt, 4 * acc_rows * hs),
+            "o_acc": transfer.scratch(rt, 4 * acc_rows * hs * sig.d_v),
+            "lse_acc": transfer.scratch(rt, 4 * acc_rows * hs),
             "out": transfer.scratch(rt, 2 * b * hs * sig.d_v), "lse": transfer.scratch(rt, 4 * b * hs),
         }
         self.num_pieces = int(pieces.shape[0])
