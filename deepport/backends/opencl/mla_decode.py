@@ -87,7 +87,8 @@ class MLALaunch:
     """A call staged on the device: its buffers and kernels; :meth:`enqueue` runs it (re-runnable, which
     the timing script uses), :meth:`read` copies ``out`` and ``lse`` back."""
 
-    def __init__(self, rt: Runtime, call: MLADecodeCall, cfg: MLAConfig | None = None) -> None:
+    def __init__(self, rt: Runtime, call: MLADecodeCall, cfg: MLAConfig | None = None,
+                 parts: int | None = None) -> None:
         sig = call.signature
         self.rt, self.sig = rt, sig
         lengths = call.cache_seqlens.detach().to("cpu", torch.int64).numpy()
@@ -95,7 +96,7 @@ class MLALaunch:
             records = call.metadata.tile_scheduler_metadata.numpy()
             num_splits = call.metadata.num_splits.numpy()
         else:
-            records, num_splits = mla_schedule.plan_split_kv(lengths, plan_parts(rt.limits))
+            records, num_splits = mla_schedule.plan_split_kv(lengths, parts or plan_parts(rt.limits))
         pieces = pieces_from_plan(records, num_splits, lengths)
         self.cfg = cfg or choose_config(rt.limits, sig.d_qk)
         rows = sig.s_q * sig.h_q // sig.h_kv
