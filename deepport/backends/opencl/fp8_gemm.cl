@@ -68,8 +68,10 @@ void fp8_gemm(__global const uchar *a,      /* [groups?, rows, K] */
               __global uchar *out,          /* [groups?, rows, N] bf16 or float32 */
               int mode, int M, int N, int K, int sf_cols, int ue8m0, int gran_n, int sfb_rows,
               int out_f32, int has_c, int aligned) {
-    __local float as[BK * BM];  /* as[k * BM + m] */
-    __local float bs[BK * BN];  /* bs[k * BN + n] */
+    __local float4 as4[BK * BM / 4];  /* as[k * BM + m], float4-typed for aligned vector reads */
+    __local float4 bs4[BK * BN / 4];  /* bs[k * BN + n] */
+    __local float *as = (__local float *)as4;
+    __local float *bs = (__local float *)bs4;
 
     const int lid = (int)get_local_id(0);
     const int n0 = (int)get_group_id(0) * BN, m0 = (int)get_group_id(1) * BM;
@@ -138,9 +140,9 @@ void fp8_gemm(__global const uchar *a,      /* [groups?, rows, K] */
             FETCH(k0 + BK)
         }
         for (int kk = 0; kk < BK; ++kk) {
-            const float4 a0 = vload4(0, as + kk * BM + ty * 4);
-            const float4 a1 = vload4(0, as + kk * BM + BM / 2 + ty * 4);
-            const float8 bv = (float8)(vload4(0, bs + kk * BN + tx * 4), vload4(0, bs + kk * BN + BN / 2 + tx * 4));
+            const float4 a0 = as4[(kk * BM) / 4 + ty];
+            const float4 a1 = as4[(kk * BM + BM / 2) / 4 + ty];
+            const float8 bv = (float8)(bs4[(kk * BN) / 4 + tx], bs4[(kk * BN + BN / 2) / 4 + tx]);
             acc[0] = mad((float8)(a0.s0), bv, acc[0]);
             acc[1] = mad((float8)(a0.s1), bv, acc[1]);
             acc[2] = mad((float8)(a0.s2), bv, acc[2]);

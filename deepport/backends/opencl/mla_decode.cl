@@ -32,12 +32,27 @@
 #define LOAD1(p, i) vload_half(0, (__global const half *)((p) + (i)))
 #define LOAD8(p, i) vload_half8(0, (__global const half *)((p) + (i)))
 #else
-inline float8 bf16x8_to_float8(ushort8 v) {
-    return as_float8(convert_uint8(v) << (uint8)(16u));
-}
 #define LOAD1(p, i) bf16_to_float((p)[i])
-#define LOAD8(p, i) bf16x8_to_float8(vload8(0, (p) + (i)))
+#if D_QK % 8 == 0
+/* 8 bf16 at a 16-byte aligned address (every K/V row starts at a multiple of D_QK elements and the
+ * offsets used are multiples of 8): one 128-bit load, then shifts. Little-endian: element 2j is the
+ * low half of word j. */
+inline float8 bf16x8_load(__global const ushort *p) {
+    const uint4 w = *(__global const uint4 *)p;
+    return (float8)(as_float(w.s0 << 16), as_float(w.s0 & 0xffff0000u), as_float(w.s1 << 16),
+                    as_float(w.s1 & 0xffff0000u), as_float(w.s2 << 16), as_float(w.s2 & 0xffff0000u),
+                    as_float(w.s3 << 16), as_float(w.s3 & 0xffff0000u));
+}
+#else
+inline float8 bf16x8_load(__global const ushort *p) {
+    return as_float8(convert_uint8(vload8(0, p)) << (uint8)(16u));
+}
 #endif
+#define LOAD8(p, i) bf16x8_load((p) + (i))
+#endif
+
+/* 8 consecutive floats of a float4-typed local array (x a multiple of 4): two 128-bit local loads. */
+#define LOCAL8(arr4, x) ((float8)((arr4)[(x) / 4], (arr4)[(x) / 4 + 1]))
 
 __kernel __attribute__((reqd_work_group_size(NTHREADS, 1, 1)))
 void mla_decode_split(__global const ushort *q,         /* [b, s_q, h_q, D_QK] contiguous */
@@ -49,11 +64,16 @@ void mla_decode_split(__global const ushort *q,         /* [b, s_q, h_q, D_QK] c
                       __global float *lse_acc,          /* [acc_rows, h_q * s_q] */
                       int s_q, int h_q, int h_kv, int page, int max_blocks, int causal, int row_tiles,
                       float scale_log2) {
-    __local float q_t[D_QK * ROWS];  /* Q^T: q_t[d * ROWS + r], pre-scaled */
-    __local float p_s[TN * ROWS];    /* logits, then probabilities: p_s[t * ROWS + r] */
-    __local long tok_off[TN];        /* element offset of each tile token's K row */
+    /* float4-typed where rows of 8 are read as vectors (16-byte alignment the compiler can see) */
+    __local float4 q_t4[D_QK * ROWS / 4];  /* Q^T: q_t[d * ROWS + r], pre-scaled */
+    __local float4 p_s4[TN * ROWS / 4];    /* logits, then probabilities: p_s[t * ROWS + r] */
+    __local float4 alpha4[ROWS / 4];
+    __local long tok_off[TN];              /* element offset of each tile token's K row */
     __local float red[RED_PARTS * ROWS];
-    __local float m_s[ROWS], l_s[ROWS], alpha_s[ROWS], msub_s[ROWS];
+    __local float m_s[ROWS], l_s[ROWS], msub_s[ROWS];
+    __local float *q_t = (__local float *)q_t4;
+    __local float *p_s = (__local float *)p_s4;
+    __local float *alpha_s = (__local float *)alpha4;
 
     const int lid = (int)get_local_id(0);
     const int4 piece = pieces[get_group_id(0)];
@@ -115,19 +135,19 @@ void mla_decode_split(__global const ushort *q,         /* [b, s_q, h_q, D_QK] c
         for (; d + 8 <= D_QK; d += 8) {
             float8 k[TPT];
             for (int u = 0; u < TPT; ++u) k[u] = valid[u] ? LOAD8(krow[u], d) : (float8)(0.0f);
-            __local const float *qd = q_t + d * ROWS + rg * RPT;
+            const int qd = d * ROWS + rg * RPT;
             float8 qv;
-            qv = vload8(0, qd + 0 * ROWS); for (int u = 0; u < TPT; ++u) s[u] = mad(qv, (float8)(k[u].s0), s[u]);
-            qv = vload8(0, qd + 1 * ROWS); for (int u = 0; u < TPT; ++u) s[u] = mad(qv, (float8)(k[u].s1), s[u]);
-            qv = vload8(0, qd + 2 * ROWS); for (int u = 0; u < TPT; ++u) s[u] = mad(qv, (float8)(k[u].s2), s[u]);
-            qv = vload8(0, qd + 3 * ROWS); for (int u = 0; u < TPT; ++u) s[u] = mad(qv, (float8)(k[u].s3), s[u]);
-            qv = vload8(0, qd + 4 * ROWS); for (int u = 0; u < TPT; ++u) s[u] = mad(qv, (float8)(k[u].s4), s[u]);
-            qv = vload8(0, qd + 5 * ROWS); for (int u = 0; u < TPT; ++u) s[u] = mad(qv, (float8)(k[u].s5), s[u]);
-            qv = vload8(0, qd + 6 * ROWS); for (int u = 0; u < TPT; ++u) s[u] = mad(qv, (float8)(k[u].s6), s[u]);
-            qv = vload8(0, qd + 7 * ROWS); for (int u = 0; u < TPT; ++u) s[u] = mad(qv, (float8)(k[u].s7), s[u]);
+            qv = LOCAL8(q_t4, qd + 0 * ROWS); for (int u = 0; u < TPT; ++u) s[u] = mad(qv, (float8)(k[u].s0), s[u]);
+            qv = LOCAL8(q_t4, qd + 1 * ROWS); for (int u = 0; u < TPT; ++u) s[u] = mad(qv, (float8)(k[u].s1), s[u]);
+            qv = LOCAL8(q_t4, qd + 2 * ROWS); for (int u = 0; u < TPT; ++u) s[u] = mad(qv, (float8)(k[u].s2), s[u]);
+            qv = LOCAL8(q_t4, qd + 3 * ROWS); for (int u = 0; u < TPT; ++u) s[u] = mad(qv, (float8)(k[u].s3), s[u]);
+            qv = LOCAL8(q_t4, qd + 4 * ROWS); for (int u = 0; u < TPT; ++u) s[u] = mad(qv, (float8)(k[u].s4), s[u]);
+            qv = LOCAL8(q_t4, qd + 5 * ROWS); for (int u = 0; u < TPT; ++u) s[u] = mad(qv, (float8)(k[u].s5), s[u]);
+            qv = LOCAL8(q_t4, qd + 6 * ROWS); for (int u = 0; u < TPT; ++u) s[u] = mad(qv, (float8)(k[u].s6), s[u]);
+            qv = LOCAL8(q_t4, qd + 7 * ROWS); for (int u = 0; u < TPT; ++u) s[u] = mad(qv, (float8)(k[u].s7), s[u]);
         }
         for (; d < D_QK; ++d) {
-            const float8 qv = vload8(0, q_t + d * ROWS + rg * RPT);
+            const float8 qv = LOCAL8(q_t4, d * ROWS + rg * RPT);
             for (int u = 0; u < TPT; ++u) {
                 const float k1 = valid[u] ? LOAD1(krow[u], d) : 0.0f;
                 s[u] = mad(qv, (float8)(k1), s[u]);
@@ -140,7 +160,8 @@ void mla_decode_split(__global const ushort *q,         /* [b, s_q, h_q, D_QK] c
             for (int r = 0; r < RPT; ++r) {
                 sv[r] = (valid[u] && tok <= last_visible[r]) ? sv[r] : -INFINITY;
             }
-            vstore8(vload8(0, sv), 0, p_s + t * ROWS + rg * RPT);
+            p_s4[(t * ROWS + rg * RPT) / 4] = vload4(0, sv);
+            p_s4[(t * ROWS + rg * RPT) / 4 + 1] = vload4(1, sv);
         }
         barrier(CLK_LOCAL_MEM_FENCE);
 
@@ -175,12 +196,12 @@ void mla_decode_split(__global const ushort *q,         /* [b, s_q, h_q, D_QK] c
         }
 
         /* ---- PV: 8 rows x DV_T dims per thread (dims dg * DV_T ...) ---- */
-        const float8 alpha = vload8(0, alpha_s + rg * RPT);
+        const float8 alpha = LOCAL8(alpha4, rg * RPT);
         for (int dd = 0; dd < DV_T; ++dd) o[dd] *= alpha;
         const int dv0 = ts * DV_T;
         if (dv0 < D_V) {
             for (int t = 0; t < n_valid; ++t) {
-                const float8 pv = vload8(0, p_s + t * ROWS + rg * RPT);
+                const float8 pv = LOCAL8(p_s4, t * ROWS + rg * RPT);
                 __global const ushort *vrow = kv + tok_off[t] + dv0;
 #if DV_T == 8 && D_V % 8 == 0
                 const float8 v = LOAD8(vrow, 0);
