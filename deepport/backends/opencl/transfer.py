@@ -30,8 +30,8 @@ def host_array(t: torch.Tensor) -> np.ndarray:
     return host.numpy()
 
 
-def upload(rt: Runtime, t: torch.Tensor | np.ndarray) -> Any:
-    """A read-only device buffer holding ``t``'s logical elements (row-major)."""
+def upload(rt: Runtime, t: torch.Tensor | np.ndarray, *, writable: bool = False) -> Any:
+    """A device buffer holding ``t``'s logical elements (row-major); read-only unless ``writable``."""
     import pyopencl as cl
 
     arr = t if isinstance(t, np.ndarray) else host_array(t)
@@ -40,7 +40,8 @@ def upload(rt: Runtime, t: torch.Tensor | np.ndarray) -> Any:
         padded = np.zeros(_MIN_BYTES, dtype=np.uint8)
         padded[: arr.nbytes] = arr.reshape(-1).view(np.uint8)
         arr = padded
-    return cl.Buffer(rt.context, cl.mem_flags.READ_ONLY | cl.mem_flags.COPY_HOST_PTR, hostbuf=arr)
+    access = cl.mem_flags.READ_WRITE if writable else cl.mem_flags.READ_ONLY
+    return cl.Buffer(rt.context, access | cl.mem_flags.COPY_HOST_PTR, hostbuf=arr)
 
 
 def scratch(rt: Runtime, nbytes: int) -> Any:
