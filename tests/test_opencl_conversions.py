@@ -132,3 +132,42 @@ def test_packed_ue8m0_scale_factors_decode_like_unpack_ue8m0(rt: Runtime) -> Non
     want = unpack_ue8m0(torch.from_numpy(packed), k_blocks).numpy().reshape(-1)
     _same_floats(y, want)
     np.testing.assert_array_equal(y, np.exp2(table.reshape(-1).astype(np.float64) - 127).astype(np.float32))
+
+
+def test_div_rn_is_correctly_rounded(rt: Runtime) -> None:
+    import pyopencl as cl
+
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal(200_000) * np.exp2(rng.uniform(-20, 20, 200_000))).astype(np.float32)
+    y = (rng.standard_normal(200_000) * np.exp2(rng.uniform(-20, 20, 200_000))).astype(np.float32)
+    x[:3], y[:3] = (448.0, 1e-4, 3.0), (1e-4, 448.0, 7.0)  # the FP8 cast's quotients
+    z = np.empty_like(x)
+    mf = cl.mem_flags
+    bx, by = (cl.Buffer(rt.context, mf.READ_ONLY | mf.COPY_HOST_PTR, hostbuf=v) for v in (x, y))
+    bz = cl.Buffer(rt.context, mf.WRITE_ONLY, size=z.nbytes)
+    k = rt.kernel("conversions.cl", "div_rn_check")
+    k.set_args(bx, by, bz)
+    cl.enqueue_nd_range_kernel(rt.queue, k, (x.size,), None)
+    cl.enqueue_copy(rt.queue, z, bz)
+    np.testing.assert_array_equal(z.view(np.uint32), (x / y).view(np.uint32))  # IEEE float32 division
+
+
+def test_per_token_fp8_cast_is_the_documented_float32_formula_bit_for_bit() -> None:
+    """amax = max(|x|, 1e-4) per 128 channels, scale = amax / 448, q = e4m3(x * (448 / amax)), with IEEE
+    (correctly rounded) float32 quotients. (torch evaluates ``448.0 / tensor`` as a reciprocal times 448,
+    two roundings, so the torch backend may differ by one e4m3 step where a product lands near a tie.)"""
+    from deepport.backends.opencl.moe_rows import cast_fp8
+
+    g = torch.Generator().manual_seed(4)
+    x = (torch.randn(37, 512, generator=g) * torch.exp2(torch.randint(-8, 8, (37, 1), generator=g).float()))
+    x[3, :128] = 0  # amax floor 1e-4
+    x[5, 130] = 3e4  # one outlier in a block
+    x = x.to(torch.bfloat16)
+    q, s = cast_fp8(x)
+    blocks = x.to(torch.float32).view(37, 4, 128)
+    amax = blocks.abs().amax(dim=2).clamp(min=1e-4)
+    inv = torch.full_like(amax, 448.0) / amax  # tensor / tensor: one IEEE division
+    q_ref = (blocks * inv[:, :, None]).to(torch.float8_e4m3fn).view(37, 512)
+    s_ref = amax / torch.full_like(amax, 448.0)
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+    assert torch.equal(s.view(torch.int32), s_ref.view(torch.int32))

@@ -39,29 +39,6 @@ inline float e4m3_to_float(uchar x) {
     uint m = bits & 0x7u;
     float mag = e != 0u ? as_float(((e + 120u) << 23) | (m << 20)) : (float)m * 0x1p-9f;
     float v = (bits & 0x80u) != 0u ? -mag : mag;
-/* a / b correctly rounded (IEEE round to nearest) for finite a and b != 0 on any device: OpenCL 1.2
- * allows 2.5 ulp for float division (unless built with -cl-fp32-correctly-rounded-divide-sqrt), so
- * the neighbours of the quotient q are tried while they leave a smaller residual |a - q b| (computed
- * with one rounding by fma); the quotient nearest to a / b leaves the smallest. */
-inline float div_rn(float a, float b) {
-    float q = a / b;
-    float r = fabs(fma(-q, b, a));
-    for (int i = 0; i < 4; ++i) {
-        const float up = nextafter(q, INFINITY), down = nextafter(q, -INFINITY);
-        const float r_up = fabs(fma(-up, b, a)), r_down = fabs(fma(-down, b, a));
-        if (r_up < r) {
-            q = up;
-            r = r_up;
-        } else if (r_down < r) {
-            q = down;
-            r = r_down;
-        } else {
-            break;
-        }
-    }
-    return q;
-}
-
 #endif
     return (bits & 0x7fu) == 0x7fu ? as_float(0x7fc00000u | ((bits & 0x80u) << 24)) : v;
 }

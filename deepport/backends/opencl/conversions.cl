@@ -38,3 +38,9 @@ __kernel void ue8m0_decode(__global const int *words, int words_per_row, int k_b
     const int row = i / k_blocks, kb = i % k_blocks;
     y[i] = ue8m0_packed_sf(words + (long)row * words_per_row, kb);
 }
+
+/* z[i] = x[i] / y[i] correctly rounded (div_rn) */
+__kernel void div_rn_check(__global const float *x, __global const float *y, __global float *z) {
+    const size_t i = get_global_id(0);
+    z[i] = div_rn(x[i], y[i]);
+}

@@ -9,6 +9,8 @@ OpenCL device and back) and runs one kernel.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -19,16 +21,12 @@ SOURCE = "moe_permute.cl"
 _CAST_THREADS = 128  # one work-item per channel of a 128-channel FP8 block
 
 
-def _kernel(rt: Runtime, name: str) -> object:
-    return rt.kernel(SOURCE, name, {"CAST_THREADS": _CAST_THREADS})
-
-
-def _launch(rt: Runtime, name: str, args: tuple[object, ...], global_size: tuple[int, ...],
+def _launch(rt: Runtime, name: str, args: tuple[Any, ...], global_size: tuple[int, ...],
             local_size: tuple[int, ...] | None = None) -> None:
     import pyopencl as cl
 
-    kernel = _kernel(rt, name)
-    kernel.set_args(*args)  # type: ignore[attr-defined]
+    kernel = rt.kernel(SOURCE, name, {"CAST_THREADS": _CAST_THREADS})
+    kernel.set_args(*args)
     cl.enqueue_nd_range_kernel(rt.queue, kernel, global_size, local_size)
 
 
