@@ -8,9 +8,10 @@
 #   2. list the OpenCL devices (deepport info --json) and run the conversion / host-side unit tests there
 #   3. (bench) kernel times from profiling events: MLA decode b=128 s_k=4096 (h_q 16 and 128) and FP8 GEMM
 #      M=4096 on the DeepSeek-V3 shapes, with tile variants and the torch backend as peer (scripts/opencl_bench.py)
-#   4. (certify) deepport certify --tier full --backend opencl, three runs in parallel, each with a deadline:
+#   4. (certify) deepport certify --tier full --backend opencl, four runs in parallel, each with a deadline:
 #      MLA decode (--device cpu: its oracle is host NumPy anyway, and the inputs go to OpenCL without a CUDA
-#      hop), dense and grouped FP8 GEMMs (--device cuda: their float64 oracles run as DGEMM on the GPU)
+#      hop), dense and grouped FP8 GEMMs (--device cuda: their float64 oracles run as DGEMM on the GPU), and
+#      the MoE ops (--device cpu: the 2-rank cases run over gloo; NCCL would need two GPUs)
 # At most 8 files land in $OUT: log.txt, info.json, opencl_bench.json, summaries.md, and one
 # <name>_results.json per certify run.
 set -uo pipefail
@@ -66,13 +67,15 @@ certify() {  # certify NAME DEVICE OPS...: full tier with a deadline; results.js
   echo "exit status $? (deadline ${deadline} s)" >> "/tmp/cert_$name.log"
 }
 if [ "$stage" = all ] || [ "$stage" = certify ]; then
-  echo "== certify, three runs in parallel ($(left) s left)"
+  echo "== certify, four runs in parallel ($(left) s left)"
   pids=()  # a bare `wait` would also wait for the tee of the log
   OMP_NUM_THREADS=8 certify mla cpu mla_decode & pids+=($!)
   OMP_NUM_THREADS=4 certify fp8_dense cuda fp8_gemm_nt fp8_gemm_nn fp8_gemm_tn fp8_gemm_tt & pids+=($!)
   OMP_NUM_THREADS=4 certify fp8_grouped cuda m_grouped_fp8_gemm_nt_contiguous m_grouped_fp8_gemm_nt_masked & pids+=($!)
+  OMP_NUM_THREADS=2 certify moe cpu moe_layout moe_dispatch_expanded moe_combine_expanded moe_low_latency_dispatch \
+    moe_low_latency_combine & pids+=($!)
   wait "${pids[@]}"
-  for name in mla fp8_dense fp8_grouped; do
+  for name in mla fp8_dense fp8_grouped moe; do
     echo "== certify $name"
     grep -v "━" "/tmp/cert_$name.log" | tail -n 22
     cp "/tmp/cert_$name/results.json" "$OUT/${name}_results.json" 2>/dev/null

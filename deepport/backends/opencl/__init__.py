@@ -45,8 +45,9 @@ BACKEND = Backend(
         OpSupport(op="m_grouped_fp8_gemm_nt_masked", entry="deepport.backends.opencl.fp8_gemm:run_masked",
                   dtypes=_FP8),
         # MoE: the local steps as kernels; routing and rank-to-rank movement through torch.distributed
-        # (the normal moe_dispatch / moe_combine move rows only, so they are left to the torch backend)
         OpSupport(op="moe_layout", entry=f"{_MOE}:layout", dtypes=frozenset({torch.int64, torch.int32})),
+        OpSupport(op="moe_dispatch", entry=f"{_MOE}:dispatch", dtypes=_PAYLOAD),
+        OpSupport(op="moe_combine", entry=f"{_MOE}:combine", dtypes=_BF16),
         OpSupport(op="moe_dispatch_expanded", entry=f"{_MOE}:dispatch_expanded", dtypes=_PAYLOAD),
         OpSupport(op="moe_combine_expanded", entry=f"{_MOE}:combine_expanded", dtypes=_BF16),
         OpSupport(op="moe_low_latency_dispatch", entry=f"{_MOE}:dispatch_low_latency", dtypes=_PAYLOAD),

@@ -2,25 +2,17 @@
  * work-item per element. The tests compare them with torch on every code; they double as a device
  * self-check on a new driver. OpenCL C 1.2. */
 
-__kernel void bf16_encode(__global const float *x, __global ushort *y) {
-    const size_t i = get_global_id(0);
-    y[i] = float_to_bf16(x[i]);
-}
+/* y[i] = CONVERT(x[i]) for one work-item per element */
+#define ELEMENTWISE(name, in_type, out_type, convert)                          \
+    __kernel void name(__global const in_type *x, __global out_type *y) {      \
+        const size_t i = get_global_id(0);                                     \
+        y[i] = convert(x[i]);                                                  \
+    }
 
-__kernel void bf16_decode(__global const ushort *x, __global float *y) {
-    const size_t i = get_global_id(0);
-    y[i] = bf16_to_float(x[i]);
-}
-
-__kernel void e4m3_encode(__global const float *x, __global uchar *y) {
-    const size_t i = get_global_id(0);
-    y[i] = float_to_e4m3(x[i]);
-}
-
-__kernel void e4m3_decode(__global const uchar *x, __global float *y) {
-    const size_t i = get_global_id(0);
-    y[i] = e4m3_to_float(x[i]);
-}
+ELEMENTWISE(bf16_encode, float, ushort, float_to_bf16)
+ELEMENTWISE(bf16_decode, ushort, float, bf16_to_float)
+ELEMENTWISE(e4m3_encode, float, uchar, float_to_e4m3)
+ELEMENTWISE(e4m3_decode, uchar, float, e4m3_to_float)
 
 __kernel void half_encode(__global const float *x, __global ushort *y) {
     const size_t i = get_global_id(0);

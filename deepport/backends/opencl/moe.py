@@ -1,12 +1,12 @@
-"""MoE layout, expanded and low-latency dispatch/combine on OpenCL.
+"""The seven MoE ops on OpenCL: layout, normal / expanded / low-latency dispatch and combine.
 
 Routing and every byte that crosses ranks go through the torch backend's transport
-(:func:`deepport.backends.torch.moe_routes.route` and ``torch.distributed`` ``all_to_all_single`` in
-:mod:`deepport.backends.torch.moe_comm`); the local steps run as OpenCL kernels (:mod:`.moe_rows`):
-the layout counts, the permutation of received rows into the expanded (grouped-GEMM contiguous) and
-low-latency (per-expert, fixed capacity) layouts, the per-token FP8 cast and the weighted un-permute
-(per received token, then per source token). Index bookkeeping (which row goes where) is small and
-stays in torch on the inputs' device.
+(:mod:`deepport.backends.torch.moe_routes` over ``torch.distributed`` ``all_to_all_single``); the local
+steps run as OpenCL kernels (:mod:`.moe_rows`): the layout counts, the gather of the rows each rank
+sends, the permutation of received rows into the expanded (grouped-GEMM contiguous) and low-latency
+(per-expert, fixed capacity) layouts, the per-token FP8 cast, and the weighted un-permute (per
+received token, then per source token). Index bookkeeping (which row goes where) is small and stays
+in torch on the inputs' device.
 """
 
 from __future__ import annotations
@@ -14,12 +14,15 @@ from __future__ import annotations
 import torch
 
 from deepport.backends.opencl import moe_rows
+from deepport.backends.torch import moe_routes
 from deepport.backends.torch.moe_comm import all_to_all_rows
-from deepport.backends.torch.moe_routes import route, selection_mask, send_tokens
-from deepport.kernels.moe_args import FP8_BLOCK, MoEGroup, align_up
+from deepport.backends.torch.moe_routes import return_rows, route, selection_mask, send_tokens
+from deepport.kernels.moe_args import FP8_BLOCK, align_up
+from deepport.kernels.moe_combine import MoECombineCall, MoECombineResult
 from deepport.kernels.moe_combine_expanded import MoEExpandedCombineCall
+from deepport.kernels.moe_dispatch import MoEDispatchCall, MoEDispatchResult
 from deepport.kernels.moe_dispatch_expanded import MoEExpandedDispatchCall, MoEExpandedDispatchResult
-from deepport.kernels.moe_handle import MoEExpandedHandle, MoEHandle, MoELowLatencyHandle
+from deepport.kernels.moe_handle import MoEExpandedHandle, MoELowLatencyHandle
 from deepport.kernels.moe_layout import MoELayout, MoELayoutCall
 from deepport.kernels.moe_low_latency_combine import MoELowLatencyCombineCall
 from deepport.kernels.moe_low_latency_dispatch import MoELowLatencyDispatchCall, MoELowLatencyDispatchResult
@@ -29,6 +32,14 @@ def layout(call: MoELayoutCall) -> MoELayout:
     per_rank, per_expert, in_rank = moe_rows.layout_counts(call.topk_idx, call.num_experts, call.num_ranks)
     device = call.topk_idx.device
     return MoELayout(per_rank.to(device), per_expert.to(device), in_rank.to(device))
+
+
+def dispatch(call: MoEDispatchCall) -> MoEDispatchResult:
+    return moe_routes.dispatch(call, moe_rows.take_rows)
+
+
+def combine(call: MoECombineCall) -> MoECombineResult:
+    return moe_routes.combine(call, moe_rows.sum_rows)
 
 
 def _expert_rows(local_idx: torch.Tensor, num_local: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -49,18 +60,9 @@ def _weight_per_expert(local_idx: torch.Tensor, weights: torch.Tensor, num_local
     return sums[:, :num_local]
 
 
-def _return_to_sources(partial: torch.Tensor, routes: MoEHandle, grp: MoEGroup, out: torch.Tensor) -> None:
-    """Send float32 per-received-token rows back to their sources, where each token's rows are summed
-    (float32, then one bf16 rounding) into ``out [num_tokens, hidden]``; tokens routed nowhere get 0."""
-    back = all_to_all_rows(partial, list(routes.recv_counts), list(routes.send_counts), grp)
-    tokens = send_tokens(routes.is_token_in_rank)
-    rows = torch.arange(int(back.shape[0]), device=back.device)
-    out.copy_(moe_rows.segment_sums(back, rows, tokens, routes.num_tokens, None, torch.bfloat16))
-
-
 def dispatch_expanded(call: MoEExpandedDispatchCall) -> MoEExpandedDispatchResult:
     got = route(call.data, call.scales, call.topk_idx, call.topk_weights, call.num_experts, call.group,
-                call.expert_alignment)
+                call.expert_alignment, take=moe_rows.take_rows)
     routes = got.handle
     num_local, device = routes.num_local_experts, call.data.device
     aligned = [align_up(c, call.expert_alignment) for c in routes.num_recv_tokens_per_expert]
@@ -95,13 +97,13 @@ def combine_expanded(call: MoEExpandedCombineCall) -> torch.Tensor:
     partial = moe_rows.segment_sums(call.y, valid, h.expanded_src_row[valid], routes.num_recv, h.weights[valid],
                                     torch.float32)
     out = call.alloc((routes.num_tokens, int(call.y.shape[1])), torch.bfloat16)
-    _return_to_sources(partial, routes, call.group, out)
+    out.copy_(return_rows(partial, routes, call.group, moe_rows.sum_rows))
     return out
 
 
 def dispatch_low_latency(call: MoELowLatencyDispatchCall) -> MoELowLatencyDispatchResult:
     data, scales = moe_rows.cast_fp8(call.x) if call.use_fp8 else (call.x, None)
-    got = route(data, scales, call.topk_idx, None, call.num_experts, call.group, 1)
+    got = route(data, scales, call.topk_idx, None, call.num_experts, call.group, 1, take=moe_rows.take_rows)
     routes = got.handle
     num_local, capacity = routes.num_local_experts, routes.world_size * call.max_tokens_per_rank
     expert, row, position = _expert_rows(got.local_idx, num_local)
@@ -137,5 +139,5 @@ def combine_low_latency(call: MoELowLatencyCombineCall) -> torch.Tensor:
     partial = moe_rows.segment_sums(call.y.view(-1, hidden), expert * capacity + position, row, routes.num_recv,
                                     per_expert[row, expert], torch.float32)
     out = call.alloc((routes.num_tokens, hidden), torch.bfloat16)
-    _return_to_sources(partial, routes, call.group, out)
+    out.copy_(return_rows(partial, routes, call.group, moe_rows.sum_rows))
     return out

@@ -2,9 +2,11 @@
 OpenCL device and back) and runs one kernel.
 
 - :func:`layout_counts`: routing counts and the token-to-rank mask.
-- :func:`gather_rows`: ``out[i] = src[index[i]]``, zero rows where ``index < 0`` (any row dtype, moved as bytes).
+- :func:`gather_rows`: ``out[i] = src[index[i]]``, zero rows where ``index < 0`` (any row dtype, moved as bytes);
+  :func:`take_rows` allocates ``out`` (the ``take`` step of the torch backend's transport).
 - :func:`cast_fp8`: the per-token, per-128-channel e4m3 cast of bf16 rows.
-- :func:`segment_sums`: ``out[d] = sum_e w_e * src[rows_e]`` over the entries ``e`` naming ``d``, in entry order.
+- :func:`segment_sums`: ``out[d] = sum_e w_e * src[rows_e]`` over the entries ``e`` naming ``d``, in entry order;
+  :func:`sum_rows` is its unweighted form (the ``sum_rows`` step of the torch backend's transport).
 """
 
 from __future__ import annotations
@@ -68,6 +70,13 @@ def gather_rows(src: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> No
     out.copy_(raw.view(out.dtype).view(out.shape))
 
 
+def take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[index]`` (``index`` int64, no negative entries) as a new tensor on ``x``'s device."""
+    out = torch.empty((int(index.shape[0]), *x.shape[1:]), dtype=x.dtype, device=x.device)
+    gather_rows(x, index, out)
+    return out
+
+
 def cast_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """bf16 ``[T, H]`` (``H`` a multiple of 128) to ``(e4m3 [T, H], float32 scales [T, H / 128])`` on ``x``'s
     device: per token and 128 channels ``amax = max(|x|, 1e-4)``, ``scale = amax / 448``,
@@ -91,6 +100,8 @@ def segment_sums(src: torch.Tensor, rows: torch.Tensor, dst: torch.Tensor, num_d
     the entries ``e`` with ``dst[e] == d``, in entry order, accumulated in float32 and rounded once;
     ``src`` bf16 or float32 ``[N, H]``; ``rows``, ``dst`` int64 ``[E]``; ``weights`` float32 ``[E]`` or
     ``None`` (all 1)."""
+    if src.dtype not in (torch.bfloat16, torch.float32) or src.dim() != 2:
+        raise TypeError(f"segment_sums: expected bfloat16 or float32 rows [N, H], got {src.dtype} {tuple(src.shape)}")
     hidden = int(src.shape[1])
     out_shape = (num_dst, hidden)
     if num_dst == 0 or hidden == 0:
@@ -108,3 +119,13 @@ def segment_sums(src: torch.Tensor, rows: torch.Tensor, dst: torch.Tensor, num_d
                                     i32(hidden), i32(src.dtype == torch.bfloat16), i32(weights is not None),
                                     i32(out_dtype == torch.bfloat16)), (hidden, num_dst))
     return transfer.download(rt, out, out_shape, out_dtype).to(src.device)
+
+
+def sum_rows(rows: torch.Tensor, dst: torch.Tensor, n: int) -> torch.Tensor:
+    """float32 ``[n, ...]``: row ``d`` is the sum of the ``rows[e]`` with ``dst[e] == d`` (0 where none)."""
+    width = 1
+    for size in rows.shape[1:]:
+        width *= int(size)
+    flat = rows.reshape(int(rows.shape[0]), width)
+    entries = torch.arange(int(rows.shape[0]), device=rows.device)
+    return segment_sums(flat, entries, dst, n, None, torch.float32).view(n, *rows.shape[1:])
