@@ -72,8 +72,8 @@ if [ "$stage" = all ] || [ "$stage" = certify ]; then
   OMP_NUM_THREADS=8 certify mla cpu mla_decode & pids+=($!)
   OMP_NUM_THREADS=4 certify fp8_dense cuda fp8_gemm_nt fp8_gemm_nn fp8_gemm_tn fp8_gemm_tt & pids+=($!)
   OMP_NUM_THREADS=4 certify fp8_grouped cuda m_grouped_fp8_gemm_nt_contiguous m_grouped_fp8_gemm_nt_masked & pids+=($!)
-  OMP_NUM_THREADS=2 certify moe cpu moe_layout moe_dispatch_expanded moe_combine_expanded moe_low_latency_dispatch \
-    moe_low_latency_combine & pids+=($!)
+  OMP_NUM_THREADS=2 certify moe cpu moe_layout moe_dispatch moe_combine moe_dispatch_expanded moe_combine_expanded \
+    moe_low_latency_dispatch moe_low_latency_combine & pids+=($!)
   wait "${pids[@]}"
   for name in mla fp8_dense fp8_grouped moe; do
     echo "== certify $name"
