@@ -66,6 +66,7 @@ class GemmLaunch:
         self.n, self.k = int(b.shape[-2]), int(b.shape[-1])
         self.cfg = cfg or choose_config(rt.limits)
         self.kernel = rt.kernel(SOURCE, "fp8_gemm", {"BM": self.cfg.bm, "BN": self.cfg.bn, "BK": self.cfg.bk})
+        rt.require_work_group(self.kernel, self.cfg.threads)
         self.sf_cols = int(sfa.shape[-1])
         self.ue8m0 = sf_format == SF_UE8M0
         self.gran_n = gran_n

@@ -106,6 +106,8 @@ class MLALaunch:
                    "IS_HALF": int(sig.dtype == torch.float16), "COMBINE_THREADS": self.combine_threads}
         self.split = rt.kernel(SOURCE, "mla_decode_split", defines)
         self.combine = rt.kernel(SOURCE, "mla_decode_combine", defines)
+        rt.require_work_group(self.split, self.cfg.threads)
+        rt.require_work_group(self.combine, self.combine_threads)
         b, hs = call.batch, sig.h_q * sig.s_q
         acc_rows = int(num_splits[-1])
         self.buffers = {

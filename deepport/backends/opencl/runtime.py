@@ -153,10 +153,14 @@ class Runtime:
             self._programs[key] = program
         return program
 
-    def kernel_work_group_size(self, kernel: Any) -> int:
-        """The largest work-group this compiled kernel can be launched with on the device."""
+    def require_work_group(self, kernel: Any, threads: int) -> None:
+        """Raise a clear error when the compiled ``kernel`` cannot run work-groups of ``threads`` here
+        (e.g. too many registers for the tile): the driver would only say INVALID_WORK_GROUP_SIZE."""
         cl = _cl()
-        return int(kernel.get_work_group_info(cl.kernel_work_group_info.WORK_GROUP_SIZE, self.device))
+        limit = int(kernel.get_work_group_info(cl.kernel_work_group_info.WORK_GROUP_SIZE, self.device))
+        if limit < threads:
+            raise RuntimeError(f"deepport.opencl: kernel {kernel.function_name} runs at most {limit} work-items "
+                               f"per work-group on {self.limits.label}, its tile needs {threads}")
 
 
 def _options(defines: Mapping[str, int | float]) -> list[str]:
