@@ -5,7 +5,7 @@ timed with CUDA events on the same GPU when there is one (the peer), and checked
 - MLA decode, bf16, 576/512, page 64: b=128, s_q=1, s_k=4096 at h_q=16 (memory-bound on tensor cores;
   target 1.5 TB/s) and h_q=128 (compute-bound); tile and split-KV variants.
 - FP8 GEMM NT, M=4096 on the seven DeepSeek-V3 (N, K) shapes, recipe (1, 128, 128), bf16 out (target
-  25 TFLOP/s on float32 FMAs); tile variants on the first shape.
+  25 TFLOP/s on float32 FMAs); three tiles on every shape.
 
 Figures are counted as ``deepport bench`` counts them (``deepport.bench.counting``). Writes one JSON
 (``--out``) and prints a table. Usage: ``python scripts/opencl_bench.py --out bench.json [--quick]``.
@@ -136,7 +136,7 @@ def _fp8_operand(rows: int, k: int, sf_rows: int, g: torch.Generator) -> tuple[t
 def bench_gemm(rt: Runtime, shapes: tuple[tuple[int, int], ...], reps: int, peer: bool,
                m: int = 4096) -> list[dict[str, Any]]:
     results = []
-    for i, (n, k) in enumerate(shapes):
+    for n, k in shapes:
         g = torch.Generator().manual_seed(n * 7 + k)
         a = _fp8_operand(m, k, m, g)
         b = _fp8_operand(n, k, -(-n // 128), g)
@@ -156,9 +156,7 @@ def bench_gemm(rt: Runtime, shapes: tuple[tuple[int, int], ...], reps: int, peer
             path = torch_gemm.path(bound.signature)[0]
             results.append(_record("fp8_gemm_nt", config, f"torch backend ({path}, CUDA events)", times, flops,
                                    nbytes, "TFLOP/s", {}))
-        tiles = [ocl_gemm.GemmConfig(128, 128, 32)]
-        if i == 0:
-            tiles += [ocl_gemm.GemmConfig(128, 128, 16), ocl_gemm.GemmConfig(64, 64, 32)]
+        tiles = [ocl_gemm.GemmConfig(128, 128, 32), ocl_gemm.GemmConfig(128, 128, 16), ocl_gemm.GemmConfig(64, 64, 32)]
         for cfg in tiles:
             name = f"opencl {cfg.bm}x{cfg.bn}x{cfg.bk}"
             try:
