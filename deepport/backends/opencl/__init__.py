@@ -17,13 +17,11 @@ from typing import Any
 
 import torch
 
+from deepport.backends.moe_ops import moe_op_support
 from deepport.backends.opencl.runtime import describe_devices, unavailable_reason
 from deepport.dispatch import Backend, OpSupport
 
 _FP8 = frozenset({torch.float8_e4m3fn})
-_BF16 = frozenset({torch.bfloat16})
-_PAYLOAD = frozenset({torch.bfloat16, torch.float8_e4m3fn})
-_MOE = "deepport.backends.opencl.moe"
 
 
 def toolchain_info() -> dict[str, Any]:
@@ -45,13 +43,7 @@ BACKEND = Backend(
         OpSupport(op="m_grouped_fp8_gemm_nt_masked", entry="deepport.backends.opencl.fp8_gemm:run_masked",
                   dtypes=_FP8),
         # MoE: the local steps as kernels; routing and rank-to-rank movement through torch.distributed
-        OpSupport(op="moe_layout", entry=f"{_MOE}:layout", dtypes=frozenset({torch.int64, torch.int32})),
-        OpSupport(op="moe_dispatch", entry=f"{_MOE}:dispatch", dtypes=_PAYLOAD),
-        OpSupport(op="moe_combine", entry=f"{_MOE}:combine", dtypes=_BF16),
-        OpSupport(op="moe_dispatch_expanded", entry=f"{_MOE}:dispatch_expanded", dtypes=_PAYLOAD),
-        OpSupport(op="moe_combine_expanded", entry=f"{_MOE}:combine_expanded", dtypes=_BF16),
-        OpSupport(op="moe_low_latency_dispatch", entry=f"{_MOE}:dispatch_low_latency", dtypes=_PAYLOAD),
-        OpSupport(op="moe_low_latency_combine", entry=f"{_MOE}:combine_low_latency", dtypes=_BF16),
+        *moe_op_support("deepport.backends.opencl.moe", "deepport.backends.opencl.moe"),
     ),
     priority={"cpu": 5},
     probe=unavailable_reason,
