@@ -7,7 +7,9 @@
 Importing deepport needs only numpy and torch; each backend's toolchain is imported on first use.
 """
 
-from deepport.dispatch import all_backends, explain, use_backend
+from deepport.backends import BUILTIN as _BUILTIN_BACKENDS
+from deepport.dispatch import all_backends, use_backend
+from deepport.dispatch.registry import add_builtin_modules as _add_builtin_modules
 from deepport.errors import (
     ArgumentTypeError,
     BackendNotSupportedError,
@@ -16,6 +18,7 @@ from deepport.errors import (
     NoBackendError,
     UnknownBackendError,
 )
+from deepport.kernels.explain import explain
 from deepport.kernels.fp8_gemm import fp8_gemm_nn, fp8_gemm_nt, fp8_gemm_tn, fp8_gemm_tt
 from deepport.kernels.fp8_grouped_gemm import m_grouped_fp8_gemm_nt_contiguous, m_grouped_fp8_gemm_nt_masked
 from deepport.kernels.fp8_layout import (
@@ -39,6 +42,10 @@ from deepport.kernels.moe_low_latency_combine import moe_low_latency_combine
 from deepport.kernels.moe_low_latency_dispatch import moe_low_latency_dispatch
 
 __version__ = "0.1.0"
+
+# The package root wires the layers: dispatch imports no backend, so the root hands it the built-in
+# backends' module names (imported on the registry's first use, like entry-point plug-ins).
+_add_builtin_modules(_BUILTIN_BACKENDS)
 
 __all__ = [
     "ArgumentTypeError",

@@ -26,16 +26,16 @@ certify() {  # certify NAME OPS...  (DEEPPORT_GPU_VERIFY=0: leave `deepport veri
 
 case "$stage" in
   mla)
-    python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests_mla.txt" | tail -n 15
+    python3 -m pytest -q -p no:cacheprovider tests/test_mla_decode_gpu.py 2>&1 | tee "$OUT/gpu_tests_mla.txt" | tail -n 15
     certify full_torch_mla mla_decode ;;
   fp8)
-    python3 -m pytest -q -p no:cacheprovider tests/test_gpu_fp8.py tests/test_gpu_fp8_grouped.py \
+    python3 -m pytest -q -p no:cacheprovider tests/test_fp8_gemm_gpu.py tests/test_fp8_grouped_gemm_gpu.py \
       tests/test_f64_products.py 2>&1 | tee "$OUT/gpu_tests_fp8.txt" | tail -n 15
     certify full_torch_fp8_dense fp8_gemm_nt fp8_gemm_nn fp8_gemm_tn fp8_gemm_tt ;;
   fp8-grouped)
     certify full_torch_fp8_grouped m_grouped_fp8_gemm_nt_contiguous m_grouped_fp8_gemm_nt_masked ;;
   moe)
-    python3 -m pytest -q -p no:cacheprovider tests/test_gpu_moe.py 2>&1 | tee "$OUT/gpu_tests_moe.txt" | tail -n 15
+    python3 -m pytest -q -p no:cacheprovider tests/test_moe_gpu.py 2>&1 | tee "$OUT/gpu_tests_moe.txt" | tail -n 15
     certify full_torch_moe moe_layout moe_dispatch moe_combine moe_dispatch_expanded moe_combine_expanded \
       moe_low_latency_dispatch moe_low_latency_combine ;;
   bench)

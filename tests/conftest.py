@@ -2,17 +2,27 @@
 
 A recording backend's implementation appends ``(backend name, call)`` to :data:`RUNS` and writes
 zeros, so a test can see which backend ran (or that none did) without trusting dispatch's word.
+
+With no CUDA device, ``TRITON_INTERPRET=1`` is set here, before any test module imports a Triton
+kernel (triton reads it when a kernel is decorated), so the triton backend runs through its interpreter.
 """
 
 from __future__ import annotations
 
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import dataclasses
+import os
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-import torch
 
 from deepport.dispatch import Backend, OpSupport, Requirement, registered
 from deepport.kernels.mla_decode import MLADecodeCall
@@ -101,6 +111,7 @@ def mla_inputs() -> Callable[..., MLAInputs]:
 
 @pytest.fixture
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No backend or value-check setting inherited from the caller's environment (opt in per module)."""
-    for var in ("DEEPPORT_BACKEND", "DEEPPORT_BACKEND_MLA_DECODE", "DEEPPORT_CHECK_VALUES"):
+    """No ``DEEPPORT_*`` setting (backend choices for any op, value checks ...) inherited from the caller's
+    environment (opt in per module)."""
+    for var in [v for v in os.environ if v.startswith("DEEPPORT_")]:
         monkeypatch.delenv(var, raising=False)

@@ -38,13 +38,14 @@ def _bench(tmp_path: Path, *args: str) -> tuple[int, dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def cpu_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, dict[str, Any], Path]:
-    """One CLI run on every tiny CPU config (shared by the tests that read its outputs)."""
+    """One CLI run on every tiny CPU config (shared by the tests that read its outputs), on torch alone
+    (conftest.py's TRITON_INTERPRET=1 makes the triton backend usable on the CPU too)."""
     out = tmp_path_factory.mktemp("bench")
-    code = main(["bench", "--device", "cpu", "--quick", "--out", str(out)])
+    code = main(["bench", "--device", "cpu", "--quick", "--backend", "torch", "--out", str(out)])
     return code, json.loads((out / "bench.json").read_text()), out
 
 
-# ---- counting (shared/BENCH.md) -------------------------------------------------------------------------------------
+# ---- counting (benchmarks/README.md) ---------------------------------------------------------------------------------
 
 def test_mla_decode_counts_match_hand_computed_numbers() -> None:
     # b=128, s_q=1, h_q=16, s_k=4096, 576/512: 128*16*4096 * 2*(576+512) FLOP; 128*(16*576 + 4096*576 + 16*512)*2 B
@@ -55,7 +56,8 @@ def test_mla_decode_counts_match_hand_computed_numbers() -> None:
 
 
 def test_mla_decode_counts_reproduce_benchs_flashmla_rates() -> None:
-    # BENCH.md: b=128 h_q=16 s_k=4096 in 202 us is 3.02 TB/s; b=128 h_q=128 s_k=4096 in 321 us is 455 TFLOP/s
+    # FlashMLA on an H200 (benchmarks/README.md, "Ceilings and peers"): b=128 h_q=16 s_k=4096 in 202 us is
+    # 3.02 TB/s; b=128 h_q=128 s_k=4096 in 321 us is 455 TFLOP/s
     assert counting.mla_decode_bytes(128, 1, 16, 1, 4096, 576, 512) / 202e-6 / 1e12 == pytest.approx(3.01, abs=0.01)
     assert counting.mla_decode_flops(128, 1, 128, 4096, 576, 512) / 321e-6 / 1e12 == pytest.approx(455, abs=1)
 

@@ -4,6 +4,7 @@ choice by priority, explain, and the registry. Recording backends (see conftest)
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -215,6 +216,17 @@ def test_automatic_fallback_to_the_reference_backend_is_a_warning(
     assert record.levelno == logging.WARNING
     assert "-> reference" in record.getMessage() and "float64 NumPy oracle" in record.getMessage()
     assert "passed over torch: unavailable: disabled for this test" in record.getMessage()
+
+
+def test_the_oracle_warning_comes_from_the_backend_field_not_its_name(
+        inputs: Any, make_backend: Callable[..., Backend], caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="deepport.dispatch")
+    assert get("reference").oracle and not get("torch").oracle
+    slow = dataclasses.replace(make_backend("slow_oracle", {"cpu": 1000}), oracle=True)
+    with registered(slow):
+        assert deepport.explain("mla_decode", *inputs.args).chosen == "slow_oracle"
+    [record] = caplog.records
+    assert record.levelno == logging.WARNING and "-> slow_oracle" in record.getMessage()
 
 
 def test_no_backend_error_carries_every_backends_reasons(make_backend: Callable[..., Backend]) -> None:

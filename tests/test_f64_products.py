@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from deepport.backends.reference.f64_products import matmul_nt, products_on
+from deepport.kernels.f64.products import matmul_nt, products_on
 
 
 def _operands(m: int, n: int, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,5 +1,5 @@
 """Dense FP8 GEMM semantics on the reference and torch backends (CPU here; the CUDA paths are in
-tests/test_gpu_fp8.py)."""
+tests/test_fp8_gemm_gpu.py)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import deepport
-from deepport.backends.reference.fp8_gemm import reference_f64
 from deepport.backends.torch import fp8_gemm as torch_fp8
 from deepport.conformance.checker import calc_diff
 from deepport.kernels import fp8_gemm as op
+from deepport.kernels.f64.fp8_gemm import reference_f64
 from deepport.kernels.fp8_layout import (
     get_mn_major_tma_aligned_packed_ue8m0_tensor,
     get_mn_major_tma_aligned_tensor,

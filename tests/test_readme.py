@@ -23,6 +23,7 @@ def test_readme_quick_start_has_exactly_two_commands() -> None:
 def test_ci_runs_the_readme_test_command_verbatim() -> None:
     test_command = _quick_start_commands()[1]
     assert "pytest" in test_command
+    assert ".venv/bin/lint-imports" in test_command, "CI checks the import layers (pyproject [tool.importlinter])"
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert test_command in ci, f"`.ci/run` does not run the README's test command:\n  {test_command}"
 

@@ -2,7 +2,7 @@
 
 - :mod:`~deepport.bench.configs`: the configurations as data, one module per op (the protocol for
   adding an op, multi-process configs included, is in its docstring).
-- :mod:`~deepport.bench.counting`: FLOP and byte counts per ``shared/BENCH.md``.
+- :mod:`~deepport.bench.counting`: FLOP and byte counts (the rules: ``benchmarks/README.md``).
 - :mod:`~deepport.bench.ceilings`: the microbenchmarks measured in the same run (HBM copy, bf16 and
   fp8 matmul; memcpy and fp32 matmul on CPUs).
 - :mod:`~deepport.bench.check`: the correctness check every backend passes before it is timed.

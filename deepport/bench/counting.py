@@ -1,4 +1,4 @@
-"""How work is counted, per ``shared/BENCH.md`` ("How figures are counted"), so figures compare.
+"""How work is counted, as upstream counts it, so figures compare (``benchmarks/README.md``, "How work is counted").
 
 Every function returns exact integers (or floats when a mean length is fractional); rates are
 ``flops / seconds`` and ``bytes / seconds``. The bytes are the minimum traffic: each input read once,

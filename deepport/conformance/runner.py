@@ -29,7 +29,6 @@ import numpy as np
 import torch
 
 import deepport
-from deepport.backends.reference.f64_products import products_on
 from deepport.conformance.calibration import calibrate
 from deepport.conformance.call import CallOutcome, call_backend, inputs_sha256, tensor_sha256
 from deepport.conformance.case import TIERS, Case
@@ -39,6 +38,7 @@ from deepport.conformance.results import CaseResult, Status, SuiteRun
 from deepport.conformance.suites import SUITES
 from deepport.conformance.tolerance import Tolerance, exact_output_name, tolerance
 from deepport.dispatch import device_info, registry
+from deepport.kernels.f64.products import products_on
 
 SUITE_VERSION = "2026.11.3"  # 2026.11.2: + grouped FP8 GEMM cases; 2026.11.3: + MoE cases
 

@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from deepport.kernels.descriptor import Derived, OpDescriptor
+
 
 @dataclass(frozen=True)
 class Tolerance:
@@ -67,19 +69,30 @@ _MOE: Mapping[str, Tolerance] = MappingProxyType({
     "scale": Tolerance(1.01 * 2.0**-24, 0.0, 0.0, 1e-12),
 })
 
-TOLERANCES: Mapping[tuple[str, str, str], Tolerance] = MappingProxyType({
+_Table = Mapping[tuple[str, str, str], Tolerance]
+
+# Each op's descriptor (deepport.kernels.DESCRIPTORS) names the table below that holds its entries.
+MLA_DECODE: _Table = MappingProxyType({
     ("mla_decode", "out", "bfloat16"): Tolerance(2.01 * _BF16_ULP, 2.01 * _BF16_ULP, 0.0, 5e-6),
     ("mla_decode", "out", "float16"): Tolerance(2.01 * _FP16_ULP, 2.01 * _FP16_ULP, 0.0, 1e-6),
     ("mla_decode", "lse", "bfloat16"): Tolerance(8.01 / 65536, 0.0, 1e-6, 1e-8),
     ("mla_decode", "lse", "float16"): Tolerance(8.01 / 65536, 0.0, 1e-6, 1e-8),
+})
+
+FP8_GEMM: _Table = MappingProxyType({
+    (op, out, dt): tol for op in _FP8_GEMM_OPS for dt, simulated in _FP8_GEMM.items()
+    for out, tol in (("out", simulated), ("out:exact", _FP8_EXACT))})
+
+FP8_GROUPED_GEMM: _Table = MappingProxyType({
     # M-grouped FP8 GEMMs: the dense op's bound (_FP8_BF16_OUT), per group
     ("m_grouped_fp8_gemm_nt_contiguous", "out", "float8_e4m3fn"): _FP8_BF16_OUT,
     ("m_grouped_fp8_gemm_nt_masked", "out", "float8_e4m3fn"): _FP8_BF16_OUT,
-    **{(op, out, dt): tol for op in _FP8_GEMM_OPS for dt, simulated in _FP8_GEMM.items()
-       for out, tol in (("out", simulated), ("out:exact", _FP8_EXACT))},
     **{(op, "out:exact", "float8_e4m3fn"): _FP8_EXACT
        for op in ("m_grouped_fp8_gemm_nt_contiguous", "m_grouped_fp8_gemm_nt_masked")},
-    **{(op, out, dt): _MOE[kind] for (op, dt), outputs in {
+})
+
+MOE: _Table = MappingProxyType({
+    (op, out, dt): _MOE[kind] for (op, dt), outputs in {
         # MoE, per payload dtype: routes, counts and moved payloads are bit-exact; sums are float32, rounded once
         ("moe_layout", "bfloat16"): {"num_tokens_per_rank": "exact", "num_tokens_per_expert": "exact",
                                      "is_token_in_rank": "exact"},
@@ -97,8 +110,15 @@ TOLERANCES: Mapping[tuple[str, str, str], Tolerance] = MappingProxyType({
         ("moe_low_latency_dispatch", "float8_e4m3fn"): {"recv_x": "cast", "recv_x_scales": "scale",
                                                         "recv_count": "exact"},
         ("moe_low_latency_combine", "bfloat16"): {"combined_x": "sum"},
-    }.items() for out, kind in outputs.items()},
-})
+    }.items() for out, kind in outputs.items()})
+
+
+def _every_entry(ops: tuple[OpDescriptor, ...]) -> dict[tuple[str, str, str], Tolerance]:
+    return {key: tol for d in ops for key, tol in d.load_tolerances().items()}
+
+
+TOLERANCES: _Table = Derived(_every_entry)
+"""Every op's entries, from the table its descriptor names (read-only; an op added later is included)."""
 
 
 def exact_output_name(output: str) -> str:

@@ -27,6 +27,8 @@ class Backend:
       for any other) to the backend's rank in automatic selection: higher is tried first. A kind
       absent from the map (and no ``"*"``) means the backend is never chosen automatically there,
       though it still runs when asked for explicitly.
+    - ``oracle``: ``True`` for a float64 definition that is slow by design (the ``reference`` backend).
+      Automatic selection still picks it when nothing else can run a call, and then logs a warning.
     """
 
     name: str
@@ -35,6 +37,7 @@ class Backend:
     ops: tuple[OpSupport, ...]
     priority: Mapping[str, int]
     probe: Callable[[], str | None] = field(default=_always_available)
+    oracle: bool = False
 
     def support(self, op: str) -> OpSupport | None:
         for s in self.ops:

@@ -1,9 +1,9 @@
-"""``deepport.explain``: every backend's verdict on one call, and which one would run it."""
+"""Every backend's verdict on one bound call, and which one would run it (``deepport.explain`` binds the
+call in the op layer, :mod:`deepport.kernels.explain`, then asks here)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from deepport.dispatch import selection
 from deepport.dispatch.capability import CallSignature
@@ -29,16 +29,9 @@ class Explanation:
         return "\n".join(lines)
 
 
-def explain(op: str, *args: Any, **kwargs: Any) -> Explanation:
-    """Every backend's verdict on ``op(*args, **kwargs)``, without running it.
-
-    Takes exactly the arguments of the op (``backend=`` included); validates them like the op does,
-    so an invalid call raises the same :class:`~deepport.errors.InvalidArgumentError`.
-    """
-    from deepport.kernels import bind_call
-
-    backend = kwargs.pop("backend", None)
-    signature = bind_call(op, *args, **kwargs)
+def explain_signature(op: str, signature: CallSignature, backend: str | None = None) -> Explanation:
+    """Every backend's verdict on a bound call of ``op`` (its ``signature``), and the one that would run it
+    with ``backend=`` as given. :func:`deepport.explain` binds the op's arguments, then calls this."""
     found = tuple(selection.verdicts(op, signature))
     try:
         chosen, source = selection.choose(op, signature, backend)

@@ -1,7 +1,10 @@
-"""The registry of backends: built-in ones (``deepport.backends.BUILTIN``), then entry points.
+"""The registry of backends: built-in modules, then entry points, then run-time registrations.
 
-Third-party backends register through the entry-point group ``deepport.backends`` (each entry
-names a module or object exposing a :class:`Backend`), or at run time with :func:`register`.
+Dispatch imports no backend by name. The package root hands it the built-in modules
+(``deepport/__init__.py`` calls :func:`add_builtin_modules` with ``deepport.backends.BUILTIN``); they are
+imported on the registry's first use, like plug-ins. Third-party backends register through the
+entry-point group ``deepport.backends`` (each entry names a module or object exposing a
+:class:`Backend`), or at run time with :func:`register`.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ import contextlib
 import importlib
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from importlib.metadata import entry_points
 
 from deepport.dispatch.backend import Backend
@@ -20,6 +23,7 @@ _log = logging.getLogger("deepport.dispatch")
 _lock = threading.RLock()
 _backends: dict[str, Backend] = {}
 _loaded = False
+_builtin_modules: list[str] = []  # handed over by the package root, imported on first use
 _generation = 0  # bumped on every change, so cached selections are invalidated
 
 
@@ -35,11 +39,9 @@ def _load() -> None:
     with _lock:
         if _loaded:
             return
-        from deepport.backends import BUILTIN
-
         # Import every built-in first: a failing import leaves the registry empty, not half loaded.
         # (Built-in modules import with numpy and torch alone; their probes report missing toolchains.)
-        builtin = [_as_backend(importlib.import_module(name), name) for name in BUILTIN]
+        builtin = [_as_backend(importlib.import_module(name), name) for name in _builtin_modules]
         for backend in builtin:
             _add(backend)
         for ep in entry_points(group="deepport.backends"):
@@ -48,6 +50,18 @@ def _load() -> None:
             except Exception as exc:  # a broken plug-in must not break deepport
                 _log.warning("deepport: skipping backend entry point %r: %s", ep.name, exc)
         _loaded = True
+
+
+def add_builtin_modules(modules: Iterable[str]) -> None:
+    """Name modules exporting ``BACKEND`` to import on the registry's first use (the package root passes
+    ``deepport.backends.BUILTIN``). Registration order is the order given; a name given twice counts once.
+    Raises once the registry has loaded: built-ins cannot arrive late (use :func:`register`)."""
+    with _lock:
+        if _loaded:
+            raise RuntimeError("the backend registry is already loaded; register late backends with register()")
+        for module in modules:
+            if module not in _builtin_modules:
+                _builtin_modules.append(module)
 
 
 def _add(backend: Backend) -> None:

@@ -81,11 +81,11 @@ def _automatic(op: str, signature: CallSignature) -> Backend:
     winner = runnable[0]
     # Ranked before the winner yet not chosen: those could not run this call.
     skipped = "; ".join(f"{v.backend}: {', '.join(v.reasons)}" for v in found[:found.index(winner)])
-    level = logging.WARNING if winner.backend == "reference" else logging.INFO
+    chosen = registry.get(winner.backend)
+    level = logging.WARNING if chosen.oracle else logging.INFO
     _log.log(level, "deepport: %s [%s] on %s -> %s (priority %s)%s%s", op, signature, signature.device.describe(),
              winner.backend, winner.priority, f"; passed over {skipped}" if skipped else "",
-             "; this is the float64 NumPy oracle, slow by design" if winner.backend == "reference" else "")
-    chosen = registry.get(winner.backend)
+             "; this is the float64 NumPy oracle, slow by design" if chosen.oracle else "")
     with _auto_lock:
         for stale in [k for k in _auto_cache if k[2] != generation]:  # the registry changed since
             del _auto_cache[stale]

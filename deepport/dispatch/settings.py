@@ -24,6 +24,7 @@ from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
 from types import MappingProxyType
 
+from deepport.dispatch import ops
 from deepport.errors import InvalidArgumentError
 
 _EMPTY: Mapping[str, str] = MappingProxyType({})
@@ -43,11 +44,10 @@ def use_backend(name: str | None = None, /, **per_op: str) -> Iterator[None]:
     :class:`deepport.errors.BackendNotSupportedError`. An op name deepport does not have raises
     :class:`deepport.errors.InvalidArgumentError` at once (a misspelt op would otherwise do nothing).
     """
-    from deepport.kernels import OPS  # deepport.kernels imports dispatch, so not at module level
-
+    known = ops.known_ops()  # declared by deepport.kernels (dispatch never imports the op layer)
     for op in per_op:
-        if op not in OPS:
-            raise InvalidArgumentError(op, f"expected an op name ({', '.join(OPS)}) as keyword of use_backend, "
+        if op not in known:
+            raise InvalidArgumentError(op, f"expected an op name ({', '.join(known)}) as keyword of use_backend, "
                                        f"got {op!r}")
     merged = {} if name is not None else dict(_context_choice.get())
     if name is not None:

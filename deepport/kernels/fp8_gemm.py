@@ -17,7 +17,7 @@ with A, B ``float8_e4m3fn`` taken exactly and SFs the **dequantization** multipl
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -93,6 +93,21 @@ class FP8GemmCall:
     @property
     def k_blocks(self) -> int:
         return num_k_blocks(self.k)
+
+
+class FP8GemmImpl(Protocol):
+    """How a backend runs a dense FP8 GEMM, every layout (``fp8_gemm_{nt,nn,tn,tt}``): ``run(call, out) -> None``.
+
+    The call is in NT form whatever the layout (:class:`FP8GemmCall`). Write, in place, every element of
+    ``out`` ``[M, N]`` (bfloat16 or float32, poisoned by the conformance suite before the call):
+    ``D[m, n] = C[m, n] + sum_kb SFA[m, kb] * SFB[n // gran_n, kb] * sum_{k in kb} A[m, k] * B[n, k]``
+    (``C`` = 0 when ``call.c`` is ``None``; ``call.c`` may be ``out`` itself). Edges: ``M = 0`` writes
+    nothing; ``N`` and ``K`` need not be multiples of 128 (the last block is partial); UE8M0 scales are
+    packed int32 (``call.sf_format``). Read only the logical elements of the views (strided padding may
+    hold NaN) and never modify an input.
+    """
+
+    def __call__(self, call: FP8GemmCall, out: torch.Tensor, /) -> None: ...
 
 
 _DOC = """D = C + A @ B^T with block-scaled FP8 operands (DeepGEMM's ``fp8_gemm_{layout}``), written into ``out``.
@@ -185,6 +200,7 @@ def bind(layout: str, a: object, b: object, out: object, *, c: object = None, re
         if not fchk.same_view(acc, d):
             chk.expect_no_overlap("c", acc, {"out": d})
 
+    chk.expect_data("a[0]", a_data)  # every other tensor is on a[0]'s device
     signature = FP8GemmSignature(device_info(device), fchk.FP8_DTYPE, layout, n, k, resolved, fmt, d.dtype,
                                  acc is not None)
     a_nt = a_data.t() if a_t else a_data
@@ -198,7 +214,8 @@ def _run(layout: str, a: Any, b: Any, out: Any, c: Any, recipe: Any, backend: st
     call = bind(layout, a, b, out, c=c, recipe=recipe)
     chosen, _ = selection.choose(f"fp8_gemm_{layout}", call.signature, backend)
     if call.m > 0:
-        chosen.implementation(f"fp8_gemm_{layout}")(call, out)
+        run: FP8GemmImpl = chosen.implementation(f"fp8_gemm_{layout}")
+        run(call, out)
 
 
 def fp8_gemm_nt(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor], out: torch.Tensor, *,

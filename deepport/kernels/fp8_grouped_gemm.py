@@ -12,7 +12,7 @@ Backends receive a validated :class:`ContiguousCall` / :class:`MaskedCall` and w
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -98,6 +98,24 @@ class MaskedCall:
         return int(self.a.data.shape[1])
 
 
+_Call = TypeVar("_Call", ContiguousCall, MaskedCall, contravariant=True)
+
+
+class FP8GroupedGemmImpl(Protocol[_Call]):
+    """How a backend runs an M-grouped FP8 GEMM: ``run(call, out) -> None``, ``call`` a :class:`ContiguousCall`
+    (``m_grouped_fp8_gemm_nt_contiguous``) or a :class:`MaskedCall` (``..._masked``).
+
+    Each group is the dense ``fp8_gemm_nt`` of its rows and ``B[g]`` (bfloat16 ``out``). Contiguous:
+    write every row of ``out`` ``[M_sum, N]``: group rows ``m`` get ``A[m] @ B[m_indices[m]]^T``, padding
+    rows (``m_indices == -1``, whose ``A``/``SFA`` rows may hold NaN) get 0. Masked: write
+    ``out[g, :masked_m[g]]`` of ``out`` ``[G, M_max, N]`` and leave rows past ``masked_m[g]`` as they were
+    (the suite checks they are untouched). ``*_host`` copies of the index tensors are set when the op
+    layer read them (use them to avoid a device sync). Never modify an input.
+    """
+
+    def __call__(self, call: _Call, out: torch.Tensor, /) -> None: ...
+
+
 def m_grouped_fp8_gemm_nt_contiguous(
     a: tuple[torch.Tensor, torch.Tensor],
     b: tuple[torch.Tensor, torch.Tensor],
@@ -148,7 +166,8 @@ def m_grouped_fp8_gemm_nt_contiguous(
     call = bind_contiguous(a, b, out, m_indices, recipe=recipe)
     chosen, _ = selection.choose(OP_CONTIGUOUS, call.signature, backend)
     if call.m_sum > 0:
-        chosen.implementation(OP_CONTIGUOUS)(call, out)
+        run: FP8GroupedGemmImpl[ContiguousCall] = chosen.implementation(OP_CONTIGUOUS)
+        run(call, out)
 
 
 def m_grouped_fp8_gemm_nt_masked(
@@ -193,7 +212,8 @@ def m_grouped_fp8_gemm_nt_masked(
     """
     call = bind_masked(a, b, out, masked_m, expected_m, recipe=recipe)
     chosen, _ = selection.choose(OP_MASKED, call.signature, backend)
-    chosen.implementation(OP_MASKED)(call, out)
+    run: FP8GroupedGemmImpl[MaskedCall] = chosen.implementation(OP_MASKED)
+    run(call, out)
 
 
 def bind_contiguous(a: object, b: object, out: object, m_indices: object, *,
@@ -208,6 +228,7 @@ def bind_contiguous(a: object, b: object, out: object, m_indices: object, *,
     a_op = _check_sfa(a_data, sfa, (m_sum,), k, resolved, b_op.sf_format, "[M_sum, ")
     m_indices = _check_out_and_index(out, (m_sum, n), "[M_sum, N]", a_op, b_op, "m_indices", m_indices,
                                      "[M_sum] (one group id per row of `a`)")
+    chk.expect_data("a[0]", a_data)  # every other tensor is on a[0]'s device
     host = None
     if settings.check_values() and m_sum > 0:
         host = m_indices.detach().to("cpu", copy=True).numpy()
@@ -230,6 +251,7 @@ def bind_masked(a: object, b: object, out: object, masked_m: object, expected_m:
     masked_m = _check_out_and_index(out, (g, m_max, n), "[G, M_max, N]", a_op, b_op, "masked_m", masked_m,
                                     "[G] (rows in use per group)")
     expected = chk.expect_int("expected_m", expected_m, minimum=1)
+    chk.expect_data("a[0]", a_data)  # every other tensor is on a[0]'s device
     host = None
     if settings.check_values():
         host = masked_m.detach().to("cpu", copy=True).numpy()

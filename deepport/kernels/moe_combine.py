@@ -14,7 +14,7 @@ from deepport.dispatch import selection
 from deepport.dispatch.device import DeviceInfo
 from deepport.kernels import _checks as chk
 from deepport.kernels import moe_args
-from deepport.kernels.moe_args import Alloc, MoEGroup, MoESignature
+from deepport.kernels.moe_args import Alloc, MoEGroup, MoEImpl, MoESignature
 from deepport.kernels.moe_dispatch import check_handle
 from deepport.kernels.moe_handle import MoEHandle
 
@@ -59,7 +59,8 @@ def moe_combine(x: torch.Tensor, handle: MoEHandle, topk_weights: torch.Tensor |
     """
     call = bind(x, handle, topk_weights, alloc=alloc)
     chosen, _ = selection.choose(OP, call.signature, backend)
-    result: MoECombineResult = chosen.implementation(OP)(call)
+    run: MoEImpl[MoECombineCall, MoECombineResult] = chosen.implementation(OP)
+    result = run(call)
     return result
 
 
@@ -82,7 +83,8 @@ def bind(x: torch.Tensor, handle: MoEHandle, topk_weights: torch.Tensor | None =
         chk.expect_contiguous("topk_weights", weights)
     grp = moe_args.resolve_group(handle.group, x.device)
     sig = moe_args.signature(x.device, x.dtype, int(x.shape[1]), handle.num_topk, handle.num_experts, grp)
-    return MoECombineCall(x, handle, weights, grp, moe_args.checked_alloc(alloc, x.device), sig)
+    alloc_checked = moe_args.checked_alloc(alloc, x.device, {"x": x, "handle": handle, "topk_weights": weights})
+    return MoECombineCall(x, handle, weights, grp, alloc_checked, sig)
 
 
 def example_signature(device: DeviceInfo) -> MoESignature:

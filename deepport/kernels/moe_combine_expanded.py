@@ -10,7 +10,7 @@ from deepport.dispatch import selection
 from deepport.dispatch.device import DeviceInfo
 from deepport.kernels import _checks as chk
 from deepport.kernels import moe_args
-from deepport.kernels.moe_args import Alloc, MoEGroup, MoESignature
+from deepport.kernels.moe_args import Alloc, MoEGroup, MoEImpl, MoESignature
 from deepport.kernels.moe_dispatch import check_handle
 from deepport.kernels.moe_handle import MoEExpandedHandle
 
@@ -46,7 +46,8 @@ def moe_combine_expanded(y: torch.Tensor, handle: MoEExpandedHandle, *, backend:
     """
     call = bind(y, handle, alloc=alloc)
     chosen, _ = selection.choose(OP, call.signature, backend)
-    out: torch.Tensor = chosen.implementation(OP)(call)
+    run: MoEImpl[MoEExpandedCombineCall, torch.Tensor] = chosen.implementation(OP)
+    out = run(call)
     return out
 
 
@@ -61,7 +62,8 @@ def bind(y: torch.Tensor, handle: MoEExpandedHandle, *, alloc: Alloc | None = No
     routes = handle.routes
     grp = moe_args.resolve_group(routes.group, y.device)
     sig = moe_args.signature(y.device, y.dtype, int(y.shape[1]), routes.num_topk, routes.num_experts, grp)
-    return MoEExpandedCombineCall(y, handle, grp, moe_args.checked_alloc(alloc, y.device), sig)
+    alloc_checked = moe_args.checked_alloc(alloc, y.device, {"y": y, "handle": handle})
+    return MoEExpandedCombineCall(y, handle, grp, alloc_checked, sig)
 
 
 def example_signature(device: DeviceInfo) -> MoESignature:

@@ -14,6 +14,7 @@ from deepport.dispatch import selection
 from deepport.dispatch.device import DeviceInfo, device_info
 from deepport.kernels import _checks as chk
 from deepport.kernels import moe_args
+from deepport.kernels.moe_args import MoEImpl
 
 OP = "moe_layout"
 OP_VERSION = 1
@@ -68,7 +69,8 @@ def moe_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int, *,
     """
     call = bind(topk_idx, num_experts, num_ranks)
     chosen, _ = selection.choose(OP, call.signature, backend)
-    result: MoELayout = chosen.implementation(OP)(call)
+    run: MoEImpl[MoELayoutCall, MoELayout] = chosen.implementation(OP)
+    result = run(call)
     return result
 
 

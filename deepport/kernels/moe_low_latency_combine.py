@@ -11,7 +11,7 @@ from deepport.dispatch.device import DeviceInfo
 from deepport.errors import InvalidArgumentError
 from deepport.kernels import _checks as chk
 from deepport.kernels import moe_args
-from deepport.kernels.moe_args import Alloc, MoEGroup, MoESignature
+from deepport.kernels.moe_args import Alloc, MoEGroup, MoEImpl, MoESignature
 from deepport.kernels.moe_dispatch import check_handle
 from deepport.kernels.moe_handle import MoELowLatencyHandle
 
@@ -50,7 +50,8 @@ def moe_low_latency_combine(y: torch.Tensor, topk_idx: torch.Tensor, topk_weight
     """
     call = bind(y, topk_idx, topk_weights, handle, alloc=alloc)
     chosen, _ = selection.choose(OP, call.signature, backend)
-    out: torch.Tensor = chosen.implementation(OP)(call)
+    run: MoEImpl[MoELowLatencyCombineCall, torch.Tensor] = chosen.implementation(OP)
+    out = run(call)
     return out
 
 
@@ -73,7 +74,9 @@ def bind(y: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, ha
     weights = moe_args.check_topk_weights(topk_weights, idx)
     grp = moe_args.resolve_group(routes.group, y.device)
     sig = moe_args.signature(y.device, y.dtype, int(y.shape[2]), routes.num_topk, routes.num_experts, grp)
-    return MoELowLatencyCombineCall(y, idx, weights, handle, grp, moe_args.checked_alloc(alloc, y.device), sig)
+    inputs = {"y": y, "topk_idx": idx, "topk_weights": weights, "handle": handle}
+    return MoELowLatencyCombineCall(y, idx, weights, handle, grp, moe_args.checked_alloc(alloc, y.device, inputs),
+                                    sig)
 
 
 def example_signature(device: DeviceInfo) -> MoESignature:

@@ -1,12 +1,12 @@
-"""The reference backend: NumPy float64, the executable definition of every op (the oracle).
+"""The reference backend: the float64 oracles of :mod:`deepport.kernels.f64`, run as a backend.
 
-Runs on any torch device by copying what it reads to the host. Slow by design; automatic selection
-picks it only when nothing else can run a call, and says so.
+Runs on any torch device by copying what it reads to the host. Slow by design (``oracle=True``):
+automatic selection picks it only when nothing else can run a call, and says so. The single-process
+ops run the oracles' own ``run`` functions; the MoE ops (``moe.py``) gather the whole world's inputs
+(``moe_gather.py``) and apply the oracles to them.
 """
 
-import torch
-
-from deepport.backends.reference.moe_support import MOE_OPS
+from deepport.backends import dtypes
 from deepport.dispatch import Backend, OpSupport
 
 BACKEND = Backend(
@@ -14,17 +14,27 @@ BACKEND = Backend(
     summary="NumPy float64 oracle (any device, through host copies)",
     version="1",
     ops=(
-        OpSupport(op="mla_decode", entry="deepport.backends.reference.mla_decode:run",
-                  dtypes=frozenset({torch.bfloat16, torch.float16})),
-        *(OpSupport(op=f"fp8_gemm_{layout}", entry="deepport.backends.reference.fp8_gemm:run",
-                    dtypes=frozenset({torch.float8_e4m3fn})) for layout in ("nt", "nn", "tn", "tt")),
-        *MOE_OPS,
-        OpSupport(op="m_grouped_fp8_gemm_nt_contiguous",
-                  entry="deepport.backends.reference.fp8_grouped_gemm:run_contiguous",
-                  dtypes=frozenset({torch.float8_e4m3fn})),
-        OpSupport(op="m_grouped_fp8_gemm_nt_masked",
-                  entry="deepport.backends.reference.fp8_grouped_gemm:run_masked",
-                  dtypes=frozenset({torch.float8_e4m3fn})),
+        OpSupport(op="mla_decode", entry="deepport.kernels.f64.mla_decode:run", dtypes=dtypes.MLA),
+        OpSupport(op="fp8_gemm_nt", entry="deepport.kernels.f64.fp8_gemm:run", dtypes=dtypes.FP8),
+        OpSupport(op="fp8_gemm_nn", entry="deepport.kernels.f64.fp8_gemm:run", dtypes=dtypes.FP8),
+        OpSupport(op="fp8_gemm_tn", entry="deepport.kernels.f64.fp8_gemm:run", dtypes=dtypes.FP8),
+        OpSupport(op="fp8_gemm_tt", entry="deepport.kernels.f64.fp8_gemm:run", dtypes=dtypes.FP8),
+        OpSupport(op="moe_layout", entry="deepport.backends.reference.moe:layout", dtypes=dtypes.MOE_TOPK),
+        OpSupport(op="moe_dispatch", entry="deepport.backends.reference.moe:dispatch", dtypes=dtypes.MOE_PAYLOAD),
+        OpSupport(op="moe_combine", entry="deepport.backends.reference.moe:combine", dtypes=dtypes.MOE_COMBINE),
+        OpSupport(op="moe_dispatch_expanded", entry="deepport.backends.reference.moe:dispatch_expanded",
+                  dtypes=dtypes.MOE_PAYLOAD),
+        OpSupport(op="moe_combine_expanded", entry="deepport.backends.reference.moe:combine_expanded",
+                  dtypes=dtypes.MOE_COMBINE),
+        OpSupport(op="moe_low_latency_dispatch", entry="deepport.backends.reference.moe:dispatch_low_latency",
+                  dtypes=dtypes.MOE_PAYLOAD),
+        OpSupport(op="moe_low_latency_combine", entry="deepport.backends.reference.moe:combine_low_latency",
+                  dtypes=dtypes.MOE_COMBINE),
+        OpSupport(op="m_grouped_fp8_gemm_nt_contiguous", entry="deepport.kernels.f64.fp8_grouped_gemm:run_contiguous",
+                  dtypes=dtypes.FP8),
+        OpSupport(op="m_grouped_fp8_gemm_nt_masked", entry="deepport.kernels.f64.fp8_grouped_gemm:run_masked",
+                  dtypes=dtypes.FP8),
     ),
     priority={"*": 0},
+    oracle=True,
 )

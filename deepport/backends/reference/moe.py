@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from deepport.backends.reference.moe_f64 import (
+from deepport.backends.reference.moe_gather import gather_rows
+from deepport.kernels.f64.moe import (
     Dispatched,
     align_up,
     cast_fp8_f64,
@@ -19,7 +20,6 @@ from deepport.backends.reference.moe_f64 import (
     layout_f64,
     packed_rows_f64,
 )
-from deepport.backends.reference.moe_gather import gather_rows
 from deepport.kernels.moe_args import FP8, Alloc, MoEGroup, MoEInput, dense
 from deepport.kernels.moe_combine import MoECombineCall, MoECombineResult
 from deepport.kernels.moe_combine_expanded import MoEExpandedCombineCall

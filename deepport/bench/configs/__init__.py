@@ -11,7 +11,7 @@ Protocol (how to add an op's configs)
    - ``build(device, seed) -> Workload``: allocates random inputs (never zeros) *on the device* from
      ``seed`` and preallocated outputs, and returns the closures the runner times (see :class:`Workload`);
      the same seed gives the same inputs, so every backend of a run sees identical data;
-   - ``flops`` and ``bytes``: counted with :mod:`deepport.bench.counting` (``shared/BENCH.md``'s rules);
+   - ``flops`` and ``bytes``: counted with :mod:`deepport.bench.counting` (the rules: ``benchmarks/README.md``);
    - ``ceiling``: the logical ceiling that bounds it: ``"memory"`` (memory-bound), ``"bf16_matmul"`` or
      ``"fp8_matmul"`` (compute-bound), or a name added to :data:`deepport.bench.ceilings.CEILINGS`
      (e.g. the MoE op's ``"nvlink_all_to_all"``); :func:`deepport.bench.ceilings.resolve` maps it to the
@@ -28,7 +28,8 @@ Protocol (how to add an op's configs)
    - ``cpu``: ``True`` for tiny configs meant for CPUs (CI); a CPU run takes only these, a GPU run
      only the others;
    - ``world_size`` and ``distributed``: see below.
-2. Add the module to :data:`_MODULES` below (one line).
+2. Name the module in the op's descriptor (``bench=`` in ``deepport.kernels.DESCRIPTORS``); ops of a
+   family may share one module, which is read once.
 
 Multi-process configs (``world_size > 1``)
 ------------------------------------------
@@ -54,6 +55,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from deepport.kernels import descriptors
 
 BackendCall = Callable[[], None]
 
@@ -106,13 +109,9 @@ class BenchConfig:
         return "memory" if self.ceiling == "memory" else "compute"
 
 
-# One line per op module. Each module exposes CONFIGS.
-_MODULES: tuple[str, ...] = (
-    "deepport.bench.configs.mla_decode",
-    "deepport.bench.configs.fp8_gemm",
-    "deepport.bench.configs.fp8_grouped_gemm",
-    "deepport.bench.configs.moe",
-)
+def config_modules() -> list[str]:
+    """The modules exposing ``CONFIGS``: each op descriptor's ``bench``, once each, in descriptor order."""
+    return list(dict.fromkeys(d.bench for d in descriptors() if d.bench is not None))
 
 
 def all_configs() -> list[BenchConfig]:
@@ -121,7 +120,7 @@ def all_configs() -> list[BenchConfig]:
 
     found: list[BenchConfig] = []
     seen: set[str] = set()
-    for name in _MODULES:
+    for name in config_modules():
         for config in importlib.import_module(name).CONFIGS:
             if config.id in seen:
                 raise ValueError(f"duplicate bench config {config.id!r} (in {name})")

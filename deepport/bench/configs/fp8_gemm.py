@@ -1,4 +1,4 @@
-"""``fp8_gemm_nt`` bench configs: DeepSeek-V3's projection shapes (shared/BENCH.md) and tiny CPU ones.
+"""``fp8_gemm_nt`` bench configs: DeepSeek-V3's projection shapes (DeepGEMM's) and tiny CPU ones.
 
 Inputs (generated on the device from the seed): X ``[M, K]`` and W ``[N, K]`` ~ N(0, 1) in float32,
 quantized by ``per_token_cast_to_fp8`` (A: 1x128 SFs) and ``per_block_cast_to_fp8`` (B: 128x128 SFs),

@@ -1,4 +1,4 @@
-"""``mla_decode`` bench configs: FlashMLA's dense-decode shapes (shared/BENCH.md) and tiny CPU ones.
+"""``mla_decode`` bench configs: FlashMLA's dense-decode shapes and tiny CPU ones.
 
 Inputs (generated on the device from the seed): q and the KV cache ~ N(0, 1)/10 in bf16, every request
 of length ``s_k`` (a multiple of the page), its pages a random permutation of the cache's blocks, and the
@@ -75,7 +75,7 @@ def config(b: int, s_q: int, h_q: int, s_k: int, *, check_case: str, causal: boo
 
 _HQ16 = "b3_sq1_hq16_hkv1_d576v512_p64_sk100_bfloat16"
 CONFIGS: tuple[BenchConfig, ...] = (
-    # FlashMLA's figures on the H200 (shared/BENCH.md)
+    # FlashMLA's shapes, measured on an H200 in benchmarks/README.md ("Ceilings and peers")
     config(128, 1, 16, 4096, check_case=_HQ16),
     config(128, 1, 16, 16384, check_case=_HQ16),
     config(64, 1, 16, 32768, check_case=_HQ16),

@@ -6,9 +6,9 @@ experts; 128 tokens for latency), with raw NCCL ``all_to_all_single`` of the sam
   same group and inputs: routes, counts, payload rows; combine within one bf16 rounding), then timing:
   a barrier, then CUDA events around each call on every rank; a sample is the slowest rank's time.
   The same run times ``all_to_all_single`` of exactly the payload bytes the dispatch moves (same
-  split sizes), reported as backend ``nccl_all_to_all``. Bytes counted (BENCH.md): payload bytes
+  split sizes), reported as backend ``nccl_all_to_all``. Bytes counted (``benchmarks/README.md``): payload bytes
   this rank sends to other ranks (dispatch) or returns to them (combine), rank 0's figure.
-- The ceiling ``nvlink_all_to_all`` (registered here) is BENCH.md's microbenchmark: NCCL
+- The ceiling ``nvlink_all_to_all`` (registered here) is the microbenchmark of ``benchmarks/README.md``: NCCL
   ``all_to_all_single`` of 4096 x 8 rows of 7168 bf16 over 2 GPUs, cross-GPU bytes / time.
 - CPU configs (CI) are single-process (``group=None``: dispatch is a gather), checked by the suite's
   conformance case.
@@ -238,7 +238,7 @@ def run_distributed(config: BenchConfig, request: Any) -> list[BenchResult]:
 
 
 def _nvlink_all_to_all(device: torch.device, quick: bool) -> tuple[float, dict[str, Any]]:
-    """BENCH.md's ceiling: all_to_all_single of 4096 x 8 rows of 7168 bf16 over 2 GPUs (cross-GPU bytes)."""
+    """The NVLink ceiling: all_to_all_single of 4096 x 8 rows of 7168 bf16 over 2 GPUs (cross-GPU bytes)."""
     if device.type != "cuda" or torch.cuda.device_count() < WORLD:
         raise RuntimeError(f"needs {WORLD} CUDA GPUs")
     from torch.multiprocessing.spawn import spawn

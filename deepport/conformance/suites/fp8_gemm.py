@@ -35,10 +35,10 @@ import numpy as np
 import torch
 
 import deepport
-from deepport.backends.reference.f64_products import matmul_nt
-from deepport.backends.reference.fp8_gemm import reference_f64
 from deepport.conformance.case import Case, make_case
 from deepport.kernels import fp8_gemm as op
+from deepport.kernels.f64.fp8_gemm import reference_f64
+from deepport.kernels.f64.products import matmul_nt
 from deepport.kernels.fp8_layout import get_tma_aligned_size, pack_ue8m0, per_block_cast_to_fp8, per_token_cast_to_fp8
 
 GENERATOR_VERSION = 1

@@ -37,9 +37,9 @@ import numpy as np
 import torch
 
 import deepport
-from deepport.backends.reference.f64_products import matmul_nt
-from deepport.backends.reference.fp8_grouped_gemm import contiguous_f64, masked_rows_f64
 from deepport.conformance.case import Case, make_case
+from deepport.kernels.f64.fp8_grouped_gemm import contiguous_f64, masked_rows_f64
+from deepport.kernels.f64.products import matmul_nt
 from deepport.kernels.fp8_grouped_gemm import OP_CONTIGUOUS, OP_MASKED, bind_contiguous, bind_masked
 from deepport.kernels.fp8_layout import (
     get_mk_alignment_for_contiguous_layout,
@@ -104,7 +104,7 @@ def contiguous_cases() -> list[Case]:
         c("smoke", "g4_empty_groups", groups=4, ms=[130, 0, 1, 0]),
         c("smoke", "g3_one_group_zero_rows_padding_blocks", groups=3, ms=[64, 0, 128], pad_blocks=2),
         # an all-padding call (every m_indices == -1) has the all-zero answer, so it cannot calibrate here:
-        # tests/test_fp8_grouped_gemm.py checks it; this case is 499 padding rows and 13 real ones
+        # tests/test_fp8_grouped_gemm_backends.py checks it; this case is 499 padding rows and 13 real ones
         c("smoke", "g2_mostly_padding", groups=2, ms=[13, 0], pad_blocks=3),
         c("smoke", "g3_shuffled_sfa_mn_major", groups=3, ms=[40, 170, 90], order="shuffled", sfa_layout="mn"),
         c("smoke", "g2_ue8m0_packed", groups=2, sf="ue8m0", sfa_layout="mn", outliers=False),

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 import deepport
-from deepport.backends.reference.mla_decode import mla_decode_f64
 from deepport.conformance.case import Case, make_case
+from deepport.kernels.f64.mla_decode import mla_decode_f64
 
 OP = "mla_decode"
 GENERATOR_VERSION = 1

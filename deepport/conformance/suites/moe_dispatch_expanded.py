@@ -7,11 +7,11 @@ import numpy as np
 import torch
 
 import deepport
-from deepport.backends.reference.moe_f64 import align_up, expanded_rows_f64
 from deepport.conformance.case import Case
 from deepport.conformance.suites import moe_common as mc
 from deepport.conformance.suites.moe_common import Inputs, RankCall, Specs
 from deepport.conformance.suites.moe_dispatch import _routed, _split, pick_rows
+from deepport.kernels.f64.moe import align_up, expanded_rows_f64
 
 OP = "moe_dispatch_expanded"
 GENERATOR_VERSION = mc.GENERATOR_VERSION

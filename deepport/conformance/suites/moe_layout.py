@@ -6,10 +6,10 @@ import numpy as np
 import torch
 
 import deepport
-from deepport.backends.reference.moe_f64 import layout_f64
 from deepport.conformance.case import Case
 from deepport.conformance.suites import moe_common as mc
 from deepport.conformance.suites.moe_common import Inputs, RankCall, Specs
+from deepport.kernels.f64.moe import layout_f64
 
 OP = "moe_layout"
 GENERATOR_VERSION = mc.GENERATOR_VERSION

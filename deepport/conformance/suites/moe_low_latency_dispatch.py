@@ -12,11 +12,11 @@ import numpy as np
 import torch
 
 import deepport
-from deepport.backends.reference.moe_f64 import cast_fp8_f64, packed_rows_f64
 from deepport.conformance.case import Case
 from deepport.conformance.suites import moe_common as mc
 from deepport.conformance.suites.moe_common import Inputs, RankCall, Specs
 from deepport.conformance.suites.moe_dispatch import _routed, pick_rows
+from deepport.kernels.f64.moe import cast_fp8_f64, packed_rows_f64
 
 OP = "moe_low_latency_dispatch"
 GENERATOR_VERSION = mc.GENERATOR_VERSION

@@ -1,0 +1,36 @@
+"""The hopper backend: CUDA C++ kernels for sm_90a (H100/H200), compiled at run time with NVRTC.
+
+Ops: the dense block-scaled FP8 GEMM ``fp8_gemm_nt`` and the M-grouped contiguous and masked FP8
+GEMMs, DeepSeek-V3's recipe (1, 128, 128) with float32 SFs and bf16 output
+(``kernels/sm90_fp8_gemm.cu``: TMA into a shared-memory ring on mbarriers, a producer warpgroup and
+one or two wgmma consumer warpgroups, fp32 promotion per 128-K block, persistent tiles).
+
+Available only where torch sees an sm_90 GPU and ``cuda-bindings`` (with ``nvidia-cuda-nvrtc``) and
+``cupy`` import (``pip install 'deepport[hopper]'``); the probe says which is missing. The toolchain
+is imported only when a kernel runs. Kernels are cached on disk (:mod:`.jit`: ``DEEPPORT_CACHE_DIR``,
+``DEEPPORT_JIT``).
+"""
+
+import torch
+
+from deepport.backends.hopper.support import DENSE_REQUIREMENTS, GROUPED_REQUIREMENTS, probe
+from deepport.dispatch import Backend, OpSupport
+
+_FP8 = frozenset({torch.float8_e4m3fn})
+_CUDA = frozenset({"cuda"})
+
+BACKEND = Backend(
+    name="hopper",
+    summary="CUDA C++ for sm_90a (TMA + wgmma FP8 GEMMs), NVRTC-compiled",
+    version="1",
+    ops=(
+        OpSupport(op="fp8_gemm_nt", entry="deepport.backends.hopper.fp8_gemm:run", dtypes=_FP8,
+                  device_kinds=_CUDA, requirements=DENSE_REQUIREMENTS),
+        OpSupport(op="m_grouped_fp8_gemm_nt_contiguous", entry="deepport.backends.hopper.fp8_gemm:run_contiguous",
+                  dtypes=_FP8, device_kinds=_CUDA, requirements=GROUPED_REQUIREMENTS),
+        OpSupport(op="m_grouped_fp8_gemm_nt_masked", entry="deepport.backends.hopper.fp8_gemm:run_masked",
+                  dtypes=_FP8, device_kinds=_CUDA, requirements=GROUPED_REQUIREMENTS),
+    ),
+    priority={"cuda": 30},
+    probe=probe,
+)

@@ -1,0 +1,59 @@
+"""Loading cubins with CuPy and launching them on torch's current stream.
+
+A kernel takes one ``__grid_constant__`` struct parameter; :func:`launch` passes its packed bytes by
+pointer (CuPy's ``CPointer``), so the driver copies them into the kernel's parameter space at launch
+(also under CUDA-graph capture). Modules are loaded once per (cache key, device) and keep the dynamic
+shared-memory limit raised to what the kernel needs (more than the default 48 KiB).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+_loaded: dict[tuple[str, int], Any] = {}
+_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class _Stream:
+    """What CuPy's launch reads of a stream: its handle."""
+
+    ptr: int
+
+
+def load_function(key: str, cubin: bytes, entry: str, device_index: int, smem_bytes: int) -> Any:
+    """The CuPy ``Function`` of ``entry`` in ``cubin`` on ``device_index`` (loaded once per key and
+    device), with its dynamic shared-memory limit raised to ``smem_bytes``."""
+    cached = _loaded.get((key, device_index))
+    if cached is not None:
+        return cached
+    import cupy
+    from cupy.cuda.function import Module
+    from cupy_backends.cuda.api import driver
+
+    with _lock, cupy.cuda.Device(device_index):
+        cached = _loaded.get((key, device_index))
+        if cached is None:
+            module = Module()
+            module.load(cubin)
+            cached = module.get_function(entry)  # keeps its module alive
+            driver.funcSetAttribute(cached.ptr, driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem_bytes)
+            _loaded[(key, device_index)] = cached
+    return cached
+
+
+def launch(function: Any, grid: int, threads: int, smem_bytes: int, params: bytes, device: torch.device) -> None:
+    """Launch ``function<<<grid, threads, smem_bytes, torch's current stream>>>(params)``."""
+    import cupy
+    from cupy.cuda.function import CPointer
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    stream = _Stream(torch.cuda.current_stream(index).cuda_stream)
+    buffer = ctypes.create_string_buffer(params, len(params))
+    with cupy.cuda.Device(index):
+        function((grid,), (threads,), (CPointer(ctypes.addressof(buffer)),), shared_mem=smem_bytes, stream=stream)

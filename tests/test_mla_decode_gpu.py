@@ -1,0 +1,69 @@
+"""GPU tests: the same code paths as the CPU tests, on a CUDA device. Skipped where none is present;
+run on the device machine with `scripts/gpu_check.sh`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import deepport
+from deepport.conformance import run_suite
+from deepport.dispatch import device_info, registry
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def _small_call(device: str) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    q = torch.randn(2, 2, 16, 576, generator=g).div(10).to(device, torch.bfloat16)
+    k_cache = torch.randn(6, 64, 1, 576, generator=g).div(10).to(device, torch.bfloat16)
+    block_table = torch.tensor([[0, 3, 5], [2, 1, 4]], dtype=torch.int32, device=device)
+    cache_seqlens = torch.tensor([150, 70], dtype=torch.int32, device=device)
+    return q, k_cache, block_table, cache_seqlens
+
+
+def test_cuda_device_is_identified_with_its_architecture() -> None:
+    info = device_info(torch.device("cuda"))
+    assert info.kind in {"cuda", "rocm"}
+    if info.kind == "cuda":
+        assert info.capability is not None and info.arch.startswith("sm_")
+    assert info.multiprocessors > 0
+
+
+def test_automatic_choice_on_cuda_matches_reference() -> None:
+    q, k_cache, block_table, cache_seqlens = _small_call("cuda")
+    explanation = deepport.explain("mla_decode", q, k_cache, block_table, cache_seqlens, 512, causal=True)
+    # triton ranks above torch on CUDA when its toolchain is usable here
+    expected = "triton" if registry.get("triton").unavailable_reason is None else "torch"
+    assert explanation.chosen == expected
+    out, lse = deepport.mla_decode(q, k_cache, block_table, cache_seqlens, 512, causal=True)
+    ref_out, ref_lse = deepport.mla_decode(q, k_cache, block_table, cache_seqlens, 512, causal=True,
+                                           backend="reference")
+    assert out.device.type == "cuda" and ref_out.device.type == "cuda"
+    torch.testing.assert_close(out.float(), ref_out.float(), atol=2e-3, rtol=2 / 128)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-4)
+
+
+def test_value_checks_run_on_cuda_tensors_before_any_backend() -> None:
+    q, k_cache, block_table, cache_seqlens = _small_call("cuda")
+    block_table[1, 1] = 99  # request 1 (length 70) uses two pages: slot 1 is in use
+    with pytest.raises(deepport.InvalidArgumentError, match=r"block_table\[1, 1\] = 99"):
+        deepport.mla_decode(q, k_cache, block_table, cache_seqlens, 512)
+    block_table[1, 2] = 2147480000  # an unused slot may hold anything
+    block_table[1, 1] = 1
+    deepport.mla_decode(q, k_cache, block_table, cache_seqlens, 512)
+
+
+def test_metadata_plans_for_the_gpus_multiprocessors() -> None:
+    _, _, _, cache_seqlens = _small_call("cuda")
+    md = deepport.get_mla_metadata(cache_seqlens, 32, 1)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    assert md.num_sm_parts == max(sms // 1 // 1, 1)
+    assert md.tile_scheduler_metadata.shape == (md.num_sm_parts, 8)
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_smoke_tier_passes_on_cuda(backend: str) -> None:
+    run = run_suite([backend], "smoke", device="cuda")
+    bad = [f"{r.case_id}: {r.status} {r.message}" for r in run.cases if r.status.value != "pass"]
+    assert not bad, "\n".join(bad) + f"\nrun seed {run.run_seed}"

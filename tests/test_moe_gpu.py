@@ -1,0 +1,64 @@
+"""GPU tests for MoE dispatch/combine: one CUDA device, and 2-rank NCCL (needs 2 GPUs of one host).
+
+Skipped without CUDA (or with fewer GPUs than ranks). On two H200s:
+``python3 -m pytest -q -m gpu tests/test_moe_gpu.py``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import deepport
+from deepport.conformance import Status, run_suite
+from deepport.conformance.suites import SUITES
+from deepport.examples import deepseek_v3_moe_layer as layer
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+MOE_OPS = [op for op in SUITES if op.startswith("moe_")]
+two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs for 2-rank NCCL")
+
+
+def test_single_gpu_round_trip_matches_reference_bit_for_bit() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 7168, generator=g).to("cuda", torch.bfloat16)
+    idx = torch.rand(512, 256, generator=g).topk(8, dim=1).indices.cuda()
+    w = torch.rand(512, 8, generator=g).cuda()
+    t = deepport.moe_dispatch(x, idx, w, 256, expert_alignment=128, backend="torch")
+    r = deepport.moe_dispatch(x, idx, w, 256, expert_alignment=128, backend="reference")
+    assert isinstance(t.recv_x, torch.Tensor) and t.recv_x.device.type == "cuda"
+    assert torch.equal(t.recv_x, r.recv_x) and t.num_recv_tokens_per_expert == r.num_recv_tokens_per_expert
+    out, weights = deepport.moe_combine(t.recv_x, t.handle, t.recv_topk_weights, backend="torch")
+    assert torch.equal(out, x) and weights is not None and torch.equal(weights, w)
+
+
+@pytest.mark.timeout(900)
+def test_moe_smoke_on_cuda_one_gpu_cases_pass() -> None:
+    run = run_suite(["torch", "reference"], "smoke", device="cuda", ops=MOE_OPS, case_pattern="world1",
+                    run_seed=20261128)
+    bad = [f"{r.case_id} {r.backend}: {r.status.value} {r.message}" for r in run.cases if r.status != Status.PASS]
+    assert not bad, "\n".join(bad)
+
+
+@two_gpus
+@pytest.mark.timeout(900)
+def test_two_rank_nccl_cases_pass() -> None:
+    run = run_suite(["torch", "reference"], "full", device="cuda", ops=MOE_OPS, case_pattern="world2",
+                    run_seed=20261128)
+    assert run.cases, "no 2-rank cases selected"
+    bad = [f"{r.case_id} {r.backend}: {r.status.value} {r.message}" for r in run.cases if r.status != Status.PASS]
+    assert not bad, "\n".join(bad)
+
+
+def test_four_rank_cases_are_not_supported_with_a_reason_when_gpus_are_missing() -> None:
+    if torch.cuda.device_count() >= 4:
+        pytest.skip("this machine has 4 GPUs: the 4-rank cases run")
+    run = run_suite(["torch"], "smoke", device="cuda", ops=["moe_dispatch"], case_pattern="world4_uneven",
+                    run_seed=1)
+    (result,) = run.cases
+    assert result.status == Status.NOT_SUPPORTED and "needs 4 CUDA devices" in result.message
+
+
+def test_deepseek_v3_moe_layer_on_gpu() -> None:
+    cfg = layer.LayerConfig(hidden=1024, intermediate=512, num_experts=32, topk=8)
+    assert layer.run(cfg, 256, 0, torch.device("cuda")) <= layer.MAX_CALC_DIFF
