@@ -15,13 +15,9 @@ Kernels use no extension: no fp16 arithmetic, no subgroups; bf16 and e4m3 travel
 
 from typing import Any
 
-import torch
-
-from deepport.backends.moe_ops import moe_op_support
+from deepport.backends import dtypes
 from deepport.backends.opencl.runtime import describe_devices, unavailable_reason
 from deepport.dispatch import Backend, OpSupport
-
-_FP8 = frozenset({torch.float8_e4m3fn})
 
 
 def toolchain_info() -> dict[str, Any]:
@@ -34,16 +30,27 @@ BACKEND = Backend(
     summary="OpenCL C 1.2 kernels via pyopencl (any OpenCL device; host copies)",
     version="1",
     ops=(
-        OpSupport(op="mla_decode", entry="deepport.backends.opencl.mla_decode:run",
-                  dtypes=frozenset({torch.bfloat16, torch.float16})),
-        *(OpSupport(op=f"fp8_gemm_{layout}", entry="deepport.backends.opencl.fp8_gemm:run", dtypes=_FP8)
-          for layout in ("nt", "nn", "tn", "tt")),
+        OpSupport(op="mla_decode", entry="deepport.backends.opencl.mla_decode:run", dtypes=dtypes.MLA),
+        OpSupport(op="fp8_gemm_nt", entry="deepport.backends.opencl.fp8_gemm:run", dtypes=dtypes.FP8),
+        OpSupport(op="fp8_gemm_nn", entry="deepport.backends.opencl.fp8_gemm:run", dtypes=dtypes.FP8),
+        OpSupport(op="fp8_gemm_tn", entry="deepport.backends.opencl.fp8_gemm:run", dtypes=dtypes.FP8),
+        OpSupport(op="fp8_gemm_tt", entry="deepport.backends.opencl.fp8_gemm:run", dtypes=dtypes.FP8),
         OpSupport(op="m_grouped_fp8_gemm_nt_contiguous", entry="deepport.backends.opencl.fp8_gemm:run_contiguous",
-                  dtypes=_FP8),
+                  dtypes=dtypes.FP8),
         OpSupport(op="m_grouped_fp8_gemm_nt_masked", entry="deepport.backends.opencl.fp8_gemm:run_masked",
-                  dtypes=_FP8),
+                  dtypes=dtypes.FP8),
         # MoE: the local steps as kernels; routing and rank-to-rank movement through torch.distributed
-        *moe_op_support("deepport.backends.opencl.moe", "deepport.backends.opencl.moe"),
+        OpSupport(op="moe_layout", entry="deepport.backends.opencl.moe:layout", dtypes=dtypes.MOE_TOPK),
+        OpSupport(op="moe_dispatch", entry="deepport.backends.opencl.moe:dispatch", dtypes=dtypes.MOE_PAYLOAD),
+        OpSupport(op="moe_combine", entry="deepport.backends.opencl.moe:combine", dtypes=dtypes.MOE_COMBINE),
+        OpSupport(op="moe_dispatch_expanded", entry="deepport.backends.opencl.moe:dispatch_expanded",
+                  dtypes=dtypes.MOE_PAYLOAD),
+        OpSupport(op="moe_combine_expanded", entry="deepport.backends.opencl.moe:combine_expanded",
+                  dtypes=dtypes.MOE_COMBINE),
+        OpSupport(op="moe_low_latency_dispatch", entry="deepport.backends.opencl.moe:dispatch_low_latency",
+                  dtypes=dtypes.MOE_PAYLOAD),
+        OpSupport(op="moe_low_latency_combine", entry="deepport.backends.opencl.moe:combine_low_latency",
+                  dtypes=dtypes.MOE_COMBINE),
     ),
     priority={"cpu": 5},
     probe=unavailable_reason,

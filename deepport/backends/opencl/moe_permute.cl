@@ -31,23 +31,31 @@ __kernel void moe_layout(__global const int *topk_idx, int num_topk, int num_ran
     }
 }
 
-/* dst[i] = src[index[i]] for rows of `row_words` 16-byte words (index < 0: a zero row).
- * Global size (row_words, rows). */
+/* dst[i] = src[index[i]] for rows of `row_words` 16-byte words; where index[i] < 0 the row is zeroed
+ * (zero_missing) or left as it is. Global size (row_words, rows). */
 __kernel void moe_gather_rows16(__global const uint4 *src, __global const long *index, __global uint4 *dst,
-                                int row_words) {
+                                int row_words, int zero_missing) {
     const int w = (int)get_global_id(0);
     const long i = (long)get_global_id(1);
     const long s = index[i];
-    dst[i * row_words + w] = s >= 0 ? src[s * row_words + w] : (uint4)(0u);
+    if (s >= 0) {
+        dst[i * row_words + w] = src[s * row_words + w];
+    } else if (zero_missing) {
+        dst[i * row_words + w] = (uint4)(0u);
+    }
 }
 
 /* The same for rows of any byte length. Global size (row_bytes, rows). */
 __kernel void moe_gather_rows1(__global const uchar *src, __global const long *index, __global uchar *dst,
-                               int row_bytes) {
+                               int row_bytes, int zero_missing) {
     const int w = (int)get_global_id(0);
     const long i = (long)get_global_id(1);
     const long s = index[i];
-    dst[i * row_bytes + w] = s >= 0 ? src[s * row_bytes + w] : (uchar)0;
+    if (s >= 0) {
+        dst[i * row_bytes + w] = src[s * row_bytes + w];
+    } else if (zero_missing) {
+        dst[i * row_bytes + w] = 0;
+    }
 }
 
 /* Per token and 128-channel block (one work-group each, CAST_THREADS = 128 work-items):
@@ -75,12 +83,11 @@ void moe_cast_fp8(__global const ushort *x, __global uchar *q, __global float *s
 }
 
 /* Segmented weighted row sums: out[d, c] = sum_{e in [offsets[d], offsets[d+1])} w_e * src[rows[e], c]
- * in float32, entries in order (w_e = weights[e], or 1 without weights). src is bf16 (src_bf16 = 1) or
- * float32; out is float32 or bf16 (out_bf16 = 1, rounded once, to nearest even). An empty segment
- * gives zeros. Global size (hidden, num_dst). */
+ * in float32, entries in order (w_e = weights[e], or 1 without weights); src is bf16 (src_bf16 = 1) or
+ * float32. An empty segment gives zeros. Global size (hidden, num_dst). */
 __kernel void moe_reduce_rows(__global const uchar *src, __global const long *offsets, __global const long *rows,
-                              __global const float *weights, __global uchar *out, int hidden, int src_bf16,
-                              int has_weights, int out_bf16) {
+                              __global const float *weights, __global float *out, int hidden, int src_bf16,
+                              int has_weights) {
     const int c = (int)get_global_id(0);
     const long d = (long)get_global_id(1);
     float acc = 0.0f;
@@ -90,9 +97,5 @@ __kernel void moe_reduce_rows(__global const uchar *src, __global const long *of
                                  : ((__global const float *)src)[at];
         acc += has_weights ? weights[e] * v : v;
     }
-    if (out_bf16) {
-        ((__global ushort *)out)[d * hidden + c] = float_to_bf16(acc);
-    } else {
-        ((__global float *)out)[d * hidden + c] = acc;
-    }
+    out[d * hidden + c] = acc;
 }

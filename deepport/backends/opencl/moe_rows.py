@@ -1,12 +1,11 @@
-"""Host wrappers of ``moe_permute.cl``: each takes and returns torch tensors (copied through the host to the
-OpenCL device and back) and runs one kernel.
+"""The MoE ops' local steps as ``moe_permute.cl`` kernels, on torch tensors (copied through the host to the
+OpenCL device and back), in the shape of :class:`deepport.backends.torch.moe_local.LocalSteps`:
 
-- :func:`layout_counts`: routing counts and the token-to-rank mask.
-- :func:`gather_rows`: ``out[i] = src[index[i]]``, zero rows where ``index < 0`` (any row dtype, moved as bytes);
-  :func:`take_rows` allocates ``out`` (the ``take`` step of the torch backend's transport).
-- :func:`cast_fp8`: the per-token, per-128-channel e4m3 cast of bf16 rows.
-- :func:`segment_sums`: ``out[d] = sum_e w_e * src[rows_e]`` over the entries ``e`` naming ``d``, in entry order;
-  :func:`sum_rows` is its unweighted form (the ``sum_rows`` step of the torch backend's transport).
+- :func:`place_rows` / :func:`take_rows`: rows moved bit for bit (as bytes) by a gather kernel;
+- :func:`weighted_rows` / :func:`sum_rows`: segmented row sums in float32, entries in a fixed order;
+- :func:`cast_fp8`: the per-token, per-128-channel e4m3 cast;
+
+and :func:`layout_counts`, the routing counts of ``moe_layout``.
 """
 
 from __future__ import annotations
@@ -49,38 +48,48 @@ def layout_counts(topk_idx: torch.Tensor, num_experts: int, num_ranks: int) -> t
             transfer.download(rt, in_rank, (tokens, num_ranks), torch.uint8).to(torch.bool))
 
 
-def gather_rows(src: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> None:
-    """Write ``out[i] = src[index[i]]`` (zero bytes where ``index[i] < 0``) for every row of ``out``;
-    ``src`` and ``out`` have equal row shapes and dtypes, ``index`` is int64 ``[len(out)]``."""
-    rows = int(out.shape[0])
-    if rows == 0:
-        return
+def _gather(src: torch.Tensor, index: torch.Tensor, rows: int, row_bytes: int, zero_missing: bool,
+            initial: torch.Tensor | None) -> torch.Tensor:
+    """uint8 ``[rows * row_bytes]`` on the host: row ``i`` is ``src``'s row ``index[i]``; where ``index < 0``
+    zeros (``zero_missing``) or the bytes of ``initial`` (the same rows, as they were)."""
     rt = get_runtime()
-    row_bytes = out[0].numel() * out.element_size()
     src_bytes = transfer.host_array(src).reshape(-1).view(np.uint8)
-    dst = transfer.scratch(rt, rows * row_bytes)
-    idx = transfer.upload(rt, index.to(torch.int64))
-    if row_bytes % 16 == 0:
-        _launch(rt, "moe_gather_rows16", (transfer.upload(rt, src_bytes), idx, dst, np.int32(row_bytes // 16)),
-                (row_bytes // 16, rows))
+    if initial is None:
+        dst = transfer.scratch(rt, rows * row_bytes)
     else:
-        _launch(rt, "moe_gather_rows1", (transfer.upload(rt, src_bytes), idx, dst, np.int32(row_bytes)),
-                (row_bytes, rows))
-    raw = transfer.download(rt, dst, (rows * row_bytes,), torch.uint8)
-    out.copy_(raw.view(out.dtype).view(out.shape))
+        dst = transfer.upload(rt, transfer.host_array(initial).reshape(-1).view(np.uint8), writable=True)
+    idx = transfer.upload(rt, index.reshape(-1).to(torch.int64))
+    wide = row_bytes % 16 == 0
+    words = row_bytes // 16 if wide else row_bytes
+    _launch(rt, "moe_gather_rows16" if wide else "moe_gather_rows1",
+            (transfer.upload(rt, src_bytes), idx, dst, np.int32(words), np.int32(zero_missing)), (words, rows))
+    return transfer.download(rt, dst, (rows * row_bytes,), torch.uint8)
+
+
+def place_rows(src: torch.Tensor, dst: torch.Tensor, index: torch.Tensor, zero_missing: bool) -> None:
+    """``dst[g, i] = src[index[g, i]]`` bit for bit for every ``index >= 0``; ``-1`` rows are zeroed when
+    ``zero_missing``, else left as they were. ``src [n, C]``, ``dst [G, R, C]`` (any strides)."""
+    groups, rows, cols = (int(d) for d in dst.shape)
+    if groups * rows == 0 or cols == 0:
+        return
+    raw = _gather(src, index, groups * rows, cols * dst.element_size(), zero_missing,
+                  None if zero_missing else dst)
+    dst.copy_(raw.view(dst.dtype).view(dst.shape))
 
 
 def take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``x[index]`` (``index`` int64, no negative entries) as a new tensor on ``x``'s device."""
-    out = torch.empty((int(index.shape[0]), *x.shape[1:]), dtype=x.dtype, device=x.device)
-    gather_rows(x, index, out)
-    return out
+    """``x[index]`` (``x [n, C]``, ``index`` int64 ``[k]`` without ``-1``) as a new tensor on ``x``'s device."""
+    rows, cols = int(index.shape[0]), int(x.shape[1])
+    if rows == 0 or cols == 0:
+        return torch.empty((rows, cols), dtype=x.dtype, device=x.device)
+    raw = _gather(x, index, rows, cols * x.element_size(), True, None)
+    return raw.view(x.dtype).view(rows, cols).to(x.device)
 
 
 def cast_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """bf16 ``[T, H]`` (``H`` a multiple of 128) to ``(e4m3 [T, H], float32 scales [T, H / 128])`` on ``x``'s
     device: per token and 128 channels ``amax = max(|x|, 1e-4)``, ``scale = amax / 448``,
-    ``q = e4m3(x * (448 / amax))``."""
+    ``q = e4m3(x * (448 / amax))`` with IEEE quotients."""
     tokens, hidden = (int(s) for s in x.shape)
     blocks = hidden // 128
     if tokens == 0:
@@ -94,31 +103,35 @@ def cast_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             transfer.download(rt, scales, (tokens, blocks), torch.float32).to(x.device))
 
 
-def segment_sums(src: torch.Tensor, rows: torch.Tensor, dst: torch.Tensor, num_dst: int,
-                 weights: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-    """``out [num_dst, H]`` (float32 or bf16, on ``src``'s device): ``out[d] = sum w_e * src[rows[e]]`` over
-    the entries ``e`` with ``dst[e] == d``, in entry order, accumulated in float32 and rounded once;
-    ``src`` bf16 or float32 ``[N, H]``; ``rows``, ``dst`` int64 ``[E]``; ``weights`` float32 ``[E]`` or
-    ``None`` (all 1)."""
+def _segment_sums(src: torch.Tensor, rows: torch.Tensor, dst: torch.Tensor, num_dst: int,
+                  weights: torch.Tensor | None) -> torch.Tensor:
+    """float32 ``[num_dst, H]`` on ``src``'s device: ``out[d] = sum w_e * src[rows[e]]`` over the entries
+    ``e`` with ``dst[e] == d``, in entry order (``w_e = 1`` without weights); ``src`` bf16 or float32."""
     if src.dtype not in (torch.bfloat16, torch.float32) or src.dim() != 2:
-        raise TypeError(f"segment_sums: expected bfloat16 or float32 rows [N, H], got {src.dtype} {tuple(src.shape)}")
+        raise TypeError(f"deepport.opencl: expected bfloat16 or float32 rows [N, H], got {src.dtype} "
+                        f"{tuple(src.shape)}")
     hidden = int(src.shape[1])
-    out_shape = (num_dst, hidden)
     if num_dst == 0 or hidden == 0:
-        return torch.zeros(out_shape, dtype=out_dtype, device=src.device)
+        return torch.zeros((num_dst, hidden), dtype=torch.float32, device=src.device)
     rt = get_runtime()
-    order = torch.argsort(dst.cpu(), stable=True)
-    counts = torch.bincount(dst.cpu(), minlength=num_dst)
+    dst_host = dst.to("cpu", torch.int64)
+    order = torch.argsort(dst_host, stable=True)
     offsets = torch.zeros(num_dst + 1, dtype=torch.int64)
-    offsets[1:] = torch.cumsum(counts, 0)
+    offsets[1:] = torch.cumsum(torch.bincount(dst_host, minlength=num_dst), 0)
     w = np.zeros(1, dtype=np.float32) if weights is None else transfer.host_array(weights.cpu()[order])
-    out = transfer.scratch(rt, num_dst * hidden * (2 if out_dtype == torch.bfloat16 else 4))
+    out = transfer.scratch(rt, 4 * num_dst * hidden)
     i32 = np.int32
     _launch(rt, "moe_reduce_rows", (transfer.upload(rt, src), transfer.upload(rt, offsets),
-                                    transfer.upload(rt, rows.cpu()[order]), transfer.upload(rt, w), out,
-                                    i32(hidden), i32(src.dtype == torch.bfloat16), i32(weights is not None),
-                                    i32(out_dtype == torch.bfloat16)), (hidden, num_dst))
-    return transfer.download(rt, out, out_shape, out_dtype).to(src.device)
+                                    transfer.upload(rt, rows.to("cpu", torch.int64)[order]), transfer.upload(rt, w),
+                                    out, i32(hidden), i32(src.dtype == torch.bfloat16), i32(weights is not None)),
+            (hidden, num_dst))
+    return transfer.download(rt, out, (num_dst, hidden), torch.float32).to(src.device)
+
+
+def weighted_rows(y: torch.Tensor, src_pos: torch.Tensor, dst_row: torch.Tensor, weights: torch.Tensor,
+                  num_rows: int) -> torch.Tensor:
+    """float32 ``[num_rows, C]``: ``out[dst_row[j]] += weights[j] * y[src_pos[j]]`` (the weighted un-permute)."""
+    return _segment_sums(y, src_pos, dst_row, num_rows, weights)
 
 
 def sum_rows(rows: torch.Tensor, dst: torch.Tensor, n: int) -> torch.Tensor:
@@ -126,6 +139,5 @@ def sum_rows(rows: torch.Tensor, dst: torch.Tensor, n: int) -> torch.Tensor:
     width = 1
     for size in rows.shape[1:]:
         width *= int(size)
-    flat = rows.reshape(int(rows.shape[0]), width)
-    entries = torch.arange(int(rows.shape[0]), device=rows.device)
-    return segment_sums(flat, entries, dst, n, None, torch.float32).view(n, *rows.shape[1:])
+    entries = torch.arange(int(rows.shape[0]))
+    return _segment_sums(rows.reshape(int(rows.shape[0]), width), entries, dst, n, None).view(n, *rows.shape[1:])
