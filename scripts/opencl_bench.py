@@ -1,6 +1,7 @@
 """Kernel times of the OpenCL backend from OpenCL profiling events (device time only: the host copies the
-backend makes around each call are staged once, outside the timed region), next to the torch backend
-timed with CUDA events on the same GPU when there is one (the peer), and checked against it.
+backend makes around each call are staged once, outside the timed region; L2 is not flushed), next to
+the torch backend timed as ``deepport bench`` times it on the same GPU when there is one (the peer), and
+checked against it.
 
 - MLA decode, bf16, 576/512, page 64: b=128, s_q=1, s_k=4096 at h_q=16 (memory-bound on tensor cores;
   target 1.5 TB/s) and h_q=128 (compute-bound); tile and split-KV variants.
@@ -27,6 +28,7 @@ from deepport.backends.opencl import fp8_gemm as ocl_gemm
 from deepport.backends.opencl import mla_decode as ocl_mla
 from deepport.backends.opencl.runtime import Runtime, get_runtime
 from deepport.bench import counting
+from deepport.bench import timing as deepport_timing
 from deepport.kernels import fp8_gemm as gemm_op
 from deepport.kernels import mla_decode as mla_op
 
@@ -45,18 +47,9 @@ def profiled_us(enqueue: Callable[[], Any], reps: int) -> list[float]:
     return times
 
 
-def cuda_us(fn: Callable[[], Any], reps: int) -> list[float]:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return times
+def peer_us(fn: Callable[[], Any], reps: int) -> list[float]:
+    """The torch backend's times per call, measured as ``deepport bench`` measures (CUDA graph or events)."""
+    return deepport_timing.time_calls([fn], torch.device("cuda"), samples=reps).samples_us
 
 
 def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -97,9 +90,9 @@ def bench_mla(rt: Runtime, h_q: int, reps: int, peer: bool, b: int = 128, s_k: i
         bound = mla_op.bind(*dev, d_v, out=out, lse=lse)
         from deepport.backends.torch import mla_decode as torch_mla
 
-        times = cuda_us(lambda: torch_mla.run(bound, out, lse), reps)
+        times = peer_us(lambda: torch_mla.run(bound, out, lse), reps)
         reference = (out.cpu(), lse.cpu())
-        results.append(_record("mla_decode", config, "torch backend (CUDA events)", times, flops, nbytes, target, {}))
+        results.append(_record("mla_decode", config, "torch backend", times, flops, nbytes, target, {}))
     units = rt.limits.compute_units
     variants = [("16x128 tile, 4 parts/CU", ocl_mla.MLAConfig(16, 128), 4 * units),
                 ("16x64 tile, 4 parts/CU", ocl_mla.MLAConfig(16, 64), 4 * units),
@@ -151,10 +144,10 @@ def bench_gemm(rt: Runtime, shapes: tuple[tuple[int, int], ...], reps: int, peer
             bound = gemm_op.bind("nt", a_dev, b_dev, out_dev)
             from deepport.backends.torch import fp8_gemm as torch_gemm
 
-            times = cuda_us(lambda bound=bound, out_dev=out_dev: torch_gemm.run(bound, out_dev), reps)
+            times = peer_us(lambda bound=bound, out_dev=out_dev: torch_gemm.run(bound, out_dev), reps)
             reference = out_dev.cpu()
             path = torch_gemm.path(bound.signature)[0]
-            results.append(_record("fp8_gemm_nt", config, f"torch backend ({path}, CUDA events)", times, flops,
+            results.append(_record("fp8_gemm_nt", config, f"torch backend ({path})", times, flops,
                                    nbytes, "TFLOP/s", {}))
         tiles = [ocl_gemm.GemmConfig(128, 128, 32), ocl_gemm.GemmConfig(128, 128, 16), ocl_gemm.GemmConfig(64, 64, 32)]
         for cfg in tiles:

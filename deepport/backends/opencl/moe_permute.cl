@@ -31,32 +31,24 @@ __kernel void moe_layout(__global const int *topk_idx, int num_topk, int num_ran
     }
 }
 
-/* dst[i] = src[index[i]] for rows of `row_words` 16-byte words; where index[i] < 0 the row is zeroed
- * (zero_missing) or left as it is. Global size (row_words, rows). */
-__kernel void moe_gather_rows16(__global const uint4 *src, __global const long *index, __global uint4 *dst,
-                                int row_words, int zero_missing) {
-    const int w = (int)get_global_id(0);
-    const long i = (long)get_global_id(1);
-    const long s = index[i];
-    if (s >= 0) {
-        dst[i * row_words + w] = src[s * row_words + w];
-    } else if (zero_missing) {
-        dst[i * row_words + w] = (uint4)(0u);
+/* dst[i] = src[index[i]] for rows of `row_words` words of TYPE; where index[i] < 0 the row is zeroed
+ * (zero_missing) or left as it is. Global size (row_words, rows). moe_gather_rows16 moves 16-byte words
+ * (rows a multiple of 16 bytes), moe_gather_rows1 single bytes (any row length). */
+#define GATHER_ROWS(name, TYPE, ZERO)                                                                    \
+    __kernel void name(__global const TYPE *src, __global const long *index, __global TYPE *dst,         \
+                       int row_words, int zero_missing) {                                                \
+        const int w = (int)get_global_id(0);                                                             \
+        const long i = (long)get_global_id(1);                                                           \
+        const long s = index[i];                                                                         \
+        if (s >= 0) {                                                                                    \
+            dst[i * row_words + w] = src[s * row_words + w];                                             \
+        } else if (zero_missing) {                                                                       \
+            dst[i * row_words + w] = ZERO;                                                               \
+        }                                                                                                \
     }
-}
 
-/* The same for rows of any byte length. Global size (row_bytes, rows). */
-__kernel void moe_gather_rows1(__global const uchar *src, __global const long *index, __global uchar *dst,
-                               int row_bytes, int zero_missing) {
-    const int w = (int)get_global_id(0);
-    const long i = (long)get_global_id(1);
-    const long s = index[i];
-    if (s >= 0) {
-        dst[i * row_bytes + w] = src[s * row_bytes + w];
-    } else if (zero_missing) {
-        dst[i * row_bytes + w] = 0;
-    }
-}
+GATHER_ROWS(moe_gather_rows16, uint4, (uint4)(0u))
+GATHER_ROWS(moe_gather_rows1, uchar, (uchar)0)
 
 /* Per token and 128-channel block (one work-group each, CAST_THREADS = 128 work-items):
  * amax = max(max |x|, 1e-4), scale = amax / 448, q = e4m3(x * (448 / amax)), both quotients correctly
