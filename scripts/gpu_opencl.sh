@@ -83,3 +83,4 @@ if [ "$stage" = all ] || [ "$stage" = certify ]; then
   done
 fi
 echo "== done in $(( $(date +%s) - start )) s"
+sleep 1  # let the tee of the log finish writing
