@@ -40,7 +40,7 @@ def _slot_weight_sums(local_idx: torch.Tensor, weights: torch.Tensor, num_local:
 
 def dispatch_expanded(call: MoEExpandedDispatchCall, local: LocalSteps = TORCH) -> MoEExpandedDispatchResult:
     got = route(call.data, call.scales, call.topk_idx, call.topk_weights, call.num_experts, call.group,
-                call.expert_alignment)
+                call.expert_alignment, local=local)
     routes = got.handle
     num_local, align = routes.num_local_experts, call.expert_alignment
     aligned = [align_up(c, align) for c in routes.num_recv_tokens_per_expert]
@@ -75,13 +75,13 @@ def combine_expanded(call: MoEExpandedCombineCall, local: LocalSteps = TORCH) ->
     valid = (h.m_indices >= 0).nonzero()[:, 0]
     partial = local.weighted_rows(call.y, valid, h.expanded_src_row[valid], h.weights[valid], h.routes.num_recv)
     out = call.alloc((h.routes.num_tokens, int(call.y.shape[1])), torch.bfloat16)
-    out.copy_(return_rows(partial, h.routes, call.group))
+    out.copy_(return_rows(partial, h.routes, call.group, local))
     return out
 
 
 def dispatch_low_latency(call: MoELowLatencyDispatchCall, local: LocalSteps = TORCH) -> MoELowLatencyDispatchResult:
     data, scales = local.cast_fp8(call.x) if call.use_fp8 else (call.x, None)
-    got = route(data, scales, call.topk_idx, None, call.num_experts, call.group, 1)
+    got = route(data, scales, call.topk_idx, None, call.num_experts, call.group, 1, local=local)
     routes = got.handle
     num_local, capacity = routes.num_local_experts, routes.world_size * call.max_tokens_per_rank
     expert, row, position = _pairs(got.local_idx, num_local)
@@ -120,5 +120,5 @@ def combine_low_latency(call: MoELowLatencyCombineCall, local: LocalSteps = TORC
     partial = local.weighted_rows(call.y.reshape(num_local * capacity, hidden), slot, row, sums[row, expert],
                                   routes.num_recv)
     out = call.alloc((routes.num_tokens, hidden), torch.bfloat16)
-    out.copy_(return_rows(partial, routes, call.group))
+    out.copy_(return_rows(partial, routes, call.group, local))
     return out

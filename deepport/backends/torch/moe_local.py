@@ -1,8 +1,8 @@
-"""The local (single-device) data movement of the MoE layouts, as three replaceable steps.
+"""The local (single-device) data movement of the MoE ops, as replaceable steps.
 
-:mod:`deepport.backends.torch.moe_layouts` does the routing and the multi-rank exchange and calls these
-steps for the per-device work; another backend passes its own :class:`LocalSteps` (the triton backend's
-kernels) and reuses everything else.
+:mod:`deepport.backends.torch.moe_routes` and :mod:`deepport.backends.torch.moe_layouts` do the routing
+and the multi-rank exchange and call these steps for the per-device work; another backend passes its own
+:class:`LocalSteps` (the triton and opencl backends' kernels) and reuses everything else.
 
 - ``place_rows(src, dst, index, zero_missing)``: ``dst[g, i] = src[index[g, i]]`` for every
   ``index >= 0`` (whole rows, bit for bit); ``-1`` rows are zeroed when ``zero_missing`` and left
@@ -12,6 +12,10 @@ kernels) and reuses everything else.
 - ``cast_fp8(x)``: bf16 ``[T, H]`` -> (e4m3 ``[T, H]``, float32 scales ``[T, H / 128]``), DeepEP's rule
   bit for bit (the op's docstring): per 128 channels ``amax = max(|x|, float32(1e-4))``, ``scale =
   float32(amax * float32(1/448))``, ``fp8 = e4m3(float32(x * float32(448 / amax)))``.
+- ``take_rows(x, index)``: ``x[index]``, a new ``[k, C]`` tensor (``index`` int64 ``[k]``, no ``-1``): the
+  rows a rank sends, in send order. Optional (default: torch indexing).
+- ``sum_rows(rows, dst, n)``: float32 ``[n, C]``, row ``d`` the sum of the ``rows[e]`` with ``dst[e] == d``
+  (0 where none): the per-token sum of the rows a combine returns. Optional (default: ``index_add_``).
 """
 
 from __future__ import annotations
@@ -25,11 +29,23 @@ from deepport.kernels.fp8_layout import amax_scales
 from deepport.kernels.moe_args import FP8, FP8_BLOCK
 
 
+def take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return x[index]
+
+
+def sum_rows(rows: torch.Tensor, dst: torch.Tensor, n: int) -> torch.Tensor:
+    total = torch.zeros((n, *rows.shape[1:]), dtype=torch.float32, device=rows.device)
+    total.index_add_(0, dst, rows.to(torch.float32))
+    return total
+
+
 @dataclass(frozen=True)
 class LocalSteps:
     place_rows: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool], None]
     weighted_rows: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
     cast_fp8: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    take_rows: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = take_rows
+    sum_rows: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] = sum_rows
 
 
 def _raw(t: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,9 @@
 Send side: a token goes once to each rank holding one of its experts, rows ordered by destination
 rank then token index; receivers therefore get rows grouped by source rank, each block in token
 order, which is the contract's canonical order with no sorting. Combine sends rows back along the
-reverse routes and sums per token in float32.
+reverse routes and sums per token in float32. The two local steps around the exchanges (gathering the
+rows to send, summing returned rows per token) are ``take_rows`` / ``sum_rows`` of a
+:class:`~deepport.backends.torch.moe_local.LocalSteps`, replaceable by another backend's kernels.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from deepport.backends.torch.moe_comm import all_to_all_rows, exchange_counts
+from deepport.backends.torch.moe_local import TORCH, LocalSteps
 from deepport.kernels.moe_args import Alloc, MoEGroup, align_up
 from deepport.kernels.moe_combine import MoECombineCall, MoECombineResult
 from deepport.kernels.moe_dispatch import MoEDispatchCall, MoEDispatchResult
@@ -59,9 +62,10 @@ def send_tokens(handle_or_mask: torch.Tensor) -> torch.Tensor:
 
 
 def route(data: torch.Tensor, scales: torch.Tensor | None, topk_idx: torch.Tensor, weights: torch.Tensor | None,
-          num_experts: int, grp: MoEGroup, alignment: int, alloc: Alloc | None = None) -> Received:
+          num_experts: int, grp: MoEGroup, alignment: int, alloc: Alloc | None = None,
+          local: LocalSteps = TORCH) -> Received:
     """Send every token once to each rank holding one of its experts; ``alloc`` (when given) provides
-    the received payload tensors."""
+    the received payload tensors, ``local.take_rows`` gathers the rows to send."""
     idx = topk_idx.to(torch.int64)
     world, num_local = grp.world_size, num_experts // grp.world_size
     in_rank = selection_mask(idx, world, num_local)
@@ -82,11 +86,11 @@ def route(data: torch.Tensor, scales: torch.Tensor | None, topk_idx: torch.Tenso
         recv_w = torch.where(recv_local >= 0, raw, torch.zeros_like(raw))
     n = sum(recvs)
     out = None if alloc is None else alloc((n, int(data.shape[1])), data.dtype)
-    recv_data = all_to_all_rows(data[tokens], sends, recvs, grp, out)
+    recv_data = all_to_all_rows(local.take_rows(data, tokens), sends, recvs, grp, out)
     recv_scales = None
     if scales is not None:
         out_s = None if alloc is None else alloc((n, int(scales.shape[1])), scales.dtype)
-        recv_scales = all_to_all_rows(scales[tokens].contiguous(), sends, recvs, grp, out_s)
+        recv_scales = all_to_all_rows(local.take_rows(scales, tokens).contiguous(), sends, recvs, grp, out_s)
     per_expert = selection_mask(recv_local, num_local, 1).sum(0)
     handle = MoEHandle(grp.group, grp.rank, world, num_experts, int(data.shape[1]), alignment, idx.clone(),
                        in_rank, tuple(sends), tuple(recvs), recv_src, recv_local,
@@ -95,26 +99,26 @@ def route(data: torch.Tensor, scales: torch.Tensor | None, topk_idx: torch.Tenso
 
 
 def resend(data: torch.Tensor, scales: torch.Tensor | None, handle: MoEHandle, grp: MoEGroup,
-           alloc: Alloc) -> tuple[torch.Tensor, torch.Tensor | None]:
+           alloc: Alloc, local: LocalSteps = TORCH) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Cached dispatch: the same routes, new payload."""
     tokens = send_tokens(handle.is_token_in_rank)
     sends, recvs = list(handle.send_counts), list(handle.recv_counts)
     n = handle.num_recv
-    out = all_to_all_rows(data[tokens], sends, recvs, grp, alloc((n, int(data.shape[1])), data.dtype))
+    out = all_to_all_rows(local.take_rows(data, tokens), sends, recvs, grp, alloc((n, int(data.shape[1])), data.dtype))
     out_s = None
     if scales is not None:
-        out_s = all_to_all_rows(scales[tokens].contiguous(), sends, recvs, grp,
+        out_s = all_to_all_rows(local.take_rows(scales, tokens).contiguous(), sends, recvs, grp,
                                 alloc((n, int(scales.shape[1])), scales.dtype))
     return out, out_s
 
 
-def dispatch(call: MoEDispatchCall) -> MoEDispatchResult:
+def dispatch(call: MoEDispatchCall, local: LocalSteps = TORCH) -> MoEDispatchResult:
     if call.handle is not None:
-        data, scales = resend(call.data, call.scales, call.handle, call.group, call.alloc)
+        data, scales = resend(call.data, call.scales, call.handle, call.group, call.alloc, local)
         return MoEDispatchResult(data if scales is None else (data, scales), None, None, None, call.handle)
     assert call.topk_idx is not None
     got = route(call.data, call.scales, call.topk_idx, call.topk_weights, call.num_experts, call.group,
-                call.expert_alignment, call.alloc)
+                call.expert_alignment, call.alloc, local)
     n, k = got.local_idx.shape
     recv_idx = call.alloc((int(n), int(k)), call.topk_idx.dtype)
     recv_idx.copy_(got.local_idx)
@@ -127,22 +131,19 @@ def dispatch(call: MoEDispatchCall) -> MoEDispatchResult:
     return MoEDispatchResult(recv_x, recv_idx, recv_w, counts, got.handle)
 
 
-def return_rows(rows: torch.Tensor, handle: MoEHandle, grp: MoEGroup) -> torch.Tensor:
+def return_rows(rows: torch.Tensor, handle: MoEHandle, grp: MoEGroup, local: LocalSteps = TORCH) -> torch.Tensor:
     """Send per-received-token rows back to their sources and sum per token in float32:
     ``[num_recv, ...]`` -> float32 ``[num_tokens, ...]``."""
     back = all_to_all_rows(rows.contiguous(), list(handle.recv_counts), list(handle.send_counts), grp)
-    tokens = send_tokens(handle.is_token_in_rank)
-    total = torch.zeros((handle.num_tokens, *rows.shape[1:]), dtype=torch.float32, device=rows.device)
-    total.index_add_(0, tokens, back.to(torch.float32))
-    return total
+    return local.sum_rows(back, send_tokens(handle.is_token_in_rank), handle.num_tokens)
 
 
-def combine(call: MoECombineCall) -> MoECombineResult:
+def combine(call: MoECombineCall, local: LocalSteps = TORCH) -> MoECombineResult:
     h = call.handle
     out = call.alloc((h.num_tokens, int(call.x.shape[1])), torch.bfloat16)
-    out.copy_(return_rows(call.x, h, call.group))
+    out.copy_(return_rows(call.x, h, call.group, local))
     weights = None
     if call.topk_weights is not None:
         weights = call.alloc((h.num_tokens, h.num_topk), torch.float32)
-        weights.copy_(return_rows(call.topk_weights, h, call.group))
+        weights.copy_(return_rows(call.topk_weights, h, call.group, local))
     return MoECombineResult(out, weights)
