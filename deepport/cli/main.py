@@ -4,13 +4,20 @@
   why not, version, the ops it implements with their declared support, its automatic priorities), and
   for each device and op the backend automatic selection picks for the op's core example call.
 - ``deepport certify [--backend NAME ...] [--tier smoke|full] [--out DIR] [--device DEV] [--seed N]
-  [--op OP ...] [--case PATTERN] [--isolate/--no-isolate] [--plugin MODULE[:ATTR]] [--timeout S]``:
-  runs the conformance suite and writes ``results.json``, ``junit.xml`` and ``summary.md`` into ``DIR``
-  (default ``certify-out``); see :mod:`deepport.cli.certify`.
-- ``deepport report RESULTS_JSON [--out DIR]``: regenerates ``junit.xml`` and ``summary.md`` from a
-  saved ``results.json`` (into its own folder unless ``--out`` is given).
-- ``deepport verify RESULTS_JSON [--regenerate N|all]``: checks that a ``results.json`` is a valid
-  certificate for the installed suite; see :mod:`deepport.cli.verify` (exit 1 unless it is).
+  [--op OP ...] [--case PATTERN] [--isolate/--no-isolate] [--plugin MODULE[:ATTR]] [--timeout S]
+  [--waivers FILE]``: runs the conformance suite and writes ``results.json``, ``junit.xml`` and
+  ``summary.md`` into ``DIR`` (default ``certify-out``); see :mod:`deepport.cli.certify`. A backend may be
+  named as ``module:object`` (an out-of-tree Backend). ``--waivers`` applies a vendor's expected failures.
+- ``deepport certify --certify [--nonce N] [--backend NAME ...] [--device DEV] [--out DIR]``: certification:
+  the whole full tier, every backend isolated, seeded from the nonce, written as one archive; see
+  :mod:`deepport.conformance.certificate`.
+- ``deepport report RESULTS_JSON|DIR [--out DIR] [--html] [--bench BENCH_JSON]``: regenerates ``junit.xml``
+  and ``summary.md`` from a saved ``results.json`` (into its own folder unless ``--out`` is given); with
+  ``--html`` also ``report.html`` (with the bench chart when ``bench.json`` sits next to it or is given).
+- ``deepport verify PATH [--regenerate N|all] [--replay N] [--plugin MODULE[:ATTR]] [--device DEV]``:
+  checks that a ``results.json`` or a certificate archive is a valid certificate for the installed suite;
+  ``--replay N`` re-runs N sampled cases of an archive here; see :mod:`deepport.cli.verify` (exit 1 unless
+  it is).
 - ``deepport bench [--device DEV] [--op OP ...] [--config PATTERN] [--backend B ...] [--baseline NAME]
   [--out DIR] [--quick] [--seed N] [--plot JSON]``: checked timings of every backend next to ceilings and
   a baseline measured in the same run; see :mod:`deepport.cli.bench` (exit 1 if a backend errored or
@@ -72,15 +79,31 @@ def build_parser() -> argparse.ArgumentParser:
                               "defaults to BACKEND)")
     certify.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS",
                          help="per-call limit in isolated runs (default: 600)")
+    certify.add_argument("--certify", action="store_true",
+                         help="certification: the whole full tier, isolated, seeded from a nonce, one archive")
+    certify.add_argument("--nonce", metavar="TEXT", help="with --certify: the nonce the run seed derives from "
+                         "(default: random; a third party may choose it)")
+    certify.add_argument("--waivers", type=Path, metavar="FILE",
+                         help="expected failures (TOML or JSON; strict; never with --certify)")
 
-    rep = commands.add_parser("report", help="regenerate junit.xml and summary.md from a results.json")
-    rep.add_argument("results", type=Path, metavar="RESULTS_JSON")
+    rep = commands.add_parser("report", help="regenerate junit.xml, summary.md (and report.html) from a results.json")
+    rep.add_argument("results", type=Path, metavar="RESULTS_JSON|DIR")
     rep.add_argument("--out", type=Path, metavar="DIR", help="output folder (default: the results file's folder)")
+    rep.add_argument("--html", action="store_true", help="also write report.html (one self-contained file)")
+    rep.add_argument("--bench", type=Path, metavar="BENCH_JSON",
+                     help="bench results for the HTML chart (default: bench.json next to the results, if any)")
 
-    ver = commands.add_parser("verify", help="check that a results.json is a valid certificate for this suite")
-    ver.add_argument("results", type=Path, metavar="RESULTS_JSON")
+    ver = commands.add_parser("verify", help="check that a results.json or certificate archive is valid for this suite")
+    ver.add_argument("results", type=Path, metavar="PATH",
+                     help="a results.json, or a certificate .tar.gz (or its folder)")
     ver.add_argument("--regenerate", type=_regenerate, default=8, metavar="N|all",
                      help="regenerate and hash the inputs of the N smallest cases, or all (default: 8)")
+    ver.add_argument("--replay", type=int, default=0, metavar="N",
+                     help="certificate archives: re-run N randomly chosen cases here and compare (loads the "
+                          "plugins the certificate names)")
+    ver.add_argument("--plugin", action="append", default=[], metavar="MODULE[:ATTR]",
+                     help="with --replay: import an out-of-tree backend first")
+    ver.add_argument("--device", help="with --replay: torch device (default: the recorded device type)")
 
     ben = commands.add_parser("bench", help="time backends on op configs, next to ceilings and a baseline")
     ben.add_argument("--device", help="torch device (default: cuda if present, else cpu; a cpu runs tiny configs)")
@@ -125,7 +148,8 @@ def _certify(args: argparse.Namespace) -> int:
 
     try:
         p = certify.plan(args.backend, args.tier, args.device, args.seed, args.op, args.case, args.out,
-                         isolate=args.isolate, plugins=args.plugin, timeout_s=args.timeout)
+                         isolate=args.isolate, plugins=args.plugin, timeout_s=args.timeout, certify=args.certify,
+                         nonce=args.nonce, waivers=args.waivers)
     except certify.UsageError as exc:
         return _usage_error("certify", str(exc))
     return certify.certify(p, Console())
@@ -133,14 +157,21 @@ def _certify(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     from deepport.cli.certify import print_table
+    from deepport.cli.html import write_html
     from deepport.conformance import report
 
+    path = args.results / report.RESULTS_JSON if args.results.is_dir() else args.results
     try:
-        results = report.load_results(args.results)
+        results = report.load_results(path)
     except report.ResultsFileError as exc:
         return _usage_error("report", str(exc))
-    out_dir = args.out if args.out is not None else args.results.parent
+    out_dir = args.out if args.out is not None else path.parent
     paths = report.write_derived_reports(results, out_dir)
+    if args.html:
+        try:
+            paths["html"] = write_html(results, path.parent, out_dir, args.bench)
+        except ValueError as exc:
+            return _usage_error("report", str(exc))
     console = Console()
     print_table(results, console)
     console.print(Text(f"run seed {results.get('run_seed')}, tier {results.get('tier')}; reports written:"))
@@ -152,7 +183,20 @@ def _report(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from deepport.cli import verify
     from deepport.conformance import report
+    from deepport.conformance.certificate import CertificateFileError
+    from deepport.conformance.certificate_verify import is_certificate
 
+    if args.replay < 0:
+        return _usage_error("verify", f"--replay expects a non-negative number of cases, got {args.replay}")
+    if is_certificate(args.results):
+        try:
+            return verify.run_certificate(str(args.results), args.regenerate, args.replay, args.plugin, args.device,
+                                          Console())
+        except CertificateFileError as exc:
+            return _usage_error("verify", str(exc))
+    if args.replay or args.plugin:
+        return _usage_error("verify", "--replay and --plugin apply to certificate archives (deepport certify "
+                            "--certify), not to a results.json")
     try:
         results = report.load_results(args.results)
     except report.ResultsFileError as exc:
