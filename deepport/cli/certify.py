@@ -147,6 +147,8 @@ def plan(backends: Sequence[str] | None, tier: str, device: str | None, seed: in
     backends, specs = _backend_specs(backends)
     plugins = (*plugins, *(s for s in specs if s not in plugins))
     if certify:
+        if seed is not None:
+            raise UsageError("--certify derives the run seed from the nonce; give --nonce instead of --seed")
         nonce = _certify_options(tier, ops, case_pattern, isolate, nonce, waivers)
         isolate, seed = True, certificate.nonce_seed(nonce)
     elif nonce is not None:

@@ -18,6 +18,8 @@
   checks that a ``results.json`` or a certificate archive is a valid certificate for the installed suite;
   ``--replay N`` re-runs N sampled cases of an archive here; see :mod:`deepport.cli.verify` (exit 1 unless
   it is).
+- ``deepport new-backend NAME [--out DIR]``: an out-of-tree backend package from the template, with a
+  ``pyproject.toml`` registering its entry point; see :mod:`deepport.cli.scaffold` and ``docs/PORTING.md``.
 - ``deepport bench [--device DEV] [--op OP ...] [--config PATTERN] [--backend B ...] [--baseline NAME]
   [--out DIR] [--quick] [--seed N] [--plot JSON]``: checked timings of every backend next to ceilings and
   a baseline measured in the same run; see :mod:`deepport.cli.bench` (exit 1 if a backend errored or
@@ -64,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     certify = commands.add_parser("certify", help="run the conformance suite and write reports")
     certify.add_argument("--backend", action="extend", nargs="+", metavar="NAME",
                          help="backend(s) to certify (default: every usable backend)")
-    certify.add_argument("--tier", choices=TIERS, default="smoke",
-                         help="smoke (quick, cannot certify) or full (default: smoke)")
+    certify.add_argument("--tier", choices=TIERS, default=None,
+                         help="smoke (quick, cannot certify) or full (default: smoke; with --certify: full)")
     certify.add_argument("--out", type=Path, default=Path("certify-out"), metavar="DIR",
                          help="folder for results.json, junit.xml, summary.md (default: certify-out)")
     certify.add_argument("--device", help="torch device, e.g. cpu, cuda:1 (default: cuda if present, else cpu)")
@@ -104,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("--plugin", action="append", default=[], metavar="MODULE[:ATTR]",
                      help="with --replay: import an out-of-tree backend first")
     ver.add_argument("--device", help="with --replay: torch device (default: the recorded device type)")
+
+    new = commands.add_parser("new-backend", help="start an out-of-tree backend from the template (docs/PORTING.md)")
+    new.add_argument("name", metavar="NAME", help="package and backend name (a lowercase Python identifier)")
+    new.add_argument("--out", type=Path, metavar="DIR", help="folder for the package and pyproject.toml "
+                     "(default: NAME)")
 
     ben = commands.add_parser("bench", help="time backends on op configs, next to ceilings and a baseline")
     ben.add_argument("--device", help="torch device (default: cuda if present, else cpu; a cpu runs tiny configs)")
@@ -147,7 +154,8 @@ def _certify(args: argparse.Namespace) -> int:
     from deepport.cli import certify
 
     try:
-        p = certify.plan(args.backend, args.tier, args.device, args.seed, args.op, args.case, args.out,
+        tier = args.tier or ("full" if args.certify else "smoke")
+        p = certify.plan(args.backend, tier, args.device, args.seed, args.op, args.case, args.out,
                          isolate=args.isolate, plugins=args.plugin, timeout_s=args.timeout, certify=args.certify,
                          nonce=args.nonce, waivers=args.waivers)
     except certify.UsageError as exc:
@@ -204,6 +212,25 @@ def _verify(args: argparse.Namespace) -> int:
     return verify.run(results, args.regenerate, Console())
 
 
+def _new_backend(args: argparse.Namespace) -> int:
+    from deepport.cli import scaffold
+
+    try:
+        written = scaffold.new_backend(args.name, args.out)
+    except scaffold.ScaffoldError as exc:
+        return _usage_error("new-backend", str(exc))
+    console = Console()
+    root = written[-1].parent
+    console.print(Text(f"wrote {len(written)} files under {root}:"))
+    for path in written:
+        console.print(Text(f"  {path}"), soft_wrap=True)
+    console.print(Text(f"next: fill an op in {root / args.name}, then `pip install -e {root}` (or put {root} on "
+                       f"PYTHONPATH and use --backend {args.name}:BACKEND) and `deepport certify --backend "
+                       f"{args.name} --tier smoke --op mla_decode`; the walk-through is docs/PORTING.md"),
+                  soft_wrap=True)
+    return EXIT_OK
+
+
 def _bench(args: argparse.Namespace) -> int:
     from deepport.cli import bench
 
@@ -222,7 +249,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # argparse reports usage errors (status 2) and --help (status 0) this way
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    handlers = {"info": _info, "certify": _certify, "report": _report, "verify": _verify, "bench": _bench}
+    handlers = {"info": _info, "certify": _certify, "report": _report, "verify": _verify, "bench": _bench,
+                "new-backend": _new_backend}
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt:

@@ -151,7 +151,7 @@ def write_archive(path: Path, files: Mapping[str, bytes]) -> Path:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w:gz") as tar:
-            for name in (*FILES, SUMS):
+            for name in [*(n for n in FILES if n in files), *sorted(set(files) - set(FILES)), SUMS]:
                 data = everything[name]
                 info = tarfile.TarInfo(f"{folder}/{name}")
                 info.size, info.mode, info.mtime = len(data), 0o644, int(_dt.datetime.now(_dt.UTC).timestamp())
