@@ -247,3 +247,31 @@ def test_certification_mode_refuses_what_cannot_certify(args: list[str], says: s
 def test_a_nonce_outside_certification_mode_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["certify", "--backend", "reference", "--nonce", "0123456789"]) == 2
     assert "--nonce is for certification mode" in " ".join(capsys.readouterr().err.split())
+
+
+@pytest.mark.usefixtures("test_mode")
+def test_reference_and_torch_certify_in_test_mode(tmp_path: Path) -> None:
+    """The built-in backends CI has: an isolated test-mode certification of a few cases of two op families
+    verifies as a test archive (the full tier, hours on a CPU, runs on the target machines)."""
+    path, run, manifest = certificate.certify(["reference", "torch"], tmp_path, device=certificate.torch.device("cpu"),
+                                              tier="smoke", ops=["mla_decode", "m_grouped_fp8_gemm_nt_contiguous"],
+                                              case_pattern="empty", nonce="ci-reference-torch")
+    assert run.passed() and len(run.cases) >= 6
+    rep = verify_certificate(path)
+    assert rep.verdict == VALID_TEST, [f.message for f in rep.checks.errors]
+    for name in ("reference", "torch"):
+        assert manifest["backends"][name]["claimed_profiles"] == ["mla_decode/core", "fp8_grouped_gemm/core"]
+
+
+def test_the_suite_digest_covers_the_judging_code_not_the_tools() -> None:
+    from deepport.conformance.identity import suite_source_files, suite_source_sha256
+
+    names = {p.relative_to(REPO / "deepport").as_posix() for p in suite_source_files()}
+    assert {"conformance/runner.py", "conformance/call.py", "conformance/rehearsal.py", "conformance/snapshot.py",
+            "conformance/checker.py", "conformance/tolerance.py", "conformance/profiles.py",
+            "conformance/suites/mla_decode.py", "kernels/f64/mla_decode.py", "kernels/mla_decode.py"} <= names
+    assert not {n for n in names if n.startswith("conformance/exploits/")}
+    assert not {"conformance/report.py", "conformance/verify.py", "conformance/html_report.py",
+                "conformance/certificate.py", "conformance/pytest_plugin.py"} & names
+    digest, count = suite_source_sha256()
+    assert len(digest) == 64 and count == len(names)

@@ -187,7 +187,7 @@ def _bench_chart(bench: Mapping[str, Any]) -> str:
         mine = [r for r in rows if r["op"] == op]
         bar, label_w, width = 16, 260, 420
         height = bar * len(mine) + 24
-        svg = [f"<svg xmlns='http://www.w3.org/2000/svg' width='{label_w + width + 220}' height='{height}' "
+        svg = [f"<svg width='{label_w + width + 220}' height='{height}' "
                f"role='img' aria-label='{_e(op)}'>"]
         for i, r in enumerate(mine):
             y = 4 + i * bar
