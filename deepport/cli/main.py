@@ -5,25 +5,26 @@
   for each device and op the backend automatic selection picks for the op's core example call.
 - ``deepport certify [--backend NAME ...] [--tier smoke|full] [--out DIR] [--device DEV] [--seed N]
   [--op OP ...] [--case PATTERN] [--isolate/--no-isolate] [--plugin MODULE[:ATTR]] [--timeout S]
-  [--waivers FILE]``: runs the conformance suite and writes ``results.json``, ``junit.xml`` and
-  ``summary.md`` into ``DIR`` (default ``certify-out``); see :mod:`deepport.cli.certify`. A backend may be
-  named as ``module:object`` (an out-of-tree Backend). ``--waivers`` applies a vendor's expected failures.
-- ``deepport certify --certify [--nonce N] [--backend NAME ...] [--device DEV] [--out DIR]``: certification:
-  the whole full tier, every backend isolated, seeded from the nonce, written as one archive; see
-  :mod:`deepport.conformance.certificate`.
-- ``deepport report RESULTS_JSON|DIR [--out DIR] [--html] [--bench BENCH_JSON]``: regenerates ``junit.xml``
-  and ``summary.md`` from a saved ``results.json`` (into its own folder unless ``--out`` is given); with
-  ``--html`` also ``report.html`` (with the bench chart when ``bench.json`` sits next to it or is given).
-- ``deepport verify PATH [--regenerate N|all] [--replay N] [--plugin MODULE[:ATTR]] [--device DEV]``:
-  checks that a ``results.json`` or a certificate archive is a valid certificate for the installed suite;
-  ``--replay N`` re-runs N sampled cases of an archive here; see :mod:`deepport.cli.verify` (exit 1 unless
-  it is).
-- ``deepport new-backend NAME [--out DIR]``: an out-of-tree backend package from the template, with a
-  ``pyproject.toml`` registering its entry point; see :mod:`deepport.cli.scaffold` and ``docs/PORTING.md``.
+  [--waivers FILE] [--certify [--nonce N]]``: runs the conformance suite and writes ``results.json``,
+  ``junit.xml`` and ``summary.md`` into ``DIR`` (default ``certify-out``); see :mod:`deepport.cli.certify`.
+  A backend may be named ``module:object`` (an out-of-tree Backend); ``--waivers`` applies a vendor's
+  expected failures; ``--certify`` is certification (the whole full tier, isolated, seeded from the nonce,
+  one archive: :mod:`deepport.conformance.certificate`).
+- ``deepport report RESULTS_JSON [--out DIR]``: regenerates ``junit.xml`` and ``summary.md`` from a
+  saved ``results.json`` (into its own folder unless ``--out`` is given).
+- ``deepport verify RESULTS_JSON [--regenerate N|all]``: checks that a ``results.json`` is a valid
+  certificate for the installed suite; see :mod:`deepport.cli.verify` (exit 1 unless it is).
 - ``deepport bench [--device DEV] [--op OP ...] [--config PATTERN] [--backend B ...] [--baseline NAME]
   [--out DIR] [--quick] [--seed N] [--plot JSON]``: checked timings of every backend next to ceilings and
   a baseline measured in the same run; see :mod:`deepport.cli.bench` (exit 1 if a backend errored or
   failed its check).
+- ``deepport report RESULTS_JSON|DIR --html [--bench BENCH_JSON]`` also writes ``report.html`` (one
+  self-contained file; the bench chart when ``bench.json`` sits next to the results or is given).
+- ``deepport verify ARCHIVE [--replay N] [--plugin MODULE[:ATTR]] [--device DEV]``: checks a certificate
+  archive of ``certify --certify`` (or the folder it unpacks to); ``--replay N`` re-runs N sampled cases
+  here; see :mod:`deepport.conformance.certificate_verify`.
+- ``deepport new-backend NAME [--out DIR]``: an out-of-tree backend package from the template, with a
+  ``pyproject.toml`` registering its entry point; see :mod:`deepport.cli.scaffold` and ``docs/PORTING.md``.
 
 Exit status: 0 success (certify: every case passed or is honestly not supported), 1 a case failed or
 errored, 2 a usage error (unknown backend, no matching case, unreadable results file ...).
@@ -95,22 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--bench", type=Path, metavar="BENCH_JSON",
                      help="bench results for the HTML chart (default: bench.json next to the results, if any)")
 
-    ver = commands.add_parser("verify", help="check that a results.json or certificate archive is valid for this suite")
+    ver = commands.add_parser("verify", help="check that a results.json or certificate archive is valid here")
     ver.add_argument("results", type=Path, metavar="PATH",
                      help="a results.json, or a certificate .tar.gz (or its folder)")
     ver.add_argument("--regenerate", type=_regenerate, default=8, metavar="N|all",
                      help="regenerate and hash the inputs of the N smallest cases, or all (default: 8)")
-    ver.add_argument("--replay", type=int, default=0, metavar="N",
-                     help="certificate archives: re-run N randomly chosen cases here and compare (loads the "
-                          "plugins the certificate names)")
-    ver.add_argument("--plugin", action="append", default=[], metavar="MODULE[:ATTR]",
-                     help="with --replay: import an out-of-tree backend first")
-    ver.add_argument("--device", help="with --replay: torch device (default: the recorded device type)")
-
-    new = commands.add_parser("new-backend", help="start an out-of-tree backend from the template (docs/PORTING.md)")
-    new.add_argument("name", metavar="NAME", help="package and backend name (a lowercase Python identifier)")
-    new.add_argument("--out", type=Path, metavar="DIR", help="folder for the package and pyproject.toml "
-                     "(default: NAME)")
 
     ben = commands.add_parser("bench", help="time backends on op configs, next to ceilings and a baseline")
     ben.add_argument("--device", help="torch device (default: cuda if present, else cpu; a cpu runs tiny configs)")
@@ -125,6 +115,18 @@ def build_parser() -> argparse.ArgumentParser:
     ben.add_argument("--quick", action="store_true", help="fewer samples and smaller ceiling runs")
     ben.add_argument("--seed", type=_seed, default=0, metavar="N", help="input seed (default: 0)")
     ben.add_argument("--plot", type=Path, metavar="JSON", help="only draw the chart of a saved bench.json")
+
+    ver.add_argument("--replay", type=int, default=0, metavar="N",
+                     help="certificate archives: re-run N randomly chosen cases here and compare (loads the "
+                          "plugins the certificate names)")
+    ver.add_argument("--plugin", action="append", default=[], metavar="MODULE[:ATTR]",
+                     help="with --replay: import an out-of-tree backend first")
+    ver.add_argument("--device", help="with --replay: torch device (default: the recorded device type)")
+
+    new = commands.add_parser("new-backend", help="start an out-of-tree backend from the template (docs/PORTING.md)")
+    new.add_argument("name", metavar="NAME", help="package and backend name (a lowercase Python identifier)")
+    new.add_argument("--out", type=Path, metavar="DIR", help="folder for the package and pyproject.toml "
+                     "(default: NAME)")
     return parser
 
 
@@ -212,6 +214,18 @@ def _verify(args: argparse.Namespace) -> int:
     return verify.run(results, args.regenerate, Console())
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from deepport.cli import bench
+
+    try:
+        if args.plot is not None:
+            return bench.plot_saved(args.plot, args.out, Console())
+        request = bench.plan(args.device, args.op, args.config, args.backend, args.baseline, args.quick, args.seed)
+    except bench.UsageError as exc:
+        return _usage_error("bench", str(exc))
+    return bench.bench(request, args.out or Path("bench-out"), Console())
+
+
 def _new_backend(args: argparse.Namespace) -> int:
     from deepport.cli import scaffold
 
@@ -231,28 +245,15 @@ def _new_backend(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _bench(args: argparse.Namespace) -> int:
-    from deepport.cli import bench
-
-    try:
-        if args.plot is not None:
-            return bench.plot_saved(args.plot, args.out, Console())
-        request = bench.plan(args.device, args.op, args.config, args.backend, args.baseline, args.quick, args.seed)
-    except bench.UsageError as exc:
-        return _usage_error("bench", str(exc))
-    return bench.bench(request, args.out or Path("bench-out"), Console())
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``deepport`` command with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # argparse reports usage errors (status 2) and --help (status 0) this way
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    handlers = {"info": _info, "certify": _certify, "report": _report, "verify": _verify, "bench": _bench,
-                "new-backend": _new_backend}
+    handlers = {"info": _info, "certify": _certify, "report": _report, "verify": _verify, "bench": _bench}
     try:
-        return handlers[args.command](args)
+        return (handlers | {"new-backend": _new_backend})[args.command](args)
     except KeyboardInterrupt:
         Console(stderr=True).print(Text(f"deepport {args.command}: interrupted", style="red"))
         return EXIT_INTERRUPTED
