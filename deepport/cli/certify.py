@@ -62,34 +62,26 @@ class Plan:
     def command(self) -> str:
         """The command line that reproduces this run (seed included; in certification mode, the nonce)."""
         if self.certify:
-            return self._certify_command()
-        args = ["deepport", "certify", "--tier", self.tier, "--seed", str(self.seed), "--device", str(self.device)]
-        for name in self.backends:
-            args += ["--backend", name]
-        for op in self.ops or ():
-            args += ["--op", op]
-        if self.case_pattern:
-            args += ["--case", self.case_pattern]
-        for spec in self.plugins:
-            args += ["--plugin", spec]
-        args += ["--isolate" if self.isolate else "--no-isolate"]
+            args = ["deepport", "certify", "--certify", "--nonce", str(self.nonce), "--device", str(self.device)]
+            args += ["--tier", self.tier] if self.tier != "full" else []
+            return shlex.join([*args, *self._selection(), "--timeout", f"{self.timeout_s:g}"])
+        args = ["deepport", "certify", "--tier", self.tier, "--seed", str(self.seed), "--device", str(self.device),
+                *self._selection(), "--isolate" if self.isolate else "--no-isolate"]
         if self.waiver_file is not None:
             args += ["--waivers", str(self.waiver_file)]
         return shlex.join(args)
 
-    def _certify_command(self) -> str:
-        args = ["deepport", "certify", "--certify", "--nonce", str(self.nonce), "--device", str(self.device)]
-        if self.tier != "full":
-            args += ["--tier", self.tier]
-        for spec in self.plugins:
-            args += ["--plugin", spec]
+    def _selection(self) -> list[str]:
+        args = []
         for name in self.backends:
             args += ["--backend", name]
         for op in self.ops or ():
             args += ["--op", op]
         if self.case_pattern:
             args += ["--case", self.case_pattern]
-        return shlex.join([*args, "--timeout", f"{self.timeout_s:g}"])
+        for spec in self.plugins:
+            args += ["--plugin", spec]
+        return args
 
 
 def _backend_specs(backends: Sequence[str] | None) -> tuple[list[str] | None, list[str]]:
