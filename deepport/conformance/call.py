@@ -24,7 +24,9 @@ from typing import Any
 import torch
 
 from deepport.conformance.case import Case
+from deepport.conformance.rehearsal import rehearse
 from deepport.conformance.results import Status
+from deepport.conformance.snapshot import after_return, snapshot
 from deepport.errors import BackendNotSupportedError, InvalidArgumentError
 
 
@@ -148,7 +150,9 @@ def call_backend(suite: ModuleType, case: Case, seed: int, backend: str, device:
     identities = {n: _buffer_identity(t) for n, t in outputs.items()}
     caller_views = {n: _alias(t) for n, t in outputs.items()}  # the caller's memory, whatever `t` becomes
     try:
+        rehearse(suite, call_spec, tensors, backend, outputs)  # same buffers, other contents, first
         suite.invoke(call_spec, tensors, backend, outputs)
+        returned = snapshot(outputs)  # what the caller's stream sees at return (judged below)
         synchronize(device)
     except BackendNotSupportedError as exc:
         return CallOutcome(Status.NOT_SUPPORTED, "; ".join(exc.reasons), time.perf_counter() - started)
@@ -166,6 +170,10 @@ def call_backend(suite: ModuleType, case: Case, seed: int, backend: str, device:
         return CallOutcome(Status.FAIL, "; ".join(rebound) + f" {repro}", duration)
     outputs = caller_views  # judge the caller's memory itself
     digests = {n: tensor_sha256(t) for n, t in tensors.items()}
+    late = after_return(outputs, returned)
+    if late:
+        return CallOutcome(Status.FAIL, "; ".join(late) + f" {repro}", duration)
+    outputs = returned
     if to_host:
         outputs = {n: t.detach().cpu() for n, t in outputs.items()}
     return CallOutcome(None, "", duration, outputs, "cpu" if to_host else str(device), digests)

@@ -72,7 +72,7 @@ class BackendWorker:
                 outcome: CallOutcome = conn.recv()
                 return outcome
             self._kill()
-            return CallOutcome(Status.ERROR, f"timed out after {self.timeout_s:g} s in the worker process {repro}",
+            return CallOutcome(Status.TIMEOUT, f"timed out after {self.timeout_s:g} s in the worker process {repro}",
                                self.timeout_s)
         except (EOFError, OSError):
             code = None
@@ -80,7 +80,7 @@ class BackendWorker:
                 self._process.join(timeout=5)
                 code = self._process.exitcode
             self._kill()
-            return CallOutcome(Status.ERROR, f"the worker process died (exit code {code}) {repro}", 0.0)
+            return CallOutcome(Status.CRASH, f"the worker process died (exit code {code}) {repro}", 0.0)
 
     def _kill(self) -> None:
         if self._process is not None and self._process.is_alive():
