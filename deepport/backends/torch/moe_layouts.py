@@ -2,13 +2,16 @@
 
 Both start from the normal routes (:func:`deepport.backends.torch.moe_routes.route`) and place each
 distinct (received token, local expert) pair; their weighted combines reduce each token's pairs on
-the receiving rank in float32, send the partial sums back, and sum them at the source.
+the receiving rank in float32, send the partial sums back, and sum them at the source. In one process
+the low-latency pair runs :mod:`deepport.backends.torch.moe_low_latency` instead (no host read of the
+routing, so it can be captured in a CUDA graph).
 """
 
 from __future__ import annotations
 
 import torch
 
+from deepport.backends.torch import moe_low_latency as one_process
 from deepport.backends.torch.moe_comm import all_to_all_rows
 from deepport.backends.torch.moe_routes import return_rows, route, selection_mask, send_tokens
 from deepport.kernels.moe_args import FP8, FP8_BLOCK, align_up
@@ -101,6 +104,8 @@ def cast_per_token_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def dispatch_low_latency(call: MoELowLatencyDispatchCall) -> MoELowLatencyDispatchResult:
     data, scales = cast_per_token_fp8(call.x) if call.use_fp8 else (call.x, None)
+    if call.group.world_size == 1:  # one process: no host read of the routing (CUDA-graph capturable)
+        return one_process.dispatch(call, data, scales)
     got = route(data, scales, call.topk_idx, None, call.num_experts, call.group, 1)
     routes = got.handle
     num_local, capacity = routes.num_local_experts, routes.world_size * call.max_tokens_per_rank
@@ -130,6 +135,8 @@ def _forward_weights(weights: torch.Tensor, routes: MoEHandle, call: MoELowLaten
 
 
 def combine_low_latency(call: MoELowLatencyCombineCall) -> torch.Tensor:
+    if call.handle.world_size == 1:  # one process: no host read of the routing (CUDA-graph capturable)
+        return one_process.combine(call)
     h, routes = call.handle, call.handle.routes
     weights = _forward_weights(call.topk_weights, routes, call)
     sums = _slot_weight_sums(routes.recv_topk_idx, weights, routes.num_local_experts)
