@@ -41,7 +41,7 @@ from deepport.kernels.moe_handle import MoELowLatencyHandle, OneProcessRoutes
 def moe_layout(topk_idx: torch.Tensor, num_experts: int,
                num_ranks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     per_rank, per_expert, in_rank = layout_op.moe_layout(topk_idx, num_experts, num_ranks)
-    return per_rank, per_expert, in_rank
+    return per_rank.contiguous(), per_expert.contiguous(), in_rank.contiguous()  # the fake kernel's strides
 
 
 @moe_layout.register_fake
@@ -69,10 +69,13 @@ def moe_low_latency_dispatch(x: torch.Tensor, topk_idx: torch.Tensor, max_tokens
                                                alloc=_zeros(x.device))
     if isinstance(got.recv_x, tuple):
         recv_x, scales = got.recv_x
+        if scales.stride(1) != 1:  # the contract's column-major scales, as the fake kernel gives them
+            scales = torch.empty_like(scales.transpose(1, 2), memory_format=torch.contiguous_format).transpose(
+                1, 2).copy_(scales)
     else:
         recv_x = got.recv_x
         scales = x.new_empty((num_experts, max_tokens_per_rank, 0), dtype=torch.float32)
-    return recv_x, scales, got.recv_count, got.handle.packed_src_row
+    return recv_x.contiguous(), scales, got.recv_count.contiguous(), got.handle.packed_src_row.contiguous()
 
 
 @moe_low_latency_dispatch.register_fake
