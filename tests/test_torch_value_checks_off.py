@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-import deepport
 from custom_op_inputs import mla
 from fp8_grouped_inputs import masked_inputs
+
+import deepport
 
 CPU = torch.device("cpu")
 
