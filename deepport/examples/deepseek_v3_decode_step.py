@@ -93,9 +93,9 @@ class Recorder:
     runs: list[OpRun] = field(default_factory=list)
 
     def __call__(self, label: str, op: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        chosen = {} if self.backend is None else {"backend": self.backend}
-        self.runs.append(OpRun(label, op, lambda: fn(*args, **kwargs, **chosen), args, {**kwargs, **chosen}))
-        return fn(*args, **kwargs, **chosen)
+        given = {**kwargs, "backend": self.backend} if self.backend is not None else kwargs
+        self.runs.append(OpRun(label, op, lambda: fn(*args, **given), args, given))
+        return fn(*args, **given)
 
 
 def make_weights(cfg: StepConfig, seed: int, device: torch.device, keep_bf16: bool) -> Weights:
@@ -152,7 +152,7 @@ def decode_step(w: Weights, x: Inputs, plan: deepport.MLAMetadata, cfg: StepConf
     topk_idx, topk_weights = moe.route(hidden, w.router, lc)
     if path == "expanded":
         return attn, hidden, topk_idx, topk_weights, moe.moe_layer(hidden, topk_idx, topk_weights, w.experts, lc,
-                                                                   backend=run.backend)
+                                                                   run=run)
     experts, t_max, inter = lc.num_experts, cfg.batch, lc.intermediate
     expected_m = max(1, math.ceil(cfg.batch * lc.topk / experts))
     d = run("dispatch", "moe_low_latency_dispatch", deepport.moe_low_latency_dispatch, hidden, topk_idx, t_max,
