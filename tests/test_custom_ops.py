@@ -107,8 +107,29 @@ def test_low_latency_combine_rejects_a_handle_of_other_routing() -> None:
     y = torch.zeros(8, 8, 256, dtype=torch.bfloat16)
     other = torch.roll(r["topk_idx"], 1, dims=1)
     other[1] = 3
-    with pytest.raises(deepport.InvalidArgumentError, match="recv_count"):
+    with pytest.raises(deepport.InvalidArgumentError, match="routing the handle"):  # the dispatch's own handle
         torch.ops.deepport.moe_low_latency_combine(y, other, r["topk_weights"], count, packed)
+    with pytest.raises(deepport.InvalidArgumentError, match="recv_count"):  # copies: a handle rebuilt, checked
+        torch.ops.deepport.moe_low_latency_combine(y, other, r["topk_weights"], count.clone(), packed.clone())
+
+
+def test_combine_gets_the_dispatch_handle_itself_in_eager_and_compiled_code(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No rebuild (which would read the routing on the host) when the dispatch's tensors reach the combine."""
+    import deepport.kernels.torch_ops.moe as ops_moe
+
+    def no_rebuild(*args: Any) -> None:
+        raise AssertionError("the handle was rebuilt from tensors")
+
+    monkeypatch.setattr(ops_moe, "OneProcessRoutes", no_rebuild)
+    torch._dynamo.reset()
+    model = TinyDecode(256, 8, 8)
+    args, plan = _decode_inputs(2, plan=True)
+    want = model(*args)
+    for backend in ("aot_eager", "eager"):
+        torch._dynamo.reset()
+        got = torch.compile(model, fullgraph=True, backend=backend)(*args)
+        torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+    del plan
 
 
 def test_one_process_routes_build_the_normal_dispatch_handle() -> None:

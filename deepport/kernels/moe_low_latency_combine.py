@@ -38,7 +38,8 @@ def moe_low_latency_combine(y: torch.Tensor, topk_idx: torch.Tensor, topk_weight
     Args:
         y: bf16 ``[L, R * T_max, hidden]`` contiguous, expert outputs in the dispatch's row layout;
             rows past ``recv_count[e]`` are never read (may hold anything, NaN included).
-        topk_idx: the dispatched ``topk_idx`` of this rank (must equal the handle's routing).
+        topk_idx: the dispatched ``topk_idx`` of this rank (must equal the handle's routing; compared on
+            the host unless ``DEEPPORT_CHECK_VALUES=0``).
         topk_weights: float32 ``[num_tokens, num_topk]``.
         handle: the :class:`MoELowLatencyHandle` of that dispatch.
         backend, alloc: as for :func:`deepport.moe_combine`.

@@ -3,7 +3,7 @@
 Both start from the normal routes (:func:`deepport.backends.torch.moe_routes.route`) and place each
 distinct (received token, local expert) pair; their weighted combines reduce each token's pairs on
 the receiving rank in float32, send the partial sums back, and sum them at the source. In one process
-the low-latency pair runs :mod:`deepport.backends.torch.moe_low_latency` instead (no host read of the
+the low-latency pair runs :mod:`deepport.backends.torch.moe_one_process` instead (no host read of the
 routing, so it can be captured in a CUDA graph).
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from deepport.backends.torch import moe_low_latency as one_process
+from deepport.backends.torch import moe_one_process as one_process
 from deepport.backends.torch.moe_comm import all_to_all_rows
 from deepport.backends.torch.moe_routes import return_rows, route, selection_mask, send_tokens
 from deepport.kernels.moe_args import FP8, FP8_BLOCK, align_up

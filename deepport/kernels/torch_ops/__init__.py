@@ -15,29 +15,39 @@ to whichever backend is chosen (``backend=`` is not part of the schemas: choose 
 :func:`deepport.use_backend` or ``DEEPPORT_BACKEND[_<OP>]``, read each time the real kernel runs). Tensor
 pairs such as DeepGEMM's ``(A, SFA)`` are flattened into two arguments; Python objects become tensors:
 
-========================================  ================================================================
-op (``torch.ops.deepport.``)              form
-========================================  ================================================================
-``mla_decode``, ``mla_decode_out``        the plan as its two tensors ``md.tile_scheduler_metadata``,
-                                          ``md.num_splits`` (FlashMLA's convention), or ``None``
-``fp8_gemm_{nt,nn,tn,tt}[_out]``          ``(a, sfa, b, sfb[, out], c=None, recipe=None)``; the functional
-                                          form's ``out_dtype`` defaults to bfloat16 (float32 with ``c``)
-``m_grouped_fp8_gemm_nt_contiguous[_out]``  ``(a, sfa, b, sfb[, out], m_indices, recipe=None)``
-``m_grouped_fp8_gemm_nt_masked[_out]``    ``(a, sfa, b, sfb[, out], masked_m, expected_m, recipe=None)``; the
-                                          functional form's rows past ``masked_m[g]`` are zero
-``moe_layout``                            ``(topk_idx, num_experts, num_ranks)``
-``moe_low_latency_dispatch``              one process (``group=None``); the handle is ``recv_count`` and
-                                          ``packed_src_row``; rows past ``recv_count[e]`` are zero
-``moe_low_latency_combine``               one process; takes that handle back
-========================================  ================================================================
+============================================  ============================================================
+op (``torch.ops.deepport.``)                  form
+============================================  ============================================================
+``mla_decode``, ``mla_decode_out``            the plan as its two tensors ``md.tile_scheduler_metadata``,
+                                              ``md.num_splits`` (FlashMLA's convention), or ``None``
+``fp8_gemm_{nt,nn,tn,tt}[_out]``              ``(a, sfa, b, sfb[, out], c=None, recipe=None)``; the
+                                              functional form's ``out_dtype`` defaults to bfloat16
+                                              (float32 with ``c``)
+``m_grouped_fp8_gemm_nt_contiguous[_out]``    ``(a, sfa, b, sfb[, out], m_indices, recipe=None)``
+``m_grouped_fp8_gemm_nt_masked[_out]``        ``(a, sfa, b, sfb[, out], masked_m, expected_m,
+                                              recipe=None)``; the functional form's rows past
+                                              ``masked_m[g]`` are zero
+``moe_layout``                                ``(topk_idx, num_experts, num_ranks)``
+``moe_low_latency_dispatch``                  one process (``group=None``); the handle is ``recv_count``
+                                              and ``packed_src_row``; rows past ``recv_count[e]`` are zero
+``moe_low_latency_combine``                   one process; takes that handle back
+============================================  ============================================================
 
-Where the real kernels synchronise: the op layer's value checks (index ranges, ``m_indices``,
-``masked_m``, sequence lengths, expert ids) each read device values on the host; with
-``DEEPPORT_CHECK_VALUES=0`` they are skipped, and then ``mla_decode`` (with a plan, or on the torch
-backend without one), the dense FP8 GEMMs, ``m_grouped_fp8_gemm_nt_masked``, ``moe_layout`` and the
-one-process low-latency dispatch and combine run without a host synchronisation on the torch backend
-(and on the hopper/triton kernels), so they can be captured in a CUDA graph.
-``m_grouped_fp8_gemm_nt_contiguous`` on the torch backend still reads ``m_indices`` on the host.
+Where the real kernels synchronise: the op layer's value checks (sequence lengths and block ids,
+``m_indices``, ``masked_m``, expert ids, the routing a low-latency handle was made for) read device
+values on the host; ``DEEPPORT_CHECK_VALUES=0`` skips them. Then, on the torch backend, ``mla_decode``
+(bounded by the plan's lengths, or by the block table without a plan), the dense FP8 GEMMs,
+``m_grouped_fp8_gemm_nt_masked`` (every row computed, the rows in use kept on the device),
+``moe_layout`` and the one-process low-latency dispatch and combine read nothing on the host, so a CUDA
+graph can capture them; ``m_grouped_fp8_gemm_nt_contiguous`` still reads ``m_indices`` on the host. The
+hopper backend's GEMMs never synchronise; the triton backend's ``mla_decode`` needs the plan. The fake
+kernels never read a value.
+
+A plan's tensors live on the host, and inductor's CUDA-graph mode (``mode="reduce-overhead"``) skips graphs
+with CPU tensor inputs: capture the compiled model with ``torch.cuda.graph`` instead, which works.
+
+The low-latency combine gets the dispatch's handle back through the dispatch's ``recv_count`` tensor
+(see :func:`deepport.kernels.torch_ops.moe.handle_of`); given copies, it rebuilds the handle from them.
 
 The MoE ops that are not custom ops, and why, are :data:`NOT_CUSTOM_OPS`.
 """

@@ -75,7 +75,10 @@ def moe_low_latency_dispatch(x: torch.Tensor, topk_idx: torch.Tensor, max_tokens
     else:
         recv_x = got.recv_x
         scales = x.new_empty((num_experts, max_tokens_per_rank, 0), dtype=torch.float32)
-    return recv_x.contiguous(), scales, got.recv_count.contiguous(), got.handle.packed_src_row.contiguous()
+    count, packed = got.recv_count.contiguous(), got.handle.packed_src_row.contiguous()
+    if packed is got.handle.packed_src_row and count is not got.handle.recv_count:
+        setattr(count, _HANDLE, got.handle)  # the combine takes the handle itself back (no rebuild, no sync)
+    return recv_x.contiguous(), scales, count, packed
 
 
 @moe_low_latency_dispatch.register_fake
@@ -95,12 +98,24 @@ def _moe_low_latency_dispatch_fake(x: torch.Tensor, topk_idx: torch.Tensor, max_
             x.new_empty(rows, dtype=torch.int64))
 
 
+_HANDLE = "_deepport_low_latency_handle"
+
+
 def handle_of(topk_idx: torch.Tensor, recv_count: torch.Tensor, packed_src_row: torch.Tensor,
               hidden: int) -> MoELowLatencyHandle:
     """The :class:`MoELowLatencyHandle` of a one-process dispatch given as the dispatch op's tensors.
 
-    Shapes are checked; with value checks on (``DEEPPORT_CHECK_VALUES``, one device-to-host copy) the
-    counts must be those of ``topk_idx`` and ``packed_src_row`` must hold that many rows per expert."""
+    The dispatch op's own ``recv_count`` tensor carries its handle (an attribute: the same tensor object
+    reaches the combine in eager mode, during a CUDA-graph capture and through ``torch.compile``'s
+    graphs), which is used as is: whatever its backend keeps there (device-only routes) stays valid and
+    nothing is read on the host. Otherwise (a copy of the tensors) the handle is rebuilt from them:
+    shapes are checked, and with value checks on (``DEEPPORT_CHECK_VALUES``, one device-to-host copy)
+    the counts must be those of ``topk_idx`` and ``packed_src_row`` must hold that many rows per expert.
+    """
+    own: MoELowLatencyHandle | None = getattr(recv_count, _HANDLE, None)
+    if own is not None and isinstance(packed_src_row, torch.Tensor) and \
+            packed_src_row.data_ptr() == own.packed_src_row.data_ptr():
+        return own
     packed = chk.expect_tensor("packed_src_row", packed_src_row)
     chk.expect_dtype("packed_src_row", packed, (torch.int64,))
     chk.expect_ndim("packed_src_row", packed, 2, "[num_experts, max_tokens_per_rank]")
