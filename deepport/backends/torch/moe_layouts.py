@@ -2,9 +2,11 @@
 
 Both start from the normal routes (:func:`deepport.backends.torch.moe_routes.route`) and place each
 distinct (received token, local expert) pair; their weighted combines reduce each token's pairs on
-the receiving rank in float32, send the partial sums back, and sum them at the source. In one process
-the low-latency pair runs :mod:`deepport.backends.torch.moe_one_process` instead (no host read of the
-routing, so it can be captured in a CUDA graph).
+the receiving rank in float32, send the partial sums back, and sum them at the source. The per-device
+steps (placing rows, weighted sums, the FP8 cast) are :class:`~deepport.backends.torch.moe_local.LocalSteps`,
+replaceable by another backend's kernels. In one process the low-latency pair runs
+:mod:`deepport.backends.torch.moe_one_process` instead, with the same steps: no host read of the
+routing, so it can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -13,18 +15,14 @@ import torch
 
 from deepport.backends.torch import moe_one_process as one_process
 from deepport.backends.torch.moe_comm import all_to_all_rows
+from deepport.backends.torch.moe_local import TORCH, LocalSteps
 from deepport.backends.torch.moe_routes import return_rows, route, selection_mask, send_tokens
-from deepport.kernels.moe_args import FP8, FP8_BLOCK, align_up
+from deepport.kernels.moe_args import FP8_BLOCK, align_up
 from deepport.kernels.moe_combine_expanded import MoEExpandedCombineCall
 from deepport.kernels.moe_dispatch_expanded import MoEExpandedDispatchCall, MoEExpandedDispatchResult
 from deepport.kernels.moe_handle import MoEExpandedHandle, MoEHandle, MoELowLatencyHandle
 from deepport.kernels.moe_low_latency_combine import MoELowLatencyCombineCall
-from deepport.kernels.moe_low_latency_dispatch import (
-    AMAX_FLOOR,
-    FP8_MAX,
-    MoELowLatencyDispatchCall,
-    MoELowLatencyDispatchResult,
-)
+from deepport.kernels.moe_low_latency_dispatch import MoELowLatencyDispatchCall, MoELowLatencyDispatchResult
 
 
 def _pairs(local_idx: torch.Tensor, num_local: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -43,12 +41,7 @@ def _slot_weight_sums(local_idx: torch.Tensor, weights: torch.Tensor, num_local:
     return sums[:, :num_local]
 
 
-def _bytes(t: torch.Tensor) -> torch.Tensor:
-    """A byte view (index_put is not implemented for e4m3 on every device)."""
-    return t.view(torch.uint8)
-
-
-def dispatch_expanded(call: MoEExpandedDispatchCall) -> MoEExpandedDispatchResult:
+def dispatch_expanded(call: MoEExpandedDispatchCall, local: LocalSteps = TORCH) -> MoEExpandedDispatchResult:
     got = route(call.data, call.scales, call.topk_idx, call.topk_weights, call.num_experts, call.group,
                 call.expert_alignment)
     routes = got.handle
@@ -59,15 +52,15 @@ def dispatch_expanded(call: MoEExpandedDispatchCall) -> MoEExpandedDispatchResul
     m = sum(aligned)
     expert, row, position = _pairs(got.local_idx, num_local)
     dest = starts[expert] + position
+    src_row = torch.full((m,), -1, dtype=torch.int64, device=call.data.device)
+    src_row[dest] = row
     hidden = int(call.data.shape[1])
     recv_x = call.alloc((m, hidden), call.data.dtype)
-    recv_x.view(torch.uint8).zero_()  # padding rows are zero (e4m3 has no zero() kernel everywhere)
-    _bytes(recv_x)[dest] = _bytes(got.data)[row]
+    local.place_rows(got.data, recv_x[None], src_row[None], True)  # padding rows are zero
     recv_s = None
     if got.scales is not None:
         recv_s = call.alloc((m, hidden // FP8_BLOCK), torch.float32)
-        recv_s.zero_()
-        recv_s[dest] = got.scales[row]
+        local.place_rows(got.scales, recv_s[None], src_row[None], True)
     m_indices = call.alloc((m,), torch.int32)
     m_indices.fill_(-1)
     m_indices[dest] = expert.to(torch.int32)
@@ -75,53 +68,40 @@ def dispatch_expanded(call: MoEExpandedDispatchCall) -> MoEExpandedDispatchResul
     recv_w = call.alloc((m,), torch.float32)
     recv_w.zero_()
     recv_w[dest] = _slot_weight_sums(got.local_idx, got.weights, num_local)[row, expert]
-    src_row = torch.full((m,), -1, dtype=torch.int64, device=call.data.device)
-    src_row[dest] = row
     handle = MoEExpandedHandle(routes, src_row, m_indices.clone(), recv_w.clone())
     x_out = recv_x if recv_s is None else (recv_x, recv_s)
     return MoEExpandedDispatchResult(x_out, m_indices, recv_w, aligned, handle)
 
 
-def combine_expanded(call: MoEExpandedCombineCall) -> torch.Tensor:
+def combine_expanded(call: MoEExpandedCombineCall, local: LocalSteps = TORCH) -> torch.Tensor:
     h = call.handle
     valid = (h.m_indices >= 0).nonzero()[:, 0]
-    partial = torch.zeros((h.routes.num_recv, int(call.y.shape[1])), dtype=torch.float32, device=call.y.device)
-    partial.index_add_(0, h.expanded_src_row[valid], call.y[valid].to(torch.float32) * h.weights[valid, None])
+    partial = local.weighted_rows(call.y, valid, h.expanded_src_row[valid], h.weights[valid], h.routes.num_recv)
     out = call.alloc((h.routes.num_tokens, int(call.y.shape[1])), torch.bfloat16)
     out.copy_(return_rows(partial, h.routes, call.group))
     return out
 
 
-def cast_per_token_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """bf16 ``[T, H]`` -> (e4m3 ``[T, H]``, fp32 scales ``[T, H/128]``): per 128 channels
-    ``amax = max(|x|, 1e-4)``, ``scale = amax / 448``, ``fp8 = x * (448 / amax)``."""
-    t, hidden = int(x.shape[0]), int(x.shape[1])
-    blocks = x.to(torch.float32).view(t, hidden // FP8_BLOCK, FP8_BLOCK)
-    amax = blocks.abs().amax(dim=2).clamp(min=AMAX_FLOOR)
-    data = (blocks * (FP8_MAX / amax)[:, :, None]).to(FP8).view(t, hidden)
-    return data, amax / FP8_MAX
-
-
-def dispatch_low_latency(call: MoELowLatencyDispatchCall) -> MoELowLatencyDispatchResult:
-    data, scales = cast_per_token_fp8(call.x) if call.use_fp8 else (call.x, None)
+def dispatch_low_latency(call: MoELowLatencyDispatchCall, local: LocalSteps = TORCH) -> MoELowLatencyDispatchResult:
+    data, scales = local.cast_fp8(call.x) if call.use_fp8 else (call.x, None)
     if call.group.world_size == 1:  # one process: no host read of the routing (CUDA-graph capturable)
-        return one_process.dispatch(call, data, scales)
+        return one_process.dispatch(call, data, scales, local)
     got = route(data, scales, call.topk_idx, None, call.num_experts, call.group, 1)
     routes = got.handle
     num_local, capacity = routes.num_local_experts, routes.world_size * call.max_tokens_per_rank
     expert, row, position = _pairs(got.local_idx, num_local)
+    packed = torch.full((num_local, capacity), -1, dtype=torch.int64, device=call.x.device)
+    packed[expert, position] = row
     hidden = int(call.x.shape[1])
     recv_x = call.alloc((num_local, capacity, hidden), data.dtype)
-    _bytes(recv_x)[expert, position] = _bytes(got.data)[row]
+    local.place_rows(got.data, recv_x, packed, False)  # rows past each expert's count stay as allocated
     recv_s = None
     if got.scales is not None:
         storage = call.alloc((num_local, hidden // FP8_BLOCK, capacity), torch.float32)
         recv_s = storage.transpose(1, 2)  # column-major in the last two dimensions
-        recv_s[expert, position] = got.scales[row]
+        local.place_rows(got.scales, recv_s, packed, False)
     count = call.alloc((num_local,), torch.int32)
     count.copy_(torch.tensor(routes.num_recv_tokens_per_expert, dtype=torch.int32))
-    packed = torch.full((num_local, capacity), -1, dtype=torch.int64, device=call.x.device)
-    packed[expert, position] = row
     handle = MoELowLatencyHandle(routes, call.max_tokens_per_rank, count.clone(), packed)
     return MoELowLatencyDispatchResult(recv_x if recv_s is None else (recv_x, recv_s), count, handle)
 
@@ -134,17 +114,18 @@ def _forward_weights(weights: torch.Tensor, routes: MoEHandle, call: MoELowLaten
     return torch.where(routes.recv_topk_idx >= 0, got, torch.zeros_like(got))
 
 
-def combine_low_latency(call: MoELowLatencyCombineCall) -> torch.Tensor:
+def combine_low_latency(call: MoELowLatencyCombineCall, local: LocalSteps = TORCH) -> torch.Tensor:
     if call.handle.world_size == 1:  # one process: no host read of the routing (CUDA-graph capturable)
-        return one_process.combine(call)
+        return one_process.combine(call, local)
     h, routes = call.handle, call.handle.routes
     weights = _forward_weights(call.topk_weights, routes, call)
     sums = _slot_weight_sums(routes.recv_topk_idx, weights, routes.num_local_experts)
     expert, position = (h.packed_src_row >= 0).nonzero().unbind(1)
     row = h.packed_src_row[expert, position]
-    hidden = int(call.y.shape[2])
-    partial = torch.zeros((routes.num_recv, hidden), dtype=torch.float32, device=call.y.device)
-    partial.index_add_(0, row, call.y[expert, position].to(torch.float32) * sums[row, expert][:, None])
+    num_local, capacity, hidden = (int(d) for d in call.y.shape)
+    slot = expert * capacity + position  # row of y viewed as [L * capacity, hidden]
+    partial = local.weighted_rows(call.y.reshape(num_local * capacity, hidden), slot, row, sums[row, expert],
+                                  routes.num_recv)
     out = call.alloc((routes.num_tokens, hidden), torch.bfloat16)
     out.copy_(return_rows(partial, routes, call.group))
     return out

@@ -4,8 +4,9 @@ With one rank (``group=None``) the packed layout is a function of ``topk_idx`` t
 ops compute: a token's row in expert ``e`` is the number of earlier tokens selecting ``e``. Nothing
 here synchronises with the device or depends on the routing for a shape, so a decode step's
 dispatch, grouped GEMM and combine can be captured in a CUDA graph once and replayed with new
-routing. The handle's routes are a :class:`~deepport.kernels.moe_handle.OneProcessRoutes`, built only
-if someone reads ``handle.routes``.
+routing (as far as the backend's :class:`~deepport.backends.torch.moe_local.LocalSteps` read nothing on
+the host either: the torch steps do not). The handle's routes are a
+:class:`~deepport.kernels.moe_handle.OneProcessRoutes`, built only if someone reads ``handle.routes``.
 
 Index tensors that may point nowhere use a sink (one extra row or column past the end) instead of
 boolean selection, whose result shape would depend on the data.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from deepport.backends.torch.moe_local import LocalSteps
 from deepport.kernels.moe_args import FP8_BLOCK, MoEInput
 from deepport.kernels.moe_handle import MoELowLatencyHandle, OneProcessRoutes
 from deepport.kernels.moe_low_latency_combine import MoELowLatencyCombineCall
@@ -55,36 +57,21 @@ def received_rows(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return row_of_token, token_of_row
 
 
-def _gather_rows(values: torch.Tensor, src: torch.Tensor, out: torch.Tensor) -> None:
-    """``out[e, p] = values[src[e, p]]`` bit-exactly, zero where ``src < 0`` (byte views: e4m3 has no
-    ``where`` kernel on every device)."""
-    raw = values.view(torch.uint8) if values.element_size() == 1 else values
-    picked = raw[src.clamp(min=0)]
-    zero = torch.zeros((), dtype=raw.dtype, device=raw.device)
-    target = out.view(torch.uint8) if out.element_size() == 1 else out
-    target.copy_(torch.where((src >= 0)[..., None], picked, zero))
-
-
-def dispatch(call: MoELowLatencyDispatchCall, data: torch.Tensor,
-             scales: torch.Tensor | None) -> MoELowLatencyDispatchResult:
-    """The one-process low-latency dispatch of ``data`` (bf16, or e4m3 with ``scales`` when the call casts)."""
+def dispatch(call: MoELowLatencyDispatchCall, data: torch.Tensor, scales: torch.Tensor | None,
+             local: LocalSteps) -> MoELowLatencyDispatchResult:
+    """The one-process low-latency dispatch of ``data`` (bf16, or e4m3 with ``scales`` when the call casts).
+    Rows past each expert's count are zero."""
     experts, capacity = call.num_experts, call.max_tokens_per_rank
     hidden = int(call.x.shape[1])
     mask = expert_mask(call.topk_idx, experts)
     src = packed_sources(mask, capacity)
     recv_x = call.alloc((experts, capacity, hidden), data.dtype)
+    local.place_rows(data, recv_x, src, True)
     recv_s = None
-    if int(data.shape[0]) == 0:  # nothing to gather from: every row is past its (zero) count
-        (recv_x.view(torch.uint8) if recv_x.element_size() == 1 else recv_x).zero_()
-    else:
-        _gather_rows(data, src, recv_x)
     if scales is not None:
         storage = call.alloc((experts, hidden // FP8_BLOCK, capacity), torch.float32)
         recv_s = storage.transpose(1, 2)  # column-major in the last two dimensions
-        if int(data.shape[0]) == 0:
-            storage.zero_()
-        else:
-            _gather_rows(scales, src, recv_s)
+        local.place_rows(scales, recv_s, src, True)
     count = call.alloc((experts,), torch.int32)
     count.copy_(mask.sum(dim=0))
     packed = src  # no token, no row: every entry is -1
@@ -97,12 +84,13 @@ def dispatch(call: MoELowLatencyDispatchCall, data: torch.Tensor,
     return MoELowLatencyDispatchResult(x_out, count, handle)
 
 
-def combine(call: MoELowLatencyCombineCall) -> torch.Tensor:
+def combine(call: MoELowLatencyCombineCall, local: LocalSteps) -> torch.Tensor:
     """``out[t] = sum_k w[t, k] * y[e_k, row of t in e_k]`` over the slots with ``e_k != -1``, in float32.
 
     The row of each (token, expert) comes from the handle's ``packed_src_row`` (a received row, mapped
     to its token); slots naming one expert twice read its one row twice, each with its own weight,
-    which is the contract's sum of weights."""
+    which is the contract's sum of weights. Unrouted slots add into a sink row (``y``'s row there may
+    hold NaN), dropped."""
     h, y = call.handle, call.y
     t, hidden, experts = h.num_tokens, int(y.shape[2]), h.num_experts
     out = call.alloc((t, hidden), torch.bfloat16)
@@ -111,8 +99,7 @@ def combine(call: MoELowLatencyCombineCall) -> torch.Tensor:
     _, token_of_row = received_rows(expert_mask(call.topk_idx, experts))
     packed = h.packed_src_row
     capacity = int(packed.shape[1])
-    valid = packed >= 0
-    token = torch.where(valid, token_of_row[packed.clamp(min=0)], t)  # [E, capacity], sink row t
+    token = torch.where(packed >= 0, token_of_row[packed.clamp(min=0)], t)  # [E, capacity], sink row t
     position = torch.zeros((t + 1, experts), dtype=torch.int64, device=y.device)
     expert_of = torch.arange(experts, device=y.device)[:, None].expand(experts, capacity)
     rows = torch.arange(capacity, device=y.device).expand(experts, capacity)
@@ -120,10 +107,9 @@ def combine(call: MoELowLatencyCombineCall) -> torch.Tensor:
     idx = call.topk_idx.to(torch.int64)
     routed = idx >= 0
     expert = idx.clamp(min=0)
-    row = position[torch.arange(t, device=y.device)[:, None], expert]  # [T, k]
-    picked = y[expert, row].to(torch.float32)  # [T, k, hidden]
-    weights = torch.where(routed, call.topk_weights, 0.0)
-    # where, not multiply: an unrouted slot reads row 0, which may hold NaN
-    total = torch.where(routed[..., None], picked * weights[..., None], 0.0).sum(dim=1)
-    out.copy_(total)
+    src_pos = expert * capacity + position[torch.arange(t, device=y.device)[:, None], expert]  # [T, k]
+    dst_row = torch.where(routed, torch.arange(t, device=y.device)[:, None], t)
+    total = local.weighted_rows(y.reshape(experts * capacity, hidden), src_pos.reshape(-1), dst_row.reshape(-1),
+                                call.topk_weights.reshape(-1), t + 1)
+    out.copy_(total[:t])
     return out
