@@ -157,33 +157,49 @@ def _routing(seed: int, tokens: int, experts: int, topk: int, hidden: int) -> di
             "topk_weights": torch.rand(tokens, topk, generator=g).to(CUDA)}
 
 
+def _ops_of(backend: str, ops: tuple[str, ...]) -> dict[str, str]:
+    """``{op: backend}`` for the ``ops`` that ``backend`` implements (skips if it is absent or has none)."""
+    if backend not in [b.name for b in deepport.all_backends()]:
+        pytest.skip(f"backend {backend!r} is not registered in this build")
+    mine = {op: backend for op in ops if registry.get(backend).support(op) is not None}
+    if not mine:
+        pytest.skip(f"{backend} implements none of {', '.join(ops)}")
+    return mine
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_low_latency_moe_path_replays_with_new_routing_like_eager(backend: str) -> None:
-    """dispatch (FP8 cast) -> masked grouped GEMM on ``backend`` -> weighted combine, captured once and
-    replayed with other tokens and other routing: the counts and rows come from the device each replay."""
+    """dispatch (FP8 cast) -> masked grouped GEMM -> weighted combine, each on ``backend`` where it implements
+    the op (torch otherwise), captured once and replayed with other tokens and other routing: the counts and
+    rows come from the device on every replay."""
     tokens, experts, topk, hidden, t_max = 32, 16, 4, 1024, 32
     r = _routing(0, tokens, experts, topk, hidden)
     _, _, w, w_sf = grouped_operands(torch.randn(experts, 1, hidden, device=CUDA), experts, hidden)
-    recv, scales, count, _ = torch.ops.deepport.moe_low_latency_dispatch(r["x"], r["topk_idx"], t_max, experts)
-    _require(backend, "m_grouped_fp8_gemm_nt_masked", (recv, scales), (w, w_sf),
-             torch.empty(experts, t_max, hidden, dtype=torch.bfloat16, device=CUDA), count, 4)
+    mine = _ops_of(backend, ("moe_low_latency_dispatch", "m_grouped_fp8_gemm_nt_masked", "moe_low_latency_combine"))
+    d = deepport.moe_low_latency_dispatch(r["x"], r["topk_idx"], t_max, experts)
+    y = torch.zeros(experts, t_max, hidden, dtype=torch.bfloat16, device=CUDA)
+    calls = {"moe_low_latency_dispatch": (r["x"], r["topk_idx"], t_max, experts),
+             "m_grouped_fp8_gemm_nt_masked": (d.recv_x, (w, w_sf), y, d.recv_count, 4),
+             "moe_low_latency_combine": (y, r["topk_idx"], r["topk_weights"], d.handle)}
+    for op in mine:
+        _require(backend, op, *calls[op])
 
     def step() -> torch.Tensor:
         recv, scales, count, packed = torch.ops.deepport.moe_low_latency_dispatch(r["x"], r["topk_idx"], t_max,
                                                                                   experts)
         h = torch.ops.deepport.m_grouped_fp8_gemm_nt_masked(recv, scales, w, w_sf, count, 4)
-        y: torch.Tensor = torch.ops.deepport.moe_low_latency_combine(h, r["topk_idx"], r["topk_weights"], count,
-                                                                     packed)
-        return y
+        out: torch.Tensor = torch.ops.deepport.moe_low_latency_combine(h, r["topk_idx"], r["topk_weights"], count,
+                                                                       packed)
+        return out
 
-    with deepport.use_backend("torch", m_grouped_fp8_gemm_nt_masked=backend):
-        graph, y = _capture(step)
+    with deepport.use_backend("torch", **mine):
+        graph, got = _capture(step)
         for name, t in _routing(1, tokens, experts, topk, hidden).items():
             _refill(r[name], t)
         graph.replay()
         want = step()
     torch.cuda.synchronize()
-    _close(y, want, "combined")
+    _close(got, want, "combined")
 
 
 class DecodeBlock(torch.nn.Module):
@@ -217,12 +233,8 @@ class DecodeBlock(torch.nn.Module):
 def test_inductor_compiled_block_and_its_cuda_graph_match_eager(backend: str) -> None:
     """torch.compile(fullgraph=True) with inductor, then that compiled block captured in a CUDA graph and
     replayed on new inputs; ``backend`` runs every op of the block it implements, torch the others."""
-    if backend not in [b.name for b in deepport.all_backends()]:
-        pytest.skip(f"backend {backend!r} is not registered in this build")
-    ops = ("mla_decode", "fp8_gemm_nt", "m_grouped_fp8_gemm_nt_masked")
-    mine = {op: backend for op in ops if registry.get(backend).support(op) is not None}
-    if not mine:
-        pytest.skip(f"{backend} implements none of {', '.join(ops)}")
+    mine = _ops_of(backend, ("mla_decode", "fp8_gemm_nt", "moe_low_latency_dispatch", "m_grouped_fp8_gemm_nt_masked",
+                             "moe_low_latency_combine"))
     torch._dynamo.reset()
     lens = [5, 64, 200, 511]
     x = _mla_inputs(0, lens, num_blocks=40, max_blocks=8)
