@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import torch
 from custom_op_inputs import OpCall, all_calls, gemm_operands, grouped_operands, mla, routing
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import deepport
 from deepport.kernels import descriptors
@@ -143,31 +144,72 @@ def test_one_process_routes_build_the_normal_dispatch_handle() -> None:
         assert torch.equal(getattr(got, field), getattr(want, field)), field
 
 
-def _meta(t: torch.Tensor) -> torch.Tensor:
-    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+class NoHostReads(TorchDispatchMode):
+    """Raises on every aten op that reads tensor values on the host (``.item()``, ``bool(t)``, ``int(t)``,
+    ``torch.equal``) or whose output shape depends on values (``nonzero``, boolean-mask indexing,
+    ``unique``, ``bincount`` ...): on a GPU each is a device-to-host synchronisation, which a CUDA-graph
+    capture forbids. Sees the ops called from Python (the op layer, the backends' torch code)."""
+
+    READS: ClassVar[set[str]] = {"_local_scalar_dense", "is_nonzero", "equal", "nonzero", "masked_select",
+                                 "_unique2", "unique_dim", "unique_consecutive", "bincount", "histc", "argwhere"}
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        name = func.overloadpacket.__name__
+        reads = name in self.READS or (name == "repeat_interleave" and "output_size" not in (kwargs or {})
+                                       and isinstance(args[1] if len(args) > 1 else None, torch.Tensor))
+        if name in ("index", "index_put", "index_put_") and any(
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or ())):
+            reads = True
+        if reads:
+            raise AssertionError(f"host read: aten.{name}")
+        return func(*args, **(kwargs or {}))
 
 
-def test_value_checks_off_no_op_reads_a_device_value(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Meta tensors have no values: any host read (``.item()``, ``.tolist()``, ``nonzero``) raises. With
-    ``DEEPPORT_CHECK_VALUES=0`` the decode-step ops run on them through the torch backend, which is what a
-    CUDA-graph capture needs."""
+def test_no_host_read_catches_a_sync() -> None:
+    with NoHostReads(), pytest.raises(AssertionError, match=r"host read: aten\._local_scalar_dense"):
+        int(torch.ones(1).sum())
+    with NoHostReads(), pytest.raises(AssertionError, match=r"host read: aten\.index"):  # a boolean mask
+        torch.ones(3)[torch.ones(3) > 0]
+    with NoHostReads(), pytest.raises(AssertionError, match=r"host read: aten\.nonzero"):
+        torch.ones(3).nonzero()
+
+
+def _decode_step_ops(plan: Any) -> Any:
+    """The real kernels behind the custom ops (a dispatch mode sees a custom op as one call, not what its
+    kernel runs): MLA decode with a plan and without, the FP8 GEMM, moe_layout, the one-process
+    low-latency dispatch, the masked grouped GEMM and the combine, on small CPU inputs."""
+    x = mla(CPU)
+    a, sfa, b, sfb = gemm_operands("nt", 6, 256, 512, CPU)
+    r = routing(CPU, tokens=6, experts=8, topk=3, hidden=256)
+    _, _, gb, gsfb = grouped_operands(torch.randn(8, 1, 256), 8, 256)
+    args = (x["q"], x["k_cache"], x["block_table"], x["cache_seqlens"], 32)
+    out = torch.empty(6, 256, dtype=torch.bfloat16)
+    h = torch.zeros(8, 6, 256, dtype=torch.bfloat16)
+
+    def run() -> torch.Tensor:
+        deepport.mla_decode(*args, causal=True, metadata=plan)
+        deepport.mla_decode(*args, causal=True)
+        deepport.fp8_gemm_nt((a, sfa), (b, sfb), out)
+        deepport.moe_layout(r["topk_idx"], 8, 2)
+        d = deepport.moe_low_latency_dispatch(r["x"], r["topk_idx"], 6, 8)
+        deepport.m_grouped_fp8_gemm_nt_masked(d.recv_x, (gb, gsfb), h, d.recv_count, 2)
+        y: torch.Tensor = deepport.moe_low_latency_combine(h, r["topk_idx"], r["topk_weights"], d.handle)
+        return y
+
+    return run
+
+
+def test_value_checks_off_the_decode_step_ops_read_nothing_on_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``DEEPPORT_CHECK_VALUES=0`` the op layer and the torch backend read no value on the host for these
+    ops: what a CUDA-graph capture needs (tests/test_custom_ops_gpu.py captures them on a GPU)."""
+    run = _decode_step_ops(deepport.get_mla_metadata(mla(CPU)["cache_seqlens"], 4, 2))
     monkeypatch.setenv("DEEPPORT_CHECK_VALUES", "0")
-    x = {k: _meta(v) if isinstance(v, torch.Tensor) else v for k, v in mla(CPU).items()}
-    plan = deepport.get_mla_metadata(mla(CPU)["cache_seqlens"], 4, 2)
-    for tensors in ((plan.tile_scheduler_metadata, plan.num_splits), (None, None)):
-        out, lse = torch.ops.deepport.mla_decode(x["q"], x["k_cache"], x["block_table"], x["cache_seqlens"], 32,
-                                                 None, True, *tensors)
-        assert out.device.type == "meta" and tuple(lse.shape) == (2, 4, 2)
-    a, sfa, b, sfb = (_meta(t) for t in gemm_operands("nt", 6, 256, 512, CPU))
-    assert tuple(torch.ops.deepport.fp8_gemm_nt(a, sfa, b, sfb).shape) == (6, 256)
-    r = {k: _meta(v) for k, v in routing(CPU, tokens=6, experts=8, topk=3, hidden=256).items()}
-    torch.ops.deepport.moe_layout(r["topk_idx"], 8, 2)
-    recv, scales, count, packed = torch.ops.deepport.moe_low_latency_dispatch(r["x"], r["topk_idx"], 6, 8)
-    ga, gsfa, gb, gsfb = grouped_operands(torch.randn(8, 6, 256), 8, 256)
-    h = torch.ops.deepport.m_grouped_fp8_gemm_nt_masked(recv, scales, _meta(gb), _meta(gsfb), count, 2)
-    y = torch.ops.deepport.moe_low_latency_combine(h, r["topk_idx"], r["topk_weights"], count, packed)
-    assert tuple(y.shape) == (6, 256) and y.device.type == "meta"
-    del ga, gsfa
+    with NoHostReads():
+        y = run()
+    assert tuple(y.shape) == (6, 256) and not torch.isnan(y).any()
+    monkeypatch.setenv("DEEPPORT_CHECK_VALUES", "1")
+    with NoHostReads(), pytest.raises(AssertionError, match="host read"):  # the value checks do read
+        run()
 
 
 class TinyDecode(torch.nn.Module):

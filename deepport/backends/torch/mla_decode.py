@@ -50,7 +50,8 @@ def _longest(call: MLADecodeCall, lens: torch.Tensor) -> int:
     if call.max_seqlen is not None:
         return call.max_seqlen
     if call.metadata is not None:
-        return int(call.metadata.cache_seqlens.max()) if call.metadata.batch > 0 else 0
+        host = call.metadata.cache_seqlens.numpy()  # the plan's host copy: no device read
+        return int(host.max()) if host.size else 0
     if not settings.check_values():
         return int(call.block_table.shape[1]) * call.signature.page_block_size
     return int(lens.max())
