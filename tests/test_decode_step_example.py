@@ -32,3 +32,19 @@ def test_decode_step_check_catches_a_wrong_moe_output(clean_env: None) -> None:
     assert max(attn_diff, moe_diff) <= example.moe.MAX_CALC_DIFF
     wrong = (*got[:4], got[4].roll(1, dims=0))  # each token gets another token's expert output
     assert example.check(w, x, cfg, wrong)[1] > 100 * example.moe.MAX_CALC_DIFF
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_decode_step_on_the_gpu_at_reduced_width_passes_its_float64_check(clean_env: None) -> None:
+    """Whichever backends dispatch picks on the GPU (triton, hopper, torch) against float64."""
+    assert example.main(["--device", "cuda", "--width", "reduced", "--samples", "3"]) == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_decode_step_at_full_width_runs_and_replays_as_one_cuda_graph(capsys: pytest.CaptureFixture[str],
+                                                                      clean_env: None) -> None:
+    assert example.main(["--device", "cuda", "--samples", "5", "--cuda-graph"]) == 0
+    printed = capsys.readouterr().out
+    assert "CUDA graph replay" in printed and all(op in printed for op in OPS)

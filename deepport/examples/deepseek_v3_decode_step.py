@@ -200,28 +200,33 @@ def report(runs: list[OpRun], device: torch.device, samples: int,
     return rows
 
 
-def time_whole_step(step: Callable[[], Any], device: torch.device, samples: int) -> tuple[float, float]:
-    """Median microseconds of the eager step and of its CUDA-graph replay (value checks off)."""
-    with environment_var("DEEPPORT_CHECK_VALUES", "0"):
-        eager = time_calls([step], device, samples=samples, warmup=2).median_us
-        side = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            step()
-        torch.cuda.current_stream(device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
+def _events_us(fn: Callable[[], Any], samples: int) -> float:
+    """Median microseconds of ``fn`` between two CUDA events (what the GPU spends, launch gaps included)."""
     found = []
     for _ in range(samples):
         start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
         end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
         start.record()
-        graph.replay()
+        fn()
         end.record()
         end.synchronize()
         found.append(start.elapsed_time(end) * 1e3)
-    return eager, float(np.median(found))
+    return float(np.median(found))
+
+
+def time_whole_step(step: Callable[[], Any], device: torch.device, samples: int) -> tuple[float, float]:
+    """Median microseconds of the eager step and of its CUDA-graph replay (value checks off)."""
+    with environment_var("DEEPPORT_CHECK_VALUES", "0"):
+        side = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            step()
+        torch.cuda.current_stream(device).wait_stream(side)
+        eager = _events_us(step, samples)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=side):
+            step()
+    return eager, _events_us(graph.replay, samples)
 
 
 def main(argv: list[str] | None = None) -> int:
