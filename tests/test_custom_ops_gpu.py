@@ -243,7 +243,10 @@ def test_inductor_compiled_block_and_its_cuda_graph_match_eager(backend: str) ->
     args = (x["q"], x["k_cache"], x["block_table"], x["cache_seqlens"], md.tile_scheduler_metadata, md.num_splits)
     block = DecodeBlock(1024, 16, 32)
     with deepport.use_backend("torch", **mine):
-        want = block(*args)
+        try:
+            want = block(*args)
+        except deepport.BackendNotSupportedError as exc:
+            pytest.skip(f"{backend} cannot run one of the block's calls: {exc}")
         compiled = torch.compile(block, fullgraph=True)
         _close(compiled(*args), want, "compiled")
         graph, y = _capture(lambda: compiled(*args))
