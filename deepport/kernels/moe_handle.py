@@ -133,7 +133,7 @@ class MoELowLatencyHandle:
 
     - ``source``: the normal routes (:class:`MoEHandle`), or for a one-process dispatch possibly a
       :class:`OneProcessRoutes` that builds them when :attr:`routes` is first read. The static facts
-      (``group``, ``rank``, ``world_size``, ``num_experts``, ``topk_idx`` ...) are read from it without
+      (``group``, ``world_size``, ``num_experts``, ``topk_idx`` ...) are read from it without
       building anything, so a combine that needs only them runs without a device-to-host copy.
     - ``max_tokens_per_rank``: ``T_max``, the per-rank token capacity (same on every rank).
     - ``recv_count``: int32 ``[num_local_experts]``, valid rows per expert.
@@ -155,10 +155,6 @@ class MoELowLatencyHandle:
     @property
     def group(self) -> Any:
         return self.source.group
-
-    @property
-    def rank(self) -> int:
-        return self.source.rank
 
     @property
     def world_size(self) -> int:
