@@ -196,7 +196,7 @@ def report(runs: list[OpRun], device: torch.device, samples: int,
     print(f"{'step':<16} {'deepport op':<{width}} {'backend':<10} {'us/call':>10}  timing")
     for label, op, backend, us, method in rows:
         print(f"{label:<16} {op:<{width}} {backend:<10} {us:>10.1f}  {method}")
-    print(f"{'total':<16} {'':<{width}} {'':<10} {sum(r[3] for r in rows):>10.1f}")
+    print(f"{'deepport ops':<16} {'':<{width}} {'':<10} {sum(r[3] for r in rows):>10.1f}")
     return rows
 
 
@@ -242,10 +242,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    cfg = FULL if (args.width or ("full" if device.type == "cuda" else "reduced")) == "full" else REDUCED
+    full = (args.width or ("full" if device.type == "cuda" else "reduced")) == "full"
+    cfg = FULL if full else REDUCED
     if args.batch is not None:
         cfg = StepConfig(args.batch, cfg.heads, cfg.context, cfg.layer)
-    checked = cfg is not FULL
+    checked = not full
     w, x = make_weights(cfg, args.seed, device, keep_bf16=checked), make_inputs(cfg, args.seed, device)
     lc = cfg.layer
     print(f"DeepSeek-V3 decode step on {deepport.dispatch.device_info(device).describe()}: batch {cfg.batch}, MLA "

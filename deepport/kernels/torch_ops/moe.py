@@ -136,7 +136,7 @@ def handle_of(topk_idx: torch.Tensor, recv_count: torch.Tensor, packed_src_row: 
         if not (torch.equal(expected, count.to(torch.int64)) and torch.equal(held, expected)):
             raise InvalidArgumentError("recv_count", "expected the recv_count and packed_src_row that "
                                        "moe_low_latency_dispatch returned for this topk_idx, got counts that differ")
-    routes = OneProcessRoutes(idx.to(torch.int64), experts, hidden)
+    routes = OneProcessRoutes(idx.to(torch.int64, copy=True), experts, hidden)
     return MoELowLatencyHandle(routes, int(packed.shape[1]), count, packed)
 
 
