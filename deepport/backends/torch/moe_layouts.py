@@ -4,13 +4,16 @@ Both start from the normal routes (:func:`deepport.backends.torch.moe_routes.rou
 distinct (received token, local expert) pair; their weighted combines reduce each token's pairs on
 the receiving rank in float32, send the partial sums back, and sum them at the source. The per-device
 steps (placing rows, weighted sums, the FP8 cast) are :class:`~deepport.backends.torch.moe_local.LocalSteps`,
-replaceable by another backend's kernels.
+replaceable by another backend's kernels. In one process the low-latency pair runs
+:mod:`deepport.backends.torch.moe_one_process` instead, with the same steps: no host read of the
+routing, so it can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
 
 import torch
 
+from deepport.backends.torch import moe_one_process as one_process
 from deepport.backends.torch.moe_comm import all_to_all_rows
 from deepport.backends.torch.moe_local import TORCH, LocalSteps
 from deepport.backends.torch.moe_routes import return_rows, route, selection_mask, send_tokens
@@ -81,6 +84,8 @@ def combine_expanded(call: MoEExpandedCombineCall, local: LocalSteps = TORCH) ->
 
 def dispatch_low_latency(call: MoELowLatencyDispatchCall, local: LocalSteps = TORCH) -> MoELowLatencyDispatchResult:
     data, scales = local.cast_fp8(call.x) if call.use_fp8 else (call.x, None)
+    if call.group.world_size == 1:  # one process: no host read of the routing (CUDA-graph capturable)
+        return one_process.dispatch(call, data, scales, local)
     got = route(data, scales, call.topk_idx, None, call.num_experts, call.group, 1, local=local)
     routes = got.handle
     num_local, capacity = routes.num_local_experts, routes.world_size * call.max_tokens_per_rank
@@ -110,6 +115,8 @@ def _forward_weights(weights: torch.Tensor, routes: MoEHandle, call: MoELowLaten
 
 
 def combine_low_latency(call: MoELowLatencyCombineCall, local: LocalSteps = TORCH) -> torch.Tensor:
+    if call.handle.world_size == 1:  # one process: no host read of the routing (CUDA-graph capturable)
+        return one_process.combine(call, local)
     h, routes = call.handle, call.handle.routes
     weights = _forward_weights(call.topk_weights, routes, call)
     sums = _slot_weight_sums(routes.recv_topk_idx, weights, routes.num_local_experts)

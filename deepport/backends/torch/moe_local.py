@@ -54,10 +54,15 @@ def _raw(t: torch.Tensor) -> torch.Tensor:
 
 
 def place_rows(src: torch.Tensor, dst: torch.Tensor, index: torch.Tensor, zero_missing: bool) -> None:
-    if zero_missing:
-        _raw(dst).zero_()
-    g, i = (index >= 0).nonzero().unbind(1)
-    _raw(dst)[g, i] = _raw(src)[index[g, i]]
+    """A gather and a select over every row (no host read of ``index``: CUDA-graph capturable)."""
+    target = _raw(dst)
+    if int(src.shape[0]) == 0:  # nothing to place: every index is -1
+        if zero_missing:
+            target.zero_()
+        return
+    picked = _raw(src)[index.clamp(min=0)]  # [G, R, C]; rows of -1 read row 0, then dropped
+    kept = torch.zeros((), dtype=target.dtype, device=target.device) if zero_missing else target
+    target.copy_(torch.where((index >= 0)[..., None], picked, kept))
 
 
 def weighted_rows(y: torch.Tensor, src_pos: torch.Tensor, dst_row: torch.Tensor, weights: torch.Tensor,

@@ -74,7 +74,8 @@ def weighted_rows(y: torch.Tensor, src_pos: torch.Tensor, dst_row: torch.Tensor,
         return out
     order = torch.sort(dst_row, stable=True).indices
     seg = torch.zeros(num_rows + 1, dtype=torch.int64, device=y.device)
-    seg[1:] = torch.bincount(dst_row, minlength=num_rows).cumsum(0)
+    per_row = torch.zeros(num_rows, dtype=torch.int64, device=y.device)  # bincount would read max() on the host
+    seg[1:] = per_row.scatter_add_(0, dst_row.to(torch.int64), torch.ones_like(dst_row, dtype=torch.int64)).cumsum(0)
     y = y.contiguous()
     block = _block(cols)
     with _guard(y.device):
