@@ -17,6 +17,7 @@
 # ends, so a stage cut short by the call limit keeps the parts it finished; rerun only the missing ones.
 #
 #   bash scripts/gpu_check.sh bench        deepport bench (MoE configs need 2 GPUs)
+#   bash scripts/gpu_check.sh backends     GPU tests + smoke certify of torch/triton/hopper on cuda + deepport bench
 set -uo pipefail
 stage="${1:-mla}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -79,6 +80,16 @@ case "$stage" in
     python3 -m deepport merge "$parts_dir"/part-*/results.json --out "$out_dir" || exit $?
     python3 -m deepport verify "$out_dir/results.json" 2>&1 | tee "$out_dir/verify.txt" | tail -n 12
     exit "${PIPESTATUS[0]}" ;;
+  backends)  # every GPU backend in one call: GPU tests, smoke certify on cuda (torch, triton, hopper;
+             # opencl through NVIDIA's OpenCL when .whl carries pyopencl), then deepport bench
+    environment
+    timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_triton_gpu.py tests/test_hopper_gpu.py \
+      tests/test_custom_ops_gpu.py tests/test_mla_decode_gpu.py tests/test_fp8_gemm_gpu.py \
+      tests/test_fp8_grouped_gemm_gpu.py > "$OUT/gpu_tests.txt" 2>&1; tail -n 25 "$OUT/gpu_tests.txt"
+    timeout 120 python3 -m deepport certify --device cuda --tier smoke --backend torch triton hopper \
+      --out "$OUT/smoke" > "$OUT/smoke.log" 2>&1; tail -n 30 "$OUT/smoke.log"
+    timeout 250 python3 -m deepport bench --device cuda --out "$OUT/bench" > "$OUT/bench.log" 2>&1
+    tail -n 70 "$OUT/bench.log" ;;
   bench)
     environment
     python3 -m deepport bench --device cuda --out "$OUT/bench" 2>&1 | tail -n 80

@@ -168,6 +168,6 @@ def test_per_token_fp8_cast_is_the_documented_float32_formula_bit_for_bit() -> N
     amax = blocks.abs().amax(dim=2).clamp(min=1e-4)
     inv = torch.full_like(amax, 448.0) / amax  # tensor / tensor: one IEEE division
     q_ref = (blocks * inv[:, :, None]).to(torch.float8_e4m3fn).view(37, 512)
-    s_ref = amax * torch.tensor(1 / 448, dtype=torch.float32)  # float32(1/448), one float32 product
+    s_ref = amax * torch.tensor(1 / 448, dtype=torch.float32)  # float32(1/448): one float32 product
     assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
     assert torch.equal(s.view(torch.int32), s_ref.view(torch.int32))
