@@ -155,7 +155,8 @@ def test_div_rn_is_correctly_rounded(rt: Runtime) -> None:
 def test_per_token_fp8_cast_is_the_documented_float32_formula_bit_for_bit() -> None:
     """amax = max(|x|, 1e-4) per 128 channels, scale = amax * float32(1/448) (DeepEP's rule, one rounding),
     q = e4m3(x * (448 / amax)) with an IEEE (correctly rounded) float32 quotient. (torch evaluates
-    ``448.0 / tensor`` as a reciprocal times 448, two roundings, so the torch backend may differ by one e4m3 step where a product lands near a tie.)"""
+    ``448.0 / tensor`` as a reciprocal times 448, two roundings, so the torch backend may differ by one
+    e4m3 step where a product lands near a tie.)"""
     from deepport.backends.opencl.moe_rows import cast_fp8
 
     g = torch.Generator().manual_seed(4)
