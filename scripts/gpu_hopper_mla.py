@@ -11,6 +11,9 @@
    mla_decode`` (results under $OUT/certify-T).
 3. ``bench``: ``python3 -m deepport bench --device cuda --op mla_decode --backend torch triton hopper``
    ($OUT/bench/bench.json).
+4. ``profile`` (alone, under ncu): runs ``--shape memory`` (b=128, h_q=16, s_k=4096) or ``--shape compute``
+   (b=128, h_q=128, s_k=4096) twice, e.g. ``ncu --kernel-name regex:sm90_mla_decode --launch-skip 1
+   --launch-count 1 --section SpeedOfLight python3 scripts/gpu_hopper_mla.py --stages profile --shape compute``.
 """
 
 from __future__ import annotations
@@ -119,12 +122,23 @@ def probe() -> bool:
     return ok
 
 
+def profile(shape: str) -> None:
+    h_q = 16 if shape == "memory" else 128
+    c = _case(128, 1, h_q, [4096] * 128, 64, torch.bfloat16, False, seed=0)
+    for _ in range(2):
+        _run("hopper", c)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--stages", default="probe,smoke,full,bench")
     parser.add_argument("--full-timeout", type=int, default=240)
+    parser.add_argument("--shape", choices=("memory", "compute"), default="compute")
     args = parser.parse_args()
     stages = args.stages.split(",")
+    if stages == ["profile"]:
+        profile(args.shape)
+        return 0
     out_dir = os.environ.get("OUT", "/tmp/deepport-out")
     os.makedirs(out_dir, exist_ok=True)
     print(torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
