@@ -9,7 +9,7 @@ Exit status: 0 written, 2 a usage error (an unreadable or foreign file, files of
 from __future__ import annotations
 
 import shlex
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +22,16 @@ from deepport.errors import UnknownBackendError
 from deepport.kernels import descriptor
 
 
-def _priority(backend: str, kind: str) -> int | None:
+def builtin_priority(backend: str, kind: str) -> int | None:
+    """A registered backend's automatic priority on a device kind (``None``: none, or not registered)."""
     try:
         return registry.get(backend).auto_priority(kind)
     except UnknownBackendError:  # measured once, no longer registered: ranks below every priority on ties
         return None
 
 
-def _features(op: str) -> Any:
+def perf_shape(op: str) -> Callable[[Mapping[str, Any]], dict[str, int]] | None:
+    """The op's params-to-shape-features function (its descriptor's ``perf_shape``), ``None`` if it has none."""
     try:
         return descriptor(op).load_perf_shape()
     except ValueError:  # an op this deepport does not have: one bucket
@@ -40,7 +42,7 @@ def write(paths: Sequence[Path], out: Path, tolerance: float, console: Console) 
     """Build the table of ``paths``, write it to ``out`` and print its rankings (raises TuneTableError)."""
     command = shlex.join(["deepport", "tune-table", *map(str, paths), "--out", str(out),
                           *(["--tolerance", str(tolerance)] if tolerance != tune_table.TOLERANCE else [])])
-    table = tune_table.build(paths, _priority, _features, tolerance, command)
+    table = tune_table.build(paths, builtin_priority, perf_shape, tolerance, command)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(tune_table.dumps(table) + "\n", encoding="utf-8")
     console.print(Text(f"{table['family']}: measured rankings, fastest first (ties within {tolerance:.0%} keep the "

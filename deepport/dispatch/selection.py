@@ -163,6 +163,6 @@ def _priority_reason(op: str, signature: CallSignature, mode: str, table: perf_t
     if measured is not None:
         return (f"none of the backends measured for {op} {measured.bucket} ({', '.join(measured.backends)}) "
                 f"can run this call: {order}")
-    if labels is None:
+    if labels is None and op in table.buckets:
         return f"no shape features for the {op} buckets of the {table.family} table: {order}"
-    return f"no measurement for {op} {labels[1]} on {device.name}: {order}"
+    return f"no measurement for {op}{' ' + labels[1] if labels else ''} on {device.name}: {order}"
