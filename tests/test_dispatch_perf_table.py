@@ -162,6 +162,20 @@ def test_figures_of_another_device_of_the_family_apply_and_say_so(
     assert f"on Another CPU (this device: {CPU.name})" in ex.reason
 
 
+def test_this_devices_own_figures_come_before_another_devices_exact_bucket() -> None:
+    table = fake_table({"q_rows<=4": [("fast", 1.0)]}, rule={"ranges": {"q_rows": [4]}, "exact": ["b"]})
+    table["devices"]["Another CPU"] = {"mla_decode": {"q_rows<=4 b=2": {"configs": ["x"], "ranking": [
+        {"backend": "slow", "time_us": 1.0, "tflops": None, "gbps": None, "run": RUN}]}}}
+    parsed = perf_table.Table.from_json(table, "test")
+    labels = parsed.bucket("mla_decode", {"q_rows": 4, "b": 2})
+    assert labels == ("q_rows<=4 b=2", "q_rows<=4")
+    here = parsed.lookup("mla_decode", labels, CPU.name)
+    assert here is not None and (here.device, here.bucket, here.backends) == (CPU.name, "q_rows<=4", ("fast",))
+    there = parsed.lookup("mla_decode", labels, "A third CPU")
+    assert there is not None and (there.device, there.bucket) == (CPU.name, "q_rows<=4")  # table order
+    assert parsed.bucket("mla_decode", {"q_rows": 4}) is None  # a feature the rule needs is missing
+
+
 @pytest.mark.usefixtures("fast_and_slow")
 def test_a_table_of_another_family_is_not_used(mla_inputs: Callable[..., Any],
                                                use_table: Callable[[dict[str, Any]], None]) -> None:

@@ -7,8 +7,8 @@ the backends that can run a call; with no entry for the call it falls back to th
 The family of a device is :func:`family` of its :class:`~deepport.dispatch.device.DeviceInfo`:
 ``nvidia-sm90`` (every compute capability 9.0 GPU: H100, H200, H800), else ``<vendor>-<kind>`` or the kind
 alone (``cpu``, ``amd-rocm``, ``intel-xpu``). Within a family's table the rankings are kept per device
-name (``"NVIDIA H200"``); a device of the family with no figures of its own uses those of the first device
-listed that has the bucket, and says so.
+name (``"NVIDIA H200"``); a device of the family without figures for a bucket uses those of the first device
+listed that has them, and says so.
 
 Shape buckets: the op layer hands dispatch a call's shape features as a small ``{name: int}`` mapping
 (``m``, ``n``, ``k`` of a GEMM ...; ``call.perf_shape`` in :mod:`deepport.kernels`). Each op's bucket
@@ -167,12 +167,12 @@ class Table:
         return None if rule is None else rule.labels(shape or {})
 
     def lookup(self, op: str, labels: tuple[str, str], device_name: str) -> Measured | None:
-        """The ranking for a bucket: this device's figures first, then each other device of the family in
-        table order; the exact label before the ranges-only one."""
+        """The ranking for a bucket: this device's exact bucket, then its ranges-only bucket, then the same
+        two of each other device of the family in table order (the first that has a ranking)."""
         names = [device_name] if device_name in self.devices else []
         names += [name for name in self.devices if name != device_name]
-        for label in dict.fromkeys(labels):
-            for name in names:
+        for name in names:
+            for label in dict.fromkeys(labels):
                 entry = self.devices[name].get(op, {}).get(label)
                 if entry and entry.get("ranking"):
                     ranking = tuple(Figure(str(f["backend"]), float(f["time_us"]), f.get("tflops"), f.get("gbps"),
