@@ -16,7 +16,9 @@ from deepport.cli.main import main
 from deepport.dispatch import perf_table
 
 ROOT = Path(__file__).resolve().parents[1]
-H200_RUN = ROOT / "benchmarks" / "results" / "2026-12-01-h200-backends"
+RESULTS = ROOT / "benchmarks" / "results"
+H200_RUNS = [RESULTS / "2026-12-01-h200-backends" / "bench.json",
+             RESULTS / "2026-12-01-h200-hopper-mla" / "mla_bench.json"]
 SHIPPED = perf_table.TABLE_DIR / "nvidia-sm90.json"
 COMMIT = "1234567890abcdef1234567890abcdef12345678"
 
@@ -126,8 +128,20 @@ def test_the_command_writes_a_table_dispatch_reads(tmp_path: Path, capsys: pytes
     assert main(["tune-table", str(path), "--out", str(out), "--tolerance", "2"]) == 2
 
 
-def test_the_shipped_sm90_table_is_what_the_committed_h200_bench_gives() -> None:
+def test_the_shipped_sm90_table_is_what_the_committed_h200_benches_give() -> None:
     shipped = json.loads(SHIPPED.read_text())
-    rebuilt = tune_table.build([H200_RUN / "bench.json"], cli_tune_table.builtin_priority, cli_tune_table.perf_shape)
+    rebuilt = tune_table.build(H200_RUNS, cli_tune_table.builtin_priority, cli_tune_table.perf_shape)
     assert rebuilt["devices"] == shipped["devices"] and rebuilt["buckets"] == shipped["buckets"]
+    assert rebuilt["runs"] == shipped["runs"]
     assert shipped["runs"]["2026-12-01-h200-backends"]["commit"] == "0323c72e6859fa3a4f95d2352575264a25ba86e6"
+    assert shipped["runs"]["2026-12-01-h200-hopper-mla"]["commit"] == "e9f54fc4ea9c1eabb91f6c6c75b9f3b4a7b0864e"
+
+
+def test_files_of_one_folder_get_distinct_run_ids(tmp_path: Path) -> None:
+    folder = tmp_path / "2026-12-02-run"
+    folder.mkdir()
+    paths = []
+    for name, backend in (("a.json", "torch"), ("b.json", "triton")):
+        (folder / name).write_text(json.dumps(bench_doc([result("m64_n576_k7168", backend, 10.0)])))
+        paths.append(folder / name)
+    assert sorted(build(*paths)["runs"]) == ["2026-12-02-run/a.json", "2026-12-02-run/b.json"]

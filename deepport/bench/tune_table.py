@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +67,7 @@ class _Result:
 
 def read_run(path: Path) -> tuple[_Run, list[dict[str, Any]]]:
     """One bench file: its run record and its results. The run id is the results folder's name
-    (``benchmarks/results/<run id>/bench.json``), or the file's stem for another name."""
+    (``benchmarks/results/<run id>/bench.json``); :func:`build` tells files of one folder apart."""
     try:
         doc = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
@@ -79,11 +79,11 @@ def read_run(path: Path) -> tuple[_Run, list[dict[str, Any]]]:
     device = env.get("device") or {}
     if not device.get("name") or not device.get("kind"):
         raise TuneTableError(f"{path}: environment.device lacks a name or kind")
-    run_id = path.parent.name if path.name == "bench.json" and path.parent.name else path.stem
+    run_id = path.resolve().parent.name or path.stem
     recorded = env.get("deepport_git")
     commit = _commit_file(path.parent / "commit.txt") or recorded
     info = {"started": doc.get("started"), "commit": commit, "device": device["name"],
-            "command": doc.get("command"), "torch": env.get("torch"), "file": str(path)}
+            "command": doc.get("command"), "torch": env.get("torch"), "file": path.name}
     if commit != recorded:
         info["recorded_git"] = recorded  # the bench saw a stale revision; commit.txt next to it says which
     family = perf_table.family_key(str(device.get("vendor", device["kind"])), str(device["kind"]),
@@ -118,6 +118,9 @@ def build(paths: Sequence[Path], priority: Callable[[str, str], int | None],
     if not paths:
         raise TuneTableError("no bench file given")
     runs = [read_run(p) for p in paths]
+    ids = [run.run_id for run, _ in runs]
+    runs = [(replace(run, run_id=f"{run.run_id}/{path.name}") if ids.count(run.run_id) > 1 else run, results)
+            for path, (run, results) in zip(paths, runs, strict=True)]
     families = sorted({run.family for run, _ in runs})
     if len(families) != 1:
         raise TuneTableError(f"one table is for one device family; these files span {', '.join(families)}")
