@@ -277,8 +277,8 @@ def test_the_shipped_h200_table_picks_the_measured_fastest_per_shape(monkeypatch
     assert "on NVIDIA H200 (this device: NVIDIA H100 80GB HBM3)" in gemm(64, 2112, 7168, device=h100).reason
     mla = MLADecodeSignature(H200, torch.bfloat16, 1, 128, 1, 576, 512, 64, False)
     assert selection.automatic("mla_decode", mla, {"q_rows": 128, "b": 64}).backend.name == "hopper"
-    two_kv_heads = MLADecodeSignature(H200, torch.bfloat16, 1, 32, 2, 576, 512, 64, False)  # hopper: one KV head
-    found = selection.automatic("mla_decode", two_kv_heads, {"q_rows": 16, "b": 64})
+    page_1 = MLADecodeSignature(H200, torch.bfloat16, 1, 16, 1, 576, 512, 1, False)  # hopper: pages of >= 8 tokens
+    found = selection.automatic("mla_decode", page_1, {"q_rows": 16, "b": 64})
     assert found.backend.name == "triton" and "faster but cannot run this call: hopper" in found.reason
     monkeypatch.setenv("DEEPPORT_SELECTION", "priority")
     assert gemm(64, 2112, 7168).backend.name == "hopper"
