@@ -1,91 +1,111 @@
-"""Expanded (grouped-GEMM contiguous) and low-latency (per-expert packed) MoE layouts in torch.
+"""Expanded (grouped-GEMM contiguous) MoE layout in torch, and the per-token FP8 cast.
 
-Both start from the normal routes (:func:`deepport.backends.torch.moe_routes.route`) and place each
-distinct (received token, local expert) pair; their weighted combines reduce each token's pairs on
-the receiving rank in float32, send the partial sums back, and sum them at the source.
+The expanded dispatch is the normal route (:func:`deepport.backends.torch.moe_routes.route`, 2
+collectives, 1 host sync) with the received rows left packed and placed straight into the expanded
+layout (one gather, padding rows zeroed), each distinct (received token, local expert) pair once.
+
+The expanded combine weights each row and returns one row per received token in one collective:
+float32 partial sums over the token's local experts (``recv_weights * y`` summed in float32), or,
+when no token can have two experts on one rank (``num_topk == 1`` or one expert per rank), the bf16
+row itself with its float32 weight, which the source multiplies: the same float32 product, half the
+bytes. bf16 partial sums are not an option: the contract sums in float32 and rounds once, and a
+partial rounded to bf16 on each rank breaks that bound (``MOE_NOTES.md``).
+
+The low-latency layout lives in :mod:`deepport.backends.torch.moe_low_latency` (re-exported here).
 """
 
 from __future__ import annotations
 
 import torch
 
-from deepport.backends.torch.moe_comm import all_to_all_rows
-from deepport.backends.torch.moe_routes import return_rows, route, selection_mask, send_tokens
+from deepport.backends.torch.moe_comm import RowFormat, all_to_all_rows, same_bits
+from deepport.backends.torch.moe_index import compact, selection_mask, slot_weight_sums
+from deepport.backends.torch.moe_low_latency import combine_low_latency, dispatch_low_latency
+from deepport.backends.torch.moe_routes import return_rows, route, send_tokens
 from deepport.kernels.moe_args import FP8, FP8_BLOCK, align_up
 from deepport.kernels.moe_combine_expanded import MoEExpandedCombineCall
 from deepport.kernels.moe_dispatch_expanded import MoEExpandedDispatchCall, MoEExpandedDispatchResult
-from deepport.kernels.moe_handle import MoEExpandedHandle, MoEHandle, MoELowLatencyHandle
-from deepport.kernels.moe_low_latency_combine import MoELowLatencyCombineCall
+from deepport.kernels.moe_handle import MoEExpandedHandle
 from deepport.kernels.moe_low_latency_dispatch import (
     AMAX_FLOOR,
     FP8_MAX,
-    MoELowLatencyDispatchCall,
-    MoELowLatencyDispatchResult,
 )
 
-
-def _pairs(local_idx: torch.Tensor, num_local: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Distinct (row, expert) pairs ordered by expert then row: ``(expert, row, position in expert)``."""
-    mask = selection_mask(local_idx, num_local, 1)  # [num_recv, L]
-    position = mask.to(torch.int64).cumsum(0) - 1
-    expert, row = mask.t().nonzero().unbind(1)
-    return expert, row, position[row, expert]
+__all__ = ["cast_per_token_fp8", "combine_expanded", "combine_low_latency", "dispatch_expanded",
+           "dispatch_low_latency"]
 
 
-def _slot_weight_sums(local_idx: torch.Tensor, weights: torch.Tensor, num_local: int) -> torch.Tensor:
-    """float32 ``[num_recv, L]``: per row, the summed weights of the slots naming each local expert."""
-    target = torch.where(local_idx >= 0, local_idx, num_local)
-    sums = torch.zeros((local_idx.shape[0], num_local + 1), dtype=torch.float32, device=local_idx.device)
-    sums.scatter_add_(1, target, weights.to(torch.float32))
-    return sums[:, :num_local]
-
-
-def _bytes(t: torch.Tensor) -> torch.Tensor:
-    """A byte view (index_put is not implemented for e4m3 on every device)."""
-    return t.view(torch.uint8)
+def _place(dst: torch.Tensor, src: torch.Tensor, src_row: torch.Tensor, pad_rows: torch.Tensor) -> None:
+    """``dst[i] = src[src_row[i]]`` bit for bit, rows ``pad_rows`` (where ``src_row`` is -1) zeroed."""
+    d, s = same_bits(dst, src)
+    if int(src.shape[0]) > 0:
+        torch.index_select(s, 0, src_row.clamp(min=0), out=d)
+    d.index_fill_(0, pad_rows, 0)
 
 
 def dispatch_expanded(call: MoEExpandedDispatchCall) -> MoEExpandedDispatchResult:
     got = route(call.data, call.scales, call.topk_idx, call.topk_weights, call.num_experts, call.group,
-                call.expert_alignment)
+                call.expert_alignment, unpack=False, what="moe_dispatch_expanded")
     routes = got.handle
-    num_local, align = routes.num_local_experts, call.expert_alignment
-    aligned = [align_up(c, align) for c in routes.num_recv_tokens_per_expert]
-    starts = torch.tensor([sum(aligned[:e]) for e in range(num_local)], dtype=torch.int64,
-                          device=call.data.device)
-    m = sum(aligned)
-    expert, row, position = _pairs(got.local_idx, num_local)
-    dest = starts[expert] + position
+    n, num_local, align = routes.num_recv, routes.num_local_experts, call.expert_alignment
+    per_expert = routes.num_recv_tokens_per_expert
+    aligned = [align_up(c, align) for c in per_expert]
+    m, pairs = sum(aligned), sum(per_expert)
+    dev = call.data.device
+    starts = torch.cumsum(-(-got.per_expert // align) * align, 0) - (-(-got.per_expert // align) * align)
+    # distinct (received row, local expert) pairs, expert-major, rows in received order
+    mask = selection_mask(got.local_idx, num_local, 1)  # [n, L]
+    flat = compact(mask.t(), pairs)
+    expert, row = flat // max(n, 1), flat % max(n, 1)
+    position = torch.cumsum(mask, 0) - 1
+    dest = starts[expert] + position[row, expert]
+    src_row = torch.full((m,), -1, dtype=torch.int64, device=dev)
+    src_row[dest] = row
+    pad_rows = compact(src_row < 0, m - pairs)
     hidden = int(call.data.shape[1])
     recv_x = call.alloc((m, hidden), call.data.dtype)
-    recv_x.view(torch.uint8).zero_()  # padding rows are zero (e4m3 has no zero() kernel everywhere)
-    _bytes(recv_x)[dest] = _bytes(got.data)[row]
+    _place(recv_x, got.data, src_row, pad_rows)  # padding rows are zero
     recv_s = None
     if got.scales is not None:
         recv_s = call.alloc((m, hidden // FP8_BLOCK), torch.float32)
-        recv_s.zero_()
-        recv_s[dest] = got.scales[row]
+        _place(recv_s, got.scales, src_row, pad_rows)
     m_indices = call.alloc((m,), torch.int32)
     m_indices.fill_(-1)
     m_indices[dest] = expert.to(torch.int32)
     assert got.weights is not None
     recv_w = call.alloc((m,), torch.float32)
     recv_w.zero_()
-    recv_w[dest] = _slot_weight_sums(got.local_idx, got.weights, num_local)[row, expert]
-    src_row = torch.full((m,), -1, dtype=torch.int64, device=call.data.device)
-    src_row[dest] = row
+    recv_w[dest] = slot_weight_sums(got.local_idx[row], got.weights[row], expert[:, None])[:, 0]
     handle = MoEExpandedHandle(routes, src_row, m_indices.clone(), recv_w.clone())
     x_out = recv_x if recv_s is None else (recv_x, recv_s)
     return MoEExpandedDispatchResult(x_out, m_indices, recv_w, aligned, handle)
 
 
 def combine_expanded(call: MoEExpandedCombineCall) -> torch.Tensor:
-    h = call.handle
-    valid = (h.m_indices >= 0).nonzero()[:, 0]
-    partial = torch.zeros((h.routes.num_recv, int(call.y.shape[1])), dtype=torch.float32, device=call.y.device)
-    partial.index_add_(0, h.expanded_src_row[valid], call.y[valid].to(torch.float32) * h.weights[valid, None])
-    out = call.alloc((h.routes.num_tokens, int(call.y.shape[1])), torch.bfloat16)
-    out.copy_(return_rows(partial, h.routes, call.group))
+    h, y = call.handle, call.y
+    routes = h.routes
+    n, hidden = routes.num_recv, int(y.shape[1])
+    valid = compact(h.m_indices >= 0, sum(routes.num_recv_tokens_per_expert))
+    rows, weights = h.expanded_src_row[valid], h.weights[valid]
+    out = call.alloc((routes.num_tokens, hidden), torch.bfloat16)
+    if routes.num_topk == 1 or routes.num_local_experts == 1:  # one expanded row per received row
+        fmt = RowFormat.of([("y", torch.bfloat16, hidden), ("w", torch.float32, 1)])
+        send = fmt.empty(n, y.device)
+        of_row = torch.empty(n, dtype=torch.int64, device=y.device)
+        of_row[rows] = valid
+        dst, src = same_bits(fmt.part(send, "y"), y)
+        torch.index_select(src, 0, of_row, out=dst)
+        fmt.part(send, "w")[:, 0] = h.weights[of_row]
+        back = all_to_all_rows(send, list(routes.recv_counts), list(routes.send_counts), call.group,
+                               what="moe_combine_expanded")
+        total = torch.zeros((routes.num_tokens, hidden), dtype=torch.float32, device=y.device)
+        weighted = fmt.part(back, "y").to(torch.float32) * fmt.part(back, "w")
+        total.index_add_(0, send_tokens(routes.is_token_in_rank, sum(routes.send_counts)), weighted)
+        out.copy_(total)
+        return out
+    partial = torch.zeros((n, hidden), dtype=torch.float32, device=y.device)
+    partial.index_add_(0, rows, y[valid].to(torch.float32) * weights[:, None])
+    out.copy_(return_rows(partial, routes, call.group, "moe_combine_expanded"))
     return out
 
 
@@ -97,47 +117,3 @@ def cast_per_token_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     amax = blocks.abs().amax(dim=2).clamp(min=AMAX_FLOOR)
     data = (blocks * (FP8_MAX / amax)[:, :, None]).to(FP8).view(t, hidden)
     return data, amax / FP8_MAX
-
-
-def dispatch_low_latency(call: MoELowLatencyDispatchCall) -> MoELowLatencyDispatchResult:
-    data, scales = cast_per_token_fp8(call.x) if call.use_fp8 else (call.x, None)
-    got = route(data, scales, call.topk_idx, None, call.num_experts, call.group, 1)
-    routes = got.handle
-    num_local, capacity = routes.num_local_experts, routes.world_size * call.max_tokens_per_rank
-    expert, row, position = _pairs(got.local_idx, num_local)
-    hidden = int(call.x.shape[1])
-    recv_x = call.alloc((num_local, capacity, hidden), data.dtype)
-    _bytes(recv_x)[expert, position] = _bytes(got.data)[row]
-    recv_s = None
-    if got.scales is not None:
-        storage = call.alloc((num_local, hidden // FP8_BLOCK, capacity), torch.float32)
-        recv_s = storage.transpose(1, 2)  # column-major in the last two dimensions
-        recv_s[expert, position] = got.scales[row]
-    count = call.alloc((num_local,), torch.int32)
-    count.copy_(torch.tensor(routes.num_recv_tokens_per_expert, dtype=torch.int32))
-    packed = torch.full((num_local, capacity), -1, dtype=torch.int64, device=call.x.device)
-    packed[expert, position] = row
-    handle = MoELowLatencyHandle(routes, call.max_tokens_per_rank, count.clone(), packed)
-    return MoELowLatencyDispatchResult(recv_x if recv_s is None else (recv_x, recv_s), count, handle)
-
-
-def _forward_weights(weights: torch.Tensor, routes: MoEHandle, call: MoELowLatencyCombineCall) -> torch.Tensor:
-    """The source's top-k weights of every received token, zeroed on non-local slots."""
-    tokens = send_tokens(routes.is_token_in_rank)
-    got = all_to_all_rows(weights[tokens].contiguous(), list(routes.send_counts), list(routes.recv_counts),
-                          call.group)
-    return torch.where(routes.recv_topk_idx >= 0, got, torch.zeros_like(got))
-
-
-def combine_low_latency(call: MoELowLatencyCombineCall) -> torch.Tensor:
-    h, routes = call.handle, call.handle.routes
-    weights = _forward_weights(call.topk_weights, routes, call)
-    sums = _slot_weight_sums(routes.recv_topk_idx, weights, routes.num_local_experts)
-    expert, position = (h.packed_src_row >= 0).nonzero().unbind(1)
-    row = h.packed_src_row[expert, position]
-    hidden = int(call.y.shape[2])
-    partial = torch.zeros((routes.num_recv, hidden), dtype=torch.float32, device=call.y.device)
-    partial.index_add_(0, row, call.y[expert, position].to(torch.float32) * sums[row, expert][:, None])
-    out = call.alloc((routes.num_tokens, hidden), torch.bfloat16)
-    out.copy_(return_rows(partial, routes, call.group))
-    return out
