@@ -107,7 +107,7 @@ def _exchange(fmt: RowFormat, sources: dict[str, torch.Tensor], in_rank: torch.T
     wire_sends, wire_recvs = list(sends), list(recvs)
     if direct:
         mask = mask.clone()
-        mask[me] = False
+        mask[me].fill_(False)
         wire_sends[me] = wire_recvs[me] = 0
     rows = compact(mask, sum(wire_sends)) % max(t, 1)
     send = fmt.empty(sum(wire_sends), in_rank.device)
@@ -236,7 +236,8 @@ def return_rows_weighted(rows: torch.Tensor, weights: torch.Tensor, handle: MoEH
     collective; this rank's own rows skip it and are summed straight from the inputs."""
     t, me = handle.num_tokens, grp.rank
     sends, recvs = list(handle.recv_counts), list(handle.send_counts)
-    flat = rows.reshape(int(rows.shape[0]), -1)
+    width = int(torch.Size(rows.shape[1:]).numel())
+    flat = rows.reshape(int(rows.shape[0]), width)
     fmt = RowFormat.of([("x", rows.dtype, int(flat.shape[1])), ("w", torch.float32, int(weights.shape[1]))])
     direct = grp.group is not None
     start, mine = sum(sends[:me]), sends[me]
@@ -244,8 +245,8 @@ def return_rows_weighted(rows: torch.Tensor, weights: torch.Tensor, handle: MoEH
     mask = handle.is_token_in_rank.t().clone()
     wire_sends, wire_recvs = list(sends), list(recvs)
     if direct:
-        keep[start: start + mine] = False
-        mask[me] = False
+        keep[start: start + mine].fill_(False)
+        mask[me].fill_(False)
         wire_sends[me] = wire_recvs[me] = 0
     picked = compact(keep, sum(wire_sends))
     send = fmt.empty(sum(wire_sends), rows.device)
