@@ -12,12 +12,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from moe_ep_probe import probe
 
 from deepport.backends.torch.moe_comm import RowFormat, same_bits
 from deepport.backends.torch.moe_index import compact, first_occurrence, running_slot, slot_weight_sums
 from deepport.conformance.rank_group import rank_group
 from deepport.conformance.tolerance import tolerance
-from moe_ep_probe import probe
 
 JOBS = "tests.moe_ep_probe"
 SMALL = dict(hidden=256, experts=16, topk=4, t_max=16)
@@ -59,7 +59,7 @@ def test_each_direction_moves_its_payload_in_one_collective(world: int, tokens: 
 def test_low_latency_combine_sends_bf16_rows_without_weights_when_one_expert_per_rank() -> None:
     per_rank = _run("measure_all", 2, params=dict(world=2, tokens=(5, 8), hidden=256, experts=2, topk=2, t_max=8))
     for ops in per_rank:
-        (name, sent, dtypes), = ops["moe_low_latency_combine"]["collectives"]
+        ((_, sent, dtypes),) = ops["moe_low_latency_combine"]["collectives"]
         assert dtypes == ("bfloat16",) and sent == 2 * 8 * 256 * 2
 
 

@@ -134,12 +134,16 @@ def all_to_all_rows(send: torch.Tensor, send_counts: list[int], recv_counts: lis
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
-    """``t`` (``[n, ...]``, last dimensions dense) as ``[n, row bytes / w]`` of the widest integer type
-    ``w`` that divides its row size, row stride and offset: the view bit-moving ops (``index_select``,
-    ``index_put_``, ``copy_``) run fastest on."""
+    """``t`` (``[n, ...]``, dense after the first dimension, as views into packed rows are) as
+    ``[n, row bytes / w]`` of the widest integer type ``w`` that divides its row size, row stride and
+    offset: the view bit-moving ops (``index_select``, ``index_put_``, ``copy_``) run fastest on."""
     n, width = int(t.shape[0]), 1
     for d in t.shape[1:]:
         width *= int(d)
+    if t.numel() == 0:  # nothing to move (and empty tensors may carry any strides)
+        return torch.empty((n, width * t.element_size()), dtype=torch.uint8, device=t.device)
+    if int(t.shape[-1]) == 1 and t.stride(-1) != 1:  # a size-1 dimension's stride means nothing
+        t = t.as_strided(tuple(t.shape), (*t.stride()[:-1], 1))
     raw = t if t.dim() == 2 else t.reshape(n, width)
     if raw.dtype != torch.uint8:
         raw = raw.view(torch.uint8)

@@ -101,28 +101,28 @@ class LazyRoutes(MoEHandle):
                               recv_src_idx=f.recv_token[kept], recv_topk_idx=f.recv_local[kept])
         return self._host[name]
 
-    @property  # type: ignore[misc]
-    def send_counts(self) -> tuple[int, ...]:  # type: ignore[override]
+    @property
+    def send_counts(self) -> tuple[int, ...]:
         value: tuple[int, ...] = self._read("send_counts")
         return value
 
-    @property  # type: ignore[misc]
-    def recv_counts(self) -> tuple[int, ...]:  # type: ignore[override]
+    @property
+    def recv_counts(self) -> tuple[int, ...]:
         value: tuple[int, ...] = self._read("recv_counts")
         return value
 
-    @property  # type: ignore[misc]
-    def num_recv_tokens_per_expert(self) -> tuple[int, ...]:  # type: ignore[override]
+    @property
+    def num_recv_tokens_per_expert(self) -> tuple[int, ...]:
         value: tuple[int, ...] = self._read("num_recv_tokens_per_expert")
         return value
 
-    @property  # type: ignore[misc]
-    def recv_src_idx(self) -> torch.Tensor:  # type: ignore[override]
+    @property
+    def recv_src_idx(self) -> torch.Tensor:
         value: torch.Tensor = self._read("recv_src_idx")
         return value
 
-    @property  # type: ignore[misc]
-    def recv_topk_idx(self) -> torch.Tensor:  # type: ignore[override]
+    @property
+    def recv_topk_idx(self) -> torch.Tensor:
         value: torch.Tensor = self._read("recv_topk_idx")
         return value
 

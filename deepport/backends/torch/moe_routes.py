@@ -26,7 +26,7 @@ import torch
 
 from deepport.backends.torch.moe_comm import RowFormat, all_to_all_rows, exchange_table, same_bits, start_all_to_all
 from deepport.backends.torch.moe_index import compact, local_ids, selection_mask
-from deepport.kernels.moe_args import Alloc, MoEGroup, align_up
+from deepport.kernels.moe_args import Alloc, MoEGroup, align_up, dense
 from deepport.kernels.moe_combine import MoECombineCall, MoECombineResult
 from deepport.kernels.moe_dispatch import MoEDispatchCall, MoEDispatchResult
 from deepport.kernels.moe_handle import MoEHandle
@@ -153,7 +153,7 @@ def route(data: torch.Tensor, scales: torch.Tensor | None, topk_idx: torch.Tenso
     host = torch.cat([table[:, 0], got[:, 0], per_expert]).tolist()  # the one host sync
     sends, recvs = [int(v) for v in host[:world]], [int(v) for v in host[world: 2 * world]]
     n, hidden = sum(recvs), int(data.shape[1])
-    dense_scales = None if scales is None else scales.contiguous()
+    dense_scales = None if scales is None else dense(scales)
     sources = {"x": data, "meta": meta, **({} if dense_scales is None else {"scales": dense_scales})}
     fmt = _row_format(data, dense_scales, int(meta.shape[1]))
     make = alloc or (lambda shape, dtype: torch.empty(shape, dtype=dtype, device=data.device))
@@ -194,7 +194,7 @@ def resend(data: torch.Tensor, scales: torch.Tensor | None, handle: MoEHandle, g
         _copy_rows(send, data, rows)
         all_to_all_rows(send, sends, recvs, grp, out, "moe_dispatch (cached)")
         return out, None
-    dense_scales = scales.contiguous()
+    dense_scales = dense(scales)
     out_s = alloc((n, int(dense_scales.shape[1])), torch.float32)
     _exchange(_row_format(data, dense_scales, 0), {"x": data, "scales": dense_scales}, handle.is_token_in_rank,
               sends, recvs, grp, {"x": out, "scales": out_s}, "moe_dispatch (cached)")
@@ -251,7 +251,7 @@ def return_rows_weighted(rows: torch.Tensor, weights: torch.Tensor, handle: MoEH
     picked = compact(keep, sum(wire_sends))
     send = fmt.empty(sum(wire_sends), rows.device)
     _copy_rows(fmt.part(send, "x"), flat, picked)
-    _copy_rows(fmt.part(send, "w"), weights.contiguous(), picked)
+    _copy_rows(fmt.part(send, "w"), weights, picked)
     recv = fmt.empty(sum(wire_recvs), rows.device)
     pending = start_all_to_all(recv, send, wire_recvs, wire_sends, grp, what)
     total = torch.zeros((t, int(flat.shape[1])), dtype=torch.float32, device=rows.device)
