@@ -242,12 +242,21 @@ def low_latency_without_sync(rank: int, group: Any, device: torch.device, params
     x = _inputs(rank, params, seed)
     data, idx, w = x["x"].to(device), x["topk_idx"].to(device), x["topk_weights"].to(device)
     call = lld.bind(data, idx, int(params["t_max"]), int(params["experts"]), group=group, use_fp8=use_fp8)
-    with probe(forbid_syncs=True) as p_dispatch:
-        got = _backend_call(lld.OP, "torch")(call)
+    cuda_check = torch.cuda.set_sync_debug_mode if device.type == "cuda" else (lambda mode: None)
+    cuda_check("error")  # on a GPU, CUDA itself refuses any synchronising call too
+    try:
+        with probe(forbid_syncs=True) as p_dispatch:
+            got = _backend_call(lld.OP, "torch")(call)
+    finally:
+        cuda_check("default")
     y = got.recv_x[0].to(torch.bfloat16) if use_fp8 else got.recv_x
     combine = llc.bind(y, idx, w, got.handle)
-    with probe(forbid_syncs=True) as p_combine:
-        out = _backend_call(llc.OP, "torch")(combine)
+    cuda_check("error")
+    try:
+        with probe(forbid_syncs=True) as p_combine:
+            out = _backend_call(llc.OP, "torch")(combine)
+    finally:
+        cuda_check("default")
     reference = _backend_call(llc.OP, "reference")(combine)  # reads the handle's host fields: lazily synced
     return {"host_tensors": p_dispatch.host_tensors + p_combine.host_tensors,
             "collectives": [c.name for c in p_dispatch.collectives + p_combine.collectives],

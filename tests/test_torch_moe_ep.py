@@ -177,3 +177,73 @@ def test_bf16_partial_sums_would_break_the_combine_bound() -> None:
 
     assert worst(partial.sum(0).to(torch.bfloat16)) <= 0
     assert worst(partial.to(torch.bfloat16).to(torch.float32).sum(0).to(torch.bfloat16)) > 0
+
+
+# --- GPU (run on the device machine: python -m pytest -q -m gpu tests/test_torch_moe_ep.py) -------------
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_low_latency_path_syncs_nothing_and_replays_as_a_cuda_graph() -> None:
+    """One GPU (``group=None``): the backend's low-latency dispatch + combine run under
+    ``set_sync_debug_mode("error")``, are captured in one CUDA graph, and the graph replayed on new
+    inputs (written into the captured buffers) gives what an eager call gives."""
+    from deepport.dispatch import registry
+    from deepport.kernels import moe_low_latency_combine as llc
+    from deepport.kernels import moe_low_latency_dispatch as lld
+    from deepport.kernels.moe_args import default_alloc
+
+    dev, t_max, experts, hidden = torch.device("cuda"), 128, 256, 7168
+    g = torch.Generator().manual_seed(0)
+
+    def inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = torch.randn(t_max, hidden, generator=g).to(dev, torch.bfloat16)
+        idx = torch.rand(t_max, experts, generator=g).topk(8, dim=1).indices.to(dev)
+        return x, idx, torch.rand(t_max, 8, generator=g).to(dev)
+
+    x, idx, w = inputs()
+    dispatch, combine = registry.get("torch").implementation(lld.OP), registry.get("torch").implementation(llc.OP)
+    call = lld.bind(x, idx, t_max, experts, use_fp8=True)
+
+    def step() -> torch.Tensor:
+        got = dispatch(call)
+        y = (got.recv_x[0].float() * got.recv_x[1]
+             .repeat_interleave(128, dim=2, output_size=hidden)).to(torch.bfloat16)  # dequantised identity experts
+        c = llc.MoELowLatencyCombineCall(y, idx, w, got.handle, call.group, default_alloc(dev), call.signature)
+        out: torch.Tensor = combine(c)
+        return out
+
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        eager = step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    graph.replay()
+    assert torch.equal(captured, eager)
+    x2, idx2, w2 = inputs()
+    x.copy_(x2)
+    idx.copy_(idx2)
+    w.copy_(w2)
+    graph.replay()
+    assert torch.equal(captured, step())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs for 2-rank NCCL")
+def test_two_rank_nccl_collectives_syncs_and_agreement() -> None:
+    params = dict(world=2, tokens=(96, 57), hidden=7168, experts=256, topk=8, t_max=128)
+    for ops in rank_group(2, "cuda").run(f"{JOBS}:measure_all", 2, params=params):
+        assert len(ops["moe_dispatch"]["collectives"]) == 2 and ops["moe_dispatch"]["syncs"] == {"tolist": 1}
+        assert len(ops["moe_low_latency_dispatch"]["collectives"]) == 1
+        assert ops["moe_low_latency_dispatch"]["syncs"] == ops["moe_low_latency_combine"]["syncs"] == {}
+    for r in rank_group(2, "cuda").run(f"{JOBS}:low_latency_without_sync", 2, params=params, use_fp8=True):
+        assert r["host_tensors"] == 0 and r["bf16_steps_from_reference"] <= 1
+    for rank, bad in enumerate(rank_group(2, "cuda").run(f"{JOBS}:agreement", 2, params=params, seed=5)):
+        assert bad == [], f"rank {rank}: {bad}"

@@ -63,6 +63,7 @@ class Pending:
     grp: MoEGroup
     work: Any
     out: torch.Tensor
+    send: torch.Tensor | None = None  # held until the collective is done with it
 
     def wait(self) -> torch.Tensor:
         if self.work is not None:
@@ -78,14 +79,14 @@ def start_all_to_all(out: torch.Tensor, send: torch.Tensor, recv_counts: Sequenc
     if grp.group is None:
         out.copy_(send)
         return Pending(what, grp, None, out)
-    import torch.distributed as dist
+    import torch.distributed as dist  # local: a torch build without distributed still imports this module
 
     def launch() -> Any:
         return dist.all_to_all_single(out, send, output_split_sizes=None if recv_counts is None else list(recv_counts),
                                       input_split_sizes=None if send_counts is None else list(send_counts),
                                       group=grp.group, async_op=True)
 
-    return Pending(what, grp, _guarded(what, "all_to_all_single", grp, launch), out)
+    return Pending(what, grp, _guarded(what, "all_to_all_single", grp, launch), out, send)
 
 
 def exchange_table(table: torch.Tensor, grp: MoEGroup, what: str) -> Pending:
