@@ -102,7 +102,7 @@ def _exchange(fmt: RowFormat, sources: dict[str, torch.Tensor], in_rank: torch.T
     there, this rank's own rows straight from ``sources`` while the collective runs; without, every
     row goes through the collective and the packed ``[num_recv, row_bytes]`` buffer is returned."""
     me, t = grp.rank, int(in_rank.shape[0])
-    direct = outs is not None and grp.group is not None
+    direct = outs is not None  # own rows skip the collective (a world of one moves nothing at all)
     mask = in_rank.t()
     wire_sends, wire_recvs = list(sends), list(recvs)
     if direct:
@@ -239,15 +239,13 @@ def return_rows_weighted(rows: torch.Tensor, weights: torch.Tensor, handle: MoEH
     width = int(torch.Size(rows.shape[1:]).numel())
     flat = rows.reshape(int(rows.shape[0]), width)
     fmt = RowFormat.of([("x", rows.dtype, int(flat.shape[1])), ("w", torch.float32, int(weights.shape[1]))])
-    direct = grp.group is not None
     start, mine = sum(sends[:me]), sends[me]
     keep = torch.ones(int(rows.shape[0]), dtype=torch.bool, device=rows.device)
+    keep[start: start + mine].fill_(False)
     mask = handle.is_token_in_rank.t().clone()
+    mask[me].fill_(False)
     wire_sends, wire_recvs = list(sends), list(recvs)
-    if direct:
-        keep[start: start + mine].fill_(False)
-        mask[me].fill_(False)
-        wire_sends[me] = wire_recvs[me] = 0
+    wire_sends[me] = wire_recvs[me] = 0
     picked = compact(keep, sum(wire_sends))
     send = fmt.empty(sum(wire_sends), rows.device)
     _copy_rows(fmt.part(send, "x"), flat, picked)
@@ -256,10 +254,9 @@ def return_rows_weighted(rows: torch.Tensor, weights: torch.Tensor, handle: MoEH
     pending = start_all_to_all(recv, send, wire_recvs, wire_sends, grp, what)
     total = torch.zeros((t, int(flat.shape[1])), dtype=torch.float32, device=rows.device)
     total_w = torch.zeros((t, int(weights.shape[1])), dtype=torch.float32, device=rows.device)
-    if direct:  # overlaps the collective
-        own = compact(handle.is_token_in_rank[:, me], mine)
-        total.index_add_(0, own, flat[start: start + mine].to(torch.float32))
-        total_w.index_add_(0, own, weights[start: start + mine])
+    own = compact(handle.is_token_in_rank[:, me], mine)  # overlaps the collective
+    total.index_add_(0, own, flat[start: start + mine].to(torch.float32))
+    total_w.index_add_(0, own, weights[start: start + mine])
     pending.wait()
     tokens = compact(mask, sum(wire_recvs)) % max(t, 1)
     total.index_add_(0, tokens, fmt.part(recv, "x").to(torch.float32))
