@@ -14,8 +14,7 @@ Dispatch (per call: 2 collectives, 1 host sync):
    the collective runs), so the wire moves only the other ranks' rows.
 
 Combine: one collective back along the reverse routes (the received rows themselves when no weights
-come along, else packed ``[x | weights]`` rows), summed per token in float32 with ``index_add_`` and
-rounded once to bf16.
+come along, else packed ``[x | weights]`` rows), summed per token in float32 and rounded once to bf16.
 """
 
 from __future__ import annotations
@@ -25,16 +24,15 @@ from dataclasses import dataclass
 import torch
 
 from deepport.backends.torch.moe_comm import RowFormat, all_to_all_rows, exchange_table, same_bits, start_all_to_all
-from deepport.backends.torch.moe_index import compact, local_ids, selection_mask
+from deepport.backends.torch.moe_index import compact, first_occurrence, local_ids, selection_mask
 from deepport.kernels.moe_args import Alloc, MoEGroup, align_up, dense
 from deepport.kernels.moe_combine import MoECombineCall, MoECombineResult
 from deepport.kernels.moe_dispatch import MoEDispatchCall, MoEDispatchResult
 from deepport.kernels.moe_handle import MoEHandle
 from deepport.kernels.moe_layout import MoELayout, MoELayoutCall
 
-__all__ = ["Received", "combine", "dispatch", "layout", "local_ids", "resend", "return_rows",
-           "return_rows_weighted", "route",
-           "selection_mask", "send_tokens"]
+__all__ = ["Received", "combine", "dispatch", "layout", "local_ids", "resend", "return_positions", "return_rows",
+           "return_rows_weighted", "route", "selection_mask", "send_tokens"]
 
 
 def layout(call: MoELayoutCall) -> MoELayout:
@@ -220,14 +218,40 @@ def dispatch(call: MoEDispatchCall) -> MoEDispatchResult:
     return MoEDispatchResult(recv_x, recv_idx, recv_w, counts, got.handle)
 
 
+def return_positions(handle: MoEHandle, missing: int) -> torch.Tensor:
+    """int64 ``[T, Q]``: for each token, the rows of the returned buffer (blocks by rank, tokens in order)
+    that belong to it, one per rank it reached, ``missing`` elsewhere. ``Q = world`` when ``world <=
+    num_topk``, else ``Q = num_topk`` (one entry per slot, each rank counted at its first slot)."""
+    in_rank = handle.is_token_in_rank
+    per_rank = in_rank.sum(0)
+    rows = torch.where(in_rank, (torch.cumsum(per_rank, 0) - per_rank)[None, :] + torch.cumsum(in_rank, 0) - 1,
+                       missing)
+    if handle.world_size <= handle.num_topk:
+        return rows
+    rank_of = torch.where(handle.topk_idx >= 0, handle.topk_idx // handle.num_local_experts, -1)
+    return torch.where(first_occurrence(rank_of), rows.gather(1, rank_of.clamp(min=0)), missing)
+
+
 def return_rows(rows: torch.Tensor, handle: MoEHandle, grp: MoEGroup, what: str = "moe_combine") -> torch.Tensor:
     """Send per-received-token rows back to their sources (one collective, ``rows`` themselves on the
-    wire) and sum per token in float32: ``[num_recv, ...]`` -> float32 ``[num_tokens, ...]``."""
+    wire) and sum per token in float32: ``[num_recv, ...]`` -> float32 ``[num_tokens, ...]``.
+
+    float32 rows are summed with ``index_add_``; 16-bit rows are gathered per token (at most ``min(world,
+    num_topk)`` rows, a zero row where a rank holds none) and reduced with a float32 ``sum``, which
+    converts on load instead of materialising a float32 copy, in rank order (deterministic)."""
     sends, recvs = list(handle.recv_counts), list(handle.send_counts)
-    back = all_to_all_rows(rows.contiguous(), sends, recvs, grp, what=what)
-    total = torch.zeros((handle.num_tokens, *rows.shape[1:]), dtype=torch.float32, device=rows.device)
-    total.index_add_(0, send_tokens(handle.is_token_in_rank, sum(recvs)), back.to(torch.float32))
-    return total
+    n, t = sum(recvs), handle.num_tokens
+    if rows.dtype == torch.float32:
+        back = all_to_all_rows(rows.contiguous(), sends, recvs, grp, what=what)
+        total = torch.zeros((t, *rows.shape[1:]), dtype=torch.float32, device=rows.device)
+        total.index_add_(0, send_tokens(handle.is_token_in_rank, n), back)
+        return total
+    buf = torch.empty((n + 1, *rows.shape[1:]), dtype=rows.dtype, device=rows.device)
+    buf[n].zero_()
+    all_to_all_rows(rows.contiguous(), sends, recvs, grp, out=buf[:n], what=what)
+    pos = return_positions(handle, n)
+    picked = buf.index_select(0, pos.reshape(-1)).view(t, int(pos.shape[1]), *rows.shape[1:])
+    return picked.sum(1, dtype=torch.float32)
 
 
 def return_rows_weighted(rows: torch.Tensor, weights: torch.Tensor, handle: MoEHandle, grp: MoEGroup,
