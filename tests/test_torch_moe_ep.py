@@ -247,3 +247,17 @@ def test_two_rank_nccl_collectives_syncs_and_agreement() -> None:
         assert r["host_tensors"] == 0 and r["bf16_steps_from_reference"] <= 1
     for rank, bad in enumerate(rank_group(2, "cuda").run(f"{JOBS}:agreement", 2, params=params, seed=5)):
         assert bad == [], f"rank {rank}: {bad}"
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
+def test_bf16_sum_accumulates_in_float32(device: str) -> None:
+    """The combine writes ``sum(dtype=bfloat16)`` straight into its output on these devices: that must
+    round once from a float32 accumulator (1 + 2**-8 + 2**-8 is 1 + 2**-7 in float32, 1 in bf16 steps)."""
+    from deepport.backends.torch.moe_routes import FLOAT_ACCUMULATING_SUM
+
+    assert device in FLOAT_ACCUMULATING_SUM
+    x = torch.tensor([1.0, 2.0**-8, 2.0**-8], device=device).to(torch.bfloat16).view(1, 3, 1)
+    out = torch.empty((1, 1), dtype=torch.bfloat16, device=device)
+    torch.sum(x, 1, dtype=torch.bfloat16, out=out)
+    assert float(out) == 1.0 + 2.0**-7

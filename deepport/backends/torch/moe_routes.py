@@ -218,6 +218,11 @@ def dispatch(call: MoEDispatchCall) -> MoEDispatchResult:
     return MoEDispatchResult(recv_x, recv_idx, recv_w, counts, got.handle)
 
 
+FLOAT_ACCUMULATING_SUM = ("cpu", "cuda")
+"""Devices whose ``sum`` of bf16 inputs accumulates in float32 and rounds once to a bf16 output (torch's
+``opmath``/``acc_type`` of bf16 is float on both; ``test_bf16_sum_accumulates_in_float32`` pins it)."""
+
+
 def return_positions(handle: MoEHandle, missing: int) -> torch.Tensor:
     """int64 ``[T, Q]``: for each token, the rows of the returned buffer (blocks by rank, tokens in order)
     that belong to it, one per rank it reached, ``missing`` elsewhere. ``Q = world`` when ``world <=
@@ -232,13 +237,16 @@ def return_positions(handle: MoEHandle, missing: int) -> torch.Tensor:
     return torch.where(first_occurrence(rank_of), rows.gather(1, rank_of.clamp(min=0)), missing)
 
 
-def return_rows(rows: torch.Tensor, handle: MoEHandle, grp: MoEGroup, what: str = "moe_combine") -> torch.Tensor:
+def return_rows(rows: torch.Tensor, handle: MoEHandle, grp: MoEGroup, what: str = "moe_combine",
+                out: torch.Tensor | None = None) -> torch.Tensor:
     """Send per-received-token rows back to their sources (one collective, ``rows`` themselves on the
     wire) and sum per token in float32: ``[num_recv, ...]`` -> float32 ``[num_tokens, ...]``.
 
     float32 rows are summed with ``index_add_``; 16-bit rows are gathered per token (at most ``min(world,
-    num_topk)`` rows, a zero row where a rank holds none) and reduced with a float32 ``sum``, which
-    converts on load instead of materialising a float32 copy, in rank order (deterministic)."""
+    num_topk)`` rows, a zero row where a rank holds none) and reduced with one ``sum`` in rank order
+    (deterministic) that converts on load. With ``out`` (bf16 ``[num_tokens, ...]``) on a device whose
+    reductions accumulate 16-bit inputs in float32 (:data:`FLOAT_ACCUMULATING_SUM`), the sum writes the
+    rounded result straight into ``out`` (no float32 intermediate) and returns it."""
     sends, recvs = list(handle.recv_counts), list(handle.send_counts)
     n, t = sum(recvs), handle.num_tokens
     if rows.dtype == torch.float32:
@@ -251,6 +259,8 @@ def return_rows(rows: torch.Tensor, handle: MoEHandle, grp: MoEGroup, what: str 
     all_to_all_rows(rows.contiguous(), sends, recvs, grp, out=buf[:n], what=what)
     pos = return_positions(handle, n)
     picked = buf.index_select(0, pos.reshape(-1)).view(t, int(pos.shape[1]), *rows.shape[1:])
+    if out is not None and rows.device.type in FLOAT_ACCUMULATING_SUM:
+        return torch.sum(picked, 1, dtype=out.dtype, out=out)
     return picked.sum(1, dtype=torch.float32)
 
 
@@ -292,7 +302,9 @@ def combine(call: MoECombineCall) -> MoECombineResult:
     h = call.handle
     out = call.alloc((h.num_tokens, int(call.x.shape[1])), torch.bfloat16)
     if call.topk_weights is None:
-        out.copy_(return_rows(call.x, h, call.group))
+        total = return_rows(call.x, h, call.group, out=out)
+        if total is not out:
+            out.copy_(total)
         return MoECombineResult(out, None)
     total, total_w = return_rows_weighted(call.x, call.topk_weights, h, call.group)
     out.copy_(total)
