@@ -12,9 +12,10 @@ Everything is sized by ``T_max`` (``max_tokens_per_rank``), never by routing val
   that place nothing write nowhere that matters).
 - combine (1 payload collective, plus one small one for the weights): the source sends each
   receiver its tokens' top-k weights in the dispatch's block layout; the receiver sums its experts'
-  rows per received token in float32 (``weight * y``) and returns one float32 row per received
-  token in the same fixed layout; the source sums what comes back per token (a dense gather over at
-  most ``min(world, num_topk)`` rows per token: deterministic) and rounds once to bf16. When no token
+  rows per received token in float32 (``weight * y``, a dense gather of the ``K`` slots of each
+  received token) and returns one float32 row per received token in the same fixed layout; the source
+  sums what comes back per token (a dense gather over at most ``min(world, num_topk)`` rows) and
+  rounds once to bf16. No atomics anywhere: the same bits on every run and every replay. When no token
   can have two experts on one rank (``num_topk == 1`` or one expert per rank), no weights travel:
   the receiver returns the bf16 expert row itself and the source applies its weights (half the bytes).
 
@@ -52,10 +53,11 @@ class FixedRoutes:
 
     - ``send_slot``: int64 ``[T, world]``, the slot token ``t`` took in rank ``r``'s block, -1 if not sent.
     - ``recv_token``: int64 ``[S]``, source token index of each received slot, -1 for unused slots.
-    - ``recv_local``: int64 ``[S + 1, K]``, local expert ids of each received slot (-1 elsewhere; the
-      last row is a trash row of -1).
-    - ``pair_row``/``pair_expert``/``pair_position``/``pair_valid``: ``[P]``, the (slot, local expert)
-      pairs and where they sit in the ``[L, S]`` layout (invalid pairs: ``pair_row == S``).
+    - ``recv_local``: int64 ``[S, K]``, local expert ids of each received slot's top-k (-1: elsewhere,
+      or an unused slot).
+    - ``pair_valid``: bool ``[S, K]``, top-k slot ``k`` is the first naming its local expert: one
+      (received slot, local expert) pair; ``pair_position``: int64 ``[S, K]``, that pair's row in its
+      expert's part of the ``[L, S]`` layout.
     - ``count``: int64 ``[L]``, rows per local expert.
     """
 
@@ -63,11 +65,18 @@ class FixedRoutes:
     send_slot: torch.Tensor
     recv_token: torch.Tensor
     recv_local: torch.Tensor
-    pair_row: torch.Tensor
-    pair_expert: torch.Tensor
-    pair_position: torch.Tensor
     pair_valid: torch.Tensor
+    pair_position: torch.Tensor
     count: torch.Tensor
+
+
+def _pairs(recv_local: torch.Tensor, num_local: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(valid [S, K], position [S, K], count [L])`` of the received slots' (slot, local expert) pairs:
+    rows of an expert in slot order (= source rank, then token: the contract's order)."""
+    valid = first_occurrence(recv_local)
+    by_expert = selection_mask(torch.where(valid, recv_local, -1), num_local, 1)  # [S, L]
+    position = (torch.cumsum(by_expert, 0) - 1).gather(1, recv_local.clamp(min=0))
+    return valid, position, by_expert.sum(0)
 
 
 class LazyRoutes(MoEHandle):
@@ -184,10 +193,7 @@ def dispatch_low_latency(call: MoELowLatencyDispatchCall) -> MoELowLatencyDispat
     recv_meta = fmt.part(recv, "meta")
     recv_token = recv_meta[:, 0].to(torch.int64)
     local = torch.where(recv_token[:, None] >= 0, local_ids(recv_meta[:, 1:].to(torch.int64), me, num_local), -1)
-    valid = first_occurrence(local)
-    by_expert = selection_mask(torch.where(valid, local, -1), num_local, 1)  # [S, L]
-    position = (torch.cumsum(by_expert, 0) - 1).gather(1, local.clamp(min=0))  # [S, K]
-    count = by_expert.sum(0)
+    valid, position, count = _pairs(local, num_local)
     own = local.clamp(min=0) * slots + position
     # Every slot k of a row writes that row's payload (one index_put_ of fixed size): a valid pair to its
     # own place, any other slot to the row's first valid place (the same bytes again), and a row with
@@ -214,10 +220,7 @@ def dispatch_low_latency(call: MoELowLatencyDispatchCall) -> MoELowLatencyDispat
     compact_row = prefix[row_ids // t_max] + row_ids % t_max
     packed = torch.full((num_local * slots + 1,), -1, dtype=torch.int64, device=dev)
     packed.index_put_((torch.where(valid, own, num_local * slots),), compact_row[:, None].expand(slots, k))
-    recv_local = torch.cat([local, torch.full((1, k), -1, dtype=torch.int64, device=dev)])
-    fixed = FixedRoutes(t_max, send_slot, recv_token, recv_local,
-                        torch.where(valid, row_ids[:, None], slots).reshape(-1), local.clamp(min=0).reshape(-1),
-                        position.reshape(-1), valid.reshape(-1), count)
+    fixed = FixedRoutes(t_max, send_slot, recv_token, local, valid, position, count)
     routes = LazyRoutes(grp, call.num_experts, hidden, idx.clone(), in_rank, fixed)
     handle = MoELowLatencyHandle(routes, t_max, recv_count.clone(), packed[: num_local * slots].view(num_local, slots))
     return MoELowLatencyDispatchResult(x_out, recv_count, handle)
@@ -237,14 +240,10 @@ def fixed_routes(handle: MoELowLatencyHandle) -> FixedRoutes:
     fixed_of = source * t_max + torch.arange(routes.num_recv, device=dev) - prefix[source]
     recv_token = torch.full((slots,), -1, dtype=torch.int64, device=dev)
     recv_token[fixed_of] = routes.recv_src_idx
-    recv_local = torch.full((slots + 1, k), -1, dtype=torch.int64, device=dev)
+    recv_local = torch.full((slots, k), -1, dtype=torch.int64, device=dev)
     recv_local[fixed_of] = routes.recv_topk_idx
-    packed = handle.packed_src_row
-    valid = (packed >= 0).reshape(-1)
-    row = torch.where(valid, fixed_of[packed.clamp(min=0).reshape(-1)] if routes.num_recv else 0, slots)
-    grid = torch.arange(num_local * slots, device=dev)
-    return FixedRoutes(t_max, running_slot(routes.is_token_in_rank), recv_token, recv_local, row, grid // slots,
-                       grid % slots, valid, handle.recv_count.to(torch.int64))
+    valid, position, count = _pairs(recv_local, num_local)
+    return FixedRoutes(t_max, running_slot(routes.is_token_in_rank), recv_token, recv_local, valid, position, count)
 
 
 def combine_low_latency(call: MoELowLatencyCombineCall) -> torch.Tensor:
@@ -256,28 +255,23 @@ def combine_low_latency(call: MoELowLatencyCombineCall) -> torch.Tensor:
     slots, hidden, dev = world * t_max, int(call.y.shape[2]), call.y.device
     targets = _targets(f.send_slot, idx, num_local, t_max)  # [T, Q] send rows, trash = slots
     y_rows = call.y.view(num_local * slots, hidden)
-    src = torch.where(f.pair_valid, f.pair_expert * slots + f.pair_position, 0)
-    row = torch.where(f.pair_valid, f.pair_row, slots)
+    rows = torch.where(f.pair_valid, f.recv_local.clamp(min=0) * slots + f.pair_position, 0)  # [S, K] in y
     single = k == 1 or num_local == 1  # each received slot has at most one local expert
-    if single:
-        back_rows = torch.empty((slots + 1, hidden), dtype=torch.bfloat16, device=dev)
-        dst, rows_src = same_bits(back_rows, y_rows)
-        dst.index_put_((row,), rows_src.index_select(0, src))
-        back = _fixed_exchange(back_rows[:slots], grp, "moe_low_latency_combine").to(torch.float32)
-        # the source applies its weights: per (token, destination) the weights of the slots on it
+    if single:  # return that expert's bf16 row; the source applies its weights
+        first = f.pair_valid.to(torch.int8).argmax(1, keepdim=True)
+        back_rows = y_rows.index_select(0, rows.gather(1, first)[:, 0])  # unused slots: any row, never read
+        back = _fixed_exchange(back_rows, grp, "moe_low_latency_combine").to(torch.float32)
         rank_of = torch.where(idx >= 0, idx // num_local, -1)
         dest = torch.arange(int(targets.shape[1]), device=dev)[None, :].expand(t, -1)
-        dest_rank = dest if world <= k else rank_of
-        weight = slot_weight_sums(rank_of, call.topk_weights, dest_rank)  # [T, Q]
-    else:
+        weight = slot_weight_sums(rank_of, call.topk_weights, dest if world <= k else rank_of)  # [T, Q]
+    else:  # the source's weights go to the receivers, float32 partial sums come back
         w_send = torch.empty((slots + 1, k), dtype=torch.float32, device=dev)
         _scatter_rows(w_send, targets, call.topk_weights)
-        w_recv = torch.cat([_fixed_exchange(w_send[:slots], grp, "moe_low_latency_combine (weights)"),
-                            torch.zeros((1, k), dtype=torch.float32, device=dev)])
-        pair_w = slot_weight_sums(f.recv_local[row], w_recv[row], f.pair_expert[:, None])[:, 0]
-        partial = torch.zeros((slots + 1, hidden), dtype=torch.float32, device=dev)
-        partial.index_add_(0, row, y_rows.index_select(0, src).to(torch.float32) * pair_w[:, None])
-        back = _fixed_exchange(partial[:slots], grp, "moe_low_latency_combine")
+        w_recv = _fixed_exchange(w_send[:slots], grp, "moe_low_latency_combine (weights)")
+        pair_w = slot_weight_sums(f.recv_local, w_recv, torch.where(f.pair_valid, f.recv_local, -1))  # [S, K]
+        ys = y_rows.index_select(0, rows.reshape(-1)).view(slots, k, hidden)
+        partial = torch.where(f.pair_valid[:, :, None], ys * pair_w[:, :, None], 0.0).sum(1)  # float32, in order
+        back = _fixed_exchange(partial, grp, "moe_low_latency_combine")
         weight = torch.ones(targets.shape, dtype=torch.float32, device=dev)
     sent = targets < slots
     picked = back.index_select(0, torch.where(sent, targets, 0).reshape(-1)).view(t, int(targets.shape[1]), hidden)
