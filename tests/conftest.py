@@ -2,9 +2,19 @@
 
 A recording backend's implementation appends ``(backend name, call)`` to :data:`RUNS` and writes
 zeros, so a test can see which backend ran (or that none did) without trusting dispatch's word.
+
+With no CUDA device, ``TRITON_INTERPRET=1`` is set here, before any test module imports a Triton
+kernel (triton reads it when a kernel is decorated), so the triton backend runs through its interpreter.
 """
 
 from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import dataclasses
 import os
@@ -13,7 +23,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-import torch
 
 from deepport.dispatch import Backend, OpSupport, Requirement, registered
 from deepport.kernels.mla_decode import MLADecodeCall

@@ -260,7 +260,7 @@ def low_latency_without_sync(rank: int, group: Any, device: torch.device, params
     reference = _backend_call(llc.OP, "reference")(combine)  # reads the handle's host fields: lazily synced
     return {"host_tensors": p_dispatch.host_tensors + p_combine.host_tensors,
             "collectives": [c.name for c in p_dispatch.collectives + p_combine.collectives],
-            "dtype": str(out.dtype), "bf16_steps_from_reference": _bf16_ulps(out, reference)}
+            "dtype": str(out.dtype), "bf16_steps_from_reference": bf16_ulps(out, reference)}
 
 
 def _same(what: str, a: Any, b: Any, bad: list[str]) -> None:
@@ -279,7 +279,7 @@ def _same(what: str, a: Any, b: Any, bad: list[str]) -> None:
         bad.append(f"{what} differs")
 
 
-def _bf16_ulps(a: torch.Tensor, b: torch.Tensor) -> int:
+def bf16_ulps(a: torch.Tensor, b: torch.Tensor) -> int:
     """Largest distance in bf16 steps between two bf16 tensors of one shape (sign-magnitude order)."""
     def order(t: torch.Tensor) -> torch.Tensor:
         i = t.contiguous().view(torch.int16).to(torch.int32)
@@ -321,7 +321,7 @@ def agreement(rank: int, group: Any, device: torch.device, params: dict[str, Any
         combined = {(b, h): deepport.moe_combine(run.recv_x, run.handle, run.recv_topk_weights, backend=b)  # type: ignore[arg-type]
                     for b in ("torch", "reference") for h, run in runs.items()}
         for (b, h), c in combined.items():
-            if _bf16_ulps(c.combined_x, combined[("reference", "reference")].combined_x) > 1:
+            if bf16_ulps(c.combined_x, combined[("reference", "reference")].combined_x) > 1:
                 bad.append(f"combine on {b} with the {h} handle: more than one bf16 step off")
             _same(f"combine weights on {b} with the {h} handle", c.combined_topk_weights,
                   combined[("reference", "reference")].combined_topk_weights, bad)
@@ -339,7 +339,7 @@ def agreement(rank: int, group: Any, device: torch.device, params: dict[str, Any
         outs = {(b, h): deepport.moe_combine_expanded(ys[h], ex[h].handle, backend=b)
                 for b in ("torch", "reference") for h in ex}
         for key, out in outs.items():
-            if _bf16_ulps(out, outs[("reference", "reference")]) > 1:
+            if bf16_ulps(out, outs[("reference", "reference")]) > 1:
                 bad.append(f"expanded combine {key}: more than one bf16 step off")
     for fp8 in (() if "x_scales" in x else (False, True)):  # the low-latency dispatch takes bf16 (and casts)
         ll = {b: deepport.moe_low_latency_dispatch(data, idx, t_max, experts, group=group, use_fp8=fp8, backend=b)
@@ -366,7 +366,7 @@ def agreement(rank: int, group: Any, device: torch.device, params: dict[str, Any
         outs_ll = {(b, h): deepport.moe_low_latency_combine(ys[h], idx, w, ll[h].handle, backend=b)
                    for b in ("torch", "reference") for h in ll}
         for key, out in outs_ll.items():
-            if _bf16_ulps(out, outs_ll[("reference", "reference")]) > 1:
+            if bf16_ulps(out, outs_ll[("reference", "reference")]) > 1:
                 bad.append(f"low-latency combine {key}: more than one bf16 step off")
     return bad
 

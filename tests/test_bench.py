@@ -38,9 +38,10 @@ def _bench(tmp_path: Path, *args: str) -> tuple[int, dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def cpu_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, dict[str, Any], Path]:
-    """One CLI run on every tiny CPU config (shared by the tests that read its outputs)."""
+    """One CLI run on every tiny CPU config (shared by the tests that read its outputs), on torch alone
+    (conftest.py's TRITON_INTERPRET=1 makes the triton backend usable on the CPU too)."""
     out = tmp_path_factory.mktemp("bench")
-    code = main(["bench", "--device", "cpu", "--quick", "--out", str(out)])
+    code = main(["bench", "--device", "cpu", "--quick", "--backend", "torch", "--out", str(out)])
     return code, json.loads((out / "bench.json").read_text()), out
 
 

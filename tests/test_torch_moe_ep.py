@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from moe_ep_probe import probe
+from moe_ep_probe import bf16_ulps, probe
 
 from deepport.backends.torch.moe_comm import RowFormat, same_bits
 from deepport.backends.torch.moe_index import compact, first_occurrence, running_slot, slot_weight_sums
@@ -186,7 +186,8 @@ def test_bf16_partial_sums_would_break_the_combine_bound() -> None:
 def test_low_latency_path_syncs_nothing_and_replays_as_a_cuda_graph() -> None:
     """One GPU (``group=None``): the backend's low-latency dispatch + combine run under
     ``set_sync_debug_mode("error")``, are captured in one CUDA graph, and the graph replayed on new
-    inputs (written into the captured buffers) gives what an eager call gives."""
+    inputs (written into the captured buffers) gives what an eager call gives (up to the order of the
+    float32 additions of ``index_add_``)."""
     from deepport.dispatch import registry
     from deepport.kernels import moe_low_latency_combine as llc
     from deepport.kernels import moe_low_latency_dispatch as lld
@@ -226,13 +227,13 @@ def test_low_latency_path_syncs_nothing_and_replays_as_a_cuda_graph() -> None:
     with torch.cuda.graph(graph):
         captured = step()
     graph.replay()
-    assert torch.equal(captured, eager)
+    assert bf16_ulps(captured, eager) <= 1  # float32 sums with atomics (index_add_): the last bit may move
     x2, idx2, w2 = inputs()
     x.copy_(x2)
     idx.copy_(idx2)
     w.copy_(w2)
     graph.replay()
-    assert torch.equal(captured, step())
+    assert bf16_ulps(captured, step()) <= 1
 
 
 @pytest.mark.gpu

@@ -7,5 +7,7 @@ copy ``_template/`` (not registered) and follow its walk-through."""
 BUILTIN: tuple[str, ...] = (
     "deepport.backends.reference",
     "deepport.backends.torch",
+    "deepport.backends.triton",
     "deepport.backends.hopper",
+    "deepport.backends.triton",
 )

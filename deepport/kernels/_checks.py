@@ -8,6 +8,9 @@ import torch
 
 from deepport.errors import ArgumentTypeError, InvalidArgumentError
 
+INT32_MAX = 2**31 - 1
+"""Largest count an int32 index or count tensor can hold (block ids, lengths, per-expert counts)."""
+
 
 def expect_tensor(name: str, value: object) -> torch.Tensor:
     if type(value) is not torch.Tensor and not isinstance(value, torch.Tensor):
@@ -64,11 +67,24 @@ def expect_contiguous(name: str, t: torch.Tensor) -> None:
         )
 
 
-def expect_int(name: str, value: object, *, minimum: int | None = None) -> int:
+def expect_data(name: str, t: torch.Tensor) -> None:
+    """A tensor whose values are read (index checks) or written (by a backend): not a ``meta`` tensor,
+    which has a shape and a dtype but no data. Called after the shape checks, so the op layer still
+    validates the shapes of a call made of meta tensors before refusing to run it."""
+    if t.device.type == "meta":
+        raise InvalidArgumentError(name, f"expected a tensor with data, got a tensor on the meta device (shape "
+                                   f"{tuple(t.shape)}, no values to read or write)")
+
+
+def expect_int(name: str, value: object, *, minimum: int | None = None, maximum: int | None = None,
+               why: str = "") -> int:
+    """A Python int (not bool) in ``[minimum, maximum]``; ``why`` says where ``maximum`` comes from."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise ArgumentTypeError(name, f"expected an int, got {type(value).__name__}")
     if minimum is not None and value < minimum:
         raise InvalidArgumentError(name, f"expected an int >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise InvalidArgumentError(name, f"expected an int <= {maximum}{f' ({why})' if why else ''}, got {value}")
     return value
 
 
@@ -88,6 +104,8 @@ def _byte_span(t: torch.Tensor) -> tuple[int, int]:
 
 def expect_no_overlap(name: str, t: torch.Tensor, others: dict[str, torch.Tensor]) -> None:
     """An output must not share memory with an input or another output (it would be read while written)."""
+    if t.device.type == "meta":  # no memory to share (every meta tensor reports address 0)
+        return
     first, last = _byte_span(t)
     for other_name, other in others.items():
         if other.device != t.device:

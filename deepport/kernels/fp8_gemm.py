@@ -200,6 +200,7 @@ def bind(layout: str, a: object, b: object, out: object, *, c: object = None, re
         if not fchk.same_view(acc, d):
             chk.expect_no_overlap("c", acc, {"out": d})
 
+    chk.expect_data("a[0]", a_data)  # every other tensor is on a[0]'s device
     signature = FP8GemmSignature(device_info(device), fchk.FP8_DTYPE, layout, n, k, resolved, fmt, d.dtype,
                                  acc is not None)
     a_nt = a_data.t() if a_t else a_data

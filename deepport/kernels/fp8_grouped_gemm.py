@@ -228,6 +228,7 @@ def bind_contiguous(a: object, b: object, out: object, m_indices: object, *,
     a_op = _check_sfa(a_data, sfa, (m_sum,), k, resolved, b_op.sf_format, "[M_sum, ")
     m_indices = _check_out_and_index(out, (m_sum, n), "[M_sum, N]", a_op, b_op, "m_indices", m_indices,
                                      "[M_sum] (one group id per row of `a`)")
+    chk.expect_data("a[0]", a_data)  # every other tensor is on a[0]'s device
     host = None
     if settings.check_values() and m_sum > 0:
         host = m_indices.detach().to("cpu", copy=True).numpy()
@@ -250,6 +251,7 @@ def bind_masked(a: object, b: object, out: object, masked_m: object, expected_m:
     masked_m = _check_out_and_index(out, (g, m_max, n), "[G, M_max, N]", a_op, b_op, "masked_m", masked_m,
                                     "[G] (rows in use per group)")
     expected = chk.expect_int("expected_m", expected_m, minimum=1)
+    chk.expect_data("a[0]", a_data)  # every other tensor is on a[0]'s device
     host = None
     if settings.check_values():
         host = masked_m.detach().to("cpu", copy=True).numpy()

@@ -72,6 +72,7 @@ def num_packed_k_words(k: int) -> int:
 def ceil_to_ue8m0(sf: torch.Tensor) -> torch.Tensor:
     """Round positive finite float32 SFs **up** to a power of two, bit-exactly (``2**ceil(log2(sf))``),
     the biased exponent clamped to ``[1, 254]``. Returns float32 of ``sf``'s shape."""
+    chk.expect_tensor("sf", sf)
     chk.expect_dtype("sf", sf, (torch.float32,))
     bits = sf.contiguous().view(torch.int32)
     exponent = (bits >> 23) & 0xFF
@@ -98,9 +99,11 @@ def pack_ue8m0(sf: torch.Tensor) -> torch.Tensor:
     Byte ``i`` (little-endian) of word ``j`` holds the biased exponent of K-block ``4*j + i``; bytes past
     ``kb`` are 0. Raises :class:`InvalidArgumentError` if an SF is not a positive normal power of two.
     """
+    chk.expect_tensor("sf", sf)
     chk.expect_dtype("sf", sf, (torch.float32,))
     if sf.dim() < 2:
         raise InvalidArgumentError("sf", f"expected at least 2 dimensions [..., MN, kb], got shape {tuple(sf.shape)}")
+    chk.expect_data("sf", sf)  # the values are checked
     exponent = _ue8m0_exponents(sf)
     kb = int(sf.shape[-1])
     words = ceil_div(kb, UE8M0_PER_INT32)
@@ -117,7 +120,11 @@ def unpack_ue8m0(packed: torch.Tensor, k_blocks: int) -> torch.Tensor:
     """The inverse of :func:`pack_ue8m0`: int32 ``[..., MN, words]`` (any strides) to float32
     ``[..., MN, k_blocks]`` powers of two. A zero exponent byte decodes to 0.0 (never produced for a
     real K block)."""
+    chk.expect_tensor("packed", packed)
     chk.expect_dtype("packed", packed, (torch.int32,))
+    if packed.dim() < 1:
+        raise InvalidArgumentError("packed", "expected at least 1 dimension [..., words], got a 0-dimensional tensor")
+    chk.expect_int("k_blocks", k_blocks, minimum=0)
     words = int(packed.shape[-1])
     if ceil_div(k_blocks, UE8M0_PER_INT32) != words:
         raise InvalidArgumentError("packed", f"expected ceil({k_blocks} / 4) = {ceil_div(k_blocks, 4)} words per "
@@ -187,6 +194,7 @@ def per_token_cast_to_fp8(x: torch.Tensor, use_ue8m0: bool = False) -> tuple[tor
     row-major)``.
     """
     chk.expect_tensor("x", x)
+    chk.expect_bool("use_ue8m0", use_ue8m0)
     chk.expect_dtype("x", x, (torch.float32, torch.bfloat16, torch.float16))
     chk.expect_ndim("x", x, 2, "[M, K]")
     m, k = (int(s) for s in x.shape)
@@ -204,6 +212,7 @@ def per_block_cast_to_fp8(x: torch.Tensor, use_ue8m0: bool = False) -> tuple[tor
     but the amax is taken over each block (edge blocks are the rows/columns that exist). Returns
     ``(x_fp8 [N, K] contiguous, sf float32 [ceil(N/128), ceil(K/128)] row-major)``."""
     chk.expect_tensor("x", x)
+    chk.expect_bool("use_ue8m0", use_ue8m0)
     chk.expect_dtype("x", x, (torch.float32, torch.bfloat16, torch.float16))
     chk.expect_ndim("x", x, 2, "[N, K]")
     n, k = (int(s) for s in x.shape)

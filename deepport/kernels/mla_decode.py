@@ -130,6 +130,7 @@ def get_mla_metadata(
     seqlens = chk.expect_tensor("cache_seqlens", cache_seqlens)
     chk.expect_dtype("cache_seqlens", seqlens, (torch.int32,))
     chk.expect_ndim("cache_seqlens", seqlens, 1, "[batch]")
+    chk.expect_data("cache_seqlens", seqlens)
     q_rows = chk.expect_int("num_q_tokens_per_head_k", num_q_tokens_per_head_k, minimum=1)
     h_kv = chk.expect_int("num_heads_k", num_heads_k, minimum=1)
     if num_heads_q is not None:
@@ -266,6 +267,7 @@ def bind(
     if metadata is not None:
         _check_metadata_shape(metadata, b, s_q * h_q // h_kv, h_kv, h_q)
 
+    chk.expect_data("q", q)  # every other tensor is on q's device
     max_seqlen = None
     if settings.check_values() and b > 0:
         max_seqlen = _check_index_values(block_table, cache_seqlens, page, num_blocks, metadata)
@@ -320,7 +322,10 @@ def _check_index_values(block_table: torch.Tensor, cache_seqlens: torch.Tensor, 
     max_blocks = int(block_table.shape[1])
     capacity = max_blocks * page
     used = torch.arange(max_blocks, device=lens.device)[None, :] < ((lens.clamp(min=0) + page - 1) // page)[:, None]
-    bad_ids = used & ((block_table < 0) | (block_table >= num_blocks))
+    out_of_range = block_table < 0
+    if num_blocks <= chk.INT32_MAX:  # a larger bound overflows the int32 comparison; every int32 id is below it
+        out_of_range |= block_table >= num_blocks
+    bad_ids = used & out_of_range
     flags = torch.stack([(lens < 0).any(), (lens > capacity).any(), bad_ids.any(), lens.max()]).cpu()
     if bool(flags[0]):
         i = int(torch.nonzero(lens < 0)[0, 0])

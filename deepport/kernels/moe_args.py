@@ -20,7 +20,8 @@ Conventions every MoE op follows:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -117,7 +118,8 @@ def resolve_group(group: object, device: torch.device) -> MoEGroup:
 
 
 def check_num_experts(num_experts: object, world_size: int) -> int:
-    n = chk.expect_int("num_experts", num_experts, minimum=1)
+    n = chk.expect_int("num_experts", num_experts, minimum=1, maximum=chk.INT32_MAX,
+                       why="expert ids and per-expert counts are int32: m_indices, num_tokens_per_expert")
     if n % world_size != 0:
         raise InvalidArgumentError("num_experts", f"expected a multiple of the group's world size {world_size} "
                                    f"(experts are split evenly over ranks), got {n}")
@@ -136,6 +138,11 @@ def check_topk_idx(topk_idx: object, num_experts: int, device: torch.device | No
     if num_tokens is not None:
         chk.expect_dim("topk_idx", t, 0, num_tokens, "num_tokens, the first dimension of `x`")
     chk.expect_contiguous("topk_idx", t)
+    if int(t.shape[0]) > chk.INT32_MAX:
+        raise InvalidArgumentError("topk_idx", f"expected num_tokens <= {chk.INT32_MAX} (token counts are int32: "
+                                   f"num_tokens_per_rank, num_tokens_per_expert, recv_count), got shape "
+                                   f"{tuple(t.shape)}")
+    chk.expect_data("topk_idx", t)
     if settings.check_values() and t.numel() > 0:
         bad = (t < -1) | (t >= num_experts)
         if bool(bad.any()):
@@ -184,7 +191,8 @@ def check_payload(name: str, x: object) -> tuple[torch.Tensor, torch.Tensor | No
 
 
 def check_alignment(name: str, value: object) -> int:
-    return chk.expect_int(name, value, minimum=1)
+    return chk.expect_int(name, value, minimum=1, maximum=chk.INT32_MAX,
+                          why="an int32 in DeepEP's API; aligned per-expert counts stay int32")
 
 
 def default_alloc(device: torch.device) -> Alloc:
@@ -194,24 +202,44 @@ def default_alloc(device: torch.device) -> Alloc:
     return alloc
 
 
-def checked_alloc(alloc: Alloc | None, device: torch.device) -> Alloc:
-    """The call's allocator; a caller's one is checked on every use (shape, dtype, device, contiguity)."""
+def checked_alloc(alloc: Alloc | None, device: torch.device, inputs: Mapping[str, object] | None = None) -> Alloc:
+    """The call's allocator; a caller's one is checked on every use (shape, dtype, device, contiguity, and
+    memory disjoint from the call's ``inputs`` (tensors, or records holding tensors, e.g. a handle) and from
+    every tensor it returned before in this call: an output that aliases an input would be read while
+    written). The check runs when a backend asks for the tensor, before anything is written to it."""
     if alloc is None:
         return default_alloc(device)
     if not callable(alloc):
         raise ArgumentTypeError("alloc", f"expected a callable (shape, dtype) -> Tensor or None, got "
                                 f"{type(alloc).__name__}")
+    taken = {f"{name}{suffix}": t for name, value in (inputs or {}).items() for suffix, t in _tensors_in(value)}
+    given = 0
 
     def wrapped(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        nonlocal given
         t = alloc(shape, dtype)
         if (not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(shape) or t.dtype != dtype
                 or t.device != device or not t.is_contiguous()):
             got = f"{t.dtype} {tuple(t.shape)} on {t.device}" if isinstance(t, torch.Tensor) else type(t).__name__
             raise InvalidArgumentError("alloc", f"expected a contiguous {dtype} {tuple(shape)} tensor on {device}, "
                                        f"got {got}")
+        chk.expect_no_overlap("alloc", t, taken)
+        taken[f"output {given} of alloc"] = t
+        given += 1
         return t
 
     return wrapped
+
+
+def _tensors_in(value: object) -> list[tuple[str, torch.Tensor]]:
+    """``(suffix, tensor)`` for a tensor, the tensors of a tuple, or the tensor fields of a (nested) record."""
+    if isinstance(value, torch.Tensor):
+        return [("", value)]
+    if isinstance(value, tuple | list):
+        return [(f"[{i}]{s}", t) for i, v in enumerate(value) for s, t in _tensors_in(v)]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return [(f".{f.name}{s}", t) for f in dataclasses.fields(value) for s, t in _tensors_in(getattr(value, f.name))]
+    return []
 
 
 def signature(device: torch.device, dtype: torch.dtype, hidden: int, num_topk: int, num_experts: int,

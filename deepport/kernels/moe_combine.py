@@ -83,7 +83,8 @@ def bind(x: torch.Tensor, handle: MoEHandle, topk_weights: torch.Tensor | None =
         chk.expect_contiguous("topk_weights", weights)
     grp = moe_args.resolve_group(handle.group, x.device)
     sig = moe_args.signature(x.device, x.dtype, int(x.shape[1]), handle.num_topk, handle.num_experts, grp)
-    return MoECombineCall(x, handle, weights, grp, moe_args.checked_alloc(alloc, x.device), sig)
+    alloc_checked = moe_args.checked_alloc(alloc, x.device, {"x": x, "handle": handle, "topk_weights": weights})
+    return MoECombineCall(x, handle, weights, grp, alloc_checked, sig)
 
 
 def example_signature(device: DeviceInfo) -> MoESignature:

@@ -62,7 +62,8 @@ def bind(y: torch.Tensor, handle: MoEExpandedHandle, *, alloc: Alloc | None = No
     routes = handle.routes
     grp = moe_args.resolve_group(routes.group, y.device)
     sig = moe_args.signature(y.device, y.dtype, int(y.shape[1]), routes.num_topk, routes.num_experts, grp)
-    return MoEExpandedCombineCall(y, handle, grp, moe_args.checked_alloc(alloc, y.device), sig)
+    alloc_checked = moe_args.checked_alloc(alloc, y.device, {"y": y, "handle": handle})
+    return MoEExpandedCombineCall(y, handle, grp, alloc_checked, sig)
 
 
 def example_signature(device: DeviceInfo) -> MoESignature:

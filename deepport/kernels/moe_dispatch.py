@@ -121,8 +121,9 @@ def bind(x: MoEInput, topk_idx: torch.Tensor | None = None, topk_weights: torch.
     weights = None if topk_weights is None else moe_args.check_topk_weights(topk_weights, idx)
     align = moe_args.check_alignment("expert_alignment", expert_alignment)
     sig = moe_args.signature(device, data.dtype, int(data.shape[1]), int(idx.shape[1]), experts, grp)
+    inputs = {"x[0]" if scales is not None else "x": data, "x[1]": scales, "topk_idx": idx, "topk_weights": weights}
     return MoEDispatchCall(data, scales, idx, weights, experts, grp, align, None,
-                           moe_args.checked_alloc(alloc, device), sig)
+                           moe_args.checked_alloc(alloc, device, inputs), sig)
 
 
 def check_handle(name: str, handle: object, cls: type, device: torch.device) -> None:
@@ -148,8 +149,9 @@ def _bind_cached(data: torch.Tensor, scales: torch.Tensor | None, topk_idx: obje
                                    f"got shape {tuple(data.shape)}")
     grp = moe_args.resolve_group(handle.group, data.device)
     sig = moe_args.signature(data.device, data.dtype, int(data.shape[1]), handle.num_topk, handle.num_experts, grp)
+    inputs = {"x[0]" if scales is not None else "x": data, "x[1]": scales, "handle": handle}
     return MoEDispatchCall(data, scales, None, None, handle.num_experts, grp, handle.expert_alignment, handle,
-                           moe_args.checked_alloc(alloc, data.device), sig)
+                           moe_args.checked_alloc(alloc, data.device, inputs), sig)
 
 
 def example_signature(device: DeviceInfo) -> MoESignature:

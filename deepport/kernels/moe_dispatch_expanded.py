@@ -97,8 +97,9 @@ def bind(x: MoEInput, topk_idx: torch.Tensor, topk_weights: torch.Tensor, num_ex
     weights = moe_args.check_topk_weights(topk_weights, idx)
     align = moe_args.check_alignment("expert_alignment", expert_alignment)
     sig = moe_args.signature(data.device, data.dtype, int(data.shape[1]), int(idx.shape[1]), experts, grp)
+    inputs = {"x[0]" if scales is not None else "x": data, "x[1]": scales, "topk_idx": idx, "topk_weights": weights}
     return MoEExpandedDispatchCall(data, scales, idx, weights, experts, grp, align,
-                                   moe_args.checked_alloc(alloc, data.device), sig)
+                                   moe_args.checked_alloc(alloc, data.device, inputs), sig)
 
 
 def example_signature(device: DeviceInfo) -> MoESignature:

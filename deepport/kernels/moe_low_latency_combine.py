@@ -74,7 +74,9 @@ def bind(y: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, ha
     weights = moe_args.check_topk_weights(topk_weights, idx)
     grp = moe_args.resolve_group(routes.group, y.device)
     sig = moe_args.signature(y.device, y.dtype, int(y.shape[2]), routes.num_topk, routes.num_experts, grp)
-    return MoELowLatencyCombineCall(y, idx, weights, handle, grp, moe_args.checked_alloc(alloc, y.device), sig)
+    inputs = {"y": y, "topk_idx": idx, "topk_weights": weights, "handle": handle}
+    return MoELowLatencyCombineCall(y, idx, weights, handle, grp, moe_args.checked_alloc(alloc, y.device, inputs),
+                                    sig)
 
 
 def example_signature(device: DeviceInfo) -> MoESignature:

@@ -102,12 +102,16 @@ def bind(x: torch.Tensor, topk_idx: torch.Tensor, max_tokens_per_rank: int, num_
         raise InvalidArgumentError("x", f"expected at most max_tokens_per_rank={t_max} rows, got "
                                    f"{int(data.shape[0])}")
     grp = moe_args.resolve_group(group, data.device)
+    if grp.world_size * t_max > chk.INT32_MAX:
+        raise InvalidArgumentError("max_tokens_per_rank", f"expected world_size * max_tokens_per_rank <= "
+                                   f"{chk.INT32_MAX} (rows per expert, counted by the int32 recv_count), got "
+                                   f"{grp.world_size} * {t_max} = {grp.world_size * t_max}")
     experts = moe_args.check_num_experts(num_experts, grp.world_size)
     idx = moe_args.check_topk_idx(topk_idx, experts, data.device, int(data.shape[0]))
     sig = moe_args.signature(data.device, moe_args.FP8 if fp8 else data.dtype, hidden, int(idx.shape[1]),
                              experts, grp)
     return MoELowLatencyDispatchCall(data, idx, t_max, experts, fp8, grp,
-                                     moe_args.checked_alloc(alloc, data.device), sig)
+                                     moe_args.checked_alloc(alloc, data.device, {"x": data, "topk_idx": idx}), sig)
 
 
 def example_signature(device: DeviceInfo) -> MoESignature:

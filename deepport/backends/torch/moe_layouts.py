@@ -1,8 +1,9 @@
-"""Expanded (grouped-GEMM contiguous) MoE layout in torch, and the per-token FP8 cast.
+"""Expanded (grouped-GEMM contiguous) MoE layout in torch.
 
 The expanded dispatch is the normal route (:func:`deepport.backends.torch.moe_routes.route`, 2
 collectives, 1 host sync) with the received rows left packed and placed straight into the expanded
-layout (one gather, padding rows zeroed), each distinct (received token, local expert) pair once.
+layout (one gather; padding rows read a zero row kept after the received ones), each distinct
+(received token, local expert) pair once.
 
 The expanded combine weights each row and returns one row per received token in one collective:
 float32 partial sums over the token's local experts (``recv_weights * y`` summed in float32), or,
@@ -11,7 +12,10 @@ row itself with its float32 weight, which the source multiplies: the same float3
 bytes. bf16 partial sums are not an option: the contract sums in float32 and rounds once, and a
 partial rounded to bf16 on each rank breaks that bound (``MOE_NOTES.md``).
 
-The low-latency layout lives in :mod:`deepport.backends.torch.moe_low_latency` (re-exported here).
+The per-device steps (placing rows, the weighted sums, the FP8 cast) are
+:class:`~deepport.backends.torch.moe_local.LocalSteps`, replaceable by another backend's kernels (the
+triton backend passes its own and reuses the routing and the exchange). The low-latency layout lives
+in :mod:`deepport.backends.torch.moe_low_latency` (re-exported here).
 """
 
 from __future__ import annotations
@@ -20,32 +24,20 @@ import torch
 
 from deepport.backends.torch.moe_comm import RowFormat, all_to_all_rows, same_bits
 from deepport.backends.torch.moe_index import compact, selection_mask, slot_weight_sums
+from deepport.backends.torch.moe_local import TORCH, LocalSteps
 from deepport.backends.torch.moe_low_latency import combine_low_latency, dispatch_low_latency
 from deepport.backends.torch.moe_routes import return_rows, route, send_tokens
-from deepport.kernels.moe_args import FP8, FP8_BLOCK, align_up
+from deepport.kernels.moe_args import FP8_BLOCK, align_up
 from deepport.kernels.moe_combine_expanded import MoEExpandedCombineCall
 from deepport.kernels.moe_dispatch_expanded import MoEExpandedDispatchCall, MoEExpandedDispatchResult
 from deepport.kernels.moe_handle import MoEExpandedHandle
-from deepport.kernels.moe_low_latency_dispatch import (
-    AMAX_FLOOR,
-    FP8_MAX,
-)
 
-__all__ = ["cast_per_token_fp8", "combine_expanded", "combine_low_latency", "dispatch_expanded",
-           "dispatch_low_latency"]
+__all__ = ["combine_expanded", "combine_low_latency", "dispatch_expanded", "dispatch_low_latency"]
 
 
-def _place(dst: torch.Tensor, src: torch.Tensor, src_row: torch.Tensor, pad_rows: torch.Tensor) -> None:
-    """``dst[i] = src[src_row[i]]`` bit for bit, rows ``pad_rows`` (where ``src_row`` is -1) zeroed."""
-    d, s = same_bits(dst, src)
-    if int(src.shape[0]) > 0:
-        torch.index_select(s, 0, src_row.clamp(min=0), out=d)
-    d.index_fill_(0, pad_rows, 0)
-
-
-def dispatch_expanded(call: MoEExpandedDispatchCall) -> MoEExpandedDispatchResult:
+def dispatch_expanded(call: MoEExpandedDispatchCall, local: LocalSteps = TORCH) -> MoEExpandedDispatchResult:
     got = route(call.data, call.scales, call.topk_idx, call.topk_weights, call.num_experts, call.group,
-                call.expert_alignment, unpack=False, what="moe_dispatch_expanded")
+                call.expert_alignment, unpack=False, zero_row=True, what="moe_dispatch_expanded")
     routes = got.handle
     n, num_local, align = routes.num_recv, routes.num_local_experts, call.expert_alignment
     per_expert = routes.num_recv_tokens_per_expert
@@ -61,14 +53,14 @@ def dispatch_expanded(call: MoEExpandedDispatchCall) -> MoEExpandedDispatchResul
     dest = starts[expert] + position[row, expert]
     src_row = torch.full((m,), -1, dtype=torch.int64, device=dev)
     src_row[dest] = row
-    pad_rows = compact(src_row < 0, m - pairs)
+    gather = torch.where(src_row >= 0, src_row, n)[None]  # padding rows read the zero row after the received ones
     hidden = int(call.data.shape[1])
     recv_x = call.alloc((m, hidden), call.data.dtype)
-    _place(recv_x, got.data, src_row, pad_rows)  # padding rows are zero
+    local.place_rows(got.data, recv_x[None], gather, False)
     recv_s = None
     if got.scales is not None:
         recv_s = call.alloc((m, hidden // FP8_BLOCK), torch.float32)
-        _place(recv_s, got.scales, src_row, pad_rows)
+        local.place_rows(got.scales, recv_s[None], gather, False)
     m_indices = call.alloc((m,), torch.int32)
     m_indices.fill_(-1)
     m_indices[dest] = expert.to(torch.int32)
@@ -81,7 +73,7 @@ def dispatch_expanded(call: MoEExpandedDispatchCall) -> MoEExpandedDispatchResul
     return MoEExpandedDispatchResult(x_out, m_indices, recv_w, aligned, handle)
 
 
-def combine_expanded(call: MoEExpandedCombineCall) -> torch.Tensor:
+def combine_expanded(call: MoEExpandedCombineCall, local: LocalSteps = TORCH) -> torch.Tensor:
     h, y = call.handle, call.y
     routes = h.routes
     n, hidden = routes.num_recv, int(y.shape[1])
@@ -103,17 +95,6 @@ def combine_expanded(call: MoEExpandedCombineCall) -> torch.Tensor:
         total.index_add_(0, send_tokens(routes.is_token_in_rank, sum(routes.send_counts)), weighted)
         out.copy_(total)
         return out
-    partial = torch.zeros((n, hidden), dtype=torch.float32, device=y.device)
-    partial.index_add_(0, rows, y[valid].to(torch.float32) * weights[:, None])
+    partial = local.weighted_rows(y, valid, rows, weights, n)
     out.copy_(return_rows(partial, routes, call.group, "moe_combine_expanded"))
     return out
-
-
-def cast_per_token_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """bf16 ``[T, H]`` -> (e4m3 ``[T, H]``, fp32 scales ``[T, H/128]``): per 128 channels
-    ``amax = max(|x|, 1e-4)``, ``scale = amax / 448``, ``fp8 = x * (448 / amax)``."""
-    t, hidden = int(x.shape[0]), int(x.shape[1])
-    blocks = x.to(torch.float32).view(t, hidden // FP8_BLOCK, FP8_BLOCK)
-    amax = blocks.abs().amax(dim=2).clamp(min=AMAX_FLOOR)
-    data = (blocks * (FP8_MAX / amax)[:, :, None]).to(FP8).view(t, hidden)
-    return data, amax / FP8_MAX

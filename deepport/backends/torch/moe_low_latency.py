@@ -12,12 +12,17 @@ Everything is sized by ``T_max`` (``max_tokens_per_rank``), never by routing val
   that place nothing write nowhere that matters).
 - combine (1 payload collective, plus one small one for the weights): the source sends each
   receiver its tokens' top-k weights in the dispatch's block layout; the receiver sums its experts'
-  rows per received token in float32 (``weight * y``, a dense gather of the ``K`` slots of each
-  received token) and returns one float32 row per received token in the same fixed layout; the source
-  sums what comes back per token (a dense gather over at most ``min(world, num_topk)`` rows) and
-  rounds once to bf16. No atomics anywhere: the same bits on every run and every replay. When no token
+  rows per received token in float32 (``weight * y``, the ``weighted_rows`` step over the ``K`` slots
+  of each received token, unused ones sent to a trash row) and returns one float32 row per received
+  token in the same fixed layout; the source sums what comes back per token (a dense gather over at
+  most ``min(world, num_topk)`` rows, in rank order) and rounds once to bf16. When no token
   can have two experts on one rank (``num_topk == 1`` or one expert per rank), no weights travel:
   the receiver returns the bf16 expert row itself and the source applies its weights (half the bytes).
+
+The per-device steps (the cast, placing rows, the weighted sums) are
+:class:`~deepport.backends.torch.moe_local.LocalSteps`; the torch ones place rows from the source side
+(``scatter_rows``: one fixed-size ``index_put_``), a backend without that step gets the layout-side
+index (``place_rows``).
 
 The bytes on the wire are those of the full capacity (``world * T_max`` rows each way), whatever the
 routing: the price of needing no sizes from the device. The handle's canonical host fields (counts,
@@ -40,6 +45,7 @@ from deepport.backends.torch.moe_index import (
     selection_mask,
     slot_weight_sums,
 )
+from deepport.backends.torch.moe_local import TORCH, LocalSteps
 from deepport.kernels.moe_args import FP8_BLOCK, MoEGroup
 from deepport.kernels.moe_handle import MoEHandle, MoELowLatencyHandle
 from deepport.kernels.moe_low_latency_combine import MoELowLatencyCombineCall
@@ -157,22 +163,25 @@ def _scatter_rows(dst: torch.Tensor, targets: torch.Tensor, src: torch.Tensor) -
     d.index_put_((targets,), s[:, None, :].expand(t, q, int(s.shape[1])))
 
 
+def row_ids_of(slots: int, k: int, device: torch.device) -> torch.Tensor:
+    """int64 ``[S, K]``: ``s`` in every column of row ``s``."""
+    return torch.arange(slots, device=device)[:, None].expand(slots, k)
+
+
 def _fixed_exchange(send: torch.Tensor, grp: MoEGroup, what: str) -> torch.Tensor:
     """Equal-split all-to-all of ``send`` (``[world * T_max, ...]``, contiguous): no host data."""
     out = torch.empty_like(send)
     return start_all_to_all(out, send, None, None, grp, what).wait()
 
 
-def dispatch_low_latency(call: MoELowLatencyDispatchCall) -> MoELowLatencyDispatchResult:
-    from deepport.backends.torch.moe_layouts import cast_per_token_fp8  # one cast rule (moe_layouts imports us)
-
+def dispatch_low_latency(call: MoELowLatencyDispatchCall, local: LocalSteps = TORCH) -> MoELowLatencyDispatchResult:
     grp, x = call.group, call.x
     idx = call.topk_idx.to(torch.int64)
     t, hidden, k = int(x.shape[0]), int(x.shape[1]), int(idx.shape[1])
     world, me, t_max = grp.world_size, grp.rank, call.max_tokens_per_rank
     num_local = call.num_experts // world
     slots, dev = world * t_max, x.device
-    data, scales = cast_per_token_fp8(x) if call.use_fp8 else (x, None)
+    data, scales = local.cast_fp8(x) if call.use_fp8 else (x, None)
     # sender: the fixed send buffer (plus a trash row), unused rows marked by token index -1
     in_rank = selection_mask(idx, world, num_local)
     send_slot = running_slot(in_rank)
@@ -192,9 +201,10 @@ def dispatch_low_latency(call: MoELowLatencyDispatchCall) -> MoELowLatencyDispat
     # receiver: (slot, local expert) pairs -> [expert, position]
     recv_meta = fmt.part(recv, "meta")
     recv_token = recv_meta[:, 0].to(torch.int64)
-    local = torch.where(recv_token[:, None] >= 0, local_ids(recv_meta[:, 1:].to(torch.int64), me, num_local), -1)
-    valid, position, count = _pairs(local, num_local)
-    own = local.clamp(min=0) * slots + position
+    recv_local = torch.where(recv_token[:, None] >= 0, local_ids(recv_meta[:, 1:].to(torch.int64), me, num_local),
+                             -1)
+    valid, position, count = _pairs(recv_local, num_local)
+    own = recv_local.clamp(min=0) * slots + position  # the pair's row in [L * S]
     # Every slot k of a row writes that row's payload (one index_put_ of fixed size): a valid pair to its
     # own place, any other slot to the row's first valid place (the same bytes again), and a row with
     # no valid pair (an unused slot) to row count[0] of expert 0, past that expert's count: unused
@@ -203,14 +213,22 @@ def dispatch_low_latency(call: MoELowLatencyDispatchCall) -> MoELowLatencyDispat
     anchor = torch.where(valid.any(1, keepdim=True), own.gather(1, first), count[:1, None].expand(slots, 1))
     target = torch.where(valid, own, anchor)
     recv_x = call.alloc((num_local, slots, hidden), data.dtype)
-    _scatter_rows(recv_x.view(num_local * slots, hidden), target, fmt.part(recv, "x"))
-    x_out: Any = recv_x
+    recv_s = None
     if scales is not None:
         storage = call.alloc((num_local, hidden // FP8_BLOCK, slots), torch.float32)
         recv_s = storage.transpose(1, 2)  # column-major in the last two dimensions
-        got_s = fmt.part(recv, "scales")
-        recv_s.index_put_((target // slots, target % slots), got_s[:, None, :].expand(slots, k, int(got_s.shape[1])))
-        x_out = (recv_x, recv_s)
+    placed = [(fmt.part(recv, "x").view(data.dtype), recv_x)]  # rows of the payload's dtype, as the steps expect
+    if recv_s is not None:
+        placed.append((fmt.part(recv, "scales"), recv_s))
+    if local.scatter_rows is not None:
+        for src, dst in placed:
+            local.scatter_rows(src, dst, target)
+    else:  # the same placement seen from the layout: the received slot of each [expert, position]
+        by_row = torch.full((num_local * slots + 1,), -1, dtype=torch.int64, device=dev)
+        by_row.index_put_((torch.where(valid, own, num_local * slots),), row_ids_of(slots, k, dev))
+        for src, dst in placed:
+            local.place_rows(src, dst, by_row[: num_local * slots].view(num_local, slots), False)
+    x_out: Any = recv_x if recv_s is None else (recv_x, recv_s)
     recv_count = call.alloc((num_local,), torch.int32)
     recv_count.copy_(count)
     # canonical packed_src_row: the compact received row (source block prefix + slot) of each pair
@@ -220,7 +238,7 @@ def dispatch_low_latency(call: MoELowLatencyDispatchCall) -> MoELowLatencyDispat
     compact_row = prefix[row_ids // t_max] + row_ids % t_max
     packed = torch.full((num_local * slots + 1,), -1, dtype=torch.int64, device=dev)
     packed.index_put_((torch.where(valid, own, num_local * slots),), compact_row[:, None].expand(slots, k))
-    fixed = FixedRoutes(t_max, send_slot, recv_token, local, valid, position, count)
+    fixed = FixedRoutes(t_max, send_slot, recv_token, recv_local, valid, position, count)
     routes = LazyRoutes(grp, call.num_experts, hidden, idx.clone(), in_rank, fixed)
     handle = MoELowLatencyHandle(routes, t_max, recv_count.clone(), packed[: num_local * slots].view(num_local, slots))
     return MoELowLatencyDispatchResult(x_out, recv_count, handle)
@@ -246,7 +264,7 @@ def fixed_routes(handle: MoELowLatencyHandle) -> FixedRoutes:
     return FixedRoutes(t_max, running_slot(routes.is_token_in_rank), recv_token, recv_local, valid, position, count)
 
 
-def combine_low_latency(call: MoELowLatencyCombineCall) -> torch.Tensor:
+def combine_low_latency(call: MoELowLatencyCombineCall, local: LocalSteps = TORCH) -> torch.Tensor:
     h, grp = call.handle, call.group
     routes, f = h.routes, fixed_routes(call.handle)
     idx = call.topk_idx.to(torch.int64)
@@ -269,9 +287,10 @@ def combine_low_latency(call: MoELowLatencyCombineCall) -> torch.Tensor:
         _scatter_rows(w_send, targets, call.topk_weights)
         w_recv = _fixed_exchange(w_send[:slots], grp, "moe_low_latency_combine (weights)")
         pair_w = slot_weight_sums(f.recv_local, w_recv, torch.where(f.pair_valid, f.recv_local, -1))  # [S, K]
-        ys = y_rows.index_select(0, rows.reshape(-1)).view(slots, k, hidden)
-        partial = torch.where(f.pair_valid[:, :, None], ys * pair_w[:, :, None], 0.0).sum(1)  # float32, in order
-        back = _fixed_exchange(partial, grp, "moe_low_latency_combine")
+        into = torch.where(f.pair_valid, row_ids_of(slots, k, dev), slots).reshape(-1)  # invalid: a trash row
+        pair_w = torch.where(f.pair_valid, pair_w, 0.0).reshape(-1)
+        partial = local.weighted_rows(y_rows, rows.reshape(-1), into, pair_w, slots + 1)
+        back = _fixed_exchange(partial[:slots], grp, "moe_low_latency_combine")
         weight = torch.ones(targets.shape, dtype=torch.float32, device=dev)
     sent = targets < slots
     picked = back.index_select(0, torch.where(sent, targets, 0).reshape(-1)).view(t, int(targets.shape[1]), hidden)

@@ -47,8 +47,8 @@ class Received:
     """What a dispatch brought to this rank, rows in canonical order (source rank, then token).
 
     ``data``/``scales`` are the call's outputs when the route unpacked, else strided views into the
-    received packed rows (valid until the caller drops them). ``per_expert`` is the device copy of
-    ``handle.num_recv_tokens_per_expert``."""
+    received packed rows (valid until the caller drops them; one zero row more with ``zero_row``).
+    ``per_expert`` is the device copy of ``handle.num_recv_tokens_per_expert``."""
 
     data: torch.Tensor  # [num_recv, hidden], payload dtype
     scales: torch.Tensor | None
@@ -94,11 +94,13 @@ def _row_format(data: torch.Tensor, scales: torch.Tensor | None, meta_width: int
 
 
 def _exchange(fmt: RowFormat, sources: dict[str, torch.Tensor], in_rank: torch.Tensor, sends: list[int],
-              recvs: list[int], grp: MoEGroup, outs: dict[str, torch.Tensor] | None, what: str) -> torch.Tensor | None:
+              recvs: list[int], grp: MoEGroup, outs: dict[str, torch.Tensor] | None, what: str,
+              zero_row: bool = False) -> torch.Tensor | None:
     """Move each token's parts ``sources[name]`` (``[T, ...]``) to the ranks of ``in_rank`` (``[T, world]``)
     in one collective. With ``outs`` (``[num_recv, ...]`` per part) the received rows are written
     there, this rank's own rows straight from ``sources`` while the collective runs; without, every
-    row goes through the collective and the packed ``[num_recv, row_bytes]`` buffer is returned."""
+    row goes through the collective and the packed ``[num_recv, row_bytes]`` buffer is returned (with
+    ``zero_row``, one more row of zero bytes after them)."""
     me, t = grp.rank, int(in_rank.shape[0])
     direct = outs is not None  # own rows skip the collective (a world of one moves nothing at all)
     mask = in_rank.t()
@@ -111,11 +113,15 @@ def _exchange(fmt: RowFormat, sources: dict[str, torch.Tensor], in_rank: torch.T
     send = fmt.empty(sum(wire_sends), in_rank.device)
     for name, src in sources.items():
         _copy_rows(fmt.part(send, name), src, rows)
-    recv = fmt.empty(sum(wire_recvs), in_rank.device)
+    n = sum(wire_recvs)
+    buf = fmt.empty(n + int(zero_row), in_rank.device)
+    if zero_row:
+        buf[n].zero_()
+    recv = buf[:n]
     pending = start_all_to_all(recv, send, wire_recvs, wire_sends, grp, what)
     if outs is None:
         pending.wait()
-        return recv
+        return buf
     start = sum(recvs[:me])
     if direct:  # overlaps the collective
         mine = compact(in_rank[:, me], sends[me])
@@ -134,10 +140,11 @@ def _exchange(fmt: RowFormat, sources: dict[str, torch.Tensor], in_rank: torch.T
 
 def route(data: torch.Tensor, scales: torch.Tensor | None, topk_idx: torch.Tensor, weights: torch.Tensor | None,
           num_experts: int, grp: MoEGroup, alignment: int, alloc: Alloc | None = None, unpack: bool = True,
-          what: str = "moe_dispatch") -> Received:
+          zero_row: bool = False, what: str = "moe_dispatch") -> Received:
     """Send every token once to each rank holding one of its experts (module docstring). With
     ``unpack`` the payload lands in tensors from ``alloc`` (default ``torch.empty``); without, the
-    received rows stay packed and ``data``/``scales`` view them."""
+    received rows stay packed and ``data``/``scales`` view them, followed by one row of zeros when
+    ``zero_row`` (``[num_recv + 1, ...]``: a gather reads it where a row must be zero)."""
     idx = topk_idx.to(torch.int64)
     t, k = int(idx.shape[0]), int(idx.shape[1])
     world, me, num_local = grp.world_size, grp.rank, num_experts // grp.world_size
@@ -163,11 +170,11 @@ def route(data: torch.Tensor, scales: torch.Tensor | None, topk_idx: torch.Tenso
         _exchange(fmt, sources, in_rank, sends, recvs, grp, outs, what)
         recv_x, recv_s, recv_meta = outs["x"], outs.get("scales"), outs["meta"]
     else:
-        buf = _exchange(fmt, sources, in_rank, sends, recvs, grp, None, what)
+        buf = _exchange(fmt, sources, in_rank, sends, recvs, grp, None, what, zero_row)
         assert buf is not None
         recv_x = fmt.part(buf, "x").view(data.dtype)
         recv_s = None if dense_scales is None else fmt.part(buf, "scales")
-        recv_meta = fmt.part(buf, "meta")
+        recv_meta = fmt.part(buf, "meta")[:n]
     recv_local = local_ids(recv_meta[:, 1: 1 + k].to(torch.int64), me, num_local)
     recv_w = None
     if weights is not None:

@@ -1,0 +1,103 @@
+"""The local (single-device) data movement of the MoE layouts, as three replaceable steps.
+
+:mod:`deepport.backends.torch.moe_layouts` does the routing and the multi-rank exchange and calls these
+steps for the per-device work; another backend passes its own :class:`LocalSteps` (the triton backend's
+kernels) and reuses everything else.
+
+- ``place_rows(src, dst, index, zero_missing)``: ``dst[g, i] = src[index[g, i]]`` for every
+  ``index >= 0`` (whole rows, bit for bit); ``-1`` rows are zeroed when ``zero_missing`` and
+  unspecified otherwise (left as they are, or overwritten). ``src [n, C]`` (rows may be strided, as
+  views into packed received rows are), ``dst [G, R, C]`` with any strides, ``index`` int64 ``[G, R]``.
+- ``weighted_rows(y, src_pos, dst_row, weights, num_rows)``: float32 ``[num_rows, C]`` with
+  ``out[dst_row[j]] += weights[j] * y[src_pos[j]]`` (``y [n, C]`` bf16, the others ``[k]``).
+- ``cast_fp8(x)``: bf16 ``[T, H]`` -> (e4m3 ``[T, H]``, float32 scales ``[T, H / 128]``): per 128
+  channels ``amax = max(|x|, 1e-4)``, ``scale = amax / 448``, ``fp8 = round_to_e4m3(x * (448 / amax))``.
+- ``scatter_rows(src, dst, targets)`` (optional): the same placement seen from the source rows:
+  ``dst.view(G * R, C)[targets[j, q]] = src[j]`` for every ``q`` (``targets`` int64 ``[n, Q]``; two
+  entries naming one row always carry the same source row). A backend whose ``place_rows`` would touch
+  every destination row provides it for the sparse low-latency layout (``G * R`` far above the rows
+  placed); without it the layouts call ``place_rows``.
+
+The torch steps never wait for the device: ``place_rows`` is one gather of every destination row (the
+layouts hand it indices with no ``-1`` where a row must be zero: they point at a zero row of ``src``),
+``scatter_rows`` one ``index_put_``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from deepport.backends.torch.moe_comm import same_bits
+from deepport.kernels.moe_args import FP8, FP8_BLOCK
+from deepport.kernels.moe_low_latency_dispatch import AMAX_FLOOR, FP8_MAX
+
+
+@dataclass(frozen=True)
+class LocalSteps:
+    place_rows: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool], None]
+    weighted_rows: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+    cast_fp8: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    scatter_rows: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
+
+
+def _flat(dst: torch.Tensor) -> torch.Tensor | None:
+    """``dst [G, R, C]`` viewed as ``[G * R, C]`` with dense rows, or None when its strides do not allow it."""
+    g, r, c = (int(d) for d in dst.shape)
+    if dst.stride(2) != 1 and c > 1:
+        return None
+    if g > 1 and r > 0 and dst.stride(0) != r * dst.stride(1):
+        return None
+    return dst.view(g * r, c)
+
+
+def place_rows(src: torch.Tensor, dst: torch.Tensor, index: torch.Tensor, zero_missing: bool) -> None:
+    g, r, c = (int(d) for d in dst.shape)
+    missing = (index < 0).reshape(-1, 1)
+    flat = _flat(dst)
+    if int(src.shape[0]) == 0:  # every index is -1
+        if zero_missing:
+            (flat if flat is not None else dst).view(torch.uint8 if dst.element_size() == 1 else dst.dtype).zero_()
+        return
+    rows = index.reshape(-1).clamp(min=0)
+    if flat is not None:
+        d, s = same_bits(flat, src)
+        torch.index_select(s, 0, rows, out=d)
+        if zero_missing:
+            d.masked_fill_(missing, 0)
+        return
+    picked = same_bits(src, src)[1].index_select(0, rows)  # odd destination strides: gather, then copy
+    if zero_missing:
+        picked.masked_fill_(missing, 0)
+    dst.copy_(picked.view(torch.uint8).view(src.dtype).view(g, r, c))
+
+
+def scatter_rows(src: torch.Tensor, dst: torch.Tensor, targets: torch.Tensor) -> None:
+    r = int(dst.shape[1])
+    n, q = (int(d) for d in targets.shape)
+    flat = _flat(dst)
+    if flat is not None:
+        d, s = same_bits(flat, src)
+        d.index_put_((targets,), s[:, None, :].expand(n, q, int(s.shape[1])))
+    else:
+        dst.index_put_((targets // r, targets % r), src[:, None, :].expand(n, q, int(src.shape[1])))
+
+
+def weighted_rows(y: torch.Tensor, src_pos: torch.Tensor, dst_row: torch.Tensor, weights: torch.Tensor,
+                  num_rows: int) -> torch.Tensor:
+    out = torch.zeros((num_rows, int(y.shape[1])), dtype=torch.float32, device=y.device)
+    out.index_add_(0, dst_row, y[src_pos].to(torch.float32) * weights[:, None])
+    return out
+
+
+def cast_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    t, hidden = int(x.shape[0]), int(x.shape[1])
+    blocks = x.to(torch.float32).view(t, hidden // FP8_BLOCK, FP8_BLOCK)
+    amax = blocks.abs().amax(dim=2).clamp(min=AMAX_FLOOR)
+    data = (blocks * (FP8_MAX / amax)[:, :, None]).to(FP8).view(t, hidden)
+    return data, amax / FP8_MAX
+
+
+TORCH = LocalSteps(place_rows, weighted_rows, cast_fp8, scatter_rows)

@@ -1,0 +1,67 @@
+"""Tuned launch configurations of the Triton kernels, as data: per GPU family and shape bucket.
+
+A family key matches as a case-insensitive substring of the device name (``torch.cuda.get_device_name``);
+a device or bucket with no entry takes ``DEFAULT``. The choice is logged once per device and bucket
+(logger ``deepport.backends.triton``, INFO). Figures behind the entries: benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from deepport.backends.triton import _runtime
+
+
+@dataclass(frozen=True)
+class MLAConfig:
+    """Launch shape of the MLA decode split kernel: ``block_h`` query rows per program, ``block_n`` KV
+    tokens per step, triton's ``num_warps`` / ``num_stages`` (software pipelining depth), and
+    ``programs_per_sm``: the split-KV plan deals the batch to ``SMs * programs_per_sm / (h_kv *
+    row tiles)`` parts (1 reproduces FlashMLA's ``num_sm_parts`` at ``block_h = 64``)."""
+
+    block_h: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    programs_per_sm: int = 1
+
+
+def mla_bucket(q_rows: int) -> str:
+    """Shape bucket of an MLA decode call: the query rows per KV head (``s_q * h_q / h_kv``).
+    Up to 16 rows the kernel streams the cache (memory-bound); from 64 on it is compute-bound."""
+    if q_rows <= 16:
+        return "rows<=16"
+    if q_rows <= 32:
+        return "rows<=32"
+    return "rows>32"
+
+
+_MLA_HOPPER: tuple[tuple[str, MLAConfig], ...] = (
+    # memory-bound: mma.sync on 16 rows, 64-token K tiles, 2 of them in flight: 2.85-3.06 TB/s on an H200
+    # (benchmarks/results/2026-12-01-h200-triton-mla). Measured faster in the same run, not yet through a
+    # GPU certify run: block_n=64, num_warps=4, num_stages=2, programs_per_sm=2 (3.0-3.6 TB/s).
+    ("rows<=16", MLAConfig(block_h=16, block_n=64, num_warps=8, num_stages=3)),
+    ("rows<=32", MLAConfig(block_h=32, block_n=64, num_warps=8, num_stages=2)),
+    # compute-bound: wgmma on 64 rows (two warpgroups split the 512 output channels), Q resident in smem:
+    # 222-227 TFLOP/s on an H200 (the same results)
+    ("rows>32", MLAConfig(block_h=64, block_n=64, num_warps=8, num_stages=2)),
+)
+
+MLA_DEFAULT: tuple[tuple[str, MLAConfig], ...] = _MLA_HOPPER
+
+MLA_TUNED: dict[str, tuple[tuple[str, MLAConfig], ...]] = {"H200": _MLA_HOPPER, "H100": _MLA_HOPPER}
+
+INTERPRETER = MLAConfig(block_h=16, block_n=64, num_warps=4, num_stages=1)
+"""Under TRITON_INTERPRET the tile shape only sets how many numpy steps run: large tiles, few steps."""
+
+
+def mla_config(device_name: str, q_rows: int) -> MLAConfig:
+    """The MLA decode configuration for ``q_rows`` query rows per KV head on ``device_name``."""
+    bucket = mla_bucket(q_rows)
+    if _runtime.interpreting():
+        return MLAConfig(min(max(16, _next_pow2(q_rows)), 64), INTERPRETER.block_n, 4, 1)
+    return _runtime.pick_config(MLA_TUNED, MLA_DEFAULT, device_name, bucket, "mla_decode")
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()

@@ -1,0 +1,132 @@
+"""MoE on the triton backend: the layout count and the single-device steps of the expanded and
+low-latency layouts as Triton kernels; routing and the multi-rank exchange are the torch backend's
+(:mod:`deepport.backends.torch.moe_layouts`, over ``torch.distributed``), called with these steps.
+
+Moved payloads are copied as raw bits (integer views), so they equal the torch and reference backends'
+exactly; weighted sums accumulate in float32 per destination row in a fixed order (entries sorted by
+destination row, stably); the FP8 cast uses IEEE divisions and e4m3 round-to-nearest-even (under the
+interpreter, whose e4m3 rounding is wrong, the kernel stores float32 and torch rounds).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from deepport.backends.torch import moe_layouts
+from deepport.backends.torch.moe_local import LocalSteps
+from deepport.backends.triton._runtime import interpreting
+from deepport.backends.triton.moe_permute_kernels import (
+    moe_cast_fp8_kernel,
+    moe_layout_count_kernel,
+    moe_place_rows_kernel,
+    moe_weighted_rows_kernel,
+)
+from deepport.kernels.moe_args import FP8, FP8_BLOCK
+from deepport.kernels.moe_combine_expanded import MoEExpandedCombineCall
+from deepport.kernels.moe_dispatch_expanded import MoEExpandedDispatchCall, MoEExpandedDispatchResult
+from deepport.kernels.moe_layout import MoELayout, MoELayoutCall
+from deepport.kernels.moe_low_latency_combine import MoELowLatencyCombineCall
+from deepport.kernels.moe_low_latency_dispatch import (
+    AMAX_FLOOR,
+    FP8_MAX,
+    MoELowLatencyDispatchCall,
+    MoELowLatencyDispatchResult,
+)
+
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_ROW_BLOCK = 4096  # columns per program when moving or summing rows
+
+
+def _guard(device: torch.device) -> contextlib.AbstractContextManager[object]:
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _block(num_cols: int) -> int:
+    return min(_ROW_BLOCK, max(16, 1 << max(num_cols - 1, 0).bit_length()))
+
+
+def place_rows(src: torch.Tensor, dst: torch.Tensor, index: torch.Tensor, zero_missing: bool) -> None:
+    """``dst[g, i] = src[index[g, i]]`` bit for bit (see :mod:`deepport.backends.torch.moe_local`)."""
+    groups, rows, cols = (int(d) for d in dst.shape)
+    if groups * rows == 0 or cols == 0:
+        return
+    bits = _BITS[src.element_size()]
+    src_bits, dst_bits = src.contiguous().view(bits), dst.view(bits)
+    idx = index.to(torch.int64).contiguous()
+    block = _block(cols)
+    with _guard(dst.device):
+        moe_place_rows_kernel[(groups * rows, -(-cols // block))](
+            src_bits, idx, dst_bits, rows, cols, src_bits.stride(0),
+            dst_bits.stride(0), dst_bits.stride(1), dst_bits.stride(2),
+            ZERO_MISSING=zero_missing, BLOCK_C=block)
+
+
+def weighted_rows(y: torch.Tensor, src_pos: torch.Tensor, dst_row: torch.Tensor, weights: torch.Tensor,
+                  num_rows: int) -> torch.Tensor:
+    """float32 ``[num_rows, C]``: ``out[dst_row[j]] += weights[j] * y[src_pos[j]]``, summed per row in
+    the order of ``j``."""
+    cols = int(y.shape[1])
+    out = torch.empty((num_rows, cols), dtype=torch.float32, device=y.device)
+    if num_rows == 0 or cols == 0:
+        return out
+    order = torch.sort(dst_row, stable=True).indices
+    seg = torch.zeros(num_rows + 1, dtype=torch.int64, device=y.device)
+    seg[1:] = torch.bincount(dst_row, minlength=num_rows).cumsum(0)
+    y = y.contiguous()
+    block = _block(cols)
+    with _guard(y.device):
+        moe_weighted_rows_kernel[(num_rows, -(-cols // block))](
+            y, src_pos[order].to(torch.int64).contiguous(), weights[order].to(torch.float32).contiguous(), seg, out,
+            cols, y.stride(0), BLOCK_C=block)
+    return out
+
+
+def cast_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token, per-128-channel e4m3 cast of bf16 ``x [T, H]`` (see :mod:`deepport.backends.torch.moe_local`)."""
+    tokens, hidden = int(x.shape[0]), int(x.shape[1])
+    scales = torch.empty((tokens, hidden // FP8_BLOCK), dtype=torch.float32, device=x.device)
+    interp = interpreting()
+    data = torch.empty((tokens, hidden), dtype=torch.float32 if interp else FP8, device=x.device)
+    if tokens and hidden:
+        with _guard(x.device):
+            moe_cast_fp8_kernel[(tokens, hidden // FP8_BLOCK)](
+                x.contiguous(), data, scales, hidden, FP8_MAX, AMAX_FLOOR, STORE_FP32=interp)
+    return (data.to(FP8) if interp else data), scales
+
+
+TRITON = LocalSteps(place_rows, weighted_rows, cast_fp8)
+
+
+def layout(call: MoELayoutCall) -> MoELayout:
+    idx = call.topk_idx.contiguous()
+    tokens, topk = int(idx.shape[0]), int(idx.shape[1])
+    device = idx.device
+    per_rank = torch.zeros(call.num_ranks, dtype=torch.int32, device=device)
+    per_expert = torch.zeros(call.num_experts, dtype=torch.int32, device=device)
+    in_rank = torch.zeros((tokens, call.num_ranks), dtype=torch.bool, device=device)
+    if tokens and topk:
+        block_t = 64
+        with _guard(device):
+            moe_layout_count_kernel[(-(-tokens // block_t),)](
+                idx, per_rank, per_expert, in_rank.view(torch.uint8), tokens, topk,
+                call.num_experts // call.num_ranks, call.num_ranks,
+                BLOCK_T=block_t, BLOCK_K=max(2, 1 << max(topk - 1, 0).bit_length()))
+    return MoELayout(per_rank, per_expert, in_rank)
+
+
+def dispatch_expanded(call: MoEExpandedDispatchCall) -> MoEExpandedDispatchResult:
+    return moe_layouts.dispatch_expanded(call, TRITON)
+
+
+def combine_expanded(call: MoEExpandedCombineCall) -> torch.Tensor:
+    return moe_layouts.combine_expanded(call, TRITON)
+
+
+def dispatch_low_latency(call: MoELowLatencyDispatchCall) -> MoELowLatencyDispatchResult:
+    return moe_layouts.dispatch_low_latency(call, TRITON)
+
+
+def combine_low_latency(call: MoELowLatencyCombineCall) -> torch.Tensor:
+    return moe_layouts.combine_low_latency(call, TRITON)

@@ -1,0 +1,92 @@
+"""Triton kernels of the MoE layouts' single-device steps (any GPU triton targets).
+
+- :func:`moe_layout_count_kernel`, grid ``(ceil(T / BLOCK_T),)``: per token, its distinct experts and
+  ranks (a slot repeating an earlier slot's expert, or rank, is skipped; ``-1`` slots too), counted with
+  integer atomics into ``per_expert`` / ``per_rank`` (zeroed by the caller) and flagged in ``in_rank``
+  (uint8 ``[T, R]``, zeroed by the caller). Integer sums: exact in any order.
+- :func:`moe_place_rows_kernel`, grid ``(G * R, ceil(C / BLOCK_C))``: ``dst[g, i, :] = src[index[g, i], :]``
+  as raw bits (integer views of the payload), zero (``ZERO_MISSING``) or untouched where the index is -1.
+- :func:`moe_weighted_rows_kernel`, grid ``(num_rows, ceil(C / BLOCK_C))``: row ``r`` of the float32
+  output is ``sum_j weights[j] * y[src_pos[j]]`` over ``j`` in ``seg[r] : seg[r + 1]`` (entries sorted
+  by destination row, stable), accumulated in float32 in that order.
+- :func:`moe_cast_fp8_kernel`, grid ``(T, H / 128)``: one 128-channel block of one token: ``amax =
+  max(|x|, 1e-4)``, ``scale = amax / 448`` (IEEE division) and ``x * (448 * (1 / amax))`` (torch's
+  float32 evaluation of ``x * (448 / amax)``, so both round the same float32), stored as e4m3
+  (``STORE_FP32``: as float32, for the interpreter, whose e4m3 rounding is wrong; the caller rounds
+  with torch).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def moe_layout_count_kernel(idx_ptr, per_rank_ptr, per_expert_ptr, in_rank_ptr,
+                            num_tokens, num_topk, experts_per_rank, num_ranks,
+                            BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+    tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    slot = tl.arange(0, BLOCK_K)
+    ok = (tok[:, None] < num_tokens) & (slot[None, :] < num_topk)
+    ids = tl.load(idx_ptr + tok[:, None].to(tl.int64) * num_topk + slot[None, :], mask=ok, other=-1).to(tl.int32)
+    valid = ids >= 0
+    ranks = tl.where(valid, ids // experts_per_rank, -1)
+    # slot j repeats an earlier slot i < j: compare every pair of slots of a token
+    earlier = slot[:, None] < slot[None, :]  # [i, j]
+    same_expert = (ids[:, :, None] == ids[:, None, :]) & earlier[None, :, :]
+    same_rank = (ranks[:, :, None] == ranks[:, None, :]) & earlier[None, :, :]
+    first_expert = valid & (tl.sum(same_expert.to(tl.int32), 1) == 0)
+    first_rank = valid & (tl.sum(same_rank.to(tl.int32), 1) == 0)
+    ones = tl.full([BLOCK_T, BLOCK_K], 1, tl.int32)
+    tl.atomic_add(per_expert_ptr + tl.where(first_expert, ids, 0), ones, mask=first_expert)
+    tl.atomic_add(per_rank_ptr + tl.where(first_rank, ranks, 0), ones, mask=first_rank)
+    flag = tl.full([BLOCK_T, BLOCK_K], 1, tl.uint8)
+    tl.store(in_rank_ptr + tok[:, None].to(tl.int64) * num_ranks + tl.where(first_rank, ranks, 0), flag,
+             mask=first_rank)
+
+
+@triton.jit
+def moe_place_rows_kernel(src_ptr, index_ptr, dst_ptr, rows_per_group, num_cols,
+                          stride_src, stride_dg, stride_dr, stride_dc,
+                          ZERO_MISSING: tl.constexpr, BLOCK_C: tl.constexpr):
+    p = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ok = cols < num_cols
+    g = p // rows_per_group
+    dst = dst_ptr + g.to(tl.int64) * stride_dg + (p - g * rows_per_group).to(tl.int64) * stride_dr + cols * stride_dc
+    src_row = tl.load(index_ptr + p)
+    if src_row >= 0:
+        tl.store(dst, tl.load(src_ptr + src_row * stride_src + cols, mask=ok), mask=ok)
+    elif ZERO_MISSING:
+        tl.store(dst, tl.zeros([BLOCK_C], dst_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def moe_weighted_rows_kernel(y_ptr, src_pos_ptr, weight_ptr, seg_ptr, out_ptr, num_cols, stride_y,
+                             BLOCK_C: tl.constexpr):
+    r = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ok = cols < num_cols
+    acc = tl.zeros([BLOCK_C], tl.float32)
+    for j in range(tl.load(seg_ptr + r), tl.load(seg_ptr + r + 1)):
+        row = tl.load(src_pos_ptr + j)
+        w = tl.load(weight_ptr + j)
+        acc += tl.load(y_ptr + row * stride_y + cols, mask=ok, other=0.0).to(tl.float32) * w
+    tl.store(out_ptr + r.to(tl.int64) * num_cols + cols, acc, mask=ok)
+
+
+@triton.jit
+def moe_cast_fp8_kernel(x_ptr, q_ptr, scale_ptr, hidden, fp8_max, amax_floor, STORE_FP32: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    blk = tl.program_id(1)
+    cols = blk * 128 + tl.arange(0, 128)
+    x = tl.load(x_ptr + t * hidden + cols).to(tl.float32)
+    amax = tl.maximum(tl.max(tl.abs(x), 0), amax_floor)
+    # 448 * (1 / amax), as torch evaluates ``448 / amax`` (reciprocal, then product): the same float32
+    scaled = x * (fp8_max * tl.div_rn(tl.full([], 1.0, tl.float32), amax))
+    if STORE_FP32:
+        tl.store(q_ptr + t * hidden + cols, scaled)
+    else:
+        tl.store(q_ptr + t * hidden + cols, scaled.to(tl.float8e4nv))
+    tl.store(scale_ptr + t * (hidden // 128) + blk, tl.div_rn(amax, fp8_max + tl.zeros([], tl.float32)))

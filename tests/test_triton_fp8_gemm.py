@@ -1,0 +1,174 @@
+"""The Triton backend's FP8 GEMMs on Triton's CPU interpreter (``TRITON_INTERPRET=1``, set here on a machine
+without a GPU): every kernel path the conformance smoke tier may not reach (split-K, pointer and descriptor
+loads, 256-wide tiles with two SFB blocks, two-half tiles, grouped tiles of 64 rows), configuration choice
+and logging, support records. On a GPU machine these are skipped: scripts/gpu_triton_gemm.py and
+``deepport certify --backend triton --device cuda`` check the compiled kernels there."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # the interpreter must be on before the kernels are decorated
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+import deepport
+from deepport.backends.triton import fp8_configs
+from deepport.backends.triton import fp8_gemm as triton_dense
+from deepport.backends.triton import fp8_grouped_gemm as triton_grouped
+from deepport.backends.triton.fp8_configs import GemmConfig
+from deepport.backends.triton.fp8_support import FP8_OPS, interpreting
+from deepport.dispatch import registry
+from deepport.dispatch.device import DeviceInfo
+from deepport.kernels import fp8_gemm as op
+from deepport.kernels import fp8_grouped_gemm as grouped
+from deepport.kernels.f64.fp8_gemm import reference_f64
+from deepport.kernels.f64.fp8_grouped_gemm import contiguous_f64, masked_rows_f64
+from deepport.kernels.fp8_layout import (
+    get_mn_major_tma_aligned_packed_ue8m0_tensor,
+    get_mn_major_tma_aligned_tensor,
+    per_block_cast_to_fp8,
+    per_token_cast_to_fp8,
+)
+from tests.fp8_grouped_inputs import contiguous_inputs, masked_inputs
+
+DEVICE = torch.device("cpu")
+pytestmark = pytest.mark.skipif(not interpreting(), reason="runs on Triton's CPU interpreter (TRITON_INTERPRET=1 "
+                                "before the kernels are decorated); GPU checks: scripts/gpu_triton_gemm.py")
+
+
+def _dense(m: int, n: int, k: int, *, seed: int = 0, ue8m0: bool = False, per_row_b: bool = False,
+           out_dtype: torch.dtype = torch.bfloat16, c: bool = False) -> tuple[op.FP8GemmCall, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    x, w = torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen)
+    a, sfa = per_token_cast_to_fp8(x, use_ue8m0=ue8m0)
+    b, sfb = per_token_cast_to_fp8(w, use_ue8m0=ue8m0) if per_row_b or ue8m0 else per_block_cast_to_fp8(w)
+    if ue8m0:
+        sfa, sfb = get_mn_major_tma_aligned_packed_ue8m0_tensor(sfa), get_mn_major_tma_aligned_packed_ue8m0_tensor(sfb)
+    else:
+        sfa = get_mn_major_tma_aligned_tensor(sfa)
+    out = torch.full((m, n), float("nan"), dtype=out_dtype, device=DEVICE)
+    acc = torch.randn(m, n, generator=gen).to(DEVICE) * 8 if c else None
+    tensors = [t.to(DEVICE) for t in (a, sfa, b, sfb)]
+    recipe = (1, 1, 128) if per_row_b or ue8m0 else None
+    call = op.bind("nt", (tensors[0], tensors[1]), (tensors[2], tensors[3]), out, c=acc, recipe=recipe)
+    return call, out
+
+
+def _close(got: torch.Tensor, ref: np.ndarray) -> None:
+    """Within two roundings of bf16 (one of float32 with rms-scaled accumulation slack)."""
+    g = got.detach().double().cpu().numpy()
+    rel = 2.01 * 2.0**-8 if got.dtype == torch.bfloat16 else 2.0**-20
+    rms = float(np.sqrt(np.mean(ref**2))) if ref.size else 0.0
+    assert not np.isnan(g).any()
+    assert np.all(np.abs(g - ref) <= rel * np.abs(ref) + 2.0**-12 * rms)
+
+
+@pytest.mark.parametrize("config", [
+    GemmConfig(64, 128, split_k=3), GemmConfig(64, 128, split_k=2, tma=False), GemmConfig(32, 256),
+    GemmConfig(64, 64, tma=False, group_m=2), GemmConfig(64, 128, split_n=2), GemmConfig(32, 256, split_n=2, tma=False),
+], ids=lambda c: c.label)
+def test_dense_kernel_paths_match_the_reference(config: GemmConfig) -> None:
+    call, out = _dense(70, 320, 896, seed=1)
+    triton_dense.launch(call, out, config)
+    _close(out, reference_f64(call))
+
+
+@pytest.mark.parametrize("split", [1, 2])
+def test_split_k_with_ue8m0_c_in_place_and_a_k_tail(split: int) -> None:
+    call, out = _dense(9, 192, 700, seed=2, ue8m0=False, per_row_b=True, out_dtype=torch.float32)
+    out.copy_(torch.randn(out.shape, generator=torch.Generator().manual_seed(3)))
+    call = op.bind("nt", (call.a, call.sfa), (call.b, call.sfb), out, c=out, recipe=(1, 1, 128))
+    ref = reference_f64(call)  # reads c (= out) before the kernel overwrites it
+    triton_dense.launch(call, out, GemmConfig(16, 64, split_k=split))
+    _close(out, ref)
+    call, out = _dense(5, 128, 1024, seed=4, ue8m0=True, out_dtype=torch.float32, c=True)
+    triton_dense.launch(call, out, GemmConfig(16, 128, split_k=split))
+    _close(out, reference_f64(call))
+
+
+def test_every_layout_through_the_public_op() -> None:
+    call, _ = _dense(12, 200, 384, seed=5)
+    a, sfa, b, sfb = (t.contiguous() for t in (call.a, call.sfa, call.b, call.sfb))
+    ref = reference_f64(call)
+    for layout in op.LAYOUTS:
+        xa, xsfa = (a.t().contiguous(), sfa.t().contiguous()) if layout[0] == "t" else (a, sfa)
+        xb, xsfb = (b.t().contiguous(), sfb.t().contiguous()) if layout[1] == "n" else (b, sfb)
+        out = torch.full((12, 200), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+        getattr(deepport, f"fp8_gemm_{layout}")((xa, xsfa), (xb, xsfb), out, backend="triton")
+        _close(out, ref)
+
+
+@pytest.mark.parametrize("block_m", [64, 128])
+def test_contiguous_tiles_of_padding_are_zero_and_rows_follow_their_group(block_m: int) -> None:
+    q, m_indices = contiguous_inputs([70, 0, 130], n=192, k=256, seed=6)
+    pair_a, pair_b = q.pair_a, q.pair_b
+    out = torch.full((int(m_indices.numel()), 192), float("nan"), dtype=torch.bfloat16)
+    call = grouped.bind_contiguous(pair_a, pair_b, out, m_indices)
+    triton_grouped.launch_contiguous(call, out, GemmConfig(block_m, 64, tma=block_m == 64, split_n=128 // block_m))
+    pad = m_indices < 0
+    assert torch.equal(out[pad], torch.zeros_like(out[pad]))  # +0.0, bit for bit
+    assert not torch.signbit(out[pad]).any()
+    _close(out[~pad], contiguous_f64(call, m_indices.numpy())[~pad.numpy()])
+
+
+def test_contiguous_all_padding_writes_zeros() -> None:
+    q, m_indices = contiguous_inputs([5], n=128, k=128, seed=7)
+    m_indices.fill_(-1)
+    out = torch.full((128, 128), float("nan"), dtype=torch.bfloat16)
+    deepport.m_grouped_fp8_gemm_nt_contiguous(q.pair_a, q.pair_b, out, m_indices, backend="triton")
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+@pytest.mark.parametrize("config", [GemmConfig(64, 128, waves=1, split_n=2), GemmConfig(32, 64, tma=False, waves=3)],
+                         ids=lambda c: c.label)
+def test_masked_rows_past_masked_m_keep_their_bits(config: GemmConfig) -> None:
+    q, masked_m = masked_inputs(3, 96, [0, 40, 96], n=160, k=384, seed=8)
+    garbage = torch.randn(3, 96, 160, generator=torch.Generator().manual_seed(9)).to(torch.bfloat16) * 1e3
+    out = garbage.clone()
+    call = grouped.bind_masked(q.pair_a, q.pair_b, out, masked_m, 64)
+    triton_grouped.launch_masked(call, out, config)
+    expected = masked_rows_f64(call, masked_m.numpy())
+    for g, rows in enumerate(masked_m.tolist()):
+        assert torch.equal(out[g, rows:].view(torch.int16), garbage[g, rows:].view(torch.int16))
+        if rows:
+            _close(out[g, :rows], expected[g])
+
+
+def test_configs_are_data_with_a_default_and_the_choice_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="deepport.triton")
+    first = fp8_configs.choose(fp8_configs.DENSE, "Imaginary GPU 9000", 132, 64, 2112, 7168)
+    again = fp8_configs.choose(fp8_configs.DENSE, "Imaginary GPU 9000", 132, 60, 2112, 7168)
+    assert first == again and first.split_k > 1  # 17 tiles of 64x128 leave most of 132 SMs idle: split K
+    assert len([r for r in caplog.records if "Imaginary GPU 9000" in r.getMessage()]) == 1
+    assert "default" in caplog.records[-1].getMessage()
+    assert fp8_configs.choose(fp8_configs.DENSE, "Imaginary GPU 9000", 132, 4096, 2112, 7168).split_k == 1
+    for device_tables in fp8_configs.TUNED.values():
+        for table in device_tables.values():
+            for (bucket, _, _), config in table.items():
+                assert bucket in {name for _, name in fp8_configs.M_BUCKETS} | {fp8_configs.LARGE}
+                assert config.block_n >= 16 and config.split_k >= 0
+    contiguous = fp8_configs.TUNED.get("NVIDIA H200", {}).get(fp8_configs.CONTIGUOUS, {})
+    assert all(128 % c.block_m == 0 for c in contiguous.values())
+    tuned = fp8_configs.choose(fp8_configs.DENSE, "NVIDIA H200", 132, 4096, 4096, 7168)
+    assert tuned == fp8_configs.TUNED["NVIDIA H200"][fp8_configs.DENSE][("large", 4096, 7168)]
+    assert "tuned" in caplog.records[-1].getMessage() and tuned.label in caplog.records[-1].getMessage()
+
+
+def test_support_records_say_why_not_and_name_real_entries() -> None:
+    cpu = DeviceInfo("cpu", None, "cpu", "cpu", "x86_64", None, 2)
+    old = DeviceInfo("cuda", 0, "cuda", "nvidia", "NVIDIA A100", (8, 0), 108)
+    sig = op.FP8GemmOp("nt").example_signature(old)
+    (support,) = [s for s in FP8_OPS if s.op == "fp8_gemm_nt"]
+    assert any("compute capability >= 8.9" in r for r in support.reasons(sig))
+    assert support.reasons(op.FP8GemmOp("nt").example_signature(cpu)) == []  # the interpreter is on here
+    for s in FP8_OPS:
+        module, _, function = s.entry.partition(":")
+        assert callable(getattr(__import__(module, fromlist=[function]), function))
+    assert {s.op for s in FP8_OPS} <= {s.op for s in registry.get("triton").ops}

@@ -1,0 +1,155 @@
+"""Ahead-of-time compilation of the Triton kernels for a GPU target, without a GPU (lowering tests).
+
+Run in a process where ``TRITON_INTERPRET`` is unset (the interpreter replaces compilation). Arguments
+are specialised the way triton's launcher does: pointers 16-byte aligned, integers divisible by 16
+marked so, integers equal to 1 folded into constants.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+HOPPER = GPUTarget("cuda", 90, 32)
+
+
+@dataclass(frozen=True)
+class Ptr:
+    """A pointer argument of element type ``dtype`` (triton's names: bf16, fp16, fp32, i32 ...)."""
+
+    dtype: str
+
+
+def compile_for(fn: Any, args: Mapping[str, Any], *, target: GPUTarget = HOPPER, num_warps: int = 4,
+                num_stages: int = 3) -> Any:
+    """Compile ``fn`` with ``args`` (name -> :class:`Ptr`, int, float, or bool / int constexpr for
+    ``tl.constexpr`` parameters) for ``target``; returns triton's compiled kernel (``.asm``)."""
+    signature: dict[str, str] = {}
+    constexprs: dict[tuple[int, ...], Any] = {}
+    attrs: dict[tuple[int, ...], list[list[Any]]] = {}
+    params = fn.arg_names
+    missing = set(params) - set(args)
+    if missing:
+        raise ValueError(f"missing arguments {sorted(missing)}")
+    for i, name in enumerate(params):
+        value = args[name]
+        if i in fn.constexprs:
+            signature[name] = "constexpr"
+            constexprs[(i,)] = value
+        elif isinstance(value, Ptr):
+            signature[name] = "*" + value.dtype
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        elif value == 1:
+            signature[name] = "constexpr"
+            constexprs[(i,)] = 1
+        else:
+            signature[name] = "i32"
+            if value % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=target, options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def ptxas_info(ptx: str, arch: str = "sm_90a") -> dict[str, int]:
+    """Registers, spill bytes and shared memory of a PTX module, from the ptxas bundled with triton."""
+    ptxas = _ptxas()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        res = subprocess.run([ptxas, f"-arch={arch}", "-v", path, "-o", os.path.join(tmp, "k.cubin")],
+                             capture_output=True, text=True, check=True)
+    text = res.stderr + res.stdout
+    found = {"registers": r"Used (\d+) registers", "spill_stores": r"(\d+) bytes spill stores",
+             "spill_loads": r"(\d+) bytes spill loads"}
+    return {k: int(m.group(1)) if (m := re.search(p, text)) else 0 for k, p in found.items()}
+
+
+def _ptxas() -> str:
+    """The ptxas triton itself uses for sm_90 (triton >= 3.9 ships a newer one as ``ptxas-blackwell``)."""
+    from triton.backends.nvidia import compiler
+
+    getter = getattr(compiler, "get_ptxas", None)
+    if getter is not None:
+        try:
+            return str(getter(90).path)
+        except TypeError:  # triton 3.6: get_ptxas() takes no argument
+            return str(getter().path)
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+
+def mla_lowering_report() -> dict[str, dict[str, int]]:
+    """Compile the MLA decode kernels for sm_90a with each Hopper configuration of ``configs.py`` on the
+    DeepSeek shape of its bucket (576/512, page 64, bf16); count tensor-core instructions and shared memory."""
+    from deepport.backends.triton import configs
+    from deepport.backends.triton.mla_decode_kernels import mla_decode_combine_kernel, mla_decode_split_kernel
+
+    rows_of_bucket = {"rows<=16": 16, "rows<=32": 32, "rows>32": 128}
+    report: dict[str, dict[str, int]] = {}
+    for bucket, cfg in configs.MLA_TUNED["H200"]:
+        h_q = rows_of_bucket[bucket]
+        args: dict[str, Any] = dict(
+            q_ptr=Ptr("bf16"), k_ptr=Ptr("bf16"), table_ptr=Ptr("i32"), seqlens_ptr=Ptr("i32"),
+            pieces_ptr=Ptr("i32"), part_ptr=Ptr("i32"), out_ptr=Ptr("bf16"), lse_ptr=Ptr("fp32"),
+            o_acc_ptr=Ptr("fp32"), lse_acc_ptr=Ptr("fp32"),
+            stride_qb=h_q * 576, stride_qs=h_q * 576, stride_qh=576, stride_kb=64 * 576, stride_kp=576,
+            stride_kh=576, stride_tb=64, group=h_q, s_q=1, q_rows=h_q, h_q=h_q, acc_rows=h_q, scale_log2=0.06,
+            D_V=512, D_QK=576, BLOCK_DV=512, BLOCK_DT=64, PAGE=64, BLOCK_H=cfg.block_h, BLOCK_N=cfg.block_n,
+            CAUSAL=False, UPCAST=False)
+        k = compile_for(mla_decode_split_kernel, args, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        report[f"split {bucket}"] = _counts(k)
+    combine = compile_for(mla_decode_combine_kernel, dict(
+        o_acc_ptr=Ptr("fp32"), lse_acc_ptr=Ptr("fp32"), out_ptr=Ptr("bf16"), lse_ptr=Ptr("fp32"), cut_ptr=Ptr("i32"),
+        splits_ptr=Ptr("i32"), group=16, s_q=1, q_rows=16, h_q=16, acc_rows=16, D_V=512, BLOCK_DV=512), num_warps=4)
+    report["combine"] = _counts(combine)
+    return report
+
+
+def _counts(kernel: Any) -> dict[str, int]:
+    ptx = kernel.asm["ptx"]
+    return {"wgmma": ptx.count("wgmma.mma_async"), "mma_sync": ptx.count("mma.sync.aligned"),
+            "shared": int(kernel.metadata.shared), "sm_90a": int(".target sm_90a" in ptx)}
+
+
+def moe_lowering_report() -> dict[str, dict[str, int]]:
+    """Compile the MoE kernels for sm_90a; count the e4m3 conversions of the FP8 cast."""
+    from deepport.backends.triton import moe_permute_kernels as k
+
+    kernels = {
+        "layout": compile_for(k.moe_layout_count_kernel, dict(
+            idx_ptr=Ptr("i64"), per_rank_ptr=Ptr("i32"), per_expert_ptr=Ptr("i32"), in_rank_ptr=Ptr("u8"),
+            num_tokens=4096, num_topk=8, experts_per_rank=32, num_ranks=8, BLOCK_T=64, BLOCK_K=8)),
+        "place_rows": compile_for(k.moe_place_rows_kernel, dict(
+            src_ptr=Ptr("i16"), index_ptr=Ptr("i64"), dst_ptr=Ptr("i16"), rows_per_group=4096, num_cols=7168,
+            stride_src=7168, stride_dg=0, stride_dr=7168, stride_dc=1, ZERO_MISSING=True, BLOCK_C=4096)),
+        "weighted_rows": compile_for(k.moe_weighted_rows_kernel, dict(
+            y_ptr=Ptr("bf16"), src_pos_ptr=Ptr("i64"), weight_ptr=Ptr("fp32"), seg_ptr=Ptr("i64"),
+            out_ptr=Ptr("fp32"), num_cols=7168, stride_y=7168, BLOCK_C=4096)),
+        "cast_fp8": compile_for(k.moe_cast_fp8_kernel, dict(
+            x_ptr=Ptr("bf16"), q_ptr=Ptr("fp8e4nv"), scale_ptr=Ptr("fp32"), hidden=7168, fp8_max=448.0,
+            amax_floor=1e-4, STORE_FP32=False)),
+    }
+    report = {name: _counts(kernel) for name, kernel in kernels.items()}
+    report["cast_fp8"]["e4m3_cvt"] = kernels["cast_fp8"].asm["ptx"].count("e4m3x2.f32")
+    return report
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    if sys.argv[1:] == ["mla"]:
+        print(json.dumps(mla_lowering_report()))
+    elif sys.argv[1:] == ["moe"]:
+        print(json.dumps(moe_lowering_report()))
