@@ -158,6 +158,31 @@ def test_row_format_parts_view_one_buffer() -> None:
     assert a.dtype == b.dtype and a.shape == b.shape
 
 
+def test_torch_local_steps_place_rows_from_either_side() -> None:
+    from deepport.backends.torch.moe_local import TORCH
+
+    assert TORCH.scatter_rows is not None
+    src = torch.randn(4, 6).to(torch.bfloat16)
+    index = torch.tensor([[2, -1, 0], [3, 1, -1]])
+    dst = torch.full((2, 3, 6), float("nan"), dtype=torch.bfloat16)
+    TORCH.place_rows(src, dst, index, True)
+    want = torch.stack([src[2], torch.zeros(6), src[0], src[3], src[1], torch.zeros(6)]).to(torch.bfloat16)
+    assert torch.equal(dst.view(6, 6), want)
+    storage = torch.full((2, 5, 3), float("nan"))  # [G, C, R]: a column-major [G, R, C] destination
+    scales = storage.transpose(1, 2)
+    rows = torch.randn(4, 5)
+    TORCH.place_rows(rows, scales, index, True)
+    assert torch.equal(scales[1, 1], rows[1]) and torch.equal(scales[0, 1], torch.zeros(5))
+    flat = torch.full((6, 6), float("nan"), dtype=torch.bfloat16)
+    TORCH.scatter_rows(src, flat.view(2, 3, 6), torch.tensor([[2, 2], [4, 4], [0, 0], [3, 3]]))
+    assert torch.equal(flat[[2, 4, 0, 3]], src) and flat[[1, 5]].isnan().all()
+    TORCH.scatter_rows(rows, scales, torch.tensor([[5, 5], [0, 0], [1, 1], [2, 2]]))
+    assert torch.equal(scales[1, 2], rows[0]) and torch.equal(scales[0, 0], rows[1])
+    empty = torch.full((1, 2, 6), 7.0).to(torch.bfloat16)
+    TORCH.place_rows(src[:0], empty, torch.full((1, 2), -1), True)
+    assert empty.eq(0).all()
+
+
 # --- why the expanded combine does not round partial sums to bf16 ------------------------------------
 
 
