@@ -4,7 +4,9 @@
     out, lse = deepport.mla_decode(q, k_cache, block_table, cache_seqlens, 512)
     print(deepport.explain("mla_decode", q, k_cache, block_table, cache_seqlens, 512))
 
-Importing deepport needs only numpy and torch; each backend's toolchain is imported on first use.
+Importing deepport needs only numpy and torch; each backend's toolchain is imported on first use. It also
+registers the ops as torch custom ops (``torch.ops.deepport.mla_decode(...)``, for ``torch.compile`` and
+CUDA graphs; see :mod:`deepport.kernels.torch_ops`).
 """
 
 from deepport.backends import BUILTIN as _BUILTIN_BACKENDS
@@ -40,12 +42,14 @@ from deepport.kernels.moe_handle import MoEExpandedHandle, MoEHandle, MoELowLate
 from deepport.kernels.moe_layout import moe_layout
 from deepport.kernels.moe_low_latency_combine import moe_low_latency_combine
 from deepport.kernels.moe_low_latency_dispatch import moe_low_latency_dispatch
+from deepport.kernels.torch_ops import register_torch_ops
 
 __version__ = "0.1.0"
 
 # The package root wires the layers: dispatch imports no backend, so the root hands it the built-in
 # backends' module names (imported on the registry's first use, like entry-point plug-ins).
 _add_builtin_modules(_BUILTIN_BACKENDS)
+register_torch_ops()  # torch.ops.deepport.* (about 3 ms per op)
 
 __all__ = [
     "ArgumentTypeError",
@@ -83,6 +87,7 @@ __all__ = [
     "pack_ue8m0",
     "per_block_cast_to_fp8",
     "per_token_cast_to_fp8",
+    "register_torch_ops",
     "unpack_ue8m0",
     "use_backend",
 ]

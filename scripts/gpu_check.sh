@@ -1,46 +1,99 @@
 #!/usr/bin/env bash
-# The device-machine batch, one stage per call (each fits the 10-minute call limit). Writes logs and
-# reports at the top level of $OUT (the device tool brings them back).
-#   bash scripts/gpu_check.sh mla     GPU tests of MLA decode; certify --tier full on torch (isolated); verify
-#   bash scripts/gpu_check.sh fp8     FP8 GPU tests; certify --tier full on torch for the dense FP8 GEMMs
-#   bash scripts/gpu_check.sh fp8-grouped   certify --tier full on torch for the grouped FP8 GEMMs
-#   bash scripts/gpu_check.sh moe     MoE GPU tests; certify --tier full on torch for the MoE ops (2-rank NCCL needs 2 GPUs)
-#   bash scripts/gpu_check.sh bench   deepport bench: MLA decode, dense and grouped FP8 GEMM (and MoE when 2 GPUs are present)
+# The device-machine batch, one stage per device call (each fits the 10-minute call limit). Writes logs and
+# reports under $OUT (the device tool brings them back).
+#
+# GPU tests:
+#   bash scripts/gpu_check.sh mla          tests/test_mla_decode_gpu.py
+#   bash scripts/gpu_check.sh fp8          tests/test_fp8_gemm_gpu.py, test_fp8_grouped_gemm_gpu.py, test_f64_products.py
+#   bash scripts/gpu_check.sh moe-tests    tests/test_moe_gpu.py (1 GPU and 2-rank NCCL: run on 2 GPUs)
+#
+# The full-tier certificate of the torch backend, in parts of one run (the same run seed), merged on the host:
+#   DEEPPORT_CERT_SEED=N bash scripts/gpu_check.sh cert-a    parts mla + fp8-dense           (1 GPU is enough)
+#   DEEPPORT_CERT_SEED=N bash scripts/gpu_check.sh cert-b    parts fp8-grouped + moe         (2 GPUs: 2-rank NCCL)
+#   DEEPPORT_CERT_SEED=N bash scripts/gpu_check.sh part NAME one part: mla, fp8-dense, fp8-grouped or moe
+#   bash scripts/gpu_check.sh merge PARTS_DIR OUT_DIR         (host) deepport merge of PARTS_DIR/part-*/results.json
+#                                                             into OUT_DIR, then deepport verify > OUT_DIR/verify.txt
+# Each part writes $OUT/part-NAME/{results.json,summary.md,junit.xml} and $OUT/part-NAME.log as soon as it
+# ends, so a stage cut short by the call limit keeps the parts it finished; rerun only the missing ones.
+#
+#   bash scripts/gpu_check.sh bench        deepport bench (MoE configs need 2 GPUs)
+#   bash scripts/gpu_check.sh backends     GPU tests + smoke certify of torch/triton/hopper on cuda + deepport bench
 set -uo pipefail
 stage="${1:-mla}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT="${OUT:-/tmp/deepport-out}"; mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
-python3 -c "import torch, triton, numpy; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'numpy', numpy.__version__, 'gpus', torch.cuda.device_count())"
-git_rev="$(cat .git_revision 2>/dev/null || echo unknown)"; echo "deepport commit: $git_rev" | tee "$OUT/commit.txt"
 
-certify() {  # certify NAME OPS...  (DEEPPORT_GPU_VERIFY=0: leave `deepport verify` to the host, saving device time)
-  local name="$1"; shift
-  python3 -m deepport certify --device cuda --tier full --backend torch --op "$@" --out "$OUT/$name" 2>&1 | tail -n 30
-  if [ "${DEEPPORT_GPU_VERIFY:-1}" != 0 ]; then
-    python3 -m deepport verify "$OUT/$name/results.json" 2>&1 | tail -n 8 | tee "$OUT/${name}_verify.txt"
+environment() {
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
+  python3 -c "import torch, triton, numpy; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'numpy', numpy.__version__, 'gpus', torch.cuda.device_count())"
+  local git_rev; git_rev="$(cat .git_revision 2>/dev/null || echo unknown)"; echo "deepport commit: $git_rev" | tee "$OUT/commit.txt"
+}
+
+ops_of() {  # the ops of one certificate part
+  case "$1" in
+    mla) echo mla_decode ;;
+    fp8-dense) echo fp8_gemm_nt fp8_gemm_nn fp8_gemm_tn fp8_gemm_tt ;;
+    fp8-grouped) echo m_grouped_fp8_gemm_nt_contiguous m_grouped_fp8_gemm_nt_masked ;;
+    moe) echo moe_layout moe_dispatch moe_combine moe_dispatch_expanded moe_combine_expanded \
+              moe_low_latency_dispatch moe_low_latency_combine ;;
+    *) return 1 ;;
+  esac
+}
+
+part() {  # part NAME: certify --tier full on torch (isolated) for the part's ops, with the run seed
+  local name="$1" ops start
+  ops="$(ops_of "$name")" || { echo "unknown part $name (mla, fp8-dense, fp8-grouped, moe)"; return 2; }
+  if [ -z "${DEEPPORT_CERT_SEED:-}" ]; then
+    echo "set DEEPPORT_CERT_SEED (one random seed for every part of the certificate)"; return 2
   fi
-  for f in results.json summary.md junit.xml; do cp "$OUT/$name/$f" "$OUT/${name}_$f" 2>/dev/null; done
-  rm -rf "${OUT:?}/$name"
+  start=$SECONDS
+  # shellcheck disable=SC2086 # the op list is meant to split into words
+  python3 -m deepport certify --device cuda --tier full --backend torch --seed "$DEEPPORT_CERT_SEED" \
+    --op $ops --out "$OUT/part-$name" > "$OUT/part-$name.log" 2>&1
+  local status=$?
+  tail -n 25 "$OUT/part-$name.log"
+  echo "part $name: exit $status after $((SECONDS - start)) s" | tee -a "$OUT/parts.txt"
+  if [ -f "$OUT/part-$name/results.json" ]; then  # not a certificate alone: shows any finding early
+    python3 -m deepport verify "$OUT/part-$name/results.json" --regenerate 0 2>&1 | tail -n 6
+  fi
 }
 
 case "$stage" in
   mla)
-    python3 -m pytest -q -p no:cacheprovider tests/test_mla_decode_gpu.py 2>&1 | tee "$OUT/gpu_tests_mla.txt" | tail -n 15
-    certify full_torch_mla mla_decode ;;
+    environment
+    python3 -m pytest -q -p no:cacheprovider tests/test_mla_decode_gpu.py 2>&1 | tee "$OUT/gpu_tests_mla.txt" | tail -n 15 ;;
   fp8)
+    environment
     python3 -m pytest -q -p no:cacheprovider tests/test_fp8_gemm_gpu.py tests/test_fp8_grouped_gemm_gpu.py \
-      tests/test_f64_products.py 2>&1 | tee "$OUT/gpu_tests_fp8.txt" | tail -n 15
-    certify full_torch_fp8_dense fp8_gemm_nt fp8_gemm_nn fp8_gemm_tn fp8_gemm_tt ;;
-  fp8-grouped)
-    certify full_torch_fp8_grouped m_grouped_fp8_gemm_nt_contiguous m_grouped_fp8_gemm_nt_masked ;;
-  moe)
-    python3 -m pytest -q -p no:cacheprovider tests/test_moe_gpu.py 2>&1 | tee "$OUT/gpu_tests_moe.txt" | tail -n 15
-    certify full_torch_moe moe_layout moe_dispatch moe_combine moe_dispatch_expanded moe_combine_expanded \
-      moe_low_latency_dispatch moe_low_latency_combine ;;
+      tests/test_f64_products.py 2>&1 | tee "$OUT/gpu_tests_fp8.txt" | tail -n 15 ;;
+  moe-tests)
+    environment
+    python3 -m pytest -q -p no:cacheprovider tests/test_moe_gpu.py 2>&1 | tee "$OUT/gpu_tests_moe.txt" | tail -n 25 ;;
+  cert-a)
+    environment; part mla; part fp8-dense ;;
+  cert-b)
+    environment; part fp8-grouped; part moe ;;
+  part)
+    environment; part "${2:?part NAME}" ;;
+  merge)
+    parts_dir="${2:?merge PARTS_DIR OUT_DIR}"; out_dir="${3:?merge PARTS_DIR OUT_DIR}"
+    python3 -m deepport merge "$parts_dir"/part-*/results.json --out "$out_dir" || exit $?
+    python3 -m deepport verify "$out_dir/results.json" 2>&1 | tee "$out_dir/verify.txt" | tail -n 12
+    exit "${PIPESTATUS[0]}" ;;
+  backends)  # every GPU backend in one call: GPU tests, smoke certify on cuda (torch, triton, hopper;
+             # opencl through NVIDIA's OpenCL when .whl carries pyopencl), then deepport bench
+    environment
+    timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_triton_gpu.py tests/test_hopper_gpu.py \
+      tests/test_custom_ops_gpu.py tests/test_mla_decode_gpu.py tests/test_fp8_gemm_gpu.py \
+      tests/test_fp8_grouped_gemm_gpu.py > "$OUT/gpu_tests.txt" 2>&1; tail -n 25 "$OUT/gpu_tests.txt"
+    timeout 120 python3 -m deepport certify --device cuda --tier smoke --backend torch triton hopper \
+      --out "$OUT/smoke" > "$OUT/smoke.log" 2>&1; tail -n 30 "$OUT/smoke.log"
+    timeout 250 python3 -m deepport bench --device cuda --out "$OUT/bench" > "$OUT/bench.log" 2>&1
+    tail -n 70 "$OUT/bench.log" ;;
   bench)
+    environment
     python3 -m deepport bench --device cuda --out "$OUT/bench" 2>&1 | tail -n 80
     cp "$OUT/bench/bench.json" "$OUT/bench.json" 2>/dev/null; cp "$OUT/bench/bench.png" "$OUT/bench.png" 2>/dev/null
     rm -rf "$OUT/bench" ;;
-  *) echo "unknown stage $stage (mla, fp8, fp8-grouped, moe, bench)"; exit 2 ;;
+  *) echo "unknown stage $stage (mla, fp8, moe-tests, cert-a, cert-b, part NAME, merge, bench)"; exit 2 ;;
 esac

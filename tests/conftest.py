@@ -115,3 +115,14 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     environment (opt in per module)."""
     for var in [v for v in os.environ if v.startswith("DEEPPORT_")]:
         monkeypatch.delenv(var, raising=False)
+
+
+@pytest.fixture(autouse=True)
+def _forget_plugin_specs() -> Iterator[None]:
+    """A test that loads a plugin (``--plugin``/``--backend module:object``) must not make every later
+    run's rank and isolation processes import it: the spec list is process-wide."""
+    from deepport.conformance import plugins
+
+    saved = plugins.loaded_specs()
+    yield
+    plugins._loaded[:] = list(saved)

@@ -1,5 +1,8 @@
-"""Backends for tests/test_isolation.py that a spawned worker can import by module path
-(``isolation_backends:BACKENDS``): one kills its process, one hangs."""
+"""Backends that other processes can import by module path: for tests/test_isolation.py
+(``isolation_backends:BACKENDS``: one kills its process, one hangs), the exploit corpus's
+output-rebinding cheats (``isolation_backends:REBINDS``) for tests/test_exploits.py, and an
+out-of-tree MoE backend (``isolation_backends:PLUGIN_MOE``, the torch backend's MoE ops under another
+name) for tests/test_rank_group.py."""
 
 from __future__ import annotations
 
@@ -8,6 +11,8 @@ import time
 
 import torch
 
+from deepport.backends.torch import BACKEND as TORCH
+from deepport.conformance.exploits import exploit
 from deepport.dispatch import Backend, OpSupport
 from deepport.kernels.mla_decode import MLADecodeCall
 
@@ -33,3 +38,7 @@ BACKENDS = (
     _backend("test_crash", "isolation_backends:crash"),
     _backend("test_hang", "isolation_backends:hang"),
 )
+
+REBINDS = (exploit("rebinds_outputs"), exploit("fp8_rebinds_output"))
+PLUGIN_MOE = Backend(name="test_plugin_moe", summary="the torch MoE ops, loaded as a plugin", version="0",
+                     ops=tuple(s for s in TORCH.ops if s.op.startswith("moe_")), priority={})

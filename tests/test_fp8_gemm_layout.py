@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from deepport.errors import InvalidArgumentError
 from deepport.kernels.fp8_layout import (
+    FP8_E4M3_MAX_INV,
     align,
+    amax_scales,
     ceil_div,
     ceil_to_ue8m0,
     get_mk_alignment_for_contiguous_layout,
@@ -103,10 +106,33 @@ def test_per_token_cast_scales_each_row_block_by_amax_over_448() -> None:
     q, sf = per_token_cast_to_fp8(x)
     assert q.shape == (2, 200) and q.dtype == torch.float8_e4m3fn and q.is_contiguous()
     assert sf.shape == (2, 2) and sf.stride() == (2, 1)
-    want = torch.tensor([[896.0, 44.8], [1.0, 1e-4]]) / 448.0
+    want = torch.tensor([[896.0, 44.8], [1.0, 1e-4]]) * FP8_E4M3_MAX_INV  # DeepEP: amax * float32(1/448)
     assert torch.equal(sf, want)
     assert q[0, 3].item() == -448.0 and q[0, 130].item() == pytest.approx(448.0, rel=0.07)
     assert q[1, :128].float().eq(448.0).all() and q[1, 128:].float().eq(0.0).all()
+
+
+def test_scale_is_amax_times_float32_reciprocal_of_448_not_a_division() -> None:
+    # DeepEP: scale_inv = amax * kFP8AmaxInv (float32(1/448)), scale = 448 / amax. For amax 12 the
+    # product rounds to 0.0267857164144516, the division 12 / 448 to 0.02678571455180645 and the float64
+    # quotient is 0.026785714285714284: the rule fixes the last bit on every device.
+    assert float(np.float32(1.0 / 448.0)) == FP8_E4M3_MAX_INV
+    amax = torch.tensor([12.0, 0.0, 3.5, 1000.0, 2.0**-20])
+    sf, multiplier = amax_scales(amax)
+    assert sf[0].item() == 0.0267857164144516 and sf[0].item() != float(np.float32(12.0) / np.float32(448.0))
+    assert sf[1].item() == float(np.float32(1e-4) * np.float32(1.0 / 448.0))  # the floor, times the reciprocal
+    a = np.maximum(amax.numpy(), np.float32(1e-4))
+    assert sf.numpy().tobytes() == (a * np.float32(1.0 / 448.0)).tobytes()
+    assert multiplier.numpy().tobytes() == (np.float32(448.0) / a).tobytes()
+
+
+def test_scale_rule_matches_numpy_float32_where_division_would_differ() -> None:
+    amax = torch.arange(1, 4001, dtype=torch.float32) * 0.37
+    sf, multiplier = amax_scales(amax)
+    a = amax.numpy()
+    assert sf.numpy().tobytes() == (a * np.float32(1.0 / 448.0)).tobytes()
+    assert multiplier.numpy().tobytes() == (np.float32(448.0) / a).tobytes()
+    assert (sf.numpy() != a / np.float32(448.0)).mean() > 0.2  # the rule is not the division
 
 
 def test_per_token_cast_ue8m0_uses_power_of_two_scales() -> None:
@@ -123,7 +149,7 @@ def test_per_block_cast_uses_one_scale_per_128x128_block() -> None:
     x[100, 1] = 8.96  # same block as x[0, 0]: amax 8.96
     q, sf = per_block_cast_to_fp8(x)
     assert q.shape == (130, 129) and sf.shape == (2, 2)
-    assert torch.equal(sf, torch.tensor([[8.96, 1e-4], [1e-4, 448.0]]) / 448.0)
+    assert torch.equal(sf, torch.tensor([[8.96, 1e-4], [1e-4, 448.0]]) * FP8_E4M3_MAX_INV)
     assert q[100, 1].item() == 448.0 and q[129, 128].item() == -448.0
     assert q[0, 0].item() == 224.0
 

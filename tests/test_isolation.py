@@ -41,7 +41,7 @@ def test_plugins_reach_the_worker_and_cheats_are_still_rejected(name: str) -> No
     assert result.status is Status.FAIL, result.message
 
 
-def test_a_backend_that_kills_its_process_is_an_error_and_the_run_goes_on() -> None:
+def test_a_backend_that_kills_its_process_is_a_crash_and_the_run_goes_on() -> None:
     try:
         run = run_suite(["test_crash", "torch"], "smoke", case_pattern="*page*", run_seed=SEED, isolate=True,
                         plugins=["isolation_backends:BACKENDS"])
@@ -50,7 +50,7 @@ def test_a_backend_that_kills_its_process_is_an_error_and_the_run_goes_on() -> N
     crashed = [r for r in run.cases if r.backend == "test_crash"]
     honest = [r for r in run.cases if r.backend == "torch"]
     assert len(crashed) >= 2, "the worker must be restarted after a crash"
-    assert all(r.status is Status.ERROR and "worker process died (exit code 3)" in r.message for r in crashed)
+    assert all(r.status is Status.CRASH and "worker process died (exit code 3)" in r.message for r in crashed)
     assert all(r.status is Status.PASS for r in honest)
 
 
@@ -61,4 +61,4 @@ def test_a_backend_that_hangs_is_stopped_at_the_timeout() -> None:
     finally:
         _forget("test_crash", "test_hang")
     (result,) = run.cases
-    assert result.status is Status.ERROR and "timed out after 5 s" in result.message
+    assert result.status is Status.TIMEOUT and "timed out after 5 s" in result.message

@@ -65,5 +65,7 @@ def test_metadata_plans_for_the_gpus_multiprocessors() -> None:
 @pytest.mark.parametrize("backend", ["torch", "reference"])
 def test_smoke_tier_passes_on_cuda(backend: str) -> None:
     run = run_suite([backend], "smoke", device="cuda")
-    bad = [f"{r.case_id}: {r.status} {r.message}" for r in run.cases if r.status.value != "pass"]
+    # Multi-rank MoE cases need one GPU per rank: not_supported on a one-GPU machine, with that reason.
+    bad = [f"{r.case_id}: {r.status} {r.message}" for r in run.cases if r.status.value != "pass"
+           and not (r.status.value == "not_supported" and "CUDA devices (one per rank)" in (r.message or ""))]
     assert not bad, "\n".join(bad) + f"\nrun seed {run.run_seed}"

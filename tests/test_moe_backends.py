@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -97,9 +98,27 @@ def test_low_latency_layout_packs_rows_and_casts_to_fp8(backend: str) -> None:
     assert r.recv_count.tolist() == [2, 0, 0, 2, 0, 1, 0, 1]
     assert data.shape == (E, 8, 128) and scales.shape == (E, 8, 1) and scales.stride() == (8, 1, 8)
     amax = x[0].float().abs().max()
-    assert scales[0, 0, 0].item() == pytest.approx(float(amax / 448), rel=1e-6)
+    assert scales[0, 0, 0].item() == float(np.float32(amax.item()) * np.float32(1 / 448))
     dequant = data[3, :2].float() * scales[3, :2]
     assert torch.allclose(dequant, x[[0, 4]].float(), rtol=2**-3, atol=amax.item() * 2**-9)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_low_latency_fp8_scales_are_deepep_float32_bits(backend: str) -> None:
+    # scale = float32(amax * float32(1/448)) exactly; amax 12 is a value where this differs from the
+    # correctly rounded 12 / 448 (and from float64); the all-zero block gets the floor float32(1e-4).
+    x = torch.zeros(3, 384, dtype=torch.bfloat16)
+    x[0, 5], x[0, 200], x[1, :128], x[2, 300] = -12.0, 3.5, 0.3, 1000.0
+    idx = torch.tensor([[0], [0], [1]])
+    r = deepport.moe_low_latency_dispatch(x, idx, 4, 2, use_fp8=True, backend=backend)
+    data, scales = r.recv_x  # type: ignore[misc]
+    amax = np.maximum(x.float().abs().reshape(3, 3, 128).amax(2).numpy(), np.float32(1e-4))
+    want = amax * np.float32(1 / 448)
+    got = np.stack([scales[0, 0].numpy(), scales[0, 1].numpy(), scales[1, 0].numpy()])
+    assert got.tobytes() == want.tobytes()
+    assert scales[0, 0, 0].item() == 0.0267857164144516
+    values = (x.float().reshape(3, 3, 128) * torch.from_numpy(np.float32(448) / amax)[:, :, None]).reshape(3, 384)
+    assert torch.equal(data[0, :2].view(torch.uint8), values[:2].to(torch.float8_e4m3fn).view(torch.uint8))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

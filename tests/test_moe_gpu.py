@@ -1,16 +1,20 @@
 """GPU tests for MoE dispatch/combine: one CUDA device, and 2-rank NCCL (needs 2 GPUs of one host).
 
 Skipped without CUDA (or with fewer GPUs than ranks). On two H200s:
-``python3 -m pytest -q -m gpu tests/test_moe_gpu.py``.
+``python3 -m pytest -q -m gpu tests/test_moe_gpu.py`` (``bash scripts/gpu_check.sh moe-tests``). Rank jobs
+of the tests live in tests/rank_jobs.py (ranks import it: they get this process's ``sys.path``).
 """
 
 from __future__ import annotations
+
+import time
 
 import pytest
 import torch
 
 import deepport
 from deepport.conformance import Status, run_suite
+from deepport.conformance.rank_group import RankGroup, RankGroupError
 from deepport.conformance.suites import SUITES
 from deepport.examples import deepseek_v3_moe_layer as layer
 
@@ -41,7 +45,24 @@ def test_moe_smoke_on_cuda_one_gpu_cases_pass() -> None:
 
 
 @two_gpus
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(480)
+def test_nccl_rank_group_never_hangs_on_a_stalled_rank_or_an_empty_send() -> None:
+    """The rank group's deadlines on NCCL: a rank sending nothing completes; a rank that never joins a
+    collective fails the job within its deadline (plus the stack dump), naming the rank and its phase."""
+    group = RankGroup(2, "cuda", timeout_s=30)
+    try:
+        assert group.run("rank_jobs:exchange_rows", 2, rows_from=[2, 0]) == [[[0.0] * 3] * 2, [[0.0] * 3] * 2]
+        assert group.run("rank_jobs:exchange_rows", 2, rows_from=[0, 0]) == [[], []]
+        started = time.monotonic()
+        with pytest.raises(RankGroupError, match=r"rank 1 of 2 \(phase 'job stall: running'"):
+            group.run("rank_jobs:all_reduce_unless_stalled", 2, label="stall", stalled=1)
+        assert time.monotonic() - started < 30 + 15
+    finally:
+        group.close()
+
+
+@two_gpus
+@pytest.mark.timeout(480)
 def test_two_rank_nccl_cases_pass() -> None:
     run = run_suite(["torch", "reference"], "full", device="cuda", ops=MOE_OPS, case_pattern="world2",
                     run_seed=20261128)

@@ -3,7 +3,8 @@
 The genuine run is the whole smoke tier on the torch backend (once per module). Smoke is not a
 certification tier, so it verifies as "NOT A CERTIFICATION RUN"; to reach the VALID verdict on a
 CPU, tests pass ``certification_tier="smoke"`` (a test hook of :func:`verify`, documented there).
-The real full-tier certificate committed under ``benchmarks/results`` is checked as it is.
+Parts of one run split by op merge into one certificate (``deepport merge``). The committed full-tier
+certificate is checked by tests/test_certificates.py.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ from typing import Any
 import pytest
 
 from deepport.cli.main import main
-from deepport.conformance.runner import SUITE_VERSION, run_suite, select_cases
-from deepport.conformance.verify import INVALID, NOT_CERTIFICATION, VALID, input_elements, verify, verify_file
+from deepport.conformance.merge import MergeError, merge_results
+from deepport.conformance.runner import run_suite, select_cases
+from deepport.conformance.suites import SUITES
+from deepport.conformance.verify import INVALID, NOT_CERTIFICATION, VALID, input_elements, verify
 
 Results = dict[str, Any]
-H200 = Path(__file__).resolve().parents[1] / "benchmarks/results/2026-11-28-h200-certify-full-torch/results.json"
 
 
 @pytest.fixture(scope="module")
@@ -62,13 +64,53 @@ def test_smoke_run_is_valid_when_smoke_is_made_the_certification_tier(results: R
     assert len(rep.regenerated) == len(select_cases("smoke"))
 
 
-@pytest.mark.skipif(not H200.exists(), reason="the committed H200 certificate is not in this checkout")
-def test_committed_full_tier_certificate_is_valid() -> None:
-    if json.loads(H200.read_text())["suite_version"] != SUITE_VERSION:
-        pytest.skip(f"the committed certificate is for another suite release than {SUITE_VERSION}")
-    rep = verify_file(H200)
-    assert rep.verdict == VALID, rep.findings
-    assert rep.profiles["torch"][0] == "core profile: PASS (80/80)"
+def _split(results: Results, groups: list[list[str]]) -> list[Results]:
+    """``results`` as the parts of the same run made with ``certify --op`` per group of ops."""
+    parts = []
+    for ops in groups:
+        part = copy.deepcopy(results)
+        part["cases"] = [c for c in results["cases"] if c["op"] in ops]
+        part["selection"] = {"ops": ops, "case_pattern": None}
+        part["summary"] = {b: {op: n for op, n in per.items() if op in ops} for b, per in results["summary"].items()}
+        parts.append(part)
+    return parts
+
+
+GROUPS = [["mla_decode", "fp8_gemm_nt", "fp8_gemm_nn", "fp8_gemm_tn", "fp8_gemm_tt"],
+          ["m_grouped_fp8_gemm_nt_contiguous", "m_grouped_fp8_gemm_nt_masked"],
+          [op for op in SUITES if op.startswith("moe_")]]
+
+
+def test_parts_of_one_run_merge_into_a_valid_certificate(results: Results, tmp_path: Path) -> None:
+    paths = []
+    for i, part in enumerate(_split(results, GROUPS)):
+        assert verify(part, certification_tier="smoke", regenerate=0).verdict == NOT_CERTIFICATION
+        paths.append(tmp_path / f"part{i}.json")
+        paths[-1].write_text(json.dumps(part))
+    assert main(["merge", *map(str, paths), "--out", str(tmp_path / "merged")]) == 0
+    merged = json.loads((tmp_path / "merged" / "results.json").read_text())
+    assert merged["selection"] == {"ops": None, "case_pattern": None}
+    assert len(merged["cases"]) == len(results["cases"]) and merged["summary"] == results["summary"]
+    assert [p["selection"]["ops"] for p in merged["parts"]] == GROUPS
+    rep = verify(merged, certification_tier="smoke", regenerate=2)
+    assert rep.verdict == VALID and rep.findings == [], rep.findings
+
+
+def test_merging_refuses_parts_of_different_runs_or_overlapping_ops(results: Results) -> None:
+    a, b, c = _split(results, GROUPS)
+    other_seed = copy.deepcopy(b)
+    other_seed["run_seed"] += 1
+    with pytest.raises(MergeError, match="run_seed"):
+        merge_results([a, other_seed, c])
+    with pytest.raises(MergeError, match="are in an earlier part too"):
+        merge_results([a, b, c, b])
+    other_device = copy.deepcopy(c)
+    other_device["environment"]["device"]["name"] = "another GPU"
+    with pytest.raises(MergeError, match="device"):
+        merge_results([a, b, other_device])
+    partial = merge_results([a, c])  # the grouped FP8 GEMMs missing: a selection, not a certificate
+    assert partial["selection"]["ops"] == sorted(GROUPS[0] + GROUPS[2])
+    assert verify(partial, certification_tier="smoke", regenerate=0).verdict == NOT_CERTIFICATION
 
 
 def test_a_run_without_process_isolation_gets_a_warning(results: Results) -> None:

@@ -138,7 +138,7 @@ def moe_lowering_report() -> dict[str, dict[str, int]]:
             out_ptr=Ptr("fp32"), num_cols=7168, stride_y=7168, BLOCK_C=4096)),
         "cast_fp8": compile_for(k.moe_cast_fp8_kernel, dict(
             x_ptr=Ptr("bf16"), q_ptr=Ptr("fp8e4nv"), scale_ptr=Ptr("fp32"), hidden=7168, fp8_max=448.0,
-            amax_floor=1e-4, STORE_FP32=False)),
+            fp8_max_inv=1 / 448, amax_floor=1e-4, STORE_FP32=False)),
     }
     report = {name: _counts(kernel) for name, kernel in kernels.items()}
     report["cast_fp8"]["e4m3_cvt"] = kernels["cast_fp8"].asm["ptx"].count("e4m3x2.f32")

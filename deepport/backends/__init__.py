@@ -10,4 +10,5 @@ BUILTIN: tuple[str, ...] = (
     "deepport.backends.triton",
     "deepport.backends.hopper",
     "deepport.backends.triton",
+    "deepport.backends.opencl",
 )

@@ -8,9 +8,10 @@ backend's core-profile verdict, and the paths of ``results.json``, ``junit.xml``
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import shlex
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,17 +21,18 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from deepport.conformance import report
+from deepport.conformance import certificate, profiles, report
 from deepport.conformance.case import Case
-from deepport.conformance.isolation import load_plugins
+from deepport.conformance.plugins import load_plugins
 from deepport.conformance.results import CaseResult, Status, SuiteRun
 from deepport.conformance.runner import SUITE_VERSION, default_device, run_suite, select_cases, usable_backends
+from deepport.conformance.waivers import Waiver, WaiverFileError, apply_waivers, load_waivers
 from deepport.dispatch import device_info, registry
 
-_STATUS_STYLE = {Status.FAIL: "red", Status.ERROR: "red", Status.INTERNAL_ERROR: "magenta",
-                 Status.NOT_SUPPORTED: "yellow"}
-_VERDICT_STYLE = {"PASS": "green", "PASS (core)": "green", "FAIL": "bold red", "SUITE ERROR": "bold magenta",
-                  "CORE INCOMPLETE": "yellow", "NOT SUPPORTED": "yellow"}
+_STATUS_STYLE = {Status.FAIL: "red", Status.ERROR: "red", Status.CRASH: "red", Status.TIMEOUT: "red",
+                 Status.INTERNAL_ERROR: "magenta", Status.NOT_SUPPORTED: "yellow"}
+_VERDICT_STYLE = {"PASS": "green", "PASS (core)": "green", "PASS (waived)": "yellow", "FAIL": "bold red",
+                  "SUITE ERROR": "bold magenta", "CORE INCOMPLETE": "yellow", "NOT SUPPORTED": "yellow"}
 
 
 class UsageError(Exception):
@@ -52,10 +54,25 @@ class Plan:
     isolate: bool = False
     plugins: tuple[str, ...] = ()
     timeout_s: float = 600.0
+    certify: bool = False  # certification mode (deepport.conformance.certificate): seed from the nonce, one archive
+    nonce: str | None = None
+    waivers: tuple[Waiver, ...] = ()
+    waiver_file: Path | None = None
 
     def command(self) -> str:
-        """The command line that reproduces this run (seed included)."""
-        args = ["deepport", "certify", "--tier", self.tier, "--seed", str(self.seed), "--device", str(self.device)]
+        """The command line that reproduces this run (seed included; in certification mode, the nonce)."""
+        if self.certify:
+            args = ["deepport", "certify", "--certify", "--nonce", str(self.nonce), "--device", str(self.device)]
+            args += ["--tier", self.tier] if self.tier != "full" else []
+            return shlex.join([*args, *self._selection(), "--timeout", f"{self.timeout_s:g}"])
+        args = ["deepport", "certify", "--tier", self.tier, "--seed", str(self.seed), "--device", str(self.device),
+                *self._selection(), "--isolate" if self.isolate else "--no-isolate"]
+        if self.waiver_file is not None:
+            args += ["--waivers", str(self.waiver_file)]
+        return shlex.join(args)
+
+    def _selection(self) -> list[str]:
+        args = []
         for name in self.backends:
             args += ["--backend", name]
         for op in self.ops or ():
@@ -64,23 +81,74 @@ class Plan:
             args += ["--case", self.case_pattern]
         for spec in self.plugins:
             args += ["--plugin", spec]
-        args += ["--isolate" if self.isolate else "--no-isolate"]
-        return shlex.join(args)
+        return args
+
+
+def _backend_specs(backends: Sequence[str] | None) -> tuple[list[str] | None, list[str]]:
+    """``--backend module:object`` (an out-of-tree Backend, or an iterable of them): load each such spec
+    and put the names it provides in its place. Returns the backend names and the specs loaded."""
+    if not backends:
+        return None, []
+    registered = {b.name for b in registry.all_backends()}
+    names: list[str] = []
+    specs: list[str] = []
+    for item in backends:
+        if item in registered or ":" not in item:
+            names.append(item)
+            continue
+        try:
+            names += load_plugins([item])
+        except Exception as exc:
+            raise UsageError(f"cannot load backend {item!r}: {type(exc).__name__}: {exc}") from None
+        specs.append(item)
+    return names, specs
+
+
+def _certify_options(tier: str, ops: Sequence[str] | None, case_pattern: str | None, isolate: bool | None,
+                     nonce: str | None, waivers: Path | None) -> str:
+    """Check what certification mode allows; returns the nonce to use."""
+    try:
+        certificate.certification_mode(tier, ops, case_pattern)
+        chosen = certificate.check_nonce(nonce) if nonce is not None else certificate.new_nonce()
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if isolate is False:
+        raise UsageError("--certify isolates every backend in its own process; --no-isolate cannot certify")
+    if waivers is not None:
+        raise UsageError("--certify never applies waivers (a certificate records what ran, as it ran); "
+                         "drop --waivers")
+    return chosen
 
 
 def plan(backends: Sequence[str] | None, tier: str, device: str | None, seed: int | None,
          ops: Sequence[str] | None, case_pattern: str | None, out_dir: Path, *, isolate: bool | None = None,
-         plugins: Sequence[str] = (), timeout_s: float = 600.0) -> Plan:
+         plugins: Sequence[str] = (), timeout_s: float = 600.0, certify: bool = False, nonce: str | None = None,
+         waivers: Path | None = None) -> Plan:
     """Resolve defaults and check every argument; raises :class:`UsageError` with what is wrong.
 
     ``isolate`` defaults to on for the ``full`` tier (a certification runs each backend in its own
     process) and off for ``smoke`` (quick, in-process). ``plugins`` are loaded first, so the backends
-    they provide can be named.
+    they provide can be named; a backend given as ``module:object`` is loaded the same way.
+    ``certify``: certification mode (the whole ``full`` tier, isolated, seeded from ``nonce``, no
+    waivers); ``waivers``: a file of expected failures (:mod:`deepport.conformance.waivers`).
     """
     try:
         load_plugins(plugins)
     except Exception as exc:
         raise UsageError(f"cannot load plugin: {type(exc).__name__}: {exc}") from None
+    backends, specs = _backend_specs(backends)
+    plugins = (*plugins, *(s for s in specs if s not in plugins))
+    if certify:
+        if seed is not None:
+            raise UsageError("--certify derives the run seed from the nonce; give --nonce instead of --seed")
+        nonce = _certify_options(tier, ops, case_pattern, isolate, nonce, waivers)
+        isolate, seed = True, certificate.nonce_seed(nonce)
+    elif nonce is not None:
+        raise UsageError("--nonce is for certification mode (--certify); use --seed otherwise")
+    try:
+        loaded = tuple(load_waivers(waivers)) if waivers is not None else ()
+    except WaiverFileError as exc:
+        raise UsageError(str(exc)) from None
     if timeout_s <= 0:
         raise UsageError(f"--timeout must be > 0 seconds, got {timeout_s:g}")
     known = {b.name: b for b in registry.all_backends()}
@@ -110,9 +178,15 @@ def plan(backends: Sequence[str] | None, tier: str, device: str | None, seed: in
         raise UsageError(f"no {tier}-tier case matches {what}"
                          + (f" for ops {', '.join(ops)}" if ops else "")
                          + "; case ids look like 'mla_decode/page_edges' (glob or substring)")
+    for name in names:
+        explicit = known[name].profiles
+        unknown = profiles.unknown_profiles(explicit or ())
+        if unknown:
+            raise UsageError(f"backend {name!r} claims unknown profiles {unknown}; "
+                             f"profiles: {', '.join(profiles.PROFILE_NAMES)}")
     return Plan(names, tier, dev, secrets.randbits(63) if seed is None else seed, list(ops) if ops else None,
                 case_pattern, cases, out_dir, tier == "full" if isolate is None else isolate, tuple(plugins),
-                timeout_s)
+                timeout_s, certify, nonce, loaded, waivers)
 
 
 def _header(p: Plan, out: Console) -> None:
@@ -128,7 +202,10 @@ def _header(p: Plan, out: Console) -> None:
                        style="yellow"))
 
 
-def _run_with_progress(p: Plan) -> SuiteRun:
+@contextlib.contextmanager
+def progress_callbacks(p: Plan) -> Iterator[tuple[Callable[[int], None], Callable[[CaseResult], None]]]:
+    """``(on_start, on_result)`` driving a progress bar on stderr that names the next case and prints
+    every result that is not a pass."""
     err = Console(stderr=True)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.fields[current]}", markup=False))
@@ -154,6 +231,11 @@ def _run_with_progress(p: Plan) -> SuiteRun:
                                      f" {r.case_id} on {r.backend}: {r.message}")
                 progress.console.print(line, soft_wrap=True)
 
+        yield on_start, on_result
+
+
+def _run_with_progress(p: Plan) -> SuiteRun:
+    with progress_callbacks(p) as (on_start, on_result):
         return run_suite(p.backends, p.tier, device=p.device, run_seed=p.seed, ops=p.ops,
                          case_pattern=p.case_pattern, on_start=on_start, on_result=on_result, command=p.command(),
                          isolate=p.isolate, plugins=p.plugins, timeout_s=p.timeout_s)
@@ -177,9 +259,22 @@ def print_table(results: dict[str, object], out: Console) -> None:
 
 
 def certify(p: Plan, out: Console) -> int:
-    """Run the plan, print the table, write the reports; 0 when every case passed or is not supported."""
+    """Run the plan, print the table, write the reports; 0 when every case passed or is not supported
+    (or, with waivers, failed as a waiver expects). Certification mode: :mod:`deepport.cli.certification`."""
+    if p.certify:
+        from deepport.cli.certification import certify_archive
+
+        return certify_archive(p, out)
     _header(p, out)
     run = _run_with_progress(p)
+    if p.waiver_file is not None:
+        outcome = apply_waivers(run, p.waivers)
+        out.print(Text(f"waivers from {p.waiver_file}: {len(outcome.waived)} case(s) waived, "
+                       f"{len(outcome.unexpected_passes)} unexpected pass(es), {len(outcome.unused)} unused entr(ies)"),
+                  soft_wrap=True)
+        for line in outcome.lines():
+            style = "red" if line.startswith("unexpected") else "yellow"
+            out.print(Text(f"  {line}", style=style), soft_wrap=True)
     results = run.to_dict()
     out.print()
     print_table(results, out)

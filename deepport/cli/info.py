@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import importlib
 import platform
 from typing import Any
 
@@ -52,15 +53,35 @@ def _selection(op: str, info: DeviceInfo) -> dict[str, Any]:
                           "reasons": list(v.reasons)} for v in found]}
 
 
+def _toolchains() -> dict[str, Any]:
+    """Per available built-in backend, what its package's optional ``toolchain_info()`` reports (the
+    OpenCL backend: every OpenCL device with its versions and extensions)."""
+    from deepport.backends import BUILTIN
+
+    found: dict[str, Any] = {}
+    for name in BUILTIN:
+        module = importlib.import_module(name)
+        hook, backend = getattr(module, "toolchain_info", None), getattr(module, "BACKEND", None)
+        if hook is None or backend is None or backend.unavailable_reason is not None:
+            continue
+        try:
+            found[backend.name] = hook()
+        except Exception as exc:  # a broken driver must not break `deepport info`
+            found[backend.name] = {"error": f"{type(exc).__name__}: {exc}"}
+    return found
+
+
 def collect() -> dict[str, Any]:
     """Everything ``deepport info`` shows, as JSON-ready data."""
     devices = visible_devices()
     kinds = list(dict.fromkeys(d.kind for d in devices))
+    toolchains = _toolchains()
     backends = [{
         "name": b.name, "version": b.version, "summary": b.summary, "available": b.unavailable_reason is None,
         "unavailable_reason": b.unavailable_reason, "priority": dict(b.priority),
         "auto_priority": {kind: b.auto_priority(kind) for kind in kinds},
         "ops": {s.op: list(s.describe()) for s in b.ops},
+        "toolchain": toolchains.get(b.name),
     } for b in registry.all_backends()]
     return {
         "deepport": deepport.__version__,
@@ -71,6 +92,24 @@ def collect() -> dict[str, Any]:
         "backends": backends,
         "selection": [_selection(op, d) for d in devices for op in OPS],
     }
+
+
+def _render_toolchain(toolchain: dict[str, Any] | None, console: Console) -> None:
+    """A backend's toolchain details: lists of records one per line (long lists last), scalars as is."""
+    for key, value in (toolchain or {}).items():
+        if not isinstance(value, list):
+            console.print(Text(f"    {key}: {value}"), soft_wrap=True)
+            continue
+        console.print(Text(f"    {key}:"))
+        for item in value:
+            if not isinstance(item, dict):
+                console.print(Text(f"      {item}"), soft_wrap=True)
+                continue
+            scalars = [f"{k}={v}" for k, v in item.items() if not isinstance(v, list)]
+            console.print(Text("      " + ", ".join(scalars)), soft_wrap=True)
+            for k, v in item.items():
+                if isinstance(v, list):
+                    console.print(Text(f"        {k}: {' '.join(str(x) for x in v)}"), soft_wrap=True)
 
 
 def render(data: dict[str, Any], console: Console) -> None:
@@ -98,6 +137,7 @@ def render(data: dict[str, Any], console: Console) -> None:
         console.print(Text(f"    automatic priority: {declared}  (here: {effective})"))
         for op, lines in b["ops"].items():
             console.print(Text(f"    {op}: {'; '.join(lines)}"))
+        _render_toolchain(b.get("toolchain"), console)
     console.print()
     console.print(Text("Automatic selection for each op's core example call", style="bold"))
     for s in data["selection"]:

@@ -1,4 +1,5 @@
-"""``deepport verify RESULTS_JSON [--regenerate N|all]``: is a ``results.json`` a valid certificate?
+"""``deepport verify PATH [--regenerate N|all] [--replay N]``: is a ``results.json``, or a certificate
+archive of ``deepport certify --certify`` (:mod:`deepport.conformance.certificate_verify`), valid?
 
 Prints (stdout) what the file claims (suite, tier, run seed, device, backends), how many cases had their
 inputs regenerated, every finding (errors, then warnings, each naming its case and backend), each
@@ -17,6 +18,8 @@ from rich.console import Console
 from rich.text import Text
 
 from deepport.conformance import report
+from deepport.conformance.certificate_verify import VALID_TEST, CertificateReport, verify_certificate
+from deepport.conformance.profiles import CERTIFIED, FAIL, UNCLAIMED_PASS
 from deepport.conformance.verify import INVALID, VALID, VerifyReport, verify
 
 _VERDICT_STYLE = {VALID: "bold green", INVALID: "bold red"}
@@ -63,4 +66,57 @@ def run(results: Mapping[str, Any], regenerate: int | Literal["all"], out: Conso
     """Verify a loaded results dict, print the report; returns the exit status (0 valid, else 1)."""
     rep = verify(results, regenerate=regenerate)
     render(results, rep, out)
+    return rep.exit_code
+
+
+def render_certificate(rep: CertificateReport, out: Console) -> None:
+    """Print what a certificate archive claims, its findings, each backend's profiles, replays, the verdict."""
+    m, results = rep.manifest, rep.results
+    out.print(Text(f"certificate {rep.path} (sha256 {rep.digest})", style="bold"), soft_wrap=True)
+    if m:
+        out.print(Text(f"  mode {m.get('mode')}, suite {m.get('suite_version')} (source sha256 "
+                       f"{str(m.get('suite_sha256'))[:16]}...), tier {m.get('tier')}, nonce {m.get('nonce')}, "
+                       f"run seed {m.get('run_seed')}"), soft_wrap=True)
+        dev = m.get("device") or {}
+        out.print(Text(f"  device:   {dev.get('name')} ({dev.get('device')}; driver {dev.get('driver') or 'n/a'})"),
+                  soft_wrap=True)
+        for name, b in (m.get("backends") or {}).items():
+            declared = b.get("declared") or {}
+            identity = ", ".join(f"{k} {v}" for k, v in (declared.get("identity") or {}).items()) or "none reported"
+            out.print(Text(f"  backend {name} v{declared.get('version')}: {len(declared.get('ops') or [])} op(s) "
+                           f"declared; identity: {identity}"), soft_wrap=True)
+    if results:
+        out.print(Text(f"  inputs regenerated and hashed for {len(rep.checks.regenerated)} case(s)"))
+    findings = rep.checks.errors + rep.checks.warnings
+    if findings:
+        out.print(Text(f"findings: {len(rep.checks.errors)} error(s), {len(rep.checks.warnings)} warning(s)"))
+    for f in findings[:200]:
+        style = "red" if f.severity == "error" else "yellow"
+        out.print(Text.assemble((f"  {f.severity:<8}", style), f"{f.where()}: {f.message}"), soft_wrap=True)
+    if len(findings) > 200:
+        out.print(Text(f"  ... and {len(findings) - 200} more"))
+    for backend, verdicts in rep.profiles.items():
+        out.print(Text(f"{backend}: certified profiles: "
+                       + (", ".join(v.profile for v in verdicts if v.verdict == CERTIFIED) or "none")), soft_wrap=True)
+        for v in verdicts:
+            style = {CERTIFIED: "green", FAIL: "red", UNCLAIMED_PASS: "cyan"}.get(v.verdict, "yellow")
+            out.print(Text.assemble("  ", (v.line(), style)), soft_wrap=True)
+    if rep.replayed:
+        same = sum(r.matches for r in rep.replayed)
+        out.print(Text(f"replayed {len(rep.replayed)} case(s) here: {same} as recorded"))
+        for r in rep.replayed:
+            out.print(Text(f"  {r.line()}", style="green" if r.matches else "red"), soft_wrap=True)
+    reasons = "; ".join(rep.checks.not_certification_reasons)
+    if rep.test_archive:
+        reasons = "a test archive (mode 'test')" + (f": {reasons}" if reasons else "")
+    style = {VALID: "bold green", VALID_TEST: "bold yellow", INVALID: "bold red"}.get(rep.verdict, "bold yellow")
+    suffix = f" ({reasons})" if reasons and rep.verdict != VALID else ""
+    out.print(Text.assemble("verdict: ", (rep.verdict, style), suffix), soft_wrap=True)
+
+
+def run_certificate(path: str, regenerate: int | Literal["all"], replay: int, plugins: list[str], device: str | None,
+                    out: Console) -> int:
+    """Verify a certificate archive (or its folder), print the report; returns the exit status."""
+    rep = verify_certificate(path, regenerate=regenerate, replay_count=replay, plugins=plugins, device=device)
+    render_certificate(rep, out)
     return rep.exit_code

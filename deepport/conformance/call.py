@@ -3,6 +3,11 @@
 This half runs where the backend runs: in the harness's process, or in a spawned worker
 (:mod:`~deepport.conformance.isolation`). It never computes or sees the reference; the judging half
 (:mod:`~deepport.conformance.runner`) regenerates the pristine inputs and does that afterwards.
+
+Outputs are caller-allocated: after the call, each tensor the harness passed must still describe the
+same memory (device, dtype, shape, strides, offset, data and storage pointers) and that memory is what
+gets judged, so a backend that rebinds ``out`` to fresh memory (``out.set_(...)``) fails even though
+the tensor object would show a right answer (:func:`written_in_place`).
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ from typing import Any
 import torch
 
 from deepport.conformance.case import Case
+from deepport.conformance.rehearsal import rehearse
 from deepport.conformance.results import Status
+from deepport.conformance.snapshot import after_return, snapshot
 from deepport.errors import BackendNotSupportedError, InvalidArgumentError
 
 
@@ -74,6 +81,46 @@ def poisoned(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -
     return torch.full(shape, fill, dtype=dtype, device=device)
 
 
+def _buffer_identity(t: torch.Tensor) -> tuple[object, ...]:
+    """Where a tensor's elements live: device, dtype, shape, strides, storage offset and, for a non-empty
+    tensor, its data pointer and its storage's base pointer and size."""
+    where: tuple[object, ...] = (t.device, t.dtype, tuple(t.shape), t.stride(), t.storage_offset())
+    if t.numel() == 0:
+        return where
+    return (*where, t.data_ptr(), t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+
+
+def _alias(t: torch.Tensor) -> torch.Tensor:
+    """A second tensor over exactly ``t``'s memory: it keeps showing the caller's buffer whatever the
+    backend does to the ``t`` object itself (``set_``, ``resize_``, ``as_strided_``)."""
+    return t.as_strided(tuple(t.shape), t.stride(), t.storage_offset())
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
+        return False
+    bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    return torch.equal(a.contiguous().view(bits), b.contiguous().view(bits))
+
+
+def written_in_place(name: str, given: torch.Tensor, identity: tuple[object, ...],
+                     caller_view: torch.Tensor) -> str | None:
+    """Why output ``name`` was not written into the buffer the caller passed (``None`` if it was).
+
+    The op writes into caller-allocated memory: a backend that rebinds the tensor object to fresh memory
+    (``out.set_(fresh)``) leaves the caller's buffer stale for anyone holding it (a preallocated
+    workspace, a captured CUDA graph, a view). So the object must still describe the same memory
+    (``identity``, taken before the call) and show the same bits as ``caller_view``, a view of it."""
+    now = _buffer_identity(given)
+    if now != identity:
+        return (f"output `{name}` was not written in place: the tensor passed as `{name}` now points at other "
+                f"memory (before the call {identity}, after {now}; e.g. `{name}.set_(...)`), so the caller's "
+                f"buffer was not written")
+    if not _same_bits(given, caller_view):
+        return f"output `{name}` differs from the memory the caller passed (rebound to other storage)"
+    return None
+
+
 def _stage(suite: ModuleType, case: Case, seed: int,
            device: torch.device) -> tuple[Any, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Generate the inputs and keep only what the backend gets: device copies, poisoned outputs and the
@@ -100,8 +147,12 @@ def call_backend(suite: ModuleType, case: Case, seed: int, backend: str, device:
     except Exception as exc:
         return CallOutcome(Status.INTERNAL_ERROR, f"could not generate or stage inputs: {exc!r}",
                            time.perf_counter() - started)
+    identities = {n: _buffer_identity(t) for n, t in outputs.items()}
+    caller_views = {n: _alias(t) for n, t in outputs.items()}  # the caller's memory, whatever `t` becomes
     try:
+        rehearse(suite, call_spec, tensors, backend, outputs)  # same buffers, other contents, first
         suite.invoke(call_spec, tensors, backend, outputs)
+        returned = snapshot(outputs)  # what the caller's stream sees at return (judged below)
         synchronize(device)
     except BackendNotSupportedError as exc:
         return CallOutcome(Status.NOT_SUPPORTED, "; ".join(exc.reasons), time.perf_counter() - started)
@@ -113,7 +164,16 @@ def call_backend(suite: ModuleType, case: Case, seed: int, backend: str, device:
         return CallOutcome(Status.ERROR, f"{type(exc).__name__}: {exc} (at {where.filename}:{where.lineno}) {repro}",
                            time.perf_counter() - started)
     duration = time.perf_counter() - started
+    rebound = [why for n, t in outputs.items()
+               if (why := written_in_place(n, t, identities[n], caller_views[n])) is not None]
+    if rebound:
+        return CallOutcome(Status.FAIL, "; ".join(rebound) + f" {repro}", duration)
+    outputs = caller_views  # judge the caller's memory itself
     digests = {n: tensor_sha256(t) for n, t in tensors.items()}
+    late = after_return(outputs, returned)
+    if late:
+        return CallOutcome(Status.FAIL, "; ".join(late) + f" {repro}", duration)
+    outputs = returned
     if to_host:
         outputs = {n: t.detach().cpu() for n, t in outputs.items()}
     return CallOutcome(None, "", duration, outputs, "cpu" if to_host else str(device), digests)

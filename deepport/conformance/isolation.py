@@ -8,41 +8,26 @@ tier) each backend runs in a spawned worker that only stages inputs and calls th
 computes the reference and judges. A worker that crashes or exceeds the per-call timeout is killed,
 the case reported as ``error``, and a fresh worker started for the next case.
 
-Backends the worker knows are the built-ins, the ``deepport.backends`` entry points, and the
-``plugins`` (``"module"`` or ``"module:attribute"`` naming a Backend or an iterable of them).
+Backends the worker knows are the built-ins, the ``deepport.backends`` entry points (the spawned
+worker gets this process's ``sys.path``), and the ``plugins`` (:mod:`~deepport.conformance.plugins`),
+which it passes on to the rank processes of multi-rank cases it runs.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import multiprocessing
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
 import torch
 
 from deepport.conformance.call import CallOutcome, call_backend
+from deepport.conformance.plugins import load_plugins
 from deepport.conformance.results import Status
-from deepport.dispatch import Backend, registry
 
-
-def load_plugins(specs: Sequence[str]) -> list[str]:
-    """Import each ``"module[:attribute]"`` (attribute default ``BACKEND``) and register the Backend(s) it
-    names, unless a backend of that name is registered already. Returns the names it provides."""
-    names = []
-    for spec in specs:
-        module_name, _, attr = spec.partition(":")
-        obj: Any = getattr(importlib.import_module(module_name), attr or "BACKEND")
-        found: Iterable[Any] = [obj] if isinstance(obj, Backend) else obj
-        for backend in found:
-            if not isinstance(backend, Backend):
-                raise TypeError(f"plugin {spec!r} provides {type(backend).__name__}, not a deepport Backend")
-            if backend.name not in {b.name for b in registry.all_backends()}:
-                registry.register(backend)
-            names.append(backend.name)
-    return names
+__all__ = ["BackendWorker", "load_plugins"]
 
 
 def _worker_main(conn: Connection, plugins: Sequence[str]) -> None:
@@ -87,7 +72,7 @@ class BackendWorker:
                 outcome: CallOutcome = conn.recv()
                 return outcome
             self._kill()
-            return CallOutcome(Status.ERROR, f"timed out after {self.timeout_s:g} s in the worker process {repro}",
+            return CallOutcome(Status.TIMEOUT, f"timed out after {self.timeout_s:g} s in the worker process {repro}",
                                self.timeout_s)
         except (EOFError, OSError):
             code = None
@@ -95,7 +80,7 @@ class BackendWorker:
                 self._process.join(timeout=5)
                 code = self._process.exitcode
             self._kill()
-            return CallOutcome(Status.ERROR, f"the worker process died (exit code {code}) {repro}", 0.0)
+            return CallOutcome(Status.CRASH, f"the worker process died (exit code {code}) {repro}", 0.0)
 
     def _kill(self) -> None:
         if self._process is not None and self._process.is_alive():

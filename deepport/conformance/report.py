@@ -6,11 +6,16 @@ regenerates them from a saved run. Every file is written atomically (temp file, 
 
 Verdicts, shared by the Markdown summary and ``deepport certify``'s table:
 
-- per (op, backend): ``FAIL`` (a case failed or the backend errored), ``SUITE ERROR`` (the suite
+- per (op, backend): ``FAIL`` (a case failed, or the backend errored, crashed or timed out, and no
+  waiver expects it; or a waived case passed), ``SUITE ERROR`` (the suite
   itself was at fault), ``PASS`` (every case passed), ``PASS (core)`` (every core case passed, some
   extension case is not supported), ``CORE INCOMPLETE`` (some core case is not supported), or
   ``NOT SUPPORTED`` (no case ran);
-- per backend, the core profile: ``PASS`` only if every case with ``profile == "core"`` passed.
+- per backend, the core profile: ``PASS`` only if every case with ``profile == "core"`` passed;
+- per backend and named profile (``mla_decode/core`` ...): :mod:`deepport.conformance.profiles`.
+
+Waived cases (a vendor's expected failures, :mod:`deepport.conformance.waivers`) keep their status;
+the reports mark them, and a waived case that passed is an unexpected pass (a failure).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from deepport.conformance.profiles import profile_table
 from deepport.conformance.results import SCHEMA, SCHEMA_VERSION, Status, SuiteRun
 
 RESULTS_JSON, JUNIT_XML, SUMMARY_MD = "results.json", "junit.xml", "summary.md"
@@ -47,7 +53,7 @@ class Row:
     backend: str
     passed: int
     failed: int
-    errors: int  # the backend's errors plus the suite's internal errors
+    errors: int  # the backend's errors, crashes and timeouts plus the suite's internal errors
     not_supported: int
     verdict: str
 
@@ -91,6 +97,12 @@ def write_derived_reports(results: Mapping[str, Any], out_dir: Path) -> dict[str
             "summary": _write_atomic(out_dir / SUMMARY_MD, markdown_summary(results))}
 
 
+def write_text(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (temp file, then rename), creating the folder if needed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return _write_atomic(path, text)
+
+
 def _write_atomic(path: Path, text: str) -> Path:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -122,10 +134,28 @@ def _counts(cases: Iterable[Mapping[str, Any]]) -> dict[str, int]:
     return counts
 
 
+_FAILING = (Status.FAIL.value, Status.ERROR.value, Status.CRASH.value, Status.TIMEOUT.value)
+
+
+def waived(case: Mapping[str, Any]) -> bool:
+    """A case a waiver expected not to pass, and which did not pass."""
+    return bool(case.get("waiver")) and case["status"] != Status.PASS.value
+
+
+def unexpected_pass(case: Mapping[str, Any]) -> bool:
+    """A case a waiver expected to fail, which passed (strict waivers: the entry must be removed)."""
+    return bool(case.get("waiver")) and case["status"] == Status.PASS.value
+
+
 def op_verdict(cases: list[Mapping[str, Any]]) -> str:
     """The verdict of one backend on one op's cases (see the module docstring)."""
+    if any(unexpected_pass(c) for c in cases):
+        return "FAIL"
+    live = [c for c in cases if not waived(c)]
+    if len(live) < len(cases) and all(c["status"] in (Status.PASS.value, Status.NOT_SUPPORTED.value) for c in live):
+        return "PASS (waived)"
     counts = _counts(cases)
-    if counts[Status.FAIL.value] or counts[Status.ERROR.value]:
+    if any(counts[s] for s in _FAILING):
         return "FAIL"
     if counts[Status.INTERNAL_ERROR.value]:
         return "SUITE ERROR"
@@ -158,10 +188,13 @@ def table_rows(results: Mapping[str, Any]) -> list[Row]:
             if not mine:
                 continue
             n = _counts(mine)
-            rows.append(Row(op, backend, n[Status.PASS.value], n[Status.FAIL.value],
-                            n[Status.ERROR.value] + n[Status.INTERNAL_ERROR.value], n[Status.NOT_SUPPORTED.value],
-                            op_verdict(mine)))
+            rows.append(Row(op, backend, n[Status.PASS.value], n[Status.FAIL.value], _errors(n),
+                            n[Status.NOT_SUPPORTED.value], op_verdict(mine)))
     return rows
+
+
+def _errors(counts: Mapping[str, int]) -> int:
+    return sum(counts[s.value] for s in (Status.ERROR, Status.INTERNAL_ERROR, Status.CRASH, Status.TIMEOUT))
 
 
 def profile_verdicts(results: Mapping[str, Any]) -> dict[str, str]:
@@ -218,7 +251,7 @@ def junit_xml(results: Mapping[str, Any]) -> str:
     for backend, cases in _by_backend(results).items():
         n = _counts(cases)
         counts = {"tests": len(cases), "failures": n[Status.FAIL.value],
-                  "errors": n[Status.ERROR.value] + n[Status.INTERNAL_ERROR.value],
+                  "errors": _errors(n),
                   "skipped": n[Status.NOT_SUPPORTED.value]}
         seconds = sum(float(c.get("duration_s", 0.0)) for c in cases)
         attrib = {"name": f"deepport.{backend}", "time": f"{seconds:.3f}",
@@ -244,10 +277,18 @@ def _testcase(suite: ET.Element, backend: str, case: Mapping[str, Any]) -> None:
     element = ET.SubElement(suite, "testcase", classname=f"deepport.{backend}.{case['op']}",
                             name=_xml_text(case["case_id"]), time=f"{float(case.get('duration_s', 0.0)):.3f}")
     status, message = case["status"], _xml_text(case.get("message", ""))
-    if status == Status.FAIL.value:
+    if waived(case):
+        w = case["waiver"]
+        ET.SubElement(element, "skipped", message=_xml_text(f"waived ({w.get('category')}): {w.get('reason')}; "
+                                                             f"{status}: {case.get('message', '')}"))
+    elif unexpected_pass(case):
+        ET.SubElement(element, "failure", type="unexpected_pass",
+                      message=_xml_text(f"unexpected pass: remove the waiver entry {case['waiver'].get('case')!r} "
+                                        f"({case['waiver'].get('reason')})"))
+    elif status == Status.FAIL.value:
         failure = ET.SubElement(element, "failure", message=message, type="fail")
         failure.text = _xml_text(_details(case))
-    elif status in (Status.ERROR.value, Status.INTERNAL_ERROR.value):
+    elif status in (Status.ERROR.value, Status.INTERNAL_ERROR.value, Status.CRASH.value, Status.TIMEOUT.value):
         error = ET.SubElement(element, "error", message=message, type=status)
         error.text = _xml_text(_details(case))
     elif status == Status.NOT_SUPPORTED.value:
@@ -296,14 +337,22 @@ def markdown_summary(results: Mapping[str, Any]) -> str:
                    f"**{r.verdict}** |")
     out += ["", "## Profiles", ""]
     out += [f"- `{backend}`: {verdict}" for backend, verdict in profile_verdicts(results).items()]
+    for backend, verdicts in profile_table(results).items():
+        out += [f"  - `{backend}` {v.line()}" for v in verdicts]
     out += ["", "## Cases that did not pass", ""]
-    bad = [c for c in results["cases"] if c["status"] != Status.PASS.value]
-    order = [s.value for s in (Status.FAIL, Status.ERROR, Status.INTERNAL_ERROR, Status.NOT_SUPPORTED)]
+    bad = [c for c in results["cases"] if c["status"] != Status.PASS.value or c.get("waiver")]
+    order = [s.value for s in (Status.FAIL, Status.CRASH, Status.TIMEOUT, Status.ERROR, Status.INTERNAL_ERROR,
+                               Status.NOT_SUPPORTED)]
     bad.sort(key=lambda c: order.index(c["status"]) if c["status"] in order else len(order))
     if not bad:
         out.append("None: every case passed.")
     for c in bad:
-        out.append(f"- **{c['status']}** `{c['case_id']}` on `{c['backend']}` ({c['profile']}, seed {c['seed']}): "
-                   f"{_md_cell(c.get('message', '')) or '(no message)'}")
+        note = ""
+        if waived(c):
+            note = f" (waived, {c['waiver'].get('category')}: {_md_cell(c['waiver'].get('reason', ''))})"
+        elif unexpected_pass(c):
+            note = f" **unexpected pass: remove the waiver entry `{c['waiver'].get('case')}`**"
+        out.append(f"- **{c['status']}** `{c['case_id']}` on `{c['backend']}` ({c['profile']}, seed {c['seed']})"
+                   f"{note}: {_md_cell(c.get('message', '')) or '(no message)'}")
     out += ["", "## Reproduce", "", "```sh", reproduce_command(results), "```", ""]
     return "\n".join(out)

@@ -12,6 +12,7 @@
       "backends": {name: {"version", "summary", "available", "unavailable_reason"}},
       "selection": {"ops": [...] | null, "case_pattern": str | null},  # filters; empty = whole tier
       "isolation": "process" | "none",   # whether each backend ran in its own worker process
+      "waivers": [{"case", "backend", "reason", "category"}, ...],  # applied (never when certifying)
       "summary": {backend: {op: {status: count}}},
       "cases": [CaseResult.to_dict(), ...]
     }
@@ -34,8 +35,10 @@ class Status(enum.StrEnum):
     PASS = "pass"
     FAIL = "fail"  # ran, but an output (or an input it must not touch) is wrong
     NOT_SUPPORTED = "not_supported"  # the backend declares it cannot run this call (with reasons)
-    ERROR = "error"  # the backend raised or crashed
+    ERROR = "error"  # the backend raised
     INTERNAL_ERROR = "internal_error"  # the suite itself is at fault (e.g. a case failed calibration)
+    CRASH = "crash"  # the isolated worker process running the backend died (a kernel fault, an abort)
+    TIMEOUT = "timeout"  # the isolated call ran past the per-call limit (a hang); its worker was killed
 
     def __str__(self) -> str:
         return self.value
@@ -63,9 +66,12 @@ class CaseResult:
     metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
     tolerance: dict[str, dict[str, Any]] = field(default_factory=dict)
     message: str = ""
+    waiver: dict[str, str] | None = None  # the vendor's expected-failure entry matching this case, if any
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
+        if d["waiver"] is None:
+            del d["waiver"]
         d["status"] = self.status.value
         d["features"] = list(self.features)
         d["params"] = dict(self.params)  # a Case keeps them read-only; JSON wants a plain dict
@@ -89,6 +95,7 @@ class SuiteRun:
     cases: list[CaseResult]
     selection: dict[str, Any] = field(default_factory=dict)  # filters of this run: ops, case pattern
     isolation: str = "none"  # "process": each backend ran in its own spawned worker; "none": in-process
+    waivers: list[dict[str, Any]] = field(default_factory=list)  # entries applied (deepport.conformance.waivers)
 
     def summary(self) -> dict[str, dict[str, dict[str, int]]]:
         """``{backend: {op: {status: count}}}`` with every status present (zeros included)."""
@@ -103,9 +110,14 @@ class SuiteRun:
 
         ``not_supported`` is an honest answer for an extension (beyond upstream's shapes), but a
         backend that cannot run a core case does not pass: the core profile is what a port promises.
+        A case matched by a waiver passes only by not passing (strict: an unexpected pass fails).
         """
-        return all(r.status is Status.PASS or (r.status is Status.NOT_SUPPORTED and r.profile != "core")
-                   for r in self.cases)
+        def ok(r: CaseResult) -> bool:
+            if r.waiver is not None:
+                return r.status is not Status.PASS
+            return r.status is Status.PASS or (r.status is Status.NOT_SUPPORTED and r.profile != "core")
+
+        return all(ok(r) for r in self.cases)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -123,6 +135,7 @@ class SuiteRun:
             "backends": self.backends,
             "selection": self.selection,
             "isolation": self.isolation,
+            "waivers": self.waivers,
             "summary": self.summary(),
             "cases": [r.to_dict() for r in self.cases],
         }

@@ -33,14 +33,18 @@ from deepport.conformance.calibration import calibrate
 from deepport.conformance.call import CallOutcome, call_backend, inputs_sha256, tensor_sha256
 from deepport.conformance.case import TIERS, Case
 from deepport.conformance.checker import check_exact, check_output
-from deepport.conformance.isolation import BackendWorker, load_plugins
+from deepport.conformance.isolation import BackendWorker
+from deepport.conformance.plugins import load_plugins
 from deepport.conformance.results import CaseResult, Status, SuiteRun
 from deepport.conformance.suites import SUITES
 from deepport.conformance.tolerance import Tolerance, exact_output_name, tolerance
 from deepport.dispatch import device_info, registry
 from deepport.kernels.f64.products import products_on
 
-SUITE_VERSION = "2026.11.3"  # 2026.11.2: + grouped FP8 GEMM cases; 2026.11.3: + MoE cases
+SUITE_VERSION = "2026.12.1"
+# 2026.11.2: + grouped FP8 GEMM cases; 2026.11.3: + MoE cases; 2026.12.1: FP8 GEMM bound per element from the
+# accumulation model (conformance.fp8_bound), MoE low-latency FP8 scales exact (DeepEP's float32 rule; FP8
+# GEMM generator 2), outputs must be written in place, smoke cases across chunk and tile boundaries
 
 
 def usable_backends() -> list[str]:
@@ -89,16 +93,19 @@ def _judge(suite: ModuleType, case: Case, seed: int, outcome: CallOutcome, resul
     specs = suite.output_specs(pristine)
     dtypes = {n: spec[1] for n, spec in specs.items()}
     tolerances: dict[str, Tolerance] = {n: tolerance(suite.OP, n, suite.dtype_name(pristine)) for n in specs}
+    bound_hook = getattr(suite, "elementwise_bound", None)
     with products_on(outcome.output_device):  # large float64 products of the oracles on the run's GPU
         references = suite.reference(pristine)
-    problems = calibrate(references, dtypes, tolerances, seed)
+        bounds: dict[str, np.ndarray] = bound_hook(pristine) if bound_hook is not None else {}
+    problems = calibrate(references, dtypes, tolerances, seed, bounds)
     if problems:
         result.status = Status.INTERNAL_ERROR
         result.message = "case failed calibration: " + "; ".join(problems)
         return result
     for name, reference in references.items():
         check = check_output(name, outcome.outputs.get(name), reference, dtype=dtypes[name],
-                             device=torch.device(outcome.output_device), tol=tolerances[name])
+                             device=torch.device(outcome.output_device), tol=tolerances[name],
+                             elementwise=bounds.get(name))
         result.metrics[name] = check.metrics
         result.tolerance[name] = tolerances[name].to_dict()
         failures += check.failures

@@ -29,14 +29,21 @@ class Tolerance:
     atol_rms: float  # multiple of the rms of the finite reference values
     atol_floor: float
     max_calc_diff: float  # DeepGEMM/FlashMLA global diff: 1 - 2*sum(a*r) / sum(a*a + r*r)
+    # a per-element absolute term the suite computes from the inputs (its ``elementwise_bound`` hook) and
+    # the checker adds to ``atol + rtol * |r|``; the name says which model it comes from
+    elementwise: str | None = None
 
     def atol(self, reference: np.ndarray) -> float:
+        if self.atol_rms == 0.0:
+            return self.atol_floor
         finite = reference[np.isfinite(reference)]
         rms = math.sqrt(float(np.mean(np.square(finite)))) if finite.size else 0.0
         return self.atol_floor + self.atol_rms * rms
 
     def to_dict(self, reference: np.ndarray | None = None) -> dict[str, Any]:
         d = asdict(self)
+        if self.elementwise is None:
+            del d["elementwise"]
         if reference is not None:
             d["atol"] = self.atol(reference)
         return d
@@ -45,28 +52,27 @@ class Tolerance:
 _BF16_ULP = 2.0**-7
 _FP16_ULP = 2.0**-10
 _FP8_GEMM_OPS = ("fp8_gemm_nt", "fp8_gemm_nn", "fp8_gemm_tn", "fp8_gemm_tt")
-# FP8 GEMMs (dense and grouped) against the simulated reference (float64 on the dequantized operands),
-# bf16 out: two bf16 roundings' worth (2.01 * 2**-8 relative) plus 2**-8 of the rms. Hopper's FP8 tensor
-# cores accumulate each 128-K block with limited precision before the float32 promotion, so an honest
-# kernel misses one rounding of the exact sum: cuBLAS's block-scaled GEMM on the H200 reached 1.61x a
-# (1.01 * 2**-8, 2**-9 rms) bound on 23 of 100M elements (full tier, 2026-11-28), i.e. about 0.8 of this
-# one. Zeros and 5% noise still fail every case (calibration). float32 out: 2**-20 relative + 2**-12 rms.
-_FP8_BF16_OUT = Tolerance(2.01 * 2.0**-8, 2.0**-8, 0.0, 2e-5)
+# FP8 GEMMs (dense and grouped) against the simulated reference (float64 on the dequantized operands):
+# per element |a - r| <= u_out * |r| + gamma(K) * S, S = |C| + sum_k |SFA * SFB * A * B|, gamma modelling
+# Hopper's limited-precision accumulation inside each 128-K block, the float32 promotion per block and C
+# (derivation and constants: deepport.conformance.fp8_bound). u_out: one rounding to the output dtype.
+FP8_ACCUMULATION = "fp8_accumulation"
+_FP8_BF16_OUT = Tolerance(2.0**-8, 0.0, 0.0, 2e-5, FP8_ACCUMULATION)
 _FP8_GEMM = {"bfloat16": _FP8_BF16_OUT,
-             "float32": Tolerance(2.0**-20, 2.0**-12, 0.0, 1e-7)}
+             "float32": Tolerance(2.0**-24, 0.0, 0.0, 1e-7, FP8_ACCUMULATION)}
 # Any FP8 GEMM against the exact reference (unquantized data): DeepGEMM's own test, calc_diff < 1e-3;
 # element-wise only gross errors (64 rms), since quantization error per element is not bounded tightly.
 _FP8_EXACT = Tolerance(0.0, 64.0, 0.0, 1e-3)
 
-# MoE kinds: "exact" (integers, moved payloads); "sum" (float32 sums of bf16 rows, one bf16 rounding:
-# half a bf16 step); "weight_sum" (float32 sums of float32 weights); "cast" (e4m3 of x * 448 / amax:
-# half an e4m3 step, subnormal step 2**-9); "scale" (amax / 448 in float32)
+# MoE kinds: "exact" (integers, moved payloads, and the low-latency FP8 scales: DeepEP's float32
+# amax * float32(1/448), which the oracle computes in float32 bit for bit); "sum" (float32 sums of bf16
+# rows, one bf16 rounding: half a bf16 step); "weight_sum" (float32 sums of float32 weights); "cast"
+# (e4m3 of float32(x * float32(448 / amax)): half an e4m3 step, subnormal step 2**-9)
 _MOE: Mapping[str, Tolerance] = MappingProxyType({
     "exact": Tolerance(0.0, 0.0, 0.0, 0.0),
     "sum": Tolerance(1.01 * 2.0**-8, 0.0, 0.0, 1e-5),
     "weight_sum": Tolerance(1.01 * 2.0**-24, 0.0, 0.0, 1e-12),
     "cast": Tolerance(1.01 * 2.0**-4, 0.0, 1.01 * 2.0**-10, 2e-3),
-    "scale": Tolerance(1.01 * 2.0**-24, 0.0, 0.0, 1e-12),
 })
 
 _Table = Mapping[tuple[str, str, str], Tolerance]
@@ -107,7 +113,7 @@ MOE: _Table = MappingProxyType({
            for dt, fp8 in (("bfloat16", False), ("float8_e4m3fn", True))},
         ("moe_combine_expanded", "bfloat16"): {"combined_x": "sum"},
         ("moe_low_latency_dispatch", "bfloat16"): {"recv_x": "exact", "recv_count": "exact"},
-        ("moe_low_latency_dispatch", "float8_e4m3fn"): {"recv_x": "cast", "recv_x_scales": "scale",
+        ("moe_low_latency_dispatch", "float8_e4m3fn"): {"recv_x": "cast", "recv_x_scales": "exact",
                                                         "recv_count": "exact"},
         ("moe_low_latency_combine", "bfloat16"): {"combined_x": "sum"},
     }.items() for out, kind in outputs.items()})

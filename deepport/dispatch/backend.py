@@ -29,6 +29,11 @@ class Backend:
       though it still runs when asked for explicitly.
     - ``oracle``: ``True`` for a float64 definition that is slow by design (the ``reference`` backend).
       Automatic selection still picks it when nothing else can run a call, and then logs a warning.
+    - ``profiles``: the conformance profiles (``"mla_decode/core"`` ...) the backend claims, or ``None``
+      to let the suite derive its claims from ``ops`` (a profile is claimed when no case of it is
+      declared unsupported). A claimed profile must pass entirely (:mod:`deepport.conformance.profiles`).
+    - ``identity()``: what the backend runs on as it sees it (driver, runtime, compiler, firmware
+      versions, device ids), as short strings; recorded in certificates. Cheap, side-effect free.
     """
 
     name: str
@@ -38,6 +43,8 @@ class Backend:
     priority: Mapping[str, int]
     probe: Callable[[], str | None] = field(default=_always_available)
     oracle: bool = False
+    profiles: tuple[str, ...] | None = None
+    identity: Callable[[], Mapping[str, str]] | None = None
 
     def support(self, op: str) -> OpSupport | None:
         for s in self.ops:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,23 +73,34 @@ def route(x: torch.Tensor, router: torch.Tensor, cfg: LayerConfig) -> tuple[torc
     return idx.to(torch.int64).contiguous(), weights.contiguous()
 
 
+def _direct(label: str, op: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    return fn(*args, **kwargs)
+
+
 def moe_layer(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, experts: ExpertWeights,
-              cfg: LayerConfig, *, group: Any = None, backend: str | None = None) -> torch.Tensor:
-    """The routed-expert part of the layer on ``x`` bf16 ``[T, H]``: returns bf16 ``[T, H]``."""
+              cfg: LayerConfig, *, group: Any = None, backend: str | None = None,
+              run: Callable[..., Any] = _direct) -> torch.Tensor:
+    """The routed-expert part of the layer on ``x`` bf16 ``[T, H]``: returns bf16 ``[T, H]``.
+
+    Every deepport op goes through ``run(label, op_name, fn, *args, **kwargs)`` (default: call it), so a
+    caller can record or time each op (``deepseek_v3_decode_step`` does)."""
     xq = deepport.per_token_cast_to_fp8(x)
-    ex = deepport.moe_dispatch_expanded(xq, topk_idx, topk_weights, cfg.num_experts, group=group,
-                                        expert_alignment=deepport.get_mk_alignment_for_contiguous_layout(),
-                                        backend=backend)
+    ex = run("dispatch", "moe_dispatch_expanded", deepport.moe_dispatch_expanded, xq, topk_idx, topk_weights,
+             cfg.num_experts, group=group, expert_alignment=deepport.get_mk_alignment_for_contiguous_layout(),
+             backend=backend)
     rows, inter = int(ex.m_indices.shape[0]), cfg.intermediate
     y = torch.zeros(rows, cfg.hidden, dtype=torch.bfloat16, device=x.device)
     if rows > 0:
         assert isinstance(ex.recv_x, tuple)
         gate_up = torch.empty(rows, 2 * inter, dtype=torch.bfloat16, device=x.device)
-        deepport.m_grouped_fp8_gemm_nt_contiguous(ex.recv_x, experts.gate_up, gate_up, ex.m_indices, backend=backend)
+        run("experts gate/up", "m_grouped_fp8_gemm_nt_contiguous", deepport.m_grouped_fp8_gemm_nt_contiguous,
+            ex.recv_x, experts.gate_up, gate_up, ex.m_indices, backend=backend)
         act = torch.nn.functional.silu(gate_up[:, :inter].float()) * gate_up[:, inter:].float()
-        deepport.m_grouped_fp8_gemm_nt_contiguous(deepport.per_token_cast_to_fp8(act), experts.down, y,
-                                                  ex.m_indices, backend=backend)
-    return deepport.moe_combine_expanded(y, ex.handle, backend=backend)
+        run("experts down", "m_grouped_fp8_gemm_nt_contiguous", deepport.m_grouped_fp8_gemm_nt_contiguous,
+            deepport.per_token_cast_to_fp8(act), experts.down, y, ex.m_indices, backend=backend)
+    combined: torch.Tensor = run("combine", "moe_combine_expanded", deepport.moe_combine_expanded, y, ex.handle,
+                                 backend=backend)
+    return combined
 
 
 def reference_f64(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,

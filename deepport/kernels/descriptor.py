@@ -3,9 +3,10 @@
 The built-in ops are the ``DESCRIPTORS`` tuple of :mod:`deepport.kernels` (one entry per op). From the
 descriptors come: ``deepport.kernels.OPS`` (name -> contract), the op names dispatch knows
 (:func:`deepport.dispatch.declare_ops`), the conformance suites (``deepport.conformance.suites.SUITES``),
-the tolerance table (``deepport.conformance.tolerance.TOLERANCES``) and the bench config modules
-(``deepport.bench.configs``). Suites, tolerances and bench configs are named by strings and imported
-on first use, so this layer never imports the conformance suite or the bench.
+the tolerance table (``deepport.conformance.tolerance.TOLERANCES``), the bench config modules
+(``deepport.bench.configs``) and the torch custom ops (``torch.ops.deepport.*``). Suites, tolerances,
+bench configs and custom-op modules are named by strings and imported on first use, so this layer never
+imports the conformance suite or the bench.
 
 A test (or an experiment) adds an op with :func:`op_added`; every derived view sees it at once.
 """
@@ -54,6 +55,11 @@ class OpDescriptor:
       entries (it may hold other ops' entries too: only this op's are taken);
     - ``bench``: the module exposing this op's ``CONFIGS`` (``deepport.bench.configs``), or ``None``.
       Ops of a family may share one module; it is listed once.
+    - ``custom_op``: the module whose import registers this op with ``torch.library`` as
+      ``torch.ops.deepport.<name>`` (functional form; an ``<name>_out`` variant where it has one), or
+      ``None`` when the op cannot be one (its reason is in ``deepport.kernels.torch_ops.NOT_CUSTOM_OPS``).
+      Imported by :func:`deepport.register_torch_ops` (``import deepport`` calls it); ops of a family
+      may share one module.
     """
 
     spec: OpSpec
@@ -61,6 +67,7 @@ class OpDescriptor:
     suite: str
     tolerances: str
     bench: str | None = None
+    custom_op: str | None = None
 
     @property
     def name(self) -> str:

@@ -30,7 +30,9 @@ BLOCK_K = 128
 BLOCK_MN = 128
 """Rows of B per scale factor in the default (1, 128, 128) recipe (128x128 weight blocks)."""
 AMAX_FLOOR = 1e-4
-"""A block's amax is clamped to at least this before scaling (all-zero blocks get SF 1e-4 / 448)."""
+"""A block's amax is clamped to at least float32(1e-4) before scaling (DeepEP's ``kFP8Margin``)."""
+FP8_E4M3_MAX_INV = 0.00223214295692741870880126953125
+"""float32(1 / 448), exactly (DeepEP's ``kFP8AmaxInv``): the scale is the amax times this float32 constant."""
 TMA_ALIGNMENT_BYTES = 16
 UE8M0_PER_INT32 = 4
 
@@ -180,16 +182,36 @@ def get_mn_major_tma_aligned_packed_ue8m0_tensor(sf: torch.Tensor) -> torch.Tens
 
 # ---- quantizers -----------------------------------------------------------------------------------
 
+def amax_scales(amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepEP's per-block scales of float32 block amaxes, bit for bit on every device:
+    ``(sf, multiplier)`` with ``a = max(amax, float32(1e-4))``,
+
+    - ``sf = float32(a * float32(1/448))``: ONE float32 multiplication by the float32 reciprocal
+      (``kFP8AmaxInv``), not a division by 448 (the two differ in the last bit for about half of all
+      amaxes; CUDA torch's ``tensor / 448`` happens to multiply by the reciprocal, CPU torch divides);
+    - ``multiplier = float32(448 / a)``, a correctly rounded float32 division (``kFP8Amax / amax``);
+      DeepEP quantizes ``e4m3(float32(x * multiplier))`` (round to nearest even, saturating).
+
+    Both are one correctly rounded float32 operation on exactly representable operands, so every
+    IEEE device (and NumPy's float32) gives the same bits.
+    """
+    a = amax.to(torch.float32).clamp(min=AMAX_FLOOR)
+    sf = a * FP8_E4M3_MAX_INV  # float32 x float32(1/448): exact operands, one rounding
+    multiplier = torch.full_like(a, FP8_E4M3_MAX) / a  # tensor / tensor: a true division on CPU and CUDA
+    return sf, multiplier
+
+
 def _scale_of(amax: torch.Tensor, use_ue8m0: bool) -> torch.Tensor:
-    sf = amax.clamp(min=AMAX_FLOOR) / FP8_E4M3_MAX
+    sf = amax_scales(amax)[0]
     return ceil_to_ue8m0(sf) if use_ue8m0 else sf
 
 
 def per_token_cast_to_fp8(x: torch.Tensor, use_ue8m0: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize ``x`` ``[M, K]`` (float32/bf16/fp16) with one SF per row and 128-wide K block (1x128).
 
-    ``sf[m, j] = max(amax(x[m, 128*j : 128*(j+1)]), 1e-4) / 448`` (rounded up to a power of two when
-    ``use_ue8m0``), ``x_fp8 = float8_e4m3fn(x / sf)`` in float32 arithmetic (round to nearest). A K tail
+    ``sf[m, j] = float32(max(amax(x[m, 128*j : 128*(j+1)]), 1e-4) * float32(1/448))`` (DeepEP's rule,
+    :func:`amax_scales`; rounded up to a power of two when ``use_ue8m0``), ``x_fp8 =
+    float8_e4m3fn(x / sf)`` in float32 arithmetic (round to nearest). A K tail
     shorter than 128 is its own block. Returns ``(x_fp8 [M, K] contiguous, sf float32 [M, ceil(K/128)]
     row-major)``.
     """

@@ -7,6 +7,7 @@ Public entry points: :func:`mla_decode` and :func:`get_mla_metadata`. Backends r
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -143,8 +144,59 @@ def get_mla_metadata(
         raise InvalidArgumentError("cache_seqlens", f"expected lengths >= 0, got min {int(host.min())}")
     parts = mla_schedule.num_sm_parts(device_info(seqlens.device).multiprocessors, h_kv, q_rows)
     records, splits = mla_schedule.plan_split_kv(host.numpy(), parts)
-    return MLAMetadata(int(host.shape[0]), q_rows, h_kv, num_heads_q, parts, host,
+    plan = MLAMetadata(int(host.shape[0]), q_rows, h_kv, num_heads_q, parts, host,
                        torch.from_numpy(records), torch.from_numpy(splits))
+    _plans[plan.tile_scheduler_metadata.data_ptr()] = plan
+    return plan
+
+
+_plans: weakref.WeakValueDictionary[int, MLAMetadata] = weakref.WeakValueDictionary()
+"""Every live plan by the address of its ``tile_scheduler_metadata`` (a plan owns that tensor, so the
+address is not reused while the entry exists)."""
+
+
+def plan_of_tensors(tile_scheduler_metadata: torch.Tensor, num_splits: torch.Tensor | None) -> MLAMetadata:
+    """The live :class:`MLAMetadata` whose ``tile_scheduler_metadata`` (and ``num_splits``, when given) these
+    tensors are, as ``torch.ops.deepport.mla_decode`` takes a plan (a custom op takes no Python object).
+
+    Found by storage address (the plan's own tensors, a view, or the same tensor seen through
+    ``torch.compile``: no copy, nothing read), else by value among the live plans (a copy, e.g. one made
+    by ``torch.library.opcheck``; a copy on a GPU costs a device-to-host copy). Plans of other lengths
+    can share tables, so a copy matching live plans that differ in anything raises instead of guessing.
+    Returning the plan object itself keeps what backends cache per plan (device copies of the schedule)
+    valid.
+    """
+    tsm = chk.expect_tensor("tile_scheduler_metadata", tile_scheduler_metadata)
+    splits = None if num_splits is None else chk.expect_tensor("num_splits", num_splits)
+    plan = _plans.get(tsm.data_ptr())
+    if plan is not None and _same_shapes(plan, tsm, splits) and (
+            splits is None or splits.data_ptr() == plan.num_splits.data_ptr()):
+        return plan
+    host_tsm, host_splits = tsm.detach().cpu(), None if splits is None else splits.detach().cpu()
+    found = [p for p in list(_plans.values()) if _same_shapes(p, tsm, splits)
+             and torch.equal(p.tile_scheduler_metadata, host_tsm)
+             and (host_splits is None or torch.equal(p.num_splits, host_splits))]
+    if not found:
+        raise InvalidArgumentError(
+            "tile_scheduler_metadata", "expected the tensors of a live plan from deepport.get_mla_metadata "
+            f"(md.tile_scheduler_metadata, md.num_splits), got {tsm.dtype} {tuple(tsm.shape)} on {tsm.device} "
+            "matching no live plan (keep the MLAMetadata alive while its tensors are used)")
+    if any(not _equivalent(found[0], p) for p in found[1:]):
+        raise InvalidArgumentError(
+            "tile_scheduler_metadata", f"a copy of a plan's tensors matches {len(found)} live plans made for "
+            "different lengths or heads; pass the plan's own tensors (md.tile_scheduler_metadata, md.num_splits)")
+    return found[0]
+
+
+def _equivalent(a: MLAMetadata, b: MLAMetadata) -> bool:
+    same = (a.batch, a.num_q_tokens_per_head_k, a.num_heads_k, a.num_heads_q, a.num_sm_parts) == (
+        b.batch, b.num_q_tokens_per_head_k, b.num_heads_k, b.num_heads_q, b.num_sm_parts)
+    return same and torch.equal(a.cache_seqlens, b.cache_seqlens)
+
+
+def _same_shapes(plan: MLAMetadata, tsm: torch.Tensor, splits: torch.Tensor | None) -> bool:
+    return tuple(tsm.shape) == tuple(plan.tile_scheduler_metadata.shape) and tsm.dtype == torch.int32 and (
+        splits is None or (tuple(splits.shape) == tuple(plan.num_splits.shape) and splits.dtype == torch.int32))
 
 
 def mla_decode(

@@ -16,7 +16,7 @@ from deepport.dispatch.device import DeviceInfo
 from deepport.errors import ArgumentTypeError, InvalidArgumentError
 from deepport.kernels import moe_args
 from deepport.kernels.moe_args import Alloc, MoEGroup, MoEImpl, MoEInput, MoESignature
-from deepport.kernels.moe_handle import MoEHandle
+from deepport.kernels.moe_handle import MoEHandle, MoELowLatencyHandle
 
 OP = "moe_dispatch"
 OP_VERSION = 1
@@ -130,9 +130,11 @@ def check_handle(name: str, handle: object, cls: type, device: torch.device) -> 
     if not isinstance(handle, cls):
         raise ArgumentTypeError(name, f"expected a {cls.__name__} from the matching dispatch, got "
                                 f"{type(handle).__name__}")
-    routes: MoEHandle = getattr(handle, "routes", handle)  # type: ignore[arg-type]
-    if routes.device != device:
-        raise InvalidArgumentError(name, f"expected a handle on {device} (the device of `x`), got {routes.device}")
+    # A low-latency handle knows its device without building its routes (no device-to-host copy).
+    where: torch.device = handle.device if isinstance(handle, (MoEHandle, MoELowLatencyHandle)) else \
+        handle.routes.device  # type: ignore[attr-defined]
+    if where != device:
+        raise InvalidArgumentError(name, f"expected a handle on {device} (the device of `x`), got {where}")
 
 
 def _bind_cached(data: torch.Tensor, scales: torch.Tensor | None, topk_idx: object, topk_weights: object,

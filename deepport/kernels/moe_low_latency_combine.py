@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from deepport.dispatch import selection
+from deepport.dispatch import selection, settings
 from deepport.dispatch.device import DeviceInfo
 from deepport.errors import InvalidArgumentError
 from deepport.kernels import _checks as chk
@@ -38,7 +38,8 @@ def moe_low_latency_combine(y: torch.Tensor, topk_idx: torch.Tensor, topk_weight
     Args:
         y: bf16 ``[L, R * T_max, hidden]`` contiguous, expert outputs in the dispatch's row layout;
             rows past ``recv_count[e]`` are never read (may hold anything, NaN included).
-        topk_idx: the dispatched ``topk_idx`` of this rank (must equal the handle's routing).
+        topk_idx: the dispatched ``topk_idx`` of this rank (must equal the handle's routing; compared on
+            the host unless ``DEEPPORT_CHECK_VALUES=0``).
         topk_weights: float32 ``[num_tokens, num_topk]``.
         handle: the :class:`MoELowLatencyHandle` of that dispatch.
         backend, alloc: as for :func:`deepport.moe_combine`.
@@ -60,20 +61,21 @@ def bind(y: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, ha
     y = chk.expect_tensor("y", y)
     chk.expect_dtype("y", y, (torch.bfloat16,))
     check_handle("handle", handle, MoELowLatencyHandle, y.device)
-    routes = handle.routes
-    rows = routes.world_size * handle.max_tokens_per_rank
+    # Only the handle's static facts are read here: its routes may be built lazily (OneProcessRoutes).
+    rows = handle.world_size * handle.max_tokens_per_rank
     chk.expect_ndim("y", y, 3, "[num_local_experts, world_size * max_tokens_per_rank, hidden]")
-    chk.expect_dim("y", y, 0, routes.num_local_experts, "num_local_experts")
+    chk.expect_dim("y", y, 0, handle.num_local_experts, "num_local_experts")
     chk.expect_dim("y", y, 1, rows, "world_size * max_tokens_per_rank")
     chk.expect_positive("y", y, 2, "hidden")
     chk.expect_contiguous("y", y)
-    idx = moe_args.check_topk_idx(topk_idx, routes.num_experts, y.device, routes.num_tokens)
-    if not torch.equal(idx.to(torch.int64), routes.topk_idx):
+    idx = moe_args.check_topk_idx(topk_idx, handle.num_experts, y.device, handle.num_tokens)
+    chk.expect_dim("topk_idx", idx, 1, handle.num_topk, "num_topk of the handle's dispatch")
+    if settings.check_values() and not torch.equal(idx.to(torch.int64), handle.topk_idx):
         raise InvalidArgumentError("topk_idx", "expected the routing the handle was dispatched with, got "
                                    "different expert ids")
     weights = moe_args.check_topk_weights(topk_weights, idx)
-    grp = moe_args.resolve_group(routes.group, y.device)
-    sig = moe_args.signature(y.device, y.dtype, int(y.shape[2]), routes.num_topk, routes.num_experts, grp)
+    grp = moe_args.resolve_group(handle.group, y.device)
+    sig = moe_args.signature(y.device, y.dtype, int(y.shape[2]), handle.num_topk, handle.num_experts, grp)
     inputs = {"y": y, "topk_idx": idx, "topk_weights": weights, "handle": handle}
     return MoELowLatencyCombineCall(y, idx, weights, handle, grp, moe_args.checked_alloc(alloc, y.device, inputs),
                                     sig)

@@ -16,14 +16,16 @@ from deepport.dispatch import selection
 from deepport.dispatch.device import DeviceInfo
 from deepport.errors import InvalidArgumentError
 from deepport.kernels import _checks as chk
-from deepport.kernels import moe_args
+from deepport.kernels import fp8_layout, moe_args
 from deepport.kernels.moe_args import Alloc, MoEGroup, MoEImpl, MoEInput, MoESignature
 from deepport.kernels.moe_handle import MoELowLatencyHandle
 
 OP = "moe_low_latency_dispatch"
 OP_VERSION = 1
-FP8_MAX = 448.0
-AMAX_FLOOR = 1e-4
+# the FP8 cast's constants (the docstring of moe_low_latency_dispatch has the rule)
+FP8_MAX = fp8_layout.FP8_E4M3_MAX
+FP8_MAX_INV = fp8_layout.FP8_E4M3_MAX_INV
+AMAX_FLOOR = fp8_layout.AMAX_FLOOR
 
 
 @dataclass(frozen=True)
@@ -64,8 +66,18 @@ def moe_low_latency_dispatch(
         max_tokens_per_rank: ``T_max``, the same on every rank (>= 1).
         num_experts: total experts, a multiple of the group's world size ``R``.
         group, backend, alloc: as for :func:`deepport.moe_dispatch`.
-        use_fp8: cast to e4m3 per token and 128 channels: ``amax = max(|x|, 1e-4)`` over the block,
-            ``scale = amax / 448`` (float32), ``fp8 = round_to_e4m3(x * (448 / amax))``.
+        use_fp8: cast to e4m3 per token and 128 channels exactly as DeepEP's kernel does, all in
+            float32 (:func:`deepport.kernels.fp8_layout.amax_scales`):
+
+            - ``amax = max(max |x| over the 128 channels, float32(1e-4))`` (exact: bf16 values);
+            - ``scale = float32(amax * float32(1/448))``: one float32 multiplication by the float32
+              reciprocal ``0.0022321429569274187`` (DeepEP's ``scale_inv = amax * kFP8AmaxInv``),
+              NOT a division by 448 (which differs in the last bit for about half of all amaxes;
+              e.g. amax 12 gives ``0.0267857164144516``, where ``12 / 448`` rounds to
+              ``0.02678571455180645``). ``recv_x`` scales are these float32 bits exactly;
+            - ``fp8 = e4m3(float32(x * float32(448 / amax)))``, the division correctly rounded and
+              the e4m3 rounding to nearest even (``|x * 448 / amax| <= 448``, so no saturation).
+              Conformance accepts any e4m3 within half a step of ``x * float32(448 / amax)``.
 
     Returns:
         :class:`MoELowLatencyDispatchResult` ``(recv_x, recv_count, handle)`` with ``L`` local experts:

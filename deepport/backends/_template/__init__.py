@@ -4,7 +4,8 @@ Walk-through
 ------------
 1. Copy ``deepport/backends/_template/`` to ``deepport/backends/<name>/`` and, in every file of the copy,
    replace ``deepport.backends._template`` by ``deepport.backends.<name>`` and ``"template"`` (the name
-   below) by ``"<name>"``. (Out of tree: any importable package works; replace by its module path.)
+   below) by ``"<name>"``. (Out of tree: any importable package works; replace by its module path, or let
+   ``deepport new-backend <name>`` write the renamed copy and a ``pyproject.toml`` with its entry point.)
 2. Write :func:`probe`: return ``None`` when the toolchain is usable in this process, else why not
    ("pyopencl is not installed", "needs an sm_90 device"). Import the toolchain *inside* the probe and
    inside the implementations, never at module level: ``import deepport`` needs only numpy and torch.
@@ -22,8 +23,10 @@ Walk-through
    device kind (higher wins; the torch backend has 10, the reference 0); leave a kind out to be chosen
    only when asked for by name.
 6. Certify: ``python -m deepport certify --backend <name> --tier smoke --op mla_decode [--device cuda]``,
-   then ``--tier full`` on the target device. Every case runs on fresh random inputs with poisoned
-   outputs and is judged against the float64 oracle (:mod:`deepport.kernels.f64`); NaN never passes.
+   then ``--tier full`` on the target device, then ``deepport certify --certify`` for the archive a third
+   party verifies (``deepport verify ARCHIVE --replay N``); ``docs/PORTING.md`` walks through it all.
+   Every case runs on fresh random inputs with poisoned outputs and is judged against the float64
+   oracle (:mod:`deepport.kernels.f64`); NaN never passes.
    To start from a known-good answer, an implementation may call the oracle (``deepport.kernels.f64``
    ``run`` functions), then replace it with the kernel.
 """
@@ -37,6 +40,12 @@ from deepport.dispatch import Backend, OpSupport
 def probe() -> str | None:
     """``None`` when this backend can run here, else why not (runs once per process; cheap, no side effects)."""
     return None
+
+
+def identity() -> dict[str, str]:
+    """What this backend runs on, as it sees it (driver, runtime and compiler versions, device ids), as short
+    strings: ``deepport certify --certify`` records it in the certificate. Cheap, no side effects."""
+    return {}
 
 
 # One record per op, each naming its implementation as a literal "module:function".
@@ -76,4 +85,5 @@ BACKEND = Backend(
     ops=(*MLA_DECODE,),  # step 4: the families you implement, e.g. (*MLA_DECODE, *FP8_GEMM)
     priority={},  # step 5: e.g. {"cuda": 20}; empty = only when asked for by name
     probe=probe,
+    identity=identity,
 )

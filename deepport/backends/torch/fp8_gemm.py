@@ -31,7 +31,7 @@ from deepport.kernels.fp8_layout import BLOCK_K, unpack_ue8m0
 # cuBLAS (CUDA 13.0, H200) answers CUBLAS_STATUS_NOT_SUPPORTED for block-scaled FP8 unless M % 4 == 0
 # (measured: M in {1, 2, 3, 15, 17} fail, {4, 8, 16, 64} pass), and scaled_mm rejects a padded scale stride.
 _CUBLAS_M_MULTIPLE = 4
-_BUDGET_BYTES = {"cuda": 1 << 30, "cpu": 128 << 20}
+_BUDGET_BYTES = {"cuda": 1 << 30, "cpu": 8 << 20}
 _DEFAULT_BUDGET = 256 << 20
 
 

@@ -9,9 +9,13 @@ products with DeepGEMM's promotion on any device. torch's ``scaled_grouped_mm`` 
 MXFP8 scales, so it cannot express DeepGEMM's 1x128/128x128 recipe; the loop over groups is the cuBLAS
 form.
 
-The host needs the group boundaries: ``m_indices`` / ``masked_m`` come from the op layer's value check,
-or are read here (one device-to-host copy) under ``DEEPPORT_CHECK_VALUES=0``. Padding rows are
-zero-filled on the device; rows past ``masked_m`` are never touched.
+The contiguous layout needs the group boundaries on the host: ``m_indices`` comes from the op layer's
+value check, or is read here (one device-to-host copy) under ``DEEPPORT_CHECK_VALUES=0``. Padding rows
+are zero-filled on the device. The masked layout uses the op layer's host copy of ``masked_m`` to
+multiply only the rows in use; under ``DEEPPORT_CHECK_VALUES=0`` (no host copy) it never reads
+``masked_m`` on the host: every group multiplies all ``M_max`` rows and a device-side select keeps the
+rows past ``masked_m`` as they were, so the call can be captured in a CUDA graph (at the cost of the
+padded rows' arithmetic).
 """
 
 from __future__ import annotations
@@ -49,8 +53,22 @@ def run_contiguous(call: ContiguousCall, out: torch.Tensor) -> None:
 
 
 def run_masked(call: MaskedCall, out: torch.Tensor) -> None:
-    host = call.masked_m_host if call.masked_m_host is not None else call.masked_m.cpu().numpy()
     a, b = call.a, call.b
-    for g, rows in enumerate(int(x) for x in host):
+    if call.masked_m_host is None:  # no host copy (DEEPPORT_CHECK_VALUES=0): stay on the device
+        _run_masked_on_device(call, out)
+        return
+    for g, rows in enumerate(int(x) for x in call.masked_m_host):
         if rows:
             _segment(call.signature, a.data[g, :rows], a.sf[g, :rows], b.data[g], b.sf[g], out[g, :rows])
+
+
+def _run_masked_on_device(call: MaskedCall, out: torch.Tensor) -> None:
+    """Every group's ``M_max`` rows, then ``out[g, m] = product`` where ``m < masked_m[g]`` (rows are
+    independent, so whatever the unused rows of ``A`` hold stays in the discarded rows)."""
+    a, b = call.a, call.b
+    g_count, m_max, n = (int(x) for x in out.shape)
+    product = torch.empty((m_max, n), dtype=out.dtype, device=out.device)
+    in_use = torch.arange(m_max, device=out.device)[None, :] < call.masked_m.to(torch.int64)[:, None]  # [G, M_max]
+    for g in range(g_count):
+        _segment(call.signature, a.data[g], a.sf[g], b.data[g], b.sf[g], product)
+        out[g].copy_(torch.where(in_use[g, :, None], product, out[g]))

@@ -1,10 +1,16 @@
-"""MLA decode in vectorised PyTorch: gather the pages in use, mask, float32 softmax, write in place."""
+"""MLA decode in vectorised PyTorch: gather the pages in use, mask, float32 softmax, write in place.
+
+Synchronises with the device only to learn the longest sequence when neither the op layer's value check
+nor a plan gives it, and never under ``DEEPPORT_CHECK_VALUES=0`` (see :func:`_longest`), so a call with
+checks off can be captured in a CUDA graph.
+"""
 
 from __future__ import annotations
 
 import torch
 
 from deepport.backends.torch._precision import ieee_fp32_matmul
+from deepport.dispatch import settings
 from deepport.kernels.mla_decode import MLADecodeCall
 
 # Working-set budget per chunk of requests (gathered KV in float32 plus logits and probabilities).
@@ -18,7 +24,7 @@ def run(call: MLADecodeCall, out: torch.Tensor, lse: torch.Tensor) -> None:
     sig = call.signature
     b, page = call.batch, sig.page_block_size
     lens = call.cache_seqlens.to(torch.int64)
-    max_len = call.max_seqlen if call.max_seqlen is not None else int(lens.max())
+    max_len = _longest(call, lens)
     if max_len == 0:
         out.zero_()
         lse.fill_(float("inf"))
@@ -34,6 +40,21 @@ def run(call: MLADecodeCall, out: torch.Tensor, lse: torch.Tensor) -> None:
             o, chunk_lse = _decode_chunk(call, lens[start:stop], start, stop, pages)
             out[start:stop].copy_(o)
             lse[start:stop].copy_(chunk_lse)
+
+
+def _longest(call: MLADecodeCall, lens: torch.Tensor) -> int:
+    """A bound on the longest sequence, read on the host only when nothing else gives one: the op layer's
+    value check, else the plan's host copy of the lengths (a plan is valid only for those lengths), else
+    under ``DEEPPORT_CHECK_VALUES=0`` the block table's capacity (no device read: CUDA-graph capturable,
+    every page slot gathered), else ``max(cache_seqlens)`` (one device-to-host copy)."""
+    if call.max_seqlen is not None:
+        return call.max_seqlen
+    if call.metadata is not None:
+        host = call.metadata.cache_seqlens.numpy()  # the plan's host copy: no device read
+        return int(host.max()) if host.size else 0
+    if not settings.check_values():
+        return int(call.block_table.shape[1]) * call.signature.page_block_size
+    return int(lens.max())
 
 
 def _decode_chunk(call: MLADecodeCall, lens: torch.Tensor, start: int, stop: int,

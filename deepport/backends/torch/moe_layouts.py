@@ -12,10 +12,10 @@ row itself with its float32 weight, which the source multiplies: the same float3
 bytes. bf16 partial sums are not an option: the contract sums in float32 and rounds once, and a
 partial rounded to bf16 on each rank breaks that bound (``MOE_NOTES.md``).
 
-The per-device steps (placing rows, the weighted sums, the FP8 cast) are
-:class:`~deepport.backends.torch.moe_local.LocalSteps`, replaceable by another backend's kernels (the
-triton backend passes its own and reuses the routing and the exchange). The low-latency layout lives
-in :mod:`deepport.backends.torch.moe_low_latency` (re-exported here).
+The per-device steps (gathering the rows to send, placing rows, the weighted and per-token sums, the
+FP8 cast) are :class:`~deepport.backends.torch.moe_local.LocalSteps`, replaceable by another backend's
+kernels (the triton and opencl backends pass their own and reuse the routing and the exchange). The
+low-latency layout lives in :mod:`deepport.backends.torch.moe_low_latency` (re-exported here).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from deepport.backends.torch.moe_comm import RowFormat, all_to_all_rows, same_bi
 from deepport.backends.torch.moe_index import compact, selection_mask, slot_weight_sums
 from deepport.backends.torch.moe_local import TORCH, LocalSteps
 from deepport.backends.torch.moe_low_latency import combine_low_latency, dispatch_low_latency
-from deepport.backends.torch.moe_routes import return_rows, route, send_tokens
+from deepport.backends.torch.moe_routes import return_rows, route, send_tokens, sum_per_token
 from deepport.kernels.moe_args import FP8_BLOCK, align_up
 from deepport.kernels.moe_combine_expanded import MoEExpandedCombineCall
 from deepport.kernels.moe_dispatch_expanded import MoEExpandedDispatchCall, MoEExpandedDispatchResult
@@ -37,7 +37,7 @@ __all__ = ["combine_expanded", "combine_low_latency", "dispatch_expanded", "disp
 
 def dispatch_expanded(call: MoEExpandedDispatchCall, local: LocalSteps = TORCH) -> MoEExpandedDispatchResult:
     got = route(call.data, call.scales, call.topk_idx, call.topk_weights, call.num_experts, call.group,
-                call.expert_alignment, unpack=False, zero_row=True, what="moe_dispatch_expanded")
+                call.expert_alignment, unpack=False, zero_row=True, what="moe_dispatch_expanded", local=local)
     routes = got.handle
     n, num_local, align = routes.num_recv, routes.num_local_experts, call.expert_alignment
     per_expert = routes.num_recv_tokens_per_expert
@@ -90,11 +90,10 @@ def combine_expanded(call: MoEExpandedCombineCall, local: LocalSteps = TORCH) ->
         fmt.part(send, "w")[:, 0] = h.weights[of_row]
         back = all_to_all_rows(send, list(routes.recv_counts), list(routes.send_counts), call.group,
                                what="moe_combine_expanded")
-        total = torch.zeros((routes.num_tokens, hidden), dtype=torch.float32, device=y.device)
         weighted = fmt.part(back, "y").to(torch.float32) * fmt.part(back, "w")
-        total.index_add_(0, send_tokens(routes.is_token_in_rank, sum(routes.send_counts)), weighted)
-        out.copy_(total)
+        out.copy_(sum_per_token(local, weighted, send_tokens(routes.is_token_in_rank, sum(routes.send_counts)),
+                                routes.num_tokens))
         return out
     partial = local.weighted_rows(y, valid, rows, weights, n)
-    out.copy_(return_rows(partial, routes, call.group, "moe_combine_expanded"))
+    out.copy_(return_rows(partial, routes, call.group, "moe_combine_expanded", local=local))
     return out

@@ -1,8 +1,9 @@
-"""The local (single-device) data movement of the MoE layouts, as three replaceable steps.
+"""The local (single-device) data movement of the MoE ops, as replaceable steps.
 
-:mod:`deepport.backends.torch.moe_layouts` does the routing and the multi-rank exchange and calls these
-steps for the per-device work; another backend passes its own :class:`LocalSteps` (the triton backend's
-kernels) and reuses everything else.
+:mod:`deepport.backends.torch.moe_routes`, :mod:`deepport.backends.torch.moe_layouts` and
+:mod:`deepport.backends.torch.moe_low_latency` do the routing and the multi-rank exchange and call these
+steps for the per-device work; another backend passes its own :class:`LocalSteps` (the triton and opencl
+backends' kernels) and reuses everything else.
 
 - ``place_rows(src, dst, index, zero_missing)``: ``dst[g, i] = src[index[g, i]]`` for every
   ``index >= 0`` (whole rows, bit for bit); ``-1`` rows are zeroed when ``zero_missing`` and
@@ -10,13 +11,21 @@ kernels) and reuses everything else.
   views into packed received rows are), ``dst [G, R, C]`` with any strides, ``index`` int64 ``[G, R]``.
 - ``weighted_rows(y, src_pos, dst_row, weights, num_rows)``: float32 ``[num_rows, C]`` with
   ``out[dst_row[j]] += weights[j] * y[src_pos[j]]`` (``y [n, C]`` bf16, the others ``[k]``).
-- ``cast_fp8(x)``: bf16 ``[T, H]`` -> (e4m3 ``[T, H]``, float32 scales ``[T, H / 128]``): per 128
-  channels ``amax = max(|x|, 1e-4)``, ``scale = amax / 448``, ``fp8 = round_to_e4m3(x * (448 / amax))``.
+- ``cast_fp8(x)``: bf16 ``[T, H]`` -> (e4m3 ``[T, H]``, float32 scales ``[T, H / 128]``), DeepEP's rule
+  bit for bit (the op's docstring): per 128 channels ``amax = max(|x|, float32(1e-4))``, ``scale =
+  float32(amax * float32(1/448))``, ``fp8 = e4m3(float32(x * float32(448 / amax)))``.
 - ``scatter_rows(src, dst, targets)`` (optional): the same placement seen from the source rows:
   ``dst.view(G * R, C)[targets[j, q]] = src[j]`` for every ``q`` (``targets`` int64 ``[n, Q]``; two
   entries naming one row always carry the same source row). A backend whose ``place_rows`` would touch
   every destination row provides it for the sparse low-latency layout (``G * R`` far above the rows
   placed); without it the layouts call ``place_rows``.
+- ``take_rows(x, index)`` (optional): ``x[index]``, a new ``[k, C]`` tensor (``index`` int64 ``[k]``, no
+  ``-1``): the payload rows (data, FP8 scales) a rank sends, in send order. Without it the transport
+  gathers them straight into its packed send rows.
+- ``sum_rows(rows, dst, n)`` (optional): float32 ``[n, C]``, row ``d`` the sum of the ``rows[e]`` with
+  ``dst[e] == d`` (0 where none): the per-token sum of the rows a normal or expanded combine returns.
+  Without it the transport sums with torch (float32 rows by :func:`sum_rows`, bf16 rows by a dense
+  per-token gather and one reduction in rank order).
 
 The torch steps never wait for the device: ``place_rows`` is one gather of every destination row (the
 layouts hand it indices with no ``-1`` where a row must be zero: they point at a zero row of ``src``),
@@ -31,8 +40,8 @@ from dataclasses import dataclass
 import torch
 
 from deepport.backends.torch.moe_comm import same_bits
+from deepport.kernels.fp8_layout import amax_scales
 from deepport.kernels.moe_args import FP8, FP8_BLOCK
-from deepport.kernels.moe_low_latency_dispatch import AMAX_FLOOR, FP8_MAX
 
 
 @dataclass(frozen=True)
@@ -41,6 +50,8 @@ class LocalSteps:
     weighted_rows: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
     cast_fp8: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
     scatter_rows: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
+    take_rows: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    sum_rows: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None = None
 
 
 def _flat(dst: torch.Tensor) -> torch.Tensor | None:
@@ -95,9 +106,16 @@ def weighted_rows(y: torch.Tensor, src_pos: torch.Tensor, dst_row: torch.Tensor,
 def cast_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     t, hidden = int(x.shape[0]), int(x.shape[1])
     blocks = x.to(torch.float32).view(t, hidden // FP8_BLOCK, FP8_BLOCK)
-    amax = blocks.abs().amax(dim=2).clamp(min=AMAX_FLOOR)
-    data = (blocks * (FP8_MAX / amax)[:, :, None]).to(FP8).view(t, hidden)
-    return data, amax / FP8_MAX
+    scale, multiplier = amax_scales(blocks.abs().amax(dim=2))
+    data = (blocks * multiplier[:, :, None]).to(FP8).view(t, hidden)
+    return data, scale
+
+
+def sum_rows(rows: torch.Tensor, dst: torch.Tensor, n: int) -> torch.Tensor:
+    """The default ``sum_rows``: float32 ``index_add_`` of the rows (converted on the way) into zeros."""
+    total = torch.zeros((n, *rows.shape[1:]), dtype=torch.float32, device=rows.device)
+    total.index_add_(0, dst, rows if rows.dtype == torch.float32 else rows.to(torch.float32))
+    return total
 
 
 TORCH = LocalSteps(place_rows, weighted_rows, cast_fp8, scatter_rows)

@@ -24,6 +24,10 @@ The per-device steps (the cast, placing rows, the weighted sums) are
 (``scatter_rows``: one fixed-size ``index_put_``), a backend without that step gets the layout-side
 index (``place_rows``).
 
+In one process (``group=None``) both ops run :mod:`deepport.backends.torch.moe_one_process` instead:
+the same steps, no transport, and a handle whose routes are built only when read (what the torch custom
+ops hand back to the combine).
+
 The bytes on the wire are those of the full capacity (``world * T_max`` rows each way), whatever the
 routing: the price of needing no sizes from the device. The handle's canonical host fields (counts,
 compact received rows) are read from the device only when someone asks for them
@@ -37,6 +41,7 @@ from typing import Any
 
 import torch
 
+from deepport.backends.torch import moe_one_process as one_process
 from deepport.backends.torch.moe_comm import RowFormat, same_bits, start_all_to_all
 from deepport.backends.torch.moe_index import (
     first_occurrence,
@@ -182,6 +187,8 @@ def dispatch_low_latency(call: MoELowLatencyDispatchCall, local: LocalSteps = TO
     num_local = call.num_experts // world
     slots, dev = world * t_max, x.device
     data, scales = local.cast_fp8(x) if call.use_fp8 else (x, None)
+    if grp.world_size == 1:  # one process: the routing alone defines the layout (moe_one_process)
+        return one_process.dispatch(call, data, scales, local)
     # sender: the fixed send buffer (plus a trash row), unused rows marked by token index -1
     in_rank = selection_mask(idx, world, num_local)
     send_slot = running_slot(in_rank)
@@ -266,6 +273,8 @@ def fixed_routes(handle: MoELowLatencyHandle) -> FixedRoutes:
 
 def combine_low_latency(call: MoELowLatencyCombineCall, local: LocalSteps = TORCH) -> torch.Tensor:
     h, grp = call.handle, call.group
+    if h.world_size == 1:  # one process (any backend's handle): moe_one_process, from packed_src_row alone
+        return one_process.combine(call, local)
     routes, f = h.routes, fixed_routes(call.handle)
     idx = call.topk_idx.to(torch.int64)
     t, k = int(idx.shape[0]), int(idx.shape[1])

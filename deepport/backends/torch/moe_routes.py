@@ -15,6 +15,11 @@ Dispatch (per call: 2 collectives, 1 host sync):
 
 Combine: one collective back along the reverse routes (the received rows themselves when no weights
 come along, else packed ``[x | weights]`` rows), summed per token in float32 and rounded once to bf16.
+
+The two local steps around the exchanges, gathering the payload rows to send and summing returned rows
+per token, are the optional ``take_rows`` / ``sum_rows`` of a
+:class:`~deepport.backends.torch.moe_local.LocalSteps` (another backend's kernels, e.g. opencl's); without
+them the rows are gathered straight into the packed send rows and summed with torch.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import torch
 
 from deepport.backends.torch.moe_comm import RowFormat, all_to_all_rows, exchange_table, same_bits, start_all_to_all
 from deepport.backends.torch.moe_index import compact, first_occurrence, local_ids, selection_mask
+from deepport.backends.torch.moe_local import TORCH, LocalSteps, sum_rows
 from deepport.kernels.moe_args import Alloc, MoEGroup, align_up, dense
 from deepport.kernels.moe_combine import MoECombineCall, MoECombineResult
 from deepport.kernels.moe_dispatch import MoEDispatchCall, MoEDispatchResult
@@ -32,7 +38,7 @@ from deepport.kernels.moe_handle import MoEHandle
 from deepport.kernels.moe_layout import MoELayout, MoELayoutCall
 
 __all__ = ["Received", "combine", "dispatch", "layout", "local_ids", "resend", "return_positions", "return_rows",
-           "return_rows_weighted", "route", "selection_mask", "send_tokens"]
+           "return_rows_weighted", "route", "selection_mask", "send_tokens", "sum_per_token"]
 
 
 def layout(call: MoELayoutCall) -> MoELayout:
@@ -76,6 +82,19 @@ def _copy_rows(dst: torch.Tensor, src: torch.Tensor, rows: torch.Tensor | None =
         torch.index_select(s, 0, rows, out=d)
 
 
+def _take_rows(local: LocalSteps, dst: torch.Tensor, src: torch.Tensor, rows: torch.Tensor) -> None:
+    """``dst[i] = src[rows[i]]`` for payload rows: the backend's ``take_rows`` step when it has one."""
+    if local.take_rows is None:
+        _copy_rows(dst, src, rows)
+    else:
+        _copy_rows(dst, local.take_rows(src, rows))
+
+
+def sum_per_token(local: LocalSteps, rows: torch.Tensor, dst: torch.Tensor, n: int) -> torch.Tensor:
+    """float32 ``[n, ...]`` per-token sums of ``rows`` (the backend's ``sum_rows`` step when it has one)."""
+    return (local.sum_rows or sum_rows)(rows, dst, n)
+
+
 def _meta(idx: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
     """int32 ``[T, 1 + K (+ K)]``: token index, global top-k ids (, weight bits): what a receiver needs."""
     cols = [torch.arange(idx.shape[0], device=idx.device, dtype=torch.int32)[:, None], idx.to(torch.int32)]
@@ -95,12 +114,13 @@ def _row_format(data: torch.Tensor, scales: torch.Tensor | None, meta_width: int
 
 def _exchange(fmt: RowFormat, sources: dict[str, torch.Tensor], in_rank: torch.Tensor, sends: list[int],
               recvs: list[int], grp: MoEGroup, outs: dict[str, torch.Tensor] | None, what: str,
-              zero_row: bool = False) -> torch.Tensor | None:
+              zero_row: bool = False, local: LocalSteps = TORCH) -> torch.Tensor | None:
     """Move each token's parts ``sources[name]`` (``[T, ...]``) to the ranks of ``in_rank`` (``[T, world]``)
     in one collective. With ``outs`` (``[num_recv, ...]`` per part) the received rows are written
     there, this rank's own rows straight from ``sources`` while the collective runs; without, every
     row goes through the collective and the packed ``[num_recv, row_bytes]`` buffer is returned (with
-    ``zero_row``, one more row of zero bytes after them)."""
+    ``zero_row``, one more row of zero bytes after them). Payload parts (all but ``meta``) are gathered by
+    ``local``'s ``take_rows`` step when it has one."""
     me, t = grp.rank, int(in_rank.shape[0])
     direct = outs is not None  # own rows skip the collective (a world of one moves nothing at all)
     mask = in_rank.t()
@@ -112,7 +132,7 @@ def _exchange(fmt: RowFormat, sources: dict[str, torch.Tensor], in_rank: torch.T
     rows = compact(mask, sum(wire_sends)) % max(t, 1)
     send = fmt.empty(sum(wire_sends), in_rank.device)
     for name, src in sources.items():
-        _copy_rows(fmt.part(send, name), src, rows)
+        _take_rows(TORCH if name == "meta" else local, fmt.part(send, name), src, rows)
     n = sum(wire_recvs)
     buf = fmt.empty(n + int(zero_row), in_rank.device)
     if zero_row:
@@ -126,7 +146,7 @@ def _exchange(fmt: RowFormat, sources: dict[str, torch.Tensor], in_rank: torch.T
     if direct:  # overlaps the collective
         mine = compact(in_rank[:, me], sends[me])
         for name, src in sources.items():
-            _copy_rows(outs[name][start: start + recvs[me]], src, mine)
+            _take_rows(TORCH if name == "meta" else local, outs[name][start: start + recvs[me]], src, mine)
     pending.wait()
     for name, out in outs.items():
         got = fmt.part(recv, name)
@@ -140,11 +160,12 @@ def _exchange(fmt: RowFormat, sources: dict[str, torch.Tensor], in_rank: torch.T
 
 def route(data: torch.Tensor, scales: torch.Tensor | None, topk_idx: torch.Tensor, weights: torch.Tensor | None,
           num_experts: int, grp: MoEGroup, alignment: int, alloc: Alloc | None = None, unpack: bool = True,
-          zero_row: bool = False, what: str = "moe_dispatch") -> Received:
+          zero_row: bool = False, what: str = "moe_dispatch", local: LocalSteps = TORCH) -> Received:
     """Send every token once to each rank holding one of its experts (module docstring). With
     ``unpack`` the payload lands in tensors from ``alloc`` (default ``torch.empty``); without, the
     received rows stay packed and ``data``/``scales`` view them, followed by one row of zeros when
-    ``zero_row`` (``[num_recv + 1, ...]``: a gather reads it where a row must be zero)."""
+    ``zero_row`` (``[num_recv + 1, ...]``: a gather reads it where a row must be zero). ``local.take_rows``
+    (when given) gathers the payload rows to send."""
     idx = topk_idx.to(torch.int64)
     t, k = int(idx.shape[0]), int(idx.shape[1])
     world, me, num_local = grp.world_size, grp.rank, num_experts // grp.world_size
@@ -167,10 +188,10 @@ def route(data: torch.Tensor, scales: torch.Tensor | None, topk_idx: torch.Tenso
                 "meta": torch.empty((n, int(meta.shape[1])), dtype=torch.int32, device=data.device)}
         if dense_scales is not None:
             outs["scales"] = make((n, int(dense_scales.shape[1])), torch.float32)
-        _exchange(fmt, sources, in_rank, sends, recvs, grp, outs, what)
+        _exchange(fmt, sources, in_rank, sends, recvs, grp, outs, what, local=local)
         recv_x, recv_s, recv_meta = outs["x"], outs.get("scales"), outs["meta"]
     else:
-        buf = _exchange(fmt, sources, in_rank, sends, recvs, grp, None, what, zero_row)
+        buf = _exchange(fmt, sources, in_rank, sends, recvs, grp, None, what, zero_row, local)
         assert buf is not None
         recv_x = fmt.part(buf, "x").view(data.dtype)
         recv_s = None if dense_scales is None else fmt.part(buf, "scales")
@@ -187,7 +208,7 @@ def route(data: torch.Tensor, scales: torch.Tensor | None, topk_idx: torch.Tenso
 
 
 def resend(data: torch.Tensor, scales: torch.Tensor | None, handle: MoEHandle, grp: MoEGroup,
-           alloc: Alloc) -> tuple[torch.Tensor, torch.Tensor | None]:
+           alloc: Alloc, local: LocalSteps = TORCH) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Cached dispatch: the same routes, new payload, one collective and no host sync (a bf16 payload
     is received straight into its output; FP8 data and scales travel packed)."""
     sends, recvs = list(handle.send_counts), list(handle.recv_counts)
@@ -196,23 +217,23 @@ def resend(data: torch.Tensor, scales: torch.Tensor | None, handle: MoEHandle, g
     if scales is None:
         rows = send_tokens(handle.is_token_in_rank, sum(sends))
         send = torch.empty((sum(sends), hidden), dtype=data.dtype, device=data.device)
-        _copy_rows(send, data, rows)
+        _take_rows(local, send, data, rows)
         all_to_all_rows(send, sends, recvs, grp, out, "moe_dispatch (cached)")
         return out, None
     dense_scales = dense(scales)
     out_s = alloc((n, int(dense_scales.shape[1])), torch.float32)
     _exchange(_row_format(data, dense_scales, 0), {"x": data, "scales": dense_scales}, handle.is_token_in_rank,
-              sends, recvs, grp, {"x": out, "scales": out_s}, "moe_dispatch (cached)")
+              sends, recvs, grp, {"x": out, "scales": out_s}, "moe_dispatch (cached)", local=local)
     return out, out_s
 
 
-def dispatch(call: MoEDispatchCall) -> MoEDispatchResult:
+def dispatch(call: MoEDispatchCall, local: LocalSteps = TORCH) -> MoEDispatchResult:
     if call.handle is not None:
-        data, scales = resend(call.data, call.scales, call.handle, call.group, call.alloc)
+        data, scales = resend(call.data, call.scales, call.handle, call.group, call.alloc, local)
         return MoEDispatchResult(data if scales is None else (data, scales), None, None, None, call.handle)
     assert call.topk_idx is not None
     got = route(call.data, call.scales, call.topk_idx, call.topk_weights, call.num_experts, call.group,
-                call.expert_alignment, call.alloc)
+                call.expert_alignment, call.alloc, local=local)
     n, k = got.local_idx.shape
     recv_idx = call.alloc((int(n), int(k)), call.topk_idx.dtype)
     recv_idx.copy_(got.local_idx)
@@ -245,7 +266,7 @@ def return_positions(handle: MoEHandle, missing: int) -> torch.Tensor:
 
 
 def return_rows(rows: torch.Tensor, handle: MoEHandle, grp: MoEGroup, what: str = "moe_combine",
-                out: torch.Tensor | None = None) -> torch.Tensor:
+                out: torch.Tensor | None = None, local: LocalSteps = TORCH) -> torch.Tensor:
     """Send per-received-token rows back to their sources (one collective, ``rows`` themselves on the
     wire) and sum per token in float32: ``[num_recv, ...]`` -> float32 ``[num_tokens, ...]``.
 
@@ -253,14 +274,13 @@ def return_rows(rows: torch.Tensor, handle: MoEHandle, grp: MoEGroup, what: str 
     num_topk)`` rows, a zero row where a rank holds none) and reduced with one ``sum`` in rank order
     (deterministic) that converts on load. With ``out`` (bf16 ``[num_tokens, ...]``) on a device whose
     reductions accumulate 16-bit inputs in float32 (:data:`FLOAT_ACCUMULATING_SUM`), the sum writes the
-    rounded result straight into ``out`` (no float32 intermediate) and returns it."""
+    rounded result straight into ``out`` (no float32 intermediate) and returns it. A ``local.sum_rows``
+    step, when given, sums every dtype instead."""
     sends, recvs = list(handle.recv_counts), list(handle.send_counts)
     n, t = sum(recvs), handle.num_tokens
-    if rows.dtype == torch.float32:
+    if rows.dtype == torch.float32 or local.sum_rows is not None:
         back = all_to_all_rows(rows.contiguous(), sends, recvs, grp, what=what)
-        total = torch.zeros((t, *rows.shape[1:]), dtype=torch.float32, device=rows.device)
-        total.index_add_(0, send_tokens(handle.is_token_in_rank, n), back)
-        return total
+        return sum_per_token(local, back, send_tokens(handle.is_token_in_rank, n), t)
     buf = torch.empty((n + 1, *rows.shape[1:]), dtype=rows.dtype, device=rows.device)
     buf[n].zero_()
     all_to_all_rows(rows.contiguous(), sends, recvs, grp, out=buf[:n], what=what)
@@ -272,9 +292,10 @@ def return_rows(rows: torch.Tensor, handle: MoEHandle, grp: MoEGroup, what: str 
 
 
 def return_rows_weighted(rows: torch.Tensor, weights: torch.Tensor, handle: MoEHandle, grp: MoEGroup,
-                         what: str = "moe_combine") -> tuple[torch.Tensor, torch.Tensor]:
+                         what: str = "moe_combine", local: LocalSteps = TORCH) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`return_rows` of ``rows`` and ``weights`` together, packed ``[rows | weights]`` in one
-    collective; this rank's own rows skip it and are summed straight from the inputs."""
+    collective; this rank's own rows skip it and are summed straight from the inputs (with a
+    ``local.sum_rows`` step: summed by it together with the received rows, own rows first)."""
     t, me = handle.num_tokens, grp.rank
     sends, recvs = list(handle.recv_counts), list(handle.send_counts)
     width = int(torch.Size(rows.shape[1:]).numel())
@@ -293,27 +314,33 @@ def return_rows_weighted(rows: torch.Tensor, weights: torch.Tensor, handle: MoEH
     _copy_rows(fmt.part(send, "w"), weights, picked)
     recv = fmt.empty(sum(wire_recvs), rows.device)
     pending = start_all_to_all(recv, send, wire_recvs, wire_sends, grp, what)
+    own = compact(handle.is_token_in_rank[:, me], mine)  # overlaps the collective
+    tokens = compact(mask, sum(wire_recvs)) % max(t, 1)
+    if local.sum_rows is not None:
+        pending.wait()
+        dst = torch.cat([own, tokens])
+        total = local.sum_rows(torch.cat([flat[start: start + mine], fmt.part(recv, "x")]), dst, t)
+        total_w = local.sum_rows(torch.cat([weights[start: start + mine], fmt.part(recv, "w")]), dst, t)
+        return total.view(t, *rows.shape[1:]), total_w
     total = torch.zeros((t, int(flat.shape[1])), dtype=torch.float32, device=rows.device)
     total_w = torch.zeros((t, int(weights.shape[1])), dtype=torch.float32, device=rows.device)
-    own = compact(handle.is_token_in_rank[:, me], mine)  # overlaps the collective
     total.index_add_(0, own, flat[start: start + mine].to(torch.float32))
     total_w.index_add_(0, own, weights[start: start + mine])
     pending.wait()
-    tokens = compact(mask, sum(wire_recvs)) % max(t, 1)
     total.index_add_(0, tokens, fmt.part(recv, "x").to(torch.float32))
     total_w.index_add_(0, tokens, fmt.part(recv, "w"))
     return total.view(t, *rows.shape[1:]), total_w
 
 
-def combine(call: MoECombineCall) -> MoECombineResult:
+def combine(call: MoECombineCall, local: LocalSteps = TORCH) -> MoECombineResult:
     h = call.handle
     out = call.alloc((h.num_tokens, int(call.x.shape[1])), torch.bfloat16)
     if call.topk_weights is None:
-        total = return_rows(call.x, h, call.group, out=out)
+        total = return_rows(call.x, h, call.group, out=out, local=local)
         if total is not out:
             out.copy_(total)
         return MoECombineResult(out, None)
-    total, total_w = return_rows_weighted(call.x, call.topk_weights, h, call.group)
+    total, total_w = return_rows_weighted(call.x, call.topk_weights, h, call.group, local=local)
     out.copy_(total)
     weights = call.alloc((h.num_tokens, h.num_topk), torch.float32)
     weights.copy_(total_w)

@@ -31,6 +31,7 @@ from deepport.kernels.moe_low_latency_combine import MoELowLatencyCombineCall
 from deepport.kernels.moe_low_latency_dispatch import (
     AMAX_FLOOR,
     FP8_MAX,
+    FP8_MAX_INV,
     MoELowLatencyDispatchCall,
     MoELowLatencyDispatchResult,
 )
@@ -73,7 +74,8 @@ def weighted_rows(y: torch.Tensor, src_pos: torch.Tensor, dst_row: torch.Tensor,
         return out
     order = torch.sort(dst_row, stable=True).indices
     seg = torch.zeros(num_rows + 1, dtype=torch.int64, device=y.device)
-    seg[1:] = torch.bincount(dst_row, minlength=num_rows).cumsum(0)
+    per_row = torch.zeros(num_rows, dtype=torch.int64, device=y.device)  # bincount would read max() on the host
+    seg[1:] = per_row.scatter_add_(0, dst_row.to(torch.int64), torch.ones_like(dst_row, dtype=torch.int64)).cumsum(0)
     y = y.contiguous()
     block = _block(cols)
     with _guard(y.device):
@@ -92,7 +94,7 @@ def cast_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if tokens and hidden:
         with _guard(x.device):
             moe_cast_fp8_kernel[(tokens, hidden // FP8_BLOCK)](
-                x.contiguous(), data, scales, hidden, FP8_MAX, AMAX_FLOOR, STORE_FP32=interp)
+                x.contiguous(), data, scales, hidden, FP8_MAX, FP8_MAX_INV, AMAX_FLOOR, STORE_FP32=interp)
     return (data.to(FP8) if interp else data), scales
 
 

@@ -9,9 +9,9 @@
 - :func:`moe_weighted_rows_kernel`, grid ``(num_rows, ceil(C / BLOCK_C))``: row ``r`` of the float32
   output is ``sum_j weights[j] * y[src_pos[j]]`` over ``j`` in ``seg[r] : seg[r + 1]`` (entries sorted
   by destination row, stable), accumulated in float32 in that order.
-- :func:`moe_cast_fp8_kernel`, grid ``(T, H / 128)``: one 128-channel block of one token: ``amax =
-  max(|x|, 1e-4)``, ``scale = amax / 448`` (IEEE division) and ``x * (448 * (1 / amax))`` (torch's
-  float32 evaluation of ``x * (448 / amax)``, so both round the same float32), stored as e4m3
+- :func:`moe_cast_fp8_kernel`, grid ``(T, H / 128)``: one 128-channel block of one token, DeepEP's
+  float32 rule (the op's docstring): ``amax = max(|x|, 1e-4)``, ``scale = amax * float32(1/448)`` (one
+  float32 product) and ``x * (448 / amax)`` (the quotient an IEEE division), stored as e4m3
   (``STORE_FP32``: as float32, for the interpreter, whose e4m3 rounding is wrong; the caller rounds
   with torch).
 """
@@ -77,16 +77,16 @@ def moe_weighted_rows_kernel(y_ptr, src_pos_ptr, weight_ptr, seg_ptr, out_ptr, n
 
 
 @triton.jit
-def moe_cast_fp8_kernel(x_ptr, q_ptr, scale_ptr, hidden, fp8_max, amax_floor, STORE_FP32: tl.constexpr):
+def moe_cast_fp8_kernel(x_ptr, q_ptr, scale_ptr, hidden, fp8_max, fp8_max_inv, amax_floor,
+                        STORE_FP32: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1)
     cols = blk * 128 + tl.arange(0, 128)
     x = tl.load(x_ptr + t * hidden + cols).to(tl.float32)
     amax = tl.maximum(tl.max(tl.abs(x), 0), amax_floor)
-    # 448 * (1 / amax), as torch evaluates ``448 / amax`` (reciprocal, then product): the same float32
-    scaled = x * (fp8_max * tl.div_rn(tl.full([], 1.0, tl.float32), amax))
+    scaled = x * tl.div_rn(fp8_max + tl.zeros([], tl.float32), amax)  # float32(448 / amax), correctly rounded
     if STORE_FP32:
         tl.store(q_ptr + t * hidden + cols, scaled)
     else:
         tl.store(q_ptr + t * hidden + cols, scaled.to(tl.float8e4nv))
-    tl.store(scale_ptr + t * (hidden // 128) + blk, tl.div_rn(amax, fp8_max + tl.zeros([], tl.float32)))
+    tl.store(scale_ptr + t * (hidden // 128) + blk, amax * fp8_max_inv)  # float32(amax * float32(1/448))

@@ -101,10 +101,11 @@ def _local_workload(op: str, tokens: int, experts: int, topk: int) -> Callable[[
 
             impl = registry.get(backend).implementation(op)
             args = (x, idx, w, experts) if op == "moe_dispatch" else (recv, first.handle)
-            bound_call = OPS[op].bind(*args, alloc=pool.alloc)
+            # One bind reused across calls: its checked allocator remembers every tensor it handed out in
+            # that bind, so it allocates afresh (a reused pool would alias the first call's outputs and `recv`).
+            bound_call = OPS[op].bind(*args)
 
             def run() -> None:
-                pool.start()
                 impl(bound_call)
 
             return run

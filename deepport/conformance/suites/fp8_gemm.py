@@ -1,10 +1,10 @@
 """Conformance cases, input generator and references for the dense FP8 GEMMs ``fp8_gemm_{nt,nn,tn,tt}``.
 
-Generator (version 1), from ``numpy.random.Generator(PCG64(seed))``:
+Generator (version 2), from ``numpy.random.Generator(PCG64(seed))``:
 
 - values: ``x`` ``[M, K]`` and ``w`` ``[N, K]`` ~ N(0, 1) rounded to bfloat16 (DeepGEMM's test data);
   ``values="outliers"``: one element in 512 (of ``x`` and ``w``) multiplied by ``+-U(4, 16)``, so block
-  amaxes (and the float32 scales ``amax / 448``) vary; ``values="wide"``: every row of ``x`` multiplied by
+  amaxes (and the float32 scales ``amax * float32(1/448)``) vary; ``values="wide"``: every row of ``x`` multiplied by
   ``2**U(-4, 4)``, so its scales span 8 binades. Heavier outliers or wider rows leave outputs dominated by
   a few elements, and the unquantized reference's ``calc_diff`` (mean ~7e-4 for e4m3, bound 1e-3) too
   noisy to judge: sizes and data were chosen so its maximum over 150 seeds stays below ~8.5e-4. UE8M0
@@ -18,7 +18,8 @@ Generator (version 1), from ``numpy.random.Generator(PCG64(seed))``:
   padding element poisoned (NaN, or UE8M0 words of 0xFF bytes = inf): an op that reads past M fails.
   ``sfb_layout="transposed"`` passes SFB as the transpose of a contiguous tensor. The harness stages
   dense storage tensors (``sfa_storage``, ``sfb_storage``); :func:`invoke` builds the strided views.
-- ``accumulate``: ``c = N(0, 1) * 32`` float32 (DeepGEMM's wgrad test), out float32.
+- ``accumulate``: ``c = N(0, 1) * 32`` float32 (DeepGEMM's wgrad test), out float32; with ``c_in_place``
+  the harness writes C into the output buffer before the call and passes that buffer as ``c``.
 
 Two references per case: the **simulated** one (:func:`reference`, float64 on the exact dequantized
 operands: the op's definition, tight element-wise bound) and the **exact** one (:func:`exact_reference`,
@@ -35,20 +36,21 @@ import numpy as np
 import torch
 
 import deepport
+from deepport.conformance import fp8_bound
 from deepport.conformance.case import Case, make_case
 from deepport.kernels import fp8_gemm as op
 from deepport.kernels.f64.fp8_gemm import reference_f64
 from deepport.kernels.f64.products import matmul_nt
 from deepport.kernels.fp8_layout import get_tma_aligned_size, pack_ue8m0, per_block_cast_to_fp8, per_token_cast_to_fp8
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: scale factors by DeepEP's float32 rule, amax * float32(1/448)
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 _RECIPES = {"1d2d": (1, 128, 128), "1d1d": (1, 1, 128)}
 _UE8M0_POISON = -1  # every byte 0xFF: exponent 255 decodes to inf
 
 _DEFAULTS: dict[str, Any] = dict(
     m=16, n=256, k=512, layout="nt", recipe="1d2d", sf="float32", sfa_layout="row", sfa_pad=0,
-    sfb_layout="row", accumulate=False, dtype="bfloat16", values="normal",
+    sfb_layout="row", accumulate=False, c_in_place=False, dtype="bfloat16", values="normal",
 )
 # DeepSeek-V3 projection shapes (N, K) of DeepGEMM's normal-GEMM test, and its token counts
 DEEPSEEK_V3_NK = ((2112, 7168), (576, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048))
@@ -68,7 +70,9 @@ def _features(p: Mapping[str, Any]) -> tuple[str, ...]:
     if p["sfb_layout"] == "transposed":
         f.append("sfb_transposed")
     if p["accumulate"]:
-        f.append("accumulate")
+        f.append("accumulate_in_place" if p["c_in_place"] else "accumulate")
+    if p["m"] > 128 or p["n"] > 1024:
+        f.append("chunked")
     if p["values"] != "normal":
         f.append(f"values_{p['values']}")
     return tuple(f)
@@ -81,6 +85,8 @@ def _case(tier: str, name: str | None = None, **overrides: Any) -> Case:
         raise ValueError(f"unknown fp8_gemm case parameters {sorted(unknown)}")
     if p["accumulate"] and p["dtype"] != "float32":
         raise ValueError("accumulate needs dtype float32")
+    if p["c_in_place"] and not p["accumulate"]:
+        raise ValueError("c_in_place needs accumulate")
     if name is None:
         name = f"m{p['m']}_n{p['n']}_k{p['k']}"
     # K tails and SF column strides beyond DeepGEMM's TMA alignment go beyond what upstream promises
@@ -117,6 +123,13 @@ def _smoke(layout: str) -> list[Case]:
         _case("smoke", "wide_values_m32_n256_k1024_mn", m=32, n=256, k=1024, values="wide", sfa_layout="mn"),
         _case("smoke", "ext_k_tail_m9_n256_k1000", m=9, n=256, k=1000, values="outliers"),
         _case("smoke", "ext_sfa_pad_m7_n384_k512", m=7, n=384, k=512, sfa_layout="mn", sfa_pad=5),
+        # across the chunks of the work: N > 1024 (the float64 oracle dequantizes B 1024 rows at a time;
+        # 1100 also ends in a partial 128-row block), M = 130 past a 128-row tile, and M*N*(K/128)*8 bytes
+        # above the torch backend's 8 MB CPU working set (two K chunks: 7 blocks, then 2)
+        _case("smoke", "chunks_m130_n1100_k1152", m=130, n=1100, k=1152),
+        # D = D + A B^T: C is the output buffer itself, read before it is written
+        _case("smoke", "accumulate_in_place_m70_n1100_k640", m=70, n=1100, k=640, accumulate=True, c_in_place=True,
+              dtype="float32", values="outliers"),
     ]
 
 
@@ -159,6 +172,8 @@ class Inputs:
     out_dtype: torch.dtype
     tensors: dict[str, torch.Tensor]
     unquantized: dict[str, torch.Tensor] = field(default_factory=dict)
+    c_in_place: bool = False
+    magnitudes: np.ndarray | None = None  # S of the bound, kept by reference() (one pass over the operands)
 
 
 def _values(rng: np.random.Generator, shape: tuple[int, int], kind: str) -> torch.Tensor:
@@ -207,7 +222,7 @@ def generate(case: Case, seed: int) -> Inputs:
     if p["accumulate"]:
         tensors["c"] = torch.from_numpy(rng.standard_normal(size=(m, n), dtype=np.float32) * 32)
     return Inputs(layout, _RECIPES[p["recipe"]], m, p["sfa_layout"], p["sfb_layout"], _DTYPES[p["dtype"]], tensors,
-                  {"x": x, "w": w})
+                  {"x": x, "w": w}, p["c_in_place"])
 
 
 def call_args(inputs: Inputs, tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
@@ -234,20 +249,44 @@ def dtype_name(inputs: Inputs) -> str:
     return str(inputs.out_dtype).removeprefix("torch.")
 
 
+def prefill_outputs(inputs: Inputs, outputs: Mapping[str, torch.Tensor]) -> None:
+    """In-place accumulation: ``out`` holds C before the call (``c`` is ``out``)."""
+    if inputs.c_in_place:
+        outputs["out"].copy_(inputs.tensors["c"])
+
+
 def invoke(inputs: Inputs, tensors: Mapping[str, torch.Tensor], backend: str,
            outputs: Mapping[str, torch.Tensor]) -> None:
     """Call the public op on ``backend`` with the device copies ``tensors``, writing into ``outputs``."""
     gemm = getattr(deepport, f"fp8_gemm_{inputs.layout}")
-    gemm(**call_args(inputs, tensors), out=outputs["out"], backend=backend)
+    args = call_args(inputs, tensors)
+    if inputs.c_in_place:
+        args["c"] = outputs["out"]
+    gemm(**args, out=outputs["out"], backend=backend)
 
 
-def reference(inputs: Inputs) -> dict[str, np.ndarray]:
-    """The simulated reference: the op's definition in float64 on the exactly dequantized operands."""
+def _bound_call(inputs: Inputs) -> op.FP8GemmCall:
+    """The validated call (NT form) of the pristine inputs, for the oracles."""
     (out_shape, out_dtype), = output_specs(inputs).values()
     dummy = torch.empty(out_shape, dtype=out_dtype)
     args = call_args(inputs, inputs.tensors)
-    return {"out": reference_f64(op.bind(inputs.layout, args["a"], args["b"], dummy, c=args["c"],
-                                         recipe=args["recipe"]))}
+    return op.bind(inputs.layout, args["a"], args["b"], dummy, c=args["c"], recipe=args["recipe"])
+
+
+def reference(inputs: Inputs) -> dict[str, np.ndarray]:
+    """The simulated reference: the op's definition in float64 on the exactly dequantized operands (the
+    same pass keeps the terms' magnitudes for :func:`elementwise_bound`)."""
+    call = _bound_call(inputs)
+    inputs.magnitudes = np.zeros((call.m, call.n))
+    return {"out": reference_f64(call, magnitudes=inputs.magnitudes)}
+
+
+def elementwise_bound(inputs: Inputs) -> dict[str, np.ndarray]:
+    """The per-element accumulation term ``gamma(K) * S``, ``S = |C| + sum_k |SFA * SFB * A * B|``
+    (:mod:`deepport.conformance.fp8_bound`), from the same float64 oracle on the magnitudes."""
+    call = _bound_call(inputs)
+    magnitudes = inputs.magnitudes if inputs.magnitudes is not None else reference_f64(call, absolute=True)
+    return {"out": fp8_bound.elementwise_bound(call.k, magnitudes)}
 
 
 def exact_reference(inputs: Inputs) -> dict[str, np.ndarray]:
@@ -266,9 +305,11 @@ class FP8GemmSuite:
     GENERATOR_VERSION = GENERATOR_VERSION
     generate = staticmethod(generate)
     output_specs = staticmethod(output_specs)
+    prefill_outputs = staticmethod(prefill_outputs)
     dtype_name = staticmethod(dtype_name)
     invoke = staticmethod(invoke)
     reference = staticmethod(reference)
+    elementwise_bound = staticmethod(elementwise_bound)
     exact_reference = staticmethod(exact_reference)
 
     def __init__(self, layout: str) -> None:

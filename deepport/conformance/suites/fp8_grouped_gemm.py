@@ -1,10 +1,10 @@
 """Conformance cases, input generator and references for the M-grouped FP8 GEMMs (both layouts).
 
-Generator (version 1), from ``numpy.random.Generator(PCG64(seed))``:
+Generator (version 2), from ``numpy.random.Generator(PCG64(seed))``:
 
 - values: ``x`` (activations) and ``w`` (each group's weights) ~ N(0, 1) rounded to bfloat16, as in
   DeepGEMM's tests; with ``outliers`` one element in 512 is multiplied by ``+-U(8, 64)``, so block
-  amaxes (and the float32 scales ``amax / 448``) vary, and are not powers of two. UE8M0 cases have no
+  amaxes (and the float32 scales ``amax * float32(1/448)``) vary, and are not powers of two. UE8M0 cases have no
   outliers (DeepGEMM's data): a power-of-two scale leaves an outlier itself up to 1/16 off, and outputs
   dominated by a few outliers then miss the unquantized reference's ``calc_diff < 1e-3``.
 - quantization: ``x`` per token (1x128, :func:`per_token_cast_to_fp8`), each ``w[g]`` per 128x128 block
@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 import deepport
+from deepport.conformance import fp8_bound
 from deepport.conformance.case import Case, make_case
 from deepport.kernels.f64.fp8_grouped_gemm import contiguous_f64, masked_rows_f64
 from deepport.kernels.f64.products import matmul_nt
@@ -49,7 +50,7 @@ from deepport.kernels.fp8_layout import (
     per_token_cast_to_fp8,
 )
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: scale factors by DeepEP's float32 rule, amax * float32(1/448)
 _E4M3_NAN = 0x7F
 _UE8M0_NAN_WORD = -1  # every byte 0xFF
 
@@ -165,6 +166,7 @@ class Inputs:
     before: torch.Tensor | None = None
     rows_in_use: list[int] = field(default_factory=list)  # masked: masked_m; contiguous: rows per group
     sfa_mn_major: bool = False  # tensors["sfa"] is MN-major storage; the op gets sfa_view(...)
+    magnitudes: np.ndarray | None = None  # S of the bound, kept by reference() (one pass over the operands)
 
 
 def _bf16_normal(rng: np.random.Generator, shape: tuple[int, ...], outliers: bool) -> torch.Tensor:
@@ -324,20 +326,42 @@ def _untouched(inputs: Inputs) -> np.ndarray:
     return values
 
 
-def reference(inputs: Inputs) -> dict[str, np.ndarray]:
-    """The simulated reference: the op's definition in float64 on the dequantized operands."""
+def _computed(inputs: Inputs, absolute: bool, outside: np.ndarray | None,
+              magnitudes: np.ndarray | None = None) -> np.ndarray:
+    """The float64 oracle on the rows the op computes (with ``absolute``: the terms' magnitudes; with
+    ``magnitudes``, an output's shape of zeros, those too in the same pass); padding rows are 0, masked
+    rows past ``masked_m`` hold ``outside`` (zeros when None)."""
     t = inputs.tensors
     n = int(t["b"].shape[1])
     dummy = torch.empty((*t["a"].shape[:-1], n), dtype=torch.bfloat16)
     a, b = (t["a"], sfa_view(inputs, t)), (t["b"], t["sfb"])
     if inputs.op == OP_CONTIGUOUS:
         call = bind_contiguous(a, b, dummy, t["m_indices"], recipe=inputs.recipe)
-        return {"out": contiguous_f64(call, t["m_indices"].numpy())}
+        return contiguous_f64(call, t["m_indices"].numpy(), absolute=absolute, magnitudes=magnitudes)
     masked = bind_masked(a, b, dummy, t["masked_m"], inputs.expected_m, recipe=inputs.recipe)
-    out = _untouched(inputs)
-    for g, block in enumerate(masked_rows_f64(masked, t["masked_m"].numpy())):
+    out = np.zeros(tuple(dummy.shape)) if outside is None else outside
+    mags: list[np.ndarray] | None = None if magnitudes is None else []
+    for g, block in enumerate(masked_rows_f64(masked, t["masked_m"].numpy(), absolute=absolute, magnitudes=mags)):
         out[g, : block.shape[0]] = block
-    return {"out": out}
+        if magnitudes is not None and mags is not None:
+            magnitudes[g, : block.shape[0]] = mags[g]
+    return out
+
+
+def reference(inputs: Inputs) -> dict[str, np.ndarray]:
+    """The simulated reference: the op's definition in float64 on the dequantized operands (the same pass
+    keeps the terms' magnitudes for :func:`elementwise_bound`)."""
+    t = inputs.tensors
+    inputs.magnitudes = np.zeros((*t["a"].shape[:-1], int(t["b"].shape[1])))
+    return {"out": _computed(inputs, False, _untouched(inputs), inputs.magnitudes)}
+
+
+def elementwise_bound(inputs: Inputs) -> dict[str, np.ndarray]:
+    """The per-element accumulation term ``gamma(K) * S`` of every computed row (0 elsewhere: padding and
+    rows past ``masked_m`` are checked bit for bit), as for the dense op (:mod:`deepport.conformance.fp8_bound`)."""
+    k = int(inputs.tensors["a"].shape[-1])
+    magnitudes = inputs.magnitudes if inputs.magnitudes is not None else _computed(inputs, True, None)
+    return {"out": fp8_bound.elementwise_bound(k, magnitudes)}
 
 
 def exact_reference(inputs: Inputs) -> dict[str, np.ndarray]:
@@ -382,6 +406,7 @@ class GroupedSuite:
     dtype_name = staticmethod(dtype_name)
     invoke = staticmethod(invoke)
     reference = staticmethod(reference)
+    elementwise_bound = staticmethod(elementwise_bound)
     exact_reference = staticmethod(exact_reference)
     exact_positions = staticmethod(exact_positions)
 

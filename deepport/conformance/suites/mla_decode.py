@@ -112,6 +112,13 @@ def cases() -> list[Case]:
               poison="garbage"),
         _case("smoke", "unit_values_peaky", values="unit", s_q=2, causal=True),
         _case("smoke", "long_b1_sk700", b=1, s_k=700, varlen=False, h_q=16),
+        # work split across chunks and waves: one long request makes the torch backend's working set per
+        # request ~24 MB, so its 256 MB CPU budget takes 11 requests per chunk and the 12th starts a new one
+        # (short ones on both sides of the boundary); 140 short requests are more than one wave of 132 SMs
+        _case("smoke", "chunks_b12_one_long", b=12, lengths=[3, 64, 0, 4000, 65, 1, 128, 7, 63, 129, 2, 40]),
+        _case("smoke", "waves_b140_short_metadata", b=140, s_k=20, metadata=True, extra_pages=0),
+        _case("smoke", "softmax_scale_pow_0.4_sq2_causal_gqa", s_q=2, h_kv=2, causal=True, scale_pow=-0.4,
+              values="unit"),
         # extensions beyond FlashMLA's shapes: other page sizes and head dims
         _case("smoke", "ext_page1", page=1, s_k=40, extra_pages=5),
         _case("smoke", "ext_page16_causal", page=16, s_q=2, causal=True, h_kv=2),

@@ -15,11 +15,12 @@ the harness (which regenerates the whole world to compute the reference) get the
 - ``x2``: a second payload of the same kind (for cached re-dispatch).
 
 A case of ``world`` > 1 runs every rank in its own process (:mod:`deepport.conformance.rank_group`,
-gloo on CPU, NCCL on CUDA with one GPU per rank); each rank generates its own inputs, calls the op
-with the harness's backend, checks it left its inputs unchanged, and returns its outputs, which the
-harness concatenates along dimension 0 in rank order and judges against the float64 reference of
-the whole world. Every output tensor the op allocates comes from a poisoning ``alloc`` (NaN, or the
-integer minimum), and must be one the op returned.
+gloo on CPU, NCCL on CUDA with one GPU per rank); each rank loads the run's plugins
+(:mod:`~deepport.conformance.plugins`), generates its own inputs, calls the op with the harness's
+backend, checks it left its inputs unchanged, and returns its outputs, which the harness concatenates
+along dimension 0 in rank order and judges against the float64 reference of the whole world. Every
+output tensor the op allocates comes from a poisoning ``alloc`` (NaN, or the integer minimum), and
+must be one the op returned.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import torch
 
 from deepport.conformance.call import poisoned, synchronize
 from deepport.conformance.case import Case, make_case
+from deepport.conformance.plugins import load_plugins, loaded_specs
 from deepport.conformance.rank_group import Packed, pack, rank_group, unpack
 from deepport.errors import BackendNotSupportedError
 
@@ -179,8 +181,10 @@ class RankCall:
 
 
 def run_rank(rank: int, group: Any, device: torch.device, op: str, params: dict[str, Any], seed: int,
-             backend: str) -> dict[str, Packed]:
-    """One rank's half of a case: generate, call, check the inputs are unchanged, pack the outputs."""
+             backend: str, plugins: tuple[str, ...] = ()) -> dict[str, Packed]:
+    """One rank's half of a case: load the run's plugins (the backend may be one), generate, call, check
+    the inputs are unchanged, pack the outputs."""
+    load_plugins(plugins)
     suite = _suite(op)
     mine = {n: t.to(device, copy=True) for n, t in rank_inputs(params, seed, rank).items()}
     outs = suite.run(RankCall(mine, params, backend, group, device))
@@ -206,9 +210,9 @@ def invoke(inputs: Inputs, tensors: Mapping[str, torch.Tensor], backend: str,
         results = [run_rank(0, None, device, inputs.op, inputs.params, inputs.seed, backend)]
     else:
         _check_world_supported(inputs.op, backend, world, device)
-        results = rank_group(world, device.type).run("deepport.conformance.suites.moe_common:run_rank", world,
-                                                     op=inputs.op, params=inputs.params, seed=inputs.seed,
-                                                     backend=backend)
+        results = rank_group(world, device.type).run(
+            "deepport.conformance.suites.moe_common:run_rank", world, label=f"{inputs.op} on {backend}",
+            op=inputs.op, params=inputs.params, seed=inputs.seed, backend=backend, plugins=loaded_specs())
     for name, out in outputs.items():
         parts = [unpack(r[name]) for r in results]
         wrong = [f"rank {i}: {p.dtype}" for i, p in enumerate(parts) if p.dtype != out.dtype]

@@ -2,8 +2,9 @@
 
 Rows past an expert's ``recv_count`` are unspecified, so each rank zeroes them (by its own counts,
 which are checked exactly) before returning; the scales must come column-major (the masked GEMM's
-layout). bf16 rows are exact; FP8 rows are checked against the unrounded ``x * 448 / amax`` within
-half an e4m3 step, scales against ``amax / 448`` within float32 rounding.
+layout). bf16 rows are exact; the FP8 scales must be DeepEP's float32 ``amax * float32(1/448)`` bit
+for bit (the op's docstring), and FP8 rows within half an e4m3 step of ``float32(x * float32(448 /
+amax))``.
 """
 
 from __future__ import annotations

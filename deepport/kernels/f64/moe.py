@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-FP8_MAX = 448.0
-AMAX_FLOOR = 1e-4
+FP8_MAX = np.float32(448.0)
+AMAX_FLOOR = np.float32(1e-4)
+FP8_MAX_INV = np.float32(1.0 / 448.0)  # DeepEP's kFP8AmaxInv
 
 
 def layout_f64(topk: np.ndarray, num_experts: int, num_ranks: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -122,9 +123,13 @@ def combine_f64(rows: list[np.ndarray], src_rank: list[np.ndarray], src_token: l
 
 
 def cast_fp8_f64(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per token and 128 channels: ``(x * 448 / amax, amax / 448)`` with ``amax = max(|x|, 1e-4)``,
-    unrounded (the e4m3 and float32 roundings are the output's)."""
+    """Per token and 128 channels, DeepEP's float32 rule emulated in NumPy float32 (each step one correctly
+    rounded float32 operation): ``amax = max(|x|, float32(1e-4))``, ``scale = float32(amax *
+    float32(1/448))`` (exact: the output's bits), and the value ``float32(x * float32(448 / amax))``
+    whose e4m3 rounding is the output's. ``x`` holds bf16 values (exact in float32)."""
     t, hidden = x.shape
-    blocks = x.reshape(t, hidden // 128, 128)
-    amax = np.maximum(np.abs(blocks).max(axis=2, initial=0.0), AMAX_FLOOR)
-    return (blocks * (FP8_MAX / amax)[:, :, None]).reshape(t, hidden), amax / FP8_MAX
+    blocks = x.reshape(t, hidden // 128, 128).astype(np.float32)
+    amax = np.maximum(np.abs(blocks).max(axis=2, initial=np.float32(0.0)), AMAX_FLOOR)
+    scale = amax * FP8_MAX_INV
+    values = blocks * (FP8_MAX / amax)[:, :, None]
+    return values.reshape(t, hidden).astype(np.float64), scale.astype(np.float64)
