@@ -107,9 +107,21 @@ __device__ __forceinline__ void wgmma_wait_all() {
     asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
 }
 
+// Waits until at most `kPending` committed wgmma groups of this warp are still running (groups
+// complete in commit order).
+template <int kPending>
+__device__ __forceinline__ void wgmma_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(kPending) : "memory");
+}
+
 // Keeps the compiler from moving accesses of an accumulator register across wgmma instructions.
 __device__ __forceinline__ void fence_operand(float& r) {
     asm volatile("" : "+f"(r)::"memory");
+}
+
+// The same for a register an asynchronous wgmma reads as its A operand (keeps it live and unmoved).
+__device__ __forceinline__ void fence_operand_u32(u32& r) {
+    asm volatile("" : "+r"(r)::"memory");
 }
 
 // Shared-memory matrix descriptor of a K-major tile written by TMA with 128-byte swizzling: rows of
