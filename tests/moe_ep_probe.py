@@ -401,6 +401,49 @@ def nothing_routed(rank: int, group: Any, device: torch.device, params: dict[str
     return bad
 
 
+def optional_steps(rank: int, group: Any, device: torch.device, params: dict[str, Any], seed: int = 0
+                   ) -> dict[str, Any]:
+    """The normal and expanded ops with a :class:`LocalSteps` that has ``take_rows`` and ``sum_rows`` (torch
+    functions, counted): which steps ran, and the bf16 steps / bit differences from the plain torch steps."""
+    from deepport.backends.torch import moe_layouts, moe_routes
+    from deepport.backends.torch.moe_local import TORCH, LocalSteps, sum_rows
+    from deepport.kernels import moe_combine, moe_combine_expanded, moe_dispatch, moe_dispatch_expanded
+
+    used: Counter[str] = Counter()
+
+    def take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        used["take_rows"] += 1
+        return x[index]
+
+    def total(rows: torch.Tensor, dst: torch.Tensor, n: int) -> torch.Tensor:
+        used["sum_rows"] += 1
+        return sum_rows(rows, dst, n)
+
+    steps = LocalSteps(TORCH.place_rows, TORCH.weighted_rows, TORCH.cast_fp8, take_rows=take, sum_rows=total)
+    x = _inputs(rank, params, seed)
+    data, idx, w = x["x"].to(device), x["topk_idx"].to(device), x["topk_weights"].to(device)
+    experts, bad, steps_off = int(params["experts"]), [], 0
+    got = {name: moe_routes.dispatch(moe_dispatch.bind(data, idx, w, experts, group=group), local)
+           for name, local in (("torch", TORCH), ("steps", steps))}
+    _same("dispatch recv_x", got["torch"].recv_x, got["steps"].recv_x, bad)
+    for weighted in (False, True):
+        out = [moe_routes.combine(moe_combine.bind(d.recv_x, d.handle,  # type: ignore[arg-type]
+                                                   d.recv_topk_weights if weighted else None), local)
+               for d, local in ((got["torch"], TORCH), (got["steps"], steps))]
+        steps_off = max(steps_off, bf16_ulps(out[0].combined_x, out[1].combined_x))
+        if weighted and not torch.allclose(out[0].combined_topk_weights, out[1].combined_topk_weights):  # type: ignore[arg-type]
+            bad.append("combined weights differ")
+    for k in (int(idx.shape[1]), 1):  # top-1: the expanded combine's single-row path
+        top, top_w = idx[:, :k].contiguous(), w[:, :k].contiguous()
+        exp = [moe_layouts.dispatch_expanded(moe_dispatch_expanded.bind(data, top, top_w, experts, group=group), local)
+               for local in (TORCH, steps)]
+        _same("expanded recv_x", exp[0].recv_x, exp[1].recv_x, bad)
+        back = [moe_layouts.combine_expanded(moe_combine_expanded.bind(e.recv_x, e.handle), local)  # type: ignore[arg-type]
+                for e, local in zip(exp, (TORCH, steps), strict=True)]
+        steps_off = max(steps_off, bf16_ulps(back[0], back[1]))
+    return {"used": dict(used), "bad": bad, "bf16_steps": steps_off}
+
+
 def stalled_peer(rank: int, group: Any, device: torch.device, timeout_s: float) -> str:
     """Ranks 0 and 1 make a group with a ``timeout_s`` timeout; rank 0 dispatches on it, rank 1 never
     does. Rank 0 returns the error it got (or "no error"), rank 1 "stayed away"."""

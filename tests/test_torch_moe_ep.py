@@ -118,6 +118,17 @@ def test_tokens_routed_nowhere_move_nothing() -> None:
 # --- a stalled peer ------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("world, tokens", [(2, (10, 0)), (3, (7, 12, 4))])
+def test_optional_take_rows_and_sum_rows_steps_run_on_every_rank(world: int, tokens: tuple[int, ...]) -> None:
+    """A backend's ``take_rows`` / ``sum_rows`` (opencl's kernels) replace the transport's own gather and
+    per-token sums: used on every rank, same bits moved, combines within one bf16 step (summation order)."""
+    params = {**SMALL, "experts": 12, "world": world, "tokens": tokens}
+    for rank, got in enumerate(_run("optional_steps", world, params=params, seed=4)):
+        assert not got["bad"], (rank, got["bad"])
+        assert got["used"].get("take_rows", 0) >= 2 and got["used"].get("sum_rows", 0) >= 4, (rank, got["used"])
+        assert got["bf16_steps"] <= 1, (rank, got)
+
+
 def test_a_stalled_peer_raises_a_timeout_with_a_message() -> None:
     got = _run("stalled_peer", 2, timeout_s=2.0)
     assert got[1] == "stayed away"
