@@ -7,6 +7,13 @@ in ``tests/moe_ep_probe.py``.
 
 from __future__ import annotations
 
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,6 +27,7 @@ from deepport.conformance.rank_group import rank_group
 from deepport.conformance.tolerance import tolerance
 
 JOBS = "tests.moe_ep_probe"
+ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(hidden=256, experts=16, topk=4, t_max=16)
 
 
@@ -213,6 +221,37 @@ def test_bf16_partial_sums_would_break_the_combine_bound() -> None:
 
     assert worst(partial.sum(0).to(torch.bfloat16)) <= 0
     assert worst(partial.to(torch.bfloat16).to(torch.float32).sum(0).to(torch.bfloat16)) > 0
+
+
+# --- launched by torchrun as two "hosts" ----------------------------------------------------------------
+
+
+def test_torchrun_two_nodes_of_two_gloo_processes_run_the_moe_layer_example(tmp_path: Path) -> None:
+    """What docs/EXPERT_PARALLEL.md tells a user to run on each host, with both "hosts" on this machine:
+    two ``torchrun --nnodes 2`` agents meet at a c10d rendezvous, 4 gloo ranks run the example's
+    expert-parallel layer (normal dispatch, grouped GEMMs, combine) and check it against float64."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "2",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "deepport-ep-test",
+           "--max-restarts", "0", "-m", "deepport.examples.deepseek_v3_moe_layer", "--device", "cpu",
+           "--tokens", "16", "--hidden", "256", "--intermediate", "128", "--experts", "8", "--topk", "2"]
+    logs = [tmp_path / f"host{i}.log" for i in range(2)]
+    agents = [subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                               start_new_session=True) for log in logs]
+    try:
+        codes = [agent.wait(timeout=150) for agent in agents]
+    finally:
+        for agent in agents:
+            if agent.poll() is None:
+                os.killpg(agent.pid, signal.SIGKILL)
+                agent.wait()
+    text = "".join(log.read_text() for log in logs)
+    assert codes == [0, 0], text
+    for rank in range(4):
+        assert re.search(rf"rank {rank}: DeepSeek-V3 MoE layer .* \(ok, bound", text), text
 
 
 # --- GPU (run on the device machine: python -m pytest -q -m gpu tests/test_torch_moe_ep.py) -------------
