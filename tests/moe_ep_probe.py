@@ -444,19 +444,29 @@ def optional_steps(rank: int, group: Any, device: torch.device, params: dict[str
     return {"used": dict(used), "bad": bad, "bf16_steps": steps_off}
 
 
-def stalled_peer(rank: int, group: Any, device: torch.device, timeout_s: float) -> str:
-    """Ranks 0 and 1 make a group with a ``timeout_s`` timeout; rank 0 dispatches on it, rank 1 never
-    does. Rank 0 returns the error it got (or "no error"), rank 1 "stayed away"."""
+def stalled_peer(rank: int, group: Any, device: torch.device, timeout_s: float, tokens: tuple[int, ...] = (8, 8),
+                 experts: int = 16) -> str:
+    """Run on every rank of the rank group: ranks ``0 .. len(tokens) - 1`` make a group whose collectives
+    time out after ``timeout_s``; every member but the last dispatches ``tokens[rank]`` tokens on it (0: a
+    rank that sends nothing), the last never does. A dispatching rank returns the error it got (or "no
+    error"), the last "stayed away", ranks outside the group "not a member"."""
     from datetime import timedelta
 
     import deepport
 
-    sub = dist.new_group([0, 1], timeout=timedelta(seconds=timeout_s), use_local_synchronization=True)
-    if rank != 0:
+    world = len(tokens)
+    # every process calls new_group (torch 2.13's use_local_synchronization hangs for a rank set the
+    # process group already has), under a generous timeout while connecting, then the short one
+    sub = dist.new_group(list(range(world)), timeout=timedelta(seconds=60))
+    if rank >= world:
+        return "not a member"
+    dist.all_reduce(torch.ones(1), group=sub)
+    dist.distributed_c10d._set_pg_timeout(timedelta(seconds=timeout_s), sub)
+    if rank == world - 1:
         return "stayed away"
-    x = _inputs(rank, {"world": 2, "tokens": (8, 8)}, 0)
+    x = _inputs(rank, {"world": world, "tokens": tokens, "experts": experts}, 0)
     try:
-        deepport.moe_dispatch(x["x"], x["topk_idx"], None, 16, group=sub, backend="torch")
+        deepport.moe_dispatch(x["x"], x["topk_idx"], None, experts, group=sub, backend="torch")
     except Exception as exc:  # the test inspects type and message
         return f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}"
     return "no error"

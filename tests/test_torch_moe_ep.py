@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -137,11 +138,18 @@ def test_optional_take_rows_and_sum_rows_steps_run_on_every_rank(world: int, tok
         assert got["bf16_steps"] <= 1, (rank, got)
 
 
-def test_a_stalled_peer_raises_a_timeout_with_a_message() -> None:
-    got = _run("stalled_peer", 2, timeout_s=2.0)
-    assert got[1] == "stayed away"
-    assert "MoECommTimeout" in got[0], got[0]
-    assert "moe_dispatch" in got[0] and "rank 0" in got[0] and "timeout" in got[0], got[0]
+@pytest.mark.parametrize("tokens, experts", [((8, 8), 16), ((9, 0, 5), 12), ((3, 11, 0, 6), 16)])
+def test_a_stalled_peer_raises_a_timeout_with_a_message(tokens: tuple[int, ...], experts: int) -> None:
+    """The last rank never calls the dispatch: every other rank, the one sending nothing included, gets
+    MoECommTimeout naming the op, its rank and the group size, within the group's timeout."""
+    world, ranks = len(tokens), rank_group(len(tokens), "cpu")
+    started = time.monotonic()
+    got = ranks.run(f"{JOBS}:stalled_peer", ranks.world_size, timeout_s=2.0, tokens=tokens, experts=experts)
+    assert time.monotonic() - started < 30
+    assert got[world - 1] == "stayed away" and all(g == "not a member" for g in got[world:]), got
+    for rank, text in enumerate(got[: world - 1]):
+        assert text.startswith("deepport.backends.torch.moe_comm.MoECommTimeout: moe_dispatch"), (rank, text)
+        assert f"over {world} ranks failed on rank {rank}" in text and "timeout" in text, (rank, text)
 
 
 # --- the pieces ------------------------------------------------------------------------------------------
