@@ -11,6 +11,9 @@
    mla_decode`` (results under $OUT/certify-T).
 3. ``bench``: ``python3 -m deepport bench --device cuda --op mla_decode --backend torch triton hopper``
    ($OUT/bench/bench.json).
+4. ``profile`` (alone, under ncu): runs ``--shape memory`` (b=128, h_q=16, s_k=4096) or ``--shape compute``
+   (b=128, h_q=128, s_k=4096) twice, e.g. ``ncu --kernel-name regex:sm90_mla_decode --launch-skip 1
+   --launch-count 1 --section SpeedOfLight python3 scripts/gpu_hopper_mla.py --stages profile --shape compute``.
 """
 
 from __future__ import annotations
@@ -27,13 +30,13 @@ D_QK, D_V = 576, 512
 
 
 def _case(b: int, s_q: int, h_q: int, lens: list[int], page: int, dtype: torch.dtype, causal: bool,
-          seed: int) -> dict[str, object]:
+          seed: int, h_kv: int = 1) -> dict[str, object]:
     g = torch.Generator(device="cuda").manual_seed(seed)
     pages_per = [-(-max(n, 1) // page) for n in lens]
     width = max(pages_per)
     total = sum(pages_per) + 3
     q = (torch.randn((b, s_q, h_q, D_QK), generator=g, device="cuda") / 4).to(dtype)
-    cache = (torch.randn((total, page, 1, D_QK), generator=g, device="cuda") / 4).to(dtype)
+    cache = (torch.randn((total, page, h_kv, D_QK), generator=g, device="cuda") / 4).to(dtype)
     perm = torch.randperm(total, generator=g, device="cuda").to(torch.int32)
     table = torch.full((b, width), -7, dtype=torch.int32, device="cuda")  # unused slots: garbage ids
     used = torch.zeros(total, dtype=torch.bool, device="cuda")
@@ -49,7 +52,7 @@ def _case(b: int, s_q: int, h_q: int, lens: list[int], page: int, dtype: torch.d
             used[blk] = True
     cache[~used] = float("nan")
     seqlens = torch.tensor(lens, dtype=torch.int32, device="cuda")
-    return dict(q=q, cache=cache, table=table, seqlens=seqlens, causal=causal)
+    return dict(q=q, cache=cache, table=table, seqlens=seqlens, causal=causal, h_kv=h_kv)
 
 
 def _run(backend: str, c: dict[str, object]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,7 +63,8 @@ def _run(backend: str, c: dict[str, object]) -> tuple[torch.Tensor, torch.Tensor
     b, s_q, h_q, _ = q.shape
     out = torch.full((b, s_q, h_q, D_V), float("nan"), dtype=q.dtype, device="cuda")
     lse = torch.full((b, h_q, s_q), float("nan"), dtype=torch.float32, device="cuda")
-    md = deepport.get_mla_metadata(seqlens, s_q * h_q, 1)
+    h_kv = int(c["h_kv"])  # type: ignore[call-overload]
+    md = deepport.get_mla_metadata(seqlens, s_q * h_q // h_kv, h_kv)
     deepport.mla_decode(q, cache, table, seqlens, D_V, causal=bool(c["causal"]), metadata=md, backend=backend,
                         out=out, lse=lse)
     torch.cuda.synchronize()
@@ -78,11 +82,14 @@ def probe() -> bool:
         ("hq16_p32_sq2", 2, 2, 16, [40, 97], 32, torch.bfloat16, True),
         ("cut_long", 2, 1, 16, [40000, 50], 64, torch.bfloat16, False),
         ("hq128_cut", 4, 1, 128, [9000, 3000, 64, 1], 128, torch.bfloat16, False),
+        ("hkv2_hq64", 3, 1, 64, [100, 1, 700], 64, torch.bfloat16, False),
+        ("hkv2_sq2_causal", 3, 2, 128, [65, 0, 9000], 64, torch.bfloat16, True),
+        ("hkv2_hq16_fp16_p16", 2, 4, 16, [30, 300], 16, torch.float16, True),
     ]
     ok = True
     print(f"{'shape':18s} {'out[:, :256]':>13s} {'out[:, 256:]':>13s} {'lse':>10s} {'nan':>5s}  worst (b, i, h, d)")
     for seed, (name, b, s_q, h_q, lens, page, dtype, causal) in enumerate(shapes):
-        c = _case(b, s_q, h_q, lens, page, dtype, causal, seed)
+        c = _case(b, s_q, h_q, lens, page, dtype, causal, seed, h_kv=2 if name.startswith("hkv2") else 1)
         try:
             t0 = time.perf_counter()
             got, got_lse = _run("hopper", c)
@@ -110,16 +117,28 @@ def probe() -> bool:
             print("   worst per (b, i):", [[round(float(rows[bi, i].max()), 4) for i in range(s_q)] for bi in range(b)])
             print("   rows wrong (b, i, h):", [tuple(int(v) for v in x) for x in (rows > 2e-2).nonzero()[:12].tolist()])
             dims = torch.nan_to_num(err, nan=1e9).amax(dim=(0, 1, 2))
-            print("   channel blocks of 64 wrong:", [k for k in range(8) if float(dims[64 * k:64 * k + 64].max()) > 2e-2])
+            wrong = [k for k in range(8) if float(dims[64 * k:64 * k + 64].max()) > 2e-2]
+            print("   channel blocks of 64 wrong:", wrong)
     return ok
+
+
+def profile(shape: str) -> None:
+    h_q = 16 if shape == "memory" else 128
+    c = _case(128, 1, h_q, [4096] * 128, 64, torch.bfloat16, False, seed=0)
+    for _ in range(2):
+        _run("hopper", c)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--stages", default="probe,smoke,full,bench")
     parser.add_argument("--full-timeout", type=int, default=240)
+    parser.add_argument("--shape", choices=("memory", "compute"), default="compute")
     args = parser.parse_args()
     stages = args.stages.split(",")
+    if stages == ["profile"]:
+        profile(args.shape)
+        return 0
     out_dir = os.environ.get("OUT", "/tmp/deepport-out")
     os.makedirs(out_dir, exist_ok=True)
     print(torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
@@ -141,8 +160,9 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 print(f"certify {tier}: timed out after {time.time() - t0:.0f} s")
     if "bench" in stages:
+        backends = os.environ.get("HOPPER_MLA_BENCH_BACKENDS", "torch triton hopper").split()
         cmd = [sys.executable, "-m", "deepport", "bench", "--device", "cuda", "--op", "mla_decode",
-               "--backend", "torch", "triton", "hopper", "--out", f"{out_dir}/bench"]
+               "--backend", *backends, "--baseline", backends[0], "--out", f"{out_dir}/bench"]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         print("\n".join(proc.stdout.splitlines()[-40:]))
         if proc.returncode:

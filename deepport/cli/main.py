@@ -27,6 +27,9 @@
 - ``deepport verify ARCHIVE [--replay N] [--plugin MODULE[:ATTR]] [--device DEV]``: checks a certificate
   archive of ``certify --certify`` (or the folder it unpacks to); ``--replay N`` re-runs N sampled cases
   here; see :mod:`deepport.conformance.certificate_verify`.
+- ``deepport tune-table BENCH_JSON [BENCH_JSON ...] --out FILE [--tolerance F]``: the performance table of
+  automatic selection (measured backend rankings per device family, op and shape bucket) from bench
+  results; see :mod:`deepport.cli.tune_table`.
 - ``deepport new-backend NAME [--out DIR]``: an out-of-tree backend package from the template, with a
   ``pyproject.toml`` registering its entry point; see :mod:`deepport.cli.scaffold` and ``docs/PORTING.md``.
 
@@ -130,6 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("--plugin", action="append", default=[], metavar="MODULE[:ATTR]",
                      help="with --replay: import an out-of-tree backend first")
     ver.add_argument("--device", help="with --replay: torch device (default: the recorded device type)")
+
+    tune = commands.add_parser("tune-table", help="the performance table of automatic selection, from bench results")
+    tune.add_argument("bench", type=Path, nargs="+", metavar="BENCH_JSON", help="bench.json files of one device family")
+    tune.add_argument("--out", type=Path, required=True, metavar="FILE",
+                      help="the table to write (shipped: deepport/dispatch/perf_tables/<family>.json)")
+    tune.add_argument("--tolerance", type=float, default=0.03, metavar="F",
+                      help="backends within this fraction of a faster one keep the priority order (default: 0.03)")
 
     new = commands.add_parser("new-backend", help="start an out-of-tree backend from the template (docs/PORTING.md)")
     new.add_argument("name", metavar="NAME", help="package and backend name (a lowercase Python identifier)")
@@ -259,6 +269,19 @@ def _bench(args: argparse.Namespace) -> int:
     return bench.bench(request, args.out or Path("bench-out"), Console())
 
 
+def _tune_table(args: argparse.Namespace) -> int:
+    from deepport.bench.tune_table import TuneTableError
+    from deepport.cli import tune_table
+
+    if not 0 <= args.tolerance < 1:
+        return _usage_error("tune-table", f"--tolerance expects a fraction in [0, 1), got {args.tolerance}")
+    try:
+        tune_table.write(args.bench, args.out, args.tolerance, Console())
+    except TuneTableError as exc:
+        return _usage_error("tune-table", str(exc))
+    return EXIT_OK
+
+
 def _new_backend(args: argparse.Namespace) -> int:
     from deepport.cli import scaffold
 
@@ -287,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers = {"info": _info, "certify": _certify, "report": _report, "verify": _verify, "merge": _merge,
                 "bench": _bench}
     try:
-        return (handlers | {"new-backend": _new_backend})[args.command](args)
+        return (handlers | {"new-backend": _new_backend, "tune-table": _tune_table})[args.command](args)
     except KeyboardInterrupt:
         Console(stderr=True).print(Text(f"deepport {args.command}: interrupted", style="red"))
         return EXIT_INTERRUPTED

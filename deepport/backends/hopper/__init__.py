@@ -2,10 +2,11 @@
 
 Ops: ``mla_decode`` (``kernels/sm90_mla_decode.cu``: split-KV over the plan of ``get_mla_metadata``, a
 TMA producer warp filling two 64-token K stages, wgmma for QK^T and PV on two consumer warpgroups,
-online softmax in float32; ``kernels/sm90_mla_combine.cu`` merges cut requests), and the dense block-scaled FP8 GEMM ``fp8_gemm_nt`` and the M-grouped contiguous and masked FP8
-GEMMs, DeepSeek-V3's recipe (1, 128, 128) with float32 SFs and bf16 output
-(``kernels/sm90_fp8_gemm.cu``: TMA into a shared-memory ring on mbarriers, a producer warpgroup and
-one or two wgmma consumer warpgroups, fp32 promotion per 128-K block, persistent tiles).
+online softmax in float32; ``kernels/sm90_mla_combine.cu`` merges cut requests), and the dense
+block-scaled FP8 GEMM ``fp8_gemm_nt`` and the M-grouped contiguous and masked FP8 GEMMs, DeepSeek-V3's
+recipe (1, 128, 128) with float32 SFs and bf16 output (``kernels/sm90_fp8_gemm.cu``: TMA into a
+shared-memory ring on mbarriers, a producer warpgroup and one or two wgmma consumer warpgroups, fp32
+promotion per 128-K block, persistent tiles).
 
 Available only where torch sees an sm_90 GPU and ``cuda-bindings`` (with ``nvidia-cuda-nvrtc``) and
 ``cupy`` import (``pip install 'deepport[hopper]'``); the probe says which is missing. The toolchain

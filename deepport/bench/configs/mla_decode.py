@@ -72,10 +72,10 @@ def config(b: int, s_q: int, h_q: int, s_k: int, *, check_case: str, causal: boo
     mean = sum(lengths) / b
     sk_name = f"{s_k}" if s_k_min is None else f"{s_k_min}-{s_k}"
     name = f"{prefix}b{b}_sq{s_q}_hq{h_q}_sk{sk_name}{'_causal' if causal else ''}"
-    params = dict(b=b, s_q=s_q, h_q=h_q, h_kv=h_kv, s_k=s_k if s_k_min is None else mean, d_qk=D_QK, d_v=D_V,
-                  page=PAGE, causal=causal, dtype="bfloat16")
+    params: dict[str, object] = dict(b=b, s_q=s_q, h_q=h_q, h_kv=h_kv, s_k=s_k if s_k_min is None else mean,
+                                     d_qk=D_QK, d_v=D_V, page=PAGE, causal=causal, dtype="bfloat16")
     if s_k_min is not None:
-        params["s_k_range"] = [s_k_min, s_k]
+        params["s_k_min"] = s_k_min
     compute = counting.mla_decode_compute_bound(s_q, h_q, h_kv)
     return BenchConfig(
         name=name, op=OP, params=params, build=_builder(b, s_q, h_q, h_kv, lengths, causal),

@@ -1,14 +1,16 @@
 // sm90a MLA decode over a paged KV cache, split-KV (one CTA per part of the plan and 64-row query tile).
 //
-//   out[b, i, h, :] = softmax(scale * q[b, i, h, :] . K[t, :]) over visible tokens t, times V[t, :]
-//   K = k_cache rows (576 channels), V = their first 512 channels, one KV head (h_kv = 1).
+//   out[b, i, h, :] = softmax(scale * q[b, i, h, :] . K[t, g, :]) over visible tokens t, times V[t, g, :]
+//   K = k_cache rows (576 channels) of KV head g = h / group, V = their first 512 channels.
 //
-// Inputs: q [b, s_q, h_q, 576] and k_cache [blocks, PAGE, 1, 576], 16-bit (DTYPE 0: bf16, 1: fp16), read
-// by TMA in boxes of 64 channels (128 bytes, 128-byte swizzle: the layout wgmma's descriptors read).
-// Query rows R = i * h_q + h (FlashMLA's packing of s_q into the head dimension) are tiled by 64.
+// Inputs: q packed by the host as [b * h_kv, s_q * group, 576] (query rows of one KV head; the original
+// layout itself when h_kv = 1) and k_cache [blocks, PAGE, h_kv, 576], 16-bit (DTYPE 0: bf16, 1: fp16),
+// read by TMA in boxes of 64 channels (128 bytes, 128-byte swizzle: the layout wgmma's descriptors read).
+// The query rows r = i * group + h' of KV head g (token i, query head g * group + h'; FlashMLA's packing of
+// s_q into the head dimension) are tiled by 64.
 //
 // Work: the host expands get_mla_metadata's schedule into pieces (request, first token, end token,
-// split row, direct); CTA (part, tile) runs the pieces of its part one after the other. A `direct` piece
+// split row, direct); CTA (part, tile, KV head) runs the pieces of its part one after the other. A `direct` piece
 // (its request is not cut) writes out/lse; the others write float32 normalised partial O and their
 // natural-log LSE to row `split row` of the split accumulators, merged by sm90_mla_combine.cu.
 //
@@ -89,27 +91,29 @@ constexpr u32 kPieceFields = 5;
 #define DP_INF __int_as_float(0x7f800000)
 
 struct alignas(64) Params {
-    CUtensorMap tmap_q;      // q: dims {576, q_rows, b}, box {64, 64, 1}
-    CUtensorMap tmap_k;      // k_cache: dims {576, PAGE, blocks}, box {64, min(PAGE, 64), 1}
+    CUtensorMap tmap_q;      // packed q: dims {576, q_rows, b * h_kv}, box {64, 64, 1}
+    CUtensorMap tmap_k;      // k_cache: dims {576, h_kv, PAGE, blocks}, box {64, 1, min(PAGE, 64), 1}
     const i32* block_table;  // [b, max_blocks] with row stride bt_stride
     const i32* seqlens;      // [b]
     const i32* pieces;       // [num_pieces, 5]
     const i32* part_ptr;     // [num_parts + 1]
     u16* out;                // [b, s_q, h_q, 512] contiguous
     float* lse;              // [b, h_q, s_q] contiguous
-    float* o_acc;            // [split rows, q_rows, 512]
-    float* lse_acc;          // [split rows, q_rows]
+    float* o_acc;            // [split rows, h_kv, q_rows, 512]
+    float* lse_acc;          // [split rows, h_kv, q_rows]
     i64 bt_stride;
-    i32 q_rows;              // s_q * h_q
+    i32 q_rows;              // query rows per KV head: s_q * group
     i32 h_q;
     i32 s_q;
     i32 causal;
+    i32 h_kv;
+    i32 group;               // h_q / h_kv
     float scale_log2;        // softmax_scale * log2(e)
 };
 
 #ifdef DP_PARAMS_SIZE
 static_assert(sizeof(Params) == DP_PARAMS_SIZE, "host and device disagree on the Params size");
-static_assert(2 * sizeof(CUtensorMap) + 8 * sizeof(void*) + sizeof(i64) + 4 * sizeof(i32) + sizeof(float) ==
+static_assert(2 * sizeof(CUtensorMap) + 8 * sizeof(void*) + sizeof(i64) + 6 * sizeof(i32) + sizeof(float) ==
               DP_PARAMS_USED, "host and device disagree on the Params fields");
 #endif
 
@@ -151,7 +155,7 @@ __device__ __forceinline__ i32 num_blocks(const Piece& pc) {
 
 // ---- producer --------------------------------------------------------------------------------------
 
-__device__ __forceinline__ void produce(const Params& p, u32 base, i32 tile) {
+__device__ __forceinline__ void produce(const Params& p, u32 base, i32 tile, i32 head) {
     const i32 first = __ldg(p.part_ptr + blockIdx.x);
     const i32 last = __ldg(p.part_ptr + blockIdx.x + 1);
     u32 stage = 0, phase = 0, q_phase = 0;
@@ -165,7 +169,7 @@ __device__ __forceinline__ void produce(const Params& p, u32 base, i32 tile) {
 #pragma unroll 1
         for (u32 box = 0; box < kBoxes; ++box) {
             tma_load_3d(base + kOffQ + box * kBoxBytes, &p.tmap_q, base + kBarQFull, static_cast<i32>(box * kBoxCols),
-                        tile * static_cast<i32>(kBlockRows), pc.req);
+                        tile * static_cast<i32>(kBlockRows), pc.req * p.h_kv + head);
         }
         const i32* table = p.block_table + pc.req * p.bt_stride;
         for (i32 j = 0; j < blocks; ++j) {
@@ -183,7 +187,7 @@ __device__ __forceinline__ void produce(const Params& p, u32 base, i32 tile) {
                 const u32 dst = base + kOffK + stage * kTileBytes + s * kSubRows * 128;
 #pragma unroll 1
                 for (u32 box = 0; box < kBoxes; ++box) {
-                    tma_load_3d(dst + box * kBoxBytes, &p.tmap_k, full, static_cast<i32>(box * kBoxCols), row, page);
+                    tma_load_4d(dst + box * kBoxBytes, &p.tmap_k, full, static_cast<i32>(box * kBoxCols), head, row, page);
                 }
             }
             stage ^= 1;
@@ -225,7 +229,7 @@ __device__ __forceinline__ void issue_s(float* s, u32 base, u32 stage) {
 }
 
 // Writes the piece's results for rows r0 and r0 + 8 and channels [256 wg, 256 wg + 256).
-__device__ __forceinline__ void store_rows(const Params& p, const Piece& pc, i32 tile, u32 r0, u32 lane, u32 wg,
+__device__ __forceinline__ void store_rows(const Params& p, const Piece& pc, i32 tile, i32 kv_head, u32 r0, u32 lane, u32 wg,
                                            const float* o, const float* row_max, const float* row_sum) {
 #pragma unroll
     for (u32 h = 0; h < 2; ++h) {
@@ -234,8 +238,9 @@ __device__ __forceinline__ void store_rows(const Params& p, const Piece& pc, i32
         const float sum = row_sum[h];
         const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
         const float lse2 = row_max[h] + __log2f(sum);
-        const i32 i = r / p.h_q;
-        const i32 head = r % p.h_q;
+        const i32 i = r / p.group;
+        const i32 head = kv_head * p.group + r % p.group;
+        const i64 acc_row = (static_cast<i64>(pc.split_row) * p.h_kv + kv_head) * p.q_rows + r;
         const u32 col0 = 256 * wg + 2 * (lane % 4);
         if (pc.direct) {
             u16* row = p.out + ((static_cast<i64>(pc.req) * p.s_q + i) * p.h_q + head) * kDimV;
@@ -248,13 +253,13 @@ __device__ __forceinline__ void store_rows(const Params& p, const Piece& pc, i32
                     sum > 0.0f ? lse2 * 0.69314718055994531f : __int_as_float(0x7f800000);
             }
         } else {
-            float* row = p.o_acc + (static_cast<i64>(pc.split_row) * p.q_rows + r) * kDimV;
+            float* row = p.o_acc + acc_row * kDimV;
 #pragma unroll
             for (u32 c = 0; c < 32; ++c) {
                 *reinterpret_cast<float2*>(row + col0 + 8 * c) = make_float2(o[4 * c + 2 * h] * inv, o[4 * c + 2 * h + 1] * inv);
             }
             if (wg == 0 && (lane % 4) == 0) {
-                p.lse_acc[static_cast<i64>(pc.split_row) * p.q_rows + r] =
+                p.lse_acc[acc_row] =
                     sum > 0.0f ? lse2 * 0.69314718055994531f : __int_as_float(0xff800000);
             }
         }
@@ -391,7 +396,7 @@ __device__ __forceinline__ void softmax_block(const Params& p, u8* smem, u32 bas
         }
 }
 
-__device__ __forceinline__ void softmax_warpgroup(const Params& p, u8* smem, u32 base, i32 tile) {
+__device__ __forceinline__ void softmax_warpgroup(const Params& p, u8* smem, u32 base, i32 tile, i32 kv_head) {
     const u32 tid = threadIdx.x;  // 0..127
     const u32 warp = tid / 32, lane = tid % 32;
     const u32 r0 = warp * 16 + lane / 4;
@@ -414,7 +419,7 @@ __device__ __forceinline__ void softmax_warpgroup(const Params& p, u8* smem, u32
         for (u32 h = 0; h < 2; ++h) {
             const i32 r = tile * static_cast<i32>(kBlockRows) + static_cast<i32>(r0 + 8 * h);
             st.limit[h] = pc.hi;
-            if (p.causal && r < p.q_rows) st.limit[h] = min(pc.hi, length - p.s_q + 1 + r / p.h_q);
+            if (p.causal && r < p.q_rows) st.limit[h] = min(pc.hi, length - p.s_q + 1 + r / p.group);
             st.row_max[h] = -DP_INF;
             st.row_sum[h] = 0.0f;
         }
@@ -455,13 +460,13 @@ __device__ __forceinline__ void softmax_warpgroup(const Params& p, u8* smem, u32
             }
         }
         named_sync(kBarFinA, 256);
-        store_rows(p, pc, tile, r0, lane, 0, o, st.row_max, st.row_sum);
+        store_rows(p, pc, tile, kv_head, r0, lane, 0, o, st.row_max, st.row_sum);
         named_sync(kBarFinB, 256);
     }
     if (p_published) named_sync(kBarPFree, 256);  // matches warpgroup 1's last release of P
 }
 
-__device__ __forceinline__ void output_warpgroup(const Params& p, u8* smem, u32 base, i32 tile) {
+__device__ __forceinline__ void output_warpgroup(const Params& p, u8* smem, u32 base, i32 tile, i32 kv_head) {
     const u32 tid = threadIdx.x - 128;  // 0..127
     const u32 warp = tid / 32, lane = tid % 32;
     const u32 r0 = warp * 16 + lane / 4;
@@ -515,7 +520,7 @@ __device__ __forceinline__ void output_warpgroup(const Params& p, u8* smem, u32 
         named_sync(kBarFinA, 256);
         const float row_max[2] = {s_max[r0], s_max[r0 + 8]};
         const float row_sum[2] = {s_sum[r0], s_sum[r0 + 8]};
-        store_rows(p, pc, tile, r0, lane, 1, o, row_max, row_sum);
+        store_rows(p, pc, tile, kv_head, r0, lane, 1, o, row_max, row_sum);
         named_sync(kBarFinB, 256);
     }
 }
@@ -529,6 +534,7 @@ sm90_mla_decode_kernel(const __grid_constant__ dp::Params params) {
     u8* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
     const u32 base = smem_addr(smem);
     const i32 tile = static_cast<i32>(blockIdx.y);
+    const i32 kv_head = static_cast<i32>(blockIdx.z);
     if (threadIdx.x == 256) {
         tma_prefetch_descriptor(&params.tmap_q);
         tma_prefetch_descriptor(&params.tmap_k);
@@ -544,13 +550,13 @@ sm90_mla_decode_kernel(const __grid_constant__ dp::Params params) {
     __syncthreads();
     if (threadIdx.x >= 256) {
         warpgroup_reg_dealloc<40>();
-        if (threadIdx.x == 256) produce(params, base, tile);
+        if (threadIdx.x == 256) produce(params, base, tile, kv_head);
     } else {
         warpgroup_reg_alloc<232>();
         if (threadIdx.x < 128) {
-            softmax_warpgroup(params, smem, base, tile);
+            softmax_warpgroup(params, smem, base, tile, kv_head);
         } else {
-            output_warpgroup(params, smem, base, tile);
+            output_warpgroup(params, smem, base, tile, kv_head);
         }
     }
 }

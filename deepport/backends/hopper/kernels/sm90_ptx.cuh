@@ -82,6 +82,14 @@ __device__ __forceinline__ void tma_load_3d(u32 dst, const CUtensorMap* map, u32
         : "memory");
 }
 
+// A 4-D tile {c0 (innermost), c1, c2, c3} of `map`, as tma_load_3d.
+__device__ __forceinline__ void tma_load_4d(u32 dst, const CUtensorMap* map, u32 bar, i32 c0, i32 c1, i32 c2, i32 c3) {
+    asm volatile(
+        "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5, %6}], [%2];"
+        ::"r"(dst), "l"(reinterpret_cast<u64>(map)), "r"(bar), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
+        : "memory");
+}
+
 // 4-byte asynchronous copy global -> shared (LDGSTS).
 __device__ __forceinline__ void cp_async_4(u32 dst, const void* src) {
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(dst), "l"(src) : "memory");
