@@ -37,6 +37,9 @@ each for sm_90a (``GPUTarget("cuda", 90, 32)``) and reports per candidate the te
 (ptxas) and the programs one SM holds; a candidate without Hopper tensor-core instructions, over the
 227 KiB of shared memory, or that fails to compile is marked, so the device call wastes no time on it.
 Writes ``DIR/triton_sweep_dry_run.json``.
+
+``--cpu-smoke`` runs the device stages end to end on CPU-sized shapes under ``TRITON_INTERPRET=1`` (two
+candidates per kind, one certify case): a test of this script, not of the kernels' speed.
 """
 
 from __future__ import annotations
@@ -53,6 +56,9 @@ from collections.abc import Callable
 from dataclasses import asdict, replace
 from typing import Any
 
+if "--cpu-smoke" in sys.argv:  # before triton decorates the kernels
+    os.environ["TRITON_INTERPRET"] = "1"
+
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -66,6 +72,7 @@ import gpu_triton_mla as mla_tools  # noqa: E402
 from deepport.backends.triton import configs, fp8_configs  # noqa: E402
 from deepport.backends.triton.configs import MLAConfig  # noqa: E402
 from deepport.backends.triton.fp8_configs import GemmConfig  # noqa: E402
+from deepport.conformance.call import synchronize  # noqa: E402
 
 SMEM_PER_BLOCK = 227 * 1024  # the most shared memory one Hopper block can have
 D_QK, D_V = mla_tools.D_QK, mla_tools.D_V
@@ -119,6 +126,7 @@ MLA_CANDIDATES: dict[str, list[MLAConfig]] = {
 BUCKET_OF_KIND = {"cb": "rows>32", "mb": "rows<=16"}
 
 C = GemmConfig
+FP8_LARGE_M = 4096
 FP8_LARGE_NK = ((2112, 7168), (4096, 7168), (7168, 16384))
 FP8_CANDIDATES_LARGE: list[GemmConfig] = [
     C(128, 128, 8, 4),                                    # tuned for 2112 x 7168 before this sweep
@@ -147,12 +155,25 @@ def mla_candidates(kind: str, device_name: str, q_rows: int) -> list[MLAConfig]:
 def fp8_candidates(m: int, n: int, k: int, device_name: str, sms: int) -> list[GemmConfig]:
     """Today's choice for the shape first, then the candidate list (split_k = 0 resolved from the shape)."""
     chosen = fp8_configs.choose(fp8_configs.DENSE, device_name, sms, m, n, k)
-    pool = FP8_CANDIDATES_LARGE if m > 1024 else FP8_CANDIDATES_SMALL
+    pool = FP8_CANDIDATES_LARGE if m >= FP8_LARGE_M else FP8_CANDIDATES_SMALL
     return list(dict.fromkeys([chosen, *(gemm.resolved(c, m, n, k, sms) for c in pool)]))
 
 
 def fp8_shapes() -> list[tuple[int, int, int]]:
-    return [(4096, n, k) for n, k in FP8_LARGE_NK] + [(m, n, k) for m in FP8_SMALL_M for n, k in FP8_LARGE_NK]
+    return [(FP8_LARGE_M, n, k) for n, k in FP8_LARGE_NK] + [(m, n, k) for m in FP8_SMALL_M for n, k in FP8_LARGE_NK]
+
+
+def use_cpu_smoke_sizes() -> None:
+    """Shrink what is swept to CPU sizes for ``--cpu-smoke`` (the interpreter runs every program in numpy)."""
+    global FP8_LARGE_M, FP8_LARGE_NK, FP8_SMALL_M, FP8_CANDIDATES_LARGE, FP8_CANDIDATES_SMALL
+    MLA_SHAPES.clear()
+    MLA_SHAPES.update({"tiny_b1_sq2_hq64_sk128_causal": (1, 2, 64, 128, True, "cb"),
+                       "tiny_b2_sq1_hq16_sk192": (2, 1, 16, 192, False, "mb")})
+    MLA_CANDIDATES["cb"] = [M(64, 64, 8, 2), M(64, 32, 4, 2, v_split=2, k_tma=True)]
+    MLA_CANDIDATES["mb"] = [M(16, 64, 4, 2, programs_per_sm=2), M(16, 32, 4, 2, programs_per_sm=2, k_tma=True)]
+    FP8_LARGE_M, FP8_LARGE_NK, FP8_SMALL_M = 1152, ((256, 512),), (64,)
+    FP8_CANDIDATES_LARGE = [C(128, 128, 8, 3, split_n=2, maxnreg=128), C(128, 64, 4, 4)]
+    FP8_CANDIDATES_SMALL = [C(64, 64, 4, 5, split_k=0)]
 
 
 # ---- one MLA / FP8 launch, shared by the compile pool, the dry run and the timing --------------------
@@ -330,13 +351,13 @@ def dry_line(row: dict[str, Any]) -> str:
 # ---- device run -----------------------------------------------------------------------------------------
 
 class Sweep:
-    def __init__(self, out_dir: str, budget_s: float) -> None:
+    def __init__(self, out_dir: str, budget_s: float, device: str = "cuda") -> None:
         from deepport.dispatch.device import device_info
 
         self.out_dir = out_dir
         self.start = time.monotonic()
         self.deadline = self.start + budget_s
-        self.device = torch.device("cuda")
+        self.device = torch.device(device)
         info = device_info(self.device)
         self.name, self.sms = info.name, info.multiprocessors
         import triton
@@ -346,6 +367,7 @@ class Sweep:
             "triton": triton.__version__, "cuda": torch.version.cuda, "argv": sys.argv, "compile": [],
             "ceilings": {}, "mla": [], "fp8": [], "skipped": [], "certify": None}
         self.failed: set[str] = set()
+        self.compiled: set[str] | None = None  # compile keys warmed without error (None: no compile stage)
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
@@ -361,32 +383,50 @@ class Sweep:
         limit = max(20.0, share * self.left())
         ctx = multiprocessing.get_context("spawn")
         pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
-        futures = [pool.submit(warm_job, key, job) for key, job in jobs.items()]
+        futures = {pool.submit(warm_job, key, job): key for key, job in jobs.items()}
+        self.compiled = set()
         try:
             for fut in cf.as_completed(futures, timeout=limit):
-                name, error, seconds = fut.result()
+                try:
+                    name, error, seconds = fut.result()
+                except Exception as exc:  # a worker died (the pool is broken): the job is not known good
+                    name, error, seconds = futures[fut], f"worker: {type(exc).__name__}: {exc}", 0.0
                 self.results["compile"].append({"job": name, "error": error, "seconds": round(seconds, 1)})
                 if error:
                     self.failed.add(name)
                     print(f"compile/launch FAILED {name}: {error}", flush=True)
+                else:
+                    self.compiled.add(name)
         except cf.TimeoutError:
-            print(f"compile stage stopped after {limit:.0f} s: the rest compile when first timed", flush=True)
+            print(f"compile stage stopped after {limit:.0f} s: candidates not compiled by then are skipped",
+                  flush=True)
         pool.shutdown(wait=False, cancel_futures=True)
         print(f"compile: {len(self.results['compile'])} of {len(jobs)} specialisations in "
               f"{time.monotonic() - t0:.0f} s, {len(self.failed)} failed", flush=True)
 
+    def not_compiled(self, key: str) -> str | None:
+        """Why a candidate is not timed: its compile (a small launch) failed, or never ran in the compile
+        stage (a candidate first compiled or crashing in this process would cost the rest of the run)."""
+        if key in self.failed:
+            return "compile/launch failed"
+        if self.compiled is not None and key not in self.compiled:
+            return "not compiled within the compile stage"
+        return None
+
     def ceilings(self) -> None:
         from deepport.bench import ceilings
 
-        for name in ("hbm_copy", "bf16_matmul", "fp8_matmul"):
+        for logical in ("memory", "bf16_matmul", "fp8_matmul"):
+            name = ceilings.resolve(logical, self.device.type)
             res = ceilings.measure(name, self.device, quick=True)
-            self.results["ceilings"][name] = res.value
-            print(f"ceiling {name}: {res.value} {res.unit} {res.error or ''}", flush=True)
+            self.results["ceilings"][logical] = res.value
+            print(f"ceiling {logical} ({name}): {res.value} {res.unit} {res.error or ''}", flush=True)
 
     def time(self, calls: list[Callable[[], None]]) -> dict[str, Any]:
         from deepport.bench import timing
 
-        t = timing.time_calls(calls, self.device, samples=10, warmup=2)
+        cpu = self.device.type == "cpu"
+        t = timing.time_calls(calls, self.device, samples=2 if cpu else 10, warmup=1 if cpu else 2)
         return {"us": t.median_us, "method": t.method, "calls_per_sample": t.calls_per_sample,
                 "p10_us": sorted(t.samples_us)[len(t.samples_us) // 10], "notes": t.notes}
 
@@ -407,8 +447,8 @@ class Sweep:
             entry: dict[str, Any] = {"config": cfg.label, "fields": asdict(cfg)}
             if self.left() < 0:
                 entry["skipped"] = "budget"
-            elif compile_key("mla", name, asdict(cfg)) in self.failed:
-                entry["skipped"] = "compile/launch failed"
+            elif (why := self.not_compiled(compile_key("mla", name, asdict(cfg)))) is not None:
+                entry["skipped"] = why
             else:
                 entry.update(self.mla_candidate(inp, cfg, ref_out, ref_lse, flops, nbytes))
             row["candidates"].append(entry)
@@ -423,7 +463,7 @@ class Sweep:
             inp["out"].fill_(float("nan"))
             inp["lse"].fill_(float("nan"))
             run_mla(inp, cfg)
-            torch.cuda.synchronize()
+            synchronize(self.device)
             ok, ratio = mla_tools.within(inp["out"], ref_out)
             lse_err = float(((inp["lse"] - ref_lse).abs() / ref_lse.abs().clamp(min=1e-6)).nan_to_num(1e9).max())
             found: dict[str, Any] = {"ok": ok and lse_err < 1e-4, "err_ratio": ratio, "lse_rel_err": lse_err}
@@ -452,8 +492,8 @@ class Sweep:
             entry: dict[str, Any] = {"config": cfg.label, "fields": asdict(cfg)}
             if self.left() < 0:
                 entry["skipped"] = "budget"
-            elif compile_key("fp8", None, asdict(cfg)) in self.failed:
-                entry["skipped"] = "compile/launch failed"
+            elif (why := self.not_compiled(compile_key("fp8", None, asdict(cfg)))) is not None:
+                entry["skipped"] = why
             else:
                 try:
                     entry["check"] = gemm.checked(lambda c=cfg: run_fp8(inputs[0], c), inputs[0]["out"], rows, ref)
@@ -480,8 +520,9 @@ class Sweep:
             return {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
 
     # -- certify the MLA winners
-    def certify_winners(self) -> None:
+    def certify_winners(self, case: str | None, workers: int) -> None:
         from deepport.cli.main import main as cli
+        from deepport.conformance.suites import mla_decode as suite
 
         winners: dict[str, MLAConfig] = {}
         for kind, bucket in BUCKET_OF_KIND.items():
@@ -495,15 +536,20 @@ class Sweep:
                 winners[bucket] = MLAConfig(**fields)
         if not winners:
             return
-        table = dict(configs.MLA_TUNED["H200"])
-        table.update(winners)
-        saved = configs.MLA_TUNED["H200"]
-        configs.MLA_TUNED["H200"] = tuple(table.items())
-        out = os.path.join(self.out_dir, "certify_smoke_mla_winners")
+        chosen = {bucket: asdict(cfg) for bucket, cfg in winners.items()}
         t0 = time.monotonic()
+        if self.device.type == "cuda":  # compile the cases' specialisations in parallel first
+            ids = [c.id for c in suite.cases() if c.tier == "smoke" and (case is None or case in c.id)]
+            ctx = multiprocessing.get_context("spawn")
+            with cf.ProcessPoolExecutor(max_workers=min(workers, len(ids)), mp_context=ctx) as pool:
+                errors = [e for e in pool.map(warm_case, ids, [chosen] * len(ids)) if e]
+            print(f"certify warm-up: {len(ids)} cases in {time.monotonic() - t0:.0f} s, errors: {errors[:3]}",
+                  flush=True)
+        saved = patch_mla_table(chosen)
+        out = os.path.join(self.out_dir, "certify_smoke_mla_winners")
         try:
-            rc = cli(["certify", "--device", "cuda", "--backend", "triton", "--tier", "smoke", "--op", "mla_decode",
-                      "--no-isolate", "--out", out])
+            rc = cli(["certify", "--device", self.device.type, "--backend", "triton", "--tier", "smoke", "--op",
+                      "mla_decode", "--no-isolate", "--out", out, *(["--case", case] if case else [])])
         except SystemExit as exc:
             rc = int(exc.code or 0)
         except Exception as exc:
@@ -511,16 +557,53 @@ class Sweep:
             print(f"certify raised {type(exc).__name__}: {exc}", flush=True)
         finally:
             configs.MLA_TUNED["H200"] = saved
+        statuses: dict[str, int] = {}
+        try:
+            with open(os.path.join(out, "results.json")) as f:
+                for c in json.load(f)["cases"]:
+                    statuses[c["status"]] = statuses.get(c["status"], 0) + 1
+        except Exception as exc:
+            statuses["unreadable results.json"] = 1
+            print(f"certify results: {type(exc).__name__}: {exc}", flush=True)
         self.results["certify"] = {"configs": {b: c.label for b, c in winners.items()}, "exit": rc,
-                                   "seconds": round(time.monotonic() - t0, 1), "out": out}
-        print(f"certify smoke mla_decode with {self.results['certify']['configs']}: exit {rc}", flush=True)
+                                   "statuses": statuses, "seconds": round(time.monotonic() - t0, 1), "out": out}
+        print(f"certify smoke mla_decode with {self.results['certify']['configs']}: exit {rc} {statuses}",
+              flush=True)
+
+
+def patch_mla_table(winners: dict[str, dict[str, Any]]) -> tuple[tuple[str, MLAConfig], ...]:
+    """Make ``winners`` (bucket -> MLAConfig fields) the H200 entries of ``configs.py`` in this process;
+    returns the entries it replaced."""
+    saved = configs.MLA_TUNED["H200"]
+    table = dict(saved)
+    table.update({bucket: MLAConfig(**f) for bucket, f in winners.items()})
+    configs.MLA_TUNED["H200"] = tuple(table.items())
+    return saved
+
+
+def warm_case(case_id: str, winners: dict[str, dict[str, Any]]) -> str | None:
+    """Run one MLA conformance case on the GPU with ``winners`` patched in (compiles its specialisation)."""
+    try:
+        from deepport.conformance.suites import mla_decode as suite
+
+        patch_mla_table(winners)
+        case = next(c for c in suite.cases() if c.id == case_id)
+        inputs = suite.generate(case, case.seed(0))
+        tensors = {n: t.to("cuda") for n, t in inputs.tensors.items()}
+        outputs = {n: torch.empty(shape, dtype=dtype, device="cuda")
+                   for n, (shape, dtype) in suite.output_specs(inputs).items()}
+        suite.invoke(inputs, tensors, "triton", outputs)
+        torch.cuda.synchronize()
+        return None
+    except Exception as exc:
+        return f"{case_id}: {type(exc).__name__}: {str(exc)[:200]}"
 
 
 def short(entry: dict[str, Any]) -> str:
     if "skipped" in entry:
         return f"skipped ({entry['skipped']})"
     if "error" in entry:
-        return f"ERROR {entry['error'][:160]}"
+        return "ERROR " + " ".join(entry["error"].split())[:160]
     if not entry.get("ok"):
         return f"WRONG {json.dumps({k: v for k, v in entry.items() if k not in ('fields',)}, default=str)[:200]}"
     figure = f"{entry['tflops']:.0f} TFLOP/s" + (f" {entry['gbs']:.0f} GB/s" if "gbs" in entry else "")
@@ -529,7 +612,7 @@ def short(entry: dict[str, Any]) -> str:
 
 def table(results: dict[str, Any]) -> str:
     ceil = results["ceilings"]
-    copy, bf16, fp8 = (ceil.get(k) or float("nan") for k in ("hbm_copy", "bf16_matmul", "fp8_matmul"))
+    copy, bf16, fp8 = (ceil.get(k) or float("nan") for k in ("memory", "bf16_matmul", "fp8_matmul"))
     lines = [f"ceilings (this run): HBM copy {copy:.0f} GB/s, bf16 matmul {bf16:.0f} TFLOP/s, "
              f"fp8 matmul {fp8:.0f} TFLOP/s", "",
              f"{'MLA shape':32} {'config':22} {'us':>8} {'TFLOP/s':>8} {'%bf16':>6} {'GB/s':>6} {'%copy':>6} "
@@ -552,7 +635,7 @@ def table(results: dict[str, Any]) -> str:
         tb, raw = r["torch_backend"], r["cublas_raw"]
         shape = f"m{r['m']} n{r['n']} k{r['k']}"
         for peer, pname in ((tb, "torch backend (cuBLAS)"), (raw, "cuBLAS raw scaled_mm")):
-            fig = f"{peer['us']:8.1f} {peer['tflops']:8.0f}" if "us" in peer else peer.get("error", "")[:60]
+            fig = f"{peer['us']:8.1f} {peer['tflops']:8.0f}" if "us" in peer else short(peer)[:90]
             lines.append(f"{shape:26} {pname:30} {fig}")
         for c in sorted(r["candidates"], key=lambda c: c.get("us", float("inf")) if c.get("ok") else float("inf")):
             tag = c["config"] + ("*" if c is r["candidates"][0] else "")
@@ -586,20 +669,21 @@ def suggestions(results: dict[str, Any]) -> str:
 
 
 def device_run(args: argparse.Namespace, only: set[str]) -> int:
-    sweep = Sweep(args.out, args.budget_s)
+    sweep = Sweep(args.out, args.budget_s, "cpu" if args.cpu_smoke else "cuda")
     print(json.dumps({k: sweep.results[k] for k in ("device", "torch", "triton", "cuda")}), flush=True)
-    sweep.compile_all(only, args.workers, share=0.45)
+    if not args.cpu_smoke:
+        sweep.compile_all(only, args.workers, share=0.45)
     sweep.save()
     sweep.ceilings()
     plan: list[tuple[str, Any]] = []
     if "mla" in only:
         plan += [("mla", n) for n, s in MLA_SHAPES.items() if s[5] == "cb"]
     if "fp8" in only:
-        plan += [("fp8", s) for s in fp8_shapes() if s[0] > 1024]
+        plan += [("fp8", s) for s in fp8_shapes() if s[0] >= FP8_LARGE_M]
     if "mla" in only:
         plan += [("mla", n) for n, s in MLA_SHAPES.items() if s[5] == "mb"]
     if "fp8" in only:
-        plan += [("fp8", s) for s in fp8_shapes() if s[0] <= 1024]
+        plan += [("fp8", s) for s in fp8_shapes() if s[0] < FP8_LARGE_M]
     for kind, what in plan:
         if sweep.left() < 0:
             sweep.results["skipped"].append(f"{kind} {what}: budget")
@@ -614,10 +698,11 @@ def device_run(args: argparse.Namespace, only: set[str]) -> int:
             sweep.results["skipped"].append(f"{kind} {what}: {type(exc).__name__}: {str(exc)[:300]}")
             traceback.print_exc()
         sweep.save()
-        torch.cuda.empty_cache()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     if "certify" in only and "mla" in only:
         if sweep.left() > -args.certify_grace_s:
-            sweep.certify_winners()
+            sweep.certify_winners(args.certify_case, args.workers)
         else:
             sweep.results["skipped"].append("certify: budget")
     sweep.save()
@@ -634,13 +719,19 @@ def main() -> int:
                         help="the MLA certify may still start this long after the budget")
     parser.add_argument("--only", default="mla,fp8,certify", help="comma-separated: mla, fp8, certify")
     parser.add_argument("--workers", type=int, default=max(2, min(14, (os.cpu_count() or 4) - 2)))
+    parser.add_argument("--certify-case", default=None, help="certify only cases matching this (--case)")
     parser.add_argument("--dry-run", action="store_true", help="compile every candidate for sm_90a on the CPU")
+    parser.add_argument("--cpu-smoke", action="store_true",
+                        help="the device stages on CPU sizes under TRITON_INTERPRET=1 (tests this script)")
     args = parser.parse_args()
     only = set(args.only.split(","))
     os.makedirs(args.out, exist_ok=True)
     if args.dry_run:
         return dry_run(args.out, only, min(args.workers, 2))
-    if not torch.cuda.is_available():
+    if args.cpu_smoke:
+        use_cpu_smoke_sizes()
+        args.certify_case = args.certify_case or "b3_sq4_hq16_hkv1_d576v512_p64_sk100_bfloat16"
+    elif not torch.cuda.is_available():
         print("no CUDA device: run with --dry-run to compile the candidates for sm_90a", file=sys.stderr)
         return 2
     return device_run(args, only)
