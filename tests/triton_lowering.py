@@ -7,10 +7,6 @@ marked so, integers equal to 1 folded into constants.
 
 from __future__ import annotations
 
-import os
-import re
-import subprocess
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -59,34 +55,6 @@ def compile_for(fn: Any, args: Mapping[str, Any], *, target: GPUTarget = HOPPER,
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=target, options={"num_warps": num_warps, "num_stages": num_stages})
-
-
-def ptxas_info(ptx: str, arch: str = "sm_90a") -> dict[str, int]:
-    """Registers, spill bytes and shared memory of a PTX module, from the ptxas bundled with triton."""
-    ptxas = _ptxas()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "k.ptx")
-        with open(path, "w") as f:
-            f.write(ptx)
-        res = subprocess.run([ptxas, f"-arch={arch}", "-v", path, "-o", os.path.join(tmp, "k.cubin")],
-                             capture_output=True, text=True, check=True)
-    text = res.stderr + res.stdout
-    found = {"registers": r"Used (\d+) registers", "spill_stores": r"(\d+) bytes spill stores",
-             "spill_loads": r"(\d+) bytes spill loads"}
-    return {k: int(m.group(1)) if (m := re.search(p, text)) else 0 for k, p in found.items()}
-
-
-def _ptxas() -> str:
-    """The ptxas triton itself uses for sm_90 (triton >= 3.9 ships a newer one as ``ptxas-blackwell``)."""
-    from triton.backends.nvidia import compiler
-
-    getter = getattr(compiler, "get_ptxas", None)
-    if getter is not None:
-        try:
-            return str(getter(90).path)
-        except TypeError:  # triton 3.6: get_ptxas() takes no argument
-            return str(getter().path)
-    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 
 
 def mla_lowering_report() -> dict[str, dict[str, int]]:

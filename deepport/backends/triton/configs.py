@@ -2,7 +2,9 @@
 
 A family key matches as a case-insensitive substring of the device name (``torch.cuda.get_device_name``);
 a device or bucket with no entry takes ``DEFAULT``. The choice is logged once per device and bucket
-(logger ``deepport.backends.triton``, INFO). Figures behind the entries: benchmarks/results/.
+(logger ``deepport.backends.triton``, INFO). Figures behind the entries: benchmarks/results/. Candidates
+for an entry are swept, checked and timed in one device call by ``scripts/gpu_triton_sweep.py``, which
+prints the entry that makes each shape's fastest checked candidate the default.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ class MLAConfig:
     ``programs_per_sm``: the split-KV plan deals the batch to ``SMs * programs_per_sm / (h_kv *
     row tiles * v_split)`` parts (1 reproduces FlashMLA's ``num_sm_parts`` at ``block_h = 64``).
     ``v_split`` = 2: two programs per row tile, each owning half of the ``d_v`` output channels (each
-    computes the whole ``QK^T``; 1 is used where a half would have fewer than 16 channels); ``k_tma``: K tiles that need no mask are loaded by bulk tensor copies
-    (Hopper's TMA) where the cache layout allows it (one KV head, ``page % block_n == 0``, power-of-two
-    channel parts, 16-byte aligned rows), else through pointers."""
+    computes the whole ``QK^T``; 1 is used where a half would have fewer than 16 channels). ``k_tma``:
+    K tiles are loaded by bulk tensor copies (Hopper's TMA, no per-element addresses) where the cache
+    layout allows it (one KV head, ``page % block_n == 0``, power-of-two channel parts, 16-byte aligned
+    rows: ``mla_decode.k_descriptors``), else through pointers."""
 
     block_h: int
     block_n: int

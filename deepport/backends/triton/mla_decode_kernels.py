@@ -120,6 +120,49 @@ def _attend_tile(acc, m_i, l_i, q_own, q_oth, q_tail, k_own, k_oth, k_tail, tok,
 
 
 @triton.jit
+def _tiles_ptr(acc, m_i, l_i, blk, first, end, hi, last, q_own, q_oth, q_tail, k_head, stride_kb, stride_kp,
+               table_row, c_own, c_oth, dt, cols, scale_log2, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+               D_V: tl.constexpr, D_QK: tl.constexpr, HAS_OTHER: tl.constexpr, HAS_TAIL: tl.constexpr,
+               EVEN_DV: tl.constexpr, EVEN_DT: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+               UPCAST: tl.constexpr):
+    """Tokens ``[first, end)``, ``BLOCK_N`` at a time, K through pointers; ``blk``: the block ids of the first
+    tile's tokens (carried one tile ahead). Returns the softmax state and the block ids after ``end``."""
+    for start in range(first, end, BLOCK_N):
+        tok = start + cols
+        nxt = tok + BLOCK_N
+        blk_next = tl.load(table_row + nxt // PAGE, mask=nxt < hi, other=0)
+        k_row = k_head + blk.to(tl.int64) * stride_kb + (tok % PAGE) * stride_kp
+        k_own, k_oth, k_tail = _k_tile_ptr(k_row, tok < hi, c_own, c_oth, dt, D_V, D_QK, HAS_OTHER, HAS_TAIL,
+                                           EVEN_DV, EVEN_DT, MASKED)
+        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q_own, q_oth, q_tail, k_own, k_oth, k_tail, tok, hi, last,
+                                     scale_log2, HAS_OTHER, HAS_TAIL, MASKED, CAUSAL, UPCAST)
+        blk = blk_next
+    return acc, m_i, l_i, blk
+
+
+@triton.jit
+def _tiles_tma(acc, m_i, l_i, blk, first, end, hi, last, q_own, q_oth, q_tail, desc_v, desc_t, table_row, half,
+               cols, scale_log2, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, D_V: tl.constexpr,
+               DV_PART: tl.constexpr, HAS_OTHER: tl.constexpr, HAS_TAIL: tl.constexpr, MASKED: tl.constexpr,
+               CAUSAL: tl.constexpr, UPCAST: tl.constexpr):
+    """The same with K by bulk tensor copies (``blk``: the first tile's block id). A tile is ``BLOCK_N``
+    consecutive rows of one page; in ``MASKED`` tiles the rows past ``hi`` are read too (they are inside
+    the page), their V zeroed (they may hold anything, NaN included) and their logits masked."""
+    for start in range(first, end, BLOCK_N):
+        tok = start + cols
+        nxt = start + BLOCK_N
+        blk_next = tl.load(table_row + nxt // PAGE, mask=nxt < hi, other=0)
+        k_own, k_oth, k_tail = _k_tile_tma(desc_v, desc_t, blk * PAGE + start % PAGE, half * DV_PART,
+                                           (1 - half) * DV_PART, D_V, HAS_OTHER, HAS_TAIL)
+        if MASKED:
+            k_own = tl.where((tok < hi)[:, None], k_own, 0.0)
+        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q_own, q_oth, q_tail, k_own, k_oth, k_tail, tok, hi, last,
+                                     scale_log2, HAS_OTHER, HAS_TAIL, MASKED, CAUSAL, UPCAST)
+        blk = blk_next
+    return acc, m_i, l_i, blk
+
+
+@triton.jit
 def mla_decode_split_kernel(
     q_ptr, k_ptr, k_desc_v, k_desc_t, table_ptr, seqlens_ptr, pieces_ptr, part_ptr,
     out_ptr, lse_ptr, o_acc_ptr, lse_acc_ptr,
@@ -194,49 +237,22 @@ def mla_decode_split_kernel(
         # block ids one step ahead (a loop-carried value), so the pipeliner can prefetch K tiles
         if K_TMA:  # h_kv == 1, PAGE a multiple of BLOCK_N: a tile is BLOCK_N consecutive rows of one page
             blk_s = tl.load(table_row + lo // PAGE, mask=lo < hi, other=0)
-            for start in range(lo, full_end, BLOCK_N):
-                nxt = start + BLOCK_N
-                blk_next_s = tl.load(table_row + nxt // PAGE, mask=nxt < hi, other=0)
-                k_own, k_oth, k_tail = _k_tile_tma(k_desc_v, k_desc_t, blk_s * PAGE + start % PAGE, half * DV_PART,
-                                                   (1 - half) * DV_PART, D_V, HAS_OTHER, HAS_TAIL)
-                acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q_own, q_oth, q_tail, k_own, k_oth, k_tail,
-                                             start + cols, hi, last, scale_log2, HAS_OTHER, HAS_TAIL, False, CAUSAL,
-                                             UPCAST)
-                blk_s = blk_next_s
-            for start in range(full_end, hi, BLOCK_N):
-                # rows past hi are still inside the tile's page: loaded, then V zeroed (they may hold
-                # anything, NaN included) and their logits masked to -inf
-                tok = start + cols
-                nxt = start + BLOCK_N
-                blk_next_s = tl.load(table_row + nxt // PAGE, mask=nxt < hi, other=0)
-                k_own, k_oth, k_tail = _k_tile_tma(k_desc_v, k_desc_t, blk_s * PAGE + start % PAGE, half * DV_PART,
-                                                   (1 - half) * DV_PART, D_V, HAS_OTHER, HAS_TAIL)
-                k_own = tl.where((tok < hi)[:, None], k_own, 0.0)
-                acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q_own, q_oth, q_tail, k_own, k_oth, k_tail, tok, hi,
-                                             last, scale_log2, HAS_OTHER, HAS_TAIL, True, CAUSAL, UPCAST)
-                blk_s = blk_next_s
+            acc, m_i, l_i, blk_s = _tiles_tma(acc, m_i, l_i, blk_s, lo, full_end, hi, last, q_own, q_oth, q_tail,
+                                              k_desc_v, k_desc_t, table_row, half, cols, scale_log2, PAGE, BLOCK_N,
+                                              D_V, DV_PART, HAS_OTHER, HAS_TAIL, False, CAUSAL, UPCAST)
+            acc, m_i, l_i, blk_s = _tiles_tma(acc, m_i, l_i, blk_s, full_end, hi, hi, last, q_own, q_oth, q_tail,
+                                              k_desc_v, k_desc_t, table_row, half, cols, scale_log2, PAGE, BLOCK_N,
+                                              D_V, DV_PART, HAS_OTHER, HAS_TAIL, True, CAUSAL, UPCAST)
         else:
             blk = tl.load(table_row + (lo + cols) // PAGE, mask=lo + cols < hi, other=0)
-            for start in range(lo, full_end, BLOCK_N):
-                tok = start + cols
-                nxt = tok + BLOCK_N
-                blk_next = tl.load(table_row + nxt // PAGE, mask=nxt < hi, other=0)
-                k_row = k_head + blk.to(tl.int64) * stride_kb + (tok % PAGE) * stride_kp
-                k_own, k_oth, k_tail = _k_tile_ptr(k_row, tok < hi, c_own, c_oth, dt, D_V, D_QK, HAS_OTHER,
-                                                   HAS_TAIL, EVEN_DV, EVEN_DT, False)
-                acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q_own, q_oth, q_tail, k_own, k_oth, k_tail, tok, hi,
-                                             last, scale_log2, HAS_OTHER, HAS_TAIL, False, CAUSAL, UPCAST)
-                blk = blk_next
-            for start in range(full_end, hi, BLOCK_N):
-                tok = start + cols
-                nxt = tok + BLOCK_N
-                blk_next = tl.load(table_row + nxt // PAGE, mask=nxt < hi, other=0)
-                k_row = k_head + blk.to(tl.int64) * stride_kb + (tok % PAGE) * stride_kp
-                k_own, k_oth, k_tail = _k_tile_ptr(k_row, tok < hi, c_own, c_oth, dt, D_V, D_QK, HAS_OTHER,
-                                                   HAS_TAIL, EVEN_DV, EVEN_DT, True)
-                acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q_own, q_oth, q_tail, k_own, k_oth, k_tail, tok, hi,
-                                             last, scale_log2, HAS_OTHER, HAS_TAIL, True, CAUSAL, UPCAST)
-                blk = blk_next
+            acc, m_i, l_i, blk = _tiles_ptr(acc, m_i, l_i, blk, lo, full_end, hi, last, q_own, q_oth, q_tail,
+                                            k_head, stride_kb, stride_kp, table_row, c_own, c_oth, dt, cols,
+                                            scale_log2, PAGE, BLOCK_N, D_V, D_QK, HAS_OTHER, HAS_TAIL, EVEN_DV,
+                                            EVEN_DT, False, CAUSAL, UPCAST)
+            acc, m_i, l_i, blk = _tiles_ptr(acc, m_i, l_i, blk, full_end, hi, hi, last, q_own, q_oth, q_tail,
+                                            k_head, stride_kb, stride_kp, table_row, c_own, c_oth, dt, cols,
+                                            scale_log2, PAGE, BLOCK_N, D_V, D_QK, HAS_OTHER, HAS_TAIL, EVEN_DV,
+                                            EVEN_DT, True, CAUSAL, UPCAST)
         seen = l_i > 0.0
         o = acc / tl.where(seen, l_i, 1.0)[:, None]
         lse_nat = (tl.where(seen, m_i, 0.0) + tl.log2(tl.where(seen, l_i, 1.0))) * LN2
