@@ -96,6 +96,7 @@ def test_split_v_and_bulk_copied_k_tiles_match_reference(v_split: int, k_tma: bo
 def test_causal_multi_token_gqa_with_cut_requests() -> None:
     q, k, table, lens = _inputs([3, 0, 90, 2, 47], s_q=3, h_q=6, h_kv=2, page=32)
     _check(q, k, table, lens, 32, True, _cfg(16, 16, programs_per_sm=6))
+    _check(q, k, table, lens, 32, True, _cfg(16, 16, programs_per_sm=6, v_split=2, k_tma=True))  # no TMA: 2 KV heads
 
 
 def test_core_head_dims_float16_with_scale() -> None:
