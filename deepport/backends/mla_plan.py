@@ -97,12 +97,13 @@ def _forget(key: tuple[int, str, int]) -> None:
         _cache.pop(key, None)
 
 
-def num_parts(call: MLADecodeCall, block_h: int, programs_per_sm: int) -> int:
+def num_parts(call: MLADecodeCall, block_h: int, programs_per_sm: int, v_split: int = 1) -> int:
     """Parts of the batch for ``programs_per_sm`` programs per SM, each serving ``block_h`` query rows
-    of one KV head (FlashMLA's ``num_sm_parts`` when ``block_h = 64`` and one program per SM)."""
+    of one KV head and ``1 / v_split`` of the output channels (FlashMLA's ``num_sm_parts`` when
+    ``block_h = 64``, one program per SM and ``v_split = 1``)."""
     sig = call.signature
     row_tiles = -(-sig.num_q_tokens_per_head_k // block_h)
-    return max(sig.device.multiprocessors * programs_per_sm // (sig.h_kv * row_tiles), 1)
+    return max(sig.device.multiprocessors * programs_per_sm // (sig.h_kv * row_tiles * v_split), 1)
 
 
 def device_plan(call: MLADecodeCall, parts: int) -> DevicePlan:
