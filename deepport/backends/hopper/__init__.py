@@ -14,10 +14,11 @@ is imported only when a kernel runs. Kernels are cached on disk (:mod:`.jit`: ``
 import torch
 
 from deepport.backends.hopper.support import DENSE_REQUIREMENTS, GROUPED_REQUIREMENTS, probe
-from deepport.dispatch import Backend, OpSupport
+from deepport.dispatch import Backend, OpSupport, reproducible
 
 _FP8 = frozenset({torch.float8_e4m3fn})
 _CUDA = frozenset({"cuda"})
+_TILES = reproducible("each output tile is computed by one CTA walking K in order (no split-K, no atomics)")
 
 BACKEND = Backend(
     name="hopper",
@@ -33,4 +34,6 @@ BACKEND = Backend(
     ),
     priority={"cuda": 30},
     probe=probe,
+    determinism={"fp8_gemm_nt": _TILES, "m_grouped_fp8_gemm_nt_contiguous": _TILES,
+                 "m_grouped_fp8_gemm_nt_masked": _TILES},
 )
