@@ -5,7 +5,7 @@
 :mod:`deepport.conformance.determinism` and prints, per backend and op, the cases that were identical in
 every run, those that differed (with the largest absolute and relative spread), those not supported, the
 backend's claim on this device, and every failure (a claimed-bitwise case that differed, an error). With
-``--out`` it writes ``determinism.json``. ``--claims`` prints every backend's declared claims as a
+``--out`` it writes ``determinism.jsonl`` (one line per result as it comes) and ``determinism.json``. ``--claims`` prints every backend's declared claims as a
 Markdown table (no run). Exit status: 0, 1 when a case failed, 2 for a usage error.
 """
 
@@ -81,7 +81,16 @@ def determinism(backends: Sequence[str] | None, ops: Sequence[str] | None, case_
     dev = default_device() if device is None else device
     console.print(Text(f"deepport determinism: {', '.join(names)} on {dev}, tier {tier}, {repeats} runs per case"))
 
+    progress = None
+    if out_dir is not None:  # one JSON line per result as it comes: a run cut short keeps what it did
+        out_dir.mkdir(parents=True, exist_ok=True)
+        progress = out_dir / "determinism.jsonl"
+        progress.write_text("", encoding="utf-8")
+
     def show(r: DeterminismResult) -> None:
+        if progress is not None:
+            with progress.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(r.to_dict()) + "\n")
         if r.failed or r.status == DIFFERS:
             style = "red" if r.failed else "yellow"
             detail = "; ".join(f"{s.name}: {s.differing}/{s.elements} elements, max |diff| {_spread(s.max_abs)}"
@@ -100,7 +109,6 @@ def determinism(backends: Sequence[str] | None, ops: Sequence[str] | None, case_
                            row[ERROR], _spread(row["max_abs"]), _spread(row["max_rel"]), verdict)
         console.print(Text(line, style={"FAIL": "bold red"}.get(verdict, "")), soft_wrap=True)
     if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / "determinism.json"
         path.write_text(json.dumps(run.to_dict(), indent=2) + "\n", encoding="utf-8")
         console.print(Text(f"written: {path}"), soft_wrap=True)
