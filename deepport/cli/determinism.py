@@ -5,8 +5,9 @@
 :mod:`deepport.conformance.determinism` and prints, per backend and op, the cases that were identical in
 every run, those that differed (with the largest absolute and relative spread), those not supported, the
 backend's claim on this device, and every failure (a claimed-bitwise case that differed, an error). With
-``--out`` it writes ``determinism.jsonl`` (one line per result as it comes) and ``determinism.json``. ``--claims`` prints every backend's declared claims as a
-Markdown table (no run). Exit status: 0, 1 when a case failed, 2 for a usage error.
+``--out`` it writes ``determinism.jsonl`` (one line per result as it comes) and ``determinism.json``.
+``--claims`` prints every backend's declared claims as a Markdown table (no run). Exit status: 0, 1 when a
+case failed, 2 for a usage error.
 """
 
 from __future__ import annotations

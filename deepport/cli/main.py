@@ -135,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --replay: import an out-of-tree backend first")
     ver.add_argument("--device", help="with --replay: torch device (default: the recorded device type)")
 
-    det = commands.add_parser("determinism", help="run cases N times with identical inputs: bitwise equal, or the spread")
+    det = commands.add_parser("determinism",
+                              help="run cases N times with identical inputs: bitwise equal, or the spread")
     det.add_argument("--backend", action="extend", nargs="+", metavar="NAME",
                      help="backend(s) to check (default: every usable backend but reference)")
     det.add_argument("--op", action="extend", nargs="+", metavar="OP", help="only the cases of these ops")
