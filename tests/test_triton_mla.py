@@ -21,7 +21,8 @@ from deepport.kernels.mla_decode import bind
 
 triton = pytest.importorskip("triton")
 
-from deepport.backends.triton import _runtime, configs, mla_plan  # noqa: E402
+from deepport.backends import mla_plan  # noqa: E402
+from deepport.backends.triton import _runtime, configs  # noqa: E402
 from deepport.backends.triton import mla_decode as triton_mla  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not _runtime.interpreting() and not torch.cuda.is_available(),

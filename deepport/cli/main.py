@@ -31,6 +31,9 @@
   [--repeat N] [--seed N] [--out DIR] [--claims]``: runs each case N times with identical inputs and reports
   bitwise-identical results or the run-to-run spread, against each backend's declared claim; see
   :mod:`deepport.cli.determinism` (exit 1 if a backend claiming bitwise results differed, or errored).
+- ``deepport tune-table BENCH_JSON [BENCH_JSON ...] --out FILE [--tolerance F]``: the performance table of
+  automatic selection (measured backend rankings per device family, op and shape bucket) from bench
+  results; see :mod:`deepport.cli.tune_table`.
 - ``deepport new-backend NAME [--out DIR]``: an out-of-tree backend package from the template, with a
   ``pyproject.toml`` registering its entry point; see :mod:`deepport.cli.scaffold` and ``docs/PORTING.md``.
 
@@ -149,6 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     det.add_argument("--plugin", action="append", default=[], metavar="MODULE[:ATTR]",
                      help="import an out-of-tree backend first")
     det.add_argument("--claims", action="store_true", help="print the declared claims as a Markdown table and exit")
+    tune = commands.add_parser("tune-table", help="the performance table of automatic selection, from bench results")
+    tune.add_argument("bench", type=Path, nargs="+", metavar="BENCH_JSON", help="bench.json files of one device family")
+    tune.add_argument("--out", type=Path, required=True, metavar="FILE",
+                      help="the table to write (shipped: deepport/dispatch/perf_tables/<family>.json)")
+    tune.add_argument("--tolerance", type=float, default=0.03, metavar="F",
+                      help="backends within this fraction of a faster one keep the priority order (default: 0.03)")
 
     new = commands.add_parser("new-backend", help="start an out-of-tree backend from the template (docs/PORTING.md)")
     new.add_argument("name", metavar="NAME", help="package and backend name (a lowercase Python identifier)")
@@ -289,6 +298,17 @@ def _determinism(args: argparse.Namespace) -> int:
                                        args.seed, args.out, args.plugin, Console())
     except determinism.UsageError as exc:
         return _usage_error("determinism", str(exc))
+def _tune_table(args: argparse.Namespace) -> int:
+    from deepport.bench.tune_table import TuneTableError
+    from deepport.cli import tune_table
+
+    if not 0 <= args.tolerance < 1:
+        return _usage_error("tune-table", f"--tolerance expects a fraction in [0, 1), got {args.tolerance}")
+    try:
+        tune_table.write(args.bench, args.out, args.tolerance, Console())
+    except TuneTableError as exc:
+        return _usage_error("tune-table", str(exc))
+    return EXIT_OK
 
 
 def _new_backend(args: argparse.Namespace) -> int:
@@ -319,7 +339,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers = {"info": _info, "certify": _certify, "report": _report, "verify": _verify, "merge": _merge,
                 "bench": _bench}
     try:
-        return (handlers | {"new-backend": _new_backend, "determinism": _determinism})[args.command](args)
+        return (handlers | {"new-backend": _new_backend, "tune-table": _tune_table,
+                            "determinism": _determinism})[args.command](args)
     except KeyboardInterrupt:
         Console(stderr=True).print(Text(f"deepport {args.command}: interrupted", style="red"))
         return EXIT_INTERRUPTED

@@ -21,7 +21,8 @@ Walk-through
 5. Register: one line in ``BUILTIN`` (``deepport/backends/__init__.py``), or, out of tree, the entry-point
    group ``deepport.backends`` or ``deepport certify --plugin <module>:BACKEND``. Set ``priority`` per
    device kind (higher wins; the torch backend has 10, the reference 0); leave a kind out to be chosen
-   only when asked for by name.
+   only when asked for by name. Where a performance table measured the call's shape bucket (sm90 GPUs),
+   its ranking comes before priorities: add your backend's bench results to it (``deepport tune-table``).
 6. Certify: ``python -m deepport certify --backend <name> --tier smoke --op mla_decode [--device cuda]``,
    then ``--tier full`` on the target device, then ``deepport certify --certify`` for the archive a third
    party verifies (``deepport verify ARCHIVE --replay N``); ``docs/PORTING.md`` walks through it all.

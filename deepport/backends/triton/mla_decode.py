@@ -17,10 +17,10 @@ import math
 
 import torch
 
+from deepport.backends.mla_plan import device_plan, num_parts
 from deepport.backends.triton import configs
 from deepport.backends.triton._runtime import interpreting
 from deepport.backends.triton.mla_decode_kernels import mla_decode_combine_kernel, mla_decode_split_kernel
-from deepport.backends.triton.mla_plan import device_plan, num_parts
 from deepport.kernels.mla_decode import MLADecodeCall
 
 

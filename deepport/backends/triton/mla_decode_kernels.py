@@ -28,7 +28,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-PIECE_FIELDS = 5  # int32 fields per piece: request, first token, end token (exclusive), split row, direct
+from deepport.backends.mla_plan import PIECE_FIELDS
+
 _PIECE = tl.constexpr(PIECE_FIELDS)
 
 

@@ -1,4 +1,7 @@
-"""The split-KV plan of ``get_mla_metadata`` turned into what the Triton kernels read, on the device.
+"""The split-KV plan of ``get_mla_metadata`` turned into what the MLA decode kernels read, on the device.
+
+Shared by the ``triton`` and ``hopper`` backends (both run one persistent program per part and walk
+the same piece list).
 
 FlashMLA's records (one per part: first/last request, first/end 64-token block, first split row)
 are expanded on the host into a flat list of *pieces*, one per (part, request it touches), and put
@@ -15,9 +18,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from deepport.backends.triton.mla_decode_kernels import PIECE_FIELDS
 from deepport.kernels import mla_schedule
 from deepport.kernels.mla_decode import MLADecodeCall, MLAMetadata
+
+PIECE_FIELDS = 5  # int32 fields per piece: request, first token, end token (exclusive), split row, direct
 
 
 @dataclass(frozen=True)
