@@ -165,7 +165,7 @@ def test_mla_decode_over_a_cache_past_2_31_elements(backend: str) -> None:
 # --- MoE ------------------------------------------------------------------------------------------------------
 
 HIDDEN = 7168
-TOKENS = TWO_31 // HIDDEN + 1000  # T * H = 2^31 + 7,168,000
+TOKENS = TWO_31 // HIDDEN + 1000  # T * H = 2.155e9
 
 
 def _payload() -> torch.Tensor:
