@@ -160,8 +160,9 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 print(f"certify {tier}: timed out after {time.time() - t0:.0f} s")
     if "bench" in stages:
+        backends = os.environ.get("HOPPER_MLA_BENCH_BACKENDS", "torch triton hopper").split()
         cmd = [sys.executable, "-m", "deepport", "bench", "--device", "cuda", "--op", "mla_decode",
-               "--backend", "torch", "triton", "hopper", "--out", f"{out_dir}/bench"]
+               "--backend", *backends, "--baseline", backends[0], "--out", f"{out_dir}/bench"]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         print("\n".join(proc.stdout.splitlines()[-40:]))
         if proc.returncode:
