@@ -18,10 +18,11 @@ import torch
 
 from deepport.backends import dtypes
 from deepport.backends.hopper.support import DENSE_REQUIREMENTS, GROUPED_REQUIREMENTS, MLA_REQUIREMENTS, probe
-from deepport.dispatch import Backend, OpSupport
+from deepport.dispatch import Backend, OpSupport, reproducible
 
 _FP8 = frozenset({torch.float8_e4m3fn})
 _CUDA = frozenset({"cuda"})
+_TILES = reproducible("each output tile is computed by one CTA walking K in order (no split-K, no atomics)")
 
 BACKEND = Backend(
     name="hopper",
@@ -39,4 +40,9 @@ BACKEND = Backend(
     ),
     priority={"cuda": 30},
     probe=probe,
+    determinism={"mla_decode": reproducible("the split-KV plan depends only on the lengths and the device; each "
+                                            "split writes its own partial result, merged in split order by the "
+                                            "combine kernel; no atomics"),
+                 "fp8_gemm_nt": _TILES, "m_grouped_fp8_gemm_nt_contiguous": _TILES,
+                 "m_grouped_fp8_gemm_nt_masked": _TILES},
 )
