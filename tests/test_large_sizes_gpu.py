@@ -68,11 +68,12 @@ def _scales(shape: tuple[int, ...], seed: int) -> torch.Tensor:
 
 
 def _close_rows(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
-    """Within two bf16 steps of the reference (the backends accumulate in float32 in another order); a wrong
-    row read (a wrapped offset) is off by the rows' whole magnitude."""
+    """Within two bf16 steps of the reference (the backends accumulate in float32 in another order, then round
+    once; a step is up to 2**-7 of the value); a wrong row read (a wrapped offset) is off by the rows' whole
+    magnitude."""
     got, want = got.float(), want.float()
     rms = want.pow(2).mean().sqrt()
-    bad = (got - want).abs() > 2**-7 * want.abs() + 1e-3 * rms
+    bad = (got - want).abs() > 2**-6 * want.abs() + 1e-3 * rms
     assert not bool(bad.any()), f"{what}: {int(bad.sum())} elements off, max diff {(got - want).abs().max()}"
 
 

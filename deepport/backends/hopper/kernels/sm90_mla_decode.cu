@@ -117,11 +117,15 @@ static_assert(2 * sizeof(CUtensorMap) + 8 * sizeof(void*) + sizeof(i64) + 6 * si
               DP_PARAMS_USED, "host and device disagree on the Params fields");
 #endif
 
+// Named barriers count warps: every lane of a warp must reach one together (compute-sanitizer's synccheck
+// flags a warp that arrives diverged, e.g. after an `if (lane == 0)` the compiler did not reconverge).
 __device__ __forceinline__ void named_sync(u32 id, u32 count) {
+    __syncwarp();
     asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(count) : "memory");
 }
 
 __device__ __forceinline__ void named_arrive(u32 id, u32 count) {
+    __syncwarp();
     asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(count) : "memory");
 }
 
