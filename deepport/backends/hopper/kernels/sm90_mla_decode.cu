@@ -31,8 +31,10 @@
 //
 // Synchronisation: mbarriers for TMA (q_full / k_full) and for releasing buffers (q_empty: WG0's warps
 // after the piece's last S; k_empty: all 8 consumer warps after their PV); named barriers between the
-// warpgroups: P_FULL (WG0 published P and the row factors), P_FREE (WG1 finished reading P), FIN_A /
-// FIN_B (final row max and sum handed to WG1 at the end of a piece).
+// warpgroups, each an arrive on one side and a sync on the other (never both sides syncing from two code
+// places, which compute-sanitizer's synccheck reports as divergence): P_FULL (WG0 published P and the row
+// factors), P_FREE (WG1 finished reading P), FIN_A (WG0 published the final row max and sum of a piece),
+// FIN_B (WG1 has read them).
 #include "sm90_ptx.cuh"
 #include "sm90_wgmma_16bit.cuh"
 
@@ -463,9 +465,9 @@ __device__ __forceinline__ void softmax_warpgroup(const Params& p, u8* smem, u32
                 s_sum[r0 + 8 * h] = st.row_sum[h];
             }
         }
-        named_sync(kBarFinA, 256);
+        named_arrive(kBarFinA, 256);  // the row max and sum are published
         store_rows(p, pc, tile, kv_head, r0, lane, 0, o, st.row_max, st.row_sum);
-        named_sync(kBarFinB, 256);
+        named_sync(kBarFinB, 256);    // warpgroup 1 has read them: they may be overwritten
     }
     if (p_published) named_sync(kBarPFree, 256);  // matches warpgroup 1's last release of P
 }
@@ -524,8 +526,8 @@ __device__ __forceinline__ void output_warpgroup(const Params& p, u8* smem, u32 
         named_sync(kBarFinA, 256);
         const float row_max[2] = {s_max[r0], s_max[r0 + 8]};
         const float row_sum[2] = {s_sum[r0], s_sum[r0 + 8]};
+        named_arrive(kBarFinB, 256);
         store_rows(p, pc, tile, kv_head, r0, lane, 1, o, row_max, row_sum);
-        named_sync(kBarFinB, 256);
     }
 }
 
