@@ -1,4 +1,5 @@
-// sm90a MLA decode over a paged KV cache, split-KV (one CTA per part of the plan and 64-row query tile).
+// sm90a MLA decode over a paged KV cache, split-KV (one CTA per part of the plan, 64-row query tile and
+// KV head).
 //
 //   out[b, i, h, :] = softmax(scale * q[b, i, h, :] . K[t, g, :]) over visible tokens t, times V[t, g, :]
 //   K = k_cache rows (576 channels) of KV head g = h / group, V = their first 512 channels.
@@ -10,15 +11,15 @@
 // s_q into the head dimension) are tiled by 64.
 //
 // Work: the host expands get_mla_metadata's schedule into pieces (request, first token, end token,
-// split row, direct); CTA (part, tile, KV head) runs the pieces of its part one after the other. A `direct` piece
-// (its request is not cut) writes out/lse; the others write float32 normalised partial O and their
+// split row, direct); CTA (part, tile, KV head) runs the pieces of its part one after the other. A
+// `direct` piece (its request is not cut) writes out/lse; the others write float32 normalised partial O and their
 // natural-log LSE to row `split row` of the split accumulators, merged by sm90_mla_combine.cu.
 //
-// Warp roles (384 threads; registers moved from the producer warpgroup to the two consumers with setmaxnreg):
-//   - warpgroup 2 (thread 256 alone works): producer. Per piece, the Q tile (9 boxes of 64 x 64) into sQ; per 64-token block,
-//     the K rows into one of two stages (9 boxes, in sub-blocks of min(PAGE, 64) rows, one block-table
-//     lookup each, none for sub-blocks at or past the piece's end). TMA coordinates of block ids past the
-//     cache read as zeros (never out of bounds).
+// Warp roles (384 threads; registers moved from the producer warpgroup to the consumers with setmaxnreg):
+//   - warpgroup 2 (thread 256 alone works): producer. Per piece, the Q tile (9 boxes of 64 x 64) into sQ;
+//     per 64-token block, the K rows into one of two stages (9 boxes, in sub-blocks of min(PAGE, 64) rows,
+//     one block-table lookup each, none for sub-blocks at or past the piece's end). TMA coordinates of
+//     block ids past the cache read as zeros (never out of bounds).
 //   - warpgroup 0 (softmax): S = Q K^T (36 wgmma m64n64k16 over the 576 channels), mask (end of piece,
 //     causal), online softmax in float32 (exp2, logits scaled by scale * log2 e), P (16-bit) to shared
 //     memory for warpgroup 1 and from registers into its own O[:, 0:256] += P V[:, 0:256]
