@@ -217,8 +217,8 @@ def _verify(args: argparse.Namespace) -> int:
         except CertificateFileError as exc:
             return _usage_error("verify", str(exc))
     if args.replay or args.plugin or args.timeout is not None:
-        return _usage_error("verify", "--replay, --plugin and --timeout apply to certificate archives (deepport certify "
-                            "--certify), not to a results.json")
+        return _usage_error("verify", "--replay, --plugin and --timeout apply to certificate archives (deepport "
+                            "certify --certify), not to a results.json")
     try:
         results = report.load_results(args.results)
     except report.ResultsFileError as exc:
