@@ -89,6 +89,7 @@ def test_an_entry_point_backend_is_certified_verified_and_replayed(vendor: Path,
     assert manifest["backends"]["acme_port"]["claimed_profiles"] == ["mla_decode/core"]
     assert manifest["waivers"] == [] and manifest["isolation"] == "process"
     assert manifest["software"]["torch"] and manifest["device"]["type"] == "cpu"
+    assert manifest["device"]["name"] and manifest["device"]["logical_cores"] >= 1  # which CPU certified it
     results = json.loads(files["results.json"])
     assert {c["case_id"] for c in results["cases"]} == {"mla_decode/half_empty_b4_sq2_causal",
                                                         "mla_decode/all_empty_b3"}
