@@ -16,7 +16,7 @@ Automatic choice prefers it on GPUs (priority 20, above torch's 10). On the CPU 
 """
 
 from deepport.backends import dtypes
-from deepport.backends.triton._runtime import DEVICE, probe
+from deepport.backends.triton._runtime import DEVICE, identity, probe
 from deepport.backends.triton.fp8_support import FP8_OPS
 from deepport.dispatch import Backend, OpSupport
 
@@ -45,4 +45,5 @@ BACKEND = Backend(
     ops=(*_MLA, *_MOE, *FP8_OPS),
     priority={"cuda": 20, "rocm": 20, "xpu": 20},  # never automatic on the CPU: the interpreter is slow
     probe=probe,
+    identity=identity,
 )
