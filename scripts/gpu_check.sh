@@ -16,8 +16,12 @@
 # Each part writes $OUT/part-NAME/{results.json,summary.md,junit.xml} and $OUT/part-NAME.log as soon as it
 # ends, so a stage cut short by the call limit keeps the parts it finished; rerun only the missing ones.
 #
+#   bash scripts/gpu_check.sh hopper-mla   scripts/gpu_hopper_mla.py: probe (own deadline: a hung kernel ends
+#                                          only this step), then smoke certify and the MLA bench
 #   bash scripts/gpu_check.sh bench        deepport bench (MoE configs need 2 GPUs)
 #   bash scripts/gpu_check.sh backends     GPU tests + smoke certify of torch/triton/hopper on cuda + deepport bench
+#   bash scripts/gpu_check.sh selection    automatic choice on real inputs vs the shipped performance table
+#                                          (scripts/gpu_selection.py) + the automatic-choice GPU tests
 set -uo pipefail
 stage="${1:-mla}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -90,10 +94,48 @@ case "$stage" in
       --out "$OUT/smoke" > "$OUT/smoke.log" 2>&1; tail -n 30 "$OUT/smoke.log"
     timeout 250 python3 -m deepport bench --device cuda --out "$OUT/bench" > "$OUT/bench.log" 2>&1
     tail -n 70 "$OUT/bench.log" ;;
+  selection)
+    environment
+    timeout 300 python3 scripts/gpu_selection.py > "$OUT/selection.txt" 2>&1; echo "gpu_selection exit $?"
+    tail -n 50 "$OUT/selection.txt"
+    timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu -k automatic tests/test_fp8_gemm_gpu.py \
+      tests/test_hopper_gpu.py tests/test_mla_decode_gpu.py tests/test_triton_gpu.py 2>&1 | tail -n 15 ;;
+  hopper-mla)
+    environment
+    timeout 150 python3 scripts/gpu_hopper_mla.py --stages probe > "$OUT/hopper_mla_probe.txt" 2>&1
+    status=$?; echo "probe: exit $status" >> "$OUT/hopper_mla_probe.txt"; cat "$OUT/hopper_mla_probe.txt"
+    if [ "$status" = 0 ]; then
+      OUT=/tmp/hopper-mla timeout "${HOPPER_MLA_S:-260}" python3 scripts/gpu_hopper_mla.py --stages "${HOPPER_MLA_STAGES:-smoke,bench}" \
+        > "$OUT/hopper_mla.txt" 2>&1; echo "exit $?" >> "$OUT/hopper_mla.txt"; tail -n 45 "$OUT/hopper_mla.txt"
+      cp /tmp/hopper-mla/bench/bench.json "$OUT/mla_bench.json" 2>/dev/null
+      cp /tmp/hopper-mla/certify-full/results.json "$OUT/mla_full_results.json" 2>/dev/null
+    fi ;;
+  ecosystem)  # issue 17 on the GPU: the decode-step example (automatic, and all-triton) eager and as one CUDA
+              # graph, and the GPU tests of the example, the custom ops (torch.compile, graphs) and hopper MLA
+    environment
+    { timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_hopper_mla_gpu.py \
+        tests/test_decode_step_example.py tests/test_custom_ops_gpu.py 2>&1 | tail -n 20
+      echo "== automatic choice on this GPU (the measured performance table)"
+      timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu -k automatic tests/test_fp8_gemm_gpu.py \
+        tests/test_hopper_gpu.py tests/test_mla_decode_gpu.py tests/test_triton_gpu.py 2>&1 | tail -n 12
+      for backend in "" triton; do
+        echo "== example --device cuda --cuda-graph ${backend:+--backend $backend}"
+        timeout 120 python3 -m deepport.examples.deepseek_v3_decode_step --device cuda --cuda-graph \
+          ${backend:+--backend $backend} 2>&1 | tail -n 25
+      done; } > "$OUT/ecosystem.txt" 2>&1
+    cat "$OUT/ecosystem.txt" ;;
+  profile-mla)  # ncu speed-of-light of the hopper MLA kernel, compute- and memory-bound shapes
+    for shape in compute memory; do
+      echo "== ncu $shape"
+      timeout 90 ncu --kernel-name regex:sm90_mla_decode --launch-skip 1 --launch-count 1 --section SpeedOfLight \
+        --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section Occupancy \
+        python3 scripts/gpu_hopper_mla.py --stages profile --shape "$shape" 2>&1 | grep -v "^==PROF==" | tail -n 80
+    done > "$OUT/ncu_mla.txt" 2>&1
+    grep -E "==|Throughput|Pipe|Bandwidth|Duration|Utilization|Issue" "$OUT/ncu_mla.txt" | head -n 60 ;;
   bench)
     environment
     python3 -m deepport bench --device cuda --out "$OUT/bench" 2>&1 | tail -n 80
     cp "$OUT/bench/bench.json" "$OUT/bench.json" 2>/dev/null; cp "$OUT/bench/bench.png" "$OUT/bench.png" 2>/dev/null
     rm -rf "$OUT/bench" ;;
-  *) echo "unknown stage $stage (mla, fp8, moe-tests, cert-a, cert-b, part NAME, merge, bench)"; exit 2 ;;
+  *) echo "unknown stage $stage (mla, fp8, moe-tests, cert-a, cert-b, part NAME, merge, hopper-mla, ecosystem, profile-mla, bench, backends, selection)"; exit 2 ;;
 esac

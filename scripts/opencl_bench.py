@@ -149,7 +149,7 @@ def bench_gemm(rt: Runtime, shapes: tuple[tuple[int, int], ...], reps: int, peer
             path = torch_gemm.path(bound.signature)[0]
             results.append(_record("fp8_gemm_nt", config, f"torch backend ({path})", times, flops,
                                    nbytes, "TFLOP/s", {}))
-        tiles = [ocl_gemm.GemmConfig(128, 128, 32), ocl_gemm.GemmConfig(128, 128, 16), ocl_gemm.GemmConfig(64, 64, 32)]
+        tiles = [ocl_gemm.GemmConfig(128, 128, 32), ocl_gemm.GemmConfig(64, 64, 32), ocl_gemm.GemmConfig(64, 64, 16)]
         for cfg in tiles:
             name = f"opencl {cfg.bm}x{cfg.bn}x{cfg.bk}"
             try:

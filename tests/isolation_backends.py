@@ -42,3 +42,5 @@ BACKENDS = (
 REBINDS = (exploit("rebinds_outputs"), exploit("fp8_rebinds_output"))
 PLUGIN_MOE = Backend(name="test_plugin_moe", summary="the torch MoE ops, loaded as a plugin", version="0",
                      ops=tuple(s for s in TORCH.ops if s.op.startswith("moe_")), priority={})
+PLUGIN_MOE_LAYOUT = Backend(name="test_plugin_moe_layout", summary="only the torch moe_layout, loaded as a plugin",
+                            version="0", ops=tuple(s for s in TORCH.ops if s.op == "moe_layout"), priority={})

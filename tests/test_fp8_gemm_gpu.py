@@ -107,13 +107,22 @@ def test_blocked_fallback_on_cuda_for_k_tails_ue8m0_and_accumulation(scaled_mm_c
     assert scaled_mm_calls == []
 
 
-def test_automatic_choice_on_cuda_is_hopper_then_triton_then_torch() -> None:
-    from deepport.dispatch import registry
+def test_automatic_choice_on_cuda_is_the_measured_fastest_else_hopper_then_triton_then_torch(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from deepport.dispatch import device_info, perf_table, registry
     from deepport.kernels import bind_call
 
+    for var in ("DEEPPORT_BACKEND", "DEEPPORT_BACKEND_FP8_GEMM_NT", "DEEPPORT_SELECTION", "DEEPPORT_PERF_TABLE"):
+        monkeypatch.delenv(var, raising=False)
     args, _ = _inputs(4, 256, 512)
     out = torch.empty(4, 256, dtype=torch.bfloat16, device="cuda")
     signature = bind_call("fp8_gemm_nt", **args, out=out)
     able = [name for name in ("hopper", "triton", "torch") if not registry.get(name).reasons("fp8_gemm_nt", signature)]
     assert able and able[-1] == "torch"
-    assert deepport.explain("fp8_gemm_nt", **args, out=out).chosen == able[0]
+    found = deepport.explain("fp8_gemm_nt", **args, out=out)
+    if perf_table.family(device_info(out.device)) == "nvidia-sm90":  # the shipped table measured M <= 64
+        assert found.measured is not None and found.measured.bucket == "m<=64", found.reason
+        assert found.chosen == next(b for b in found.measured.backends if b in able), found.reason
+    monkeypatch.setenv("DEEPPORT_SELECTION", "priority")
+    found = deepport.explain("fp8_gemm_nt", **args, out=out)
+    assert found.chosen == able[0] and found.reason.startswith("DEEPPORT_SELECTION=priority"), found.reason

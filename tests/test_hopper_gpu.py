@@ -112,10 +112,17 @@ def test_a_cuda_graph_replays_the_same_result() -> None:
     assert torch.equal(out, first)
 
 
-def test_automatic_selection_picks_hopper_on_sm90() -> None:
-    a, sfa, b, sfb = _operands(64, 256, 512, seed=8)
-    out = torch.empty((64, 256), dtype=torch.bfloat16, device="cuda")
+def test_automatic_selection_by_priority_picks_hopper_on_sm90(monkeypatch: pytest.MonkeyPatch) -> None:
+    a, sfa, b, sfb = _operands(512, 256, 512, seed=8)
+    out = torch.empty((512, 256), dtype=torch.bfloat16, device="cuda")
     call = fp8_gemm.bind("nt", (a, sfa), (b, sfb), out)
-    chosen, how = selection.choose("fp8_gemm_nt", call.signature)
+    for var in ("DEEPPORT_BACKEND", "DEEPPORT_BACKEND_FP8_GEMM_NT", "DEEPPORT_PERF_TABLE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("DEEPPORT_SELECTION", "priority")  # the measured table is tested in test_fp8_gemm_gpu.py
+    chosen, how = selection.choose("fp8_gemm_nt", call.signature, None, call.perf_shape)
     assert (chosen.name, how) == ("hopper", "automatic")
+    monkeypatch.delenv("DEEPPORT_SELECTION")
+    # 128 < M <= 1024 was not measured on the H200: the priority order decides there too
+    reason = selection.automatic("fp8_gemm_nt", call.signature, call.perf_shape).reason
+    assert reason.startswith("no measurement for fp8_gemm_nt 128<m<=1024") and "hopper>" in reason, reason
     assert registry.get("hopper").unavailable_reason is None

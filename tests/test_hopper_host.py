@@ -66,9 +66,9 @@ def _dense_call(m: int, n: int, k: int) -> tuple[fp8_gemm.FP8GemmCall, torch.Ten
                                           sig.out_dtype, sig.accumulate)), out
 
 
-def test_backend_declares_three_fp8_ops_on_cuda_above_torch() -> None:
+def test_backend_declares_mla_and_three_fp8_ops_on_cuda_above_torch() -> None:
     backend = registry.get("hopper")
-    assert {s.op for s in backend.ops} == {"fp8_gemm_nt", "m_grouped_fp8_gemm_nt_contiguous",
+    assert {s.op for s in backend.ops} == {"mla_decode", "fp8_gemm_nt", "m_grouped_fp8_gemm_nt_contiguous",
                                            "m_grouped_fp8_gemm_nt_masked"}
     assert backend.auto_priority("cuda") == 30 > registry.get("torch").auto_priority("cuda")  # type: ignore[operator]
     assert backend.auto_priority("cpu") is None

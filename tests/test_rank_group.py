@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from isolation_backends import PLUGIN_MOE
+from isolation_backends import PLUGIN_MOE, PLUGIN_MOE_LAYOUT
 
 from deepport.conformance import Status, run_suite
 from deepport.conformance.rank_group import RankGroup, RankGroupError, RankGroupTimeout
@@ -90,6 +90,18 @@ def test_plugin_backends_reach_the_rank_processes() -> None:
     assert len(run.cases) == 3  # world2_uneven, world2_fp8_empty_rank, world2_uneven_duplicates
     bad = [f"{r.case_id}: {r.status.value} {r.message}" for r in run.cases if r.status is not Status.PASS]
     assert not bad, "\n".join(bad)
+
+
+def test_multi_rank_cases_of_an_op_the_backend_lacks_are_not_supported() -> None:
+    """As in a world of one: the ranks' BackendNotSupportedError is the case's answer, with its reason
+    (not an error that kills the rank group)."""
+    with registered(PLUGIN_MOE_LAYOUT):
+        run = run_suite([PLUGIN_MOE_LAYOUT.name], "smoke", device="cpu", ops=["moe_dispatch", "moe_combine"],
+                        case_pattern="world2", run_seed=7, plugins=["isolation_backends:PLUGIN_MOE_LAYOUT"])
+    assert len(run.cases) == 3
+    for r in run.cases:
+        assert r.status is Status.NOT_SUPPORTED and r.message == "does not implement moe_dispatch", (r.case_id,
+                                                                                                    r.message)
 
 
 def test_plugin_backends_reach_the_ranks_of_an_isolated_worker() -> None:

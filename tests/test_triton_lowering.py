@@ -49,6 +49,11 @@ def test_compute_bound_mla_config_issues_wgmma(mla_report: dict[str, dict[str, i
     assert mla_report["split rows>32"]["wgmma"] > 0
 
 
+def test_split_v_config_issues_wgmma_and_loads_k_by_bulk_tensor_copies(mla_report: dict[str, dict[str, int]]) -> None:
+    counts = mla_report["split rows>32 v_split=2 k_tma"]
+    assert counts["wgmma"] > 0 and counts["tma"] > 0, counts
+
+
 def test_memory_bound_mla_configs_use_tensor_cores(mla_report: dict[str, dict[str, int]]) -> None:
     for bucket in ("rows<=16", "rows<=32"):
         counts = mla_report[f"split {bucket}"]

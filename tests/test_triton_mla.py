@@ -21,7 +21,8 @@ from deepport.kernels.mla_decode import bind
 
 triton = pytest.importorskip("triton")
 
-from deepport.backends.triton import _runtime, configs, mla_plan  # noqa: E402
+from deepport.backends import mla_plan  # noqa: E402
+from deepport.backends.triton import _runtime, configs  # noqa: E402
 from deepport.backends.triton import mla_decode as triton_mla  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not _runtime.interpreting() and not torch.cuda.is_available(),
@@ -70,9 +71,10 @@ def _check(q: torch.Tensor, k: torch.Tensor, table: torch.Tensor, lens: torch.Te
     assert np.allclose(got_lse[finite], ref_lse[finite], rtol=1.3e-4, atol=1e-6)
 
 
-def _cfg(block_h: int = 16, block_n: int = 32, programs_per_sm: int = 8) -> configs.MLAConfig:
+def _cfg(block_h: int = 16, block_n: int = 32, programs_per_sm: int = 8, v_split: int = 1,
+         k_tma: bool = False) -> configs.MLAConfig:
     return configs.MLAConfig(block_h=block_h, block_n=block_n, num_warps=4, num_stages=2,
-                             programs_per_sm=programs_per_sm)
+                             programs_per_sm=programs_per_sm, v_split=v_split, k_tma=k_tma)
 
 
 @pytest.mark.parametrize(("block_h", "block_n"), [(16, 16), (16, 64), (32, 32), (64, 16)])
@@ -81,14 +83,27 @@ def test_tile_shapes_match_reference_with_many_cut_requests(block_h: int, block_
     _check(q, k, table, lens, 32, False, _cfg(block_h, block_n, programs_per_sm=8))
 
 
+@pytest.mark.parametrize(("v_split", "k_tma"), [(2, False), (1, True), (2, True)])
+def test_split_v_and_bulk_copied_k_tiles_match_reference(v_split: int, k_tma: bool) -> None:
+    """Two programs per row tile (each owning half of V), K tiles by tensor descriptors: the unused cache
+    rows are NaN, so a bulk copy past a piece's last token would show."""
+    q, k, table, lens = _inputs([70, 1, 0, 129, 33], s_q=2, h_q=8, page=32)
+    call = bind(q, k, table, lens, 32, causal=True)
+    cfg = _cfg(16, 16, programs_per_sm=8, v_split=v_split, k_tma=k_tma)
+    assert (triton_mla.k_descriptors(call, cfg) is not None) == k_tma
+    _check(q, k, table, lens, 32, True, cfg)
+
+
 def test_causal_multi_token_gqa_with_cut_requests() -> None:
     q, k, table, lens = _inputs([3, 0, 90, 2, 47], s_q=3, h_q=6, h_kv=2, page=32)
     _check(q, k, table, lens, 32, True, _cfg(16, 16, programs_per_sm=6))
+    _check(q, k, table, lens, 32, True, _cfg(16, 16, programs_per_sm=6, v_split=2, k_tma=True))  # no TMA: 2 KV heads
 
 
 def test_core_head_dims_float16_with_scale() -> None:
     q, k, table, lens = _inputs([65, 130], s_q=2, h_q=3, d_qk=576, d_v=512, page=64, dtype=torch.float16)
     _check(q, k, table, lens, 512, True, _cfg(16, 64, programs_per_sm=4), scale=0.3)
+    _check(q, k, table, lens, 512, True, _cfg(64, 32, programs_per_sm=4, v_split=2, k_tma=True), scale=0.3)
 
 
 def test_metadata_plan_with_other_part_count_is_redealt() -> None:

@@ -7,10 +7,6 @@ marked so, integers equal to 1 folded into constants.
 
 from __future__ import annotations
 
-import os
-import re
-import subprocess
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -61,54 +57,36 @@ def compile_for(fn: Any, args: Mapping[str, Any], *, target: GPUTarget = HOPPER,
     return triton.compile(src, target=target, options={"num_warps": num_warps, "num_stages": num_stages})
 
 
-def ptxas_info(ptx: str, arch: str = "sm_90a") -> dict[str, int]:
-    """Registers, spill bytes and shared memory of a PTX module, from the ptxas bundled with triton."""
-    ptxas = _ptxas()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "k.ptx")
-        with open(path, "w") as f:
-            f.write(ptx)
-        res = subprocess.run([ptxas, f"-arch={arch}", "-v", path, "-o", os.path.join(tmp, "k.cubin")],
-                             capture_output=True, text=True, check=True)
-    text = res.stderr + res.stdout
-    found = {"registers": r"Used (\d+) registers", "spill_stores": r"(\d+) bytes spill stores",
-             "spill_loads": r"(\d+) bytes spill loads"}
-    return {k: int(m.group(1)) if (m := re.search(p, text)) else 0 for k, p in found.items()}
-
-
-def _ptxas() -> str:
-    """The ptxas triton itself uses for sm_90 (triton >= 3.9 ships a newer one as ``ptxas-blackwell``)."""
-    from triton.backends.nvidia import compiler
-
-    getter = getattr(compiler, "get_ptxas", None)
-    if getter is not None:
-        try:
-            return str(getter(90).path)
-        except TypeError:  # triton 3.6: get_ptxas() takes no argument
-            return str(getter().path)
-    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-
-
 def mla_lowering_report() -> dict[str, dict[str, int]]:
     """Compile the MLA decode kernels for sm_90a with each Hopper configuration of ``configs.py`` on the
-    DeepSeek shape of its bucket (576/512, page 64, bf16); count tensor-core instructions and shared memory."""
-    from deepport.backends.triton import configs
+    DeepSeek shape of its bucket (576/512, page 64, bf16), and one split-V, TMA-loaded variant, through
+    the real launcher (its launches recorded on CPU tensors, ``deepport.backends.triton.aot``); count
+    tensor-core instructions, bulk tensor copies and shared memory."""
+    import torch
+
+    import deepport
+    from deepport.backends.triton import aot, configs
+    from deepport.backends.triton import mla_decode as tm
     from deepport.backends.triton.mla_decode_kernels import mla_decode_combine_kernel, mla_decode_split_kernel
+    from deepport.kernels import mla_decode as mla
 
     rows_of_bucket = {"rows<=16": 16, "rows<=32": 32, "rows>32": 128}
+    wanted = [(f"split {bucket}", rows_of_bucket[bucket], cfg) for bucket, cfg in configs.MLA_TUNED["H200"]]
+    wanted.append(("split rows>32 v_split=2 k_tma", 128,
+                   configs.MLAConfig(block_h=64, block_n=32, num_warps=4, num_stages=2, v_split=2, k_tma=True)))
     report: dict[str, dict[str, int]] = {}
-    for bucket, cfg in configs.MLA_TUNED["H200"]:
-        h_q = rows_of_bucket[bucket]
-        args: dict[str, Any] = dict(
-            q_ptr=Ptr("bf16"), k_ptr=Ptr("bf16"), table_ptr=Ptr("i32"), seqlens_ptr=Ptr("i32"),
-            pieces_ptr=Ptr("i32"), part_ptr=Ptr("i32"), out_ptr=Ptr("bf16"), lse_ptr=Ptr("fp32"),
-            o_acc_ptr=Ptr("fp32"), lse_acc_ptr=Ptr("fp32"),
-            stride_qb=h_q * 576, stride_qs=h_q * 576, stride_qh=576, stride_kb=64 * 576, stride_kp=576,
-            stride_kh=576, stride_tb=64, group=h_q, s_q=1, q_rows=h_q, h_q=h_q, acc_rows=h_q, scale_log2=0.06,
-            D_V=512, D_QK=576, BLOCK_DV=512, BLOCK_DT=64, PAGE=64, BLOCK_H=cfg.block_h, BLOCK_N=cfg.block_n,
-            CAUSAL=False, UPCAST=False)
-        k = compile_for(mla_decode_split_kernel, args, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        report[f"split {bucket}"] = _counts(k)
+    for name, h_q, cfg in wanted:
+        lens = torch.tensor([4096, 64], dtype=torch.int32)
+        q = torch.zeros(2, 1, h_q, 576, dtype=torch.bfloat16)
+        k = torch.zeros(65, 64, 1, 576, dtype=torch.bfloat16)
+        table = torch.arange(2 * 64, dtype=torch.int32).reshape(2, 64) % 65
+        md = deepport.get_mla_metadata(lens, h_q, 1)
+        call = mla.bind(q, k, table, lens, 512, metadata=md)
+        out = torch.empty(2, 1, h_q, 512, dtype=torch.bfloat16)
+        lse = torch.empty(2, h_q, 1)
+        with aot.recorded_launches([mla_decode_split_kernel, mla_decode_combine_kernel]) as launches:
+            tm.run(call, out, lse, config=cfg)
+        report[name] = _counts(aot.compile_launch(launches[0]))
     combine = compile_for(mla_decode_combine_kernel, dict(
         o_acc_ptr=Ptr("fp32"), lse_acc_ptr=Ptr("fp32"), out_ptr=Ptr("bf16"), lse_ptr=Ptr("fp32"), cut_ptr=Ptr("i32"),
         splits_ptr=Ptr("i32"), group=16, s_q=1, q_rows=16, h_q=16, acc_rows=16, D_V=512, BLOCK_DV=512), num_warps=4)
@@ -119,7 +97,8 @@ def mla_lowering_report() -> dict[str, dict[str, int]]:
 def _counts(kernel: Any) -> dict[str, int]:
     ptx = kernel.asm["ptx"]
     return {"wgmma": ptx.count("wgmma.mma_async"), "mma_sync": ptx.count("mma.sync.aligned"),
-            "shared": int(kernel.metadata.shared), "sm_90a": int(".target sm_90a" in ptx)}
+            "tma": ptx.count("cp.async.bulk.tensor"), "shared": int(kernel.metadata.shared),
+            "sm_90a": int(".target sm_90a" in ptx)}
 
 
 def moe_lowering_report() -> dict[str, dict[str, int]]:

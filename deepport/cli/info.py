@@ -43,12 +43,16 @@ def _device(info: DeviceInfo) -> dict[str, Any]:
 def _selection(op: str, info: DeviceInfo) -> dict[str, Any]:
     signature = OPS[op].example_signature(info)
     found = selection.verdicts(op, signature)
+    reason = ""
     try:
         chosen, source = selection.choose(op, signature)
         name: str | None = chosen.name
+        if source == "automatic":
+            reason = selection.automatic(op, signature).reason
     except DeepportError as exc:
         name, source = None, f"{type(exc).__name__}: {exc}"
     return {"op": op, "device": _device(info)["device"], "call": str(signature), "chosen": name, "source": source,
+            "reason": reason,
             "verdicts": [{"backend": v.backend, "priority": v.priority, "can_run": v.can_run,
                           "reasons": list(v.reasons)} for v in found]}
 
@@ -144,6 +148,8 @@ def render(data: dict[str, Any], console: Console) -> None:
         chosen = Text(s["chosen"], style="bold green") if s["chosen"] else Text("none", style="bold red")
         console.print(Text.assemble("  ", s["op"], " on ", s["device"], " -> ", chosen, f"  ({s['source']})"))
         console.print(Text(f"    call: {s['call']}"))
+        if s.get("reason"):
+            console.print(Text(f"    why: {s['reason']}"), soft_wrap=True)
         for v in s["verdicts"]:
             mark = "->" if v["backend"] == s["chosen"] else "  "
             prio = "never" if v["priority"] is None else str(v["priority"])

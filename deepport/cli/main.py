@@ -27,6 +27,13 @@
 - ``deepport verify ARCHIVE [--replay N] [--plugin MODULE[:ATTR]] [--device DEV] [--timeout S]``: checks a certificate
   archive of ``certify --certify`` (or the folder it unpacks to); ``--replay N`` re-runs N sampled cases
   here; see :mod:`deepport.conformance.certificate_verify`.
+- ``deepport determinism [--backend NAME ...] [--op OP ...] [--case PATTERN] [--device DEV] [--tier T]
+  [--repeat N] [--seed N] [--out DIR] [--claims]``: runs each case N times with identical inputs and reports
+  bitwise-identical results or the run-to-run spread, against each backend's declared claim; see
+  :mod:`deepport.cli.determinism` (exit 1 if a backend claiming bitwise results differed, or errored).
+- ``deepport tune-table BENCH_JSON [BENCH_JSON ...] --out FILE [--tolerance F]``: the performance table of
+  automatic selection (measured backend rankings per device family, op and shape bucket) from bench
+  results; see :mod:`deepport.cli.tune_table`.
 - ``deepport new-backend NAME [--out DIR]``: an out-of-tree backend package from the template, with a
   ``pyproject.toml`` registering its entry point; see :mod:`deepport.cli.scaffold` and ``docs/PORTING.md``.
 
@@ -132,6 +139,27 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("--device", help="with --replay: torch device (default: the recorded device type)")
     ver.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                      help="with --replay: per-call limit (default: the one the certificate recorded)")
+
+    det = commands.add_parser("determinism",
+                              help="run cases N times with identical inputs: bitwise equal, or the spread")
+    det.add_argument("--backend", action="extend", nargs="+", metavar="NAME",
+                     help="backend(s) to check (default: every usable backend but reference)")
+    det.add_argument("--op", action="extend", nargs="+", metavar="OP", help="only the cases of these ops")
+    det.add_argument("--case", metavar="PATTERN", help="only cases whose id matches (glob or substring)")
+    det.add_argument("--device", help="torch device (default: cuda if present, else cpu)")
+    det.add_argument("--tier", choices=TIERS, default="smoke", help="case tier (default: smoke)")
+    det.add_argument("--repeat", type=int, default=20, metavar="N", help="runs per case (default: 20)")
+    det.add_argument("--seed", type=_seed, metavar="N", help="run seed (default: random; always printed)")
+    det.add_argument("--out", type=Path, metavar="DIR", help="write DIR/determinism.json")
+    det.add_argument("--plugin", action="append", default=[], metavar="MODULE[:ATTR]",
+                     help="import an out-of-tree backend first")
+    det.add_argument("--claims", action="store_true", help="print the declared claims as a Markdown table and exit")
+    tune = commands.add_parser("tune-table", help="the performance table of automatic selection, from bench results")
+    tune.add_argument("bench", type=Path, nargs="+", metavar="BENCH_JSON", help="bench.json files of one device family")
+    tune.add_argument("--out", type=Path, required=True, metavar="FILE",
+                      help="the table to write (shipped: deepport/dispatch/perf_tables/<family>.json)")
+    tune.add_argument("--tolerance", type=float, default=0.03, metavar="F",
+                      help="backends within this fraction of a faster one keep the priority order (default: 0.03)")
 
     new = commands.add_parser("new-backend", help="start an out-of-tree backend from the template (docs/PORTING.md)")
     new.add_argument("name", metavar="NAME", help="package and backend name (a lowercase Python identifier)")
@@ -263,6 +291,30 @@ def _bench(args: argparse.Namespace) -> int:
     return bench.bench(request, args.out or Path("bench-out"), Console())
 
 
+def _determinism(args: argparse.Namespace) -> int:
+    from deepport.cli import determinism
+
+    if args.claims:
+        sys.stdout.write(determinism.claims_markdown(args.backend) + "\n")
+        return EXIT_OK
+    try:
+        return determinism.determinism(args.backend, args.op, args.case, args.device, args.tier, args.repeat,
+                                       args.seed, args.out, args.plugin, Console())
+    except determinism.UsageError as exc:
+        return _usage_error("determinism", str(exc))
+def _tune_table(args: argparse.Namespace) -> int:
+    from deepport.bench.tune_table import TuneTableError
+    from deepport.cli import tune_table
+
+    if not 0 <= args.tolerance < 1:
+        return _usage_error("tune-table", f"--tolerance expects a fraction in [0, 1), got {args.tolerance}")
+    try:
+        tune_table.write(args.bench, args.out, args.tolerance, Console())
+    except TuneTableError as exc:
+        return _usage_error("tune-table", str(exc))
+    return EXIT_OK
+
+
 def _new_backend(args: argparse.Namespace) -> int:
     from deepport.cli import scaffold
 
@@ -291,7 +343,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers = {"info": _info, "certify": _certify, "report": _report, "verify": _verify, "merge": _merge,
                 "bench": _bench}
     try:
-        return (handlers | {"new-backend": _new_backend})[args.command](args)
+        return (handlers | {"new-backend": _new_backend, "tune-table": _tune_table,
+                            "determinism": _determinism})[args.command](args)
     except KeyboardInterrupt:
         Console(stderr=True).print(Text(f"deepport {args.command}: interrupted", style="red"))
         return EXIT_INTERRUPTED

@@ -121,16 +121,23 @@ def written_in_place(name: str, given: torch.Tensor, identity: tuple[object, ...
     return None
 
 
-def _stage(suite: ModuleType, case: Case, seed: int,
-           device: torch.device) -> tuple[Any, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Generate the inputs and keep only what the backend gets: device copies, poisoned outputs and the
-    call's non-tensor arguments. The host-side originals are dropped before the call."""
-    inputs = suite.generate(case, seed)
-    tensors = {n: t.to(device, copy=True) for n, t in inputs.tensors.items()}
+def fresh_outputs(suite: ModuleType, inputs: Any, device: torch.device) -> dict[str, torch.Tensor]:
+    """The case's output buffers on ``device``: poisoned, then the suite's prefill (if any)."""
     outputs = {n: poisoned(shape, dtype, device) for n, (shape, dtype) in suite.output_specs(inputs).items()}
     prefill = getattr(suite, "prefill_outputs", None)
     if prefill is not None:  # content the op must leave where it writes nothing (e.g. rows past masked_m)
         prefill(inputs, outputs)
+    return outputs
+
+
+def stage(suite: ModuleType, case: Case, seed: int,
+          device: torch.device) -> tuple[Any, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Generate the inputs and keep only what the backend gets: device copies, poisoned outputs and the
+    call's non-tensor arguments (``suite.invoke(call_spec, tensors, backend, outputs)``). The host-side
+    originals are dropped before the call."""
+    inputs = suite.generate(case, seed)
+    tensors = {n: t.to(device, copy=True) for n, t in inputs.tensors.items()}
+    outputs = fresh_outputs(suite, inputs, device)
     return dataclasses.replace(inputs, tensors={}), tensors, outputs
 
 
@@ -143,7 +150,7 @@ def call_backend(suite: ModuleType, case: Case, seed: int, backend: str, device:
     """
     started = time.perf_counter()
     try:
-        call_spec, tensors, outputs = _stage(suite, case, seed, device)
+        call_spec, tensors, outputs = stage(suite, case, seed, device)
     except Exception as exc:
         return CallOutcome(Status.INTERNAL_ERROR, f"could not generate or stage inputs: {exc!r}",
                            time.perf_counter() - started)

@@ -42,7 +42,9 @@ from deepport.conformance.tolerance import Tolerance, exact_output_name, toleran
 from deepport.dispatch import device_info, registry
 from deepport.kernels.f64.products import products_on
 
-SUITE_VERSION = "2026.12.1"
+SUITE_VERSION = "2026.12.2"
+# 2026.12.2: MLA decode's out admits rounding P to q's dtype before P V (the p_rounding element-wise term; a
+# FlashMLA-class kernel failed 3 of 8.4M elements of a full-tier case without it)
 # 2026.11.2: + grouped FP8 GEMM cases; 2026.11.3: + MoE cases; 2026.12.1: FP8 GEMM bound per element from the
 # accumulation model (conformance.fp8_bound), MoE low-latency FP8 scales exact (DeepEP's float32 rule; FP8
 # GEMM generator 2), outputs must be written in place, smoke cases across chunk and tile boundaries

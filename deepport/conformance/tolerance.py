@@ -7,7 +7,9 @@ term scales with the case: a case whose outputs are small cannot be passed by re
 Starting points are FlashMLA's dense-decode bounds (out: rel 2.01/128 = two bf16 ulps, cos-diff 5e-6;
 lse: abs 1e-6, rel 8.01/65536). FlashMLA's absolute 8e-4 on ``out`` is replaced by 2.01 ulps of the
 output's rms, which is stricter whenever outputs are small (long sequences average V towards 0).
-For float16 the ulp-based terms shrink with float16's 10-bit mantissa.
+For float16 the ulp-based terms shrink with float16's 10-bit mantissa. MLA decode's ``out`` also admits,
+per element, rounding the probabilities to q's dtype before ``P V`` (``p_rounding``: tensor-core kernels,
+FlashMLA's among them, must; the bound is in :func:`deepport.kernels.f64.mla_decode.mla_decode_p_rounding_bound`).
 """
 
 from __future__ import annotations
@@ -49,6 +51,9 @@ class Tolerance:
         return d
 
 
+# MLA decode's out: plus, per element, what rounding the probabilities to q's dtype before P V adds (FlashMLA
+# and any tensor-core kernel do; deepport.kernels.f64.mla_decode.mla_decode_p_rounding_bound)
+P_ROUNDING = "p_rounding"
 _BF16_ULP = 2.0**-7
 _FP16_ULP = 2.0**-10
 _FP8_GEMM_OPS = ("fp8_gemm_nt", "fp8_gemm_nn", "fp8_gemm_tn", "fp8_gemm_tt")
@@ -79,8 +84,8 @@ _Table = Mapping[tuple[str, str, str], Tolerance]
 
 # Each op's descriptor (deepport.kernels.DESCRIPTORS) names the table below that holds its entries.
 MLA_DECODE: _Table = MappingProxyType({
-    ("mla_decode", "out", "bfloat16"): Tolerance(2.01 * _BF16_ULP, 2.01 * _BF16_ULP, 0.0, 5e-6),
-    ("mla_decode", "out", "float16"): Tolerance(2.01 * _FP16_ULP, 2.01 * _FP16_ULP, 0.0, 1e-6),
+    ("mla_decode", "out", "bfloat16"): Tolerance(2.01 * _BF16_ULP, 2.01 * _BF16_ULP, 0.0, 5e-6, P_ROUNDING),
+    ("mla_decode", "out", "float16"): Tolerance(2.01 * _FP16_ULP, 2.01 * _FP16_ULP, 0.0, 1e-6, P_ROUNDING),
     ("mla_decode", "lse", "bfloat16"): Tolerance(8.01 / 65536, 0.0, 1e-6, 1e-8),
     ("mla_decode", "lse", "float16"): Tolerance(8.01 / 65536, 0.0, 1e-6, 1e-8),
 })

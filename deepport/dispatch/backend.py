@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from deepport.dispatch.capability import CallSignature, OpSupport
+from deepport.dispatch.capability import CallSignature, Determinism, OpSupport
 
 
 def _always_available() -> str | None:
@@ -34,6 +34,9 @@ class Backend:
       declared unsupported). A claimed profile must pass entirely (:mod:`deepport.conformance.profiles`).
     - ``identity()``: what the backend runs on as it sees it (driver, runtime, compiler, firmware
       versions, device ids), as short strings; recorded in certificates. Cheap, side-effect free.
+    - ``determinism``: per op, whether repeated calls with identical inputs give bitwise-identical
+      outputs, on which devices and why (:class:`Determinism`); checked by ``deepport determinism``.
+      An op missing here makes no claim (built-in backends declare every op they implement).
     """
 
     name: str
@@ -45,6 +48,7 @@ class Backend:
     oracle: bool = False
     profiles: tuple[str, ...] | None = None
     identity: Callable[[], Mapping[str, str]] | None = None
+    determinism: Mapping[str, Determinism] = field(default_factory=dict)
 
     def support(self, op: str) -> OpSupport | None:
         for s in self.ops:
@@ -68,6 +72,10 @@ class Backend:
         if support is None:
             return [f"does not implement {op}"]
         return support.reasons(signature)
+
+    def determinism_of(self, op: str) -> Determinism | None:
+        """The backend's reproducibility claim for ``op`` (``None``: it declares none)."""
+        return self.determinism.get(op)
 
     def auto_priority(self, device_kind: str) -> int | None:
         if device_kind in self.priority:

@@ -65,6 +65,45 @@ def multiple_of(field_name: str, step: int) -> Requirement:
     return Requirement(f"{field_name} a multiple of {step}", check)
 
 
+@dataclass(frozen=True)
+class Determinism:
+    """A backend's claim about one op: do repeated calls with identical inputs, on one device, give
+    bitwise-identical outputs?
+
+    ``bitwise_on`` lists the device kinds (:attr:`DeviceInfo.kind`: ``"cpu"``, ``"cuda"`` ...) where the
+    backend claims it, ``"*"`` for every device; empty: nowhere. ``reason`` says why: what makes the
+    results reproducible (one program per output tile, sums in a fixed order) or what does not
+    (floating-point atomics). ``deepport determinism`` (:mod:`deepport.conformance.determinism`) checks
+    a claim by repeated runs; where nothing is claimed it reports the run-to-run spread.
+    """
+
+    reason: str
+    bitwise_on: frozenset[str] = frozenset({"*"})
+
+    def bitwise(self, device_kind: str) -> bool:
+        """Whether bitwise reproducibility is claimed on devices of ``device_kind``."""
+        return "*" in self.bitwise_on or device_kind in self.bitwise_on
+
+    def describe(self) -> str:
+        if "*" in self.bitwise_on:
+            where = "bitwise reproducible on every device"
+        elif self.bitwise_on:
+            where = "bitwise reproducible on " + ", ".join(sorted(self.bitwise_on)) + " only"
+        else:
+            where = "not bitwise reproducible"
+        return f"{where}: {self.reason}"
+
+
+def reproducible(reason: str, on: Collection[str] = ("*",)) -> Determinism:
+    """Bitwise reproducible run to run on the device kinds ``on`` (default: every device)."""
+    return Determinism(reason, frozenset(on))
+
+
+def not_reproducible(reason: str) -> Determinism:
+    """No claim of bitwise reproducibility on any device (``reason``: what varies between runs)."""
+    return Determinism(reason, frozenset())
+
+
 def device_arch(*archs: str) -> Requirement:
     """The device's architecture tag (``sm_90``, ``cpu``, ``rocm`` ...) must be listed."""
 

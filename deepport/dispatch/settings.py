@@ -1,19 +1,26 @@
 """Run-time settings: the ``use_backend`` context and the ``DEEPPORT_*`` environment variables.
 
-Environment variables (all share the ``DEEPPORT_`` prefix; read at each call, never cached):
+Environment variables (all share the ``DEEPPORT_`` prefix; read at each call, never cached; a
+``DEEPPORT_PERF_TABLE`` file is read once per process):
 
-=============================  ======  =======  ==========================================================
-variable                       type    default  meaning
-=============================  ======  =======  ==========================================================
-``DEEPPORT_BACKEND``           str     unset    backend for every op (an explicit choice: raises if it
-                                                cannot run a call, never falls back)
-``DEEPPORT_BACKEND_<OP>``      str     unset    backend for one op, e.g. ``DEEPPORT_BACKEND_MLA_DECODE``;
-                                                wins over ``DEEPPORT_BACKEND``
-``DEEPPORT_CHECK_VALUES``      0/1     1        check index values (sequence lengths against the block
-                                                table, block ids in range) before each call. Costs one
-                                                device-to-host sync; set 0 only for CUDA-graph capture of
-                                                inputs you have validated yourself
-=============================  ======  =======  ==========================================================
+=============================  ======  ========  ==========================================================
+variable                       type    default   meaning
+=============================  ======  ========  ==========================================================
+``DEEPPORT_BACKEND``           str     unset     backend for every op (an explicit choice: raises if it
+                                                 cannot run a call, never falls back)
+``DEEPPORT_BACKEND_<OP>``      str     unset     backend for one op, e.g. ``DEEPPORT_BACKEND_MLA_DECODE``;
+                                                 wins over ``DEEPPORT_BACKEND``
+``DEEPPORT_CHECK_VALUES``      0/1     1         check index values (sequence lengths against the block
+                                                 table, block ids in range) before each call. Costs one
+                                                 device-to-host sync; set 0 only for CUDA-graph capture of
+                                                 inputs you have validated yourself
+``DEEPPORT_SELECTION``         str     measured  how automatic selection orders the backends that can
+                                                 run a call: ``measured`` (the performance table's ranking
+                                                 for the call's shape bucket where it has one, else
+                                                 priority) or ``priority`` (priorities only, table off)
+``DEEPPORT_PERF_TABLE``        path    unset     a performance table (``deepport tune-table``) used instead
+                                                 of the shipped one for its device family
+=============================  ======  ========  ==========================================================
 """
 
 from __future__ import annotations
@@ -76,6 +83,18 @@ def requested_backend(op: str) -> tuple[str, str] | None:
         if value:
             return value, f"${var}"
     return None
+
+
+SELECTION_MODES = ("measured", "priority")
+
+
+def selection_mode() -> str:
+    """``measured`` (default) or ``priority``, from ``DEEPPORT_SELECTION`` (an unknown value raises)."""
+    value = os.environ.get("DEEPPORT_SELECTION", "").strip().lower() or SELECTION_MODES[0]
+    if value not in SELECTION_MODES:
+        raise InvalidArgumentError("$DEEPPORT_SELECTION", f"expected one of {', '.join(SELECTION_MODES)}, "
+                                   f"got {value!r}")
+    return value
 
 
 def check_values() -> bool:

@@ -11,6 +11,7 @@ backend receives) and ``example_signature`` (:class:`OpSpec`).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from deepport.dispatch.capability import CallSignature
@@ -33,27 +34,28 @@ DESCRIPTORS: tuple[OpDescriptor, ...] = (
     OpDescriptor(_mla_decode, oracle="deepport.kernels.f64.mla_decode:mla_decode_f64",
                  suite="deepport.conformance.suites.mla_decode",
                  tolerances="deepport.conformance.tolerance:MLA_DECODE", bench="deepport.bench.configs.mla_decode",
-                 custom_op="deepport.kernels.torch_ops.mla_decode"),
+                 custom_op="deepport.kernels.torch_ops.mla_decode",
+                 perf_shape="deepport.kernels.mla_decode:perf_shape"),
     # fp8_gemm_nt
     OpDescriptor(_fp8_gemm.VARIANTS[0], oracle="deepport.kernels.f64.fp8_gemm:reference_f64",
                  suite="deepport.conformance.suites.fp8_gemm:SUITES",
                  tolerances="deepport.conformance.tolerance:FP8_GEMM", bench="deepport.bench.configs.fp8_gemm",
-                 custom_op="deepport.kernels.torch_ops.fp8_gemm"),
+                 custom_op="deepport.kernels.torch_ops.fp8_gemm", perf_shape="deepport.kernels.fp8_gemm:perf_shape"),
     # fp8_gemm_nn
     OpDescriptor(_fp8_gemm.VARIANTS[1], oracle="deepport.kernels.f64.fp8_gemm:reference_f64",
                  suite="deepport.conformance.suites.fp8_gemm:SUITES",
                  tolerances="deepport.conformance.tolerance:FP8_GEMM", bench="deepport.bench.configs.fp8_gemm",
-                 custom_op="deepport.kernels.torch_ops.fp8_gemm"),
+                 custom_op="deepport.kernels.torch_ops.fp8_gemm", perf_shape="deepport.kernels.fp8_gemm:perf_shape"),
     # fp8_gemm_tn
     OpDescriptor(_fp8_gemm.VARIANTS[2], oracle="deepport.kernels.f64.fp8_gemm:reference_f64",
                  suite="deepport.conformance.suites.fp8_gemm:SUITES",
                  tolerances="deepport.conformance.tolerance:FP8_GEMM", bench="deepport.bench.configs.fp8_gemm",
-                 custom_op="deepport.kernels.torch_ops.fp8_gemm"),
+                 custom_op="deepport.kernels.torch_ops.fp8_gemm", perf_shape="deepport.kernels.fp8_gemm:perf_shape"),
     # fp8_gemm_tt
     OpDescriptor(_fp8_gemm.VARIANTS[3], oracle="deepport.kernels.f64.fp8_gemm:reference_f64",
                  suite="deepport.conformance.suites.fp8_gemm:SUITES",
                  tolerances="deepport.conformance.tolerance:FP8_GEMM", bench="deepport.bench.configs.fp8_gemm",
-                 custom_op="deepport.kernels.torch_ops.fp8_gemm"),
+                 custom_op="deepport.kernels.torch_ops.fp8_gemm", perf_shape="deepport.kernels.fp8_gemm:perf_shape"),
     OpDescriptor(_moe_layout, oracle="deepport.kernels.f64.moe:layout_f64",
                  suite="deepport.conformance.suites.moe_layout",
                  tolerances="deepport.conformance.tolerance:MOE", bench="deepport.bench.configs.moe",
@@ -83,20 +85,22 @@ DESCRIPTORS: tuple[OpDescriptor, ...] = (
                  suite="deepport.conformance.suites.fp8_grouped_gemm:SUITES",
                  tolerances="deepport.conformance.tolerance:FP8_GROUPED_GEMM",
                  bench="deepport.bench.configs.fp8_grouped_gemm",
-                 custom_op="deepport.kernels.torch_ops.fp8_grouped_gemm"),
+                 custom_op="deepport.kernels.torch_ops.fp8_grouped_gemm",
+                 perf_shape="deepport.kernels.fp8_grouped_gemm:contiguous_perf_shape"),
     # m_grouped_fp8_gemm_nt_masked
     OpDescriptor(_fp8_grouped_gemm.VARIANTS[1], oracle="deepport.kernels.f64.fp8_grouped_gemm:masked_rows_f64",
                  suite="deepport.conformance.suites.fp8_grouped_gemm:SUITES",
                  tolerances="deepport.conformance.tolerance:FP8_GROUPED_GEMM",
                  bench="deepport.bench.configs.fp8_grouped_gemm",
-                 custom_op="deepport.kernels.torch_ops.fp8_grouped_gemm"),
+                 custom_op="deepport.kernels.torch_ops.fp8_grouped_gemm",
+                 perf_shape="deepport.kernels.fp8_grouped_gemm:masked_perf_shape"),
 )
 
 for _d in DESCRIPTORS:  # OPS and dispatch's op names (dispatch never imports this package)
     add_op(_d)
 
-__all__ = ["DESCRIPTORS", "OPS", "OpDescriptor", "OpSpec", "bind_call", "descriptor", "descriptors", "op_added",
-           "op_module"]
+__all__ = ["DESCRIPTORS", "OPS", "OpDescriptor", "OpSpec", "bind_call", "bind_for_dispatch", "descriptor",
+           "descriptors", "op_added", "op_module"]
 
 
 def op_module(op: str) -> OpSpec:
@@ -106,5 +110,13 @@ def op_module(op: str) -> OpSpec:
 
 def bind_call(op: str, *args: Any, **kwargs: Any) -> CallSignature:
     """Validate ``op``'s arguments exactly as the op does and return the call's signature."""
-    signature: CallSignature = op_module(op).bind(*args, **kwargs).signature
-    return signature
+    return bind_for_dispatch(op, *args, **kwargs)[0]
+
+
+def bind_for_dispatch(op: str, *args: Any, **kwargs: Any) -> tuple[CallSignature, Mapping[str, int] | None]:
+    """Validate ``op``'s arguments exactly as the op does; return what the op hands dispatch: the call's
+    signature and its shape features (``call.perf_shape``; ``None`` for an op without any)."""
+    call = op_module(op).bind(*args, **kwargs)
+    signature: CallSignature = call.signature
+    shape: Mapping[str, int] | None = getattr(call, "perf_shape", None)
+    return signature, shape

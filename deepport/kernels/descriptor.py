@@ -60,6 +60,10 @@ class OpDescriptor:
       ``None`` when the op cannot be one (its reason is in ``deepport.kernels.torch_ops.NOT_CUSTOM_OPS``).
       Imported by :func:`deepport.register_torch_ops` (``import deepport`` calls it); ops of a family
       may share one module.
+    - ``perf_shape``: ``"module:function"`` mapping the ``params`` of a bench config of the op to the shape
+      features (``{"m": .., "n": .., "k": ..}``) automatic selection buckets calls by, or ``None`` (one bucket
+      for every call). The op's bound call exposes the same features as ``call.perf_shape`` and hands them
+      to dispatch; ``deepport tune-table`` buckets bench results with this function.
     """
 
     spec: OpSpec
@@ -68,6 +72,7 @@ class OpDescriptor:
     tolerances: str
     bench: str | None = None
     custom_op: str | None = None
+    perf_shape: str | None = None
 
     @property
     def name(self) -> str:
@@ -91,6 +96,10 @@ class OpDescriptor:
         if self.name != found.OP:
             raise LookupError(f"{self.suite} is the suite of {found.OP}, not of {self.name}")
         return found
+
+    def load_perf_shape(self) -> Callable[[Mapping[str, Any]], dict[str, int]] | None:
+        fn: Callable[[Mapping[str, Any]], dict[str, int]] | None = load(self.perf_shape) if self.perf_shape else None
+        return fn
 
     def load_tolerances(self) -> dict[tuple[str, str, str], Any]:
         table: Mapping[tuple[str, str, str], Any] = load(self.tolerances)

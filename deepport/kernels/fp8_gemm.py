@@ -16,6 +16,7 @@ with A, B ``float8_e4m3fn`` taken exactly and SFs the **dequantization** multipl
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -93,6 +94,17 @@ class FP8GemmCall:
     @property
     def k_blocks(self) -> int:
         return num_k_blocks(self.k)
+
+    @property
+    def perf_shape(self) -> dict[str, int]:
+        """The shape features automatic selection buckets this call by (:func:`perf_shape`)."""
+        return perf_shape({"m": self.m, "n": self.n, "k": self.k})
+
+
+def perf_shape(params: Mapping[str, Any]) -> dict[str, int]:
+    """A dense FP8 GEMM's shape features for measured backend rankings: ``m``, ``n``, ``k`` (from a bound
+    call, or from the ``params`` of a ``deepport bench`` config of the op)."""
+    return {"m": int(params["m"]), "n": int(params["n"]), "k": int(params["k"])}
 
 
 class FP8GemmImpl(Protocol):
@@ -212,7 +224,7 @@ def bind(layout: str, a: object, b: object, out: object, *, c: object = None, re
 
 def _run(layout: str, a: Any, b: Any, out: Any, c: Any, recipe: Any, backend: str | None) -> None:
     call = bind(layout, a, b, out, c=c, recipe=recipe)
-    chosen, _ = selection.choose(f"fp8_gemm_{layout}", call.signature, backend)
+    chosen, _ = selection.choose(f"fp8_gemm_{layout}", call.signature, backend, call.perf_shape)
     if call.m > 0:
         run: FP8GemmImpl = chosen.implementation(f"fp8_gemm_{layout}")
         run(call, out)

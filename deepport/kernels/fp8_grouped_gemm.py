@@ -11,6 +11,7 @@ Backends receive a validated :class:`ContiguousCall` / :class:`MaskedCall` and w
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -78,6 +79,13 @@ class ContiguousCall:
     def m_sum(self) -> int:
         return int(self.a.data.shape[0])
 
+    @property
+    def perf_shape(self) -> dict[str, int]:
+        """The shape features automatic selection buckets this call by (:func:`contiguous_perf_shape`)."""
+        sig = self.signature
+        return contiguous_perf_shape({"groups": sig.num_groups, "m_per_group": self.m_sum // sig.num_groups,
+                                      "n": sig.n, "k": sig.k})
+
 
 @dataclass(frozen=True)
 class MaskedCall:
@@ -96,6 +104,31 @@ class MaskedCall:
     @property
     def m_max(self) -> int:
         return int(self.a.data.shape[1])
+
+    @property
+    def perf_shape(self) -> dict[str, int]:
+        """The shape features automatic selection buckets this call by (:func:`masked_perf_shape`)."""
+        sig = self.signature
+        return masked_perf_shape({"groups": sig.num_groups, "expected_m": self.expected_m, "m_max": self.m_max,
+                                  "n": sig.n, "k": sig.k})
+
+
+def contiguous_perf_shape(params: Mapping[str, Any]) -> dict[str, int]:
+    """A contiguous grouped GEMM's shape features for measured backend rankings (from a bound call, or from
+    the ``params`` of a ``deepport bench`` config): ``m`` (rows per group, ``M_sum // G``), ``groups``, ``n``,
+    ``k``."""
+    return {"m": int(params["m_per_group"]), "groups": int(params["groups"]), "n": int(params["n"]),
+            "k": int(params["k"])}
+
+
+def masked_perf_shape(params: Mapping[str, Any]) -> dict[str, int]:
+    """A masked grouped GEMM's shape features for measured backend rankings: ``m`` (``expected_m``; a bench
+    config's params give ``masked_m``, whose mean per group is the ``expected_m`` the bench passes),
+    ``groups``, ``m_max``, ``n``, ``k``."""
+    groups = int(params["groups"])
+    expected = params.get("expected_m")
+    m = int(expected) if expected is not None else max(1, sum(int(x) for x in params["masked_m"]) // groups)
+    return {"m": m, "groups": groups, "m_max": int(params["m_max"]), "n": int(params["n"]), "k": int(params["k"])}
 
 
 _Call = TypeVar("_Call", ContiguousCall, MaskedCall, contravariant=True)
@@ -164,7 +197,7 @@ def m_grouped_fp8_gemm_nt_contiguous(
         deepport.errors.BackendNotSupportedError / NoBackendError: no backend can run the call.
     """
     call = bind_contiguous(a, b, out, m_indices, recipe=recipe)
-    chosen, _ = selection.choose(OP_CONTIGUOUS, call.signature, backend)
+    chosen, _ = selection.choose(OP_CONTIGUOUS, call.signature, backend, call.perf_shape)
     if call.m_sum > 0:
         run: FP8GroupedGemmImpl[ContiguousCall] = chosen.implementation(OP_CONTIGUOUS)
         run(call, out)
@@ -211,7 +244,7 @@ def m_grouped_fp8_gemm_nt_masked(
         deepport.errors.BackendNotSupportedError / NoBackendError: no backend can run the call.
     """
     call = bind_masked(a, b, out, masked_m, expected_m, recipe=recipe)
-    chosen, _ = selection.choose(OP_MASKED, call.signature, backend)
+    chosen, _ = selection.choose(OP_MASKED, call.signature, backend, call.perf_shape)
     run: FP8GroupedGemmImpl[MaskedCall] = chosen.implementation(OP_MASKED)
     run(call, out)
 

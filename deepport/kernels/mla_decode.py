@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import math
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -91,6 +92,20 @@ class MLADecodeCall:
     @property
     def batch(self) -> int:
         return int(self.q.shape[0])
+
+    @property
+    def perf_shape(self) -> dict[str, int]:
+        """The shape features automatic selection buckets this call by (:func:`perf_shape`)."""
+        sig = self.signature
+        return perf_shape({"b": self.batch, "s_q": sig.s_q, "h_q": sig.h_q, "h_kv": sig.h_kv})
+
+
+def perf_shape(params: Mapping[str, Any]) -> dict[str, int]:
+    """An MLA decode call's shape features for measured backend rankings (from a bound call, or from the
+    ``params`` of a ``deepport bench`` config): ``q_rows`` (``s_q * h_q // h_kv``, query rows per KV head:
+    memory-bound when small, compute-bound from about 128) and ``b``. KV lengths are left out: they live
+    on the device, and reading them would cost a sync."""
+    return {"q_rows": int(params["s_q"]) * int(params["h_q"]) // int(params["h_kv"]), "b": int(params["b"])}
 
 
 class MLADecodeImpl(Protocol):
@@ -253,7 +268,7 @@ def mla_decode(
     """
     call = bind(q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale=softmax_scale,
                 causal=causal, metadata=metadata, out=out, lse=lse)
-    chosen, _ = selection.choose(OP, call.signature, backend)
+    chosen, _ = selection.choose(OP, call.signature, backend, call.perf_shape)
     out, lse = _allocate_outputs(call, out, lse)
     if call.batch > 0:
         run: MLADecodeImpl = chosen.implementation(OP)

@@ -17,11 +17,15 @@ Walk-through
    implement <op>") in ``deepport.explain``, selection and the conformance report; a declared stub that
    raises is an ERROR. Narrow each record to what the kernel really runs: ``dtypes``, ``device_kinds``
    and ``requirements`` (``one_of``, ``at_most``, ``multiple_of``, ``device_arch`` from
-   :mod:`deepport.dispatch`), each a reason selection and the report show.
+   :mod:`deepport.dispatch`), each a reason selection and the report show. Declare in ``determinism=``
+   whether each op's results are bitwise reproducible run to run (``reproducible(why, on=kinds)``,
+   ``not_reproducible(why)``: floating-point atomics are the usual reason); ``deepport determinism
+   --backend <name>`` checks the claim.
 5. Register: one line in ``BUILTIN`` (``deepport/backends/__init__.py``), or, out of tree, the entry-point
    group ``deepport.backends`` or ``deepport certify --plugin <module>:BACKEND``. Set ``priority`` per
    device kind (higher wins; the torch backend has 10, the reference 0); leave a kind out to be chosen
-   only when asked for by name.
+   only when asked for by name. Where a performance table measured the call's shape bucket (sm90 GPUs),
+   its ranking comes before priorities: add your backend's bench results to it (``deepport tune-table``).
 6. Certify: ``python -m deepport certify --backend <name> --tier smoke --op mla_decode [--device cuda]``,
    then ``--tier full`` on the target device, then ``deepport certify --certify`` for the archive a third
    party verifies (``deepport verify ARCHIVE --replay N``); ``docs/PORTING.md`` walks through it all.
@@ -86,4 +90,5 @@ BACKEND = Backend(
     priority={},  # step 5: e.g. {"cuda": 20}; empty = only when asked for by name
     probe=probe,
     identity=identity,
+    determinism={},  # step 4: e.g. {"mla_decode": reproducible("one program per output row, fixed order")}
 )

@@ -1,9 +1,12 @@
 """The hopper backend: CUDA C++ kernels for sm_90a (H100/H200), compiled at run time with NVRTC.
 
-Ops: the dense block-scaled FP8 GEMM ``fp8_gemm_nt`` and the M-grouped contiguous and masked FP8
-GEMMs, DeepSeek-V3's recipe (1, 128, 128) with float32 SFs and bf16 output
-(``kernels/sm90_fp8_gemm.cu``: TMA into a shared-memory ring on mbarriers, a producer warpgroup and
-one or two wgmma consumer warpgroups, fp32 promotion per 128-K block, persistent tiles).
+Ops: ``mla_decode`` (``kernels/sm90_mla_decode.cu``: split-KV over the plan of ``get_mla_metadata``, a
+TMA producer warp filling two 64-token K stages, wgmma for QK^T and PV on two consumer warpgroups,
+online softmax in float32; ``kernels/sm90_mla_combine.cu`` merges cut requests), and the dense
+block-scaled FP8 GEMM ``fp8_gemm_nt`` and the M-grouped contiguous and masked FP8 GEMMs, DeepSeek-V3's
+recipe (1, 128, 128) with float32 SFs and bf16 output (``kernels/sm90_fp8_gemm.cu``: TMA into a
+shared-memory ring on mbarriers, a producer warpgroup and one or two wgmma consumer warpgroups, fp32
+promotion per 128-K block, persistent tiles).
 
 Available only where torch sees an sm_90 GPU and ``cuda-bindings`` (with ``nvidia-cuda-nvrtc``) and
 ``cupy`` import (``pip install 'deepport[hopper]'``); the probe says which is missing. The toolchain
@@ -13,17 +16,21 @@ is imported only when a kernel runs. Kernels are cached on disk (:mod:`.jit`: ``
 
 import torch
 
-from deepport.backends.hopper.support import DENSE_REQUIREMENTS, GROUPED_REQUIREMENTS, probe
-from deepport.dispatch import Backend, OpSupport
+from deepport.backends import dtypes
+from deepport.backends.hopper.support import DENSE_REQUIREMENTS, GROUPED_REQUIREMENTS, MLA_REQUIREMENTS, probe
+from deepport.dispatch import Backend, OpSupport, reproducible
 
 _FP8 = frozenset({torch.float8_e4m3fn})
 _CUDA = frozenset({"cuda"})
+_TILES = reproducible("each output tile is computed by one CTA walking K in order (no split-K, no atomics)")
 
 BACKEND = Backend(
     name="hopper",
-    summary="CUDA C++ for sm_90a (TMA + wgmma FP8 GEMMs), NVRTC-compiled",
-    version="1",
+    summary="CUDA C++ for sm_90a (TMA + wgmma MLA decode and FP8 GEMMs), NVRTC-compiled",
+    version="2",
     ops=(
+        OpSupport(op="mla_decode", entry="deepport.backends.hopper.mla_decode:run", dtypes=dtypes.MLA,
+                  device_kinds=_CUDA, requirements=MLA_REQUIREMENTS),
         OpSupport(op="fp8_gemm_nt", entry="deepport.backends.hopper.fp8_gemm:run", dtypes=_FP8,
                   device_kinds=_CUDA, requirements=DENSE_REQUIREMENTS),
         OpSupport(op="m_grouped_fp8_gemm_nt_contiguous", entry="deepport.backends.hopper.fp8_gemm:run_contiguous",
@@ -33,4 +40,9 @@ BACKEND = Backend(
     ),
     priority={"cuda": 30},
     probe=probe,
+    determinism={"mla_decode": reproducible("the split-KV plan depends only on the lengths and the device; each "
+                                            "split writes its own partial result, merged in split order by the "
+                                            "combine kernel; no atomics"),
+                 "fp8_gemm_nt": _TILES, "m_grouped_fp8_gemm_nt_contiguous": _TILES,
+                 "m_grouped_fp8_gemm_nt_masked": _TILES},
 )

@@ -47,8 +47,10 @@ def load_function(key: str, cubin: bytes, entry: str, device_index: int, smem_by
     return cached
 
 
-def launch(function: Any, grid: int, threads: int, smem_bytes: int, params: bytes, device: torch.device) -> None:
-    """Launch ``function<<<grid, threads, smem_bytes, torch's current stream>>>(params)``."""
+def launch(function: Any, grid: int | tuple[int, ...], threads: int, smem_bytes: int, params: bytes,
+           device: torch.device) -> None:
+    """Launch ``function<<<grid, threads, smem_bytes, torch's current stream>>>(params)`` (``grid`` an int or
+    up to three dimensions)."""
     import cupy
     from cupy.cuda.function import CPointer
 
@@ -56,4 +58,5 @@ def launch(function: Any, grid: int, threads: int, smem_bytes: int, params: byte
     stream = _Stream(torch.cuda.current_stream(index).cuda_stream)
     buffer = ctypes.create_string_buffer(params, len(params))
     with cupy.cuda.Device(index):
-        function((grid,), (threads,), (CPointer(ctypes.addressof(buffer)),), shared_mem=smem_bytes, stream=stream)
+        dims = (grid,) if isinstance(grid, int) else tuple(grid)
+        function(dims, (threads,), (CPointer(ctypes.addressof(buffer)),), shared_mem=smem_bytes, stream=stream)

@@ -1,5 +1,8 @@
 """What the Hopper backend can run, as data with reasons, and its availability probe.
 
+MLA decode (``MLA_REQUIREMENTS``): sm_90, DeepSeek's 576/512 channels, page sizes that
+64-token blocks tile (8, 16, 32 or multiples of 64); bf16 or fp16; any s_q, h_q, h_kv, causal or not.
+
 The FP8 GEMM kernels implement DeepSeek-V3's inference recipe only; each requirement below is one
 reason dispatch and ``deepport explain`` give when a call falls outside it (another backend then runs
 it):
@@ -41,6 +44,22 @@ _RECIPE = Requirement("recipe (1, 128, 128) with float32 SFs (per-token SFA, 128
 DENSE_REQUIREMENTS: tuple[Requirement, ...] = (
     _SM90, _RECIPE, Requirement("bfloat16 out without c (the epilogue writes bf16)", _bf16_out))
 GROUPED_REQUIREMENTS: tuple[Requirement, ...] = (_SM90, _RECIPE)
+
+
+def _mla_dims(sig: Any) -> str | None:
+    return None if (sig.d_qk, sig.d_v) == (576, 512) else f"d_qk={sig.d_qk}, d_v={sig.d_v}"
+
+
+def _page(sig: Any) -> str | None:
+    p = sig.page_block_size
+    return None if p >= 8 and (p % 64 == 0 or 64 % p == 0) else f"page_block_size={p}"
+
+
+MLA_REQUIREMENTS: tuple[Requirement, ...] = (
+    _SM90,
+    Requirement("576 query/key and 512 value channels (DeepSeek's MLA; the kernel's tiles are fixed)", _mla_dims),
+    Requirement("page_block_size a multiple of 64, or 8, 16 or 32 (64-token blocks of whole TMA boxes)", _page),
+)
 
 
 def probe() -> str | None:

@@ -17,7 +17,7 @@ from typing import Any
 
 from deepport.backends import dtypes
 from deepport.backends.opencl.runtime import describe_devices, unavailable_reason
-from deepport.dispatch import Backend, OpSupport
+from deepport.dispatch import Backend, Determinism, OpSupport, reproducible
 
 
 def identity() -> dict[str, str]:
@@ -34,6 +34,16 @@ def toolchain_info() -> dict[str, Any]:
     """What ``deepport info`` shows for this backend: every OpenCL device, and which one it uses."""
     return {"opencl_devices": describe_devices()}
 
+
+_FIXED = reproducible("each work-item sums in a fixed order, reductions go through local memory in a fixed "
+                      "tree; counts are integer atomics; rows are ordered by a stable sort on the host; the "
+                      "routing's slot-weight sums are dense fixed-order torch reductions")
+DETERMINISM: dict[str, Determinism] = {
+    op: _FIXED for op in ("mla_decode", "fp8_gemm_nt", "fp8_gemm_nn", "fp8_gemm_tn", "fp8_gemm_tt",
+                          "m_grouped_fp8_gemm_nt_contiguous", "m_grouped_fp8_gemm_nt_masked", "moe_layout",
+                          "moe_dispatch", "moe_combine", "moe_dispatch_expanded", "moe_combine_expanded",
+                          "moe_low_latency_dispatch", "moe_low_latency_combine")
+}
 
 BACKEND = Backend(
     name="opencl",
@@ -64,5 +74,6 @@ BACKEND = Backend(
     ),
     priority={"cpu": 5},
     probe=unavailable_reason,
+    determinism=DETERMINISM,
     identity=identity,
 )

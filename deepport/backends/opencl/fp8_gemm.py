@@ -35,6 +35,12 @@ class GemmConfig:
     bn: int
     bk: int
 
+    def __post_init__(self) -> None:
+        # every thread stages whole 16-byte K chunks of A and of B: the kernel's CHUNKS_A / CHUNKS_B
+        if (self.bm * self.bk) % (16 * self.threads) or (self.bn * self.bk) % (16 * self.threads):
+            raise ValueError(f"tile {self.bm}x{self.bn}x{self.bk}: {self.threads} threads cannot stage its "
+                             f"{self.bm * self.bk // 16} + {self.bn * self.bk // 16} 16-byte chunks evenly")
+
     @property
     def threads(self) -> int:
         return (self.bm // 8) * (self.bn // 8)
@@ -48,8 +54,7 @@ def choose_config(limits: DeviceLimits) -> GemmConfig:
     """128 x 128 x 32 (256 threads, 32 KiB of local memory) where it fits, else smaller; ``bm`` always
     divides 128, so a tile of the contiguous layout never spans two groups."""
     for cfg in (GemmConfig(128, 128, 32), GemmConfig(64, 64, 32), GemmConfig(64, 64, 16), GemmConfig(32, 32, 16)):
-        chunks_ok = (cfg.bm * cfg.bk) % (16 * cfg.threads) == 0
-        if chunks_ok and cfg.threads <= limits.max_work_group_size and cfg.local_bytes <= limits.local_mem_size:
+        if cfg.threads <= limits.max_work_group_size and cfg.local_bytes <= limits.local_mem_size:
             return cfg
     raise RuntimeError(f"deepport.opencl: no FP8 GEMM tile fits {limits.label}")
 

@@ -7,7 +7,9 @@ ops run the oracles' own ``run`` functions; the MoE ops (``moe.py``) gather the 
 """
 
 from deepport.backends import dtypes
-from deepport.dispatch import Backend, OpSupport
+from deepport.dispatch import Backend, OpSupport, reproducible
+
+_FLOAT64 = reproducible("float64 NumPy on the host, in a fixed order")
 
 BACKEND = Backend(
     name="reference",
@@ -37,4 +39,8 @@ BACKEND = Backend(
     ),
     priority={"*": 0},
     oracle=True,
+    determinism={s: _FLOAT64 for s in (
+        "mla_decode", "fp8_gemm_nt", "fp8_gemm_nn", "fp8_gemm_tn", "fp8_gemm_tt", "m_grouped_fp8_gemm_nt_contiguous",
+        "m_grouped_fp8_gemm_nt_masked", "moe_layout", "moe_dispatch", "moe_combine", "moe_dispatch_expanded",
+        "moe_combine_expanded", "moe_low_latency_dispatch", "moe_low_latency_combine")},
 )

@@ -33,7 +33,8 @@ def gather_rows(t: torch.Tensor, grp: MoEGroup) -> list[torch.Tensor]:
     counts = [int(r.item()) for r in all_rows]
     width = _row_bytes(t)
     padded = torch.zeros((max(counts), width), dtype=torch.uint8, device=device)
-    padded[: t.shape[0]] = dense(t.detach()).view(torch.uint8).reshape(int(t.shape[0]), width)
+    if t.shape[0]:  # (an empty tensor may carry strides no byte view accepts: nothing to copy anyway)
+        padded[: t.shape[0]] = dense(t.detach()).view(torch.uint8).reshape(int(t.shape[0]), width)
     parts = [torch.empty_like(padded) for _ in range(grp.world_size)]
     dist.all_gather(parts, padded, group=grp.group)
     out = []

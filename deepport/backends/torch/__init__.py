@@ -5,6 +5,7 @@ sequence (so poisoned tails never reach the arithmetic) and computes in float32.
 """
 
 from deepport.backends import dtypes
+from deepport.backends.torch.determinism import DETERMINISM
 from deepport.dispatch import Backend, OpSupport
 
 BACKEND = Backend(
@@ -34,4 +35,5 @@ BACKEND = Backend(
                   dtypes=dtypes.FP8),
     ),
     priority={"*": 10},
+    determinism=DETERMINISM,
 )

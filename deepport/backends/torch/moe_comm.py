@@ -1,26 +1,106 @@
-"""The only transport of the torch MoE backend: torch.distributed ``all_to_all_single``.
+"""The transport of the torch MoE backend: ``torch.distributed.all_to_all_single``, one call per direction.
 
-Rows travel as raw bytes (``uint8`` views), so bf16, e4m3, int64 and float32 payloads move bit-exactly
-on every torch.distributed backend (gloo and NCCL alike). A world of one (``group=None``) copies.
+Rows travel as raw bytes (``uint8``), so bf16, e4m3, int32 and float32 move bit-exactly on every
+torch.distributed backend (gloo, NCCL, ...), within one host or across hosts alike. Several per-row
+tensors that travel together (payload, FP8 scales, routing metadata) are packed side by side into one
+byte row (:class:`RowFormat`), so a direction costs one collective. A world of one (``group=None``)
+copies.
+
+Failures: a collective that fails or times out (a peer that stalled, died or never called the op)
+raises :class:`MoECommError` (a ``TimeoutError`` when the backend reports a timeout) naming the op,
+the collective, this rank and the group size. The limit is the process group's ``timeout``
+(``init_process_group(timeout=...)`` / ``new_group(timeout=...)``). On NCCL a collective runs
+asynchronously: a stalled peer surfaces at the next host sync (the normal dispatch's count
+exchange), or through NCCL's watchdog, which aborts the communicator after the same timeout.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from deepport.kernels.moe_args import MoEGroup, dense
 
+ROW_ALIGN = 16  # bytes: packed rows start 16-byte aligned (vectorised copies)
+_WIDE = (torch.int64, torch.int32, torch.int16, torch.uint8)
+
+
+class MoECommError(RuntimeError):
+    """A collective of an MoE op failed (see the module docstring)."""
+
+
+class MoECommTimeout(MoECommError, TimeoutError):
+    """A collective of an MoE op timed out: a peer stalled, died or never joined it."""
+
+
+def _fail(what: str, collective: str, grp: MoEGroup, exc: BaseException) -> MoECommError:
+    text = str(exc)
+    timed_out = "timeout" in text.lower() or "timed out" in text.lower()
+    cls = MoECommTimeout if timed_out else MoECommError
+    why = ("a peer stalled, died or never called the op; the limit is the process group's timeout "
+           "(init_process_group(timeout=...) or new_group(timeout=...))" if timed_out else
+           "every rank of the group must call the op collectively, with the same experts, hidden size and dtypes")
+    return cls(f"{what}: {collective} over {grp.world_size} ranks failed on rank {grp.rank} ({grp.comm}): "
+               f"{why}. Backend said: {text}")
+
+
+def _guarded(what: str, collective: str, grp: MoEGroup, fn: Callable[[], Any]) -> Any:
+    try:
+        return fn()
+    except (RuntimeError, TimeoutError) as exc:
+        raise _fail(what, collective, grp, exc) from exc
+
+
+@dataclass
+class Pending:
+    """An all-to-all in flight (``async_op``): :meth:`wait` before reading its output (on NCCL this
+    orders the caller's stream after the collective; it does not block the host)."""
+
+    what: str
+    grp: MoEGroup
+    work: Any
+    out: torch.Tensor
+    send: torch.Tensor | None = None  # held until the collective is done with it
+
+    def wait(self) -> torch.Tensor:
+        if self.work is not None:
+            _guarded(self.what, "all_to_all_single", self.grp, self.work.wait)
+        return self.out
+
+
+def start_all_to_all(out: torch.Tensor, send: torch.Tensor, recv_counts: Sequence[int] | None,
+                     send_counts: Sequence[int] | None, grp: MoEGroup, what: str) -> Pending:
+    """Launch ``all_to_all_single(out, send, recv_counts, send_counts)`` on ``grp`` without waiting
+    (``None`` counts: equal splits, no host data at all; a world of one copies). Both tensors are
+    contiguous with the same row size."""
+    if grp.group is None:
+        out.copy_(send)
+        return Pending(what, grp, None, out)
+    import torch.distributed as dist  # local: a torch build without distributed still imports this module
+
+    def launch() -> Any:
+        return dist.all_to_all_single(out, send, output_split_sizes=None if recv_counts is None else list(recv_counts),
+                                      input_split_sizes=None if send_counts is None else list(send_counts),
+                                      group=grp.group, async_op=True)
+
+    return Pending(what, grp, _guarded(what, "all_to_all_single", grp, launch), out, send)
+
+
+def exchange_table(table: torch.Tensor, grp: MoEGroup, what: str) -> Pending:
+    """Row ``r`` of the int64 ``[world, C]`` ``table`` goes to rank ``r``; the result's row ``s`` came
+    from rank ``s``. One small collective, no host sync (wait on the result)."""
+    send = table.to(torch.int64).contiguous()
+    return start_all_to_all(torch.empty_like(send), send, None, None, grp, what)
+
 
 def exchange_counts(send_counts: torch.Tensor, grp: MoEGroup) -> list[int]:
-    """``send_counts[r]`` rows go to rank ``r``; returns how many rows arrive from each rank (host ints)."""
-    if grp.group is None:
-        return [int(v) for v in send_counts.tolist()]
-    import torch.distributed as dist
-
-    send = send_counts.to(torch.int64).contiguous()
-    recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=grp.group)
-    return [int(v) for v in recv.tolist()]
+    """``send_counts[r]`` rows go to rank ``r``; returns how many rows arrive from each rank (host ints:
+    one host sync)."""
+    got = exchange_table(send_counts.reshape(-1, 1), grp, "exchange_counts").wait()
+    return [int(v) for v in got.reshape(-1).tolist()]
 
 
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -31,24 +111,90 @@ def _as_bytes(t: torch.Tensor) -> torch.Tensor:
 
 
 def all_to_all_rows(send: torch.Tensor, send_counts: list[int], recv_counts: list[int], grp: MoEGroup,
-                    out: torch.Tensor | None = None) -> torch.Tensor:
+                    out: torch.Tensor | None = None, what: str = "all_to_all_rows") -> torch.Tensor:
     """Rows ``send[sum(send_counts[:r]) : ...]`` go to rank ``r``; the result holds the rows from rank 0,
     then rank 1, ... (``sum(recv_counts)`` rows shaped like ``send``'s rows), written into ``out`` when
-    given (contiguous, right shape and dtype)."""
+    given (contiguous, right shape and dtype). One collective."""
     shape = (sum(recv_counts), *send.shape[1:])
     if out is None:
         out = torch.empty(shape, dtype=send.dtype, device=send.device)
     if grp.group is None:
         out.copy_(send)
         return out
-    import torch.distributed as dist
-
     target = dense(out)  # a fresh buffer only if `out` has odd strides on size-1 dimensions
     src, dst = _as_bytes(send), _as_bytes(target)
     if src.shape[1] != dst.shape[1]:
         raise RuntimeError(f"all_to_all_rows: row sizes differ ({src.shape[1]} vs {dst.shape[1]} bytes)")
-    dist.all_to_all_single(dst, src, output_split_sizes=recv_counts, input_split_sizes=send_counts,
-                           group=grp.group)
+    start_all_to_all(dst, src, recv_counts, send_counts, grp, what).wait()
     if target is not out:
         out.copy_(target)
     return out
+
+
+# --- packed rows -------------------------------------------------------------------------------------
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (``[n, ...]``, dense after the first dimension, as views into packed rows are) as
+    ``[n, row bytes / w]`` of the widest integer type ``w`` that divides its row size, row stride and
+    offset: the view bit-moving ops (``index_select``, ``index_put_``, ``copy_``) run fastest on."""
+    n, width = int(t.shape[0]), 1
+    for d in t.shape[1:]:
+        width *= int(d)
+    if t.numel() == 0:  # nothing to move (and empty tensors may carry any strides)
+        return torch.empty((n, width * t.element_size()), dtype=torch.uint8, device=t.device)
+    if int(t.shape[-1]) == 1 and t.stride(-1) != 1:  # a size-1 dimension's stride means nothing
+        t = t.as_strided(tuple(t.shape), (*t.stride()[:-1], 1))
+    raw = t if t.dim() == 2 else t.reshape(n, width)
+    if raw.dtype != torch.uint8:
+        raw = raw.view(torch.uint8)
+    row, offset = int(raw.shape[1]), raw.storage_offset()
+    stride = int(raw.stride(0))
+    for wide in _WIDE:
+        size = wide.itemsize
+        if row % size == 0 and stride % size == 0 and offset % size == 0:
+            return raw.view(wide)
+    return raw
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`bits` views of ``a`` and ``b`` (same row size) in one integer type, for moving rows between them."""
+    x, y = bits(a), bits(b)
+    if x.dtype != y.dtype:
+        x, y = x.view(torch.uint8), y.view(torch.uint8)
+    return x, y
+
+
+@dataclass(frozen=True)
+class RowFormat:
+    """Per-row tensors side by side in one ``uint8`` row: part ``name`` holds ``width`` elements of
+    ``dtype`` at byte ``offset`` (aligned to its element size; the payload first, 16-byte aligned).
+    ``row_bytes`` is a multiple of 16."""
+
+    names: tuple[str, ...]
+    dtypes: tuple[torch.dtype, ...]
+    widths: tuple[int, ...]
+    offsets: tuple[int, ...]
+    row_bytes: int
+
+    @staticmethod
+    def of(parts: Sequence[tuple[str, torch.dtype, int]]) -> RowFormat:
+        offsets, at = [], 0
+        for _, dtype, width in parts:
+            size = dtype.itemsize
+            at = -(-at // size) * size
+            offsets.append(at)
+            at += size * width
+        return RowFormat(tuple(p[0] for p in parts), tuple(p[1] for p in parts), tuple(p[2] for p in parts),
+                         tuple(offsets), -(-max(at, 1) // ROW_ALIGN) * ROW_ALIGN)
+
+    def empty(self, rows: int, device: torch.device) -> torch.Tensor:
+        return torch.empty((rows, self.row_bytes), dtype=torch.uint8, device=device)
+
+    def part(self, buf: torch.Tensor, name: str) -> torch.Tensor:
+        """Part ``name`` of the ``[rows, row_bytes]`` buffer (or ``[..., row_bytes]``) as a strided
+        ``[..., width]`` view of its dtype (writes go into ``buf``)."""
+        i = self.names.index(name)
+        size = self.dtypes[i].itemsize
+        raw = buf[..., self.offsets[i]: self.offsets[i] + size * self.widths[i]]
+        return raw if self.dtypes[i] == torch.uint8 else raw.view(self.dtypes[i])

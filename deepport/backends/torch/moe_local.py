@@ -1,21 +1,35 @@
 """The local (single-device) data movement of the MoE ops, as replaceable steps.
 
-:mod:`deepport.backends.torch.moe_routes` and :mod:`deepport.backends.torch.moe_layouts` do the routing
-and the multi-rank exchange and call these steps for the per-device work; another backend passes its own
-:class:`LocalSteps` (the triton and opencl backends' kernels) and reuses everything else.
+:mod:`deepport.backends.torch.moe_routes`, :mod:`deepport.backends.torch.moe_layouts` and
+:mod:`deepport.backends.torch.moe_low_latency` do the routing and the multi-rank exchange and call these
+steps for the per-device work; another backend passes its own :class:`LocalSteps` (the triton and opencl
+backends' kernels) and reuses everything else.
 
 - ``place_rows(src, dst, index, zero_missing)``: ``dst[g, i] = src[index[g, i]]`` for every
-  ``index >= 0`` (whole rows, bit for bit); ``-1`` rows are zeroed when ``zero_missing`` and left
-  untouched otherwise. ``src [n, C]``, ``dst [G, R, C]`` with any strides, ``index`` int64 ``[G, R]``.
+  ``index >= 0`` (whole rows, bit for bit); ``-1`` rows are zeroed when ``zero_missing`` and
+  unspecified otherwise (left as they are, or overwritten). ``src [n, C]`` (rows may be strided, as
+  views into packed received rows are), ``dst [G, R, C]`` with any strides, ``index`` int64 ``[G, R]``.
 - ``weighted_rows(y, src_pos, dst_row, weights, num_rows)``: float32 ``[num_rows, C]`` with
   ``out[dst_row[j]] += weights[j] * y[src_pos[j]]`` (``y [n, C]`` bf16, the others ``[k]``).
 - ``cast_fp8(x)``: bf16 ``[T, H]`` -> (e4m3 ``[T, H]``, float32 scales ``[T, H / 128]``), DeepEP's rule
   bit for bit (the op's docstring): per 128 channels ``amax = max(|x|, float32(1e-4))``, ``scale =
   float32(amax * float32(1/448))``, ``fp8 = e4m3(float32(x * float32(448 / amax)))``.
-- ``take_rows(x, index)``: ``x[index]``, a new ``[k, C]`` tensor (``index`` int64 ``[k]``, no ``-1``): the
-  rows a rank sends, in send order. Optional (default: torch indexing).
-- ``sum_rows(rows, dst, n)``: float32 ``[n, C]``, row ``d`` the sum of the ``rows[e]`` with ``dst[e] == d``
-  (0 where none): the per-token sum of the rows a combine returns. Optional (default: ``index_add_``).
+- ``scatter_rows(src, dst, targets)`` (optional): the same placement seen from the source rows:
+  ``dst.view(G * R, C)[targets[j, q]] = src[j]`` for every ``q`` (``targets`` int64 ``[n, Q]``; two
+  entries naming one row always carry the same source row). A backend whose ``place_rows`` would touch
+  every destination row provides it for the sparse low-latency layout (``G * R`` far above the rows
+  placed); without it the layouts call ``place_rows``.
+- ``take_rows(x, index)`` (optional): ``x[index]``, a new ``[k, C]`` tensor (``index`` int64 ``[k]``, no
+  ``-1``): the payload rows (data, FP8 scales) a rank sends, in send order. Without it the transport
+  gathers them straight into its packed send rows.
+- ``sum_rows(rows, dst, n)`` (optional): float32 ``[n, C]``, row ``d`` the sum of the ``rows[e]`` with
+  ``dst[e] == d`` (0 where none): the per-token sum of the rows a normal or expanded combine returns.
+  Without it the transport sums with torch (float32 rows by :func:`sum_rows`, bf16 rows by a dense
+  per-token gather and one reduction in rank order).
+
+The torch steps never wait for the device: ``place_rows`` is one gather of every destination row (the
+layouts hand it indices with no ``-1`` where a row must be zero: they point at a zero row of ``src``),
+``scatter_rows`` one ``index_put_``.
 """
 
 from __future__ import annotations
@@ -25,18 +39,9 @@ from dataclasses import dataclass
 
 import torch
 
+from deepport.backends.torch.moe_comm import same_bits
 from deepport.kernels.fp8_layout import amax_scales
 from deepport.kernels.moe_args import FP8, FP8_BLOCK
-
-
-def take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    return x[index]
-
-
-def sum_rows(rows: torch.Tensor, dst: torch.Tensor, n: int) -> torch.Tensor:
-    total = torch.zeros((n, *rows.shape[1:]), dtype=torch.float32, device=rows.device)
-    total.index_add_(0, dst, rows.to(torch.float32))
-    return total
 
 
 @dataclass(frozen=True)
@@ -44,25 +49,51 @@ class LocalSteps:
     place_rows: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool], None]
     weighted_rows: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
     cast_fp8: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-    take_rows: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = take_rows
-    sum_rows: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] = sum_rows
+    scatter_rows: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
+    take_rows: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    sum_rows: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None = None
 
 
-def _raw(t: torch.Tensor) -> torch.Tensor:
-    """One-byte payloads as uint8 (index_put is not implemented for e4m3 on every device)."""
-    return t.view(torch.uint8) if t.element_size() == 1 else t
+def _flat(dst: torch.Tensor) -> torch.Tensor | None:
+    """``dst [G, R, C]`` viewed as ``[G * R, C]`` with dense rows, or None when its strides do not allow it."""
+    g, r, c = (int(d) for d in dst.shape)
+    if dst.stride(2) != 1 and c > 1:
+        return None
+    if g > 1 and r > 0 and dst.stride(0) != r * dst.stride(1):
+        return None
+    return dst.view(g * r, c)
 
 
 def place_rows(src: torch.Tensor, dst: torch.Tensor, index: torch.Tensor, zero_missing: bool) -> None:
-    """A gather and a select over every row (no host read of ``index``: CUDA-graph capturable)."""
-    target = _raw(dst)
-    if int(src.shape[0]) == 0:  # nothing to place: every index is -1
+    g, r, c = (int(d) for d in dst.shape)
+    missing = (index < 0).reshape(-1, 1)
+    flat = _flat(dst)
+    if int(src.shape[0]) == 0:  # every index is -1
         if zero_missing:
-            target.zero_()
+            (flat if flat is not None else dst).view(torch.uint8 if dst.element_size() == 1 else dst.dtype).zero_()
         return
-    picked = _raw(src)[index.clamp(min=0)]  # [G, R, C]; rows of -1 read row 0, then dropped
-    kept = torch.zeros((), dtype=target.dtype, device=target.device) if zero_missing else target
-    target.copy_(torch.where((index >= 0)[..., None], picked, kept))
+    rows = index.reshape(-1).clamp(min=0)
+    if flat is not None:
+        d, s = same_bits(flat, src)
+        torch.index_select(s, 0, rows, out=d)
+        if zero_missing:
+            d.masked_fill_(missing, 0)
+        return
+    picked = same_bits(src, src)[1].index_select(0, rows)  # odd destination strides: gather, then copy
+    if zero_missing:
+        picked.masked_fill_(missing, 0)
+    dst.copy_(picked.view(torch.uint8).view(src.dtype).view(g, r, c))
+
+
+def scatter_rows(src: torch.Tensor, dst: torch.Tensor, targets: torch.Tensor) -> None:
+    r = int(dst.shape[1])
+    n, q = (int(d) for d in targets.shape)
+    flat = _flat(dst)
+    if flat is not None:
+        d, s = same_bits(flat, src)
+        d.index_put_((targets,), s[:, None, :].expand(n, q, int(s.shape[1])))
+    else:
+        dst.index_put_((targets // r, targets % r), src[:, None, :].expand(n, q, int(src.shape[1])))
 
 
 def weighted_rows(y: torch.Tensor, src_pos: torch.Tensor, dst_row: torch.Tensor, weights: torch.Tensor,
@@ -80,4 +111,11 @@ def cast_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return data, scale
 
 
-TORCH = LocalSteps(place_rows, weighted_rows, cast_fp8)
+def sum_rows(rows: torch.Tensor, dst: torch.Tensor, n: int) -> torch.Tensor:
+    """The default ``sum_rows``: float32 ``index_add_`` of the rows (converted on the way) into zeros."""
+    total = torch.zeros((n, *rows.shape[1:]), dtype=torch.float32, device=rows.device)
+    total.index_add_(0, dst, rows if rows.dtype == torch.float32 else rows.to(torch.float32))
+    return total
+
+
+TORCH = LocalSteps(place_rows, weighted_rows, cast_fp8, scatter_rows)

@@ -1,11 +1,25 @@
-"""Normal MoE layout, dispatch and combine in vectorised torch, over ``all_to_all_single``.
+"""Normal MoE layout, dispatch and combine in vectorised torch: per direction one small count exchange
+and one payload collective (``all_to_all_single`` of packed byte rows, :mod:`.moe_comm`).
 
-Send side: a token goes once to each rank holding one of its experts, rows ordered by destination
-rank then token index; receivers therefore get rows grouped by source rank, each block in token
-order, which is the contract's canonical order with no sorting. Combine sends rows back along the
-reverse routes and sums per token in float32. The two local steps around the exchanges (gathering the
-rows to send, summing returned rows per token) are ``take_rows`` / ``sum_rows`` of a
-:class:`~deepport.backends.torch.moe_local.LocalSteps`, replaceable by another backend's kernels.
+Dispatch (per call: 2 collectives, 1 host sync):
+
+1. counts: rank ``r`` gets a ``[1 + num_local_experts]`` row from every rank (tokens sent to ``r``,
+   and per expert of ``r`` the tokens selecting it), one small ``all_to_all_single``; the one host
+   sync reads the send, receive and per-expert counts at once (the result's sizes and
+   ``num_recv_tokens_per_expert`` are host values by contract).
+2. payload: one row per (token, destination rank), ordered by destination then token index, packed
+   as ``[payload | FP8 scales | int32 token index, top-k ids (, top-k weight bits)]``; receivers get
+   rows grouped by source rank, each block in token order: the contract's canonical order with no
+   sorting. Rows a rank keeps for itself skip the collective (copied straight into the outputs while
+   the collective runs), so the wire moves only the other ranks' rows.
+
+Combine: one collective back along the reverse routes (the received rows themselves when no weights
+come along, else packed ``[x | weights]`` rows), summed per token in float32 and rounded once to bf16.
+
+The two local steps around the exchanges, gathering the payload rows to send and summing returned rows
+per token, are the optional ``take_rows`` / ``sum_rows`` of a
+:class:`~deepport.backends.torch.moe_local.LocalSteps` (another backend's kernels, e.g. opencl's); without
+them the rows are gathered straight into the packed send rows and summed with torch.
 """
 
 from __future__ import annotations
@@ -14,22 +28,17 @@ from dataclasses import dataclass
 
 import torch
 
-from deepport.backends.torch.moe_comm import all_to_all_rows, exchange_counts
-from deepport.backends.torch.moe_local import TORCH, LocalSteps
-from deepport.kernels.moe_args import Alloc, MoEGroup, align_up
+from deepport.backends.torch.moe_comm import RowFormat, all_to_all_rows, exchange_table, same_bits, start_all_to_all
+from deepport.backends.torch.moe_index import compact, first_occurrence, local_ids, selection_mask
+from deepport.backends.torch.moe_local import TORCH, LocalSteps, sum_rows
+from deepport.kernels.moe_args import Alloc, MoEGroup, align_up, dense
 from deepport.kernels.moe_combine import MoECombineCall, MoECombineResult
 from deepport.kernels.moe_dispatch import MoEDispatchCall, MoEDispatchResult
 from deepport.kernels.moe_handle import MoEHandle
 from deepport.kernels.moe_layout import MoELayout, MoELayoutCall
 
-
-def selection_mask(idx: torch.Tensor, num_groups: int, group_size: int) -> torch.Tensor:
-    """bool ``[T, num_groups]``: token selects at least one expert of group ``g`` (``e // group_size``)."""
-    idx = idx.to(torch.int64)
-    target = torch.where(idx >= 0, idx // group_size, num_groups)  # -1 goes to a dropped sentinel column
-    mask = torch.zeros((idx.shape[0], num_groups + 1), dtype=torch.bool, device=idx.device)
-    mask.scatter_(1, target, True)
-    return mask[:, :num_groups]
+__all__ = ["Received", "combine", "dispatch", "layout", "local_ids", "resend", "return_positions", "return_rows",
+           "return_rows_weighted", "route", "selection_mask", "send_tokens", "sum_per_token"]
 
 
 def layout(call: MoELayoutCall) -> MoELayout:
@@ -39,76 +48,182 @@ def layout(call: MoELayoutCall) -> MoELayout:
     return MoELayout(in_rank.sum(0, dtype=torch.int32), per_expert, in_rank)
 
 
-def local_ids(global_idx: torch.Tensor, rank: int, num_local: int) -> torch.Tensor:
-    """Global expert ids -> ids local to ``rank``, -1 for experts elsewhere and for -1 slots."""
-    local = global_idx - rank * num_local
-    return torch.where((global_idx >= 0) & (local >= 0) & (local < num_local), local, -1)
-
-
 @dataclass
 class Received:
-    """What a dispatch brought to this rank, before packing into a layout."""
+    """What a dispatch brought to this rank, rows in canonical order (source rank, then token).
+
+    ``data``/``scales`` are the call's outputs when the route unpacked, else strided views into the
+    received packed rows (valid until the caller drops them; one zero row more with ``zero_row``).
+    ``per_expert`` is the device copy of ``handle.num_recv_tokens_per_expert``."""
 
     data: torch.Tensor  # [num_recv, hidden], payload dtype
     scales: torch.Tensor | None
     local_idx: torch.Tensor  # int64 [num_recv, num_topk]
     weights: torch.Tensor | None  # float32 [num_recv, num_topk], zero on non-local slots
     handle: MoEHandle
+    per_expert: torch.Tensor  # int64 [num_local_experts]
 
 
-def send_tokens(handle_or_mask: torch.Tensor) -> torch.Tensor:
-    """Token index of each sent row, in send order (destination rank, then token)."""
-    return handle_or_mask.t().nonzero()[:, 1]
+def send_tokens(mask: torch.Tensor, count: int | None = None) -> torch.Tensor:
+    """Token index of each sent row in send order (destination rank, then token), from a bool
+    ``[T, world]`` mask (``is_token_in_rank``); ``count`` (the number of true entries, when the host
+    knows it) avoids a host sync."""
+    if count is None:
+        return mask.t().nonzero()[:, 1]
+    return compact(mask.t(), count) % max(int(mask.shape[0]), 1)
+
+
+def _copy_rows(dst: torch.Tensor, src: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+    """``dst[i] = src[rows[i]]`` (all rows when ``rows`` is None), bit for bit, through integer views."""
+    d, s = same_bits(dst, src)
+    if rows is None:
+        d.copy_(s)
+    else:
+        torch.index_select(s, 0, rows, out=d)
+
+
+def _take_rows(local: LocalSteps, dst: torch.Tensor, src: torch.Tensor, rows: torch.Tensor) -> None:
+    """``dst[i] = src[rows[i]]`` for payload rows: the backend's ``take_rows`` step when it has one."""
+    if local.take_rows is None:
+        _copy_rows(dst, src, rows)
+    else:
+        _copy_rows(dst, local.take_rows(src, rows))
+
+
+def sum_per_token(local: LocalSteps, rows: torch.Tensor, dst: torch.Tensor, n: int) -> torch.Tensor:
+    """float32 ``[n, ...]`` per-token sums of ``rows`` (the backend's ``sum_rows`` step when it has one)."""
+    return (local.sum_rows or sum_rows)(rows, dst, n)
+
+
+def _meta(idx: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """int32 ``[T, 1 + K (+ K)]``: token index, global top-k ids (, weight bits): what a receiver needs."""
+    cols = [torch.arange(idx.shape[0], device=idx.device, dtype=torch.int32)[:, None], idx.to(torch.int32)]
+    if weights is not None:
+        cols.append(weights.view(torch.int32))
+    return torch.cat(cols, dim=1)
+
+
+def _row_format(data: torch.Tensor, scales: torch.Tensor | None, meta_width: int) -> RowFormat:
+    parts = [("x", torch.uint8, int(data.shape[1]) * data.element_size())]
+    if scales is not None:
+        parts.append(("scales", torch.float32, int(scales.shape[1])))
+    if meta_width:
+        parts.append(("meta", torch.int32, meta_width))
+    return RowFormat.of(parts)
+
+
+def _exchange(fmt: RowFormat, sources: dict[str, torch.Tensor], in_rank: torch.Tensor, sends: list[int],
+              recvs: list[int], grp: MoEGroup, outs: dict[str, torch.Tensor] | None, what: str,
+              zero_row: bool = False, local: LocalSteps = TORCH) -> torch.Tensor | None:
+    """Move each token's parts ``sources[name]`` (``[T, ...]``) to the ranks of ``in_rank`` (``[T, world]``)
+    in one collective. With ``outs`` (``[num_recv, ...]`` per part) the received rows are written
+    there, this rank's own rows straight from ``sources`` while the collective runs; without, every
+    row goes through the collective and the packed ``[num_recv, row_bytes]`` buffer is returned (with
+    ``zero_row``, one more row of zero bytes after them). Payload parts (all but ``meta``) are gathered by
+    ``local``'s ``take_rows`` step when it has one."""
+    me, t = grp.rank, int(in_rank.shape[0])
+    direct = outs is not None  # own rows skip the collective (a world of one moves nothing at all)
+    mask = in_rank.t()
+    wire_sends, wire_recvs = list(sends), list(recvs)
+    if direct:
+        mask = mask.clone()
+        mask[me].fill_(False)
+        wire_sends[me] = wire_recvs[me] = 0
+    rows = compact(mask, sum(wire_sends)) % max(t, 1)
+    send = fmt.empty(sum(wire_sends), in_rank.device)
+    for name, src in sources.items():
+        _take_rows(TORCH if name == "meta" else local, fmt.part(send, name), src, rows)
+    n = sum(wire_recvs)
+    buf = fmt.empty(n + int(zero_row), in_rank.device)
+    if zero_row:
+        buf[n].zero_()
+    recv = buf[:n]
+    pending = start_all_to_all(recv, send, wire_recvs, wire_sends, grp, what)
+    if outs is None:
+        pending.wait()
+        return buf
+    start = sum(recvs[:me])
+    if direct:  # overlaps the collective
+        mine = compact(in_rank[:, me], sends[me])
+        for name, src in sources.items():
+            _take_rows(TORCH if name == "meta" else local, outs[name][start: start + recvs[me]], src, mine)
+    pending.wait()
+    for name, out in outs.items():
+        got = fmt.part(recv, name)
+        if direct:
+            _copy_rows(out[:start], got[:start])
+            _copy_rows(out[start + recvs[me]:], got[start:])
+        else:
+            _copy_rows(out, got)
+    return None
 
 
 def route(data: torch.Tensor, scales: torch.Tensor | None, topk_idx: torch.Tensor, weights: torch.Tensor | None,
-          num_experts: int, grp: MoEGroup, alignment: int, alloc: Alloc | None = None,
-          local: LocalSteps = TORCH) -> Received:
-    """Send every token once to each rank holding one of its experts; ``alloc`` (when given) provides
-    the received payload tensors, ``local.take_rows`` gathers the rows to send."""
+          num_experts: int, grp: MoEGroup, alignment: int, alloc: Alloc | None = None, unpack: bool = True,
+          zero_row: bool = False, what: str = "moe_dispatch", local: LocalSteps = TORCH) -> Received:
+    """Send every token once to each rank holding one of its experts (module docstring). With
+    ``unpack`` the payload lands in tensors from ``alloc`` (default ``torch.empty``); without, the
+    received rows stay packed and ``data``/``scales`` view them, followed by one row of zeros when
+    ``zero_row`` (``[num_recv + 1, ...]``: a gather reads it where a row must be zero). ``local.take_rows``
+    (when given) gathers the payload rows to send."""
     idx = topk_idx.to(torch.int64)
-    world, num_local = grp.world_size, num_experts // grp.world_size
-    in_rank = selection_mask(idx, world, num_local)
-    send_counts = in_rank.sum(0)
-    tokens = send_tokens(in_rank)
-    sends = [int(v) for v in send_counts.tolist()]
-    recvs = exchange_counts(send_counts, grp)
-    k = idx.shape[1]
-    meta_cols = [idx[tokens], tokens[:, None]]
-    if weights is not None:
-        meta_cols.append(weights[tokens].view(torch.int32).to(torch.int64))
-    meta = all_to_all_rows(torch.cat(meta_cols, dim=1), sends, recvs, grp)
-    recv_global, recv_src = meta[:, :k], meta[:, k].contiguous()
-    recv_local = local_ids(recv_global, grp.rank, num_local)
+    t, k = int(idx.shape[0]), int(idx.shape[1])
+    world, me, num_local = grp.world_size, grp.rank, num_experts // grp.world_size
+    by_expert = selection_mask(idx, num_experts, 1)
+    in_rank = by_expert.view(t, world, num_local).any(2)
+    table = torch.cat([in_rank.sum(0)[:, None], by_expert.sum(0).view(world, num_local)], dim=1)
+    counts = exchange_table(table, grp, f"{what} (counts)")
+    meta = _meta(idx, weights)  # overlaps the count exchange
+    got = counts.wait()
+    per_expert = got[:, 1:].sum(0)
+    host = torch.cat([table[:, 0], got[:, 0], per_expert]).tolist()  # the one host sync
+    sends, recvs = [int(v) for v in host[:world]], [int(v) for v in host[world: 2 * world]]
+    n, hidden = sum(recvs), int(data.shape[1])
+    dense_scales = None if scales is None else dense(scales)
+    sources = {"x": data, "meta": meta, **({} if dense_scales is None else {"scales": dense_scales})}
+    fmt = _row_format(data, dense_scales, int(meta.shape[1]))
+    make = alloc or (lambda shape, dtype: torch.empty(shape, dtype=dtype, device=data.device))
+    if unpack:
+        outs = {"x": make((n, hidden), data.dtype),
+                "meta": torch.empty((n, int(meta.shape[1])), dtype=torch.int32, device=data.device)}
+        if dense_scales is not None:
+            outs["scales"] = make((n, int(dense_scales.shape[1])), torch.float32)
+        _exchange(fmt, sources, in_rank, sends, recvs, grp, outs, what, local=local)
+        recv_x, recv_s, recv_meta = outs["x"], outs.get("scales"), outs["meta"]
+    else:
+        buf = _exchange(fmt, sources, in_rank, sends, recvs, grp, None, what, zero_row, local)
+        assert buf is not None
+        recv_x = fmt.part(buf, "x").view(data.dtype)
+        recv_s = None if dense_scales is None else fmt.part(buf, "scales")
+        recv_meta = fmt.part(buf, "meta")[:n]
+    recv_local = local_ids(recv_meta[:, 1: 1 + k].to(torch.int64), me, num_local)
     recv_w = None
     if weights is not None:
-        raw = meta[:, k + 1:].to(torch.int32).view(torch.float32)
+        raw = recv_meta[:, 1 + k:].view(torch.float32)
         recv_w = torch.where(recv_local >= 0, raw, torch.zeros_like(raw))
-    n = sum(recvs)
-    out = None if alloc is None else alloc((n, int(data.shape[1])), data.dtype)
-    recv_data = all_to_all_rows(local.take_rows(data, tokens), sends, recvs, grp, out)
-    recv_scales = None
-    if scales is not None:
-        out_s = None if alloc is None else alloc((n, int(scales.shape[1])), scales.dtype)
-        recv_scales = all_to_all_rows(local.take_rows(scales, tokens).contiguous(), sends, recvs, grp, out_s)
-    per_expert = selection_mask(recv_local, num_local, 1).sum(0)
-    handle = MoEHandle(grp.group, grp.rank, world, num_experts, int(data.shape[1]), alignment, idx.clone(),
-                       in_rank, tuple(sends), tuple(recvs), recv_src, recv_local,
-                       tuple(int(v) for v in per_expert.tolist()))
-    return Received(recv_data, recv_scales, recv_local, recv_w, handle)
+    handle = MoEHandle(grp.group, me, world, num_experts, hidden, alignment, idx.clone(), in_rank, tuple(sends),
+                       tuple(recvs), recv_meta[:, 0].to(torch.int64), recv_local,
+                       tuple(int(v) for v in host[2 * world:]))
+    return Received(recv_x, recv_s, recv_local, recv_w, handle, per_expert)
 
 
 def resend(data: torch.Tensor, scales: torch.Tensor | None, handle: MoEHandle, grp: MoEGroup,
            alloc: Alloc, local: LocalSteps = TORCH) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Cached dispatch: the same routes, new payload."""
-    tokens = send_tokens(handle.is_token_in_rank)
+    """Cached dispatch: the same routes, new payload, one collective and no host sync (a bf16 payload
+    is received straight into its output; FP8 data and scales travel packed)."""
     sends, recvs = list(handle.send_counts), list(handle.recv_counts)
-    n = handle.num_recv
-    out = all_to_all_rows(local.take_rows(data, tokens), sends, recvs, grp, alloc((n, int(data.shape[1])), data.dtype))
-    out_s = None
-    if scales is not None:
-        out_s = all_to_all_rows(local.take_rows(scales, tokens).contiguous(), sends, recvs, grp,
-                                alloc((n, int(scales.shape[1])), scales.dtype))
+    n, hidden = handle.num_recv, int(data.shape[1])
+    out = alloc((n, hidden), data.dtype)
+    if scales is None:
+        rows = send_tokens(handle.is_token_in_rank, sum(sends))
+        send = torch.empty((sum(sends), hidden), dtype=data.dtype, device=data.device)
+        _take_rows(local, send, data, rows)
+        all_to_all_rows(send, sends, recvs, grp, out, "moe_dispatch (cached)")
+        return out, None
+    dense_scales = dense(scales)
+    out_s = alloc((n, int(dense_scales.shape[1])), torch.float32)
+    _exchange(_row_format(data, dense_scales, 0), {"x": data, "scales": dense_scales}, handle.is_token_in_rank,
+              sends, recvs, grp, {"x": out, "scales": out_s}, "moe_dispatch (cached)", local=local)
     return out, out_s
 
 
@@ -118,7 +233,7 @@ def dispatch(call: MoEDispatchCall, local: LocalSteps = TORCH) -> MoEDispatchRes
         return MoEDispatchResult(data if scales is None else (data, scales), None, None, None, call.handle)
     assert call.topk_idx is not None
     got = route(call.data, call.scales, call.topk_idx, call.topk_weights, call.num_experts, call.group,
-                call.expert_alignment, call.alloc, local)
+                call.expert_alignment, call.alloc, local=local)
     n, k = got.local_idx.shape
     recv_idx = call.alloc((int(n), int(k)), call.topk_idx.dtype)
     recv_idx.copy_(got.local_idx)
@@ -131,19 +246,102 @@ def dispatch(call: MoEDispatchCall, local: LocalSteps = TORCH) -> MoEDispatchRes
     return MoEDispatchResult(recv_x, recv_idx, recv_w, counts, got.handle)
 
 
-def return_rows(rows: torch.Tensor, handle: MoEHandle, grp: MoEGroup, local: LocalSteps = TORCH) -> torch.Tensor:
-    """Send per-received-token rows back to their sources and sum per token in float32:
-    ``[num_recv, ...]`` -> float32 ``[num_tokens, ...]``."""
-    back = all_to_all_rows(rows.contiguous(), list(handle.recv_counts), list(handle.send_counts), grp)
-    return local.sum_rows(back, send_tokens(handle.is_token_in_rank), handle.num_tokens)
+FLOAT_ACCUMULATING_SUM = ("cpu", "cuda")
+"""Devices whose ``sum`` of bf16 inputs accumulates in float32 and rounds once to a bf16 output (torch's
+``opmath``/``acc_type`` of bf16 is float on both; ``test_bf16_sum_accumulates_in_float32`` pins it)."""
+
+
+def return_positions(handle: MoEHandle, missing: int) -> torch.Tensor:
+    """int64 ``[T, Q]``: for each token, the rows of the returned buffer (blocks by rank, tokens in order)
+    that belong to it, one per rank it reached, ``missing`` elsewhere. ``Q = world`` when ``world <=
+    num_topk``, else ``Q = num_topk`` (one entry per slot, each rank counted at its first slot)."""
+    in_rank = handle.is_token_in_rank
+    per_rank = in_rank.sum(0)
+    rows = torch.where(in_rank, (torch.cumsum(per_rank, 0) - per_rank)[None, :] + torch.cumsum(in_rank, 0) - 1,
+                       missing)
+    if handle.world_size <= handle.num_topk:
+        return rows
+    rank_of = torch.where(handle.topk_idx >= 0, handle.topk_idx // handle.num_local_experts, -1)
+    return torch.where(first_occurrence(rank_of), rows.gather(1, rank_of.clamp(min=0)), missing)
+
+
+def return_rows(rows: torch.Tensor, handle: MoEHandle, grp: MoEGroup, what: str = "moe_combine",
+                out: torch.Tensor | None = None, local: LocalSteps = TORCH) -> torch.Tensor:
+    """Send per-received-token rows back to their sources (one collective, ``rows`` themselves on the
+    wire) and sum per token in float32: ``[num_recv, ...]`` -> float32 ``[num_tokens, ...]``.
+
+    float32 rows are summed with ``index_add_``; 16-bit rows are gathered per token (at most ``min(world,
+    num_topk)`` rows, a zero row where a rank holds none) and reduced with one ``sum`` in rank order
+    (deterministic) that converts on load. With ``out`` (bf16 ``[num_tokens, ...]``) on a device whose
+    reductions accumulate 16-bit inputs in float32 (:data:`FLOAT_ACCUMULATING_SUM`), the sum writes the
+    rounded result straight into ``out`` (no float32 intermediate) and returns it. A ``local.sum_rows``
+    step, when given, sums every dtype instead."""
+    sends, recvs = list(handle.recv_counts), list(handle.send_counts)
+    n, t = sum(recvs), handle.num_tokens
+    if rows.dtype == torch.float32 or local.sum_rows is not None:
+        back = all_to_all_rows(rows.contiguous(), sends, recvs, grp, what=what)
+        return sum_per_token(local, back, send_tokens(handle.is_token_in_rank, n), t)
+    buf = torch.empty((n + 1, *rows.shape[1:]), dtype=rows.dtype, device=rows.device)
+    buf[n].zero_()
+    all_to_all_rows(rows.contiguous(), sends, recvs, grp, out=buf[:n], what=what)
+    pos = return_positions(handle, n)
+    picked = buf.index_select(0, pos.reshape(-1)).view(t, int(pos.shape[1]), *rows.shape[1:])
+    if out is not None and rows.device.type in FLOAT_ACCUMULATING_SUM:
+        return torch.sum(picked, 1, dtype=out.dtype, out=out)
+    return picked.sum(1, dtype=torch.float32)
+
+
+def return_rows_weighted(rows: torch.Tensor, weights: torch.Tensor, handle: MoEHandle, grp: MoEGroup,
+                         what: str = "moe_combine", local: LocalSteps = TORCH) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`return_rows` of ``rows`` and ``weights`` together, packed ``[rows | weights]`` in one
+    collective; this rank's own rows skip it and are summed straight from the inputs (with a
+    ``local.sum_rows`` step: summed by it together with the received rows, own rows first)."""
+    t, me = handle.num_tokens, grp.rank
+    sends, recvs = list(handle.recv_counts), list(handle.send_counts)
+    width = int(torch.Size(rows.shape[1:]).numel())
+    flat = rows.reshape(int(rows.shape[0]), width)
+    fmt = RowFormat.of([("x", rows.dtype, int(flat.shape[1])), ("w", torch.float32, int(weights.shape[1]))])
+    start, mine = sum(sends[:me]), sends[me]
+    keep = torch.ones(int(rows.shape[0]), dtype=torch.bool, device=rows.device)
+    keep[start: start + mine].fill_(False)
+    mask = handle.is_token_in_rank.t().clone()
+    mask[me].fill_(False)
+    wire_sends, wire_recvs = list(sends), list(recvs)
+    wire_sends[me] = wire_recvs[me] = 0
+    picked = compact(keep, sum(wire_sends))
+    send = fmt.empty(sum(wire_sends), rows.device)
+    _copy_rows(fmt.part(send, "x"), flat, picked)
+    _copy_rows(fmt.part(send, "w"), weights, picked)
+    recv = fmt.empty(sum(wire_recvs), rows.device)
+    pending = start_all_to_all(recv, send, wire_recvs, wire_sends, grp, what)
+    own = compact(handle.is_token_in_rank[:, me], mine)  # overlaps the collective
+    tokens = compact(mask, sum(wire_recvs)) % max(t, 1)
+    if local.sum_rows is not None:
+        pending.wait()
+        dst = torch.cat([own, tokens])
+        total = local.sum_rows(torch.cat([flat[start: start + mine], fmt.part(recv, "x")]), dst, t)
+        total_w = local.sum_rows(torch.cat([weights[start: start + mine], fmt.part(recv, "w")]), dst, t)
+        return total.view(t, *rows.shape[1:]), total_w
+    total = torch.zeros((t, int(flat.shape[1])), dtype=torch.float32, device=rows.device)
+    total_w = torch.zeros((t, int(weights.shape[1])), dtype=torch.float32, device=rows.device)
+    total.index_add_(0, own, flat[start: start + mine].to(torch.float32))
+    total_w.index_add_(0, own, weights[start: start + mine])
+    pending.wait()
+    total.index_add_(0, tokens, fmt.part(recv, "x").to(torch.float32))
+    total_w.index_add_(0, tokens, fmt.part(recv, "w"))
+    return total.view(t, *rows.shape[1:]), total_w
 
 
 def combine(call: MoECombineCall, local: LocalSteps = TORCH) -> MoECombineResult:
     h = call.handle
     out = call.alloc((h.num_tokens, int(call.x.shape[1])), torch.bfloat16)
-    out.copy_(return_rows(call.x, h, call.group, local))
-    weights = None
-    if call.topk_weights is not None:
-        weights = call.alloc((h.num_tokens, h.num_topk), torch.float32)
-        weights.copy_(return_rows(call.topk_weights, h, call.group, local))
+    if call.topk_weights is None:
+        total = return_rows(call.x, h, call.group, out=out, local=local)
+        if total is not out:
+            out.copy_(total)
+        return MoECombineResult(out, None)
+    total, total_w = return_rows_weighted(call.x, call.topk_weights, h, call.group, local=local)
+    out.copy_(total)
+    weights = call.alloc((h.num_tokens, h.num_topk), torch.float32)
+    weights.copy_(total_w)
     return MoECombineResult(out, weights)

@@ -16,9 +16,10 @@ Automatic choice prefers it on GPUs (priority 20, above torch's 10). On the CPU 
 """
 
 from deepport.backends import dtypes
+from deepport.backends.torch.determinism import RANK_SUMS
 from deepport.backends.triton._runtime import DEVICE, identity, probe
 from deepport.backends.triton.fp8_support import FP8_OPS
-from deepport.dispatch import Backend, OpSupport
+from deepport.dispatch import Backend, Determinism, OpSupport, reproducible
 
 _MLA = (
     OpSupport(op="mla_decode", entry="deepport.backends.triton.mla_decode:run", dtypes=dtypes.MLA,
@@ -38,6 +39,23 @@ _MOE = (
               dtypes=dtypes.MOE_COMBINE, requirements=(DEVICE,)),
 )
 
+_GEMM = reproducible("one program per output tile walks K in order; split-K partials are summed in a fixed "
+                     "order by a second kernel; no atomics")
+_MOVES = reproducible("rows move as raw bits; counts are integer atomics (exact in any order); slot weights "
+                      "are summed in slot order; the FP8 cast is elementwise")
+DETERMINISM: dict[str, Determinism] = {
+    "mla_decode": reproducible("the split-KV plan depends only on the lengths and the device; each split writes "
+                               "its own partial result, merged in split order; no atomics"),
+    **{s.op: _GEMM for s in FP8_OPS},
+    "moe_layout": _MOVES,
+    "moe_low_latency_dispatch": _MOVES,
+    "moe_dispatch_expanded": _MOVES,
+    "moe_combine_expanded": RANK_SUMS,
+    "moe_low_latency_combine": reproducible("weighted rows summed per destination in a fixed order (entries "
+                                            "sorted stably); slot weights and the per-token sum over ranks are "
+                                            "dense fixed-order reductions; no float atomics"),
+}
+
 BACKEND = Backend(
     name="triton",
     summary="Triton kernels (NVIDIA, AMD, Intel GPUs; CPU through TRITON_INTERPRET=1)",
@@ -45,5 +63,6 @@ BACKEND = Backend(
     ops=(*_MLA, *_MOE, *FP8_OPS),
     priority={"cuda": 20, "rocm": 20, "xpu": 20},  # never automatic on the CPU: the interpreter is slow
     probe=probe,
+    determinism=DETERMINISM,
     identity=identity,
 )

@@ -2,7 +2,9 @@
 
 A family key matches as a case-insensitive substring of the device name (``torch.cuda.get_device_name``);
 a device or bucket with no entry takes ``DEFAULT``. The choice is logged once per device and bucket
-(logger ``deepport.backends.triton``, INFO). Figures behind the entries: benchmarks/results/.
+(logger ``deepport.backends.triton``, INFO). Figures behind the entries: benchmarks/results/. Candidates
+for an entry are swept, checked and timed in one device call by ``scripts/gpu_triton_sweep.py``, which
+prints the entry that makes each shape's fastest checked candidate the default.
 """
 
 from __future__ import annotations
@@ -17,13 +19,30 @@ class MLAConfig:
     """Launch shape of the MLA decode split kernel: ``block_h`` query rows per program, ``block_n`` KV
     tokens per step, triton's ``num_warps`` / ``num_stages`` (software pipelining depth), and
     ``programs_per_sm``: the split-KV plan deals the batch to ``SMs * programs_per_sm / (h_kv *
-    row tiles)`` parts (1 reproduces FlashMLA's ``num_sm_parts`` at ``block_h = 64``)."""
+    row tiles * v_split)`` parts (1 reproduces FlashMLA's ``num_sm_parts`` at ``block_h = 64``).
+    ``v_split`` = 2: two programs per row tile, each owning half of the ``d_v`` output channels (each
+    computes the whole ``QK^T``; 1 is used where a half would have fewer than 16 channels). ``k_tma``:
+    K tiles are loaded by bulk tensor copies (Hopper's TMA, no per-element addresses) where the cache
+    layout allows it (one KV head, ``page % block_n == 0``, power-of-two channel parts, 16-byte aligned
+    rows: ``mla_decode.k_descriptors``), else through pointers."""
 
     block_h: int
     block_n: int
     num_warps: int
     num_stages: int
     programs_per_sm: int = 1
+    v_split: int = 1
+    k_tma: bool = False
+
+    def __post_init__(self) -> None:
+        if self.v_split not in (1, 2):
+            raise ValueError(f"MLAConfig.v_split: expected 1 or 2, got {self.v_split}")
+
+    @property
+    def label(self) -> str:
+        """Short name, e.g. ``h64n64w8s2p1`` (``v2``: split V, ``tma``: K by bulk copies)."""
+        return (f"h{self.block_h}n{self.block_n}w{self.num_warps}s{self.num_stages}p{self.programs_per_sm}"
+                f"{'v2' if self.v_split == 2 else ''}{'tma' if self.k_tma else ''}")
 
 
 def mla_bucket(q_rows: int) -> str:

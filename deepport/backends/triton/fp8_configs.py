@@ -3,8 +3,8 @@
 A configuration is chosen per call from the device name (``torch.cuda.get_device_properties().name``,
 e.g. ``"NVIDIA H200"``), the op kind and the shape: M falls into a bucket (``m<=64``, ``m<=128``,
 ``m<=1024``, ``large``), N and K are matched exactly. The tuned tables were measured on the GPU named
-(scripts/gpu_triton_gemm.py; figures under benchmarks/results/); a call with no tuned entry gets
-:func:`default_config`. Each distinct choice is logged once (logger ``deepport.triton``, INFO).
+(scripts/gpu_triton_gemm.py, scripts/gpu_triton_sweep.py; figures under benchmarks/results/); a call with
+no tuned entry gets :func:`default_config`. Each distinct choice is logged once (logger ``deepport.triton``, INFO).
 """
 
 from __future__ import annotations

@@ -44,13 +44,14 @@ def _tile_of(pid, num_m, num_n, GROUP_M: tl.constexpr):
 
 @triton.jit
 def _scale(sf, rows, s_row, s_col, kb, UE8M0: tl.constexpr):
-    """float32 SFs of ``rows`` (a vector or one index) for K block ``kb``."""
+    """float32 SFs of ``rows`` (a vector or one index) for K block ``kb`` (offsets in int64: an MN-major SF's
+    K-block stride is M)."""
     if UE8M0:
-        word = tl.load(sf + rows * s_row + (kb // 4) * s_col)
+        word = tl.load(sf + tl.cast(rows, tl.int64) * s_row + tl.cast(kb // 4, tl.int64) * s_col)
         exponent = (word >> ((kb % 4) * 8)) & 0xFF
         value = (exponent << 23).to(tl.float32, bitcast=True)
     else:
-        value = tl.load(sf + rows * s_row + kb * s_col)
+        value = tl.load(sf + tl.cast(rows, tl.int64) * s_row + tl.cast(kb, tl.int64) * s_col)
     return value
 
 
@@ -113,9 +114,12 @@ def _mainloop(a, a_row0, a_rows, s_am, s_ak, b, b_row0, n_off, N, s_bn, s_bk,
     b0_ptrs = b
     b1_ptrs = b
     if not USE_TMA:
-        a_ptrs = a + a_rows.to(tl.int64)[:, None] * s_am + offs_k[None, :] * s_ak
-        b0_ptrs = b + cols0.to(tl.int64)[:, None] * s_bn + offs_k[None, :] * s_bk
-        b1_ptrs = b + cols1.to(tl.int64)[:, None] * s_bn + offs_k[None, :] * s_bk
+        # int64 throughout: a transposed operand's K stride is its M (or N), so 127 * M passes 2**31 for
+        # M > 16.9M rows (fp8_gemm_tn / _tt A, fp8_gemm_nn / _tt B)
+        k_off = offs_k.to(tl.int64)[None, :]
+        a_ptrs = a + a_rows.to(tl.int64)[:, None] * s_am + k_off * s_ak
+        b0_ptrs = b + cols0.to(tl.int64)[:, None] * s_bn + k_off * s_bk
+        b1_ptrs = b + cols1.to(tl.int64)[:, None] * s_bn + k_off * s_bk
     acc0 = tl.zeros((BLOCK_M, PART), dtype=tl.float32)
     acc1 = tl.zeros((BLOCK_M, PART), dtype=tl.float32)
     for kb in range(kb_lo, kb_hi):

@@ -30,7 +30,7 @@ import torch
 
 import deepport
 from deepport.conformance.case import Case, make_case
-from deepport.kernels.f64.mla_decode import mla_decode_f64
+from deepport.kernels.f64.mla_decode import mla_decode_f64, mla_decode_p_rounding_bound
 
 OP = "mla_decode"
 GENERATOR_VERSION = 1
@@ -255,11 +255,28 @@ def invoke(inputs: Inputs, tensors: Mapping[str, torch.Tensor], backend: str,
                         backend=backend, out=outputs["out"], lse=outputs["lse"])
 
 
+def _scale(inputs: Inputs) -> float:
+    d_qk = int(inputs.tensors["q"].shape[-1])
+    return float(d_qk) ** -0.5 if inputs.softmax_scale is None else inputs.softmax_scale
+
+
 def reference(inputs: Inputs) -> dict[str, np.ndarray]:
     """The float64 answer, from the pristine inputs."""
     t = inputs.tensors
-    d_qk = int(t["q"].shape[-1])
-    scale = float(d_qk) ** -0.5 if inputs.softmax_scale is None else inputs.softmax_scale
     out, lse = mla_decode_f64(t["q"], t["k_cache"], t["block_table"], t["cache_seqlens"], inputs.head_dim_v,
-                              scale, inputs.causal)
+                              _scale(inputs), inputs.causal)
     return {"out": out, "lse": lse}
+
+
+# Unit roundoff of the 16-bit input dtypes: a kernel may round P to q's dtype before P V (tensor cores take
+# 16-bit operands; FlashMLA does), which the tolerance's ``p_rounding`` term admits.
+_UNIT = {torch.bfloat16: 2.0**-9, torch.float16: 2.0**-12}
+
+
+def elementwise_bound(inputs: Inputs) -> dict[str, np.ndarray]:
+    """``out``'s per-element term for rounding the probabilities to q's dtype
+    (:func:`deepport.kernels.f64.mla_decode.mla_decode_p_rounding_bound`)."""
+    t = inputs.tensors
+    unit = _UNIT[t["q"].dtype]
+    return {"out": mla_decode_p_rounding_bound(t["q"], t["k_cache"], t["block_table"], t["cache_seqlens"],
+                                               inputs.head_dim_v, _scale(inputs), inputs.causal, unit)}

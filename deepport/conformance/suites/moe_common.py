@@ -37,7 +37,7 @@ import torch
 from deepport.conformance.call import poisoned, synchronize
 from deepport.conformance.case import Case, make_case
 from deepport.conformance.plugins import load_plugins, loaded_specs
-from deepport.conformance.rank_group import Packed, pack, rank_group, unpack
+from deepport.conformance.rank_group import pack, rank_group, unpack
 from deepport.errors import BackendNotSupportedError
 
 GENERATOR_VERSION = 1
@@ -180,14 +180,25 @@ class RankCall:
         return t
 
 
+NOT_SUPPORTED = "__not_supported__"
+"""The key of a rank's answer when the backend refused the call: ``(op, reasons)`` instead of outputs."""
+
+
 def run_rank(rank: int, group: Any, device: torch.device, op: str, params: dict[str, Any], seed: int,
-             backend: str, plugins: tuple[str, ...] = ()) -> dict[str, Packed]:
+             backend: str, plugins: tuple[str, ...] = ()) -> dict[str, Any]:
     """One rank's half of a case: load the run's plugins (the backend may be one), generate, call, check
-    the inputs are unchanged, pack the outputs."""
+    the inputs are unchanged, pack the outputs. A backend that declares it cannot run the call
+    (:class:`BackendNotSupportedError`, raised by dispatch before any collective) is answered as data,
+    ``{NOT_SUPPORTED: (op, reasons)}``, so the case is ``not_supported`` as in a world of one."""
     load_plugins(plugins)
     suite = _suite(op)
     mine = {n: t.to(device, copy=True) for n, t in rank_inputs(params, seed, rank).items()}
-    outs = suite.run(RankCall(mine, params, backend, group, device))
+    try:
+        outs = suite.run(RankCall(mine, params, backend, group, device))
+    except BackendNotSupportedError as exc:
+        if group is None:
+            raise
+        return {NOT_SUPPORTED: (exc.op, exc.reasons)}
     synchronize(device)
     for n, t in rank_inputs(params, seed, rank).items():
         if not torch.equal(mine[n].cpu().view(torch.uint8) if t.dtype == FP8 else mine[n].cpu(),
@@ -213,6 +224,10 @@ def invoke(inputs: Inputs, tensors: Mapping[str, torch.Tensor], backend: str,
         results = rank_group(world, device.type).run(
             "deepport.conformance.suites.moe_common:run_rank", world, label=f"{inputs.op} on {backend}",
             op=inputs.op, params=inputs.params, seed=inputs.seed, backend=backend, plugins=loaded_specs())
+        refused = [r[NOT_SUPPORTED] for r in results if NOT_SUPPORTED in r]
+        if refused:
+            op, reasons = refused[0]
+            raise BackendNotSupportedError(op, backend, "the backend= argument", reasons)
     for name, out in outputs.items():
         parts = [unpack(r[name]) for r in results]
         wrong = [f"rank {i}: {p.dtype}" for i, p in enumerate(parts) if p.dtype != out.dtype]

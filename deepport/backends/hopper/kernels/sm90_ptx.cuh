@@ -82,6 +82,14 @@ __device__ __forceinline__ void tma_load_3d(u32 dst, const CUtensorMap* map, u32
         : "memory");
 }
 
+// A 4-D tile {c0 (innermost), c1, c2, c3} of `map`, as tma_load_3d.
+__device__ __forceinline__ void tma_load_4d(u32 dst, const CUtensorMap* map, u32 bar, i32 c0, i32 c1, i32 c2, i32 c3) {
+    asm volatile(
+        "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5, %6}], [%2];"
+        ::"r"(dst), "l"(reinterpret_cast<u64>(map)), "r"(bar), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
+        : "memory");
+}
+
 // 4-byte asynchronous copy global -> shared (LDGSTS).
 __device__ __forceinline__ void cp_async_4(u32 dst, const void* src) {
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(dst), "l"(src) : "memory");
@@ -107,9 +115,21 @@ __device__ __forceinline__ void wgmma_wait_all() {
     asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
 }
 
+// Waits until at most `kPending` committed wgmma groups of this warp are still running (groups
+// complete in commit order).
+template <int kPending>
+__device__ __forceinline__ void wgmma_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(kPending) : "memory");
+}
+
 // Keeps the compiler from moving accesses of an accumulator register across wgmma instructions.
 __device__ __forceinline__ void fence_operand(float& r) {
     asm volatile("" : "+f"(r)::"memory");
+}
+
+// The same for a register an asynchronous wgmma reads as its A operand (keeps it live and unmoved).
+__device__ __forceinline__ void fence_operand_u32(u32& r) {
+    asm volatile("" : "+r"(r)::"memory");
 }
 
 // Shared-memory matrix descriptor of a K-major tile written by TMA with 128-byte swizzling: rows of

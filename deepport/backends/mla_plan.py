@@ -1,4 +1,7 @@
-"""The split-KV plan of ``get_mla_metadata`` turned into what the Triton kernels read, on the device.
+"""The split-KV plan of ``get_mla_metadata`` turned into what the MLA decode kernels read, on the device.
+
+Shared by the ``triton`` and ``hopper`` backends (both run one persistent program per part and walk
+the same piece list).
 
 FlashMLA's records (one per part: first/last request, first/end 64-token block, first split row)
 are expanded on the host into a flat list of *pieces*, one per (part, request it touches), and put
@@ -15,9 +18,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from deepport.backends.triton.mla_decode_kernels import PIECE_FIELDS
 from deepport.kernels import mla_schedule
 from deepport.kernels.mla_decode import MLADecodeCall, MLAMetadata
+
+PIECE_FIELDS = 5  # int32 fields per piece: request, first token, end token (exclusive), split row, direct
 
 
 @dataclass(frozen=True)
@@ -93,12 +97,13 @@ def _forget(key: tuple[int, str, int]) -> None:
         _cache.pop(key, None)
 
 
-def num_parts(call: MLADecodeCall, block_h: int, programs_per_sm: int) -> int:
+def num_parts(call: MLADecodeCall, block_h: int, programs_per_sm: int, v_split: int = 1) -> int:
     """Parts of the batch for ``programs_per_sm`` programs per SM, each serving ``block_h`` query rows
-    of one KV head (FlashMLA's ``num_sm_parts`` when ``block_h = 64`` and one program per SM)."""
+    of one KV head and ``1 / v_split`` of the output channels (FlashMLA's ``num_sm_parts`` when
+    ``block_h = 64``, one program per SM and ``v_split = 1``)."""
     sig = call.signature
     row_tiles = -(-sig.num_q_tokens_per_head_k // block_h)
-    return max(sig.device.multiprocessors * programs_per_sm // (sig.h_kv * row_tiles), 1)
+    return max(sig.device.multiprocessors * programs_per_sm // (sig.h_kv * row_tiles * v_split), 1)
 
 
 def device_plan(call: MLADecodeCall, parts: int) -> DevicePlan:

@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# Expert parallelism on 2 GPUs (issue 14), one device call of about 5 minutes:
+#
+#   bash scripts/gpu_ep_bench.sh            (from the repository root, on nvidia-h200-x2)
+#
+# 1. tests on NCCL: tests/test_torch_moe_ep.py and tests/test_moe_gpu.py (-m gpu: 1-GPU low-latency path
+#    under set_sync_debug_mode("error") and replayed as a CUDA graph; 2-rank NCCL collectives, host syncs,
+#    agreement with the reference backend) and the custom ops' low-latency CUDA-graph test;
+# 2. deepport certify --tier smoke --device cuda of the seven MoE ops on torch and triton (2-rank cases on
+#    NCCL; 4-rank cases are not_supported on 2 GPUs);
+# 3. deepport bench --device cuda --op moe_dispatch moe_combine: every backend implementing them next to
+#    nccl_all_to_all (raw all_to_all_single of the same split sizes and bytes, same run), and the
+#    nvlink_all_to_all ceiling.
+#
+# Writes under $OUT: gpu.txt, commit.txt, tests.txt, certify/ (results.json, summary.md, junit.xml),
+# certify.log, bench.json, bench.png, bench.log, ep_summary.json (per config: each backend's median us and
+# its ratio to raw NCCL, raw time / backend time as in issue 14's table), and prints that table.
+# With fewer than 2 GPUs it says so, runs what fits (1 GPU: the 1-GPU tests; no GPU: the CPU bench of the
+# MoE configs) and exits 0.
+set -uo pipefail
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# never NVLink multicast (it can put a shared host's GPUs out of service)
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+OUT="${OUT:-/tmp/deepport-out}"; mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+OPS="moe_layout moe_dispatch moe_combine moe_dispatch_expanded moe_combine_expanded moe_low_latency_dispatch moe_low_latency_combine"
+start=$SECONDS
+
+gpus="$("$PY" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)"
+{ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv 2>/dev/null || echo "no nvidia-smi"
+  "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'nccl',
+            torch.cuda.nccl.version() if torch.cuda.is_available() else None, 'gpus', torch.cuda.device_count())"
+} | tee "$OUT/gpu.txt"
+echo "deepport commit: $(cat .git_revision 2>/dev/null || git rev-parse HEAD 2>/dev/null || echo unknown)" \
+  | tee "$OUT/commit.txt"
+
+summary() {  # the bench table: per (op, config) each backend's median and raw NCCL time / its time
+  "$PY" - "$OUT/bench.json" "$OUT/ep_summary.json" <<'EOF'
+import json, sys
+results = json.load(open(sys.argv[1]))["results"]
+rows, raw = [], {}
+for r in results:
+    if r["op"].startswith("moe_") and r["backend"] == "nccl_all_to_all" and r["time_us"]:
+        raw[(r["op"], r["config"])] = r["time_us"]
+print(f"{'op':<14} {'config':<38} {'backend':<16} {'status':<8} {'median us':>10} {'GB/s':>8} {'raw NCCL us':>12} {'ratio':>7}")
+for r in results:
+    if not r["op"].startswith("moe_"):
+        continue
+    base = raw.get((r["op"], r["config"]))
+    ratio = base / r["time_us"] if base and r["time_us"] else None
+    rows.append({"op": r["op"], "config": r["config"], "backend": r["backend"], "status": r["status"],
+                 "median_us": r["time_us"], "gbps": r["gbps"], "raw_nccl_us": base, "raw_over_backend": ratio,
+                 "message": r.get("message", "")})
+    t = f"{r['time_us']:.1f}" if r["time_us"] else "-"
+    g = f"{r['gbps']:.1f}" if r["gbps"] else "-"
+    b = f"{base:.1f}" if base else "-"
+    x = f"{ratio:.2f}x" if ratio else "-"
+    print(f"{r['op']:<14} {r['config']:<38} {r['backend']:<16} {r['status']:<8} {t:>10} {g:>8} {b:>12} {x:>7}"
+          + (f"  {r.get('message', '')[:60]}" if r["status"] != "ok" else ""))
+json.dump({"rows": rows, "targets": "issue 14: dispatch and combine >= 0.9x raw NCCL at 4096 tokens; "
+           "backend time <= 1.5x raw NCCL time (ratio >= 0.67x) at 128 tokens"}, open(sys.argv[2], "w"), indent=1)
+EOF
+}
+
+bench() {  # bench DEVICE [--quick]
+  timeout 240 "$PY" -m deepport bench --device "$1" --op moe_dispatch moe_combine ${2:-} --out "$OUT/bench-out" \
+    > "$OUT/bench.log" 2>&1
+  echo "bench: exit $? after $((SECONDS - start)) s"; tail -n 30 "$OUT/bench.log"
+  cp "$OUT/bench-out/bench.json" "$OUT/bench.json" 2>/dev/null
+  cp "$OUT/bench-out/bench.png" "$OUT/bench.png" 2>/dev/null
+  rm -rf "$OUT/bench-out"
+  if [ -f "$OUT/bench.json" ]; then summary | tee "$OUT/ep_summary.txt"; fi
+}
+
+if [ "$gpus" -lt 1 ]; then
+  echo "no CUDA GPU: the NCCL tests, certify and GPU bench need 2 GPUs; running the CPU bench of the MoE configs"
+  bench cpu --quick
+  exit 0
+fi
+
+# 1. tests (1 GPU and 2-rank NCCL; skipped with reasons on fewer GPUs)
+timeout 180 "$PY" -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_torch_moe_ep.py tests/test_moe_gpu.py \
+  "tests/test_custom_ops_gpu.py::test_low_latency_moe_path_replays_with_new_routing_like_eager" \
+  > "$OUT/tests.txt" 2>&1
+echo "tests: exit $? after $((SECONDS - start)) s"; tail -n 25 "$OUT/tests.txt"
+
+if [ "$gpus" -lt 2 ]; then
+  echo "only $gpus GPU: the 2-rank NCCL certify and the EP=2 bench need 2 GPUs (nvidia-h200-x2)"
+  exit 0
+fi
+
+# 2. conformance of the MoE ops on NCCL (smoke tier; reference judges every case)
+# shellcheck disable=SC2086 # the op list is meant to split into words
+timeout 120 "$PY" -m deepport certify --device cuda --tier smoke --backend torch triton --op $OPS \
+  --out "$OUT/certify" > "$OUT/certify.log" 2>&1
+echo "certify: exit $? after $((SECONDS - start)) s"; tail -n 25 "$OUT/certify.log"
+
+# 3. bench next to raw NCCL
+bench cuda
+echo "total $((SECONDS - start)) s"
