@@ -89,6 +89,7 @@ def test_an_entry_point_backend_is_certified_verified_and_replayed(vendor: Path,
     assert manifest["backends"]["acme_port"]["claimed_profiles"] == ["mla_decode/core"]
     assert manifest["waivers"] == [] and manifest["isolation"] == "process"
     assert manifest["software"]["torch"] and manifest["device"]["type"] == "cpu"
+    assert manifest["device"]["name"] and manifest["device"]["logical_cores"] >= 1  # which CPU certified it
     results = json.loads(files["results.json"])
     assert {c["case_id"] for c in results["cases"]} == {"mla_decode/half_empty_b4_sq2_causal",
                                                         "mla_decode/all_empty_b3"}
@@ -275,3 +276,25 @@ def test_the_suite_digest_covers_the_judging_code_not_the_tools() -> None:
                 "conformance/certificate.py", "conformance/pytest_plugin.py"} & names
     digest, count = suite_source_sha256()
     assert len(digest) == 64 and count == len(names)
+
+
+@pytest.mark.usefixtures("test_mode")
+def test_replay_runs_under_the_recorded_per_call_limit(archive: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A case that took minutes on the certifying device (``--timeout`` of the certification) is replayed
+    under that limit, not a shorter default; ``--timeout`` overrides it."""
+    from deepport.conformance import certificate_verify
+
+    limits: list[float] = []
+
+    def spy(results: Any, n: int, **kwargs: Any) -> list[Any]:
+        limits.append(kwargs["timeout_s"])
+        return []
+
+    monkeypatch.setattr(certificate_verify, "replay", spy)
+    slow = _rewrite(archive, tmp_path, _json_edit(MANIFEST, lambda m: m.__setitem__("timeout_s", 3600)))
+    assert verify_certificate(slow, regenerate=0, replay_count=1).verdict == VALID_TEST
+    verify_certificate(slow, regenerate=0, replay_count=1, timeout_s=7.5)
+    verify_certificate(archive, regenerate=0, replay_count=1)
+    assert limits == [3600.0, 7.5, 600.0]
+    assert certificate_verify.recorded_timeout({"timeout_s": "x"}) == certificate_verify.recorded_timeout({}) == 600.0

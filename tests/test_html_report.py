@@ -70,6 +70,9 @@ def test_profiles_matrix_and_failures_with_worst_elements_and_reproducers() -> N
     assert command == ("deepport certify --backend exploit_zeros --tier smoke --device cpu "
                        "--case mla_decode/page_edges --seed 42")
     assert command in text
+    loaded = {**results, "command": "deepport certify --plugin 'acme port:BACKEND' --backend exploit_zeros --seed 42"}
+    assert case_command(loaded, fail) == ("deepport certify --plugin 'acme port:BACKEND' --backend exploit_zeros "
+                                          "--tier smoke --device cpu --case mla_decode/page_edges --seed 42")
     assert "max err / bound" in text  # each output's figures next to its tolerance
     assert "<svg" not in text  # no bench results given: no chart
 

@@ -70,3 +70,25 @@ def test_smoke_tier_passes_on_cuda(backend: str) -> None:
     bad = [f"{r.case_id}: {r.status} {r.message}" for r in run.cases if r.status.value != "pass"
            and not (r.status.value == "not_supported" and "CUDA devices (one per rank)" in (r.message or ""))]
     assert not bad, "\n".join(bad) + f"\nrun seed {run.run_seed}"
+
+
+@pytest.mark.parametrize("name", ["exploit_side_stream_race", "exploit_writes_after_return", "exploit_control"])
+def test_a_write_on_a_side_stream_the_caller_does_not_wait_for_is_rejected(name: str) -> None:
+    """The exploit corpus's non-default stream race, on a real CUDA side stream: the harness judges the copy
+    it queued on the caller's stream at return (the poison), and sees the memory change afterwards. The
+    late thread and the honest control run beside it, on the same case."""
+    from deepport.conformance import Status, select_cases
+    from deepport.conformance.exploits import exploit
+    from deepport.conformance.runner import run_case
+    from deepport.dispatch import registered
+
+    (case,) = [c for c in select_cases("smoke", ops=["mla_decode"])
+               if c.id == "mla_decode/b3_sq1_hq1_hkv1_d576v512_p64_sk100_bfloat16"]
+    with registered(exploit(name)):
+        (result,) = run_case(case, [name], torch.device("cuda"), 20261101)
+    if name == "exploit_control":
+        assert result.status is Status.PASS, result.message
+        return
+    assert result.status is Status.FAIL, result.message
+    assert "changed after the call returned" in result.message or "NaN positions differ" in result.message, \
+        result.message

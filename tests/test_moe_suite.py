@@ -95,3 +95,17 @@ def test_a_cheating_moe_backend_fails(name: str) -> None:
 
 def _torch_ops() -> tuple[OpSupport, ...]:
     return tuple(s for s in get("torch").ops if s.op.startswith("moe_"))
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("isolate", [False, True], ids=["in_process", "isolated"])
+def test_a_backend_without_moe_is_not_supported_on_multi_rank_cases_too(isolate: bool) -> None:
+    """An MLA-only backend (the corpus's control) gets ``not_supported`` with dispatch's reason on every MoE
+    case, those whose ranks run in rank processes included (their BackendNotSupportedError crosses back as
+    that verdict, not as an error): a vendor's MLA-only certificate can verify."""
+    run = run_suite(["exploit_control"], "smoke", ops=["moe_dispatch", "moe_combine"], case_pattern="world2",
+                    run_seed=11, isolate=isolate, plugins=["deepport.conformance.exploits:CONTROL"], timeout_s=240)
+    assert {c.params["world"] for c in run.cases} == {2}
+    for r in run.cases:
+        assert r.status is Status.NOT_SUPPORTED, (r.case_id, r.status, r.message)
+        assert r.message.startswith("does not implement moe_dispatch"), r.message  # combine's ranks dispatch first

@@ -47,3 +47,10 @@ def test_opencl_passes_the_smoke_case(case_id: str) -> None:
     [case] = [c for c in select_cases("smoke", [case_id.split("/")[0]]) if c.id == case_id]
     [result] = run_case(case, ["opencl"], "cpu", run_seed=20261201)
     assert result.status == Status.PASS, f"{result.status.value}: {result.message}"
+
+
+def test_the_backend_reports_its_opencl_device_and_driver_for_certificates() -> None:
+    ident = registry.get("opencl").identity()  # type: ignore[misc]
+    (selected,) = [d for d in runtime.describe_devices() if d["selected"]]
+    assert ident["opencl_device"] == selected["device"] and ident["driver"] == selected["driver"]
+    assert ident["opencl_version"].startswith("OpenCL") and int(ident["compute_units"]) >= 1

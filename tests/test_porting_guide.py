@@ -50,7 +50,11 @@ def test_the_porting_guide_from_an_empty_folder_to_a_certified_op(workdir: Path)
     package = workdir / "acme-deepport" / "acme_port"
     pyproject = (workdir / "acme-deepport" / "pyproject.toml").read_text()
     assert '[project.entry-points."deepport.backends"]\nacme_port = "acme_port"' in pyproject
-    assert 'name="acme_port"' in (package / "__init__.py").read_text()
+    init = (package / "__init__.py").read_text()
+    assert 'name="acme_port"' in init
+    # the copy's walk-through says what new-backend did, instead of asking to rename the package to itself
+    assert "Done by ``deepport new-backend``" in init and "replace ``acme_port``" not in init
+    assert "Not registered" not in init and "The acme_port backend" in init
     # step 3: start from a known-good answer, with the exact line the guide gives
     (oracle_line,) = [b.strip() for b in _blocks("python") if "deepport.kernels.f64.mla_decode" in b]
     with (package / "mla_decode.py").open("a") as f:
@@ -95,3 +99,23 @@ def test_new_backend_refuses_bad_names_and_existing_folders(tmp_path: Path,
     assert main(["new-backend", "acme", "--out", str(tmp_path / "y")]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "expected a lowercase Python identifier" in err and "already exist" in err
+
+
+def test_the_guides_declaration_builds_a_backend_whose_requirements_read_the_signature() -> None:
+    """Section 4's ``BACKEND = Backend(...)`` runs as written (with a probe and an identity), and each of its
+    requirements reads fields the MLA decode signature has: it answers, with a reason on a CPU."""
+    import torch
+
+    from deepport.dispatch import Backend, device_info
+    from deepport.kernels.mla_decode import example_signature
+
+    (block,) = [b for b in _blocks("python") if "BACKEND = Backend(" in b]
+    namespace: dict[str, object] = {"probe": lambda: None, "identity": dict}
+    exec(block, namespace)  # the guide's own code
+    backend = namespace["BACKEND"]
+    assert isinstance(backend, Backend) and backend.name == "acme_port"
+    (support,) = backend.ops
+    signature = example_signature(device_info(torch.device("cpu")))
+    answers = {r.description: r.check(signature) for r in support.requirements}
+    assert answers["page_block_size in {64}"] is None and answers["s_q <= 4"] is None
+    assert answers["device arch in {sm_90}"], "a CPU is not sm_90: the requirement must say what it has instead"

@@ -53,7 +53,8 @@ def test_suite_cases_run_as_tests_with_waivers(tmp_path: Path) -> None:
     assert "FAILED deepport[exploit_zeros]::mla_decode/all_empty_b3 - fail: lse: +inf positions differ" in out
     assert "FAILED deepport[exploit_control]::mla_decode/all_empty_b3 - unexpected pass: remove the waiver" in out
     assert "not supported by exploit_zeros: does not implement fp8_gemm_nt" in out
-    assert "reproduce: deepport certify --backend exploit_zeros --tier smoke --device cpu" in out
+    assert ("reproduce: deepport certify --plugin deepport.conformance.exploits:EXPLOITS --plugin "
+            "deepport.conformance.exploits:CONTROL --backend exploit_zeros --tier smoke --device cpu") in out
     assert "2 failed, 1 passed, 2 skipped, 1 xfailed" in out
 
 

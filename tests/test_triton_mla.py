@@ -140,3 +140,11 @@ def test_plan_cache_follows_the_metadata_object() -> None:
     del call, md, first
     gc.collect()
     assert len(mla_plan._cache) == before - 1
+
+
+def test_the_backend_reports_triton_and_how_it_runs_for_certificates() -> None:
+    from deepport.dispatch import registry
+
+    ident = registry.get("triton").identity()  # type: ignore[misc]
+    assert ident["triton"] == triton.__version__
+    assert ident["mode"] == ("interpreter (TRITON_INTERPRET=1)" if _runtime.interpreting() else "compiled")

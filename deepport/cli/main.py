@@ -24,7 +24,7 @@
   failed its check).
 - ``deepport report RESULTS_JSON|DIR --html [--bench BENCH_JSON]`` also writes ``report.html`` (one
   self-contained file; the bench chart when ``bench.json`` sits next to the results or is given).
-- ``deepport verify ARCHIVE [--replay N] [--plugin MODULE[:ATTR]] [--device DEV]``: checks a certificate
+- ``deepport verify ARCHIVE [--replay N] [--plugin MODULE[:ATTR]] [--device DEV] [--timeout S]``: checks a certificate
   archive of ``certify --certify`` (or the folder it unpacks to); ``--replay N`` re-runs N sampled cases
   here; see :mod:`deepport.conformance.certificate_verify`.
 - ``deepport determinism [--backend NAME ...] [--op OP ...] [--case PATTERN] [--device DEV] [--tier T]
@@ -137,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("--plugin", action="append", default=[], metavar="MODULE[:ATTR]",
                      help="with --replay: import an out-of-tree backend first")
     ver.add_argument("--device", help="with --replay: torch device (default: the recorded device type)")
+    ver.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                     help="with --replay: per-call limit (default: the one the certificate recorded)")
 
     det = commands.add_parser("determinism",
                               help="run cases N times with identical inputs: bitwise equal, or the spread")
@@ -234,15 +236,17 @@ def _verify(args: argparse.Namespace) -> int:
 
     if args.replay < 0:
         return _usage_error("verify", f"--replay expects a non-negative number of cases, got {args.replay}")
+    if args.timeout is not None and not args.timeout > 0:
+        return _usage_error("verify", f"--timeout must be > 0 seconds, got {args.timeout:g}")
     if is_certificate(args.results):
         try:
             return verify.run_certificate(str(args.results), args.regenerate, args.replay, args.plugin, args.device,
-                                          Console())
+                                          Console(), timeout_s=args.timeout)
         except CertificateFileError as exc:
             return _usage_error("verify", str(exc))
-    if args.replay or args.plugin:
-        return _usage_error("verify", "--replay and --plugin apply to certificate archives (deepport certify "
-                            "--certify), not to a results.json")
+    if args.replay or args.plugin or args.timeout is not None:
+        return _usage_error("verify", "--replay, --plugin and --timeout apply to certificate archives (deepport "
+                            "certify --certify), not to a results.json")
     try:
         results = report.load_results(args.results)
     except report.ResultsFileError as exc:

@@ -40,6 +40,25 @@ class ScaffoldError(ValueError):
     """A name or folder ``new-backend`` cannot use."""
 
 
+_COPY_STEP = re.compile(r"^1\. Copy ``deepport/backends/_template/``.*?(?=^2\. )", re.S | re.M)
+
+
+def _renamed_walkthrough(text: str, name: str) -> str:
+    """The template's ``__init__`` docstring told for the renamed copy: its first line and step 1 (copy and
+    rename) describe what ``new-backend`` already did, instead of asking to replace the package's own name."""
+    first = '"""A backend template: copy this folder, fill one op at a time, certify it. Not registered (not in ' \
+        'BUILTIN).'
+    if not text.startswith(first) or not _COPY_STEP.search(text):
+        raise ScaffoldError("deepport/backends/_template/__init__.py no longer starts as new-backend expects "
+                            "(its first line and walk-through step 1): update deepport/cli/scaffold.py")
+    text = f'"""The {name} backend, started from deepport\'s template: fill one op at a time, certify it.' + \
+        text[len(first):]
+    step1 = (f"1. Done by ``deepport new-backend``: this package is deepport's template "
+             f"(``deepport/backends/_template/``)\n   renamed to ``{name}``, and ``pyproject.toml`` next to it "
+             f"registers it in the entry-point group\n   ``deepport.backends``.\n")
+    return _COPY_STEP.sub(lambda _: step1, text, count=1)
+
+
 def new_backend(name: str, out: Path | None = None) -> list[Path]:
     """Create the package and ``pyproject.toml`` (see the module docstring); returns the files written."""
     if not re.fullmatch(r"[a-z_][a-z0-9_]*", name) or keyword.iskeyword(name) or name.startswith("deepport"):
@@ -54,7 +73,10 @@ def new_backend(name: str, out: Path | None = None) -> list[Path]:
     package.mkdir(parents=True)
     written = []
     for source in sorted(Path(template.__file__).parent.glob("*.py")):
-        text = source.read_text(encoding="utf-8").replace(TEMPLATE_MODULE, name)
+        text = source.read_text(encoding="utf-8")
+        if source.name == "__init__.py":
+            text = _renamed_walkthrough(text, name)
+        text = text.replace(TEMPLATE_MODULE, name)
         text = text.replace('name="template"', f'name="{name}"')
         text = text.replace('summary="a backend template (copy deepport/backends/_template/)"',
                             f'summary="{name}: a deepport backend (from the template)"')

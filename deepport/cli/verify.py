@@ -115,8 +115,9 @@ def render_certificate(rep: CertificateReport, out: Console) -> None:
 
 
 def run_certificate(path: str, regenerate: int | Literal["all"], replay: int, plugins: list[str], device: str | None,
-                    out: Console) -> int:
+                    out: Console, *, timeout_s: float | None = None) -> int:
     """Verify a certificate archive (or its folder), print the report; returns the exit status."""
-    rep = verify_certificate(path, regenerate=regenerate, replay_count=replay, plugins=plugins, device=device)
+    rep = verify_certificate(path, regenerate=regenerate, replay_count=replay, plugins=plugins, device=device,
+                             timeout_s=timeout_s)
     render_certificate(rep, out)
     return rep.exit_code

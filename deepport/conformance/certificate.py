@@ -156,6 +156,7 @@ def write_archive(path: Path, files: Mapping[str, bytes]) -> Path:
                 info = tarfile.TarInfo(f"{folder}/{name}")
                 info.size, info.mode, info.mtime = len(data), 0o644, int(_dt.datetime.now(_dt.UTC).timestamp())
                 tar.addfile(info, io.BytesIO(data))
+        os.chmod(tmp, 0o644)  # a file to hand over (mkstemp made it private)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

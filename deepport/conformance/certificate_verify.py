@@ -19,7 +19,9 @@
 7. the derived reports (``junit.xml``, ``summary.md``) equal those regenerated from ``results.json``
    (a warning otherwise: another deepport version may format them differently);
 8. with ``--replay N``: N randomly chosen case records are run again on this machine
-   (:mod:`~deepport.conformance.replay`) and must give the recorded verdict on the recorded inputs.
+   (:mod:`~deepport.conformance.replay`) and must give the recorded verdict on the recorded inputs,
+   each call under the per-call limit the certificate recorded (``timeout_s``; ``--timeout`` overrides
+   it), so a case that took minutes on the certifying device is not cut short.
 
 Verdicts: ``VALID CERTIFICATE`` (exit 0), ``INVALID`` (exit 1), ``NOT A CERTIFICATION RUN`` (exit 1: a
 test archive, or a partial run), and ``VALID TEST ARCHIVE (NOT A CERTIFICATE)`` (exit 0) for a test
@@ -201,9 +203,15 @@ def _check_derived(contents: ArchiveContents, results: Mapping[str, Any], rep: V
                         "deepport version); results.json is what counts")
 
 
+def recorded_timeout(manifest: Mapping[str, Any], default: float = 600.0) -> float:
+    """The per-call limit the certification ran under (``timeout_s`` of the manifest), else ``default``."""
+    value = manifest.get("timeout_s")
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) and value > 0 else default
+
+
 def verify_certificate(path: str | os.PathLike[str], *, regenerate: int | Literal["all"] = DEFAULT_REGENERATE,
                        replay_count: int = 0, plugins: Sequence[str] = (), device: str | None = None,
-                       timeout_s: float = 600.0) -> CertificateReport:
+                       timeout_s: float | None = None) -> CertificateReport:
     """Check a certificate archive or folder; see the module docstring. Raises
     :class:`~deepport.conformance.certificate.CertificateFileError` if ``path`` is neither."""
     contents = read_archive(path)
@@ -226,7 +234,7 @@ def verify_certificate(path: str | os.PathLike[str], *, regenerate: int | Litera
     if replay_count > 0:
         try:
             rep.replayed = replay(rep.results, replay_count, plugins=[*rep.manifest.get("plugins", []), *plugins],
-                                  device=device, timeout_s=timeout_s)
+                                  device=device, timeout_s=timeout_s or recorded_timeout(rep.manifest))
         except ReplayError as exc:
             rep.checks.error(f"replay: {exc}")
         for r in rep.replayed:

@@ -15,6 +15,7 @@ Rendered from a ``results.json`` dict (and, when given, a ``bench.json`` of ``de
 from __future__ import annotations
 
 import html
+import itertools
 import json
 import re
 import shlex
@@ -51,12 +52,24 @@ def _cls(text: str) -> str:
     return _e(text.replace("(", "").replace(")", ""))
 
 
+def recorded_plugins(results: Mapping[str, Any]) -> list[str]:
+    """The ``--plugin`` values of the run's recorded command (out-of-tree backends it loaded by module path)."""
+    try:
+        words = shlex.split(str(results.get("command") or ""))
+    except ValueError:
+        return []
+    return [value for flag, value in itertools.pairwise(words) if flag == "--plugin"]
+
+
 def case_command(results: Mapping[str, Any], case: Mapping[str, Any]) -> str:
-    """The command that reruns one case with the run's seed on the recorded device."""
+    """The command that reruns one case with the run's seed on the recorded device (and the plugins the run
+    loaded, so that a backend known only through ``--plugin`` is found again)."""
     dev = (results.get("environment") or {}).get("device") or {}
     device = dev.get("type", "cpu") if dev.get("index") is None else f"{dev.get('type')}:{dev.get('index')}"
-    return shlex.join(["deepport", "certify", "--backend", str(case["backend"]), "--tier", str(case.get("tier")),
-                       "--device", str(device), "--case", str(case["case_id"]), "--seed", str(results.get("run_seed"))])
+    plugins = [arg for p in recorded_plugins(results) for arg in ("--plugin", p)]
+    return shlex.join(["deepport", "certify", *plugins, "--backend", str(case["backend"]), "--tier",
+                       str(case.get("tier")), "--device", str(device), "--case", str(case["case_id"]), "--seed",
+                       str(results.get("run_seed"))])
 
 
 def worst_elements(case: Mapping[str, Any]) -> list[dict[str, str]]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import os
 import platform
 import sys
 from pathlib import Path
@@ -85,14 +86,37 @@ def _driver_version() -> str | None:
         return None
 
 
+def _cpu_model() -> str | None:
+    """The CPU's model name as the OS reports it (Linux ``/proc/cpuinfo``), else ``None``."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and value.strip():
+                return value.strip()
+    except OSError:
+        pass
+    return None
+
+
+def _memory_bytes() -> int | None:
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def device_identity(device: torch.device) -> dict[str, Any]:
-    """The device as torch reports it, plus the kernel driver's version line where the OS exposes one."""
+    """The device as torch reports it, plus the kernel driver's version line where the OS exposes one; a CPU
+    as the OS reports it (model name, logical cores, memory, torch's intra-op threads)."""
     info: dict[str, Any] = {"device": str(device), "type": device.type}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info.update(name=props.name, capability=f"{props.major}.{props.minor}", total_memory=props.total_memory,
                     multiprocessors=props.multi_processor_count, uuid=str(getattr(props, "uuid", "")) or None,
                     gcn_arch=getattr(props, "gcnArchName", None), driver=_driver_version())
+    elif device.type == "cpu":
+        info.update(name=_cpu_model() or platform.processor() or platform.machine(), machine=platform.machine(),
+                    logical_cores=os.cpu_count(), total_memory=_memory_bytes(), torch_threads=torch.get_num_threads())
     else:
         info.update(name=platform.processor() or platform.machine(), machine=platform.machine())
     return info

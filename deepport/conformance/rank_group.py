@@ -16,7 +16,10 @@ log:
 
 - start (spawn, connect, join the process group, warm-up collective on every group):
   ``start_timeout_s``; a rank that exits during the start fails it at once;
-- a job: ``timeout_s`` for every rank to answer; a rank that raises or dies fails it at once;
+- a job: ``timeout_s`` for every rank to answer; a rank that raises or dies fails it at once (a rank
+  whose backend declares it cannot run the call ends it too, with that
+  :class:`~deepport.errors.BackendNotSupportedError` raised here: a ``not_supported`` verdict, as in one
+  process);
 - each collective: the process group's timeout, ``COLLECTIVE_TIMEOUT_FRACTION`` of ``timeout_s``, so
   a rank blocked on a peer that never joins reports its own error before the job's deadline;
 - shutdown: ``SHUTDOWN_TIMEOUT_S``, then the rank is killed (with a warning naming it).
@@ -48,6 +51,8 @@ from multiprocessing.connection import Connection, Listener, wait
 from typing import Any, NoReturn
 
 import torch
+
+from deepport.errors import BackendNotSupportedError
 
 START_TIMEOUT_S = 180.0
 JOB_TIMEOUT_S = 120.0
@@ -175,6 +180,8 @@ class RankGroup:
                 elif kind == final:
                     answers[rank] = value
                     self._set_phase(rank, f"done: {what}")
+                elif kind == "not_supported":
+                    self._not_supported(what, rank, value)
                 else:
                     self._fail(what, rank, f"failed: {value}")
             self._fail_if_exited([r for r in ranks if r not in answers], what)
@@ -250,6 +257,13 @@ class RankGroup:
             message += f". rank {r}'s stack (most recent call first): {stack}"
         self.kill()
         raise RankGroupError(message)
+
+    def _not_supported(self, what: str, rank: int, value: tuple[str, str, list[str]]) -> NoReturn:
+        """A rank's backend declined the call: end the job (the other ranks may wait in a collective the
+        declining rank never joins) and raise the backend's reasons, as the call raised them in one process."""
+        op, backend, reasons = value
+        self.kill()
+        raise BackendNotSupportedError(op, backend, f"the backend= argument ({what}, rank {rank})", reasons)
 
     def _timeout(self, what: str, budget: float, silent: list[int]) -> NoReturn:
         stacks = self._stacks(silent)

@@ -9,7 +9,9 @@ else gloo) through the file store, makes the subgroups of the first ``w`` ranks 
 
 Messages to the parent (tuples): ``("hello", rank)``, ``("phase", text)`` whenever it enters a phase
 (each start step; each job; every ``torch.distributed`` collective a job issues, numbered),
-``("ready", rank)``, and per job ``("ok", result)`` or ``("error", text)``. Every collective has the
+``("ready", rank)``, and per job ``("ok", result)``, ``("not_supported", (op, backend, reasons))`` when the
+backend declares it cannot run the call (:class:`~deepport.errors.BackendNotSupportedError`: a verdict,
+not a failure), or ``("error", text)``. Every collective has the
 process group's timeout (``collective_timeout_s``); on ``SIGUSR1`` the process writes every thread's
 Python stack to its stderr (the parent's per-rank log), which the parent quotes when a rank stalls.
 The process exits by itself when its parent dies, and within a few seconds of being told to stop.
@@ -34,6 +36,8 @@ from multiprocessing.connection import Client, Connection
 from typing import Any
 
 import torch
+
+from deepport.errors import BackendNotSupportedError
 
 # the collectives a job may issue: each one reports a numbered phase before it runs
 TRACED_COLLECTIVES = ("all_to_all_single", "all_to_all", "all_gather", "all_gather_into_tensor", "all_gather_object",
@@ -159,6 +163,9 @@ def _serve(conn: Connection, reporter: Reporter, rank: int, groups: dict[int, An
             fn = getattr(importlib.import_module(module_name), attr)
             group = groups.get(job_world) if job_world > 1 else None
             value = fn(rank=rank, group=group, device=device, **kwargs)
+        except BackendNotSupportedError as exc:  # the backend's declaration excludes the call: a verdict
+            conn.send(("not_supported", (exc.op, exc.backend, exc.reasons)))
+            continue
         except Exception as exc:  # reported to the parent, which fails the job
             conn.send(("error", _job_error(exc, reporter)))
             continue

@@ -17,6 +17,7 @@ import fnmatch
 import gc
 import platform
 import secrets
+import shlex
 import subprocess
 import sys
 import time
@@ -34,7 +35,7 @@ from deepport.conformance.call import CallOutcome, call_backend, inputs_sha256, 
 from deepport.conformance.case import TIERS, Case
 from deepport.conformance.checker import check_exact, check_output
 from deepport.conformance.isolation import BackendWorker
-from deepport.conformance.plugins import load_plugins
+from deepport.conformance.plugins import load_plugins, loaded_specs
 from deepport.conformance.results import CaseResult, Status, SuiteRun
 from deepport.conformance.suites import SUITES
 from deepport.conformance.tolerance import Tolerance, exact_output_name, tolerance
@@ -150,7 +151,8 @@ def _run_backend(suite: ModuleType, case: Case, backend: str, device: torch.devi
     Nothing of the call outlives this function, and the reference exists only after the call, so a
     backend can find neither the answer nor another backend's outputs in memory.
     """
-    repro = (f"(case seed {seed}; reproduce: deepport certify --backend {backend} --tier {case.tier} "
+    plugins = "".join(f"--plugin {shlex.quote(spec)} " for spec in loaded_specs())  # out-of-tree backends
+    repro = (f"(case seed {seed}; reproduce: deepport certify {plugins}--backend {backend} --tier {case.tier} "
              f"--device {device} --case '{case.id}' --seed {run_seed})")
     if worker is None:
         outcome = call_backend(suite, case, seed, backend, device, repro)

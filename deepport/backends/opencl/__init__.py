@@ -20,6 +20,16 @@ from deepport.backends.opencl.runtime import describe_devices, unavailable_reaso
 from deepport.dispatch import Backend, Determinism, OpSupport, reproducible
 
 
+def identity() -> dict[str, str]:
+    """The OpenCL device this backend runs on, as its driver reports it (recorded in certificates)."""
+    for row in describe_devices():
+        if row["selected"]:
+            return {"opencl_device": str(row["device"]), "opencl_version": str(row["version"]),
+                    "opencl_c": str(row["opencl_c"]), "driver": str(row["driver"]),
+                    "compute_units": str(row["compute_units"])}
+    return {}
+
+
 def toolchain_info() -> dict[str, Any]:
     """What ``deepport info`` shows for this backend: every OpenCL device, and which one it uses."""
     return {"opencl_devices": describe_devices()}
@@ -65,4 +75,5 @@ BACKEND = Backend(
     priority={"cpu": 5},
     probe=unavailable_reason,
     determinism=DETERMINISM,
+    identity=identity,
 )

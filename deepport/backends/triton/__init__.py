@@ -17,7 +17,7 @@ Automatic choice prefers it on GPUs (priority 20, above torch's 10). On the CPU 
 
 from deepport.backends import dtypes
 from deepport.backends.torch.determinism import RANK_SUMS
-from deepport.backends.triton._runtime import DEVICE, probe
+from deepport.backends.triton._runtime import DEVICE, identity, probe
 from deepport.backends.triton.fp8_support import FP8_OPS
 from deepport.dispatch import Backend, Determinism, OpSupport, reproducible
 
@@ -64,4 +64,5 @@ BACKEND = Backend(
     priority={"cuda": 20, "rocm": 20, "xpu": 20},  # never automatic on the CPU: the interpreter is slow
     probe=probe,
     determinism=DETERMINISM,
+    identity=identity,
 )

@@ -64,6 +64,17 @@ def probe() -> str | None:
     return None
 
 
+def identity() -> dict[str, str]:
+    """Triton's version and how it runs the kernels (compiled for a GPU, or interpreted on the CPU), for
+    certificates; empty when triton is not installed."""
+    if importlib.util.find_spec("triton") is None:
+        return {}
+    import triton
+
+    mode = "interpreter (TRITON_INTERPRET=1)" if interpreting() else "compiled"
+    return {"triton": str(triton.__version__), "mode": mode}
+
+
 def _device_check(sig: Any) -> str | None:
     kind = sig.device.kind
     if kind in GPU_KINDS and not interpreting():
