@@ -139,9 +139,14 @@ def test_a_config_builds_random_inputs_and_the_same_seed_gives_the_same_data() -
     a.call("torch")()
     b.call("torch")()
     other.call("torch")()
-    assert torch.equal(a.outputs["out"], b.outputs["out"])
-    assert not torch.equal(a.outputs["out"], other.outputs["out"])
-    assert a.outputs["out"].abs().sum() > 0 and a.footprint_bytes > 0
+    # Same seed, same data: the outputs agree to bf16 rounding. Not bit for bit: two builds are separate
+    # buffers, and a CI machine's CPU BLAS once returned results a bf16 ulp apart for them.
+    same = (a.outputs["out"].float() - b.outputs["out"].float()).abs()
+    apart = (a.outputs["out"].float() - other.outputs["out"].float()).abs()
+    scale = a.outputs["out"].float().abs().max()
+    assert scale > 0 and a.footprint_bytes > 0
+    assert same.max() <= 2 ** -7 * scale and same.mean() <= 2 ** -12 * scale, (same.max(), same.mean(), scale)
+    assert apart.mean() > 2 ** -5 * scale, (apart.mean(), scale)  # another seed: other data, not rounding
 
 
 # ---- the CLI on CPU -------------------------------------------------------------------------------------------------
