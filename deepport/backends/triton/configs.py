@@ -55,18 +55,28 @@ def mla_bucket(q_rows: int) -> str:
     return "rows>32"
 
 
-_MLA_HOPPER: tuple[tuple[str, MLAConfig], ...] = (
-    # memory-bound: mma.sync on 16 rows, 64-token K tiles, 2 of them in flight: 2.85-3.06 TB/s on an H200
-    # (benchmarks/results/2026-12-01-h200-triton-mla). Measured faster in the same run, not yet through a
-    # GPU certify run: block_n=64, num_warps=4, num_stages=2, programs_per_sm=2 (3.0-3.6 TB/s).
+_MLA_PORTABLE: tuple[tuple[str, MLAConfig], ...] = (
+    # every K tile loaded through pointers (no TMA): runs on any GPU triton targets
     ("rows<=16", MLAConfig(block_h=16, block_n=64, num_warps=8, num_stages=3)),
     ("rows<=32", MLAConfig(block_h=32, block_n=64, num_warps=8, num_stages=2)),
-    # compute-bound: wgmma on 64 rows (two warpgroups split the 512 output channels), Q resident in smem:
-    # 222-227 TFLOP/s on an H200 (the same results)
     ("rows>32", MLAConfig(block_h=64, block_n=64, num_warps=8, num_stages=2)),
 )
 
-MLA_DEFAULT: tuple[tuple[str, MLAConfig], ...] = _MLA_HOPPER
+_MLA_HOPPER: tuple[tuple[str, MLAConfig], ...] = (
+    # Winners of the H200 sweep of 2026-12-01 (benchmarks/results/2026-12-01-h200-triton-sweep), each checked
+    # there against the torch backend on full-size shapes before it was timed.
+    # memory-bound: mma.sync on 16 rows, two 64-token K tiles in flight, two programs per SM (90 KiB each):
+    # 2.95-3.47 TB/s, 1.03-1.15x the previous entry (block_n=64, 8 warps, 3 stages, one program per SM).
+    ("rows<=16", MLAConfig(block_h=16, block_n=64, num_warps=4, num_stages=2, programs_per_sm=2)),
+    ("rows<=32", MLAConfig(block_h=32, block_n=64, num_warps=8, num_stages=2)),
+    # compute-bound: wgmma on 64 rows (two warpgroups split the 512 output channels), Q resident in shared
+    # memory, K tiles by TMA where the cache layout allows it (one KV head, 16-byte aligned rows, else
+    # pointers): 266 TFLOP/s (s_q=1) and 220 TFLOP/s (s_q=2 causal), 1.18x and 1.09x the pointer-loaded tiles.
+    ("rows>32", MLAConfig(block_h=64, block_n=64, num_warps=8, num_stages=2, k_tma=True)),
+)
+
+MLA_DEFAULT: tuple[tuple[str, MLAConfig], ...] = _MLA_PORTABLE
+"""Other GPUs (untuned): the Hopper tiles without TMA."""
 
 MLA_TUNED: dict[str, tuple[tuple[str, MLAConfig], ...]] = {"H200": _MLA_HOPPER, "H100": _MLA_HOPPER}
 
