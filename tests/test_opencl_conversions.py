@@ -96,6 +96,10 @@ def test_e4m3_store_rounds_saturates_and_keeps_nan_like_torch(rt: Runtime) -> No
     x = np.concatenate([sorted_grid, ties, -ties, near, wide, over]).astype(np.float32)
     got = _apply(rt, "e4m3_encode", x, np.uint8)
     want = torch.from_numpy(x).to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+    # From 464 (448 + half its step) up, torch releases differ: torch 2.13 on the CPU saturates to 0x7e,
+    # c10's scalar cast (older releases) gives NaN (0x7f) from 480. deepport's spec is to saturate.
+    past = np.abs(x) >= 464
+    want = np.where(past, np.where(np.signbit(x), 0xFE, 0x7E), want).astype(np.uint8)
     nan = np.isnan(x)
     assert np.all((got[nan] & 0x7F) == 0x7F)
     wrong = np.nonzero((got != want) & ~nan)[0]
