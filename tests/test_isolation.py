@@ -62,3 +62,28 @@ def test_a_backend_that_hangs_is_stopped_at_the_timeout() -> None:
         _forget("test_crash", "test_hang")
     (result,) = run.cases
     assert result.status is Status.TIMEOUT and "timed out after 5 s" in result.message
+
+
+def test_isolated_backends_share_one_judgement_per_case_and_cheats_still_fail(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every backend in its own worker: the case's reference is computed once (after the first call) and
+    judges each backend; a cheat judged against the shared expectations still fails, and one that
+    changes its inputs is still caught (digests are compared per call)."""
+    from deepport.conformance.suites import SUITES
+
+    suite = SUITES["mla_decode"]
+    calls: list[int] = []
+    original = suite.reference
+    monkeypatch.setattr(suite, "reference", lambda inputs: (calls.append(1), original(inputs))[1])
+    names = ["torch", "exploit_zeros", "exploit_mutates_q", "reference"]
+    try:
+        run = run_suite(names, "smoke", case_pattern=FEW, run_seed=SEED, isolate=True, plugins=[PLUGIN])
+    finally:
+        _forget(*(b.name for b in CORPUS))
+    status = {r.backend: r for r in run.cases}
+    assert len(calls) == 1, f"the reference was computed {len(calls)} times for one case"
+    assert status["torch"].status is Status.PASS and status["reference"].status is Status.PASS
+    assert status["exploit_zeros"].status is Status.FAIL
+    assert status["exploit_mutates_q"].status is Status.FAIL and "modified" in status["exploit_mutates_q"].message
+    in_process = run_suite(["torch", "reference"], "smoke", case_pattern=FEW, run_seed=SEED)
+    assert len(calls) == 3, "in one process each backend's judgement recomputes the reference after its call"
+    assert all(r.status is Status.PASS for r in in_process.cases)

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -85,71 +86,88 @@ def select_cases(tier: str, ops: Sequence[str] | None = None, pattern: str | Non
     return chosen
 
 
-def _judge(suite: ModuleType, case: Case, seed: int, outcome: CallOutcome, result: CaseResult,
-           repro: str) -> CaseResult:
-    """Regenerate the pristine inputs (objects no backend saw), check the backend left its copies
-    unchanged, compute the float64 reference, calibrate the case, and compare every output."""
+@dataclass
+class _Expected:
+    """What every backend's outputs on one case are judged against: backend-independent, computed after
+    the first call (see :func:`run_case` for when it is shared by the next backends)."""
+
+    input_digests: dict[str, str]
+    inputs_sha256: str
+    dtype_name: str  # the suite's name of the case's dtype (keys the tolerance table)
+    dtypes: dict[str, torch.dtype]
+    tolerances: dict[str, Tolerance]
+    references: dict[str, Any]
+    bounds: dict[str, np.ndarray]
+    calibration_problems: list[str]
+    exact_references: dict[str, Any] = field(default_factory=dict)  # output name -> unquantized answer
+    exact_positions: dict[str, Any] = field(default_factory=dict)
+
+
+def _expectations(suite: ModuleType, case: Case, seed: int, device: str) -> _Expected:
+    """Regenerate the pristine inputs (objects no backend saw), compute the float64 reference (and the
+    optional exact one), the per-element bounds, and calibrate the case."""
     pristine = suite.generate(case, seed)
-    result.metrics["inputs"] = {"sha256": inputs_sha256(pristine.tensors)}
-    failures = [f"input `{n}` was modified by the call" for n, t in pristine.tensors.items()
-                if outcome.input_digests.get(n) != tensor_sha256(t)]
     specs = suite.output_specs(pristine)
     dtypes = {n: spec[1] for n, spec in specs.items()}
-    tolerances: dict[str, Tolerance] = {n: tolerance(suite.OP, n, suite.dtype_name(pristine)) for n in specs}
+    tolerances = {n: tolerance(suite.OP, n, suite.dtype_name(pristine)) for n in specs}
     bound_hook = getattr(suite, "elementwise_bound", None)
-    with products_on(outcome.output_device):  # large float64 products of the oracles on the run's GPU
+    exact_hook = getattr(suite, "exact_reference", None)
+    positions_hook = getattr(suite, "exact_positions", None)
+    with products_on(device):  # large float64 products of the oracles on the run's GPU
         references = suite.reference(pristine)
         bounds: dict[str, np.ndarray] = bound_hook(pristine) if bound_hook is not None else {}
-    problems = calibrate(references, dtypes, tolerances, seed, bounds)
-    if problems:
+        exacts = exact_hook(pristine) if exact_hook is not None else {}
+    return _Expected(
+        input_digests={n: tensor_sha256(t) for n, t in pristine.tensors.items()},
+        inputs_sha256=inputs_sha256(pristine.tensors), dtype_name=suite.dtype_name(pristine), dtypes=dtypes,
+        tolerances=tolerances, references=references, bounds=bounds,
+        calibration_problems=calibrate(references, dtypes, tolerances, seed, bounds),
+        exact_references=dict(exacts),
+        exact_positions=dict(positions_hook(pristine)) if positions_hook is not None else {},
+    )
+
+
+def _judge(suite: ModuleType, expected: _Expected, outcome: CallOutcome, result: CaseResult,
+           repro: str) -> CaseResult:
+    """Check the backend left its copies of the inputs unchanged, then compare every output."""
+    result.metrics["inputs"] = {"sha256": expected.inputs_sha256}
+    failures = [f"input `{n}` was modified by the call" for n, digest in expected.input_digests.items()
+                if outcome.input_digests.get(n) != digest]
+    if expected.calibration_problems:
         result.status = Status.INTERNAL_ERROR
-        result.message = "case failed calibration: " + "; ".join(problems)
+        result.message = "case failed calibration: " + "; ".join(expected.calibration_problems)
         return result
-    for name, reference in references.items():
-        check = check_output(name, outcome.outputs.get(name), reference, dtype=dtypes[name],
-                             device=torch.device(outcome.output_device), tol=tolerances[name],
-                             elementwise=bounds.get(name))
+    dtypes, device = expected.dtypes, torch.device(outcome.output_device)
+    for name, reference in expected.references.items():
+        check = check_output(name, outcome.outputs.get(name), reference, dtype=dtypes[name], device=device,
+                             tol=expected.tolerances[name], elementwise=expected.bounds.get(name))
         result.metrics[name] = check.metrics
-        result.tolerance[name] = tolerances[name].to_dict()
+        result.tolerance[name] = expected.tolerances[name].to_dict()
         failures += check.failures
-    failures += _check_exact_reference(suite, pristine, outcome, result, dtypes)
-    exact = getattr(suite, "exact_positions", None)
-    for name, positions in (exact(pristine) if exact is not None else {}).items():
-        failures += check_exact(name, outcome.outputs.get(name), references[name], positions, dtypes[name])
+    # the optional second reference (e.g. the unquantized answer of a quantized op), judged by its own
+    # tolerance entry ``exact_output_name(output)``; the simulated reference stays the calibrated one
+    for name, exact in expected.exact_references.items():
+        label = exact_output_name(name)
+        tol = tolerance(suite.OP, label, expected.dtype_name)
+        check = check_output(label, outcome.outputs.get(name), exact, dtype=dtypes[name], device=device, tol=tol)
+        result.metrics[label] = check.metrics
+        result.tolerance[label] = tol.to_dict()
+        failures += check.failures
+    for name, positions in expected.exact_positions.items():
+        failures += check_exact(name, outcome.outputs.get(name), expected.references[name], positions, dtypes[name])
     if failures:
         result.status, result.message = Status.FAIL, "; ".join(failures) + " " + repro
     return result
 
 
-def _check_exact_reference(suite: ModuleType, pristine: Any, outcome: CallOutcome, result: CaseResult,
-                           dtypes: Mapping[str, torch.dtype]) -> list[str]:
-    """The optional second reference (``suite.exact_reference(inputs)``, e.g. the unquantized answer of a
-    quantized op), judged by its own tolerance entry ``exact_output_name(output)`` and recorded under
-    that name; the simulated reference stays the calibrated, element-wise tight one."""
-    hook = getattr(suite, "exact_reference", None)
-    if hook is None:
-        return []
-    failures: list[str] = []
-    dtype = suite.dtype_name(pristine)
-    with products_on(outcome.output_device):
-        exacts = hook(pristine)
-    for name, exact in exacts.items():
-        label = exact_output_name(name)
-        tol = tolerance(suite.OP, label, dtype)
-        check = check_output(label, outcome.outputs.get(name), exact, dtype=dtypes[name],
-                             device=torch.device(outcome.output_device), tol=tol)
-        result.metrics[label] = check.metrics
-        result.tolerance[label] = tol.to_dict()
-        failures += check.failures
-    return failures
-
-
 def _run_backend(suite: ModuleType, case: Case, backend: str, device: torch.device, seed: int, run_seed: int,
-                 worker: BackendWorker | None) -> CaseResult:
+                 worker: BackendWorker | None, shared: dict[str, _Expected] | None) -> CaseResult:
     """One backend on one case: the call (in this process, or in ``worker``), then the judgement here.
 
-    Nothing of the call outlives this function, and the reference exists only after the call, so a
-    backend can find neither the answer nor another backend's outputs in memory.
+    The reference exists only after the call, so a backend running in this process can find neither
+    the answer nor another backend's outputs in memory. ``shared`` (a dict, only when every backend of
+    the run is isolated in its own worker process, which cannot read this one's memory) keeps the first
+    judgement's expectations for the case's next backends instead of regenerating and recomputing them.
     """
     plugins = "".join(f"--plugin {shlex.quote(spec)} " for spec in loaded_specs())  # out-of-tree backends
     repro = (f"(case seed {seed}; reproduce: deepport certify {plugins}--backend {backend} --tier {case.tier} "
@@ -162,7 +180,12 @@ def _run_backend(suite: ModuleType, case: Case, backend: str, device: torch.devi
                         outcome.status or Status.PASS, outcome.duration_s, message=outcome.message)
     if outcome.status is not None:
         return result
-    return _judge(suite, case, seed, outcome, result, repro)
+    expected = None if shared is None else shared.get(outcome.output_device)
+    if expected is None:
+        expected = _expectations(suite, case, seed, outcome.output_device)
+        if shared is not None:
+            shared[outcome.output_device] = expected
+    return _judge(suite, expected, outcome, result, repro)
 
 
 def run_case(case: Case, backends: Sequence[str], device: torch.device | str, run_seed: int,
@@ -170,16 +193,20 @@ def run_case(case: Case, backends: Sequence[str], device: torch.device | str, ru
     """Run one case on each backend: the same inputs (same seed) for all, each call isolated.
 
     ``workers`` maps a backend to the worker process that runs its calls; backends without one run in
-    this process.
+    this process. When every backend has a worker, the pristine inputs, the references and the bounds
+    are computed once for the case and judge each backend in turn (a multi-backend certification pays
+    for the float64 oracle once); otherwise each backend's judgement recomputes them after its call.
     """
     suite = SUITES[case.op]
     seed = case.seed(run_seed)
     dev = concrete_device(device)
+    isolated = workers is not None and all(b in workers for b in backends)
+    shared: dict[str, _Expected] | None = {} if isolated else None
     results = []
     for backend in backends:
         worker = (workers or {}).get(backend)
-        results.append(_run_backend(suite, case, backend, dev, seed, run_seed, worker))
-        gc.collect()  # this backend's outputs and the reference are gone before the next one runs
+        results.append(_run_backend(suite, case, backend, dev, seed, run_seed, worker, shared))
+        gc.collect()  # this backend's outputs (and, unless shared, the reference) are gone before the next
     return results
 
 
