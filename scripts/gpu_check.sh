@@ -7,7 +7,9 @@
 #   bash scripts/gpu_check.sh fp8          tests/test_fp8_gemm_gpu.py, test_fp8_grouped_gemm_gpu.py, test_f64_products.py
 #   bash scripts/gpu_check.sh moe-tests    tests/test_moe_gpu.py (1 GPU and 2-rank NCCL: run on 2 GPUs)
 #
-# The full-tier certificate of the torch backend, in parts of one run (the same run seed), merged on the host:
+# The full-tier certificate of the torch backend (DEEPPORT_CERT_BACKENDS="torch triton hopper": of several in one
+# run; each backend isolated, a case's float64 oracle is computed once for all of them), in parts of one run
+# (the same run seed), merged on the host:
 #   DEEPPORT_CERT_SEED=N bash scripts/gpu_check.sh cert-a    parts mla + fp8-dense           (1 GPU is enough)
 #   DEEPPORT_CERT_SEED=N bash scripts/gpu_check.sh cert-b    parts fp8-grouped + moe         (2 GPUs: 2-rank NCCL)
 #   DEEPPORT_CERT_SEED=N bash scripts/gpu_check.sh part NAME one part: mla, fp8-dense, fp8-grouped or moe
@@ -44,7 +46,7 @@ ops_of() {  # the ops of one certificate part
   esac
 }
 
-part() {  # part NAME: certify --tier full on torch (isolated) for the part's ops, with the run seed
+part() {  # part NAME: certify --tier full on $DEEPPORT_CERT_BACKENDS (default torch; isolated) for the part's ops, with the run seed
   local name="$1" ops start
   ops="$(ops_of "$name")" || { echo "unknown part $name (mla, fp8-dense, fp8-grouped, moe)"; return 2; }
   if [ -z "${DEEPPORT_CERT_SEED:-}" ]; then
@@ -52,8 +54,9 @@ part() {  # part NAME: certify --tier full on torch (isolated) for the part's op
   fi
   start=$SECONDS
   # shellcheck disable=SC2086 # the op list is meant to split into words
-  python3 -m deepport certify --device cuda --tier full --backend torch --seed "$DEEPPORT_CERT_SEED" \
-    --op $ops --out "$OUT/part-$name" > "$OUT/part-$name.log" 2>&1
+  # shellcheck disable=SC2086 # so is the backend list
+  python3 -m deepport certify --device cuda --tier full --backend ${DEEPPORT_CERT_BACKENDS:-torch} \
+    --seed "$DEEPPORT_CERT_SEED" --op $ops --out "$OUT/part-$name" > "$OUT/part-$name.log" 2>&1
   local status=$?
   tail -n 25 "$OUT/part-$name.log"
   echo "part $name: exit $status after $((SECONDS - start)) s" | tee -a "$OUT/parts.txt"
