@@ -109,3 +109,41 @@ def test_a_backend_without_moe_is_not_supported_on_multi_rank_cases_too(isolate:
     for r in run.cases:
         assert r.status is Status.NOT_SUPPORTED, (r.case_id, r.status, r.message)
         assert r.message.startswith("does not implement moe_dispatch"), r.message  # combine's ranks dispatch first
+
+
+def test_every_moe_op_has_a_case_where_a_rank_receives_no_row() -> None:
+    from deepport.conformance.suites import moe_common
+
+    for op in ("moe_dispatch", "moe_combine", "moe_dispatch_expanded", "moe_combine_expanded",
+               "moe_low_latency_dispatch", "moe_low_latency_combine", "moe_layout"):
+        cold = [c for c in SUITES[op].cases() if "rank_receives_nothing" in c.features]
+        assert cold, f"{op}: no case where a rank receives nothing"
+        for c in cold:  # the cold ranks' experts are never named by any token of any rank
+            p = c.params
+            ranks = max(p["world"], p["num_ranks"])
+            per_rank = p["experts"] // ranks
+            for r in range(p["world"]):
+                idx = moe_common.rank_inputs(p, 7, r)["topk_idx"]
+                owners = set((idx[idx >= 0] // per_rank).tolist())
+                assert owners and not owners & set(p["cold_ranks"]), (c.id, owners)
+
+
+def test_a_rank_group_packs_empty_tensors_of_any_stride() -> None:
+    from deepport.conformance.rank_group import pack, unpack
+
+    empty = torch.empty_strided((0, 3), (0, 0), dtype=torch.int64)  # stride 0: a dtype view refuses it
+    back = unpack(pack(empty))
+    assert back.shape == (0, 3) and back.dtype == torch.int64
+
+
+def test_calibration_takes_zeros_for_the_answer_when_the_reference_is_all_zero() -> None:
+    import numpy as np
+
+    from deepport.conformance.calibration import calibrate
+    from deepport.conformance.tolerance import tolerance
+
+    tol = {"counts": tolerance("moe_layout", "num_tokens_per_rank", "bfloat16")}
+    zero = {"counts": np.zeros(4)}
+    assert calibrate(zero, {"counts": torch.int32}, tol, 0) == []
+    some = {"counts": np.array([0.0, 3.0, 1.0, 0.0])}
+    assert "an all-zero output passes" not in " ".join(calibrate(some, {"counts": torch.int32}, tol, 0))

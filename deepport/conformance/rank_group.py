@@ -74,7 +74,10 @@ class RankGroupTimeout(RankGroupError, TimeoutError):
 def pack(t: torch.Tensor) -> Packed:
     """A tensor as ``(dtype name, shape, raw bytes)`` (bit-exact, any dtype, no shared memory)."""
     t = t.detach().to("cpu").contiguous()
-    return str(t.dtype).removeprefix("torch."), tuple(int(d) for d in t.shape), t.view(torch.uint8).numpy().tobytes()
+    shape = tuple(int(d) for d in t.shape)
+    if t.numel() == 0:  # an empty tensor may keep a stride of 0, which a dtype view refuses
+        return str(t.dtype).removeprefix("torch."), shape, b""
+    return str(t.dtype).removeprefix("torch."), shape, t.view(torch.uint8).numpy().tobytes()
 
 
 def unpack(p: Packed) -> torch.Tensor:

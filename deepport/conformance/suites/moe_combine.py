@@ -28,6 +28,8 @@ def cases() -> list[Case]:
         c(OP, "smoke", "world1_t24_e16_top4"),
         c(OP, "smoke", "world1_duplicates_nowhere", dup=0.5, nowhere=0.3),
         c(OP, "smoke", "world2_uneven_duplicates", world=2, tokens=(19, 6), dup=0.3),
+        c(OP, "smoke", "world1_nothing_routed", nowhere=1.0),
+        c(OP, "smoke", "world2_rank1_receives_nothing", world=2, tokens=(12, 9), cold_ranks=(1,), dup=0.2),
         c(OP, "smoke", "world4_empty_rank_hot_expert", world=4, tokens=(9, 0, 4, 12), experts=32, hot=31),
         c(OP, "full", "world1_t4096_h7168_top8_of_256", tokens=(4096,), hidden=7168, experts=256, topk=8),
         c(OP, "full", "world2_t1024_h7168_top8_of_256", world=2, tokens=(1024, 777), hidden=7168, experts=256,

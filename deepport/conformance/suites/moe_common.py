@@ -1,11 +1,14 @@
 """What the MoE conformance suites share: parameters, the per-rank input generator, multi-rank runs.
 
-Generator (version 1). Rank ``r`` of a case draws its inputs from
+Generator (version 2: version 1 plus ``cold_ranks``; every version-1 case's inputs are unchanged). Rank
+``r`` of a case draws its inputs from
 ``numpy.random.Generator(PCG64(SeedSequence([seed, r])))``, so every rank of a multi-process run and
 the harness (which regenerates the whole world to compute the reference) get the same bits:
 
 - routing: ``topk`` distinct experts per token (the largest of uniform scores; a ``hot`` expert is
-  forced into every token's top-k), then a fraction ``drop`` of slots set to -1, a fraction
+  forced into every token's top-k; the experts of the ``cold_ranks`` are never chosen, so those ranks
+  receive no row; experts are owned in contiguous blocks of ``experts / max(world, num_ranks)``), then a
+  fraction ``drop`` of slots set to -1, a fraction
   ``nowhere`` of tokens routed nowhere (all -1), a fraction ``dup`` of tokens naming their first
   expert twice (slot 1 := slot 0);
 - weights: float32 uniform in [0.5, 1.5);
@@ -40,12 +43,13 @@ from deepport.conformance.plugins import load_plugins, loaded_specs
 from deepport.conformance.rank_group import pack, rank_group, unpack
 from deepport.errors import BackendNotSupportedError
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 FP8 = torch.float8_e4m3fn
 
 DEFAULTS: dict[str, Any] = dict(
     world=1, tokens=(24,), hidden=256, experts=16, topk=4, drop=0.1, nowhere=0.1, dup=0.0, hot=None,
     fp8=False, colmajor_scales=False, alignment=1, idx_dtype="int64", t_max=None, use_fp8=False, num_ranks=1,
+    cold_ranks=(),
 )
 
 
@@ -56,12 +60,21 @@ def case(op: str, tier: str, name: str, **overrides: Any) -> Case:
         raise ValueError(f"unknown MoE case parameters {sorted(unknown)}")
     p = {**DEFAULTS, **overrides}
     p["tokens"] = tuple(p["tokens"])
+    p["cold_ranks"] = tuple(p["cold_ranks"])
+    ranks = max(p["world"], p["num_ranks"])
+    cold = len(p["cold_ranks"]) * (p["experts"] // ranks)
+    if any(not 0 <= r < ranks for r in p["cold_ranks"]) or p["topk"] > p["experts"] - cold or (
+            p["hot"] is not None and p["hot"] // (p["experts"] // ranks) in p["cold_ranks"]):
+        raise ValueError(f"{name}: cold_ranks {p['cold_ranks']} must be ranks of {ranks}, leave topk experts "
+                         f"and not hold the hot expert")
     p["dtype"] = "float8_e4m3fn" if p["fp8"] or p["use_fp8"] else "bfloat16"  # the payload: tolerance key
     if len(p["tokens"]) != p["world"]:
         raise ValueError(f"{name}: tokens {p['tokens']} must give one count per rank of world {p['world']}")
     features = [f"world_{p['world']}", "fp8" if p["fp8"] or p["use_fp8"] else "bfloat16"]
     features += [f for f, on in (("tokens_routed_nowhere", p["nowhere"] > 0), ("duplicate_experts", p["dup"] > 0),
                                  ("hot_expert", p["hot"] is not None), ("empty_rank", 0 in p["tokens"]),
+                                 ("rank_receives_nothing", bool(p["cold_ranks"])),
+                                 ("nothing_routed", p["nowhere"] >= 1.0),
                                  ("uneven_ranks", len(set(p["tokens"])) > 1), ("colmajor_scales",
                                                                                p["colmajor_scales"]))
                  if on]
@@ -100,6 +113,9 @@ def _routing(p: Mapping[str, Any], rng: np.random.Generator, t: int) -> np.ndarr
     scores = rng.random((t, experts))
     if p["hot"] is not None:
         scores[:, p["hot"]] = 2.0
+    per_rank = experts // max(p["world"], p["num_ranks"])
+    for r in p["cold_ranks"]:
+        scores[:, r * per_rank:(r + 1) * per_rank] = -1.0
     idx = np.argsort(-scores, axis=1, kind="stable")[:, :k].astype(np.int64)
     idx[rng.random((t, k)) < p["drop"]] = -1
     idx[rng.random(t) < p["nowhere"]] = -1

@@ -23,6 +23,8 @@ def cases() -> list[Case]:
         c(OP, "smoke", "int32_ids_duplicates_nowhere_ranks2", idx_dtype="int32", dup=0.5, nowhere=0.3, num_ranks=2),
         c(OP, "smoke", "hot_expert_top1_ranks8", topk=1, hot=7, num_ranks=8, drop=0.0),
         c(OP, "smoke", "ranks1", num_ranks=1, tokens=(40,)),
+        c(OP, "smoke", "rank2_receives_nothing_ranks4", num_ranks=4, cold_ranks=(2,)),
+        c(OP, "smoke", "nothing_routed_ranks2", num_ranks=2, nowhere=1.0),
         c(OP, "full", "t4096_top8_of_256_ranks8", tokens=(4096,), experts=256, topk=8, num_ranks=8, hidden=128),
     ]
 

@@ -27,6 +27,8 @@ def cases() -> list[Case]:
         c(OP, "smoke", "world1_tmax32", t_max=32),
         c(OP, "smoke", "world1_duplicates_nowhere", t_max=24, dup=0.5, nowhere=0.3),
         c(OP, "smoke", "world2_uneven", world=2, tokens=(16, 3), t_max=16, dup=0.2),
+        c(OP, "smoke", "world1_nothing_routed", t_max=16, tokens=(12,), nowhere=1.0),
+        c(OP, "smoke", "world2_rank0_receives_nothing", world=2, tokens=(6, 16), t_max=16, cold_ranks=(0,)),
         c(OP, "smoke", "world4_empty_rank_hot", world=4, tokens=(5, 12, 0, 7), experts=32, hot=2, t_max=12),
         c(OP, "full", "world1_t128_h7168_top8_of_256", tokens=(128,), hidden=7168, experts=256, topk=8, t_max=128),
         c(OP, "full", "world2_t128_h7168_top8_of_256", world=2, tokens=(128, 77), hidden=7168, experts=256,
