@@ -16,7 +16,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from deepport.conformance.checker import OutputCheck, calc_diff, check_output
+from deepport.conformance.checker import OutputCheck, calc_diff_where_finite, check_output
 from deepport.conformance.tolerance import Tolerance
 
 
@@ -42,9 +42,8 @@ def calibrate(references: Mapping[str, np.ndarray], dtypes: Mapping[str, torch.d
     def fails_globally(n: str, candidate: torch.Tensor) -> bool:
         """A cheap sufficient condition for failing: the global difference on the reference's finite
         elements is over the bound (where the candidate is not finite there, the positions check fails)."""
-        keep = np.isfinite(references[n])
-        got = candidate.to(torch.float64).numpy()[keep]
-        return calc_diff(got, references[n][keep]) > tolerances[n].max_calc_diff
+        diff = calc_diff_where_finite(candidate, references[n])
+        return bool(np.isnan(diff)) or diff > tolerances[n].max_calc_diff
 
     def case_passes(candidates: Mapping[str, torch.Tensor]) -> bool:
         if any(fails_globally(n, candidates[n]) for n in references):  # spares the full checks of big outputs

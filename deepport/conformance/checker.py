@@ -39,12 +39,91 @@ def to_float64(t: torch.Tensor) -> np.ndarray:
     return t.detach().to("cpu", torch.float64).numpy()
 
 
+CHUNK = 1 << 22
+"""Elements judged at a time: the checker's float64 temporaries stay a few times 32 MiB whatever the
+output's size (a full-tier MoE output holds 2.3e8 elements: 1.9 GB per float64 copy)."""
+
+
+class _Stream:
+    """Per-chunk comparison of an output with its reference, accumulating what :func:`check_output` reports."""
+
+    def __init__(self, atol: float, rtol: float) -> None:
+        self.atol, self.rtol = atol, rtol
+        self.special = {label: [0, 0, -1] for label in ("NaN", "+inf", "-inf")}  # in output, in ref, first differ
+        self.compared = self.mismatches = 0
+        self.max_abs = self.max_rel = self.max_over = 0.0
+        self.worst_excess, self.worst_at = -np.inf, -1  # the largest err - bound of a mismatch, flat index
+        self.ar = self.aa = self.rr = 0.0  # calc_diff's sums over the finite pairs
+
+    def add(self, start: int, a: np.ndarray, r: np.ndarray, extra: np.ndarray | None) -> None:
+        finite_a, finite_r = np.isfinite(a), np.isfinite(r)
+        finite = finite_a & finite_r
+        if not finite.all():
+            for label, mask in (("NaN", np.isnan), ("+inf", np.isposinf), ("-inf", np.isneginf)):
+                ga, gr = mask(a), mask(r)
+                entry = self.special[label]
+                entry[0] += int(np.count_nonzero(ga))
+                entry[1] += int(np.count_nonzero(gr))
+                if entry[2] < 0 and not np.array_equal(ga, gr):
+                    entry[2] = start + int(np.argmax(ga != gr))
+            a, r = a[finite], r[finite]
+            extra = None if extra is None else extra[finite]
+            index = np.flatnonzero(finite) + start
+        else:
+            index = None
+        if not a.size:
+            return
+        err = np.abs(a - r)
+        magnitude = np.abs(r)
+        bound = magnitude * self.rtol
+        bound += self.atol
+        if extra is not None:
+            bound += extra
+        bad = err > bound
+        self.compared += a.size
+        self.max_abs = max(self.max_abs, float(err.max()))
+        self.max_rel = max(self.max_rel, float((err / np.maximum(magnitude, 1e-30)).max()))
+        self.max_over = max(self.max_over, float((err / np.maximum(bound, 1e-300)).max()))
+        count = int(np.count_nonzero(bad))
+        if count:
+            self.mismatches += count
+            excess = err - bound
+            i = int(np.argmax(excess))
+            if excess[i] > self.worst_excess:
+                self.worst_excess, self.worst_at = float(excess[i]), start + i if index is None else int(index[i])
+        self.ar += float(np.dot(a, r))
+        self.aa += float(np.dot(a, a))
+        self.rr += float(np.dot(r, r))
+
+    def calc_diff(self) -> float:
+        denominator = self.aa + self.rr
+        return 0.0 if denominator < 1e-12 else float(1.0 - 2.0 * self.ar / denominator)
+
+
+def calc_diff_where_finite(got: torch.Tensor, reference: np.ndarray) -> float:
+    """:func:`calc_diff` of ``got`` and ``reference`` on the reference's finite elements, :data:`CHUNK`
+    elements at a time (a got element that is not finite there makes the sums, and so the result, NaN)."""
+    flat_got, flat_ref = got.detach().to("cpu").reshape(-1), reference.reshape(-1)
+    ar = aa = rr = 0.0
+    for start in range(0, flat_ref.size, CHUNK):
+        r = flat_ref[start:start + CHUNK]
+        a = flat_got[start:start + CHUNK].to(torch.float64).numpy()
+        keep = np.isfinite(r)
+        if not keep.all():
+            a, r = a[keep], r[keep]
+        ar, aa, rr = ar + float(np.dot(a, r)), aa + float(np.dot(a, a)), rr + float(np.dot(r, r))
+    denominator = aa + rr
+    return 0.0 if denominator < 1e-12 else float(1.0 - 2.0 * ar / denominator)
+
+
 def check_output(name: str, got: object, reference: np.ndarray, *, dtype: torch.dtype,
                  device: torch.device, tol: Tolerance, elementwise: np.ndarray | None = None) -> OutputCheck:
     """Check ``got`` against ``reference`` (float64, the exact answer before output rounding).
 
     ``elementwise`` (the reference's shape) is the per-element absolute term of a tolerance that has one
-    (``tol.elementwise``: the suite computes it from the inputs); it is added to ``atol + rtol * |r|``."""
+    (``tol.elementwise``: the suite computes it from the inputs); it is added to ``atol + rtol * |r|``.
+    The comparison runs over :data:`CHUNK` elements at a time (same verdict and figures as a whole-array
+    comparison; ``calc_diff`` sums its three dot products chunk by chunk)."""
     result = OutputCheck(name)
     if tol.elementwise is not None and (elementwise is None or elementwise.shape != reference.shape):
         result.failures.append(f"{name}: the tolerance needs the suite's {tol.elementwise!r} bound of shape "
@@ -58,48 +137,42 @@ def check_output(name: str, got: object, reference: np.ndarray, *, dtype: torch.
         result.failures.append(f"{name}: expected {dtype} {reference.shape} on {device}, "
                                f"got {got.dtype} {tuple(got.shape)} on {got.device}")
         return result
-    a = to_float64(got)
-    finite_a, finite_r = np.isfinite(a), np.isfinite(reference)
-    all_finite = bool(finite_a.all()) and bool(finite_r.all())  # the usual case: no masks, no indexing
-    # 2. exact positions of NaN, +inf, -inf (NaN is never a wildcard)
-    for label, mask in (() if all_finite else (("NaN", np.isnan), ("+inf", np.isposinf), ("-inf", np.isneginf))):
-        ga, gr = mask(a), mask(reference)
-        if not np.array_equal(ga, gr):
-            where = np.argwhere(ga != gr)[0].tolist()
-            result.failures.append(f"{name}: {label} positions differ ({int(np.sum(ga))} in output, "
-                                   f"{int(np.sum(gr))} in reference; first at {where})")
-    finite = finite_r & finite_a
-    av, rv = (a.reshape(-1), reference.reshape(-1)) if all_finite else (a[finite], reference[finite])
-    # 3. element-wise |a - r| <= atol + rtol * |r|, atol scaled to the case
+    use_bound = elementwise is not None and tol.elementwise is not None
     atol = tol.atol(reference)
-    err = np.abs(av - rv)
-    magnitude = np.abs(rv)
-    bound = magnitude * tol.rtol  # in place from here: outputs may hold 10^8 elements
-    bound += atol
-    if elementwise is not None and tol.elementwise is not None:
-        bound += elementwise.reshape(-1) if all_finite else elementwise[finite]
+    stream = _Stream(atol, tol.rtol)
+    flat_got = got.detach().to("cpu").reshape(-1)  # in its own dtype: one copy, a fraction of float64's size
+    flat_ref = reference.reshape(-1)
+    flat_extra = elementwise.reshape(-1) if use_bound and elementwise is not None else None
+    for start in range(0, flat_ref.size, CHUNK):
+        stop = min(start + CHUNK, flat_ref.size)
+        a = flat_got[start:stop].to(torch.float64).numpy()
+        stream.add(start, a, flat_ref[start:stop], None if flat_extra is None else flat_extra[start:stop])
+    shape = reference.shape
+    # 2. exact positions of NaN, +inf, -inf (NaN is never a wildcard)
+    for label, (in_out, in_ref, first) in stream.special.items():
+        if first >= 0:
+            where = [int(i) for i in np.unravel_index(first, shape)]
+            result.failures.append(f"{name}: {label} positions differ ({in_out} in output, {in_ref} in reference; "
+                                   f"first at {where})")
+    # 3. element-wise |a - r| <= atol + rtol * |r|, atol scaled to the case
+    if use_bound and elementwise is not None:
         result.metrics["max_elementwise_bound"] = float(elementwise.max()) if elementwise.size else 0.0
-    bad = err > bound
-    ratio = np.empty_like(err)
     result.metrics.update(
-        elements=int(reference.size), compared=int(rv.size), atol=atol, rtol=tol.rtol,
-        max_abs_err=float(err.max()) if err.size else 0.0,
-        max_rel_err=float(np.divide(err, np.maximum(magnitude, 1e-30, out=magnitude), out=ratio).max())
-        if err.size else 0.0,
-        max_err_over_bound=float(np.divide(err, np.maximum(bound, 1e-300), out=ratio).max()) if err.size else 0.0,
-        mismatches=int(np.count_nonzero(bad)),
+        elements=int(reference.size), compared=stream.compared, atol=atol, rtol=tol.rtol,
+        max_abs_err=stream.max_abs, max_rel_err=stream.max_rel, max_err_over_bound=stream.max_over,
+        mismatches=stream.mismatches,
     )
-    if bad.any():
-        full_index = np.argwhere(finite)[int(np.argmax(err - bound))].tolist()
-        worst = tuple(full_index)
-        extra = "" if elementwise is None or tol.elementwise is None else \
+    if stream.mismatches:
+        worst = tuple(int(i) for i in np.unravel_index(stream.worst_at, shape))
+        extra = "" if not use_bound or elementwise is None else \
             f" + {tol.elementwise} (here {float(elementwise[worst]):.3g})"
+        got_worst = float(got.detach()[worst].to("cpu", torch.float64))
         result.failures.append(
-            f"{name}: {int(bad.sum())}/{rv.size} elements ({100.0 * bad.mean():.3g}%) outside "
-            f"atol={atol:.3g} + rtol={tol.rtol:.3g}*|ref|{extra}; worst at {list(worst)}: got {float(a[worst])!r}, "
-            f"expected {float(reference[worst])!r}")
+            f"{name}: {stream.mismatches}/{stream.compared} elements "
+            f"({100.0 * stream.mismatches / stream.compared:.3g}%) outside atol={atol:.3g} + rtol={tol.rtol:.3g}"
+            f"*|ref|{extra}; worst at {list(worst)}: got {got_worst!r}, expected {float(reference[worst])!r}")
     # 4. global difference on the finite values
-    diff = calc_diff(av, rv)
+    diff = stream.calc_diff()
     result.metrics["calc_diff"] = diff
     if diff > tol.max_calc_diff:
         result.failures.append(f"{name}: calc_diff {diff:.3g} > {tol.max_calc_diff:.3g}")

@@ -38,8 +38,12 @@ class Tolerance:
     def atol(self, reference: np.ndarray) -> float:
         if self.atol_rms == 0.0:
             return self.atol_floor
-        finite = reference[np.isfinite(reference)]
-        rms = math.sqrt(float(np.mean(np.square(finite)))) if finite.size else 0.0
+        flat, total, count = reference.reshape(-1), 0.0, 0
+        for start in range(0, flat.size, 1 << 22):  # a few MiB of temporaries whatever the output's size
+            chunk = flat[start:start + (1 << 22)]
+            finite = chunk[np.isfinite(chunk)]
+            total, count = total + float(np.dot(finite, finite)), count + finite.size
+        rms = math.sqrt(total / count) if count else 0.0
         return self.atol_floor + self.atol_rms * rms
 
     def to_dict(self, reference: np.ndarray | None = None) -> dict[str, Any]:
