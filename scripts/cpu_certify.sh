@@ -3,6 +3,7 @@
 # seeded from a nonce) on the cpu device, then `deepport verify` of the archive and `--replay 3` here.
 #
 #   bash scripts/cpu_certify.sh BACKEND OUT_DIR [CERTIFY ARGS...]     e.g. --nonce TEXT
+#   bash scripts/cpu_certify.sh "reference torch" OUT_DIR               both in one run and one archive
 #
 # Writes into OUT_DIR: certificate-BACKEND-<UTC time>.tar.gz, machine.txt (cores, memory, CPU, a float64
 # GEMM rate), certify.log (the run's console output and its duration), verify.txt (both verifications with
@@ -40,12 +41,13 @@ EOF
 } 2>&1 | tee "$out/machine.txt"
 
 start=$SECONDS
-nice -n "$niceness" "$py" -m deepport certify --certify --backend "$backend" --device cpu --timeout 3600 \
+# shellcheck disable=SC2086 # BACKEND may name several backends ("reference torch": one oracle per case for both)
+nice -n "$niceness" "$py" -m deepport certify --certify --backend $backend --device cpu --timeout 3600 \
   --out "$out/run" "$@" > "$out/certify.log" 2>&1
 status=$?
 echo "certify: exit $status after $((SECONDS - start)) s" | tee -a "$out/certify.log"
 tail -n 25 "$out/certify.log"
-archive="$(ls -t "$out"/run/certificate-"$backend"-*.tar.gz 2>/dev/null | head -n 1)"
+archive="$(ls -t "$out"/run/certificate-"${backend// /-}"-*.tar.gz 2>/dev/null | head -n 1)"
 if [ -z "$archive" ]; then
   echo "no archive written (see $out/certify.log)"; exit 1
 fi
