@@ -96,10 +96,13 @@ def expect_bool(name: str, value: object) -> bool:
 
 def _byte_span(t: torch.Tensor) -> tuple[int, int]:
     """``[first, last)`` bytes a tensor can touch (its strided extent; exact for contiguous tensors)."""
-    if t.numel() == 0:
-        return t.data_ptr(), t.data_ptr()
+    ptr, numel = t.data_ptr(), t.numel()
+    if numel == 0:
+        return ptr, ptr
+    if t.is_contiguous():  # the common case, without a Python loop over the dimensions
+        return ptr, ptr + numel * t.element_size()
     extent = 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride(), strict=True))
-    return t.data_ptr(), t.data_ptr() + extent * t.element_size()
+    return ptr, ptr + extent * t.element_size()
 
 
 def expect_no_overlap(name: str, t: torch.Tensor, others: dict[str, torch.Tensor]) -> None:
