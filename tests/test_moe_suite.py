@@ -14,6 +14,7 @@ from deepport.conformance import Status
 from deepport.conformance.runner import run_suite
 from deepport.conformance.suites import SUITES
 from deepport.dispatch import Backend, OpSupport, get, registered
+from deepport.dispatch.registry import all_backends, unregister
 from deepport.kernels.moe_combine import MoECombineCall, MoECombineResult
 from deepport.kernels.moe_dispatch import MoEDispatchCall, MoEDispatchResult
 from deepport.kernels.moe_low_latency_dispatch import MoELowLatencyDispatchCall, MoELowLatencyDispatchResult
@@ -103,8 +104,13 @@ def test_a_backend_without_moe_is_not_supported_on_multi_rank_cases_too(isolate:
     """An MLA-only backend (the corpus's control) gets ``not_supported`` with dispatch's reason on every MoE
     case, those whose ranks run in rank processes included (their BackendNotSupportedError crosses back as
     that verdict, not as an error): a vendor's MLA-only certificate can verify."""
-    run = run_suite(["exploit_control"], "smoke", ops=["moe_dispatch", "moe_combine"], case_pattern="world2",
-                    run_seed=11, isolate=isolate, plugins=["deepport.conformance.exploits:CONTROL"], timeout_s=240)
+    try:
+        run = run_suite(["exploit_control"], "smoke", ops=["moe_dispatch", "moe_combine"], case_pattern="world2",
+                        run_seed=11, isolate=isolate, plugins=["deepport.conformance.exploits:CONTROL"],
+                        timeout_s=240)
+    finally:  # the plugin registered the control in this process too: leave the registry as it was
+        if "exploit_control" in {b.name for b in all_backends()}:
+            unregister("exploit_control")
     assert {c.params["world"] for c in run.cases} == {2}
     for r in run.cases:
         assert r.status is Status.NOT_SUPPORTED, (r.case_id, r.status, r.message)

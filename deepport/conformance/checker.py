@@ -29,14 +29,13 @@ def calc_diff(a: np.ndarray, r: np.ndarray) -> float:
     """DeepGEMM's global difference ``1 - 2*sum(a*r) / sum(a*a + r*r)`` in float64 (0 when both ~0)."""
     a64 = np.ascontiguousarray(a, dtype=np.float64).reshape(-1)  # no copy when already contiguous float64
     r64 = np.ascontiguousarray(r, dtype=np.float64).reshape(-1)
-    denominator = float(np.dot(a64, a64) + np.dot(r64, r64))
-    if denominator < 1e-12:
-        return 0.0
-    return float(1.0 - 2.0 * float(np.dot(a64, r64)) / denominator)
+    return _diff_from_sums(float(np.dot(a64, r64)), float(np.dot(a64, a64)), float(np.dot(r64, r64)))
 
 
-def to_float64(t: torch.Tensor) -> np.ndarray:
-    return t.detach().to("cpu", torch.float64).numpy()
+def _diff_from_sums(ar: float, aa: float, rr: float) -> float:
+    """``calc_diff`` from its three dot products (0 when both vectors are ~0)."""
+    denominator = aa + rr
+    return 0.0 if denominator < 1e-12 else float(1.0 - 2.0 * ar / denominator)
 
 
 CHUNK = 1 << 22
@@ -96,8 +95,7 @@ class _Stream:
         self.rr += float(np.dot(r, r))
 
     def calc_diff(self) -> float:
-        denominator = self.aa + self.rr
-        return 0.0 if denominator < 1e-12 else float(1.0 - 2.0 * self.ar / denominator)
+        return _diff_from_sums(self.ar, self.aa, self.rr)
 
 
 def calc_diff_where_finite(got: torch.Tensor, reference: np.ndarray) -> float:
@@ -112,8 +110,7 @@ def calc_diff_where_finite(got: torch.Tensor, reference: np.ndarray) -> float:
         if not keep.all():
             a, r = a[keep], r[keep]
         ar, aa, rr = ar + float(np.dot(a, r)), aa + float(np.dot(a, a)), rr + float(np.dot(r, r))
-    denominator = aa + rr
-    return 0.0 if denominator < 1e-12 else float(1.0 - 2.0 * ar / denominator)
+    return _diff_from_sums(ar, aa, rr)
 
 
 def check_output(name: str, got: object, reference: np.ndarray, *, dtype: torch.dtype,
