@@ -317,8 +317,10 @@ def invoke(inputs: Inputs, tensors: Mapping[str, torch.Tensor], backend: str,
 
 
 def _untouched(inputs: Inputs) -> np.ndarray:
-    """Masked: what rows past ``masked_m`` must still hold (float64 of the pre-call content)."""
+    """Masked: what rows past ``masked_m`` must still hold (float64 of the pre-call content, ``[G, M_max, N]``)."""
     t = inputs.tensors
+    if inputs.op != OP_MASKED:
+        raise ValueError(f"only the masked layout leaves rows untouched, got {inputs.op}")
     shape = (int(t["a"].shape[0]), int(t["a"].shape[1]), int(t["b"].shape[1]))
     if inputs.before is None:
         return np.full(shape, np.nan)
@@ -353,7 +355,9 @@ def reference(inputs: Inputs) -> dict[str, np.ndarray]:
     keeps the terms' magnitudes for :func:`elementwise_bound`)."""
     t = inputs.tensors
     inputs.magnitudes = np.zeros((*t["a"].shape[:-1], int(t["b"].shape[1])))
-    return {"out": _computed(inputs, False, _untouched(inputs), inputs.magnitudes)}
+    # only the masked layout has rows the op leaves alone (contiguous padding rows are written as 0)
+    outside = _untouched(inputs) if inputs.op == OP_MASKED else None
+    return {"out": _computed(inputs, False, outside, inputs.magnitudes)}
 
 
 def elementwise_bound(inputs: Inputs) -> dict[str, np.ndarray]:
