@@ -19,6 +19,7 @@ import pytest
 
 from deepport.cli.main import main
 from deepport.conformance.merge import MergeError, merge_results
+from deepport.conformance.results import Status
 from deepport.conformance.runner import run_suite, select_cases
 from deepport.conformance.suites import SUITES
 from deepport.conformance.verify import INVALID, NOT_CERTIFICATION, VALID, input_elements, verify
@@ -181,7 +182,6 @@ TAMPERINGS: dict[str, tuple[Callable[[Results], None], str | None, str]] = {
     "loosened_tolerance": (_set("cases.#page_edges.tolerance.out.rtol", lambda r: 2 * r), "page_edges",
                            "is looser than"),
     "dropped_tolerance": (_set("cases.#page_edges.tolerance", {}), "page_edges", "differs from"),
-    "core_not_supported": (_core_not_supported, "page_edges", "not_supported on a core case"),
     "relabelled_extension": (_relabel_core_as_extension, "page_edges", "profile 'extension'"),
     "fail": (_set("cases.#page_edges.status", "fail"), "page_edges", "status 'fail'"),
     "internal_error": (_set("cases.#page_edges.status", "internal_error"), "page_edges", "status 'internal_error'"),
@@ -198,6 +198,51 @@ TAMPERINGS: dict[str, tuple[Callable[[Results], None], str | None, str]] = {
     "malformed_record": (_set("cases.#page_edges", "garbage"), None, "not a case record"),
     "schema": (_set("schema_version", 2), None, "schema"),
 }
+
+
+def test_a_core_case_declared_unsupported_leaves_its_profile_uncertified(results: Results) -> None:
+    _core_not_supported(results)
+    _recount(results)
+    rep = verify(results, certification_tier="smoke")
+    assert rep.verdict == VALID, rep.errors
+    (certified,) = [line for line in rep.profiles["torch"] if line.startswith("certified profiles:")]
+    assert "mla_decode/core" not in certified and "fp8_gemm/core" in certified
+    assert rep.profiles["torch"][0].startswith("core profile: INCOMPLETE")
+
+
+def test_a_backend_without_an_op_certifies_the_profiles_of_the_others(results: Results) -> None:
+    """Two backends, one of which implements no FP8 GEMM (as hopper implements no MoE op)."""
+    other = []
+    for rec in results["cases"]:
+        copy_ = {**copy.deepcopy(rec), "backend": "other"}
+        if rec["op"].startswith("fp8_gemm"):
+            copy_.update(status="not_supported", metrics={}, tolerance={}, message="not implemented")
+        other.append(copy_)
+    results["cases"] += other
+    results["backends"]["other"] = copy.deepcopy(results["backends"]["torch"])
+    _recount(results)
+    rep = verify(results, certification_tier="smoke")
+    assert rep.verdict == VALID, rep.errors
+    (certified,) = [line for line in rep.profiles["other"] if line.startswith("certified profiles:")]
+    assert "fp8_gemm" not in certified and "mla_decode/core" in certified
+
+
+def test_a_backend_that_certifies_nothing_is_an_error(results: Results) -> None:
+    for rec in results["cases"]:
+        rec.update(status="not_supported", metrics={}, tolerance={}, message="no")
+    _recount(results)
+    rep = verify(results, certification_tier="smoke")
+    assert rep.verdict == INVALID
+    assert any("certify nothing" in f.message and f.backend == "torch" for f in rep.errors)
+
+
+def _recount(results: Results) -> None:
+    """The summary block recomputed from the (edited) case records, as an honest run would write it."""
+    summary: dict[str, dict[str, dict[str, int]]] = {}
+    for rec in results["cases"]:
+        per_op = summary.setdefault(rec["backend"], {}).setdefault(rec["op"], {s.value: 0 for s in Status})
+        per_op[rec["status"]] += 1
+    results["summary"] = summary
 
 
 @pytest.mark.parametrize("name", list(TAMPERINGS))

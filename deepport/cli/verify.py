@@ -53,7 +53,7 @@ def render(results: Mapping[str, Any], rep: VerifyReport, out: Console) -> None:
         style = "red" if f.severity == "error" else "yellow"
         out.print(Text.assemble((f"  {f.severity:<8}", style), f"{f.where()}: {f.message}"), soft_wrap=True)
     for backend, lines in rep.profiles.items():
-        core_style = "green" if ": PASS" in lines[0] else "red"
+        core_style = "green" if ": PASS" in lines[0] else "yellow" if "INCOMPLETE" in lines[0] else "red"
         out.print(Text.assemble(f"{backend}: ", (lines[0], core_style), *(f"; {line}" for line in lines[1:])))
     reasons = "; ".join(rep.not_certification_reasons)
     if reasons:

@@ -11,7 +11,8 @@ Verdicts, shared by the Markdown summary and ``deepport certify``'s table:
   itself was at fault), ``PASS`` (every case passed), ``PASS (core)`` (every core case passed, some
   extension case is not supported), ``CORE INCOMPLETE`` (some core case is not supported), or
   ``NOT SUPPORTED`` (no case ran);
-- per backend, the core profile: ``PASS`` only if every case with ``profile == "core"`` passed;
+- per backend, the core profile: ``PASS`` only if every case with ``profile == "core"`` passed
+  (``INCOMPLETE``: the others declared unsupported; ``FAIL``: one failed);
 - per backend and named profile (``mla_decode/core`` ...): :mod:`deepport.conformance.profiles`.
 
 Waived cases (a vendor's expected failures, :mod:`deepport.conformance.waivers`) keep their status;
@@ -168,12 +169,14 @@ def op_verdict(cases: list[Mapping[str, Any]]) -> str:
 
 
 def core_profile_verdict(cases: list[Mapping[str, Any]]) -> str:
-    """``"core profile: PASS (n/n core cases passed)"`` only if every core case passed."""
+    """``"core profile: PASS (n/n core cases passed)"`` only if every core case passed; ``INCOMPLETE`` when
+    the others were declared unsupported (an op or shape the backend does not implement), else ``FAIL``."""
     core = [c for c in cases if c["profile"] == "core"]
     passed = sum(c["status"] == Status.PASS.value for c in core)
+    declined = sum(c["status"] == Status.NOT_SUPPORTED.value for c in core)
     if not core:
         return "core profile: NOT RUN (no core case in this run)"
-    word = "PASS" if passed == len(core) else "FAIL"
+    word = "PASS" if passed == len(core) else "INCOMPLETE" if passed + declined == len(core) else "FAIL"
     return f"core profile: {word} ({passed}/{len(core)} core cases passed)"
 
 

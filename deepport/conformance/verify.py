@@ -13,14 +13,19 @@ is internally consistent and describes exactly the installed suite's cases, run 
    once: missing, extra and duplicate case ids are errors;
 5. each case record carries the suite's params, features, profile and tier for its id; its seed is
    ``case.seed(run_seed)`` (seeds derive from the recorded run seed, they were not picked); its status
-   is ``pass``, or ``not_supported`` on an ``extension`` case (a core case must pass); a pass carries
+   is ``pass`` or ``not_supported``; a pass carries
    the digest of its inputs and, per output, ``max_err_over_bound <= 1`` and ``calc_diff`` within the
    suite's bound, and the tolerance it records is the suite's table entry (a loosened one is an error);
 6. the ``summary`` block equals the counts recomputed from the case records;
 7. the inputs of some cases (the ``regenerate`` smallest, or all) are regenerated from
    ``(case, seed)`` and their sha256 must equal the recorded one (the backend ran on the suite's inputs);
 8. the environment names the device and the torch version, and the backends ran isolated in their own
-   processes (``"isolation": "process"``); a warning if not.
+   processes (``"isolation": "process"``); a warning if not;
+9. profiles (:mod:`deepport.conformance.profiles`): per backend, the profiles it claims (derived: every
+   case of the profile ran and none came back ``not_supported``) all passed entirely, and it claims at
+   least one. A backend that does not implement an op (hopper and the MoE ops) or a shape (an extension)
+   leaves those profiles unclaimed: the certificate certifies the profiles it claims and says which
+   those are, and a failing case fails its profile whatever the claims.
 
 What it cannot check: the backend's outputs. The metrics are the harness's word; only a rerun
 (``deepport certify --seed RUN_SEED``, or better a fresh seed) re-measures them.
@@ -38,6 +43,7 @@ from typing import Any, Literal
 
 from deepport.conformance.call import inputs_sha256  # the digest the harness records per case
 from deepport.conformance.case import TIERS, Case
+from deepport.conformance.profiles import CERTIFIED, FAIL, SUITE_ERROR, profile_table
 from deepport.conformance.report import load_results
 from deepport.conformance.results import SCHEMA, SCHEMA_VERSION, Status
 from deepport.conformance.runner import SUITE_VERSION, select_cases
@@ -136,14 +142,14 @@ def verify_file(path: str | os.PathLike[str], *, regenerate: int | Literal["all"
 
 
 def verify(results: Mapping[str, Any], *, regenerate: int | Literal["all"] = DEFAULT_REGENERATE,
-           certification_tier: str = "full", core_must_pass: bool = True) -> VerifyReport:
+           certification_tier: str = "full", check_profiles: bool = True) -> VerifyReport:
     """Check ``results`` (a loaded ``results.json``) against the installed suite; see the module docstring.
 
     ``regenerate``: how many cases (smallest inputs first) get their inputs regenerated and hashed, or
     ``"all"``. ``certification_tier`` is the tier a certificate must be for: always ``"full"``, except
     in this module's tests, which pass ``"smoke"`` to reach the VALID verdict on a CPU-sized run.
-    ``core_must_pass=False`` allows ``not_supported`` on core cases too: a certificate archive
-    certifies the profiles a backend claims (:mod:`deepport.conformance.certificate_verify` checks them).
+    ``check_profiles=False`` leaves check 9 to the caller: a certificate archive records the claims its
+    backends declared (:mod:`deepport.conformance.certificate_verify` checks those).
     """
     rep = VerifyReport()
     _check_identity(results, rep)
@@ -158,13 +164,30 @@ def verify(results: Mapping[str, Any], *, regenerate: int | Literal["all"] = DEF
     for rec in records:
         case = suite_cases.get(rec["case_id"])
         if case is not None:
-            _check_record(rec, case, run_seed, rep, core_must_pass)
+            _check_record(rec, case, run_seed, rep)
     _check_summary(results, records, rep)
     if run_seed is not None:
         _check_inputs(records, suite_cases, run_seed, regenerate, rep)
     _check_environment(results, rep)
     rep.profiles = _profiles(results, records, suite_cases)
+    if check_profiles:
+        backends = results.get("backends")
+        _check_profiles({"backends": backends if isinstance(backends, Mapping) else {},
+                         "cases": [r for r in records if isinstance(r.get("params", {}), Mapping)]}, rep)
     return rep
+
+
+def _check_profiles(results: Mapping[str, Any], rep: VerifyReport) -> None:
+    """Check 9 on the well-formed records: every claimed (derived) profile passed entirely; each backend
+    certifies at least one."""
+    for backend, verdicts in profile_table(results).items():
+        for v in verdicts:
+            if v.verdict in (FAIL, SUITE_ERROR):
+                rep.error(f"profile {v.line()}; not passing: {', '.join(v.not_passing[:5])}", backend=backend)
+        certified = [v.profile for v in verdicts if v.verdict == CERTIFIED]
+        if not certified:
+            rep.error("claims no profile that passed: the certificate would certify nothing", backend=backend)
+        rep.profiles.setdefault(backend, []).append(f"certified profiles: {', '.join(certified) or 'none'}")
 
 
 def _check_identity(results: Mapping[str, Any], rep: VerifyReport) -> None:
@@ -250,8 +273,7 @@ def _check_case_sets(results: Mapping[str, Any], records: list[Mapping[str, Any]
             rep.error("extra: not a case of the selected tier in the installed suite", case_id, backend)
 
 
-def _check_record(rec: Mapping[str, Any], case: Case, run_seed: int | None, rep: VerifyReport,
-                  core_must_pass: bool = True) -> None:
+def _check_record(rec: Mapping[str, Any], case: Case, run_seed: int | None, rep: VerifyReport) -> None:
     """Check 5 for one record of a known case."""
     cid, backend = case.id, rec["backend"]
     if rec["op"] != case.op:
@@ -268,10 +290,8 @@ def _check_record(rec: Mapping[str, Any], case: Case, run_seed: int | None, rep:
                   cid, backend)
     status = rec["status"]
     if status not in _ALLOWED:
-        rep.error(f"status {status!r}: a certificate allows only pass, or not_supported on extension cases "
-                  f"(message: {rec.get('message') or '(none)'})", cid, backend)
-    elif status == Status.NOT_SUPPORTED.value and case.profile != "extension" and core_must_pass:
-        rep.error(f"not_supported on a {case.profile} case: a backend must pass every core case", cid, backend)
+        rep.error(f"status {status!r}: a certificate allows only pass, or not_supported (the backend's "
+                  f"declared answer before it ran; message: {rec.get('message') or '(none)'})", cid, backend)
     elif status == Status.PASS.value:
         _check_pass(rec, case, rep)
 
@@ -382,7 +402,9 @@ def _profiles(results: Mapping[str, Any], records: Sequence[Mapping[str, Any]],
         core = [r for r in mine if profile[r["case_id"]] == "core"]
         ext = [r for r in mine if profile[r["case_id"]] == "extension"]
         passed = sum(r["status"] == Status.PASS.value for r in core)
-        word = "NOT RUN" if not core else "PASS" if passed == len(core) else "FAIL"
+        declined = sum(r["status"] == Status.NOT_SUPPORTED.value for r in core)
+        word = ("NOT RUN" if not core else "PASS" if passed == len(core)
+                else "INCOMPLETE" if passed + declined == len(core) else "FAIL")
         ext_pass = sum(r["status"] == Status.PASS.value for r in ext)
         ext_ns = sum(r["status"] == Status.NOT_SUPPORTED.value for r in ext)
         lines[backend] = [f"core profile: {word} ({passed}/{len(core)})",
