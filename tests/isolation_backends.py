@@ -1,5 +1,6 @@
 """Backends that other processes can import by module path: for tests/test_isolation.py
-(``isolation_backends:BACKENDS``: one kills its process, one hangs), the exploit corpus's
+(``isolation_backends:BACKENDS``: one kills its process, one hangs; ``isolation_backends:RENDEZVOUS``: two
+that each wait for the other's call to start, so they pass only when run at the same time), the exploit corpus's
 output-rebinding cheats (``isolation_backends:REBINDS``) for tests/test_exploits.py, and an
 out-of-tree MoE backend (``isolation_backends:PLUGIN_MOE``, the torch backend's MoE ops under another
 name) for tests/test_rank_group.py."""
@@ -34,9 +35,36 @@ def _backend(name: str, entry: str) -> Backend:
                    ops=(OpSupport(op="mla_decode", entry=entry, dtypes=_DTYPES),), priority={})
 
 
+def _meet(me: str, other: str, call: MLADecodeCall, out: torch.Tensor, lse: torch.Tensor) -> None:
+    """Marks this call as started in ``$DEEPPORT_TEST_RENDEZVOUS``, waits (at most 60 s) for the other
+    backend's mark, then answers honestly with the torch backend."""
+    folder = os.environ["DEEPPORT_TEST_RENDEZVOUS"]
+    open(os.path.join(folder, me), "w").close()
+    deadline = time.monotonic() + 60
+    while not os.path.exists(os.path.join(folder, other)):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{other} never started while {me} ran: the calls were not concurrent")
+        time.sleep(0.01)
+    from deepport.backends.torch.mla_decode import run
+    run(call, out, lse)
+
+
+def meet_a(call: MLADecodeCall, out: torch.Tensor, lse: torch.Tensor) -> None:
+    _meet("a", "b", call, out, lse)
+
+
+def meet_b(call: MLADecodeCall, out: torch.Tensor, lse: torch.Tensor) -> None:
+    _meet("b", "a", call, out, lse)
+
+
 BACKENDS = (
     _backend("test_crash", "isolation_backends:crash"),
     _backend("test_hang", "isolation_backends:hang"),
+)
+
+RENDEZVOUS = (
+    _backend("test_meet_a", "isolation_backends:meet_a"),
+    _backend("test_meet_b", "isolation_backends:meet_b"),
 )
 
 REBINDS = (exploit("rebinds_outputs"), exploit("fp8_rebinds_output"))

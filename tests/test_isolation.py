@@ -3,6 +3,8 @@ judgement in the harness; a crash or a hang costs one case, not the run."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from deepport.conformance import Status, run_suite
@@ -39,6 +41,19 @@ def test_plugins_reach_the_worker_and_cheats_are_still_rejected(name: str) -> No
         _forget(*(b.name for b in CORPUS))
     (result,) = run.cases
     assert result.status is Status.FAIL, result.message
+
+
+def test_isolated_backends_run_a_case_at_the_same_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each of the two backends waits for the other's call to start: run one after the other, the first
+    would raise after 60 s; run at the same time, both pass (and are judged, in order)."""
+    monkeypatch.setenv("DEEPPORT_TEST_RENDEZVOUS", str(tmp_path))  # the spawned workers inherit it
+    try:
+        run = run_suite(["test_meet_a", "test_meet_b"], "smoke", case_pattern=FEW, run_seed=SEED, isolate=True,
+                        plugins=["isolation_backends:RENDEZVOUS"])
+    finally:
+        _forget("test_meet_a", "test_meet_b")
+    assert [r.backend for r in run.cases] == ["test_meet_a", "test_meet_b"]
+    assert all(r.status is Status.PASS for r in run.cases), [(r.backend, r.message) for r in run.cases]
 
 
 def test_a_backend_that_kills_its_process_is_a_crash_and_the_run_goes_on() -> None:

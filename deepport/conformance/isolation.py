@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import time
 from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from typing import Any
@@ -53,6 +54,7 @@ class BackendWorker:
         self.timeout_s = timeout_s
         self._process: Any = None
         self._conn: Connection | None = None
+        self._pending: tuple[str, float] | None = None  # (repro, monotonic submit time) of the call in flight
 
     def _start(self) -> Connection:
         ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold a CUDA context
@@ -65,11 +67,34 @@ class BackendWorker:
         return parent
 
     def call(self, case_id: str, seed: int, backend: str, device: torch.device, repro: str) -> CallOutcome:
-        conn = self._conn if self._conn is not None else self._start()
+        """Run one call and wait for its outcome (:meth:`submit`, then :meth:`collect`)."""
+        self.submit(case_id, seed, backend, device, repro)
+        return self.collect()
+
+    def submit(self, case_id: str, seed: int, backend: str, device: torch.device, repro: str) -> None:
+        """Send one call to the worker without waiting: workers of several backends then run a case at the
+        same time (each in its own process and CUDA context), while the parent computes the reference.
+        :meth:`collect` returns its outcome; one call at a time per worker."""
+        if self._pending is not None:
+            raise RuntimeError(f"worker busy with {self._pending[0]!r}: collect() its outcome first")
+        self._pending = (repro, time.monotonic())
         try:
+            conn = self._conn if self._conn is not None else self._start()
             conn.send((case_id, seed, backend, str(device), repro))
-            if conn.poll(self.timeout_s):
-                outcome: CallOutcome = conn.recv()
+        except OSError:
+            self._pending = (repro, -1.0)  # collect() reports the crash
+
+    def collect(self) -> CallOutcome:
+        """The outcome of the submitted call: a timeout ``timeout_s`` after its submission (the worker is
+        killed; the next call starts a fresh one), a crash if the worker died."""
+        if self._pending is None:
+            raise RuntimeError("collect() without a submitted call")
+        (repro, submitted), self._pending = self._pending, None
+        try:
+            if submitted < 0 or self._conn is None:
+                raise EOFError
+            if self._conn.poll(max(0.0, submitted + self.timeout_s - time.monotonic())):
+                outcome: CallOutcome = self._conn.recv()
                 return outcome
             self._kill()
             return CallOutcome(Status.TIMEOUT, f"timed out after {self.timeout_s:g} s in the worker process {repro}",
@@ -89,7 +114,7 @@ class BackendWorker:
             self._process.join(timeout=10)
         if self._conn is not None:
             self._conn.close()
-        self._process, self._conn = None, None
+        self._process, self._conn, self._pending = None, None, None
 
     def close(self) -> None:
         if self._conn is not None:

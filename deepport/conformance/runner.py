@@ -162,22 +162,18 @@ def _judge(suite: ModuleType, expected: _Expected, outcome: CallOutcome, result:
     return result
 
 
-def _run_backend(suite: ModuleType, case: Case, backend: str, device: torch.device, seed: int, run_seed: int,
-                 worker: BackendWorker | None, shared: dict[str, _Expected] | None) -> CaseResult:
-    """One backend on one case: the call (in this process, or in ``worker``), then the judgement here.
-
-    The reference exists only after the call, so a backend running in this process can find neither
-    the answer nor another backend's outputs in memory. ``shared`` (a dict, only when every backend of
-    the run is isolated in its own worker process, which cannot read this one's memory) keeps the first
-    judgement's expectations for the case's next backends instead of regenerating and recomputing them.
-    """
+def _repro(case: Case, backend: str, device: torch.device, run_seed: int) -> str:
     plugins = "".join(f"--plugin {shlex.quote(spec)} " for spec in loaded_specs())  # out-of-tree backends
-    repro = (f"(case seed {seed}; reproduce: deepport certify {plugins}--backend {backend} --tier {case.tier} "
-             f"--device {device} --case '{case.id}' --seed {run_seed})")
-    if worker is None:
-        outcome = call_backend(suite, case, seed, backend, device, repro)
-    else:
-        outcome = worker.call(case.id, seed, backend, device, repro)
+    return (f"(case seed {case.seed(run_seed)}; reproduce: deepport certify {plugins}--backend {backend} "
+            f"--tier {case.tier} --device {device} --case '{case.id}' --seed {run_seed})")
+
+
+def _judged(suite: ModuleType, case: Case, backend: str, seed: int, outcome: CallOutcome, repro: str,
+            shared: dict[str, _Expected] | None) -> CaseResult:
+    """The case record of one backend's call: its outcome as it came back, or, for a call that returned,
+    the judgement of its outputs. ``shared`` (a dict, only when every backend of the run is isolated in
+    its own worker process, which cannot read this one's memory) keeps the first judgement's
+    expectations for the case's next backends instead of regenerating and recomputing them."""
     result = CaseResult(case.id, case.op, backend, case.tier, case.profile, case.features, case.params, seed,
                         outcome.status or Status.PASS, outcome.duration_s, message=outcome.message)
     if outcome.status is not None:
@@ -190,25 +186,48 @@ def _run_backend(suite: ModuleType, case: Case, backend: str, device: torch.devi
     return _judge(suite, expected, outcome, result, repro)
 
 
+def _run_backend(suite: ModuleType, case: Case, backend: str, device: torch.device, seed: int, run_seed: int,
+                 worker: BackendWorker | None) -> CaseResult:
+    """One backend on one case: the call (in this process, or in ``worker``), then the judgement here.
+
+    The reference exists only after the call, so a backend running in this process can find neither
+    the answer nor another backend's outputs in memory."""
+    repro = _repro(case, backend, device, run_seed)
+    if worker is None:
+        outcome = call_backend(suite, case, seed, backend, device, repro)
+    else:
+        outcome = worker.call(case.id, seed, backend, device, repro)
+    return _judged(suite, case, backend, seed, outcome, repro, None)
+
+
 def run_case(case: Case, backends: Sequence[str], device: torch.device | str, run_seed: int,
              workers: Mapping[str, BackendWorker] | None = None) -> list[CaseResult]:
     """Run one case on each backend: the same inputs (same seed) for all, each call isolated.
 
     ``workers`` maps a backend to the worker process that runs its calls; backends without one run in
-    this process. When every backend has a worker, the pristine inputs, the references and the bounds
-    are computed once for the case and judge each backend in turn (a multi-backend certification pays
-    for the float64 oracle once); otherwise each backend's judgement recomputes them after its call.
+    this process, one after the other, each judgement recomputing the pristine inputs and the reference
+    after its call. When every backend has a worker, the workers run the case at the same time (each
+    in its own process), and the pristine inputs, the references and the bounds are computed once, while
+    the later workers still run, to judge each backend in turn (a multi-backend certification pays for
+    the float64 oracle once, and for the slowest backend's call rather than the sum).
     """
     suite = SUITES[case.op]
     seed = case.seed(run_seed)
     dev = concrete_device(device)
-    isolated = workers is not None and all(b in workers for b in backends)
-    shared: dict[str, _Expected] | None = {} if isolated else None
+    if workers is not None and all(b in workers for b in backends):
+        repros = {b: _repro(case, b, dev, run_seed) for b in backends}
+        for backend in backends:
+            workers[backend].submit(case.id, seed, backend, dev, repros[backend])
+        shared: dict[str, _Expected] = {}
+        results = []
+        for backend in backends:
+            results.append(_judged(suite, case, backend, seed, workers[backend].collect(), repros[backend], shared))
+            gc.collect()  # this backend's outputs are gone before the next is judged
+        return results
     results = []
     for backend in backends:
-        worker = (workers or {}).get(backend)
-        results.append(_run_backend(suite, case, backend, dev, seed, run_seed, worker, shared))
-        gc.collect()  # this backend's outputs (and, unless shared, the reference) are gone before the next
+        results.append(_run_backend(suite, case, backend, dev, seed, run_seed, (workers or {}).get(backend)))
+        gc.collect()  # this backend's outputs and the reference are gone before the next
     return results
 
 
