@@ -55,6 +55,9 @@ def test_every_case_has_one_profile_of_one_kind_and_every_profile_has_smoke_case
     ("m_grouped_fp8_gemm_nt_masked/g3_garbage_prefill", "fp8_grouped_gemm/core"),
     ("m_grouped_fp8_gemm_nt_contiguous/g2_ue8m0_packed", "fp8_grouped_gemm/ue8m0"),
     ("moe_dispatch/world2_uneven", "moe/ep"),
+    ("moe_low_latency_dispatch/world1_fp8_nothing_routed_tmax16", "moe/permute"),
+    ("moe_layout/nothing_routed_ranks2", "moe/permute"),
+    ("moe_dispatch/world1_nothing_routed", "moe/single"),
 ])
 def test_cases_map_to_the_profile_their_params_say(case_id: str, profile: str) -> None:
     cases = {c.id: c for c in select_cases("full")}

@@ -48,6 +48,7 @@ class Profile:
     name: str
     summary: str
     rule: Callable[[Params, str], bool]
+    ops: tuple[str, ...] | None = None  # only cases of these ops (None: every op of the family)
 
     @property
     def family(self) -> str:
@@ -108,7 +109,11 @@ PROFILES: tuple[Profile, ...] = (
             "GEMMs, recipe (1, 128, 128) with float32 SFs, bfloat16 D", lambda p, kind: True),
     Profile("moe/ep", "MoE dispatch/combine over 2 and 4 ranks of a torch.distributed group",
             lambda p, kind: int(p.get("world", 1)) > 1),
-    Profile("moe/single", "MoE layout, dispatch and combine (normal, expanded, low latency) in one process",
+    Profile("moe/permute", "MoE layout count, permute into the expanded and low-latency layouts (FP8 cast "
+            "included) and the weighted un-permute, in one process",
+            lambda p, kind: True, ops=("moe_layout", "moe_dispatch_expanded", "moe_combine_expanded",
+                                       "moe_low_latency_dispatch", "moe_low_latency_combine")),
+    Profile("moe/single", "MoE normal dispatch and combine (DeepEP's intranode layout) in one process",
             lambda p, kind: True),
 )
 PROFILE_NAMES: tuple[str, ...] = tuple(p.name for p in PROFILES)
@@ -127,7 +132,7 @@ def profile_name(op: str, params: Params, kind: str) -> str:
     if family is None:
         return f"{op}/{kind}"
     for profile in PROFILES:
-        if profile.family == family and profile.rule(params, kind):
+        if profile.family == family and (profile.ops is None or op in profile.ops) and profile.rule(params, kind):
             return profile.name
     raise AssertionError(f"no profile of {family} takes case params {dict(params)}")  # the last rule takes all
 
