@@ -133,6 +133,18 @@ def test_grouped_fp8_gemm_configs_count_only_the_rows_in_use() -> None:
     assert c.params["m_max"] == 4096 and c.flops == 2 * (4 * 256) * 7168 * 2048  # not 4 * 4096 rows
 
 
+def test_one_gpu_moe_permutes_count_each_routed_row_once() -> None:
+    """The expanded dispatch reads x once and writes T*k rows; the combines read T*k rows, write T (bf16)."""
+    by_id = {c.id: c for c in all_configs()}
+    t, h, k = 4096, 7168, 8
+    assert by_id["moe_dispatch_expanded/t4096_h7168_top8_of_256"].bytes == t * h * 2 + t * k * h * 2 == 528_482_304
+    assert by_id["moe_combine_expanded/t4096_h7168_top8_of_256"].bytes == t * k * h * 2 + t * h * 2
+    assert by_id["moe_low_latency_combine/t128_h7168_top8_of_256"].bytes == 128 * k * h * 2 + 128 * h * 2
+    permutes = [c for c in by_id.values()
+                if c.op in ("moe_dispatch_expanded", "moe_combine_expanded", "moe_low_latency_combine")]
+    assert len(permutes) == 6 and all(c.ceiling == "memory" and c.world_size == 1 for c in permutes)
+
+
 def test_a_config_builds_random_inputs_and_the_same_seed_gives_the_same_data() -> None:
     (c,) = select("cpu", None, TINY)
     a, b, other = (c.build(torch.device("cpu"), s) for s in (5, 5, 6))
