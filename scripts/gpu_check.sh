@@ -21,6 +21,13 @@
 # Each part writes $OUT/part-NAME/{results.json,summary.md,junit.xml} and $OUT/part-NAME.log as soon as it
 # ends, so a stage cut short by the call limit keeps the parts it finished; rerun only the missing ones.
 #
+# CPU certificates on the device machine's 16 cores (scripts/cpu_certify.sh), across device calls while
+# the machine stays warm (a call within 30 s of the last), next to GPU work:
+#   bash scripts/gpu_check.sh cpu-cert-start "reference torch"   starts it detached (setsid), returns at once
+#                                                                (extra args go to deepport certify)
+#   bash scripts/gpu_check.sh cpu-cert-collect                   progress, or (when done) the folder as
+#                                                                $OUT/cpu-certify.tar.gz; exit 1 until done
+#
 #   bash scripts/gpu_check.sh hopper-mla   scripts/gpu_hopper_mla.py: probe (own deadline: a hung kernel ends
 #                                          only this step), then smoke certify and the MLA bench
 #   bash scripts/gpu_check.sh bench        deepport bench (MoE configs need 2 GPUs)
@@ -140,10 +147,24 @@ case "$stage" in
         python3 scripts/gpu_hopper_mla.py --stages profile --shape "$shape" 2>&1 | grep -v "^==PROF==" | tail -n 80
     done > "$OUT/ncu_mla.txt" 2>&1
     grep -E "==|Throughput|Pipe|Bandwidth|Duration|Utilization|Issue" "$OUT/ncu_mla.txt" | head -n 60 ;;
+  cpu-cert-start)  # a detached CPU certify: it outlives this call while the machine stays warm
+    backends="${2:?cpu-cert-start BACKENDS [CERTIFY ARGS...]}"; shift 2; dir=/tmp/deepport-cpu-certify
+    rm -rf "$dir"; mkdir -p "$dir"
+    setsid nohup bash scripts/cpu_certify.sh "$backends" "$dir/out" "$@" > "$dir/script.log" 2>&1 < /dev/null &
+    echo "started: scripts/cpu_certify.sh \"$backends\" in $dir (pid $!)" ;;
+  cpu-cert-collect)
+    dir=/tmp/deepport-cpu-certify
+    if [ -f "$dir/out/verify.txt" ] && ! pgrep -f "scripts/cpu_certify.sh" > /dev/null; then
+      tail -n 30 "$dir/script.log"; tar -czf "$OUT/cpu-certify.tar.gz" -C "$dir" out script.log
+      echo "collected: $OUT/cpu-certify.tar.gz"
+    else
+      echo "not done yet:"; tail -n 5 "$dir/out/certify.log" 2>/dev/null || tail -n 5 "$dir/script.log" 2>/dev/null
+      exit 1
+    fi ;;
   bench)
     environment
     python3 -m deepport bench --device cuda --out "$OUT/bench" 2>&1 | tail -n 80
     cp "$OUT/bench/bench.json" "$OUT/bench.json" 2>/dev/null; cp "$OUT/bench/bench.png" "$OUT/bench.png" 2>/dev/null
     rm -rf "$OUT/bench" ;;
-  *) echo "unknown stage $stage (mla, fp8, moe-tests, cert-a, cert-b, part NAME, merge, hopper-mla, ecosystem, profile-mla, bench, backends, selection)"; exit 2 ;;
+  *) echo "unknown stage $stage (mla, fp8, moe-tests, cert-a, cert-b, part NAME, merge, cpu-cert-start, cpu-cert-collect, hopper-mla, ecosystem, profile-mla, bench, backends, selection)"; exit 2 ;;
 esac
