@@ -108,6 +108,7 @@ def test_mla_tile_follows_local_memory_and_work_group_limits() -> None:
 
 def test_gemm_tile_follows_local_memory_and_work_group_limits() -> None:
     assert fp8_gemm.choose_config(_limits()) == fp8_gemm.GemmConfig(128, 128, 32)
+    assert fp8_gemm.choose_config(_limits(is_gpu=False, local_mem_is_global=True)) == fp8_gemm.GemmConfig(64, 64, 32)
     small = fp8_gemm.choose_config(_limits(max_work_group_size=128))
     assert small.threads <= 128 and 128 % small.bm == 0
     with pytest.raises(RuntimeError, match="no FP8 GEMM tile fits"):
