@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from deepport.backends.torch import mla_decode as torch_mla
-from deepport.bench import ceilings, counting, timing
+from deepport.bench import ceilings, check, counting, timing
 from deepport.bench.check import find_case
 from deepport.bench.configs import all_configs, select
 from deepport.bench.results import BenchResult
@@ -133,6 +133,20 @@ def test_grouped_fp8_gemm_configs_count_only_the_rows_in_use() -> None:
     assert c.params["m_max"] == 4096 and c.flops == 2 * (4 * 256) * 7168 * 2048  # not 4 * 4096 rows
 
 
+def test_agreement_with_masks_compares_only_the_specified_elements() -> None:
+    """Rows past a fixed-capacity layout's counts may differ (NaN included); a specified row may not."""
+    ref = torch.arange(12, dtype=torch.float32).view(2, 3, 2)
+    used = torch.tensor([[True, True, False], [True, False, False]])[..., None]
+    got = ref.clone()
+    got[0, 2] = float("nan")
+    got[1, 1:] = 99.0
+    assert check.agreement({"y": got}, {"y": ref}, 0.0, "torch", {"y": used}).passed
+    assert not check.agreement({"y": got}, {"y": ref}, 0.0, "torch").passed
+    got[1, 0, 1] += 1
+    result = check.agreement({"y": got}, {"y": ref}, 0.0, "torch", {"y": used})
+    assert not result.passed and "calc_diff" in result.message
+
+
 def test_one_gpu_moe_permutes_count_each_routed_row_once() -> None:
     """The expanded dispatch reads x once and writes T*k rows; the combines read T*k rows, write T (bf16)."""
     by_id = {c.id: c for c in all_configs()}
@@ -140,9 +154,10 @@ def test_one_gpu_moe_permutes_count_each_routed_row_once() -> None:
     assert by_id["moe_dispatch_expanded/t4096_h7168_top8_of_256"].bytes == t * h * 2 + t * k * h * 2 == 528_482_304
     assert by_id["moe_combine_expanded/t4096_h7168_top8_of_256"].bytes == t * k * h * 2 + t * h * 2
     assert by_id["moe_low_latency_combine/t128_h7168_top8_of_256"].bytes == 128 * k * h * 2 + 128 * h * 2
-    permutes = [c for c in by_id.values()
-                if c.op in ("moe_dispatch_expanded", "moe_combine_expanded", "moe_low_latency_combine")]
-    assert len(permutes) == 6 and all(c.ceiling == "memory" and c.world_size == 1 for c in permutes)
+    assert by_id["moe_low_latency_dispatch/t128_h7168_top8_of_256_fp8"].bytes == 128 * h * 2 + 128 * k * (h + 4 * 56)
+    permutes = [c for c in by_id.values() if c.op in ("moe_dispatch_expanded", "moe_combine_expanded",
+                                                      "moe_low_latency_dispatch", "moe_low_latency_combine")]
+    assert len(permutes) == 8 and all(c.ceiling == "memory" and c.world_size == 1 for c in permutes)
 
 
 def test_a_config_builds_random_inputs_and_the_same_seed_gives_the_same_data() -> None:

@@ -69,13 +69,19 @@ def _calc_diff(a: torch.Tensor, r: torch.Tensor) -> float:
 
 
 def agreement(outputs: Mapping[str, torch.Tensor], baseline: Mapping[str, torch.Tensor], bound: float,
-              baseline_name: str) -> CheckResult:
-    """Half 2: ``outputs`` against the baseline backend's outputs of the same call."""
+              baseline_name: str, masks: Mapping[str, torch.Tensor] | None = None) -> CheckResult:
+    """Half 2: ``outputs`` against the baseline backend's outputs of the same call. ``masks`` (by output
+    name, a boolean tensor broadcastable to the output) restricts the comparison to the elements the op
+    specifies (e.g. the rows below each expert's count of a fixed-capacity layout)."""
     details: dict[str, Any] = {"against": baseline_name, "calc_diff_bound": bound, "outputs": {}}
     failures = []
     for name, ref in baseline.items():
         got = outputs[name]
         a, r = got.detach().to(torch.float64), ref.detach().to(torch.float64)
+        specified = (masks or {}).get(name)
+        if specified is not None:
+            keep = specified.to(a.device).expand_as(a)
+            a, r = a[keep], r[keep]
         metrics: dict[str, Any] = {}
         for label, mask in (("NaN", torch.isnan), ("+inf", torch.isposinf), ("-inf", torch.isneginf)):
             differ = int((mask(a) != mask(r)).sum())

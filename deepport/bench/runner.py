@@ -135,7 +135,7 @@ class _ConfigRun:
             r.check["agreement"] = {"passed": None, "message": "no checked baseline output to compare with"}
         else:
             r.check["agreement"] = check.agreement(outputs, self.baseline_outputs, c.agreement,
-                                                   self.request.baseline).to_dict()
+                                                   self.request.baseline, self.workload.agreement_masks).to_dict()
         failed = [f"{part}: {v.get('message') or 'failed'}" for part, v in r.check.items() if v.get("passed") is False]
         if failed:
             r.status, r.message = "check_failed", "; ".join(failed)

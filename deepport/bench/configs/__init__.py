@@ -72,7 +72,10 @@ class Workload:
     - ``outputs``: the preallocated outputs the calls write, by name;
     - ``footprint_bytes``: bytes of inputs and outputs one call touches (decides L2 rotation);
     - ``reference_check``: optional; judges the current ``outputs`` against a float64 reference of (part
-      of) this workload's call and returns ``{"passed": bool, "message": str, ...}`` (JSON-ready).
+      of) this workload's call and returns ``{"passed": bool, "message": str, ...}`` (JSON-ready);
+    - ``agreement_masks``: optional, by output name, a boolean tensor broadcastable to that output: the
+      elements the op specifies, the only ones the agreement with the baseline compares (outputs with
+      unspecified parts, such as rows past each expert's count in a fixed-capacity layout).
     """
 
     call: Callable[[str], BackendCall]
@@ -80,6 +83,7 @@ class Workload:
     outputs: Mapping[str, torch.Tensor]
     footprint_bytes: int
     reference_check: Callable[[], dict[str, Any]] | None = None
+    agreement_masks: Mapping[str, torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
