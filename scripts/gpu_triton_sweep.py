@@ -1,13 +1,14 @@
 """One device call that sweeps launch configurations of the triton backend's MLA decode and FP8 GEMM kernels.
 
     python3 scripts/gpu_triton_sweep.py [--out DIR] [--budget-s 185] [--only mla,fp8,certify] [--workers N]
-    python3 scripts/gpu_triton_sweep.py --dry-run [--out DIR]      # no GPU needed
+    python3 scripts/gpu_triton_sweep.py --only grouped --budget-s 300 [--out DIR]   # M-grouped FP8 GEMMs alone
+    python3 scripts/gpu_triton_sweep.py --dry-run [--only ...] [--out DIR]          # no GPU needed
 
 Every candidate is a configuration of the backend's real kernels (``configs.MLAConfig`` /
-``fp8_configs.GemmConfig``, launched through ``mla_decode.run`` / ``fp8_gemm.launch``), so a winner
-becomes the default by editing one entry of ``configs.py`` / ``fp8_configs.py`` (the script prints the
-entries). Stages, in order, each bounded by ``--budget-s`` (a stage that would start late is skipped
-and says so):
+``fp8_configs.GemmConfig``, launched through ``mla_decode.run`` / ``fp8_gemm.launch`` /
+``fp8_grouped_gemm.launch_contiguous`` / ``launch_masked``), so a winner becomes the default by editing
+one entry of ``configs.py`` / ``fp8_configs.py`` (the script prints the entries). Stages, in order, each
+bounded by ``--budget-s`` (a stage that would start late is skipped and says so):
 
 1. compile: every (candidate, specialisation) once, in parallel worker processes (a small launch on the
    GPU fills triton's on-disk cache), for at most 45% of the budget; a candidate that fails to compile
@@ -17,13 +18,24 @@ and says so):
 3. MLA decode, compute-bound (b=128, h_q=128, s_q 1 and 2 causal, s_k=4096), then FP8 dense at M=4096
    on the three shapes below 0.85x cuBLAS (N x K: 2112 x 7168, 4096 x 7168, 7168 x 16384), then MLA
    memory-bound (h_q=16, s_q=1: b=128 s_k=4096, b=128 ragged 4096..32768, b=64 s_k=32768), then FP8
-   at M=64 and 128 (spot checks). Per shape the peer is timed first (torch backend: gather + SDPA for
-   MLA, cuBLAS block-scaled ``scaled_mm`` for FP8, plus raw ``scaled_mm`` on pre-staged scales); each
+   at M=64 and 128 (spot checks), then (``--only ...,grouped``, not in the default) the M-grouped FP8
+   GEMMs on DeepGEMM's MoE shapes (``deepport/bench/configs/fp8_grouped_gemm.py``; N x K: 4096 x 7168,
+   7168 x 2048): contiguous with G=4 x 8192 and G=8 x 4096 rows, masked with G in {1, 2, 4} and
+   expected_m = masked_m 1024 / 512 / 256 of M_max 4096. Per shape the peer is timed first (torch
+   backend: gather + SDPA for MLA, cuBLAS block-scaled ``scaled_mm`` for FP8, plus raw ``scaled_mm`` on
+   pre-staged scales; grouped: the torch backend's op, checked against float64, and after the candidates
+   the triton dense GEMM at the same total M with the configuration ``fp8_configs.py`` picks); each
    candidate's output is checked first (MLA: against the torch backend's out within 2.01 bf16 ulps of
    |ref| + rms and its LSE within 1e-4 relative; FP8: 64 sampled rows against float64 with the bench
-   tolerance): a wrong one is reported WRONG and not timed. Timing: ``deepport.bench.timing.time_calls``
-   (a CUDA graph of many calls below 1 ms, else events with the L2 flushed; FP8 inputs rotated past
-   twice the L2).
+   tolerance; grouped: 64 sampled rows in use against the torch backend's output of the same call with
+   that tolerance, and masked rows past ``masked_m`` bit for bit what they held before the call): a
+   wrong one is reported WRONG and not timed. Timing: ``deepport.bench.timing.time_calls`` (a CUDA graph
+   of many calls below 1 ms, else events with the L2 flushed; FP8 inputs rotated past twice the L2).
+   Grouped candidates (30 per contiguous shape, 21 per masked shape, 102 specialisations to compile):
+   today's choice, the H200 entries of ``_H200_CONTIGUOUS`` / ``_H200_MASKED``, the dense table's entries
+   for the same (N, K), and a grid pruned by shared memory and spills (``GROUPED_GRID``). Estimated, not
+   yet measured: 246 checked timings at about 0.5 s plus peers and inputs, about 150 s of GPU time after
+   the compile stage, hence ``--budget-s 300`` when the part runs alone.
 4. certify (``--only ...,certify``, default on; starts only within the budget, takes about 40 s):
    ``deepport certify --tier smoke --op mla_decode`` in this process with each MLA bucket's winner (the
    config fastest on most shapes of the bucket) patched in as the H200 entry of ``configs.py``, after
@@ -31,7 +43,10 @@ and says so):
    so a new default has a conformance run behind it from the same call.
 
 Counting (BENCH.md): MLA FLOP = b*s_q*h_q*mean_s_k*2*(576+512), bytes = b*(s_q*h_q*576 + mean_s_k*576 +
-s_q*h_q*512)*2; FP8 FLOP = 2*M*N*K. Output: a table on stdout, ``DIR/triton_sweep.json`` (every figure).
+s_q*h_q*512)*2; FP8 FLOP = 2*M*N*K (grouped: M = the rows in use of all groups). Output: a table on
+stdout, ``DIR/triton_sweep.json`` (every figure), and the entries to adopt per shape (dense
+``_H200_DENSE``, grouped ``_H200_CONTIGUOUS`` / ``_H200_MASKED``, keyed by the M bucket of M_sum / G or
+of expected_m).
 
 ``--dry-run`` (CPU, ``TRITON_INTERPRET`` unset): runs the same launchers on CPU tensors of the GPU
 calls' shapes and strides with the kernel launches recorded (``deepport.backends.triton.aot``), compiles
@@ -42,7 +57,8 @@ each for sm_90a (``GPUTarget("cuda", 90, 32)``) and reports per candidate the te
 Writes ``DIR/triton_sweep_dry_run.json``.
 
 ``--cpu-smoke`` runs the device stages end to end on CPU-sized shapes under ``TRITON_INTERPRET=1`` (two
-candidates per kind, one certify case): a test of this script, not of the kernels' speed.
+grid candidates per kind, grouped: one plus today's and the tables' entries; one certify case): a test of
+this script, not of the kernels' speed.
 """
 
 from __future__ import annotations
@@ -75,7 +91,11 @@ import gpu_triton_mla as mla_tools  # noqa: E402
 from deepport.backends.triton import configs, fp8_configs  # noqa: E402
 from deepport.backends.triton.configs import MLAConfig  # noqa: E402
 from deepport.backends.triton.fp8_configs import GemmConfig  # noqa: E402
+from deepport.bench.check import sample_rows, sampled_rows_check  # noqa: E402
+from deepport.bench.configs import fp8_grouped_gemm as grouped_bench  # noqa: E402
+from deepport.bench.configs.fp8_gemm import TOLERANCE  # noqa: E402
 from deepport.conformance.call import synchronize  # noqa: E402
+from deepport.kernels.fp8_grouped_gemm import OP_CONTIGUOUS, OP_MASKED, ContiguousCall  # noqa: E402
 
 SMEM_PER_BLOCK = 227 * 1024  # the most shared memory one Hopper block can have
 D_QK, D_V = mla_tools.D_QK, mla_tools.D_V
@@ -147,6 +167,41 @@ FP8_SMALL_M = (64, 128)
 FP8_CANDIDATES_SMALL: list[GemmConfig] = [C(64, 64, 4, 5, split_k=0), C(64, 128, 4, 4, split_k=0),
                                           C(64, 128, 4, 4, split_k=0, split_n=2)]
 
+# M-grouped FP8: DeepGEMM's MoE shapes of the grouped bench configs (up/gate N x K = 4096 x 7168, down 7168 x 2048)
+GROUPED_NK: tuple[tuple[int, int], ...] = grouped_bench.NK
+GROUPED_CONTIGUOUS = ((4, 8192), (8, 4096))  # (G, rows per group)
+GROUPED_MASKED = ((1, 1024), (2, 512), (4, 256))  # (G, expected_m = masked_m of every group)
+GROUPED_M_MAX = grouped_bench.M_MAX  # masked: rows allocated per group
+GroupedShape = tuple[str, int, int, int, int]  # (layout, G, rows per group or expected_m, N, K)
+GROUPED_GRID: dict[str, list[GemmConfig]] = {
+    # block_m divides 128 (a tile holds one group); waves unused. Shared memory a stage: (block_m + block_n) KiB.
+    # Pruned by the dry run (triton 3.9, sm_90a): 256-wide tiles with one accumulator spill 300-470 bytes at
+    # 255 registers (128 x 256: 420-920 whatever the split), with two halves 0-80
+    "contiguous": [
+        # 128 x 128, two warpgroups: depth x raster x halves; the 128-register cap (two programs per SM) only at
+        # 3 stages, where two programs fit in shared memory (2 x 96 KiB); the halves hold two without it
+        *(C(128, 128, 8, s, group_m=g, split_n=h, maxnreg=r) for s in (3, 4, 5) for g in (8, 16) for h in (1, 2)
+          for r in ((None, 128) if s == 3 else (None,))),
+        *(C(128, 256, 8, s) for s in (3, 4)),  # half the A re-reads of 128 x 128 (48 KiB a stage), spills
+        # one warpgroup: 64 x 128, DeepGEMM's 64 x 256 (as halves), 128 x 64
+        *(C(64, 128, 4, s, group_m=g) for s in (3, 4, 5) for g in (8, 16)),
+        *(C(64, 256, 4, s, split_n=2) for s in (3, 4, 5)),
+        *(C(128, 64, 4, s) for s in (4, 5)),
+    ],
+    # persistent: waves programs per SM walk the tiles in use (1024 rows in all: 8 x 32 to 8 x 56 tiles of
+    # 128 x 128, so smaller tiles first); the kernel has no group_m
+    "masked": [
+        # 64 x 128, one warpgroup (today's entries): depth x waves, and halves at 3 stages (72 KiB: three
+        # programs per SM, which a register cap would not raise)
+        *(C(64, 128, 4, s, waves=w) for s in (3, 4, 5) for w in (2, 3, 4)),
+        *(C(64, 128, 4, 3, waves=w, split_n=2) for w in (3, 4)),
+        *(C(64, 64, 4, s, waves=w) for s in (4, 5) for w in (3, 4)),  # twice the tiles of 64 x 128
+        *(C(64, 256, 4, s, split_n=2) for s in (3, 4)),  # half the A re-reads
+        *(C(128, 128, 8, 3, split_n=2, maxnreg=128, waves=w) for w in (2, 3)),  # the dense winner (_HALVES)
+        C(128, 128, 8, 4),
+    ],
+}
+
 
 def mla_candidates(kind: str, device_name: str, q_rows: int) -> list[MLAConfig]:
     """The kind's candidates, the configuration ``configs.py`` picks today first (added if missing)."""
@@ -166,9 +221,37 @@ def fp8_shapes() -> list[tuple[int, int, int]]:
     return [(FP8_LARGE_M, n, k) for n, k in FP8_LARGE_NK] + [(m, n, k) for m in FP8_SMALL_M for n, k in FP8_LARGE_NK]
 
 
+def grouped_candidates(layout: str, rows: int, n: int, k: int, device_name: str, sms: int) -> list[GemmConfig]:
+    """Today's choice for the shape first (``rows``: per group, or expected_m), then the H200 entries of the
+    layout's table, the H200 dense table's entries for (N, K) and the grid; split_k 1 (the grouped kernels
+    do not split K), and for the contiguous layout only block_m dividing 128."""
+    kind = fp8_configs.CONTIGUOUS if layout == "contiguous" else fp8_configs.MASKED
+    h200 = fp8_configs.TUNED["NVIDIA H200"]
+    dense = [c for (_, dn, dk), c in h200[fp8_configs.DENSE].items() if (dn, dk) == (n, k)]
+    pool = [fp8_configs.choose(kind, device_name, sms, rows, n, k), *h200[kind].values(), *dense,
+            *GROUPED_GRID[layout]]
+    return list(dict.fromkeys(replace(c, split_k=1) for c in pool if layout == "masked" or 128 % c.block_m == 0))
+
+
+def grouped_shapes() -> list[GroupedShape]:
+    return ([("contiguous", g, rows, n, k) for g, rows in GROUPED_CONTIGUOUS for n, k in GROUPED_NK]
+            + [("masked", g, rows, n, k) for g, rows in GROUPED_MASKED for n, k in GROUPED_NK])
+
+
+def grouped_label(layout: str, cfg: GemmConfig) -> str:
+    """The configuration's label, with the waves for the masked layout (the label leaves them out)."""
+    return cfg.label + (f" waves{cfg.waves}" if layout == "masked" else "")
+
+
+def dense_peer_config(m: int, n: int, k: int, device_name: str, sms: int) -> GemmConfig:
+    """The dense configuration ``fp8_configs.py`` picks for M rows (the peer at a grouped call's total M)."""
+    return fp8_configs.choose(fp8_configs.DENSE, device_name, sms, m, n, k)
+
+
 def use_cpu_smoke_sizes() -> None:
     """Shrink what is swept to CPU sizes for ``--cpu-smoke`` (the interpreter runs every program in numpy)."""
     global FP8_LARGE_M, FP8_LARGE_NK, FP8_SMALL_M, FP8_CANDIDATES_LARGE, FP8_CANDIDATES_SMALL
+    global GROUPED_NK, GROUPED_CONTIGUOUS, GROUPED_MASKED, GROUPED_M_MAX
     MLA_SHAPES.clear()
     MLA_SHAPES.update({"tiny_b1_sq2_hq64_sk128_causal": (1, 2, 64, 128, True, "cb"),
                        "tiny_b2_sq1_hq16_sk192": (2, 1, 16, 192, False, "mb")})
@@ -177,6 +260,9 @@ def use_cpu_smoke_sizes() -> None:
     FP8_LARGE_M, FP8_LARGE_NK, FP8_SMALL_M = 1152, ((256, 512),), (64,)
     FP8_CANDIDATES_LARGE = [C(128, 128, 8, 3, split_n=2, maxnreg=128), C(128, 64, 4, 4)]
     FP8_CANDIDATES_SMALL = [C(64, 64, 4, 5, split_k=0)]
+    GROUPED_NK, GROUPED_CONTIGUOUS, GROUPED_MASKED, GROUPED_M_MAX = ((256, 512),), ((2, 128),), ((2, 40),), 64
+    GROUPED_GRID["contiguous"] = [C(64, 128, 4, 3)]
+    GROUPED_GRID["masked"] = [C(64, 128, 4, 3, waves=3)]
 
 
 # ---- one MLA / FP8 launch, shared by the compile pool, the dry run and the timing --------------------
@@ -219,25 +305,72 @@ def run_mla(inp: dict[str, Any], cfg: MLAConfig) -> None:
     tm.run(inp["call"], inp["out"], inp["lse"], config=cfg)
 
 
+def grouped_inputs(shape: GroupedShape, seed: int, device: torch.device, m_max: int | None = None) -> dict[str, Any]:
+    """A grouped call of ``shape`` (this directory's builders): B ``[G, N, K]``; contiguous: A ``[G * rows, K]``,
+    out ``[G * rows, N]``; masked: A ``[G, m_max, K]`` (default ``GROUPED_M_MAX``) with ``rows`` in use per
+    group, out ``[G, m_max, N]``."""
+    layout, g, rows, n, k = shape
+    if layout == "contiguous":
+        return gemm.contiguous_inputs(g, rows, n, k, seed, device)
+    return gemm.masked_inputs(g, rows, n, k, seed, device, m_max=GROUPED_M_MAX if m_max is None else m_max)
+
+
+def grouped_call(shape: GroupedShape, device: torch.device, empty: bool) -> dict[str, Any]:
+    """A small call of ``shape``'s specialisation: 128 rows per group (masked: 64 in use of an M_max of 128);
+    ``empty``: uninitialised operands, for compiling only (``m_indices`` / ``masked_m`` are real: bind checks
+    them)."""
+    layout, g, _, n, k = shape
+    if not empty:
+        return grouped_inputs((layout, g, 128 if layout == "contiguous" else 64, n, k), 0, device, m_max=128)
+    from deepport.kernels import fp8_grouped_gemm as grouped
+
+    a = torch.empty((g * 128, k), dtype=torch.float8_e4m3fn, device=device)
+    sfa = torch.empty((g * 128, -(-k // 128)), dtype=torch.float32, device=device)
+    b = (torch.empty((g, n, k), dtype=torch.float8_e4m3fn, device=device),
+         torch.empty((g, -(-n // 128), -(-k // 128)), dtype=torch.float32, device=device))
+    if layout == "contiguous":
+        out = torch.empty((g * 128, n), dtype=torch.bfloat16, device=device)
+        m_indices = torch.arange(g, dtype=torch.int32, device=device).repeat_interleave(128)
+        return {"out": out, "call": grouped.bind_contiguous((a, sfa), b, out, m_indices)}
+    out = torch.empty((g, 128, n), dtype=torch.bfloat16, device=device)
+    masked_m = torch.full((g,), 64, dtype=torch.int32, device=device)
+    return {"out": out, "call": grouped.bind_masked((a.view(g, 128, k), sfa.view(g, 128, -1)), b, out, masked_m, 64)}
+
+
 def run_fp8(inp: dict[str, Any], cfg: GemmConfig) -> None:
     from deepport.backends.triton import fp8_gemm as triton_dense
 
     triton_dense.launch(inp["call"], inp["out"], cfg)
 
 
-Job = tuple[str, Any, dict[str, Any]]  # ("mla", shape name, MLAConfig fields) | ("fp8", (m, n, k), GemmConfig fields)
+def run_grouped(inp: dict[str, Any], cfg: GemmConfig) -> None:
+    from deepport.backends.triton import fp8_grouped_gemm as triton_grouped
+
+    if isinstance(inp["call"], ContiguousCall):
+        triton_grouped.launch_contiguous(inp["call"], inp["out"], cfg)
+    else:
+        triton_grouped.launch_masked(inp["call"], inp["out"], cfg)
+
+
+# ("mla", shape name, MLAConfig fields) | ("fp8", (m, n, k), GemmConfig fields) | ("grouped", GroupedShape, ...)
+Job = tuple[str, Any, dict[str, Any]]
 
 
 def compile_key(kind: str, what: Any, fields: dict[str, Any]) -> str:
     """What the compiler sees of a (shape, candidate): MLA shapes differ by ``s_q == 1`` and causality
     (every other integer is a runtime argument divisible by 16) and ``programs_per_sm`` only sets the
-    grid; FP8 shapes differ by nothing the compiler sees but whether one SFB covers a tile."""
+    grid; FP8 shapes (``what``: dense (m, n, k), or a :data:`GroupedShape`) differ by whether K / 128, the
+    scales' row stride, is divisible by 16 (7168: no; 2048, 16384: yes), dense ones also by whether one SFB
+    covers a tile, masked ones by ``G == 1`` (a constant to triton); ``waves`` only sets the masked grid."""
     if kind == "mla":
         _, s_q, _, _, causal, _ = MLA_SHAPES[what]
         cfg = replace(MLAConfig(**fields), programs_per_sm=1)
         return f"mla s_q{'=1' if s_q == 1 else '>1'}{' causal' if causal else ''} {cfg.label.replace('p1', '')}"
     cfg = GemmConfig(**fields)
-    return f"fp8 {'sfb-scalar' if 128 % cfg.block_n == 0 else 'sfb-vector'} {cfg.label}"
+    scales = "kb%16=0" if -(-what[-1] // 128) % 16 == 0 else "kb%16>0"
+    if kind == "grouped":
+        return f"{what[0]}{' G=1' if what[0] == 'masked' and what[1] == 1 else ''} {scales} {cfg.label}"
+    return f"fp8 {'sfb-scalar' if 128 % cfg.block_n == 0 else 'sfb-vector'} {scales} {cfg.label}"
 
 
 def compile_jobs(device_name: str, sms: int, only: set[str]) -> dict[str, Job]:
@@ -250,20 +383,33 @@ def compile_jobs(device_name: str, sms: int, only: set[str]) -> dict[str, Job]:
     if "fp8" in only:
         for m, n, k in fp8_shapes():
             for cfg in fp8_candidates(m, n, k, device_name, sms):
-                jobs.setdefault(compile_key("fp8", None, asdict(cfg)), ("fp8", (min(m, 128), n, k), asdict(cfg)))
+                jobs.setdefault(compile_key("fp8", (m, n, k), asdict(cfg)), ("fp8", (min(m, 128), n, k), asdict(cfg)))
+    if "grouped" in only:  # the candidates, and the dense peer at the same total M
+        for shape in grouped_shapes():
+            layout, g, rows, n, k = shape
+            for cfg in grouped_candidates(layout, rows, n, k, device_name, sms):
+                jobs.setdefault(compile_key("grouped", shape, asdict(cfg)), ("grouped", shape, asdict(cfg)))
+            dense = asdict(dense_peer_config(g * rows, n, k, device_name, sms))
+            jobs.setdefault(compile_key("fp8", (g * rows, n, k), dense), ("fp8", (128, n, k), dense))
     return jobs
+
+
+def run_job(job: Job, device: torch.device, empty: bool) -> None:
+    """A small launch of the job's specialisation (``empty``: uninitialised FP8 operands, for compiling only)."""
+    kind, what, fields = job
+    if kind == "mla":
+        run_mla(mla_call(what, device, small=True), MLAConfig(**fields))
+    elif kind == "fp8":
+        run_fp8(fp8_call(*what, device, empty=empty), GemmConfig(**fields))
+    else:
+        run_grouped(grouped_call(what, device, empty=empty), GemmConfig(**fields))
 
 
 def warm_job(key: str, job: Job) -> tuple[str, str | None, float]:
     """Compile one job on the GPU with a small launch of the same specialisation (fills triton's cache)."""
     start = time.perf_counter()
-    kind, what, fields = job
     try:
-        device = torch.device("cuda")
-        if kind == "mla":
-            run_mla(mla_call(what, device, small=True), MLAConfig(**fields))
-        else:
-            run_fp8(fp8_call(*what, device, empty=False), GemmConfig(**fields))
+        run_job(job, torch.device("cuda"), empty=False)
         torch.cuda.synchronize()
         return key, None, time.perf_counter() - start
     except Exception as exc:
@@ -275,20 +421,17 @@ def warm_job(key: str, job: Job) -> tuple[str, str | None, float]:
 def dry_job(key: str, job: Job) -> dict[str, Any]:
     """Record the launches of one job on CPU tensors and compile each for sm_90a."""
     from deepport.backends.triton import aot
-    from deepport.backends.triton.fp8_gemm_kernels import fp8_gemm_nt_kernel, splitk_reduce_kernel
+    from deepport.backends.triton import fp8_gemm_kernels as fk
     from deepport.backends.triton.mla_decode_kernels import mla_decode_combine_kernel, mla_decode_split_kernel
 
-    kind, what, fields = job
+    kind, _, fields = job
     row: dict[str, Any] = {"job": key, "kernels": []}
     start = time.perf_counter()
     try:
-        cpu = torch.device("cpu")
-        with aot.recorded_launches([mla_decode_split_kernel, mla_decode_combine_kernel, fp8_gemm_nt_kernel,
-                                    splitk_reduce_kernel]) as launches:
-            if kind == "mla":
-                run_mla(mla_call(what, cpu, small=True), MLAConfig(**fields))
-            else:
-                run_fp8(fp8_call(*what, cpu, empty=True), GemmConfig(**fields))
+        with aot.recorded_launches([mla_decode_split_kernel, mla_decode_combine_kernel, fk.fp8_gemm_nt_kernel,
+                                    fk.splitk_reduce_kernel, fk.m_grouped_fp8_gemm_nt_contiguous_kernel,
+                                    fk.m_grouped_fp8_gemm_nt_masked_kernel]) as launches:
+            run_job(job, torch.device("cpu"), empty=True)
         for launch in launches:
             compiled = aot.compile_launch(launch)
             row["kernels"].append(aot.lowering(compiled, launch.name).to_dict())
@@ -305,7 +448,7 @@ def dry_verdict(kind: str, fields: dict[str, Any], kernels: list[dict[str, Any]]
     problems = []
     if any(k["shared"] > SMEM_PER_BLOCK for k in kernels):
         problems.append(f"SMEM {main['shared'] // 1024} KiB > 227")
-    if kind == "fp8":
+    if kind in ("fp8", "grouped"):
         if not main["wgmma"] or not any("e4m3" in t for t in main["wgmma_types"]):
             problems.append("NO_E4M3_WGMMA")
         if fields["tma"] and not main["tma"]:
@@ -368,7 +511,7 @@ class Sweep:
         self.results: dict[str, Any] = {
             "device": self.name, "multiprocessors": self.sms, "torch": torch.__version__,
             "triton": triton.__version__, "cuda": torch.version.cuda, "argv": sys.argv, "compile": [],
-            "ceilings": {}, "mla": [], "fp8": [], "skipped": [], "certify": None}
+            "ceilings": {}, "mla": [], "fp8": [], "grouped": [], "skipped": [], "certify": None}
         self.failed: set[str] = set()
         self.compiled: set[str] | None = None  # compile keys warmed without error (None: no compile stage)
 
@@ -481,46 +624,114 @@ class Sweep:
     # -- FP8
     def fp8_shape(self, m: int, n: int, k: int) -> dict[str, Any]:
         from deepport.backends.torch import fp8_gemm as torch_fp8
-        from deepport.bench import timing
 
         flops = 2.0 * m * n * k
-        count = min(8, timing.copies_for_rotation(m * k + n * k + 2 * m * n, self.device))
-        inputs = [gemm.dense_inputs(m, n, k, seed, self.device) for seed in range(count)]
+        inputs = self.dense_copies(m, n, k)
         rows, ref = gemm.dense_reference(inputs[0])
         row: dict[str, Any] = {"m": m, "n": n, "k": k, "flops": flops, "candidates": []}
         row["torch_backend"] = self.fp8_peer(lambda i: (lambda: torch_fp8.run(i["call"], i["out"])), inputs, rows,
                                              ref, flops)
         row["cublas_raw"] = self.fp8_peer(gemm.raw_scaled_mm, inputs, rows, ref, flops)
-        for cfg in fp8_candidates(m, n, k, self.name, self.sms):
-            entry: dict[str, Any] = {"config": cfg.label, "fields": asdict(cfg)}
-            if self.left() < 0:
-                entry["skipped"] = "budget"
-            elif (why := self.not_compiled(compile_key("fp8", None, asdict(cfg)))) is not None:
-                entry["skipped"] = why
-            else:
-                try:
-                    entry["check"] = gemm.checked(lambda c=cfg: run_fp8(inputs[0], c), inputs[0]["out"], rows, ref)
-                    entry["ok"] = bool(entry["check"]["passed"])
-                    if entry["ok"]:
-                        entry.update(self.time([lambda i=i, c=cfg: run_fp8(i, c) for i in inputs]))
-                        entry["tflops"] = flops / entry["us"] / 1e6
-                except Exception as exc:
-                    entry["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
-            row["candidates"].append(entry)
-            print(f"  fp8 m{m} n{n} k{k} {cfg.label}: {short(entry)}", flush=True)
-        good = [c for c in row["candidates"] if c.get("ok") and "us" in c]
-        row["best"] = min(good, key=lambda c: c["us"]) if good else None
+        self.gemm_candidates(row, f"fp8 m{m} n{n} k{k}", fp8_candidates(m, n, k, self.name, self.sms),
+                             lambda c: (c.label, compile_key("fp8", (m, n, k), asdict(c))),
+                             lambda c: gemm.checked(lambda: run_fp8(inputs[0], c), inputs[0]["out"], rows, ref),
+                             run_fp8, inputs)
         inputs.clear()
         return row
 
+    def dense_copies(self, m: int, n: int, k: int) -> list[dict[str, Any]]:
+        """Copies of a dense M x N x K call (seeds 0, 1, ...), enough to rotate past twice the L2 (at most 8)."""
+        from deepport.bench import timing
+
+        count = min(8, timing.copies_for_rotation(m * k + n * k + 2 * m * n, self.device))
+        return [gemm.dense_inputs(m, n, k, seed, self.device) for seed in range(count)]
+
+    def gemm_candidates(self, row: dict[str, Any], tag: str, configs: list[GemmConfig],
+                        names: Callable[[GemmConfig], tuple[str, str]],
+                        check: Callable[[GemmConfig], dict[str, Any]],
+                        run: Callable[[dict[str, Any], GemmConfig], None], inputs: list[dict[str, Any]]) -> None:
+        """Fill ``row``'s candidates (one per config, ``names``: its label and compile key) and its best."""
+        for cfg in configs:
+            label, key = names(cfg)
+            entry: dict[str, Any] = {"config": label, "fields": asdict(cfg)}
+            calls = [lambda i=i, c=cfg: run(i, c) for i in inputs]
+            entry.update(self.gemm_candidate(key, lambda c=cfg: check(c), calls, row["flops"]))
+            row["candidates"].append(entry)
+            print(f"  {tag} {label}: {short(entry)}", flush=True)
+        good = [c for c in row["candidates"] if c.get("ok") and "us" in c]
+        row["best"] = min(good, key=lambda c: c["us"]) if good else None
+
+    def gemm_candidate(self, key: str, check: Callable[[], dict[str, Any]], calls: list[Callable[[], None]],
+                       flops: float) -> dict[str, Any]:
+        """One FP8 GEMM candidate (compile key ``key``): ``check`` (runs it once and judges the output), and
+        only if that passes ``calls`` timed (one per input copy); skipped past the budget or not compiled."""
+        if self.left() < 0:
+            return {"skipped": "budget"}
+        if (why := self.not_compiled(key)) is not None:
+            return {"skipped": why}
+        try:
+            found: dict[str, Any] = {"check": check()}
+            found["ok"] = bool(found["check"]["passed"])
+            if found["ok"]:
+                found.update(self.time(calls))
+                found["tflops"] = flops / found["us"] / 1e6
+            return found
+        except Exception as exc:
+            return {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+
     def fp8_peer(self, make: Callable[[dict[str, Any]], Callable[[], None]], inputs: list[dict[str, Any]],
                  rows: list[int], ref: torch.Tensor, flops: float) -> dict[str, Any]:
+        """A peer's output checked at ``rows`` of ``out`` viewed as ``[rows, N]`` against ``ref`` (float64),
+        then timed."""
         try:
-            check = gemm.checked(make(inputs[0]), inputs[0]["out"], rows, ref)
+            out2d = inputs[0]["out"].view(-1, inputs[0]["out"].shape[-1])
+            check = gemm.checked(make(inputs[0]), out2d, rows, ref)
             t = self.time([make(i) for i in inputs])
             return {"ok": bool(check["passed"]), **t, "tflops": flops / t["us"] / 1e6}
         except Exception as exc:
             return {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+
+    # -- M-grouped FP8
+    def grouped_shape(self, shape: GroupedShape) -> dict[str, Any]:
+        """One grouped shape: the torch backend's op (checked against float64, then timed), each candidate
+        checked against the torch backend's output and timed, then the dense GEMM at the same total M."""
+        from deepport.bench import timing
+        from deepport.dispatch import registry
+
+        layout, g, rows_or_em, n, k = shape
+        total_m = g * rows_or_em  # rows in use
+        flops = 2.0 * total_m * n * k
+        count = min(8, timing.copies_for_rotation(total_m * k + g * n * k + 2 * total_m * n, self.device))
+        inputs = [grouped_inputs(shape, seed, self.device) for seed in range(count)]
+        shape_out = inputs[0]["out"].shape  # [G * rows, N] or [G, M_max, N]
+        rows, group_of = sampled_in_use(shape, int(shape_out[1]) if layout == "masked" else 0)
+        ref = torch_backend_out(inputs[0]).view(-1, n)[rows].double()
+        before = None
+        if layout == "masked":
+            gen = torch.Generator(device=self.device).manual_seed(1)
+            before = torch.randn(shape_out, generator=gen, dtype=torch.bfloat16, device=self.device)
+        row: dict[str, Any] = {"layout": layout, "groups": g, "rows": rows_or_em, "total_m": total_m, "n": n, "k": k,
+                               "flops": flops, "candidates": []}
+        torch_impl = registry.get("torch").implementation(OP_CONTIGUOUS if layout == "contiguous" else OP_MASKED)
+        row["torch_backend"] = self.fp8_peer(lambda i: (lambda: torch_impl(i["call"], i["out"])), inputs, rows,
+                                             gemm.grouped_reference(inputs[0], rows, group_of), flops)
+        self.gemm_candidates(row, f"{layout} G{g} x {rows_or_em} n{n} k{k}",
+                             grouped_candidates(layout, rows_or_em, n, k, self.name, self.sms),
+                             lambda c: (grouped_label(layout, c), compile_key("grouped", shape, asdict(c))),
+                             lambda c: grouped_checked(lambda: run_grouped(inputs[0], c), inputs[0], rows, ref, before),
+                             run_grouped, inputs)
+        inputs.clear()
+        row["dense_same_total_m"] = self.dense_peer(total_m, n, k, flops)
+        return row
+
+    def dense_peer(self, m: int, n: int, k: int, flops: float) -> dict[str, Any]:
+        """The triton dense GEMM at ``m`` rows with the configuration ``fp8_configs.py`` picks, checked and timed."""
+        cfg = dense_peer_config(m, n, k, self.name, self.sms)
+        if (why := self.not_compiled(compile_key("fp8", (m, n, k), asdict(cfg)))) is not None:
+            return {"config": cfg.label, "skipped": why}
+        inputs = self.dense_copies(m, n, k)
+        rows, ref = gemm.dense_reference(inputs[0])
+        return {"config": cfg.label, **self.fp8_peer(lambda i: (lambda: run_fp8(i, cfg)), inputs, rows, ref, flops)}
 
     # -- certify the MLA winners
     def certify_winners(self, case: str | None, workers: int) -> None:
@@ -572,6 +783,54 @@ class Sweep:
                                    "statuses": statuses, "seconds": round(time.monotonic() - t0, 1), "out": out}
         print(f"certify smoke mla_decode with {self.results['certify']['configs']}: exit {rc} {statuses}",
               flush=True)
+
+
+def sampled_in_use(shape: GroupedShape, m_max: int) -> tuple[list[int], list[int]]:
+    """Up to 64 rows in use of a grouped call's ``out`` viewed as ``[rows, N]`` (masked: ``[G * m_max, N]``,
+    ``rows`` in use per group), and the group of each."""
+    layout, g, rows, _, _ = shape
+    if layout == "contiguous":
+        found = sample_rows(g * rows)
+        return found, [r // rows for r in found]
+    in_use = [gi * m_max + r for gi in range(g) for r in range(rows)]
+    found = [in_use[i] for i in sample_rows(len(in_use))]
+    return found, [r // m_max for r in found]
+
+
+def torch_backend_out(inp: dict[str, Any]) -> torch.Tensor:
+    """The torch backend's output of a grouped call (the public op, ``backend="torch"``) in a new tensor
+    shaped as ``out`` (masked: rows past ``masked_m`` uninitialised)."""
+    import deepport
+
+    call = inp["call"]
+    ref = torch.empty_like(inp["out"])
+    a, b = (call.a.data, call.a.sf), (call.b.data, call.b.sf)
+    if isinstance(call, ContiguousCall):
+        deepport.m_grouped_fp8_gemm_nt_contiguous(a, b, ref, call.m_indices, backend="torch")
+    else:
+        deepport.m_grouped_fp8_gemm_nt_masked(a, b, ref, call.masked_m, call.expected_m, backend="torch")
+    return ref
+
+
+def grouped_checked(run: Callable[[], None], inp: dict[str, Any], rows: list[int], ref: torch.Tensor,
+                    before: torch.Tensor | None) -> dict[str, Any]:
+    """``run``'s output at ``rows`` of ``out`` viewed as ``[rows, N]`` against ``ref`` (float64
+    ``[len(rows), N]``) with the dense part's bound, rows in use NaN before the call. Masked (``before``:
+    ``out``'s shape, the content it holds before the call): rows past ``masked_m`` must keep it bit for bit."""
+    out = inp["out"]
+    out2d = out.view(-1, out.shape[-1])
+    if before is None:
+        return gemm.checked(run, out2d, rows, ref)
+    call = inp["call"]
+    past = torch.arange(out.shape[1], device=out.device)[None, :] >= call.masked_m[:, None]  # [G, M_max]
+    out.copy_(before)
+    out.masked_fill_(~past[:, :, None], float("nan"))
+    run()
+    synchronize(out.device)
+    found = sampled_rows_check("out", out2d, ref, TOLERANCE, rows)
+    found["untouched_past_masked_m"] = torch.equal(out.view(torch.int16)[past], before.view(torch.int16)[past])
+    found["passed"] = found["passed"] and found["untouched_past_masked_m"]
+    return found
 
 
 def patch_mla_table(winners: dict[str, dict[str, Any]]) -> tuple[tuple[str, MLAConfig], ...]:
@@ -632,23 +891,38 @@ def table(results: dict[str, Any]) -> str:
             x_default = default.get("us", float("nan")) / c["us"]
             lines.append(f"{'':32} {tag:22} {c['us']:8.1f} {c['tflops']:8.1f} {100 * c['tflops'] / bf16:5.0f}% "
                          f"{c['gbs']:6.0f} {100 * c['gbs'] / copy:5.0f}% {x_default:6.2f} {torch_us / c['us']:7.1f}")
-    lines += ["", f"{'FP8 m n k':26} {'config':30} {'us':>8} {'TFLOP/s':>8} {'%fp8':>5} {'x torch-be':>10} "
-              f"{'x cuBLAS':>8}"]
+    lines += ["", f"{'FP8 m n k':34} {'config':36} {'us':>8} {'TFLOP/s':>8} {'%fp8':>5} {'x torch-be':>10} "
+              f"{'x cuBLAS':>10}"]
     for r in results["fp8"]:
-        tb, raw = r["torch_backend"], r["cublas_raw"]
-        shape = f"m{r['m']} n{r['n']} k{r['k']}"
-        for peer, pname in ((tb, "torch backend (cuBLAS)"), (raw, "cuBLAS raw scaled_mm")):
-            fig = f"{peer['us']:8.1f} {peer['tflops']:8.0f}" if "us" in peer else short(peer)[:90]
-            lines.append(f"{shape:26} {pname:30} {fig}")
-        for c in sorted(r["candidates"], key=lambda c: c.get("us", float("inf")) if c.get("ok") else float("inf")):
-            tag = c["config"] + ("*" if c is r["candidates"][0] else "")
-            if "us" not in c:
-                lines.append(f"{'':26} {tag:30} {short(c)[:90]}")
-                continue
-            lines.append(f"{'':26} {tag:30} {c['us']:8.1f} {c['tflops']:8.0f} {100 * c['tflops'] / fp8:4.0f}% "
-                         f"{tb.get('us', float('nan')) / c['us']:10.2f} {raw.get('us', float('nan')) / c['us']:8.2f}")
+        peers = [("torch backend (cuBLAS)", r["torch_backend"]), ("cuBLAS raw scaled_mm", r["cublas_raw"])]
+        lines += gemm_lines(f"m{r['m']} n{r['n']} k{r['k']}", peers, r["candidates"], fp8)
+    lines += ["", f"{'grouped layout G x rows n k':34} {'config':36} {'us':>8} {'TFLOP/s':>8} {'%fp8':>5} "
+              f"{'x torch-be':>10} {'x dense':>10}"]
+    for r in results["grouped"]:
+        dense = r["dense_same_total_m"]
+        peers = [("torch backend", r["torch_backend"]), (f"dense m{r['total_m']} {dense['config']}", dense)]
+        lines += gemm_lines(f"{r['layout']} {r['groups']}x{r['rows']} n{r['n']} k{r['k']}", peers, r["candidates"],
+                            fp8)
     lines += ["", "* = the configuration configs.py / fp8_configs.py picks today"]
     return "\n".join(lines)
+
+
+def gemm_lines(shape: str, peers: list[tuple[str, dict[str, Any]]], candidates: list[dict[str, Any]],
+               fp8: float) -> list[str]:
+    """A GEMM shape's rows of the table: its peers, then its candidates fastest first, each with its share
+    of the fp8 ceiling and each peer's time over its own (* marks the first candidate, today's choice)."""
+    lines = []
+    for name, peer in peers:
+        fig = f"{peer['us']:8.1f} {peer['tflops']:8.0f}" if "us" in peer else short(peer)[:90]
+        lines.append(f"{shape:34} {name:36} {fig}")
+    for c in sorted(candidates, key=lambda c: c.get("us", float("inf")) if c.get("ok") else float("inf")):
+        tag = c["config"] + ("*" if c is candidates[0] else "")
+        if "us" not in c:
+            lines.append(f"{'':34} {tag:36} {short(c)[:90]}")
+            continue
+        ratios = " ".join(f"{peer.get('us', float('nan')) / c['us']:10.2f}" for _, peer in peers)
+        lines.append(f"{'':34} {tag:36} {c['us']:8.1f} {c['tflops']:8.0f} {100 * c['tflops'] / fp8:4.0f}% {ratios}")
+    return lines
 
 
 def suggestions(results: dict[str, Any]) -> str:
@@ -662,13 +936,22 @@ def suggestions(results: dict[str, Any]) -> str:
                          f"programs_per_sm={f['programs_per_sm']}, v_split={f['v_split']}, k_tma={f['k_tma']}))")
     for r in results["fp8"]:
         if r.get("best"):
-            f = r["best"]["fields"]
-            plain = GemmConfig(f["block_m"], f["block_n"])
-            args = ", ".join(f"{k}={v!r}" for k, v in f.items()
-                             if v != getattr(plain, k) and k not in ("block_m", "block_n"))
-            lines.append(f"  ({fp8_configs.m_bucket(r['m'])!r}, {r['n']}, {r['k']}): "
-                         f"_C({f['block_m']}, {f['block_n']}{', ' + args if args else ''}),")
+            entry = gemm_entry(r["best"]["fields"])
+            lines.append(f"  ({fp8_configs.m_bucket(r['m'])!r}, {r['n']}, {r['k']}): {entry},")
+    for r in results["grouped"]:  # the bucket of M_sum / G (contiguous) or of expected_m (masked)
+        if r.get("best"):
+            table_name = "_H200_CONTIGUOUS" if r["layout"] == "contiguous" else "_H200_MASKED"
+            lines.append(f"  {table_name} (G={r['groups']} x {r['rows']}) ({fp8_configs.m_bucket(r['rows'])!r}, "
+                         f"{r['n']}, {r['k']}): {gemm_entry(r['best']['fields'])},")
     return "\n".join(lines)
+
+
+def gemm_entry(fields: dict[str, Any]) -> str:
+    """A ``GemmConfig``'s entry as ``fp8_configs.py`` writes it: ``_C(block_m, block_n, <fields not default>)``."""
+    plain = GemmConfig(fields["block_m"], fields["block_n"])
+    args = ", ".join(f"{k}={v!r}" for k, v in fields.items()
+                     if v != getattr(plain, k) and k not in ("block_m", "block_n"))
+    return f"_C({fields['block_m']}, {fields['block_n']}{', ' + args if args else ''})"
 
 
 def device_run(args: argparse.Namespace, only: set[str]) -> int:
@@ -687,6 +970,8 @@ def device_run(args: argparse.Namespace, only: set[str]) -> int:
         plan += [("mla", n) for n, s in MLA_SHAPES.items() if s[5] == "mb"]
     if "fp8" in only:
         plan += [("fp8", s) for s in fp8_shapes() if s[0] < FP8_LARGE_M]
+    if "grouped" in only:
+        plan += [("grouped", s) for s in grouped_shapes()]
     for kind, what in plan:
         if sweep.left() < 0:
             sweep.results["skipped"].append(f"{kind} {what}: budget")
@@ -695,8 +980,10 @@ def device_run(args: argparse.Namespace, only: set[str]) -> int:
         try:
             if kind == "mla":
                 sweep.results["mla"].append(sweep.mla_shape(what))
-            else:
+            elif kind == "fp8":
                 sweep.results["fp8"].append(sweep.fp8_shape(*what))
+            else:
+                sweep.results["grouped"].append(sweep.grouped_shape(what))
         except Exception as exc:
             sweep.results["skipped"].append(f"{kind} {what}: {type(exc).__name__}: {str(exc)[:300]}")
             traceback.print_exc()
@@ -719,7 +1006,7 @@ def main() -> int:
     parser.add_argument("--budget-s", type=float, default=185.0,
                         help="no stage, shape or candidate starts after this many seconds (compile stage: at most "
                              "45%% of it); the certify stage (about 40 s) starts only within it")
-    parser.add_argument("--only", default="mla,fp8,certify", help="comma-separated: mla, fp8, certify")
+    parser.add_argument("--only", default="mla,fp8,certify", help="comma-separated: mla, fp8, grouped, certify")
     parser.add_argument("--workers", type=int, default=max(2, min(14, (os.cpu_count() or 4) - 2)))
     parser.add_argument("--certify-case", default=None, help="certify only cases matching this (--case)")
     parser.add_argument("--dry-run", action="store_true", help="compile every candidate for sm_90a on the CPU")
