@@ -40,6 +40,20 @@ FP8_BLOCK = 128  # channels per float32 scale of the low-latency dispatch's FP8 
 _COMBINE_AGREEMENT = 1e-5  # calc_diff of two float32-accumulated sums rounded once to bf16
 
 
+def _bound_runner(op: str, bind: Callable[[], Any]) -> Callable[[str], Callable[[], None]]:
+    """``Workload.bound_call`` of ``op``: per backend, the arguments validated once (``bind()``; its checked
+    allocator remembers what it handed out, so calls never alias each other's outputs), then a closure
+    that runs the backend's implementation on that bound call."""
+    def bound(backend: str) -> Callable[[], None]:
+        from deepport.dispatch import registry
+
+        impl = registry.get(backend).implementation(op)
+        bound_call = bind()
+        return lambda: impl(bound_call)
+
+    return bound
+
+
 def _expanded(op: str, tokens: int, hidden: int, experts: int, topk: int) -> Callable[[torch.device, int], Workload]:
     def build(device: torch.device, seed: int) -> Workload:
         x, idx, w = routing(tokens, hidden, experts, topk, seed, device)
@@ -65,14 +79,8 @@ def _expanded(op: str, tokens: int, hidden: int, experts: int, topk: int) -> Cal
 
             return dispatch if op == "moe_dispatch_expanded" else combine
 
-        def bound(backend: str) -> Callable[[], None]:
-            from deepport.dispatch import registry
-
-            impl = registry.get(backend).implementation(op)
-            bound_call = (OPS[op].bind(x, idx, w, experts, expert_alignment=ALIGN) if op == "moe_dispatch_expanded"
-                          else OPS[op].bind(y, first.handle))
-            return lambda: impl(bound_call)
-
+        bound = _bound_runner(op, (lambda: OPS[op].bind(x, idx, w, experts, expert_alignment=ALIGN))
+                              if op == "moe_dispatch_expanded" else (lambda: OPS[op].bind(y, first.handle)))
         return Workload(call, bound, outputs, (x.numel() + recv.numel()) * 2)
 
     return build
@@ -98,13 +106,7 @@ def _low_latency_dispatch(op: str, tokens: int, hidden: int, experts: int,
 
             return dispatch
 
-        def bound(backend: str) -> Callable[[], None]:
-            from deepport.dispatch import registry
-
-            impl = registry.get(backend).implementation(op)
-            bound_call = OPS[op].bind(x, idx, tokens, experts, use_fp8=True)
-            return lambda: impl(bound_call)
-
+        bound = _bound_runner(op, lambda: OPS[op].bind(x, idx, tokens, experts, use_fp8=True))
         return Workload(call, bound, outputs, x.numel() * 2 + data.numel(), agreement_masks=masks)
 
     return build
@@ -127,13 +129,7 @@ def _low_latency_combine(op: str, tokens: int, hidden: int, experts: int,
 
             return combine
 
-        def bound(backend: str) -> Callable[[], None]:
-            from deepport.dispatch import registry
-
-            impl = registry.get(backend).implementation(op)
-            bound_call = OPS[op].bind(y, idx, w, first.handle)
-            return lambda: impl(bound_call)
-
+        bound = _bound_runner(op, lambda: OPS[op].bind(y, idx, w, first.handle))
         return Workload(call, bound, outputs, y.numel() * 2 + x.numel() * 2)
 
     return build
