@@ -86,6 +86,25 @@ class Workload:
     agreement_masks: Mapping[str, torch.Tensor] | None = None
 
 
+def bound_runner(op: str, bind: Callable[[], Any], *outputs: torch.Tensor) -> Callable[[str], BackendCall]:
+    """A :attr:`Workload.bound_call`: per backend, the op's arguments validated once (``bind()``, the op's
+    ``bind``; its checked allocator remembers what it handed out, so calls never alias each other's
+    outputs), then a closure that runs the backend's implementation on that bound call (and ``outputs``,
+    for ops whose implementations take them)."""
+    def bound_call(backend: str) -> BackendCall:
+        from deepport.dispatch import registry
+
+        impl = registry.get(backend).implementation(op)
+        bound = bind()
+
+        def run() -> None:
+            impl(bound, *outputs)
+
+        return run
+
+    return bound_call
+
+
 @dataclass(frozen=True)
 class BenchConfig:
     """One benchmark configuration (see the module docstring for every field's contract)."""

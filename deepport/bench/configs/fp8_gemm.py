@@ -14,9 +14,8 @@ import torch
 
 from deepport.bench import counting
 from deepport.bench.check import sample_rows, sampled_rows_check
-from deepport.bench.configs import BenchConfig, Workload
+from deepport.bench.configs import BenchConfig, Workload, bound_runner
 from deepport.conformance.tolerance import Tolerance
-from deepport.dispatch import registry
 from deepport.kernels import fp8_gemm
 from deepport.kernels.fp8_layout import per_block_cast_to_fp8, per_token_cast_to_fp8
 
@@ -51,13 +50,7 @@ def _builder(m: int, n: int, k: int) -> Any:
                 fp8_gemm.fp8_gemm_nt((a, sfa), (b, sfb), out, backend=backend)
             return run
 
-        def bound_call(backend: str) -> Any:
-            bound = fp8_gemm.bind("nt", (a, sfa), (b, sfb), out)
-            impl = registry.get(backend).implementation(OP)
-
-            def run() -> None:
-                impl(bound, out)
-            return run
+        bound_call = bound_runner(OP, lambda: fp8_gemm.bind("nt", (a, sfa), (b, sfb), out), out)
 
         def reference_check() -> dict[str, Any]:
             rows = sample_rows(m)

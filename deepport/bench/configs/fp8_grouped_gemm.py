@@ -18,9 +18,8 @@ import torch
 
 from deepport.bench import counting
 from deepport.bench.check import sample_rows, sampled_rows_check
-from deepport.bench.configs import BenchConfig, Workload
+from deepport.bench.configs import BenchConfig, Workload, bound_runner
 from deepport.bench.configs.fp8_gemm import TOLERANCE, dequantized_a, dequantized_b
-from deepport.dispatch import registry
 from deepport.kernels import fp8_grouped_gemm as grouped
 from deepport.kernels.fp8_layout import per_block_cast_to_fp8, per_token_cast_to_fp8
 
@@ -59,13 +58,7 @@ def _contiguous_builder(g: int, m: int, n: int, k: int) -> Any:
                 grouped.m_grouped_fp8_gemm_nt_contiguous((a, sfa), (b, sfb), out, m_indices, backend=backend)
             return run
 
-        def bound_call(backend: str) -> Any:
-            bound = grouped.bind_contiguous((a, sfa), (b, sfb), out, m_indices)
-            impl = registry.get(backend).implementation(op)
-
-            def run() -> None:
-                impl(bound, out)
-            return run
+        bound_call = bound_runner(op, lambda: grouped.bind_contiguous((a, sfa), (b, sfb), out, m_indices), out)
 
         def reference_check() -> dict[str, Any]:
             rows = sample_rows(g * m)
@@ -94,13 +87,7 @@ def _masked_builder(g: int, m_max: int, masked: list[int], n: int, k: int) -> An
                 grouped.m_grouped_fp8_gemm_nt_masked((a, sfa), (b, sfb), out, masked_m, expected, backend=backend)
             return run
 
-        def bound_call(backend: str) -> Any:
-            bound = grouped.bind_masked((a, sfa), (b, sfb), out, masked_m, expected)
-            impl = registry.get(backend).implementation(op)
-
-            def run() -> None:
-                impl(bound, out)
-            return run
+        bound_call = bound_runner(op, lambda: grouped.bind_masked((a, sfa), (b, sfb), out, masked_m, expected), out)
 
         def reference_check() -> dict[str, Any]:
             in_use = [gi * m_max + r for gi in range(g) for r in range(masked[gi])]

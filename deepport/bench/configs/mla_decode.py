@@ -13,8 +13,7 @@ import torch
 
 import deepport
 from deepport.bench import counting
-from deepport.bench.configs import BenchConfig, Workload
-from deepport.dispatch import registry
+from deepport.bench.configs import BenchConfig, Workload, bound_runner
 from deepport.kernels import mla_decode as mla
 
 OP = "mla_decode"
@@ -50,14 +49,8 @@ def _builder(b: int, s_q: int, h_q: int, h_kv: int, lengths: list[int], causal: 
                                     backend=backend, out=out, lse=lse)
             return run
 
-        def bound_call(backend: str) -> Any:
-            bound = mla.bind(q, k_cache, block_table, seqlens, D_V, causal=causal, metadata=plan, out=out, lse=lse)
-            impl = registry.get(backend).implementation(OP)
-
-            def run() -> None:
-                impl(bound, out, lse)
-            return run
-
+        bound_call = bound_runner(OP, lambda: mla.bind(q, k_cache, block_table, seqlens, D_V, causal=causal,
+                                                       metadata=plan, out=out, lse=lse), out, lse)
         footprint = sum(t.numel() * t.element_size() for t in (q, k_cache, block_table, seqlens, out, lse))
         return Workload(call, bound_call, {"out": out, "lse": lse}, footprint)
 

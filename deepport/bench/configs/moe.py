@@ -27,7 +27,7 @@ import torch
 
 import deepport
 from deepport.bench import ceilings
-from deepport.bench.configs import BenchConfig, Workload
+from deepport.bench.configs import BenchConfig, Workload, bound_runner
 from deepport.bench.results import BenchResult
 from deepport.kernels.moe_args import Alloc
 
@@ -95,21 +95,11 @@ def _local_workload(op: str, tokens: int, experts: int, topk: int) -> Callable[[
 
             return dispatch if op == "moe_dispatch" else combine
 
-        def bound(backend: str) -> Callable[[], None]:
-            from deepport.dispatch import registry
-            from deepport.kernels import OPS
+        from deepport.kernels import OPS
 
-            impl = registry.get(backend).implementation(op)
-            args = (x, idx, w, experts) if op == "moe_dispatch" else (recv, first.handle)
-            # One bind reused across calls: its checked allocator remembers every tensor it handed out in
-            # that bind, so it allocates afresh (a reused pool would alias the first call's outputs and `recv`).
-            bound_call = OPS[op].bind(*args)
-
-            def run() -> None:
-                impl(bound_call)
-
-            return run
-
+        # One bind per backend, reused across calls: a reused pool would alias the first call's outputs and `recv`
+        args = (x, idx, w, experts) if op == "moe_dispatch" else (recv, first.handle)
+        bound = bound_runner(op, lambda: OPS[op].bind(*args))
         footprint = (x.numel() + recv.numel()) * 2
         return Workload(call, bound, outputs, footprint)
 

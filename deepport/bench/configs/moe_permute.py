@@ -31,27 +31,13 @@ from typing import Any
 import torch
 
 import deepport
-from deepport.bench.configs import BenchConfig, Workload
+from deepport.bench.configs import BenchConfig, Workload, bound_runner
 from deepport.bench.configs.moe import CPU_HIDDEN, EXPERTS, HIDDEN, TOPK, Pool, routing
 from deepport.kernels import OPS
 
 ALIGN = 128  # expert segment alignment of the expanded layout (the grouped GEMM's block)
 FP8_BLOCK = 128  # channels per float32 scale of the low-latency dispatch's FP8 cast
 _COMBINE_AGREEMENT = 1e-5  # calc_diff of two float32-accumulated sums rounded once to bf16
-
-
-def _bound_runner(op: str, bind: Callable[[], Any]) -> Callable[[str], Callable[[], None]]:
-    """``Workload.bound_call`` of ``op``: per backend, the arguments validated once (``bind()``; its checked
-    allocator remembers what it handed out, so calls never alias each other's outputs), then a closure
-    that runs the backend's implementation on that bound call."""
-    def bound(backend: str) -> Callable[[], None]:
-        from deepport.dispatch import registry
-
-        impl = registry.get(backend).implementation(op)
-        bound_call = bind()
-        return lambda: impl(bound_call)
-
-    return bound
 
 
 def _expanded(op: str, tokens: int, hidden: int, experts: int, topk: int) -> Callable[[torch.device, int], Workload]:
@@ -79,7 +65,7 @@ def _expanded(op: str, tokens: int, hidden: int, experts: int, topk: int) -> Cal
 
             return dispatch if op == "moe_dispatch_expanded" else combine
 
-        bound = _bound_runner(op, (lambda: OPS[op].bind(x, idx, w, experts, expert_alignment=ALIGN))
+        bound = bound_runner(op, (lambda: OPS[op].bind(x, idx, w, experts, expert_alignment=ALIGN))
                               if op == "moe_dispatch_expanded" else (lambda: OPS[op].bind(y, first.handle)))
         return Workload(call, bound, outputs, (x.numel() + recv.numel()) * 2)
 
@@ -106,7 +92,7 @@ def _low_latency_dispatch(op: str, tokens: int, hidden: int, experts: int,
 
             return dispatch
 
-        bound = _bound_runner(op, lambda: OPS[op].bind(x, idx, tokens, experts, use_fp8=True))
+        bound = bound_runner(op, lambda: OPS[op].bind(x, idx, tokens, experts, use_fp8=True))
         return Workload(call, bound, outputs, x.numel() * 2 + data.numel(), agreement_masks=masks)
 
     return build
@@ -129,7 +115,7 @@ def _low_latency_combine(op: str, tokens: int, hidden: int, experts: int,
 
             return combine
 
-        bound = _bound_runner(op, lambda: OPS[op].bind(y, idx, w, first.handle))
+        bound = bound_runner(op, lambda: OPS[op].bind(y, idx, w, first.handle))
         return Workload(call, bound, outputs, y.numel() * 2 + x.numel() * 2)
 
     return build
