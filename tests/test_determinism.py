@@ -74,6 +74,8 @@ def test_claims_say_where_they_hold() -> None:
     assert gemm is not None and gemm.bitwise("cuda") and gemm.bitwise("rocm")
     assert not not_reproducible("x").bitwise("cpu")
     assert registry.get("torch").determinism_of("no_such_op") is None
+    mla = torch_backend.determinism_of("mla_decode")  # CPU BLAS bits varied between calls on a CI machine
+    assert mla is not None and mla.bitwise("cuda") and not mla.bitwise("cpu")
 
 
 def test_validation_doc_carries_the_claims_table() -> None:
@@ -86,8 +88,7 @@ def test_validation_doc_carries_the_claims_table() -> None:
 _CPU_CASES = {
     "reference": ["fp8_gemm_nt/m40_n256_k512", "moe_combine/world1_duplicates_nowhere",
                   "mla_decode/ext_head_dim_64_32_page32"],
-    "torch": ["mla_decode/ext_head_dim_64_32_page32", "m_grouped_fp8_gemm_nt_masked/g3_garbage_prefill",
-              "moe_combine/world1_duplicates_nowhere", "moe_low_latency_combine/world1_duplicates_nowhere"],
+    "torch": ["moe_combine/world1_duplicates_nowhere", "moe_low_latency_combine/world1_duplicates_nowhere"],
     "opencl": ["fp8_gemm_nt/m40_n256_k512", "mla_decode/ext_head_dim_64_32_page32",
                "moe_dispatch_expanded/world1_fp8_align8_duplicates"],
     "triton": ["fp8_gemm_nt/m40_n256_k512", "mla_decode/ext_head_dim_64_32_page32", "moe_layout/ranks1",
