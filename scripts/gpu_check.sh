@@ -13,6 +13,7 @@
 #   DEEPPORT_CERT_SEED=N bash scripts/gpu_check.sh cert-a    parts mla + fp8-dense           (1 GPU is enough)
 #   DEEPPORT_CERT_SEED=N bash scripts/gpu_check.sh cert-b    parts fp8-grouped + moe         (2 GPUs: 2-rank NCCL)
 #   DEEPPORT_CERT_SEED=N bash scripts/gpu_check.sh part NAME one part: mla, fp8-dense, fp8-grouped or moe
+#                                                             (fp8-grouped also as fp8-contiguous + fp8-masked)
 #   DEEPPORT_CERT_SEED=N bash scripts/gpu_check.sh parts NAME...  several parts in one call, in order
 #   (on one GPU the moe part's 2-rank cases come back not_supported: too few GPUs; the multi-rank profile
 #   is then unclaimed, not failed, and the certificate covers the single-GPU profiles)
@@ -50,6 +51,8 @@ ops_of() {  # the ops of one certificate part
     mla) echo mla_decode ;;
     fp8-dense) echo fp8_gemm_nt fp8_gemm_nn fp8_gemm_tn fp8_gemm_tt ;;
     fp8-grouped) echo m_grouped_fp8_gemm_nt_contiguous m_grouped_fp8_gemm_nt_masked ;;
+    fp8-contiguous) echo m_grouped_fp8_gemm_nt_contiguous ;;  # fp8-grouped in two calls, when one is too short
+    fp8-masked) echo m_grouped_fp8_gemm_nt_masked ;;
     moe) echo moe_layout moe_dispatch moe_combine moe_dispatch_expanded moe_combine_expanded \
               moe_low_latency_dispatch moe_low_latency_combine ;;
     *) return 1 ;;
@@ -58,7 +61,7 @@ ops_of() {  # the ops of one certificate part
 
 part() {  # part NAME: certify --tier full on $DEEPPORT_CERT_BACKENDS (default torch; isolated) for the part's ops, with the run seed
   local name="$1" ops start
-  ops="$(ops_of "$name")" || { echo "unknown part $name (mla, fp8-dense, fp8-grouped, moe)"; return 2; }
+  ops="$(ops_of "$name")" || { echo "unknown part $name (mla, fp8-dense, fp8-grouped, fp8-contiguous, fp8-masked, moe)"; return 2; }
   if [ -z "${DEEPPORT_CERT_SEED:-}" ]; then
     echo "set DEEPPORT_CERT_SEED (one random seed for every part of the certificate)"; return 2
   fi
