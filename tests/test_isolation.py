@@ -102,3 +102,47 @@ def test_isolated_backends_share_one_judgement_per_case_and_cheats_still_fail(mo
     in_process = run_suite(["torch", "reference"], "smoke", case_pattern=FEW, run_seed=SEED)
     assert len(calls) == 3, "in one process each backend's judgement recomputes the reference after its call"
     assert all(r.status is Status.PASS for r in in_process.cases)
+
+
+def _calls_order(monkeypatch: pytest.MonkeyPatch, fits: bool) -> list[str]:
+    from deepport.conformance import isolation, runner
+    events: list[str] = []
+    submit, collect = isolation.BackendWorker.submit, isolation.BackendWorker.collect
+
+    def logged_submit(self: isolation.BackendWorker, *args: object) -> None:
+        events.append("submit")
+        submit(self, *args)  # type: ignore[arg-type]
+
+    def logged_collect(self: isolation.BackendWorker) -> object:
+        events.append("collect")
+        return collect(self)
+
+    monkeypatch.setattr(isolation.BackendWorker, "submit", logged_submit)
+    monkeypatch.setattr(isolation.BackendWorker, "collect", logged_collect)
+    monkeypatch.setattr(runner, "_fits_at_once", lambda suite, case, backends: fits)
+    run = run_suite(["torch", "reference"], "smoke", case_pattern=FEW, run_seed=SEED, isolate=True)
+    assert [r.status for r in run.cases] == [Status.PASS, Status.PASS], [r.message for r in run.cases]
+    return events
+
+
+def test_backends_run_one_after_another_when_the_memory_estimate_does_not_fit(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    assert _calls_order(monkeypatch, fits=True) == ["submit", "submit", "collect", "collect"]
+    assert _calls_order(monkeypatch, fits=False) == ["submit", "collect", "submit", "collect"]
+
+
+def test_the_memory_estimate_decides_with_one_copy_per_backend_and_one_for_the_judge(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from deepport.conformance import runner
+    from deepport.conformance.suites import SUITES
+    masked = SUITES["m_grouped_fp8_gemm_nt_masked"]
+    big = next(c for c in masked.cases() if c.id.endswith("g32_em192_mmax1024_n4096_k7168"))
+    need = masked.footprint_bytes(big)
+    assert 10e9 < need < 16e9  # 12.2 GB measured when generating it
+    monkeypatch.setattr(runner, "_available_memory", lambda: 3 * need)
+    assert runner._fits_at_once(masked, big, 2) and not runner._fits_at_once(masked, big, 3)
+    monkeypatch.setattr(runner, "_available_memory", lambda: None)  # unknown: as before, at the same time
+    assert runner._fits_at_once(masked, big, 3)
+    assert runner._fits_at_once(SimpleNamespace(), big, 3)  # a suite without an estimate

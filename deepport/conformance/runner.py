@@ -209,19 +209,25 @@ def run_case(case: Case, backends: Sequence[str], device: torch.device | str, ru
     after its call. When every backend has a worker, the workers run the case at the same time (each
     in its own process), and the pristine inputs, the references and the bounds are computed once, while
     the later workers still run, to judge each backend in turn (a multi-backend certification pays for
-    the float64 oracle once, and for the slowest backend's call rather than the sum).
+    the float64 oracle once, and for the slowest backend's call rather than the sum), unless the suite's
+    memory estimate for that many copies exceeds the memory available (:func:`_fits_at_once`): then they
+    run one after another, still judged against one computation of the reference.
     """
     suite = SUITES[case.op]
     seed = case.seed(run_seed)
     dev = concrete_device(device)
     if workers is not None and all(b in workers for b in backends):
         repros = {b: _repro(case, b, dev, run_seed) for b in backends}
-        for backend in backends:
-            workers[backend].submit(case.id, seed, backend, dev, repros[backend])
+        together = _fits_at_once(suite, case, len(backends))
+        if together:
+            for backend in backends:
+                workers[backend].submit(case.id, seed, backend, dev, repros[backend])
         shared: dict[str, _Expected] = {}
         results = []
         for backend in backends:
-            results.append(_judged(suite, case, backend, seed, workers[backend].collect(), repros[backend], shared))
+            outcome = workers[backend].collect() if together else \
+                workers[backend].call(case.id, seed, backend, dev, repros[backend])
+            results.append(_judged(suite, case, backend, seed, outcome, repros[backend], shared))
             gc.collect()  # this backend's outputs are gone before the next is judged
         return results
     results = []
@@ -229,6 +235,30 @@ def run_case(case: Case, backends: Sequence[str], device: torch.device | str, ru
         results.append(_run_backend(suite, case, backend, dev, seed, run_seed, (workers or {}).get(backend)))
         gc.collect()  # this backend's outputs and the reference are gone before the next
     return results
+
+
+def _available_memory() -> int | None:
+    """Bytes of host memory available now (Linux ``MemAvailable``), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as info:
+            for line in info:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _fits_at_once(suite: ModuleType, case: Case, backends: int) -> bool:
+    """Whether the case's isolated backends may run at the same time: each worker process generates the
+    inputs itself and the judge a third copy, so ``backends + 1`` times the suite's footprint estimate
+    (``footprint_bytes``, where a suite gives one) must fit in the memory available; else one after
+    another (same results, the sum of the calls' times; the reference is still computed once)."""
+    footprint = getattr(suite, "footprint_bytes", None)
+    available = _available_memory()
+    if backends < 2 or footprint is None or available is None:
+        return True
+    return (backends + 1) * int(footprint(case)) <= available
 
 
 def _git_revision() -> str | None:

@@ -7,7 +7,9 @@ Each module exposes ``OP``, ``GENERATOR_VERSION``, ``cases()``, ``generate(case,
 Optional hooks: ``prefill_outputs(inputs, outputs)`` (content ``out`` holds before the call, where the op
 may leave elements unwritten) and ``exact_positions(inputs)`` (elements that must equal the rounded
 reference bit for bit); ``exact_reference(inputs)``, a second reference judged by its own tolerance
-entries ``<output>:exact`` (e.g. the unquantized answer of a quantized op).
+entries ``<output>:exact`` (e.g. the unquantized answer of a quantized op); ``footprint_bytes(case)``
+(one process's peak host memory for the case, where it is large: the runner runs isolated backends
+one after another when their sum would not fit).
 """
 
 from __future__ import annotations

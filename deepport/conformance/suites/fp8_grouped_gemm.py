@@ -400,6 +400,26 @@ def exact_positions(inputs: Inputs) -> dict[str, np.ndarray]:
     return {"out": np.broadcast_to(rows[:, :, None], (g, m_max, n))}
 
 
+# Peak host bytes of one process generating a case, per FP8 element of its operands: measured 12.2 GB for
+# m_grouped_fp8_gemm_nt_masked/g32_em192_mmax1024_n4096_k7168 (1.18 GB of inputs: the bf16 weights, their
+# float32 quantisation temporaries and the results live at once).
+_PEAK_BYTES_PER_ELEMENT = 11
+
+
+def footprint_bytes(case: Case) -> int:
+    """Roughly the peak host memory (bytes) of one process that generates ``case`` and holds its inputs:
+    the runner runs a case's isolated backends at the same time only when that many fit in the memory
+    available (:func:`deepport.conformance.runner.run_case`)."""
+    p = case.params
+    g, n, k = p["groups"], p["n"], p["k"]
+    if case.op == OP_CONTIGUOUS:
+        most = sum(p["ms"]) if p["ms"] is not None else int(1.3 * g * p["expected_m"])  # ms drawn up to 1.3x
+        rows = most + 128 * (g + p["pad_blocks"])  # alignment and padding blocks
+    else:
+        rows = g * p["m_max"]
+    return int(_PEAK_BYTES_PER_ELEMENT * (g * n + rows) * k)
+
+
 class GroupedSuite:
     """The suite protocol (``OP``, ``GENERATOR_VERSION``, ``cases()`` and the shared hooks) for one layout."""
 
@@ -413,6 +433,7 @@ class GroupedSuite:
     elementwise_bound = staticmethod(elementwise_bound)
     exact_reference = staticmethod(exact_reference)
     exact_positions = staticmethod(exact_positions)
+    footprint_bytes = staticmethod(footprint_bytes)
 
     def __init__(self, op: str) -> None:
         self.OP = op
