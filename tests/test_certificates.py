@@ -90,7 +90,7 @@ def test_every_named_certificate_is_a_full_tier_run_of_its_suite_backend_and_dev
             recorded_device = data["environment"]["device"]["type"]
         assert data["suite_version"] == suite and data["tier"] == "full", row
         assert data["selection"] == {"ops": None, "case_pattern": None}, f"{row['certificate']}: ops were selected"
-        assert data["backends"].keys() == {backend}, row
+        assert backend in data["backends"], row  # one run may certify several backends
         assert recorded_device == device, f"{row['certificate']}: made on {recorded_device}, the row says {device}"
 
 
