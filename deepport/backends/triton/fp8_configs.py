@@ -104,13 +104,16 @@ _H200_DENSE: Mapping[tuple[str, int, int], GemmConfig] = MappingProxyType({
     ("large", 4096, 7168): _HALVES,
     ("large", 7168, 2048): _HALVES,
 })
+# M-grouped: the fastest checked candidate summed over the grouped bench shapes sharing a key (H200, triton 3.6,
+# 2026-12-01; benchmarks/results/2026-12-01-h200-triton-grouped-sweep/). The contiguous kernel spills under the
+# dense winner's 128-register cap (558 against 806 TFLOP/s at N x K = 7168 x 2048), so it runs uncapped.
 _H200_CONTIGUOUS: Mapping[tuple[str, int, int], GemmConfig] = MappingProxyType({  # bucket of M_sum / G
-    ("large", 4096, 7168): _C(128, 128, 8, 3, split_n=2),
-    ("large", 7168, 2048): _HALVES,
+    ("large", 4096, 7168): _C(128, 128, 8, 3, group_m=16, split_n=2),
+    ("large", 7168, 2048): _C(128, 128, 8, 3, group_m=16, split_n=2),
 })
 _H200_MASKED: Mapping[tuple[str, int, int], GemmConfig] = MappingProxyType({  # bucket of expected_m
-    ("m<=1024", 4096, 7168): _C(64, 128, 4, 4, waves=3),
-    ("m<=1024", 7168, 2048): _C(64, 128, 4, 3, waves=3),
+    ("m<=1024", 4096, 7168): _C(64, 128, 4, 4, waves=2),
+    ("m<=1024", 7168, 2048): replace(_HALVES, waves=3),
 })
 
 TUNED: Mapping[str, Mapping[str, Mapping[tuple[str, int, int], GemmConfig]]] = MappingProxyType({
