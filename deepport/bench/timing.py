@@ -1,7 +1,9 @@
 """Timing: median of samples after warm-up, by the method that measures the kernels and not the host.
 
-- CUDA, calls whose first estimate is under ``GRAPH_BELOW_US`` (1 ms; the estimate, events around a
-  call, includes host overhead, so a 100 us kernel behind a slow host can look several times longer):
+- CUDA, calls whose estimate is under ``GRAPH_BELOW_US`` (1 ms; the estimate, the fastest of three
+  rounds of events around the calls, includes host overhead, so a 100 us kernel behind a slow host can
+  look several times longer; the fastest of three, so that one stall, such as a library's first-use
+  set-up, does not send one backend of a config to another method than its peers):
   a CUDA graph of many calls, replayed; one sample = one replay timed with CUDA events, divided by
   the calls in it (launch overhead excluded). Capture
   runs on torch's side stream (``torch.cuda.graph``); if it fails (a call synchronises, reads a value
@@ -104,7 +106,7 @@ def time_calls(calls: Sequence[Callable[[], None]], device: torch.device, *, sam
     synchronize(device)
     if device.type != "cuda":
         return _time_host(calls, device, samples)
-    estimate = _events_loop(calls, device, len(calls), 1)[0]
+    estimate = min(_events_loop(calls, device, len(calls), 3))
     if estimate < GRAPH_BELOW_US:
         per_sample = max(10, min(1000, math.ceil(2000.0 / max(estimate, 0.5))))
         why_not = _synchronizes(calls[0])  # a call that syncs cannot be captured: do not even try
