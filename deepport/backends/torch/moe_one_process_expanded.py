@@ -28,9 +28,8 @@ from __future__ import annotations
 
 import torch
 
-from deepport.backends.torch.moe_index import compact, slot_weight_sums
+from deepport.backends.torch.moe_index import compact
 from deepport.backends.torch.moe_local import LocalSteps
-from deepport.backends.torch.moe_one_process import expert_mask
 from deepport.kernels.moe_args import FP8_BLOCK, MoEInput, align_up, dense
 from deepport.kernels.moe_combine_expanded import MoEExpandedCombineCall
 from deepport.kernels.moe_dispatch_expanded import MoEExpandedDispatchCall, MoEExpandedDispatchResult
@@ -54,7 +53,9 @@ def dispatch(call: MoEExpandedDispatchCall, local: LocalSteps) -> MoEExpandedDis
     data, experts, align, grp = call.data, call.num_experts, call.expert_alignment, call.group
     idx = call.topk_idx.to(torch.int64)
     tokens, hidden = int(idx.shape[0]), int(data.shape[1])
-    mask = expert_mask(idx, experts)  # [T, E]
+    routed = idx >= 0
+    mask = torch.zeros((tokens, experts + 1), dtype=torch.bool, device=idx.device)
+    mask = mask.scatter_(1, torch.where(routed, idx, experts), True)[:, :experts]  # [T, E], expert_mask
     counts = mask.sum(0)  # int64 [E]: distinct tokens per expert
     in_rank = mask.any(1, keepdim=True)  # [T, 1]
     host = torch.cat([counts, in_rank.sum(0)]).tolist()  # the one host read
@@ -65,12 +66,15 @@ def dispatch(call: MoEExpandedDispatchCall, local: LocalSteps) -> MoEExpandedDis
     first_row = padded.cumsum(0) - padded - 1  # start_e - 1, per expert
     expert = idx.clamp(min=0)
     # row of each slot: start of its expert + earlier tokens selecting it; -1 slots go to the sink m
-    row = torch.where(idx >= 0, mask.cumsum(0).gather(1, expert) + first_row[expert], m)  # [T, K]
+    row = torch.where(routed, mask.cumsum(0).gather(1, expert) + first_row[expert], m)  # [T, K]
     recv_row = in_rank[:, 0].cumsum(0) - 1  # [T], the received row of each routed token
     token_of = _scattered(row, torch.arange(tokens, device=idx.device)[:, None], m, -1)
     src_row = _scattered(row, recv_row[:, None], m, -1)
     expert_of = _scattered(row, idx.to(torch.int32), m, -1)
-    weight_of = _scattered(row, slot_weight_sums(idx, call.topk_weights, idx), m, 0.0)
+    # per slot, the sum of the weights of the slots naming its expert, in slot order (slot_weight_sums
+    # of the general route, same shapes; -1 slots' sums go to the sink)
+    same = idx[:, None, :] == idx[:, :, None]  # [T, K, K]
+    weight_of = _scattered(row, torch.where(same, call.topk_weights[:, None, :], 0.0).sum(2), m, 0.0)
 
     recv_x = call.alloc((m, hidden), data.dtype)
     local.place_rows(data, recv_x[None], token_of[None], True)
