@@ -138,8 +138,12 @@ def measure(fn: Callable[[], Any]) -> dict[str, Any]:
 def _calls(backend: str, tokens: int, hidden: int, topk: int, experts: int, alignment: int,
            capacity: int) -> dict[str, Callable[[], Any]]:
     from deepport.dispatch import registry
-    from deepport.kernels import moe_combine_expanded, moe_dispatch_expanded, moe_low_latency_combine
-    from deepport.kernels import moe_low_latency_dispatch
+    from deepport.kernels import (
+        moe_combine_expanded,
+        moe_dispatch_expanded,
+        moe_low_latency_combine,
+        moe_low_latency_dispatch,
+    )
 
     g = torch.Generator().manual_seed(0)
     scores = torch.rand(tokens, experts, generator=g)

@@ -1,7 +1,9 @@
 """The one-process expanded dispatch and combine (``moe_one_process_expanded``) equal the general route
 (``moe_layouts.dispatch_expanded_routed`` / ``combine_expanded_routed``, forced by calling it directly)
-bit for bit, handle included, with the torch and triton steps (triton: TRITON_INTERPRET=1 on the CPU,
-set by conftest.py without a GPU); the dispatch reads the host once, the combine never."""
+bit for bit, handle included, with the torch, triton and opencl steps (triton: TRITON_INTERPRET=1 on the
+CPU, set by conftest.py without a GPU; opencl: any OpenCL device, pocl on the CPU); with the torch and
+triton steps the dispatch reads the host once and the combine never (the opencl steps copy through the
+host by design)."""
 
 from __future__ import annotations
 
@@ -27,6 +29,13 @@ pytestmark = pytest.mark.usefixtures("clean_env")
 def _steps(backend: str) -> LocalSteps:
     if backend == "torch":
         return TORCH
+    if backend == "opencl":
+        pytest.importorskip("pyopencl")
+        from deepport.backends.opencl import moe, runtime
+
+        if runtime.unavailable_reason() is not None:
+            pytest.skip(f"no OpenCL device: {runtime.unavailable_reason()}")
+        return moe.OPENCL
     pytest.importorskip("triton")
     from deepport.backends.triton import _runtime, moe_permute
 
@@ -101,7 +110,7 @@ def _payload(r: dict[str, Any], fp8: bool, device: str) -> Any:
     return data, scales.t().contiguous().t()  # column-major scales, as DeepGEMM's SFA
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "opencl"])
 @pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("case", CASES)
 def test_one_process_expanded_dispatch_and_combine_equal_the_general_route_bit_for_bit(
@@ -135,7 +144,7 @@ def test_one_process_expanded_dispatch_and_combine_equal_the_general_route_bit_f
     assert not ref.isnan().any()
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "opencl"])
 def test_the_routes_of_a_one_process_expanded_dispatch_drive_a_cached_dispatch(backend: str) -> None:
     local, device = _steps(backend), _device(backend)
     r = _routing("duplicates", seed=3)
