@@ -95,8 +95,8 @@ def _same(a: object, b: object, what: str) -> None:
 
 
 def _same_handle(got: MoEExpandedHandle, want: MoEExpandedHandle) -> None:
-    for f in ("expanded_src_row", "m_indices", "weights"):
-        _same(getattr(got, f), getattr(want, f), f"handle.{f}")
+    for name in ("expanded_src_row", "m_indices", "weights"):
+        _same(getattr(got, name), getattr(want, name), f"handle.{name}")
     assert isinstance(got.routes, MoEHandle)
     for f in fields(MoEHandle):
         _same(getattr(got.routes, f.name), getattr(want.routes, f.name), f"handle.routes.{f.name}")
@@ -196,6 +196,7 @@ def test_the_public_one_process_expanded_ops_match_the_reference_backend(backend
     _same(got.recv_x, want.recv_x, "recv_x")
     _same(got.m_indices, want.m_indices, "m_indices")
     torch.testing.assert_close(got.recv_weights, want.recv_weights, rtol=1e-6, atol=0)
+    assert isinstance(got.recv_x, torch.Tensor)
     y = torch.randn(got.recv_x.shape, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16).to(device)
     out = deepport.moe_combine_expanded(y, got.handle, backend=backend)
     ref = deepport.moe_combine_expanded(y, want.handle, backend="reference")

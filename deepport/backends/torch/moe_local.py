@@ -11,6 +11,10 @@ backends' kernels) and reuses everything else.
   views into packed received rows are), ``dst [G, R, C]`` with any strides, ``index`` int64 ``[G, R]``.
 - ``weighted_rows(y, src_pos, dst_row, weights, num_rows)``: float32 ``[num_rows, C]`` with
   ``out[dst_row[j]] += weights[j] * y[src_pos[j]]`` (``y [n, C]`` bf16, the others ``[k]``).
+- ``weighted_rows_into(y, src_pos, dst_row, weights, out)`` (optional): ``weighted_rows`` written
+  straight into ``out`` (bf16 ``[num_rows, C]``, contiguous), each float32 sum rounded once to bf16
+  (round to nearest even); the same bits as ``out.copy_(weighted_rows(...))`` but for NaN payloads,
+  without the float32 rows in memory. Without it the one-process expanded combine does exactly that copy.
 - ``cast_fp8(x)``: bf16 ``[T, H]`` -> (e4m3 ``[T, H]``, float32 scales ``[T, H / 128]``), DeepEP's rule
   bit for bit (the op's docstring): per 128 channels ``amax = max(|x|, float32(1e-4))``, ``scale =
   float32(amax * float32(1/448))``, ``fp8 = e4m3(float32(x * float32(448 / amax)))``.
@@ -53,6 +57,8 @@ class LocalSteps:
     scatter_rows: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
     take_rows: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     sum_rows: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None = None
+    weighted_rows_into: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+                                 None] | None = None
 
 
 def _flat(dst: torch.Tensor) -> torch.Tensor | None:

@@ -14,7 +14,8 @@ included:
   rows zero. The handle's :class:`~deepport.kernels.moe_handle.MoEHandle` is built from the same read:
   received rows are the tokens selecting any expert, in token order; ``recv_topk_idx`` is their
   ``topk_idx`` (local ids are global ids on one rank).
-- **combine**: no host read. One ``weighted_rows`` step sums, per token, ``recv_weights[row] * y[row]``
+- **combine**: no host read. One ``weighted_rows`` step (``weighted_rows_into`` where the backend has
+  it: the triton kernel rounds to bf16 as it stores) sums, per token, ``recv_weights[row] * y[row]``
   over the token's expanded rows in ascending row order (expert order) in float32, rounded once to
   bf16: the general route sums the same terms in the same order per received row and then adds that one
   partial to zero per token (which changes no bits), so the result is the same. Works for any one-rank
@@ -106,5 +107,8 @@ def combine(call: MoEExpandedCombineCall, local: LocalSteps) -> torch.Tensor:
     rows = compact(h.m_indices >= 0, sum(routes.num_recv_tokens_per_expert))  # expanded rows, padding left out
     token = routes.recv_src_idx[h.expanded_src_row[rows]]
     out = call.alloc((tokens, hidden), torch.bfloat16)
-    out.copy_(local.weighted_rows(y, rows, token, h.weights[rows], tokens))
+    if local.weighted_rows_into is not None:  # rounded by the step itself: no float32 rows in memory
+        local.weighted_rows_into(y, rows, token, h.weights[rows], out)
+    else:
+        out.copy_(local.weighted_rows(y, rows, token, h.weights[rows], tokens))
     return out
