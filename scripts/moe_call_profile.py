@@ -1,7 +1,8 @@
 """Count the host-side work of one call of each one-process MoE op: aten ops, kernel launches, host syncs.
 
     PYTHONPATH=$PWD python scripts/moe_call_profile.py                 # this tree
-    PYTHONPATH=/tmp/old python scripts/moe_call_profile.py            # another tree's deepport (e.g. main's)
+    mkdir /tmp/old && git archive 8aabc5e deepport | tar -x -C /tmp/old  # before the one-process expanded path
+    PYTHONPATH=/tmp/old python scripts/moe_call_profile.py            # that tree's deepport, this script
 
 Runs ``moe_dispatch_expanded``, ``moe_combine_expanded``, ``moe_low_latency_dispatch`` (FP8) and
 ``moe_low_latency_combine`` in one process (``group=None``) on the CPU at a small shape, for the torch
