@@ -201,3 +201,6 @@ def test_the_public_one_process_expanded_ops_match_the_reference_backend(backend
     out = deepport.moe_combine_expanded(y, got.handle, backend=backend)
     ref = deepport.moe_combine_expanded(y, want.handle, backend="reference")
     torch.testing.assert_close(out.float(), ref.float(), rtol=2**-7, atol=1e-6)
+    local = _steps(backend)  # the reference backend's handle drives both paths alike
+    _same(moe_layouts.combine_expanded(combine_op.bind(y, want.handle), local),
+          moe_layouts.combine_expanded_routed(combine_op.bind(y, want.handle), local), "combine of a reference handle")
