@@ -4,9 +4,10 @@ low-latency layouts as Triton kernels; routing and the multi-rank exchange are t
 
 Moved payloads are copied as raw bits (integer views), so they equal the torch and reference backends'
 exactly; weighted sums accumulate in float32 per destination row in a fixed order (entries sorted by
-destination row, stably), stored as float32 rows or (``weighted_rows_into``, the one-process expanded
-combine) rounded once to bf16 by the kernel; the FP8 cast uses IEEE divisions and e4m3 round-to-nearest-even (under the
-interpreter, whose e4m3 rounding is wrong, the kernel stores float32 and torch rounds).
+destination row, stably), stored as float32 rows or (``weighted_rows_into``, used by the one-process
+expanded combine) rounded once to bf16 by the kernel's store; the FP8 cast uses IEEE divisions and e4m3
+round-to-nearest-even (under the interpreter, whose e4m3 and bf16 roundings are wrong, the kernels store
+float32 and torch rounds).
 """
 
 from __future__ import annotations
