@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A CPU certificate of one backend: `deepport certify --certify` (the whole full tier, each backend isolated,
-# seeded from a nonce) on the cpu device, then `deepport verify` of the archive and `--replay 3` here.
+# seeded from a nonce) on the cpu device (or DEVICE), then `deepport verify` of the archive and `--replay 3` here.
 #
 #   bash scripts/cpu_certify.sh BACKEND OUT_DIR [CERTIFY ARGS...]     e.g. --nonce TEXT
 #   bash scripts/cpu_certify.sh "reference torch" OUT_DIR               both in one run and one archive
@@ -16,13 +16,15 @@
 # for the largest MoE case (moe_dispatch_expanded/world1_fp8_t4096_h7168_top8_of_256_align128: 2.3e8
 # outputs compared in float64). Hence a many-core host with >= 32 GB (the H200 machine's 16 cores and
 # 128 GB) rather than a small CI runner. The per-call limit is 3600 s for the same reason.
-# Environment: PYTHON (default python3), NICE (default 10).
+# Environment: PYTHON (default python3), NICE (default 10), DEVICE (default cpu; DEVICE=cuda certifies on the
+# GPU instead, e.g. the triton backend, whose interpreter is far too slow for the full tier on a CPU: started
+# on the device machine with `DEVICE=cuda bash scripts/gpu_check.sh cpu-cert-start triton`, collected later).
 #
 # Rehearsal of the script itself in seconds (a test archive, never a certificate):
 #   DEEPPORT_TEST_CERTIFY_TIER=smoke bash scripts/cpu_certify.sh reference /tmp/x --tier smoke --op mla_decode --case empty
 set -uo pipefail
 backend="${1:?BACKEND OUT_DIR [CERTIFY ARGS...]}"; out="${2:?BACKEND OUT_DIR [CERTIFY ARGS...]}"; shift 2
-py="${PYTHON:-python3}"; niceness="${NICE:-10}"
+py="${PYTHON:-python3}"; niceness="${NICE:-10}"; device="${DEVICE:-cpu}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 mkdir -p "$out"
 
@@ -42,7 +44,7 @@ EOF
 
 start=$SECONDS
 # shellcheck disable=SC2086 # BACKEND may name several backends ("reference torch": one oracle per case for both)
-nice -n "$niceness" "$py" -m deepport certify --certify --backend $backend --device cpu --timeout 3600 \
+nice -n "$niceness" "$py" -m deepport certify --certify --backend $backend --device "$device" --timeout 3600 \
   --out "$out/run" "$@" > "$out/certify.log" 2>&1
 status=$?
 echo "certify: exit $status after $((SECONDS - start)) s" | tee -a "$out/certify.log"

@@ -15,6 +15,8 @@
 #   DEEPPORT_CERT_SEED=N bash scripts/gpu_check.sh part NAME one part: mla, fp8-dense, fp8-grouped or moe
 #                                                             (fp8-grouped also as fp8-contiguous + fp8-masked)
 #   DEEPPORT_CERT_SEED=N bash scripts/gpu_check.sh parts NAME...  several parts in one call, in order
+#   DEEPPORT_CERT_SEED=N bash scripts/gpu_check.sh parts-start NAME...  the same detached: a run longer than one
+#   bash scripts/gpu_check.sh parts-collect                           call, collected by the next (within 30 s)
 #   (on one GPU the moe part's 2-rank cases come back not_supported: too few GPUs; the multi-rank profile
 #   is then unclaimed, not failed, and the certificate covers the single-GPU profiles)
 #   bash scripts/gpu_check.sh merge PARTS_DIR OUT_DIR         (host) deepport merge of PARTS_DIR/part-*/results.json
@@ -76,6 +78,18 @@ part() {  # part NAME: certify --tier full on $DEEPPORT_CERT_BACKENDS (default t
   if [ -f "$OUT/part-$name/results.json" ]; then  # not a certificate alone: shows any finding early
     python3 -m deepport verify "$OUT/part-$name/results.json" --regenerate 0 2>&1 | tail -n 6
   fi
+}
+
+collect_parts() {  # collect_parts SECONDS: wait for the detached parts run, then copy its output to $OUT
+  local dir=/tmp/deepport-parts waited=0 pid
+  pid="$(cat "$dir/pid" 2>/dev/null)" || { echo "no parts-start run in $dir"; return 2; }
+  while kill -0 "$pid" 2> /dev/null && [ "$waited" -lt "$1" ]; do sleep 5; waited=$((waited + 5)); done
+  cp -r "$dir/out/." "$OUT/" 2>/dev/null; cp "$dir/script.log" "$OUT/parts-script.log" 2>/dev/null
+  if kill -0 "$pid" 2> /dev/null; then
+    echo "still running after $waited s (call parts-collect within 30 s to keep the machine):"
+    cat "$dir/out/parts.txt" 2>/dev/null; return 1
+  fi
+  echo "done:"; cat "$dir/out/parts.txt" 2>/dev/null
 }
 
 case "$stage" in
@@ -150,6 +164,16 @@ case "$stage" in
         python3 scripts/gpu_hopper_mla.py --stages profile --shape "$shape" 2>&1 | grep -v "^==PROF==" | tail -n 80
     done > "$OUT/ncu_mla.txt" 2>&1
     grep -E "==|Throughput|Pipe|Bandwidth|Duration|Utilization|Issue" "$OUT/ncu_mla.txt" | head -n 60 ;;
+  parts-start)  # parts-start NAME...: the parts detached (setsid), so a part longer than one call (the
+                # masked grouped GEMM: about 650 s on one H200) outlives it while the machine stays warm;
+                # waits up to WAIT_S (default 540) s, then returns what ended. Finish with parts-collect.
+    shift; dir=/tmp/deepport-parts; rm -rf "$dir"; mkdir -p "$dir/out"
+    OUT="$dir/out" setsid nohup bash scripts/gpu_check.sh parts "${@:?parts-start NAME...}" > "$dir/script.log" 2>&1 \
+      < /dev/null &
+    echo $! > "$dir/pid"; echo "started: parts $* in $dir (pid $!)"
+    collect_parts "${WAIT_S:-540}" ;;
+  parts-collect)  # waits up to WAIT_S (default 560) s for parts-start's run, then copies what ended to $OUT
+    collect_parts "${WAIT_S:-560}" ;;
   cpu-cert-start)  # a detached CPU certify: it outlives this call while the machine stays warm
     backends="${2:?cpu-cert-start BACKENDS [CERTIFY ARGS...]}"; shift 2; dir=/tmp/deepport-cpu-certify
     rm -rf "$dir"; mkdir -p "$dir"
@@ -169,5 +193,5 @@ case "$stage" in
     python3 -m deepport bench --device cuda --out "$OUT/bench" 2>&1 | tail -n 80
     cp "$OUT/bench/bench.json" "$OUT/bench.json" 2>/dev/null; cp "$OUT/bench/bench.png" "$OUT/bench.png" 2>/dev/null
     rm -rf "$OUT/bench" ;;
-  *) echo "unknown stage $stage (mla, fp8, moe-tests, cert-a, cert-b, part NAME, merge, cpu-cert-start, cpu-cert-collect, hopper-mla, ecosystem, profile-mla, bench, backends, selection)"; exit 2 ;;
+  *) echo "unknown stage $stage (mla, fp8, moe-tests, cert-a, cert-b, part NAME, merge, parts-start, parts-collect, cpu-cert-start, cpu-cert-collect, hopper-mla, ecosystem, profile-mla, bench, backends, selection)"; exit 2 ;;
 esac
