@@ -12,6 +12,11 @@ row itself with its float32 weight, which the source multiplies: the same float3
 bytes. bf16 partial sums are not an option: the contract sums in float32 and rounds once, and a
 partial rounded to bf16 on each rank breaks that bound (``MOE_NOTES.md``).
 
+In one process (world size 1) both ops run :mod:`deepport.backends.torch.moe_one_process_expanded`
+instead (static-shape index ops from ``topk_idx``, one host read in the dispatch and none in the
+combine, the same outputs bit for bit); :func:`dispatch_expanded_routed` / :func:`combine_expanded_routed`
+are the general route at any world size.
+
 The per-device steps (gathering the rows to send, placing rows, the weighted and per-token sums, the
 FP8 cast) are :class:`~deepport.backends.torch.moe_local.LocalSteps`, replaceable by another backend's
 kernels (the triton and opencl backends pass their own and reuse the routing and the exchange). The
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import torch
 
+from deepport.backends.torch import moe_one_process_expanded as one_process_expanded
 from deepport.backends.torch.moe_comm import RowFormat, all_to_all_rows, same_bits
 from deepport.backends.torch.moe_index import compact, selection_mask, slot_weight_sums
 from deepport.backends.torch.moe_local import TORCH, LocalSteps
@@ -32,10 +38,28 @@ from deepport.kernels.moe_combine_expanded import MoEExpandedCombineCall
 from deepport.kernels.moe_dispatch_expanded import MoEExpandedDispatchCall, MoEExpandedDispatchResult
 from deepport.kernels.moe_handle import MoEExpandedHandle
 
-__all__ = ["combine_expanded", "combine_low_latency", "dispatch_expanded", "dispatch_low_latency"]
+__all__ = ["combine_expanded", "combine_expanded_routed", "combine_low_latency", "dispatch_expanded",
+           "dispatch_expanded_routed", "dispatch_low_latency"]
 
 
 def dispatch_expanded(call: MoEExpandedDispatchCall, local: LocalSteps = TORCH) -> MoEExpandedDispatchResult:
+    """:func:`deepport.moe_dispatch_expanded` with ``local``'s steps: in one process (world size 1) the
+    one-process path (:mod:`.moe_one_process_expanded`, one host read), else the general route."""
+    if call.group.world_size == 1:
+        return one_process_expanded.dispatch(call, local)
+    return dispatch_expanded_routed(call, local)
+
+
+def combine_expanded(call: MoEExpandedCombineCall, local: LocalSteps = TORCH) -> torch.Tensor:
+    """:func:`deepport.moe_combine_expanded` with ``local``'s steps: a one-rank handle (any backend's)
+    takes the one-process path (no host read), else the general route."""
+    if call.handle.routes.world_size == 1:
+        return one_process_expanded.combine(call, local)
+    return combine_expanded_routed(call, local)
+
+
+def dispatch_expanded_routed(call: MoEExpandedDispatchCall, local: LocalSteps = TORCH) -> MoEExpandedDispatchResult:
+    """The expanded dispatch through the general route (any world size; module docstring)."""
     got = route(call.data, call.scales, call.topk_idx, call.topk_weights, call.num_experts, call.group,
                 call.expert_alignment, unpack=False, zero_row=True, what="moe_dispatch_expanded", local=local)
     routes = got.handle
@@ -73,7 +97,8 @@ def dispatch_expanded(call: MoEExpandedDispatchCall, local: LocalSteps = TORCH) 
     return MoEExpandedDispatchResult(x_out, m_indices, recv_w, aligned, handle)
 
 
-def combine_expanded(call: MoEExpandedCombineCall, local: LocalSteps = TORCH) -> torch.Tensor:
+def combine_expanded_routed(call: MoEExpandedCombineCall, local: LocalSteps = TORCH) -> torch.Tensor:
+    """The expanded combine through the general route (any world size; module docstring)."""
     h, y = call.handle, call.y
     routes = h.routes
     n, hidden = routes.num_recv, int(y.shape[1])

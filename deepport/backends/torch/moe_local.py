@@ -11,6 +11,10 @@ backends' kernels) and reuses everything else.
   views into packed received rows are), ``dst [G, R, C]`` with any strides, ``index`` int64 ``[G, R]``.
 - ``weighted_rows(y, src_pos, dst_row, weights, num_rows)``: float32 ``[num_rows, C]`` with
   ``out[dst_row[j]] += weights[j] * y[src_pos[j]]`` (``y [n, C]`` bf16, the others ``[k]``).
+- ``weighted_rows_into(y, src_pos, dst_row, weights, out)`` (optional): ``weighted_rows`` written
+  straight into ``out`` (bf16 ``[num_rows, C]``, contiguous), each float32 sum rounded once to bf16
+  (round to nearest even); the same bits as ``out.copy_(weighted_rows(...))`` but for NaN payloads,
+  without the float32 rows in memory. Without it the one-process expanded combine does exactly that copy.
 - ``cast_fp8(x)``: bf16 ``[T, H]`` -> (e4m3 ``[T, H]``, float32 scales ``[T, H / 128]``), DeepEP's rule
   bit for bit (the op's docstring): per 128 channels ``amax = max(|x|, float32(1e-4))``, ``scale =
   float32(amax * float32(1/448))``, ``fp8 = e4m3(float32(x * float32(448 / amax)))``.
@@ -28,8 +32,9 @@ backends' kernels) and reuses everything else.
   per-token gather and one reduction in rank order).
 
 The torch steps never wait for the device: ``place_rows`` is one gather of every destination row (the
-layouts hand it indices with no ``-1`` where a row must be zero: they point at a zero row of ``src``),
-``scatter_rows`` one ``index_put_``.
+layouts hand it indices with no ``-1`` where a row must be zero: they point at a zero row of ``src``;
+with ``zero_missing`` it appends that zero row to a copy of ``src`` itself, ``T`` rows copied instead of
+every destination row zeroed again), ``scatter_rows`` one ``index_put_``.
 """
 
 from __future__ import annotations
@@ -52,6 +57,8 @@ class LocalSteps:
     scatter_rows: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
     take_rows: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     sum_rows: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None = None
+    weighted_rows_into: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+                                 None] | None = None
 
 
 def _flat(dst: torch.Tensor) -> torch.Tensor | None:
@@ -66,22 +73,23 @@ def _flat(dst: torch.Tensor) -> torch.Tensor | None:
 
 def place_rows(src: torch.Tensor, dst: torch.Tensor, index: torch.Tensor, zero_missing: bool) -> None:
     g, r, c = (int(d) for d in dst.shape)
-    missing = (index < 0).reshape(-1, 1)
+    n = int(src.shape[0])
     flat = _flat(dst)
-    if int(src.shape[0]) == 0:  # every index is -1
+    if n == 0:  # every index is -1
         if zero_missing:
             (flat if flat is not None else dst).view(torch.uint8 if dst.element_size() == 1 else dst.dtype).zero_()
         return
-    rows = index.reshape(-1).clamp(min=0)
+    s = same_bits(src, src)[1]
+    if zero_missing:  # -1 reads a zero row after a copy of src: fewer bytes than zeroing gathered rows
+        s = torch.cat([s, s.new_zeros((1, int(s.shape[1])))])
+        rows = index.reshape(-1).remainder(n + 1)  # -1 -> n
+    else:
+        rows = index.reshape(-1).clamp(min=0)
     if flat is not None:
-        d, s = same_bits(flat, src)
+        d, s = same_bits(flat, s)
         torch.index_select(s, 0, rows, out=d)
-        if zero_missing:
-            d.masked_fill_(missing, 0)
         return
-    picked = same_bits(src, src)[1].index_select(0, rows)  # odd destination strides: gather, then copy
-    if zero_missing:
-        picked.masked_fill_(missing, 0)
+    picked = s.index_select(0, rows)  # odd destination strides: gather, then copy
     dst.copy_(picked.view(torch.uint8).view(src.dtype).view(g, r, c))
 
 

@@ -4,8 +4,10 @@ low-latency layouts as Triton kernels; routing and the multi-rank exchange are t
 
 Moved payloads are copied as raw bits (integer views), so they equal the torch and reference backends'
 exactly; weighted sums accumulate in float32 per destination row in a fixed order (entries sorted by
-destination row, stably); the FP8 cast uses IEEE divisions and e4m3 round-to-nearest-even (under the
-interpreter, whose e4m3 rounding is wrong, the kernel stores float32 and torch rounds).
+destination row, stably), stored as float32 rows or (``weighted_rows_into``, used by the one-process
+expanded combine) rounded once to bf16 by the kernel's store; the FP8 cast uses IEEE divisions and e4m3
+round-to-nearest-even (under the interpreter, whose e4m3 and bf16 roundings are wrong, the kernels store
+float32 and torch rounds).
 """
 
 from __future__ import annotations
@@ -68,10 +70,26 @@ def weighted_rows(y: torch.Tensor, src_pos: torch.Tensor, dst_row: torch.Tensor,
                   num_rows: int) -> torch.Tensor:
     """float32 ``[num_rows, C]``: ``out[dst_row[j]] += weights[j] * y[src_pos[j]]``, summed per row in
     the order of ``j``."""
-    cols = int(y.shape[1])
-    out = torch.empty((num_rows, cols), dtype=torch.float32, device=y.device)
+    out = torch.empty((num_rows, int(y.shape[1])), dtype=torch.float32, device=y.device)
+    _weighted_rows(y, src_pos, dst_row, weights, out)
+    return out
+
+
+def weighted_rows_into(y: torch.Tensor, src_pos: torch.Tensor, dst_row: torch.Tensor, weights: torch.Tensor,
+                       out: torch.Tensor) -> None:
+    """:func:`weighted_rows` rounded once into bf16 ``out [num_rows, C]`` by the kernel's store (under the
+    interpreter, whose float32 -> bf16 store truncates, into float32 rows that torch rounds)."""
+    if interpreting():
+        out.copy_(weighted_rows(y, src_pos, dst_row, weights, int(out.shape[0])))
+    else:
+        _weighted_rows(y, src_pos, dst_row, weights, out)
+
+
+def _weighted_rows(y: torch.Tensor, src_pos: torch.Tensor, dst_row: torch.Tensor, weights: torch.Tensor,
+                   out: torch.Tensor) -> None:
+    num_rows, cols = int(out.shape[0]), int(out.shape[1])
     if num_rows == 0 or cols == 0:
-        return out
+        return
     order = torch.sort(dst_row, stable=True).indices
     seg = torch.zeros(num_rows + 1, dtype=torch.int64, device=y.device)
     per_row = torch.zeros(num_rows, dtype=torch.int64, device=y.device)  # bincount would read max() on the host
@@ -82,7 +100,6 @@ def weighted_rows(y: torch.Tensor, src_pos: torch.Tensor, dst_row: torch.Tensor,
         moe_weighted_rows_kernel[(num_rows, -(-cols // block))](
             y, src_pos[order].to(torch.int64).contiguous(), weights[order].to(torch.float32).contiguous(), seg, out,
             cols, y.stride(0), BLOCK_C=block)
-    return out
 
 
 def cast_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,7 +115,7 @@ def cast_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (data.to(FP8) if interp else data), scales
 
 
-TRITON = LocalSteps(place_rows, weighted_rows, cast_fp8)
+TRITON = LocalSteps(place_rows, weighted_rows, cast_fp8, weighted_rows_into=weighted_rows_into)
 
 
 def layout(call: MoELayoutCall) -> MoELayout:

@@ -8,7 +8,8 @@
   as raw bits (integer views of the payload), zero (``ZERO_MISSING``) or untouched where the index is -1.
 - :func:`moe_weighted_rows_kernel`, grid ``(num_rows, ceil(C / BLOCK_C))``: row ``r`` of the float32
   output is ``sum_j weights[j] * y[src_pos[j]]`` over ``j`` in ``seg[r] : seg[r + 1]`` (entries sorted
-  by destination row, stable), accumulated in float32 in that order.
+  by destination row, stable), accumulated in float32 in that order and stored in ``out``'s dtype
+  (float32, or bf16 rounded once, to nearest even).
 - :func:`moe_cast_fp8_kernel`, grid ``(T, H / 128)``: one 128-channel block of one token, DeepEP's
   float32 rule (the op's docstring): ``amax = max(|x|, 1e-4)``, ``scale = amax * float32(1/448)`` (one
   float32 product) and ``x * (448 / amax)`` (the quotient an IEEE division), stored as e4m3
@@ -73,7 +74,7 @@ def moe_weighted_rows_kernel(y_ptr, src_pos_ptr, weight_ptr, seg_ptr, out_ptr, n
         row = tl.load(src_pos_ptr + j)
         w = tl.load(weight_ptr + j)
         acc += tl.load(y_ptr + row * stride_y + cols, mask=ok, other=0.0).to(tl.float32) * w
-    tl.store(out_ptr + r.to(tl.int64) * num_cols + cols, acc, mask=ok)
+    tl.store(out_ptr + r.to(tl.int64) * num_cols + cols, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit

@@ -1,0 +1,206 @@
+"""The one-process expanded dispatch and combine (``moe_one_process_expanded``) equal the general route
+(``moe_layouts.dispatch_expanded_routed`` / ``combine_expanded_routed``, forced by calling it directly)
+bit for bit, handle included, with the torch, triton and opencl steps (triton: TRITON_INTERPRET=1 on the
+CPU, set by conftest.py without a GPU; opencl: any OpenCL device, pocl on the CPU); with the torch and
+triton steps the dispatch reads the host once and the combine never (the opencl steps copy through the
+host by design)."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any
+
+import pytest
+import torch
+from moe_ep_probe import probe
+
+import deepport
+from deepport.backends.torch import moe_layouts, moe_routes
+from deepport.backends.torch.moe_local import TORCH, LocalSteps
+from deepport.dispatch import registry
+from deepport.kernels import moe_combine_expanded as combine_op
+from deepport.kernels import moe_dispatch_expanded as dispatch_op
+from deepport.kernels.moe_args import MoEGroup
+from deepport.kernels.moe_handle import MoEExpandedHandle, MoEHandle
+
+pytestmark = pytest.mark.usefixtures("clean_env")
+
+
+def _steps(backend: str) -> LocalSteps:
+    if backend == "torch":
+        return TORCH
+    if backend == "opencl":
+        pytest.importorskip("pyopencl")
+        from deepport.backends.opencl import moe, runtime
+
+        if runtime.unavailable_reason() is not None:
+            pytest.skip(f"no OpenCL device: {runtime.unavailable_reason()}")
+        return moe.OPENCL
+    pytest.importorskip("triton")
+    from deepport.backends.triton import _runtime, moe_permute
+
+    if not _runtime.interpreting() and not torch.cuda.is_available():
+        pytest.skip("triton needs TRITON_INTERPRET=1 or a CUDA device")
+    return moe_permute.TRITON
+
+
+def _device(backend: str) -> str:
+    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+
+
+def _routing(case: str, seed: int) -> dict[str, Any]:
+    """Inputs of one routing case: ``idx`` int64 ``[T, K]``, ``w`` float32, ``x`` bf16 ``[T, H]``, ``E``, ``align``."""
+    g = torch.Generator().manual_seed(seed)
+    t, k, e, hidden, align = 41, 4, 16, 256, 8
+    if case == "top8_align128":
+        t, k, e, align = 64, 8, 32, 128
+    elif case == "top1":
+        k = 1
+    elif case == "one_expert":
+        e = 1
+    elif case == "no_tokens":
+        t = 0
+    idx = torch.randint(-1, e, (t, k), generator=g)
+    if case == "unused_experts":  # only even experts: every odd one receives nothing
+        idx = torch.where(idx >= 0, idx - idx % 2, -1)
+    if case == "duplicates" and t:
+        idx[3] = idx[3, 0].clamp(min=0)  # one expert in every slot
+        idx[7, :3] = 5  # one expert in three slots: the weight sum's order shows
+        idx[9, 1:] = idx[9, 0]
+    if case == "nowhere":
+        idx.fill_(-1)
+    if t > 6 and case not in ("nowhere",):
+        idx[6] = -1  # one token routed nowhere
+    w = torch.rand(t, k, generator=g) * 4 - 1
+    if t and case == "duplicates":
+        w[7, :3] = torch.tensor([1e8, 1.0, -1e8])  # a different order of the three sums to a different float
+    w = torch.where(idx >= 0, w, float("nan"))  # -1 slots' weights are never read
+    x = (torch.randn(t, hidden, generator=g) * 3).to(torch.bfloat16)
+    return {"idx": idx, "w": w, "x": x, "E": e, "align": align}
+
+
+CASES = ("random", "duplicates", "unused_experts", "top1", "one_expert", "no_tokens", "nowhere", "top8_align128")
+
+
+def _same(a: object, b: object, what: str) -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor), what
+        assert (a.dtype, a.shape, a.device) == (b.dtype, b.shape, b.device), what
+        bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}.get(a.element_size())
+        if a.dtype != torch.bool and bits is not None:
+            a, b = a.view(bits), b.view(bits)
+        assert torch.equal(a, b), what
+    else:
+        assert type(a) is type(b) and a == b, f"{what}: {a!r} != {b!r}"
+
+
+def _same_handle(got: MoEExpandedHandle, want: MoEExpandedHandle) -> None:
+    for name in ("expanded_src_row", "m_indices", "weights"):
+        _same(getattr(got, name), getattr(want, name), f"handle.{name}")
+    assert isinstance(got.routes, MoEHandle)
+    for f in fields(MoEHandle):
+        _same(getattr(got.routes, f.name), getattr(want.routes, f.name), f"handle.routes.{f.name}")
+
+
+def _payload(r: dict[str, Any], fp8: bool, device: str) -> Any:
+    x = r["x"].to(device)
+    if not fp8:
+        return x
+    data, scales = TORCH.cast_fp8(x)
+    return data, scales.t().contiguous().t()  # column-major scales, as DeepGEMM's SFA
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "opencl"])
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("case", CASES)
+def test_one_process_expanded_dispatch_and_combine_equal_the_general_route_bit_for_bit(
+        backend: str, fp8: bool, case: str) -> None:
+    if backend == "triton" and case == "top8_align128":
+        pytest.skip("interpreted kernels at this shape are slow; torch covers it")
+    local, device = _steps(backend), _device(backend)
+    r = _routing(case, seed=len(case) + 10 * fp8)
+    idx = r["idx"].to(device)
+    call = dispatch_op.bind(_payload(r, fp8, device), idx.to(torch.int32) if case == "random" else idx,
+                            r["w"].to(device), r["E"], expert_alignment=r["align"])
+    got = moe_layouts.dispatch_expanded(call, local)
+    want = moe_layouts.dispatch_expanded_routed(call, local)
+    if fp8:
+        assert isinstance(got.recv_x, tuple) and isinstance(want.recv_x, tuple)
+        _same(got.recv_x[0], want.recv_x[0], "recv_x[0]")
+        _same(got.recv_x[1], want.recv_x[1], "recv_x[1]")
+    else:
+        _same(got.recv_x, want.recv_x, "recv_x")
+    _same(got.m_indices, want.m_indices, "m_indices")
+    _same(got.recv_weights, want.recv_weights, "recv_weights")
+    _same(got.num_recv_tokens_per_expert, want.num_recv_tokens_per_expert, "num_recv_tokens_per_expert")
+    _same_handle(got.handle, want.handle)
+
+    rows, hidden = int(got.m_indices.shape[0]), int(r["x"].shape[1])
+    y = torch.randn(rows, hidden, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16).to(device)
+    y[got.m_indices < 0] = float("nan")  # padding rows are never read
+    ref = moe_layouts.combine_expanded_routed(combine_op.bind(y, want.handle), local)
+    for handle in (got.handle, want.handle):  # either handle drives either path
+        _same(moe_layouts.combine_expanded(combine_op.bind(y, handle), local), ref, "combine_expanded")
+    assert not ref.isnan().any()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "opencl"])
+def test_the_routes_of_a_one_process_expanded_dispatch_drive_a_cached_dispatch(backend: str) -> None:
+    local, device = _steps(backend), _device(backend)
+    r = _routing("duplicates", seed=3)
+    call = dispatch_op.bind(r["x"].to(device), r["idx"].to(device), r["w"].to(device), r["E"],
+                            expert_alignment=r["align"])
+    got = moe_layouts.dispatch_expanded(call, local).handle.routes
+    want = moe_layouts.dispatch_expanded_routed(call, local).handle.routes
+    x = torch.randn(r["x"].shape, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16).to(device)
+    alloc = lambda shape, dtype: torch.empty(shape, dtype=dtype, device=device)  # noqa: E731
+    group = MoEGroup(None, 0, 1, "none")
+    _same(moe_routes.resend(x, None, got, group, alloc, local)[0], moe_routes.resend(x, None, want, group, alloc,
+                                                                                      local)[0], "cached dispatch")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("fp8", [False, True])
+def test_a_one_process_expanded_dispatch_reads_the_host_once_and_its_combine_never(
+        backend: str, fp8: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    _steps(backend)
+    device = _device(backend)
+
+    def general(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the one-process call took the general route")
+
+    monkeypatch.setattr(moe_layouts, "dispatch_expanded_routed", general)
+    monkeypatch.setattr(moe_layouts, "combine_expanded_routed", general)
+    monkeypatch.setattr(moe_routes, "route", general)
+    r = _routing("duplicates", seed=5)
+    call = dispatch_op.bind(_payload(r, fp8, device), r["idx"].to(device), r["w"].to(device), r["E"],
+                            expert_alignment=r["align"])
+    with probe() as p:
+        sent = registry.get(backend).implementation("moe_dispatch_expanded")(call)
+    assert dict(p.syncs) == {"tolist": 1} and not p.collectives and p.host_tensors == 0
+    y = torch.randn(sent.m_indices.shape[0], r["x"].shape[1]).to(torch.bfloat16).to(device)
+    combine_call = combine_op.bind(y, sent.handle)
+    with probe(forbid_syncs=True) as p:
+        registry.get(backend).implementation("moe_combine_expanded")(combine_call)
+    assert not p.collectives and p.host_tensors == 0
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_the_public_one_process_expanded_ops_match_the_reference_backend(backend: str) -> None:
+    _steps(backend)
+    device = _device(backend)
+    r = _routing("random", seed=11)
+    args = (r["x"].to(device), r["idx"].to(device), r["w"].to(device), r["E"])
+    got = deepport.moe_dispatch_expanded(*args, expert_alignment=r["align"], backend=backend)
+    want = deepport.moe_dispatch_expanded(*args, expert_alignment=r["align"], backend="reference")
+    _same(got.recv_x, want.recv_x, "recv_x")
+    _same(got.m_indices, want.m_indices, "m_indices")
+    torch.testing.assert_close(got.recv_weights, want.recv_weights, rtol=1e-6, atol=0)
+    assert isinstance(got.recv_x, torch.Tensor)
+    y = torch.randn(got.recv_x.shape, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16).to(device)
+    out = deepport.moe_combine_expanded(y, got.handle, backend=backend)
+    ref = deepport.moe_combine_expanded(y, want.handle, backend="reference")
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2**-7, atol=1e-6)
+    local = _steps(backend)  # the reference backend's handle drives both paths alike
+    _same(moe_layouts.combine_expanded(combine_op.bind(y, want.handle), local),
+          moe_layouts.combine_expanded_routed(combine_op.bind(y, want.handle), local), "combine of a reference handle")
