@@ -120,7 +120,7 @@ def moe_lowering_report() -> dict[str, dict[str, int]]:
             x_ptr=Ptr("bf16"), q_ptr=Ptr("fp8e4nv"), scale_ptr=Ptr("fp32"), hidden=7168, fp8_max=448.0,
             fp8_max_inv=1 / 448, amax_floor=1e-4, STORE_FP32=False)),
         "expanded_layout": compile_for(x.moe_expanded_layout_kernel, dict(
-            idx_ptr=Ptr("i64"), w_ptr=Ptr("fp32"), counts_ptr=Ptr("i32"), token_of_ptr=Ptr("i64"),
+            idx_ptr=Ptr("i64"), sums_ptr=Ptr("fp32"), counts_ptr=Ptr("i32"), token_of_ptr=Ptr("i64"),
             src_row_ptr=Ptr("i64"), m_idx_ptr=Ptr("i32"), expert_of_ptr=Ptr("i32"), recv_w_ptr=Ptr("fp32"),
             weight_of_ptr=Ptr("fp32"), recv_src_ptr=Ptr("i64"), recv_topk_ptr=Ptr("i64"), idx64_ptr=Ptr("i64"),
             num_tokens=4096, num_topk=8, num_experts=256, alignment=128, BLOCK_T=128, BLOCK_E=256, BLOCK_P=128)),

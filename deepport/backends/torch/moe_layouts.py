@@ -15,8 +15,8 @@ partial rounded to bf16 on each rank breaks that bound (``MOE_NOTES.md``).
 In one process (world size 1) both ops run :mod:`deepport.backends.torch.moe_one_process_expanded`
 instead (static-shape index ops from ``topk_idx``, one host read in the dispatch and none in the
 combine, the same outputs bit for bit; a backend may fuse the whole dispatch instead, through
-``LocalSteps.dispatch_expanded_one_process``, as the triton backend does); :func:`dispatch_expanded_routed` / :func:`combine_expanded_routed`
-are the general route at any world size.
+``LocalSteps.dispatch_expanded_one_process``, as the triton backend does);
+:func:`dispatch_expanded_routed` / :func:`combine_expanded_routed` are the general route at any world size.
 
 The per-device steps (gathering the rows to send, placing rows, the weighted and per-token sums, the
 FP8 cast) are :class:`~deepport.backends.torch.moe_local.LocalSteps`, replaceable by another backend's

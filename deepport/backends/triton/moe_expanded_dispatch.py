@@ -1,4 +1,4 @@
-"""The triton backend's fused one-process expanded MoE dispatch: four launches and one host read.
+"""The triton backend's fused one-process expanded MoE dispatch: one host read, two launches after it.
 
 :func:`dispatch` is the triton :class:`~deepport.backends.torch.moe_local.LocalSteps`'
 ``dispatch_expanded_one_process`` hook, which :func:`deepport.backends.torch.moe_layouts.dispatch_expanded`
@@ -12,6 +12,11 @@ outputs (``recv_x`` and FP8 scales, ``m_indices``, ``recv_weights``, the per-exp
 2. ``moe_layout_count_kernel`` (one rank of ``E`` experts): per expert the distinct tokens selecting it,
    in ``counts[:E]``; the tokens routed anywhere in ``counts[E]``; the flags (the handle's
    ``is_token_in_rank``, bool ``[T, 1]``);
+   three torch ops: the per-slot weight sums, float32 ``[T, K]``, ``sums[t, k]`` the sum over the slots
+   ``j`` of ``where(topk_idx[t, j] == topk_idx[t, k], topk_weights[t, j], 0.0)``, the torch one-process
+   path's and the general route's ``sum``, so the bits match on every device (the order of a float32 sum
+   shows only when a token names one expert in three or more slots; torch's reduction order is its
+   own, on a GPU not the slot order); launched before the read, they overlap the count kernel;
 3. the one host read: ``counts.tolist()``, which sizes ``m = sum(align_up(counts[e], alignment))``;
 4. ``moe_expanded_layout_kernel``, grid ``(E,)``: per expanded row its token (int64, -1 for padding),
    ``m_indices``, ``recv_weights`` and the handle's ``expanded_src_row`` / ``m_indices`` / ``weights``
@@ -21,10 +26,8 @@ outputs (``recv_x`` and FP8 scales, ``m_indices``, ``recv_weights``, the per-exp
    bits (padding rows zero), the FP8 scales row (any strides: column-major scales are read in place) in
    the same launch.
 
-Weights are summed per expanded row as the general route sums them (``0.0`` plus each slot's weight
-where it names the row's expert, ``0.0`` where not, slots in order); only a token naming one expert in
-three or more slots can tell one order from another. ``T = 0`` or no routed token: no kernel after the
-read (``m = 0``) but the ``topk_idx`` copy.
+``T = 0``: no kernel at all, the zeros only. No routed token (``m = 0``): the layout kernel alone after
+the read (it writes the handle's ``topk_idx``).
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ from deepport.backends.triton.moe_expanded_dispatch_kernels import (
     moe_expanded_layout_kernel,
     moe_expanded_rows_kernel,
 )
-from deepport.backends.triton.moe_permute import _BITS, _block, _guard, moe_layout_count_kernel
+from deepport.backends.triton.moe_permute import _BITS, _block, _guard
+from deepport.backends.triton.moe_permute_kernels import moe_layout_count_kernel
 from deepport.kernels.moe_args import FP8_BLOCK, MoEInput, align_up
 from deepport.kernels.moe_dispatch_expanded import MoEExpandedDispatchCall, MoEExpandedDispatchResult
 from deepport.kernels.moe_handle import MoEExpandedHandle, MoEHandle
@@ -53,7 +57,7 @@ def dispatch(call: MoEExpandedDispatchCall) -> MoEExpandedDispatchResult:
     """The fused one-process expanded dispatch (module docstring); outputs as
     :func:`deepport.moe_dispatch_expanded` documents them."""
     data, experts, align, grp = call.data, call.num_experts, call.expert_alignment, call.group
-    idx, w = call.topk_idx.contiguous(), call.topk_weights.to(torch.float32).contiguous()
+    idx, w = call.topk_idx.contiguous(), call.topk_weights
     tokens, topk, hidden = int(idx.shape[0]), int(idx.shape[1]), int(data.shape[1])
     dev = idx.device
     head = 4 * (experts + 1)
@@ -64,6 +68,7 @@ def dispatch(call: MoEExpandedDispatchCall) -> MoEExpandedDispatchResult:
             moe_layout_count_kernel[(-(-tokens // 64),)](
                 idx, counts[experts:], counts[:experts], flags, tokens, topk, experts, 1,
                 BLOCK_T=64, BLOCK_K=_pow2(topk))
+        sums = torch.where(idx[:, None, :] == idx[:, :, None], w[:, None, :], 0.0).sum(2)  # float32 [T, K]
         host = counts.tolist()  # the one host read
         per_expert, num_recv = tuple(int(c) for c in host[:experts]), int(host[experts])
         aligned = [align_up(c, align) for c in per_expert]
@@ -80,7 +85,7 @@ def dispatch(call: MoEExpandedDispatchCall) -> MoEExpandedDispatchResult:
         recv_topk = torch.empty((num_recv, topk), dtype=torch.int64, device=dev)
         if tokens and topk:
             moe_expanded_layout_kernel[(experts,)](
-                idx, w, counts, token_of, src_row, m_indices, expert_of, recv_w, weight_of, recv_src, recv_topk,
+                idx, sums, counts, token_of, src_row, m_indices, expert_of, recv_w, weight_of, recv_src, recv_topk,
                 idx64, tokens, topk, experts, align, BLOCK_T=_BLOCK_T, BLOCK_E=_pow2(experts), BLOCK_P=_pow2(align, 16))
 
         recv_x = call.alloc((m, hidden), data.dtype)

@@ -6,8 +6,8 @@ the wrapper and the layout they write are :mod:`deepport.backends.triton.moe_exp
   ``start_e + (earlier tokens selecting e)`` (``start_e`` the aligned counts of the experts before ``e``,
   from ``counts``): ``token_of`` (int64, the token), ``src_row`` (int64, the token's received row: the
   tokens routed anywhere before it), ``m_indices`` / ``expert_of`` (int32 ``e``), ``recv_weights`` /
-  ``weight_of`` (float32: ``0.0`` plus the weights of the token's slots, in slot order, where the slot
-  names ``e`` and ``0.0`` where not: the torch sum of the general route on the CPU, bit for bit); then
+  ``weight_of`` (float32: ``sums[t, k]`` of a slot ``k`` naming ``e``, the caller's per-slot weight sums,
+  equal for every such slot); then
   its padding rows (``token_of`` / ``src_row`` / ``m_indices`` / ``expert_of`` -1, weights 0). Program 0
   also writes the handle's per-token arrays: ``idx64`` (``topk_idx`` as int64 ``[T, K]``), and for each
   token routed anywhere its received row's ``recv_src`` (the token) and ``recv_topk`` (its ``topk_idx``
@@ -24,7 +24,7 @@ import triton.language as tl
 
 
 @triton.jit
-def moe_expanded_layout_kernel(idx_ptr, w_ptr, counts_ptr, token_of_ptr, src_row_ptr, m_idx_ptr, expert_of_ptr,
+def moe_expanded_layout_kernel(idx_ptr, sums_ptr, counts_ptr, token_of_ptr, src_row_ptr, m_idx_ptr, expert_of_ptr,
                                recv_w_ptr, weight_of_ptr, recv_src_ptr, recv_topk_ptr, idx64_ptr,
                                num_tokens, num_topk, num_experts, alignment,
                                BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_P: tl.constexpr):
@@ -44,11 +44,11 @@ def moe_expanded_layout_kernel(idx_ptr, w_ptr, counts_ptr, token_of_ptr, src_row
         sel = tl.zeros([BLOCK_T], tl.int32)
         routed = tl.zeros([BLOCK_T], tl.int32)
         wsum = tl.zeros([BLOCK_T], tl.float32)
-        for k in range(num_topk):  # slots in order: the weight sum's order
+        for k in range(num_topk):
             at = tok.to(tl.int64) * num_topk + k
             ids = tl.load(idx_ptr + at, mask=ok, other=-1).to(tl.int32)
             hit = ids == e
-            wsum += tl.where(hit, tl.load(w_ptr + at, mask=ok & hit, other=0.0), 0.0)
+            wsum = tl.where(hit, tl.load(sums_ptr + at, mask=ok & hit, other=0.0), wsum)
             sel = tl.maximum(sel, hit.to(tl.int32))
             routed = tl.maximum(routed, (ids >= 0).to(tl.int32))
             tl.store(idx64_ptr + at, ids.to(tl.int64), mask=ok & lead)
@@ -93,12 +93,11 @@ def moe_expanded_rows_kernel(x_ptr, token_of_ptr, out_ptr, num_cols, stride_x,
         tl.store(out_ptr + r * num_cols + cols, tl.load(x_ptr + t * stride_x + cols, mask=ok), mask=ok)
     else:
         tl.store(out_ptr + r * num_cols + cols, tl.zeros([BLOCK_C], out_ptr.dtype.element_ty), mask=ok)
-    if HAS_SCALES:
-        if cb == 0:
-            sc = tl.arange(0, BLOCK_S)
-            sok = sc < num_scale_cols
-            if t >= 0:
-                row = tl.load(s_ptr + t * stride_s_row + sc * stride_s_col, mask=sok)
-            else:
-                row = tl.zeros([BLOCK_S], s_out_ptr.dtype.element_ty)
-            tl.store(s_out_ptr + r * num_scale_cols + sc, row, mask=sok)
+    if HAS_SCALES and cb == 0:
+        sc = tl.arange(0, BLOCK_S)
+        sok = sc < num_scale_cols
+        if t >= 0:
+            row = tl.load(s_ptr + t * stride_s_row + sc * stride_s_col, mask=sok)
+        else:
+            row = tl.zeros([BLOCK_S], s_out_ptr.dtype.element_ty)
+        tl.store(s_out_ptr + r * num_scale_cols + sc, row, mask=sok)
