@@ -143,6 +143,20 @@ def test_one_process_expanded_dispatch_and_combine_equal_the_general_route_bit_f
         backend: str, fp8: bool, case: str) -> None:
     if backend.startswith("triton") and case == "top8_align128" and not torch.cuda.is_available():
         pytest.skip("interpreted kernels at this shape are slow; torch covers it")
+    _assert_equal_to_the_general_route(backend, fp8, case)
+
+
+@pytest.mark.parametrize("case", ["random", "duplicates", "unused_experts"])
+def test_the_fused_triton_dispatch_carries_its_counts_across_token_blocks(
+        case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    _steps("triton")
+    from deepport.backends.triton import moe_expanded_dispatch
+
+    monkeypatch.setattr(moe_expanded_dispatch, "_BLOCK_T", 16)  # 41 tokens: three steps of the walk
+    _assert_equal_to_the_general_route("triton", False, case)
+
+
+def _assert_equal_to_the_general_route(backend: str, fp8: bool, case: str) -> None:
     local, device = _steps(backend), _device(backend)
     r = _routing(case, seed=len(case) + 10 * fp8)
     idx = r["idx"].to(device)

@@ -46,7 +46,7 @@ from deepport.kernels.moe_handle import MoEExpandedHandle, MoEHandle
 
 __all__ = ["dispatch"]
 
-_BLOCK_T = 128  # tokens per step of the layout kernel's walk
+_BLOCK_T = 512  # tokens per step of the layout kernel's walk (few steps: each is a round trip to memory)
 
 
 def _pow2(n: int, least: int = 2) -> int:
@@ -86,7 +86,8 @@ def dispatch(call: MoEExpandedDispatchCall) -> MoEExpandedDispatchResult:
         if tokens and topk:
             moe_expanded_layout_kernel[(experts,)](
                 idx, sums, counts, token_of, src_row, m_indices, expert_of, recv_w, weight_of, recv_src, recv_topk,
-                idx64, tokens, topk, experts, align, BLOCK_T=_BLOCK_T, BLOCK_E=_pow2(experts), BLOCK_P=_pow2(align, 16))
+                idx64, tokens, topk, experts, align, BLOCK_T=_BLOCK_T, BLOCK_K=_pow2(topk), BLOCK_E=_pow2(experts),
+                BLOCK_P=_pow2(align, 16))
 
         recv_x = call.alloc((m, hidden), data.dtype)
         recv_s = None if call.scales is None else call.alloc((m, hidden // FP8_BLOCK), torch.float32)
