@@ -78,6 +78,8 @@ def dispatch(call: MoEExpandedDispatchCall) -> MoEExpandedDispatchResult:
         src_row = torch.empty(m, dtype=torch.int64, device=dev)
         expert_of = torch.empty(m, dtype=torch.int32, device=dev)
         weight_of = torch.empty(m, dtype=torch.float32, device=dev)
+        recv_x = call.alloc((m, hidden), data.dtype)  # the caller's buffers, in the torch path's order
+        recv_s = None if call.scales is None else call.alloc((m, hidden // FP8_BLOCK), torch.float32)
         m_indices = call.alloc((m,), torch.int32)
         recv_w = call.alloc((m,), torch.float32)
         idx64 = torch.empty((tokens, topk), dtype=torch.int64, device=dev)
@@ -89,8 +91,6 @@ def dispatch(call: MoEExpandedDispatchCall) -> MoEExpandedDispatchResult:
                 idx64, tokens, topk, experts, align, BLOCK_T=_BLOCK_T, BLOCK_K=_pow2(topk), BLOCK_E=_pow2(experts),
                 BLOCK_P=_pow2(align, 16))
 
-        recv_x = call.alloc((m, hidden), data.dtype)
-        recv_s = None if call.scales is None else call.alloc((m, hidden // FP8_BLOCK), torch.float32)
         if m and hidden:
             bits = _BITS[data.element_size()]
             x_bits, out_bits = data.contiguous().view(bits), recv_x.view(bits)
