@@ -16,7 +16,7 @@ outputs (``recv_x`` and FP8 scales, ``m_indices``, ``recv_weights``, the per-exp
    ``j`` of ``where(topk_idx[t, j] == topk_idx[t, k], topk_weights[t, j], 0.0)``, the torch one-process
    path's and the general route's ``sum``, so the bits match on every device (the order of a float32 sum
    shows only when a token names one expert in three or more slots; torch's reduction order is its
-   own, on a GPU not the slot order); launched before the read, they overlap the count kernel;
+   own, on a GPU not necessarily the slot order); launched before the read, they overlap the count kernel;
 3. the one host read: ``counts.tolist()``, which sizes ``m = sum(align_up(counts[e], alignment))``;
 4. ``moe_expanded_layout_kernel``, grid ``(E,)``: per expanded row its token (int64, -1 for padding),
    ``m_indices``, ``recv_weights`` and the handle's ``expanded_src_row`` / ``m_indices`` / ``weights``
