@@ -53,7 +53,8 @@ SYNC_OPS = {"aten::_local_scalar_dense": "item", "aten::is_nonzero": "item", "at
             "aten::masked_select": "masked_select", "aten::unique_consecutive": "unique", "aten::_unique2": "unique",
             "aten::unique_dim": "unique"}
 TRITON_KERNELS = ("moe_place_rows_kernel", "moe_weighted_rows_kernel", "moe_cast_fp8_kernel", "moe_layout_count_kernel",
-                  "moe_weighted_sum_kernel", "moe_expanded_combine_kernel")
+                  "moe_weighted_sum_kernel", "moe_expanded_combine_kernel", "moe_expanded_layout_kernel",
+                  "moe_expanded_rows_kernel")
 
 _in_kernel = [0]
 _host_reads: Counter[str] = Counter()
@@ -188,11 +189,18 @@ def main() -> None:
     print(f"{'op':34} {'backend':8} {'aten':>5} {'launches':>9} {'triton':>7} {'syncs':>6}  kinds")
     for backend in args.backends:
         if backend == "triton":
+            import importlib
+
             from deepport.backends.triton import moe_permute
 
-            for name in TRITON_KERNELS:
-                if hasattr(moe_permute, name):
-                    setattr(moe_permute, name, _CountedKernel(name, getattr(moe_permute, name)))
+            modules = [moe_permute]
+            with contextlib.suppress(ImportError):  # the fused expanded dispatch, where this tree has it
+                modules.append(importlib.import_module("deepport.backends.triton.moe_expanded_dispatch"))
+            for module in modules:
+                for name in TRITON_KERNELS:
+                    kernel = getattr(module, name, None)
+                    if kernel is not None and not isinstance(kernel, _CountedKernel):
+                        setattr(module, name, _CountedKernel(name, kernel))
         calls = _calls(backend, args.tokens, args.hidden, args.topk, args.experts, args.alignment, args.tokens)
         for op, fn in calls.items():
             got = measure(fn)

@@ -3,11 +3,13 @@
 bit for bit, handle included, with the torch, triton and opencl steps (triton: TRITON_INTERPRET=1 on the
 CPU, set by conftest.py without a GPU; opencl: any OpenCL device, pocl on the CPU); with the torch and
 triton steps the dispatch reads the host once and the combine never (the opencl steps copy through the
-host by design)."""
+host by design). ``triton`` is the triton backend's fused dispatch (``moe_expanded_dispatch``, its
+``dispatch_expanded_one_process`` step), ``triton-steps`` the torch one-process path with the triton
+steps. The one-process dispatch writes into caller buffers poisoned beforehand."""
 
 from __future__ import annotations
 
-from dataclasses import fields
+from dataclasses import fields, replace
 from typing import Any
 
 import pytest
@@ -41,11 +43,35 @@ def _steps(backend: str) -> LocalSteps:
 
     if not _runtime.interpreting() and not torch.cuda.is_available():
         pytest.skip("triton needs TRITON_INTERPRET=1 or a CUDA device")
+    if backend == "triton-steps":  # the torch one-process path with the triton steps, not the fused dispatch
+        return replace(moe_permute.TRITON, dispatch_expanded_one_process=None)
+    assert moe_permute.TRITON.dispatch_expanded_one_process is not None
     return moe_permute.TRITON
 
 
 def _device(backend: str) -> str:
-    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    return "cuda" if backend.startswith("triton") and torch.cuda.is_available() else "cpu"
+
+
+POISON = 0x7F  # every byte: int32 0x7F7F7F7F, float32 3.4e38, bf16 3.4e38, e4m3 NaN; never a value written
+
+
+class _PoisonedAlloc:
+    """A caller's ``alloc`` whose buffers hold ``POISON`` bytes; remembers what it handed out."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.given: list[torch.Tensor] = []
+
+    def __call__(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        out = torch.empty(shape, dtype=dtype, device=self.device)
+        if out.numel():
+            out.view(torch.uint8).fill_(POISON)
+        self.given.append(out)
+        return out
+
+    def gave(self, t: torch.Tensor) -> bool:
+        return any(t is g for g in self.given)
 
 
 def _routing(case: str, seed: int) -> dict[str, Any]:
@@ -110,19 +136,36 @@ def _payload(r: dict[str, Any], fp8: bool, device: str) -> Any:
     return data, scales.t().contiguous().t()  # column-major scales, as DeepGEMM's SFA
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton", "opencl"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "triton-steps", "opencl"])
 @pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("case", CASES)
 def test_one_process_expanded_dispatch_and_combine_equal_the_general_route_bit_for_bit(
         backend: str, fp8: bool, case: str) -> None:
-    if backend == "triton" and case == "top8_align128":
+    if backend.startswith("triton") and case == "top8_align128" and not torch.cuda.is_available():
         pytest.skip("interpreted kernels at this shape are slow; torch covers it")
+    _assert_equal_to_the_general_route(backend, fp8, case)
+
+
+@pytest.mark.parametrize("case", ["random", "duplicates", "unused_experts"])
+def test_the_fused_triton_dispatch_carries_its_counts_across_token_blocks(
+        case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    _steps("triton")
+    from deepport.backends.triton import moe_expanded_dispatch
+
+    monkeypatch.setattr(moe_expanded_dispatch, "_BLOCK_T", 16)  # 41 tokens: three steps of the walk
+    _assert_equal_to_the_general_route("triton", False, case)
+
+
+def _assert_equal_to_the_general_route(backend: str, fp8: bool, case: str) -> None:
     local, device = _steps(backend), _device(backend)
     r = _routing(case, seed=len(case) + 10 * fp8)
     idx = r["idx"].to(device)
-    call = dispatch_op.bind(_payload(r, fp8, device), idx.to(torch.int32) if case == "random" else idx,
-                            r["w"].to(device), r["E"], expert_alignment=r["align"])
-    got = moe_layouts.dispatch_expanded(call, local)
+    args = (_payload(r, fp8, device), idx.to(torch.int32) if case == "random" else idx, r["w"].to(device), r["E"])
+    poisoned = _PoisonedAlloc(device)
+    got = moe_layouts.dispatch_expanded(dispatch_op.bind(*args, expert_alignment=r["align"], alloc=poisoned), local)
+    outputs = [*(got.recv_x if fp8 else (got.recv_x,)), got.m_indices, got.recv_weights]
+    assert all(poisoned.gave(t) for t in outputs)  # written into the caller's poisoned buffers
+    call = dispatch_op.bind(*args, expert_alignment=r["align"])
     want = moe_layouts.dispatch_expanded_routed(call, local)
     if fp8:
         assert isinstance(got.recv_x, tuple) and isinstance(want.recv_x, tuple)

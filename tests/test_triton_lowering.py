@@ -3,7 +3,8 @@
 Compilation runs in a subprocess with TRITON_INTERPRET unset (conftest.py sets it for this process, and
 the interpreter replaces compilation). Each tuned configuration must fit the 227 KB of shared memory a
 Hopper block can have; the compute-bound one must issue wgmma, the memory-bound ones at least mma.sync.
-The MoE kernels must compile, the FP8 cast through Hopper's e4m3 conversion instruction.
+The MoE kernels (the fused one-process expanded dispatch's included) must compile, the FP8 cast through
+Hopper's e4m3 conversion instruction.
 """
 
 from __future__ import annotations
@@ -64,6 +65,6 @@ def test_memory_bound_mla_configs_use_tensor_cores(mla_report: dict[str, dict[st
 
 def test_moe_kernels_compile_for_sm_90a_and_cast_with_the_e4m3_instruction() -> None:
     report = _lower("moe")
-    assert set(report) == {"layout", "place_rows", "weighted_rows", "cast_fp8"}
+    assert set(report) == {"layout", "place_rows", "weighted_rows", "cast_fp8", "expanded_layout", "expanded_rows"}
     assert all(counts["sm_90a"] == 1 for counts in report.values())
     assert report["cast_fp8"]["e4m3_cvt"] > 0

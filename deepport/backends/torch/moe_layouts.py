@@ -14,8 +14,9 @@ partial rounded to bf16 on each rank breaks that bound (``MOE_NOTES.md``).
 
 In one process (world size 1) both ops run :mod:`deepport.backends.torch.moe_one_process_expanded`
 instead (static-shape index ops from ``topk_idx``, one host read in the dispatch and none in the
-combine, the same outputs bit for bit); :func:`dispatch_expanded_routed` / :func:`combine_expanded_routed`
-are the general route at any world size.
+combine, the same outputs bit for bit; a backend may fuse the whole dispatch instead, through
+``LocalSteps.dispatch_expanded_one_process``, as the triton backend does);
+:func:`dispatch_expanded_routed` / :func:`combine_expanded_routed` are the general route at any world size.
 
 The per-device steps (gathering the rows to send, placing rows, the weighted and per-token sums, the
 FP8 cast) are :class:`~deepport.backends.torch.moe_local.LocalSteps`, replaceable by another backend's
@@ -44,8 +45,11 @@ __all__ = ["combine_expanded", "combine_expanded_routed", "combine_low_latency",
 
 def dispatch_expanded(call: MoEExpandedDispatchCall, local: LocalSteps = TORCH) -> MoEExpandedDispatchResult:
     """:func:`deepport.moe_dispatch_expanded` with ``local``'s steps: in one process (world size 1) the
-    one-process path (:mod:`.moe_one_process_expanded`, one host read), else the general route."""
+    one-process path (``local.dispatch_expanded_one_process`` where the backend fuses it, else
+    :mod:`.moe_one_process_expanded`; one host read either way), else the general route."""
     if call.group.world_size == 1:
+        if local.dispatch_expanded_one_process is not None:
+            return local.dispatch_expanded_one_process(call)
         return one_process_expanded.dispatch(call, local)
     return dispatch_expanded_routed(call, local)
 

@@ -30,6 +30,11 @@ backends' kernels) and reuses everything else.
   ``dst[e] == d`` (0 where none): the per-token sum of the rows a normal or expanded combine returns.
   Without it the transport sums with torch (float32 rows by :func:`sum_rows`, bf16 rows by a dense
   per-token gather and one reduction in rank order).
+- ``dispatch_expanded_one_process(call)`` (optional): the whole one-process (world size 1) expanded
+  dispatch, fused by the backend, returning what :func:`deepport.moe_dispatch_expanded` returns, the same
+  bits as :mod:`deepport.backends.torch.moe_one_process_expanded` (the triton backend's:
+  :mod:`deepport.backends.triton.moe_expanded_dispatch`). Without it
+  :func:`deepport.backends.torch.moe_layouts.dispatch_expanded` runs that module with these steps.
 
 The torch steps never wait for the device: ``place_rows`` is one gather of every destination row (the
 layouts hand it indices with no ``-1`` where a row must be zero: they point at a zero row of ``src``;
@@ -41,12 +46,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from deepport.backends.torch.moe_comm import same_bits
 from deepport.kernels.fp8_layout import amax_scales
 from deepport.kernels.moe_args import FP8, FP8_BLOCK
+
+if TYPE_CHECKING:
+    from deepport.kernels.moe_dispatch_expanded import MoEExpandedDispatchCall, MoEExpandedDispatchResult
 
 
 @dataclass(frozen=True)
@@ -59,6 +68,7 @@ class LocalSteps:
     sum_rows: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None = None
     weighted_rows_into: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
                                  None] | None = None
+    dispatch_expanded_one_process: Callable[[MoEExpandedDispatchCall], MoEExpandedDispatchResult] | None = None
 
 
 def _flat(dst: torch.Tensor) -> torch.Tensor | None:

@@ -7,7 +7,8 @@ exactly; weighted sums accumulate in float32 per destination row in a fixed orde
 destination row, stably), stored as float32 rows or (``weighted_rows_into``, used by the one-process
 expanded combine) rounded once to bf16 by the kernel's store; the FP8 cast uses IEEE divisions and e4m3
 round-to-nearest-even (under the interpreter, whose e4m3 and bf16 roundings are wrong, the kernels store
-float32 and torch rounds).
+float32 and torch rounds). The one-process expanded dispatch is fused
+(:mod:`deepport.backends.triton.moe_expanded_dispatch`, the ``dispatch_expanded_one_process`` step).
 """
 
 from __future__ import annotations
@@ -115,7 +116,14 @@ def cast_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (data.to(FP8) if interp else data), scales
 
 
-TRITON = LocalSteps(place_rows, weighted_rows, cast_fp8, weighted_rows_into=weighted_rows_into)
+def _dispatch_expanded_one_process(call: MoEExpandedDispatchCall) -> MoEExpandedDispatchResult:
+    from deepport.backends.triton import moe_expanded_dispatch  # imports this module's helpers
+
+    return moe_expanded_dispatch.dispatch(call)
+
+
+TRITON = LocalSteps(place_rows, weighted_rows, cast_fp8, weighted_rows_into=weighted_rows_into,
+                    dispatch_expanded_one_process=_dispatch_expanded_one_process)
 
 
 def layout(call: MoELayoutCall) -> MoELayout:

@@ -1,0 +1,111 @@
+"""The triton backend's fused one-process expanded MoE dispatch: one host read, two launches after it.
+
+:func:`dispatch` is the triton :class:`~deepport.backends.torch.moe_local.LocalSteps`'
+``dispatch_expanded_one_process`` hook, which :func:`deepport.backends.torch.moe_layouts.dispatch_expanded`
+calls in one process (world size 1) in place of the torch one-process path
+(:mod:`deepport.backends.torch.moe_one_process_expanded`), on a GPU and under the interpreter alike. Its
+outputs (``recv_x`` and FP8 scales, ``m_indices``, ``recv_weights``, the per-expert counts and the
+:class:`~deepport.kernels.moe_handle.MoEExpandedHandle`, routes included) equal the general route's
+(:func:`~deepport.backends.torch.moe_layouts.dispatch_expanded_routed`) bit for bit. In order:
+
+1. one ``torch.zeros`` of a byte buffer holding the int32 counts ``[E + 1]`` and the uint8 flags ``[T]``;
+2. ``moe_layout_count_kernel`` (one rank of ``E`` experts): per expert the distinct tokens selecting it,
+   in ``counts[:E]``; the tokens routed anywhere in ``counts[E]``; the flags (the handle's
+   ``is_token_in_rank``, bool ``[T, 1]``);
+   three torch ops: the per-slot weight sums, float32 ``[T, K]``, ``sums[t, k]`` the sum over the slots
+   ``j`` of ``where(topk_idx[t, j] == topk_idx[t, k], topk_weights[t, j], 0.0)``, the torch one-process
+   path's and the general route's ``sum``, so the bits match on every device (the order of a float32 sum
+   shows only when a token names one expert in three or more slots; torch's reduction order is its
+   own, on a GPU not necessarily the slot order); launched before the read, they overlap the count kernel;
+3. the one host read: ``counts.tolist()``, which sizes ``m = sum(align_up(counts[e], alignment))``;
+4. ``moe_expanded_layout_kernel``, grid ``(E,)``: per expanded row its token (int64, -1 for padding),
+   ``m_indices``, ``recv_weights`` and the handle's ``expanded_src_row`` / ``m_indices`` / ``weights``
+   copies, plus the handle's ``topk_idx`` (int64), ``recv_src_idx`` and ``recv_topk_idx``
+   (:mod:`deepport.backends.triton.moe_expanded_dispatch_kernels` says who writes what);
+5. ``moe_expanded_rows_kernel``, grid ``(m, column blocks)``: each expanded row copied from ``x`` as raw
+   bits (padding rows zero), the FP8 scales row (any strides: column-major scales are read in place) in
+   the same launch.
+
+``T = 0``: no kernel at all, the zeros only. No routed token (``m = 0``): the layout kernel alone after
+the read (it writes the handle's ``topk_idx``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from deepport.backends.triton.moe_expanded_dispatch_kernels import (
+    moe_expanded_layout_kernel,
+    moe_expanded_rows_kernel,
+)
+from deepport.backends.triton.moe_permute import _BITS, _block, _guard
+from deepport.backends.triton.moe_permute_kernels import moe_layout_count_kernel
+from deepport.kernels.moe_args import FP8_BLOCK, MoEInput, align_up
+from deepport.kernels.moe_dispatch_expanded import MoEExpandedDispatchCall, MoEExpandedDispatchResult
+from deepport.kernels.moe_handle import MoEExpandedHandle, MoEHandle
+
+__all__ = ["dispatch"]
+
+_BLOCK_T = 512  # tokens per step of the layout kernel's walk (few steps: each is a round trip to memory)
+
+
+def _pow2(n: int, least: int = 2) -> int:
+    return max(least, 1 << max(n - 1, 0).bit_length())
+
+
+def dispatch(call: MoEExpandedDispatchCall) -> MoEExpandedDispatchResult:
+    """The fused one-process expanded dispatch (module docstring); outputs as
+    :func:`deepport.moe_dispatch_expanded` documents them."""
+    data, experts, align, grp = call.data, call.num_experts, call.expert_alignment, call.group
+    idx, w = call.topk_idx.contiguous(), call.topk_weights
+    tokens, topk, hidden = int(idx.shape[0]), int(idx.shape[1]), int(data.shape[1])
+    dev = idx.device
+    head = 4 * (experts + 1)
+    buf = torch.zeros(head + tokens, dtype=torch.uint8, device=dev)
+    counts, flags = buf[:head].view(torch.int32), buf[head:]
+    with _guard(dev):
+        if tokens and topk:
+            moe_layout_count_kernel[(-(-tokens // 64),)](
+                idx, counts[experts:], counts[:experts], flags, tokens, topk, experts, 1,
+                BLOCK_T=64, BLOCK_K=_pow2(topk))
+        sums = torch.where(idx[:, None, :] == idx[:, :, None], w[:, None, :], 0.0).sum(2)  # float32 [T, K]
+        host = counts.tolist()  # the one host read
+        per_expert, num_recv = tuple(int(c) for c in host[:experts]), int(host[experts])
+        aligned = [align_up(c, align) for c in per_expert]
+        m = sum(aligned)
+
+        token_of = torch.empty(m, dtype=torch.int64, device=dev)
+        src_row = torch.empty(m, dtype=torch.int64, device=dev)
+        expert_of = torch.empty(m, dtype=torch.int32, device=dev)
+        weight_of = torch.empty(m, dtype=torch.float32, device=dev)
+        recv_x = call.alloc((m, hidden), data.dtype)  # the caller's buffers, in the torch path's order
+        recv_s = None if call.scales is None else call.alloc((m, hidden // FP8_BLOCK), torch.float32)
+        m_indices = call.alloc((m,), torch.int32)
+        recv_w = call.alloc((m,), torch.float32)
+        idx64 = torch.empty((tokens, topk), dtype=torch.int64, device=dev)
+        recv_src = torch.empty(num_recv, dtype=torch.int64, device=dev)
+        recv_topk = torch.empty((num_recv, topk), dtype=torch.int64, device=dev)
+        if tokens and topk:
+            moe_expanded_layout_kernel[(experts,)](
+                idx, sums, counts, token_of, src_row, m_indices, expert_of, recv_w, weight_of, recv_src, recv_topk,
+                idx64, tokens, topk, experts, align, BLOCK_T=_BLOCK_T, BLOCK_K=_pow2(topk), BLOCK_E=_pow2(experts),
+                BLOCK_P=_pow2(align, 16))
+
+        if m and hidden:
+            bits = _BITS[data.element_size()]
+            x_bits, out_bits = data.contiguous().view(bits), recv_x.view(bits)
+            s_bits = out_s = out_bits  # unused without scales
+            scale_cols = hidden // FP8_BLOCK
+            if recv_s is not None and call.scales is not None:
+                s_bits, out_s = call.scales.view(torch.int32), recv_s.view(torch.int32)
+            block = _block(hidden)
+            moe_expanded_rows_kernel[(m, -(-hidden // block))](
+                x_bits, token_of, out_bits, hidden, x_bits.stride(0), s_bits, out_s, scale_cols,
+                s_bits.stride(0), s_bits.stride(1), HAS_SCALES=recv_s is not None, BLOCK_C=block,
+                BLOCK_S=_pow2(scale_cols, 16))
+
+    routes = MoEHandle(grp.group, grp.rank, grp.world_size, experts, hidden, align, idx64,
+                       flags.view(torch.bool)[:, None], (num_recv,), (num_recv,), recv_src, recv_topk, per_expert)
+    handle = MoEExpandedHandle(routes, src_row, expert_of, weight_of)
+    x_out: MoEInput = recv_x if recv_s is None else (recv_x, recv_s)
+    return MoEExpandedDispatchResult(x_out, m_indices, recv_w, aligned, handle)
