@@ -1,0 +1,60 @@
+"""Where one call of the one-process expanded MoE dispatch spends its time on a GPU (issue 10's permute
+target): torch.profiler over a few warm calls of the public op (value checks off) per backend, printing
+each kernel's device time, the sum of device time per call against the call's wall time, and the host
+sync points. The bench config's shape: t=4096 tokens, hidden 7168, top-8 of 256 experts, alignment 128.
+
+    PYTHONPATH=$PWD DEEPPORT_CHECK_VALUES=0 python3 scripts/gpu_moe_trace.py [--backend triton torch] [--calls 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import deepport
+from deepport.bench.configs.moe import EXPERTS, HIDDEN, TOPK, routing
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--backend", nargs="+", default=["triton", "torch"])
+    parser.add_argument("--calls", type=int, default=5)
+    parser.add_argument("--tokens", type=int, default=4096)
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    x, idx, w = routing(args.tokens, HIDDEN, EXPERTS, TOPK, 0, device)
+    for backend in args.backend:
+        def call(backend: str = backend) -> object:
+            return deepport.moe_dispatch_expanded(x, idx, w, EXPERTS, expert_alignment=128, backend=backend)
+        for _ in range(3):
+            call()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(args.calls):
+            call()
+        torch.cuda.synchronize()
+        wall_us = (time.perf_counter() - start) * 1e6 / args.calls
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(args.calls):
+                call()
+            torch.cuda.synchronize()
+        events = prof.key_averages()
+        device_us = sum(e.self_device_time_total for e in events) / args.calls
+        print(f"== {backend}: wall {wall_us:.0f} us per call (unprofiled), device busy {device_us:.0f} us per call")
+        print(events.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=60))
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        kernels.sort(key=lambda e: e.time_range.start)
+        if kernels:  # the last call's kernels in order: gaps between them are host time
+            per = max(1, len(kernels) // args.calls)
+            last = kernels[-per:]
+            t0 = last[0].time_range.start
+            print(f"last call's {len(last)} device ops, start offset / duration (us):")
+            for e in last:
+                print(f"  {e.time_range.start - t0:8.0f} {e.time_range.elapsed_us():7.0f}  {e.name[:70]}")
+
+
+if __name__ == "__main__":
+    main()
