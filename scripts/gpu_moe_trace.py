@@ -23,7 +23,12 @@ def main() -> None:
     parser.add_argument("--backend", nargs="+", default=["triton", "torch"])
     parser.add_argument("--calls", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--block-t", type=int, nargs="*", default=[],
+                        help="triton only: time the layout kernel at each of these BLOCK_T (tokens per step)")
     args = parser.parse_args()
+    if args.block_t:
+        layout_sweep(args)
+        return
     device = torch.device("cuda")
     x, idx, w = routing(args.tokens, HIDDEN, EXPERTS, TOPK, 0, device)
     for backend in args.backend:
@@ -54,6 +59,26 @@ def main() -> None:
             print(f"last call's {len(last)} device ops, start offset / duration (us):")
             for e in last:
                 print(f"  {e.time_range.start - t0:8.0f} {e.time_range.elapsed_us():7.0f}  {e.name[:70]}")
+
+
+def layout_sweep(args: argparse.Namespace) -> None:
+    """Device time of the triton layout and rows kernels per call at each ``--block-t``."""
+    from deepport.backends.triton import moe_expanded_dispatch as fused
+
+    device = torch.device("cuda")
+    x, idx, w = routing(args.tokens, HIDDEN, EXPERTS, TOPK, 0, device)
+    for block_t in args.block_t:
+        fused._BLOCK_T = block_t
+        for _ in range(3):
+            deepport.moe_dispatch_expanded(x, idx, w, EXPERTS, expert_alignment=128, backend="triton")
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(args.calls):
+                deepport.moe_dispatch_expanded(x, idx, w, EXPERTS, expert_alignment=128, backend="triton")
+            torch.cuda.synchronize()
+        times = {e.key: e.self_device_time_total / args.calls for e in prof.key_averages()}
+        print(f"BLOCK_T {block_t:5d}: " + ", ".join(f"{k} {v:.1f} us" for k, v in times.items()
+                                                  if k.startswith("moe_")))
 
 
 if __name__ == "__main__":
