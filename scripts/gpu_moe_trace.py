@@ -25,9 +25,15 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--block-t", type=int, nargs="*", default=[],
                         help="triton only: time the layout kernel at each of these BLOCK_T (tokens per step)")
+    parser.add_argument("--rows", action="store_true",
+                        help="time the rows kernel alone over element widths, BLOCK_C and num_warps")
     args = parser.parse_args()
+    parser_rows = args.rows
     if args.block_t:
         layout_sweep(args)
+    if parser_rows:
+        rows_sweep(args)
+    if args.block_t or parser_rows:
         return
     device = torch.device("cuda")
     x, idx, w = routing(args.tokens, HIDDEN, EXPERTS, TOPK, 0, device)
@@ -79,6 +85,51 @@ def layout_sweep(args: argparse.Namespace) -> None:
         times = {e.key: e.self_device_time_total / args.calls for e in prof.key_averages()}
         print(f"BLOCK_T {block_t:5d}: " + ", ".join(f"{k} {v:.1f} us" for k, v in times.items()
                                                   if k.startswith("moe_")))
+
+
+def rows_sweep(args: argparse.Namespace) -> None:
+    """Device time of ``moe_expanded_rows_kernel`` alone (events around 20 launches) per element width,
+    ``BLOCK_C`` and ``num_warps``, on the rows of a real dispatch; each candidate's output checked against
+    the dispatch's ``recv_x`` bit for bit first."""
+    from deepport.backends.triton.moe_expanded_dispatch_kernels import moe_expanded_rows_kernel
+
+    device = torch.device("cuda")
+    x, idx, w = routing(args.tokens, HIDDEN, EXPERTS, TOPK, 0, device)
+    res = deepport.moe_dispatch_expanded(x, idx, w, EXPERTS, expert_alignment=128, backend="triton")
+    src_row = res.handle.expanded_src_row
+    token_of = torch.where(src_row >= 0, res.handle.routes.recv_src_idx[src_row.clamp(min=0)], -1)
+    want = res.recv_x
+    m = int(token_of.shape[0])
+    moved = (x.numel() + want.numel()) * x.element_size()
+    for bits in (torch.int16, torch.int32, torch.int64):
+        xb = x.view(bits)
+        cols = int(xb.shape[1])
+        for block in (1024, 2048, 4096):
+            if block > 4 * cols:
+                continue
+            for warps in (4, 8, 16):
+                out = torch.full_like(want, float("nan"))
+                ob = out.view(bits)
+
+                def launch(ob: torch.Tensor = ob, xb: torch.Tensor = xb, cols: int = cols, block: int = block,
+                           warps: int = warps) -> None:
+                    moe_expanded_rows_kernel[(m, -(-cols // block))](
+                        xb, token_of, ob, cols, xb.stride(0), xb, ob, 0, 0, 0, HAS_SCALES=False, BLOCK_C=block,
+                        BLOCK_S=16, num_warps=warps)
+
+                launch()
+                torch.cuda.synchronize()
+                if not torch.equal(out.view(torch.int16), want.view(torch.int16)):
+                    print(f"{bits!s:12s} BLOCK_C {block:5d} warps {warps:2d}: WRONG")
+                    continue
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(20):
+                    launch()
+                end.record()
+                end.synchronize()
+                us = start.elapsed_time(end) * 1e3 / 20
+                print(f"{bits!s:12s} BLOCK_C {block:5d} warps {warps:2d}: {us:7.1f} us {moved / us / 1e3:6.0f} GB/s")
 
 
 if __name__ == "__main__":
