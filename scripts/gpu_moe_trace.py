@@ -4,6 +4,8 @@ each kernel's device time, the sum of device time per call against the call's wa
 sync points. The bench config's shape: t=4096 tokens, hidden 7168, top-8 of 256 experts, alignment 128.
 
     PYTHONPATH=$PWD DEEPPORT_CHECK_VALUES=0 python3 scripts/gpu_moe_trace.py [--backend triton torch] [--calls 5]
+    ... --block-t 64 256 512   the layout kernel per BLOCK_T;  --rows   the rows kernel alone per width/BLOCK_C/warps
+    ... --combine              the expanded combine: its kernels per call, its weighted-rows kernel per BLOCK_C/warps
 """
 
 from __future__ import annotations
@@ -27,13 +29,17 @@ def main() -> None:
                         help="triton only: time the layout kernel at each of these BLOCK_T (tokens per step)")
     parser.add_argument("--rows", action="store_true",
                         help="time the rows kernel alone over element widths, BLOCK_C and num_warps")
+    parser.add_argument("--combine", action="store_true",
+                        help="profile the triton expanded combine, then time its weighted-rows kernel alone "
+                             "over BLOCK_C and num_warps")
     args = parser.parse_args()
-    parser_rows = args.rows
     if args.block_t:
         layout_sweep(args)
-    if parser_rows:
+    if args.rows:
         rows_sweep(args)
-    if args.block_t or parser_rows:
+    if args.combine:
+        combine_sweep(args)
+    if args.block_t or args.rows or args.combine:
         return
     device = torch.device("cuda")
     x, idx, w = routing(args.tokens, HIDDEN, EXPERTS, TOPK, 0, device)
@@ -130,6 +136,62 @@ def rows_sweep(args: argparse.Namespace) -> None:
                 end.synchronize()
                 us = start.elapsed_time(end) * 1e3 / 20
                 print(f"{bits!s:12s} BLOCK_C {block:5d} warps {warps:2d}: {us:7.1f} us {moved / us / 1e3:6.0f} GB/s")
+
+
+def combine_sweep(args: argparse.Namespace) -> None:
+    """The triton expanded combine: its kernels' device time per call (profiler), then
+    ``moe_weighted_rows_kernel`` alone (events around 20 launches) per ``BLOCK_C`` and ``num_warps``, each
+    candidate's bf16 output checked bit for bit against the op's first."""
+    from deepport.backends.torch.moe_index import compact
+    from deepport.backends.triton.moe_permute_kernels import moe_weighted_rows_kernel
+
+    device = torch.device("cuda")
+    x, idx, w = routing(args.tokens, HIDDEN, EXPERTS, TOPK, 0, device)
+    res = deepport.moe_dispatch_expanded(x, idx, w, EXPERTS, expert_alignment=128, backend="triton")
+    y = torch.randn(res.recv_x.shape, device=device).to(torch.bfloat16)
+    want = deepport.moe_combine_expanded(y, res.handle, backend="triton")
+    for _ in range(3):
+        deepport.moe_combine_expanded(y, res.handle, backend="triton")
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(args.calls):
+            deepport.moe_combine_expanded(y, res.handle, backend="triton")
+        torch.cuda.synchronize()
+    print("combine, device time per call:")
+    for e in sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total)[:12]:
+        print(f"  {e.self_device_time_total / args.calls:8.1f} us  {e.key[:90]}")
+    h = res.handle
+    routes = h.routes
+    rows = compact(h.m_indices >= 0, sum(routes.num_recv_tokens_per_expert))
+    token = routes.recv_src_idx[h.expanded_src_row[rows]]
+    order = torch.sort(token, stable=True).indices
+    num_rows, cols = int(want.shape[0]), int(want.shape[1])
+    seg = torch.zeros(num_rows + 1, dtype=torch.int64, device=device)
+    seg[1:] = torch.bincount(token, minlength=num_rows).cumsum(0)
+    src_pos = rows[order].to(torch.int64).contiguous()
+    weights = h.weights[rows][order].to(torch.float32).contiguous()
+    moved = (y.numel() + want.numel()) * 2
+    for block in (512, 1024, 2048, 4096, 8192):
+        for warps in (2, 4, 8, 16):
+            out = torch.full_like(want, float("nan"))
+
+            def launch(out: torch.Tensor = out, block: int = block, warps: int = warps) -> None:
+                moe_weighted_rows_kernel[(num_rows, -(-cols // block))](
+                    y, src_pos, weights, seg, out, cols, y.stride(0), BLOCK_C=block, num_warps=warps)
+
+            launch()
+            torch.cuda.synchronize()
+            if not torch.equal(out.view(torch.int16), want.view(torch.int16)):
+                print(f"BLOCK_C {block:5d} warps {warps:2d}: WRONG")
+                continue
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(20):
+                launch()
+            end.record()
+            end.synchronize()
+            us = start.elapsed_time(end) * 1e3 / 20
+            print(f"BLOCK_C {block:5d} warps {warps:2d}: {us:7.1f} us {moved / us / 1e3:6.0f} GB/s")
 
 
 if __name__ == "__main__":
