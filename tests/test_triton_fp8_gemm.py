@@ -247,3 +247,24 @@ def test_tail_plan_fills_one_wave_and_is_off_by_default() -> None:
     assert fp8_configs.resolved(GemmConfig(64, 64, split_k=0, tail_split=4), 64, 2112, 7168, 132).tail_split == 1
     for device_tables in fp8_configs.TUNED.values():
         assert all(c.tail_split == 1 for table in device_tables.values() for c in table.values())
+
+
+def test_tail_split_launches_one_gemm_of_full_plus_pieces_and_a_reduce_only_with_a_tail() -> None:
+    from deepport.backends.triton import aot
+    from deepport.backends.triton.fp8_gemm_kernels import fp8_gemm_nt_kernel, splitk_reduce_kernel, tail_reduce_kernel
+
+    call, out = _dense(70, 320, 512, seed=14)  # 9 tiles of 32 x 128, 4 K blocks
+    config = GemmConfig(32, 128, tail_split=3)
+    cases = [(9, [(9, 1)], None), (3, [(9, 1)], None),  # whole waves only: today's launch, no workspace
+             (7, [(7 + 2 * 3, 1), (2, 1)], (3, 2, 32, 128)), (12, [(9 * 3, 1), (9, 1)], (3, 9, 32, 128))]
+    for slots, grids, workspace in cases:
+        with aot.recorded_launches([fp8_gemm_nt_kernel, tail_reduce_kernel, splitk_reduce_kernel]) as launches:
+            triton_dense.launch(call, out, config, slots=slots)
+        assert [launch.grid for launch in launches] == grids, slots
+        assert launches[0].kwargs["TAIL_SPLIT"] == (3 if workspace else 1)
+        ws = launches[0].args[6]  # the kernel's ``ws``: the output itself when nothing is split
+        assert (tuple(ws.shape) == workspace) if workspace else ws is launches[0].args[5]
+    with aot.recorded_launches([fp8_gemm_nt_kernel, tail_reduce_kernel, splitk_reduce_kernel]) as launches:
+        triton_dense.launch(call, out, replace(config, split_k=2), slots=7)  # split-K: no tail split
+    assert [(launch.name, launch.grid) for launch in launches] == [("fp8_gemm_nt_kernel", (9, 2)),
+                                                                    ("splitk_reduce_kernel", (3, 3))]
