@@ -190,7 +190,7 @@ def _tile_rows_cols(pid: int, m: int, n: int, config: GemmConfig) -> tuple[slice
     ((70, 320, 512), GemmConfig(32, 128, group_m=2, tail_split=3), 7, torch.bfloat16, False),
     # 7 tiles on 3 slots: 6 whole, 1 split in 2; pointers, a K tail (EVEN_K false), c, float32
     ((100, 64, 700), GemmConfig(16, 64, tma=False, tail_split=2), 3, torch.float32, True),
-    # 12 tiles on 5 slots: 10 whole, 2 split over auto = 5 // 2 = 2 ranges (min(8, 12 // 4 = 3, 2)); two halves
+    # 12 tiles on 5 slots: 10 whole, 2 split over auto = 2 ranges (of s <= 12 // 4: one wave); two halves
     ((40, 256, 1536), GemmConfig(16, 128, split_n=2, group_m=4, tail_split=0), 5, torch.float32, False),
     # every tile in the tail (slots > tiles): 3 tiles split over all 4 K blocks (s capped from 6); rows of 500
     # bytes are not 16-byte aligned: pointers, a K tail, bf16
@@ -240,7 +240,10 @@ def test_tail_plan_fills_one_wave_and_is_off_by_default() -> None:
     assert fp8_configs.tail_plan(4096, 2112, 7168, big, 132) == (544, 0, 1)  # tail_split 1: off
     assert fp8_configs.tail_plan(4096, 2112, 7168, replace(big, tail_split=99), 132) == (528, 16, 56)  # K blocks
     assert fp8_configs.tail_plan(4096, 4224, 7168, replace(big, tail_split=4), 132) == (1056, 0, 1)  # no tail
-    assert fp8_configs.tail_plan(4096, 4096, 7168, replace(big, tail_split=0), 132) == (1024, 0, 1)  # 100: one wave
+    # 1024 tiles = 7 x 132 + 100: 5 ways take 4 waves of a fifth (4 ways: 4 of a quarter, no gain)
+    assert fp8_configs.tail_plan(4096, 4096, 7168, replace(big, tail_split=0), 132) == (924, 100, 5)
+    halves = GemmConfig(128, 128, 8, 3, split_n=2, maxnreg=128, tail_split=0)  # 264 slots: 1024 = 3 x 264 + 232
+    assert fp8_configs.tail_plan(4096, 4096, 7168, halves, 264) == (1024, 0, 1)  # no s <= 8 finishes sooner
     tuned = fp8_configs.resolved(replace(big, tail_split=0), 4096, 2112, 7168, 132)
     assert tuned.tail_split == 8 and tuned.label.endswith("t8") and big.label == "m128n128w8s4g8k1tma"
     assert replace(big, tail_split=0).label.endswith("tauto")

@@ -13,6 +13,7 @@ import logging
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from fractions import Fraction
 from types import MappingProxyType
 
 from deepport.kernels.fp8_layout import ceil_div
@@ -167,16 +168,24 @@ def resident_programs(config: GemmConfig) -> int:
 def tail_plan(m: int, n: int, k: int, config: GemmConfig, slots: int) -> tuple[int, int, int]:
     """``(full, tail, s)`` of a dense call without split-K: the first ``full`` tiles (in the kernel's tile
     order) fill whole waves of ``slots`` programs and are computed whole, the last ``tail`` each over
-    ``s`` K ranges. ``tail_split`` 0 picks ``s`` so the ``tail * s`` pieces fit one wave, each keeping
-    at least 4 K blocks, at most 8; any ``s`` is capped at the K blocks. ``(tiles, 0, 1)`` when nothing is
-    split (``tail_split`` 1, no partial wave, or ``s`` = 1)."""
+    ``s`` K ranges. ``tail_split`` 0 picks the ``s`` (at most 8, each piece keeping at least 4 K blocks)
+    that finishes the tail soonest in whole-tile times, ``ceil(tail * s / slots) / s`` (the pieces run in
+    waves of ``slots``), the smallest on ties: ``tail * s`` up to one wave when some ``s`` > 1 fits, and no
+    split when none gains. Any ``s`` is capped at the K blocks. ``(tiles, 0, 1)`` when nothing is split
+    (``tail_split`` 1, no partial wave, or ``s`` = 1)."""
     tiles = ceil_div(m, config.block_m) * ceil_div(n, config.block_n)
     full = tiles // slots * slots
     tail = tiles - full
     k_blocks = ceil_div(k, 128)
     if config.tail_split == 1 or tail == 0:
         return tiles, 0, 1
-    s = min(config.tail_split or max(1, min(8, k_blocks // 4, slots // tail)), k_blocks)
+    s = config.tail_split
+    if s == 0:
+        def finish(ways: int) -> tuple[Fraction, int]:
+            return Fraction(ceil_div(tail * ways, slots), ways), ways
+
+        s = min(range(1, max(1, min(8, k_blocks // 4)) + 1), key=finish)
+    s = min(s, k_blocks)
     return (tiles, 0, 1) if s <= 1 else (full, tail, s)
 
 

@@ -14,7 +14,8 @@ field). SF tensors are read through their strides (row-major or MN-major, paddin
 Operand loads (``USE_TMA``): a host ``TensorDescriptor`` (Hopper's bulk tensor copies; out-of-range rows
 and the K tail zero-filled) when the operand is K-contiguous with 16-byte aligned rows, else pointer
 arithmetic (rows wrapped into range, the K tail masked when ``EVEN_K`` is false). Rows loaded past the
-end of an operand's valid rows never reach ``out`` (a workspace may hold them). Offsets that can grow past 2**31 elements are int64.
+end of an operand's valid rows never reach ``out`` (a workspace may hold them). Offsets that can grow
+past 2**31 elements are int64.
 
 Tile order: programs walk tiles in groups of ``GROUP_M`` M tiles (each group sweeps N), so the A and B
 tiles in flight stay in L2. The dense kernel can split K over several programs per tile (all tiles:
