@@ -19,9 +19,11 @@ added in the epilogue. Three schedules, by the configuration (:mod:`fp8_configs`
   writes only the tail tiles. No workspace and no second launch when nothing is left for a tail.
 
 Every output element is written exactly once per call. All three are deterministic (same inputs, same
-bits): the reductions add in a fixed order. Whole tiles have the same bits under any schedule; split
-tiles may differ from them in the last bits (the K blocks are summed in a different grouping).
+bits): the reductions add in a fixed order. A tile computed whole has the same bits with the tail split
+on or off (the same loop over its K blocks; checked under the interpreter); split tiles may differ from
+it in the last bits (their K blocks are summed in another grouping).
 """
+
 from __future__ import annotations
 
 import torch
