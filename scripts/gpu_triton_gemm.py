@@ -31,7 +31,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -83,9 +83,8 @@ def masked_candidates() -> list[GemmConfig]:
 
 
 def resolved(config: GemmConfig, m: int, n: int, k: int, sms: int) -> GemmConfig:
-    if config.split_k == 0:
-        return replace(config, split_k=fp8_configs.auto_split_k(m, n, k, config, sms))
-    return config
+    """``split_k`` / ``tail_split`` 0 made concrete for the shape (as ``fp8_configs.choose`` does)."""
+    return fp8_configs.resolved(config, m, n, k, sms)
 
 
 # ---- inputs ---------------------------------------------------------------------------------------

@@ -16,13 +16,15 @@ bounded by ``--budget-s`` (a stage that would start late is skipped and says so)
    that has run once elsewhere).
 2. ceilings, this run: HBM copy (1 GiB bf16), bf16 matmul (8192^3), fp8 matmul (torch._scaled_mm).
 3. MLA decode, compute-bound (b=128, h_q=128, s_q 1 and 2 causal, s_k=4096), then FP8 dense at M=4096
-   on the three shapes below 0.85x cuBLAS (N x K: 2112 x 7168, 4096 x 7168, 7168 x 16384), then MLA
-   memory-bound (h_q=16, s_q=1: b=128 s_k=4096, b=128 ragged 4096..32768, b=64 s_k=32768), then FP8
-   at M=64 and 128 (spot checks), then (``--only ...,grouped``, not in the default) the M-grouped FP8
-   GEMMs on DeepGEMM's MoE shapes (``deepport/bench/configs/fp8_grouped_gemm.py``; N x K: 4096 x 7168,
-   7168 x 2048): contiguous with G=4 x 8192 and G=8 x 4096 rows, masked with G in {1, 2, 4} and
-   expected_m = masked_m 1024 / 512 / 256 of M_max 4096. Per shape the peer is timed first (torch
-   backend: gather + SDPA for MLA, cuBLAS block-scaled ``scaled_mm`` for FP8, plus raw ``scaled_mm`` on
+   on the three shapes below 0.85x cuBLAS (N x K: 2112 x 7168, 4096 x 7168, 7168 x 16384; the candidates
+   include tail splits, ``tail_split`` 0 (auto) and 4, whose compile launches put every tile in the tail
+   so both kernels compile), then MLA memory-bound (h_q=16, s_q=1: b=128 s_k=4096, b=128 ragged
+   4096..32768, b=64 s_k=32768), then FP8 at M=64 and 128 (spot checks), then (``--only ...,grouped``,
+   not in the default) the M-grouped FP8 GEMMs on DeepGEMM's MoE shapes
+   (``deepport/bench/configs/fp8_grouped_gemm.py``; N x K: 4096 x 7168, 7168 x 2048): contiguous with
+   G=4 x 8192 and G=8 x 4096 rows, masked with G in {1, 2, 4} and expected_m = masked_m 1024 / 512 / 256
+   of M_max 4096. Per shape the peer is timed first (torch backend: gather + SDPA for MLA, cuBLAS
+   block-scaled ``scaled_mm`` for FP8, plus raw ``scaled_mm`` on
    pre-staged scales; grouped: the torch backend's op, checked against float64, and after the candidates
    the triton dense GEMM at the same total M with the configuration ``fp8_configs.py`` picks); each
    candidate's output is checked first (MLA: against the torch backend's out within 2.01 bf16 ulps of
@@ -162,6 +164,14 @@ FP8_CANDIDATES_LARGE: list[GemmConfig] = [
     C(128, 64, 8, 4),
     C(256, 128, 8, 3, split_n=2),                         # tall tile: each warpgroup 128 rows
     C(64, 128, 4, 4),
+    # tail split (not yet measured): the tiles of the last, partial wave each over s K ranges in the same launch,
+    # then a reduce of their partials. 128 x 128 tiles of 8 warps hold 1 program/SM: on 132 SMs 2112 x 7168 has
+    # 544 tiles = 4 x 132 + 16 (auto s = 8), 4096 x 7168 1024 = 7 x 132 + 100 (auto 5), 7168 x 16384 1792 =
+    # 13 x 132 + 76 (auto 5); the halves hold 2/SM, 264 slots: tails 16 (auto 8), 232 (off), 208 (auto 5).
+    # s = 4: fewer, longer pieces (less partial traffic and reduce) than auto's on 2112 x 7168.
+    C(128, 128, 8, 4, tail_split=0),
+    C(128, 128, 8, 4, tail_split=4),
+    C(128, 128, 8, 3, split_n=2, maxnreg=128, tail_split=0),
 ]
 FP8_SMALL_M = (64, 128)
 FP8_CANDIDATES_SMALL: list[GemmConfig] = [C(64, 64, 4, 5, split_k=0), C(64, 128, 4, 4, split_k=0),
@@ -337,10 +347,15 @@ def grouped_call(shape: GroupedShape, device: torch.device, empty: bool) -> dict
     return {"out": out, "call": grouped.bind_masked((a.view(g, 128, k), sfa.view(g, 128, -1)), b, out, masked_m, 64)}
 
 
-def run_fp8(inp: dict[str, Any], cfg: GemmConfig) -> None:
+def run_fp8(inp: dict[str, Any], cfg: GemmConfig, slots: int | None = None) -> None:
     from deepport.backends.triton import fp8_gemm as triton_dense
 
-    triton_dense.launch(inp["call"], inp["out"], cfg)
+    triton_dense.launch(inp["call"], inp["out"], cfg, slots=slots)
+
+
+COMPILE_SLOTS = 1 << 20
+"""Slots of the tail split in compile-only launches (the compile pool, the dry run): more than any tile count,
+so every tile is in the tail and a tail-split candidate launches (compiles) both of its kernels at any size."""
 
 
 def run_grouped(inp: dict[str, Any], cfg: GemmConfig) -> None:
@@ -400,7 +415,7 @@ def run_job(job: Job, device: torch.device, empty: bool) -> None:
     if kind == "mla":
         run_mla(mla_call(what, device, small=True), MLAConfig(**fields))
     elif kind == "fp8":
-        run_fp8(fp8_call(*what, device, empty=empty), GemmConfig(**fields))
+        run_fp8(fp8_call(*what, device, empty=empty), GemmConfig(**fields), slots=COMPILE_SLOTS)
     else:
         run_grouped(grouped_call(what, device, empty=empty), GemmConfig(**fields))
 
@@ -429,7 +444,8 @@ def dry_job(key: str, job: Job) -> dict[str, Any]:
     start = time.perf_counter()
     try:
         with aot.recorded_launches([mla_decode_split_kernel, mla_decode_combine_kernel, fk.fp8_gemm_nt_kernel,
-                                    fk.splitk_reduce_kernel, fk.m_grouped_fp8_gemm_nt_contiguous_kernel,
+                                    fk.splitk_reduce_kernel, fk.tail_reduce_kernel,
+                                    fk.m_grouped_fp8_gemm_nt_contiguous_kernel,
                                     fk.m_grouped_fp8_gemm_nt_masked_kernel]) as launches:
             run_job(job, torch.device("cpu"), empty=True)
         for launch in launches:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -172,3 +173,101 @@ def test_support_records_say_why_not_and_name_real_entries() -> None:
         module, _, function = s.entry.partition(":")
         assert callable(getattr(__import__(module, fromlist=[function]), function))
     assert {s.op for s in FP8_OPS} <= {s.op for s in registry.get("triton").ops}
+
+
+def _tile_rows_cols(pid: int, m: int, n: int, config: GemmConfig) -> tuple[slice, slice]:
+    """The output elements of tile ``pid`` in the kernel's grouped order (``_tile_of``)."""
+    num_m, width = -(-m // config.block_m), config.group_m * -(-n // config.block_n)
+    first = pid // width * config.group_m
+    size = min(num_m - first, config.group_m)
+    pm, pn = first + pid % width % size, pid % width // size
+    return (slice(pm * config.block_m, (pm + 1) * config.block_m),
+            slice(pn * config.block_n, (pn + 1) * config.block_n))
+
+
+@pytest.mark.parametrize(("shape", "config", "slots", "out_dtype", "c"), [
+    # 9 tiles on 7 slots: 7 whole, 2 split over 3 of the 4 K blocks (descriptors, bf16)
+    ((70, 320, 512), GemmConfig(32, 128, group_m=2, tail_split=3), 7, torch.bfloat16, False),
+    # 7 tiles on 3 slots: 6 whole, 1 split in 2; pointers, a K tail (EVEN_K false), c, float32
+    ((100, 64, 700), GemmConfig(16, 64, tma=False, tail_split=2), 3, torch.float32, True),
+    # 12 tiles on 5 slots: 10 whole, 2 split over auto = 2 ranges (of s <= 12 // 4: one wave); two halves
+    ((40, 256, 1536), GemmConfig(16, 128, split_n=2, group_m=4, tail_split=0), 5, torch.float32, False),
+    # every tile in the tail (slots > tiles): 3 tiles split over all 4 K blocks (s capped from 6); rows of 500
+    # bytes are not 16-byte aligned: pointers, a K tail, bf16
+    ((20, 192, 500), GemmConfig(32, 64, tail_split=6), 4, torch.bfloat16, False),
+], ids=["tma-bf16", "ptr-ktail-c-f32", "halves-auto-f32", "all-tail-ptr-ktail-bf16"])
+def test_tail_split_matches_the_reference_and_keeps_whole_tiles_bit_identical(
+        shape: tuple[int, int, int], config: GemmConfig, slots: int, out_dtype: torch.dtype, c: bool) -> None:
+    m, n, k = shape
+    call, out = _dense(m, n, k, seed=11, out_dtype=out_dtype, c=c)  # out: NaN, every element must be written
+    full, tail, pieces = fp8_configs.tail_plan(m, n, k, config, slots)
+    assert tail > 0 and pieces > 1
+    triton_dense.launch(call, out, config, slots=slots)
+    ref = reference_f64(call)
+    _close(out, ref)
+    again = torch.full_like(out, float("nan"))
+    triton_dense.launch(call, again, config, slots=slots)
+    assert torch.equal(out.view(torch.uint8), again.view(torch.uint8))  # deterministic: the same bits
+    whole = torch.full_like(out, float("nan"))
+    triton_dense.launch(call, whole, replace(config, tail_split=1), slots=slots)  # today's path, no split
+    for pid in range(full + tail):
+        rows, cols = _tile_rows_cols(pid, m, n, config)
+        if pid < full:  # computed whole: the same bits as without the tail split
+            assert torch.equal(out[rows, cols].view(torch.uint8), whole[rows, cols].view(torch.uint8)), pid
+        else:  # other summation grouping: the last bits may differ
+            torch.testing.assert_close(out[rows, cols], whole[rows, cols], rtol=2.0**-7, atol=2.0**-10)
+    split = torch.full_like(out, float("nan"))  # and the split-K path agrees within the bound too
+    triton_dense.launch(call, split, replace(config, split_k=2, tail_split=1))
+    _close(split, ref)
+
+
+def test_tail_split_with_c_in_place_and_ue8m0_scales() -> None:
+    call, out = _dense(5, 384, 1024, seed=12, ue8m0=True, out_dtype=torch.float32)
+    out.copy_(torch.randn(out.shape, generator=torch.Generator().manual_seed(13)))
+    call = op.bind("nt", (call.a, call.sfa), (call.b, call.sfb), out, c=out, recipe=(1, 1, 128))
+    ref = reference_f64(call)  # reads c (= out) before the kernel overwrites it
+    triton_dense.launch(call, out, GemmConfig(16, 64, tail_split=4), slots=4)  # 6 tiles: 4 whole, 2 in 4 pieces
+    _close(out, ref)
+
+
+def test_tail_plan_fills_one_wave_and_is_off_by_default() -> None:
+    big = GemmConfig(128, 128, 8, 4)
+    assert fp8_configs.resident_programs(big) == 1
+    assert fp8_configs.resident_programs(GemmConfig(128, 128, 8, 3, split_n=2, maxnreg=128)) == 2
+    assert fp8_configs.resident_programs(GemmConfig(128, 64, 4, 3, maxnreg=168)) == 3
+    # M = 4096, N x K = 2112 x 7168 on 132 SMs: 544 tiles = 4 waves + 16, split 8 ways (7 K blocks each)
+    assert fp8_configs.tail_plan(4096, 2112, 7168, replace(big, tail_split=0), 132) == (528, 16, 8)
+    assert fp8_configs.tail_plan(4096, 2112, 7168, big, 132) == (544, 0, 1)  # tail_split 1: off
+    assert fp8_configs.tail_plan(4096, 2112, 7168, replace(big, tail_split=99), 132) == (528, 16, 56)  # K blocks
+    assert fp8_configs.tail_plan(4096, 4224, 7168, replace(big, tail_split=4), 132) == (1056, 0, 1)  # no tail
+    # 1024 tiles = 7 x 132 + 100: 5 ways take 4 waves of a fifth (4 ways: 4 of a quarter, no gain)
+    assert fp8_configs.tail_plan(4096, 4096, 7168, replace(big, tail_split=0), 132) == (924, 100, 5)
+    halves = GemmConfig(128, 128, 8, 3, split_n=2, maxnreg=128, tail_split=0)  # 264 slots: 1024 = 3 x 264 + 232
+    assert fp8_configs.tail_plan(4096, 4096, 7168, halves, 264) == (1024, 0, 1)  # no s <= 8 finishes sooner
+    tuned = fp8_configs.resolved(replace(big, tail_split=0), 4096, 2112, 7168, 132)
+    assert tuned.tail_split == 8 and tuned.label.endswith("t8") and big.label == "m128n128w8s4g8k1tma"
+    assert replace(big, tail_split=0).label.endswith("tauto")
+    assert fp8_configs.resolved(GemmConfig(64, 64, split_k=0, tail_split=4), 64, 2112, 7168, 132).tail_split == 1
+    for device_tables in fp8_configs.TUNED.values():
+        assert all(c.tail_split == 1 for table in device_tables.values() for c in table.values())
+
+
+def test_tail_split_launches_one_gemm_of_full_plus_pieces_and_a_reduce_only_with_a_tail() -> None:
+    from deepport.backends.triton import aot
+    from deepport.backends.triton.fp8_gemm_kernels import fp8_gemm_nt_kernel, splitk_reduce_kernel, tail_reduce_kernel
+
+    call, out = _dense(70, 320, 512, seed=14)  # 9 tiles of 32 x 128, 4 K blocks
+    config = GemmConfig(32, 128, tail_split=3)
+    cases = [(9, [(9, 1)], None), (3, [(9, 1)], None),  # whole waves only: today's launch, no workspace
+             (7, [(7 + 2 * 3, 1), (2, 1)], (3, 2, 32, 128)), (12, [(9 * 3, 1), (9, 1)], (3, 9, 32, 128))]
+    for slots, grids, workspace in cases:
+        with aot.recorded_launches([fp8_gemm_nt_kernel, tail_reduce_kernel, splitk_reduce_kernel]) as launches:
+            triton_dense.launch(call, out, config, slots=slots)
+        assert [launch.grid for launch in launches] == grids, slots
+        assert launches[0].kwargs["TAIL_SPLIT"] == (3 if workspace else 1)
+        ws = launches[0].args[6]  # the kernel's ``ws``: the output itself when nothing is split
+        assert (tuple(ws.shape) == workspace) if workspace else ws is launches[0].args[5]
+    with aot.recorded_launches([fp8_gemm_nt_kernel, tail_reduce_kernel, splitk_reduce_kernel]) as launches:
+        triton_dense.launch(call, out, replace(config, split_k=2), slots=7)  # split-K: no tail split
+    assert [(launch.name, launch.grid) for launch in launches] == [("fp8_gemm_nt_kernel", (9, 2)),
+                                                                    ("splitk_reduce_kernel", (3, 3))]

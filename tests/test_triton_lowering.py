@@ -4,7 +4,8 @@ Compilation runs in a subprocess with TRITON_INTERPRET unset (conftest.py sets i
 the interpreter replaces compilation). Each tuned configuration must fit the 227 KB of shared memory a
 Hopper block can have; the compute-bound one must issue wgmma, the memory-bound ones at least mma.sync.
 The MoE kernels (the fused one-process expanded dispatch's included) must compile, the FP8 cast through
-Hopper's e4m3 conversion instruction.
+Hopper's e4m3 conversion instruction. The dense FP8 GEMM's tail split, launched by its real host code,
+must compile both kernels (the GEMM on e4m3 wgmma with bulk tensor copies).
 """
 
 from __future__ import annotations
@@ -68,3 +69,12 @@ def test_moe_kernels_compile_for_sm_90a_and_cast_with_the_e4m3_instruction() -> 
     assert set(report) == {"layout", "place_rows", "weighted_rows", "cast_fp8", "expanded_layout", "expanded_rows"}
     assert all(counts["sm_90a"] == 1 for counts in report.values())
     assert report["cast_fp8"]["e4m3_cvt"] > 0
+
+
+def test_fp8_tail_split_launches_compile_for_sm_90a() -> None:
+    report = _lower("fp8_tail")
+    for tiles in ("128x128", "halves"):
+        gemm, reduce = report[f"{tiles} fp8_gemm_nt_kernel"], report[f"{tiles} tail_reduce_kernel"]
+        assert gemm["programs"] == 528 + 16 * 8 and reduce["programs"] == 16, report
+        assert gemm["wgmma"] > 0 and gemm["tma"] > 0 and gemm["shared"] <= HOPPER_SMEM_PER_BLOCK, report
+        assert all(counts["sm_90a"] == 1 for counts in (gemm, reduce)), report

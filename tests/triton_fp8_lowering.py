@@ -26,15 +26,16 @@ def _desc(rows: int) -> str:
 
 def _dense(tma: bool, *, bm: int, bn: int, out: str = "*bf16", ue8m0: bool = False, gran_n: int = 128,
            has_c: bool = False, even_k: bool = True, split: int = 1, split_n: int = 1, precise: bool = False,
-           unit_stride: str = "s_ak") -> tuple[str, dict[str, str], dict[str, Any]]:
+           unit_stride: str = "s_ak", tail_split: int = 1) -> tuple[str, dict[str, str], dict[str, Any]]:
     sf = "*i32" if ue8m0 else "*fp32"
     sig = {"a": _desc(bm) if tma else FP8, "b": _desc(bn // split_n) if tma else FP8, "sfa": sf, "sfb": sf,
            "c": "*fp32" if has_c or split > 1 else out, "out": "*fp32" if split > 1 else out,
-           **{name: "i32" for name in ("M", "N", "K", "s_am", "s_ak", "s_bn", "s_bk", "s_sfam", "s_sfak", "s_sfbn",
-                                       "s_sfbk", "s_cm", "s_cn", "s_os", "s_om", "s_on")}}
+           "ws": "*fp32" if split > 1 or tail_split > 1 else out,
+           **{name: "i32" for name in ("M", "N", "K", "full", "s_am", "s_ak", "s_bn", "s_bk", "s_sfam", "s_sfak",
+                                       "s_sfbn", "s_sfbk", "s_cm", "s_cn", "s_os", "s_om", "s_on")}}
     const = dict(GRAN_N=gran_n, UE8M0=ue8m0, HAS_C=has_c, USE_TMA=tma, EVEN_K=even_k,
                  SFB_SCALAR=gran_n % bn == 0, PRECISE=precise, SPLIT_K=split, SPLIT_N=split_n, BLOCK_M=bm,
-                 BLOCK_N=bn, GROUP_M=8)
+                 BLOCK_N=bn, GROUP_M=8, TAIL_SPLIT=tail_split)
     if not tma:  # a unit stride is a constant at launch (Triton specialises ints equal to 1)
         del sig[unit_stride]
         const[unit_stride] = 1
@@ -72,6 +73,11 @@ VARIANTS: dict[str, tuple[tuple[str, dict[str, str], dict[str, Any]], int, int]]
     "dense_tma_two_halves": (_dense(True, bm=128, bn=128, split_n=2), 8, 3),
     "dense_ptr_two_halves_vector_sfb": (_dense(False, bm=64, bn=256, split_n=2, gran_n=1), 4, 3),
     "dense_tma_split_k": (_dense(True, bm=64, bn=128, split=4), 4, 4),
+    # tail split: whole tiles and K-range pieces of the last wave's tiles in one launch
+    "dense_tma_128x128_tail_split": (_dense(True, bm=128, bn=128, tail_split=8), 8, 4),
+    "dense_tma_two_halves_tail_split": (_dense(True, bm=128, bn=128, split_n=2, tail_split=3), 8, 3),
+    "dense_ptr_c_k_tail_tail_split": (_dense(False, bm=64, bn=128, has_c=True, out="*fp32", even_k=False,
+                                             tail_split=4), 4, 3),
     # tn/tt/nn layouts: A (or B) stored MN-major, its unit stride specialised as Triton does at launch
     "dense_ptr_a_m_major": (_dense(False, bm=64, bn=128, unit_stride="s_am"), 4, 3),
     "dense_ptr_b_n_major": (_dense(False, bm=128, bn=128, unit_stride="s_bn"), 8, 3),

@@ -94,6 +94,35 @@ def mla_lowering_report() -> dict[str, dict[str, int]]:
     return report
 
 
+def fp8_tail_split_report() -> dict[str, dict[str, int]]:
+    """Compile the dense FP8 GEMM's tail split for sm_90a through the real launcher (``fp8_gemm.launch`` on CPU
+    tensors, launches recorded): M = 4096, N x K = 2112 x 7168 on 132 SMs (544 tiles of 128 x 128: 528 whole,
+    16 split 8 ways), with the 8-warp 128 x 128 tiles and with two 64-wide halves capped at 128 registers
+    (two programs per SM: 264 slots, 16 tiles split 8 ways); the GEMM kernel and the tail reduce of each."""
+    import torch
+
+    from deepport.backends.triton import aot, fp8_configs
+    from deepport.backends.triton import fp8_gemm as dense
+    from deepport.backends.triton.fp8_gemm_kernels import fp8_gemm_nt_kernel, tail_reduce_kernel
+    from deepport.kernels import fp8_gemm
+
+    m, n, k = 4096, 2112, 7168
+    a, b = torch.empty((m, k), dtype=torch.float8_e4m3fn), torch.empty((n, k), dtype=torch.float8_e4m3fn)
+    sfa, sfb = torch.empty((m, k // 128)), torch.empty((-(-n // 128), k // 128))
+    out = torch.empty((m, n), dtype=torch.bfloat16)
+    call = fp8_gemm.bind("nt", (a, sfa), (b, sfb), out)
+    report: dict[str, dict[str, int]] = {}
+    for name, cfg in (("128x128", fp8_configs.GemmConfig(128, 128, 8, 4, tail_split=0)),
+                      ("halves", fp8_configs.GemmConfig(128, 128, 8, 3, split_n=2, maxnreg=128, tail_split=0))):
+        with aot.recorded_launches([fp8_gemm_nt_kernel, tail_reduce_kernel]) as launches:
+            dense.launch(call, out, cfg, slots=132 * fp8_configs.resident_programs(cfg))
+        for launch in launches:
+            counts = _counts(aot.compile_launch(launch))
+            counts["programs"] = launch.grid[0]
+            report[f"{name} {launch.name}"] = counts
+    return report
+
+
 def _counts(kernel: Any) -> dict[str, int]:
     ptx = kernel.asm["ptx"]
     return {"wgmma": ptx.count("wgmma.mma_async"), "mma_sync": ptx.count("mma.sync.aligned"),
@@ -143,3 +172,5 @@ if __name__ == "__main__":
         print(json.dumps(mla_lowering_report()))
     elif sys.argv[1:] == ["moe"]:
         print(json.dumps(moe_lowering_report()))
+    elif sys.argv[1:] == ["fp8_tail"]:
+        print(json.dumps(fp8_tail_split_report()))

@@ -13,6 +13,7 @@ import logging
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from fractions import Fraction
 from types import MappingProxyType
 
 from deepport.kernels.fp8_layout import ceil_div
@@ -36,7 +37,9 @@ class GemmConfig:
     shape), ``split_n``: 2 computes each tile as two halves along N with one accumulator each (fewer
     registers per thread), ``tma``: load operands through tensor descriptors where their layout allows,
     ``waves``: persistent programs per multiprocessor (masked kernel), ``maxnreg``: a register cap per
-    thread (``None``: the compiler's choice).
+    thread (``None``: the compiler's choice), ``tail_split``: the tiles of the last, partial wave each split
+    over that many K ranges (dense only, when ``split_k`` resolves to 1; 1 = off, 0 = choose from the
+    shape; see :func:`tail_plan`).
     """
 
     block_m: int
@@ -49,14 +52,16 @@ class GemmConfig:
     waves: int = 2
     split_n: int = 1
     maxnreg: int | None = None
+    tail_split: int = 1
 
     @property
     def label(self) -> str:
         split = "auto" if self.split_k == 0 else str(self.split_k)
         halves = "x2" if self.split_n == 2 else ""
         regs = f"r{self.maxnreg}" if self.maxnreg else ""
+        tail = "" if self.tail_split == 1 else f"t{'auto' if self.tail_split == 0 else self.tail_split}"
         return (f"m{self.block_m}n{self.block_n}{halves}w{self.num_warps}s{self.num_stages}g{self.group_m}k{split}"
-                f"{'tma' if self.tma else 'ptr'}{regs}")
+                f"{'tma' if self.tma else 'ptr'}{regs}{tail}")
 
     def launch_options(self) -> dict[str, int]:
         """``num_warps``, ``num_stages`` (and ``maxnreg``) for a Triton launch."""
@@ -144,6 +149,56 @@ def auto_split_k(m: int, n: int, k: int, config: GemmConfig, multiprocessors: in
     return max(1, min(8, ceil_div(multiprocessors, tiles), k_blocks // 4))
 
 
+# One Hopper multiprocessor (H100 / H200): 228 KiB of shared memory (1 KiB of it reserved per program), 64 Ki
+# 32-bit registers. Other GPUs hold fewer programs; the estimate then only makes the tail split's wave too large.
+_SMEM_PER_SM = 228 * 1024
+_REGS_PER_SM = 64 * 1024
+
+
+def resident_programs(config: GemmConfig) -> int:
+    """Programs of the dense kernel with ``config`` assumed to run at once on one multiprocessor: the
+    fewer of what its shared memory holds (``num_stages`` A and B tiles of 128 e4m3 K bytes a row) and
+    what its registers hold (``maxnreg`` per thread, or 255 when uncapped: the compiler may take them
+    all). 128 x 128 tiles of 8 warps: 1; the two-halves tiles capped at 128 registers: 2."""
+    smem = config.num_stages * (config.block_m + config.block_n) * 128 + 1024
+    regs = config.num_warps * 32 * (config.maxnreg or 255)
+    return max(1, min(_SMEM_PER_SM // smem, _REGS_PER_SM // regs))
+
+
+def tail_plan(m: int, n: int, k: int, config: GemmConfig, slots: int) -> tuple[int, int, int]:
+    """``(full, tail, s)`` of a dense call without split-K: the first ``full`` tiles (in the kernel's tile
+    order) fill whole waves of ``slots`` programs and are computed whole, the last ``tail`` each over
+    ``s`` K ranges. ``tail_split`` 0 picks the ``s`` (at most 8, each piece keeping at least 4 K blocks)
+    that finishes the tail soonest in whole-tile times, ``ceil(tail * s / slots) / s`` (the pieces run in
+    waves of ``slots``), the smallest on ties: ``tail * s`` up to one wave when some ``s`` > 1 fits, and no
+    split when none gains. Any ``s`` is capped at the K blocks. ``(tiles, 0, 1)`` when nothing is split
+    (``tail_split`` 1, no partial wave, or ``s`` = 1)."""
+    tiles = ceil_div(m, config.block_m) * ceil_div(n, config.block_n)
+    full = tiles // slots * slots
+    tail = tiles - full
+    k_blocks = ceil_div(k, 128)
+    if config.tail_split == 1 or tail == 0:
+        return tiles, 0, 1
+    s = config.tail_split
+    if s == 0:
+        def finish(ways: int) -> tuple[Fraction, int]:
+            return Fraction(ceil_div(tail * ways, slots), ways), ways
+
+        s = min(range(1, max(1, min(8, k_blocks // 4)) + 1), key=finish)
+    s = min(s, k_blocks)
+    return (tiles, 0, 1) if s <= 1 else (full, tail, s)
+
+
+def resolved(config: GemmConfig, m: int, n: int, k: int, multiprocessors: int) -> GemmConfig:
+    """A dense ``config`` with ``split_k`` and ``tail_split`` 0 (choose from the shape) made concrete on a
+    device of ``multiprocessors``; ``tail_split`` 1 where split-K is on (the two do not combine)."""
+    split = config.split_k or auto_split_k(m, n, k, config, multiprocessors)
+    tail = 1
+    if split == 1 and config.tail_split != 1:
+        tail = config.tail_split or tail_plan(m, n, k, config, multiprocessors * resident_programs(config))[2]
+    return replace(config, split_k=split, tail_split=tail)
+
+
 _lock = threading.Lock()
 _logged: set[tuple[object, ...]] = set()
 
@@ -154,8 +209,10 @@ def choose(kind: str, device_name: str, multiprocessors: int, m: int, n: int, k:
     bucket = m_bucket(m)
     tuned = TUNED.get(device_name, {}).get(kind, {}).get((bucket, n, k))
     config = tuned if tuned is not None else default_config(kind, m)
-    if config.split_k == 0:
-        config = replace(config, split_k=auto_split_k(m, n, k, config, multiprocessors) if kind == DENSE else 1)
+    if kind == DENSE:
+        config = resolved(config, m, n, k, multiprocessors)
+    elif config.split_k == 0:
+        config = replace(config, split_k=1)
     key = (kind, device_name, bucket, n, k, config)
     with _lock:
         new = key not in _logged

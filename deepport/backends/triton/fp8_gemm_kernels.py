@@ -1,4 +1,4 @@
-"""Triton kernels of the block-scaled FP8 GEMMs: dense NT (with split-K), M-grouped contiguous, M-grouped masked.
+"""Triton kernels of the block-scaled FP8 GEMMs: dense NT (with split-K or tail split), M-grouped contiguous and masked.
 
 All three compute tiles of ``D = A @ B^T`` in NT form (A ``[rows, K]``, B ``[N, K]``, ``float8_e4m3fn``, any
 strides) with DeepGEMM's SM90 promotion: K is walked in blocks of 128 (``gran_k``); each block's e4m3
@@ -14,11 +14,14 @@ field). SF tensors are read through their strides (row-major or MN-major, paddin
 Operand loads (``USE_TMA``): a host ``TensorDescriptor`` (Hopper's bulk tensor copies; out-of-range rows
 and the K tail zero-filled) when the operand is K-contiguous with 16-byte aligned rows, else pointer
 arithmetic (rows wrapped into range, the K tail masked when ``EVEN_K`` is false). Rows loaded past the
-end of an operand's valid rows are never stored. Offsets that can grow past 2**31 elements are int64.
+end of an operand's valid rows never reach ``out`` (a workspace may hold them). Offsets that can grow
+past 2**31 elements are int64.
 
 Tile order: programs walk tiles in groups of ``GROUP_M`` M tiles (each group sweeps N), so the A and B
-tiles in flight stay in L2. The masked kernel is persistent: it reads ``masked_m`` on the device (no
-host sync) and hands out only the tiles of rows in use.
+tiles in flight stay in L2. The dense kernel can split K over several programs per tile (all tiles:
+split-K; only the tiles of the last, partial wave: tail split), each writing a float32 partial to a
+workspace that a reduce kernel sums in a fixed order. The masked kernel is persistent: it reads
+``masked_m`` on the device (no host sync) and hands out only the tiles of rows in use.
 """
 
 # ruff: noqa: SIM108  (if/else on tl.constexpr flags is how Triton compiles only one side; keep them statements)
@@ -149,28 +152,56 @@ def _store(acc, out, offs_m, offs_n, row_ok, N, s_om, s_on, c, s_cm, s_cn, HAS_C
     tl.store(out + rows * s_om + offs_n[None, :] * s_on, acc.to(out.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def fp8_gemm_nt_kernel(a, b, sfa, sfb, c, out, M, N, K,
+@triton.jit(do_not_specialize=["full"])
+def fp8_gemm_nt_kernel(a, b, sfa, sfb, c, out, ws, M, N, K, full,
                        s_am, s_ak, s_bn, s_bk, s_sfam, s_sfak, s_sfbn, s_sfbk, s_cm, s_cn, s_os, s_om, s_on,
                        GRAN_N: tl.constexpr, UE8M0: tl.constexpr, HAS_C: tl.constexpr, USE_TMA: tl.constexpr,
                        EVEN_K: tl.constexpr, SFB_SCALAR: tl.constexpr, PRECISE: tl.constexpr,
                        SPLIT_K: tl.constexpr, SPLIT_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       GROUP_M: tl.constexpr):
-    """Dense ``out = A @ B^T (+ c)``. Grid ``(tiles, SPLIT_K)``; with ``SPLIT_K > 1`` split ``s`` writes its
-    float32 partial sum over its share of the K blocks into ``out + s * s_os`` (a workspace) and
-    :func:`splitk_reduce_kernel` finishes."""
-    pid_m, pid_n = _tile_of(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+                       GROUP_M: tl.constexpr, TAIL_SPLIT: tl.constexpr):
+    """Dense ``out = A @ B^T (+ c)``, one output tile per program in :func:`_tile_of`'s order.
+
+    - ``SPLIT_K`` = ``TAIL_SPLIT`` = 1: grid ``(tiles, 1)``; every tile whole (all K blocks, ``c`` added,
+      rounded once into ``out``); ``ws`` and ``full`` unused.
+    - ``SPLIT_K > 1``: grid ``(tiles, SPLIT_K)``; split ``s`` writes its float32 partial sum over its share
+      of the K blocks into ``out + s * s_os`` (a workspace ``[SPLIT_K, M, N]``, ``HAS_C`` false) and
+      :func:`splitk_reduce_kernel` finishes.
+    - ``TAIL_SPLIT > 1`` (tail split): grid ``(full + tail * TAIL_SPLIT, 1)`` with ``tail = tiles - full``.
+      Programs below ``full`` compute tiles ``0 .. full - 1`` whole, as above (the same loop, so the same
+      bits). Program ``full + p`` computes piece ``s = p // tail`` of tile ``full + t``, ``t = p % tail``:
+      the sum over K blocks ``[s * kb / TAIL_SPLIT, (s + 1) * kb / TAIL_SPLIT)`` (``kb`` = K blocks;
+      rounded down, so no range is empty while ``TAIL_SPLIT <= kb``), stored unmasked and unrounded into
+      ``ws[s, t]`` (float32, contiguous ``[TAIL_SPLIT, tail, BLOCK_M, BLOCK_N]``); it writes no ``out``.
+      :func:`tail_reduce_kernel` then finishes the tail tiles.
+    """
     k_blocks = tl.cdiv(K, BLOCK_K)
-    per_split = tl.cdiv(k_blocks, SPLIT_K)
-    kb_lo = tl.program_id(1) * per_split
-    kb_hi = tl.minimum(kb_lo + per_split, k_blocks)
+    if TAIL_SPLIT == 1:
+        pid = tl.program_id(0)
+        per_split = tl.cdiv(k_blocks, SPLIT_K)
+        kb_lo = tl.program_id(1) * per_split
+        kb_hi = tl.minimum(kb_lo + per_split, k_blocks)
+    else:
+        tail = tl.maximum(tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N) - full, 1)  # the host launches only tail > 0
+        piece = tl.maximum(tl.program_id(0) - full, 0)
+        whole = tl.program_id(0) < full
+        pid = tl.where(whole, tl.program_id(0), full + piece % tail)
+        kb_lo = tl.where(whole, 0, (piece // tail) * k_blocks // TAIL_SPLIT)
+        kb_hi = tl.where(whole, k_blocks, (piece // tail + 1) * k_blocks // TAIL_SPLIT)
+    pid_m, pid_n = _tile_of(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = _mainloop(a, pid_m * BLOCK_M, offs_m % M, s_am, s_ak, b, pid_n * BLOCK_N, pid_n * BLOCK_N, N, s_bn, s_bk,
                     sfa, s_sfam, s_sfak, sfb, s_sfbn, s_sfbk, K, kb_lo, kb_hi,
                     GRAN_N, BLOCK_M, BLOCK_N, SPLIT_N, USE_TMA, EVEN_K, UE8M0, SFB_SCALAR, PRECISE)
-    target = out + tl.program_id(1).to(tl.int64) * s_os
-    _store(acc, target, offs_m, offs_n, offs_m < M, N, s_om, s_on, c, s_cm, s_cn, HAS_C)
+    if TAIL_SPLIT == 1:
+        target = out + tl.program_id(1).to(tl.int64) * s_os
+        _store(acc, target, offs_m, offs_n, offs_m < M, N, s_om, s_on, c, s_cm, s_cn, HAS_C)
+    elif tl.program_id(0) < full:
+        _store(acc, out, offs_m, offs_n, offs_m < M, N, s_om, s_on, c, s_cm, s_cn, HAS_C)
+    else:
+        piece64 = piece.to(tl.int64)  # = s * tail + t: ws[s, t] starts piece * BLOCK_M * BLOCK_N
+        rows = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N
+        tl.store(ws + piece64 * (BLOCK_M * BLOCK_N) + rows + tl.arange(0, BLOCK_N)[None, :], acc)
 
 
 @triton.jit
@@ -187,6 +218,28 @@ def splitk_reduce_kernel(ws, c, out, M, N, s_cm, s_cn, s_om, s_on, SPLIT_K: tl.c
     for s in tl.static_range(SPLIT_K):
         acc += tl.load(ptrs + s * plane, mask=mask, other=0.0)
     _store(acc, out, offs_m, offs_n, offs_m < M, N, s_om, s_on, c, s_cm, s_cn, HAS_C)
+
+
+@triton.jit(do_not_specialize=["full", "tail"])
+def tail_reduce_kernel(ws, c, out, M, N, full, tail, s_cm, s_cn, s_om, s_on, TAIL_SPLIT: tl.constexpr,
+                       HAS_C: tl.constexpr, TILE_M: tl.constexpr, TILE_N: tl.constexpr, GROUP_M: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Finish :func:`fp8_gemm_nt_kernel`'s tail split: ``out = sum_s ws[s, t] (+ c)`` over tail tile ``t``
+    (tile ``full + t`` of the GEMM's ``TILE_M x TILE_N`` tiles in :func:`_tile_of`'s order), the partials
+    added in the order ``s = 0, 1, ..`` (the same bits every run), then cast once. Grid ``(tail, sub-blocks)``:
+    each program one ``BLOCK_M x BLOCK_N`` block of one tail tile; only the tail tiles' elements are written."""
+    t = tl.program_id(0)
+    pid_m, pid_n = _tile_of(full + t, tl.cdiv(M, TILE_M), tl.cdiv(N, TILE_N), GROUP_M)
+    per_row: tl.constexpr = TILE_N // BLOCK_N
+    sub_m = tl.program_id(1) // per_row * BLOCK_M + tl.arange(0, BLOCK_M)
+    sub_n = tl.program_id(1) % per_row * BLOCK_N + tl.arange(0, BLOCK_N)
+    ptrs = ws + t.to(tl.int64) * (TILE_M * TILE_N) + sub_m[:, None] * TILE_N + sub_n[None, :]
+    plane = tl.cast(tail, tl.int64) * (TILE_M * TILE_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for s in tl.static_range(TAIL_SPLIT):
+        acc += tl.load(ptrs + s * plane)
+    offs_m = pid_m * TILE_M + sub_m
+    _store(acc, out, offs_m, pid_n * TILE_N + sub_n, offs_m < M, N, s_om, s_on, c, s_cm, s_cn, HAS_C)
 
 
 @triton.jit
