@@ -135,10 +135,11 @@ def mla_variants(rt: Runtime, d_qk: int, d_v: int, rows: int) -> list[tuple[str,
         ("rowwise 16x128 tile, 8 parts/CU", ocl_mla.MLAConfig(16, 128), 8 * units)]
     S = ocl_mla.StagedConfig
     staged = [S(16, 256), S(16, 128), S(16, 256, chunk=64), S(16, 256, chunk=16), S(16, 256, tokens_per_thread=1),
-              S(16, 128, rows_per_thread=16, pv_rows=16), S(16, 256, rows_per_thread=16, pv_rows=16)]
+              S(16, 128, rows_per_thread=16, pv_rows=16), S(16, 256, rows_per_thread=16, pv_rows=16),
+              S(16, 128, tokens_per_thread=4), S(16, 256, chunk=16, tokens_per_thread=4), S(16, 128, rows_per_thread=4)]
     if rows > 16:
         staged = [S(32, 256, rows_per_thread=16), S(32, 256), S(32, 256, rows_per_thread=16, chunk=16),
-                  S(32, 128, rows_per_thread=16, pv_rows=16), *staged[:3]]
+                  S(32, 256, rows_per_thread=16, tokens_per_thread=1), *staged[:3]]
     for cfg in staged:
         fits = cfg.local_bytes(d_qk) <= rt.limits.local_mem_size and cfg.threads <= rt.limits.max_work_group_size
         if cfg != chosen and fits:

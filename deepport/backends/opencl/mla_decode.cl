@@ -359,6 +359,23 @@ inline float4 kv4_global(__global const ushort *p) {
             for (int i4 = 0; i4 < RPT4; ++i4) s[u][i4] = mad(qv[i4], (float4)(k[u].comp), s[u][i4]); \
     }
 
+/* PV: token t's V slice (dims dv0 ... dv0 + DVT) from global memory, then its FMAs into o */
+#define PV_LOAD(v, t)                                                                             \
+    {                                                                                             \
+        __global const ushort *vrow = kv + tok_off[t] + dv0;                                      \
+        for (int j = 0; j < DV4; ++j) v[j] = dv0 + 4 * j < D_V ? kv4_global(vrow + 4 * j) : (float4)(0.0f); \
+    }
+#define PV_FMA(v, t)                                                                              \
+    for (int i4 = 0; i4 < PRPT4; ++i4) {                                                          \
+        const float4 p = p_s4[((t) * ROWS + pg * PRPT) / 4 + i4];                                 \
+        for (int j = 0; j < DV4; ++j) {                                                           \
+            o[4 * i4 + 0][j] = mad((float4)(p.x), v[j], o[4 * i4 + 0][j]);                        \
+            o[4 * i4 + 1][j] = mad((float4)(p.y), v[j], o[4 * i4 + 1][j]);                        \
+            o[4 * i4 + 2][j] = mad((float4)(p.z), v[j], o[4 * i4 + 2][j]);                        \
+            o[4 * i4 + 3][j] = mad((float4)(p.w), v[j], o[4 * i4 + 3][j]);                        \
+        }                                                                                         \
+    }
+
 __kernel __attribute__((reqd_work_group_size(NTHREADS, 1, 1)))
 void mla_decode_split_staged(SPLIT_PARAMS) {
     __local uint4 buf[BUF4];              /* K chunk k[t * KROW + piece] during QK; then p_s[t * ROWS + r] */
@@ -451,19 +468,16 @@ void mla_decode_split_staged(SPLIT_PARAMS) {
             for (int j = 0; j < DV4; ++j) o[i][j] *= a;
         }
         if (dv0 < D_V) {
-            for (int t = 0; t < n_valid; ++t) {
-                __global const ushort *vrow = kv + tok_off[t] + dv0;
-                float4 v[DV4];
-                for (int j = 0; j < DV4; ++j) v[j] = dv0 + 4 * j < D_V ? kv4_global(vrow + 4 * j) : (float4)(0.0f);
-                for (int i4 = 0; i4 < PRPT4; ++i4) {
-                    const float4 p = p_s4[(t * ROWS + pg * PRPT) / 4 + i4];
-                    for (int j = 0; j < DV4; ++j) {
-                        o[4 * i4 + 0][j] = mad((float4)(p.x), v[j], o[4 * i4 + 0][j]);
-                        o[4 * i4 + 1][j] = mad((float4)(p.y), v[j], o[4 * i4 + 1][j]);
-                        o[4 * i4 + 2][j] = mad((float4)(p.z), v[j], o[4 * i4 + 2][j]);
-                        o[4 * i4 + 3][j] = mad((float4)(p.w), v[j], o[4 * i4 + 3][j]);
-                    }
-                }
+            int t = 0;
+            for (; t + 4 <= n_valid; t += 4) {  /* four tokens' V loads in flight before their FMAs */
+                float4 v0[DV4], v1[DV4], v2[DV4], v3[DV4];
+                PV_LOAD(v0, t) PV_LOAD(v1, t + 1) PV_LOAD(v2, t + 2) PV_LOAD(v3, t + 3)
+                PV_FMA(v0, t) PV_FMA(v1, t + 1) PV_FMA(v2, t + 2) PV_FMA(v3, t + 3)
+            }
+            for (; t < n_valid; ++t) {
+                float4 v0[DV4];
+                PV_LOAD(v0, t)
+                PV_FMA(v0, t)
             }
         }
         barrier(CLK_LOCAL_MEM_FENCE);
