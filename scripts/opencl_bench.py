@@ -94,6 +94,7 @@ def bench_mla(rt: Runtime, h_q: int, reps: int, peer: bool, b: int = 128, s_k: i
         times = peer_us(lambda: torch_mla.run(bound, out, lse), reps)
         reference = (out.cpu(), lse.cpu())
         results.append(_record("mla_decode", config, "torch backend", times, flops, nbytes, target, {}))
+    first: tuple[torch.Tensor, torch.Tensor] | None = None  # the first OpenCL variant's out and lse
     for name, cfg, parts in mla_variants(rt, d_qk, d_v, s_q * h_q):
         try:
             launch = ocl_mla.MLALaunch(rt, call, cfg, parts=parts)
@@ -107,6 +108,11 @@ def bench_mla(rt: Runtime, h_q: int, reps: int, peer: bool, b: int = 128, s_k: i
             if reference is not None:
                 check.update(out_calc_diff=calc_diff(out, reference[0]),
                              lse_max_abs=float((lse - reference[1]).abs().max()))
+            if first is None:  # no peer here: the variants are still checked against each other
+                first = (out, lse)
+            else:
+                check.update(vs_first_calc_diff=calc_diff(out, first[0]),
+                             vs_first_lse_max_abs=float((lse - first[1]).abs().max()))
             results.append(_record("mla_decode", config, f"opencl {name}", times, flops, nbytes, target, check))
         except Exception as exc:  # report and go on: one failing variant must not hide the others
             results.append({"op": "mla_decode", "config": config, "variant": f"opencl {name}",
@@ -203,7 +209,8 @@ def print_table(results: list[dict[str, Any]]) -> None:
         if "error" in r:
             print(f"{r['op']:<12} {r['config']:<24} {r['variant']:<58} ERROR {r['error']}")
             continue
-        check = ", ".join(f"{k}={v:.3g}" for k, v in r.items() if k in ("out_calc_diff", "lse_max_abs", "pieces"))
+        shown = ("out_calc_diff", "lse_max_abs", "vs_first_calc_diff", "vs_first_lse_max_abs", "pieces")
+        check = ", ".join(f"{k}={v:.3g}" for k, v in r.items() if k in shown)
         print(f"{r['op']:<12} {r['config']:<24} {r['variant']:<58} {r['median_us']:>10.1f} {r['tflops']:>8.2f} "
               f"{r['tbps']:>6.3f} {r['pct_of_target']:>8.1f}%  {check}")
 
