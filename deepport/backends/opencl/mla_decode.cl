@@ -277,6 +277,9 @@ void mla_decode_split(SPLIT_PARAMS) {
     }
 
     /* ---- this piece's normalised output and LSE (natural log) ---- */
+    /* An empty piece ran no tile: without this barrier, work-items of other warps could read m_s / l_s
+     * before work-items 0 .. ROWS - 1 initialised them. */
+    barrier(CLK_LOCAL_MEM_FENCE);
     const int dv0 = ts * DV_T;
     for (int r = 0; r < RPT; ++r) {
         const int row = row0 + rg * RPT + r;
@@ -484,6 +487,9 @@ void mla_decode_split_staged(SPLIT_PARAMS) {
     }
 
     /* ---- this piece's normalised output and LSE (natural log) ---- */
+    /* An empty piece ran no tile: without this barrier, work-items of other warps could read m_s / l_s
+     * before work-items 0 .. ROWS - 1 initialised them. */
+    barrier(CLK_LOCAL_MEM_FENCE);
     for (int i = 0; i < PRPT; ++i) {
         const int r = pg * PRPT + i, row = row0 + r;
         if (row >= rows_total) break;
