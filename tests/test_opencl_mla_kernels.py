@@ -61,3 +61,16 @@ def test_a_forced_split_kernel_passes_the_edge_case(monkeypatch: pytest.MonkeyPa
     [result] = run_case(case, ["opencl"], "cpu", run_seed=20261201)
     assert chosen, "the call did not go through choose_config"
     assert result.status == Status.PASS, f"{result.status.value}: {result.message}"
+
+
+@pytest.mark.parametrize("cfg", [STAGED_16, STAGED_32, STAGED_ODD, ROWWISE],
+                         ids=lambda c: f"{c.kernel}-{c.rows}x{c.threads}")
+def test_the_local_memory_a_config_declares_is_what_its_kernel_uses(cfg: mla_decode.Config) -> None:
+    """``local_bytes`` decides whether a tile fits the device (48 KiB on NVIDIA): it must be exact."""
+    import pyopencl as cl
+
+    rt = runtime.get_runtime()
+    defines = {"D_QK": 576, "D_V": 512, "IS_HALF": 0, "COMBINE_THREADS": 64, **cfg.defines()}
+    kernel = rt.kernel(mla_decode.SOURCE, cfg.kernel, defines)
+    used = int(kernel.get_work_group_info(cl.kernel_work_group_info.LOCAL_MEM_SIZE, rt.device))
+    assert used == cfg.local_bytes(576)

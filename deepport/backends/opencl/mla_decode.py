@@ -125,7 +125,7 @@ Config = MLAConfig | StagedConfig
 
 def choose_rowwise_config(limits: DeviceLimits, d_qk: int) -> MLAConfig:
     """The largest row-wise tile that fits the device's local memory and work-group limits: 16 rows x 128
-    tokens (41 KiB of local memory at d_qk = 576) where it fits, smaller otherwise."""
+    tokens (46 KiB of local memory at d_qk = 576) where it fits, smaller otherwise."""
     for rows in (16, 8):
         for tokens in (128, 64, 32, 16):
             cfg = MLAConfig(rows, tokens)
