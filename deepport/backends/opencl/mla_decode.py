@@ -137,8 +137,9 @@ def choose_rowwise_config(limits: DeviceLimits, d_qk: int) -> MLAConfig:
 
 def staged_candidates(rows: int) -> list[StagedConfig]:
     """Staged tiles in order of preference for a call with ``rows`` query rows per KV head (``s_q * h_q /
-    h_kv``): 8, 16 or 32 rows per work-group (the fewest that hold them, at most 32), 256 work-items and
-    256-token tiles first, then smaller ones for devices with less local memory or smaller work-groups."""
+    h_kv``): 8, 16 or 32 rows per work-group (the fewest that hold them, at most 32), 256-token tiles first
+    (128 work-items at 8 rows, 256 at 16 and 32), then smaller ones for devices with less local memory or
+    smaller work-groups."""
     if rows <= 8:
         return [StagedConfig(8, 128), StagedConfig(8, 64), StagedConfig(8, 64, chunk=16)]
     if rows <= 16:
