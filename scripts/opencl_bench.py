@@ -4,12 +4,13 @@ the torch backend timed as ``deepport bench`` times it on the same GPU when ther
 checked against it.
 
 - MLA decode, bf16, 576/512, page 64: b=128, s_q=1, s_k=4096 at h_q=16 (memory-bound on tensor cores;
-  target 1.5 TB/s) and h_q=128 (compute-bound); tile and split-KV variants.
+  target 1.5 TB/s) and h_q=128 (compute-bound): the split kernel ``choose_config`` picks, the row-wise
+  kernel's tiles and the staged kernel's tile variants (:func:`mla_variants`), and split-KV variants.
 - FP8 GEMM NT, M=4096 on the seven DeepSeek-V3 (N, K) shapes, recipe (1, 128, 128), bf16 out (target
   25 TFLOP/s on float32 FMAs); three tiles on every shape.
 
 Figures are counted as ``deepport bench`` counts them (``deepport.bench.counting``). Writes one JSON
-(``--out``) and prints a table. Usage: ``python scripts/opencl_bench.py --out bench.json [--quick]``.
+(``--out``) and prints a table. Usage: ``python scripts/opencl_bench.py --out bench.json [--quick] [--mla-only]``.
 """
 
 from __future__ import annotations
@@ -93,12 +94,8 @@ def bench_mla(rt: Runtime, h_q: int, reps: int, peer: bool, b: int = 128, s_k: i
         times = peer_us(lambda: torch_mla.run(bound, out, lse), reps)
         reference = (out.cpu(), lse.cpu())
         results.append(_record("mla_decode", config, "torch backend", times, flops, nbytes, target, {}))
-    units = rt.limits.compute_units
-    variants = [("16x128 tile, 4 parts/CU", ocl_mla.MLAConfig(16, 128), 4 * units),
-                ("16x64 tile, 4 parts/CU", ocl_mla.MLAConfig(16, 64), 4 * units),
-                ("16x128 tile, 2 parts/CU", ocl_mla.MLAConfig(16, 128), 2 * units),
-                ("16x128 tile, 8 parts/CU", ocl_mla.MLAConfig(16, 128), 8 * units)]
-    for name, cfg, parts in variants:
+    first: tuple[torch.Tensor, torch.Tensor] | None = None  # the first OpenCL variant's out and lse
+    for name, cfg, parts in mla_variants(rt, d_qk, d_v, s_q * h_q):
         try:
             launch = ocl_mla.MLALaunch(rt, call, cfg, parts=parts)
             launch.enqueue()
@@ -106,15 +103,56 @@ def bench_mla(rt: Runtime, h_q: int, reps: int, peer: bool, b: int = 128, s_k: i
             out = torch.empty(b, s_q, h_q, d_v, dtype=torch.bfloat16)
             lse = torch.empty(b, h_q, s_q, dtype=torch.float32)
             launch.read(out, lse)
-            check: dict[str, Any] = {"pieces": launch.num_pieces}
+            check: dict[str, Any] = {"pieces": launch.num_pieces, "split_config": repr(cfg),
+                                     "local_bytes": cfg.local_bytes(d_qk)}
             if reference is not None:
                 check.update(out_calc_diff=calc_diff(out, reference[0]),
                              lse_max_abs=float((lse - reference[1]).abs().max()))
+            if first is None:  # no peer here: the variants are still checked against each other
+                first = (out, lse)
+            else:
+                check.update(vs_first_calc_diff=calc_diff(out, first[0]),
+                             vs_first_lse_max_abs=float((lse - first[1]).abs().max()))
             results.append(_record("mla_decode", config, f"opencl {name}", times, flops, nbytes, target, check))
         except Exception as exc:  # report and go on: one failing variant must not hide the others
             results.append({"op": "mla_decode", "config": config, "variant": f"opencl {name}",
                             "error": f"{type(exc).__name__}: {exc}"})
     return results
+
+
+def _staged_name(cfg: ocl_mla.StagedConfig) -> str:
+    """rows/work-items, tokens per tile, channels per chunk, QK rows x tokens and PV rows per work-item"""
+    return (f"staged {cfg.rows}r/{cfg.threads}t tn{cfg.tokens} dc{cfg.chunk} "
+            f"qk{cfg.rows_per_thread}x{cfg.tokens_per_thread} pv{cfg.pv_rows}")
+
+
+def mla_variants(rt: Runtime, d_qk: int, d_v: int, rows: int) -> list[tuple[str, ocl_mla.Config, int]]:
+    """(name, split config, split-KV parts) of each variant timed: first what ``choose_config`` picks here,
+    then the row-wise kernel's tiles (what GPUs got before the staged kernel) and staged tile variants."""
+    units = rt.limits.compute_units
+    chosen = ocl_mla.choose_config(rt.limits, d_qk, d_v, rows)
+    chosen_name = _staged_name(chosen) if isinstance(chosen, ocl_mla.StagedConfig) else \
+        f"rowwise {chosen.rows}x{chosen.tokens} tile"
+    variants: list[tuple[str, ocl_mla.Config, int]] = [
+        (f"chosen: {chosen_name}, 4 parts/CU", chosen, 4 * units),
+        ("rowwise 16x128 tile, 4 parts/CU", ocl_mla.MLAConfig(16, 128), 4 * units),
+        ("rowwise 16x64 tile, 4 parts/CU", ocl_mla.MLAConfig(16, 64), 4 * units),
+        ("rowwise 16x128 tile, 2 parts/CU", ocl_mla.MLAConfig(16, 128), 2 * units),
+        ("rowwise 16x128 tile, 8 parts/CU", ocl_mla.MLAConfig(16, 128), 8 * units)]
+    S = ocl_mla.StagedConfig
+    staged = [S(16, 256), S(16, 128), S(16, 256, chunk=64), S(16, 256, chunk=16), S(16, 256, tokens_per_thread=1),
+              S(16, 128, rows_per_thread=16, pv_rows=16), S(16, 256, rows_per_thread=16, pv_rows=16),
+              S(16, 128, tokens_per_thread=4), S(16, 256, chunk=16, tokens_per_thread=4), S(16, 128, rows_per_thread=4)]
+    if rows > 16:
+        staged = [S(32, 256, rows_per_thread=16), S(32, 256), S(32, 256, rows_per_thread=16, chunk=16),
+                  S(32, 256, rows_per_thread=16, tokens_per_thread=1), *staged[:3]]
+    for cfg in staged:
+        fits = cfg.local_bytes(d_qk) <= rt.limits.local_mem_size and cfg.threads <= rt.limits.max_work_group_size
+        if cfg != chosen and fits:
+            variants.append((f"{_staged_name(cfg)}, 4 parts/CU", cfg, 4 * units))
+    if isinstance(chosen, ocl_mla.StagedConfig):
+        variants += [(f"chosen, {n} parts/CU", chosen, n * units) for n in (2, 8)]
+    return variants
 
 
 def _fp8_operand(rows: int, k: int, sf_rows: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,14 +203,15 @@ def bench_gemm(rt: Runtime, shapes: tuple[tuple[int, int], ...], reps: int, peer
 
 
 def print_table(results: list[dict[str, Any]]) -> None:
-    print(f"{'op':<12} {'config':<24} {'variant':<44} {'median us':>10} {'TFLOP/s':>8} {'TB/s':>6} "
+    print(f"{'op':<12} {'config':<24} {'variant':<58} {'median us':>10} {'TFLOP/s':>8} {'TB/s':>6} "
           f"{'% target':>9}  check")
     for r in results:
         if "error" in r:
-            print(f"{r['op']:<12} {r['config']:<24} {r['variant']:<44} ERROR {r['error']}")
+            print(f"{r['op']:<12} {r['config']:<24} {r['variant']:<58} ERROR {r['error']}")
             continue
-        check = ", ".join(f"{k}={v:.3g}" for k, v in r.items() if k in ("out_calc_diff", "lse_max_abs", "pieces"))
-        print(f"{r['op']:<12} {r['config']:<24} {r['variant']:<44} {r['median_us']:>10.1f} {r['tflops']:>8.2f} "
+        shown = ("out_calc_diff", "lse_max_abs", "vs_first_calc_diff", "vs_first_lse_max_abs", "pieces")
+        check = ", ".join(f"{k}={v:.3g}" for k, v in r.items() if k in shown)
+        print(f"{r['op']:<12} {r['config']:<24} {r['variant']:<58} {r['median_us']:>10.1f} {r['tflops']:>8.2f} "
               f"{r['tbps']:>6.3f} {r['pct_of_target']:>8.1f}%  {check}")
 
 
@@ -182,6 +221,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--quick", action="store_true", help="one GEMM shape, one MLA config")
     parser.add_argument("--tiny", action="store_true", help="CPU-sized problems (tests the script itself on PoCL)")
+    parser.add_argument("--mla-only", action="store_true", help="MLA decode only (no FP8 GEMM)")
     args = parser.parse_args()
     started = time.time()
     rt = get_runtime()
@@ -194,8 +234,9 @@ def main() -> None:
     shapes = ((256, 512),) if args.tiny else DEEPSEEK_V3_NK[:1] if args.quick else DEEPSEEK_V3_NK
     for h_q in (16,) if args.quick or args.tiny else (16, 128):
         results += bench_mla(rt, h_q, args.reps, peer, b, s_k)
-        print_table(results[-5:])
-    results += bench_gemm(rt, shapes, args.reps, peer, m)
+        print_table(results[-len(mla_variants(rt, 576, 512, h_q)) - int(peer):])
+    if not args.mla_only:
+        results += bench_gemm(rt, shapes, args.reps, peer, m)
     doc["seconds"] = time.time() - started
     with open(args.out, "w") as f:
         json.dump(doc, f, indent=1)

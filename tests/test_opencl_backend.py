@@ -97,13 +97,42 @@ def _limits(**changes: Any) -> DeviceLimits:
     return dataclasses.replace(base, **changes)
 
 
-def test_mla_tile_follows_local_memory_and_work_group_limits() -> None:
-    big = mla_decode.choose_config(_limits(), 576)
+def test_rowwise_mla_tile_follows_local_memory_and_work_group_limits() -> None:
+    big = mla_decode.choose_rowwise_config(_limits(), 576)
     assert (big.rows, big.tokens, big.threads) == (16, 128, 128) and big.local_bytes(576) <= 48 * 1024
-    small = mla_decode.choose_config(_limits(local_mem_size=32 * 1024, max_work_group_size=64), 576)
+    small = mla_decode.choose_rowwise_config(_limits(local_mem_size=32 * 1024, max_work_group_size=64), 576)
     assert small.local_bytes(576) <= 32 * 1024 and small.threads <= 64
     with pytest.raises(RuntimeError, match="no MLA tile fits"):
-        mla_decode.choose_config(_limits(local_mem_size=4 * 1024), 576)
+        mla_decode.choose_rowwise_config(_limits(local_mem_size=4 * 1024), 576)
+    with pytest.raises(RuntimeError, match="no MLA tile fits"):
+        mla_decode.choose_config(_limits(local_mem_size=4 * 1024), 576, 512, 16)
+
+
+def test_a_gpu_with_local_memory_gets_the_staged_kernel_within_its_envelope() -> None:
+    gpu = _limits()  # 48 KiB of local memory, work-groups of 1024, 132 compute units
+    memory_bound = mla_decode.choose_config(gpu, 576, 512, 16)  # h_q 16, s_q 1, one KV head
+    assert memory_bound == mla_decode.StagedConfig(16, 256)
+    assert (memory_bound.kernel, memory_bound.tokens, memory_bound.dims_per_lane(512)) == \
+        ("mla_decode_split_staged", 256, 4)
+    compute_bound = mla_decode.choose_config(gpu, 576, 512, 128)  # h_q 128
+    assert compute_bound == mla_decode.StagedConfig(32, 256, rows_per_thread=16)
+    assert mla_decode.choose_config(gpu, 576, 512, 3) == mla_decode.StagedConfig(8, 128)
+    for cfg in (memory_bound, compute_bound):
+        assert cfg.well_formed() and cfg.local_bytes(576) <= 48 * 1024 and cfg.threads <= 1024
+    # outside the envelope (16-byte K loads, 8-byte V loads), on emulated local memory, or where no staged
+    # tile fits: the row-wise kernel, chosen here rather than at run time
+    assert isinstance(mla_decode.choose_config(gpu, 100, 96, 16), mla_decode.MLAConfig)
+    assert isinstance(mla_decode.choose_config(gpu, 576, 510, 16), mla_decode.MLAConfig)
+    cpu = _limits(is_gpu=False, local_mem_is_global=True, local_mem_size=4 << 20, max_work_group_size=4096)
+    assert mla_decode.choose_config(cpu, 576, 512, 16) == mla_decode.MLAConfig(16, 128)
+    tight = mla_decode.choose_config(_limits(local_mem_size=16 * 1024, max_work_group_size=128), 576, 512, 16)
+    assert isinstance(tight, mla_decode.StagedConfig) and tight.local_bytes(576) <= 16 * 1024 and tight.threads <= 128
+
+
+def test_staged_configs_outside_their_envelope_are_refused_before_any_build() -> None:
+    assert not mla_decode.StagedConfig(16, 256).supports(100, 96)
+    assert not mla_decode.StagedConfig(16, 100).well_formed()  # 100 work-items: not a multiple of the rows
+    assert mla_decode.StagedConfig(16, 256).supports(64, 32)
 
 
 def test_gemm_tile_follows_local_memory_and_work_group_limits() -> None:
@@ -135,7 +164,7 @@ def test_a_small_mla_tile_gives_the_reference_answer(monkeypatch: pytest.MonkeyP
 
     import deepport
 
-    monkeypatch.setattr(mla_decode, "choose_config", lambda limits, d_qk: mla_decode.MLAConfig(8, 32))
+    monkeypatch.setattr(mla_decode, "choose_config", lambda *shape: mla_decode.MLAConfig(8, 32))
     q, k_cache, table, lens = _mla_inputs(0)
     out, lse = deepport.mla_decode(q, k_cache, table, lens, 512, causal=True, backend="opencl")
     ref_out, ref_lse = deepport.mla_decode(q, k_cache, table, lens, 512, causal=True, backend="reference")

@@ -6,13 +6,25 @@ becomes one *piece*; ``mla_decode_split`` runs one work-group per (piece, KV hea
 and ``mla_decode_combine`` merges each request's pieces by their log-sum-exps. Every piece, split or
 not, goes through the combine (one code path; its traffic is ``pieces x rows x d_v`` floats, small
 next to the KV cache).
+
+Two split kernels, one per config type (``mla_decode.cl``'s header describes both):
+
+- :class:`MLAConfig` runs ``mla_decode_split`` (row-wise: each work-item walks whole K rows; any head dims);
+- :class:`StagedConfig` runs ``mla_decode_split_staged`` (K staged in local memory chunk by chunk with
+  coalesced 16-byte loads, logits in registers; ``d_qk % 8 == 0`` and ``d_v % 4 == 0``).
+
+:func:`choose_config` picks one from the call's shape (head dims, query rows per KV head) and the device's
+limits: the staged kernel where its envelope holds, the device's local memory is real
+(``local_mem_is_global`` false) and a staged tile fits; the row-wise kernel otherwise (so PoCL, whose
+local memory is ordinary memory, keeps the row-wise kernel). The choice is the config, made before
+anything is built; :class:`MLALaunch` takes an explicit config too (tests and the bench force either).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -30,10 +42,12 @@ _GPU_PARTS_PER_UNIT = 4  # work-groups in flight per compute unit the plan aims 
 
 @dataclass(frozen=True)
 class MLAConfig:
-    """Compile-time tile of ``mla_decode_split`` (chosen from the device's limits)."""
+    """Compile-time tile of ``mla_decode_split`` (the row-wise kernel): each work-item walks whole K rows."""
 
     rows: int  # query rows per work-group, a multiple of 8
     tokens: int  # KV tokens per tile
+
+    kernel: ClassVar[str] = "mla_decode_split"
 
     @property
     def threads(self) -> int:
@@ -43,10 +57,75 @@ class MLAConfig:
         return 4 * (d_qk * self.rows + self.tokens * self.rows + 4 * self.rows) + 8 * self.tokens + \
             4 * self.threads
 
+    def supports(self, d_qk: int, d_v: int) -> bool:
+        return True
 
-def choose_config(limits: DeviceLimits, d_qk: int) -> MLAConfig:
-    """The largest tile that fits the device's local memory and work-group limits: 16 rows x 128 tokens
-    (41 KiB of local memory at d_qk = 576) where it fits, smaller otherwise."""
+    def defines(self) -> dict[str, int]:
+        return {"ROWS": self.rows, "TN": self.tokens}
+
+
+@dataclass(frozen=True)
+class StagedConfig:
+    """Compile-time tile of ``mla_decode_split_staged`` (the staged kernel; see ``mla_decode.cl``).
+
+    ``threads`` work-items; QK: ``rows // rows_per_thread`` row groups x ``token_lanes`` lanes, each lane
+    ``rows_per_thread`` rows x ``tokens_per_thread`` tokens, so a tile is ``tokens`` tokens; K is staged
+    ``chunk`` channels at a time. PV: ``rows // pv_rows`` row groups x ``dim_lanes`` lanes, each lane
+    ``pv_rows`` rows x :meth:`dims_per_lane` output dims. Envelope: ``d_qk % 8 == 0`` (16-byte K loads)
+    and ``d_v % 4 == 0`` (8-byte V loads)."""
+
+    rows: int  # query rows per work-group
+    threads: int  # work-group size
+    chunk: int = 32  # K channels staged per step, a multiple of 8
+    rows_per_thread: int = 8  # QK, a multiple of 4
+    tokens_per_thread: int = 2  # QK
+    pv_rows: int = 8  # PV rows per work-item, a multiple of 4
+
+    kernel: ClassVar[str] = "mla_decode_split_staged"
+
+    @property
+    def token_lanes(self) -> int:
+        return self.threads // (self.rows // self.rows_per_thread)
+
+    @property
+    def tokens(self) -> int:
+        return self.token_lanes * self.tokens_per_thread
+
+    @property
+    def dim_lanes(self) -> int:
+        return self.threads // (self.rows // self.pv_rows)
+
+    def dims_per_lane(self, d_v: int) -> int:
+        per_lane = math.ceil(d_v / self.dim_lanes)
+        return math.ceil(per_lane / 4) * 4
+
+    def well_formed(self) -> bool:
+        """The divisibility the kernel's index arithmetic assumes."""
+        rg, pg = self.rows // self.rows_per_thread, self.rows // max(self.pv_rows, 1)
+        return (self.rows_per_thread % 4 == 0 and self.pv_rows % 4 == 0 and self.chunk % 8 == 0 and
+                self.chunk > 0 and self.tokens_per_thread >= 1 and self.rows % self.rows_per_thread == 0 and
+                self.rows % self.pv_rows == 0 and self.threads % rg == 0 and self.threads % pg == 0 and
+                self.token_lanes % self.rows_per_thread == 0)  # softmax: threads a multiple of rows
+
+    def supports(self, d_qk: int, d_v: int) -> bool:
+        return self.well_formed() and d_qk % 8 == 0 and d_v % 4 == 0
+
+    def local_bytes(self, d_qk: int) -> int:
+        tn = self.tokens
+        buf = max(16 * tn * (self.chunk // 8 + 1), 4 * tn * self.rows)
+        return buf + 4 * self.chunk * self.rows + 8 * tn + 4 * self.threads + 28 * self.rows
+
+    def defines(self) -> dict[str, int]:
+        return {"MLA_STAGED": 1, "ROWS": self.rows, "NTHREADS": self.threads, "DC": self.chunk,
+                "RPT": self.rows_per_thread, "TPT": self.tokens_per_thread, "PRPT": self.pv_rows}
+
+
+Config = MLAConfig | StagedConfig
+
+
+def choose_rowwise_config(limits: DeviceLimits, d_qk: int) -> MLAConfig:
+    """The largest row-wise tile that fits the device's local memory and work-group limits: 16 rows x 128
+    tokens (46 KiB of local memory at d_qk = 576) where it fits, smaller otherwise."""
     for rows in (16, 8):
         for tokens in (128, 64, 32, 16):
             cfg = MLAConfig(rows, tokens)
@@ -54,6 +133,33 @@ def choose_config(limits: DeviceLimits, d_qk: int) -> MLAConfig:
                 return cfg
     raise RuntimeError(f"deepport.opencl: no MLA tile fits {limits.label} (local memory {limits.local_mem_size} "
                        f"bytes, work-group {limits.max_work_group_size}) at d_qk={d_qk}")
+
+
+def staged_candidates(rows: int) -> list[StagedConfig]:
+    """Staged tiles in order of preference for a call with ``rows`` query rows per KV head (``s_q * h_q /
+    h_kv``): 8, 16 or 32 rows per work-group (the fewest that hold them, at most 32), 256-token tiles first
+    (128 work-items at 8 rows, 256 at 16 and 32), then smaller ones for devices with less local memory or
+    smaller work-groups."""
+    if rows <= 8:
+        return [StagedConfig(8, 128), StagedConfig(8, 64), StagedConfig(8, 64, chunk=16)]
+    if rows <= 16:
+        return [StagedConfig(16, 256), StagedConfig(16, 128), StagedConfig(16, 128, chunk=16)]
+    return [StagedConfig(32, 256, rows_per_thread=16), StagedConfig(32, 256),
+            StagedConfig(16, 256), StagedConfig(16, 128)]
+
+
+def choose_config(limits: DeviceLimits, d_qk: int, d_v: int, rows: int) -> Config:
+    """The split kernel and its tile for a call (head dims, query rows per KV head) on a device.
+
+    The staged kernel where its envelope holds (``d_qk % 8 == 0``, ``d_v % 4 == 0``), the device has real
+    local memory (``local_mem_is_global`` false: on a CPU driver staging only copies memory to memory) and
+    a staged tile fits its local memory and work-group size; the row-wise kernel otherwise."""
+    if not limits.local_mem_is_global:
+        for cfg in staged_candidates(rows):
+            if (cfg.supports(d_qk, d_v) and cfg.threads <= limits.max_work_group_size and
+                    cfg.local_bytes(d_qk) <= limits.local_mem_size):
+                return cfg
+    return choose_rowwise_config(limits, d_qk)
 
 
 def plan_parts(limits: DeviceLimits) -> int:
@@ -87,7 +193,7 @@ class MLALaunch:
     """A call staged on the device: its buffers and kernels; :meth:`enqueue` runs it (re-runnable, which
     the timing script uses), :meth:`read` copies ``out`` and ``lse`` back."""
 
-    def __init__(self, rt: Runtime, call: MLADecodeCall, cfg: MLAConfig | None = None,
+    def __init__(self, rt: Runtime, call: MLADecodeCall, cfg: Config | None = None,
                  parts: int | None = None) -> None:
         sig = call.signature
         self.rt, self.sig = rt, sig
@@ -98,13 +204,15 @@ class MLALaunch:
         else:
             records, num_splits = mla_schedule.plan_split_kv(lengths, parts or plan_parts(rt.limits))
         pieces = pieces_from_plan(records, num_splits, lengths)
-        self.cfg = cfg or choose_config(rt.limits, sig.d_qk)
         rows = sig.s_q * sig.h_q // sig.h_kv
+        self.cfg = cfg or choose_config(rt.limits, sig.d_qk, sig.d_v, rows)
+        if not self.cfg.supports(sig.d_qk, sig.d_v):
+            raise ValueError(f"deepport.opencl: {self.cfg} does not support d_qk={sig.d_qk}, d_v={sig.d_v}")
         self.row_tiles = math.ceil(rows / self.cfg.rows)
         self.combine_threads = min(128, rt.limits.max_work_group_size)
-        defines = {"D_QK": sig.d_qk, "D_V": sig.d_v, "ROWS": self.cfg.rows, "TN": self.cfg.tokens,
-                   "IS_HALF": int(sig.dtype == torch.float16), "COMBINE_THREADS": self.combine_threads}
-        self.split = rt.kernel(SOURCE, "mla_decode_split", defines)
+        defines = {"D_QK": sig.d_qk, "D_V": sig.d_v, "IS_HALF": int(sig.dtype == torch.float16),
+                   "COMBINE_THREADS": self.combine_threads, **self.cfg.defines()}
+        self.split = rt.kernel(SOURCE, self.cfg.kernel, defines)
         self.combine = rt.kernel(SOURCE, "mla_decode_combine", defines)
         rt.require_work_group(self.split, self.cfg.threads)
         rt.require_work_group(self.combine, self.combine_threads)
