@@ -106,7 +106,8 @@ def dispatch(call: MoEExpandedDispatchCall) -> MoEExpandedDispatchResult:
             moe_expanded_layout_kernel[(blocks + experts,)](
                 idx, sums, counts, hist, token_of, src_row, m_indices, expert_of, recv_w, weight_of, recv_src,
                 recv_topk, idx64, tokens, topk, experts, align, BLOCK_T=block_t, BLOCK_K=_pow2(topk),
-                BLOCK_E=block_e, BLOCK_B=min(_pow2(blocks), max(2, _TILE // block_e)), BLOCK_P=_pow2(align, 16))
+                BLOCK_E=block_e, BLOCK_B=min(_pow2(blocks), max(2, _TILE // block_e)), BLOCK_A=_pow2(experts),
+                BLOCK_P=_pow2(align, 16))
 
         if m and hidden:
             x_bits, out_bits = _widest_bits(data.contiguous(), recv_x)

@@ -57,7 +57,7 @@ def moe_expanded_count_kernel(idx_ptr, counts_ptr, hist_ptr, flags_ptr, num_toke
     b = tl.program_id(0)
     tok = b * BLOCK_T + tl.arange(0, BLOCK_T)
     ok = tok < num_tokens
-    ids, _, _ = _tile(idx_ptr, tok, ok, num_topk, BLOCK_K)
+    ids = _tile(idx_ptr, tok, ok, num_topk, BLOCK_K)[0]
     routed = tl.max((ids >= 0).to(tl.int32), 1)
     tl.store(flags_ptr + tok, routed.to(tl.uint8), mask=ok)
     row = hist_ptr + b.to(tl.int64) * (num_experts + 1)
@@ -66,7 +66,7 @@ def moe_expanded_count_kernel(idx_ptr, counts_ptr, hist_ptr, flags_ptr, num_toke
     tl.atomic_add(counts_ptr + num_experts, routed_here)
     for e0 in range(0, num_experts, BLOCK_E):
         e = e0 + tl.arange(0, BLOCK_E)
-        hit, _ = _hits(idx_ptr, idx_ptr, tok, ok, e, num_topk, BLOCK_T, BLOCK_E, WEIGHTS=False)
+        hit = _hits(idx_ptr, idx_ptr, tok, ok, e, num_topk, BLOCK_T, BLOCK_E, WEIGHTS=False)[0]
         here = tl.sum(hit, 0)
         tl.store(row + e, here, mask=e < num_experts)
         tl.atomic_add(counts_ptr + e, here, mask=(e < num_experts) & (here > 0))
@@ -83,7 +83,7 @@ def moe_expanded_layout_kernel(idx_ptr, sums_ptr, counts_ptr, hist_ptr, token_of
                                expert_of_ptr, recv_w_ptr, weight_of_ptr, recv_src_ptr, recv_topk_ptr, idx64_ptr,
                                num_tokens, num_topk, num_experts, alignment,
                                BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
-                               BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr):
+                               BLOCK_B: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_P: tl.constexpr):
     p = tl.program_id(0)
     blocks = tl.cdiv(num_tokens, BLOCK_T)
     width = num_experts + 1  # a row of hist
@@ -125,10 +125,8 @@ def moe_expanded_layout_kernel(idx_ptr, sums_ptr, counts_ptr, hist_ptr, token_of
             tl.store(weight_of_ptr + row, w, mask=pick)
     else:  # expert p - blocks: its padding rows
         e = p - blocks
-        start = e * 0
-        for e0 in range(0, e, BLOCK_E):
-            before = e0 + tl.arange(0, BLOCK_E)
-            start += tl.sum(_aligned(counts_ptr, before, before < e, alignment), 0)
+        experts = tl.arange(0, BLOCK_A)
+        start = tl.sum(_aligned(counts_ptr, experts, experts < e, alignment), 0)
         count = tl.load(counts_ptr + e)
         end = start + (count + alignment - 1) // alignment * alignment
         for p0 in range(start + count, end, BLOCK_P):
