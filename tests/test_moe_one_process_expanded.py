@@ -152,7 +152,7 @@ def test_the_fused_triton_dispatch_carries_its_counts_across_token_blocks(
     _steps("triton")
     from deepport.backends.triton import moe_expanded_dispatch
 
-    monkeypatch.setattr(moe_expanded_dispatch, "_BLOCK_T", 16)  # 41 tokens: three steps of the walk
+    monkeypatch.setattr(moe_expanded_dispatch, "_BLOCK_T", 16)  # 41 tokens: three token blocks
     _assert_equal_to_the_general_route("triton", False, case)
 
 

@@ -8,9 +8,11 @@ outputs (``recv_x`` and FP8 scales, ``m_indices``, ``recv_weights``, the per-exp
 :class:`~deepport.kernels.moe_handle.MoEExpandedHandle`, routes included) equal the general route's
 (:func:`~deepport.backends.torch.moe_layouts.dispatch_expanded_routed`) bit for bit. In order:
 
-1. one ``torch.zeros`` of a byte buffer holding the int32 counts ``[E + 1]`` and the uint8 flags ``[T]``;
-2. ``moe_layout_count_kernel`` (one rank of ``E`` experts): per expert the distinct tokens selecting it,
-   in ``counts[:E]``; the tokens routed anywhere in ``counts[E]``; the flags (the handle's
+1. one ``torch.zeros`` of a byte buffer holding the int32 counts ``[E + 1]``, the int32 per-block counts
+   ``hist`` ``[blocks, E + 1]`` (``blocks = ceil(T / _BLOCK_T)`` token blocks) and the uint8 flags ``[T]``;
+2. ``moe_expanded_count_kernel``, grid ``(blocks,)``: per token block and expert the distinct tokens of the
+   block selecting it, per block the tokens routed anywhere (``hist``), their sums over the blocks in
+   ``counts`` (per expert in ``counts[:E]``, routed anywhere in ``counts[E]``), the flags (the handle's
    ``is_token_in_rank``, bool ``[T, 1]``);
    three torch ops: the per-slot weight sums, float32 ``[T, K]``, ``sums[t, k]`` the sum over the slots
    ``j`` of ``where(topk_idx[t, j] == topk_idx[t, k], topk_weights[t, j], 0.0)``, the torch one-process
@@ -18,9 +20,11 @@ outputs (``recv_x`` and FP8 scales, ``m_indices``, ``recv_weights``, the per-exp
    shows only when a token names one expert in three or more slots; torch's reduction order is its
    own, on a GPU not necessarily the slot order); launched before the read, they overlap the count kernel;
 3. the one host read: ``counts.tolist()``, which sizes ``m = sum(align_up(counts[e], alignment))``;
-4. ``moe_expanded_layout_kernel``, grid ``(E,)``: per expanded row its token (int64, -1 for padding),
-   ``m_indices``, ``recv_weights`` and the handle's ``expanded_src_row`` / ``m_indices`` / ``weights``
-   copies, plus the handle's ``topk_idx`` (int64), ``recv_src_idx`` and ``recv_topk_idx``
+4. ``moe_expanded_layout_kernel``, grid ``(blocks + E,)``: one program per token block places its tokens
+   (an expert's rows of block ``b`` follow those of the blocks before ``b``, counted in ``hist``), one
+   per expert writes its padding rows: per expanded row its token (int64, -1 for padding), ``m_indices``,
+   ``recv_weights`` and the handle's ``expanded_src_row`` / ``m_indices`` / ``weights`` copies, plus the
+   handle's ``topk_idx`` (int64), ``recv_src_idx`` and ``recv_topk_idx``
    (:mod:`deepport.backends.triton.moe_expanded_dispatch_kernels` says who writes what);
 5. ``moe_expanded_rows_kernel``, grid ``(m, column blocks)``: each expanded row copied from ``x`` as raw
    bits, in the widest integer units that divide a row's bytes and both base addresses (padding rows
@@ -46,8 +50,8 @@ from deepport.kernels.moe_handle import MoEExpandedHandle, MoEHandle
 
 __all__ = ["dispatch"]
 
-_BLOCK_T = 64  # tokens per block of the count and layout kernels (one program each)
-_TILE = 4096  # elements of a [BLOCK_T, BLOCK_E] tile of tokens x experts
+_BLOCK_T = 64  # tokens per block of the count and layout kernels (one program per block); the tunable
+_TILE = 4096  # elements of a [BLOCK_T, BLOCK_E] tile of tokens x experts (and of a [BLOCK_B, BLOCK_E] one)
 
 
 def _pow2(n: int, least: int = 2) -> int:

@@ -1,17 +1,34 @@
 """Triton kernels of the triton backend's fused one-process expanded MoE dispatch (any GPU triton targets);
 the wrapper and the layout they write are :mod:`deepport.backends.triton.moe_expanded_dispatch`.
 
-- :func:`moe_expanded_layout_kernel`, grid ``(E,)``: program ``e`` walks the tokens in order, one
-  ``[BLOCK_T, BLOCK_K]`` tile of ``topk_idx`` (int32 or int64) per step, and for each token selecting
-  expert ``e`` (any slot naming it) writes the expanded row ``start_e + (earlier tokens selecting e)``
-  (``start_e`` the aligned counts of the experts before ``e``, from ``counts``): ``token_of`` (int64,
-  the token), ``src_row`` (int64, the token's received row: the tokens routed anywhere before it),
-  ``m_indices`` / ``expert_of`` (int32 ``e``), ``recv_weights`` / ``weight_of`` (float32: ``sums[t, k]``
-  of a slot ``k`` naming ``e``, the caller's per-slot weight sums, equal for every such slot); then its
-  padding rows (``token_of`` / ``src_row`` / ``m_indices`` / ``expert_of`` -1, weights 0). Program 0 also
-  writes the handle's per-token arrays: ``idx64`` (``topk_idx`` as int64 ``[T, K]``), and for each token
-  routed anywhere its received row's ``recv_src`` (the token) and ``recv_topk`` (its ``topk_idx`` row,
-  int64). Every entry is written by exactly one program: no atomics, no order dependence.
+Token block ``b`` is the tokens ``b * BLOCK_T`` to ``(b + 1) * BLOCK_T - 1`` (the last one ragged), one of
+``blocks = ceil(T / BLOCK_T)``. Both layout kernels take the experts ``BLOCK_E`` at a time: per step a
+``[BLOCK_T, BLOCK_E]`` 0/1 tile of which token selects which expert, built slot by slot from ``topk_idx``
+(int32 or int64; a token naming an expert in several slots selects it once; ``-1`` slots name none).
+
+- :func:`moe_expanded_count_kernel`, grid ``(blocks,)``, before the host read: program ``b`` writes row
+  ``b`` of ``hist`` (int32 ``[blocks, E + 1]``): ``hist[b, e]`` the tokens of block ``b`` selecting expert
+  ``e``, ``hist[b, E]`` those routed anywhere; ``flags[t]`` (uint8 0/1, the handle's ``is_token_in_rank``)
+  of its tokens: whether routed anywhere; and adds its row to ``counts`` (int32 ``[E + 1]``, zeroed by the
+  caller: per expert its tokens, then the tokens routed anywhere) by integer atomic adds, the only atomics
+  of the dispatch (an integer sum: exact in any order).
+- :func:`moe_expanded_layout_kernel`, grid ``(blocks + E,)``, after the read. Program ``b < blocks``
+  places the tokens of block ``b``: the ``i``-th token of the block (in token order, from 0) selecting
+  expert ``e`` gets the expanded row ``start_e + sum(hist[b', e] for b' < b) + i``, ``start_e`` the
+  aligned counts ``align_up(counts[e'], alignment)`` of the experts ``e' < e`` (summed step by step over
+  the expert steps), the earlier blocks' rows of ``hist`` read ``BLOCK_B`` at a time, ``i`` the inclusive
+  running sum down the token axis of the 0/1 tile, minus one. Per such row it writes ``token_of`` (int64,
+  the token), ``src_row`` (int64, the token's received row), ``m_indices`` / ``expert_of`` (int32 ``e``)
+  and ``recv_weights`` / ``weight_of`` (float32: ``sums[t, k]`` of the first slot ``k`` naming ``e``, the
+  caller's per-slot weight sums, equal for every such slot). It also writes its tokens' entries of the
+  handle's per-token arrays: ``idx64`` (``topk_idx`` as int64 ``[T, K]``) and, for each token routed
+  anywhere, at its received row ``sum(hist[b', E] for b' < b)`` + (tokens of block ``b`` before it routed
+  anywhere), ``recv_src`` (the token) and ``recv_topk`` (its ``topk_idx`` row, int64). Program
+  ``blocks + e`` writes expert ``e``'s padding rows, ``start_e + counts[e]`` up to ``start_e +
+  align_up(counts[e], alignment)`` (``start_e`` from one ``BLOCK_A``-wide load of ``counts``), ``BLOCK_P``
+  a step: ``token_of`` / ``src_row`` / ``m_indices`` / ``expert_of`` -1, weights 0. Every entry is written
+  by exactly one program, no atomics: the rows of each expert's segment are in token order, the same
+  bits at any ``BLOCK_T``, ``BLOCK_E`` or ``BLOCK_B``.
 - :func:`moe_expanded_rows_kernel`, grid ``(m, ceil(C / BLOCK_C))``: ``out[r, :] = x[token_of[r], :]`` as
   raw bits (integer views), zero where ``token_of[r] == -1`` (padding rows); with ``HAS_SCALES`` the
   column-block-0 programs do the same for the FP8 scales row (``BLOCK_S`` columns, any strides of ``s``).
