@@ -102,7 +102,8 @@ def _counts(kernel: Any) -> dict[str, int]:
 
 
 def moe_lowering_report() -> dict[str, dict[str, int]]:
-    """Compile the MoE kernels for sm_90a; count the e4m3 conversions of the FP8 cast."""
+    """Compile the MoE kernels for sm_90a; count the e4m3 conversions of the FP8 cast and the atomic
+    instructions of the fused dispatch's count and layout kernels."""
     from deepport.backends.triton import moe_expanded_dispatch_kernels as x
     from deepport.backends.triton import moe_permute_kernels as k
 
@@ -135,6 +136,9 @@ def moe_lowering_report() -> dict[str, dict[str, int]]:
     }
     report = {name: _counts(kernel) for name, kernel in kernels.items()}
     report["cast_fp8"]["e4m3_cvt"] = kernels["cast_fp8"].asm["ptx"].count("e4m3x2.f32")
+    for name in ("expanded_count", "expanded_layout"):
+        ptx = kernels[name].asm["ptx"]
+        report[name]["atomics"] = ptx.count("atom.") + ptx.count("red.global")
     return report
 
 
