@@ -26,7 +26,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--block-t", type=int, nargs="*", default=[],
-                        help="triton only: time the layout kernel at each of these BLOCK_T (tokens per step)")
+                        help="triton only: time the count and layout kernels at each BLOCK_T (tokens per block)")
     parser.add_argument("--rows", action="store_true",
                         help="time the rows kernel alone over element widths, BLOCK_C and num_warps")
     parser.add_argument("--combine", action="store_true",
@@ -74,13 +74,27 @@ def main() -> None:
 
 
 def layout_sweep(args: argparse.Namespace) -> None:
-    """Device time of the triton layout and rows kernels per call at each ``--block-t``."""
+    """Device time of the triton count, layout and rows kernels per call at each ``--block-t`` (tokens per
+    block of the count and layout kernels), each BLOCK_T's outputs first checked bit for bit against the
+    general route (:func:`~deepport.backends.torch.moe_layouts.dispatch_expanded_routed`, triton steps)."""
+    from deepport.backends.torch import moe_layouts
     from deepport.backends.triton import moe_expanded_dispatch as fused
+    from deepport.backends.triton.moe_permute import TRITON
+    from deepport.kernels import moe_dispatch_expanded as dispatch_op
 
     device = torch.device("cuda")
     x, idx, w = routing(args.tokens, HIDDEN, EXPERTS, TOPK, 0, device)
+    call = dispatch_op.bind(x, idx, w, EXPERTS, expert_alignment=128)
+    want = moe_layouts.dispatch_expanded_routed(call, TRITON)
     for block_t in args.block_t:
         fused._BLOCK_T = block_t
+        got = fused.dispatch(call)
+        pairs = [(got.recv_x, want.recv_x), (got.m_indices, want.m_indices), (got.recv_weights, want.recv_weights),
+                 (got.handle.expanded_src_row, want.handle.expanded_src_row),
+                 (got.handle.routes.recv_src_idx, want.handle.routes.recv_src_idx)]
+        if not all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in pairs):
+            print(f"BLOCK_T {block_t:5d}: WRONG (differs from the general route)")
+            continue
         for _ in range(3):
             deepport.moe_dispatch_expanded(x, idx, w, EXPERTS, expert_alignment=128, backend="triton")
         torch.cuda.synchronize()
@@ -89,8 +103,9 @@ def layout_sweep(args: argparse.Namespace) -> None:
                 deepport.moe_dispatch_expanded(x, idx, w, EXPERTS, expert_alignment=128, backend="triton")
             torch.cuda.synchronize()
         times = {e.key: e.self_device_time_total / args.calls for e in prof.key_averages()}
-        print(f"BLOCK_T {block_t:5d}: " + ", ".join(f"{k} {v:.1f} us" for k, v in times.items()
-                                                  if k.startswith("moe_")))
+        layout = sum(v for k, v in times.items() if k.startswith(("moe_expanded_count", "moe_expanded_layout")))
+        print(f"BLOCK_T {block_t:5d}: count + layout {layout:.1f} us; " + ", ".join(
+            f"{k} {v:.1f} us" for k, v in times.items() if k.startswith("moe_")))
 
 
 def rows_sweep(args: argparse.Namespace) -> None:

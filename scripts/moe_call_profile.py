@@ -54,7 +54,7 @@ SYNC_OPS = {"aten::_local_scalar_dense": "item", "aten::is_nonzero": "item", "at
             "aten::unique_dim": "unique"}
 TRITON_KERNELS = ("moe_place_rows_kernel", "moe_weighted_rows_kernel", "moe_cast_fp8_kernel", "moe_layout_count_kernel",
                   "moe_weighted_sum_kernel", "moe_expanded_combine_kernel", "moe_expanded_layout_kernel",
-                  "moe_expanded_rows_kernel")
+                  "moe_expanded_count_kernel", "moe_expanded_rows_kernel")
 
 _in_kernel = [0]
 _host_reads: Counter[str] = Counter()

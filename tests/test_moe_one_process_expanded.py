@@ -152,15 +152,57 @@ def test_the_fused_triton_dispatch_carries_its_counts_across_token_blocks(
     _steps("triton")
     from deepport.backends.triton import moe_expanded_dispatch
 
-    monkeypatch.setattr(moe_expanded_dispatch, "_BLOCK_T", 16)  # 41 tokens: three steps of the walk
+    monkeypatch.setattr(moe_expanded_dispatch, "_BLOCK_T", 16)  # 41 tokens: three token blocks
     _assert_equal_to_the_general_route("triton", False, case)
 
 
+BLOCK_CASES = ("ragged", "expert_absent_in_a_block", "all_to_one_expert", "block_routed_nowhere", "duplicate_slots",
+               "one_token", "no_tokens", "experts_288")
+
+
+def _block_routing(case: str) -> dict[str, Any]:
+    """Inputs of one token-block case of the fused triton dispatch (run with 16-token blocks): 37 tokens
+    (blocks of 16, 16 and 5) unless the case says otherwise, ``-1`` slots at random."""
+    g = torch.Generator().manual_seed(len(case))
+    t, k, e = {"one_token": (1, 4, 16), "no_tokens": (0, 4, 16), "experts_288": (24, 8, 288)}.get(case, (37, 4, 16))
+    idx = torch.randint(-1, e, (t, k), generator=g)
+    if case == "expert_absent_in_a_block":  # block 1 selects even experts only
+        idx[16:32] = torch.where(idx[16:32] >= 0, idx[16:32] - idx[16:32] % 2, -1)
+    elif case == "all_to_one_expert":  # every slot of every token: expert 3
+        idx.fill_(3)
+    elif case == "block_routed_nowhere":  # no token of block 1 is routed anywhere, nor token 3
+        idx[16:32] = -1
+        idx[3] = -1
+    elif case == "duplicate_slots":  # slot 1 repeats slot 0 everywhere; token 5 names one expert in every slot
+        idx[:, 1] = idx[:, 0]
+        idx[5] = idx[5, 0].clamp(min=0)
+    w = torch.where(idx >= 0, torch.rand(t, k, generator=g) * 4 - 1, float("nan"))
+    x = (torch.randn(t, 128, generator=g) * 3).to(torch.bfloat16)
+    return {"idx": idx, "w": w, "x": x, "E": e, "align": 4 if e > 256 else 8}
+
+
+@pytest.mark.parametrize("idx_dtype", [torch.int32, torch.int64], ids=["int32", "int64"])
+@pytest.mark.parametrize("case", BLOCK_CASES)
+def test_the_fused_triton_dispatch_at_token_block_boundaries(
+        case: str, idx_dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    _steps("triton")
+    from deepport.backends.triton import moe_expanded_dispatch
+
+    monkeypatch.setattr(moe_expanded_dispatch, "_BLOCK_T", 16)
+    if case != "experts_288":  # 16 experts a step, the blocks before 2 a step (288 experts: 256 a step)
+        monkeypatch.setattr(moe_expanded_dispatch, "_TILE", 32)
+    _assert_routing_equal_to_the_general_route("triton", case == "ragged", _block_routing(case), idx_dtype)
+
+
 def _assert_equal_to_the_general_route(backend: str, fp8: bool, case: str) -> None:
-    local, device = _steps(backend), _device(backend)
     r = _routing(case, seed=len(case) + 10 * fp8)
-    idx = r["idx"].to(device)
-    args = (_payload(r, fp8, device), idx.to(torch.int32) if case == "random" else idx, r["w"].to(device), r["E"])
+    _assert_routing_equal_to_the_general_route(backend, fp8, r, torch.int32 if case == "random" else torch.int64)
+
+
+def _assert_routing_equal_to_the_general_route(backend: str, fp8: bool, r: dict[str, Any],
+                                               idx_dtype: torch.dtype) -> None:
+    local, device = _steps(backend), _device(backend)
+    args = (_payload(r, fp8, device), r["idx"].to(device, idx_dtype), r["w"].to(device), r["E"])
     poisoned = _PoisonedAlloc(device)
     got = moe_layouts.dispatch_expanded(dispatch_op.bind(*args, expert_alignment=r["align"], alloc=poisoned), local)
     outputs = [*(got.recv_x if fp8 else (got.recv_x,)), got.m_indices, got.recv_weights]

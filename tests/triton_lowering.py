@@ -131,7 +131,8 @@ def _counts(kernel: Any) -> dict[str, int]:
 
 
 def moe_lowering_report() -> dict[str, dict[str, int]]:
-    """Compile the MoE kernels for sm_90a; count the e4m3 conversions of the FP8 cast."""
+    """Compile the MoE kernels for sm_90a; count the e4m3 conversions of the FP8 cast and the atomic
+    instructions of the fused dispatch's count and layout kernels."""
     from deepport.backends.triton import moe_expanded_dispatch_kernels as x
     from deepport.backends.triton import moe_permute_kernels as k
 
@@ -148,12 +149,15 @@ def moe_lowering_report() -> dict[str, dict[str, int]]:
         "cast_fp8": compile_for(k.moe_cast_fp8_kernel, dict(
             x_ptr=Ptr("bf16"), q_ptr=Ptr("fp8e4nv"), scale_ptr=Ptr("fp32"), hidden=7168, fp8_max=448.0,
             fp8_max_inv=1 / 448, amax_floor=1e-4, STORE_FP32=False)),
+        "expanded_count": compile_for(x.moe_expanded_count_kernel, dict(
+            idx_ptr=Ptr("i64"), counts_ptr=Ptr("i32"), hist_ptr=Ptr("i32"), flags_ptr=Ptr("u8"), num_tokens=4096,
+            num_topk=8, num_experts=256, BLOCK_T=64, BLOCK_K=8, BLOCK_E=64)),
         "expanded_layout": compile_for(x.moe_expanded_layout_kernel, dict(
-            idx_ptr=Ptr("i64"), sums_ptr=Ptr("fp32"), counts_ptr=Ptr("i32"), token_of_ptr=Ptr("i64"),
-            src_row_ptr=Ptr("i64"), m_idx_ptr=Ptr("i32"), expert_of_ptr=Ptr("i32"), recv_w_ptr=Ptr("fp32"),
-            weight_of_ptr=Ptr("fp32"), recv_src_ptr=Ptr("i64"), recv_topk_ptr=Ptr("i64"), idx64_ptr=Ptr("i64"),
-            num_tokens=4096, num_topk=8, num_experts=256, alignment=128,
-            BLOCK_T=512, BLOCK_K=8, BLOCK_E=256, BLOCK_P=128)),
+            idx_ptr=Ptr("i64"), sums_ptr=Ptr("fp32"), counts_ptr=Ptr("i32"), hist_ptr=Ptr("i32"),
+            token_of_ptr=Ptr("i64"), src_row_ptr=Ptr("i64"), m_idx_ptr=Ptr("i32"), expert_of_ptr=Ptr("i32"),
+            recv_w_ptr=Ptr("fp32"), weight_of_ptr=Ptr("fp32"), recv_src_ptr=Ptr("i64"), recv_topk_ptr=Ptr("i64"),
+            idx64_ptr=Ptr("i64"), num_tokens=4096, num_topk=8, num_experts=256, alignment=128,
+            BLOCK_T=64, BLOCK_K=8, BLOCK_E=64, BLOCK_B=64, BLOCK_A=256, BLOCK_P=128)),
         "expanded_rows": compile_for(x.moe_expanded_rows_kernel, dict(
             x_ptr=Ptr("u8"), token_of_ptr=Ptr("i64"), out_ptr=Ptr("u8"), num_cols=7168, stride_x=7168,
             s_ptr=Ptr("i32"), s_out_ptr=Ptr("i32"), num_scale_cols=56, stride_s_row=1, stride_s_col=4096,
@@ -161,6 +165,9 @@ def moe_lowering_report() -> dict[str, dict[str, int]]:
     }
     report = {name: _counts(kernel) for name, kernel in kernels.items()}
     report["cast_fp8"]["e4m3_cvt"] = kernels["cast_fp8"].asm["ptx"].count("e4m3x2.f32")
+    for name in ("expanded_count", "expanded_layout"):
+        ptx = kernels[name].asm["ptx"]
+        report[name]["atomics"] = ptx.count("atom.") + ptx.count("red.global")
     return report
 
 

@@ -8,9 +8,11 @@ outputs (``recv_x`` and FP8 scales, ``m_indices``, ``recv_weights``, the per-exp
 :class:`~deepport.kernels.moe_handle.MoEExpandedHandle`, routes included) equal the general route's
 (:func:`~deepport.backends.torch.moe_layouts.dispatch_expanded_routed`) bit for bit. In order:
 
-1. one ``torch.zeros`` of a byte buffer holding the int32 counts ``[E + 1]`` and the uint8 flags ``[T]``;
-2. ``moe_layout_count_kernel`` (one rank of ``E`` experts): per expert the distinct tokens selecting it,
-   in ``counts[:E]``; the tokens routed anywhere in ``counts[E]``; the flags (the handle's
+1. one ``torch.zeros`` of a byte buffer holding the int32 counts ``[E + 1]``, the int32 per-block counts
+   ``hist`` ``[blocks, E + 1]`` (``blocks = ceil(T / _BLOCK_T)`` token blocks) and the uint8 flags ``[T]``;
+2. ``moe_expanded_count_kernel``, grid ``(blocks,)``: per token block and expert the distinct tokens of the
+   block selecting it, per block the tokens routed anywhere (``hist``), their sums over the blocks in
+   ``counts`` (per expert in ``counts[:E]``, routed anywhere in ``counts[E]``), the flags (the handle's
    ``is_token_in_rank``, bool ``[T, 1]``);
    three torch ops: the per-slot weight sums, float32 ``[T, K]``, ``sums[t, k]`` the sum over the slots
    ``j`` of ``where(topk_idx[t, j] == topk_idx[t, k], topk_weights[t, j], 0.0)``, the torch one-process
@@ -18,9 +20,11 @@ outputs (``recv_x`` and FP8 scales, ``m_indices``, ``recv_weights``, the per-exp
    shows only when a token names one expert in three or more slots; torch's reduction order is its
    own, on a GPU not necessarily the slot order); launched before the read, they overlap the count kernel;
 3. the one host read: ``counts.tolist()``, which sizes ``m = sum(align_up(counts[e], alignment))``;
-4. ``moe_expanded_layout_kernel``, grid ``(E,)``: per expanded row its token (int64, -1 for padding),
-   ``m_indices``, ``recv_weights`` and the handle's ``expanded_src_row`` / ``m_indices`` / ``weights``
-   copies, plus the handle's ``topk_idx`` (int64), ``recv_src_idx`` and ``recv_topk_idx``
+4. ``moe_expanded_layout_kernel``, grid ``(blocks + E,)``: one program per token block places its tokens
+   (an expert's rows of block ``b`` follow those of the blocks before ``b``, counted in ``hist``), one
+   per expert writes its padding rows: per expanded row its token (int64, -1 for padding), ``m_indices``,
+   ``recv_weights`` and the handle's ``expanded_src_row`` / ``m_indices`` / ``weights`` copies, plus the
+   handle's ``topk_idx`` (int64), ``recv_src_idx`` and ``recv_topk_idx``
    (:mod:`deepport.backends.triton.moe_expanded_dispatch_kernels` says who writes what);
 5. ``moe_expanded_rows_kernel``, grid ``(m, column blocks)``: each expanded row copied from ``x`` as raw
    bits, in the widest integer units that divide a row's bytes and both base addresses (padding rows
@@ -35,18 +39,19 @@ from __future__ import annotations
 import torch
 
 from deepport.backends.triton.moe_expanded_dispatch_kernels import (
+    moe_expanded_count_kernel,
     moe_expanded_layout_kernel,
     moe_expanded_rows_kernel,
 )
 from deepport.backends.triton.moe_permute import _BITS, _block, _guard
-from deepport.backends.triton.moe_permute_kernels import moe_layout_count_kernel
 from deepport.kernels.moe_args import FP8_BLOCK, MoEInput, align_up
 from deepport.kernels.moe_dispatch_expanded import MoEExpandedDispatchCall, MoEExpandedDispatchResult
 from deepport.kernels.moe_handle import MoEExpandedHandle, MoEHandle
 
 __all__ = ["dispatch"]
 
-_BLOCK_T = 512  # tokens per step of the layout kernel's walk (few steps: each is a round trip to memory)
+_BLOCK_T = 64  # tokens per block of the count and layout kernels (one program per block); the tunable
+_TILE = 4096  # elements of a [BLOCK_T, BLOCK_E] tile of tokens x experts (and of a [BLOCK_B, BLOCK_E] one)
 
 
 def _pow2(n: int, least: int = 2) -> int:
@@ -72,14 +77,18 @@ def dispatch(call: MoEExpandedDispatchCall) -> MoEExpandedDispatchResult:
     idx, w = call.topk_idx.contiguous(), call.topk_weights
     tokens, topk, hidden = int(idx.shape[0]), int(idx.shape[1]), int(data.shape[1])
     dev = idx.device
-    head = 4 * (experts + 1)
-    buf = torch.zeros(head + tokens, dtype=torch.uint8, device=dev)
-    counts, flags = buf[:head].view(torch.int32), buf[head:]
+    block_t = _BLOCK_T
+    blocks = -(-tokens // block_t)
+    block_e = min(_pow2(experts), max(16, _TILE // block_t))  # experts per step of a block's loop
+    head, hist_bytes = 4 * (experts + 1), 4 * blocks * (experts + 1)
+    buf = torch.zeros(head + hist_bytes + tokens, dtype=torch.uint8, device=dev)
+    counts, flags = buf[:head].view(torch.int32), buf[head + hist_bytes:]
+    hist = buf[head:head + hist_bytes].view(torch.int32)  # [blocks, E + 1]
     with _guard(dev):
         if tokens and topk:
-            moe_layout_count_kernel[(-(-tokens // 64),)](
-                idx, counts[experts:], counts[:experts], flags, tokens, topk, experts, 1,
-                BLOCK_T=64, BLOCK_K=_pow2(topk))
+            moe_expanded_count_kernel[(blocks,)](
+                idx, counts, hist, flags, tokens, topk, experts, BLOCK_T=block_t, BLOCK_K=_pow2(topk),
+                BLOCK_E=block_e)
         sums = torch.where(idx[:, None, :] == idx[:, :, None], w[:, None, :], 0.0).sum(2)  # float32 [T, K]
         host = counts.tolist()  # the one host read
         per_expert, num_recv = tuple(int(c) for c in host[:experts]), int(host[experts])
@@ -98,9 +107,10 @@ def dispatch(call: MoEExpandedDispatchCall) -> MoEExpandedDispatchResult:
         recv_src = torch.empty(num_recv, dtype=torch.int64, device=dev)
         recv_topk = torch.empty((num_recv, topk), dtype=torch.int64, device=dev)
         if tokens and topk:
-            moe_expanded_layout_kernel[(experts,)](
-                idx, sums, counts, token_of, src_row, m_indices, expert_of, recv_w, weight_of, recv_src, recv_topk,
-                idx64, tokens, topk, experts, align, BLOCK_T=_BLOCK_T, BLOCK_K=_pow2(topk), BLOCK_E=_pow2(experts),
+            moe_expanded_layout_kernel[(blocks + experts,)](
+                idx, sums, counts, hist, token_of, src_row, m_indices, expert_of, recv_w, weight_of, recv_src,
+                recv_topk, idx64, tokens, topk, experts, align, BLOCK_T=block_t, BLOCK_K=_pow2(topk),
+                BLOCK_E=block_e, BLOCK_B=min(_pow2(blocks), max(2, _TILE // block_e)), BLOCK_A=_pow2(experts),
                 BLOCK_P=_pow2(align, 16))
 
         if m and hidden:

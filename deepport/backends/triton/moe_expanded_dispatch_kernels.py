@@ -1,17 +1,34 @@
 """Triton kernels of the triton backend's fused one-process expanded MoE dispatch (any GPU triton targets);
 the wrapper and the layout they write are :mod:`deepport.backends.triton.moe_expanded_dispatch`.
 
-- :func:`moe_expanded_layout_kernel`, grid ``(E,)``: program ``e`` walks the tokens in order, one
-  ``[BLOCK_T, BLOCK_K]`` tile of ``topk_idx`` (int32 or int64) per step, and for each token selecting
-  expert ``e`` (any slot naming it) writes the expanded row ``start_e + (earlier tokens selecting e)``
-  (``start_e`` the aligned counts of the experts before ``e``, from ``counts``): ``token_of`` (int64,
-  the token), ``src_row`` (int64, the token's received row: the tokens routed anywhere before it),
-  ``m_indices`` / ``expert_of`` (int32 ``e``), ``recv_weights`` / ``weight_of`` (float32: ``sums[t, k]``
-  of a slot ``k`` naming ``e``, the caller's per-slot weight sums, equal for every such slot); then its
-  padding rows (``token_of`` / ``src_row`` / ``m_indices`` / ``expert_of`` -1, weights 0). Program 0 also
-  writes the handle's per-token arrays: ``idx64`` (``topk_idx`` as int64 ``[T, K]``), and for each token
-  routed anywhere its received row's ``recv_src`` (the token) and ``recv_topk`` (its ``topk_idx`` row,
-  int64). Every entry is written by exactly one program: no atomics, no order dependence.
+Token block ``b`` is the tokens ``b * BLOCK_T`` to ``(b + 1) * BLOCK_T - 1`` (the last one ragged), one of
+``blocks = ceil(T / BLOCK_T)``. Both layout kernels take the experts ``BLOCK_E`` at a time: per step a
+``[BLOCK_T, BLOCK_E]`` 0/1 tile of which token selects which expert, built slot by slot from ``topk_idx``
+(int32 or int64; a token naming an expert in several slots selects it once; ``-1`` slots name none).
+
+- :func:`moe_expanded_count_kernel`, grid ``(blocks,)``, before the host read: program ``b`` writes row
+  ``b`` of ``hist`` (int32 ``[blocks, E + 1]``): ``hist[b, e]`` the tokens of block ``b`` selecting expert
+  ``e``, ``hist[b, E]`` those routed anywhere; ``flags[t]`` (uint8 0/1, the handle's ``is_token_in_rank``)
+  of its tokens: whether routed anywhere; and adds its row to ``counts`` (int32 ``[E + 1]``, zeroed by the
+  caller: per expert its tokens, then the tokens routed anywhere) by integer atomic adds, the only atomics
+  of the dispatch (an integer sum: exact in any order).
+- :func:`moe_expanded_layout_kernel`, grid ``(blocks + E,)``, after the read. Program ``b < blocks``
+  places the tokens of block ``b``: the ``i``-th token of the block (in token order, from 0) selecting
+  expert ``e`` gets the expanded row ``start_e + sum(hist[b', e] for b' < b) + i``, ``start_e`` the
+  aligned counts ``align_up(counts[e'], alignment)`` of the experts ``e' < e`` (summed step by step over
+  the expert steps), the earlier blocks' rows of ``hist`` read ``BLOCK_B`` at a time, ``i`` the inclusive
+  running sum down the token axis of the 0/1 tile, minus one. Per such row it writes ``token_of`` (int64,
+  the token), ``src_row`` (int64, the token's received row), ``m_indices`` / ``expert_of`` (int32 ``e``)
+  and ``recv_weights`` / ``weight_of`` (float32: ``sums[t, k]`` of the first slot ``k`` naming ``e``, the
+  caller's per-slot weight sums, equal for every such slot). It also writes its tokens' entries of the
+  handle's per-token arrays: ``idx64`` (``topk_idx`` as int64 ``[T, K]``) and, for each token routed
+  anywhere, at its received row ``sum(hist[b', E] for b' < b)`` + (tokens of block ``b`` before it routed
+  anywhere), ``recv_src`` (the token) and ``recv_topk`` (its ``topk_idx`` row, int64). Program
+  ``blocks + e`` writes expert ``e``'s padding rows, ``start_e + counts[e]`` up to ``start_e +
+  align_up(counts[e], alignment)`` (``start_e`` from one ``BLOCK_A``-wide load of ``counts``), ``BLOCK_P``
+  a step: ``token_of`` / ``src_row`` / ``m_indices`` / ``expert_of`` -1, weights 0. Every entry is written
+  by exactly one program, no atomics: the rows of each expert's segment are in token order, the same
+  bits at any ``BLOCK_T``, ``BLOCK_E`` or ``BLOCK_B``.
 - :func:`moe_expanded_rows_kernel`, grid ``(m, ceil(C / BLOCK_C))``: ``out[r, :] = x[token_of[r], :]`` as
   raw bits (integer views), zero where ``token_of[r] == -1`` (padding rows); with ``HAS_SCALES`` the
   column-block-0 programs do the same for the FP8 scales row (``BLOCK_S`` columns, any strides of ``s``).
@@ -24,59 +41,121 @@ import triton.language as tl
 
 
 @triton.jit
-def moe_expanded_layout_kernel(idx_ptr, sums_ptr, counts_ptr, token_of_ptr, src_row_ptr, m_idx_ptr, expert_of_ptr,
-                               recv_w_ptr, weight_of_ptr, recv_src_ptr, recv_topk_ptr, idx64_ptr,
+def _tile(idx_ptr, tok, ok, num_topk, BLOCK_K: tl.constexpr):
+    """The ``[BLOCK_T, BLOCK_K]`` tile of ``topk_idx`` (int32; -1 outside) of tokens ``tok``, its offsets
+    and mask."""
+    slot = tl.arange(0, BLOCK_K)
+    in_tile = ok[:, None] & (slot[None, :] < num_topk)
+    at = tok[:, None].to(tl.int64) * num_topk + slot[None, :]
+    return tl.load(idx_ptr + at, mask=in_tile, other=-1).to(tl.int32), at, in_tile
+
+
+@triton.jit
+def _hits(idx_ptr, sums_ptr, tok, ok, e, num_topk, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+          WEIGHTS: tl.constexpr):
+    """``[BLOCK_T, BLOCK_E]``: whether token ``tok[i]`` selects expert ``e[j]`` in any slot (int32 0/1,
+    a token naming ``e`` in several slots counts once), and with ``WEIGHTS`` the weight sum of its first
+    slot naming ``e`` (0 where none)."""
+    hit = tl.zeros([BLOCK_T, BLOCK_E], tl.int32)
+    w = tl.zeros([BLOCK_T, BLOCK_E], tl.float32)
+    for k in range(0, num_topk):
+        col = tl.load(idx_ptr + tok.to(tl.int64) * num_topk + k, mask=ok, other=-1).to(tl.int32)
+        match = col[:, None] == e[None, :]
+        if WEIGHTS:
+            s = tl.load(sums_ptr + tok.to(tl.int64) * num_topk + k, mask=ok, other=0.0)
+            w = tl.where(match & (hit == 0), s[:, None], w)
+        hit = tl.maximum(hit, match.to(tl.int32))
+    return hit, w
+
+
+@triton.jit
+def moe_expanded_count_kernel(idx_ptr, counts_ptr, hist_ptr, flags_ptr, num_tokens, num_topk, num_experts,
+                              BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr):
+    b = tl.program_id(0)
+    tok = b * BLOCK_T + tl.arange(0, BLOCK_T)
+    ok = tok < num_tokens
+    ids = _tile(idx_ptr, tok, ok, num_topk, BLOCK_K)[0]
+    routed = tl.max((ids >= 0).to(tl.int32), 1)
+    tl.store(flags_ptr + tok, routed.to(tl.uint8), mask=ok)
+    row = hist_ptr + b.to(tl.int64) * (num_experts + 1)
+    routed_here = tl.sum(routed, 0)
+    tl.store(row + num_experts, routed_here)
+    tl.atomic_add(counts_ptr + num_experts, routed_here)
+    for e0 in range(0, num_experts, BLOCK_E):
+        e = e0 + tl.arange(0, BLOCK_E)
+        hit = _hits(idx_ptr, idx_ptr, tok, ok, e, num_topk, BLOCK_T, BLOCK_E, WEIGHTS=False)[0]
+        here = tl.sum(hit, 0)
+        tl.store(row + e, here, mask=e < num_experts)
+        tl.atomic_add(counts_ptr + e, here, mask=(e < num_experts) & (here > 0))
+
+
+@triton.jit
+def _aligned(counts_ptr, e, e_ok, alignment):
+    count = tl.load(counts_ptr + e, mask=e_ok, other=0)
+    return (count + alignment - 1) // alignment * alignment
+
+
+@triton.jit
+def moe_expanded_layout_kernel(idx_ptr, sums_ptr, counts_ptr, hist_ptr, token_of_ptr, src_row_ptr, m_idx_ptr,
+                               expert_of_ptr, recv_w_ptr, weight_of_ptr, recv_src_ptr, recv_topk_ptr, idx64_ptr,
                                num_tokens, num_topk, num_experts, alignment,
                                BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
-                               BLOCK_P: tl.constexpr):
-    e = tl.program_id(0)
-    experts = tl.arange(0, BLOCK_E)
-    counts = tl.load(counts_ptr + experts, mask=experts < num_experts, other=0)
-    aligned = (counts + alignment - 1) // alignment * alignment
-    start = tl.sum(tl.where(experts < e, aligned, 0), 0)
-    count = tl.load(counts_ptr + e)
-    end = start + (count + alignment - 1) // alignment * alignment
-    before_e = start * 0  # tokens selecting e so far
-    before_any = start * 0  # tokens routed anywhere so far
-    slot = tl.arange(0, BLOCK_K)
-    for t0 in range(0, num_tokens, BLOCK_T):  # one [BLOCK_T, K] tile of topk_idx per step
-        tok = t0 + tl.arange(0, BLOCK_T)
+                               BLOCK_B: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_P: tl.constexpr):
+    p = tl.program_id(0)
+    blocks = tl.cdiv(num_tokens, BLOCK_T)
+    width = num_experts + 1  # a row of hist
+    if p < blocks:  # token block p: its tokens' rows
+        tok = p * BLOCK_T + tl.arange(0, BLOCK_T)
         ok = tok < num_tokens
-        lead = (tok * 0 + e) == 0  # program 0 writes the per-token arrays of the handle
-        in_tile = ok[:, None] & (slot[None, :] < num_topk)
-        at = tok[:, None].to(tl.int64) * num_topk + slot[None, :]
-        ids = tl.load(idx_ptr + at, mask=in_tile, other=-1).to(tl.int32)
-        hit = (ids == e).to(tl.int32)
-        sel = tl.max(hit, 1)
+        ids, at, in_tile = _tile(idx_ptr, tok, ok, num_topk, BLOCK_K)
+        slot = tl.arange(0, BLOCK_K)
         routed = tl.max((ids >= 0).to(tl.int32), 1)
+        before_any = p * 0  # tokens routed anywhere in the blocks before p
+        for b0 in range(0, p, BLOCK_B):
+            b = b0 + tl.arange(0, BLOCK_B)
+            before_any += tl.sum(tl.load(hist_ptr + b.to(tl.int64) * width + num_experts, mask=b < p, other=0), 0)
         recv_row = before_any + tl.cumsum(routed, 0) - 1
-        pick = ok & (sel > 0)
-        row = (start + before_e + tl.cumsum(sel, 0) - 1).to(tl.int64)
-        # every slot naming e carries the same sum: read the one argmax finds
-        wsum = tl.load(sums_ptr + tok.to(tl.int64) * num_topk + tl.argmax(hit, 1), mask=pick, other=0.0)
-        tl.store(token_of_ptr + row, tok.to(tl.int64), mask=pick)
-        tl.store(src_row_ptr + row, recv_row.to(tl.int64), mask=pick)
-        tl.store(m_idx_ptr + row, tl.full([BLOCK_T], 0, tl.int32) + e, mask=pick)
-        tl.store(expert_of_ptr + row, tl.full([BLOCK_T], 0, tl.int32) + e, mask=pick)
-        tl.store(recv_w_ptr + row, wsum, mask=pick)
-        tl.store(weight_of_ptr + row, wsum, mask=pick)
-        got = ok & (routed > 0) & lead
-        tl.store(idx64_ptr + at, ids.to(tl.int64), mask=in_tile & lead[:, None])
+        got = ok & (routed > 0)
+        tl.store(idx64_ptr + at, ids.to(tl.int64), mask=in_tile)
         tl.store(recv_src_ptr + recv_row, tok.to(tl.int64), mask=got)
         tl.store(recv_topk_ptr + recv_row[:, None].to(tl.int64) * num_topk + slot[None, :], ids.to(tl.int64),
                  mask=in_tile & got[:, None])
-        before_e += tl.sum(sel, 0)
-        before_any += tl.sum(routed, 0)
-    for p0 in range(start + count, end, BLOCK_P):
-        rows = p0 + tl.arange(0, BLOCK_P)
-        pad = rows < end
-        minus = tl.full([BLOCK_P], -1, tl.int32)
-        tl.store(token_of_ptr + rows, minus.to(tl.int64), mask=pad)
-        tl.store(src_row_ptr + rows, minus.to(tl.int64), mask=pad)
-        tl.store(m_idx_ptr + rows, minus, mask=pad)
-        tl.store(expert_of_ptr + rows, minus, mask=pad)
-        tl.store(recv_w_ptr + rows, tl.zeros([BLOCK_P], tl.float32), mask=pad)
-        tl.store(weight_of_ptr + rows, tl.zeros([BLOCK_P], tl.float32), mask=pad)
+        start = p * 0  # aligned rows of the experts before this chunk
+        for e0 in range(0, num_experts, BLOCK_E):
+            e = e0 + tl.arange(0, BLOCK_E)
+            e_ok = e < num_experts
+            aligned = _aligned(counts_ptr, e, e_ok, alignment)
+            first = start + tl.cumsum(aligned, 0) - aligned  # each expert's first row ...
+            for b0 in range(0, p, BLOCK_B):  # ... plus its tokens in the blocks before p
+                b = b0 + tl.arange(0, BLOCK_B)
+                first += tl.sum(tl.load(hist_ptr + b[:, None].to(tl.int64) * width + e[None, :],
+                                        mask=(b[:, None] < p) & e_ok[None, :], other=0), 0)
+            start += tl.sum(aligned, 0)
+            hit, w = _hits(idx_ptr, sums_ptr, tok, ok, e, num_topk, BLOCK_T, BLOCK_E, WEIGHTS=True)
+            row = (first[None, :] + tl.cumsum(hit, 0) - 1).to(tl.int64)  # + earlier tokens of p selecting e
+            pick = hit > 0
+            tl.store(token_of_ptr + row, tok[:, None].to(tl.int64), mask=pick)
+            tl.store(src_row_ptr + row, recv_row[:, None].to(tl.int64), mask=pick)
+            tl.store(m_idx_ptr + row, e[None, :], mask=pick)
+            tl.store(expert_of_ptr + row, e[None, :], mask=pick)
+            tl.store(recv_w_ptr + row, w, mask=pick)
+            tl.store(weight_of_ptr + row, w, mask=pick)
+    else:  # expert p - blocks: its padding rows
+        e = p - blocks
+        experts = tl.arange(0, BLOCK_A)
+        start = tl.sum(_aligned(counts_ptr, experts, experts < e, alignment), 0)
+        count = tl.load(counts_ptr + e)
+        end = start + (count + alignment - 1) // alignment * alignment
+        for p0 in range(start + count, end, BLOCK_P):
+            rows = p0 + tl.arange(0, BLOCK_P)
+            pad = rows < end
+            minus = tl.full([BLOCK_P], -1, tl.int32)
+            tl.store(token_of_ptr + rows, minus.to(tl.int64), mask=pad)
+            tl.store(src_row_ptr + rows, minus.to(tl.int64), mask=pad)
+            tl.store(m_idx_ptr + rows, minus, mask=pad)
+            tl.store(expert_of_ptr + rows, minus, mask=pad)
+            tl.store(recv_w_ptr + rows, tl.zeros([BLOCK_P], tl.float32), mask=pad)
+            tl.store(weight_of_ptr + rows, tl.zeros([BLOCK_P], tl.float32), mask=pad)
 
 
 @triton.jit
