@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -108,6 +109,25 @@ def layout_sweep(args: argparse.Namespace) -> None:
             f"{k} {v:.1f} us" for k, v in times.items() if k.startswith("moe_")))
 
 
+def _check_and_time(launch: Callable[[], None], out: torch.Tensor, want: torch.Tensor, moved: int,
+                    label: str) -> None:
+    """One launch into ``out`` (poisoned by the caller), compared bit for bit with ``want``; if equal, the
+    mean of 20 launches between CUDA events. Prints ``label`` with the time and GB/s, or WRONG."""
+    launch()
+    torch.cuda.synchronize()
+    if not torch.equal(out.view(torch.int16), want.view(torch.int16)):
+        print(f"{label}: WRONG")
+        return
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(20):
+        launch()
+    end.record()
+    end.synchronize()
+    us = start.elapsed_time(end) * 1e3 / 20
+    print(f"{label}: {us:7.1f} us {moved / us / 1e3:6.0f} GB/s")
+
+
 def rows_sweep(args: argparse.Namespace) -> None:
     """Device time of ``moe_expanded_rows_kernel`` alone (events around 20 launches) per element width,
     ``BLOCK_C`` and ``num_warps``, on the rows of a real dispatch; each candidate's output checked against
@@ -138,19 +158,7 @@ def rows_sweep(args: argparse.Namespace) -> None:
                         xb, token_of, ob, cols, xb.stride(0), xb, ob, 0, 0, 0, HAS_SCALES=False, BLOCK_C=block,
                         BLOCK_S=16, num_warps=warps)
 
-                launch()
-                torch.cuda.synchronize()
-                if not torch.equal(out.view(torch.int16), want.view(torch.int16)):
-                    print(f"{bits!s:12s} BLOCK_C {block:5d} warps {warps:2d}: WRONG")
-                    continue
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                for _ in range(20):
-                    launch()
-                end.record()
-                end.synchronize()
-                us = start.elapsed_time(end) * 1e3 / 20
-                print(f"{bits!s:12s} BLOCK_C {block:5d} warps {warps:2d}: {us:7.1f} us {moved / us / 1e3:6.0f} GB/s")
+                _check_and_time(launch, out, want, moved, f"{bits!s:12s} BLOCK_C {block:5d} warps {warps:2d}")
 
 
 def combine_sweep(args: argparse.Namespace) -> None:
@@ -194,19 +202,7 @@ def combine_sweep(args: argparse.Namespace) -> None:
                 moe_weighted_rows_kernel[(num_rows, -(-cols // block))](
                     y, src_pos, weights, seg, out, cols, y.stride(0), BLOCK_C=block, num_warps=warps)
 
-            launch()
-            torch.cuda.synchronize()
-            if not torch.equal(out.view(torch.int16), want.view(torch.int16)):
-                print(f"BLOCK_C {block:5d} warps {warps:2d}: WRONG")
-                continue
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(20):
-                launch()
-            end.record()
-            end.synchronize()
-            us = start.elapsed_time(end) * 1e3 / 20
-            print(f"BLOCK_C {block:5d} warps {warps:2d}: {us:7.1f} us {moved / us / 1e3:6.0f} GB/s")
+            _check_and_time(launch, out, want, moved, f"BLOCK_C {block:5d} warps {warps:2d}")
 
 
 if __name__ == "__main__":
