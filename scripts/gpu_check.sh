@@ -34,6 +34,8 @@
 #   bash scripts/gpu_check.sh hopper-mla   scripts/gpu_hopper_mla.py: probe (own deadline: a hung kernel ends
 #                                          only this step), then smoke certify and the MLA bench
 #   bash scripts/gpu_check.sh bench        deepport bench (MoE configs need 2 GPUs)
+#   bash scripts/gpu_check.sh tune         sweeps of code not yet measured on a GPU (fused MoE dispatch and
+#                                          combine kernels, triton FP8 tail split), with their GPU tests
 #   bash scripts/gpu_check.sh backends     GPU tests + smoke certify of torch/triton/hopper on cuda + deepport bench
 #   bash scripts/gpu_check.sh selection    automatic choice on real inputs vs the shipped performance table
 #                                          (scripts/gpu_selection.py) + the automatic-choice GPU tests
@@ -188,10 +190,20 @@ case "$stage" in
       echo "not done yet:"; tail -n 5 "$dir/out/certify.log" 2>/dev/null || tail -n 5 "$dir/script.log" 2>/dev/null
       exit 1
     fi ;;
+  tune)  # the tuning sweeps of code not yet measured on a GPU, one call (~5 min): the fused MoE dispatch's
+         # layout/rows kernels and the combine's kernel (scripts/gpu_moe_trace.py, each candidate checked bit
+         # for bit first), the triton dense FP8 sweep with the tail-split candidates, and the GPU tests of both
+    environment
+    DEEPPORT_CHECK_VALUES=0 timeout 150 python3 scripts/gpu_moe_trace.py --block-t 16 32 64 128 256 --rows --combine \
+      > "$OUT/moe_trace.txt" 2>&1; grep -E "BLOCK_T|BLOCK_C|WRONG|us  " "$OUT/moe_trace.txt" | head -n 80
+    timeout 60 python3 -m pytest -q tests/test_moe_one_process_expanded.py tests/test_triton_gpu.py 2>&1 | tail -n 3
+    timeout 280 python3 scripts/gpu_triton_sweep.py --only fp8 --budget-s 240 --out "$OUT/triton-sweep" \
+      > "$OUT/triton_sweep.txt" 2>&1; tail -n 60 "$OUT/triton_sweep.txt"
+    tar -czf "$OUT/triton-sweep.tar.gz" -C "$OUT" triton-sweep 2>/dev/null && rm -rf "$OUT/triton-sweep" ;;
   bench)
     environment
     python3 -m deepport bench --device cuda --out "$OUT/bench" 2>&1 | tail -n 80
     cp "$OUT/bench/bench.json" "$OUT/bench.json" 2>/dev/null; cp "$OUT/bench/bench.png" "$OUT/bench.png" 2>/dev/null
     rm -rf "$OUT/bench" ;;
-  *) echo "unknown stage $stage (mla, fp8, moe-tests, cert-a, cert-b, part NAME, merge, parts-start, parts-collect, cpu-cert-start, cpu-cert-collect, hopper-mla, ecosystem, profile-mla, bench, backends, selection)"; exit 2 ;;
+  *) echo "unknown stage $stage (mla, fp8, moe-tests, cert-a, cert-b, part NAME, merge, parts-start, parts-collect, cpu-cert-start, cpu-cert-collect, hopper-mla, ecosystem, profile-mla, bench, tune, backends, selection)"; exit 2 ;;
 esac
