@@ -107,6 +107,7 @@ def test_probe_catches_host_syncs() -> None:
 
 @pytest.mark.parametrize("world, params", [
     (2, dict(tokens=(13, 0))),  # rank 1 sends nothing
+    (3, dict(tokens=(9, 0, 5), experts=12, topk=2)),  # no tokens and more ranks than slots (low-latency)
     (3, dict(tokens=(7, 0, 11), experts=12, dup=0.3, fp8=True)),
     (4, dict(tokens=(5, 12, 0, 8), experts=32, topk=6, dup=0.3, nowhere=0.2)),
     (2, dict(tokens=(6, 10), experts=2, topk=2, dup=0.5)),  # one expert per rank: bf16 rows back

@@ -6,6 +6,10 @@ tensors that travel together (payload, FP8 scales, routing metadata) are packed 
 byte row (:class:`RowFormat`), so a direction costs one collective. A world of one (``group=None``)
 copies.
 
+Another transport (the hopper backend's one-sided writes into peers' memory over NVLink,
+:mod:`deepport.backends.hopper.peer_transport`) takes over every exchange of the calls made inside
+:func:`use_transport`: the routing code above it is unchanged, only the bytes travel another way.
+
 Failures: a collective that fails or times out (a peer that stalled, died or never called the op)
 raises :class:`MoECommError` (a ``TimeoutError`` when the backend reports a timeout) naming the op,
 the collective, this rank and the group size. The limit is the process group's ``timeout``
@@ -16,9 +20,11 @@ exchange), or through NCCL's watchdog, which aborts the communicator after the s
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -71,14 +77,38 @@ class Pending:
         return self.out
 
 
+class Transport(Protocol):
+    """Moves the rows of one all-to-all (the contract of :func:`start_all_to_all`, ``grp`` a real group)."""
+
+    def start(self, out: torch.Tensor, send: torch.Tensor, recv_counts: Sequence[int] | None,
+              send_counts: Sequence[int] | None, grp: MoEGroup, what: str) -> Pending: ...
+
+
+_ACTIVE: contextvars.ContextVar[Transport | None] = contextvars.ContextVar("deepport_moe_transport", default=None)
+
+
+@contextlib.contextmanager
+def use_transport(transport: Transport) -> Iterator[None]:
+    """Inside the block, every exchange of a multi-rank MoE call goes through ``transport`` instead of
+    ``torch.distributed.all_to_all_single`` (per thread / task: a context variable)."""
+    token = _ACTIVE.set(transport)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
 def start_all_to_all(out: torch.Tensor, send: torch.Tensor, recv_counts: Sequence[int] | None,
                      send_counts: Sequence[int] | None, grp: MoEGroup, what: str) -> Pending:
     """Launch ``all_to_all_single(out, send, recv_counts, send_counts)`` on ``grp`` without waiting
     (``None`` counts: equal splits, no host data at all; a world of one copies). Both tensors are
-    contiguous with the same row size."""
+    contiguous with the same row size. Inside :func:`use_transport`, that transport moves the rows."""
     if grp.group is None:
         out.copy_(send)
         return Pending(what, grp, None, out)
+    transport = _ACTIVE.get()
+    if transport is not None:
+        return transport.start(out, send, recv_counts, send_counts, grp, what)
     import torch.distributed as dist  # local: a torch build without distributed still imports this module
 
     def launch() -> Any:

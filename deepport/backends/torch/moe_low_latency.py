@@ -151,14 +151,14 @@ def _targets(send_slot: torch.Tensor, idx: torch.Tensor, num_local: int, t_max: 
     """int64 ``[T, Q]``: the send-buffer row of each (token, destination) pair, ``world * T_max``
     (the trash row) for pairs not sent. ``Q = world`` when ``world <= K`` (one pair per rank), else
     ``Q = K`` (one pair per slot; two slots on one rank name the same row, written twice alike)."""
-    t, world = int(send_slot.shape[0]), int(send_slot.shape[1])
+    world = int(send_slot.shape[1])
     trash = world * t_max
     if world <= int(idx.shape[1]):
         ranks = torch.arange(world, device=idx.device)[None, :]
         return torch.where(send_slot >= 0, ranks * t_max + send_slot, trash)
     rank_of = torch.where(idx >= 0, idx // num_local, 0)
     slot = send_slot.gather(1, rank_of)
-    return torch.where(idx >= 0, rank_of * t_max + slot, trash).reshape(t, -1)
+    return torch.where(idx >= 0, rank_of * t_max + slot, trash)  # [T, K] (T may be 0)
 
 
 def _scatter_rows(dst: torch.Tensor, targets: torch.Tensor, src: torch.Tensor) -> None:

@@ -1,0 +1,92 @@
+// Flags of the peer transport (deepport/backends/hopper/peer_transport.py) over NVLink peer mappings.
+//
+// One launch handles up to DP_PEER_MAX_OPS flags, one thread each (block of 32 * k threads, grid 1):
+//
+//   mode 0, signal: one more chunk for the flag's owner. A release fence at system scope orders the
+//           kernels before it on this stream (the copies into peer memory) before the flag's increment,
+//           which is a relaxed atomic add at system scope (red.release.sys): readers that see the new
+//           count see the data.
+//   mode 1, wait:   target = ++counter (a counter in this GPU's memory, so a captured CUDA graph waits
+//           for the next chunk at each replay, not for a value frozen at capture time); spin with
+//           ld.acquire.sys until the flag reaches target.
+//   mode 2, wait without advancing: target = counter (the acknowledgements of chunks already sent).
+//
+// A wait is bounded: past timeout_ns (the %globaltimer clock), the first thread that gives up writes
+// {1, op index, flag value seen, target} into the error record (host-mapped pinned memory, read by the
+// host without a sync) and traps, so the stream stops with an error instead of hanging or moving
+// stale data on; the host turns the record into MoECommTimeout.
+//
+// Compiled with NVRTC (no C library headers).
+
+#ifndef DP_PEER_MAX_OPS
+#define DP_PEER_MAX_OPS 64
+#endif
+
+typedef unsigned long long u64;
+typedef long long i64;
+
+namespace dp {
+
+struct PeerOp {
+    u64 flag;     // address of the int64 flag (a peer mapping for signals, this GPU's area for waits)
+    u64 counter;  // address of this GPU's int64 counter for the pair (signals: chunks sent)
+};
+
+struct PeerFlagParams {
+    PeerOp ops[DP_PEER_MAX_OPS];
+    u64 error;        // i64[4] host-mapped: {failed, op index, seen, target}
+    i64 timeout_ns;
+    int num_ops;
+    int mode;         // 0 signal, 1 wait for the next chunk, 2 wait for the counter's value
+};
+
+__device__ __forceinline__ i64 load_acquire_sys(const i64* p) {
+    i64 v;
+    asm volatile("ld.acquire.sys.global.s64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+    return v;
+}
+
+__device__ __forceinline__ void add_release_sys(i64* p, i64 v) {
+    asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+__device__ __forceinline__ u64 global_ns() {
+    u64 t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+
+}  // namespace dp
+
+extern "C" __global__ void __launch_bounds__(DP_PEER_MAX_OPS)
+dp_peer_flags_kernel(const __grid_constant__ dp::PeerFlagParams p) {
+    const int i = threadIdx.x;
+    if (i >= p.num_ops) return;
+    i64* flag = reinterpret_cast<i64*>(p.ops[i].flag);
+    i64* counter = reinterpret_cast<i64*>(p.ops[i].counter);
+    if (p.mode == 0) {
+        asm volatile("fence.acq_rel.sys;" ::: "memory");
+        dp::add_release_sys(flag, 1);
+        *counter += 1;
+        return;
+    }
+    const i64 target = p.mode == 1 ? (*counter += 1) : *counter;
+    const u64 start = dp::global_ns();
+    unsigned sleep_ns = 32;
+    for (;;) {
+        const i64 seen = dp::load_acquire_sys(flag);
+        if (seen >= target) break;
+        if (static_cast<i64>(dp::global_ns() - start) > p.timeout_ns) {
+            i64* err = reinterpret_cast<i64*>(p.error);
+            if (atomicCAS(reinterpret_cast<unsigned long long*>(err), 0ull, 1ull) == 0ull) {
+                err[1] = i;
+                err[2] = seen;
+                err[3] = target;
+                __threadfence_system();
+            }
+            __trap();
+        }
+        __nanosleep(sleep_ns);
+        if (sleep_ns < 1024) sleep_ns *= 2;
+    }
+}

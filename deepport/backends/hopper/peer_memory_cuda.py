@@ -1,0 +1,144 @@
+"""Peer memory over NVLink for GPUs of one host: PyTorch symmetric memory plus the flag kernel.
+
+Each rank allocates one symmetric buffer (``torch.distributed._symmetric_memory.empty`` then
+``rendezvous`` over the group), which maps every peer's buffer into this process (plain peer loads and
+stores over NVLink). Layout as in :mod:`.peer_memory_shm`: ``2 * world`` int64 flags (``data[source]``,
+``ack[destination]``), padded to 64 bytes, then ``world`` blocks of ``capacity`` bytes. Writes into a
+peer's block are ``copy_`` kernels on torch's current stream; flags are raised and awaited by
+``kernels/sm90_peer_flags.cu`` on the same stream, so a call never blocks the host and the low-latency
+ops stay capturable in a CUDA graph (the expected flag values are counters in device memory).
+
+Never NVLink multicast: multicast objects can put a shared host's GPUs out of service. Before the first
+buffer, :func:`forbid_multicast` sets ``TORCH_SYMM_MEM_DISABLE_MULTICAST=1``, ``NCCL_NVLS_ENABLE=0`` and
+``NVSHMEM_DISABLE_NVLS=1`` where unset and refuses to go on when one is set otherwise; nothing here
+creates a multicast object or issues a multimem instruction.
+
+A wait that times out (a peer stalled, died or never called the op) records the stall in host-mapped
+memory and traps; :meth:`CudaPeerMemory.raise_if_failed` (called at each op's start and where a caller
+syncs) turns the record into :class:`~deepport.backends.torch.moe_comm.MoECommTimeout`. The CUDA context
+is unusable after a trap, as after any device-side fault: the process must restart its GPU work.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from deepport.backends.torch.moe_comm import MoECommTimeout
+
+HEADER_ALIGN = 64
+MAX_OPS = 64  # flags per launch (DP_PEER_MAX_OPS): one per peer, so groups of up to 65 ranks
+_OP = struct.Struct("<2Q")
+_TAIL = struct.Struct("<Qqii")
+PARAMS_SIZE = MAX_OPS * _OP.size + _TAIL.size  # 1048 bytes, well under the 4 KiB parameter limit
+SIGNAL, WAIT_NEXT, WAIT_COUNTER = 0, 1, 2
+MULTICAST_OFF = {"TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NCCL_NVLS_ENABLE": "0", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def forbid_multicast() -> None:
+    """Set the variables that keep PyTorch, NCCL and NVSHMEM off NVLink multicast (where unset); raise
+    when one is set to anything else."""
+    for name, value in MULTICAST_OFF.items():
+        got = os.environ.setdefault(name, value)
+        if got.strip() != value:
+            raise RuntimeError(f"the hopper peer transport never uses NVLink multicast: expected {name}={value}, "
+                               f"got {name}={got!r} (unset it or set it to {value})")
+
+
+def pack_params(ops: Sequence[tuple[int, int]], error: int, timeout_ns: int, mode: int) -> bytes:
+    """The kernel's ``dp::PeerFlagParams``: ``ops`` of ``(flag address, counter address)``."""
+    if not 0 < len(ops) <= MAX_OPS:
+        raise ValueError(f"expected 1..{MAX_OPS} flags per launch, got {len(ops)}")
+    body = b"".join(_OP.pack(f, c) for f, c in ops) + bytes(_OP.size * (MAX_OPS - len(ops)))
+    return body + _TAIL.pack(error, timeout_ns, len(ops), mode)
+
+
+def _flag_function(device_index: int) -> Any:
+    from deepport.backends.hopper import jit, launch
+    from deepport.backends.hopper.sources import KernelSource, package_file
+
+    source = KernelSource("sm90_peer_flags.cu", package_file("sm90_peer_flags.cu"), (), "dp_peer_flags_kernel")
+    key, cubin = jit.get_cubin(source, (f"-DDP_PEER_MAX_OPS={MAX_OPS}",))
+    return launch.load_function(key, cubin, source.entry, device_index, 0)
+
+
+class CudaPeerMemory:
+    """:class:`~deepport.backends.hopper.peer_transport.PeerMemory` over symmetric memory (collective:
+    every rank of ``group`` constructs it together, each on its own GPU)."""
+
+    def __init__(self, group: Any, device: torch.device, capacity: int, timeout_s: float) -> None:
+        import torch.distributed as dist
+        from torch.distributed import _symmetric_memory as symm_mem
+
+        forbid_multicast()
+        if capacity <= 0 or capacity % 16:
+            raise ValueError(f"capacity must be a positive multiple of 16 bytes, got {capacity}")
+        self.device = device
+        self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
+        if self.world_size - 1 > MAX_OPS:
+            raise ValueError(f"the peer transport handles up to {MAX_OPS + 1} ranks, got {self.world_size}")
+        self.capacity, self.timeout_ns = int(capacity), int(timeout_s * 1e9)
+        w = self.world_size
+        self.header = -(-2 * w * 8 // HEADER_ALIGN) * HEADER_ALIGN
+        nbytes = self.header + w * self.capacity
+        self.buffer = symm_mem.empty(nbytes, dtype=torch.uint8, device=device)
+        self.buffer[: self.header].zero_()
+        with warnings.catch_warnings():  # needed before torch 2.8, deprecated (and a no-op) since
+            warnings.simplefilter("ignore", FutureWarning)
+            symm_mem.enable_symm_mem_for_group(group.group_name)
+        self.handle = symm_mem.rendezvous(self.buffer, group.group_name)
+        self.areas = [self.buffer if r == self.rank else self.handle.get_buffer(r, (nbytes,), torch.uint8)
+                      for r in range(w)]
+        self.flag_base = [int(a.data_ptr()) for a in self.areas]
+        # chunks sent to / received from / acknowledged to each peer: device counters (graph replays advance them)
+        self.counters = torch.zeros((3, w), dtype=torch.int64, device=device)
+        self.error = torch.zeros(4, dtype=torch.int64, pin_memory=True)
+        torch.cuda.synchronize(device)
+        dist.barrier(group=group)  # every rank's flags are zero before anyone signals
+        self.function = _flag_function(device.index if device.index is not None else torch.cuda.current_device())
+
+    def _flag(self, owner: int, slot: int) -> int:
+        return self.flag_base[owner] + 8 * slot
+
+    def _counter(self, row: int, peer: int) -> int:
+        return int(self.counters.data_ptr()) + 8 * (row * self.world_size + peer)
+
+    def _launch(self, ops: list[tuple[int, int]], mode: int) -> None:
+        from deepport.backends.hopper import launch
+
+        params = pack_params(ops, int(self.error.data_ptr()), self.timeout_ns, mode)
+        launch.launch(self.function, 1, 32 * -(-len(ops) // 32), 0, params, self.device)
+
+    def block(self, owner: int, source: int) -> torch.Tensor:
+        at = self.header + source * self.capacity
+        return self.areas[owner][at: at + self.capacity]
+
+    def wait_acks(self, peers: Sequence[int], what: str) -> None:
+        self.raise_if_failed(what)
+        w = self.world_size
+        self._launch([(self._flag(self.rank, w + r), self._counter(0, r)) for r in peers], WAIT_COUNTER)
+
+    def signal_data(self, peers: Sequence[int]) -> None:
+        self._launch([(self._flag(r, self.rank), self._counter(0, r)) for r in peers], SIGNAL)
+
+    def wait_data(self, sources: Sequence[int], what: str) -> None:
+        self._launch([(self._flag(self.rank, s), self._counter(1, s)) for s in sources], WAIT_NEXT)
+
+    def signal_acks(self, sources: Sequence[int]) -> None:
+        w = self.world_size
+        self._launch([(self._flag(s, w + self.rank), self._counter(2, s)) for s in sources], SIGNAL)
+
+    def raise_if_failed(self, what: str) -> None:
+        """Raise :class:`MoECommTimeout` when a wait kernel has recorded a stall (reads pinned memory: no sync)."""
+        failed, op, seen, target = (int(v) for v in self.error.tolist())
+        if failed:
+            raise MoECommTimeout(
+                f"{what}: peer transport over {self.world_size} ranks timed out on rank {self.rank} after "
+                f"{self.timeout_ns / 1e9:g} s (wait #{op}: flag {seen}, expected {target}): a peer stalled, died or "
+                f"never called the op; the GPU stopped this stream with a trap, so this process's CUDA context "
+                f"must be recreated")

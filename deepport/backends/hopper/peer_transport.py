@@ -1,0 +1,164 @@
+"""All-to-all by one-sided writes into peers' memory: the transport of the hopper backend's MoE ops.
+
+Every rank of the group owns a receive area that every other rank can write (NVLink peer mappings of
+PyTorch symmetric memory on GPUs of one host, :mod:`.peer_memory_cuda`; shared-memory files for CPU
+processes of one host, :mod:`.peer_memory_shm`, which is how CI runs this algorithm). The area holds one
+block of ``capacity`` bytes per source rank. An exchange (the contract of
+:func:`deepport.backends.torch.moe_comm.start_all_to_all`: ``send``'s rows ``send_counts[r]`` to rank ``r``,
+``out`` the rows from rank 0, then 1, ...) runs in rounds; in round ``j`` each rank
+
+1. waits until every peer it still sends to has consumed its previous chunk (an *ack* flag per pair),
+2. writes chunk ``j`` (bytes ``[j * capacity, (j + 1) * capacity)`` of what it sends to ``r``) into
+   block ``me`` of each such peer ``r``, then raises the pair's *data* flag,
+3. waits for the data flags of the peers it still receives from, copies their chunk ``j`` out of its
+   own area into ``out``, and raises their ack flags.
+
+Both ends of a pair know the pair's byte count (the sender from ``send_counts``, the receiver from
+``recv_counts``; equal splits from the shapes), hence its number of chunks (at least one: an empty
+message still signals, so a peer that never calls the op is noticed, and the flags of every pair
+advance in step). Flags are counters that only grow (one per chunk), so nothing is reset between calls,
+and on a GPU the expected values live in device memory (incremented by the wait kernels), so a captured
+CUDA graph replays correctly. A rank's own rows are copied directly. Every wait is bounded: past the
+memory's timeout it raises :class:`~deepport.backends.torch.moe_comm.MoECommTimeout` (CPU) or records
+the stall and stops the device (GPU; the next host-side check raises it).
+
+Why it deadlocks never: each wait of round ``j`` depends only on a peer's actions of round ``j`` or
+earlier, which that peer performs in the same order; a pair's chunk count is the same at both ends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from deepport.backends.torch.moe_comm import Pending
+from deepport.kernels.moe_args import MoEGroup
+
+
+class PeerMemory(Protocol):
+    """The one-sided memory of a group (see the module docstring). ``rank``/``world_size`` within the
+    group; ``capacity`` bytes per source block."""
+
+    rank: int
+    world_size: int
+    capacity: int
+
+    def block(self, owner: int, source: int) -> torch.Tensor:
+        """uint8 ``[capacity]``: ``owner``'s receive block for rows from ``source`` (a peer mapping when
+        ``owner`` is another rank)."""
+        ...
+
+    def wait_acks(self, peers: Sequence[int], what: str) -> None:
+        """Until each peer has acknowledged every chunk this rank has written to it."""
+        ...
+
+    def signal_data(self, peers: Sequence[int]) -> None:
+        """After this rank's writes to each peer's block: one more chunk ready there (release)."""
+        ...
+
+    def wait_data(self, sources: Sequence[int], what: str) -> None:
+        """Until each source's next chunk is in this rank's block for it (acquire)."""
+        ...
+
+    def signal_acks(self, sources: Sequence[int]) -> None:
+        """After copying each source's chunk out: its block may be written again."""
+        ...
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Byte layout of one exchange: per rank, where its part starts in ``send``/``out`` and its size."""
+
+    send_offsets: tuple[int, ...]
+    send_bytes: tuple[int, ...]
+    recv_offsets: tuple[int, ...]
+    recv_bytes: tuple[int, ...]
+    capacity: int
+
+    def chunks(self, nbytes: int) -> int:
+        """Chunks of a message of ``nbytes`` (one for an empty message: it still signals)."""
+        return max(1, -(-nbytes // self.capacity))
+
+    @property
+    def rounds(self) -> int:
+        return max(self.chunks(b) for b in (*self.send_bytes, *self.recv_bytes))
+
+
+def _offsets(sizes: Sequence[int]) -> tuple[int, ...]:
+    out, at = [], 0
+    for s in sizes:
+        out.append(at)
+        at += s
+    return tuple(out)
+
+
+def plan(out: torch.Tensor, send: torch.Tensor, recv_counts: Sequence[int] | None,
+         send_counts: Sequence[int] | None, world: int, capacity: int) -> Plan:
+    """The byte plan of ``all_to_all_single(out, send, recv_counts, send_counts)`` (``None``: equal splits)."""
+    row = send.element_size()
+    for d in send.shape[1:]:
+        row *= int(d)
+    n_send, n_out = int(send.shape[0]), int(out.shape[0])
+    sends = [n_send // world] * world if send_counts is None else [int(c) for c in send_counts]
+    recvs = [n_out // world] * world if recv_counts is None else [int(c) for c in recv_counts]
+    if len(sends) != world or len(recvs) != world or sum(sends) != n_send or sum(recvs) != n_out:
+        raise ValueError(f"all-to-all split sizes do not match the tensors: send {n_send} rows as {sends}, "
+                         f"out {n_out} rows as {recvs}, world {world}")
+    send_b, recv_b = [c * row for c in sends], [c * row for c in recvs]
+    return Plan(_offsets(send_b), tuple(send_b), _offsets(recv_b), tuple(recv_b), capacity)
+
+
+def _flat_bytes(t: torch.Tensor) -> torch.Tensor:
+    if not t.is_contiguous():
+        raise ValueError("the peer transport moves contiguous tensors only")
+    flat = t.reshape(-1)
+    return flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)
+
+
+class PeerTransport:
+    """:class:`deepport.backends.torch.moe_comm.Transport` over a :class:`PeerMemory` (module docstring)."""
+
+    def __init__(self, memory: PeerMemory) -> None:
+        self.memory = memory
+
+    def start(self, out: torch.Tensor, send: torch.Tensor, recv_counts: Sequence[int] | None,
+              send_counts: Sequence[int] | None, grp: MoEGroup, what: str) -> Pending:
+        mem = self.memory
+        if (grp.rank, grp.world_size) != (mem.rank, mem.world_size):
+            raise ValueError(f"{what}: the peer memory belongs to rank {mem.rank} of {mem.world_size}, the call "
+                             f"to rank {grp.rank} of {grp.world_size}")
+        self.exchange(out, send, recv_counts, send_counts, what)
+        return Pending(what, grp, None, out)
+
+    def exchange(self, out: torch.Tensor, send: torch.Tensor, recv_counts: Sequence[int] | None,
+                 send_counts: Sequence[int] | None, what: str) -> None:
+        mem = self.memory
+        me, world, cap = mem.rank, mem.world_size, mem.capacity
+        p = plan(out, send, recv_counts, send_counts, world, cap)
+        src, dst = _flat_bytes(send), _flat_bytes(out)
+        if p.recv_bytes[me] != p.send_bytes[me]:
+            raise ValueError(f"{what}: this rank sends itself {p.send_bytes[me]} bytes but expects {p.recv_bytes[me]}")
+        if p.send_bytes[me]:
+            dst[p.recv_offsets[me]: p.recv_offsets[me] + p.recv_bytes[me]].copy_(
+                src[p.send_offsets[me]: p.send_offsets[me] + p.send_bytes[me]])
+        peers = [r for r in range(world) if r != me]
+        for j in range(p.rounds):
+            dests = [r for r in peers if p.chunks(p.send_bytes[r]) > j]
+            if dests:
+                mem.wait_acks(dests, what)
+                for r in dests:
+                    lo, hi = j * cap, min((j + 1) * cap, p.send_bytes[r])
+                    if hi > lo:
+                        mem.block(r, me)[: hi - lo].copy_(src[p.send_offsets[r] + lo: p.send_offsets[r] + hi])
+                mem.signal_data(dests)
+            sources = [s for s in peers if p.chunks(p.recv_bytes[s]) > j]
+            if sources:
+                mem.wait_data(sources, what)
+                for s in sources:
+                    lo, hi = j * cap, min((j + 1) * cap, p.recv_bytes[s])
+                    if hi > lo:
+                        dst[p.recv_offsets[s] + lo: p.recv_offsets[s] + hi].copy_(mem.block(me, s)[: hi - lo])
+                mem.signal_acks(sources)

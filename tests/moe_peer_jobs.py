@@ -1,0 +1,116 @@
+"""Rank jobs of tests/test_hopper_peer_transport.py (run under ``deepport.conformance.rank_group``, gloo).
+
+The hopper backend's MoE ops are the torch routing over the one-sided peer transport; on CPU the
+transport's memory is shared-memory files (:class:`ShmPeerMemory`), so these jobs run the very algorithm
+(rounds, chunks, counters, acknowledgements) that runs over NVLink, and compare every output with the
+same ops over ``all_to_all_single``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from tests.moe_ep_probe import _inputs, _same
+
+
+def _outputs(group: Any, device: torch.device, p: dict[str, Any], seed: int, rank: int) -> dict[str, Any]:
+    """Every MoE op of the torch backend on this rank's inputs: name -> tensor (or tuple of tensors)."""
+    import deepport
+
+    x = _inputs(rank, p, seed)
+    data, idx, w = x["x"].to(device), x["topk_idx"].to(device), x["topk_weights"].to(device)
+    fp8 = "x_scales" in x
+    payload: Any = (data, x["x_scales"].to(device)) if fp8 else data
+    experts, t_max, align = int(p["experts"]), int(p.get("t_max", 32)), int(p.get("alignment", 4))
+    out: dict[str, Any] = {}
+    d = deepport.moe_dispatch(payload, idx, w, experts, group=group, backend="torch")
+    for name in ("recv_x", "recv_topk_idx", "recv_topk_weights", "num_recv_tokens_per_expert"):
+        out[f"dispatch {name}"] = getattr(d, name)
+    for name in ("send_counts", "recv_counts", "recv_src_idx", "recv_topk_idx"):
+        out[f"dispatch handle.{name}"] = getattr(d.handle, name)
+    again: Any = (x["x2"].to(device), x["x2_scales"].to(device)) if fp8 else x["x2"].to(device)
+    out["cached dispatch"] = deepport.moe_dispatch(again, handle=d.handle, backend="torch").recv_x
+    if not fp8:
+        c = deepport.moe_combine(d.recv_x, d.handle, d.recv_topk_weights, backend="torch")  # type: ignore[arg-type]
+        out["combine"], out["combine weights"] = c.combined_x, c.combined_topk_weights
+        out["combine unweighted"] = deepport.moe_combine(d.recv_x, d.handle, backend="torch").combined_x  # type: ignore[arg-type]
+    e = deepport.moe_dispatch_expanded(payload, idx, w, experts, group=group, expert_alignment=align, backend="torch")
+    for name in ("recv_x", "m_indices", "recv_weights", "num_recv_tokens_per_expert"):
+        out[f"expanded {name}"] = getattr(e, name)
+    if not fp8:
+        y = e.recv_x.clone()  # type: ignore[union-attr]
+        y[e.m_indices < 0] = float("nan")
+        out["expanded combine"] = deepport.moe_combine_expanded(y, e.handle, backend="torch")
+        for use_fp8 in (False, True):
+            ll = deepport.moe_low_latency_dispatch(data, idx, t_max, experts, group=group, use_fp8=use_fp8,
+                                                   backend="torch")
+            count = ll.recv_count.to(torch.int64)
+            rows = torch.arange(ll.handle.world_size * t_max)[None, :] < count[:, None]
+            got = ll.recv_x if isinstance(ll.recv_x, tuple) else (ll.recv_x,)
+            out[f"low-latency fp8={use_fp8} recv_count"] = ll.recv_count
+            out[f"low-latency fp8={use_fp8} recv_x"] = tuple(g[rows] for g in got)
+            out[f"low-latency fp8={use_fp8} packed_src_row"] = ll.handle.packed_src_row
+            if not use_fp8:
+                yl = ll.recv_x.clone()  # type: ignore[union-attr]
+                yl[~rows] = float("nan")  # rows past recv_count are never read
+                out["low-latency combine"] = deepport.moe_low_latency_combine(yl, idx, w, ll.handle, backend="torch")
+    return out
+
+
+def peer_agreement(rank: int, group: Any, device: torch.device, params: dict[str, Any], capacity: int,
+                   seed: int = 0, calls: int = 2) -> dict[str, Any]:
+    """Every MoE op over all_to_all_single, then over the peer transport (``calls`` times, the same
+    memory: counters carry over between calls); bit-exact agreement, and no collective in the peer runs."""
+    from deepport.backends.hopper.peer_memory_shm import ShmPeerMemory
+    from deepport.backends.hopper.peer_transport import PeerTransport
+    from deepport.backends.torch.moe_comm import use_transport
+
+    p = {**params, "tokens": tuple(params["tokens"])}
+    memory = ShmPeerMemory(group, capacity, timeout_s=30.0)
+    transport = PeerTransport(memory)
+    bad: list[str] = []
+    collectives = 0
+    original = dist.all_to_all_single
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        nonlocal collectives
+        collectives += 1
+        return original(*args, **kwargs)
+
+    for call in range(calls):
+        want = _outputs(group, device, p, seed + call, rank)
+        dist.all_to_all_single = counting  # type: ignore[assignment]
+        try:
+            with use_transport(transport):
+                got = _outputs(group, device, p, seed + call, rank)
+        finally:
+            dist.all_to_all_single = original
+        if got.keys() != want.keys():
+            bad.append(f"call {call}: outputs {sorted(got)} vs {sorted(want)}")
+        for name in want:
+            _same(f"call {call}: {name}", got.get(name), want[name], bad)
+    return {"bad": bad, "collectives": collectives, "chunks": sum(memory.sent), "compared": len(want)}
+
+
+def peer_stalled(rank: int, group: Any, device: torch.device, tokens: tuple[int, ...], experts: int) -> str:
+    """The last rank builds the memory but never calls the dispatch: the others must time out with a message."""
+    import deepport
+    from deepport.backends.hopper.peer_memory_shm import ShmPeerMemory
+    from deepport.backends.hopper.peer_transport import PeerTransport
+    from deepport.backends.torch.moe_comm import use_transport
+
+    p = {"hidden": 128, "experts": experts, "topk": 2, "world": len(tokens), "tokens": tuple(tokens)}
+    memory = ShmPeerMemory(group, 4096, timeout_s=1.0)
+    if rank == len(tokens) - 1:
+        return "stayed away"
+    x = _inputs(rank, p, 0)
+    try:
+        with use_transport(PeerTransport(memory)):
+            deepport.moe_low_latency_dispatch(x["x"], x["topk_idx"], 64, experts, group=group, use_fp8=False,
+                                              backend="torch")
+    except Exception as exc:  # the message is what the test checks
+        return f"{type(exc).__module__}.{type(exc).__name__}: {exc}"
+    return "returned"
