@@ -6,7 +6,7 @@
 # 1. tests on NCCL: tests/test_torch_moe_ep.py and tests/test_moe_gpu.py (-m gpu: 1-GPU low-latency path
 #    under set_sync_debug_mode("error") and replayed as a CUDA graph; 2-rank NCCL collectives, host syncs,
 #    agreement with the reference backend) and the custom ops' low-latency CUDA-graph test;
-# 2. deepport certify --tier smoke --device cuda of the seven MoE ops on torch and triton (2-rank cases on
+# 2. deepport certify --tier smoke --device cuda of the seven MoE ops on torch, triton and hopper (2-rank cases on
 #    NCCL; 4-rank cases are not_supported on 2 GPUs);
 # 3. deepport bench --device cuda --op moe_dispatch moe_combine: every backend implementing them next to
 #    nccl_all_to_all (raw all_to_all_single of the same split sizes and bytes, same run), and the
@@ -83,6 +83,17 @@ timeout 180 "$PY" -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_torch_m
   "tests/test_custom_ops_gpu.py::test_low_latency_moe_path_replays_with_new_routing_like_eager" \
   > "$OUT/tests.txt" 2>&1
 echo "tests: exit $? after $((SECONDS - start)) s"; tail -n 25 "$OUT/tests.txt"
+# the hopper backend's NVLink peer transport is opt-in (DEEPPORT_HOPPER_EP=1) until it has run on GPUs: its
+# 2-GPU test first (agreement with NCCL, CUDA-graph replays); certify and bench include hopper only if it passed
+timeout 180 "$PY" -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_hopper_peer_transport.py \
+  > "$OUT/tests_hopper_ep.txt" 2>&1
+hopper_rc=$?
+tail -n 15 "$OUT/tests_hopper_ep.txt"
+if [ "$hopper_rc" -eq 0 ] && grep -q " passed" "$OUT/tests_hopper_ep.txt" && ! grep -q "skipped" "$OUT/tests_hopper_ep.txt"; then
+  export DEEPPORT_HOPPER_EP=1; echo "hopper EP path: GPU test passed; included in certify and bench"
+else
+  echo "hopper EP path: GPU test failed or skipped (exit $hopper_rc); hopper left out of certify and bench"
+fi
 
 if [ "$gpus" -lt 2 ]; then
   echo "only $gpus GPU: the 2-rank NCCL certify and the EP=2 bench need 2 GPUs (nvidia-h200-x2)"
@@ -91,7 +102,7 @@ fi
 
 # 2. conformance of the MoE ops on NCCL (smoke tier; reference judges every case)
 # shellcheck disable=SC2086 # the op list is meant to split into words
-timeout 120 "$PY" -m deepport certify --device cuda --tier smoke --backend torch triton --op $OPS \
+timeout 120 "$PY" -m deepport certify --device cuda --tier smoke --backend torch triton hopper --op $OPS \
   --out "$OUT/certify" > "$OUT/certify.log" 2>&1
 echo "certify: exit $? after $((SECONDS - start)) s"; tail -n 25 "$OUT/certify.log"
 

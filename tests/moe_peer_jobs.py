@@ -8,6 +8,7 @@ same ops over ``all_to_all_single``.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -16,8 +17,9 @@ import torch.distributed as dist
 from tests.moe_ep_probe import _inputs, _same
 
 
-def _outputs(group: Any, device: torch.device, p: dict[str, Any], seed: int, rank: int) -> dict[str, Any]:
-    """Every MoE op of the torch backend on this rank's inputs: name -> tensor (or tuple of tensors)."""
+def _outputs(group: Any, device: torch.device, p: dict[str, Any], seed: int, rank: int,
+             backend: str = "torch") -> dict[str, Any]:
+    """Every MoE op of ``backend`` on this rank's inputs: name -> tensor (or tuple of tensors)."""
     import deepport
 
     x = _inputs(rank, p, seed)
@@ -26,27 +28,27 @@ def _outputs(group: Any, device: torch.device, p: dict[str, Any], seed: int, ran
     payload: Any = (data, x["x_scales"].to(device)) if fp8 else data
     experts, t_max, align = int(p["experts"]), int(p.get("t_max", 32)), int(p.get("alignment", 4))
     out: dict[str, Any] = {}
-    d = deepport.moe_dispatch(payload, idx, w, experts, group=group, backend="torch")
+    d = deepport.moe_dispatch(payload, idx, w, experts, group=group, backend=backend)
     for name in ("recv_x", "recv_topk_idx", "recv_topk_weights", "num_recv_tokens_per_expert"):
         out[f"dispatch {name}"] = getattr(d, name)
     for name in ("send_counts", "recv_counts", "recv_src_idx", "recv_topk_idx"):
         out[f"dispatch handle.{name}"] = getattr(d.handle, name)
     again: Any = (x["x2"].to(device), x["x2_scales"].to(device)) if fp8 else x["x2"].to(device)
-    out["cached dispatch"] = deepport.moe_dispatch(again, handle=d.handle, backend="torch").recv_x
+    out["cached dispatch"] = deepport.moe_dispatch(again, handle=d.handle, backend=backend).recv_x
     if not fp8:
-        c = deepport.moe_combine(d.recv_x, d.handle, d.recv_topk_weights, backend="torch")  # type: ignore[arg-type]
+        c = deepport.moe_combine(d.recv_x, d.handle, d.recv_topk_weights, backend=backend)  # type: ignore[arg-type]
         out["combine"], out["combine weights"] = c.combined_x, c.combined_topk_weights
-        out["combine unweighted"] = deepport.moe_combine(d.recv_x, d.handle, backend="torch").combined_x  # type: ignore[arg-type]
-    e = deepport.moe_dispatch_expanded(payload, idx, w, experts, group=group, expert_alignment=align, backend="torch")
+        out["combine unweighted"] = deepport.moe_combine(d.recv_x, d.handle, backend=backend).combined_x  # type: ignore[arg-type]
+    e = deepport.moe_dispatch_expanded(payload, idx, w, experts, group=group, expert_alignment=align, backend=backend)
     for name in ("recv_x", "m_indices", "recv_weights", "num_recv_tokens_per_expert"):
         out[f"expanded {name}"] = getattr(e, name)
     if not fp8:
         y = e.recv_x.clone()  # type: ignore[union-attr]
         y[e.m_indices < 0] = float("nan")
-        out["expanded combine"] = deepport.moe_combine_expanded(y, e.handle, backend="torch")
+        out["expanded combine"] = deepport.moe_combine_expanded(y, e.handle, backend=backend)
         for use_fp8 in (False, True):
             ll = deepport.moe_low_latency_dispatch(data, idx, t_max, experts, group=group, use_fp8=use_fp8,
-                                                   backend="torch")
+                                                   backend=backend)
             count = ll.recv_count.to(torch.int64)
             rows = torch.arange(ll.handle.world_size * t_max)[None, :] < count[:, None]
             got = ll.recv_x if isinstance(ll.recv_x, tuple) else (ll.recv_x,)
@@ -56,7 +58,7 @@ def _outputs(group: Any, device: torch.device, p: dict[str, Any], seed: int, ran
             if not use_fp8:
                 yl = ll.recv_x.clone()  # type: ignore[union-attr]
                 yl[~rows] = float("nan")  # rows past recv_count are never read
-                out["low-latency combine"] = deepport.moe_low_latency_combine(yl, idx, w, ll.handle, backend="torch")
+                out["low-latency combine"] = deepport.moe_low_latency_combine(yl, idx, w, ll.handle, backend=backend)
     return out
 
 
@@ -114,3 +116,71 @@ def peer_stalled(rank: int, group: Any, device: torch.device, tokens: tuple[int,
     except Exception as exc:  # the message is what the test checks
         return f"{type(exc).__module__}.{type(exc).__name__}: {exc}"
     return "returned"
+
+
+def peer_agreement_cuda(rank: int, group: Any, device: torch.device, params: dict[str, Any],
+                        seed: int = 0) -> dict[str, Any]:
+    """2 GPUs over NCCL: every MoE op of the hopper backend (symmetric memory, flag kernel) against the
+    torch backend over NCCL, twice; then the low-latency dispatch + combine captured in a CUDA graph and
+    replayed on new inputs against eager calls (the device-side flag counters must advance per replay)."""
+    from tests.moe_ep_probe import bf16_ulps
+
+    os.environ["DEEPPORT_HOPPER_EP"] = "1"
+    p = {**params, "tokens": tuple(params["tokens"])}
+    bad: list[str] = []
+    for call in range(2):
+        want = _outputs(group, device, p, seed + call, rank, backend="torch")
+        got = _outputs(group, device, p, seed + call, rank, backend="hopper")
+        for name, ref in want.items():
+            if "combine" in name and "weights" not in name:  # float32 sums: torch's index_add_ order may differ
+                if bf16_ulps(got[name], ref) > 1:
+                    bad.append(f"call {call}: {name} more than one bf16 step off")
+            else:
+                _same(f"call {call}: {name}", got[name], ref, bad)
+    bad += _graph_replays(rank, group, device)
+    return {"bad": bad}
+
+
+def _graph_replays(rank: int, group: Any, device: torch.device) -> list[str]:
+    import deepport
+    from tests.moe_ep_probe import bf16_ulps
+
+    t_max, experts, hidden = 128, 256, 7168
+    g = torch.Generator().manual_seed(100 + rank)
+    x = torch.empty(t_max, hidden, dtype=torch.bfloat16, device=device)
+    idx = torch.empty(t_max, 8, dtype=torch.int64, device=device)
+    w = torch.empty(t_max, 8, dtype=torch.float32, device=device)
+
+    def refill() -> None:
+        x.copy_(torch.randn(t_max, hidden, generator=g).to(torch.bfloat16))
+        idx.copy_(torch.rand(t_max, experts, generator=g).topk(8, dim=1).indices)
+        w.copy_(torch.rand(t_max, 8, generator=g))
+
+    def step(backend: str) -> torch.Tensor:
+        got = deepport.moe_low_latency_dispatch(x, idx, t_max, experts, group=group, use_fp8=True, backend=backend)
+        y = (got.recv_x[0].float() * got.recv_x[1].repeat_interleave(128, dim=2, output_size=hidden)).to(torch.bfloat16)
+        out: torch.Tensor = deepport.moe_low_latency_combine(y, idx, w, got.handle, backend=backend)
+        return out
+
+    bad: list[str] = []
+    refill()
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        step("hopper")
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    os.environ["DEEPPORT_CHECK_VALUES"] = "0"  # the combine's routing comparison reads the device
+    try:
+        with torch.cuda.graph(graph):
+            captured = step("hopper")
+    finally:
+        os.environ.pop("DEEPPORT_CHECK_VALUES", None)
+    for replay in range(3):
+        refill()
+        graph.replay()
+        eager = step("torch")
+        if bf16_ulps(captured, eager) > 1:
+            bad.append(f"graph replay {replay}: more than one bf16 step from the eager torch call")
+    torch.cuda.synchronize(device)
+    return bad

@@ -66,10 +66,14 @@ def _dense_call(m: int, n: int, k: int) -> tuple[fp8_gemm.FP8GemmCall, torch.Ten
                                           sig.out_dtype, sig.accumulate)), out
 
 
-def test_backend_declares_mla_and_three_fp8_ops_on_cuda_above_torch() -> None:
+EP_OPS = {"moe_dispatch", "moe_combine", "moe_dispatch_expanded", "moe_combine_expanded", "moe_low_latency_dispatch",
+          "moe_low_latency_combine"}
+
+
+def test_backend_declares_mla_three_fp8_ops_and_the_ep_ops_on_cuda_above_torch() -> None:
     backend = registry.get("hopper")
     assert {s.op for s in backend.ops} == {"mla_decode", "fp8_gemm_nt", "m_grouped_fp8_gemm_nt_contiguous",
-                                           "m_grouped_fp8_gemm_nt_masked"}
+                                           "m_grouped_fp8_gemm_nt_masked"} | EP_OPS
     assert backend.auto_priority("cuda") == 30 > registry.get("torch").auto_priority("cuda")  # type: ignore[operator]
     assert backend.auto_priority("cpu") is None
 
@@ -179,3 +183,21 @@ def test_params_layout_matches_the_kernel_defines() -> None:
     fields = _unpack(packed)
     assert fields["sfa_strides"] == (5, 6, 7) and fields["out_strides"] == (11, 12) and fields["num_groups"] == 16
     assert f"-DDP_PARAMS_SIZE={params.SIZE}" in params.LAYOUT_DEFINES
+
+
+@pytest.mark.parametrize("op", sorted(EP_OPS))
+def test_ep_ops_need_nccl_ranks_and_an_opt_in_until_run_on_gpus(op: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from deepport.kernels.moe_args import FP8, MoESignature
+
+    support = registry.get("hopper").support(op)
+    assert support is not None and support.device_kinds == frozenset({"cuda"})
+    monkeypatch.delenv("DEEPPORT_HOPPER_EP", raising=False)
+    dtype = torch.bfloat16 if "combine" in op else FP8
+    one = MoESignature(H200, dtype, 7168, 8, 256, 1, "none")
+    two = MoESignature(H200, dtype, 7168, 8, 256, 2, "nccl")
+    assert any("2 or more ranks over NCCL" in r and "1 rank(s) over none" in r for r in support.reasons(one))
+    reasons = support.reasons(two)
+    assert len(reasons) == 1 and "DEEPPORT_HOPPER_EP=1" in reasons[0], reasons
+    monkeypatch.setenv("DEEPPORT_HOPPER_EP", "1")
+    assert support.reasons(two) == []
+    assert support.reasons(one) != []

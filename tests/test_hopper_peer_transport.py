@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import struct
+import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -126,7 +128,7 @@ def test_multicast_stays_off(monkeypatch: pytest.MonkeyPatch) -> None:
         peer_memory_cuda.forbid_multicast()
 
 
-def test_flag_kernel_compiles_for_sm90a_with_system_scope_release_and_acquire() -> None:
+def test_flag_kernel_compiles_for_sm90a_with_system_scope_release_and_acquire(tmp_path: Path) -> None:
     pytest.importorskip("cuda.bindings.nvrtc")
     from deepport.backends.hopper import nvrtc
     from deepport.backends.hopper.sources import KernelSource, package_file
@@ -136,8 +138,21 @@ def test_flag_kernel_compiles_for_sm90a_with_system_scope_release_and_acquire() 
     except Exception as exc:  # the NVRTC wheel is part of the CI set-up; say so if it is missing
         pytest.skip(f"NVRTC not loadable: {exc}")
     source = KernelSource("sm90_peer_flags.cu", package_file("sm90_peer_flags.cu"), (), "dp_peer_flags_kernel")
-    cubin, _ = nvrtc.compile_cubin(source, (f"-DDP_PEER_MAX_OPS={peer_memory_cuda.MAX_OPS}",))
-    assert cubin[:4] == b"\x7fELF" and b"dp_peer_flags_kernel" in cubin
+    cubin, log = nvrtc.compile_cubin(source, (f"-DDP_PEER_MAX_OPS={peer_memory_cuda.MAX_OPS}", "-Xptxas=-v"))
+    assert "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads" in log, log
+    from tests.test_hopper_compile import _cuobjdump
+
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump (install triton or nvidia-cuda-cuobjdump) for the SASS checks")
+    path = tmp_path / "flags.cubin"
+    path.write_bytes(cubin)
+    sass = subprocess.run([str(tool), "--dump-sass", str(path)], check=True, capture_output=True, text=True).stdout
+    assert "LDG.E.64.STRONG.SYS" in sass  # the acquire load of a flag, system scope (peer GPUs)
+    assert "REDG.E.ADD.64.STRONG.SYS" in sass and "MEMBAR" in sass  # the release increment after a fence
+    assert "BPT.TRAP" in sass and "NANOSLEEP" in sass  # a bounded, backed-off spin
+    assert "LDL" not in sass and "STL" not in sass
+    assert "MULTIMEM" not in sass.upper()  # never NVLink multicast
 
 
 # --- on GPUs ----------------------------------------------------------------------------------------------

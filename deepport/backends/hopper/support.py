@@ -87,3 +87,22 @@ def probe() -> str | None:
     except Exception as exc:  # the bindings import without the NVRTC library; it is loaded on first use
         return f"NVRTC is not loadable ({type(exc).__name__}: {exc}); pip install 'nvidia-cuda-nvrtc==13.0.*'"
     return None
+
+
+def _multi_rank_nccl(sig: Any) -> str | None:
+    return None if sig.world_size >= 2 and sig.comm == "nccl" else f"{sig.world_size} rank(s) over {sig.comm}"
+
+
+def _opted_in(sig: Any) -> str | None:
+    import os
+
+    value = os.environ.get("DEEPPORT_HOPPER_EP", "")
+    return None if value.strip() == "1" else f"DEEPPORT_HOPPER_EP={value!r}"
+
+
+EP_REQUIREMENTS: tuple[Requirement, ...] = (
+    _SM90,
+    Requirement("a group of 2 or more ranks over NCCL, one GPU each, on one host (NVLink peers)", _multi_rank_nccl),
+    Requirement("DEEPPORT_HOPPER_EP=1: the NVLink peer transport is opt-in until it has run on GPUs (its algorithm "
+                "is tested on CPU ranks over shared memory)", _opted_in),
+)
