@@ -39,6 +39,9 @@
 #   bash scripts/gpu_check.sh backends     GPU tests + smoke certify of torch/triton/hopper on cuda + deepport bench
 #   bash scripts/gpu_check.sh selection    automatic choice on real inputs vs the shipped performance table
 #                                          (scripts/gpu_selection.py) + the automatic-choice GPU tests
+#   bash scripts/gpu_check.sh peer-1gpu    the hopper NVLink transport's protocol with 2 processes on ONE GPU
+#                                          (symmetric memory, flag kernel, chunks, graph replays, the stall record):
+#                                          what one GPU can check of issue 14's hopper path (tests/peer_cuda_one_gpu.py)
 set -uo pipefail
 stage="${1:-mla}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -200,10 +203,15 @@ case "$stage" in
     timeout 280 python3 scripts/gpu_triton_sweep.py --only fp8 --budget-s 240 --out "$OUT/triton-sweep" \
       > "$OUT/triton_sweep.txt" 2>&1; tail -n 60 "$OUT/triton_sweep.txt"
     tar -czf "$OUT/triton-sweep.tar.gz" -C "$OUT" triton-sweep 2>/dev/null && rm -rf "$OUT/triton-sweep" ;;
+  peer-1gpu)
+    environment
+    TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 timeout 300 \
+      python3 -m tests.peer_cuda_one_gpu > "$OUT/peer_1gpu.txt" 2>&1; echo "exit $?" >> "$OUT/peer_1gpu.txt"
+    cat "$OUT/peer_1gpu.txt" ;;
   bench)
     environment
     python3 -m deepport bench --device cuda --out "$OUT/bench" 2>&1 | tail -n 80
     cp "$OUT/bench/bench.json" "$OUT/bench.json" 2>/dev/null; cp "$OUT/bench/bench.png" "$OUT/bench.png" 2>/dev/null
     rm -rf "$OUT/bench" ;;
-  *) echo "unknown stage $stage (mla, fp8, moe-tests, cert-a, cert-b, part NAME, merge, parts-start, parts-collect, cpu-cert-start, cpu-cert-collect, hopper-mla, ecosystem, profile-mla, bench, tune, backends, selection)"; exit 2 ;;
+  *) echo "unknown stage $stage (mla, fp8, moe-tests, cert-a, cert-b, part NAME, merge, parts-start, parts-collect, cpu-cert-start, cpu-cert-collect, hopper-mla, ecosystem, profile-mla, bench, tune, backends, selection, peer-1gpu)"; exit 2 ;;
 esac

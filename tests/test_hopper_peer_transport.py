@@ -166,3 +166,16 @@ def test_two_gpus_peer_transport_matches_nccl() -> None:
                                                                                   "tokens": (13, 9)})
     for rank, got in enumerate(results):
         assert got["bad"] == [], f"rank {rank}: {got['bad']}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_two_processes_on_one_gpu_exchange_through_symmetric_memory_and_flags() -> None:
+    """One GPU is enough for the protocol: chunks, acknowledgements, graph replays, the stall record."""
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", "tests.peer_cuda_one_gpu"], cwd=root, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(root)})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count(": ok") >= 7 and "stall: ok" in done.stdout, done.stdout
