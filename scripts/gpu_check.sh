@@ -194,11 +194,11 @@ case "$stage" in
       exit 1
     fi ;;
   tune)  # the tuning sweeps of code not yet measured on a GPU, one call (~5 min): the fused MoE dispatch's
-         # layout/rows kernels and the combine's kernel (scripts/gpu_moe_trace.py, each candidate checked bit
+         # layout/rows kernels (rows gathered vs scattered) and the combine's kernel (scripts/gpu_moe_trace.py, each candidate checked bit
          # for bit first), the triton dense FP8 sweep with the tail-split candidates, and the GPU tests of both
     environment
-    DEEPPORT_CHECK_VALUES=0 timeout 150 python3 scripts/gpu_moe_trace.py --block-t 16 32 64 128 256 --rows --combine \
-      > "$OUT/moe_trace.txt" 2>&1; grep -E "BLOCK_T|BLOCK_C|WRONG|us  " "$OUT/moe_trace.txt" | head -n 80
+    DEEPPORT_CHECK_VALUES=0 timeout 170 python3 scripts/gpu_moe_trace.py --block-t 16 32 64 128 256 --rows --rows-mode \
+      --combine > "$OUT/moe_trace.txt" 2>&1; grep -E "BLOCK_T|BLOCK_C|rows |WRONG|us  " "$OUT/moe_trace.txt" | head -n 80
     timeout 60 python3 -m pytest -q tests/test_moe_one_process_expanded.py tests/test_triton_gpu.py 2>&1 | tail -n 3
     timeout 280 python3 scripts/gpu_triton_sweep.py --only fp8 --budget-s 240 --out "$OUT/triton-sweep" \
       > "$OUT/triton_sweep.txt" 2>&1; tail -n 60 "$OUT/triton_sweep.txt"

@@ -30,6 +30,9 @@ def main() -> None:
                         help="triton only: time the count and layout kernels at each BLOCK_T (tokens per block)")
     parser.add_argument("--rows", action="store_true",
                         help="time the rows kernel alone over element widths, BLOCK_C and num_warps")
+    parser.add_argument("--rows-mode", action="store_true",
+                        help="the fused dispatch with its rows gathered (one program per expanded row) and "
+                             "scattered (one program per token, then the padding rows): per-kernel device time")
     parser.add_argument("--combine", action="store_true",
                         help="profile the triton expanded combine, then time its weighted-rows kernel alone "
                              "over BLOCK_C and num_warps")
@@ -38,9 +41,11 @@ def main() -> None:
         layout_sweep(args)
     if args.rows:
         rows_sweep(args)
+    if args.rows_mode:
+        layout_sweep(args, modes=("gather", "scatter"))
     if args.combine:
         combine_sweep(args)
-    if args.block_t or args.rows or args.combine:
+    if args.block_t or args.rows or args.rows_mode or args.combine:
         return
     device = torch.device("cuda")
     x, idx, w = routing(args.tokens, HIDDEN, EXPERTS, TOPK, 0, device)
@@ -74,9 +79,10 @@ def main() -> None:
                 print(f"  {e.time_range.start - t0:8.0f} {e.time_range.elapsed_us():7.0f}  {e.name[:70]}")
 
 
-def layout_sweep(args: argparse.Namespace) -> None:
+def layout_sweep(args: argparse.Namespace, modes: tuple[str, ...] = ()) -> None:
     """Device time of the triton count, layout and rows kernels per call at each ``--block-t`` (tokens per
-    block of the count and layout kernels), each BLOCK_T's outputs first checked bit for bit against the
+    block of the count and layout kernels), or with ``modes`` at the default BLOCK_T per rows mode
+    (``_ROWS``: gather, scatter), each variant's outputs first checked bit for bit against the
     general route (:func:`~deepport.backends.torch.moe_layouts.dispatch_expanded_routed`, triton steps)."""
     from deepport.backends.torch import moe_layouts
     from deepport.backends.triton import moe_expanded_dispatch as fused
@@ -87,14 +93,16 @@ def layout_sweep(args: argparse.Namespace) -> None:
     x, idx, w = routing(args.tokens, HIDDEN, EXPERTS, TOPK, 0, device)
     call = dispatch_op.bind(x, idx, w, EXPERTS, expert_alignment=128)
     want = moe_layouts.dispatch_expanded_routed(call, TRITON)
-    for block_t in args.block_t:
-        fused._BLOCK_T = block_t
+    variants = [(f"BLOCK_T {b:5d}", b, fused._ROWS) for b in args.block_t] if not modes else \
+        [(f"rows {m:8s}", fused._BLOCK_T, m) for m in modes]
+    for label, block_t, mode in variants:
+        fused._BLOCK_T, fused._ROWS = block_t, mode
         got = fused.dispatch(call)
         pairs = [(got.recv_x, want.recv_x), (got.m_indices, want.m_indices), (got.recv_weights, want.recv_weights),
                  (got.handle.expanded_src_row, want.handle.expanded_src_row),
                  (got.handle.routes.recv_src_idx, want.handle.routes.recv_src_idx)]
         if not all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in pairs):
-            print(f"BLOCK_T {block_t:5d}: WRONG (differs from the general route)")
+            print(f"{label}: WRONG (differs from the general route)")
             continue
         for _ in range(3):
             deepport.moe_dispatch_expanded(x, idx, w, EXPERTS, expert_alignment=128, backend="triton")
@@ -105,7 +113,9 @@ def layout_sweep(args: argparse.Namespace) -> None:
             torch.cuda.synchronize()
         times = {e.key: e.self_device_time_total / args.calls for e in prof.key_averages()}
         layout = sum(v for k, v in times.items() if k.startswith(("moe_expanded_count", "moe_expanded_layout")))
-        print(f"BLOCK_T {block_t:5d}: count + layout {layout:.1f} us; " + ", ".join(
+        moves = sum(v for k, v in times.items() if k.startswith(("moe_expanded_rows", "moe_expanded_scatter",
+                                                                   "moe_expanded_pad")))
+        print(f"{label}: count + layout {layout:.1f} us, rows {moves:.1f} us; " + ", ".join(
             f"{k} {v:.1f} us" for k, v in times.items() if k.startswith("moe_")))
 
 

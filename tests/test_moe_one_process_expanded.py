@@ -156,6 +156,21 @@ def test_the_fused_triton_dispatch_carries_its_counts_across_token_blocks(
     _assert_equal_to_the_general_route("triton", False, case)
 
 
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("case", [c for c in CASES if c != "top8_align128"])
+def test_the_fused_triton_dispatch_scatters_rows_to_the_same_bits(
+        case: str, fp8: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``_ROWS = "scatter"``: one program per token writes its row into each of its expanded rows, the
+    padding rows zeroed by their own kernel; everything equal to the general route, bit for bit (padding
+    rows zero, scales included)."""
+    _steps("triton")
+    from deepport.backends.triton import moe_expanded_dispatch
+
+    monkeypatch.setattr(moe_expanded_dispatch, "_ROWS", "scatter")
+    monkeypatch.setattr(moe_expanded_dispatch, "_BLOCK_T", 16)
+    _assert_equal_to_the_general_route("triton", fp8, case)
+
+
 BLOCK_CASES = ("ragged", "expert_absent_in_a_block", "all_to_one_expert", "block_routed_nowhere", "duplicate_slots",
                "one_token", "no_tokens", "experts_288")
 
@@ -181,13 +196,15 @@ def _block_routing(case: str) -> dict[str, Any]:
     return {"idx": idx, "w": w, "x": x, "E": e, "align": 4 if e > 256 else 8}
 
 
+@pytest.mark.parametrize("rows", ["gather", "scatter"])
 @pytest.mark.parametrize("idx_dtype", [torch.int32, torch.int64], ids=["int32", "int64"])
 @pytest.mark.parametrize("case", BLOCK_CASES)
 def test_the_fused_triton_dispatch_at_token_block_boundaries(
-        case: str, idx_dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+        case: str, idx_dtype: torch.dtype, rows: str, monkeypatch: pytest.MonkeyPatch) -> None:
     _steps("triton")
     from deepport.backends.triton import moe_expanded_dispatch
 
+    monkeypatch.setattr(moe_expanded_dispatch, "_ROWS", rows)
     monkeypatch.setattr(moe_expanded_dispatch, "_BLOCK_T", 16)
     if case != "experts_288":  # 16 experts a step, the blocks before 2 a step (288 experts: 256 a step)
         monkeypatch.setattr(moe_expanded_dispatch, "_TILE", 32)

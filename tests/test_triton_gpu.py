@@ -72,7 +72,11 @@ def test_call_with_metadata_replays_in_a_cuda_graph() -> None:
     assert torch.equal(out, expected)
 
 
-def test_moe_expanded_dispatch_is_bit_exact_with_torch_on_cuda() -> None:
+@pytest.mark.parametrize("rows", ["gather", "scatter"])
+def test_moe_expanded_dispatch_is_bit_exact_with_torch_on_cuda(rows: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from deepport.backends.triton import moe_expanded_dispatch
+
+    monkeypatch.setattr(moe_expanded_dispatch, "_ROWS", rows)
     g = torch.Generator().manual_seed(0)
     idx = torch.randint(-1, 64, (512, 8), generator=g).cuda()
     weights = torch.rand(512, 8, generator=g).cuda()

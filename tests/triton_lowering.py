@@ -156,16 +156,23 @@ def moe_lowering_report() -> dict[str, dict[str, int]]:
             idx_ptr=Ptr("i64"), sums_ptr=Ptr("fp32"), counts_ptr=Ptr("i32"), hist_ptr=Ptr("i32"),
             token_of_ptr=Ptr("i64"), src_row_ptr=Ptr("i64"), m_idx_ptr=Ptr("i32"), expert_of_ptr=Ptr("i32"),
             recv_w_ptr=Ptr("fp32"), weight_of_ptr=Ptr("fp32"), recv_src_ptr=Ptr("i64"), recv_topk_ptr=Ptr("i64"),
-            idx64_ptr=Ptr("i64"), num_tokens=4096, num_topk=8, num_experts=256, alignment=128,
-            BLOCK_T=64, BLOCK_K=8, BLOCK_E=64, BLOCK_B=64, BLOCK_A=256, BLOCK_P=128)),
+            idx64_ptr=Ptr("i64"), dest_ptr=Ptr("i64"), num_tokens=4096, num_topk=8, num_experts=256, alignment=128,
+            BLOCK_T=64, BLOCK_K=8, BLOCK_E=64, BLOCK_B=64, BLOCK_A=256, BLOCK_P=128, WRITE_DEST=True)),
         "expanded_rows": compile_for(x.moe_expanded_rows_kernel, dict(
             x_ptr=Ptr("u8"), token_of_ptr=Ptr("i64"), out_ptr=Ptr("u8"), num_cols=7168, stride_x=7168,
             s_ptr=Ptr("i32"), s_out_ptr=Ptr("i32"), num_scale_cols=56, stride_s_row=1, stride_s_col=4096,
             HAS_SCALES=True, BLOCK_C=4096, BLOCK_S=64)),
+        "expanded_scatter": compile_for(x.moe_expanded_scatter_kernel, dict(
+            x_ptr=Ptr("i64"), dest_ptr=Ptr("i64"), out_ptr=Ptr("i64"), num_cols=1792, stride_x=1792, num_topk=8,
+            s_ptr=Ptr("i32"), s_out_ptr=Ptr("i32"), num_scale_cols=56, stride_s_row=1, stride_s_col=4096,
+            HAS_SCALES=True, BLOCK_C=2048, BLOCK_S=64)),
+        "expanded_pad_rows": compile_for(x.moe_expanded_pad_rows_kernel, dict(
+            token_of_ptr=Ptr("i64"), out_ptr=Ptr("i64"), num_cols=1792, s_out_ptr=Ptr("i32"), num_scale_cols=56,
+            HAS_SCALES=True, BLOCK_C=2048, BLOCK_S=64)),
     }
     report = {name: _counts(kernel) for name, kernel in kernels.items()}
     report["cast_fp8"]["e4m3_cvt"] = kernels["cast_fp8"].asm["ptx"].count("e4m3x2.f32")
-    for name in ("expanded_count", "expanded_layout"):
+    for name in ("expanded_count", "expanded_layout", "expanded_scatter", "expanded_pad_rows"):
         ptx = kernels[name].asm["ptx"]
         report[name]["atomics"] = ptx.count("atom.") + ptx.count("red.global")
     return report

@@ -29,6 +29,10 @@ outputs (``recv_x`` and FP8 scales, ``m_indices``, ``recv_weights``, the per-exp
 5. ``moe_expanded_rows_kernel``, grid ``(m, column blocks)``: each expanded row copied from ``x`` as raw
    bits, in the widest integer units that divide a row's bytes and both base addresses (padding rows
    zero), the FP8 scales row (any strides: column-major scales are read in place) in the same launch.
+   With ``_ROWS = "scatter"`` instead: the layout kernel also writes ``dest`` (int64 ``[T, K]``, set to -1
+   by one ``torch.full`` before it: per token and first slot naming an expert, that expert's row), then
+   ``moe_expanded_scatter_kernel``, grid ``(T, column blocks)``, reads each token's row once and stores it
+   into its rows, and ``moe_expanded_pad_rows_kernel`` zeroes the padding rows (when there are any).
 
 ``T = 0``: no kernel at all, the zeros only. No routed token (``m = 0``): the layout kernel alone after
 the read (it writes the handle's ``topk_idx``).
@@ -41,7 +45,9 @@ import torch
 from deepport.backends.triton.moe_expanded_dispatch_kernels import (
     moe_expanded_count_kernel,
     moe_expanded_layout_kernel,
+    moe_expanded_pad_rows_kernel,
     moe_expanded_rows_kernel,
+    moe_expanded_scatter_kernel,
 )
 from deepport.backends.triton.moe_permute import _BITS, _block, _guard
 from deepport.kernels.moe_args import FP8_BLOCK, MoEInput, align_up
@@ -52,6 +58,10 @@ __all__ = ["dispatch"]
 
 _BLOCK_T = 64  # tokens per block of the count and layout kernels (one program per block); the tunable
 _TILE = 4096  # elements of a [BLOCK_T, BLOCK_E] tile of tokens x experts (and of a [BLOCK_B, BLOCK_E] one)
+# How the payload rows move: "gather" (one program per expanded row reads its token's row: x read once per
+# (token, expert), measured on the H200) or "scatter" (one program per token reads its row once and writes
+# it to each of its expanded rows, then the padding rows are zeroed; same bits; not yet measured)
+_ROWS = "gather"
 
 
 def _pow2(n: int, least: int = 2) -> int:
@@ -104,14 +114,16 @@ def dispatch(call: MoEExpandedDispatchCall) -> MoEExpandedDispatchResult:
         m_indices = call.alloc((m,), torch.int32)
         recv_w = call.alloc((m,), torch.float32)
         idx64 = torch.empty((tokens, topk), dtype=torch.int64, device=dev)
+        scatter = _ROWS == "scatter" and m > 0 and hidden > 0
+        dest = torch.full((tokens, topk), -1, dtype=torch.int64, device=dev) if scatter else token_of
         recv_src = torch.empty(num_recv, dtype=torch.int64, device=dev)
         recv_topk = torch.empty((num_recv, topk), dtype=torch.int64, device=dev)
         if tokens and topk:
             moe_expanded_layout_kernel[(blocks + experts,)](
                 idx, sums, counts, hist, token_of, src_row, m_indices, expert_of, recv_w, weight_of, recv_src,
-                recv_topk, idx64, tokens, topk, experts, align, BLOCK_T=block_t, BLOCK_K=_pow2(topk),
+                recv_topk, idx64, dest, tokens, topk, experts, align, BLOCK_T=block_t, BLOCK_K=_pow2(topk),
                 BLOCK_E=block_e, BLOCK_B=min(_pow2(blocks), max(2, _TILE // block_e)), BLOCK_A=_pow2(experts),
-                BLOCK_P=_pow2(align, 16))
+                BLOCK_P=_pow2(align, 16), WRITE_DEST=scatter)
 
         if m and hidden:
             x_bits, out_bits = _widest_bits(data.contiguous(), recv_x)
@@ -121,10 +133,19 @@ def dispatch(call: MoEExpandedDispatchCall) -> MoEExpandedDispatchResult:
                 s_bits, out_s = call.scales.view(torch.int32), recv_s.view(torch.int32)
             cols = int(x_bits.shape[1])
             block = _block(cols)
-            moe_expanded_rows_kernel[(m, -(-cols // block))](
-                x_bits, token_of, out_bits, cols, x_bits.stride(0), s_bits, out_s, scale_cols,
-                s_bits.stride(0), s_bits.stride(1), HAS_SCALES=recv_s is not None, BLOCK_C=block,
-                BLOCK_S=_pow2(scale_cols, 16))
+            has_s, block_s = recv_s is not None, _pow2(scale_cols, 16)
+            if not scatter:
+                moe_expanded_rows_kernel[(m, -(-cols // block))](
+                    x_bits, token_of, out_bits, cols, x_bits.stride(0), s_bits, out_s, scale_cols,
+                    s_bits.stride(0), s_bits.stride(1), HAS_SCALES=has_s, BLOCK_C=block, BLOCK_S=block_s)
+            else:
+                moe_expanded_scatter_kernel[(tokens, -(-cols // block))](
+                    x_bits, dest, out_bits, cols, x_bits.stride(0), topk, s_bits, out_s, scale_cols,
+                    s_bits.stride(0), s_bits.stride(1), HAS_SCALES=has_s, BLOCK_C=block, BLOCK_S=block_s)
+                if m > sum(per_expert):  # padding rows
+                    moe_expanded_pad_rows_kernel[(m, -(-cols // block))](
+                        token_of, out_bits, cols, out_s, scale_cols, HAS_SCALES=has_s, BLOCK_C=block,
+                        BLOCK_S=block_s)
 
     routes = MoEHandle(grp.group, grp.rank, grp.world_size, experts, hidden, align, idx64,
                        flags.view(torch.bool)[:, None], (num_recv,), (num_recv,), recv_src, recv_topk, per_expert)

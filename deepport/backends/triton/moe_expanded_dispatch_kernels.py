@@ -55,17 +55,19 @@ def _hits(idx_ptr, sums_ptr, tok, ok, e, num_topk, BLOCK_T: tl.constexpr, BLOCK_
           WEIGHTS: tl.constexpr):
     """``[BLOCK_T, BLOCK_E]``: whether token ``tok[i]`` selects expert ``e[j]`` in any slot (int32 0/1,
     a token naming ``e`` in several slots counts once), and with ``WEIGHTS`` the weight sum of its first
-    slot naming ``e`` (0 where none)."""
+    slot naming ``e`` (0 where none) and that slot's index (0 where none)."""
     hit = tl.zeros([BLOCK_T, BLOCK_E], tl.int32)
     w = tl.zeros([BLOCK_T, BLOCK_E], tl.float32)
+    first = tl.zeros([BLOCK_T, BLOCK_E], tl.int32)
     for k in range(0, num_topk):
         col = tl.load(idx_ptr + tok.to(tl.int64) * num_topk + k, mask=ok, other=-1).to(tl.int32)
         match = col[:, None] == e[None, :]
         if WEIGHTS:
             s = tl.load(sums_ptr + tok.to(tl.int64) * num_topk + k, mask=ok, other=0.0)
             w = tl.where(match & (hit == 0), s[:, None], w)
+            first = tl.where(match & (hit == 0), k, first)
         hit = tl.maximum(hit, match.to(tl.int32))
-    return hit, w
+    return hit, w, first
 
 
 @triton.jit
@@ -98,9 +100,10 @@ def _aligned(counts_ptr, e, e_ok, alignment):
 @triton.jit
 def moe_expanded_layout_kernel(idx_ptr, sums_ptr, counts_ptr, hist_ptr, token_of_ptr, src_row_ptr, m_idx_ptr,
                                expert_of_ptr, recv_w_ptr, weight_of_ptr, recv_src_ptr, recv_topk_ptr, idx64_ptr,
-                               num_tokens, num_topk, num_experts, alignment,
+                               dest_ptr, num_tokens, num_topk, num_experts, alignment,
                                BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
-                               BLOCK_B: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_P: tl.constexpr):
+                               BLOCK_B: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_P: tl.constexpr,
+                               WRITE_DEST: tl.constexpr = False):
     p = tl.program_id(0)
     blocks = tl.cdiv(num_tokens, BLOCK_T)
     width = num_experts + 1  # a row of hist
@@ -131,7 +134,7 @@ def moe_expanded_layout_kernel(idx_ptr, sums_ptr, counts_ptr, hist_ptr, token_of
                 first += tl.sum(tl.load(hist_ptr + b[:, None].to(tl.int64) * width + e[None, :],
                                         mask=(b[:, None] < p) & e_ok[None, :], other=0), 0)
             start += tl.sum(aligned, 0)
-            hit, w = _hits(idx_ptr, sums_ptr, tok, ok, e, num_topk, BLOCK_T, BLOCK_E, WEIGHTS=True)
+            hit, w, first_slot = _hits(idx_ptr, sums_ptr, tok, ok, e, num_topk, BLOCK_T, BLOCK_E, WEIGHTS=True)
             row = (first[None, :] + tl.cumsum(hit, 0) - 1).to(tl.int64)  # + earlier tokens of p selecting e
             pick = hit > 0
             tl.store(token_of_ptr + row, tok[:, None].to(tl.int64), mask=pick)
@@ -140,6 +143,8 @@ def moe_expanded_layout_kernel(idx_ptr, sums_ptr, counts_ptr, hist_ptr, token_of
             tl.store(expert_of_ptr + row, e[None, :], mask=pick)
             tl.store(recv_w_ptr + row, w, mask=pick)
             tl.store(weight_of_ptr + row, w, mask=pick)
+            if WRITE_DEST:  # the scatter kernel's map: (token, first slot naming e) -> its row
+                tl.store(dest_ptr + tok[:, None].to(tl.int64) * num_topk + first_slot, row, mask=pick)
     else:  # expert p - blocks: its padding rows
         e = p - blocks
         experts = tl.arange(0, BLOCK_A)
@@ -179,3 +184,47 @@ def moe_expanded_rows_kernel(x_ptr, token_of_ptr, out_ptr, num_cols, stride_x,
         else:
             row = tl.zeros([BLOCK_S], s_out_ptr.dtype.element_ty)
         tl.store(s_out_ptr + r * num_scale_cols + sc, row, mask=sok)
+
+
+@triton.jit
+def moe_expanded_pad_rows_kernel(token_of_ptr, out_ptr, num_cols, s_out_ptr, num_scale_cols,
+                                 HAS_SCALES: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Grid ``(m, ceil(C / BLOCK_C))``: zero the padding rows (``token_of[r] == -1``) of ``out`` (and, with
+    ``HAS_SCALES``, of the scales); token rows are left alone (the scatter kernel writes them)."""
+    r = tl.program_id(0).to(tl.int64)
+    cb = tl.program_id(1)
+    cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    t = tl.load(token_of_ptr + r)
+    tl.store(out_ptr + r * num_cols + cols, tl.zeros([BLOCK_C], out_ptr.dtype.element_ty),
+             mask=(cols < num_cols) & (cols * 0 + t < 0))  # the row's flag as a block (interpreter-safe masks)
+    if HAS_SCALES and cb == 0:
+        sc = tl.arange(0, BLOCK_S)
+        tl.store(s_out_ptr + r * num_scale_cols + sc, tl.zeros([BLOCK_S], s_out_ptr.dtype.element_ty),
+                 mask=(sc < num_scale_cols) & (sc * 0 + t < 0))
+
+
+@triton.jit
+def moe_expanded_scatter_kernel(x_ptr, dest_ptr, out_ptr, num_cols, stride_x, num_topk,
+                                s_ptr, s_out_ptr, num_scale_cols, stride_s_row, stride_s_col,
+                                HAS_SCALES: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Grid ``(T, ceil(C / BLOCK_C))``: token ``t``'s row of ``x`` read once and stored, as raw bits, into
+    each expanded row ``dest[t, k] >= 0`` (the layout kernel's map with ``WRITE_DEST``: one entry per distinct
+    expert of the token, -1 elsewhere); with ``HAS_SCALES`` the column-block-0 programs do the same for its
+    FP8 scales row. The reverse of :func:`moe_expanded_rows_kernel`, which reads ``x`` once per expanded row
+    (8 times per token at top-8, mostly from HBM: rows are in expert order); padding rows are left to that
+    kernel's twin :func:`moe_expanded_pad_rows_kernel`."""
+    t = tl.program_id(0).to(tl.int64)
+    cb = tl.program_id(1)
+    cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    ok = cols < num_cols
+    row = tl.load(x_ptr + t * stride_x + cols, mask=ok)
+    sc = tl.arange(0, BLOCK_S)
+    sok = (sc < num_scale_cols) & (sc * 0 + cb == 0)  # column block 0 moves the scales
+    if HAS_SCALES:
+        srow = tl.load(s_ptr + t * stride_s_row + sc * stride_s_col, mask=sok)
+    for k in range(0, num_topk):
+        r = tl.load(dest_ptr + t * num_topk + k)
+        if r >= 0:
+            tl.store(out_ptr + r * num_cols + cols, row, mask=ok)
+            if HAS_SCALES:
+                tl.store(s_out_ptr + r * num_scale_cols + sc, srow, mask=sok)
