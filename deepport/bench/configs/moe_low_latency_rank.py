@@ -42,6 +42,7 @@ from deepport.kernels.moe_args import Alloc
 from deepport.kernels.moe_low_latency_dispatch import MoELowLatencyDispatchResult
 
 DISPATCH, COMBINE = "moe_low_latency_dispatch", "moe_low_latency_combine"
+AGAINST = "the reference backend's outputs on the same group and inputs, every rank"
 
 
 class StaticBuffers:
@@ -131,34 +132,42 @@ def _checked_call(op: str, backend: str, inputs: RankInputs) -> tuple[str, str, 
     return ("check_failed" if found else "ok"), "; ".join(found), (got, handle)
 
 
-def bench_backend(op: str, backend: str, inputs: RankInputs, moved: int, device: torch.device) -> dict[str, Any]:
-    """One backend on every rank: checked call, timing, replay check (module docstring); rank 0's record."""
+def static_calls(op: str, backend: str, inputs: RankInputs, handle: Any,
+                 device: torch.device) -> Callable[[], Callable[[], Any]]:
+    """``fresh()`` for :func:`deepport.bench.rank_timing.time_on_ranks`: each call the backend's
+    implementation of ``op`` on a call bound once (the op's ``bind``) on the same :class:`StaticBuffers`;
+    the combine is bound on ``handle`` (the backend's own dispatch's)."""
     from deepport.dispatch import registry
 
-    status, message, kept = _checked_call(op, backend, inputs)
-    every = _gathered((status, message), inputs.group)
-    for worst in ("error", "not_supported", "check_failed"):
-        bad = [f"rank {r}: {m}" for r, (s, m) in enumerate(every) if s == worst]
-        if bad:
-            return {"backend": backend, "status": worst, "bytes": moved, "message": "; ".join(bad),
-                    "check": {"passed": False if worst == "check_failed" else None, "against": "reference backend"}}
-    checked, handle = kept
     impl = registry.get(backend).implementation(op)
     buffers = StaticBuffers(device)
-    if op == DISPATCH:
-        s = inputs.spec
+    spec = inputs.spec
 
-        def bind() -> Any:
-            return OPS[op].bind(inputs.x, inputs.idx, s["max_tokens_per_rank"], s["num_experts"], group=inputs.group,
-                                use_fp8=s["use_fp8"], alloc=buffers.alloc())
-    else:
-        def bind() -> Any:
-            return OPS[op].bind(inputs.y, inputs.idx, inputs.w, handle, alloc=buffers.alloc())
+    def bind() -> Any:
+        if op == DISPATCH:
+            return OPS[op].bind(inputs.x, inputs.idx, spec["max_tokens_per_rank"], spec["num_experts"],
+                                group=inputs.group, use_fp8=spec["use_fp8"], alloc=buffers.alloc())
+        return OPS[op].bind(inputs.y, inputs.idx, inputs.w, handle, alloc=buffers.alloc())
 
     def fresh() -> Callable[[], Any]:
         bound = bind()
         return lambda: impl(bound)
 
+    return fresh
+
+
+def bench_backend(op: str, backend: str, inputs: RankInputs, moved: int, device: torch.device) -> dict[str, Any]:
+    """One backend on every rank: checked call, timing, replay check (module docstring); rank 0's record."""
+    status, message, kept = _checked_call(op, backend, inputs)
+    every = _gathered((status, message), inputs.group)
+    for worst in ("error", "not_supported", "check_failed"):
+        bad = [f"rank {r}: {m}" for r, (s, m) in enumerate(every) if s == worst]
+        if bad:
+            failed = {"reference_backend": {"passed": False, "message": "; ".join(bad), "against": AGAINST}}
+            return {"backend": backend, "status": worst, "bytes": moved, "message": "; ".join(bad),
+                    "check": failed if worst == "check_failed" else {}}
+    checked, handle = kept
+    fresh = static_calls(op, backend, inputs, handle, device)
     timing, replayed = rank_timing.time_on_ranks(fresh, device, inputs.group, samples=inputs.spec["samples"],
                                                  calls_per_graph=inputs.spec["calls_per_graph"])
     if op == DISPATCH:
@@ -168,12 +177,13 @@ def bench_backend(op: str, backend: str, inputs: RankInputs, moved: int, device:
     every = _gathered(("check_failed" if found else "ok", "; ".join(found)), inputs.group)
     bad = [f"rank {r}: the timed calls' output differs from the checked call's: {m}"
            for r, (s, m) in enumerate(every) if s != "ok"]
+    parts: dict[str, Any] = {"reference_backend": {"passed": True, "against": AGAINST},
+                             "timed_output": {"passed": not bad, "message": "; ".join(bad),
+                                              "against": "the checked call's output, every rank"}}
     if bad:
         return {"backend": backend, "status": "check_failed", "bytes": moved, "message": "; ".join(bad),
-                "check": {"passed": False, "against": "reference backend, then the checked call"}}
-    return {"backend": backend, "status": "ok", "bytes": moved, "timing": _timing_row(timing),
-            "check": {"passed": True, "against": "reference backend, same group and inputs (every rank); "
-                      "the timed calls' output against the checked call's"}}
+                "check": parts}
+    return {"backend": backend, "status": "ok", "bytes": moved, "timing": _timing_row(timing), "check": parts}
 
 
 def _timing_row(timing: Timing) -> dict[str, Any]:
