@@ -60,11 +60,11 @@ def test_cpu_configs_run_the_same_runner_on_two_gloo_ranks() -> None:
 
 
 def test_the_configs_are_registered_through_a_bench_module_of_the_ops_descriptors() -> None:
-    ids = {c.id for c in all_configs()}
-    named = {descriptor(op).bench for op in OPS}
-    registering = [m for m in named if m and {c.id for c in importlib.import_module(m).CONFIGS} >= {c.id for c in ll.CONFIGS}]
-    assert registering, f"expected one of {sorted(m for m in named if m)} to list the configs, got none"
-    assert {c.id for c in ll.CONFIGS} <= ids
+    ours = {c.id for c in ll.CONFIGS}
+    named = sorted({m for m in (descriptor(op).bench for op in OPS) if m})
+    registering = [m for m in named if {c.id for c in importlib.import_module(m).CONFIGS} >= ours]
+    assert registering, f"expected one of {named} to list the configs, got none"
+    assert ours <= {c.id for c in all_configs()}
 
 
 # ---- bytes (benchmarks/README.md) ----------------------------------------------------------------------------------
