@@ -50,6 +50,9 @@ def test_gpu_configs_are_issue_14s_decode_step_over_two_nccl_ranks() -> None:
         assert c.ceiling == "nvlink_all_to_all" and c.name.startswith("ep2_")
         assert c.check_case is not None and find_case(c.check_case).op == op
     assert ll.TARGET_US == {ll.DISPATCH: 40.0, ll.COMBINE: 50.0}
+    assert {op: ll.target_us(op, c.params) for op, c in configs.items()} == ll.TARGET_US
+    assert all(ll.target_us(op, c.params) is None for op, c in _ep("cpu").items())  # other shapes: no target
+    assert ll.target_us("moe_dispatch", configs[ll.DISPATCH].params) is None
 
 
 def test_cpu_configs_run_the_same_runner_on_two_gloo_ranks() -> None:

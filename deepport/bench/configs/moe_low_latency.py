@@ -12,7 +12,7 @@ collective moving the same fixed bytes.
 - The same run times NCCL ``all_to_all_single`` of the same fixed rows (``R * T_max`` each way, ``T_max``
   per rank pair, the op's payload row: ``hidden`` e4m3 bytes + ``hidden / 128`` float32 scales for the
   dispatch, ``hidden`` bf16 for the combine) the same way, reported as backend ``nccl_all_to_all``;
-  ``scripts/gpu_ep_bench.sh`` prints raw time / backend time next to :data:`TARGET_US`.
+  ``scripts/gpu_ep_bench.sh`` prints raw time / backend time next to issue 14's targets (:func:`target_us`).
 - Bytes (``benchmarks/README.md``): :func:`deepport.bench.counting.moe_low_latency_bytes`, the
   ``(R - 1) * T_max`` fixed rows a rank sends to the other ranks, whatever the routing.
 - CPU configs (CI): the same runner and checks on 2 gloo processes (32 tokens, ``T_max = 32``, hidden 256,
@@ -30,6 +30,7 @@ import json
 import os
 import statistics
 import tempfile
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -45,6 +46,16 @@ WORLD = 2
 CALLS_PER_GRAPH = 20  # calls captured in one graph (one timing sample = one replay / this)
 TIMEOUT_S = 300  # the process group's timeout: a stalled rank fails the config instead of hanging the run
 TARGET_US = {DISPATCH: 40.0, COMBINE: 50.0}  # issue 14, EP=2, 128 tokens per rank: backend time at most this
+TARGET_SHAPE = {"tokens_per_rank": 128, "max_tokens_per_rank": 128, "hidden": HIDDEN, "num_experts": EXPERTS,
+                "topk": TOPK, "world_size": WORLD}  # the shape the targets are for
+
+
+def target_us(op: str, params: Mapping[str, Any]) -> float | None:
+    """Issue 14's time target of a result (``op``, its config's ``params``): :data:`TARGET_US` for the
+    low-latency ops at :data:`TARGET_SHAPE`, else ``None`` (no target for other shapes, e.g. the CPU configs)."""
+    if op not in TARGET_US or any(params.get(k) != v for k, v in TARGET_SHAPE.items()):
+        return None
+    return TARGET_US[op]
 
 
 def _worker(rank: int, spec: dict[str, Any], store: str, out_path: str) -> None:
