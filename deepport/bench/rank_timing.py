@@ -91,7 +91,8 @@ def _time_cuda(fresh: Fresh[T], device: torch.device, group: Any, samples: int, 
     why_not = ""
     last: Any = None
     try:
-        with torch.cuda.graph(graph, stream=side):  # raises if a call cannot be captured
+        # thread_local: other threads (the process group's watchdog) may call CUDA while this one captures
+        with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):  # raises if a call can't
             for call in calls:
                 last = call()
     except Exception as exc:
