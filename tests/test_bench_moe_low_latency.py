@@ -9,6 +9,11 @@ runner. The 2-GPU NCCL configs (timed as a CUDA graph) run only on 2 GPUs (``gpu
 from __future__ import annotations
 
 import importlib
+import json
+import os
+import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +34,7 @@ from deepport.kernels import descriptor
 
 pytestmark = pytest.mark.usefixtures("clean_env")
 OPS = [ll.DISPATCH, ll.COMBINE]
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_ep_bench.sh"
 
 
 def _ep(device_type: str) -> dict[str, Any]:
@@ -239,6 +245,33 @@ def test_a_wrong_backend_is_reported_with_what_was_expected_and_not_timed(one_ra
     assert "timing" not in wrong
     if part is not None:
         assert wrong["check"][part]["passed"] is False
+
+
+# ---- scripts/gpu_ep_bench.sh ---------------------------------------------------------------------------------------
+
+def test_gpu_ep_bench_benches_the_low_latency_ops_and_prints_ratio_and_target(tmp_path: Path) -> None:
+    """The script's bench call names the ops; its summary (run here on made-up GPU results) gives raw NCCL
+    time / backend time and issue 14's target, met or not, for the low-latency configs."""
+    text = SCRIPT.read_text()
+    call = re.search(r'"\$PY" -m deepport bench .*?--out', text, re.S)
+    assert call is not None and all(op in call.group(0) for op in OPS)
+    summary = re.search(r"<<'EOF'\n(.*?)\nEOF\n", text, re.S)
+    assert summary is not None
+    times = {("moe_low_latency_dispatch", "torch"): 60.0, ("moe_low_latency_combine", "torch"): 45.0}
+    results = [{"op": op, "config": c.name, "backend": b, "status": "ok", "time_us": times.get((op, b), 80.0),
+                "gbps": 1.0, "params": dict(c.params)} for op, c in _ep("cuda").items()
+               for b in ("torch", "nccl_all_to_all")]
+    (tmp_path / "bench.json").write_text(json.dumps({"results": results}))
+    env = {**os.environ, "PYTHONPATH": str(SCRIPT.parents[1])}
+    done = subprocess.run([sys.executable, "-", str(tmp_path / "bench.json"), str(tmp_path / "ep.json")],
+                          input=summary.group(1), text=True, capture_output=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    rows = {(r["op"], r["backend"]): r for r in json.loads((tmp_path / "ep.json").read_text())["rows"]}
+    dispatch, combine = rows[(ll.DISPATCH, "torch")], rows[(ll.COMBINE, "torch")]
+    assert dispatch["raw_over_backend"] == pytest.approx(80 / 60) and dispatch["target_us"] == 40.0
+    assert dispatch["meets_target"] is False and combine["meets_target"] is True
+    assert rows[(ll.DISPATCH, "nccl_all_to_all")]["target_us"] is None
+    assert "<=40 NO" in done.stdout and "<=50 yes" in done.stdout
 
 
 # ---- the 2-process configs, end to end -----------------------------------------------------------------------------
