@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Expert parallelism on 2 GPUs (issue 14), one device call of about 5 minutes:
+# Expert parallelism on 2 GPUs (issue 14), one device call of about 6 minutes:
 #
 #   bash scripts/gpu_ep_bench.sh            (from the repository root, on nvidia-h200-x2)
 #
@@ -8,13 +8,15 @@
 #    agreement with the reference backend) and the custom ops' low-latency CUDA-graph test;
 # 2. deepport certify --tier smoke --device cuda of the seven MoE ops on torch, triton and hopper (2-rank cases on
 #    NCCL; 4-rank cases are not_supported on 2 GPUs);
-# 3. deepport bench --device cuda --op moe_dispatch moe_combine: every backend implementing them next to
-#    nccl_all_to_all (raw all_to_all_single of the same split sizes and bytes, same run), and the
-#    nvlink_all_to_all ceiling.
+# 3. deepport bench --device cuda --op moe_dispatch moe_combine moe_low_latency_dispatch moe_low_latency_combine
+#    --config 'ep2_*' (the 2-rank configs): every backend implementing them next to nccl_all_to_all (raw
+#    all_to_all_single of the same split sizes and bytes, same run; for the low-latency ops, of the same fixed
+#    T_max rows per rank pair, both timed as a CUDA graph), and the nvlink_all_to_all ceiling.
 #
 # Writes under $OUT: gpu.txt, commit.txt, tests.txt, certify/ (results.json, summary.md, junit.xml),
 # certify.log, bench.json, bench.png, bench.log, ep_summary.json (per config: each backend's median us and
-# its ratio to raw NCCL, raw time / backend time as in issue 14's table), and prints that table.
+# its ratio to raw NCCL, raw time / backend time as in issue 14's table; for the low-latency ops also issue
+# 14's time target and whether it is met), and prints that table.
 # With fewer than 2 GPUs it says so, runs what fits (1 GPU: the 1-GPU tests; no GPU: the CPU bench of the
 # MoE configs) and exits 0.
 set -uo pipefail
@@ -37,34 +39,43 @@ echo "deepport commit: $(cat .git_revision 2>/dev/null || git rev-parse HEAD 2>/
 summary() {  # the bench table: per (op, config) each backend's median and raw NCCL time / its time
   "$PY" - "$OUT/bench.json" "$OUT/ep_summary.json" <<'EOF'
 import json, sys
+from deepport.bench.configs.moe_low_latency import target_us  # issue 14's low-latency targets (us, EP=2)
 results = json.load(open(sys.argv[1]))["results"]
+RAW = ("nccl_all_to_all", "gloo_all_to_all")  # the raw collective of a config (gloo: the CPU configs)
 rows, raw = [], {}
 for r in results:
-    if r["op"].startswith("moe_") and r["backend"] == "nccl_all_to_all" and r["time_us"]:
+    if r["op"].startswith("moe_") and r["backend"] in RAW and r["time_us"]:
         raw[(r["op"], r["config"])] = r["time_us"]
-print(f"{'op':<14} {'config':<38} {'backend':<16} {'status':<8} {'median us':>10} {'GB/s':>8} {'raw NCCL us':>12} {'ratio':>7}")
+print(f"{'op':<24} {'config':<40} {'backend':<16} {'status':<8} {'median us':>10} {'GB/s':>8} {'raw NCCL us':>12} "
+      f"{'ratio':>7} {'target us':>10}")
 for r in results:
     if not r["op"].startswith("moe_"):
         continue
     base = raw.get((r["op"], r["config"]))
     ratio = base / r["time_us"] if base and r["time_us"] else None
+    target = target_us(r["op"], r["params"]) if r["backend"] not in RAW else None
+    met = r["time_us"] <= target if target and r["time_us"] else None
     rows.append({"op": r["op"], "config": r["config"], "backend": r["backend"], "status": r["status"],
                  "median_us": r["time_us"], "gbps": r["gbps"], "raw_nccl_us": base, "raw_over_backend": ratio,
-                 "message": r.get("message", "")})
+                 "target_us": target, "meets_target": met, "message": r.get("message", "")})
     t = f"{r['time_us']:.1f}" if r["time_us"] else "-"
     g = f"{r['gbps']:.1f}" if r["gbps"] else "-"
     b = f"{base:.1f}" if base else "-"
     x = f"{ratio:.2f}x" if ratio else "-"
-    print(f"{r['op']:<14} {r['config']:<38} {r['backend']:<16} {r['status']:<8} {t:>10} {g:>8} {b:>12} {x:>7}"
-          + (f"  {r.get('message', '')[:60]}" if r["status"] != "ok" else ""))
+    goal = f"<={target:g} {'yes' if met else 'NO' if met is not None else '-'}" if target else "-"
+    print(f"{r['op']:<24} {r['config']:<40} {r['backend']:<16} {r['status']:<8} {t:>10} {g:>8} {b:>12} {x:>7} "
+          f"{goal:>10}" + (f"  {r.get('message', '')[:60]}" if r["status"] != "ok" else ""))
 json.dump({"rows": rows, "targets": "issue 14: dispatch and combine >= 0.9x raw NCCL at 4096 tokens; "
-           "backend time <= 1.5x raw NCCL time (ratio >= 0.67x) at 128 tokens"}, open(sys.argv[2], "w"), indent=1)
+           "backend time <= 1.5x raw NCCL time (ratio >= 0.67x) at 128 tokens; low-latency (128 tokens per rank, "
+           "T_max 128, FP8 dispatch, bf16 combine, EP=2): dispatch <= 40 us, combine <= 50 us (target_us)"},
+          open(sys.argv[2], "w"), indent=1)
 EOF
 }
 
-bench() {  # bench DEVICE [--quick]
-  timeout 240 "$PY" -m deepport bench --device "$1" --op moe_dispatch moe_combine ${2:-} --out "$OUT/bench-out" \
-    > "$OUT/bench.log" 2>&1
+bench() {  # bench DEVICE [--quick]; on GPUs the 2-rank configs only (ep2_*: not the 1-GPU low-latency permutes)
+  local configs=(); [ "$1" = cuda ] && configs=(--config 'ep2_*')
+  timeout 300 "$PY" -m deepport bench --device "$1" --op moe_dispatch moe_combine moe_low_latency_dispatch \
+    moe_low_latency_combine ${configs[@]+"${configs[@]}"} ${2:-} --out "$OUT/bench-out" > "$OUT/bench.log" 2>&1
   echo "bench: exit $? after $((SECONDS - start)) s"; tail -n 30 "$OUT/bench.log"
   cp "$OUT/bench-out/bench.json" "$OUT/bench.json" 2>/dev/null
   cp "$OUT/bench-out/bench.png" "$OUT/bench.png" 2>/dev/null

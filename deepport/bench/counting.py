@@ -47,3 +47,16 @@ def fp8_gemm_bytes(m: int, n: int, k: int, groups: int = 1, out_bytes: int = 2) 
     kb = -(-k // FP8_BLOCK)
     nb = -(-n // FP8_BLOCK)
     return m * k + groups * n * k + 4 * (m * kb + groups * nb * kb) + out_bytes * m * n
+
+
+def moe_low_latency_row_bytes(hidden: int, fp8: bool) -> int:
+    """Payload bytes of one row of a low-latency MoE op: ``hidden`` e4m3 bytes plus one float32 scale per
+    128 channels (FP8 dispatch), or ``2 * hidden`` (bf16: the combine, or a dispatch without the cast)."""
+    return hidden + 4 * -(-hidden // FP8_BLOCK) if fp8 else 2 * hidden
+
+
+def moe_low_latency_bytes(world_size: int, max_tokens_per_rank: int, hidden: int, fp8: bool) -> int:
+    """Bytes a rank sends to the other ranks in one low-latency dispatch (or combine) over ``world_size``
+    ranks: its fixed ``T_max`` rows per other rank, ``(world_size - 1) * T_max`` rows of
+    :func:`moe_low_latency_row_bytes`, whatever the routing (the fixed buffers move them all)."""
+    return (world_size - 1) * max_tokens_per_rank * moe_low_latency_row_bytes(hidden, fp8)

@@ -29,6 +29,7 @@ import deepport
 from deepport.bench import ceilings
 from deepport.bench.configs import BenchConfig, Workload, bound_runner
 from deepport.bench.results import BenchResult
+from deepport.errors import BackendNotSupportedError
 from deepport.kernels.moe_args import Alloc
 
 HIDDEN, TOPK, EXPERTS, WORLD = 7168, 8, 256, 2
@@ -176,7 +177,10 @@ def _bench_backend(op: str, backend: str, inputs: tuple[torch.Tensor, torch.Tens
 
     x, idx, w = inputs
     pool, combine_pool = Pool(device), Pool(device)
-    r = deepport.moe_dispatch(x, idx, w, EXPERTS, group=group, backend=backend, alloc=pool.start())
+    try:
+        r = deepport.moe_dispatch(x, idx, w, EXPERTS, group=group, backend=backend, alloc=pool.start())
+    except BackendNotSupportedError as exc:  # decided by selection, before any collective: alike on every rank
+        return {"backend": backend, "status": "not_supported", "bytes": moved, "message": "; ".join(exc.reasons)}
     assert isinstance(r.recv_x, torch.Tensor)
     recv = r.recv_x
 

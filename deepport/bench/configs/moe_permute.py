@@ -3,7 +3,8 @@ the expanded layout's dispatch (tokens copied once per selected expert into 128-
 segments, the grouped GEMM's input) and its weighted combine, and the low-latency layout's dispatch
 (fixed per-expert capacity, with the per-token FP8 cast) and weighted combine, in one process (no
 collective: ``group=None``). These are the kernels a single GPU runs around the expert GEMMs; the
-collectives of several ranks are the ``moe`` configs.
+collectives of several ranks are the ``moe`` configs, and for the low-latency ops those of
+:mod:`deepport.bench.configs.moe_low_latency` (registered through this module's ``CONFIGS``).
 
 The low-latency dispatch leaves rows past each expert's ``recv_count`` unspecified: its agreement with
 the baseline compares the rows below the counts (``Workload.agreement_masks``), the FP8 payload bit for
@@ -32,6 +33,7 @@ import torch
 
 import deepport
 from deepport.bench.configs import BenchConfig, Workload, bound_runner
+from deepport.bench.configs import moe_low_latency as _ep
 from deepport.bench.configs.moe import CPU_HIDDEN, EXPERTS, HIDDEN, TOPK, Pool, routing
 from deepport.kernels import OPS
 
@@ -163,4 +165,5 @@ CONFIGS: tuple[BenchConfig, ...] = (
     _config("moe_combine_expanded", "cpu_t64_top4_of_16", 64, CPU_HIDDEN, 16, 4, cpu=True),
     _config("moe_low_latency_dispatch", "cpu_t32_top4_of_16_fp8", 32, CPU_HIDDEN, 16, 4, cpu=True),
     _config("moe_low_latency_combine", "cpu_t32_top4_of_16", 32, CPU_HIDDEN, 16, 4, cpu=True),
+    *_ep.CONFIGS,  # the low-latency ops over 2 ranks (its docstring says why they are registered here)
 )
