@@ -204,15 +204,19 @@ def combine_sweep(args: argparse.Namespace) -> None:
     src_pos = rows[order].to(torch.int64).contiguous()
     weights = h.weights[rows][order].to(torch.float32).contiguous()
     moved = (y.numel() + want.numel()) * 2
-    for block in (512, 1024, 2048, 4096, 8192):
-        for warps in (2, 4, 8, 16):
-            out = torch.full_like(want, float("nan"))
+    for prefetch in (False, True):
+        for block in (512, 1024, 2048, 4096, 8192):
+            for warps in (2, 4, 8, 16):
+                out = torch.full_like(want, float("nan"))
 
-            def launch(out: torch.Tensor = out, block: int = block, warps: int = warps) -> None:
-                moe_weighted_rows_kernel[(num_rows, -(-cols // block))](
-                    y, src_pos, weights, seg, out, cols, y.stride(0), BLOCK_C=block, num_warps=warps)
+                def launch(out: torch.Tensor = out, block: int = block, warps: int = warps,
+                           prefetch: bool = prefetch) -> None:
+                    moe_weighted_rows_kernel[(num_rows, -(-cols // block))](
+                        y, src_pos, weights, seg, out, cols, y.stride(0), BLOCK_C=block, PREFETCH=prefetch,
+                        num_warps=warps)
 
-            _check_and_time(launch, out, want, moved, f"BLOCK_C {block:5d} warps {warps:2d}")
+                _check_and_time(launch, out, want, moved,
+                                f"BLOCK_C {block:5d} warps {warps:2d} prefetch {int(prefetch)}")
 
 
 if __name__ == "__main__":

@@ -145,7 +145,10 @@ def moe_lowering_report() -> dict[str, dict[str, int]]:
             stride_src=7168, stride_dg=0, stride_dr=7168, stride_dc=1, ZERO_MISSING=True, BLOCK_C=4096)),
         "weighted_rows": compile_for(k.moe_weighted_rows_kernel, dict(
             y_ptr=Ptr("bf16"), src_pos_ptr=Ptr("i64"), weight_ptr=Ptr("fp32"), seg_ptr=Ptr("i64"),
-            out_ptr=Ptr("fp32"), num_cols=7168, stride_y=7168, BLOCK_C=4096)),
+            out_ptr=Ptr("fp32"), num_cols=7168, stride_y=7168, BLOCK_C=4096, PREFETCH=False)),
+        "weighted_rows_prefetch": compile_for(k.moe_weighted_rows_kernel, dict(
+            y_ptr=Ptr("bf16"), src_pos_ptr=Ptr("i64"), weight_ptr=Ptr("fp32"), seg_ptr=Ptr("i64"),
+            out_ptr=Ptr("bf16"), num_cols=7168, stride_y=7168, BLOCK_C=2048, PREFETCH=True)),
         "cast_fp8": compile_for(k.moe_cast_fp8_kernel, dict(
             x_ptr=Ptr("bf16"), q_ptr=Ptr("fp8e4nv"), scale_ptr=Ptr("fp32"), hidden=7168, fp8_max=448.0,
             fp8_max_inv=1 / 448, amax_floor=1e-4, STORE_FP32=False)),

@@ -41,6 +41,9 @@ from deepport.kernels.moe_low_latency_dispatch import (
 
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _ROW_BLOCK = 4096  # columns per program when moving or summing rows
+# The weighted-rows kernel issues the next row's load before the current row's multiply-add (same sum, same
+# order, same bits): off until measured on a GPU (scripts/gpu_moe_trace.py --combine)
+_PREFETCH = False
 
 
 def _guard(device: torch.device) -> contextlib.AbstractContextManager[object]:
@@ -100,7 +103,7 @@ def _weighted_rows(y: torch.Tensor, src_pos: torch.Tensor, dst_row: torch.Tensor
     with _guard(y.device):
         moe_weighted_rows_kernel[(num_rows, -(-cols // block))](
             y, src_pos[order].to(torch.int64).contiguous(), weights[order].to(torch.float32).contiguous(), seg, out,
-            cols, y.stride(0), BLOCK_C=block)
+            cols, y.stride(0), BLOCK_C=block, PREFETCH=_PREFETCH)
 
 
 def cast_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -65,15 +65,27 @@ def moe_place_rows_kernel(src_ptr, index_ptr, dst_ptr, rows_per_group, num_cols,
 
 @triton.jit
 def moe_weighted_rows_kernel(y_ptr, src_pos_ptr, weight_ptr, seg_ptr, out_ptr, num_cols, stride_y,
-                             BLOCK_C: tl.constexpr):
+                             BLOCK_C: tl.constexpr, PREFETCH: tl.constexpr = False):
     r = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     ok = cols < num_cols
     acc = tl.zeros([BLOCK_C], tl.float32)
-    for j in range(tl.load(seg_ptr + r), tl.load(seg_ptr + r + 1)):
-        row = tl.load(src_pos_ptr + j)
-        w = tl.load(weight_ptr + j)
-        acc += tl.load(y_ptr + row * stride_y + cols, mask=ok, other=0.0).to(tl.float32) * w
+    start, end = tl.load(seg_ptr + r), tl.load(seg_ptr + r + 1)
+    if PREFETCH:  # the next row's load is issued before this row's multiply-add (same sum, same order)
+        # (a row's flag as a block, cols * 0 + ..., keeps the masks block-shaped for the interpreter)
+        first = tl.load(src_pos_ptr + tl.minimum(start, end - 1), mask=start < end, other=0)
+        nxt = tl.load(y_ptr + first * stride_y + cols, mask=ok & (cols * 0 + start < end), other=0.0)
+        for j in range(start, end):
+            cur = nxt
+            w = tl.load(weight_ptr + j)
+            row = tl.load(src_pos_ptr + tl.minimum(j + 1, end - 1))
+            nxt = tl.load(y_ptr + row * stride_y + cols, mask=ok & (cols * 0 + j + 1 < end), other=0.0)
+            acc += cur.to(tl.float32) * w
+    else:
+        for j in range(start, end):
+            row = tl.load(src_pos_ptr + j)
+            w = tl.load(weight_ptr + j)
+            acc += tl.load(y_ptr + row * stride_y + cols, mask=ok, other=0.0).to(tl.float32) * w
     tl.store(out_ptr + r.to(tl.int64) * num_cols + cols, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
