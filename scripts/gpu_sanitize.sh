@@ -6,7 +6,7 @@
 # 1. warm-up (no sanitizer; 4 processes side by side): every smoke case of every op the two backends
 #    register, once each, so that Triton's and the hopper JIT's on-disk caches hold every kernel the
 #    sanitizer runs will load (no compiling under the sanitizer), and the driver is known to work;
-# 2. six sanitizer processes side by side, each under its own timeout (scripts/sanitize_driver.py run):
+# 2. eight sanitizer processes side by side, each under its own timeout (scripts/sanitize_driver.py run):
 #      memcheck   every smoke case, split in three jobs by op family (mla, fp8, moe + any other op),
 #                 torch's caching allocator off (PYTORCH_NO_CUDA_MEMORY_CACHING=1: each tensor is its own
 #                 allocation, so a read past a tensor's end is outside every allocation)
@@ -14,6 +14,7 @@
 #                 own kernels), caching allocator off
 #      synccheck  3 cases per op
 #      racecheck  1 case per op (shared-memory hazards; the slowest tool)
+#      memcheck and racecheck of the triton MoE ops with the variants that are off by default (--set)
 #    every run with --target-processes all and --print-limit 10000;
 # 3. the summary (scripts/sanitize_driver.py summarize): tool x backend x op, cases run, launches of our own
 #    kernels, errors in our kernels, in others' kernels (torch, cuBLAS: reported, not counted against us),
@@ -89,6 +90,12 @@ job memcheck-moe memcheck 1 --family moe,other
 job initcheck initcheck 1 --cases-per-op 2
 job synccheck synccheck 0 --cases-per-op 3
 job racecheck racecheck 0 --cases-per-op 1
+# the triton variants that are off by default until measured (scattered rows of the fused expanded dispatch,
+# the weighted-rows prefetch): memcheck and racecheck of the MoE ops with them on
+VARIANTS=(--backend triton --set deepport.backends.triton.moe_expanded_dispatch:_ROWS=scatter
+          --set deepport.backends.triton.moe_permute:_PREFETCH=True)
+job memcheck-variants memcheck 1 --family moe "${VARIANTS[@]}"
+job racecheck-variants racecheck 0 --family moe --cases-per-op 2 "${VARIANTS[@]}"
 wait
 echo "sanitizer runs done after $((SECONDS - started)) s"
 

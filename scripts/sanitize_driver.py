@@ -133,6 +133,27 @@ def _say(*parts: object) -> None:
     print(MARK, *parts, flush=True)
 
 
+def apply_setting(setting: str) -> None:
+    """``MODULE:ATTR=VALUE``: import ``MODULE`` and set ``ATTR`` (which must exist) to ``VALUE`` (a Python literal,
+    else the string)."""
+    import ast
+    import importlib
+
+    target, sep, text = setting.partition("=")
+    module_name, colon, attr = target.partition(":")
+    if not sep or not colon or not attr:
+        raise SystemExit(f"--set expects MODULE:ATTR=VALUE, got {setting!r}")
+    module = importlib.import_module(module_name)
+    if not hasattr(module, attr):
+        raise SystemExit(f"--set {setting!r}: {module_name} has no attribute {attr!r}")
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = text
+    setattr(module, attr, value)
+    _say("set", f"{module_name}:{attr}", "=", repr(value))
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -143,6 +164,8 @@ def run(args: argparse.Namespace) -> int:
     from deepport.errors import BackendNotSupportedError
 
     device = torch.device(args.device)
+    for setting in args.set:
+        apply_setting(setting)
     launches = Launches()
     launches.install(args.backend)
     record: dict[str, Any] = {"backends": {}, "cases": [], "started": time.time(), "done": False,
@@ -386,6 +409,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     r.add_argument("--device", default="cuda")
     r.add_argument("--seed", type=int, default=2026)
     r.add_argument("--json", required=True)
+    r.add_argument("--set", action="append", default=[], metavar="MODULE:ATTR=VALUE",
+                   help="set a module attribute before the cases (a variant that is off by default, e.g. "
+                        "deepport.backends.triton.moe_permute:_PREFETCH=True); VALUE is a Python literal or a string")
     s = commands.add_parser("summarize", help="parse the logs of a folder into summary.md / summary.json")
     s.add_argument("dir")
     args = parser.parse_args(argv)
