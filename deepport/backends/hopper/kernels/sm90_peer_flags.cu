@@ -40,6 +40,9 @@ struct PeerFlagParams {
     int mode;         // 0 signal, 1 wait for the next chunk, 2 wait for the counter's value
 };
 
+// The host packs this struct (peer_memory_cuda.pack_params): 16 bytes per op, then 24 bytes, no gaps.
+static_assert(sizeof(PeerFlagParams) == DP_PEER_MAX_OPS * 16 + 24, "PeerFlagParams layout differs from the host's");
+
 __device__ __forceinline__ i64 load_acquire_sys(const i64* p) {
     i64 v;
     asm volatile("ld.acquire.sys.global.s64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
