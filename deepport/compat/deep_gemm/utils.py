@@ -1,4 +1,8 @@
-"""DeepGEMM's ``deep_gemm.utils``: scale-factor layouts, alignment helpers and the reference quantizers.
+"""DeepGEMM's ``deep_gemm.utils``: scale-factor layouts, alignment helpers, UE8M0 packing and the FP8 quantizers.
+
+Not provided: the FP4 helpers (``per_token_cast_to_fp4``, ``cast_back_from_fp4``,
+``transpose_packed_fp4``: deepport has no FP4 GEMM), ``get_k_grouped_mn_major_tma_aligned_packed_ue8m0_tensor``
+(SM100 k-grouped UE8M0 layout) and the ``dist`` helpers (``init_dist``, ``uneven_all_gather``).
 
 All are deepport's own helpers (:mod:`deepport.kernels.fp8_layout`) under DeepGEMM's names and
 signatures. The quantizers follow DeepGEMM's math (``sf = max(amax, 1e-4) / 448`` per 1x128 row block
@@ -27,14 +31,16 @@ from deepport.kernels.fp8_layout import (
     get_mn_major_tma_aligned_packed_ue8m0_tensor,
     get_mn_major_tma_aligned_tensor,
     get_tma_aligned_size,
+    unpack_ue8m0,
 )
 
 __all__ = [
     "align", "ceil_div", "ceil_to_ue8m0", "get_col_major_tma_aligned_tensor", "get_k_alignment_for_contiguous_layout",
     "get_m_alignment_for_contiguous_layout", "get_mk_alignment_for_contiguous_layout",
     "get_mn_major_tma_aligned_packed_ue8m0_tensor", "get_mn_major_tma_aligned_tensor",
-    "get_theoretical_mk_alignment_for_contiguous_layout", "get_tma_aligned_size", "per_block_cast_to_fp8",
-    "per_token_cast_to_fp8", "set_mk_alignment_for_contiguous_layout",
+    "get_theoretical_mk_alignment_for_contiguous_layout", "get_tma_aligned_size", "pack_ue8m0_to_int",
+    "per_block_cast_to_fp8", "per_channel_cast_to_fp8", "per_custom_dims_cast_to_fp8", "per_token_cast_to_fp8",
+    "set_mk_alignment_for_contiguous_layout", "unpack_ue8m0_from_int",
 ]
 
 get_col_major_tma_aligned_tensor = get_mn_major_tma_aligned_tensor
@@ -63,3 +69,55 @@ def per_block_cast_to_fp8(x: torch.Tensor, use_ue8m0: bool = False, gran_k: int 
     """``x [N, K]`` -> ``(e4m3 [N, K], sf float32 [ceil(N/128), ceil(K/128)])``, one SF per 128x128 block."""
     _gran_k(gran_k)
     return fp8_layout.per_block_cast_to_fp8(x, use_ue8m0=chk.expect_bool("use_ue8m0", use_ue8m0))
+
+
+def per_channel_cast_to_fp8(x: torch.Tensor, use_ue8m0: bool = False, gran_k: int = 128) -> tuple[torch.Tensor,
+                                                                                                   torch.Tensor]:
+    """``x [K, N]`` (K a multiple of 128) -> ``(e4m3 [K, N], sf float32 [K/128, N])``: one SF per column and
+    128 rows, the K-direction blocks of weight-gradient operands (``sf[j, n]`` covers ``x[128j:128j+128, n]``).
+    Same math as :func:`per_token_cast_to_fp8` on ``x``'s transpose."""
+    _gran_k(gran_k)
+    chk.expect_tensor("x", x)
+    chk.expect_ndim("x", x, 2, "[K, N]")
+    if int(x.shape[0]) % fp8_layout.BLOCK_K != 0:
+        raise InvalidArgumentError("x", f"expected K = x.shape[0] to be a multiple of {fp8_layout.BLOCK_K}, got "
+                                   f"{int(x.shape[0])}")
+    data, sf = fp8_layout.per_token_cast_to_fp8(x.t(), use_ue8m0=chk.expect_bool("use_ue8m0", use_ue8m0))
+    return data.t().contiguous(), sf.t().contiguous()
+
+
+def per_custom_dims_cast_to_fp8(x: torch.Tensor, dims: tuple[int, ...], use_ue8m0: bool) -> tuple[torch.Tensor,
+                                                                                                  torch.Tensor]:
+    """One SF per index of the kept ``dims`` (the amax is taken over every other dimension):
+    ``(e4m3 of x's shape, sf float32)``, ``sf`` squeezed as upstream (e.g. ``[S]`` for ``dims=(0,)``)."""
+    chk.expect_tensor("x", x)
+    chk.expect_dtype("x", x, (torch.float32, torch.bfloat16, torch.float16))
+    if not isinstance(dims, (tuple, list)) or any(isinstance(d, bool) or not isinstance(d, int) for d in dims):
+        raise InvalidArgumentError("dims", f"expected a tuple of dimension indices, got {dims!r}")
+    kept = {d % x.dim() for d in dims} if x.dim() else set()
+    reduced = tuple(i for i in range(x.dim()) if i not in kept)
+    amax = x.abs().float().amax(dim=reduced, keepdim=True) if reduced else x.abs().float()
+    sf = fp8_layout.amax_scales(amax)[0]
+    sf = ceil_to_ue8m0(sf) if chk.expect_bool("use_ue8m0", use_ue8m0) else sf
+    return (x.float() / sf).to(torch.float8_e4m3fn), sf.squeeze()
+
+
+def pack_ue8m0_to_int(x: torch.Tensor) -> torch.Tensor:
+    """float32 power-of-two SFs ``[..., 4w]`` -> int32 ``[..., w]``, four exponent bytes per word (byte ``i``
+    of word ``j`` = SF ``4j + i``). The last dimension must be a multiple of 4, as upstream; an SF that is
+    not a positive power of two raises (upstream asserts it too)."""
+    chk.expect_tensor("x", x)
+    chk.expect_dtype("x", x, (torch.float32,))
+    if x.dim() < 1 or int(x.shape[-1]) % fp8_layout.UE8M0_PER_INT32 != 0:
+        raise InvalidArgumentError("x", f"expected a last dimension that is a multiple of 4, got shape "
+                                   f"{tuple(x.shape)}")
+    flat = x.reshape(-1, int(x.shape[-1])) if x.dim() >= 2 else x.reshape(1, -1)
+    return fp8_layout.pack_ue8m0(flat).reshape(*x.shape[:-1], int(x.shape[-1]) // fp8_layout.UE8M0_PER_INT32)
+
+
+def unpack_ue8m0_from_int(packed_sf: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`pack_ue8m0_to_int`: int32 ``[..., w]`` -> float32 ``[..., 4w]`` powers of two
+    (a zero byte gives 0.0, as upstream)."""
+    chk.expect_tensor("packed_sf", packed_sf)
+    words = int(packed_sf.shape[-1]) if packed_sf.dim() else 0
+    return unpack_ue8m0(packed_sf, words * fp8_layout.UE8M0_PER_INT32)
