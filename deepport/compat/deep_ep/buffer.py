@@ -23,8 +23,13 @@ What DeepEP's arguments mean here:
   :meth:`Buffer.combine` is added in float32 to the combined bf16 rows (one more bf16 rounding than
   DeepEP's in-kernel add). ``use_logfmt`` is accepted and transports bf16 exactly (DeepEP's LogFMT is
   lossy). Wait-time statistics tensors are accepted and left unchanged (deepport does not measure).
-  Not provided: shrink mode (``enable_shrink``), ``comm`` (mpi4py), ``get_local_buffer_tensor``,
-  ``get_comm_stream``, the internode-specific handle layout, V2's ``ElasticBuffer``.
+- ``get_comm_stream()``: the current stream (the one deepport communicates on).
+- Shrink mode's mask methods: no rank is ever masked, so querying gives zeros, cleaning and unmasking
+  are no-ops, and masking a rank raises ``NotImplementedError``.
+- Not provided: shrink mode (``enable_shrink=True``), ``comm`` (mpi4py), ``get_local_buffer_tensor``
+  (raises ``NotImplementedError``: there is no registered buffer to view), ``internode_dispatch`` /
+  ``internode_combine`` (DeepEP's internal paths behind ``dispatch``/``combine``, which cover every
+  group size here), the internode-specific handle layout, V2's ``ElasticBuffer`` / ``EPHandle``.
 """
 
 from __future__ import annotations
