@@ -82,6 +82,11 @@ def test_k_grouped_tn_as_the_upstream_test_calls_it(ks: list[int]) -> None:
     assert calc_diff(got, unquantized) < 1e-3
     apart = torch.full_like(c, float("nan"))
     deep_gemm.k_grouped_fp8_gemm_tn_contiguous(a, b, apart, ks, layout, c)  # c distinct from d
+    v2_0 = c.clone()  # v2.0's keyword names
+    deep_gemm.k_grouped_fp8_gemm_tn_contiguous(a, b, v2_0, ks=ks, ks_tensor=layout, c=v2_0, recipe=(1, 1, 128))
+    assert torch.equal(v2_0, got)
+    with pytest.raises(InvalidArgumentError, match=r"either ks_cpu or its v2\.0 name ks"):
+        deep_gemm.k_grouped_fp8_gemm_tn_contiguous(a, b, v2_0, ks, layout, v2_0, ks=ks)
     assert torch.equal(apart, got) and torch.equal(apart[1] if ks[1] == 0 else c[0], c[1] if ks[1] == 0 else c[0])
 
 
@@ -198,8 +203,9 @@ def test_transform_sf_into_required_layout_gives_what_the_gemms_consume() -> Non
     assert deep_gemm.transform_sf_into_required_layout(packed, 6, 256, (1, 128)) is packed
     grouped = torch.ones((2, 6, 2))
     assert deep_gemm.transform_sf_into_required_layout(grouped, 6, 256, (1, 128), num_groups=2).stride() == (16, 1, 8)
+    assert deep_gemm.transform_sf_into_required_layout(sfb, 130, 256, recipe) is sfb  # v2.0: is_sfa=False default
     with pytest.raises(InvalidArgumentError, match="is_sfa"):
-        deep_gemm.transform_sf_into_required_layout(sfa, 6, 256, recipe)
+        deep_gemm.transform_sf_into_required_layout(sfa, 6, 256, (1, 128), is_sfa=True)
     with pytest.raises(InvalidArgumentError, match="gran_k = 128"):
         deep_gemm.transform_sf_into_required_layout(sfa, 6, 256, (1, 32))
     with pytest.raises(InvalidArgumentError, match=r"expected shape \(6, 3\)"):

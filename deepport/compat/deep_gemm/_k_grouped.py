@@ -17,7 +17,8 @@ Each non-empty group runs :func:`deepport.fp8_gemm_tn` / :func:`deepport.fp8_gem
 ``D[g]`` (DeepGEMM's ``K == 0`` result). Differences: ``gran_k`` must be 128 and SFs float32 (the SM100
 UE8M0 and ``gran_k = 32`` forms are not supported); ``grouped_layout`` is read on the host (one
 device-to-host copy) and must agree with ``ks_cpu`` where both are given; ``compiled_dims`` is a JIT
-knob, checked and ignored.
+knob, checked and ignored. v2.0 (2025-07) named the two group arguments ``ks`` and ``ks_tensor``:
+both spellings are accepted as keywords (positionally they are the same 4th and 5th arguments).
 """
 
 from __future__ import annotations
@@ -118,11 +119,27 @@ def _run_groups(segments: list[Segment], out: torch.Tensor, acc: torch.Tensor,
         sf_block += num_k_blocks(segment[1])
 
 
-def k_grouped_fp8_gemm_tn_contiguous(a: Pair, b: Pair, d: torch.Tensor, ks_cpu: Sequence[int] | None,
-                                     grouped_layout: torch.Tensor, c: torch.Tensor | None = None,
+def _v2_names(ks_cpu: Sequence[int] | None, grouped_layout: torch.Tensor | None, ks: Sequence[int] | None,
+              ks_tensor: torch.Tensor | None) -> tuple[Sequence[int] | None, torch.Tensor | None]:
+    """``(ks_cpu, grouped_layout)`` from the current names or v2.0's ``ks``/``ks_tensor`` (one of each pair)."""
+    for current, old, value, old_value in (("ks_cpu", "ks", ks_cpu, ks), ("grouped_layout", "ks_tensor",
+                                                                         grouped_layout, ks_tensor)):
+        if value is not None and old_value is not None:
+            raise InvalidArgumentError(current, f"expected either {current} or its v2.0 name {old}, got both")
+    if grouped_layout is None and ks_tensor is None:
+        raise InvalidArgumentError("grouped_layout", "expected the int32 [num_groups] group layout as the 5th "
+                                   "argument (grouped_layout, v2.0: ks_tensor), got None")
+    return (ks_cpu if ks is None else ks), (grouped_layout if ks_tensor is None else ks_tensor)
+
+
+def k_grouped_fp8_gemm_tn_contiguous(a: Pair, b: Pair, d: torch.Tensor, ks_cpu: Sequence[int] | None = None,
+                                     grouped_layout: torch.Tensor | None = None, c: torch.Tensor | None = None,
                                      recipe: tuple[int, int, int] = RECIPE, compiled_dims: str = "mn",
-                                     use_psum_layout: bool = False, *, backend: str | None = None) -> None:
-    """DeepGEMM's MN-major K-grouped GEMM (see the module docstring): ``d[g] = c[g] + A_g^T @ B_g``."""
+                                     use_psum_layout: bool = False, *, ks: Sequence[int] | None = None,
+                                     ks_tensor: torch.Tensor | None = None, backend: str | None = None) -> None:
+    """DeepGEMM's MN-major K-grouped GEMM (see the module docstring): ``d[g] = c[g] + A_g^T @ B_g``.
+    ``ks``/``ks_tensor`` are v2.0's keyword names of ``ks_cpu``/``grouped_layout``."""
+    ks_cpu, grouped_layout = _v2_names(ks_cpu, grouped_layout, ks, ks_tensor)
     out, acc = _check_common(d, c, recipe, compiled_dims)
     (a_data, sfa), (b_data, sfb) = _pair("a", a), _pair("b", b)
     chk.expect_ndim("a[0]", a_data, 2, "[sum_K, M]")
@@ -146,12 +163,15 @@ def k_grouped_fp8_gemm_tn_contiguous(a: Pair, b: Pair, d: torch.Tensor, ks_cpu: 
     _run_groups(segments, out, acc, gemm)
 
 
-def k_grouped_fp8_gemm_nt_contiguous(a: Pair, b: Pair, d: torch.Tensor, ks_cpu: Sequence[int] | None,
-                                     grouped_layout: torch.Tensor, c: torch.Tensor | None = None,
+def k_grouped_fp8_gemm_nt_contiguous(a: Pair, b: Pair, d: torch.Tensor, ks_cpu: Sequence[int] | None = None,
+                                     grouped_layout: torch.Tensor | None = None, c: torch.Tensor | None = None,
                                      recipe: tuple[int, int, int] = RECIPE, compiled_dims: str = "mn",
-                                     use_psum_layout: bool = False, *, backend: str | None = None) -> None:
+                                     use_psum_layout: bool = False, *, ks: Sequence[int] | None = None,
+                                     ks_tensor: torch.Tensor | None = None, backend: str | None = None) -> None:
     """DeepGEMM's K-major K-grouped GEMM (see the module docstring): ``d[g] = c[g] + A_g^T @ B_g`` with each
-    ``A_g^T [M, K_g]`` / ``B_g^T [N, K_g]`` stored row-major back to back."""
+    ``A_g^T [M, K_g]`` / ``B_g^T [N, K_g]`` stored row-major back to back. ``ks``/``ks_tensor`` as for the
+    ``tn`` form."""
+    ks_cpu, grouped_layout = _v2_names(ks_cpu, grouped_layout, ks, ks_tensor)
     out, acc = _check_common(d, c, recipe, compiled_dims)
     (a_data, sfa), (b_data, sfb) = _pair("a", a), _pair("b", b)
     if chk.expect_bool("use_psum_layout", use_psum_layout):

@@ -12,7 +12,10 @@ does on SM100 for int32 SFs, on every device:
   transposing the last two dimensions, and returned as is;
 - int32 packed UE8M0, ``gran_mn == 1``: checked to be MN-major and TMA-aligned, returned as is.
 
-Anything else raises, naming what was expected. ``psum_layout`` only matters to upstream's SM100
+Anything else raises, naming what was expected. Both generations' calls work: v2.0's
+``(sf, mn, k, recipe, num_groups=None, is_sfa=False, disable_ue8m0_cast=False)`` (a 3-int recipe,
+``is_sfa`` defaulting to the SFB side) and the current one (``is_sfa=None`` by default, a 2-int
+``(gran_mn, gran_k)`` recipe allowed, ``psum_layout``). ``psum_layout`` only matters to upstream's SM100
 UE8M0 conversion, which deepport never performs: it is accepted (a tensor or ``None``) and unused.
 """
 
@@ -31,11 +34,9 @@ def _granularity(recipe: object, is_sfa: object) -> tuple[int, int]:
     if not isinstance(recipe, (tuple, list)) or len(recipe) not in (2, 3) or \
             any(isinstance(v, bool) or not isinstance(v, int) for v in recipe):
         raise ArgumentTypeError("recipe", f"expected (gran_m_a, gran_n_b, gran_k) or (gran_mn, gran_k), got {recipe!r}")
-    if len(recipe) == 3:
-        if is_sfa is None:
-            raise InvalidArgumentError("is_sfa", "expected True or False with a 3-int recipe (which operand's "
-                                       "granularity to take), got None")
-        return (int(recipe[0]) if chk.expect_bool("is_sfa", is_sfa) else int(recipe[1])), int(recipe[2])
+    if len(recipe) == 3:  # is_sfa=None counts as False: v2.0's default (upstream asserts it is given since 2026-01)
+        sfa = False if is_sfa is None else chk.expect_bool("is_sfa", is_sfa)
+        return (int(recipe[0]) if sfa else int(recipe[1])), int(recipe[2])
     if is_sfa is not None:
         raise InvalidArgumentError("is_sfa", f"expected None with a 2-int recipe (gran_mn, gran_k), got {is_sfa!r}")
     return int(recipe[0]), int(recipe[1])
