@@ -289,3 +289,12 @@ def test_absent_upstream_names_say_why(name: str) -> None:
         getattr(deep_gemm, name)
     with pytest.raises(AttributeError, match=r"has no attribute 'no_such_name'$"):
         deep_gemm.no_such_name  # noqa: B018
+
+
+def test_utils_submodule_paths_resolve_as_upstream() -> None:
+    from deepport.compat.deep_gemm.utils.layout import get_mn_major_tma_aligned_tensor
+    from deepport.compat.deep_gemm.utils.math import align, per_block_cast_to_fp8, per_token_cast_to_fp8
+
+    assert per_token_cast_to_fp8 is deep_gemm.per_token_cast_to_fp8 is deep_gemm.utils.per_token_cast_to_fp8
+    assert per_block_cast_to_fp8 is deep_gemm.utils.math.per_block_cast_to_fp8 and align(5, 4) == 8
+    assert get_mn_major_tma_aligned_tensor is deep_gemm.get_col_major_tma_aligned_tensor

@@ -1,52 +1,27 @@
-"""DeepGEMM's ``deep_gemm.utils``: scale-factor layouts, alignment helpers, UE8M0 packing and the FP8 quantizers.
-
-Not provided: the FP4 helpers (``per_token_cast_to_fp4``, ``cast_back_from_fp4``,
-``transpose_packed_fp4``: deepport has no FP4 GEMM), ``get_k_grouped_mn_major_tma_aligned_packed_ue8m0_tensor``
-(SM100 k-grouped UE8M0 layout) and the ``dist`` helpers (``init_dist``, ``uneven_all_gather``).
+"""DeepGEMM's ``deep_gemm.utils.math``: ``ceil_div``/``align``, UE8M0 rounding and packing, the FP8 quantizers.
 
 All are deepport's own helpers (:mod:`deepport.kernels.fp8_layout`) under DeepGEMM's names and
-signatures. The quantizers follow DeepGEMM's math (``sf = max(amax, 1e-4) / 448`` per 1x128 row block
-or 128x128 block, optionally rounded up to a power of two) and divide by ``sf`` where DeepGEMM
-multiplies by ``1 / sf``: the SFs are identical, and a rare element whose quotient lies within one
-float32 rounding of an FP8 rounding boundary may round to the neighbouring FP8 value (never with
-power-of-two SFs, where both are exact).
+signatures. The quantizers follow DeepGEMM's math (``sf = max(amax, 1e-4) / 448`` per 1x128 row block,
+128x1 column block or 128x128 block, optionally rounded up to a power of two) and divide by ``sf``
+where DeepGEMM multiplies by ``1 / sf``: the SFs are identical, and a rare element whose quotient lies
+within one float32 rounding of an FP8 rounding boundary may round to the neighbouring FP8 value
+(never with power-of-two SFs, where both are exact). Not provided: the FP4 helpers
+(``per_token_cast_to_fp4``, ``cast_back_from_fp4``, ``transpose_packed_fp4``: deepport has no FP4 GEMM).
 """
 
 from __future__ import annotations
 
 import torch
 
-from deepport.compat.deep_gemm._runtime import (
-    get_theoretical_mk_alignment_for_contiguous_layout,
-    set_mk_alignment_for_contiguous_layout,
-)
 from deepport.errors import InvalidArgumentError
 from deepport.kernels import _checks as chk
 from deepport.kernels import fp8_layout
-from deepport.kernels.fp8_layout import (
-    align,
-    ceil_div,
-    ceil_to_ue8m0,
-    get_mk_alignment_for_contiguous_layout,
-    get_mn_major_tma_aligned_packed_ue8m0_tensor,
-    get_mn_major_tma_aligned_tensor,
-    get_tma_aligned_size,
-    unpack_ue8m0,
-)
+from deepport.kernels.fp8_layout import align, ceil_div, ceil_to_ue8m0, unpack_ue8m0
 
 __all__ = [
-    "align", "ceil_div", "ceil_to_ue8m0", "get_col_major_tma_aligned_tensor", "get_k_alignment_for_contiguous_layout",
-    "get_m_alignment_for_contiguous_layout", "get_mk_alignment_for_contiguous_layout",
-    "get_mn_major_tma_aligned_packed_ue8m0_tensor", "get_mn_major_tma_aligned_tensor",
-    "get_theoretical_mk_alignment_for_contiguous_layout", "get_tma_aligned_size", "pack_ue8m0_to_int",
-    "per_block_cast_to_fp8", "per_channel_cast_to_fp8", "per_custom_dims_cast_to_fp8", "per_token_cast_to_fp8",
-    "set_mk_alignment_for_contiguous_layout", "unpack_ue8m0_from_int",
+    "align", "ceil_div", "ceil_to_ue8m0", "pack_ue8m0_to_int", "per_block_cast_to_fp8", "per_channel_cast_to_fp8",
+    "per_custom_dims_cast_to_fp8", "per_token_cast_to_fp8", "unpack_ue8m0_from_int",
 ]
-
-get_col_major_tma_aligned_tensor = get_mn_major_tma_aligned_tensor
-"""v1 name of :func:`get_mn_major_tma_aligned_tensor` (MN-major is column-major for ``[MN, K]``)."""
-get_m_alignment_for_contiguous_layout = get_mk_alignment_for_contiguous_layout
-get_k_alignment_for_contiguous_layout = get_mk_alignment_for_contiguous_layout
 
 
 def _gran_k(gran_k: object) -> None:
