@@ -298,3 +298,17 @@ def test_utils_submodule_paths_resolve_as_upstream() -> None:
     assert per_token_cast_to_fp8 is deep_gemm.per_token_cast_to_fp8 is deep_gemm.utils.per_token_cast_to_fp8
     assert per_block_cast_to_fp8 is deep_gemm.utils.math.per_block_cast_to_fp8 and align(5, 4) == 8
     assert get_mn_major_tma_aligned_tensor is deep_gemm.get_col_major_tma_aligned_tensor
+
+
+def test_packed_ue8m0_layout_skips_the_gap_rows_of_a_psum_layout() -> None:
+    g = torch.Generator().manual_seed(13)
+    sf = deep_gemm.ceil_to_ue8m0(torch.rand((300, 5), generator=g) + 0.1)
+    sf[100:128] = float("nan")  # the alignment gap after a group ending at row 100: anything, upstream skips it
+    ends = torch.tensor([100, 300], dtype=torch.int32)
+    packed = deep_gemm.get_mn_major_tma_aligned_packed_ue8m0_tensor(sf, psum_layout=ends)
+    whole = deep_gemm.get_mn_major_tma_aligned_packed_ue8m0_tensor(torch.where(sf.isnan(), 1.0, sf))
+    assert packed.stride() == whole.stride() == (1, 300)
+    assert torch.equal(packed[:100], whole[:100]) and torch.equal(packed[128:], whole[128:])
+    assert not packed[100:128].any()
+    with pytest.raises(InvalidArgumentError, match="powers of two"):
+        deep_gemm.get_mn_major_tma_aligned_packed_ue8m0_tensor(sf)
