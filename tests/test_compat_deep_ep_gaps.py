@@ -122,3 +122,27 @@ def test_v2_names_are_absent_with_the_reason(name: str) -> None:
     with pytest.raises(AttributeError, match="V2"):
         getattr(deep_ep, name)
     assert deep_ep.utils.EventOverlap is deep_ep.EventOverlap
+
+
+def test_normal_dispatch_moves_packed_ue8m0_scales_bit_for_bit() -> None:
+    """test_intranode.py dispatches FP8 with int32 UE8M0 scales on SM100 builds; the words must arrive as sent."""
+    x, topk_idx = routing(6, 4)
+    topk_idx[2] = -1  # a token routed nowhere
+    data, sf = per_token_cast_to_fp8(x)
+    words = deepport.pack_ue8m0(deepport.ceil_to_ue8m0(sf))
+    buffer = Buffer(None)
+    num_tokens_per_rank, _, num_tokens_per_expert, is_token_in_rank, _ = buffer.get_dispatch_layout(topk_idx, EXPERTS)
+    layout = {"num_tokens_per_rank": num_tokens_per_rank, "is_token_in_rank": is_token_in_rank,
+              "num_tokens_per_expert": num_tokens_per_expert}
+    (recv_data, recv_words), _, _, _, handle, _ = buffer.dispatch((data, words), topk_idx=topk_idx,
+                                                                  topk_weights=torch.rand(6, TOPK), **layout)
+    routed = [0, 1, 3, 4, 5]
+    assert recv_words.dtype == torch.int32 and torch.equal(recv_words, words[routed])
+    assert torch.equal(recv_data.view(torch.uint8), data[routed].view(torch.uint8))
+    cached = buffer.dispatch((data, words), handle=handle)[0]
+    assert torch.equal(cached[1], words[routed])
+    padded = buffer.dispatch((data, words), topk_idx=topk_idx, topk_weights=torch.rand(6, TOPK), num_worst_tokens=8,
+                             **layout)[0]
+    assert padded[1].shape == (8, 1) and torch.equal(padded[1][:5], words[routed]) and not padded[1][5:].any()
+    with pytest.raises(InvalidArgumentError, match="multiple of 512"):
+        buffer.dispatch((data[:, :384], words), topk_idx=topk_idx, topk_weights=torch.rand(6, TOPK), **layout)
