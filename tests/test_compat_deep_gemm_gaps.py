@@ -312,3 +312,22 @@ def test_packed_ue8m0_layout_skips_the_gap_rows_of_a_psum_layout() -> None:
     assert not packed[100:128].any()
     with pytest.raises(InvalidArgumentError, match="powers of two"):
         deep_gemm.get_mn_major_tma_aligned_packed_ue8m0_tensor(sf)
+
+
+@pytest.mark.parametrize("in_place", [True, False])
+def test_bf16_accumulation_as_the_sm100_test_calls_it(in_place: bool) -> None:
+    """generators.py ``generate_normal(accumulate=True, out_dtype=bf16)``: ``d = randn * 32``, ``c = d``."""
+    g = torch.Generator().manual_seed(15)
+    x, y = torch.randn((16, 256), generator=g).bfloat16(), torch.randn((48, 256), generator=g).bfloat16()
+    a, b = deep_gemm.per_token_cast_to_fp8(x, use_ue8m0=False), deep_gemm.per_block_cast_to_fp8(y, use_ue8m0=False)
+    d = (torch.randn((16, 48), generator=g) * 32).bfloat16()
+    c = d if in_place else d.clone()
+    unquantized = (x.float() @ y.float().T + c.float()).bfloat16()
+    want = c.float().clone()
+    deep_gemm.fp8_gemm_nt(a, b, want, c=want, backend="reference")  # the float32 result, rounded once below
+    deep_gemm.fp8_gemm_nt(a, b, d, c=c)
+    assert d.dtype == torch.bfloat16
+    close_to_reference(d, want)
+    assert calc_diff(d, unquantized) < 1e-3
+    with pytest.raises(ArgumentTypeError, match="bfloat16"):
+        deep_gemm.fp8_gemm_nt(a, b, d, c=c.float())

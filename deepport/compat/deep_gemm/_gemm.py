@@ -28,8 +28,10 @@ _TUNING_NOTE = """
     ``disable_ue8m0_cast`` has no effect: deepport never rounds float32 SFs to UE8M0 (it uses them as
     given, like DeepGEMM on SM90; DeepGEMM on SM100 casts them unless disabled, which changes the result
     only for SFs that are not powers of two). ``M == 0`` is a no-op as upstream; ``N == 0`` or ``K == 0``
-    are rejected by deepport (DeepGEMM: no-op / ``D = C``). ``c`` needs float32 ``d`` (``c is d``:
-    in-place accumulation). FP4 operands (``fp8_fp4_*`` with int8 data) are not supported.
+    are rejected by deepport (DeepGEMM: no-op / ``D = C``). ``c`` with float32 ``d`` runs in deepport's
+    op (``c is d``: in-place accumulation); ``c`` with bf16 ``d`` (DeepGEMM 2026-06's BF16 accumulation,
+    dense GEMMs only) accumulates into a float32 copy of ``c`` and rounds once to bf16, as the kernel does.
+    FP4 operands (``fp8_fp4_*`` with int8 data) are not supported.
 """
 
 
@@ -68,13 +70,28 @@ def _dense(op: Callable[..., None]) -> Callable[..., None]:
              compiled_dims: str = "nk" if layout[0] == "n" else "mn", disable_ue8m0_cast: bool = False, *,
              backend: str | None = None) -> None:
         _check_flags(compiled_dims, disable_ue8m0_cast)
-        op(a, b, d, c=c, recipe=resolve_recipe(recipe, recipe_a, recipe_b), backend=backend)
+        resolved = resolve_recipe(recipe, recipe_a, recipe_b)
+        if c is not None and isinstance(d, torch.Tensor) and d.dtype == torch.bfloat16:
+            _accumulate_in_bf16(op, a, b, d, c, resolved, backend)
+        else:
+            op(a, b, d, c=c, recipe=resolved, backend=backend)
 
     gemm.__name__ = gemm.__qualname__ = op.__name__
     gemm.__doc__ = (f"DeepGEMM's ``fp8_gemm_{layout}(a, b, d, c=None, recipe=None, recipe_a=None, recipe_b=None, "
                     f"compiled_dims, disable_ue8m0_cast=False)``: ``D = C + A @ B^T`` written into ``d``, via "
                     f":func:`deepport.fp8_gemm_{layout}` (see it for shapes, layouts and math).\n" + _TUNING_NOTE)
     return gemm
+
+
+def _accumulate_in_bf16(op: Callable[..., None], a: Pair, b: Pair, d: torch.Tensor, c: object, recipe: Any,
+                        backend: str | None) -> None:
+    """``d = bf16(c + A @ B^T)``: accumulated into a float32 copy of the bf16 ``c`` (exact), then rounded once."""
+    acc = chk.expect_tensor("c", c)
+    chk.expect_dtype("c", acc, (torch.bfloat16,))
+    chk.expect_shape("c", acc, tuple(d.shape), "[M, N], d's shape")
+    scratch = acc.to(torch.float32)
+    op(a, b, scratch, c=scratch, recipe=recipe, backend=backend)
+    d.copy_(scratch)
 
 
 fp8_gemm_nt = _dense(deepport.fp8_gemm_nt)
