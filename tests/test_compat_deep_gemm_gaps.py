@@ -21,6 +21,8 @@ from deepport.compat import deep_gemm
 from deepport.compat.deep_gemm import calc_diff
 from deepport.errors import ArgumentTypeError, InvalidArgumentError
 
+Pair = tuple[torch.Tensor, torch.Tensor]
+
 pytestmark = pytest.mark.usefixtures("clean_env")
 
 
@@ -331,3 +333,26 @@ def test_bf16_accumulation_as_the_sm100_test_calls_it(in_place: bool) -> None:
     assert calc_diff(d, unquantized) < 1e-3
     with pytest.raises(ArgumentTypeError, match="bfloat16"):
         deep_gemm.fp8_gemm_nt(a, b, d, c=c.float())
+
+
+@pytest.mark.parametrize("layout", ["nt", "nn", "tn", "tt"])
+def test_empty_reduction_gives_c_and_empty_output_is_a_no_op(layout: str) -> None:
+    """DeepGEMM: ``K == 0`` -> ``D = C`` (or 0), ``N == 0`` -> nothing; deepport's ops reject both, the shims answer."""
+    fp8, m, n = torch.float8_e4m3fn, 4, 6
+    gemm = getattr(deep_gemm, f"fp8_gemm_{layout}")
+
+    def operands(k: int, n_: int) -> tuple[Pair, Pair]:
+        a = torch.empty((m, k) if layout[0] == "n" else (k, m), dtype=fp8)
+        b = torch.empty((n_, k) if layout[1] == "t" else (k, n_), dtype=fp8)
+        return (a, torch.empty((m, 0))), (b, torch.empty((1, 0)))
+
+    c = torch.randn((m, n))
+    d = torch.full((m, n), float("nan"))
+    gemm(*operands(0, n), d, c=c)
+    assert torch.equal(d, c)
+    bf16 = torch.full((m, n), float("nan"), dtype=torch.bfloat16)
+    gemm(*operands(0, n), bf16)
+    assert not bf16.any()
+    gemm(*operands(128, 0), torch.empty((m, 0), dtype=torch.bfloat16))  # nothing to write, nothing raised
+    with pytest.raises(InvalidArgumentError, match="agree on M, N, K"):
+        gemm(*operands(0, n + 1), d, c=c)

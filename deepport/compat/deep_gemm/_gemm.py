@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 import deepport
+from deepport.compat.deep_gemm._empty import answer_empty
 from deepport.errors import ArgumentTypeError, InvalidArgumentError
 from deepport.kernels import _checks as chk
 from deepport.kernels.fp8_layout import align, get_mk_alignment_for_contiguous_layout
@@ -27,8 +28,8 @@ _TUNING_NOTE = """
     Differences from DeepGEMM: ``compiled_dims`` is accepted and ignored (a JIT tuning knob).
     ``disable_ue8m0_cast`` has no effect: deepport never rounds float32 SFs to UE8M0 (it uses them as
     given, like DeepGEMM on SM90; DeepGEMM on SM100 casts them unless disabled, which changes the result
-    only for SFs that are not powers of two). ``M == 0`` is a no-op as upstream; ``N == 0`` or ``K == 0``
-    are rejected by deepport (DeepGEMM: no-op / ``D = C``). ``c`` with float32 ``d`` runs in deepport's
+    only for SFs that are not powers of two). ``M == 0`` and ``N == 0`` are no-ops and ``K == 0`` gives
+    ``D = C`` (or 0), as upstream (dense GEMMs; see :mod:`._empty`). ``c`` with float32 ``d`` runs in deepport's
     op (``c is d``: in-place accumulation); ``c`` with bf16 ``d`` (DeepGEMM 2026-06's BF16 accumulation,
     dense GEMMs only) accumulates into a float32 copy of ``c`` and rounds once to bf16, as the kernel does.
     FP4 operands (``fp8_fp4_*`` with int8 data) are not supported.
@@ -71,6 +72,8 @@ def _dense(op: Callable[..., None]) -> Callable[..., None]:
              backend: str | None = None) -> None:
         _check_flags(compiled_dims, disable_ue8m0_cast)
         resolved = resolve_recipe(recipe, recipe_a, recipe_b)
+        if answer_empty(layout, a, b, d, c):
+            return
         if c is not None and isinstance(d, torch.Tensor) and d.dtype == torch.bfloat16:
             _accumulate_in_bf16(op, a, b, d, c, resolved, backend)
         else:
