@@ -28,6 +28,8 @@ REASONS = {
     "bench_kineto": "it filters CUPTI records by DeepGEMM kernel names; use deep_gemm.bench or "
                     "`python -m deepport bench`",
     "legacy": "DeepGEMM's Triton BF16 kernels for A100 (BF16 GEMMs are not deepport ops)",
+    "jit": "DeepGEMM's JIT compiler internals (deepport's backends build their own kernels)",
+    "jit_kernels": "DeepGEMM v1's JIT kernel internals (deepport's backends build their own kernels)",
     "init_dist": "a torch.distributed set-up helper of DeepGEMM's tests", "uneven_all_gather":
         "a torch.distributed helper of DeepGEMM's tests",
 }
