@@ -53,6 +53,7 @@ def _check_common(d: object, c: object, recipe: object, compiled_dims: object) -
         raise InvalidArgumentError("c", "expected a float32 [num_groups, M, N] tensor (DeepGEMM's K-grouped GEMMs "
                                    "always accumulate; pass c=d to accumulate in place), got None")
     acc = chk.expect_tensor("c", c)
+    chk.expect_dtype("c", acc, (torch.float32,))
     chk.expect_shape("c", acc, tuple(out.shape), "[num_groups, M, N]")
     if not isinstance(recipe, (tuple, list)) or tuple(recipe) != RECIPE:
         raise InvalidArgumentError("recipe", f"expected {RECIPE} (per-row SFs over 128-wide K blocks; gran_k 32 is "
