@@ -9,6 +9,7 @@ from test_compat_flash_mla import assert_close_to_reference, reference_f64, upst
 
 from deepport.compat import flash_mla
 from deepport.compat.flash_mla import flash_mla_interface
+from deepport.errors import ArgumentTypeError
 
 pytestmark = pytest.mark.usefixtures("clean_env")
 
@@ -41,3 +42,21 @@ def test_upstream_names_left_out_say_why(name: str) -> None:
         assert not hasattr(module, name)
         with pytest.raises(AttributeError, match="not provided by deepport"):
             getattr(module, name)
+
+
+def test_the_current_readme_call() -> None:
+    """FlashMLA's README (2026-04) plans with six positional arguments and decodes with
+    ``(..., tile_scheduler_metadata, num_splits, is_causal, is_fp8_kvcache, indices)``: positionally that
+    puts ``is_causal`` into ``softmax_scale`` (upstream would then scale by 1.0); deepport refuses the
+    bool instead of computing something else, and the keyword spelling works."""
+    q, blocked_k, block_table, cache_seqlens, dv = upstream_inputs()
+    s_q, h_q, h_kv = q.shape[1], q.shape[2], blocked_k.shape[2]
+    is_fp8, topk, is_causal = False, None, True
+    tile_scheduler_metadata, num_splits = flash_mla.get_mla_metadata(cache_seqlens, s_q * h_q // h_kv, h_kv, h_q,
+                                                                     is_fp8, topk)
+    with pytest.raises(ArgumentTypeError, match="softmax_scale"):
+        flash_mla.flash_mla_with_kvcache(q, blocked_k, block_table, cache_seqlens, dv, tile_scheduler_metadata,
+                                         num_splits, is_causal, is_fp8, None)
+    out, lse = flash_mla.flash_mla_with_kvcache(q, blocked_k, block_table, cache_seqlens, dv, tile_scheduler_metadata,
+                                                num_splits, causal=is_causal, is_fp8_kvcache=is_fp8, indices=None)
+    assert_close_to_reference(out, lse, reference_f64(q, blocked_k, block_table, cache_seqlens, dv, causal=True))
