@@ -146,3 +146,53 @@ def test_normal_dispatch_moves_packed_ue8m0_scales_bit_for_bit() -> None:
     assert padded[1].shape == (8, 1) and torch.equal(padded[1][:5], words[routed]) and not padded[1][5:].any()
     with pytest.raises(InvalidArgumentError, match="multiple of 512"):
         buffer.dispatch((data[:, :384], words), topk_idx=topk_idx, topk_weights=torch.rand(6, TOPK), **layout)
+
+
+def readme_flow(backend: str | None) -> tuple[torch.Tensor, ...]:
+    """DeepEP's README, normal kernels: get_buffer / dispatch_forward / dispatch_backward / combine_forward /
+    combine_backward, written as the README writes them (one process: group size 1)."""
+    x, topk_idx = routing(6, 8)
+    topk_weights = torch.rand((6, TOPK), generator=torch.Generator().manual_seed(8))
+    Buffer.set_num_sms(24)
+    try:
+        hidden_bytes = x.size(1) * max(x.element_size(), 2)
+        num_nvl_bytes, num_rdma_bytes = 0, 0
+        for config in (Buffer.get_dispatch_config(1), Buffer.get_combine_config(1)):
+            num_nvl_bytes = max(config.get_nvl_buffer_size_hint(hidden_bytes, 1), num_nvl_bytes)
+            num_rdma_bytes = max(config.get_rdma_buffer_size_hint(hidden_bytes, 1), num_rdma_bytes)
+        buffer = Buffer(None, num_nvl_bytes, num_rdma_bytes, backend=backend)
+    finally:
+        Buffer.set_num_sms(20)
+    previous_event = Buffer.capture()
+    num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank, previous_event = \
+        buffer.get_dispatch_layout(topk_idx, EXPERTS, previous_event=previous_event, async_finish=True,
+                                   allocate_on_comm_stream=previous_event is not None)
+    recv_x, _recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert_list, handle, event = buffer.dispatch(
+        x, topk_idx=topk_idx, topk_weights=topk_weights, num_tokens_per_rank=num_tokens_per_rank,
+        num_tokens_per_rdma_rank=num_tokens_per_rdma_rank, is_token_in_rank=is_token_in_rank,
+        num_tokens_per_expert=num_tokens_per_expert, previous_event=previous_event, async_finish=True,
+        allocate_on_comm_stream=True)
+    event.current_stream_wait()
+    expert_out = (recv_x.float() * 2).bfloat16()  # a stand-in expert layer
+    combined_x, _, event = buffer.combine(expert_out, handle, async_finish=True, previous_event=event,
+                                          allocate_on_comm_stream=True)  # combine_forward
+    grad_recv_x, _, _, _, _, event = buffer.dispatch(combined_x, handle=handle, async_finish=True,
+                                                     previous_event=event, allocate_on_comm_stream=True)
+    combined_grad_x, combined_grad_topk_weights, event = buffer.combine(  # dispatch_backward
+        grad_recv_x, handle, topk_weights=recv_topk_weights, async_finish=True, previous_event=event,
+        allocate_on_comm_stream=True)
+    event.current_stream_wait()
+    assert num_recv_tokens_per_expert_list == num_tokens_per_expert.tolist()
+    return x, topk_idx, topk_weights, combined_x, grad_recv_x, combined_grad_x, combined_grad_topk_weights
+
+
+def test_readme_normal_kernel_flow_matches_the_reference_backend() -> None:
+    got, ref = readme_flow(None), readme_flow("reference")
+    for a, b in zip(got, ref, strict=True):
+        assert torch.equal(a, b)
+    x, topk_idx, topk_weights, combined_x, grad_recv_x, combined_grad_x, combined_grad_topk_weights = got
+    routed = (topk_idx >= 0).any(dim=1)
+    assert torch.equal(combined_x, (x.float() * 2).bfloat16() * routed[:, None])  # one rank: each token once
+    assert torch.equal(grad_recv_x, combined_x[routed]) and torch.equal(combined_grad_x, combined_x)
+    assert torch.equal(combined_grad_topk_weights, torch.where(topk_idx >= 0, topk_weights, 0.0))
+    assert Buffer.num_sms == 20
