@@ -9,7 +9,15 @@ launcher), ``deep_ep.utils.testing`` (``bench_kineto`` filters CUPTI records by 
 
 from __future__ import annotations
 
+from deepport.compat._absent import module_getattr
 from deepport.compat.deep_ep.event import EventHandle, EventOverlap
 from deepport.compat.deep_ep.utils import math
+
+__getattr__ = module_getattr(__name__, {
+    "envs": "torch.distributed set-up of DeepEP's test launcher (init_dist, ...)",
+    "testing": "DeepEP's benchmarking helpers (bench_kineto filters CUPTI records by DeepEP kernel names)",
+    "refs": "the V2 ElasticBuffer test references (V2 is not emulated)",
+    "gate": "the V2 test routing generators (V2 is not emulated)",
+})
 
 __all__ = ["EventHandle", "EventOverlap", "math"]
