@@ -356,3 +356,30 @@ def test_empty_reduction_gives_c_and_empty_output_is_a_no_op(layout: str) -> Non
     gemm(*operands(128, 0), torch.empty((m, 0), dtype=torch.bfloat16))  # nothing to write, nothing raised
     with pytest.raises(InvalidArgumentError, match="agree on M, N, K"):
         gemm(*operands(0, n + 1), d, c=c)
+
+
+def test_v2_0_positional_order_is_recognised() -> None:
+    """v2.0 (2025-07) signatures had ``compiled_dims, disable_ue8m0_cast`` right after ``recipe``."""
+    g = torch.Generator().manual_seed(17)
+    x, y = torch.randn((2, 8, 256), generator=g).bfloat16(), torch.randn((2, 128, 256), generator=g).bfloat16()
+    a = deep_gemm.per_token_cast_to_fp8(x[0], use_ue8m0=False)
+    b = deep_gemm.per_block_cast_to_fp8(y[0], use_ue8m0=False)
+    recipe = (1, 128, 128)
+    keyword, positional = (torch.empty((8, 128), dtype=torch.bfloat16) for _ in range(2))
+    deep_gemm.fp8_gemm_nt(a, b, keyword, None, recipe, compiled_dims="nk", disable_ue8m0_cast=True)
+    deep_gemm.fp8_gemm_nt(a, b, positional, None, recipe, "nk", True)
+    assert torch.equal(keyword, positional)
+    grouped_b = tuple(torch.stack(t) for t in zip(*(deep_gemm.per_block_cast_to_fp8(w) for w in y), strict=True))
+    m_indices = torch.zeros(8, dtype=torch.int32)
+    for args in ((m_indices, recipe, "nk", False), (m_indices, recipe, "nk")):
+        out = torch.empty((8, 128), dtype=torch.bfloat16)
+        deep_gemm.m_grouped_fp8_gemm_nt_contiguous(a, grouped_b, out, *args)
+        assert torch.equal(out, keyword)
+    masked_a = tuple(torch.stack(t) for t in zip(*(deep_gemm.per_token_cast_to_fp8(r) for r in x), strict=True))
+    masked, expected = (torch.zeros((2, 8, 128), dtype=torch.bfloat16) for _ in range(2))
+    masked_m = torch.tensor([8, 3], dtype=torch.int32)
+    deep_gemm.m_grouped_fp8_gemm_nt_masked(masked_a, grouped_b, masked, masked_m, 8, recipe, "nk", False)
+    deep_gemm.m_grouped_fp8_gemm_nt_masked(masked_a, grouped_b, expected, masked_m, 8, recipe=recipe)
+    assert torch.equal(masked, expected) and torch.equal(masked[0], keyword)
+    with pytest.raises(ArgumentTypeError, match="disable_ue8m0_cast"):
+        deep_gemm.fp8_gemm_nt(a, b, positional, None, recipe, "nk", (1, 128))
