@@ -13,5 +13,8 @@ ops, ...). So arguments are validated once by deepport (errors say expected vers
 runs on whatever backend deepport picks: ``deepport.use_backend("torch")`` around a call, the
 ``DEEPPORT_BACKEND`` environment variable, or the ``backend=`` keyword every shim adds. Where deepport
 differs from upstream (an extension, a feature it lacks, a performance knob it ignores) the shim's
-docstring says so; nothing upstream would give a different meaning is accepted silently.
+docstring says so; nothing upstream would give a different meaning is accepted silently. Upstream
+names deepport leaves out raise ``AttributeError`` with the reason (:mod:`deepport.compat._absent`).
+docs/COMPAT.md tabulates every upstream name with its shim and status (supported,
+accepted-and-ignored, not supported), and ``tests/test_compat_table.py`` keeps the table true.
 """

@@ -17,13 +17,18 @@ Drop-in for DeepEP's V1 ``Buffer`` (the API SGLang, vLLM, Megatron and TRT-LLM i
 
 Every call runs deepport's MoE op of the same meaning (on any backend and device; NCCL groups need
 CUDA tensors, gloo groups CPU tensors). :mod:`deepport.compat.deep_ep.buffer` lists what DeepEP's
-arguments mean here and where deepport differs.
+arguments mean here and where deepport differs; :mod:`deepport.compat.deep_ep.utils` holds the
+helpers DeepEP's tests import (``calc_diff``, ``per_token_cast_to_fp8``, ``per_token_cast_back``, ...).
+V2's ``ElasticBuffer``/``EPHandle`` and its domain-size helpers are not provided: asking for one
+raises ``AttributeError`` with the reason. docs/COMPAT.md has the full table.
 """
 
 from __future__ import annotations
 
 import torch
 
+from deepport.compat._absent import module_getattr
+from deepport.compat.deep_ep import utils
 from deepport.compat.deep_ep.buffer import Buffer
 from deepport.compat.deep_ep.config import Config
 from deepport.compat.deep_ep.event import EventHandle, EventOverlap
@@ -34,4 +39,10 @@ topk_idx_t = torch.int64
 
 __version__ = "2.1.0"  # the DeepEP API generation emulated (V1 Buffer as shipped with 2.1.0)
 
-__all__ = ["Buffer", "Config", "DispatchHandle", "EventHandle", "EventOverlap", "LowLatencyHandle", "topk_idx_t"]
+_V2 = ("DeepEP V2 (2026-04, NCCL Gin backend, expanded layouts) is not emulated; deepport's expanded MoE "
+       "ops are deepport.moe_dispatch_expanded / moe_combine_expanded")
+__getattr__ = module_getattr(__name__, {"ElasticBuffer": _V2, "EPHandle": _V2, "get_physical_domain_size": _V2,
+                                        "get_logical_domain_size": _V2})
+
+__all__ = ["Buffer", "Config", "DispatchHandle", "EventHandle", "EventOverlap", "LowLatencyHandle", "topk_idx_t",
+           "utils"]

@@ -56,6 +56,27 @@ class BufferCore:
         self._alive = False
         self._combine_buffer = None
 
+    def get_comm_stream(self) -> Any:
+        """The stream the communication runs on: deepport runs every op on the caller's current stream, so
+        this is the current CUDA stream when CUDA is in use (waiting on it, or recording on it, is then
+        exactly the ordering DeepEP's comm stream gives), else ``torch.cpu.current_stream()``, a stream
+        object with nothing to wait for (ops off CUDA are synchronous)."""
+        self._check_alive()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+            return torch.cuda.current_stream()
+        return torch.cpu.current_stream()
+
+    def get_local_buffer_tensor(self, dtype: torch.dtype, size: torch.Size | None = None, offset: int = 0,
+                                use_rdma_buffer: bool = False) -> torch.Tensor:
+        """Not supported: DeepEP returns a view of its registered NVLink/RDMA buffer, which callers write
+        into for zero-copy transfers; deepport allocates per call and has no such buffer, so any tensor
+        returned here would silently not be what the next op reads. Always raises ``NotImplementedError``
+        (for the low-latency combine, :meth:`get_next_low_latency_combine_buffer` works)."""
+        raise NotImplementedError("Buffer.get_local_buffer_tensor: deepport has no registered communication "
+                                  "buffer (outputs are allocated per call), so a view of one cannot be given; "
+                                  "pass tensors to the ops instead (low-latency combine: use "
+                                  "get_next_low_latency_combine_buffer with zero_copy=True)")
+
     def _check_alive(self) -> None:
         if not self._alive:
             raise RuntimeError("this Buffer was destroyed")

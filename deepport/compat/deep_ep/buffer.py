@@ -23,8 +23,13 @@ What DeepEP's arguments mean here:
   :meth:`Buffer.combine` is added in float32 to the combined bf16 rows (one more bf16 rounding than
   DeepEP's in-kernel add). ``use_logfmt`` is accepted and transports bf16 exactly (DeepEP's LogFMT is
   lossy). Wait-time statistics tensors are accepted and left unchanged (deepport does not measure).
-  Not provided: shrink mode (``enable_shrink``), ``comm`` (mpi4py), ``get_local_buffer_tensor``,
-  ``get_comm_stream``, the internode-specific handle layout, V2's ``ElasticBuffer``.
+- ``get_comm_stream()``: the current stream (the one deepport communicates on).
+- Shrink mode's mask methods: no rank is ever masked, so querying gives zeros, cleaning and unmasking
+  are no-ops, and masking a rank raises ``NotImplementedError``.
+- Not provided: shrink mode (``enable_shrink=True``), ``comm`` (mpi4py), ``get_local_buffer_tensor``
+  (raises ``NotImplementedError``: there is no registered buffer to view), ``internode_dispatch`` /
+  ``internode_combine`` (DeepEP's internal paths behind ``dispatch``/``combine``, which cover every
+  group size here), the internode-specific handle layout, V2's ``ElasticBuffer`` / ``EPHandle``.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import torch
 import deepport
 from deepport.compat.deep_ep._collectives import all_reduce_sum, gather_counts
 from deepport.compat.deep_ep._core import Payload
+from deepport.compat.deep_ep._ue8m0_payload import repack_payload, unpack_payload
 from deepport.compat.deep_ep.config import COMBINE_CHUNKS, DISPATCH_CHUNKS, Config, low_latency_rdma_size_hint
 from deepport.compat.deep_ep.event import EventHandle, EventOverlap
 from deepport.compat.deep_ep.handles import DispatchHandle, routes_of
@@ -128,7 +134,8 @@ class Buffer(LowLatencyMethods):
         """Send each token to every rank holding one of its experts (collective), via :func:`deepport.moe_dispatch`.
 
         Returns ``(recv_x, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert_list, handle,
-        event)``: ``recv_x`` of ``x``'s type (bf16 tensor or ``(e4m3, fp32 scales)``) with one row per
+        event)``: ``recv_x`` of ``x``'s type (bf16 tensor, ``(e4m3, fp32 scales [T, hidden / 128])`` or
+        ``(e4m3, packed UE8M0 int32 scales [T, hidden / 512])``, see :mod:`._ue8m0_payload`) with one row per
         (source rank, token) received, ordered by source rank then token; ``recv_topk_idx`` local expert
         ids or -1; ``recv_topk_weights`` the weight where the expert is local, else 0; the list holds per
         local expert the received tokens rounded up to ``expert_alignment``.
@@ -145,6 +152,7 @@ class Buffer(LowLatencyMethods):
         self._before(previous_event)
         data = x[0] if isinstance(x, tuple) else x
         device = data.device if isinstance(data, torch.Tensor) else torch.device("cpu")
+        x, packed = unpack_payload(x)
         if handle is not None:
             routes = routes_of(handle).routes
             for name, value in (("topk_idx", topk_idx), ("topk_weights", topk_weights)):
@@ -152,7 +160,7 @@ class Buffer(LowLatencyMethods):
                     raise InvalidArgumentError(name, "expected None for a cached dispatch (the routes come from "
                                                f"`handle`), got {type(value).__name__}")
             cached = deepport.moe_dispatch(x, handle=routes, backend=self.backend)
-            return cached.recv_x, None, None, None, None, self._after(async_finish, device)
+            return repack_payload(cached.recv_x, packed), None, None, None, None, self._after(async_finish, device)
         worst = chk.expect_int("num_worst_tokens", num_worst_tokens, minimum=0)
         if topk_idx is None:
             result, counts = self._dispatch_by_rank(x, is_token_in_rank, num_tokens_per_expert, topk_weights,
@@ -166,7 +174,7 @@ class Buffer(LowLatencyMethods):
             counts = list(result.num_recv_tokens_per_expert or ())
         routes = result.handle
         prefix = torch.cumsum(gather_counts(routes.recv_counts, self.group, device).t(), dim=0).to(torch.int32)
-        recv_x = result.recv_x
+        recv_x = repack_payload(result.recv_x, packed)
         if worst:
             if worst < routes.num_recv:
                 raise InvalidArgumentError("num_worst_tokens", f"expected at least the {routes.num_recv} tokens "

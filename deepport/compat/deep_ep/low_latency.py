@@ -104,6 +104,29 @@ class LowLatencyMethods(BufferCore):
             chk.expect_tensor("combine_wait_recv_cost_stats", combine_wait_recv_cost_stats)
         return combined, self._after(async_finish, combined.device), _no_op_hook if return_recv_hook else None
 
+    # ---- shrink mode's rank mask: deepport masks no rank (enable_shrink=True is rejected) ------------
+
+    def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = False) -> None:
+        """Unmasking (``mask=False``) is a no-op, every rank being unmasked already; masking a rank raises:
+        deepport has no shrink mode (DeepEP needs ``Buffer(..., enable_shrink=True)`` for it)."""
+        self._check_alive()
+        chk.expect_int("rank_to_mask", rank_to_mask, minimum=0, maximum=self.group_size - 1, why="the group's ranks")
+        if chk.expect_bool("mask", mask):
+            raise NotImplementedError("masking a rank is DeepEP's shrink mode, which deepport does not have: every "
+                                      "rank takes part in every dispatch and combine")
+
+    def low_latency_query_mask_buffer(self, mask_status: torch.Tensor) -> None:
+        """Write each rank's mask status into ``mask_status`` (int32 ``[num_ranks]``): all 0, no rank is masked."""
+        self._check_alive()
+        status = chk.expect_tensor("mask_status", mask_status)
+        chk.expect_dtype("mask_status", status, (torch.int32,))
+        chk.expect_shape("mask_status", status, (self.group_size,), "[num_ranks]")
+        status.zero_()
+
+    def low_latency_clean_mask_buffer(self) -> None:
+        """No-op: there is no mask to clean (no rank is ever masked)."""
+        self._check_alive()
+
     def get_next_low_latency_combine_buffer(self, handle: LowLatencyHandle) -> torch.Tensor:
         """A bf16 ``[L, R * T_max, hidden]`` buffer owned by this Buffer; fill it with the expert outputs and
         call :meth:`low_latency_combine` with ``zero_copy=True`` to combine from it."""

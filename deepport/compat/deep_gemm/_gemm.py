@@ -1,7 +1,9 @@
 """DeepGEMM's current FP8 GEMM entry points (v2.0 2025-07 onwards) on deepport's FP8 GEMM ops.
 
 Argument conventions are DeepGEMM's: ``a = (A, SFA)``, ``b = (B, SFB)``, the output ``d`` written in
-place (nothing is returned), optional ``c``, ``recipe`` or ``recipe_a``/``recipe_b``. The math, the
+place (nothing is returned), optional ``c``, ``recipe`` or ``recipe_a``/``recipe_b``. Calls in v2.0's
+positional order (``..., recipe, compiled_dims, disable_ue8m0_cast``, before ``recipe_a``/``recipe_b``
+were inserted) are recognised by the ``str`` in ``recipe_a``'s place (:func:`v2_positional`). The math, the
 accepted dtypes and layouts, and every check are deepport's (:func:`deepport.fp8_gemm_nt` and
 friends); the differences from DeepGEMM are listed per function. Knobs that only tune DeepGEMM's JIT
 kernels (``compiled_dims``, ``expected_m``, ``expected_m_for_psum_layout``) are accepted and have no
@@ -16,6 +18,7 @@ from typing import Any
 import torch
 
 import deepport
+from deepport.compat.deep_gemm._empty import answer_empty
 from deepport.errors import ArgumentTypeError, InvalidArgumentError
 from deepport.kernels import _checks as chk
 from deepport.kernels.fp8_layout import align, get_mk_alignment_for_contiguous_layout
@@ -27,9 +30,11 @@ _TUNING_NOTE = """
     Differences from DeepGEMM: ``compiled_dims`` is accepted and ignored (a JIT tuning knob).
     ``disable_ue8m0_cast`` has no effect: deepport never rounds float32 SFs to UE8M0 (it uses them as
     given, like DeepGEMM on SM90; DeepGEMM on SM100 casts them unless disabled, which changes the result
-    only for SFs that are not powers of two). ``M == 0`` is a no-op as upstream; ``N == 0`` or ``K == 0``
-    are rejected by deepport (DeepGEMM: no-op / ``D = C``). ``c`` needs float32 ``d`` (``c is d``:
-    in-place accumulation). FP4 operands (``fp8_fp4_*`` with int8 data) are not supported.
+    only for SFs that are not powers of two). ``M == 0`` and ``N == 0`` are no-ops and ``K == 0`` gives
+    ``D = C`` (or 0), as upstream (dense GEMMs; see :mod:`._empty`). ``c`` with float32 ``d`` runs in deepport's
+    op (``c is d``: in-place accumulation); ``c`` with bf16 ``d`` (DeepGEMM 2026-06's BF16 accumulation,
+    dense GEMMs only) accumulates into a float32 copy of ``c`` and rounds once to bf16, as the kernel does.
+    FP4 operands (``fp8_fp4_*`` with int8 data) are not supported.
 """
 
 
@@ -54,6 +59,20 @@ def resolve_recipe(recipe: object, recipe_a: object, recipe_b: object) -> Any:
     return (gran_m, gran_n, gran_k_a)
 
 
+def v2_positional(recipe_a: Any, recipe_b: Any, compiled_dims: Any, disable_ue8m0_cast: Any) -> tuple[Any, ...]:
+    """``(recipe_a, recipe_b, compiled_dims, disable_ue8m0_cast)`` with DeepGEMM v2.0's positional order read.
+
+    v2.0 (2025-07) had no ``recipe_a``/``recipe_b``: the arguments after ``recipe`` were ``compiled_dims``
+    and ``disable_ue8m0_cast``. A ``str`` where ``recipe_a`` goes (a recipe is never a str) is such a call:
+    it is ``compiled_dims``, and a bool after it is ``disable_ue8m0_cast``."""
+    if not isinstance(recipe_a, str):
+        return recipe_a, recipe_b, compiled_dims, disable_ue8m0_cast
+    if recipe_b is not None and not isinstance(recipe_b, bool):
+        raise ArgumentTypeError("recipe_b", "expected a bool (disable_ue8m0_cast) after a str compiled_dims in "
+                                f"v2.0's positional order, got {type(recipe_b).__name__}")
+    return None, None, recipe_a, disable_ue8m0_cast if recipe_b is None else recipe_b
+
+
 def _check_flags(compiled_dims: object, disable_ue8m0_cast: object) -> None:
     if not isinstance(compiled_dims, str):
         raise ArgumentTypeError("compiled_dims", f"expected a str such as 'nk', got {type(compiled_dims).__name__}")
@@ -67,14 +86,33 @@ def _dense(op: Callable[..., None]) -> Callable[..., None]:
              recipe_a: tuple[int, int] | None = None, recipe_b: tuple[int, int] | None = None,
              compiled_dims: str = "nk" if layout[0] == "n" else "mn", disable_ue8m0_cast: bool = False, *,
              backend: str | None = None) -> None:
+        recipe_a, recipe_b, compiled_dims, disable_ue8m0_cast = v2_positional(recipe_a, recipe_b, compiled_dims,
+                                                                              disable_ue8m0_cast)
         _check_flags(compiled_dims, disable_ue8m0_cast)
-        op(a, b, d, c=c, recipe=resolve_recipe(recipe, recipe_a, recipe_b), backend=backend)
+        resolved = resolve_recipe(recipe, recipe_a, recipe_b)
+        if answer_empty(layout, a, b, d, c):
+            return
+        if c is not None and isinstance(d, torch.Tensor) and d.dtype == torch.bfloat16:
+            _accumulate_in_bf16(op, a, b, d, c, resolved, backend)
+        else:
+            op(a, b, d, c=c, recipe=resolved, backend=backend)
 
     gemm.__name__ = gemm.__qualname__ = op.__name__
     gemm.__doc__ = (f"DeepGEMM's ``fp8_gemm_{layout}(a, b, d, c=None, recipe=None, recipe_a=None, recipe_b=None, "
                     f"compiled_dims, disable_ue8m0_cast=False)``: ``D = C + A @ B^T`` written into ``d``, via "
                     f":func:`deepport.fp8_gemm_{layout}` (see it for shapes, layouts and math).\n" + _TUNING_NOTE)
     return gemm
+
+
+def _accumulate_in_bf16(op: Callable[..., None], a: Pair, b: Pair, d: torch.Tensor, c: object, recipe: Any,
+                        backend: str | None) -> None:
+    """``d = bf16(c + A @ B^T)``: accumulated into a float32 copy of the bf16 ``c`` (exact), then rounded once."""
+    acc = chk.expect_tensor("c", c)
+    chk.expect_dtype("c", acc, (torch.bfloat16,))
+    chk.expect_shape("c", acc, tuple(d.shape), "[M, N], d's shape")
+    scratch = acc.to(torch.float32)
+    op(a, b, scratch, c=scratch, recipe=recipe, backend=backend)
+    d.copy_(scratch)
 
 
 fp8_gemm_nt = _dense(deepport.fp8_gemm_nt)
@@ -104,6 +142,8 @@ def m_grouped_fp8_gemm_nt_contiguous(
     Rows outside every group are written with zeros (deepport's contract), which is DeepGEMM's
     ``ensure_zero_padding=True`` and a valid result for ``False`` (unspecified rows upstream).
     """
+    recipe_a, recipe_b, compiled_dims, disable_ue8m0_cast = v2_positional(recipe_a, recipe_b, compiled_dims,
+                                                                          disable_ue8m0_cast)
     _check_flags(compiled_dims, disable_ue8m0_cast)
     layout = _one_layout(grouped_layout, m_indices)
     chk.expect_bool("ensure_zero_padding", ensure_zero_padding)
@@ -140,6 +180,8 @@ def m_grouped_fp8_gemm_nt_masked(
     SFB)``, ``d`` bf16 ``[G, M_max, N]``, ``masked_m`` int32 ``[G]``; rows ``>= masked_m[g]`` of ``d`` are
     left untouched. ``expected_m`` is a tuning hint (checked ``> 0``, no effect on the result).
     """
+    recipe_a, recipe_b, compiled_dims, disable_ue8m0_cast = v2_positional(recipe_a, recipe_b, compiled_dims,
+                                                                          disable_ue8m0_cast)
     _check_flags(compiled_dims, disable_ue8m0_cast)
     deepport.m_grouped_fp8_gemm_nt_masked(a, b, d, masked_m, expected_m,
                                           recipe=resolve_recipe(recipe, recipe_a, recipe_b), backend=backend)

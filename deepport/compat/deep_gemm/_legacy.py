@@ -2,8 +2,9 @@
 
 Each routes to the same deepport op as its current name with v1's fixed recipe: 1x128 SFA and
 128x128 SFB (float32) for the BF16-output GEMMs, 1x128 SFs on both sides with FP32 accumulation for
-the weight-gradient GEMM. v1 accepted only these dtypes; so do these shims (an FP32 ``out`` for a
-``*_bf16_*`` name, or int32 UE8M0 SFs, are rejected with the reason).
+the weight-gradient GEMMs (``k_grouped_wgrad_gemm_fp8_fp8_fp32_nt`` runs one per batch, as v1
+did). v1 accepted only these dtypes; so do these shims (an FP32 ``out`` for a ``*_bf16_*`` name, or
+int32 UE8M0 SFs, are rejected with the reason).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import torch
 
 import deepport
-from deepport.errors import ArgumentTypeError
+from deepport.errors import ArgumentTypeError, InvalidArgumentError
 from deepport.kernels import _checks as chk
 from deepport.kernels.fp8_layout import num_k_blocks
 
@@ -69,3 +70,41 @@ def _rows_first(pair: Pair) -> Pair:
         if tuple(sf.shape) == (kb, rows) and (rows, kb) != (kb, rows):
             return data, sf.t()
     return pair
+
+
+def k_grouped_wgrad_gemm_fp8_fp8_fp32_nt(lhs: Pair, rhs: Pair, out: torch.Tensor, batch_sizes: list[int], *,
+                                         backend: str | None = None) -> None:
+    """v1 K-grouped weight-gradient GEMM (2025-05): for each batch ``i`` with ``k = batch_sizes[i]``,
+    ``out[i] += A_i @ B_i^T`` as :func:`wgrad_gemm_fp8_fp8_fp32_nt` does, where ``A_i [M, k]`` and
+    ``B_i [N, k]`` are stored row-major back to back in ``lhs[0]`` / ``rhs[0]`` (any shape holding
+    ``sum(M * k)`` / ``sum(N * k)`` elements) and their SFs are rows ``[sum_{j<i} ceil(k_j/128), + ceil(k/128))``
+    of ``lhs[1]`` ``[sum_kb, M]`` / ``rhs[1]`` ``[sum_kb, N]``. ``out`` float32 ``[num_batches, M, N]``; a
+    batch with ``k == 0`` leaves its ``out[i]`` unchanged."""
+    _expect_out(out, torch.float32, "k_grouped_wgrad_gemm_fp8_fp8_fp32_nt")
+    chk.expect_ndim("out", out, 3, "[num_batches, M, N]")
+    batches, m, n = (int(s) for s in out.shape)
+    if not isinstance(batch_sizes, (list, tuple)) or len(batch_sizes) != batches:
+        raise InvalidArgumentError("batch_sizes", f"expected a list of {batches} K sizes (out.shape[0]), got "
+                                   f"{batch_sizes!r}")
+    ks = [chk.expect_int(f"batch_sizes[{i}]", k, minimum=0) for i, k in enumerate(batch_sizes)]
+    pairs = []
+    for name, pair, rows in (("lhs", lhs, m), ("rhs", rhs, n)):
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise ArgumentTypeError(name, f"expected a pair (data, scale factors), got {type(pair).__name__}")
+        data, sf = chk.expect_tensor(f"{name}[0]", pair[0]), chk.expect_tensor(f"{name}[1]", pair[1])
+        if data.numel() != sum(ks) * rows:
+            raise InvalidArgumentError(f"{name}[0]", f"expected sum(batch_sizes) * {rows} = {sum(ks) * rows} "
+                                       f"elements, got {data.numel()}")
+        chk.expect_ndim(f"{name}[1]", sf, 2, "[sum ceil(k / 128), rows]")
+        chk.expect_shape(f"{name}[1]", sf, (sum(num_k_blocks(k) for k in ks), rows), "[sum ceil(k / 128), rows]")
+        pairs.append((data.reshape(-1), sf))
+    (flat_a, sfa), (flat_b, sfb) = pairs
+    offset = block = 0
+    for i, k in enumerate(ks):
+        if k:
+            kb = num_k_blocks(k)
+            wgrad_gemm_fp8_fp8_fp32_nt((flat_a[offset * m:(offset + k) * m].view(m, k), sfa[block:block + kb]),
+                                       (flat_b[offset * n:(offset + k) * n].view(n, k), sfb[block:block + kb]),
+                                       out[i], backend=backend)
+            block += kb
+        offset += k

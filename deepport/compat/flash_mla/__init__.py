@@ -27,7 +27,10 @@ it. Differences from FlashMLA:
 - deepport accepts more than FlashMLA's kernels (any page size, ``d_qk``/``d_v`` any backend supports,
   CPU and non-NVIDIA devices); FlashMLA's sparse FP8 decode (``indices``, ``is_fp8_kvcache``,
   ``attn_sink``, ``extra_*``, ``topk_length``), ``flash_mla_sparse_fwd`` and the SM100 prefill
-  ``flash_attn_varlen_*`` are not part of deepport: the sparse arguments raise, the functions are absent.
+  ``flash_attn_varlen_*`` are not part of deepport: the sparse arguments raise, the functions are absent
+  (asking for one raises ``AttributeError`` with the reason).
+- ``flash_mla.flash_mla_interface`` exists too (:mod:`deepport.compat.flash_mla.flash_mla_interface`),
+  for callers that import from that module path. docs/COMPAT.md has the full table.
 """
 
 from __future__ import annotations
@@ -38,10 +41,13 @@ from typing import overload
 import torch
 
 import deepport
+from deepport.compat._absent import module_getattr
+from deepport.compat.flash_mla._absent import REASONS as _REASONS
 from deepport.compat.flash_mla._schedule import plan_of, to_tensors
 from deepport.errors import ArgumentTypeError, InvalidArgumentError
 
 __all__ = ["FlashMLASchedMeta", "flash_mla_with_kvcache", "get_mla_metadata"]
+__getattr__ = module_getattr(__name__, _REASONS)
 __version__ = "1.0.0"  # the FlashMLA API generation emulated (flash_mla.__version__ of 2026-04)
 
 
@@ -244,3 +250,8 @@ def _freeze(meta: FlashMLASchedMeta, plan: deepport.MLAMetadata | None, q: torch
     assert plan is not None
     meta.tile_scheduler_metadata, meta.num_splits = to_tensors(plan, q.device)
     meta.config, meta.plan, meta.have_initialized = _config(q, k_cache, causal), plan, True
+
+
+# Upstream's package imports its interface module, so ``flash_mla.flash_mla_interface`` resolves after
+# ``import flash_mla``; the same here (last, as that module imports this one's names).
+from deepport.compat.flash_mla import flash_mla_interface  # noqa: E402, F401
