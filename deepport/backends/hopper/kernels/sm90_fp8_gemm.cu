@@ -39,8 +39,9 @@
 //     mbarrier.arrive.shared::cluster, after wgmma.wait_group retired the reads of the stage) and
 //     `empty` counts both CTAs' consumer warps;
 //   - barrier initialisation is published cluster-wide (fence.mbarrier_init.release.cluster, then a
-//     cluster barrier) before any CTA issues a multicast or a remote arrival, and a cluster barrier
-//     before exit keeps a CTA alive while its partner can still arrive on its barriers.
+//     cluster barrier) before any CTA issues a multicast or a remote arrival; before exit the producer
+//     waits until both CTAs' consumers freed every stage (no remote arrival still in flight to this
+//     CTA) and a cluster barrier keeps each CTA alive until its partner is done too.
 #include "sm90_ptx.cuh"
 #include "sm90_cluster.cuh"
 #include "sm90_wgmma.cuh"
@@ -274,6 +275,16 @@ __device__ __forceinline__ void produce(const Params& p, u8* smem) {
                 cp_async_4(base + kOffSfb + (stage * kSfbStride + lane) * 4, sfb + blk * p.sfb_sn + kb * p.sfb_sk);
             }
             cp_async_arrive_noinc(full);
+            stage = (stage + 1 == kStages) ? 0 : stage + 1;
+            phase ^= (stage == 0);
+        }
+    }
+    if constexpr (kClusterN > 1) {
+        // wait until every stage's last fill was freed by the consumers of both CTAs: after this no
+        // arrival from the partner can still be on its way to this CTA's `empty` barriers
+#pragma unroll 1
+        for (u32 i = 0; i < kStages; ++i) {
+            mbar_wait(base + kOffEmpty + stage * 8, phase ^ 1);
             stage = (stage + 1 == kStages) ? 0 : stage + 1;
             phase ^= (stage == 0);
         }
