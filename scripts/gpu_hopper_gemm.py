@@ -272,16 +272,47 @@ def multicast_cases() -> list[tuple[Any, Callable[[], dict[str, Any]]]]:
     return cases
 
 
+def _cluster_occupancy() -> dict[str, Any]:
+    """How many 2-CTA clusters of the largest multicast kernels can run at once (the persistent grid
+    assumes ``num_sms // 2``; fewer would run the last clusters in a second wave)."""
+    import torch
+    from cuda.bindings import driver
+
+    from deepport.backends.hopper import configs
+    from deepport.backends.hopper import fp8_gemm as hopper
+
+    device = torch.device("cuda:0")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    found: dict[str, Any] = {"num_sms": sms}
+    for bm, bn in ((256, 128), (128, 160), (64, 16)):
+        config = configs.GemmConfig(bm, bn, configs.max_stages(bm, bn), configs.VARIANT_DENSE, cluster_n=2)
+        try:
+            launch = driver.CUlaunchConfig()
+            launch.gridDimX, launch.gridDimY, launch.gridDimZ = 2 * (sms // 2), 1, 1
+            launch.blockDimX, launch.blockDimY, launch.blockDimZ = config.threads, 1, 1
+            launch.sharedMemBytes, launch.numAttrs = config.smem_bytes, 0
+            function = driver.CUfunction(hopper.kernel_function(config, device).ptr)
+            result, clusters = driver.cuOccupancyMaxActiveClusters(function, launch)
+            found[str(config)] = clusters if result == driver.CUresult.CUDA_SUCCESS else f"error {result.name}"
+        except Exception as exc:
+            found[str(config)] = f"{type(exc).__name__}: {exc}"[:200]
+    return found
+
+
 def stage_multicast() -> int:
-    """The cluster-2 variant against float64 on its edges; appended to probe.json as {"multicast": [...]}."""
+    """The cluster-2 variant against float64 on its edges; appended to probe.json as {"multicast": [...]}
+    with the cluster occupancy (informational)."""
     results = []
     for config, case in multicast_cases():
         r = _forced(config, case)
         print(json.dumps(r)[:900], flush=True)
         results.append(r)
+    occupancy = _cluster_occupancy()
+    print("max active 2-CTA clusters:", json.dumps(occupancy), flush=True)
     path = OUT / "probe.json"
     doc = json.loads(path.read_text()) if path.exists() else []
-    (OUT / "probe.json").write_text(json.dumps([*doc, {"multicast": results}], indent=1))
+    (OUT / "probe.json").write_text(json.dumps([*doc, {"multicast": results, "cluster_occupancy": occupancy}],
+                                               indent=1))
     ok = all(r["passed"] for r in results)
     print("MULTICAST PROBE", "PASSED" if ok else "FAILED", f"({sum(r['passed'] for r in results)}/{len(results)})")
     return 0 if ok else 1

@@ -3,8 +3,10 @@ the A tile) compiles for sm_90a with NVRTC on a machine without a GPU, in every 
 sweep tries (:func:`deepport.backends.hopper.configs.multicast_configs`): no spills, setmaxnreg honoured,
 no ptxas warning, and its machine code has the multicast TMA load (``UTMALDG.3D.MULTICAST``), the
 cluster barrier (``UCGABAR_ARV`` / ``UCGABAR_WAIT``) and the arrivals on a cluster-mapped mbarrier
-(``SYNCS.ARRIVE.TRANS64.RED``). The configurations the backend chooses by default (the measured table
-and the model on the DeepSeek-V3 shapes) have none of these: their kernels are unchanged.
+(``SYNCS.ARRIVE.TRANS64.RED``), and its cubin declares the compile-time cluster
+(``EIATTR_CTA_PER_CLUSTER`` 2 x 1 x 1, which the ordinary launch API honours). The configurations the
+backend chooses by default (the measured table and the model on the DeepSeek-V3 shapes) have none of
+these: their kernels are unchanged.
 
 Needs cuda-bindings with NVRTC (the ``hopper`` extra); the SASS checks need triton's bundled cuobjdump.
 """
@@ -61,13 +63,20 @@ def _compiled(config: configs.GemmConfig) -> tuple[bytes, str]:
     return nvrtc.compile_cubin(fp8_gemm_source(config.block_n), (*kernel_options(config), "-Xptxas=-v"))
 
 
-def _sass(config: configs.GemmConfig, tmp_path: Path) -> str:
+def _dump(config: configs.GemmConfig, tmp_path: Path, what: str = "--dump-sass") -> str:
+    """cuobjdump's ``what`` (``--dump-sass`` or ``--dump-elf``) of the config's cubin."""
     tool = _cuobjdump()
     if tool is None:
         pytest.skip("no cuobjdump (install triton) for the SASS checks")
     path = tmp_path / "k.cubin"
     path.write_bytes(_compiled(config)[0])
-    return subprocess.run([str(tool), "--dump-sass", str(path)], check=True, capture_output=True, text=True).stdout
+    return subprocess.run([str(tool), what, str(path)], check=True, capture_output=True, text=True).stdout
+
+
+def _cluster_dims(elf: str) -> str | None:
+    """The ``EIATTR_CTA_PER_CLUSTER`` value of a cubin's ELF dump (``"0x2 0x1 0x1"``), or None."""
+    found = re.search(r"EIATTR_CTA_PER_CLUSTER\s+Format:\s+\S+\s+Value:\s+([0-9a-fx ]+?)\s*\n", elf)
+    return found.group(1).strip() if found else None
 
 
 def test_the_sweep_tries_multicast_in_every_variant_and_the_choice_never_does() -> None:
@@ -88,7 +97,7 @@ def test_multicast_kernel_compiles_without_spills_or_warnings(config: configs.Ge
 @pytest.mark.parametrize("config", MULTICAST, ids=str)
 def test_multicast_sass_has_the_multicast_load_cluster_barrier_and_remote_arrivals(
         config: configs.GemmConfig, tmp_path: Path) -> None:
-    sass = _sass(config, tmp_path)
+    sass = _dump(config, tmp_path)
     for spelling in CLUSTER_SASS:
         assert spelling in sass, spelling
     assert f"QGMMA.64x{config.block_n}x32.F32.E4M3.E4M3" in sass
@@ -97,12 +106,14 @@ def test_multicast_sass_has_the_multicast_load_cluster_barrier_and_remote_arriva
     assert " LDL" not in sass and " STL" not in sass
     # the stage is freed with plain remote arrivals: no GPU-wide fence in the mainloop
     assert sass.count("MEMBAR.ALL.GPU") <= 2, "only the two cluster barriers may fence at GPU scope"
+    assert _cluster_dims(_dump(config, tmp_path, "--dump-elf")) == "0x2 0x1 0x1"
 
 
 @pytest.mark.parametrize("config", DEFAULTS, ids=str)
 def test_default_kernels_have_no_cluster_code(config: configs.GemmConfig, tmp_path: Path) -> None:
     assert "CLUSTER_N" not in " ".join(config.defines())
-    sass = _sass(config, tmp_path)
+    sass = _dump(config, tmp_path)
     for spelling in CLUSTER_SASS:
         assert spelling not in sass, spelling
     assert "UTMALDG.3D" in sass
+    assert _cluster_dims(_dump(config, tmp_path, "--dump-elf")) is None
