@@ -299,12 +299,29 @@ def _cluster_occupancy() -> dict[str, Any]:
     return found
 
 
+def _append_probe(entry: dict[str, Any]) -> None:
+    path = OUT / "probe.json"
+    doc = json.loads(path.read_text()) if path.exists() else []
+    path.write_text(json.dumps([*doc, entry], indent=1))
+
+
 def stage_multicast() -> int:
     """The cluster-2 variant against float64 on its edges; appended to probe.json as {"multicast": [...]}
-    with the cluster occupancy (informational)."""
-    results = []
+    with the cluster occupancy (informational). A case that takes over 60 s (a hung kernel: the protocol
+    deadlocks) ends the process at once, after saying which case and writing the results so far."""
+    import threading
+
+    results: list[dict[str, Any]] = []
     for config, case in multicast_cases():
+        def hung(what: str = str(config)) -> None:
+            print(f"MULTICAST PROBE HUNG: {what}, after {len(results)} finished cases", flush=True)
+            _append_probe({"multicast": [*results, {"config": what, "passed": False, "error": "hung (> 60 s)"}]})
+            os._exit(3)
+        watchdog = threading.Timer(60.0, hung)
+        watchdog.daemon = True
+        watchdog.start()
         r = _forced(config, case)
+        watchdog.cancel()
         print(json.dumps(r)[:900], flush=True)
         results.append(r)
     try:
@@ -312,10 +329,7 @@ def stage_multicast() -> int:
     except Exception as exc:  # informational only
         occupancy = {"error": f"{type(exc).__name__}: {exc}"[:300]}
     print("max active 2-CTA clusters:", json.dumps(occupancy), flush=True)
-    path = OUT / "probe.json"
-    doc = json.loads(path.read_text()) if path.exists() else []
-    (OUT / "probe.json").write_text(json.dumps([*doc, {"multicast": results, "cluster_occupancy": occupancy}],
-                                               indent=1))
+    _append_probe({"multicast": results, "cluster_occupancy": occupancy})
     ok = all(r["passed"] for r in results)
     print("MULTICAST PROBE", "PASSED" if ok else "FAILED", f"({sum(r['passed'] for r in results)}/{len(results)})")
     return 0 if ok else 1
