@@ -27,13 +27,13 @@
 //   - the grid is made of 2-CTA clusters; the scheduler hands out pairs of tiles, (m block, n blocks
 //     2u and 2u + 1), one pair per cluster at a time, so both CTAs of a cluster walk the same m blocks
 //     (and groups) in the same order and share every A tile. A pair whose second n block is past N
-//     (odd number of n blocks) still runs on both CTAs: the second one loads and multiplies a clamped
-//     B tile (the last real one) and stores nothing (all its columns are >= N);
+//     (odd number of n blocks) still runs on both CTAs: the second one loads a B box clamped to start
+//     at row N - 1, multiplies, and stores nothing (all its columns are >= N);
 //   - per K block, the producer of CTA r loads rows [r BLOCK_M / 2, (r + 1) BLOCK_M / 2) of the A tile
 //     with a multicast TMA into both CTAs' stage (same offset) and its own B tile; each CTA's `full`
 //     barrier expects the whole A tile plus its B tile (half of A comes from the partner's copy);
-//     a half that would lie wholly past the last row is loaded from the tile's first row instead
-//     (its rows are never stored) so that no TMA box is entirely out of bounds;
+//     a half that would start past the last row starts at the last row instead (its rows are never
+//     stored) so that no TMA box is entirely out of bounds;
 //   - a stage is refilled only after the consumers of BOTH CTAs freed it (the partner's multicast
 //     writes into it): each consumer warp arrives on the `empty` barrier of both CTAs (mapa +
 //     mbarrier.arrive.shared::cluster, after wgmma.wait_group retired the reads of the stage) and
