@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """The hopper backend's FP8 GEMMs on an H200 in one device call: check, certify, time, sanitize.
 
-    python3 scripts/gpu_hopper_gemm.py            # every stage, within HOPPER_BUDGET_S seconds (default 170)
-    python3 scripts/gpu_hopper_gemm.py --stage probe|certify|bench|tiny
+    python3 scripts/gpu_hopper_gemm.py            # every stage, within HOPPER_BUDGET_S seconds (default 300)
+    python3 scripts/gpu_hopper_gemm.py --stage probe|multicast|sweep|bench|tiny
 
 Stages (each in its own process with a time limit, so a hung kernel costs one stage, not the call):
 
@@ -10,15 +10,26 @@ Stages (each in its own process with a time limit, so a hung kernel costs one st
    (64- and 128-row tiles, BLOCK_N dividing 128 or straddling 128-column scale blocks, M/N/K edges)
    against float64, outputs poisoned with NaN first; on a mismatch it prints where (row / column
    patterns, best-fit scale) and the run stops there.
+   ``multicast`` (its own process and time limit, not gating the later stages): the same for the
+   opt-in 2-CTA cluster variant (``cluster_n = 2``, TMA multicast of A, not yet measured) on its edges
+   (A slice past M, odd n-block counts, many pairs per cluster), appended to ``probe.json``; only if it
+   passes (``HOPPER_MULTICAST=1`` for the later stages) do its GPU tests, sweep candidates and sanitizer
+   call run.
 2. ``certify``: ``deepport certify --tier smoke --backend hopper`` on the three ops.
-3. ``pytest -m gpu tests/test_hopper_gpu.py``.
+3. ``pytest -m gpu tests/test_hopper_gpu.py``, then (multicast passed) ``tests/test_hopper_multicast_gpu.py``.
 4. ``sweep``: per bench shape, several tiles, each checked against float64 then timed; the fastest
    correct one per shape is written to ``sweep.json`` (and used by the bench stage of the same run).
+   With ``HOPPER_MULTICAST`` not ``0`` the candidates include the cluster-2 tiles of
+   ``configs.MULTICAST_SWEEP``; each entry then also holds ``current`` (the tile the backend chooses now:
+   ``TUNED`` or the model), ``best_multicast`` and ``multicast_speedup`` (current time / best cluster-2
+   time), and a summary table closes the stage. A tile is ``[block_m, block_n, group_m]``, with a fourth
+   element ``2`` for the cluster variant (a winner can be pasted into ``TUNED`` as it is).
 5. ``bench``: :mod:`deepport.bench`'s runner (quick) on the DeepSeek-V3 dense shapes at M in
    {64, 128, 4096} and the grouped shapes, hopper next to torch (cuBLAS block-scaled) with the
    fp8 matmul ceiling measured in the same run; each backend float64-checked before it is timed;
    CUDA-graph timing under 1 ms per call, L2-flushed events above.
-6. ``compute-sanitizer --tool memcheck`` on ``--stage tiny`` (one small call of each op), if time is left.
+6. ``compute-sanitizer --tool memcheck`` on ``--stage tiny`` (one small call of each op, and of each op's
+   cluster variant when the multicast probe passed), if time is left.
 
 Writes under ``$OUT`` (default /tmp/hopper-out; at most 8 files, what the device tool returns):
 ``probe.json``, ``certify_results.json``, ``certify_summary.md``, ``sweep.json``, ``bench_dense.json``,
@@ -33,6 +44,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -224,9 +236,120 @@ def stage_probe() -> int:
     return 0 if ok else 1
 
 
+def _forced(config: Any, case: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``case()`` with the hopper ops forced to ``config``; an exception is a failed case."""
+    from deepport.backends.hopper import fp8_gemm
+
+    real_choose = fp8_gemm.choose
+    fp8_gemm.choose = lambda *args, **kw: config  # type: ignore[misc]
+    t0 = time.perf_counter()
+    try:
+        r = case()
+    except Exception as exc:
+        r = {"case": getattr(case, "__name__", "case"), "passed": False, "error": f"{type(exc).__name__}: {exc}"}
+    finally:
+        fp8_gemm.choose = real_choose
+    r["config"], r["seconds"] = str(config), round(time.perf_counter() - t0, 3)
+    return r
+
+
+def multicast_cases() -> list[tuple[Any, Callable[[], dict[str, Any]]]]:
+    """The cluster-2 (multicast) configurations and edge cases of the ``multicast`` stage."""
+    from deepport.backends.hopper import configs
+
+    def cfg(bm: int, bn: int, variant: int) -> Any:
+        return configs.GemmConfig(bm, bn, configs.max_stages(bm, bn), variant, cluster_n=2)
+
+    dense_shapes = ((300, 712, 640), (1, 256, 128), (200, 328, 328), (2048, 2112, 1024), (129, 136, 7168))
+    cases: list[tuple[Any, Callable[[], dict[str, Any]]]] = []
+    for bm, bn in ((256, 128), (256, 96), (128, 160), (128, 128), (64, 16), (64, 128)):
+        for m, n, k in dense_shapes:
+            cases.append((cfg(bm, bn, configs.VARIANT_DENSE), lambda m=m, n=n, k=k: _dense(m, n, k, seed=m + n + k)))
+    for bn in (128, 160):
+        cases.append((cfg(128, bn, configs.VARIANT_CONTIGUOUS), lambda: _contiguous(384, 640, [200, 0, 128, 37], 7)))
+    for bm, bn in ((256, 128), (128, 128), (64, 128)):
+        cases.append((cfg(bm, bn, configs.VARIANT_MASKED), lambda: _masked(328, 512, [300, 0, 520, 1], 520, 10)))
+    return cases
+
+
+def _cluster_occupancy() -> dict[str, Any]:
+    """How many 2-CTA clusters of the largest multicast kernels can run at once (the persistent grid
+    assumes ``num_sms // 2``; fewer would run the last clusters in a second wave)."""
+    import torch
+    from cuda.bindings import driver
+
+    from deepport.backends.hopper import configs
+    from deepport.backends.hopper import fp8_gemm as hopper
+
+    device = torch.device("cuda:0")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    found: dict[str, Any] = {"num_sms": sms}
+    for bm, bn in ((256, 128), (128, 160), (64, 16)):
+        config = configs.GemmConfig(bm, bn, configs.max_stages(bm, bn), configs.VARIANT_DENSE, cluster_n=2)
+        try:
+            launch = driver.CUlaunchConfig()
+            launch.gridDimX, launch.gridDimY, launch.gridDimZ = 2 * (sms // 2), 1, 1
+            launch.blockDimX, launch.blockDimY, launch.blockDimZ = config.threads, 1, 1
+            launch.sharedMemBytes, launch.numAttrs = config.smem_bytes, 0
+            function = driver.CUfunction(hopper.kernel_function(config, device).ptr)
+            result, clusters = driver.cuOccupancyMaxActiveClusters(function, launch)
+            found[str(config)] = clusters if result == driver.CUresult.CUDA_SUCCESS else f"error {result.name}"
+        except Exception as exc:
+            found[str(config)] = f"{type(exc).__name__}: {exc}"[:200]
+    return found
+
+
+def _append_probe(entry: dict[str, Any]) -> None:
+    path = OUT / "probe.json"
+    doc = json.loads(path.read_text()) if path.exists() else []
+    path.write_text(json.dumps([*doc, entry], indent=1))
+
+
+def stage_multicast() -> int:
+    """The cluster-2 variant against float64 on its edges; appended to probe.json as {"multicast": [...]}
+    with the cluster occupancy (informational). A case that takes over 60 s (a hung kernel: the protocol
+    deadlocks) ends the process at once, after saying which case and writing the results so far."""
+    import threading
+
+    results: list[dict[str, Any]] = []
+    for config, case in multicast_cases():
+        def hung(what: str = str(config)) -> None:
+            print(f"MULTICAST PROBE HUNG: {what}, after {len(results)} finished cases", flush=True)
+            _append_probe({"multicast": [*results, {"config": what, "passed": False, "error": "hung (> 60 s)"}]})
+            os._exit(3)
+        watchdog = threading.Timer(60.0, hung)
+        watchdog.daemon = True
+        watchdog.start()
+        r = _forced(config, case)
+        watchdog.cancel()
+        print(json.dumps(r)[:900], flush=True)
+        results.append(r)
+    try:
+        occupancy = _cluster_occupancy()
+    except Exception as exc:  # informational only
+        occupancy = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+    print("max active 2-CTA clusters:", json.dumps(occupancy), flush=True)
+    _append_probe({"multicast": results, "cluster_occupancy": occupancy})
+    ok = all(r["passed"] for r in results)
+    print("MULTICAST PROBE", "PASSED" if ok else "FAILED", f"({sum(r['passed'] for r in results)}/{len(results)})")
+    return 0 if ok else 1
+
+
+def _multicast_enabled() -> bool:
+    return os.environ.get("HOPPER_MULTICAST", "1") != "0"
+
+
 def stage_tiny() -> int:
-    """One small call of each op (for compute-sanitizer)."""
+    """One small call of each op (for compute-sanitizer), and of each op's cluster variant if enabled."""
+    from deepport.backends.hopper import configs
+
     results = [_dense(100, 200, 384, 1), _contiguous(256, 384, [100, 20], 2), _masked(128, 256, [50, 0], 64, 3)]
+    if _multicast_enabled():
+        def cfg(bm: int, bn: int, variant: int) -> Any:
+            return configs.GemmConfig(bm, bn, configs.max_stages(bm, bn), variant, cluster_n=2)
+        results += [_forced(cfg(128, 128, configs.VARIANT_DENSE), lambda: _dense(100, 328, 384, 1)),
+                    _forced(cfg(128, 128, configs.VARIANT_CONTIGUOUS), lambda: _contiguous(384, 384, [100, 20], 2)),
+                    _forced(cfg(256, 128, configs.VARIANT_MASKED), lambda: _masked(328, 256, [50, 0], 64, 3))]
     for r in results:
         print(json.dumps(r)[:400])
     return 0 if all(r["passed"] for r in results) else 1
@@ -234,8 +357,8 @@ def stage_tiny() -> int:
 
 # ---- stage: sweep ---------------------------------------------------------------------------------
 
-def _candidates(config: Any) -> list[tuple[int, int, int]]:
-    """Tiles ``(block_m, block_n, group_m)`` to try on one bench config."""
+def _plain_candidates(config: Any) -> list[tuple[int, int, int]]:
+    """Tiles ``(block_m, block_n, group_m)`` to try on one bench config without clusters."""
     if config.op == "fp8_gemm_nt" and config.params["m"] <= 128:
         found = [(64, bn, 16) for bn in (16, 32, 48, 64, 96, 128, 160)]
         if config.params["m"] == 128:
@@ -249,6 +372,27 @@ def _candidates(config: Any) -> list[tuple[int, int, int]]:
     return [(64, 128, 16), (128, 128, 16), (128, 160, 16), (256, 96, 16), (256, 128, 16)]
 
 
+def _candidates(config: Any) -> list[tuple[int, int, int, int]]:
+    """Tiles ``(block_m, block_n, group_m, cluster_n)`` to try on one bench config: the plain ones, then
+    (``HOPPER_MULTICAST`` not ``0``) the cluster-2 tiles of ``configs.MULTICAST_SWEEP`` for the op's
+    variant (dense: 64-row tiles at M <= 128, 128 rows at M = 128, 128 and 256 rows above)."""
+    from deepport.backends.hopper import configs
+
+    found = [(bm, bn, gm, 1) for bm, bn, gm in _plain_candidates(config)]
+    if not _multicast_enabled():
+        return found
+    tiles = configs.MULTICAST_SWEEP[_variant(config.op)]
+    if config.op == "fp8_gemm_nt":
+        m = config.params["m"]
+        tiles = tuple(t for t in tiles if (t[0] == 64 if m <= 64 else t[0] <= 128 if m <= 128 else t[0] >= 128))
+    return found + [(bm, bn, gm, 2) for bm, bn, gm in tiles]
+
+
+def _tile(bm: int, bn: int, gm: int, cluster: int) -> list[int]:
+    """A sweep row's tile: ``[block_m, block_n, group_m]``, plus ``cluster_n`` when clustered (as in TUNED)."""
+    return [bm, bn, gm] if cluster == 1 else [bm, bn, gm, cluster]
+
+
 def _variant(op: str) -> int:
     from deepport.backends.hopper import configs
 
@@ -256,13 +400,13 @@ def _variant(op: str) -> int:
             "m_grouped_fp8_gemm_nt_masked": configs.VARIANT_MASKED}[op]
 
 
-def _precompile(spec: tuple[int, int, int, int]) -> str:
+def _precompile(spec: tuple[int, int, int, int, int]) -> str:
     from deepport.backends.hopper import configs, jit
     from deepport.backends.hopper.fp8_gemm import kernel_options
     from deepport.backends.hopper.sources import fp8_gemm_source
 
-    bm, bn, gm, variant = spec
-    cfg = configs.GemmConfig(bm, bn, configs.max_stages(bm, bn), variant, gm)
+    bm, bn, gm, cluster, variant = spec
+    cfg = configs.GemmConfig(bm, bn, configs.max_stages(bm, bn), variant, gm, cluster)
     jit.get_cubin(fp8_gemm_source(bn), kernel_options(cfg))
     return str(cfg)
 
@@ -283,7 +427,7 @@ def stage_sweep() -> int:
     device = torch.device("cuda:0")
     every = bench_configs.select("cuda", list(OPS))
     chosen = [c for c in every if c.op != "fp8_gemm_nt" or c.params["m"] in (64, 128, 4096)]
-    specs = sorted({(bm, bn, gm, _variant(c.op)) for c in chosen for bm, bn, gm in _candidates(c)})
+    specs = sorted({(*tile, _variant(c.op)) for c in chosen for tile in _candidates(c)})
     t0 = time.perf_counter()
     with multiprocessing.get_context("spawn").Pool(min(16, os.cpu_count() or 1)) as pool:
         pool.map(_precompile, specs)
@@ -297,14 +441,14 @@ def stage_sweep() -> int:
         work = config.build(device, 0)
         rotation = [work] + [config.build(device, i) for i in
                              range(1, timing.copies_for_rotation(work.footprint_bytes, device, most=8))]
-        for bm, bn, gm in _candidates(config):
-            cfg = configs.GemmConfig(bm, bn, configs.max_stages(bm, bn), variant, gm)
+        for bm, bn, gm, cluster in _candidates(config):
+            cfg = configs.GemmConfig(bm, bn, configs.max_stages(bm, bn), variant, gm, cluster)
 
             def patched(*args: Any, _c: Any = cfg, _seen: list[tuple[int, ...]] = seen, **kwargs: Any) -> Any:
                 _seen.append(tuple(args) + tuple(kwargs.values()))
                 return _c
             hopper.choose = patched  # type: ignore[assignment]
-            row: dict[str, Any] = {"tile": [bm, bn, gm]}
+            row: dict[str, Any] = {"tile": _tile(bm, bn, gm, cluster)}
             try:
                 _poison(work.outputs)
                 work.call("hopper")()
@@ -329,15 +473,40 @@ def stage_sweep() -> int:
         m, n, k, variant_arg, sms, *rest = seen[0]
         groups = rest[0] if rest else 1
         key = [variant_arg, m, n, k, groups, sms]
-        found[config.id] = {"key": key, "model": str(configs.choose(m, n, k, variant_arg, sms, groups)),
+        current = configs.choose(m, n, k, variant_arg, sms, groups)
+        found[config.id] = {"key": key, "model": str(current),
                             "winner": best["tile"] if best else None, "candidates": rows}
+        found[config.id].update(_multicast_comparison(rows, current))
         bad = [r["tile"] for r in rows if not r["passed"]]
         print(f"{config.id:55} best {best['tile'] if best else None} "
               f"{best['tflops'] if best else 0:7.1f} TF  (model {found[config.id]['model']})"
               f"{'  FAILED ' + str(bad) if bad else ''}", flush=True)
         del work, rotation
+        # after every shape: a later hang (a new kernel) loses only the shapes after it
+        (OUT / "sweep.json").write_text(json.dumps(found, indent=1))
     (OUT / "sweep.json").write_text(json.dumps(found, indent=1))
+    _multicast_table(found)
     return 0
+
+
+def _multicast_comparison(rows: list[dict[str, Any]], current: Any) -> dict[str, Any]:
+    """The row of the tile the backend chooses now, the fastest cluster-2 row, and their time ratio."""
+    now = _tile(current.block_m, current.block_n, current.group_m, current.cluster_n)
+    timed = [r for r in rows if r.get("time_us")]
+    cur = next((r for r in timed if r["tile"] == now), None)
+    multicast = [r for r in timed if len(r["tile"]) == 4]
+    best = min(multicast, key=lambda r: r["time_us"]) if multicast else None
+    speedup = cur["time_us"] / best["time_us"] if cur and best else None
+    return {"current": cur or {"tile": now, "note": "not among the timed candidates"}, "best_multicast": best,
+            "multicast_speedup": speedup}
+
+
+def _multicast_table(found: dict[str, Any]) -> None:
+    print(f"\n{'config':55} {'current tile':>18} {'TF':>7} {'best cluster-2 tile':>22} {'TF':>7} {'speedup':>7}")
+    for name, entry in found.items():
+        cur, best = entry.get("current") or {}, entry.get("best_multicast") or {}
+        print(f"{name:55} {cur.get('tile')!s:>18} {_f(cur.get('tflops')):>7} {best.get('tile')!s:>22} "
+              f"{_f(best.get('tflops')):>7} {_f(entry.get('multicast_speedup'), 3):>7}", flush=True)
 
 
 def apply_sweep(path: Path) -> int:
@@ -423,11 +592,13 @@ def _run(cmd: list[str], timeout: float, log: Path | None = None) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--stage", choices=("all", "probe", "sweep", "bench", "tiny"), default="all")
+    parser.add_argument("--stage", choices=("all", "probe", "multicast", "sweep", "bench", "tiny"), default="all")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     if args.stage == "probe":
         return stage_probe()
+    if args.stage == "multicast":
+        return stage_multicast()
     if args.stage == "bench":
         return stage_bench()
     if args.stage == "sweep":
@@ -435,7 +606,7 @@ def main() -> int:
     if args.stage == "tiny":
         return stage_tiny()
 
-    budget = float(os.environ.get("HOPPER_BUDGET_S", "170"))
+    budget = float(os.environ.get("HOPPER_BUDGET_S", "300"))
     t0 = time.perf_counter()
 
     def left() -> float:
@@ -448,6 +619,10 @@ def main() -> int:
     if _run([py, me, "--stage", "probe"], min(90.0, left())) != 0:
         print("probe failed: stopping (no certify, bench or sanitizer)")
         return 1
+    # the cluster variant is new: a failure or hang here only keeps it out of the later stages
+    multicast = _multicast_enabled() and _run([py, me, "--stage", "multicast"], min(150.0, left() - 120)) == 0
+    os.environ["HOPPER_MULTICAST"] = "1" if multicast else "0"
+    print(f"multicast variant {'passed: in the GPU tests, sweep and sanitizer' if multicast else 'left out'}")
     cert = Path("/tmp/hopper-certify")
     _run([py, "-m", "deepport", "certify", "--device", "cuda", "--tier", "smoke", "--backend", "hopper", "--op",
           *OPS, "--seed", "1", "--out", str(cert)], min(120.0, left() - 60))
@@ -456,6 +631,9 @@ def main() -> int:
             (OUT / f"certify_{name}").write_text((cert / name).read_text())
     _run([py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "tests/test_hopper_gpu.py"],
          min(60.0, left() - 60))
+    if multicast:
+        _run([py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "tests/test_hopper_multicast_gpu.py"],
+             min(150.0, left() - 90))
     if left() > 60:
         _run([py, me, "--stage", "sweep"], left() - 40)
     if left() > 25:

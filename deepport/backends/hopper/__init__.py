@@ -6,7 +6,8 @@ online softmax in float32; ``kernels/sm90_mla_combine.cu`` merges cut requests),
 block-scaled FP8 GEMM ``fp8_gemm_nt`` and the M-grouped contiguous and masked FP8 GEMMs, DeepSeek-V3's
 recipe (1, 128, 128) with float32 SFs and bf16 output (``kernels/sm90_fp8_gemm.cu``: TMA into a
 shared-memory ring on mbarriers, a producer warpgroup and one or two wgmma consumer warpgroups, fp32
-promotion per 128-K block, persistent tiles).
+promotion per 128-K block, persistent tiles; an opt-in 2-CTA cluster variant that TMA-multicasts the A
+tile, ``GemmConfig.cluster_n = 2``, is never chosen by default until measured: see NOTES.md).
 
 Expert parallelism over NVLink (``moe.py``): the six multi-rank MoE ops (dispatch and combine in the
 normal, expanded and low-latency layouts) run the torch backend's routing with every exchange written

@@ -10,6 +10,16 @@ warpgroup) serves small M; 256 (two warpgroups of two 64-row waves, ``BLOCK_N <=
 fewest bytes per FLOP and wins at large M (measured: 1.2-1.4x over 128x160 at M=4096, where the
 kernel is bound by operand traffic from L2); ``BLOCK_N`` from 16 to 160 in steps of 16 lets a small
 problem still spread over every SM. Stages fill the shared memory.
+
+``cluster_n = 2`` (opt-in, never chosen by :func:`choose` unless a :data:`TUNED` entry names it; not yet
+measured) runs the kernel in 2-CTA clusters that take a pair of tiles side by side along N (one m block,
+n blocks ``2u`` and ``2u + 1``) and TMA-multicast the shared A tile: each CTA loads half of its rows into
+both CTAs' shared memory, so a pair pulls ``BLOCK_M + 2 BLOCK_N`` rows of operands from L2 per K
+instead of ``2 (BLOCK_M + BLOCK_N)`` (256x128: 0.67x). The pair is along N, sharing A, rather than along
+M sharing B, because A is the larger operand of the tiles that win at large M (256 rows) and because
+two tiles of one m block always belong to the same group (contiguous: same expert, masked: same
+group), so every pair can multicast, with no per-pair fallback; an odd number of n blocks leaves the
+last pair's second CTA a tile past N that it computes but does not store.
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ BLOCK_MS = (64, 128, 256)
 BLOCK_NS = tuple(range(16, 161, 16))  # 160: two 80-register accumulator sets stay within 232 registers
 MAX_BLOCK_N_256 = 128  # 256-row tiles keep two wave totals and one block accumulator: 3 x 64 registers
 GROUP_M = 16
+CLUSTER_NS = (1, 2)
 
 
 def stage_bytes(block_m: int, block_n: int) -> int:
@@ -51,6 +62,7 @@ class GemmConfig:
     stages: int
     variant: int
     group_m: int = GROUP_M
+    cluster_n: int = 1  # 2: 2-CTA clusters along N multicasting the A tile (opt-in, unmeasured)
 
     def __post_init__(self) -> None:
         if self.block_m not in BLOCK_MS:
@@ -64,6 +76,8 @@ class GemmConfig:
         if self.block_m == 256 and (self.block_n > MAX_BLOCK_N_256 or self.variant == VARIANT_CONTIGUOUS):
             raise ValueError(f"256-row tiles need block_n <= {MAX_BLOCK_N_256} and a dense or masked variant "
                              f"(contiguous groups align to 128 rows), got {self}")
+        if self.cluster_n not in CLUSTER_NS:
+            raise ValueError(f"cluster_n must be one of {CLUSTER_NS}, got {self.cluster_n}")
 
     @property
     def threads(self) -> int:
@@ -75,12 +89,45 @@ class GemmConfig:
     def smem_bytes(self) -> int:
         return SMEM_ALIGN_SLACK + self.stages * stage_bytes(self.block_m, self.block_n)
 
+    @property
+    def a_box_rows(self) -> int:
+        """Rows of the A tensor map's box: the slice of the A tile one CTA of a cluster loads."""
+        return self.block_m // self.cluster_n
+
     def defines(self) -> tuple[str, ...]:
+        """NVRTC defines; ``CLUSTER_N`` only when clustered, so the unclustered kernels compile as before."""
+        cluster = (f"-DCLUSTER_N={self.cluster_n}",) if self.cluster_n != 1 else ()
         return (f"-DBLOCK_M={self.block_m}", f"-DBLOCK_N={self.block_n}", f"-DNUM_STAGES={self.stages}",
-                f"-DVARIANT={self.variant}", f"-DGROUP_M={self.group_m}")
+                f"-DVARIANT={self.variant}", f"-DGROUP_M={self.group_m}", *cluster)
+
+    def grid(self, m_blocks: int, n_blocks: int, num_sms: int) -> int:
+        """CTAs of the persistent launch over ``m_blocks`` x ``n_blocks`` tiles (``m_blocks`` summed over
+        the groups): one per tile up to one per SM, and with clusters one cluster per pair of tiles
+        (``ceil(n_blocks / cluster_n)`` pairs per m block) up to ``num_sms // cluster_n`` clusters, so the
+        grid is always a multiple of the cluster size."""
+        units = m_blocks * ceil_div(n_blocks, self.cluster_n)
+        return self.cluster_n * max(1, min(units, num_sms // self.cluster_n))
 
     def __str__(self) -> str:
-        return f"{VARIANT_NAMES[self.variant]} {self.block_m}x{self.block_n} {self.stages} stages"
+        cluster = f" cluster {self.cluster_n}" if self.cluster_n != 1 else ""
+        return f"{VARIANT_NAMES[self.variant]} {self.block_m}x{self.block_n} {self.stages} stages{cluster}"
+
+
+MULTICAST_SWEEP: dict[int, tuple[tuple[int, int, int], ...]] = {
+    # variant -> tiles (block_m, block_n, group_m) that scripts/gpu_hopper_gemm.py's sweep tries with
+    # cluster_n = 2 next to the unclustered ones (each float64-checked before it is timed), and that
+    # tests/test_hopper_multicast_compile.py compiles. Dense 64-row tiles serve M <= 128.
+    VARIANT_DENSE: ((256, 128, 8), (256, 128, 16), (256, 96, 16), (256, 64, 16), (128, 128, 16), (128, 144, 16),
+                    (128, 160, 16), (64, 16, 16), (64, 32, 16), (64, 64, 16), (64, 128, 16)),
+    VARIANT_CONTIGUOUS: ((128, 128, 16), (128, 144, 16), (128, 160, 16), (128, 160, 8)),
+    VARIANT_MASKED: ((256, 128, 16), (256, 96, 16), (128, 128, 16), (64, 128, 16)),
+}
+
+
+def multicast_configs() -> list[GemmConfig]:
+    """Every cluster-2 configuration of :data:`MULTICAST_SWEEP` (stages filling the shared memory)."""
+    return [GemmConfig(bm, bn, max_stages(bm, bn), variant, gm, 2)
+            for variant, tiles in MULTICAST_SWEEP.items() for bm, bn, gm in tiles]
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -103,7 +150,7 @@ def _cost(m: int, n: int, k: int, groups: int, block_m: int, block_n: int, num_s
 
 
 TunedKey = tuple[int, int, int, int, int, int]  # (variant, m, n, k, groups, num_sms)
-TUNED: dict[TunedKey, tuple[int, int, int]] = {
+TUNED: dict[TunedKey, tuple[int, ...]] = {
     # The fastest tile of a sweep on an H200 (132 SMs), each candidate float64-checked before it was
     # timed: scripts/gpu_hopper_gemm.py, benchmarks/results/2026-12-01-h200-hopper-gemm/run2/sweep.json.
     # m is rows per group (contiguous: M_sum / G; masked: min(expected_m, M_max)).
@@ -139,8 +186,8 @@ TUNED: dict[TunedKey, tuple[int, int, int]] = {
     (VARIANT_MASKED, 256, 4096, 7168, 4, 132): (256, 128, 16),  # g4_m256_n4096_k7168
     (VARIANT_MASKED, 256, 7168, 2048, 4, 132): (256, 128, 16),  # g4_m256_n7168_k2048
 }
-"""Measured winners, ``(variant, m, n, k, groups, num_sms) -> (block_m, block_n, group_m)``, consulted
-before the model (see :func:`choose`)."""
+"""Measured winners, ``(variant, m, n, k, groups, num_sms) -> (block_m, block_n, group_m[, cluster_n])``,
+consulted before the model (see :func:`choose`); ``cluster_n`` is 1 where left out."""
 
 
 @functools.lru_cache(maxsize=1024)
@@ -150,8 +197,8 @@ def choose(m: int, n: int, k: int, variant: int, num_sms: int, groups: int = 1) 
     :data:`TUNED` if there is one, else the model's choice (cached per shape)."""
     tuned = TUNED.get((variant, m, n, k, groups, num_sms))
     if tuned is not None:
-        block_m, block_n, group_m = tuned
-        return GemmConfig(block_m, block_n, max_stages(block_m, block_n), variant, group_m)
+        block_m, block_n, group_m, *cluster = tuned
+        return GemmConfig(block_m, block_n, max_stages(block_m, block_n), variant, group_m, *cluster)
     return _modelled(m, n, k, variant, num_sms, groups)
 
 

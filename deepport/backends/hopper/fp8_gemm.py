@@ -105,19 +105,21 @@ def _strides3(t: torch.Tensor) -> tuple[int, int, int]:
 
 def _launch(config: GemmConfig, a: torch.Tensor, sfa: torch.Tensor, b: torch.Tensor, sfb: torch.Tensor,
             groups: torch.Tensor | None, out: torch.Tensor, rows: int, n: int, k: int, num_groups: int,
-            tiles: int, num_sms: int) -> None:
-    """Launch the kernel of ``config``; ``out`` is written (through a temporary if its layout needs one)."""
+            m_blocks: int, num_sms: int) -> None:
+    """Launch the kernel of ``config`` over ``m_blocks`` (all groups') x ``ceil(n / block_n)`` tiles; ``out``
+    is written (through a temporary if its layout needs one). With ``cluster_n = 2`` the A map's box is half
+    the tile's rows (each CTA of a cluster loads one half and multicasts it)."""
     device = a.device
     a, b = _tma_view(a), _tma_view(b)
     target = _output_target(out)
     out_strides = _strides3(target)
     params = GemmParams(
-        tmap_a=_tile_map(a, config.block_m), tmap_b=_tile_map(b, config.block_n),
+        tmap_a=_tile_map(a, config.a_box_rows), tmap_b=_tile_map(b, config.block_n),
         sfa=sfa.data_ptr(), sfb=sfb.data_ptr(), groups=0 if groups is None else groups.data_ptr(),
         out=target.data_ptr(), sfa_strides=_strides3(sfa), sfb_strides=_strides3(sfb),
         out_strides=(out_strides[0], out_strides[1]), rows=rows, n=n, k=k, num_groups=num_groups)
     function = kernel_function(config, device)
-    grid = max(1, min(tiles, num_sms))
+    grid = config.grid(m_blocks, ceil_div(n, config.block_n), num_sms)
     launch.launch(function, grid, config.threads, config.smem_bytes, params.pack(), device)
     if target is not out:
         out.copy_(target)
@@ -130,8 +132,7 @@ def run(call: FP8GemmCall, out: torch.Tensor) -> None:
     m, n, k = call.m, call.n, call.k
     sms = call.signature.device.multiprocessors
     config = choose(m, n, k, VARIANT_DENSE, sms)
-    tiles = ceil_div(m, config.block_m) * ceil_div(n, config.block_n)
-    _launch(config, call.a, call.sfa, call.b, call.sfb, None, out, m, n, k, 1, tiles, sms)
+    _launch(config, call.a, call.sfa, call.b, call.sfb, None, out, m, n, k, 1, ceil_div(m, config.block_m), sms)
 
 
 def run_contiguous(call: ContiguousCall, out: torch.Tensor) -> None:
@@ -140,8 +141,8 @@ def run_contiguous(call: ContiguousCall, out: torch.Tensor) -> None:
     m_sum, n, k, g = call.m_sum, sig.n, sig.k, sig.num_groups
     sms = sig.device.multiprocessors
     config = choose(max(1, m_sum // max(1, g)), n, k, VARIANT_CONTIGUOUS, sms, g)
-    tiles = ceil_div(m_sum, config.block_m) * ceil_div(n, config.block_n)
-    _launch(config, call.a.data, call.a.sf, call.b.data, call.b.sf, call.m_indices, out, m_sum, n, k, g, tiles, sms)
+    _launch(config, call.a.data, call.a.sf, call.b.data, call.b.sf, call.m_indices, out, m_sum, n, k, g,
+            ceil_div(m_sum, config.block_m), sms)
 
 
 def run_masked(call: MaskedCall, out: torch.Tensor) -> None:
@@ -150,5 +151,5 @@ def run_masked(call: MaskedCall, out: torch.Tensor) -> None:
     g, m_max, n, k = sig.num_groups, call.m_max, sig.n, sig.k
     sms = sig.device.multiprocessors
     config = choose(min(call.expected_m, m_max), n, k, VARIANT_MASKED, sms, g)
-    tiles = g * ceil_div(m_max, config.block_m) * ceil_div(n, config.block_n)  # an upper bound
-    _launch(config, call.a.data, call.a.sf, call.b.data, call.b.sf, call.masked_m, out, m_max, n, k, g, tiles, sms)
+    m_blocks = g * ceil_div(m_max, config.block_m)  # an upper bound
+    _launch(config, call.a.data, call.a.sf, call.b.data, call.b.sf, call.masked_m, out, m_max, n, k, g, m_blocks, sms)

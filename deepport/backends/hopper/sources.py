@@ -134,9 +134,13 @@ def mla_combine_source(dtype: str) -> KernelSource:
                         "sm90_mla_combine_kernel")
 
 
+GEMM_HEADERS = (*SHARED_HEADERS, "sm90_cluster.cuh")
+
+
 def fp8_gemm_source(block_n: int) -> KernelSource:
-    """The FP8 GEMM compile unit for tiles ``BLOCK_N = block_n`` wide (other parameters are defines)."""
-    headers = {name: package_file(name) for name in SHARED_HEADERS}
+    """The FP8 GEMM compile unit for tiles ``BLOCK_N = block_n`` wide (other parameters are defines; the
+    cluster wrappers of ``sm90_cluster.cuh`` are used only where ``CLUSTER_N`` is 2)."""
+    headers = {name: package_file(name) for name in GEMM_HEADERS}
     headers["sm90_wgmma.cuh"] = wgmma_fp8_header(block_n)
     return KernelSource("sm90_fp8_gemm.cu", package_file("sm90_fp8_gemm.cu"), tuple(sorted(headers.items())),
                         "sm90_fp8_gemm_kernel")

@@ -10,6 +10,7 @@
 //   VARIANT     0 dense, 1 M-grouped contiguous (group per row from m_indices, -1 rows written as +0.0),
 //               2 M-grouped masked (rows >= masked_m[g] of group g never written)
 //   GROUP_M     m-blocks per rasterisation group of the persistent tile order
+//   CLUSTER_N   1 (default) or 2: CTAs per thread-block cluster (__cluster_dims__(2, 1, 1)), see below
 //
 // Structure (one CTA per SM, persistent over tiles):
 //   - a producer warpgroup (registers lowered with setmaxnreg); its first warp waits for a free stage,
@@ -21,7 +22,28 @@
 //     last wave they free the stage (`empty` mbarrier);
 //   - the epilogue rounds to bf16 and stores bf16 pairs straight from registers, masking the M and N
 //     edges and applying the variant's row rules.
+//
+// CLUSTER_N = 2 (TMA multicast of the A tile; off unless the host config asks for it):
+//   - the grid is made of 2-CTA clusters; the scheduler hands out pairs of tiles, (m block, n blocks
+//     2u and 2u + 1), one pair per cluster at a time, so both CTAs of a cluster walk the same m blocks
+//     (and groups) in the same order and share every A tile. A pair whose second n block is past N
+//     (odd number of n blocks) still runs on both CTAs: the second one loads a B box clamped to start
+//     at row N - 1, multiplies, and stores nothing (all its columns are >= N);
+//   - per K block, the producer of CTA r loads rows [r BLOCK_M / 2, (r + 1) BLOCK_M / 2) of the A tile
+//     with a multicast TMA into both CTAs' stage (same offset) and its own B tile; each CTA's `full`
+//     barrier expects the whole A tile plus its B tile (half of A comes from the partner's copy);
+//     a half that would start past the last row starts at the last row instead (its rows are never
+//     stored) so that no TMA box is entirely out of bounds;
+//   - a stage is refilled only after the consumers of BOTH CTAs freed it (the partner's multicast
+//     writes into it): each consumer warp arrives on the `empty` barrier of both CTAs (mapa +
+//     mbarrier.arrive.shared::cluster, after wgmma.wait_group retired the reads of the stage) and
+//     `empty` counts both CTAs' consumer warps;
+//   - barrier initialisation is published cluster-wide (fence.mbarrier_init.release.cluster, then a
+//     cluster barrier) before any CTA issues a multicast or a remote arrival; before exit the producer
+//     waits until both CTAs' consumers freed every stage (no remote arrival still in flight to this
+//     CTA) and a cluster barrier keeps each CTA alive until its partner is done too.
 #include "sm90_ptx.cuh"
+#include "sm90_cluster.cuh"
 #include "sm90_wgmma.cuh"
 
 #ifndef BLOCK_M
@@ -38,6 +60,9 @@
 #endif
 #ifndef GROUP_M
 #define GROUP_M 16
+#endif
+#ifndef CLUSTER_N
+#define CLUSTER_N 1
 #endif
 
 namespace dp {
@@ -59,12 +84,14 @@ constexpr u32 kVariantDense = 0;
 constexpr u32 kVariantContiguous = 1;
 constexpr u32 kVariantMasked = 2;
 constexpr u32 kVariant = VARIANT;
+constexpr u32 kClusterN = CLUSTER_N;  // CTAs per cluster, sharing the A tile (multicast) when 2
 
 static_assert(kBlockM == 64 || kBlockM == 128 || kBlockM == 256, "BLOCK_M must be 64, 128 or 256");
 static_assert(kVariant != 1 || kBlockM <= 128, "contiguous tiles must not span two 128-row group blocks");
 static_assert(kBlockN % 8 == 0 && kBlockN >= 8 && kBlockN <= 256, "BLOCK_N must be a multiple of 8 in [8, 256]");
 static_assert(kNumSfb <= 3, "at most three SFB blocks per tile");
 static_assert(kVariant <= 2, "VARIANT must be 0, 1 or 2");
+static_assert(kClusterN == 1 || kClusterN == 2, "CLUSTER_N must be 1 or 2");
 
 // Shared memory layout (offsets from a 1024-byte aligned base).
 constexpr u32 kTileABytes = kBlockM * kBlockK;
@@ -76,13 +103,17 @@ constexpr u32 kOffSfb = kOffSfa + kStages * kBlockM * 4;
 constexpr u32 kSfbStride = 4;  // floats per stage (16 bytes)
 constexpr u32 kOffFull = kOffSfb + kStages * kSfbStride * 4;
 constexpr u32 kOffEmpty = kOffFull + kStages * 8;
+// Each CTA of a cluster loads a slice of kSliceM rows of the A tile (all of it without a cluster).
+constexpr u32 kSliceM = kBlockM / kClusterN;
+constexpr u32 kSliceABytes = kSliceM * kBlockK;
 static_assert(kTileABytes % 1024 == 0 && kTileBBytes % 1024 == 0, "swizzled tiles must stay 1024-byte aligned");
+static_assert(kSliceABytes % 1024 == 0, "multicast slices of A must start on a 1024-byte swizzle atom");
 static_assert(kOffFull % 8 == 0, "mbarriers need 8-byte alignment");
 
 // Barrier arrivals: `full` gets the TMA lane's expect_tx arrival plus one cp.async arrival per
-// producer lane; `empty` gets one arrival per consumer warp.
+// producer lane; `empty` gets one arrival per consumer warp of every CTA of the cluster.
 constexpr u32 kFullArrivals = 1 + 32;
-constexpr u32 kEmptyArrivals = kMathThreads / 32;
+constexpr u32 kEmptyArrivals = kClusterN * kMathThreads / 32;
 
 // The kernel's single parameter. Its layout is mirrored on the host (deepport/backends/hopper/params.py);
 // the host passes the expected size and offsets as defines, checked below.
@@ -115,12 +146,14 @@ __device__ __forceinline__ i32 ceil_div(i32 a, i32 b) { return (a + b - 1) / b; 
 // The persistent tile order, walked identically by the producer and the consumers.
 // Tiles are grouped GROUP_M m-blocks at a time: consecutive tiles (run by neighbouring CTAs at the
 // same moment) share a B tile and cover GROUP_M A tiles, which keeps both in L2.
+// With clusters the unit handed out is a cluster's pair of tiles (n blocks CLUSTER_N u + rank): the
+// order walks units exactly as it walks tiles without clusters, one unit per cluster.
 struct Scheduler {
     i32 iter;
     i32 num_n_blocks;
     i32 num_m_blocks;     // of the current group (masked) or of the whole problem
     i32 group;            // masked: current group; others: 0
-    i32 tiles_before;     // masked: tiles of the groups before `group`
+    i32 tiles_before;     // masked: units of the groups before `group`
 
     __device__ __forceinline__ explicit Scheduler(const Params& p) {
         iter = 0;
@@ -128,6 +161,17 @@ struct Scheduler {
         group = 0;
         tiles_before = 0;
         num_m_blocks = (kVariant == kVariantMasked) ? 0 : ceil_div(p.rows, kBlockM);
+    }
+
+    // The units of one m block: n blocks / CLUSTER_N, rounded up (recomputed from the parameters, not
+    // kept in a register: the producer runs in 40).
+    __device__ __forceinline__ i32 num_n_units(const Params& p) const {
+        return (kClusterN == 1) ? num_n_blocks : ceil_div(p.n, static_cast<i32>(kBlockN * kClusterN));
+    }
+
+    // This CTA's rank in its cluster (0 without clusters).
+    __device__ __forceinline__ static i32 rank() {
+        return (kClusterN == 1) ? 0 : static_cast<i32>(cluster_cta_rank());
     }
 
     __device__ __forceinline__ static void raster(i32 t, i32 m_blocks, i32 n_blocks, i32& mb, i32& nb) {
@@ -139,27 +183,34 @@ struct Scheduler {
         nb = in_group / count;
     }
 
-    // Next tile of this CTA: (m block, n block, group); false when none is left.
+    // Next tile of this CTA: (m block, n block, group); false when none is left. With clusters, n block
+    // may be num_n_blocks (the missing half of the last pair: computed, never stored).
     __device__ __forceinline__ bool next(const Params& p, i32& mb, i32& nb, i32& g) {
-        const i32 t = static_cast<i32>(blockIdx.x) + iter * static_cast<i32>(gridDim.x);
+        i32 t;
+        if constexpr (kClusterN == 1) {
+            t = static_cast<i32>(blockIdx.x) + iter * static_cast<i32>(gridDim.x);
+        } else {
+            t = static_cast<i32>(cluster_id_x()) + iter * static_cast<i32>(cluster_count_x());
+        }
         ++iter;
         if constexpr (kVariant == kVariantMasked) {
             while (true) {
                 if (group >= p.num_groups) return false;
                 num_m_blocks = ceil_div(__ldg(p.groups + group), kBlockM);
-                const i32 tiles = num_m_blocks * num_n_blocks;
+                const i32 tiles = num_m_blocks * num_n_units(p);
                 if (t < tiles_before + tiles) break;
                 tiles_before += tiles;
                 ++group;
             }
-            raster(t - tiles_before, num_m_blocks, num_n_blocks, mb, nb);
+            raster(t - tiles_before, num_m_blocks, num_n_units(p), mb, nb);
             g = group;
         } else {
-            if (t >= num_m_blocks * num_n_blocks) return false;
-            raster(t, num_m_blocks, num_n_blocks, mb, nb);
+            if (t >= num_m_blocks * num_n_units(p)) return false;
+            raster(t, num_m_blocks, num_n_units(p), mb, nb);
             // contiguous: the tile's group is that of its first row (-1: a tile of padding rows only)
             g = (kVariant == kVariantContiguous) ? __ldg(p.groups + mb * kBlockM) : 0;
         }
+        if constexpr (kClusterN > 1) nb = nb * static_cast<i32>(kClusterN) + rank();
         return true;
     }
 };
@@ -184,23 +235,56 @@ __device__ __forceinline__ void produce(const Params& p, u8* smem) {
         const float* sfb = p.sfb + b_group * p.sfb_sg;
         for (i32 kb = 0; kb < k_blocks; ++kb) {
             const u32 full = base + kOffFull + stage * 8;
-            mbar_wait(base + kOffEmpty + stage * 8, phase ^ 1);
+            mbar_wait(base + kOffEmpty + stage * 8, phase ^ 1);  // clusters: both CTAs' consumers freed it
             if (lane == 0) {
-                tma_load_3d(base + kOffA + stage * kTileABytes, &p.tmap_a, full, kb * kBlockK, row0, a_group);
-                tma_load_3d(base + kOffB + stage * kTileBBytes, &p.tmap_b, full, kb * kBlockK, col0, b_group);
+                if constexpr (kClusterN == 1) {
+                    tma_load_3d(base + kOffA + stage * kTileABytes, &p.tmap_a, full, kb * kBlockK, row0, a_group);
+                    tma_load_3d(base + kOffB + stage * kTileBBytes, &p.tmap_b, full, kb * kBlockK, col0, b_group);
+                } else {
+                    // this CTA's slice of A into both CTAs and its B tile; a box that would lie wholly past the
+                    // last row (a slice past M, the missing half of the last pair past N) starts at the last row
+                    // instead: its rows are never stored, and no TMA box is entirely out of bounds
+                    const i32 rank = Scheduler::rank();
+                    const i32 a_row = min(row0 + rank * static_cast<i32>(kSliceM), p.rows - 1);
+                    tma_load_3d_multicast(base + kOffA + stage * kTileABytes + rank * kSliceABytes, &p.tmap_a, full,
+                                          kb * kBlockK, a_row, a_group, static_cast<u16>((1u << kClusterN) - 1));
+                    tma_load_3d(base + kOffB + stage * kTileBBytes, &p.tmap_b, full, kb * kBlockK, min(col0, p.n - 1),
+                                b_group);
+                }
+                // the whole A tile (every CTA's slice lands here) plus this CTA's B tile
                 mbar_arrive_expect_tx(full, kTileABytes + kTileBBytes);
             }
             // SFA of the tile's rows (clamped into the tensor: rows past the end feed only rows never stored)
+            if constexpr (kClusterN == 1) {
 #pragma unroll
-            for (u32 r = lane; r < kBlockM; r += 32) {
-                const i32 row = min(row0 + static_cast<i32>(r), p.rows - 1);
-                cp_async_4(base + kOffSfa + (stage * kBlockM + r) * 4, sfa + row * p.sfa_sm + kb * p.sfa_sk);
+                for (u32 r = lane; r < kBlockM; r += 32) {
+                    const i32 row = min(row0 + static_cast<i32>(r), p.rows - 1);
+                    cp_async_4(base + kOffSfa + (stage * kBlockM + r) * 4, sfa + row * p.sfa_sm + kb * p.sfa_sk);
+                }
+            } else {
+                // the same, not unrolled: with the cluster state, eight hoisted row addresses (256-row tiles)
+                // would not fit the producer's 40 registers
+#pragma unroll 1
+                for (u32 r = lane; r < kBlockM; r += 32) {
+                    const i32 row = min(row0 + static_cast<i32>(r), p.rows - 1);
+                    cp_async_4(base + kOffSfa + (stage * kBlockM + r) * 4, sfa + row * p.sfa_sm + kb * p.sfa_sk);
+                }
             }
             if (lane < kNumSfb) {
                 const i32 blk = min(col0 / 128 + static_cast<i32>(lane), sfb_rows - 1);
                 cp_async_4(base + kOffSfb + (stage * kSfbStride + lane) * 4, sfb + blk * p.sfb_sn + kb * p.sfb_sk);
             }
             cp_async_arrive_noinc(full);
+            stage = (stage + 1 == kStages) ? 0 : stage + 1;
+            phase ^= (stage == 0);
+        }
+    }
+    if constexpr (kClusterN > 1) {
+        // wait until every stage's last fill was freed by the consumers of both CTAs: after this no
+        // arrival from the partner can still be on its way to this CTA's `empty` barriers
+#pragma unroll 1
+        for (u32 i = 0; i < kStages; ++i) {
+            mbar_wait(base + kOffEmpty + stage * 8, phase ^ 1);
             stage = (stage + 1 == kStages) ? 0 : stage + 1;
             phase ^= (stage == 0);
         }
@@ -277,7 +361,12 @@ __device__ __forceinline__ void consume(const Params& p, u8* smem) {
                     if (w + 1 == kWaves) {
                         // the stage's smem (tiles and scales) is no longer read by this warp
                         __syncwarp();
-                        if (lane == 0) mbar_arrive(base + kOffEmpty + stage * 8);
+                        if constexpr (kClusterN == 1) {
+                            if (lane == 0) mbar_arrive(base + kOffEmpty + stage * 8);
+                        } else if (lane < kClusterN) {
+                            // lane r frees the stage in CTA r: its producer multicasts into this CTA too
+                            mbar_arrive_cluster(map_shared_rank(base + kOffEmpty + stage * 8, lane));
+                        }
                         stage = (stage + 1 == kStages) ? 0 : stage + 1;
                         phase ^= (stage == 0);
                     }
@@ -345,7 +434,13 @@ __device__ __forceinline__ void consume(const Params& p, u8* smem) {
 
 }  // namespace dp
 
-extern "C" __global__ void __launch_bounds__(dp::kThreads, 1)
+#if CLUSTER_N > 1
+#define DP_CLUSTER_DIMS __cluster_dims__(CLUSTER_N, 1, 1)
+#else
+#define DP_CLUSTER_DIMS
+#endif
+
+extern "C" __global__ void __launch_bounds__(dp::kThreads, 1) DP_CLUSTER_DIMS
 sm90_fp8_gemm_kernel(const __grid_constant__ dp::Params params) {
     using namespace dp;
     extern __shared__ u8 smem_raw[];
@@ -365,7 +460,11 @@ sm90_fp8_gemm_kernel(const __grid_constant__ dp::Params params) {
         }
         fence_barrier_init();
     }
-    __syncthreads();
+    if constexpr (kClusterN == 1) {
+        __syncthreads();
+    } else {
+        cluster_sync();  // the partner's barriers are initialised before any multicast or remote arrival
+    }
 
     if (threadIdx.x >= kMathThreads) {
         warpgroup_reg_dealloc<40>();
@@ -374,4 +473,6 @@ sm90_fp8_gemm_kernel(const __grid_constant__ dp::Params params) {
         warpgroup_reg_alloc<kMathWarpgroups == 1 ? 248 : 232>();
         consume(params, smem);
     }
+    // no CTA leaves while its partner may still arrive on its `empty` barriers
+    if constexpr (kClusterN > 1) cluster_sync();
 }
