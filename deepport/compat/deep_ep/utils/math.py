@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from deepport.compat.deep_gemm.testing import count_bytes  # the same helper in both upstreams' tests
 from deepport.kernels import _checks as chk
 from deepport.kernels import fp8_layout
 from deepport.kernels.fp8_layout import align, ceil_div
@@ -113,14 +114,3 @@ def hash_tensors(*tensors: object) -> int:
         elif isinstance(t, torch.Tensor):
             value ^= hash_tensor(t)
     return value
-
-
-def count_bytes(*tensors: object) -> int:
-    """Bytes of every tensor given (tuples and lists are walked; ``None`` counts 0)."""
-    total = 0
-    for t in tensors:
-        if isinstance(t, (tuple, list)):
-            total += count_bytes(*t)
-        elif isinstance(t, torch.Tensor):
-            total += t.numel() * t.element_size()
-    return total
