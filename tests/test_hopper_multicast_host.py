@@ -18,8 +18,9 @@ import torch
 from deepport.backends.hopper import configs
 from deepport.backends.hopper import fp8_gemm as hopper
 from deepport.dispatch.device import DeviceInfo
-from deepport.kernels import fp8_gemm, fp8_grouped_gemm
+from deepport.kernels import fp8_grouped_gemm
 from deepport.kernels.fp8_layout import per_block_cast_to_fp8, per_token_cast_to_fp8
+from tests.test_hopper_host import _dense_call
 
 H200 = DeviceInfo("cuda", 0, "cuda", "nvidia", "NVIDIA H200", (9, 0), 132)
 
@@ -99,17 +100,6 @@ def _force(monkeypatch: pytest.MonkeyPatch, config: configs.GemmConfig) -> None:
 def _on_h200(call: Any) -> Any:
     """The bound grouped call with an H200 (132 SMs) as its device."""
     return dataclasses.replace(call, signature=dataclasses.replace(call.signature, device=H200))
-
-
-def _dense_call(m: int, n: int, k: int) -> tuple[fp8_gemm.FP8GemmCall, torch.Tensor]:
-    a, sfa = per_token_cast_to_fp8(torch.randn(m, k))
-    b, sfb = per_block_cast_to_fp8(torch.randn(n, k))
-    out = torch.empty(m, n, dtype=torch.bfloat16)
-    call = fp8_gemm.bind("nt", (a, sfa), (b, sfb), out)
-    sig = call.signature
-    return fp8_gemm.FP8GemmCall(call.a, call.sfa, call.b, call.sfb, call.c, call.recipe, call.sf_format,
-                                type(sig)(H200, sig.dtype, sig.layout, sig.n, sig.k, sig.recipe, sig.sf_format,
-                                          sig.out_dtype, sig.accumulate)), out
 
 
 @pytest.mark.parametrize(("m", "n", "block_m", "block_n", "grid"), [
