@@ -95,6 +95,7 @@ def layout_sweep(args: argparse.Namespace, modes: tuple[str, ...] = ()) -> None:
     want = moe_layouts.dispatch_expanded_routed(call, TRITON)
     variants = [(f"BLOCK_T {b:5d}", b, fused._ROWS) for b in args.block_t] if not modes else \
         [(f"rows {m:8s}", fused._BLOCK_T, m) for m in modes]
+    defaults = fused._BLOCK_T, fused._ROWS  # restored after the sweep: the next sweep runs at the defaults
     for label, block_t, mode in variants:
         fused._BLOCK_T, fused._ROWS = block_t, mode
         got = fused.dispatch(call)
@@ -117,6 +118,7 @@ def layout_sweep(args: argparse.Namespace, modes: tuple[str, ...] = ()) -> None:
                                                                    "moe_expanded_pad")))
         print(f"{label}: count + layout {layout:.1f} us, rows {moves:.1f} us; " + ", ".join(
             f"{k} {v:.1f} us" for k, v in times.items() if k.startswith("moe_")))
+    fused._BLOCK_T, fused._ROWS = defaults
 
 
 def _check_and_time(launch: Callable[[], None], out: torch.Tensor, want: torch.Tensor, moved: int,
@@ -155,10 +157,10 @@ def rows_sweep(args: argparse.Namespace) -> None:
     for bits in (torch.int16, torch.int32, torch.int64):
         xb = x.view(bits)
         cols = int(xb.shape[1])
-        for block in (1024, 2048, 4096):
-            if block > 4 * cols:
+        for block in (256, 512, 1024, 2048, 4096):
+            if block > 4 * cols or block * xb.element_size() < 1024:
                 continue
-            for warps in (4, 8, 16):
+            for warps in (2, 4, 8):
                 out = torch.full_like(want, float("nan"))
                 ob = out.view(bits)
 

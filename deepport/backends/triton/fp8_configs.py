@@ -83,7 +83,9 @@ _C = GemmConfig
 # 128x128 tiles as two 64-wide halves capped at 128 registers per thread: two 8-warp programs per SM
 _HALVES = _C(128, 128, 8, 3, split_n=2, maxnreg=128)
 # Measured on an H200 (132 SMs, triton 3.6, 2026-12-01; benchmarks/results/2026-12-01-h200-triton-gemm/):
-# the fastest configuration of the sweep per shape, every one checked against float64 first.
+# the fastest configuration of the sweep per shape, every one checked against float64 first; the three
+# tail-split and group_m=16 entries of the large bucket from the second sweep (benchmarks/results/
+# 2026-12-01-h200-tune/: 847 against 764 TFLOP/s at 2112 x 7168, 873 against 786 at 7168 x 16384).
 _H200_DENSE: Mapping[tuple[str, int, int], GemmConfig] = MappingProxyType({
     ("m<=64", 2112, 7168): _C(64, 64, 4, 5, split_k=4),
     ("m<=64", 576, 7168): _C(64, 64, 4, 5, split_k=8),
@@ -101,12 +103,12 @@ _H200_DENSE: Mapping[tuple[str, int, int], GemmConfig] = MappingProxyType({
     ("m<=128", 7168, 2048): _C(64, 64, 4, 5),
     ("m<=1024", 4096, 7168): _HALVES,
     ("m<=1024", 7168, 2048): _HALVES,
-    ("large", 2112, 7168): _C(128, 128, 8, 4),
+    ("large", 2112, 7168): _C(128, 128, 8, 4, tail_split=8),
     ("large", 576, 7168): _C(64, 128, 4, 3, tma=False),
     ("large", 24576, 1536): _HALVES,
     ("large", 32768, 512): _C(64, 128, 4, 3),
-    ("large", 7168, 16384): _HALVES,
-    ("large", 4096, 7168): _HALVES,
+    ("large", 7168, 16384): _C(128, 128, 8, 4, tail_split=5),
+    ("large", 4096, 7168): replace(_HALVES, group_m=16),
     ("large", 7168, 2048): _HALVES,
 })
 # M-grouped: the fastest checked candidate summed over the grouped bench shapes sharing a key (H200, triton 3.6,

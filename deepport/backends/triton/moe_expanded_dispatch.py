@@ -49,14 +49,14 @@ from deepport.backends.triton.moe_expanded_dispatch_kernels import (
     moe_expanded_rows_kernel,
     moe_expanded_scatter_kernel,
 )
-from deepport.backends.triton.moe_permute import _BITS, _block, _guard
+from deepport.backends.triton.moe_permute import _BITS, _guard, move_block
 from deepport.kernels.moe_args import FP8_BLOCK, MoEInput, align_up
 from deepport.kernels.moe_dispatch_expanded import MoEExpandedDispatchCall, MoEExpandedDispatchResult
 from deepport.kernels.moe_handle import MoEExpandedHandle, MoEHandle
 
 __all__ = ["dispatch"]
 
-_BLOCK_T = 64  # tokens per block of the count and layout kernels (one program per block); the tunable
+_BLOCK_T = 16  # tokens per block of the count and layout kernels (one program per block); the tunable
 _TILE = 4096  # elements of a [BLOCK_T, BLOCK_E] tile of tokens x experts (and of a [BLOCK_B, BLOCK_E] one)
 # How the payload rows move: "gather" (one program per expanded row reads its token's row: x read once per
 # (token, expert), measured on the H200) or "scatter" (one program per token reads its row once and writes
@@ -132,7 +132,7 @@ def dispatch(call: MoEExpandedDispatchCall) -> MoEExpandedDispatchResult:
             if recv_s is not None and call.scales is not None:
                 s_bits, out_s = call.scales.view(torch.int32), recv_s.view(torch.int32)
             cols = int(x_bits.shape[1])
-            block = _block(cols)
+            block = move_block(cols, x_bits.element_size())
             has_s, block_s = recv_s is not None, _pow2(scale_cols, 16)
             if not scatter:
                 moe_expanded_rows_kernel[(m, -(-cols // block))](

@@ -54,6 +54,25 @@ def _block(num_cols: int) -> int:
     return min(_ROW_BLOCK, max(16, 1 << max(num_cols - 1, 0).bit_length()))
 
 
+# Measured on the H200 (scripts/gpu_moe_trace.py --rows --combine, 2026-12-01; benchmarks/results/
+# 2026-12-01-h200-moe-tune/): the row kernels are fastest with small programs. Moving rows: 2 KB per 4-warp
+# program (234 us against 282 us at 16 KB for 4096 x 8 bf16 rows of 7168), whatever the element width. The
+# weighted sum: 4 KB of y per program at 16 bytes per thread (131.5 us against 150 us at 8 KB, 4 warps).
+_MOVE_BYTES = 2048
+_SUM_BYTES = 4096
+
+
+def block_for_bytes(num_cols: int, element_size: int, nbytes: int) -> int:
+    """Columns per program so that one program handles about ``nbytes`` of a row (a power of two, 16 or more,
+    at most the row rounded up to a power of two)."""
+    return min(_block(num_cols), max(16, nbytes // element_size))
+
+
+def move_block(num_cols: int, element_size: int) -> int:
+    """Columns per program of the kernels that copy rows (:data:`_MOVE_BYTES` per program, 4 warps)."""
+    return block_for_bytes(num_cols, element_size, _MOVE_BYTES)
+
+
 def place_rows(src: torch.Tensor, dst: torch.Tensor, index: torch.Tensor, zero_missing: bool) -> None:
     """``dst[g, i] = src[index[g, i]]`` bit for bit (see :mod:`deepport.backends.torch.moe_local`)."""
     groups, rows, cols = (int(d) for d in dst.shape)
@@ -99,11 +118,12 @@ def _weighted_rows(y: torch.Tensor, src_pos: torch.Tensor, dst_row: torch.Tensor
     per_row = torch.zeros(num_rows, dtype=torch.int64, device=y.device)  # bincount would read max() on the host
     seg[1:] = per_row.scatter_add_(0, dst_row.to(torch.int64), torch.ones_like(dst_row, dtype=torch.int64)).cumsum(0)
     y = y.contiguous()
-    block = _block(cols)
+    block = block_for_bytes(cols, y.element_size(), _SUM_BYTES)
+    warps = max(1, min(16, block * y.element_size() // 512))  # 16 bytes of y per thread
     with _guard(y.device):
         moe_weighted_rows_kernel[(num_rows, -(-cols // block))](
             y, src_pos[order].to(torch.int64).contiguous(), weights[order].to(torch.float32).contiguous(), seg, out,
-            cols, y.stride(0), BLOCK_C=block, PREFETCH=_PREFETCH)
+            cols, y.stride(0), BLOCK_C=block, PREFETCH=_PREFETCH, num_warps=warps)
 
 
 def cast_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
