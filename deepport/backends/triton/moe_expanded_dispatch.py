@@ -49,7 +49,7 @@ from deepport.backends.triton.moe_expanded_dispatch_kernels import (
     moe_expanded_rows_kernel,
     moe_expanded_scatter_kernel,
 )
-from deepport.backends.triton.moe_permute import _BITS, _guard, move_block
+from deepport.backends.triton.moe_permute import _BITS, MOVE_WARPS, _guard, move_block
 from deepport.kernels.moe_args import FP8_BLOCK, MoEInput, align_up
 from deepport.kernels.moe_dispatch_expanded import MoEExpandedDispatchCall, MoEExpandedDispatchResult
 from deepport.kernels.moe_handle import MoEExpandedHandle, MoEHandle
@@ -137,7 +137,8 @@ def dispatch(call: MoEExpandedDispatchCall) -> MoEExpandedDispatchResult:
             if not scatter:
                 moe_expanded_rows_kernel[(m, -(-cols // block))](
                     x_bits, token_of, out_bits, cols, x_bits.stride(0), s_bits, out_s, scale_cols,
-                    s_bits.stride(0), s_bits.stride(1), HAS_SCALES=has_s, BLOCK_C=block, BLOCK_S=block_s)
+                    s_bits.stride(0), s_bits.stride(1), HAS_SCALES=has_s, BLOCK_C=block, BLOCK_S=block_s,
+                    num_warps=MOVE_WARPS)
             else:
                 moe_expanded_scatter_kernel[(tokens, -(-cols // block))](
                     x_bits, dest, out_bits, cols, x_bits.stride(0), topk, s_bits, out_s, scale_cols,

@@ -55,10 +55,12 @@ def _block(num_cols: int) -> int:
 
 
 # Measured on the H200 (scripts/gpu_moe_trace.py --rows --combine, 2026-12-01; benchmarks/results/
-# 2026-12-01-h200-moe-tune/): the row kernels are fastest with small programs. Moving rows: 2 KB per 4-warp
-# program (234 us against 282 us at 16 KB for 4096 x 8 bf16 rows of 7168), whatever the element width. The
-# weighted sum: 4 KB of y per program at 16 bytes per thread (131.5 us against 150 us at 8 KB, 4 warps).
+# 2026-12-01-h200-tune/): the row kernels are fastest with small programs. Moving rows: 2 KB per 2-warp
+# program (223 us against 282 us at 16 KB and 4 warps for 4096 x 8 bf16 rows of 7168), whatever the element
+# width. The weighted sum: 4 KB of y per program at 16 bytes per thread (131.5 us against 150 us at 8 KB,
+# 4 warps).
 _MOVE_BYTES = 2048
+MOVE_WARPS = 2
 _SUM_BYTES = 4096
 
 
@@ -69,7 +71,8 @@ def block_for_bytes(num_cols: int, element_size: int, nbytes: int) -> int:
 
 
 def move_block(num_cols: int, element_size: int) -> int:
-    """Columns per program of the kernels that copy rows (:data:`_MOVE_BYTES` per program, 4 warps)."""
+    """Columns per program of the kernels that copy rows (:data:`_MOVE_BYTES` per program, launched with
+    :data:`MOVE_WARPS` warps)."""
     return block_for_bytes(num_cols, element_size, _MOVE_BYTES)
 
 
@@ -81,12 +84,12 @@ def place_rows(src: torch.Tensor, dst: torch.Tensor, index: torch.Tensor, zero_m
     bits = _BITS[src.element_size()]
     src_bits, dst_bits = src.contiguous().view(bits), dst.view(bits)
     idx = index.to(torch.int64).contiguous()
-    block = _block(cols)
+    block = move_block(cols, src_bits.element_size())
     with _guard(dst.device):
         moe_place_rows_kernel[(groups * rows, -(-cols // block))](
             src_bits, idx, dst_bits, rows, cols, src_bits.stride(0),
             dst_bits.stride(0), dst_bits.stride(1), dst_bits.stride(2),
-            ZERO_MISSING=zero_missing, BLOCK_C=block)
+            ZERO_MISSING=zero_missing, BLOCK_C=block, num_warps=MOVE_WARPS)
 
 
 def weighted_rows(y: torch.Tensor, src_pos: torch.Tensor, dst_row: torch.Tensor, weights: torch.Tensor,
