@@ -1,10 +1,11 @@
-"""Two processes on ONE GPU exchange bytes through the hopper peer transport (symmetric memory + flag kernel).
+"""Two processes on ONE GPU exchange bytes through the hopper peer transport (CUDA IPC mapping + flag kernel).
 
-What a single-GPU machine can check of the NVLink path before two GPUs are lent: the symmetric-memory
-mapping between processes, the flag kernel's signal / wait / acknowledgement protocol over many chunks,
-graph replays advancing the device-side counters, and the timeout record. The group is gloo (NCCL refuses
-two ranks on one device); only the transport runs, not the MoE ops (which want NCCL for CUDA tensors).
-The two processes' kernels are time-sliced on the GPU, so this says nothing about speed.
+What a single-GPU machine can check of the NVLink path before two GPUs are lent: the flag kernel's
+signal / wait / acknowledgement protocol over many chunks, graph replays advancing the device-side
+counters, and the timeout record, over buffers mapped between the processes by CUDA IPC (torch 2.11's
+symmetric memory refuses two ranks on one device, so the symmetric mapping itself needs two GPUs). The
+group is gloo (NCCL refuses two ranks on one device); only the transport runs, not the MoE ops (which
+want NCCL for CUDA tensors). The two processes' kernels are time-sliced on the GPU, so this says nothing about speed.
 
 ``python -m tests.peer_cuda_one_gpu`` prints one line per check and exits non-zero on a failure;
 tests/test_hopper_peer_transport.py runs it under the ``gpu`` marker.
@@ -46,7 +47,8 @@ def _worker(rank: int, world: int, init: str, results: Any) -> None:
         dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world, timeout=timedelta(seconds=120))
         device = torch.device("cuda", 0)
         torch.cuda.set_device(device)
-        memory = CudaPeerMemory(dist.group.WORLD, device, capacity=4096, timeout_s=30.0)
+        # torch's symmetric memory refuses two ranks on one device: map the buffers through CUDA IPC instead
+        memory = CudaPeerMemory(dist.group.WORLD, device, capacity=4096, timeout_s=30.0, mapping="ipc")
         transport = PeerTransport(memory)
         # 1. variable sizes, several chunks, an empty message, several calls on one memory
         cases = [[[100, 5000], [9000, 0]], [[0, 0], [0, 0]], [[4096, 4097], [1, 12288]]]

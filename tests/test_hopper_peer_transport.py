@@ -128,6 +128,14 @@ def test_multicast_stays_off(monkeypatch: pytest.MonkeyPatch) -> None:
         peer_memory_cuda.forbid_multicast()
 
 
+def test_peer_memory_refuses_an_unknown_mapping_and_a_bad_capacity_before_any_collective() -> None:
+    device = torch.device("cuda", 0)
+    with pytest.raises(ValueError, match=r"mapping must be one of \('symmetric', 'ipc'\), got 'nvshmem'"):
+        peer_memory_cuda.CudaPeerMemory(None, device, 4096, 1.0, mapping="nvshmem")
+    with pytest.raises(ValueError, match="positive multiple of 16 bytes, got 100"):
+        peer_memory_cuda.CudaPeerMemory(None, device, 100, 1.0, mapping="ipc")
+
+
 def test_flag_kernel_compiles_for_sm90a_with_system_scope_release_and_acquire(tmp_path: Path) -> None:
     pytest.importorskip("cuda.bindings.nvrtc")
     from deepport.backends.hopper import nvrtc

@@ -13,6 +13,10 @@ buffer, :func:`forbid_multicast` sets ``TORCH_SYMM_MEM_DISABLE_MULTICAST=1``, ``
 ``NVSHMEM_DISABLE_NVLS=1`` where unset and refuses to go on when one is set otherwise; nothing here
 creates a multicast object or issues a multimem instruction.
 
+``mapping="ipc"`` maps the peers' buffers through CUDA IPC handles exchanged over the group instead
+(``torch.multiprocessing``'s tensor sharing): the same bytes and flags, for ranks that symmetric memory
+refuses (two processes on one GPU: the one-GPU check of this protocol, ``tests/peer_cuda_one_gpu.py``).
+
 A wait that times out (a peer stalled, died or never called the op) records the stall in host-mapped
 memory and traps; :meth:`CudaPeerMemory.raise_if_failed` (called at each op's start and where a caller
 syncs) turns the record into :class:`~deepport.backends.torch.moe_comm.MoECommTimeout`. The CUDA context
@@ -58,6 +62,42 @@ def pack_params(ops: Sequence[tuple[int, int]], error: int, timeout_ns: int, mod
     return body + _TAIL.pack(error, timeout_ns, len(ops), mode)
 
 
+MAPPINGS = ("symmetric", "ipc")
+
+
+def _map_symmetric(group: Any, device: torch.device, nbytes: int, header: int) -> tuple[torch.Tensor,
+                                                                                       list[torch.Tensor]]:
+    """This rank's symmetric buffer (flags zeroed) and every rank's, mapped here (collective)."""
+    import torch.distributed as dist
+    from torch.distributed import _symmetric_memory as symm_mem
+
+    buffer = symm_mem.empty(nbytes, dtype=torch.uint8, device=device)
+    buffer[:header].zero_()
+    with warnings.catch_warnings():  # needed before torch 2.8, deprecated (and a no-op) since
+        warnings.simplefilter("ignore", FutureWarning)
+        symm_mem.enable_symm_mem_for_group(group.group_name)
+    handle = symm_mem.rendezvous(buffer, group.group_name)
+    rank = dist.get_rank(group)
+    areas = [buffer if r == rank else handle.get_buffer(r, (nbytes,), torch.uint8)
+             for r in range(dist.get_world_size(group))]
+    return buffer, areas
+
+
+def _map_ipc(group: Any, device: torch.device, nbytes: int, header: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """This rank's buffer (flags zeroed) and every rank's, opened here from CUDA IPC handles gathered over
+    ``group`` (collective; any backend that gathers objects, gloo included)."""
+    import torch.distributed as dist
+    from torch.multiprocessing.reductions import reduce_tensor
+
+    buffer = torch.zeros(nbytes, dtype=torch.uint8, device=device)
+    torch.cuda.synchronize(device)  # zeroed before a peer can map it
+    shared: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(shared, reduce_tensor(buffer), group=group)  # type: ignore[no-untyped-call]
+    rank = dist.get_rank(group)
+    areas = [buffer if r == rank else rebuild(*args) for r, (rebuild, args) in enumerate(shared)]
+    return buffer, areas
+
+
 def _flag_function(device_index: int) -> Any:
     from deepport.backends.hopper import jit, launch
     from deepport.backends.hopper.sources import KernelSource, package_file
@@ -69,15 +109,18 @@ def _flag_function(device_index: int) -> Any:
 
 class CudaPeerMemory:
     """:class:`~deepport.backends.hopper.peer_transport.PeerMemory` over symmetric memory (collective:
-    every rank of ``group`` constructs it together, each on its own GPU)."""
+    every rank of ``group`` constructs it together, each on its own GPU), or with ``mapping="ipc"`` over
+    CUDA IPC handles (ranks may share a GPU)."""
 
-    def __init__(self, group: Any, device: torch.device, capacity: int, timeout_s: float) -> None:
+    def __init__(self, group: Any, device: torch.device, capacity: int, timeout_s: float,
+                 mapping: str = "symmetric") -> None:
         import torch.distributed as dist
-        from torch.distributed import _symmetric_memory as symm_mem
 
         forbid_multicast()
         if capacity <= 0 or capacity % 16:
             raise ValueError(f"capacity must be a positive multiple of 16 bytes, got {capacity}")
+        if mapping not in MAPPINGS:
+            raise ValueError(f"mapping must be one of {MAPPINGS}, got {mapping!r}")
         self.device = device
         self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
         if self.world_size - 1 > MAX_OPS:
@@ -86,14 +129,8 @@ class CudaPeerMemory:
         w = self.world_size
         self.header = -(-2 * w * 8 // HEADER_ALIGN) * HEADER_ALIGN
         nbytes = self.header + w * self.capacity
-        self.buffer = symm_mem.empty(nbytes, dtype=torch.uint8, device=device)
-        self.buffer[: self.header].zero_()
-        with warnings.catch_warnings():  # needed before torch 2.8, deprecated (and a no-op) since
-            warnings.simplefilter("ignore", FutureWarning)
-            symm_mem.enable_symm_mem_for_group(group.group_name)
-        self.handle = symm_mem.rendezvous(self.buffer, group.group_name)
-        self.areas = [self.buffer if r == self.rank else self.handle.get_buffer(r, (nbytes,), torch.uint8)
-                      for r in range(w)]
+        self.buffer, self.areas = (_map_symmetric if mapping == "symmetric" else _map_ipc)(group, device, nbytes,
+                                                                                       self.header)
         self.flag_base = [int(a.data_ptr()) for a in self.areas]
         # chunks sent to / received from / acknowledged to each peer: device counters (graph replays advance them)
         self.counters = torch.zeros((3, w), dtype=torch.int64, device=device)
