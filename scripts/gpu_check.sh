@@ -40,7 +40,7 @@
 #   bash scripts/gpu_check.sh selection    automatic choice on real inputs vs the shipped performance table
 #                                          (scripts/gpu_selection.py) + the automatic-choice GPU tests
 #   bash scripts/gpu_check.sh peer-1gpu    the hopper NVLink transport's protocol with 2 processes on ONE GPU
-#                                          (symmetric memory, flag kernel, chunks, graph replays, the stall record):
+#                                          (CUDA IPC mapping, flag kernel, chunks, graph replays, the stall record):
 #                                          what one GPU can check of issue 14's hopper path (tests/peer_cuda_one_gpu.py)
 set -uo pipefail
 stage="${1:-mla}"
