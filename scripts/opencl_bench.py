@@ -133,8 +133,9 @@ def mla_variants(rt: Runtime, d_qk: int, d_v: int, rows: int) -> list[tuple[str,
     chosen = ocl_mla.choose_config(rt.limits, d_qk, d_v, rows)
     chosen_name = _staged_name(chosen) if isinstance(chosen, ocl_mla.StagedConfig) else \
         f"rowwise {chosen.rows}x{chosen.tokens} tile"
+    per_unit = ocl_mla.plan_parts(rt.limits) // units  # the backend's own plan
     variants: list[tuple[str, ocl_mla.Config, int]] = [
-        (f"chosen: {chosen_name}, 4 parts/CU", chosen, 4 * units),
+        (f"chosen: {chosen_name}, {per_unit} parts/CU", chosen, per_unit * units),
         ("rowwise 16x128 tile, 4 parts/CU", ocl_mla.MLAConfig(16, 128), 4 * units),
         ("rowwise 16x64 tile, 4 parts/CU", ocl_mla.MLAConfig(16, 64), 4 * units),
         ("rowwise 16x128 tile, 2 parts/CU", ocl_mla.MLAConfig(16, 128), 2 * units),
@@ -151,7 +152,7 @@ def mla_variants(rt: Runtime, d_qk: int, d_v: int, rows: int) -> list[tuple[str,
         if cfg != chosen and fits:
             variants.append((f"{_staged_name(cfg)}, 4 parts/CU", cfg, 4 * units))
     if isinstance(chosen, ocl_mla.StagedConfig):
-        variants += [(f"chosen, {n} parts/CU", chosen, n * units) for n in (2, 8)]
+        variants += [(f"chosen, {n} parts/CU", chosen, n * units) for n in (2, 4, 8) if n != per_unit]
     return variants
 
 

@@ -115,7 +115,7 @@ def test_a_gpu_with_local_memory_gets_the_staged_kernel_within_its_envelope() ->
     assert (memory_bound.kernel, memory_bound.tokens, memory_bound.dims_per_lane(512)) == \
         ("mla_decode_split_staged", 256, 4)
     compute_bound = mla_decode.choose_config(gpu, 576, 512, 128)  # h_q 128
-    assert compute_bound == mla_decode.StagedConfig(32, 256, rows_per_thread=16)
+    assert compute_bound == mla_decode.StagedConfig(16, 128)
     assert mla_decode.choose_config(gpu, 576, 512, 3) == mla_decode.StagedConfig(8, 128)
     for cfg in (memory_bound, compute_bound):
         assert cfg.well_formed() and cfg.local_bytes(576) <= 48 * 1024 and cfg.threads <= 1024

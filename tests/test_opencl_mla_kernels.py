@@ -20,7 +20,7 @@ if runtime.unavailable_reason() is not None:
     pytest.skip(f"OpenCL backend unavailable: {runtime.unavailable_reason()}", allow_module_level=True)
 
 STAGED_16 = mla_decode.StagedConfig(16, 256)  # what a 48 KiB GPU gets at h_q 16
-STAGED_32 = mla_decode.StagedConfig(32, 256, rows_per_thread=16)  # ... and at h_q 128
+STAGED_32 = mla_decode.StagedConfig(32, 256, rows_per_thread=16)  # the 32-row tile (second choice at h_q 128)
 STAGED_ODD = mla_decode.StagedConfig(8, 32, chunk=16, rows_per_thread=4, tokens_per_thread=3, pv_rows=4)
 ROWWISE = mla_decode.MLAConfig(16, 128)  # what it got before the staged kernel (and CPUs still get)
 

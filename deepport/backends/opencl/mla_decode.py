@@ -37,7 +37,9 @@ from deepport.kernels.mla_decode import MLADecodeCall
 SOURCE = "mla_decode.cl"
 _ROWS_PER_THREAD = 8
 _TOKENS_PER_THREAD = 2
-_GPU_PARTS_PER_UNIT = 4  # work-groups in flight per compute unit the plan aims for on a GPU
+# work-groups in flight per compute unit the plan aims for on a GPU: 2 measured fastest on an H200 through
+# NVIDIA's OpenCL (972 against 1025 us at 4 and 1122 us at 8, b=128 h_q=16 s_k=4096; 2026-12-01)
+_GPU_PARTS_PER_UNIT = 2
 
 
 @dataclass(frozen=True)
@@ -137,15 +139,17 @@ def choose_rowwise_config(limits: DeviceLimits, d_qk: int) -> MLAConfig:
 
 def staged_candidates(rows: int) -> list[StagedConfig]:
     """Staged tiles in order of preference for a call with ``rows`` query rows per KV head (``s_q * h_q /
-    h_kv``): 8, 16 or 32 rows per work-group (the fewest that hold them, at most 32), 256-token tiles first
-    (128 work-items at 8 rows, 256 at 16 and 32), then smaller ones for devices with less local memory or
-    smaller work-groups."""
+    h_kv``): 8 or 16 rows per work-group for up to 8 or 16 rows, 256-token tiles first (128 work-items at 8
+    rows, 256 at 16), then smaller ones for devices with less local memory or smaller work-groups. More rows
+    (compute-bound): 16 rows x 128 work-items first, which measured fastest at h_q = 128 on an H200 through
+    NVIDIA's OpenCL (6924 us, against 7450 us for 16 x 256 and 7936 us for 32 x 256 at 16 rows per
+    work-item; b=128 s_k=4096, 2026-12-01), then the 32-row tiles."""
     if rows <= 8:
         return [StagedConfig(8, 128), StagedConfig(8, 64), StagedConfig(8, 64, chunk=16)]
     if rows <= 16:
         return [StagedConfig(16, 256), StagedConfig(16, 128), StagedConfig(16, 128, chunk=16)]
-    return [StagedConfig(32, 256, rows_per_thread=16), StagedConfig(32, 256),
-            StagedConfig(16, 256), StagedConfig(16, 128)]
+    return [StagedConfig(16, 128), StagedConfig(32, 256, rows_per_thread=16), StagedConfig(32, 256),
+            StagedConfig(16, 256), StagedConfig(16, 128, chunk=16)]
 
 
 def choose_config(limits: DeviceLimits, d_qk: int, d_v: int, rows: int) -> Config:
