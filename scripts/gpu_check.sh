@@ -33,6 +33,8 @@
 #
 #   bash scripts/gpu_check.sh hopper-mla   scripts/gpu_hopper_mla.py: probe (own deadline: a hung kernel ends
 #                                          only this step), then smoke certify and the MLA bench
+#   bash scripts/gpu_check.sh profile      ncu (speed of light, pipes, stall reasons) of each shape that misses a
+#                                          target: triton MLA compute-bound and FP8 M=4096, hopper FP8 dense and grouped
 #   bash scripts/gpu_check.sh bench        deepport bench (MoE configs need 2 GPUs)
 #   bash scripts/gpu_check.sh tune         sweeps of code not yet measured on a GPU (fused MoE dispatch and
 #                                          combine kernels, triton FP8 tail split), with their GPU tests
@@ -161,6 +163,26 @@ case "$stage" in
           ${backend:+--backend $backend} 2>&1 | tail -n 25
       done; } > "$OUT/ecosystem.txt" 2>&1
     cat "$OUT/ecosystem.txt" ;;
+  profile)  # ncu of the shapes that miss a target (issues 10 and 11): what limits each kernel (stall reasons
+             # included); one launch each after a warm-up call, the bench config's own inputs (scripts/profile_call.py)
+    environment
+    while read -r backend op config regex skip; do  # skip: launches of the kernel before the one profiled
+      echo "== ncu $backend $op $config"
+      timeout 100 ncu --kernel-name "regex:$regex" --launch-skip "$skip" --launch-count 1 --section SpeedOfLight \
+        --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section Occupancy \
+        --section WarpStateStats --section SchedulerStats --section LaunchStats \
+        python3 scripts/profile_call.py --op "$op" --config "$config" --backend "$backend" --calls 1 2>&1 \
+        | grep -v "^==PROF==" | tail -n 120
+    done > "$OUT/ncu_profile.txt" 2>&1 <<'SHAPES'
+triton mla_decode b128_sq1_hq128_sk4096 mla_decode_split 1
+triton fp8_gemm_nt m4096_n576_k7168 fp8_gemm_nt_kernel 1
+triton fp8_gemm_nt m4096_n7168_k16384 fp8_gemm_nt_kernel 1
+hopper fp8_gemm_nt m4096_n7168_k16384 sm90_fp8_gemm 1
+hopper m_grouped_fp8_gemm_nt_contiguous g4_m8192_n4096_k7168 sm90_fp8_gemm 1
+hopper m_grouped_fp8_gemm_nt_masked g4_m256_n7168_k2048 sm90_fp8_gemm 1
+SHAPES
+    grep -E "^== |Duration|Throughput|Pipe Utilization|Issue Slots|Stall|Registers|Achieved Occupancy|Theoretical Occupancy" \
+      "$OUT/ncu_profile.txt" | head -n 150 ;;
   profile-mla)  # ncu speed-of-light of the hopper MLA kernel, compute- and memory-bound shapes
     for shape in compute memory; do
       echo "== ncu $shape"
@@ -213,5 +235,5 @@ case "$stage" in
     python3 -m deepport bench --device cuda --out "$OUT/bench" 2>&1 | tail -n 80
     cp "$OUT/bench/bench.json" "$OUT/bench.json" 2>/dev/null; cp "$OUT/bench/bench.png" "$OUT/bench.png" 2>/dev/null
     rm -rf "$OUT/bench" ;;
-  *) echo "unknown stage $stage (mla, fp8, moe-tests, cert-a, cert-b, part NAME, merge, parts-start, parts-collect, cpu-cert-start, cpu-cert-collect, hopper-mla, ecosystem, profile-mla, bench, tune, backends, selection, peer-1gpu)"; exit 2 ;;
+  *) echo "unknown stage $stage (mla, fp8, moe-tests, cert-a, cert-b, part NAME, merge, parts-start, parts-collect, cpu-cert-start, cpu-cert-collect, hopper-mla, ecosystem, profile, profile-mla, bench, tune, backends, selection, peer-1gpu)"; exit 2 ;;
 esac
