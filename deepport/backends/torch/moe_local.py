@@ -15,6 +15,11 @@ backends' kernels) and reuses everything else.
   straight into ``out`` (bf16 ``[num_rows, C]``, contiguous), each float32 sum rounded once to bf16
   (round to nearest even); the same bits as ``out.copy_(weighted_rows(...))`` but for NaN payloads,
   without the float32 rows in memory. Without it the one-process expanded combine does exactly that copy.
+- ``token_rows_into(y, table, weights, out)`` (optional): bf16 ``out [T, C]`` (contiguous), row ``t`` the
+  float32 sum in column order of ``weights[t, j] * y[table[t, j]]`` over ``table[t, j] >= 0`` (``table``
+  int64 ``[T, K]``, ``weights`` float32 ``[T, K]``), rounded once: ``weighted_rows_into`` for sums whose
+  terms the caller already holds per destination row, in order (the one-process combines), so no sort by
+  destination is needed. The same bits as ``weighted_rows_into`` over the same terms in the same order.
 - ``cast_fp8(x)``: bf16 ``[T, H]`` -> (e4m3 ``[T, H]``, float32 scales ``[T, H / 128]``), DeepEP's rule
   bit for bit (the op's docstring): per 128 channels ``amax = max(|x|, float32(1e-4))``, ``scale =
   float32(amax * float32(1/448))``, ``fp8 = e4m3(float32(x * float32(448 / amax)))``.
@@ -69,6 +74,7 @@ class LocalSteps:
     weighted_rows_into: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
                                  None] | None = None
     dispatch_expanded_one_process: Callable[[MoEExpandedDispatchCall], MoEExpandedDispatchResult] | None = None
+    token_rows_into: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
 
 
 def _flat(dst: torch.Tensor) -> torch.Tensor | None:

@@ -108,6 +108,10 @@ def combine(call: MoELowLatencyCombineCall, local: LocalSteps) -> torch.Tensor:
     routed = idx >= 0
     expert = idx.clamp(min=0)
     src_pos = expert * capacity + position[torch.arange(t, device=y.device)[:, None], expert]  # [T, k]
+    if local.token_rows_into is not None:  # the terms per token in slot order already: no sort by token
+        local.token_rows_into(y.reshape(experts * capacity, hidden), torch.where(routed, src_pos, -1),
+                              call.topk_weights, out)
+        return out
     dst_row = torch.where(routed, torch.arange(t, device=y.device)[:, None], t)
     total = local.weighted_rows(y.reshape(experts * capacity, hidden), src_pos.reshape(-1), dst_row.reshape(-1),
                                 call.topk_weights.reshape(-1), t + 1)

@@ -15,7 +15,9 @@ included:
   received rows are the tokens selecting any expert, in token order; ``recv_topk_idx`` is their
   ``topk_idx`` (local ids are global ids on one rank).
 - **combine**: no host read. One ``weighted_rows`` step (``weighted_rows_into`` where the backend has
-  it: the triton kernel rounds to bf16 as it stores) sums, per token, ``recv_weights[row] * y[row]``
+  it: the triton kernel rounds to bf16 as it stores; ``token_rows_into`` where it has that, over each
+  token's rows listed in order by :func:`rows_per_token`, so nothing sorts by token) sums, per token,
+  ``recv_weights[row] * y[row]``
   over the token's expanded rows in ascending row order (expert order) in float32, rounded once to
   bf16: the general route sums the same terms in the same order per received row and then adds that one
   partial to zero per token (which changes no bits), so the result is the same. Works for any one-rank
@@ -36,7 +38,7 @@ from deepport.kernels.moe_combine_expanded import MoEExpandedCombineCall
 from deepport.kernels.moe_dispatch_expanded import MoEExpandedDispatchCall, MoEExpandedDispatchResult
 from deepport.kernels.moe_handle import MoEExpandedHandle, MoEHandle
 
-__all__ = ["combine", "dispatch"]
+__all__ = ["combine", "dispatch", "rows_per_token"]
 
 
 def _scattered(rows: torch.Tensor, values: torch.Tensor, size: int, fill: float) -> torch.Tensor:
@@ -98,6 +100,29 @@ def dispatch(call: MoEExpandedDispatchCall, local: LocalSteps) -> MoEExpandedDis
     return MoEExpandedDispatchResult(x_out, m_indices, recv_w, aligned, handle)
 
 
+def rows_per_token(h: MoEExpandedHandle, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's expanded rows in ascending order (int64 ``[T, K]``, ``-1`` first where a token has fewer
+    than ``K``) and their weights (float32 ``[T, K]``, anything where the row is ``-1``): the terms of the
+    combine per token, in the order it sums them. A one-rank handle with at least one expanded row.
+
+    A row's place in its token's ``K`` entries is the first top-k slot naming the row's expert (unique:
+    an expert has one row per token, a slot naming it twice shares that row); sorting the entries then
+    puts them in row order, which is expert order."""
+    routes = h.routes
+    k = int(routes.recv_topk_idx.shape[1])
+    src = h.expanded_src_row
+    dev = src.device
+    received = src.clamp(min=0)
+    token = routes.recv_src_idx[received].to(torch.int64)
+    expert = h.m_indices.to(torch.int64)[:, None]
+    slot = (routes.recv_topk_idx[received].to(torch.int64) == expert).to(torch.int8).argmax(1)
+    flat = torch.full((tokens * k + 1,), -1, dtype=torch.int64, device=dev)  # + a sink for the padding rows
+    flat.index_put_((torch.where(src >= 0, token * k + slot, tokens * k),),
+                    torch.arange(int(src.shape[0]), device=dev))
+    rows = flat[: tokens * k].view(tokens, k).sort(dim=1).values
+    return rows, h.weights[rows.clamp(min=0)]
+
+
 def combine(call: MoEExpandedCombineCall, local: LocalSteps) -> torch.Tensor:
     """The one-process expanded combine (module docstring): bf16 ``[num_tokens, hidden]``, ``out[t]`` the
     float32 sum over the token's expanded rows, in row order, of ``weights[row] * y[row]``, rounded once."""
@@ -107,6 +132,13 @@ def combine(call: MoEExpandedCombineCall, local: LocalSteps) -> torch.Tensor:
     rows = compact(h.m_indices >= 0, sum(routes.num_recv_tokens_per_expert))  # expanded rows, padding left out
     token = routes.recv_src_idx[h.expanded_src_row[rows]]
     out = call.alloc((tokens, hidden), torch.bfloat16)
+    if local.token_rows_into is not None and tokens:  # the terms per token, in order: no sort by token
+        if int(h.expanded_src_row.shape[0]) == 0:
+            out.zero_()
+        else:
+            table, weights = rows_per_token(h, tokens)
+            local.token_rows_into(y, table, weights, out)
+        return out
     if local.weighted_rows_into is not None:  # rounded by the step itself: no float32 rows in memory
         local.weighted_rows_into(y, rows, token, h.weights[rows], out)
     else:

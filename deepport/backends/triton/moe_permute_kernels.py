@@ -90,6 +90,25 @@ def moe_weighted_rows_kernel(y_ptr, src_pos_ptr, weight_ptr, seg_ptr, out_ptr, n
 
 
 @triton.jit
+def moe_token_rows_kernel(y_ptr, table_ptr, weight_ptr, out_ptr, num_cols, stride_y, K: tl.constexpr,
+                          BLOCK_C: tl.constexpr):
+    """Grid ``(T, ceil(C / BLOCK_C))``: ``out[t] = sum_j weight[t, j] * y[table[t, j]]`` in float32 over the
+    ``K`` entries of row ``t`` of ``table`` in column order, skipping ``-1``; the same multiply-add as
+    :func:`moe_weighted_rows_kernel` (so the same bits for the same terms in the same order), without the
+    sort by destination that kernel's segments need."""
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ok = cols < num_cols
+    acc = tl.zeros([BLOCK_C], tl.float32)
+    for j in tl.static_range(K):
+        row = tl.load(table_ptr + t * K + j)
+        w = tl.load(weight_ptr + t * K + j)
+        if row >= 0:
+            acc += tl.load(y_ptr + row * stride_y + cols, mask=ok, other=0.0).to(tl.float32) * w
+    tl.store(out_ptr + t * num_cols + cols, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
 def moe_cast_fp8_kernel(x_ptr, q_ptr, scale_ptr, hidden, fp8_max, fp8_max_inv, amax_floor,
                         STORE_FP32: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
