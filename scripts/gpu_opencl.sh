@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The OpenCL backend on an NVIDIA GPU through NVIDIA's OpenCL driver (the H200 device machine), in one
 # device call of at most ~9 minutes. Run from the repository root:
-#   WHL=<folder of wheels> [BENCH_ARGS=--mla-only] bash scripts/gpu_opencl.sh [all|bench|certify]
+#   WHL=<folder of wheels> [BENCH_ARGS=--mla-only] bash scripts/gpu_opencl.sh [all|bench|certify|cert-start]
 # Steps:
 #   1. install the carried wheels (pyopencl and what the image lacks: pytools, platformdirs, siphash24)
 #      into /tmp/site; register NVIDIA's OpenCL ICD (OCL_ICD_VENDORS); DEEPPORT_OPENCL_DEVICE=NVIDIA
@@ -12,6 +12,11 @@
 #      MLA decode (--device cpu: its oracle is host NumPy anyway, and the inputs go to OpenCL without a CUDA
 #      hop), dense and grouped FP8 GEMMs (--device cuda: their float64 oracles run as DGEMM on the GPU), and
 #      the MoE ops (--device cpu: the 2-rank cases run over gloo; NCCL would need two GPUs)
+#   5. (cert-start) the whole full tier as a certificate (`deepport certify --certify --backend opencl`, the
+#      MoE ranks over gloo, OpenCL kernels on the GPU, float64 oracles on the 16 host cores), detached by
+#      `scripts/gpu_check.sh cpu-cert-start` with this script's environment, so it outlives the call while the
+#      machine stays warm; collect it with `bash scripts/gpu_check.sh cpu-cert-collect` (exit 1 until done)
+#      in later calls, each within 30 s of the last
 # At most 8 files land in $OUT: log.txt, info.json, opencl_bench.json, summaries.md, and one
 # <name>_results.json per certify run.
 set -uo pipefail
@@ -53,6 +58,13 @@ for b in doc["backends"]:
 EOF
 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_opencl_conversions.py tests/test_opencl_backend.py \
   2>&1 | tail -n 6
+
+if [ "$stage" = cert-start ]; then
+  DEVICE=cpu bash scripts/gpu_check.sh cpu-cert-start opencl
+  echo "== done in $(( $(date +%s) - start )) s"
+  sleep 1
+  exit 0
+fi
 
 if [ "$stage" = all ] || [ "$stage" = bench ]; then
   echo "== bench ($(left) s left)"
