@@ -152,7 +152,7 @@ BUCKET_OF_KIND = {"cb": "rows>32", "mb": "rows<=16"}
 
 C = GemmConfig
 FP8_LARGE_M = 4096
-FP8_LARGE_NK = ((2112, 7168), (4096, 7168), (7168, 16384))
+FP8_LARGE_NK = ((2112, 7168), (4096, 7168), (7168, 16384), (576, 7168))
 FP8_CANDIDATES_LARGE: list[GemmConfig] = [
     C(128, 128, 8, 4),                                    # tuned for 2112 x 7168 before this sweep
     C(128, 128, 8, 3, split_n=2, maxnreg=128),            # two 64-wide halves, 2 programs/SM (tuned for the others)
@@ -172,6 +172,16 @@ FP8_CANDIDATES_LARGE: list[GemmConfig] = [
     C(128, 128, 8, 4, tail_split=0),
     C(128, 128, 8, 4, tail_split=4),
     C(128, 128, 8, 3, split_n=2, maxnreg=128, tail_split=0),
+    # 7168 x 16384 (0.80x cuBLAS with t5 or the group_m 16 halves): the two winners combined and a deeper
+    # pipeline (128 x 256 as two halves spills 2 KB at 255 registers in the dry run: left out)
+    C(128, 128, 8, 4, group_m=16, tail_split=5),
+    C(128, 128, 8, 5, tail_split=5),
+    # 576 x 7168 (0.82x with 64 x 128 through pointers): N = 9 tiles of 64, so 128 x 64 tiles (288 = 2 x 132
+    # + 24) with the tail split, 64 x 64 (576 tiles), and today's tile with the tail split
+    C(128, 64, 4, 4, tail_split=0),
+    C(128, 64, 8, 4, tail_split=0),
+    C(64, 64, 4, 5),
+    C(64, 128, 4, 3, tma=False, tail_split=0),
 ]
 FP8_SMALL_M = (64, 128)
 FP8_CANDIDATES_SMALL: list[GemmConfig] = [C(64, 64, 4, 5, split_k=0), C(64, 128, 4, 4, split_k=0),
