@@ -215,12 +215,13 @@ SHAPES
       echo "not done yet:"; tail -n 5 "$dir/out/certify.log" 2>/dev/null || tail -n 5 "$dir/script.log" 2>/dev/null
       exit 1
     fi ;;
-  tune)  # the tuning sweeps of code not yet measured on a GPU, one call (~5 min): the fused MoE dispatch's
-         # layout/rows kernels (rows gathered vs scattered) and the combine's kernel (scripts/gpu_moe_trace.py, each candidate checked bit
-         # for bit first), the triton dense FP8 sweep with the tail-split candidates, and the GPU tests of both
+  tune)  # the tuning sweeps of code not yet measured on a GPU, one call (~5 min): the fused MoE dispatch
+         # (rows gathered vs scattered), the combine's kernels (the per-token table, no sort) and the
+         # low-latency dispatch per place_rows variant (scripts/gpu_moe_trace.py, each candidate checked bit for
+         # bit first), the triton dense FP8 sweep (new 576 x 7168 and 7168 x 16384 candidates), and the GPU tests
     environment
-    DEEPPORT_CHECK_VALUES=0 timeout 170 python3 scripts/gpu_moe_trace.py --block-t 16 32 64 128 256 --rows --rows-mode \
-      --combine > "$OUT/moe_trace.txt" 2>&1; grep -E "BLOCK_T|BLOCK_C|rows |WRONG|us  " "$OUT/moe_trace.txt" | head -n 80
+    DEEPPORT_CHECK_VALUES=0 timeout 170 python3 scripts/gpu_moe_trace.py --rows-mode --combine --place \
+      > "$OUT/moe_trace.txt" 2>&1; grep -E "BLOCK_C|rows |place |WRONG|us  " "$OUT/moe_trace.txt" | head -n 80
     timeout 60 python3 -m pytest -q tests/test_moe_one_process_expanded.py tests/test_triton_gpu.py 2>&1 | tail -n 3
     timeout 280 python3 scripts/gpu_triton_sweep.py --only fp8 --budget-s 240 --out "$OUT/triton-sweep" \
       > "$OUT/triton_sweep.txt" 2>&1; tail -n 60 "$OUT/triton_sweep.txt"

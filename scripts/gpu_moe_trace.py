@@ -6,6 +6,8 @@ sync points. The bench config's shape: t=4096 tokens, hidden 7168, top-8 of 256 
     PYTHONPATH=$PWD DEEPPORT_CHECK_VALUES=0 python3 scripts/gpu_moe_trace.py [--backend triton torch] [--calls 5]
     ... --block-t 64 256 512   the layout kernel per BLOCK_T;  --rows   the rows kernel alone per width/BLOCK_C/warps
     ... --combine              the expanded combine: its kernels per call, its weighted-rows kernel per BLOCK_C/warps
+    ... --place                the one-process low-latency dispatch (128 tokens, FP8) per place_rows variant
+                               (row width, bytes per program, warps): device time per call, bits checked first
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ def main() -> None:
     parser.add_argument("--rows-mode", action="store_true",
                         help="the fused dispatch with its rows gathered (one program per expanded row) and "
                              "scattered (one program per token, then the padding rows): per-kernel device time")
+    parser.add_argument("--place", action="store_true",
+                        help="the low-latency dispatch per place_rows variant (moe_permute._PLACE_*)")
     parser.add_argument("--combine", action="store_true",
                         help="profile the triton expanded combine, then time its weighted-rows kernel alone "
                              "over BLOCK_C and num_warps")
@@ -45,7 +49,9 @@ def main() -> None:
         layout_sweep(args, modes=("gather", "scatter"))
     if args.combine:
         combine_sweep(args)
-    if args.block_t or args.rows or args.rows_mode or args.combine:
+    if args.place:
+        place_sweep(args)
+    if args.block_t or args.rows or args.rows_mode or args.combine or args.place:
         return
     device = torch.device("cuda")
     x, idx, w = routing(args.tokens, HIDDEN, EXPERTS, TOPK, 0, device)
@@ -219,6 +225,47 @@ def combine_sweep(args: argparse.Namespace) -> None:
 
                 _check_and_time(launch, out, want, moved,
                                 f"BLOCK_C {block:5d} warps {warps:2d} prefetch {int(prefetch)}")
+
+
+PLACE_VARIANTS = ((False, 0, 4),  # today: the payload's width (fp8 as bytes), up to 4096 per 4-warp program
+                  (True, 0, 4), (True, 0, 8), (True, 2048, 2), (True, 4096, 4), (True, 8192, 4), (True, 16384, 8))
+
+
+def place_sweep(args: argparse.Namespace) -> None:
+    """The triton one-process low-latency dispatch (128 tokens of 7168, FP8 cast, top-8 of 256 experts,
+    capacity 128: 235 MB of rows placed, mostly zeroed) per ``place_rows`` variant (``_PLACE_WIDE``,
+    ``_PLACE_BYTES``, ``_PLACE_WARPS``): each variant's outputs checked bit for bit against today's first,
+    then the device time per call of its kernels (profiler over ``--calls`` calls)."""
+    from deepport.backends.triton import moe_permute as mp
+
+    device = torch.device("cuda")
+    x, idx, _ = routing(128, HIDDEN, EXPERTS, TOPK, 0, device)
+    defaults = mp._PLACE_WIDE, mp._PLACE_BYTES, mp._PLACE_WARPS
+
+    def call() -> tuple[torch.Tensor, ...]:
+        res = deepport.moe_low_latency_dispatch(x, idx, 128, EXPERTS, backend="triton")
+        data, scales = res.recv_x
+        return data.view(torch.uint8), scales, res.recv_count
+
+    want = call()
+    for wide, nbytes, warps in PLACE_VARIANTS:
+        mp._PLACE_WIDE, mp._PLACE_BYTES, mp._PLACE_WARPS = wide, nbytes, warps
+        label = f"place wide {int(wide)} bytes {nbytes:5d} warps {warps:2d}"
+        got = call()
+        if not all(torch.equal(a, b) for a, b in zip(got, want, strict=True)):
+            print(f"{label}: WRONG (differs from today's placement)")
+            continue
+        for _ in range(3):
+            call()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(args.calls):
+                call()
+            torch.cuda.synchronize()
+        times = {e.key: e.self_device_time_total / args.calls for e in prof.key_averages()}
+        place = sum(v for k, v in times.items() if k.startswith("moe_place_rows"))
+        print(f"{label}: device {sum(times.values()):7.1f} us per call, moe_place_rows_kernel {place:7.1f} us")
+    mp._PLACE_WIDE, mp._PLACE_BYTES, mp._PLACE_WARPS = defaults
 
 
 if __name__ == "__main__":

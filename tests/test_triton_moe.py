@@ -11,6 +11,7 @@ import deepport
 
 pytest.importorskip("triton")
 
+from deepport.backends.torch.moe_local import TORCH
 from deepport.backends.triton import _runtime, moe_permute
 
 pytestmark = pytest.mark.skipif(not _runtime.interpreting() and not torch.cuda.is_available(),
@@ -82,3 +83,47 @@ def test_fp8_cast_matches_torch_bits() -> None:
     ref_data, ref_scales = moe_local.cast_fp8(x)
     assert torch.equal(scales, ref_scales)
     assert torch.equal(data.view(torch.uint8), ref_data.view(torch.uint8))
+
+
+@pytest.mark.parametrize("wide, nbytes, warps", [(False, 0, 4), (True, 0, 4), (True, 64, 2), (False, 48, 1)])
+def test_place_rows_variants_move_the_same_bits(monkeypatch: pytest.MonkeyPatch, wide: bool, nbytes: int,
+                                                warps: int) -> None:
+    """Every way place_rows can move rows (the knobs scripts/gpu_moe_trace.py --place sweeps) puts the same
+    bits where the torch step does: dense fp8-as-byte rows (widened to int64 when allowed), the transposed
+    FP8-scale storage (never widened), rows whose byte count only 2 divides, and -1 rows zeroed or kept."""
+    monkeypatch.setattr(moe_permute, "_PLACE_WIDE", wide)
+    monkeypatch.setattr(moe_permute, "_PLACE_BYTES", nbytes)
+    monkeypatch.setattr(moe_permute, "_PLACE_WARPS", warps)
+    g = torch.Generator().manual_seed(7)
+    index = torch.randint(-1, 9, (3, 5), generator=g).to(DEVICE)
+    fp8_rows = torch.randint(0, 255, (9, 224), generator=g, dtype=torch.uint8).to(DEVICE)
+    scales = torch.rand(9, 2, generator=g).to(DEVICE)
+    odd = torch.randint(-9, 9, (9, 3), generator=g, dtype=torch.int16).to(DEVICE)
+    for src, make in ((fp8_rows, lambda: torch.full((3, 5, 224), 77, dtype=torch.uint8, device=DEVICE)),
+                      (scales, lambda: torch.full((3, 2, 5), 5.0, device=DEVICE).transpose(1, 2)),
+                      (odd, lambda: torch.full((3, 5, 3), 3, dtype=torch.int16, device=DEVICE))):
+        for zero_missing in (True, False):
+            got, want = make(), make()
+            moe_permute.place_rows(src, got, index, zero_missing)
+            TORCH.place_rows(src, want, index, zero_missing)
+            placed = index >= 0
+            assert torch.equal(got[placed].view(torch.uint8), want[placed].view(torch.uint8))
+            if zero_missing:
+                assert torch.equal(got[~placed].view(torch.uint8), torch.zeros_like(want[~placed]).view(torch.uint8))
+            else:  # left as they were
+                assert torch.equal(got[~placed].view(torch.uint8), make()[~placed].view(torch.uint8))
+
+
+def test_place_rows_views_widen_only_where_the_layout_allows(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(moe_permute, "_PLACE_WIDE", True)
+    rows = torch.zeros((4, 7168), dtype=torch.uint8, device=DEVICE)
+    s, d = moe_permute._place_views(rows, torch.zeros((2, 3, 7168), dtype=torch.uint8, device=DEVICE))
+    assert s.dtype == d.dtype == torch.int64 and d.shape == (2, 3, 896)
+    s, d = moe_permute._place_views(rows[:, 1:], torch.zeros((2, 3, 7167), dtype=torch.uint8, device=DEVICE))
+    assert s.dtype == d.dtype == torch.uint8  # 7167 bytes a row: no wider type divides it
+    scales = torch.zeros((4, 56), device=DEVICE)
+    s, d = moe_permute._place_views(scales, torch.zeros((2, 56, 3), device=DEVICE).transpose(1, 2))
+    assert s.dtype == d.dtype == torch.int32  # strided destination rows: as they are
+    monkeypatch.setattr(moe_permute, "_PLACE_WIDE", False)
+    s, d = moe_permute._place_views(rows, torch.zeros((2, 3, 7168), dtype=torch.uint8, device=DEVICE))
+    assert s.dtype == torch.uint8

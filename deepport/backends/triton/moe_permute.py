@@ -70,8 +70,9 @@ _SUM_BYTES = 4096
 
 def block_for_bytes(num_cols: int, element_size: int, nbytes: int) -> int:
     """Columns per program so that one program handles about ``nbytes`` of a row (a power of two, 16 or more,
-    at most the row rounded up to a power of two)."""
-    return min(_block(num_cols), max(16, nbytes // element_size))
+    at most ``nbytes``'s elements rounded down and the row rounded up to a power of two)."""
+    per = max(16, nbytes // element_size)
+    return min(_block(num_cols), 1 << (per.bit_length() - 1))
 
 
 def move_block(num_cols: int, element_size: int) -> int:
@@ -80,22 +81,50 @@ def move_block(num_cols: int, element_size: int) -> int:
     return block_for_bytes(num_cols, element_size, _MOVE_BYTES)
 
 
+# How place_rows moves rows (the low-latency layouts), swept by scripts/gpu_moe_trace.py --place. The defaults
+# are the measured ones: rows at the payload's element width (the dispatch's fp8 rows as bytes), up to 4096
+# elements per 4-warp program; 2 KB programs of bytes measured slower on the H200 (212 against 191 us per
+# low-latency dispatch, 2026-12-01). _PLACE_WIDE views whole rows as the widest integer type their layout
+# allows (int64 for 7168-byte rows, as the fused expanded dispatch does); _PLACE_BYTES > 0 sizes the programs
+# by bytes instead.
+_PLACE_WIDE = False
+_PLACE_BYTES = 0
+_PLACE_WARPS = 4
+
+
+def _place_views(src: torch.Tensor, dst: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``src`` (made contiguous) and ``dst`` as integer views of the same bits: the element's width, or
+    with :data:`_PLACE_WIDE` the widest whose size divides a row's bytes, both base addresses and every
+    stride in bytes (``dst`` rows dense)."""
+    bits = _BITS[src.element_size()]
+    src_bits, dst_bits = src.contiguous().view(bits), dst.view(bits)
+    if not _PLACE_WIDE or dst_bits.stride(2) != 1:
+        return src_bits, dst_bits
+    size = src_bits.element_size()
+    row_bytes = int(dst_bits.shape[2]) * size
+    spans = [src_bits.data_ptr(), dst_bits.data_ptr(), row_bytes, src_bits.stride(0) * size,
+             dst_bits.stride(0) * size, dst_bits.stride(1) * size]
+    for wide in (8, 4, 2):
+        if wide > size and all(v % wide == 0 for v in spans):
+            return src_bits.view(_BITS[wide]), dst_bits.view(_BITS[wide])
+    return src_bits, dst_bits
+
+
 def place_rows(src: torch.Tensor, dst: torch.Tensor, index: torch.Tensor, zero_missing: bool) -> None:
     """``dst[g, i] = src[index[g, i]]`` bit for bit (see :mod:`deepport.backends.torch.moe_local`)."""
     groups, rows, cols = (int(d) for d in dst.shape)
     if groups * rows == 0 or cols == 0:
         return
-    bits = _BITS[src.element_size()]
-    src_bits, dst_bits = src.contiguous().view(bits), dst.view(bits)
+    src_bits, dst_bits = _place_views(src, dst)
+    cols = int(dst_bits.shape[2])
     idx = index.to(torch.int64).contiguous()
-    # Up to 4096 elements per 4-warp program: the dispatch's fp8 rows move as bytes here, and 2 KB programs
-    # of bytes measured slower on the H200 (212 against 191 us per low-latency dispatch, 2026-12-01)
-    block = _block(cols)
+    size = src_bits.element_size()
+    block = block_for_bytes(cols, size, _PLACE_BYTES) if _PLACE_BYTES else _block(cols)
     with _guard(dst.device):
         moe_place_rows_kernel[(groups * rows, -(-cols // block))](
             src_bits, idx, dst_bits, rows, cols, src_bits.stride(0),
             dst_bits.stride(0), dst_bits.stride(1), dst_bits.stride(2),
-            ZERO_MISSING=zero_missing, BLOCK_C=block)
+            ZERO_MISSING=zero_missing, BLOCK_C=block, num_warps=_PLACE_WARPS)
 
 
 def weighted_rows(y: torch.Tensor, src_pos: torch.Tensor, dst_row: torch.Tensor, weights: torch.Tensor,
