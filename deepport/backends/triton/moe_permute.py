@@ -75,6 +75,13 @@ def block_for_bytes(num_cols: int, element_size: int, nbytes: int) -> int:
     return min(_block(num_cols), 1 << (per.bit_length() - 1))
 
 
+def _sum_tiling(num_cols: int, element_size: int) -> tuple[int, int]:
+    """``(BLOCK_C, num_warps)`` of the kernels that sum rows of ``y``: :data:`_SUM_BYTES` of a row per
+    program, 16 bytes of it per thread."""
+    block = block_for_bytes(num_cols, element_size, _SUM_BYTES)
+    return block, max(1, min(16, block * element_size // 512))
+
+
 def move_block(num_cols: int, element_size: int) -> int:
     """Columns per program of the kernels that copy rows (:data:`_MOVE_BYTES` per program, launched with
     :data:`MOVE_WARPS` warps)."""
@@ -156,8 +163,7 @@ def _weighted_rows(y: torch.Tensor, src_pos: torch.Tensor, dst_row: torch.Tensor
     per_row = torch.zeros(num_rows, dtype=torch.int64, device=y.device)  # bincount would read max() on the host
     seg[1:] = per_row.scatter_add_(0, dst_row.to(torch.int64), torch.ones_like(dst_row, dtype=torch.int64)).cumsum(0)
     y = y.contiguous()
-    block = block_for_bytes(cols, y.element_size(), _SUM_BYTES)
-    warps = max(1, min(16, block * y.element_size() // 512))  # 16 bytes of y per thread
+    block, warps = _sum_tiling(cols, y.element_size())
     with _guard(y.device):
         moe_weighted_rows_kernel[(num_rows, -(-cols // block))](
             y, src_pos[order].to(torch.int64).contiguous(), weights[order].to(torch.float32).contiguous(), seg, out,
@@ -174,8 +180,7 @@ def token_rows_into(y: torch.Tensor, table: torch.Tensor, weights: torch.Tensor,
         return
     y, table, weights = y.contiguous(), table.to(torch.int64).contiguous(), weights.to(torch.float32).contiguous()
     target = torch.empty((tokens, cols), dtype=torch.float32, device=out.device) if interpreting() else out
-    block = block_for_bytes(cols, y.element_size(), _SUM_BYTES)
-    warps = max(1, min(16, block * y.element_size() // 512))  # 16 bytes of y per thread
+    block, warps = _sum_tiling(cols, y.element_size())
     with _guard(y.device):
         moe_token_rows_kernel[(tokens, -(-cols // block))](
             y, table, weights, target, cols, y.stride(0), K=int(table.shape[1]), BLOCK_C=block, num_warps=warps)
