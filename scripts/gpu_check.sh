@@ -163,26 +163,30 @@ case "$stage" in
           ${backend:+--backend $backend} 2>&1 | tail -n 25
       done; } > "$OUT/ecosystem.txt" 2>&1
     cat "$OUT/ecosystem.txt" ;;
-  profile)  # ncu of the shapes that miss a target (issues 10 and 11): what limits each kernel (stall reasons
-             # included); one launch each after a warm-up call, the bench config's own inputs (scripts/profile_call.py)
+  profile)  # ncu of the shapes that miss a target (issues 10 and 11): what limits each kernel, with the warp
+             # stall reasons per issued instruction; one launch each after a warm-up call, the bench config's own
+             # inputs (scripts/profile_call.py). The whole report lands in ncu_profile.txt; a digest is printed.
     environment
+    stalls='regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio'
     while read -r backend op config regex skip; do  # skip: launches of the kernel before the one profiled
       echo "== ncu $backend $op $config"
       timeout 100 ncu --kernel-name "regex:$regex" --launch-skip "$skip" --launch-count 1 --section SpeedOfLight \
         --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section Occupancy \
-        --section WarpStateStats --section SchedulerStats --section LaunchStats \
+        --section WarpStateStats --section SchedulerStats --section LaunchStats --metrics "$stalls" \
         python3 scripts/profile_call.py --op "$op" --config "$config" --backend "$backend" --calls 1 2>&1 \
-        | grep -v "^==PROF==" | tail -n 120
+        | grep -v "^==PROF=="
     done > "$OUT/ncu_profile.txt" 2>&1 <<'SHAPES'
 triton mla_decode b128_sq1_hq128_sk4096 mla_decode_split 1
 triton fp8_gemm_nt m4096_n576_k7168 fp8_gemm_nt_kernel 1
 triton fp8_gemm_nt m4096_n7168_k16384 fp8_gemm_nt_kernel 1
+triton moe_combine_expanded t4096_h7168_top8_of_256 moe_token_rows_kernel 1
+triton moe_dispatch_expanded t4096_h7168_top8_of_256 moe_expanded_rows_kernel 1
 hopper fp8_gemm_nt m4096_n7168_k16384 sm90_fp8_gemm 1
 hopper m_grouped_fp8_gemm_nt_contiguous g4_m8192_n4096_k7168 sm90_fp8_gemm 1
 hopper m_grouped_fp8_gemm_nt_masked g4_m256_n7168_k2048 sm90_fp8_gemm 1
 SHAPES
-    grep -E "^== |Duration|Throughput|Pipe Utilization|Issue Slots|Stall|Registers|Achieved Occupancy|Theoretical Occupancy" \
-      "$OUT/ncu_profile.txt" | head -n 150 ;;
+    grep -E "^== |Duration|Compute \(SM\) Throughput|Memory Throughput|DRAM Throughput|Issue Slots Busy|highest-utilized|Registers Per|Achieved Occupancy|Spilling Requests  |issue_stalled_(barrier|long_scoreboard|short_scoreboard|wait|math_pipe_throttle|mio_throttle|lg_throttle|membar|sleeping|dispatch_stall|not_selected|selected|no_instruction|branch_resolving|tex_throttle|drain|imc_miss)_per" \
+      "$OUT/ncu_profile.txt" | cut -c1-120 | head -n 260 ;;
   profile-mla)  # ncu speed-of-light of the hopper MLA kernel, compute- and memory-bound shapes
     for shape in compute memory; do
       echo "== ncu $shape"

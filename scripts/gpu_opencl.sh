@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The OpenCL backend on an NVIDIA GPU through NVIDIA's OpenCL driver (the H200 device machine), in one
 # device call of at most ~9 minutes. Run from the repository root:
-#   WHL=<folder of wheels> [BENCH_ARGS=--mla-only] bash scripts/gpu_opencl.sh [all|bench|certify|cert-start]
+#   WHL=<folder of wheels> [BENCH_ARGS=--mla-only] bash scripts/gpu_opencl.sh [all|bench|certify|cert-start|parts-start NAME...]
 # Steps:
 #   1. install the carried wheels (pyopencl and what the image lacks: pytools, platformdirs, siphash24)
 #      into /tmp/site; register NVIDIA's OpenCL ICD (OCL_ICD_VENDORS); DEEPPORT_OPENCL_DEVICE=NVIDIA
@@ -12,7 +12,12 @@
 #      MLA decode (--device cpu: its oracle is host NumPy anyway, and the inputs go to OpenCL without a CUDA
 #      hop), dense and grouped FP8 GEMMs (--device cuda: their float64 oracles run as DGEMM on the GPU), and
 #      the MoE ops (--device cpu: the 2-rank cases run over gloo; NCCL would need two GPUs)
-#   5. (cert-start) the whole full tier as a certificate (`deepport certify --certify --backend opencl`, the
+#   5. (parts-start NAME...) full-tier parts (mla, fp8-dense, moe, fp8-contiguous, fp8-masked) of the opencl
+#      backend with the run seed DEEPPORT_CERT_SEED, on --device cuda (float64 oracles as GPU DGEMM; the 2-rank
+#      MoE cases need NCCL on two GPUs, so they are not_supported on one), detached by `gpu_check.sh parts-start`
+#      with this script's environment; `bash scripts/gpu_check.sh parts-collect` in later calls, then
+#      `gpu_check.sh merge` of every part's results.json into one certificate
+#   6. (cert-start) the whole full tier as a certificate (`deepport certify --certify --backend opencl`, the
 #      MoE ranks over gloo, OpenCL kernels on the GPU, float64 oracles on the 16 host cores), detached by
 #      `scripts/gpu_check.sh cpu-cert-start` with this script's environment, so it outlives the call while the
 #      machine stays warm; collect it with `bash scripts/gpu_check.sh cpu-cert-collect` (exit 1 until done)
@@ -59,6 +64,11 @@ EOF
 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_opencl_conversions.py tests/test_opencl_backend.py \
   2>&1 | tail -n 6
 
+if [ "$stage" = parts-start ]; then  # parts-start NAME...: full-tier parts of one run seed, detached (see above)
+  shift
+  DEEPPORT_CERT_BACKENDS=opencl bash scripts/gpu_check.sh parts-start "$@"
+  status=$?; sleep 1; exit "$status"
+fi
 if [ "$stage" = cert-start ]; then
   DEVICE=cpu bash scripts/gpu_check.sh cpu-cert-start opencl
   echo "== done in $(( $(date +%s) - start )) s"
