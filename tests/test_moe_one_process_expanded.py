@@ -246,6 +246,34 @@ def _assert_routing_equal_to_the_general_route(backend: str, fp8: bool, r: dict[
     assert not ref.isnan().any()
 
 
+@pytest.mark.parametrize("case", [c for c in CASES if c != "no_tokens"])
+def test_the_triton_token_table_equals_the_torch_one(case: str) -> None:
+    """The triton kernel's per-token table (each token's expanded rows ascending, -1 first, and their
+    weights) is the torch ops' table entry for entry, on every routing case (duplicate slots, tokens routed
+    nowhere, unused experts, top-1, one expert), from int32 and int64 top-k ids."""
+    local, device = _steps("triton"), _device("triton")
+    assert local.token_table is not None
+    from deepport.backends.torch.moe_one_process_expanded import rows_per_token
+
+    for idx_dtype in (torch.int32, torch.int64):
+        r = _routing(case, seed=len(case))
+        got = moe_layouts.dispatch_expanded(dispatch_op.bind(
+            r["x"].to(device), r["idx"].to(device, idx_dtype), r["w"].to(device), r["E"],
+            expert_alignment=r["align"]), TORCH)
+        h, tokens = got.handle, int(r["idx"].shape[0])
+        table, weights = local.token_table(h.expanded_src_row, h.m_indices, h.routes.recv_src_idx,
+                                           h.routes.recv_topk_idx, h.weights, tokens)
+        if case == "nowhere":  # no expanded row at all (torch's table needs one): every entry -1
+            assert int(h.expanded_src_row.shape[0]) == 0
+            _same(table, torch.full_like(table, -1), "table")
+            continue
+        want_table, want_weights = rows_per_token(h, tokens)
+        _same(table, want_table, f"table ({idx_dtype})")
+        live = want_table >= 0
+        assert bool(live.any()) and not bool(live.all())  # both kinds of entry are compared
+        _same(weights[live], want_weights[live], f"weights ({idx_dtype})")
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton", "opencl"])
 def test_the_routes_of_a_one_process_expanded_dispatch_drive_a_cached_dispatch(backend: str) -> None:
     local, device = _steps(backend), _device(backend)

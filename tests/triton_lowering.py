@@ -152,6 +152,10 @@ def moe_lowering_report() -> dict[str, dict[str, int]]:
         "token_rows": compile_for(k.moe_token_rows_kernel, dict(
             y_ptr=Ptr("bf16"), table_ptr=Ptr("i64"), weight_ptr=Ptr("fp32"), out_ptr=Ptr("bf16"), num_cols=7168,
             stride_y=7168, K=8, BLOCK_C=2048)),
+        "token_table": compile_for(k.moe_token_table_kernel, dict(
+            src_row_ptr=Ptr("i64"), expert_ptr=Ptr("i32"), token_of_ptr=Ptr("i64"), topk_ptr=Ptr("i64"),
+            row_weight_ptr=Ptr("fp32"), table_ptr=Ptr("i64"), table_weight_ptr=Ptr("fp32"), num_rows=65536,
+            stride_topk=8, K=8, KP=8, BLOCK_R=128)),
         "cast_fp8": compile_for(k.moe_cast_fp8_kernel, dict(
             x_ptr=Ptr("bf16"), q_ptr=Ptr("fp8e4nv"), scale_ptr=Ptr("fp32"), hidden=7168, fp8_max=448.0,
             fp8_max_inv=1 / 448, amax_floor=1e-4, STORE_FP32=False)),
@@ -178,7 +182,8 @@ def moe_lowering_report() -> dict[str, dict[str, int]]:
     }
     report = {name: _counts(kernel) for name, kernel in kernels.items()}
     report["cast_fp8"]["e4m3_cvt"] = kernels["cast_fp8"].asm["ptx"].count("e4m3x2.f32")
-    for name in ("expanded_count", "expanded_layout", "expanded_scatter", "expanded_pad_rows", "token_rows"):
+    for name in ("expanded_count", "expanded_layout", "expanded_scatter", "expanded_pad_rows", "token_rows",
+                 "token_table"):
         ptx = kernels[name].asm["ptx"]
         report[name]["atomics"] = ptx.count("atom.") + ptx.count("red.global")
     return report

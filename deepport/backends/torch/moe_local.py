@@ -20,6 +20,12 @@ backends' kernels) and reuses everything else.
   int64 ``[T, K]``, ``weights`` float32 ``[T, K]``), rounded once: ``weighted_rows_into`` for sums whose
   terms the caller already holds per destination row, in order (the one-process combines), so no sort by
   destination is needed. The same bits as ``weighted_rows_into`` over the same terms in the same order.
+- ``token_table(src_row, expert, token_of, topk_idx, row_weights, tokens)`` (optional): the terms per token
+  of a one-process expanded combine, exactly what
+  :func:`deepport.backends.torch.moe_one_process_expanded.rows_per_token` returns from the handle's
+  ``expanded_src_row``, ``m_indices``, ``recv_src_idx``, ``recv_topk_idx`` and ``weights``: int64
+  ``[tokens, K]``, each token's expanded rows in ascending order with ``-1`` first, and their float32
+  weights (anything where ``-1``). Without it the combine builds the table with torch ops.
 - ``cast_fp8(x)``: bf16 ``[T, H]`` -> (e4m3 ``[T, H]``, float32 scales ``[T, H / 128]``), DeepEP's rule
   bit for bit (the op's docstring): per 128 channels ``amax = max(|x|, float32(1e-4))``, ``scale =
   float32(amax * float32(1/448))``, ``fp8 = e4m3(float32(x * float32(448 / amax)))``.
@@ -75,6 +81,8 @@ class LocalSteps:
                                  None] | None = None
     dispatch_expanded_one_process: Callable[[MoEExpandedDispatchCall], MoEExpandedDispatchResult] | None = None
     token_rows_into: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
+    token_table: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int],
+                          tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 def _flat(dst: torch.Tensor) -> torch.Tensor | None:

@@ -129,16 +129,20 @@ def combine(call: MoEExpandedCombineCall, local: LocalSteps) -> torch.Tensor:
     h, y = call.handle, call.y
     routes = h.routes
     tokens, hidden = routes.num_tokens, int(y.shape[1])
-    rows = compact(h.m_indices >= 0, sum(routes.num_recv_tokens_per_expert))  # expanded rows, padding left out
-    token = routes.recv_src_idx[h.expanded_src_row[rows]]
     out = call.alloc((tokens, hidden), torch.bfloat16)
     if local.token_rows_into is not None and tokens:  # the terms per token, in order: no sort by token
         if int(h.expanded_src_row.shape[0]) == 0:
             out.zero_()
         else:
-            table, weights = rows_per_token(h, tokens)
+            if local.token_table is not None:
+                table, weights = local.token_table(h.expanded_src_row, h.m_indices, routes.recv_src_idx,
+                                                   routes.recv_topk_idx, h.weights, tokens)
+            else:
+                table, weights = rows_per_token(h, tokens)
             local.token_rows_into(y, table, weights, out)
         return out
+    rows = compact(h.m_indices >= 0, sum(routes.num_recv_tokens_per_expert))  # expanded rows, padding left out
+    token = routes.recv_src_idx[h.expanded_src_row[rows]]
     if local.weighted_rows_into is not None:  # rounded by the step itself: no float32 rows in memory
         local.weighted_rows_into(y, rows, token, h.weights[rows], out)
     else:

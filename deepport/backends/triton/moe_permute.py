@@ -8,7 +8,9 @@ destination row, stably), stored as float32 rows or (``weighted_rows_into``) rou
 the kernel's store; the one-process combines (expanded and low-latency) hand ``token_rows_into`` each
 token's terms already in order (a ``[T, K]`` table), which sums them the same way without the sort by
 destination (a radix sort of ``T * K`` entries and the segment scan: about 100 us of the 290 us expanded
-combine of 4096 tokens on an H200, trace of 2026-12-01); the FP8 cast uses IEEE divisions and e4m3
+combine of 4096 tokens on an H200, trace of 2026-12-01). The expanded combine's table comes from one
+kernel, ``token_table`` (torch's ten gathers, scatter and sort took about 85 us around the 132 us sum
+kernel, trace of 2026-12-02); the FP8 cast uses IEEE divisions and e4m3
 round-to-nearest-even (under the interpreter, whose e4m3 and bf16 roundings are wrong, the kernels store
 float32 and torch rounds). The one-process expanded dispatch is fused
 (:mod:`deepport.backends.triton.moe_expanded_dispatch`, the ``dispatch_expanded_one_process`` step).
@@ -28,6 +30,7 @@ from deepport.backends.triton.moe_permute_kernels import (
     moe_layout_count_kernel,
     moe_place_rows_kernel,
     moe_token_rows_kernel,
+    moe_token_table_kernel,
     moe_weighted_rows_kernel,
 )
 from deepport.kernels.moe_args import FP8, FP8_BLOCK
@@ -188,6 +191,27 @@ def token_rows_into(y: torch.Tensor, table: torch.Tensor, weights: torch.Tensor,
         out.copy_(target)
 
 
+_TABLE_ROWS = 128  # expanded rows per program of the token-table kernel
+
+
+def token_table(src_row: torch.Tensor, expert: torch.Tensor, token_of: torch.Tensor, topk_idx: torch.Tensor,
+                row_weights: torch.Tensor, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one-process expanded combine's terms per token (see :class:`deepport.backends.torch.moe_local.
+    LocalSteps`), in one kernel instead of torch's gathers, scatter and sort."""
+    k = int(topk_idx.shape[1])
+    table = torch.full((tokens, k), -1, dtype=torch.int64, device=src_row.device)
+    weights = torch.empty((tokens, k), dtype=torch.float32, device=src_row.device)  # read only where table >= 0
+    rows = int(src_row.shape[0])
+    if rows and tokens and k:
+        topk = topk_idx if topk_idx.stride(1) == 1 else topk_idx.contiguous()
+        with _guard(src_row.device):
+            moe_token_table_kernel[(-(-rows // _TABLE_ROWS),)](
+                src_row.contiguous(), expert.contiguous(), token_of.contiguous(), topk,
+                row_weights.to(torch.float32).contiguous(), table, weights, rows, topk.stride(0), K=k,
+                KP=1 << max(k - 1, 0).bit_length(), BLOCK_R=_TABLE_ROWS)
+    return table, weights
+
+
 def cast_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token, per-128-channel e4m3 cast of bf16 ``x [T, H]`` (see :mod:`deepport.backends.torch.moe_local`)."""
     tokens, hidden = int(x.shape[0]), int(x.shape[1])
@@ -208,7 +232,8 @@ def _dispatch_expanded_one_process(call: MoEExpandedDispatchCall) -> MoEExpanded
 
 
 TRITON = LocalSteps(place_rows, weighted_rows, cast_fp8, weighted_rows_into=weighted_rows_into,
-                    dispatch_expanded_one_process=_dispatch_expanded_one_process, token_rows_into=token_rows_into)
+                    dispatch_expanded_one_process=_dispatch_expanded_one_process, token_rows_into=token_rows_into,
+                    token_table=token_table)
 
 
 def layout(call: MoELayoutCall) -> MoELayout:

@@ -109,6 +109,36 @@ def moe_token_rows_kernel(y_ptr, table_ptr, weight_ptr, out_ptr, num_cols, strid
 
 
 @triton.jit
+def moe_token_table_kernel(src_row_ptr, expert_ptr, token_of_ptr, topk_ptr, row_weight_ptr, table_ptr,
+                           table_weight_ptr, num_rows, stride_topk, K: tl.constexpr, KP: tl.constexpr,
+                           BLOCK_R: tl.constexpr):
+    """Grid ``ceil(R / BLOCK_R)``: the one-process expanded combine's per-token table. Expanded row ``r``
+    with ``src_row[r] >= 0`` (received token ``s``, token ``token_of[s]``, expert ``expert[r]``) goes to
+    column ``K - n + rank`` of its token's row of ``table`` (``-1`` before; ``table_weight`` gets
+    ``row_weight[r]``), where ``n`` is the number of distinct experts ``>= 0`` among the token's ``K``
+    top-k slots (``topk[s]``, row stride ``stride_topk``) and ``rank`` how many of them are below
+    ``expert[r]``: the token's rows in ascending order, as rows are laid out by ascending expert, ``-1``
+    entries first. ``KP``: ``K`` rounded up to a power of two."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    src = tl.load(src_row_ptr + r, mask=r < num_rows, other=-1).to(tl.int64)
+    live = src >= 0
+    s = tl.where(live, src, 0)
+    token = tl.load(token_of_ptr + s, mask=live, other=0).to(tl.int64)
+    expert = tl.load(expert_ptr + r, mask=live, other=0).to(tl.int64)
+    j = tl.arange(0, KP)
+    ids = tl.load(topk_ptr + s[:, None] * stride_topk + j[None, :], mask=live[:, None] & (j[None, :] < K),
+                  other=-1).to(tl.int64)  # [BLOCK_R, KP]
+    # a slot counts once per distinct expert: no earlier slot of the token names the same one
+    earlier = (ids[:, :, None] == ids[:, None, :]) & (j[None, None, :] < j[None, :, None])
+    first = (ids >= 0) & (tl.max(earlier.to(tl.int32), axis=2) == 0)
+    n = tl.sum(first.to(tl.int32), axis=1)
+    rank = tl.sum((first & (ids < expert[:, None])).to(tl.int32), axis=1)
+    at = token * K + (K - n + rank).to(tl.int64)
+    tl.store(table_ptr + at, r.to(tl.int64), mask=live)
+    tl.store(table_weight_ptr + at, tl.load(row_weight_ptr + r, mask=live, other=0.0), mask=live)
+
+
+@triton.jit
 def moe_cast_fp8_kernel(x_ptr, q_ptr, scale_ptr, hidden, fp8_max, fp8_max_inv, amax_floor,
                         STORE_FP32: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
