@@ -60,18 +60,20 @@ def received_rows(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def dispatch(call: MoELowLatencyDispatchCall, data: torch.Tensor, scales: torch.Tensor | None,
              local: LocalSteps) -> MoELowLatencyDispatchResult:
     """The one-process low-latency dispatch of ``data`` (bf16, or e4m3 with ``scales`` when the call casts).
-    Rows past each expert's count are zero."""
+    Rows past each expert's count are not written (the contract leaves them unspecified; zeroing them was
+    the triton backend's largest cost, 85 of 180 us per call at 256 experts x 128 rows x 7168 FP8 on an
+    H200, trace of 2026-12-02): the torch steps fill them with copies of a token's row."""
     experts, capacity = call.num_experts, call.max_tokens_per_rank
     hidden = int(call.x.shape[1])
     mask = expert_mask(call.topk_idx, experts)
     src = packed_sources(mask, capacity)
     recv_x = call.alloc((experts, capacity, hidden), data.dtype)
-    local.place_rows(data, recv_x, src, True)
+    local.place_rows(data, recv_x, src, False)
     recv_s = None
     if scales is not None:
         storage = call.alloc((experts, hidden // FP8_BLOCK, capacity), torch.float32)
         recv_s = storage.transpose(1, 2)  # column-major in the last two dimensions
-        local.place_rows(scales, recv_s, src, True)
+        local.place_rows(scales, recv_s, src, False)
     count = call.alloc((experts,), torch.int32)
     count.copy_(mask.sum(dim=0))
     packed = src  # no token, no row: every entry is -1
