@@ -68,12 +68,14 @@ def test_memory_bound_mla_configs_use_tensor_cores(mla_report: dict[str, dict[st
 def test_moe_kernels_compile_for_sm_90a_and_cast_with_the_e4m3_instruction() -> None:
     report = _lower("moe")
     assert set(report) == {"layout", "place_rows", "weighted_rows", "weighted_rows_prefetch", "token_rows",
-                           "token_table", "cast_fp8", "expanded_count", "expanded_layout", "expanded_rows",
-                           "expanded_scatter", "expanded_pad_rows"}
+                           "token_table", "ll_layout", "ll_positions", "cast_fp8", "expanded_count",
+                           "expanded_layout", "expanded_rows", "expanded_scatter", "expanded_pad_rows"}
     assert all(counts["sm_90a"] == 1 for counts in report.values())
     assert report["cast_fp8"]["e4m3_cvt"] > 0
     assert report["expanded_count"]["atomics"] > 0  # the integer totals
-    for name in ("expanded_layout", "expanded_scatter", "expanded_pad_rows", "token_rows", "token_table"):  # no atomics
+    no_atomics = ("expanded_layout", "expanded_scatter", "expanded_pad_rows", "token_rows", "token_table", "ll_layout",
+                  "ll_positions")
+    for name in no_atomics:
         assert report[name]["atomics"] == 0, name
 
 

@@ -127,3 +127,40 @@ def test_place_rows_views_widen_only_where_the_layout_allows(monkeypatch: pytest
     monkeypatch.setattr(moe_permute, "_PLACE_WIDE", False)
     s, d = moe_permute._place_views(rows, torch.zeros((2, 3, 7168), dtype=torch.uint8, device=DEVICE))
     assert s.dtype == torch.uint8
+
+
+@pytest.mark.parametrize("tokens, topk, experts, capacity", [(37, 4, 16, 37), (24, 8, 32, 40), (1, 3, 4, 2),
+                                                             (0, 4, 8, 16), (70, 1, 2, 80)])
+@pytest.mark.parametrize("idx_dtype", [torch.int32, torch.int64])
+def test_low_latency_layout_and_positions_steps_equal_the_torch_derivation(
+        tokens: int, topk: int, experts: int, capacity: int, idx_dtype: torch.dtype) -> None:
+    """The one-process low-latency layout kernel (sources, received rows, counts) and the combine's
+    positions kernel give torch's tensors entry for entry: duplicate slots, unrouted tokens, one token,
+    none, top-1, more tokens than one loop step of the kernels."""
+    from deepport.backends.torch import moe_one_process as one
+
+    g = torch.Generator().manual_seed(tokens * 7 + topk)
+    idx = torch.randint(-1, experts, (tokens, topk), generator=g)
+    if tokens > 5:
+        idx[3] = idx[3, 0].clamp(min=0)  # one expert in every slot
+        idx[5] = -1  # routed nowhere
+    idx = idx.to(DEVICE, idx_dtype)
+    mask = one.expert_mask(idx, experts)
+    want_src = one.packed_sources(mask, capacity)
+    row_of_token, _ = one.received_rows(mask)
+    want_packed = torch.where(want_src >= 0, row_of_token[want_src.clamp(min=0)], -1) if tokens else want_src
+    count = torch.full((experts,), 0x7F7F7F7F, dtype=torch.int32, device=DEVICE)  # poisoned: must be written
+    assert moe_permute.TRITON.low_latency_layout is not None and moe_permute.TRITON.low_latency_positions is not None
+    src, packed = moe_permute.TRITON.low_latency_layout(idx, experts, capacity, count)
+    assert torch.equal(src, want_src) and torch.equal(packed, want_packed)
+    assert torch.equal(count, mask.sum(dim=0).to(torch.int32))
+    # the combine: slot k of token t reads row e * capacity + (t's place among e's tokens)
+    place = torch.full((experts, tokens + 1), -1, dtype=torch.int64)
+    for e in range(experts):
+        for p, t in enumerate(want_src[e].tolist()):
+            if t >= 0:
+                place[e, t] = e * capacity + p
+    want_pos = torch.tensor([[place[e, t].item() if e >= 0 else -1 for e in row]
+                             for t, row in enumerate(idx.tolist())], dtype=torch.int64).reshape(tokens, topk)
+    got_pos = moe_permute.TRITON.low_latency_positions(idx, capacity)
+    assert torch.equal(got_pos.cpu(), want_pos)

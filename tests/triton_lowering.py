@@ -156,6 +156,11 @@ def moe_lowering_report() -> dict[str, dict[str, int]]:
             src_row_ptr=Ptr("i64"), expert_ptr=Ptr("i32"), token_of_ptr=Ptr("i64"), topk_ptr=Ptr("i64"),
             row_weight_ptr=Ptr("fp32"), table_ptr=Ptr("i64"), table_weight_ptr=Ptr("fp32"), num_rows=65536,
             stride_topk=8, K=8, KP=8, BLOCK_R=128)),
+        "ll_layout": compile_for(k.moe_ll_layout_kernel, dict(
+            idx_ptr=Ptr("i64"), stride_idx=8, src_ptr=Ptr("i64"), packed_ptr=Ptr("i64"), count_ptr=Ptr("i32"),
+            num_tokens=128, capacity=128, K=8, KP=8, BLOCK_T=64)),
+        "ll_positions": compile_for(k.moe_ll_positions_kernel, dict(
+            idx_ptr=Ptr("i32"), stride_idx=8, src_pos_ptr=Ptr("i64"), capacity=128, K=8, KP=8, BLOCK_T=64)),
         "cast_fp8": compile_for(k.moe_cast_fp8_kernel, dict(
             x_ptr=Ptr("bf16"), q_ptr=Ptr("fp8e4nv"), scale_ptr=Ptr("fp32"), hidden=7168, fp8_max=448.0,
             fp8_max_inv=1 / 448, amax_floor=1e-4, STORE_FP32=False)),
@@ -183,7 +188,7 @@ def moe_lowering_report() -> dict[str, dict[str, int]]:
     report = {name: _counts(kernel) for name, kernel in kernels.items()}
     report["cast_fp8"]["e4m3_cvt"] = kernels["cast_fp8"].asm["ptx"].count("e4m3x2.f32")
     for name in ("expanded_count", "expanded_layout", "expanded_scatter", "expanded_pad_rows", "token_rows",
-                 "token_table"):
+                 "token_table", "ll_layout", "ll_positions"):
         ptx = kernels[name].asm["ptx"]
         report[name]["atomics"] = ptx.count("atom.") + ptx.count("red.global")
     return report

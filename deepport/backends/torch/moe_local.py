@@ -26,6 +26,15 @@ backends' kernels) and reuses everything else.
   ``expanded_src_row``, ``m_indices``, ``recv_src_idx``, ``recv_topk_idx`` and ``weights``: int64
   ``[tokens, K]``, each token's expanded rows in ascending order with ``-1`` first, and their float32
   weights (anything where ``-1``). Without it the combine builds the table with torch ops.
+- ``low_latency_layout(topk_idx, num_experts, capacity, count)`` (optional): the one-process low-latency
+  layout of ``topk_idx [T, K]`` (``T <= capacity``): ``(src, packed)``, int64 ``[E, capacity]``, what
+  :func:`deepport.backends.torch.moe_one_process.packed_sources` and the received rows give: ``src[e, p]``
+  the ``p``-th token (ascending) selecting expert ``e`` in any slot, ``packed[e, p]`` that token's rank
+  among the tokens selecting any expert, both ``-1`` past the count, which it writes into ``count`` (int32
+  ``[E]``). Without it the one-process dispatch computes them with torch ops.
+- ``low_latency_positions(topk_idx, capacity)`` (optional): int64 ``[T, K]``, the packed row
+  ``e * capacity + p`` that slot ``k`` of token ``t`` (expert ``e``) reads in the one-process low-latency
+  combine, ``-1`` for a ``-1`` slot. Without it the combine derives them from the handle with torch ops.
 - ``cast_fp8(x)``: bf16 ``[T, H]`` -> (e4m3 ``[T, H]``, float32 scales ``[T, H / 128]``), DeepEP's rule
   bit for bit (the op's docstring): per 128 channels ``amax = max(|x|, float32(1e-4))``, ``scale =
   float32(amax * float32(1/448))``, ``fp8 = e4m3(float32(x * float32(448 / amax)))``.
@@ -83,6 +92,9 @@ class LocalSteps:
     token_rows_into: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
     token_table: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int],
                           tuple[torch.Tensor, torch.Tensor]] | None = None
+    low_latency_layout: Callable[[torch.Tensor, int, int, torch.Tensor],
+                                 tuple[torch.Tensor, torch.Tensor]] | None = None
+    low_latency_positions: Callable[[torch.Tensor, int], torch.Tensor] | None = None
 
 
 def _flat(dst: torch.Tensor) -> torch.Tensor | None:

@@ -65,8 +65,17 @@ def dispatch(call: MoELowLatencyDispatchCall, data: torch.Tensor, scales: torch.
     H200, trace of 2026-12-02): the torch steps fill them with copies of a token's row."""
     experts, capacity = call.num_experts, call.max_tokens_per_rank
     hidden = int(call.x.shape[1])
-    mask = expert_mask(call.topk_idx, experts)
-    src = packed_sources(mask, capacity)
+    count = call.alloc((experts,), torch.int32)
+    if local.low_latency_layout is not None:
+        src, packed = local.low_latency_layout(call.topk_idx, experts, capacity, count)
+    else:
+        mask = expert_mask(call.topk_idx, experts)
+        src = packed_sources(mask, capacity)
+        count.copy_(mask.sum(dim=0))
+        packed = src  # no token, no row: every entry is -1
+        if int(data.shape[0]) > 0:
+            row_of_token, _ = received_rows(mask)
+            packed = torch.where(src >= 0, row_of_token[src.clamp(min=0)], -1)
     recv_x = call.alloc((experts, capacity, hidden), data.dtype)
     local.place_rows(data, recv_x, src, False)
     recv_s = None
@@ -74,12 +83,6 @@ def dispatch(call: MoELowLatencyDispatchCall, data: torch.Tensor, scales: torch.
         storage = call.alloc((experts, hidden // FP8_BLOCK, capacity), torch.float32)
         recv_s = storage.transpose(1, 2)  # column-major in the last two dimensions
         local.place_rows(scales, recv_s, src, False)
-    count = call.alloc((experts,), torch.int32)
-    count.copy_(mask.sum(dim=0))
-    packed = src  # no token, no row: every entry is -1
-    if int(data.shape[0]) > 0:
-        row_of_token, _ = received_rows(mask)
-        packed = torch.where(src >= 0, row_of_token[src.clamp(min=0)], -1)
     routes = OneProcessRoutes(call.topk_idx.to(torch.int64).clone(), experts, hidden)
     handle = MoELowLatencyHandle(routes, capacity, count.clone(), packed)
     x_out: MoEInput = recv_x if recv_s is None else (recv_x, recv_s)
@@ -98,9 +101,14 @@ def combine(call: MoELowLatencyCombineCall, local: LocalSteps) -> torch.Tensor:
     out = call.alloc((t, hidden), torch.bfloat16)
     if t == 0:
         return out
-    _, token_of_row = received_rows(expert_mask(call.topk_idx, experts))
     packed = h.packed_src_row
     capacity = int(packed.shape[1])
+    if local.low_latency_positions is not None and local.token_rows_into is not None:
+        # the contract's layout (tokens of an expert in token order) from the routing alone, in one kernel
+        local.token_rows_into(y.reshape(experts * capacity, hidden),
+                              local.low_latency_positions(call.topk_idx, capacity), call.topk_weights, out)
+        return out
+    _, token_of_row = received_rows(expert_mask(call.topk_idx, experts))
     token = torch.where(packed >= 0, token_of_row[packed.clamp(min=0)], t)  # [E, capacity], sink row t
     position = torch.zeros((t + 1, experts), dtype=torch.int64, device=y.device)
     expert_of = torch.arange(experts, device=y.device)[:, None].expand(experts, capacity)

@@ -10,7 +10,9 @@ token's terms already in order (a ``[T, K]`` table), which sums them the same wa
 destination (a radix sort of ``T * K`` entries and the segment scan: about 100 us of the 290 us expanded
 combine of 4096 tokens on an H200, trace of 2026-12-01). The expanded combine's table comes from one
 kernel, ``token_table`` (torch's ten gathers, scatter and sort took about 85 us around the 132 us sum
-kernel, trace of 2026-12-02); the FP8 cast uses IEEE divisions and e4m3
+kernel, trace of 2026-12-02); the one-process low-latency layout and the combine's row of each slot also
+come from one kernel each (``low_latency_layout``, ``low_latency_positions``) instead of a dozen torch
+scans, scatters and gathers apiece; the FP8 cast uses IEEE divisions and e4m3
 round-to-nearest-even (under the interpreter, whose e4m3 and bf16 roundings are wrong, the kernels store
 float32 and torch rounds). The one-process expanded dispatch is fused
 (:mod:`deepport.backends.triton.moe_expanded_dispatch`, the ``dispatch_expanded_one_process`` step).
@@ -28,6 +30,8 @@ from deepport.backends.triton._runtime import interpreting
 from deepport.backends.triton.moe_permute_kernels import (
     moe_cast_fp8_kernel,
     moe_layout_count_kernel,
+    moe_ll_layout_kernel,
+    moe_ll_positions_kernel,
     moe_place_rows_kernel,
     moe_token_rows_kernel,
     moe_token_table_kernel,
@@ -208,8 +212,44 @@ def token_table(src_row: torch.Tensor, expert: torch.Tensor, token_of: torch.Ten
             moe_token_table_kernel[(-(-rows // _TABLE_ROWS),)](
                 src_row.contiguous(), expert.contiguous(), token_of.contiguous(), topk,
                 row_weights.to(torch.float32).contiguous(), table, weights, rows, topk.stride(0), K=k,
-                KP=1 << max(k - 1, 0).bit_length(), BLOCK_R=_TABLE_ROWS)
+                KP=_pow2(k), BLOCK_R=_TABLE_ROWS)
     return table, weights
+
+
+_LL_TOKENS = 64  # tokens per loop step of the one-process low-latency layout kernels
+
+
+def _pow2(k: int) -> int:
+    return 1 << max(k - 1, 0).bit_length()
+
+
+def low_latency_layout(topk_idx: torch.Tensor, num_experts: int, capacity: int,
+                       count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one-process low-latency layout (see :class:`deepport.backends.torch.moe_local.LocalSteps`) in one
+    kernel of one program per expert, instead of torch's dozen scans, scatters and gathers."""
+    t, k = (int(d) for d in topk_idx.shape)
+    src = torch.empty((num_experts, capacity), dtype=torch.int64, device=topk_idx.device)
+    packed = torch.empty_like(src)
+    if num_experts:
+        idx = topk_idx if topk_idx.stride(1) == 1 or k <= 1 else topk_idx.contiguous()
+        with _guard(topk_idx.device):
+            moe_ll_layout_kernel[(num_experts,)](
+                idx, idx.stride(0) if t > 1 else k, src, packed, count, t, capacity, K=max(k, 1), KP=_pow2(k),
+                BLOCK_T=_LL_TOKENS)
+    return src, packed
+
+
+def low_latency_positions(topk_idx: torch.Tensor, capacity: int) -> torch.Tensor:
+    """int64 ``[T, K]``: each routed slot's row in the one-process low-latency layout (``e * capacity +``
+    the token's place among ``e``'s tokens), ``-1`` for ``-1`` slots: one program per token."""
+    t, k = (int(d) for d in topk_idx.shape)
+    src_pos = torch.empty((t, k), dtype=torch.int64, device=topk_idx.device)
+    if t and k:
+        idx = topk_idx if topk_idx.stride(1) == 1 or k == 1 else topk_idx.contiguous()
+        with _guard(topk_idx.device):
+            moe_ll_positions_kernel[(t,)](idx, idx.stride(0) if t > 1 else k, src_pos, capacity, K=k,
+                                          KP=_pow2(k), BLOCK_T=_LL_TOKENS)
+    return src_pos
 
 
 def cast_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,7 +273,8 @@ def _dispatch_expanded_one_process(call: MoEExpandedDispatchCall) -> MoEExpanded
 
 TRITON = LocalSteps(place_rows, weighted_rows, cast_fp8, weighted_rows_into=weighted_rows_into,
                     dispatch_expanded_one_process=_dispatch_expanded_one_process, token_rows_into=token_rows_into,
-                    token_table=token_table)
+                    token_table=token_table, low_latency_layout=low_latency_layout,
+                    low_latency_positions=low_latency_positions)
 
 
 def layout(call: MoELayoutCall) -> MoELayout:

@@ -139,6 +139,57 @@ def moe_token_table_kernel(src_row_ptr, expert_ptr, token_of_ptr, topk_ptr, row_
 
 
 @triton.jit
+def moe_ll_layout_kernel(idx_ptr, stride_idx, src_ptr, packed_ptr, count_ptr, num_tokens, capacity,
+                         K: tl.constexpr, KP: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Grid ``E``: the one-process low-latency layout of expert ``e`` from ``idx [T, K]`` (row stride
+    ``stride_idx``, ids in ``[-1, E)``, ``T <= capacity``): ``src[e, p]`` the ``p``-th token selecting ``e``
+    in any slot (tokens ascending), ``packed[e, p]`` that token's received row (its rank among the tokens
+    selecting any expert), both ``-1`` from ``count[e]`` (int32) to ``capacity``."""
+    e = tl.program_id(0)
+    j = tl.arange(0, KP)
+    taken = tl.zeros([], tl.int32)  # rows of e so far
+    received = tl.zeros([], tl.int32)  # tokens selecting any expert so far
+    for start in range(0, num_tokens, BLOCK_T):
+        t = start + tl.arange(0, BLOCK_T)
+        ids = tl.load(idx_ptr + t.to(tl.int64)[:, None] * stride_idx + j[None, :],
+                      mask=(t < num_tokens)[:, None] & (j[None, :] < K), other=-1)
+        mine = tl.max((ids == e).to(tl.int32), axis=1)  # [BLOCK_T]: 1 where the token selects e
+        routed = tl.max((ids >= 0).to(tl.int32), axis=1)
+        at = e.to(tl.int64) * capacity + (taken + tl.cumsum(mine, axis=0) - 1)
+        tl.store(src_ptr + at, t.to(tl.int64), mask=mine > 0)
+        tl.store(packed_ptr + at, (received + tl.cumsum(routed, axis=0) - 1).to(tl.int64), mask=mine > 0)
+        taken += tl.sum(mine, axis=0)
+        received += tl.sum(routed, axis=0)
+    tl.store(count_ptr + e, taken)
+    for start in range(0, capacity, BLOCK_T):
+        p = start + tl.arange(0, BLOCK_T)
+        rest = (p >= taken) & (p < capacity)
+        at = e.to(tl.int64) * capacity + p
+        tl.store(src_ptr + at, tl.full([BLOCK_T], -1, tl.int64), mask=rest)
+        tl.store(packed_ptr + at, tl.full([BLOCK_T], -1, tl.int64), mask=rest)
+
+
+@triton.jit
+def moe_ll_positions_kernel(idx_ptr, stride_idx, src_pos_ptr, capacity, K: tl.constexpr, KP: tl.constexpr,
+                            BLOCK_T: tl.constexpr):
+    """Grid ``T``: for token ``t`` and slot ``k`` with ``e = idx[t, k] >= 0``, ``src_pos[t, k] = e * capacity +``
+    the number of tokens before ``t`` selecting ``e`` in any slot (``t``'s row in ``e``'s packed block,
+    the one-process low-latency layout); ``-1`` where ``idx[t, k] < 0``."""
+    t = tl.program_id(0)
+    j = tl.arange(0, KP)
+    mine = tl.load(idx_ptr + t.to(tl.int64) * stride_idx + j, mask=j < K, other=-1).to(tl.int64)  # [KP]
+    before = tl.zeros([KP], tl.int32)
+    for start in range(0, t, BLOCK_T):
+        u = start + tl.arange(0, BLOCK_T)
+        ids = tl.load(idx_ptr + u.to(tl.int64)[:, None] * stride_idx + j[None, :],
+                      mask=(u < t)[:, None] & (j[None, :] < K), other=-1).to(tl.int64)  # [BLOCK_T, KP]
+        hit = tl.max((ids[None, :, :] == mine[:, None, None]).to(tl.int32), axis=2)  # [KP, BLOCK_T]
+        before += tl.sum(hit, axis=1)
+    pos = tl.where(mine >= 0, mine * capacity + before.to(tl.int64), -1)
+    tl.store(src_pos_ptr + t.to(tl.int64) * K + j, pos, mask=j < K)
+
+
+@triton.jit
 def moe_cast_fp8_kernel(x_ptr, q_ptr, scale_ptr, hidden, fp8_max, fp8_max_inv, amax_floor,
                         STORE_FP32: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
