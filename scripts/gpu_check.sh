@@ -230,6 +230,21 @@ SHAPES
     timeout 280 python3 scripts/gpu_triton_sweep.py --only fp8 --budget-s 240 --out "$OUT/triton-sweep" \
       > "$OUT/triton_sweep.txt" 2>&1; tail -n 60 "$OUT/triton_sweep.txt"
     tar -czf "$OUT/triton-sweep.tar.gz" -C "$OUT" triton-sweep 2>/dev/null && rm -rf "$OUT/triton-sweep" ;;
+  moe-verify)  # the triton MoE kernels not yet run on a GPU (token table, low-latency layout and positions) and
+               # the unzeroed one-process low-latency rows: GPU tests (each against torch), smoke certify of the MoE
+               # ops, the combine/dispatch trace, then deepport bench of the single-GPU MoE configs
+    environment
+    timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_triton_moe.py tests/test_moe_one_process_expanded.py \
+      tests/test_triton_gpu.py tests/test_moe_gpu.py tests/test_decode_step_example.py > "$OUT/gpu_tests_moe.txt" 2>&1
+    tail -n 8 "$OUT/gpu_tests_moe.txt"
+    timeout 120 python3 -m deepport certify --device cuda --tier smoke --backend torch triton --op moe_layout \
+      moe_dispatch_expanded moe_combine_expanded moe_low_latency_dispatch moe_low_latency_combine \
+      --out "$OUT/smoke" > "$OUT/smoke.log" 2>&1; tail -n 12 "$OUT/smoke.log"
+    DEEPPORT_CHECK_VALUES=0 timeout 120 python3 scripts/gpu_moe_trace.py --combine --place > "$OUT/moe_trace.txt" 2>&1
+    grep -vE "^BLOCK_C" "$OUT/moe_trace.txt" | head -n 40
+    timeout 150 python3 -m deepport bench --device cuda --op moe_dispatch_expanded moe_combine_expanded \
+      moe_low_latency_dispatch moe_low_latency_combine --out "$OUT/bench" > "$OUT/bench.log" 2>&1
+    tail -n 30 "$OUT/bench.log"; cp "$OUT/bench/bench.json" "$OUT/bench_moe.json" 2>/dev/null; rm -rf "$OUT/bench" "$OUT/smoke" ;;
   peer-1gpu)
     environment
     TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 timeout 300 \
@@ -240,5 +255,5 @@ SHAPES
     python3 -m deepport bench --device cuda --out "$OUT/bench" 2>&1 | tail -n 80
     cp "$OUT/bench/bench.json" "$OUT/bench.json" 2>/dev/null; cp "$OUT/bench/bench.png" "$OUT/bench.png" 2>/dev/null
     rm -rf "$OUT/bench" ;;
-  *) echo "unknown stage $stage (mla, fp8, moe-tests, cert-a, cert-b, part NAME, merge, parts-start, parts-collect, cpu-cert-start, cpu-cert-collect, hopper-mla, ecosystem, profile, profile-mla, bench, tune, backends, selection, peer-1gpu)"; exit 2 ;;
+  *) echo "unknown stage $stage (mla, fp8, moe-tests, cert-a, cert-b, part NAME, merge, parts-start, parts-collect, cpu-cert-start, cpu-cert-collect, hopper-mla, ecosystem, profile, profile-mla, bench, tune, moe-verify, backends, selection, peer-1gpu)"; exit 2 ;;
 esac
