@@ -87,11 +87,12 @@ part() {  # part NAME: certify --tier full on $DEEPPORT_CERT_BACKENDS (default t
   fi
 }
 
-collect_parts() {  # collect_parts SECONDS: wait for the detached parts run, then copy its output to $OUT
+collect_parts() {  # collect_parts SECONDS: wait for the detached parts run, then archive its output into $OUT
   local dir=/tmp/deepport-parts waited=0 pid
   pid="$(cat "$dir/pid" 2>/dev/null)" || { echo "no parts-start run in $dir"; return 2; }
   while kill -0 "$pid" 2> /dev/null && [ "$waited" -lt "$1" ]; do sleep 5; waited=$((waited + 5)); done
-  cp -r "$dir/out/." "$OUT/" 2>/dev/null; cp "$dir/script.log" "$OUT/parts-script.log" 2>/dev/null
+  # one archive: each part is a folder of three files, and at most 8 files come back from a device call
+  tar -czf "$OUT/parts.tar.gz" -C "$dir" out script.log 2>/dev/null
   if kill -0 "$pid" 2> /dev/null; then
     echo "still running after $waited s (call parts-collect within 30 s to keep the machine):"
     cat "$dir/out/parts.txt" 2>/dev/null; return 1
