@@ -362,6 +362,37 @@ def test_gpu_bench_measures_ceilings_and_records_the_timing_method(tmp_path: Pat
     assert results["torch"]["x_baseline"] == 1.0
 
 
+@pytest.mark.parametrize("device_us, capturable, method, per_sample", [
+    (50.0, True, "cuda_graph", 40), (1500.0, True, "cuda_graph", 3), (400.0, False, "cuda_events", 10),
+    (1500.0, False, "cuda_events_flushed", 1)])
+def test_cuda_timing_method_depends_on_capture_not_on_length(monkeypatch: pytest.MonkeyPatch, device_us: float,
+                                                             capturable: bool, method: str, per_sample: int) -> None:
+    """The decision of :func:`timing.time_calls` on CUDA, with the device calls stubbed: a capturable call
+    is graph-timed at any length (at least 3 calls per replay once it passes 1 ms), so two backends of one
+    config never get different methods from their lengths alone; only an uncapturable call is timed
+    with events (a loop under 1 ms, single flushed calls above), with the reason noted."""
+    used: dict[str, Any] = {}
+    monkeypatch.setattr(timing, "synchronize", lambda device: None)
+    monkeypatch.setattr(timing, "_events_loop", lambda calls, device, n, samples: [device_us] * samples)
+    monkeypatch.setattr(timing, "_synchronizes", lambda call: None if capturable else "the call synchronises")
+    monkeypatch.setattr(timing, "_graph_probe_us", lambda calls, device: device_us if capturable else None)
+
+    def graph(calls: Any, device: Any, samples: int, n: int) -> timing.Timing:
+        used.update(method="cuda_graph", n=n)
+        return timing.Timing("cuda_graph", [device_us] * samples, n, len(calls))
+
+    def flushed(calls: Any, device: Any, samples: int) -> timing.Timing:
+        used.update(method="cuda_events_flushed", n=1)
+        return timing.Timing("cuda_events", [device_us] * samples, 1, len(calls), l2_flush=True)
+
+    monkeypatch.setattr(timing, "_time_graph", graph)
+    monkeypatch.setattr(timing, "_time_events_flushed", flushed)
+    measured = timing.time_calls([lambda: None], torch.device("cuda"), samples=4, warmup=1)
+    got = used.get("method", measured.method)
+    assert got == method and measured.calls_per_sample == per_sample, (got, measured)
+    assert (measured.notes != []) == (not capturable)  # why it was not graphed is recorded
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_timing_graphs_capturable_calls_and_falls_back_to_events_for_syncing_ones() -> None:

@@ -1,16 +1,16 @@
 """Timing: median of samples after warm-up, by the method that measures the kernels and not the host.
 
-- CUDA, calls whose estimate is under ``GRAPH_BELOW_US`` (1 ms; the estimate is the fastest of three
-  rounds of events around the calls, so that one stall, such as a library's first-use set-up, does not
-  send one backend of a config to another method than its peers; events include host overhead, so a
-  100 us kernel behind a slow host can look several times longer: an estimate at or over the bound is
-  replaced by the device time of the fastest of three replays of one graph of the calls, when they
-  capture, so the method follows the device time, not the host's):
-  a CUDA graph of many calls, replayed; one sample = one replay timed with CUDA events, divided by
-  the calls in it (launch overhead excluded). Capture
-  runs on torch's side stream (``torch.cuda.graph``); if it fails (a call synchronises, reads a value
-  on the host ...), the failure is recorded and the calls are timed with events around a loop instead.
-- CUDA, longer calls: CUDA events around each call, L2 flushed (a write of twice its size) before each.
+- CUDA, calls that can be captured: a CUDA graph of several calls (about 2 ms of them, at least
+  ``GRAPH_MIN_CALLS``), replayed; one sample = one replay timed with CUDA events, divided by the calls in it
+  (launch overhead excluded). Capture runs on torch's side stream (``torch.cuda.graph``). Every capturable
+  call is timed this way, whatever its length, so the backends of one config share a method: single
+  calls between host synchronisations (the method for long calls until 2026-12-02) let the GPU idle and
+  its clocks drop between calls and read up to 15% slower on an H200 for the same 1 ms kernel, which made
+  a ratio between a graph-timed and an events-timed backend near the bound unfair.
+- CUDA, calls that cannot be captured (a call synchronises, reads a value on the host ...; the reason is
+  recorded): estimated by the fastest of three rounds of events around the calls; under
+  ``GRAPH_BELOW_US`` (1 ms) timed with events around a loop of calls (host overhead included), longer
+  ones with CUDA events around each call, L2 flushed (a write of twice its size) before each.
 - Inputs smaller than twice the L2 are rotated: several copies (different seeds), called in turn.
 - CPU (and other devices): ``time.perf_counter`` around each call (after a device synchronisation).
 """
@@ -31,6 +31,7 @@ import torch
 from deepport.conformance.call import synchronize
 
 GRAPH_BELOW_US = 1000.0
+GRAPH_MIN_CALLS = 3  # a graph of long calls still holds a few, so the GPU never idles between two of them
 DEFAULT_L2_BYTES = 60 << 20  # the H200's, when the device does not say
 
 
@@ -109,23 +110,28 @@ def time_calls(calls: Sequence[Callable[[], None]], device: torch.device, *, sam
     if device.type != "cuda":
         return _time_host(calls, device, samples)
     estimate = min(_events_loop(calls, device, len(calls), 3))
-    if estimate >= GRAPH_BELOW_US:
-        # events around calls include host time: a short kernel behind a slow host (hundreds of small
-        # launches) estimates long. Ask the device: one replay of a graph of the calls, if they capture.
-        estimate = _graph_probe_us(calls, device) or estimate
+    why_not = _synchronizes(calls[0])  # a call that syncs cannot be captured: do not even try
+    if why_not is None:
+        if estimate >= GRAPH_BELOW_US:
+            # events around calls include host time: a short kernel behind a slow host (hundreds of small
+            # launches) estimates long. Ask the device: one replay of a graph of the calls.
+            estimate = _graph_probe_us(calls, device) or estimate
+        per_sample = max(GRAPH_MIN_CALLS, min(1000, math.ceil(2000.0 / max(estimate, 0.5))))
+        if estimate < GRAPH_BELOW_US:
+            per_sample = max(10, per_sample)
+        try:
+            return _time_graph(calls, device, samples, per_sample)
+        except Exception as exc:  # capture failed: record why, time with events instead
+            _recover(device)
+            why_not = f"CUDA graph capture failed ({type(exc).__name__}: {str(exc)[:200]})"
     if estimate < GRAPH_BELOW_US:
         per_sample = max(10, min(1000, math.ceil(2000.0 / max(estimate, 0.5))))
-        why_not = _synchronizes(calls[0])  # a call that syncs cannot be captured: do not even try
-        if why_not is None:
-            try:
-                return _time_graph(calls, device, samples, per_sample)
-            except Exception as exc:  # capture failed: record why, time with events around a loop instead
-                _recover(device)
-                why_not = f"CUDA graph capture failed ({type(exc).__name__}: {str(exc)[:200]})"
         loop = _events_loop(calls, device, per_sample, samples)
         return Timing("cuda_events", loop, per_sample, len(calls),
                       notes=[f"{why_not}; events around a loop of calls include host launch overhead"])
-    return _time_events_flushed(calls, device, samples)
+    flushed = _time_events_flushed(calls, device, samples)
+    flushed.notes.append(f"{why_not}; single calls, L2 flushed before each")
+    return flushed
 
 
 def _graph_probe_us(calls: Sequence[Callable[[], None]], device: torch.device) -> float | None:
