@@ -4,9 +4,9 @@
   ``GRAPH_MIN_CALLS``), replayed; one sample = one replay timed with CUDA events, divided by the calls in it
   (launch overhead excluded). Capture runs on torch's side stream (``torch.cuda.graph``). Every capturable
   call is timed this way, whatever its length, so the backends of one config share a method: single
-  calls between host synchronisations (the method for long calls until 2026-12-02) let the GPU idle and
-  its clocks drop between calls and read up to 15% slower on an H200 for the same 1 ms kernel, which made
-  a ratio between a graph-timed and an events-timed backend near the bound unfair.
+  calls between host synchronisations (the method for long calls until 2026-12-02) leave the GPU idle
+  between calls (most likely its clocks drop) and read up to 15% slower on an H200 for the same 1 ms
+  kernel, which made a ratio between a graph-timed and an events-timed backend near the bound unfair.
 - CUDA, calls that cannot be captured (a call synchronises, reads a value on the host ...; the reason is
   recorded): estimated by the fastest of three rounds of events around the calls; under
   ``GRAPH_BELOW_US`` (1 ms) timed with events around a loop of calls (host overhead included), longer
