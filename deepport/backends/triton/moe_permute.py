@@ -230,12 +230,16 @@ def low_latency_layout(topk_idx: torch.Tensor, num_experts: int, capacity: int,
     t, k = (int(d) for d in topk_idx.shape)
     src = torch.empty((num_experts, capacity), dtype=torch.int64, device=topk_idx.device)
     packed = torch.empty_like(src)
-    if num_experts:
-        idx = topk_idx if topk_idx.stride(1) == 1 or k <= 1 else topk_idx.contiguous()
+    if num_experts and k:
+        idx = topk_idx if topk_idx.stride(1) == 1 or k == 1 else topk_idx.contiguous()
         with _guard(topk_idx.device):
             moe_ll_layout_kernel[(num_experts,)](
-                idx, idx.stride(0) if t > 1 else k, src, packed, count, t, capacity, K=max(k, 1), KP=_pow2(k),
+                idx, idx.stride(0) if t > 1 else k, src, packed, count, t, capacity, K=k, KP=_pow2(k),
                 BLOCK_T=_LL_TOKENS)
+    else:  # no slot: no expert receives anything
+        src.fill_(-1)
+        packed.fill_(-1)
+        count.zero_()
     return src, packed
 
 
