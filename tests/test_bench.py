@@ -362,15 +362,18 @@ def test_gpu_bench_measures_ceilings_and_records_the_timing_method(tmp_path: Pat
     assert results["torch"]["x_baseline"] == 1.0
 
 
-@pytest.mark.parametrize("device_us, capturable, method, per_sample", [
-    (50.0, True, "cuda_graph", 40), (1500.0, True, "cuda_graph", 3), (400.0, False, "cuda_events", 10),
-    (1500.0, False, "cuda_events_flushed", 1)])
+@pytest.mark.parametrize("device_us, capturable, long_graphed, method, per_sample", [
+    (50.0, True, True, "cuda_graph", 40), (1500.0, True, True, "cuda_graph", 3),
+    (400.0, False, True, "cuda_events", 10), (1500.0, False, True, "cuda_events_flushed", 1),
+    (50.0, True, False, "cuda_graph", 40), (1500.0, True, False, "cuda_events_flushed", 1)])
 def test_cuda_timing_method_depends_on_capture_not_on_length(monkeypatch: pytest.MonkeyPatch, device_us: float,
-                                                             capturable: bool, method: str, per_sample: int) -> None:
+                                                             capturable: bool, long_graphed: bool, method: str,
+                                                             per_sample: int) -> None:
     """The decision of :func:`timing.time_calls` on CUDA, with the device calls stubbed: a capturable call
     is graph-timed at any length (at least 3 calls per replay once it passes 1 ms), so two backends of one
     config never get different methods from their lengths alone; only an uncapturable call is timed
-    with events (a loop under 1 ms, single flushed calls above), with the reason noted."""
+    with events (a loop under 1 ms, single flushed calls above), with the reason noted. The ceilings
+    (``graph_long_calls=False``) time a call of 1 ms or more as single calls even when capturable."""
     used: dict[str, Any] = {}
     monkeypatch.setattr(timing, "synchronize", lambda device: None)
     monkeypatch.setattr(timing, "_events_loop", lambda calls, device, n, samples: [device_us] * samples)
@@ -387,10 +390,11 @@ def test_cuda_timing_method_depends_on_capture_not_on_length(monkeypatch: pytest
 
     monkeypatch.setattr(timing, "_time_graph", graph)
     monkeypatch.setattr(timing, "_time_events_flushed", flushed)
-    measured = timing.time_calls([lambda: None], torch.device("cuda"), samples=4, warmup=1)
+    measured = timing.time_calls([lambda: None], torch.device("cuda"), samples=4, warmup=1,
+                                 graph_long_calls=long_graphed)
     got = used.get("method", measured.method)
     assert got == method and measured.calls_per_sample == per_sample, (got, measured)
-    assert (measured.notes != []) == (not capturable)  # why it was not graphed is recorded
+    assert (measured.notes != []) == (method != "cuda_graph")  # why it was not graphed is recorded
 
 
 @pytest.mark.gpu

@@ -56,7 +56,9 @@ def test_expanded_dispatch_and_combine_match_torch(fp8: bool) -> None:
     y = torch.randn(got_x.shape, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16).to(DEVICE)
     out = deepport.moe_combine_expanded(y, got.handle, backend="triton")
     ref = deepport.moe_combine_expanded(y, want.handle, backend="torch")
-    torch.testing.assert_close(out.float(), ref.float(), rtol=2**-8, atol=0)
+    # both sum the top-k weighted rows in fp32, in their own orders: a sum on a bf16 rounding boundary may
+    # land one bf16 step apart (up to 2**-7 of the value)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2**-7, atol=0)
 
 
 def test_low_latency_fp8_dispatch_and_combine_match_torch() -> None:
@@ -71,7 +73,9 @@ def test_low_latency_fp8_dispatch_and_combine_match_torch() -> None:
     y = torch.randn(got.recv_x[0].shape, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16).to(DEVICE)
     out = deepport.moe_low_latency_combine(y, idx, weights, got.handle, backend="triton")
     ref = deepport.moe_low_latency_combine(y, idx, weights, want.handle, backend="torch")
-    torch.testing.assert_close(out.float(), ref.float(), rtol=2**-8, atol=0)
+    # both sum the top-k weighted rows in fp32, in their own orders: a sum on a bf16 rounding boundary may
+    # land one bf16 step apart (up to 2**-7 of the value)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2**-7, atol=0)
 
 
 def test_fp8_cast_matches_torch_bits() -> None:

@@ -10,6 +10,11 @@ name                unit      how (CUDA / other devices)
 ``cpu_fp32_matmul`` TFLOP/s   torch.mm fp32 1024^3 (512^3 quick)
 ==================  ========  ===========================================================================
 
+Timing: a microbenchmark of 1 ms or more runs as single calls between CUDA events, the method the
+published ceilings were measured with, never as a CUDA graph (``time_calls(graph_long_calls=False)``):
+captured in a graph, the device-to-device copy becomes a memcpy node run by the copy engines and reads
+about two thirds of what the SMs copy.
+
 A config names a logical ceiling (``"memory"``, ``"bf16_matmul"``, ``"fp8_matmul"``, or one added to
 :data:`CEILINGS`); :func:`resolve` maps it to the microbenchmark for the run's device. Another op adds
 its ceiling by adding a :class:`Ceiling` to :data:`CEILINGS` (e.g. an NVLink all-to-all measured by
@@ -51,7 +56,7 @@ class CeilingResult:
 
 def _rate(work: float, fn: Callable[[], None], device: torch.device, quick: bool, scale: float) -> tuple[
         float, dict[str, Any]]:
-    timing = time_calls([fn], device, samples=5 if quick else 20, warmup=2)
+    timing = time_calls([fn], device, samples=5 if quick else 20, warmup=2, graph_long_calls=False)
     return work / (timing.median_us * 1e-6) / scale, timing.summary()
 
 
