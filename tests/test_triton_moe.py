@@ -4,6 +4,8 @@ bf16 rounding, the FP8 cast within half an e4m3 step (bit for bit where both rou
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -168,3 +170,67 @@ def test_low_latency_layout_and_positions_steps_equal_the_torch_derivation(
                              for t, row in enumerate(idx.tolist())], dtype=torch.int64).reshape(tokens, topk)
     got_pos = moe_permute.TRITON.low_latency_positions(idx, capacity)
     assert torch.equal(got_pos.cpu(), want_pos)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn, torch.float32])
+def test_take_rows_gathers_the_same_bits_as_indexing(dtype: torch.dtype) -> None:
+    from deepport.backends.triton import moe_routes
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(29, 96, generator=g).to(dtype).to(DEVICE)
+    index = torch.tensor([28, 0, 5, 5, 17, 3], dtype=torch.int64, device=DEVICE)
+    got = moe_routes.take_rows(x, index)
+    assert got.dtype == dtype and got.shape == (6, 96)
+    assert torch.equal(got.view(torch.uint8), x[index].view(torch.uint8))
+    assert moe_routes.take_rows(x, index[:0]).shape == (0, 96)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_sum_rows_adds_each_destinations_rows_in_entry_order(dtype: torch.dtype) -> None:
+    from deepport.backends.triton import moe_routes
+
+    g = torch.Generator().manual_seed(4)
+    rows = torch.randn(23, 3, 40, generator=g).to(dtype)
+    dst = torch.randint(0, 9, (23,), generator=g)
+    dst[dst == 4] = 5  # destination 4 gets no row: its sum is 0
+    want = torch.zeros(9, 3, 40, dtype=torch.float32)
+    for e in range(23):  # the order the step promises: entry order, float32
+        want[dst[e]] += rows[e].to(torch.float32)
+    got = moe_routes.sum_rows(rows.to(DEVICE), dst.to(DEVICE), 9)
+    assert got.dtype == torch.float32 and got.shape == (9, 3, 40)
+    assert torch.equal(got.cpu(), want)
+    assert torch.equal(moe_routes.sum_rows(rows[:0].to(DEVICE), dst[:0].to(DEVICE), 4).cpu(), torch.zeros(4, 3, 40))
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_normal_dispatch_and_combine_match_torch(monkeypatch: pytest.MonkeyPatch, fp8: bool) -> None:
+    import dataclasses
+
+    from deepport.backends.triton import moe_routes
+
+    ran: list[str] = []
+
+    def counted(name: str, step: Any) -> Any:
+        return lambda *args: (ran.append(name), step(*args))[1]
+
+    monkeypatch.setattr(moe_routes, "ROUTES", dataclasses.replace(
+        moe_routes.ROUTES, take_rows=counted("take_rows", moe_routes.take_rows),
+        sum_rows=counted("sum_rows", moe_routes.sum_rows)))
+    idx, weights, x = _routing()
+    payload: object = (moe_permute.cast_fp8(x)) if fp8 else x
+    got = deepport.moe_dispatch(payload, idx, weights, 16, expert_alignment=4, backend="triton")
+    want = deepport.moe_dispatch(payload, idx, weights, 16, expert_alignment=4, backend="torch")
+    got_x, want_x = (got.recv_x, want.recv_x) if not fp8 else (got.recv_x[0], want.recv_x[0])
+    assert torch.equal(got_x.view(torch.uint8), want_x.view(torch.uint8))
+    if fp8:
+        assert torch.equal(got.recv_x[1], want.recv_x[1])
+    assert torch.equal(got.recv_topk_idx, want.recv_topk_idx)
+    assert torch.equal(got.recv_topk_weights, want.recv_topk_weights)
+    assert got.num_recv_tokens_per_expert == want.num_recv_tokens_per_expert
+    y = torch.randn(tuple(want_x.shape), generator=torch.Generator().manual_seed(5)).to(torch.bfloat16).to(DEVICE)
+    out = deepport.moe_combine(y, got.handle, got.recv_topk_weights, backend="triton")
+    ref = deepport.moe_combine(y, want.handle, want.recv_topk_weights, backend="torch")
+    # one process: one row per token, so both sums are that row and its weights, exactly
+    assert torch.equal(out.combined_x, ref.combined_x)
+    assert torch.equal(out.combined_topk_weights, ref.combined_topk_weights)
+    assert {"take_rows", "sum_rows"} <= set(ran)  # the triton steps did the per-device work

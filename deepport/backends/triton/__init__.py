@@ -6,9 +6,10 @@
   promotion (``fp8_gemm*.py``, ``fp8_grouped_gemm.py``, tuned tiles in ``fp8_configs.py``; records in
   ``fp8_support.py``).
 - MoE: the layout count and the single-device steps of the expanded and low-latency layouts (placing
-  rows, the weighted un-permute, the per-token FP8 cast) in ``moe_permute.py``; routing and the
-  multi-rank exchange are the torch backend's ``torch.distributed`` code. The normal dispatch/combine
-  (pure exchange) are left to the torch backend.
+  rows, the weighted un-permute, the per-token FP8 cast) in ``moe_permute.py``; the normal layout's
+  dispatch/combine (gathering the rows each rank sends, the per-token sum of the returned rows) in
+  ``moe_routes.py``. Routing and the multi-rank exchange are the torch backend's ``torch.distributed``
+  code, called with these steps.
 
 Automatic choice prefers it on GPUs (priority 20, above torch's 10). On the CPU it runs only under
 ``TRITON_INTERPRET=1`` (set before triton decorates a kernel) and is never chosen automatically there
@@ -29,6 +30,10 @@ _MLA = (
 _MOE = (
     OpSupport(op="moe_layout", entry="deepport.backends.triton.moe_permute:layout", dtypes=dtypes.MOE_TOPK,
               requirements=(DEVICE,)),
+    OpSupport(op="moe_dispatch", entry="deepport.backends.triton.moe_routes:dispatch", dtypes=dtypes.MOE_PAYLOAD,
+              requirements=(DEVICE,)),
+    OpSupport(op="moe_combine", entry="deepport.backends.triton.moe_routes:combine", dtypes=dtypes.MOE_COMBINE,
+              requirements=(DEVICE,)),
     OpSupport(op="moe_dispatch_expanded", entry="deepport.backends.triton.moe_permute:dispatch_expanded",
               dtypes=dtypes.MOE_PAYLOAD, requirements=(DEVICE,)),
     OpSupport(op="moe_combine_expanded", entry="deepport.backends.triton.moe_permute:combine_expanded",
@@ -48,6 +53,9 @@ DETERMINISM: dict[str, Determinism] = {
                                "its own partial result, merged in split order; no atomics"),
     **{s.op: _GEMM for s in FP8_OPS},
     "moe_layout": _MOVES,
+    "moe_dispatch": _MOVES,
+    "moe_combine": reproducible("the rows and weights returned by the ranks are summed per token in float32 in "
+                                "a fixed rank order (entries sorted stably by token); no float atomics"),
     "moe_low_latency_dispatch": _MOVES,
     "moe_dispatch_expanded": _MOVES,
     "moe_combine_expanded": RANK_SUMS,
