@@ -401,10 +401,11 @@ def nothing_routed(rank: int, group: Any, device: torch.device, params: dict[str
     return bad
 
 
-def optional_steps(rank: int, group: Any, device: torch.device, params: dict[str, Any], seed: int = 0
-                   ) -> dict[str, Any]:
-    """The normal and expanded ops with a :class:`LocalSteps` that has ``take_rows`` and ``sum_rows`` (torch
-    functions, counted): which steps ran, and the bf16 steps / bit differences from the plain torch steps."""
+def optional_steps(rank: int, group: Any, device: torch.device, params: dict[str, Any], seed: int = 0,
+                   into: bool = False) -> dict[str, Any]:
+    """The normal and expanded ops with a :class:`LocalSteps` that has ``take_rows`` (``take_rows_into`` with
+    ``into``) and ``sum_rows`` (torch functions, counted): which steps ran, and the bf16 steps / bit
+    differences from the plain torch steps."""
     from deepport.backends.torch import moe_layouts, moe_routes
     from deepport.backends.torch.moe_local import TORCH, LocalSteps, sum_rows
     from deepport.kernels import moe_combine, moe_combine_expanded, moe_dispatch, moe_dispatch_expanded
@@ -419,7 +420,13 @@ def optional_steps(rank: int, group: Any, device: torch.device, params: dict[str
         used["sum_rows"] += 1
         return sum_rows(rows, dst, n)
 
-    steps = LocalSteps(TORCH.place_rows, TORCH.weighted_rows, TORCH.cast_fp8, take_rows=take, sum_rows=total)
+    def take_into(x: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> None:
+        used["take_rows_into"] += 1
+        assert x.dtype == out.dtype, (x.dtype, out.dtype)  # handed integer views of one type
+        out.copy_(x[index])
+
+    steps = LocalSteps(TORCH.place_rows, TORCH.weighted_rows, TORCH.cast_fp8, sum_rows=total,
+                       **({"take_rows_into": take_into} if into else {"take_rows": take}))
     x = _inputs(rank, params, seed)
     data, idx, w = x["x"].to(device), x["topk_idx"].to(device), x["topk_weights"].to(device)
     experts, bad, steps_off = int(params["experts"]), [], 0

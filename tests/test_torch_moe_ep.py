@@ -128,14 +128,18 @@ def test_tokens_routed_nowhere_move_nothing() -> None:
 # --- a stalled peer ------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("into", [False, True])
 @pytest.mark.parametrize("world, tokens", [(2, (10, 0)), (3, (7, 12, 4))])
-def test_optional_take_rows_and_sum_rows_steps_run_on_every_rank(world: int, tokens: tuple[int, ...]) -> None:
-    """A backend's ``take_rows`` / ``sum_rows`` (opencl's kernels) replace the transport's own gather and
-    per-token sums: used on every rank, same bits moved, combines within one bf16 step (summation order)."""
+def test_optional_take_rows_and_sum_rows_steps_run_on_every_rank(world: int, tokens: tuple[int, ...],
+                                                                 into: bool) -> None:
+    """A backend's ``take_rows`` (opencl's kernels) or ``take_rows_into`` (triton's) and ``sum_rows`` replace
+    the transport's own gather and per-token sums: used on every rank, same bits moved, combines within one
+    bf16 step (summation order)."""
     params = {**SMALL, "experts": 12, "world": world, "tokens": tokens}
-    for rank, got in enumerate(_run("optional_steps", world, params=params, seed=4)):
+    take = "take_rows_into" if into else "take_rows"
+    for rank, got in enumerate(_run("optional_steps", world, params=params, seed=4, into=into)):
         assert not got["bad"], (rank, got["bad"])
-        assert got["used"].get("take_rows", 0) >= 2 and got["used"].get("sum_rows", 0) >= 4, (rank, got["used"])
+        assert got["used"].get(take, 0) >= 2 and got["used"].get("sum_rows", 0) >= 4, (rank, got["used"])
         assert got["bf16_steps"] <= 1, (rank, got)
 
 

@@ -173,16 +173,19 @@ def test_low_latency_layout_and_positions_steps_equal_the_torch_derivation(
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn, torch.float32])
-def test_take_rows_gathers_the_same_bits_as_indexing(dtype: torch.dtype) -> None:
+def test_take_rows_into_gathers_the_same_bits_as_indexing_into_packed_rows(dtype: torch.dtype) -> None:
+    from deepport.backends.torch.moe_comm import RowFormat, same_bits
     from deepport.backends.triton import moe_routes
 
     g = torch.Generator().manual_seed(3)
     x = torch.randn(29, 96, generator=g).to(dtype).to(DEVICE)
     index = torch.tensor([28, 0, 5, 5, 17, 3], dtype=torch.int64, device=DEVICE)
-    got = moe_routes.take_rows(x, index)
-    assert got.dtype == dtype and got.shape == (6, 96)
-    assert torch.equal(got.view(torch.uint8), x[index].view(torch.uint8))
-    assert moe_routes.take_rows(x, index[:0]).shape == (0, 96)
+    fmt = RowFormat.of([("meta", torch.int32, 3), ("x", dtype, 96)])  # the payload at an offset in each row
+    send = torch.full((6, fmt.row_bytes), 0xA5, dtype=torch.uint8, device=DEVICE)  # poisoned
+    d, s = same_bits(fmt.part(send, "x"), x)
+    moe_routes.take_rows_into(s, index, d)
+    assert torch.equal(fmt.part(send, "x").view(torch.uint8), x[index].view(torch.uint8))
+    assert bool((fmt.part(send, "meta").view(torch.uint8) == 0xA5).all())  # nothing else written
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -214,7 +217,7 @@ def test_normal_dispatch_and_combine_match_torch(monkeypatch: pytest.MonkeyPatch
         return lambda *args: (ran.append(name), step(*args))[1]
 
     monkeypatch.setattr(moe_routes, "ROUTES", dataclasses.replace(
-        moe_routes.ROUTES, take_rows=counted("take_rows", moe_routes.take_rows),
+        moe_routes.ROUTES, take_rows_into=counted("take_rows_into", moe_routes.take_rows_into),
         sum_rows=counted("sum_rows", moe_routes.sum_rows)))
     idx, weights, x = _routing()
     payload: object = (moe_permute.cast_fp8(x)) if fp8 else x
@@ -233,4 +236,4 @@ def test_normal_dispatch_and_combine_match_torch(monkeypatch: pytest.MonkeyPatch
     # one process: one row per token, so both sums are that row and its weights, exactly
     assert torch.equal(out.combined_x, ref.combined_x)
     assert torch.equal(out.combined_topk_weights, ref.combined_topk_weights)
-    assert {"take_rows", "sum_rows"} <= set(ran)  # the triton steps did the per-device work
+    assert {"take_rows_into", "sum_rows"} <= set(ran)  # the triton steps did the per-device work

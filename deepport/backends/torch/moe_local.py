@@ -46,6 +46,9 @@ backends' kernels) and reuses everything else.
 - ``take_rows(x, index)`` (optional): ``x[index]``, a new ``[k, C]`` tensor (``index`` int64 ``[k]``, no
   ``-1``): the payload rows (data, FP8 scales) a rank sends, in send order. Without it the transport
   gathers them straight into its packed send rows.
+- ``take_rows_into(x, index, out)`` (optional, preferred over ``take_rows``): the same rows written
+  straight into ``out [k, C]`` (rows at any stride, elements dense: a part of the packed send rows, or
+  the output's own block), bit for bit; ``x`` and ``out`` come as integer views of one type.
 - ``sum_rows(rows, dst, n)`` (optional): float32 ``[n, C]``, row ``d`` the sum of the ``rows[e]`` with
   ``dst[e] == d`` (0 where none): the per-token sum of the rows a normal or expanded combine returns.
   Without it the transport sums with torch (float32 rows by :func:`sum_rows`, bf16 rows by a dense
@@ -85,6 +88,7 @@ class LocalSteps:
     cast_fp8: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
     scatter_rows: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
     take_rows: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    take_rows_into: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
     sum_rows: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None = None
     weighted_rows_into: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
                                  None] | None = None

@@ -17,8 +17,9 @@ Combine: one collective back along the reverse routes (the received rows themsel
 come along, else packed ``[x | weights]`` rows), summed per token in float32 and rounded once to bf16.
 
 The two local steps around the exchanges, gathering the payload rows to send and summing returned rows
-per token, are the optional ``take_rows`` / ``sum_rows`` of a
-:class:`~deepport.backends.torch.moe_local.LocalSteps` (another backend's kernels, e.g. opencl's); without
+per token, are the optional ``take_rows_into`` or ``take_rows`` / ``sum_rows`` of a
+:class:`~deepport.backends.torch.moe_local.LocalSteps` (another backend's kernels, e.g. triton's or
+opencl's); without
 them the rows are gathered straight into the packed send rows and summed with torch.
 """
 
@@ -83,8 +84,12 @@ def _copy_rows(dst: torch.Tensor, src: torch.Tensor, rows: torch.Tensor | None =
 
 
 def _take_rows(local: LocalSteps, dst: torch.Tensor, src: torch.Tensor, rows: torch.Tensor) -> None:
-    """``dst[i] = src[rows[i]]`` for payload rows: the backend's ``take_rows`` step when it has one."""
-    if local.take_rows is None:
+    """``dst[i] = src[rows[i]]`` for payload rows: the backend's ``take_rows_into`` or ``take_rows`` step when
+    it has one."""
+    if local.take_rows_into is not None:
+        d, s = same_bits(dst, src)
+        local.take_rows_into(s, rows, d)
+    elif local.take_rows is None:
         _copy_rows(dst, src, rows)
     else:
         _copy_rows(dst, local.take_rows(src, rows))

@@ -5,8 +5,10 @@ Routing, the count table and every byte that crosses ranks are the torch backend
 hands it :data:`ROUTES`, the triton :class:`~deepport.backends.torch.moe_local.LocalSteps` plus two
 kernels for the per-device work of these two ops:
 
-- ``take_rows``: the payload rows (data and FP8 scales) each rank sends, gathered in send order as raw
-  bits (:func:`deepport.backends.triton.moe_permute.place_rows`): equal to torch's gather bit for bit.
+- ``take_rows_into``: the payload rows (data and FP8 scales) each rank sends, gathered in send order
+  straight into their part of the packed send rows (and this rank's own rows into its output), as raw
+  bits in the widest integer type the rows allow
+  (:func:`deepport.backends.triton.moe_permute.place_rows`): equal to torch's gather bit for bit.
 - ``sum_rows``: the combine's per-token sum of the rows (and top-k weights) that come back from the
   ranks, float32, each token's rows added in a fixed rank order (the order the torch routing hands
   them over: with top-k weights this rank's own rows first, then the received ones; entries sorted
@@ -28,14 +30,12 @@ from deepport.kernels.moe_combine import MoECombineCall, MoECombineResult
 from deepport.kernels.moe_dispatch import MoEDispatchCall, MoEDispatchResult
 
 
-def take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``x[index]`` as a new ``[k, C]`` tensor on ``x``'s device, bit for bit (``x [n, C]`` any dtype,
-    ``index`` int64 ``[k]`` in ``[0, n)``, no ``-1``)."""
-    rows, cols = int(index.shape[0]), int(x.shape[1])
-    out = torch.empty((rows, cols), dtype=x.dtype, device=x.device)
+def take_rows_into(x: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> None:
+    """``out[i] = x[index[i]]`` bit for bit (``x [n, C]``, ``out [k, C]`` of one element type, ``out``'s rows
+    at any stride with dense elements, ``index`` int64 ``[k]`` in ``[0, n)``, no ``-1``)."""
+    rows, cols = int(index.shape[0]), int(out.shape[1])
     if rows and cols:
-        place_rows(x, out.view(1, rows, cols), index.reshape(1, rows), False)
-    return out
+        place_rows(x, out[None], index.reshape(1, rows), False)
 
 
 def sum_rows(rows: torch.Tensor, dst: torch.Tensor, n: int) -> torch.Tensor:
@@ -51,7 +51,7 @@ def sum_rows(rows: torch.Tensor, dst: torch.Tensor, n: int) -> torch.Tensor:
     return weighted_rows(flat, entries, dst.to(torch.int64), ones, n).view(n, *rows.shape[1:])
 
 
-ROUTES = dataclasses.replace(TRITON, take_rows=take_rows, sum_rows=sum_rows)
+ROUTES = dataclasses.replace(TRITON, take_rows_into=take_rows_into, sum_rows=sum_rows)
 
 
 def dispatch(call: MoEDispatchCall) -> MoEDispatchResult:
