@@ -17,8 +17,7 @@ from deepport.dispatch import perf_table
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-H200_RUNS = [RESULTS / "2026-12-01-h200-backends" / "bench.json",
-             RESULTS / "2026-12-01-h200-hopper-mla" / "mla_bench.json"]
+H200_RUNS = [RESULTS / "2026-12-02-h200-bench-b5c5311" / "bench.json"]
 SHIPPED = perf_table.TABLE_DIR / "nvidia-sm90.json"
 COMMIT = "1234567890abcdef1234567890abcdef12345678"
 
@@ -133,8 +132,8 @@ def test_the_shipped_sm90_table_is_what_the_committed_h200_benches_give() -> Non
     rebuilt = tune_table.build(H200_RUNS, cli_tune_table.builtin_priority, cli_tune_table.perf_shape)
     assert rebuilt["devices"] == shipped["devices"] and rebuilt["buckets"] == shipped["buckets"]
     assert rebuilt["runs"] == shipped["runs"]
-    assert shipped["runs"]["2026-12-01-h200-backends"]["commit"] == "0323c72e6859fa3a4f95d2352575264a25ba86e6"
-    assert shipped["runs"]["2026-12-01-h200-hopper-mla"]["commit"] == "e9f54fc4ea9c1eabb91f6c6c75b9f3b4a7b0864e"
+    # the commit the run's folder names (commit.txt), not the device copy's recorded git state
+    assert shipped["runs"]["2026-12-02-h200-bench-b5c5311"]["commit"] == "b5c5311a96b7d479aba7242560223843f8f63b74"
 
 
 def test_files_of_one_folder_get_distinct_run_ids(tmp_path: Path) -> None:
