@@ -23,16 +23,19 @@ MOE_OPS = [op for op in SUITES if op.startswith("moe_")]
 two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs for 2-rank NCCL")
 
 
-def test_single_gpu_round_trip_matches_reference_bit_for_bit() -> None:
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_single_gpu_round_trip_matches_reference_bit_for_bit(backend: str) -> None:
+    if backend == "triton":
+        pytest.importorskip("triton")
     g = torch.Generator().manual_seed(0)
     x = torch.randn(512, 7168, generator=g).to("cuda", torch.bfloat16)
     idx = torch.rand(512, 256, generator=g).topk(8, dim=1).indices.cuda()
     w = torch.rand(512, 8, generator=g).cuda()
-    t = deepport.moe_dispatch(x, idx, w, 256, expert_alignment=128, backend="torch")
+    t = deepport.moe_dispatch(x, idx, w, 256, expert_alignment=128, backend=backend)
     r = deepport.moe_dispatch(x, idx, w, 256, expert_alignment=128, backend="reference")
     assert isinstance(t.recv_x, torch.Tensor) and t.recv_x.device.type == "cuda"
     assert torch.equal(t.recv_x, r.recv_x) and t.num_recv_tokens_per_expert == r.num_recv_tokens_per_expert
-    out, weights = deepport.moe_combine(t.recv_x, t.handle, t.recv_topk_weights, backend="torch")
+    out, weights = deepport.moe_combine(t.recv_x, t.handle, t.recv_topk_weights, backend=backend)
     assert torch.equal(out, x) and weights is not None and torch.equal(weights, w)
 
 
