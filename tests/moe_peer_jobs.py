@@ -63,15 +63,16 @@ def _outputs(group: Any, device: torch.device, p: dict[str, Any], seed: int, ran
 
 
 def peer_agreement(rank: int, group: Any, device: torch.device, params: dict[str, Any], capacity: int,
-                   seed: int = 0, calls: int = 2) -> dict[str, Any]:
+                   seed: int = 0, calls: int = 2, fixed: int = 0) -> dict[str, Any]:
     """Every MoE op over all_to_all_single, then over the peer transport (``calls`` times, the same
-    memory: counters carry over between calls); bit-exact agreement, and no collective in the peer runs."""
+    memory: counters carry over between calls); bit-exact agreement, and no collective in the peer runs.
+    ``fixed``: the memory's fixed-exchange slot bytes (0: every exchange in rounds)."""
     from deepport.backends.hopper.peer_memory_shm import ShmPeerMemory
     from deepport.backends.hopper.peer_transport import PeerTransport
     from deepport.backends.torch.moe_comm import use_transport
 
     p = {**params, "tokens": tuple(params["tokens"])}
-    memory = ShmPeerMemory(group, capacity, timeout_s=30.0)
+    memory = ShmPeerMemory(group, capacity, timeout_s=30.0, fixed_capacity=fixed)
     transport = PeerTransport(memory)
     bad: list[str] = []
     collectives = 0
@@ -94,18 +95,50 @@ def peer_agreement(rank: int, group: Any, device: torch.device, params: dict[str
             bad.append(f"call {call}: outputs {sorted(got)} vs {sorted(want)}")
         for name in want:
             _same(f"call {call}: {name}", got.get(name), want[name], bad)
-    return {"bad": bad, "collectives": collectives, "chunks": sum(memory.sent), "compared": len(want)}
+    return {"bad": bad, "collectives": collectives, "chunks": sum(memory.sent), "compared": len(want),
+            "fixed_exchanges": memory.fixed_exchanges}
 
 
-def peer_stalled(rank: int, group: Any, device: torch.device, tokens: tuple[int, ...], experts: int) -> str:
-    """The last rank builds the memory but never calls the dispatch: the others must time out with a message."""
+def fixed_exchanges(rank: int, group: Any, device: torch.device, sizes: list[int], fixed: int,
+                    seed: int = 0) -> dict[str, Any]:
+    """Equal-split exchanges of ``sizes[i]`` bytes per pair, back to back on one memory, each against
+    ``all_to_all_single`` of the same bytes: the parity areas must never hand out stale or torn bytes
+    even when a fast rank runs ahead (ranks sleep at random between exchanges)."""
+    import random
+    import time
+
+    from deepport.backends.hopper.peer_memory_shm import ShmPeerMemory
+    from deepport.backends.hopper.peer_transport import PeerTransport
+
+    world = dist.get_world_size(group)
+    memory = ShmPeerMemory(group, 64, timeout_s=30.0, fixed_capacity=fixed)
+    transport = PeerTransport(memory)
+    pause = random.Random(seed * 31 + rank)
+    bad: list[str] = []
+    for i, n in enumerate(sizes):
+        g = torch.Generator().manual_seed(seed * 7919 + i * 97 + rank)
+        send = torch.randint(0, 256, (world * n,), generator=g, dtype=torch.uint8)
+        want = torch.empty_like(send)
+        dist.all_to_all_single(want, send, group=group)
+        got = torch.full_like(send, 7)
+        time.sleep(pause.random() * 0.004)
+        transport.exchange(got, send, None, None, f"exchange {i}")
+        if not torch.equal(got, want):
+            bad.append(f"exchange {i} ({n} bytes per pair): wrong bytes")
+    return {"bad": bad, "fixed_exchanges": memory.fixed_exchanges, "chunks": sum(memory.sent)}
+
+
+def peer_stalled(rank: int, group: Any, device: torch.device, tokens: tuple[int, ...], experts: int,
+                 fixed: int = 0) -> str:
+    """The last rank builds the memory but never calls the dispatch: the others must time out with a message
+    (``fixed``: the fixed-exchange slot bytes, so the low-latency dispatch waits there instead of in rounds)."""
     import deepport
     from deepport.backends.hopper.peer_memory_shm import ShmPeerMemory
     from deepport.backends.hopper.peer_transport import PeerTransport
     from deepport.backends.torch.moe_comm import use_transport
 
     p = {"hidden": 128, "experts": experts, "topk": 2, "world": len(tokens), "tokens": tuple(tokens)}
-    memory = ShmPeerMemory(group, 4096, timeout_s=1.0)
+    memory = ShmPeerMemory(group, 4096, timeout_s=1.0, fixed_capacity=fixed)
     if rank == len(tokens) - 1:
         return "stayed away"
     x = _inputs(rank, p, 0)

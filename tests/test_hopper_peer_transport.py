@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 
-from deepport.backends.hopper import peer_memory_cuda
+from deepport.backends.hopper import peer_exchange_kernel, peer_memory_cuda
 from deepport.backends.hopper.peer_transport import PeerTransport, plan
 from deepport.conformance.rank_group import rank_group
 
@@ -94,11 +94,44 @@ def test_peer_transport_gives_every_moe_op_the_bits_of_all_to_all(world: int, pa
         assert max(g["chunks"] for g in results) > 4 * 2 * (world - 1), results
 
 
-@pytest.mark.parametrize("tokens, experts", [((8, 8), 16), ((9, 0, 5), 12)])
-def test_a_stalled_peer_raises_a_timeout_naming_the_rank(tokens: tuple[int, ...], experts: int) -> None:
+# per call, the equal splits: the count tables of the two normal dispatches, and (bf16 inputs) two low-latency
+# dispatches and a combine (two exchanges when weights travel); with small slots the larger ones run in rounds
+@pytest.mark.parametrize("world, params, capacity, fixed, fixed_per_call", [
+    (2, dict(tokens=(13, 0)), 1 << 20, 1 << 20, 6),  # the combine sends weights: 2 exchanges
+    (3, dict(tokens=(7, 5, 11), experts=12, fp8=True), 512, 64 * 1024, 2),  # no low-latency op with FP8 inputs
+    (4, dict(tokens=(5, 12, 0, 8), experts=32, topk=6, dup=0.3, nowhere=0.2), 4096, 8192, 4),
+])
+def test_the_fixed_exchange_gives_the_low_latency_ops_the_bits_of_all_to_all(
+        world: int, params: dict[str, Any], capacity: int, fixed: int, fixed_per_call: int) -> None:
+    p = {**SMALL, "world": world, **params}
+    results = rank_group(world, "cpu").run(f"{JOBS}:peer_agreement", world, params=p, capacity=capacity, seed=5,
+                                           calls=3, fixed=fixed)
+    for rank, got in enumerate(results):
+        assert got["bad"] == [], f"rank {rank}: {got['bad']}"
+        assert got["collectives"] == 0, (rank, got)
+        assert got["fixed_exchanges"] == 3 * fixed_per_call, (rank, got)
+        assert got["chunks"] >= 3 * (world - 1), (rank, got)  # the uneven exchanges still run in rounds
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_back_to_back_fixed_exchanges_never_hand_out_stale_bytes(world: int) -> None:
+    sizes = [0, 5, 1000, 4096, 3, 4096, 17, 0, 2048, 4095, 1, 4096, 640, 12, 4096, 100]
+    results = rank_group(world, "cpu").run(f"{JOBS}:fixed_exchanges", world, sizes=sizes, fixed=4096, seed=world)
+    for rank, got in enumerate(results):
+        assert got["bad"] == [], f"rank {rank}: {got['bad']}"
+        assert got["fixed_exchanges"] == len(sizes) and got["chunks"] == 0, (rank, got)
+    # a slot too small for one size: that exchange (and only that one) runs in rounds
+    results = rank_group(world, "cpu").run(f"{JOBS}:fixed_exchanges", world, sizes=[16, 4097, 16], fixed=4096)
+    for rank, got in enumerate(results):
+        assert got["bad"] == [] and got["fixed_exchanges"] == 2 and got["chunks"] > 0, (rank, got)
+
+
+@pytest.mark.parametrize("tokens, experts, fixed", [((8, 8), 16, 0), ((9, 0, 5), 12, 0), ((8, 8), 16, 1 << 20),
+                                                    ((9, 0, 5), 12, 1 << 20)])
+def test_a_stalled_peer_raises_a_timeout_naming_the_rank(tokens: tuple[int, ...], experts: int, fixed: int) -> None:
     world = len(tokens)
     started = time.monotonic()
-    got = rank_group(world, "cpu").run(f"{JOBS}:peer_stalled", world, tokens=tokens, experts=experts)
+    got = rank_group(world, "cpu").run(f"{JOBS}:peer_stalled", world, tokens=tokens, experts=experts, fixed=fixed)
     assert time.monotonic() - started < 30
     assert got[world - 1] == "stayed away", got
     for rank, text in enumerate(got[: world - 1]):
@@ -134,6 +167,55 @@ def test_peer_memory_refuses_an_unknown_mapping_and_a_bad_capacity_before_any_co
         peer_memory_cuda.CudaPeerMemory(None, device, 4096, 1.0, mapping="nvshmem")
     with pytest.raises(ValueError, match="positive multiple of 16 bytes, got 100"):
         peer_memory_cuda.CudaPeerMemory(None, device, 100, 1.0, mapping="ipc")
+
+
+def test_exchange_params_pack_to_the_kernel_struct() -> None:
+    raw = peer_exchange_kernel.pack_params([0x10, 0x20, 0x30], [0x11, 0x21, 0x31], 0x40, 0x50, 0x60, 0x70,
+                                           pair_bytes=100, slot_bytes=128, timeout_ns=9, rank=2)
+    assert len(raw) == peer_exchange_kernel.PARAMS_SIZE == 64 * 16 + 64
+    assert struct.unpack_from("<3Q", raw, 0) == (0x10, 0x20, 0x30) and struct.unpack_from("<Q", raw, 3 * 8) == (0,)
+    assert struct.unpack_from("<3Q", raw, 64 * 8) == (0x11, 0x21, 0x31)
+    assert struct.unpack_from("<4Q3q2i", raw, 64 * 16) == (0x40, 0x50, 0x60, 0x70, 100, 128, 9, 3, 2)
+    with pytest.raises(ValueError, match=r"2\.\.64 ranks"):
+        peer_exchange_kernel.pack_params([0x10], [0x11], 0, 0, 0, 0, 0, 16, 1, 0)
+    with pytest.raises(ValueError, match="pair_bytes must lie in"):
+        peer_exchange_kernel.pack_params([1, 2], [3, 4], 0, 0, 0, 0, pair_bytes=200, slot_bytes=128, timeout_ns=1,
+                                         rank=0)
+    with pytest.raises(ValueError, match="rank 2 outside a group of 2"):
+        peer_exchange_kernel.pack_params([1, 2], [3, 4], 0, 0, 0, 0, 0, 16, 1, rank=2)
+
+
+def _sass(tmp_path: Path, name: str, entry: str, options: tuple[str, ...]) -> str:
+    """The SASS of a shipped kernel compiled for sm_90a here (skips without NVRTC or cuobjdump), after
+    checking ptxas reports no stack frame and no spills."""
+    pytest.importorskip("cuda.bindings.nvrtc")
+    from deepport.backends.hopper import nvrtc
+    from deepport.backends.hopper.sources import KernelSource, package_file
+
+    try:
+        nvrtc.version()
+    except Exception as exc:  # the NVRTC wheel is part of the CI set-up; say so if it is missing
+        pytest.skip(f"NVRTC not loadable: {exc}")
+    cubin, log = nvrtc.compile_cubin(KernelSource(name, package_file(name), (), entry), (*options, "-Xptxas=-v"))
+    assert "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads" in log, log
+    from tests.test_hopper_compile import _cuobjdump
+
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump (install triton or nvidia-cuda-cuobjdump) for the SASS checks")
+    path = tmp_path / "kernel.cubin"
+    path.write_bytes(cubin)
+    return subprocess.run([str(tool), "--dump-sass", str(path)], check=True, capture_output=True, text=True).stdout
+
+
+def test_exchange_kernel_compiles_for_sm90a_with_system_scope_release_acquire_and_l2_reads(tmp_path: Path) -> None:
+    sass = _sass(tmp_path, "sm90_peer_exchange.cu", "dp_fixed_exchange_kernel", peer_exchange_kernel.OPTIONS)
+    assert "LDG.E.64.STRONG.SYS" in sass  # the acquire load of a peer's flag
+    assert "REDG.E.ADD.64.STRONG.SYS" in sass and "MEMBAR.ALL.SYS" in sass  # release increments after a fence
+    assert "BPT.TRAP" in sass and "NANOSLEEP" in sass  # a bounded, backed-off spin
+    assert "LDG.E.128.STRONG.GPU" in sass  # the slots written by peers are read past L1 (ld.cg), 16 bytes
+    assert "LDL" not in sass and "STL" not in sass
+    assert "MULTIMEM" not in sass.upper()  # never NVLink multicast
 
 
 def test_flag_kernel_compiles_for_sm90a_with_system_scope_release_and_acquire(tmp_path: Path) -> None:

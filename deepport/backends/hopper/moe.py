@@ -16,6 +16,9 @@ variable                         default  meaning
 ===============================  =======  ==================================================================
 ``DEEPPORT_PEER_BUFFER_MB``      32       receive block per source rank (MiB); larger exchanges move in
                                           chunks of this size
+``DEEPPORT_PEER_FIXED_MB``       8        slot per source rank and parity (MiB) of the one-launch fixed
+                                          exchange (the low-latency layouts' equal splits); ``0``: off,
+                                          larger equal splits: the chunked rounds
 ``DEEPPORT_PEER_TIMEOUT_S``      group's  seconds a rank waits for a peer before MoECommTimeout (default:
                                           the process group's timeout, else 300)
 ===============================  =======  ==================================================================
@@ -37,6 +40,7 @@ from deepport.backends.torch.moe_local import TORCH, LocalSteps
 from deepport.kernels.moe_args import MoEGroup
 
 DEFAULT_BUFFER_MB = 32
+DEFAULT_FIXED_MB = 8
 DEFAULT_TIMEOUT_S = 300.0
 _transports: dict[tuple[str, str], PeerTransport] = {}
 _lock = threading.Lock()
@@ -65,8 +69,17 @@ def buffer_bytes() -> int:
     return max(16, int(mb * 2**20) // 16 * 16)
 
 
+def fixed_bytes() -> int:
+    """``DEEPPORT_PEER_FIXED_MB`` in bytes (a multiple of 16; 0 turns the fixed exchange off)."""
+    text = os.environ.get("DEEPPORT_PEER_FIXED_MB", "").strip()
+    mb = float(text) if text else DEFAULT_FIXED_MB
+    if mb < 0:
+        raise ValueError(f"DEEPPORT_PEER_FIXED_MB must be 0 or positive, got {text!r}")
+    return int(mb * 2**20) // 16 * 16
+
+
 def transport_for(grp: MoEGroup, device: torch.device,
-                  make: Callable[[Any, torch.device, int, float], PeerMemory] | None = None) -> PeerTransport:
+                  make: Callable[..., PeerMemory] | None = None) -> PeerTransport:
     """The group's peer transport on ``device``, created on first use (collective) and then reused."""
     key = (str(grp.group.group_name), str(device))
     with _lock:
@@ -77,7 +90,8 @@ def transport_for(grp: MoEGroup, device: torch.device,
 
                 make = CudaPeerMemory
             found = _transports[key] = PeerTransport(make(grp.group, device, buffer_bytes(),
-                                                          group_timeout_s(grp.group, device)))
+                                                          group_timeout_s(grp.group, device),
+                                                          fixed_capacity=fixed_bytes()))
     return found
 
 

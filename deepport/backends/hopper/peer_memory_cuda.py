@@ -2,11 +2,14 @@
 
 Each rank allocates one symmetric buffer (``torch.distributed._symmetric_memory.empty`` then
 ``rendezvous`` over the group), which maps every peer's buffer into this process (plain peer loads and
-stores over NVLink). Layout as in :mod:`.peer_memory_shm`: ``2 * world`` int64 flags (``data[source]``,
-``ack[destination]``), padded to 64 bytes, then ``world`` blocks of ``capacity`` bytes. Writes into a
+stores over NVLink). Layout as in :mod:`.peer_memory_shm`: ``3 * world`` int64 flags (``data[source]``,
+``ack[destination]``, ``fixed[source]``), padded to 64 bytes, then ``world`` blocks of ``capacity`` bytes,
+then the fixed exchange's two areas of ``world`` slots of ``fixed_capacity`` bytes. Writes into a
 peer's block are ``copy_`` kernels on torch's current stream; flags are raised and awaited by
 ``kernels/sm90_peer_flags.cu`` on the same stream, so a call never blocks the host and the low-latency
-ops stay capturable in a CUDA graph (the expected flag values are counters in device memory).
+ops stay capturable in a CUDA graph (the expected flag values are counters in device memory). An
+equal-split exchange that fits a slot is one launch of ``kernels/sm90_peer_exchange.cu`` instead
+(:meth:`CudaPeerMemory.fixed_exchange`, :mod:`.peer_exchange_kernel`).
 
 Never NVLink multicast: multicast objects can put a shared host's GPUs out of service. Before the first
 buffer, :func:`forbid_multicast` sets ``TORCH_SYMM_MEM_DISABLE_MULTICAST=1``, ``NCCL_NVLS_ENABLE=0`` and
@@ -33,6 +36,7 @@ from typing import Any
 
 import torch
 
+from deepport.backends.hopper import peer_exchange_kernel
 from deepport.backends.torch.moe_comm import MoECommTimeout
 
 HEADER_ALIGN = 64
@@ -113,12 +117,14 @@ class CudaPeerMemory:
     CUDA IPC handles (ranks may share a GPU)."""
 
     def __init__(self, group: Any, device: torch.device, capacity: int, timeout_s: float,
-                 mapping: str = "symmetric") -> None:
+                 mapping: str = "symmetric", fixed_capacity: int = 0) -> None:
         import torch.distributed as dist
 
         forbid_multicast()
         if capacity <= 0 or capacity % 16:
             raise ValueError(f"capacity must be a positive multiple of 16 bytes, got {capacity}")
+        if fixed_capacity < 0 or fixed_capacity % 16:
+            raise ValueError(f"fixed_capacity must be a non-negative multiple of 16 bytes, got {fixed_capacity}")
         if mapping not in MAPPINGS:
             raise ValueError(f"mapping must be one of {MAPPINGS}, got {mapping!r}")
         self.device = device
@@ -126,14 +132,18 @@ class CudaPeerMemory:
         if self.world_size - 1 > MAX_OPS:
             raise ValueError(f"the peer transport handles up to {MAX_OPS + 1} ranks, got {self.world_size}")
         self.capacity, self.timeout_ns = int(capacity), int(timeout_s * 1e9)
+        self.fixed_capacity = int(fixed_capacity)
         w = self.world_size
-        self.header = -(-2 * w * 8 // HEADER_ALIGN) * HEADER_ALIGN
-        nbytes = self.header + w * self.capacity
+        self.header = -(-3 * w * 8 // HEADER_ALIGN) * HEADER_ALIGN
+        self.fixed_at = self.header + w * self.capacity
+        nbytes = self.fixed_at + 2 * w * self.fixed_capacity
         self.buffer, self.areas = (_map_symmetric if mapping == "symmetric" else _map_ipc)(group, device, nbytes,
                                                                                        self.header)
         self.flag_base = [int(a.data_ptr()) for a in self.areas]
         # chunks sent to / received from / acknowledged to each peer: device counters (graph replays advance them)
         self.counters = torch.zeros((3, w), dtype=torch.int64, device=device)
+        self.fixed_counters = torch.zeros(peer_exchange_kernel.CTAS, dtype=torch.int64, device=device)
+        self._fixed_function: Any = None
         self.error = torch.zeros(4, dtype=torch.int64, pin_memory=True)
         torch.cuda.synchronize(device)
         dist.barrier(group=group)  # every rank's flags are zero before anyone signals
@@ -170,12 +180,33 @@ class CudaPeerMemory:
         w = self.world_size
         self._launch([(self._flag(s, w + self.rank), self._counter(2, s)) for s in sources], SIGNAL)
 
+    def fixed_exchange(self, out: torch.Tensor, send: torch.Tensor, what: str) -> None:
+        """Equal-split all-to-all of the uint8 ``send`` (``[world * pair_bytes]``) into ``out``: one launch of
+        ``kernels/sm90_peer_exchange.cu`` on torch's current stream (capturable; module docstring of
+        :mod:`.peer_transport` for the protocol)."""
+        self.raise_if_failed(what)
+        w = self.world_size
+        pair = int(send.numel()) // w
+        if pair > self.fixed_capacity or int(out.numel()) != int(send.numel()):
+            raise ValueError(f"{what}: a fixed exchange of {pair} bytes per rank (out {int(out.numel())}, send "
+                             f"{int(send.numel())} bytes) does not fit slots of {self.fixed_capacity} bytes")
+        if self._fixed_function is None:
+            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            self._fixed_function = peer_exchange_kernel.function(index)
+        areas = [int(a.data_ptr()) + self.fixed_at for a in self.areas]
+        flags = [base + 16 * w for base in self.flag_base]
+        params = peer_exchange_kernel.pack_params(
+            areas, flags, int(send.data_ptr()), int(out.data_ptr()), int(self.fixed_counters.data_ptr()),
+            int(self.error.data_ptr()), pair, self.fixed_capacity, self.timeout_ns, self.rank)
+        peer_exchange_kernel.launch_fixed_exchange(self._fixed_function, params, self.device)
+
     def raise_if_failed(self, what: str) -> None:
         """Raise :class:`MoECommTimeout` when a wait kernel has recorded a stall (reads pinned memory: no sync)."""
         failed, op, seen, target = (int(v) for v in self.error.tolist())
         if failed:
+            which = f"fixed exchange waiting for rank {-1 - op}" if op < 0 else f"wait #{op}"
             raise MoECommTimeout(
                 f"{what}: peer transport over {self.world_size} ranks timed out on rank {self.rank} after "
-                f"{self.timeout_ns / 1e9:g} s (wait #{op}: flag {seen}, expected {target}): a peer stalled, died or "
+                f"{self.timeout_ns / 1e9:g} s ({which}: flag {seen}, expected {target}): a peer stalled, died or "
                 f"never called the op; the GPU stopped this stream with a trap, so this process's CUDA context "
                 f"must be recreated")

@@ -6,8 +6,10 @@ Each rank creates a file under ``/dev/shm`` (or ``directory``), maps every rank'
 (``MAP_SHARED`` through ``torch.from_file``), and unlinks its own once all have mapped it (the mappings
 outlive the names; nothing is left behind, even after a crash past set-up).
 
-Area layout: ``2 * world`` int64 flags (``data[source]``, ``ack[destination]``), padded to 64 bytes, then
-``world`` blocks of ``capacity`` bytes. A flag is written only by the one peer it belongs to and only
+Area layout: ``3 * world`` int64 flags (``data[source]``, ``ack[destination]``, ``fixed[source]``), padded
+to 64 bytes, then ``world`` blocks of ``capacity`` bytes, then (with ``fixed_capacity``) the two areas of
+the fixed exchange, ``world`` slots of ``fixed_capacity`` bytes each (:meth:`ShmPeerMemory.fixed_exchange`,
+the algorithm of ``kernels/sm90_peer_exchange.cu`` with one writer per rank). A flag is written only by the one peer it belongs to and only
 grows. Ordering: the data are written by ``copy_`` (finished before it returns) and the flag is stored
 after it by the same thread; readers load the flag before the data. On x86 (total store order) that is
 enough; other CPUs would need explicit fences, which Python cannot issue: use this on x86 only.
@@ -33,16 +35,21 @@ class ShmPeerMemory:
     """:class:`~deepport.backends.hopper.peer_transport.PeerMemory` over shared-memory files (collective:
     every rank of ``group`` constructs it together)."""
 
-    def __init__(self, group: Any, capacity: int, timeout_s: float = 60.0, directory: str = "/dev/shm") -> None:
+    def __init__(self, group: Any, capacity: int, timeout_s: float = 60.0, directory: str = "/dev/shm",
+                 fixed_capacity: int = 0) -> None:
         import torch.distributed as dist
 
         if capacity <= 0:
             raise ValueError(f"capacity must be positive, got {capacity}")
+        if fixed_capacity < 0 or fixed_capacity % 16:
+            raise ValueError(f"fixed_capacity must be a non-negative multiple of 16 bytes, got {fixed_capacity}")
         self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
         self.capacity, self.timeout_s = int(capacity), float(timeout_s)
+        self.fixed_capacity = int(fixed_capacity)
         w = self.world_size
-        self.header = -(-2 * w * 8 // HEADER_ALIGN) * HEADER_ALIGN
-        nbytes = self.header + w * self.capacity
+        self.header = -(-3 * w * 8 // HEADER_ALIGN) * HEADER_ALIGN
+        self.fixed_at = self.header + w * self.capacity
+        nbytes = self.fixed_at + 2 * w * self.fixed_capacity
         token = [uuid.uuid4().hex if self.rank == 0 else ""]
         dist.broadcast_object_list(token, src=dist.get_global_rank(group, 0), group=group)
         names = [Path(directory) / f"deepport-peer-{token[0]}-{r}" for r in range(w)]
@@ -55,9 +62,10 @@ class ShmPeerMemory:
             dist.barrier(group=group)
         finally:
             os.unlink(mine)
-        self.flags = [a[: 2 * w * 8].view(torch.int64) for a in self.areas]
+        self.flags = [a[: 3 * w * 8].view(torch.int64) for a in self.areas]
         self.sent = [0] * w  # chunks written to each peer
         self.received = [0] * w  # chunks read from each peer
+        self.fixed_exchanges = 0  # fixed exchanges completed (the kernel's per-CTA counter)
 
     def block(self, owner: int, source: int) -> torch.Tensor:
         at = self.header + source * self.capacity
@@ -96,3 +104,31 @@ class ShmPeerMemory:
         w = self.world_size
         for s in sources:
             self.flags[s][w + self.rank] = self.received[s]
+
+    def fixed_slot(self, owner: int, parity: int, source: int) -> torch.Tensor:
+        """uint8 ``[fixed_capacity]``: ``owner``'s slot for ``source`` in its area ``parity``."""
+        at = self.fixed_at + (parity * self.world_size + source) * self.fixed_capacity
+        return self.areas[owner][at: at + self.fixed_capacity]
+
+    def fixed_exchange(self, out: torch.Tensor, send: torch.Tensor, what: str) -> None:
+        """Equal-split all-to-all of the uint8 ``send`` (``[world * pair_bytes]``) into ``out`` in one step
+        per rank: the algorithm of ``kernels/sm90_peer_exchange.cu`` (write into every peer's slot of the
+        area of this exchange's parity, raise its fixed flag, wait for every source's, copy the slots out);
+        no acknowledgement, because an area is written again only two exchanges later."""
+        w, me = self.world_size, self.rank
+        pair = int(send.numel()) // w
+        if pair > self.fixed_capacity:
+            raise ValueError(f"{what}: {pair} bytes per rank exceed the fixed exchange's {self.fixed_capacity}")
+        seq, parity = self.fixed_exchanges, self.fixed_exchanges & 1
+        for r in range(w):
+            part = send[r * pair: (r + 1) * pair]
+            if r == me:
+                out[r * pair: (r + 1) * pair].copy_(part)
+            else:
+                self.fixed_slot(r, parity, me)[:pair].copy_(part)
+                self.flags[r][2 * w + me] = seq + 1
+        self._wait([(2 * w + s, seq + 1, s) for s in range(w) if s != me], what, "fixed-exchange data")
+        for s in range(w):
+            if s != me:
+                out[s * pair: (s + 1) * pair].copy_(self.fixed_slot(me, parity, s)[:pair])
+        self.fixed_exchanges = seq + 1

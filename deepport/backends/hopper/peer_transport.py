@@ -22,6 +22,13 @@ CUDA graph replays correctly. A rank's own rows are copied directly. Every wait 
 memory's timeout it raises :class:`~deepport.backends.torch.moe_comm.MoECommTimeout` (CPU) or records
 the stall and stops the device (GPU; the next host-side check raises it).
 
+Equal splits (the low-latency layouts' exchanges) that fit the memory's ``fixed_capacity`` take the
+*fixed exchange* instead: one step per rank (one kernel launch on a GPU,
+``kernels/sm90_peer_exchange.cu``) that writes every peer's slot, raises one flag per pair, waits for its
+sources' flags and copies its slots out, double-buffered by the exchange's parity so that no
+acknowledgement is needed (a slot is written again only two fixed exchanges later, after its owner has
+finished the exchange that read it). Larger or uneven exchanges use the rounds above.
+
 Why it deadlocks never: each wait of round ``j`` depends only on a peer's actions of round ``j`` or
 earlier, which that peer performs in the same order; a pair's chunk count is the same at both ends.
 """
@@ -65,6 +72,18 @@ class PeerMemory(Protocol):
 
     def signal_acks(self, sources: Sequence[int]) -> None:
         """After copying each source's chunk out: its block may be written again."""
+        ...
+
+
+class FixedExchangeMemory(PeerMemory, Protocol):
+    """A :class:`PeerMemory` that also moves an equal-split exchange of up to ``fixed_capacity`` bytes per
+    rank in one step (see the module docstring); ``fixed_capacity == 0``: it does not."""
+
+    fixed_capacity: int
+
+    def fixed_exchange(self, out: torch.Tensor, send: torch.Tensor, what: str) -> None:
+        """uint8 ``send`` (``[world * pair_bytes]``, contiguous) to ``out`` (the same size): rank ``r`` gets
+        bytes ``[r * pair_bytes, (r + 1) * pair_bytes)``; ``out``'s part ``s`` is what rank ``s`` sent."""
         ...
 
 
@@ -141,6 +160,11 @@ class PeerTransport:
         src, dst = _flat_bytes(send), _flat_bytes(out)
         if p.recv_bytes[me] != p.send_bytes[me]:
             raise ValueError(f"{what}: this rank sends itself {p.send_bytes[me]} bytes but expects {p.recv_bytes[me]}")
+        fixed = int(getattr(mem, "fixed_capacity", 0))
+        if (recv_counts is None and send_counts is None and world > 1 and 0 < fixed and p.send_bytes[me] <= fixed
+                and int(src.numel()) == int(dst.numel())):
+            mem.fixed_exchange(dst, src, what)  # type: ignore[attr-defined]
+            return
         if p.send_bytes[me]:
             dst[p.recv_offsets[me]: p.recv_offsets[me] + p.recv_bytes[me]].copy_(
                 src[p.send_offsets[me]: p.send_offsets[me] + p.send_bytes[me]])

@@ -1,0 +1,165 @@
+// One-launch equal-split all-to-all over NVLink peer mappings: the peer transport's fixed exchange
+// (deepport/backends/hopper/peer_transport.py, the low-latency MoE layouts).
+//
+// Every rank of the group launches this kernel with the same grid (DP_FX_CTAS blocks) on the same
+// sequence of exchanges. send and out are [world][pair_bytes] in this GPU's memory. Each rank owns, in its
+// peer buffer, two areas (parities) of `world` slots of `slot_bytes`; slot s of an area holds what rank s
+// sent here. Exchange number `seq` (a per-CTA counter in device memory, so a captured CUDA graph moves
+// on at every replay) uses area seq & 1. CTA c of rank `me`:
+//
+//   1. writes its share (a 16-byte aligned cut of pair_bytes) of send[r] into slot `me` of rank r's
+//      area, for every r != me, and of send[me] straight into out[me];
+//   2. fences (every thread, system scope), meets its block at a barrier, then raises fixed_flag[me] of
+//      every peer by one (red.release.sys): a peer's flag for this rank reaches (seq + 1) * DP_FX_CTAS
+//      once all of this rank's CTAs have written;
+//   3. waits (ld.acquire.sys spins, one thread per source, __nanosleep backoff, bounded by timeout_ns on
+//      %globaltimer) until its own fixed_flag[s] has reached (seq + 1) * DP_FX_CTAS for every s != me;
+//   4. copies its share of every source's slot into out[s] (L2 loads: the slots are written by peers),
+//      then stores seq + 1 into its counter.
+//
+// No acknowledgement is needed before writing: a rank writes area p again two exchanges later, after it
+// has seen (step 3 of the exchange in between) every peer's writes of that exchange, which each peer's
+// stream issued only after finishing the kernel that copied area p out. All CTAs wait on peers, never on
+// each other, so the grid needs no co-residency; a peer that never launches makes every CTA give up after
+// timeout_ns: the first records {1, -1 - source, flag seen, flag expected} in host-mapped memory and traps, so
+// the stream stops with an error instead of hanging or copying stale bytes.
+//
+// Compiled with NVRTC (no C library headers).
+
+#ifndef DP_FX_MAX_RANKS
+#define DP_FX_MAX_RANKS 64
+#endif
+#ifndef DP_FX_CTAS
+#define DP_FX_CTAS 32
+#endif
+#ifndef DP_FX_THREADS
+#define DP_FX_THREADS 512
+#endif
+
+typedef unsigned long long u64;
+typedef long long i64;
+typedef unsigned int u32;
+
+namespace dp {
+
+struct FixedExchangeParams {
+    u64 area[DP_FX_MAX_RANKS];  // rank r's parity-0 area, mapped here (slots, then the parity-1 area)
+    u64 flag[DP_FX_MAX_RANKS];  // rank r's fixed_flag[world] (int64), mapped here
+    u64 send;                   // [world][pair_bytes], this GPU
+    u64 out;                    // [world][pair_bytes], this GPU
+    u64 counters;               // i64[DP_FX_CTAS], this GPU: exchanges completed, per CTA
+    u64 error;                  // i64[4] host-mapped: {failed, source, seen, target}
+    i64 pair_bytes;
+    i64 slot_bytes;             // bytes per source slot; an area is world * slot_bytes
+    i64 timeout_ns;
+    int world;
+    int rank;
+};
+
+// The host packs this struct (peer_exchange_kernel.pack_params): 16 bytes per rank, then 64 bytes, no gaps.
+static_assert(sizeof(FixedExchangeParams) == DP_FX_MAX_RANKS * 16 + 64, "FixedExchangeParams layout differs from the host's");
+
+__device__ __forceinline__ i64 load_acquire_sys(const i64* p) {
+    i64 v;
+    asm volatile("ld.acquire.sys.global.s64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+    return v;
+}
+
+__device__ __forceinline__ void add_release_sys(i64* p, i64 v) {
+    asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+__device__ __forceinline__ u64 global_ns() {
+    u64 t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+
+// Bytes [lo, hi) of src to dst, by this block's threads: 16-byte vectors where both ends allow it, else
+// 4-byte words, else bytes. peer_src: the source was written by another GPU (bypass L1).
+__device__ __forceinline__ void copy_range(char* dst, const char* src, i64 lo, i64 hi, bool peer_src) {
+    if (hi <= lo) return;
+    dst += lo;
+    src += lo;
+    const i64 n = hi - lo;
+    const u64 both = reinterpret_cast<u64>(dst) | reinterpret_cast<u64>(src);
+    if ((both & 15) == 0) {
+        const i64 vecs = n >> 4;
+        uint4* d = reinterpret_cast<uint4*>(dst);
+        const uint4* s = reinterpret_cast<const uint4*>(src);
+        for (i64 i = threadIdx.x; i < vecs; i += blockDim.x) d[i] = peer_src ? __ldcg(s + i) : s[i];
+        for (i64 i = (vecs << 4) + threadIdx.x; i < n; i += blockDim.x) dst[i] = src[i];
+    } else if ((both & 3) == 0) {
+        const i64 words = n >> 2;
+        u32* d = reinterpret_cast<u32*>(dst);
+        const u32* s = reinterpret_cast<const u32*>(src);
+        for (i64 i = threadIdx.x; i < words; i += blockDim.x) d[i] = peer_src ? __ldcg(s + i) : s[i];
+        for (i64 i = (words << 2) + threadIdx.x; i < n; i += blockDim.x) dst[i] = src[i];
+    } else {
+        for (i64 i = threadIdx.x; i < n; i += blockDim.x) dst[i] = src[i];
+    }
+}
+
+}  // namespace dp
+
+extern "C" __global__ void __launch_bounds__(DP_FX_THREADS, 1)
+dp_fixed_exchange_kernel(const __grid_constant__ dp::FixedExchangeParams p) {
+    __shared__ i64 seq_shared;
+    const int c = blockIdx.x;
+    i64* counters = reinterpret_cast<i64*>(p.counters);
+    if (threadIdx.x == 0) seq_shared = counters[c];
+    __syncthreads();
+    const i64 seq = seq_shared;
+    const i64 parity_offset = (seq & 1) * p.world * p.slot_bytes;
+    // this CTA's cut of a pair's bytes: 16-byte multiples, so vectors stay aligned across cuts
+    const i64 per = ((p.pair_bytes + DP_FX_CTAS - 1) / DP_FX_CTAS + 15) / 16 * 16;
+    const i64 lo = min(p.pair_bytes, per * c), hi = min(p.pair_bytes, lo + per);
+    const char* send = reinterpret_cast<const char*>(p.send);
+    char* out = reinterpret_cast<char*>(p.out);
+
+    // 1. into the peers' slots, and this rank's own pair straight to out
+    for (int r = 0; r < p.world; ++r) {
+        char* dst = r == p.rank ? out + r * p.pair_bytes
+                                : reinterpret_cast<char*>(p.area[r]) + parity_offset + p.rank * p.slot_bytes;
+        dp::copy_range(dst, send + r * p.pair_bytes, lo, hi, false);
+    }
+    // 2. written: one more CTA's share at every peer
+    __threadfence_system();
+    __syncthreads();
+    if (threadIdx.x < p.world && threadIdx.x != p.rank) {
+        asm volatile("fence.acq_rel.sys;" ::: "memory");
+        dp::add_release_sys(reinterpret_cast<i64*>(p.flag[threadIdx.x]) + p.rank, 1);
+    }
+    // 3. until every source's CTAs have all written here
+    if (threadIdx.x < p.world && threadIdx.x != p.rank) {
+        const i64* flag = reinterpret_cast<const i64*>(p.flag[p.rank]) + threadIdx.x;
+        const i64 target = (seq + 1) * DP_FX_CTAS;
+        const u64 start = dp::global_ns();
+        unsigned sleep_ns = 32;
+        for (;;) {
+            const i64 seen = dp::load_acquire_sys(flag);
+            if (seen >= target) break;
+            if (static_cast<i64>(dp::global_ns() - start) > p.timeout_ns) {
+                i64* err = reinterpret_cast<i64*>(p.error);
+                if (atomicCAS(reinterpret_cast<unsigned long long*>(err), 0ull, 1ull) == 0ull) {
+                    err[1] = -1 - static_cast<i64>(threadIdx.x);  // negative: a source rank, not a flag op
+                    err[2] = seen;
+                    err[3] = target;
+                    __threadfence_system();
+                }
+                __trap();
+            }
+            __nanosleep(sleep_ns);
+            if (sleep_ns < 1024) sleep_ns *= 2;
+        }
+    }
+    __syncthreads();
+    // 4. out of this rank's slots
+    const char* mine = reinterpret_cast<const char*>(p.area[p.rank]) + parity_offset;
+    for (int s = 0; s < p.world; ++s) {
+        if (s == p.rank) continue;
+        dp::copy_range(out + s * p.pair_bytes, mine + s * p.slot_bytes, lo, hi, true);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) counters[c] = seq + 1;
+}
