@@ -42,7 +42,8 @@
 #   bash scripts/gpu_check.sh selection    automatic choice on real inputs vs the shipped performance table
 #                                          (scripts/gpu_selection.py) + the automatic-choice GPU tests
 #   bash scripts/gpu_check.sh peer-1gpu    the hopper NVLink transport's protocol with 2 processes on ONE GPU
-#                                          (CUDA IPC mapping, flag kernel, chunks, graph replays, the stall record):
+#                                          (CUDA IPC mapping, flag kernel, chunks, the one-launch fixed exchange,
+#                                          graph replays, both stall records; the exchange kernel in loopback, timed):
 #                                          what one GPU can check of issue 14's hopper path (tests/peer_cuda_one_gpu.py)
 set -uo pipefail
 stage="${1:-mla}"
@@ -248,8 +249,12 @@ SHAPES
     tail -n 30 "$OUT/bench.log"; cp "$OUT/bench/bench.json" "$OUT/bench_moe.json" 2>/dev/null; rm -rf "$OUT/bench" "$OUT/smoke" ;;
   peer-1gpu)
     environment
-    TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 timeout 300 \
-      python3 -m tests.peer_cuda_one_gpu > "$OUT/peer_1gpu.txt" 2>&1; echo "exit $?" >> "$OUT/peer_1gpu.txt"
+    for mode in "--stall rounds" "--stall fixed" "--loopback" "--moe"; do
+      echo "== python3 -m tests.peer_cuda_one_gpu $mode" >> "$OUT/peer_1gpu.txt"
+      # shellcheck disable=SC2086 # the mode is two words
+      TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 timeout 300 \
+        python3 -m tests.peer_cuda_one_gpu $mode >> "$OUT/peer_1gpu.txt" 2>&1; echo "exit $?" >> "$OUT/peer_1gpu.txt"
+    done
     cat "$OUT/peer_1gpu.txt" ;;
   bench)
     environment

@@ -7,8 +7,20 @@ symmetric memory refuses two ranks on one device, so the symmetric mapping itsel
 group is gloo (NCCL refuses two ranks on one device); only the transport runs, not the MoE ops (which
 want NCCL for CUDA tensors). The two processes' kernels are time-sliced on the GPU, so this says nothing about speed.
 
-``python -m tests.peer_cuda_one_gpu`` prints one line per check and exits non-zero on a failure;
-tests/test_hopper_peer_transport.py runs it under the ``gpu`` marker.
+The fixed exchange (one launch of ``kernels/sm90_peer_exchange.cu`` per equal-split all-to-all) runs
+here too: sizes from 0 bytes to a full slot, aligned and not, back to back (both parities, a rank running
+ahead), and replays of a captured exchange. A trap ends a CUDA context, so one run checks one stall:
+``--stall rounds`` (the flag kernel) or ``--stall fixed`` (the exchange kernel). ``--loopback`` instead
+times the exchange kernel in ONE process, two "ranks" on two streams of one GPU (both areas local, so HBM
+instead of NVLink): the launch-and-flag floor of the kernel, next to a plain copy of the same bytes.
+
+``--moe`` runs the hopper backend's expert-parallel code itself on the two processes: every MoE op with
+triton's per-device steps on the GPU (what ``deepport.backends.hopper.moe`` runs) over this transport, in
+rounds and through the fixed exchange, against the torch backend on CPU copies of the same inputs over
+gloo's ``all_to_all_single``: bit for bit, combines within one bf16 step (float32 sums in another order).
+
+``python -m tests.peer_cuda_one_gpu [--stall rounds|fixed | --loopback | --moe]`` prints one line per check
+and exits non-zero on a failure; tests/test_hopper_peer_transport.py runs it under the ``gpu`` marker.
 """
 
 from __future__ import annotations
@@ -37,7 +49,97 @@ def _expected(rank: int, world: int, sizes: list[list[int]], seed: int) -> tuple
     return send, want, [sizes[rank][r] for r in range(world)], [sizes[s][rank] for s in range(world)]
 
 
-def _worker(rank: int, world: int, init: str, results: Any) -> None:
+def _fixed_checks(rank: int, world: int, transport: Any, device: torch.device) -> list[str]:
+    """Equal splits through the fixed exchange: bytes against the expected ones, then graph replays."""
+    out: list[str] = []
+    before = int(transport.memory.fixed_counters[0])
+    sizes = [0, 5, 1000, 4096, 65536, 3, 65536, 17, 40000, 1]  # per pair; the slot is 64 KiB
+    sends, wants, gots = [], [], []
+    for i, n in enumerate(sizes):  # back to back, no host sync in between: parities alternate under load
+        send, want, _, _ = _expected(rank, world, [[n] * world] * world, 100 + i)
+        got = torch.full((world * n,), 7, dtype=torch.uint8, device=device)
+        transport.exchange(got, send.to(device), None, None, f"fixed {i}")
+        sends.append(send)
+        wants.append(want)
+        gots.append(got)
+    torch.cuda.synchronize(device)
+    for n, want, got in zip(sizes, wants, gots, strict=True):
+        out.append(f"fixed exchange of {n} bytes per pair: {'ok' if torch.equal(got.cpu(), want) else 'WRONG BYTES'}")
+    done = int(transport.memory.fixed_counters[0]) - before
+    out.append(f"fixed exchanges counted: {'ok' if done == len(sizes) else f'WRONG ({done})'}")
+    n = 40000
+    send = torch.zeros(world * n, dtype=torch.uint8, device=device)
+    got = torch.zeros(world * n, dtype=torch.uint8, device=device)
+    transport.exchange(got, send, None, None, "fixed warm-up")
+    torch.cuda.synchronize(device)
+    dist.barrier()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        transport.exchange(got, send, None, None, "fixed captured")
+    for replay in range(4):  # an even and an odd parity each twice
+        g = torch.Generator().manual_seed(70 + replay)
+        blocks = [torch.randint(0, 256, (world, n), generator=g, dtype=torch.uint8) for _ in range(world)]
+        send.copy_(blocks[rank].reshape(-1))
+        torch.cuda.synchronize(device)
+        dist.barrier()
+        graph.replay()
+        torch.cuda.synchronize(device)
+        want = torch.stack([blocks[s][rank] for s in range(world)]).reshape(-1)
+        out.append(f"fixed graph replay {replay}: {'ok' if torch.equal(got.cpu(), want) else 'WRONG BYTES'}")
+        dist.barrier()
+    return out
+
+
+def _to_cpu(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, tuple):
+        return tuple(_to_cpu(v) for v in value)
+    return value
+
+
+def _moe_worker(rank: int, world: int, init: str, results: Any) -> None:
+    """The hopper EP path (triton steps + peer transport) on the GPU against torch over gloo on the CPU."""
+    from deepport.backends.hopper.peer_memory_cuda import CudaPeerMemory
+    from deepport.backends.hopper.peer_transport import PeerTransport
+    from deepport.backends.torch.moe_comm import use_transport
+    from tests.moe_ep_probe import _same, bf16_ulps
+    from tests.moe_peer_jobs import _outputs
+
+    out: list[str] = []
+    try:
+        dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world, timeout=timedelta(seconds=120))
+        device = torch.device("cuda", 0)
+        torch.cuda.set_device(device)
+        group = dist.group.WORLD
+        memory = CudaPeerMemory(group, device, capacity=8192, timeout_s=60.0, mapping="ipc", fixed_capacity=1 << 20)
+        transport = PeerTransport(memory)
+        cases = [dict(hidden=256, experts=16, topk=4, t_max=16, world=2, tokens=(13, 9)),
+                 dict(hidden=512, experts=8, topk=8, t_max=24, world=2, tokens=(0, 21), dup=0.3),
+                 dict(hidden=256, experts=16, topk=4, t_max=16, world=2, tokens=(11, 6), fp8=True)]
+        for i, p in enumerate(cases):
+            for fixed in (1 << 20, 0):  # the fixed exchange, then every exchange in rounds
+                memory.fixed_capacity = fixed
+                want = _outputs(group, torch.device("cpu"), p, 40 + i, rank, backend="torch")
+                with use_transport(transport):
+                    got = _to_cpu(_outputs(group, device, p, 40 + i, rank, backend="triton"))
+                bad: list[str] = []
+                for name, ref in want.items():
+                    if "combine" in name and "weights" not in name:
+                        if bf16_ulps(got[name], ref) > 1:
+                            bad.append(f"{name} more than one bf16 step off")
+                    else:
+                        _same(name, got[name], ref, bad)
+                label = f"moe ops case {i} ({'fixed exchange' if fixed else 'rounds'}, {len(want)} outputs)"
+                out.append(f"{label}: {'ok' if not bad else 'WRONG ' + '; '.join(bad[:4])}")
+        torch.cuda.synchronize(device)
+        dist.barrier()
+    except Exception:
+        out.append("FAILED: " + traceback.format_exc())
+    results[rank] = out
+
+
+def _worker(rank: int, world: int, init: str, results: Any, stall: str = "rounds") -> None:
     from deepport.backends.hopper.peer_memory_cuda import CudaPeerMemory
     from deepport.backends.hopper.peer_transport import PeerTransport
     from deepport.backends.torch.moe_comm import MoECommTimeout
@@ -48,8 +150,11 @@ def _worker(rank: int, world: int, init: str, results: Any) -> None:
         device = torch.device("cuda", 0)
         torch.cuda.set_device(device)
         # torch's symmetric memory refuses two ranks on one device: map the buffers through CUDA IPC instead
-        memory = CudaPeerMemory(dist.group.WORLD, device, capacity=4096, timeout_s=30.0, mapping="ipc")
+        memory = CudaPeerMemory(dist.group.WORLD, device, capacity=4096, timeout_s=30.0, mapping="ipc",
+                                fixed_capacity=65536)
         transport = PeerTransport(memory)
+        out += _fixed_checks(rank, world, transport, device)
+        memory.fixed_capacity = 0  # what follows runs in rounds (the flag kernel)
         # 1. variable sizes, several chunks, an empty message, several calls on one memory
         cases = [[[100, 5000], [9000, 0]], [[0, 0], [0, 0]], [[4096, 4097], [1, 12288]]]
         for seed, sizes in enumerate(cases):
@@ -79,11 +184,13 @@ def _worker(rank: int, world: int, init: str, results: Any) -> None:
             want = torch.stack([blocks[s][rank] for s in range(world)]).reshape(-1)
             out.append(f"graph replay {replay}: {'ok' if torch.equal(got.cpu(), want) else 'WRONG BYTES'}")
             dist.barrier()  # both ranks checked before the next refill
-        # 3. a stalled peer: rank 1 stays away; rank 0's wait traps and leaves the record
+        # 3. a stalled peer: rank 1 stays away; rank 0's wait (flag kernel or exchange kernel) traps and
+        # leaves the record
         if rank == 0:
             short = CudaPeerMemory.__new__(CudaPeerMemory)
             short.__dict__.update(memory.__dict__)
             short.timeout_ns = int(2e9)
+            short.fixed_capacity = 65536 if stall == "fixed" else 0
             try:
                 PeerTransport(short).exchange(torch.zeros(2, dtype=torch.uint8, device=device),
                                               torch.zeros(2, dtype=torch.uint8, device=device), None, None, "stall")
@@ -94,7 +201,8 @@ def _worker(rank: int, world: int, init: str, results: Any) -> None:
                     short.raise_if_failed("stall")
                     out.append(f"stall: CUDA error without a record (WRONG): {exc}")
                 except MoECommTimeout as timeout:
-                    out.append(f"stall: ok ({timeout})")
+                    named = ("fixed exchange waiting for rank 1" in str(timeout)) == (stall == "fixed")
+                    out.append(f"stall: {'ok' if named else 'WRONG WAIT'} ({timeout})")
         else:
             out.append("stall: stayed away")
         dist.barrier()  # rank 1 stays alive (its memory mapped) until rank 0 has seen the stall
@@ -103,17 +211,84 @@ def _worker(rank: int, world: int, init: str, results: Any) -> None:
     results[rank] = out
 
 
+def loopback(pair_bytes: tuple[int, ...] = (0, 65536, 950784, 3670016), iters: int = 200) -> list[str]:
+    """Two ranks' exchange kernels in one process, on two streams of one GPU, timed with CUDA events: the
+    kernel's fixed cost (launch, flags, spins) and its copy rate over local HBM; next to it a plain
+    ``copy_`` of the bytes each rank moves (``2 * pair_bytes``: out to peer and in from it)."""
+    from deepport.backends.hopper import peer_exchange_kernel as k
+
+    device = torch.device("cuda", 0)
+    torch.cuda.set_device(device)
+    world, slot = 2, max(pair_bytes) // 16 * 16 + 16
+    header = 64
+    bufs = [torch.zeros(header + 2 * world * slot, dtype=torch.uint8, device=device) for _ in range(world)]
+    counters = [torch.zeros(k.CTAS, dtype=torch.int64, device=device) for _ in range(world)]
+    error = torch.zeros(4, dtype=torch.int64, pin_memory=True)
+    fn = k.function(0)
+    streams = [torch.cuda.Stream(device) for _ in range(world)]
+    lines = []
+    for n in pair_bytes:
+        sends = [torch.randint(0, 256, (world * n,), dtype=torch.uint8, device=device) for _ in range(world)]
+        outs = [torch.empty_like(x) for x in sends]
+        params = [k.pack_params([int(b.data_ptr()) + header for b in bufs], [int(b.data_ptr()) for b in bufs],
+                                int(sends[r].data_ptr()), int(outs[r].data_ptr()), int(counters[r].data_ptr()),
+                                int(error.data_ptr()), n, slot, int(5e9), r) for r in range(world)]
+
+        def both(params: list[bytes] = params) -> None:
+            for r in range(world):
+                with torch.cuda.stream(streams[r]):
+                    k.launch_fixed_exchange(fn, params[r], device)
+
+        both()
+        torch.cuda.synchronize(device)
+        ok = all(torch.equal(outs[r].view(world, n)[s], sends[s].view(world, n)[r])
+                 for r in range(world) for s in range(world)) if n else True
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        for st in streams:
+            st.wait_stream(torch.cuda.current_stream(device))
+        start.record()
+        for _ in range(iters):
+            both()
+        for st in streams:
+            torch.cuda.current_stream(device).wait_stream(st)
+        end.record()
+        torch.cuda.synchronize(device)
+        us = start.elapsed_time(end) * 1e3 / iters
+        big = torch.empty(2 * n, dtype=torch.uint8, device=device)
+        dst = torch.empty_like(big)
+        start.record()
+        for _ in range(iters):
+            dst.copy_(big)
+        end.record()
+        torch.cuda.synchronize(device)
+        copy_us = start.elapsed_time(end) * 1e3 / iters
+        lines.append(f"loopback {n} bytes per pair: {'ok' if ok and not int(error[0]) else 'WRONG BYTES'}, "
+                     f"{us:.1f} us per exchange (both ranks), copy_ of {2 * n} bytes {copy_us:.1f} us")
+    return lines
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("no CUDA device")
         return 2
     os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+    if "--loopback" in sys.argv:
+        lines = loopback()
+        print("\n".join(lines))
+        return 1 if any("WRONG" in line for line in lines) else 0
+    stall = sys.argv[sys.argv.index("--stall") + 1] if "--stall" in sys.argv else "rounds"
+    if stall not in ("rounds", "fixed"):
+        print(f"--stall takes rounds or fixed, got {stall!r}")
+        return 2
+    moe = "--moe" in sys.argv
     world = 2
     with tempfile.TemporaryDirectory() as tmp:
         init = f"file://{tmp}/rendezvous"
         manager = mp.get_context("spawn").Manager()
         results = manager.dict()
-        procs = [mp.get_context("spawn").Process(target=_worker, args=(r, world, init, results)) for r in range(world)]
+        procs = [mp.get_context("spawn").Process(target=_moe_worker, args=(r, world, init, results)) if moe else
+                 mp.get_context("spawn").Process(target=_worker, args=(r, world, init, results, stall))
+                 for r in range(world)]
         for p in procs:
             p.start()
         for p in procs:

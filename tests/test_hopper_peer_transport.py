@@ -260,12 +260,37 @@ def test_two_gpus_peer_transport_matches_nccl() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_two_processes_on_one_gpu_exchange_through_symmetric_memory_and_flags() -> None:
-    """One GPU is enough for the protocol: chunks, acknowledgements, graph replays, the stall record."""
+@pytest.mark.parametrize("stall", ["rounds", "fixed"])
+def test_two_processes_on_one_gpu_exchange_through_peer_memory_and_flags(stall: str) -> None:
+    """One GPU is enough for the protocols: chunks, acknowledgements, the fixed exchange's parities, graph
+    replays, and the stall record of the flag kernel or of the exchange kernel."""
     import sys
 
     root = Path(__file__).resolve().parents[1]
-    done = subprocess.run([sys.executable, "-m", "tests.peer_cuda_one_gpu"], cwd=root, capture_output=True,
-                          text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(root)})
+    done = subprocess.run([sys.executable, "-m", "tests.peer_cuda_one_gpu", "--stall", stall], cwd=root,
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(root)})
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.count(": ok") >= 7 and "stall: ok" in done.stdout, done.stdout
+    assert done.stdout.count("fixed exchange of") == 2 * 10 and done.stdout.count("fixed graph replay") == 2 * 4
+    assert done.stdout.count(": ok") >= 2 * 18 + 1 and "stall: ok" in done.stdout, done.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_exchange_kernel_in_loopback_on_one_gpu() -> None:
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", "tests.peer_cuda_one_gpu", "--loopback"], cwd=root,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(root)})
+    assert done.returncode == 0 and done.stdout.count(": ok") == 4, done.stdout + done.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_hopper_ep_path_on_one_gpu_matches_torch_over_gloo() -> None:
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", "tests.peer_cuda_one_gpu", "--moe"], cwd=root,
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(root)})
+    assert done.returncode == 0 and done.stdout.count(": ok") == 2 * 6, done.stdout + done.stderr

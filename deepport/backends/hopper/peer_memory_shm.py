@@ -9,10 +9,11 @@ outlive the names; nothing is left behind, even after a crash past set-up).
 Area layout: ``3 * world`` int64 flags (``data[source]``, ``ack[destination]``, ``fixed[source]``), padded
 to 64 bytes, then ``world`` blocks of ``capacity`` bytes, then (with ``fixed_capacity``) the two areas of
 the fixed exchange, ``world`` slots of ``fixed_capacity`` bytes each (:meth:`ShmPeerMemory.fixed_exchange`,
-the algorithm of ``kernels/sm90_peer_exchange.cu`` with one writer per rank). A flag is written only by the one peer it belongs to and only
-grows. Ordering: the data are written by ``copy_`` (finished before it returns) and the flag is stored
-after it by the same thread; readers load the flag before the data. On x86 (total store order) that is
-enough; other CPUs would need explicit fences, which Python cannot issue: use this on x86 only.
+the algorithm of ``kernels/sm90_peer_exchange.cu`` with one writer per rank). A flag is written only by
+the one peer it belongs to and only grows. Ordering: the data are written by ``copy_`` (finished before it
+returns) and the flag is stored after it by the same thread; readers load the flag before the data. On x86
+(total store order) that is enough; other CPUs would need explicit fences, which Python cannot issue: use
+this on x86 only.
 """
 
 from __future__ import annotations

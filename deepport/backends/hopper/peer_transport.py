@@ -161,8 +161,8 @@ class PeerTransport:
         if p.recv_bytes[me] != p.send_bytes[me]:
             raise ValueError(f"{what}: this rank sends itself {p.send_bytes[me]} bytes but expects {p.recv_bytes[me]}")
         fixed = int(getattr(mem, "fixed_capacity", 0))
-        if (recv_counts is None and send_counts is None and world > 1 and 0 < fixed and p.send_bytes[me] <= fixed
-                and int(src.numel()) == int(dst.numel())):
+        equal = recv_counts is None and send_counts is None and int(src.numel()) == int(dst.numel())
+        if equal and world > 1 and fixed > 0 and p.send_bytes[me] <= fixed:
             mem.fixed_exchange(dst, src, what)  # type: ignore[attr-defined]
             return
         if p.send_bytes[me]:
