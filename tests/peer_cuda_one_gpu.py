@@ -103,6 +103,7 @@ def _moe_worker(rank: int, world: int, init: str, results: Any) -> None:
     from deepport.backends.hopper.peer_memory_cuda import CudaPeerMemory
     from deepport.backends.hopper.peer_transport import PeerTransport
     from deepport.backends.torch.moe_comm import use_transport
+    from deepport.kernels import moe_args
     from tests.moe_ep_probe import _same, bf16_ulps
     from tests.moe_peer_jobs import _outputs
 
@@ -112,6 +113,10 @@ def _moe_worker(rank: int, world: int, init: str, results: Any) -> None:
         device = torch.device("cuda", 0)
         torch.cuda.set_device(device)
         group = dist.group.WORLD
+        # the ops refuse CUDA tensors on a gloo group (gloo cannot move them); here every byte goes through
+        # the peer transport instead, and the group only names the ranks, so accept them
+        checked = moe_args.resolve_group
+        moe_args.resolve_group = lambda g, d: checked(g, torch.device("cpu"))  # type: ignore[assignment]
         memory = CudaPeerMemory(group, device, capacity=8192, timeout_s=60.0, mapping="ipc", fixed_capacity=1 << 20)
         transport = PeerTransport(memory)
         cases = [dict(hidden=256, experts=16, topk=4, t_max=16, world=2, tokens=(13, 9)),
@@ -211,10 +216,11 @@ def _worker(rank: int, world: int, init: str, results: Any, stall: str = "rounds
     results[rank] = out
 
 
-def loopback(pair_bytes: tuple[int, ...] = (0, 65536, 950784, 3670016), iters: int = 200) -> list[str]:
-    """Two ranks' exchange kernels in one process, on two streams of one GPU, timed with CUDA events: the
-    kernel's fixed cost (launch, flags, spins) and its copy rate over local HBM; next to it a plain
-    ``copy_`` of the bytes each rank moves (``2 * pair_bytes``: out to peer and in from it)."""
+def loopback(pair_bytes: tuple[int, ...] = (0, 65536, 950784, 3670016), iters: int = 100) -> list[str]:
+    """Two ranks' exchange kernels in one process, on two streams of one GPU, captured in a CUDA graph and
+    timed with CUDA events: the kernel's fixed cost (launch, flags, spins) and its copy rate over local HBM;
+    next to it a plain ``copy_`` of the bytes each rank moves (``2 * pair_bytes``: out to peer and in from it),
+    captured the same way. Both ranks' kernels share the GPU, so the rate is a floor, not NVLink's."""
     from deepport.backends.hopper import peer_exchange_kernel as k
 
     device = torch.device("cuda", 0)
@@ -235,30 +241,42 @@ def loopback(pair_bytes: tuple[int, ...] = (0, 65536, 950784, 3670016), iters: i
                                 int(error.data_ptr()), n, slot, int(5e9), r) for r in range(world)]
 
         def both(params: list[bytes] = params) -> None:
-            for r in range(world):
+            here = torch.cuda.current_stream(device)
+            for r in range(world):  # fork: both ranks' kernels run at once
+                streams[r].wait_stream(here)
                 with torch.cuda.stream(streams[r]):
                     k.launch_fixed_exchange(fn, params[r], device)
+            for r in range(world):  # join
+                here.wait_stream(streams[r])
 
         both()
         torch.cuda.synchronize(device)
         ok = all(torch.equal(outs[r].view(world, n)[s], sends[s].view(world, n)[r])
                  for r in range(world) for s in range(world)) if n else True
+        # timed as a CUDA graph of `iters` exchanges (launch costs of the host left out, as when the
+        # low-latency ops are captured)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(iters):
+                both()
+        graph.replay()  # warm
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        for st in streams:
-            st.wait_stream(torch.cuda.current_stream(device))
         start.record()
-        for _ in range(iters):
-            both()
-        for st in streams:
-            torch.cuda.current_stream(device).wait_stream(st)
+        graph.replay()
         end.record()
         torch.cuda.synchronize(device)
         us = start.elapsed_time(end) * 1e3 / iters
+        ok = ok and all(torch.equal(outs[r].view(world, n)[s], sends[s].view(world, n)[r])
+                        for r in range(world) for s in range(world)) if n else ok
         big = torch.empty(2 * n, dtype=torch.uint8, device=device)
         dst = torch.empty_like(big)
+        copies = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(copies):
+            for _ in range(iters):
+                dst.copy_(big)
+        copies.replay()
         start.record()
-        for _ in range(iters):
-            dst.copy_(big)
+        copies.replay()
         end.record()
         torch.cuda.synchronize(device)
         copy_us = start.elapsed_time(end) * 1e3 / iters
