@@ -50,7 +50,7 @@ def _outputs(group: Any, device: torch.device, p: dict[str, Any], seed: int, ran
             ll = deepport.moe_low_latency_dispatch(data, idx, t_max, experts, group=group, use_fp8=use_fp8,
                                                    backend=backend)
             count = ll.recv_count.to(torch.int64)
-            rows = torch.arange(ll.handle.world_size * t_max)[None, :] < count[:, None]
+            rows = torch.arange(ll.handle.world_size * t_max, device=count.device)[None, :] < count[:, None]
             got = ll.recv_x if isinstance(ll.recv_x, tuple) else (ll.recv_x,)
             out[f"low-latency fp8={use_fp8} recv_count"] = ll.recv_count
             out[f"low-latency fp8={use_fp8} recv_x"] = tuple(g[rows] for g in got)

@@ -25,6 +25,7 @@ and exits non-zero on a failure; tests/test_hopper_peer_transport.py runs it und
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import tempfile
@@ -216,72 +217,88 @@ def _worker(rank: int, world: int, init: str, results: Any, stall: str = "rounds
     results[rank] = out
 
 
-def loopback(pair_bytes: tuple[int, ...] = (0, 65536, 950784, 3670016), iters: int = 100) -> list[str]:
-    """Two ranks' exchange kernels in one process, on two streams of one GPU, captured in a CUDA graph and
-    timed with CUDA events: the kernel's fixed cost (launch, flags, spins) and its copy rate over local HBM;
-    next to it a plain ``copy_`` of the bytes each rank moves (``2 * pair_bytes``: out to peer and in from it),
-    captured the same way. Both ranks' kernels share the GPU, so the rate is a floor, not NVLink's."""
-    from deepport.backends.hopper import peer_exchange_kernel as k
+def _local_memories(device: torch.device, capacity: int, fixed: int) -> list[Any]:
+    """Two ranks' :class:`CudaPeerMemory` in ONE process: each "peer" buffer is the other rank's local buffer
+    (no group, no mapping), the real flag and exchange kernels."""
+    from deepport.backends.hopper import peer_memory_cuda as pm
+
+    world = 2
+    header = -(-3 * world * 8 // pm.HEADER_ALIGN) * pm.HEADER_ALIGN
+    bufs = [torch.zeros(header + world * capacity + 2 * world * fixed, dtype=torch.uint8, device=device)
+            for _ in range(world)]
+    error = torch.zeros(4, dtype=torch.int64, pin_memory=True)
+    function = pm._flag_function(device.index or 0)
+    memories = []
+    for rank in range(world):
+        m = pm.CudaPeerMemory.__new__(pm.CudaPeerMemory)
+        m.__dict__.update(device=device, rank=rank, world_size=world, capacity=capacity, timeout_ns=int(5e9),
+                          fixed_capacity=fixed, header=header, fixed_at=header + world * capacity, buffer=bufs[rank],
+                          areas=bufs, flag_base=[int(b.data_ptr()) for b in bufs], error=error, function=function,
+                          counters=torch.zeros((3, world), dtype=torch.int64, device=device),
+                          fixed_counters=torch.zeros(pm.peer_exchange_kernel.CTAS, dtype=torch.int64, device=device),
+                          _fixed_function=None)
+        memories.append(m)
+    return memories
+
+
+def _graph_time_us(step: Any, iters: int) -> float:
+    """Mean time of ``step()`` captured ``iters`` times in one CUDA graph (host launch costs left out)."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(iters):
+            step()
+    graph.replay()  # warm
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / iters
+
+
+def loopback(pair_bytes: tuple[int, ...] = (0, 65536, 950784, 3670016), iters: int = 50) -> list[str]:
+    """Two ranks' exchanges in one process, on two streams of one GPU, captured in a CUDA graph and timed
+    with CUDA events: the fixed exchange (one kernel per rank) next to the chunked rounds (flag kernels and
+    copies, one chunk per message here) and a plain ``copy_`` of the bytes each rank moves (``2 *
+    pair_bytes``: out to the peer and in from it). Both ranks share one GPU and HBM stands in for NVLink,
+    so these are the fixed costs and a floor, not NVLink's rate."""
+    from deepport.backends.hopper.peer_transport import PeerTransport
 
     device = torch.device("cuda", 0)
     torch.cuda.set_device(device)
     world, slot = 2, max(pair_bytes) // 16 * 16 + 16
-    header = 64
-    bufs = [torch.zeros(header + 2 * world * slot, dtype=torch.uint8, device=device) for _ in range(world)]
-    counters = [torch.zeros(k.CTAS, dtype=torch.int64, device=device) for _ in range(world)]
-    error = torch.zeros(4, dtype=torch.int64, pin_memory=True)
-    fn = k.function(0)
     streams = [torch.cuda.Stream(device) for _ in range(world)]
     lines = []
-    for n in pair_bytes:
-        sends = [torch.randint(0, 256, (world * n,), dtype=torch.uint8, device=device) for _ in range(world)]
-        outs = [torch.empty_like(x) for x in sends]
-        params = [k.pack_params([int(b.data_ptr()) + header for b in bufs], [int(b.data_ptr()) for b in bufs],
-                                int(sends[r].data_ptr()), int(outs[r].data_ptr()), int(counters[r].data_ptr()),
-                                int(error.data_ptr()), n, slot, int(5e9), r) for r in range(world)]
+    for kind in ("fixed", "rounds"):
+        memories = _local_memories(device, slot, slot if kind == "fixed" else 0)
+        transports = [PeerTransport(m) for m in memories]
+        for n in pair_bytes:
+            sends = [torch.randint(0, 256, (world * n,), dtype=torch.uint8, device=device) for _ in range(world)]
+            outs = [torch.full_like(x, 7) for x in sends]
 
-        def both(params: list[bytes] = params) -> None:
-            here = torch.cuda.current_stream(device)
-            for r in range(world):  # fork: both ranks' kernels run at once
-                streams[r].wait_stream(here)
-                with torch.cuda.stream(streams[r]):
-                    k.launch_fixed_exchange(fn, params[r], device)
-            for r in range(world):  # join
-                here.wait_stream(streams[r])
+            def both(sends: list[torch.Tensor] = sends, outs: list[torch.Tensor] = outs,
+                     transports: list[PeerTransport] = transports) -> None:
+                here = torch.cuda.current_stream(device)
+                for r in range(world):  # fork: both ranks at once
+                    streams[r].wait_stream(here)
+                    with torch.cuda.stream(streams[r]):
+                        transports[r].exchange(outs[r], sends[r], None, None, "loopback")
+                for r in range(world):  # join
+                    here.wait_stream(streams[r])
 
-        both()
-        torch.cuda.synchronize(device)
-        ok = all(torch.equal(outs[r].view(world, n)[s], sends[s].view(world, n)[r])
-                 for r in range(world) for s in range(world)) if n else True
-        # timed as a CUDA graph of `iters` exchanges (launch costs of the host left out, as when the
-        # low-latency ops are captured)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(iters):
-                both()
-        graph.replay()  # warm
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize(device)
-        us = start.elapsed_time(end) * 1e3 / iters
-        ok = ok and all(torch.equal(outs[r].view(world, n)[s], sends[s].view(world, n)[r])
-                        for r in range(world) for s in range(world)) if n else ok
-        big = torch.empty(2 * n, dtype=torch.uint8, device=device)
-        dst = torch.empty_like(big)
-        copies = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(copies):
-            for _ in range(iters):
-                dst.copy_(big)
-        copies.replay()
-        start.record()
-        copies.replay()
-        end.record()
-        torch.cuda.synchronize(device)
-        copy_us = start.elapsed_time(end) * 1e3 / iters
-        lines.append(f"loopback {n} bytes per pair: {'ok' if ok and not int(error[0]) else 'WRONG BYTES'}, "
-                     f"{us:.1f} us per exchange (both ranks), copy_ of {2 * n} bytes {copy_us:.1f} us")
+            both()
+            torch.cuda.synchronize(device)
+            us = _graph_time_us(both, iters)
+            ok = all(torch.equal(outs[r].view(world, n)[q], sends[q].view(world, n)[r])
+                     for r in range(world) for q in range(world)) if n else True
+            fixed_runs = int(memories[0].fixed_counters[0])
+            ok = ok and not int(memories[0].error[0]) and (fixed_runs > 0) == (kind == "fixed")
+            line = f"loopback {kind} {n} bytes per pair: {'ok' if ok else 'WRONG'}, {us:.1f} us per exchange"
+            if kind == "fixed" and n:
+                big = torch.empty(2 * n, dtype=torch.uint8, device=device)
+                dst = torch.empty_like(big)
+                line += f"; copy_ of {2 * n} bytes {_graph_time_us(functools.partial(dst.copy_, big), iters):.1f} us"
+            lines.append(line)
     return lines
 
 
