@@ -128,7 +128,7 @@ def _moe_worker(rank: int, world: int, init: str, results: Any) -> None:
                 memory.fixed_capacity = fixed
                 want = _outputs(group, torch.device("cpu"), p, 40 + i, rank, backend="torch")
                 with use_transport(transport):
-                    got = _to_cpu(_outputs(group, device, p, 40 + i, rank, backend="triton"))
+                    got = {k: _to_cpu(v) for k, v in _outputs(group, device, p, 40 + i, rank, backend="triton").items()}
                 bad: list[str] = []
                 for name, ref in want.items():
                     if "combine" in name and "weights" not in name:
@@ -308,6 +308,12 @@ def main() -> int:
         return 2
     os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
     if "--loopback" in sys.argv:
+        if "--ctas" in sys.argv:  # another grid for the exchange kernel (a sweep; every rank must use the same)
+            from deepport.backends.hopper import peer_exchange_kernel as k
+
+            k.CTAS = int(sys.argv[sys.argv.index("--ctas") + 1])
+            k.OPTIONS = (*tuple(o for o in k.OPTIONS if not o.startswith("-DDP_FX_CTAS=")), f"-DDP_FX_CTAS={k.CTAS}")
+            print(f"exchange kernel grid: {k.CTAS} CTAs")
         lines = loopback()
         print("\n".join(lines))
         return 1 if any("WRONG" in line for line in lines) else 0

@@ -14,7 +14,9 @@ from typing import Any
 import torch
 
 MAX_RANKS = 64  # DP_FX_MAX_RANKS: area and flag addresses per launch
-CTAS = 32  # DP_FX_CTAS: blocks per launch; every rank of a group launches the same grid
+# DP_FX_CTAS: blocks per launch, the same on every rank of a group (one H200, two ranks in loopback:
+# 64 beat 32; 128 per rank exceed what two ranks sharing one GPU can keep resident)
+CTAS = 64
 THREADS = 512  # DP_FX_THREADS
 _TAIL = struct.Struct("<4Q3q2i")  # send, out, counters, error; pair_bytes, slot_bytes, timeout_ns; world, rank
 PARAMS_SIZE = MAX_RANKS * 16 + _TAIL.size  # 1088 bytes, well under the 4 KiB parameter limit

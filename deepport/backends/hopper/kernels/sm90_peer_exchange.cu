@@ -30,7 +30,7 @@
 #define DP_FX_MAX_RANKS 64
 #endif
 #ifndef DP_FX_CTAS
-#define DP_FX_CTAS 32
+#define DP_FX_CTAS 64
 #endif
 #ifndef DP_FX_THREADS
 #define DP_FX_THREADS 512
@@ -87,8 +87,17 @@ __device__ __forceinline__ void copy_range(char* dst, const char* src, i64 lo, i
         const i64 vecs = n >> 4;
         uint4* d = reinterpret_cast<uint4*>(dst);
         const uint4* s = reinterpret_cast<const uint4*>(src);
-        for (i64 i = threadIdx.x; i < vecs; i += blockDim.x) d[i] = peer_src ? __ldcg(s + i) : s[i];
-        for (i64 i = (vecs << 4) + threadIdx.x; i < n; i += blockDim.x) dst[i] = src[i];
+        // four vectors in flight per thread, then the rest one at a time
+        const i64 step = blockDim.x, body = vecs / (4 * step) * (4 * step);
+        for (i64 i = threadIdx.x; i < body; i += 4 * step) {
+            uint4 v[4];
+#pragma unroll
+            for (int u = 0; u < 4; ++u) v[u] = peer_src ? __ldcg(s + i + u * step) : s[i + u * step];
+#pragma unroll
+            for (int u = 0; u < 4; ++u) d[i + u * step] = v[u];
+        }
+        for (i64 i = body + threadIdx.x; i < vecs; i += step) d[i] = peer_src ? __ldcg(s + i) : s[i];
+        for (i64 i = (vecs << 4) + threadIdx.x; i < n; i += step) dst[i] = src[i];
     } else if ((both & 3) == 0) {
         const i64 words = n >> 2;
         u32* d = reinterpret_cast<u32*>(dst);
@@ -150,7 +159,7 @@ dp_fixed_exchange_kernel(const __grid_constant__ dp::FixedExchangeParams p) {
                 __trap();
             }
             __nanosleep(sleep_ns);
-            if (sleep_ns < 1024) sleep_ns *= 2;
+            if (sleep_ns < 256) sleep_ns *= 2;  // a short cap: the latency of a low-latency op is this wait
         }
     }
     __syncthreads();
