@@ -138,11 +138,58 @@ def _moe_worker(rank: int, world: int, init: str, results: Any) -> None:
                         _same(name, got[name], ref, bad)
                 label = f"moe ops case {i} ({'fixed exchange' if fixed else 'rounds'}, {len(want)} outputs)"
                 out.append(f"{label}: {'ok' if not bad else 'WRONG ' + '; '.join(bad[:4])}")
+        memory.fixed_capacity = 8 << 20
+        out += _kernel_profile(group, device, transport)
         torch.cuda.synchronize(device)
         dist.barrier()
     except Exception:
         out.append("FAILED: " + traceback.format_exc())
     results[rank] = out
+
+
+def _kernel_profile(group: Any, device: torch.device, transport: Any, calls: int = 5) -> list[str]:
+    """The GPU kernels of the hopper path's low-latency ops at issue 14's size (128 tokens, hidden 7168,
+    top-8 of 256, FP8 dispatch, EP=2) under torch.profiler: per call, how many kernels and their summed
+    time, the exchange kernel apart. The two processes time-slice the GPU, so a kernel that waits for the
+    peer (the exchange) is inflated by the other's turn; the rest is this rank's own compute: the floor
+    the op's time cannot go under, however fast the exchange."""
+    import deepport
+    from deepport.backends.torch.moe_comm import use_transport
+    from deepport.bench.configs.moe import routing
+
+    rank = dist.get_rank(group)
+    x, idx, w = routing(128, 7168, 256, 8, 1000 + rank, device)
+    y = torch.randn(128, 2 * 128, 7168, device=device).to(torch.bfloat16)
+
+    def dispatch() -> Any:
+        return deepport.moe_low_latency_dispatch(x, idx, 128, 256, group=group, use_fp8=True, backend="triton")
+
+    lines = []
+    with use_transport(transport):
+        handle = dispatch().handle
+        for name, step in (("dispatch", dispatch),
+                           ("combine", lambda: deepport.moe_low_latency_combine(y, idx, w, handle, backend="triton"))):
+            step()
+            torch.cuda.synchronize(device)
+            dist.barrier()
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                for _ in range(calls):
+                    step()
+                torch.cuda.synchronize(device)
+            kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+            exchange = [e for e in kernels if "exchange" in e.name]
+            rest = [e for e in kernels if "exchange" not in e.name]
+            own = sum(e.device_time for e in rest) / calls
+            by_name: dict[str, list[float]] = {}
+            for e in rest:
+                by_name.setdefault(e.name, []).append(e.device_time)
+            lines.append(f"profile low-latency {name}: {len(kernels) / calls:.0f} kernels per call, "
+                         f"{len(exchange) / calls:.0f} exchange; own compute {own:.1f} us per call; exchange "
+                         f"kernels {sum(e.device_time for e in exchange) / calls:.1f} us (time-sliced)")
+            for kname, times in sorted(by_name.items(), key=lambda kv: -sum(kv[1])):
+                lines.append(f"    {len(times) / calls:4.1f} x {sum(times) / calls:7.1f} us  {kname[:100]}")
+            dist.barrier()
+    return lines
 
 
 def _worker(rank: int, world: int, init: str, results: Any, stall: str = "rounds") -> None:
