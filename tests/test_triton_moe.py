@@ -172,6 +172,44 @@ def test_low_latency_layout_and_positions_steps_equal_the_torch_derivation(
     assert torch.equal(got_pos.cpu(), want_pos)
 
 
+def test_scatter_rows_writes_each_distinct_target_once_with_the_bits_of_torch() -> None:
+    """The source-side placement of the low-latency receiver: dense FP8 rows and the transposed scale
+    storage, rows naming one target in several slots (written once), untouched rows left as they were."""
+    g = torch.Generator().manual_seed(8)
+    targets = torch.tensor([[4, 4, 9, 4], [0, 0, 0, 0], [13, 2, 13, 7], [11, 11, 11, 11], [1, 3, 5, 6]],
+                           device=DEVICE)  # flat rows of a [3, 5] layout
+    fp8_rows = torch.randint(0, 255, (5, 224), generator=g, dtype=torch.uint8).to(DEVICE)
+    scales = torch.rand(5, 2, generator=g).to(DEVICE)
+    for src, make in ((fp8_rows.view(torch.float8_e4m3fn),
+                       lambda: torch.full((3, 5, 224), 77, dtype=torch.uint8, device=DEVICE).view(torch.float8_e4m3fn)),
+                      (scales, lambda: torch.full((3, 2, 5), 5.0, device=DEVICE).transpose(1, 2))):
+        got, want = make(), make()
+        moe_permute.scatter_rows(src, got, targets)
+        assert TORCH.scatter_rows is not None
+        TORCH.scatter_rows(src, want, targets)
+        assert torch.equal(got.reshape(15, -1).view(torch.uint8), want.reshape(15, -1).view(torch.uint8))
+        untouched = sorted(set(range(15)) - set(targets.reshape(-1).tolist()))
+        assert torch.equal(got.reshape(15, -1)[untouched].view(torch.uint8),
+                           make().reshape(15, -1)[untouched].view(torch.uint8))
+    moe_permute.scatter_rows(scales[:0], torch.zeros(3, 5, 2, device=DEVICE), targets[:0])  # nothing to place
+
+
+def test_token_rows_into_float32_rows_sum_like_weighted_rows() -> None:
+    """The low-latency combine's partial sums: float32 rows of a per-slot table (-1 skipped) equal the
+    sorted weighted sum over the same terms, bit for bit."""
+    g = torch.Generator().manual_seed(9)
+    y = torch.randn(40, 96, generator=g).to(torch.bfloat16).to(DEVICE)
+    table = torch.randint(-1, 40, (11, 4), generator=g).to(DEVICE)
+    weights = torch.rand(11, 4, generator=g).to(DEVICE)
+    got = torch.full((11, 96), float("nan"), device=DEVICE)
+    moe_permute.token_rows_into(y, table, weights, got)
+    valid = table >= 0
+    rows = torch.arange(11, device=DEVICE)[:, None].expand(11, 4)
+    want = moe_permute.weighted_rows(y, torch.where(valid, table, 0).reshape(-1),
+                                     torch.where(valid, rows, 11).reshape(-1), weights.reshape(-1), 12)[:11]
+    assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn, torch.float32])
 def test_take_rows_into_gathers_the_same_bits_as_indexing_into_packed_rows(dtype: torch.dtype) -> None:
     from deepport.backends.torch.moe_comm import RowFormat, same_bits

@@ -37,10 +37,17 @@ def compact(mask: torch.Tensor, count: int) -> torch.Tensor:
     return out[:count]
 
 
+def column_cumsum(x: torch.Tensor) -> torch.Tensor:
+    """int64 ``[n, m]``: the running sum of each column of the 2-D ``x`` (``torch.cumsum(x, 0)``), scanned
+    along contiguous rows of the transpose: CUDA's scan along the outer dimension runs one thread per
+    column, 60 us for a ``[256, 128]`` table on an H200 (2026-12-02), against a few for the inner one."""
+    return torch.cumsum(x.to(torch.int64).t().contiguous(), 1).t()
+
+
 def running_slot(mask: torch.Tensor) -> torch.Tensor:
     """int64 ``[T, G]``: for each true ``mask[t, g]``, how many true entries of column ``g`` precede it
     (the token's row in group ``g``'s block, tokens in order); -1 where false."""
-    return torch.where(mask, torch.cumsum(mask, 0) - 1, -1)
+    return torch.where(mask, column_cumsum(mask) - 1, -1)
 
 
 def first_occurrence(ids: torch.Tensor) -> torch.Tensor:

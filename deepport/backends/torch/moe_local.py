@@ -15,11 +15,13 @@ backends' kernels) and reuses everything else.
   straight into ``out`` (bf16 ``[num_rows, C]``, contiguous), each float32 sum rounded once to bf16
   (round to nearest even); the same bits as ``out.copy_(weighted_rows(...))`` but for NaN payloads,
   without the float32 rows in memory. Without it the one-process expanded combine does exactly that copy.
-- ``token_rows_into(y, table, weights, out)`` (optional): bf16 ``out [T, C]`` (contiguous), row ``t`` the
-  float32 sum in column order of ``weights[t, j] * y[table[t, j]]`` over ``table[t, j] >= 0`` (``table``
-  int64 ``[T, K]``, ``weights`` float32 ``[T, K]``), rounded once: ``weighted_rows_into`` for sums whose
-  terms the caller already holds per destination row, in order (the one-process combines), so no sort by
-  destination is needed. The same bits as ``weighted_rows_into`` over the same terms in the same order.
+- ``token_rows_into(y, table, weights, out)`` (optional): bf16 or float32 ``out [T, C]`` (contiguous), row
+  ``t`` the float32 sum in column order of ``weights[t, j] * y[table[t, j]]`` over ``table[t, j] >= 0``
+  (``table`` int64 ``[T, K]``, ``weights`` float32 ``[T, K]``), rounded once to bf16 for a bf16 ``out``:
+  ``weighted_rows_into`` (or ``weighted_rows``) for sums whose terms the caller already holds per
+  destination row, in order (the one-process combines, the low-latency combine's partial sums), so no sort
+  by destination is needed. The same bits as ``weighted_rows_into`` / ``weighted_rows`` over the same terms
+  in the same order.
 - ``token_table(src_row, expert, token_of, topk_idx, row_weights, tokens)`` (optional): the terms per token
   of a one-process expanded combine, exactly what
   :func:`deepport.backends.torch.moe_one_process_expanded.rows_per_token` returns from the handle's

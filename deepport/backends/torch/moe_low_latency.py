@@ -44,6 +44,7 @@ import torch
 from deepport.backends.torch import moe_one_process as one_process
 from deepport.backends.torch.moe_comm import RowFormat, same_bits, start_all_to_all
 from deepport.backends.torch.moe_index import (
+    column_cumsum,
     first_occurrence,
     local_ids,
     running_slot,
@@ -86,7 +87,7 @@ def _pairs(recv_local: torch.Tensor, num_local: int) -> tuple[torch.Tensor, torc
     rows of an expert in slot order (= source rank, then token: the contract's order)."""
     valid = first_occurrence(recv_local)
     by_expert = selection_mask(torch.where(valid, recv_local, -1), num_local, 1)  # [S, L]
-    position = (torch.cumsum(by_expert, 0) - 1).gather(1, recv_local.clamp(min=0))
+    position = (column_cumsum(by_expert) - 1).gather(1, recv_local.clamp(min=0))
     return valid, position, by_expert.sum(0)
 
 
@@ -296,10 +297,14 @@ def combine_low_latency(call: MoELowLatencyCombineCall, local: LocalSteps = TORC
         _scatter_rows(w_send, targets, call.topk_weights)
         w_recv = _fixed_exchange(w_send[:slots], grp, "moe_low_latency_combine (weights)")
         pair_w = slot_weight_sums(f.recv_local, w_recv, torch.where(f.pair_valid, f.recv_local, -1))  # [S, K]
-        into = torch.where(f.pair_valid, row_ids_of(slots, k, dev), slots).reshape(-1)  # invalid: a trash row
-        pair_w = torch.where(f.pair_valid, pair_w, 0.0).reshape(-1)
-        partial = local.weighted_rows(y_rows, rows.reshape(-1), into, pair_w, slots + 1)
-        back = _fixed_exchange(partial[:slots], grp, "moe_low_latency_combine")
+        if local.token_rows_into is not None:  # each slot's terms in slot order, -1 for the invalid ones
+            partial = torch.empty((slots, hidden), dtype=torch.float32, device=dev)
+            local.token_rows_into(y_rows, torch.where(f.pair_valid, rows, -1), pair_w, partial)
+        else:
+            into = torch.where(f.pair_valid, row_ids_of(slots, k, dev), slots).reshape(-1)  # invalid: a trash row
+            pair_w = torch.where(f.pair_valid, pair_w, 0.0).reshape(-1)
+            partial = local.weighted_rows(y_rows, rows.reshape(-1), into, pair_w, slots + 1)[:slots]
+        back = _fixed_exchange(partial, grp, "moe_low_latency_combine")
         weight = torch.ones(targets.shape, dtype=torch.float32, device=dev)
     sent = targets < slots
     picked = back.index_select(0, torch.where(sent, targets, 0).reshape(-1)).view(t, int(targets.shape[1]), hidden)

@@ -6,6 +6,9 @@
   (uint8 ``[T, R]``, zeroed by the caller). Integer sums: exact in any order.
 - :func:`moe_place_rows_kernel`, grid ``(G * R, ceil(C / BLOCK_C))``: ``dst[g, i, :] = src[index[g, i], :]``
   as raw bits (integer views of the payload), zero (``ZERO_MISSING``) or untouched where the index is -1.
+- :func:`moe_scatter_rows_kernel`, grid ``(n * Q, ceil(C / BLOCK_C))``: the same placement from the source
+  side, ``dst.view(G * R, C)[targets[j, q]] = src[j]`` as raw bits, each distinct target of a row written
+  once (a ``q`` repeating an earlier ``q``'s target of row ``j`` is skipped).
 - :func:`moe_weighted_rows_kernel`, grid ``(num_rows, ceil(C / BLOCK_C))``: row ``r`` of the float32
   output is ``sum_j weights[j] * y[src_pos[j]]`` over ``j`` in ``seg[r] : seg[r + 1]`` (entries sorted
   by destination row, stable), accumulated in float32 in that order and stored in ``out``'s dtype
@@ -61,6 +64,25 @@ def moe_place_rows_kernel(src_ptr, index_ptr, dst_ptr, rows_per_group, num_cols,
         tl.store(dst, tl.load(src_ptr + src_row * stride_src + cols, mask=ok), mask=ok)
     elif ZERO_MISSING:
         tl.store(dst, tl.zeros([BLOCK_C], dst_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def moe_scatter_rows_kernel(src_ptr, targets_ptr, dst_ptr, rows_per_group, num_cols,
+                            stride_src, stride_dg, stride_dr, stride_dc, Q: tl.constexpr, BLOCK_C: tl.constexpr):
+    p = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ok = cols < num_cols
+    j = p // Q
+    target = tl.load(targets_ptr + p)
+    q = p - j * Q
+    repeat = tl.zeros([], tl.int32)
+    for e in tl.static_range(Q):  # an earlier slot of this row naming the same target: already written
+        same = tl.load(targets_ptr + j * Q + e) == target
+        repeat += tl.where(e < q, same.to(tl.int32), 0)
+    if repeat == 0:
+        g = target // rows_per_group
+        dst = dst_ptr + g * stride_dg + (target - g * rows_per_group) * stride_dr + cols * stride_dc
+        tl.store(dst, tl.load(src_ptr + j * stride_src + cols, mask=ok), mask=ok)
 
 
 @triton.jit
