@@ -153,22 +153,31 @@ def _kernel_profile(group: Any, device: torch.device, transport: Any, calls: int
     time, the exchange kernel apart. The two processes time-slice the GPU, so a kernel that waits for the
     peer (the exchange) is inflated by the other's turn; the rest is this rank's own compute: the floor
     the op's time cannot go under, however fast the exchange."""
-    import deepport
-    from deepport.backends.torch.moe_comm import use_transport
     from deepport.bench.configs.moe import routing
 
     rank = dist.get_rank(group)
     x, idx, w = routing(128, 7168, 256, 8, 1000 + rank, device)
     y = torch.randn(128, 2 * 128, 7168, device=device).to(torch.bfloat16)
 
+    lines = []
+    for backend in ("triton", "torch"):  # the hopper path's steps, then the torch backend's (the portable path)
+        lines += _profile_backend(group, device, transport, backend, x, idx, w, y, calls)
+    return lines
+
+
+def _profile_backend(group: Any, device: torch.device, transport: Any, backend: str, x: torch.Tensor,
+                     idx: torch.Tensor, w: torch.Tensor, y: torch.Tensor, calls: int) -> list[str]:
+    import deepport
+    from deepport.backends.torch.moe_comm import use_transport
+
     def dispatch() -> Any:
-        return deepport.moe_low_latency_dispatch(x, idx, 128, 256, group=group, use_fp8=True, backend="triton")
+        return deepport.moe_low_latency_dispatch(x, idx, 128, 256, group=group, use_fp8=True, backend=backend)
 
     lines = []
     with use_transport(transport):
         handle = dispatch().handle
         for name, step in (("dispatch", dispatch),
-                           ("combine", lambda: deepport.moe_low_latency_combine(y, idx, w, handle, backend="triton"))):
+                           ("combine", lambda: deepport.moe_low_latency_combine(y, idx, w, handle, backend=backend))):
             step()
             torch.cuda.synchronize(device)
             dist.barrier()
@@ -183,8 +192,8 @@ def _kernel_profile(group: Any, device: torch.device, transport: Any, calls: int
             by_name: dict[str, list[float]] = {}
             for e in rest:
                 by_name.setdefault(e.name, []).append(e.device_time)
-            lines.append(f"profile low-latency {name}: {len(kernels) / calls:.0f} kernels per call, "
-                         f"{len(exchange) / calls:.0f} exchange; own compute {own:.1f} us per call; exchange "
+            lines.append(f"profile low-latency {name} ({backend} steps): {len(kernels) / calls:.0f} kernels per "
+                         f"call, {len(exchange) / calls:.0f} exchange; own compute {own:.1f} us per call; exchange "
                          f"kernels {sum(e.device_time for e in exchange) / calls:.1f} us (time-sliced)")
             for kname, times in sorted(by_name.items(), key=lambda kv: -sum(kv[1])):
                 lines.append(f"    {len(times) / calls:4.1f} x {sum(times) / calls:7.1f} us  {kname[:100]}")
