@@ -16,6 +16,7 @@ tests.moe_ep_probe`` prints the per-op table of ``deepport/backends/torch/MOE_NO
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -449,6 +450,63 @@ def optional_steps(rank: int, group: Any, device: torch.device, params: dict[str
                 for e, local in zip(exp, (TORCH, steps), strict=True)]
         steps_off = max(steps_off, bf16_ulps(back[0], back[1]))
     return {"used": dict(used), "bad": bad, "bf16_steps": steps_off}
+
+
+def low_latency_steps(rank: int, group: Any, device: torch.device, params: dict[str, Any],
+                      seed: int = 0) -> dict[str, Any]:
+    """The multi-rank low-latency ops with the triton backend's steps (its fused receive, source-side
+    placement and per-slot partial sums) against the torch steps on the same group: every route field and
+    count bit for bit, the received rows and ``packed_src_row`` too, combines bit for bit from either
+    handle (same terms, same order). Which optional steps ran is counted."""
+    from deepport.backends.torch import moe_low_latency as ll
+    from deepport.backends.torch.moe_local import TORCH
+    from deepport.backends.triton.moe_permute import TRITON
+    from deepport.kernels import moe_low_latency_combine, moe_low_latency_dispatch
+
+    used: Counter[str] = Counter()
+
+    def counted(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def run(*args: Any) -> Any:
+            used[name] += 1
+            return fn(*args)
+        return run
+
+    assert TRITON.low_latency_receive is not None and TRITON.scatter_rows is not None
+    assert TRITON.token_rows_into is not None
+    steps = dataclasses.replace(TRITON, low_latency_receive=counted("low_latency_receive", TRITON.low_latency_receive),
+                                scatter_rows=counted("scatter_rows", TRITON.scatter_rows),
+                                token_rows_into=counted("token_rows_into", TRITON.token_rows_into))
+    x = _inputs(rank, params, seed)
+    data, idx, w = x["x"].to(device), x["topk_idx"].to(device), x["topk_weights"].to(device)
+    experts, t_max, bad = int(params["experts"]), int(params.get("t_max", 32)), []
+    for fp8 in (False, True):
+        got = {name: ll.dispatch_low_latency(moe_low_latency_dispatch.bind(data, idx, t_max, experts, group=group,
+                                                                            use_fp8=fp8), local)
+               for name, local in (("torch", TORCH), ("triton", steps))}
+        a, b = got["torch"], got["triton"]
+        _same(f"fp8={fp8} recv_count", b.recv_count, a.recv_count, bad)
+        fa, fb = ll.fixed_routes(a.handle), ll.fixed_routes(b.handle)
+        for name in ("send_slot", "recv_token", "recv_local", "pair_valid", "count"):
+            _same(f"fp8={fp8} routes.{name}", getattr(fb, name), getattr(fa, name), bad)
+        _same(f"fp8={fp8} routes.pair_position (valid pairs)", fb.pair_position[fa.pair_valid],
+              fa.pair_position[fa.pair_valid], bad)
+        _same(f"fp8={fp8} packed_src_row", b.handle.packed_src_row, a.handle.packed_src_row, bad)
+        parts = [(b.recv_x, a.recv_x)] if not fp8 else list(zip(b.recv_x, a.recv_x, strict=True))  # type: ignore[arg-type]
+        for i, (gb, ga) in enumerate(parts):
+            _same(f"fp8={fp8} recv_x[{i}] (valid rows)", _valid_rows(gb, a.recv_count), _valid_rows(ga, a.recv_count),
+                  bad)
+        if fp8:
+            continue
+        y = a.recv_x.clone()  # type: ignore[union-attr]
+        rows = torch.arange(y.shape[1], device=y.device)
+        y[rows[None, :] >= a.recv_count.to(torch.int64)[:, None]] = float("nan")  # never read
+        outs = {(s, h): ll.combine_low_latency(moe_low_latency_combine.bind(y, idx, w, got[h].handle), local)
+                for s, local in (("torch", TORCH), ("triton", steps)) for h in got}
+        for key, out in outs.items():
+            if bf16_ulps(out, outs[("torch", "torch")]) > 1:
+                bad.append(f"combine {key}: more than one bf16 step off")
+        _same("triton combine, either handle", outs[("triton", "torch")], outs[("triton", "triton")], bad)
+    return {"bad": bad, "used": dict(used)}
 
 
 def stalled_peer(rank: int, group: Any, device: torch.device, timeout_s: float, tokens: tuple[int, ...] = (8, 8),

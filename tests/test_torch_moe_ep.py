@@ -143,6 +143,26 @@ def test_optional_take_rows_and_sum_rows_steps_run_on_every_rank(world: int, tok
         assert got["bf16_steps"] <= 1, (rank, got)
 
 
+@pytest.mark.parametrize("world, params", [
+    (2, dict(tokens=(13, 0))),  # rank 1 sends nothing
+    (3, dict(tokens=(9, 0, 5), experts=12, topk=2)),  # more ranks than slots
+    (4, dict(tokens=(5, 12, 0, 8), experts=32, topk=6, dup=0.3, nowhere=0.2)),
+    (2, dict(tokens=(6, 10), experts=2, topk=2, dup=0.5)),  # one expert per rank: bf16 rows back
+    (4, dict(tokens=(6, 3, 8, 5), experts=8, topk=8)),  # every expert picked, full blocks
+])
+def test_triton_low_latency_steps_give_the_torch_routes_rows_and_sums(world: int, params: dict[str, Any]) -> None:
+    """The triton backend's fused receive (one kernel of one program per local expert), source-side
+    placement and per-slot partial sums, on gloo ranks: the torch steps' routes and rows bit for bit, the
+    combines too; each optional step ran on every rank."""
+    pytest.importorskip("triton")
+    p = {**SMALL, "world": world, **params}
+    for rank, got in enumerate(_run("low_latency_steps", world, params=p, seed=6)):
+        assert got["bad"] == [], (rank, got["bad"])
+        assert got["used"].get("low_latency_receive") == 2 and got["used"].get("scatter_rows", 0) >= 3, (rank, got)
+        single = p["topk"] == 1 or p["experts"] == world
+        assert got["used"].get("token_rows_into", 0) == (0 if single else 2), (rank, got)
+
+
 @pytest.mark.parametrize("tokens, experts", [((8, 8), 16), ((9, 0, 5), 12), ((3, 11, 0, 6), 16)])
 def test_a_stalled_peer_raises_a_timeout_with_a_message(tokens: tuple[int, ...], experts: int) -> None:
     """The last rank never calls the dispatch: every other rank, the one sending nothing included, gets

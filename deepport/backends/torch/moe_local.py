@@ -37,6 +37,14 @@ backends' kernels) and reuses everything else.
 - ``low_latency_positions(topk_idx, capacity)`` (optional): int64 ``[T, K]``, the packed row
   ``e * capacity + p`` that slot ``k`` of token ``t`` (expert ``e``) reads in the one-process low-latency
   combine, ``-1`` for a ``-1`` slot. Without it the combine derives them from the handle with torch ops.
+- ``low_latency_receive(meta, rank, num_local, count32)`` (optional, with a ``scatter_rows`` that skips
+  targets -1): the receiver's routes of a multi-rank low-latency dispatch from the received slots' int32
+  ``meta [S, 1 + K]`` (source token, -1 for an unused slot, then the global top-k ids; routed slots fill
+  each source's block from its start): ``(recv_token [S], recv_local [S, K], valid [S, K], position [S, K],
+  count [L], target [S, K], packed [L, S])`` as :func:`deepport.backends.torch.moe_low_latency.dispatch_low_latency`
+  derives them (``target``: the pair's row ``l * S + position`` in the ``[L, S]`` layout where valid, else
+  -1; ``packed``: the canonical ``packed_src_row``), writing ``count`` also into ``count32`` (int32
+  ``[L]``, the op's ``recv_count``). Without it the dispatch derives them with torch ops.
 - ``cast_fp8(x)``: bf16 ``[T, H]`` -> (e4m3 ``[T, H]``, float32 scales ``[T, H / 128]``), DeepEP's rule
   bit for bit (the op's docstring): per 128 channels ``amax = max(|x|, float32(1e-4))``, ``scale =
   float32(amax * float32(1/448))``, ``fp8 = e4m3(float32(x * float32(448 / amax)))``.
@@ -101,6 +109,7 @@ class LocalSteps:
     low_latency_layout: Callable[[torch.Tensor, int, int, torch.Tensor],
                                  tuple[torch.Tensor, torch.Tensor]] | None = None
     low_latency_positions: Callable[[torch.Tensor, int], torch.Tensor] | None = None
+    low_latency_receive: Callable[[torch.Tensor, int, int, torch.Tensor], tuple[torch.Tensor, ...]] | None = None
 
 
 def _flat(dst: torch.Tensor) -> torch.Tensor | None:

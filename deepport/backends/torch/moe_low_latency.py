@@ -208,6 +208,36 @@ def dispatch_low_latency(call: MoELowLatencyDispatchCall, local: LocalSteps = TO
     recv = _fixed_exchange(send[:slots], grp, "moe_low_latency_dispatch")
     # receiver: (slot, local expert) pairs -> [expert, position]
     recv_meta = fmt.part(recv, "meta")
+    recv_x = call.alloc((num_local, slots, hidden), data.dtype)
+    recv_s = None
+    if scales is not None:
+        storage = call.alloc((num_local, hidden // FP8_BLOCK, slots), torch.float32)
+        recv_s = storage.transpose(1, 2)  # column-major in the last two dimensions
+    placed = [(fmt.part(recv, "x").view(data.dtype), recv_x)]  # rows of the payload's dtype, as the steps expect
+    if recv_s is not None:
+        placed.append((fmt.part(recv, "scales"), recv_s))
+    recv_count = call.alloc((num_local,), torch.int32)
+    if local.low_latency_receive is not None and local.scatter_rows is not None:  # the backend's fused routes
+        recv_token, recv_local, valid, position, count, target, packed_rows = local.low_latency_receive(
+            recv_meta, me, num_local, recv_count)
+        for src, dst in placed:
+            local.scatter_rows(src, dst, target)  # -1 targets skipped
+    else:
+        recv_token, recv_local, valid, position, count, packed_rows = _receive(
+            recv_meta, placed, me, num_local, t_max, world, local)
+        recv_count.copy_(count)
+    x_out: Any = recv_x if recv_s is None else (recv_x, recv_s)
+    fixed = FixedRoutes(t_max, send_slot, recv_token, recv_local, valid, position, count)
+    routes = LazyRoutes(grp, call.num_experts, hidden, idx.clone(), in_rank, fixed)
+    handle = MoELowLatencyHandle(routes, t_max, recv_count.clone(), packed_rows)
+    return MoELowLatencyDispatchResult(x_out, recv_count, handle)
+
+
+def _receive(recv_meta: torch.Tensor, placed: list[tuple[torch.Tensor, torch.Tensor]], me: int, num_local: int,
+             t_max: int, world: int, local: LocalSteps) -> tuple[torch.Tensor, ...]:
+    """The receiver's routes with torch ops (``LocalSteps.low_latency_receive``'s contract, without
+    ``target``) and the placement of each ``(received rows, layout)`` in ``placed``."""
+    slots, k, dev = world * t_max, int(recv_meta.shape[1]) - 1, recv_meta.device
     recv_token = recv_meta[:, 0].to(torch.int64)
     recv_local = torch.where(recv_token[:, None] >= 0, local_ids(recv_meta[:, 1:].to(torch.int64), me, num_local),
                              -1)
@@ -220,14 +250,6 @@ def dispatch_low_latency(call: MoELowLatencyDispatchCall, local: LocalSteps = TO
     first = valid.to(torch.int8).argmax(1, keepdim=True)
     anchor = torch.where(valid.any(1, keepdim=True), own.gather(1, first), count[:1, None].expand(slots, 1))
     target = torch.where(valid, own, anchor)
-    recv_x = call.alloc((num_local, slots, hidden), data.dtype)
-    recv_s = None
-    if scales is not None:
-        storage = call.alloc((num_local, hidden // FP8_BLOCK, slots), torch.float32)
-        recv_s = storage.transpose(1, 2)  # column-major in the last two dimensions
-    placed = [(fmt.part(recv, "x").view(data.dtype), recv_x)]  # rows of the payload's dtype, as the steps expect
-    if recv_s is not None:
-        placed.append((fmt.part(recv, "scales"), recv_s))
     if local.scatter_rows is not None:
         for src, dst in placed:
             local.scatter_rows(src, dst, target)
@@ -236,9 +258,6 @@ def dispatch_low_latency(call: MoELowLatencyDispatchCall, local: LocalSteps = TO
         by_row.index_put_((torch.where(valid, own, num_local * slots),), row_ids_of(slots, k, dev))
         for src, dst in placed:
             local.place_rows(src, dst, by_row[: num_local * slots].view(num_local, slots), False)
-    x_out: Any = recv_x if recv_s is None else (recv_x, recv_s)
-    recv_count = call.alloc((num_local,), torch.int32)
-    recv_count.copy_(count)
     # canonical packed_src_row: the compact received row (source block prefix + slot) of each pair
     per_source = (recv_token >= 0).view(world, t_max).sum(1)
     prefix = torch.cumsum(per_source, 0) - per_source
@@ -246,10 +265,7 @@ def dispatch_low_latency(call: MoELowLatencyDispatchCall, local: LocalSteps = TO
     compact_row = prefix[row_ids // t_max] + row_ids % t_max
     packed = torch.full((num_local * slots + 1,), -1, dtype=torch.int64, device=dev)
     packed.index_put_((torch.where(valid, own, num_local * slots),), compact_row[:, None].expand(slots, k))
-    fixed = FixedRoutes(t_max, send_slot, recv_token, recv_local, valid, position, count)
-    routes = LazyRoutes(grp, call.num_experts, hidden, idx.clone(), in_rank, fixed)
-    handle = MoELowLatencyHandle(routes, t_max, recv_count.clone(), packed[: num_local * slots].view(num_local, slots))
-    return MoELowLatencyDispatchResult(x_out, recv_count, handle)
+    return recv_token, recv_local, valid, position, count, packed[: num_local * slots].view(num_local, slots)
 
 
 def fixed_routes(handle: MoELowLatencyHandle) -> FixedRoutes:

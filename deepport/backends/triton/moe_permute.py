@@ -32,6 +32,7 @@ from deepport.backends.triton.moe_permute_kernels import (
     moe_layout_count_kernel,
     moe_ll_layout_kernel,
     moe_ll_positions_kernel,
+    moe_ll_receive_kernel,
     moe_place_rows_kernel,
     moe_scatter_rows_kernel,
     moe_token_rows_kernel,
@@ -143,7 +144,8 @@ def place_rows(src: torch.Tensor, dst: torch.Tensor, index: torch.Tensor, zero_m
 
 
 def scatter_rows(src: torch.Tensor, dst: torch.Tensor, targets: torch.Tensor) -> None:
-    """``dst.view(G * R, C)[targets[j, q]] = src[j]`` bit for bit (see :mod:`deepport.backends.torch.moe_local`):
+    """``dst.view(G * R, C)[targets[j, q]] = src[j]`` bit for bit (see :mod:`deepport.backends.torch.moe_local`;
+    a target -1 is skipped, as :func:`low_latency_receive`'s targets need):
     programs over the ``n * Q`` source entries, so a sparse layout (the low-latency one: ``G * R`` rows for a
     few hundred placed) costs what it places, where :func:`place_rows` visits every destination row (61 us
     per call for the FP8 rows of 128 tokens, hidden 7168, 128 local experts at EP=2 on an H200, 2026-12-02)."""
@@ -158,6 +160,34 @@ def scatter_rows(src: torch.Tensor, dst: torch.Tensor, targets: torch.Tensor) ->
         moe_scatter_rows_kernel[(n * q, -(-cols // block))](
             src_bits, targets.to(torch.int64).contiguous(), dst_bits, rows, cols, src_bits.stride(0),
             dst_bits.stride(0), dst_bits.stride(1), dst_bits.stride(2), Q=q, BLOCK_C=block, num_warps=MOVE_WARPS)
+
+
+_RECEIVE_SLOTS = 64  # received slots per step of the receive kernel's walk
+
+
+def low_latency_receive(meta: torch.Tensor, rank: int, num_local: int, count32: torch.Tensor
+                        ) -> tuple[torch.Tensor, ...]:
+    """The receiver's routes of a multi-rank low-latency dispatch in one kernel of one program per local
+    expert (see :class:`deepport.backends.torch.moe_local.LocalSteps`), instead of about 25 torch ops."""
+    slots, k = int(meta.shape[0]), int(meta.shape[1]) - 1
+    dev = meta.device
+    recv_token = torch.empty(slots, dtype=torch.int64, device=dev)
+    recv_local, position, target = (torch.empty((slots, k), dtype=torch.int64, device=dev) for _ in range(3))
+    valid = torch.empty((slots, k), dtype=torch.bool, device=dev)
+    count = torch.empty(num_local, dtype=torch.int64, device=dev)
+    packed = torch.empty((num_local, slots), dtype=torch.int64, device=dev)
+    if slots and k:
+        with _guard(dev):
+            moe_ll_receive_kernel[(num_local,)](
+                meta, meta.stride(0), rank * num_local, num_local, slots, recv_token, recv_local,
+                valid.view(torch.int8), position, target, count, count32, packed, K=k, KP=_pow2(k),
+                BLOCK_S=_RECEIVE_SLOTS)
+    else:  # nothing received, or no slot to name an expert
+        recv_token.copy_(meta[:, 0])
+        count.zero_()
+        count32.zero_()
+        packed.fill_(-1)
+    return recv_token, recv_local, valid, position, count, target, packed
 
 
 def weighted_rows(y: torch.Tensor, src_pos: torch.Tensor, dst_row: torch.Tensor, weights: torch.Tensor,
@@ -297,7 +327,7 @@ def _dispatch_expanded_one_process(call: MoEExpandedDispatchCall) -> MoEExpanded
 TRITON = LocalSteps(place_rows, weighted_rows, cast_fp8, scatter_rows=scatter_rows,
                     weighted_rows_into=weighted_rows_into, dispatch_expanded_one_process=_dispatch_expanded_one_process,
                     token_rows_into=token_rows_into, token_table=token_table, low_latency_layout=low_latency_layout,
-                    low_latency_positions=low_latency_positions)
+                    low_latency_positions=low_latency_positions, low_latency_receive=low_latency_receive)
 
 
 def layout(call: MoELayoutCall) -> MoELayout:

@@ -8,7 +8,10 @@
   as raw bits (integer views of the payload), zero (``ZERO_MISSING``) or untouched where the index is -1.
 - :func:`moe_scatter_rows_kernel`, grid ``(n * Q, ceil(C / BLOCK_C))``: the same placement from the source
   side, ``dst.view(G * R, C)[targets[j, q]] = src[j]`` as raw bits, each distinct target of a row written
-  once (a ``q`` repeating an earlier ``q``'s target of row ``j`` is skipped).
+  once (a ``q`` repeating an earlier ``q``'s target of row ``j`` is skipped, and so is a target ``-1``).
+- :func:`moe_ll_receive_kernel`, grid ``L``: the routes of a multi-rank low-latency dispatch's received
+  slots for local expert ``l`` (what :func:`deepport.backends.torch.moe_low_latency.dispatch_low_latency`
+  derives with torch ops).
 - :func:`moe_weighted_rows_kernel`, grid ``(num_rows, ceil(C / BLOCK_C))``: row ``r`` of the float32
   output is ``sum_j weights[j] * y[src_pos[j]]`` over ``j`` in ``seg[r] : seg[r + 1]`` (entries sorted
   by destination row, stable), accumulated in float32 in that order and stored in ``out``'s dtype
@@ -79,10 +82,64 @@ def moe_scatter_rows_kernel(src_ptr, targets_ptr, dst_ptr, rows_per_group, num_c
     for e in tl.static_range(Q):  # an earlier slot of this row naming the same target: already written
         same = tl.load(targets_ptr + j * Q + e) == target
         repeat += tl.where(e < q, same.to(tl.int32), 0)
-    if repeat == 0:
+    if (repeat == 0) & (target >= 0):
         g = target // rows_per_group
         dst = dst_ptr + g * stride_dg + (target - g * rows_per_group) * stride_dr + cols * stride_dc
         tl.store(dst, tl.load(src_ptr + j * stride_src + cols, mask=ok), mask=ok)
+
+
+@triton.jit
+def moe_ll_receive_kernel(meta_ptr, stride_meta, first_local, num_local, slots, recv_token_ptr, recv_local_ptr,
+                          valid_ptr, position_ptr, target_ptr, count_ptr, count32_ptr, packed_ptr,
+                          K: tl.constexpr, KP: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Grid ``L``. ``meta`` int32 ``[S, 1 + K]`` (row stride ``stride_meta``): each received slot's source
+    token (-1: unused) and global top-k ids. Program ``l`` walks the slots in order and writes, for the
+    entries ``(s, k)`` naming local expert ``l`` (program 0 also those naming none): ``position`` (the rank
+    of slot ``s`` among the slots selecting ``l``), ``valid`` (the first slot ``k`` naming ``l`` in row
+    ``s``) and ``target`` (``l * S + position`` where valid, else -1); ``count[l]`` (int64 and int32);
+    the row ``l`` of ``packed`` (each selecting slot's compact received row: the routed slots before it,
+    as routed slots fill each source's block from its start; -1 from ``count[l]`` on); program 0 also
+    ``recv_token`` and ``recv_local`` (local ids, -1 for another rank's expert or an unused slot)."""
+    e = tl.program_id(0)
+    j = tl.arange(0, KP)
+    jok = j < K
+    earlier = j[None, :] < j[:, None]  # [k, k2]: k2 before k
+    taken = tl.zeros([], tl.int32)  # slots selecting e so far
+    received = tl.zeros([], tl.int32)  # routed slots so far
+    for start in range(0, slots, BLOCK_S):
+        s = start + tl.arange(0, BLOCK_S)
+        sok = s < slots
+        s64 = s.to(tl.int64)
+        tok = tl.load(meta_ptr + s64 * stride_meta, mask=sok, other=-1)
+        g = tl.load(meta_ptr + s64[:, None] * stride_meta + 1 + j[None, :], mask=sok[:, None] & jok[None, :],
+                    other=-1)
+        loc = g - first_local
+        loc = tl.where((g >= 0) & (loc >= 0) & (loc < num_local) & (tok[:, None] >= 0), loc, -1)
+        dup = tl.sum(((loc[:, :, None] == loc[:, None, :]) & earlier[None, :, :]).to(tl.int32), axis=2) > 0
+        mine = tl.max((loc == e).to(tl.int32), axis=1)  # [BLOCK_S]: slot s selects e
+        routed = (tok >= 0).to(tl.int32)
+        pos = tl.broadcast_to((taken + tl.cumsum(mine, axis=0) - 1)[:, None], [BLOCK_S, KP]).to(tl.int64)
+        compact = (received + tl.cumsum(routed, axis=0) - 1).to(tl.int64)
+        first_program = (tl.zeros([BLOCK_S, KP], tl.int32) + e) == 0
+        entries = ((loc == e) | ((loc < 0) & first_program)) & sok[:, None] & jok[None, :]
+        at = s64[:, None] * K + j[None, :]
+        valid = (loc == e) & ~dup
+        tl.store(position_ptr + at, pos, mask=entries)
+        tl.store(valid_ptr + at, valid.to(tl.int8), mask=entries)
+        tl.store(target_ptr + at, tl.where(valid, e.to(tl.int64) * slots + pos, -1), mask=entries)
+        if e == 0:
+            tl.store(recv_token_ptr + s64, tok.to(tl.int64), mask=sok)
+            tl.store(recv_local_ptr + at, loc.to(tl.int64), mask=sok[:, None] & jok[None, :])
+        row = e.to(tl.int64) * slots + (taken + tl.cumsum(mine, axis=0) - 1).to(tl.int64)
+        tl.store(packed_ptr + row, compact, mask=(mine > 0) & sok)
+        taken += tl.sum(mine, axis=0)
+        received += tl.sum(routed, axis=0)
+    tl.store(count_ptr + e, taken.to(tl.int64))
+    tl.store(count32_ptr + e, taken)
+    for start in range(0, slots, BLOCK_S):
+        p = start + tl.arange(0, BLOCK_S)
+        tl.store(packed_ptr + e.to(tl.int64) * slots + p, tl.full([BLOCK_S], -1, tl.int64),
+                 mask=(p >= taken) & (p < slots))
 
 
 @triton.jit
