@@ -454,8 +454,8 @@ def optional_steps(rank: int, group: Any, device: torch.device, params: dict[str
 
 def low_latency_steps(rank: int, group: Any, device: torch.device, params: dict[str, Any],
                       seed: int = 0) -> dict[str, Any]:
-    """The multi-rank low-latency ops with the triton backend's steps (its fused receive, source-side
-    placement and per-slot partial sums) against the torch steps on the same group: every route field and
+    """The multi-rank low-latency ops with the triton backend's steps (its fused send and receive routes,
+    source-side placement and per-slot partial sums) against the torch steps on the same group: every route field and
     count bit for bit, the received rows and ``packed_src_row`` too, combines bit for bit from either
     handle (same terms, same order). Which optional steps ran is counted."""
     from deepport.backends.torch import moe_low_latency as ll
@@ -472,8 +472,9 @@ def low_latency_steps(rank: int, group: Any, device: torch.device, params: dict[
         return run
 
     assert TRITON.low_latency_receive is not None and TRITON.scatter_rows is not None
-    assert TRITON.token_rows_into is not None
+    assert TRITON.token_rows_into is not None and TRITON.low_latency_send is not None
     steps = dataclasses.replace(TRITON, low_latency_receive=counted("low_latency_receive", TRITON.low_latency_receive),
+                                low_latency_send=counted("low_latency_send", TRITON.low_latency_send),
                                 scatter_rows=counted("scatter_rows", TRITON.scatter_rows),
                                 token_rows_into=counted("token_rows_into", TRITON.token_rows_into))
     x = _inputs(rank, params, seed)
@@ -488,6 +489,7 @@ def low_latency_steps(rank: int, group: Any, device: torch.device, params: dict[
         fa, fb = ll.fixed_routes(a.handle), ll.fixed_routes(b.handle)
         for name in ("send_slot", "recv_token", "recv_local", "pair_valid", "count"):
             _same(f"fp8={fp8} routes.{name}", getattr(fb, name), getattr(fa, name), bad)
+        _same(f"fp8={fp8} is_token_in_rank", b.handle.routes.is_token_in_rank, a.handle.routes.is_token_in_rank, bad)
         _same(f"fp8={fp8} routes.pair_position (valid pairs)", fb.pair_position[fa.pair_valid],
               fa.pair_position[fa.pair_valid], bad)
         _same(f"fp8={fp8} packed_src_row", b.handle.packed_src_row, a.handle.packed_src_row, bad)

@@ -37,6 +37,13 @@ backends' kernels) and reuses everything else.
 - ``low_latency_positions(topk_idx, capacity)`` (optional): int64 ``[T, K]``, the packed row
   ``e * capacity + p`` that slot ``k`` of token ``t`` (expert ``e``) reads in the one-process low-latency
   combine, ``-1`` for a ``-1`` slot. Without it the combine derives them from the handle with torch ops.
+- ``low_latency_send(idx, num_ranks, num_local, t_max, meta)`` (optional, with a ``scatter_rows`` that skips
+  targets -1): the sender's routes of a multi-rank low-latency dispatch from ``topk_idx`` int64 ``[T, K]``:
+  ``(in_rank bool [T, R], send_slot int64 [T, R], target int64 [T, R])`` (token ``t``'s row in rank ``r``'s
+  block of ``t_max`` send rows, the tokens before it that select an expert of ``r``, -1 if ``t`` selects
+  none; ``target = r * t_max + send_slot``, -1 if none), writing each sent row's int32 ``meta [R * t_max,
+  1 + K]`` (token index, then its ``K`` ids) and token -1 into the unused rows. Without it the dispatch
+  does this with torch ops.
 - ``low_latency_receive(meta, rank, num_local, count32)`` (optional, with a ``scatter_rows`` that skips
   targets -1): the receiver's routes of a multi-rank low-latency dispatch from the received slots' int32
   ``meta [S, 1 + K]`` (source token, -1 for an unused slot, then the global top-k ids; routed slots fill
@@ -109,6 +116,8 @@ class LocalSteps:
     low_latency_layout: Callable[[torch.Tensor, int, int, torch.Tensor],
                                  tuple[torch.Tensor, torch.Tensor]] | None = None
     low_latency_positions: Callable[[torch.Tensor, int], torch.Tensor] | None = None
+    low_latency_send: Callable[[torch.Tensor, int, int, int, torch.Tensor],
+                               tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
     low_latency_receive: Callable[[torch.Tensor, int, int, torch.Tensor], tuple[torch.Tensor, ...]] | None = None
 
 

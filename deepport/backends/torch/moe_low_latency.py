@@ -191,20 +191,26 @@ def dispatch_low_latency(call: MoELowLatencyDispatchCall, local: LocalSteps = TO
     if grp.world_size == 1:  # one process: the routing alone defines the layout (moe_one_process)
         return one_process.dispatch(call, data, scales, local)
     # sender: the fixed send buffer (plus a trash row), unused rows marked by token index -1
-    in_rank = selection_mask(idx, world, num_local)
-    send_slot = running_slot(in_rank)
     parts = [("x", torch.uint8, hidden * data.element_size())]
     if scales is not None:
         parts.append(("scales", torch.float32, hidden // FP8_BLOCK))
     fmt = RowFormat.of([*parts, ("meta", torch.int32, 1 + k)])
     send = fmt.empty(slots + 1, dev)
-    fmt.part(send, "meta")[:, 0].fill_(-1)
-    targets = _targets(send_slot, idx, num_local, t_max)
-    meta = torch.cat([torch.arange(t, device=dev, dtype=torch.int32)[:, None], idx.to(torch.int32)], dim=1)
-    _scatter_rows(fmt.part(send, "x"), targets, data)
-    if scales is not None:
-        _scatter_rows(fmt.part(send, "scales"), targets, scales)
-    _scatter_rows(fmt.part(send, "meta"), targets, meta)
+    if local.low_latency_send is not None and local.scatter_rows is not None:  # the backend's fused routes
+        in_rank, send_slot, targets = local.low_latency_send(idx, world, num_local, t_max, fmt.part(send, "meta"))
+        local.scatter_rows(data, fmt.part(send, "x").view(data.dtype)[None], targets)  # -1 targets skipped
+        if scales is not None:
+            local.scatter_rows(scales, fmt.part(send, "scales")[None], targets)
+    else:
+        in_rank = selection_mask(idx, world, num_local)
+        send_slot = running_slot(in_rank)
+        fmt.part(send, "meta")[:, 0].fill_(-1)
+        targets = _targets(send_slot, idx, num_local, t_max)
+        meta = torch.cat([torch.arange(t, device=dev, dtype=torch.int32)[:, None], idx.to(torch.int32)], dim=1)
+        _scatter_rows(fmt.part(send, "x"), targets, data)
+        if scales is not None:
+            _scatter_rows(fmt.part(send, "scales"), targets, scales)
+        _scatter_rows(fmt.part(send, "meta"), targets, meta)
     recv = _fixed_exchange(send[:slots], grp, "moe_low_latency_dispatch")
     # receiver: (slot, local expert) pairs -> [expert, position]
     recv_meta = fmt.part(recv, "meta")

@@ -9,6 +9,8 @@
 - :func:`moe_scatter_rows_kernel`, grid ``(n * Q, ceil(C / BLOCK_C))``: the same placement from the source
   side, ``dst.view(G * R, C)[targets[j, q]] = src[j]`` as raw bits, each distinct target of a row written
   once (a ``q`` repeating an earlier ``q``'s target of row ``j`` is skipped, and so is a target ``-1``).
+- :func:`moe_ll_send_kernel`, grid ``R``: the sender's routes of a multi-rank low-latency dispatch for
+  destination rank ``r``: which tokens go there, their rows in ``r``'s block, and those rows' metadata.
 - :func:`moe_ll_receive_kernel`, grid ``L``: the routes of a multi-rank low-latency dispatch's received
   slots for local expert ``l`` (what :func:`deepport.backends.torch.moe_low_latency.dispatch_low_latency`
   derives with torch ops).
@@ -86,6 +88,43 @@ def moe_scatter_rows_kernel(src_ptr, targets_ptr, dst_ptr, rows_per_group, num_c
         g = target // rows_per_group
         dst = dst_ptr + g * stride_dg + (target - g * rows_per_group) * stride_dr + cols * stride_dc
         tl.store(dst, tl.load(src_ptr + j * stride_src + cols, mask=ok), mask=ok)
+
+
+@triton.jit
+def moe_ll_send_kernel(idx_ptr, stride_idx, num_tokens, num_local, num_ranks, t_max, in_rank_ptr, send_slot_ptr,
+                       target_ptr, meta_ptr, stride_meta, K: tl.constexpr, KP: tl.constexpr,
+                       BLOCK_T: tl.constexpr):
+    """Grid ``R``. Program ``r`` walks the tokens of ``idx [T, K]`` (global expert ids, -1 none; row stride
+    ``stride_idx``) in order: ``in_rank[t, r]`` (uint8: token ``t`` selects an expert of rank ``r``),
+    ``send_slot[t, r]`` (its row in ``r``'s block: the selecting tokens before it; -1 if none) and
+    ``target[t, r] = r * t_max + send_slot`` (-1 if none); into that send row's int32 ``meta`` (row stride
+    ``stride_meta``) the token index and its ``K`` ids; the block's rows from the count on get token -1."""
+    r = tl.program_id(0)
+    j = tl.arange(0, KP)
+    taken = tl.zeros([], tl.int32)
+    for start in range(0, num_tokens, BLOCK_T):
+        t = start + tl.arange(0, BLOCK_T)
+        tok = t < num_tokens
+        t64 = t.to(tl.int64)
+        ids = tl.load(idx_ptr + t64[:, None] * stride_idx + j[None, :], mask=tok[:, None] & (j[None, :] < K),
+                      other=-1)
+        hits = ((ids >= 0) & (ids // num_local == r)).to(tl.int32)
+        mine = tl.max(hits, axis=1)  # [BLOCK_T]
+        slot = taken + tl.cumsum(mine, axis=0) - 1
+        at = t64 * num_ranks + r
+        tl.store(in_rank_ptr + at, mine.to(tl.uint8), mask=tok)
+        tl.store(send_slot_ptr + at, tl.where(mine > 0, slot, -1).to(tl.int64), mask=tok)
+        row = r.to(tl.int64) * t_max + slot.to(tl.int64)
+        tl.store(target_ptr + at, tl.where(mine > 0, row, -1), mask=tok)
+        sent = tok & (mine > 0)
+        tl.store(meta_ptr + row * stride_meta, t.to(tl.int32), mask=sent)
+        tl.store(meta_ptr + row[:, None] * stride_meta + 1 + j[None, :], ids.to(tl.int32),
+                 mask=sent[:, None] & (j[None, :] < K))
+        taken += tl.sum(mine, axis=0)
+    for start in range(0, t_max, BLOCK_T):
+        p = start + tl.arange(0, BLOCK_T)
+        tl.store(meta_ptr + (r.to(tl.int64) * t_max + p) * stride_meta, tl.full([BLOCK_T], -1, tl.int32),
+                 mask=(p >= taken) & (p < t_max))
 
 
 @triton.jit
