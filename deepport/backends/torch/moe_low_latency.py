@@ -310,7 +310,7 @@ def combine_low_latency(call: MoELowLatencyCombineCall, local: LocalSteps = TORC
     if single:  # return that expert's bf16 row; the source applies its weights
         first = f.pair_valid.to(torch.int8).argmax(1, keepdim=True)
         back_rows = y_rows.index_select(0, rows.gather(1, first)[:, 0])  # unused slots: any row, never read
-        back = _fixed_exchange(back_rows, grp, "moe_low_latency_combine").to(torch.float32)
+        back = _fixed_exchange(back_rows, grp, "moe_low_latency_combine")  # bf16 rows
         rank_of = torch.where(idx >= 0, idx // num_local, -1)
         dest = torch.arange(int(targets.shape[1]), device=dev)[None, :].expand(t, -1)
         weight = slot_weight_sums(rank_of, call.topk_weights, dest if world <= k else rank_of)  # [T, Q]
@@ -329,11 +329,14 @@ def combine_low_latency(call: MoELowLatencyCombineCall, local: LocalSteps = TORC
         back = _fixed_exchange(partial, grp, "moe_low_latency_combine")
         weight = torch.ones(targets.shape, dtype=torch.float32, device=dev)
     sent = targets < slots
-    picked = back.index_select(0, torch.where(sent, targets, 0).reshape(-1)).view(t, int(targets.shape[1]), hidden)
-    total = torch.where(sent[:, :, None], picked * weight[:, :, None], 0.0)
     if world > k:  # one pair per slot: count each destination rank once
         rank_of = torch.where(idx >= 0, idx // num_local, -1)
-        total = torch.where(first_occurrence(rank_of)[:, :, None], total, 0.0)
+        sent = sent & first_occurrence(rank_of)
     out = call.alloc((t, hidden), torch.bfloat16)
+    if local.token_rows_into is not None:  # per token, its rows of `back` in rank order, rounded once
+        local.token_rows_into(back, torch.where(sent, targets, -1), weight, out)
+        return out
+    picked = back.index_select(0, torch.where(sent, targets, 0).reshape(-1)).view(t, int(targets.shape[1]), hidden)
+    total = torch.where(sent[:, :, None], picked.to(torch.float32) * weight[:, :, None], 0.0)
     out.copy_(total.sum(1))
     return out
