@@ -190,13 +190,13 @@ def _sass(tmp_path: Path, name: str, entry: str, options: tuple[str, ...]) -> st
     checking ptxas reports no stack frame and no spills."""
     pytest.importorskip("cuda.bindings.nvrtc")
     from deepport.backends.hopper import nvrtc
-    from deepport.backends.hopper.sources import KernelSource, package_file
+    from deepport.backends.hopper.sources import peer_source
 
     try:
         nvrtc.version()
     except Exception as exc:  # the NVRTC wheel is part of the CI set-up; say so if it is missing
         pytest.skip(f"NVRTC not loadable: {exc}")
-    cubin, log = nvrtc.compile_cubin(KernelSource(name, package_file(name), (), entry), (*options, "-Xptxas=-v"))
+    cubin, log = nvrtc.compile_cubin(peer_source(name, entry), (*options, "-Xptxas=-v"))
     assert "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads" in log, log
     from tests.test_hopper_compile import _cuobjdump
 
@@ -219,25 +219,8 @@ def test_exchange_kernel_compiles_for_sm90a_with_system_scope_release_acquire_an
 
 
 def test_flag_kernel_compiles_for_sm90a_with_system_scope_release_and_acquire(tmp_path: Path) -> None:
-    pytest.importorskip("cuda.bindings.nvrtc")
-    from deepport.backends.hopper import nvrtc
-    from deepport.backends.hopper.sources import KernelSource, package_file
-
-    try:
-        nvrtc.version()
-    except Exception as exc:  # the NVRTC wheel is part of the CI set-up; say so if it is missing
-        pytest.skip(f"NVRTC not loadable: {exc}")
-    source = KernelSource("sm90_peer_flags.cu", package_file("sm90_peer_flags.cu"), (), "dp_peer_flags_kernel")
-    cubin, log = nvrtc.compile_cubin(source, (f"-DDP_PEER_MAX_OPS={peer_memory_cuda.MAX_OPS}", "-Xptxas=-v"))
-    assert "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads" in log, log
-    from tests.test_hopper_compile import _cuobjdump
-
-    tool = _cuobjdump()
-    if tool is None:
-        pytest.skip("no cuobjdump (install triton or nvidia-cuda-cuobjdump) for the SASS checks")
-    path = tmp_path / "flags.cubin"
-    path.write_bytes(cubin)
-    sass = subprocess.run([str(tool), "--dump-sass", str(path)], check=True, capture_output=True, text=True).stdout
+    sass = _sass(tmp_path, "sm90_peer_flags.cu", "dp_peer_flags_kernel",
+                 (f"-DDP_PEER_MAX_OPS={peer_memory_cuda.MAX_OPS}",))
     assert "LDG.E.64.STRONG.SYS" in sass  # the acquire load of a flag, system scope (peer GPUs)
     assert "REDG.E.ADD.64.STRONG.SYS" in sass and "MEMBAR" in sass  # the release increment after a fence
     assert "BPT.TRAP" in sass and "NANOSLEEP" in sass  # a bounded, backed-off spin
@@ -258,17 +241,23 @@ def test_two_gpus_peer_transport_matches_nccl() -> None:
         assert got["bad"] == [], f"rank {rank}: {got['bad']}"
 
 
+def _one_gpu(*args: str, timeout: int = 600) -> subprocess.CompletedProcess[str]:
+    """``python -m tests.peer_cuda_one_gpu ARGS`` from the repository root (its own processes, its own CUDA
+    contexts: a trap there ends only that run)."""
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    return subprocess.run([sys.executable, "-m", "tests.peer_cuda_one_gpu", *args], cwd=root, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(root)})
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("stall", ["rounds", "fixed"])
 def test_two_processes_on_one_gpu_exchange_through_peer_memory_and_flags(stall: str) -> None:
     """One GPU is enough for the protocols: chunks, acknowledgements, the fixed exchange's parities, graph
     replays, and the stall record of the flag kernel or of the exchange kernel."""
-    import sys
-
-    root = Path(__file__).resolve().parents[1]
-    done = subprocess.run([sys.executable, "-m", "tests.peer_cuda_one_gpu", "--stall", stall], cwd=root,
-                          capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(root)})
+    done = _one_gpu("--stall", stall)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.count("fixed exchange of") == 2 * 10 and done.stdout.count("fixed graph replay") == 2 * 4
     assert done.stdout.count(": ok") >= 2 * 18 + 1 and "stall: ok" in done.stdout, done.stdout
@@ -277,21 +266,13 @@ def test_two_processes_on_one_gpu_exchange_through_peer_memory_and_flags(stall: 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_the_exchange_kernel_in_loopback_on_one_gpu() -> None:
-    import sys
-
-    root = Path(__file__).resolve().parents[1]
-    done = subprocess.run([sys.executable, "-m", "tests.peer_cuda_one_gpu", "--loopback"], cwd=root,
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(root)})
+    done = _one_gpu("--loopback", timeout=300)
     assert done.returncode == 0 and done.stdout.count(": ok") == 2 * 4, done.stdout + done.stderr
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_the_hopper_ep_path_on_one_gpu_matches_torch_over_gloo() -> None:
-    import sys
-
-    root = Path(__file__).resolve().parents[1]
-    done = subprocess.run([sys.executable, "-m", "tests.peer_cuda_one_gpu", "--moe"], cwd=root,
-                          capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(root)})
+    done = _one_gpu("--moe")
     assert done.returncode == 0 and done.stdout.count(": ok") == 2 * 6, done.stdout + done.stderr
     assert done.stdout.count("profile low-latency") == 2 * 2 * 2, done.stdout

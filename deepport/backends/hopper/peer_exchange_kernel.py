@@ -44,10 +44,9 @@ def pack_params(areas: Sequence[int], flags: Sequence[int], send: int, out: int,
 def function(device_index: int) -> Any:
     """The kernel's CuPy function on ``device_index`` (compiled or loaded from the cache once)."""
     from deepport.backends.hopper import jit, launch
-    from deepport.backends.hopper.sources import KernelSource, package_file
+    from deepport.backends.hopper.sources import peer_source
 
-    source = KernelSource("sm90_peer_exchange.cu", package_file("sm90_peer_exchange.cu"), (),
-                          "dp_fixed_exchange_kernel")
+    source = peer_source("sm90_peer_exchange.cu", "dp_fixed_exchange_kernel")
     key, cubin = jit.get_cubin(source, OPTIONS)
     return launch.load_function(key, cubin, source.entry, device_index, 0)
 

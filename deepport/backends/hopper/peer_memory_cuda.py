@@ -104,9 +104,9 @@ def _map_ipc(group: Any, device: torch.device, nbytes: int, header: int) -> tupl
 
 def _flag_function(device_index: int) -> Any:
     from deepport.backends.hopper import jit, launch
-    from deepport.backends.hopper.sources import KernelSource, package_file
+    from deepport.backends.hopper.sources import peer_source
 
-    source = KernelSource("sm90_peer_flags.cu", package_file("sm90_peer_flags.cu"), (), "dp_peer_flags_kernel")
+    source = peer_source("sm90_peer_flags.cu", "dp_peer_flags_kernel")
     key, cubin = jit.get_cubin(source, (f"-DDP_PEER_MAX_OPS={MAX_OPS}",))
     return launch.load_function(key, cubin, source.entry, device_index, 0)
 

@@ -33,6 +33,13 @@ def package_file(name: str) -> str:
     return (KERNEL_DIR / name).read_text(encoding="utf-8")
 
 
+def peer_source(name: str, entry: str) -> KernelSource:
+    """A kernel of the peer transport (``sm90_peer_flags.cu``, ``sm90_peer_exchange.cu``) with the header they
+    share, ``sm90_peer_sync.cuh`` (system-scope acquire loads, release adds, the global timer)."""
+    return KernelSource(name, package_file(name), (("sm90_peer_sync.cuh", package_file("sm90_peer_sync.cuh")),),
+                        entry)
+
+
 def wgmma_fp8_header(n: int) -> str:
     """``sm90_wgmma.cuh`` for ``N = n``: ``dp::wgmma_m64k32_e4m3(acc, desc_a, desc_b, scale_d)`` issuing
     ``wgmma.mma_async.sync.aligned.m64n{n}k32.f32.e4m3.e4m3`` on ``n / 2`` fp32 accumulators per thread

@@ -36,6 +36,8 @@
 #define DP_FX_THREADS 512
 #endif
 
+#include "sm90_peer_sync.cuh"
+
 typedef unsigned long long u64;
 typedef long long i64;
 typedef unsigned int u32;
@@ -58,22 +60,6 @@ struct FixedExchangeParams {
 
 // The host packs this struct (peer_exchange_kernel.pack_params): 16 bytes per rank, then 64 bytes, no gaps.
 static_assert(sizeof(FixedExchangeParams) == DP_FX_MAX_RANKS * 16 + 64, "FixedExchangeParams layout differs from the host's");
-
-__device__ __forceinline__ i64 load_acquire_sys(const i64* p) {
-    i64 v;
-    asm volatile("ld.acquire.sys.global.s64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
-    return v;
-}
-
-__device__ __forceinline__ void add_release_sys(i64* p, i64 v) {
-    asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
-}
-
-__device__ __forceinline__ u64 global_ns() {
-    u64 t;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-    return t;
-}
 
 // Bytes [lo, hi) of src to dst, by this block's threads: 16-byte vectors where both ends allow it, else
 // 4-byte words, else bytes. peer_src: the source was written by another GPU (bypass L1).

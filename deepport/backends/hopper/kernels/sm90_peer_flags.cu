@@ -22,6 +22,8 @@
 #define DP_PEER_MAX_OPS 64
 #endif
 
+#include "sm90_peer_sync.cuh"
+
 typedef unsigned long long u64;
 typedef long long i64;
 
@@ -42,22 +44,6 @@ struct PeerFlagParams {
 
 // The host packs this struct (peer_memory_cuda.pack_params): 16 bytes per op, then 24 bytes, no gaps.
 static_assert(sizeof(PeerFlagParams) == DP_PEER_MAX_OPS * 16 + 24, "PeerFlagParams layout differs from the host's");
-
-__device__ __forceinline__ i64 load_acquire_sys(const i64* p) {
-    i64 v;
-    asm volatile("ld.acquire.sys.global.s64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
-    return v;
-}
-
-__device__ __forceinline__ void add_release_sys(i64* p, i64 v) {
-    asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
-}
-
-__device__ __forceinline__ u64 global_ns() {
-    u64 t;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-    return t;
-}
 
 }  // namespace dp
 
