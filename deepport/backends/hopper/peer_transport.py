@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -75,6 +75,7 @@ class PeerMemory(Protocol):
         ...
 
 
+@runtime_checkable
 class FixedExchangeMemory(PeerMemory, Protocol):
     """A :class:`PeerMemory` that also moves an equal-split exchange of up to ``fixed_capacity`` bytes per
     rank in one step (see the module docstring); ``fixed_capacity == 0``: it does not."""
@@ -142,6 +143,8 @@ class PeerTransport:
 
     def __init__(self, memory: PeerMemory) -> None:
         self.memory = memory
+        # the memory's one-step path for equal splits, where it has one (its fixed_capacity is read per call)
+        self.fixed = memory if isinstance(memory, FixedExchangeMemory) else None
 
     def start(self, out: torch.Tensor, send: torch.Tensor, recv_counts: Sequence[int] | None,
               send_counts: Sequence[int] | None, grp: MoEGroup, what: str) -> Pending:
@@ -160,10 +163,11 @@ class PeerTransport:
         src, dst = _flat_bytes(send), _flat_bytes(out)
         if p.recv_bytes[me] != p.send_bytes[me]:
             raise ValueError(f"{what}: this rank sends itself {p.send_bytes[me]} bytes but expects {p.recv_bytes[me]}")
-        fixed = int(getattr(mem, "fixed_capacity", 0))
+        fixed = self.fixed
         equal = recv_counts is None and send_counts is None and int(src.numel()) == int(dst.numel())
-        if equal and world > 1 and fixed > 0 and p.send_bytes[me] <= fixed:
-            mem.fixed_exchange(dst, src, what)  # type: ignore[attr-defined]
+        if equal and world > 1 and fixed is not None and fixed.fixed_capacity > 0 and \
+                p.send_bytes[me] <= fixed.fixed_capacity:
+            fixed.fixed_exchange(dst, src, what)
             return
         if p.send_bytes[me]:
             dst[p.recv_offsets[me]: p.recv_offsets[me] + p.recv_bytes[me]].copy_(
