@@ -129,24 +129,10 @@ dp_fixed_exchange_kernel(const __grid_constant__ dp::FixedExchangeParams p) {
     if (threadIdx.x < p.world && threadIdx.x != p.rank) {
         const i64* flag = reinterpret_cast<const i64*>(p.flag[p.rank]) + threadIdx.x;
         const i64 target = (seq + 1) * DP_FX_CTAS;
-        const u64 start = dp::global_ns();
-        unsigned sleep_ns = 32;
-        for (;;) {
-            const i64 seen = dp::load_acquire_sys(flag);
-            if (seen >= target) break;
-            if (static_cast<i64>(dp::global_ns() - start) > p.timeout_ns) {
-                i64* err = reinterpret_cast<i64*>(p.error);
-                if (atomicCAS(reinterpret_cast<unsigned long long*>(err), 0ull, 1ull) == 0ull) {
-                    err[1] = -1 - static_cast<i64>(threadIdx.x);  // negative: a source rank, not a flag op
-                    err[2] = seen;
-                    err[3] = target;
-                    __threadfence_system();
-                }
-                __trap();
-            }
-            __nanosleep(sleep_ns);
-            if (sleep_ns < 256) sleep_ns *= 2;  // a short cap: the latency of a low-latency op is this wait
-        }
+        // the record names the source as -1 - rank (negative: not a flag op of sm90_peer_flags.cu); a short
+        // backoff cap, as the latency of a low-latency op is this wait
+        dp::wait_at_least(flag, target, p.timeout_ns, reinterpret_cast<i64*>(p.error),
+                          -1 - static_cast<i64>(threadIdx.x), 256);
     }
     __syncthreads();
     // 4. out of this rank's slots

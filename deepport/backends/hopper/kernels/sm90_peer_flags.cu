@@ -60,22 +60,5 @@ dp_peer_flags_kernel(const __grid_constant__ dp::PeerFlagParams p) {
         return;
     }
     const i64 target = p.mode == 1 ? (*counter += 1) : *counter;
-    const u64 start = dp::global_ns();
-    unsigned sleep_ns = 32;
-    for (;;) {
-        const i64 seen = dp::load_acquire_sys(flag);
-        if (seen >= target) break;
-        if (static_cast<i64>(dp::global_ns() - start) > p.timeout_ns) {
-            i64* err = reinterpret_cast<i64*>(p.error);
-            if (atomicCAS(reinterpret_cast<unsigned long long*>(err), 0ull, 1ull) == 0ull) {
-                err[1] = i;
-                err[2] = seen;
-                err[3] = target;
-                __threadfence_system();
-            }
-            __trap();
-        }
-        __nanosleep(sleep_ns);
-        if (sleep_ns < 1024) sleep_ns *= 2;
-    }
+    dp::wait_at_least(flag, target, p.timeout_ns, reinterpret_cast<i64*>(p.error), i, 1024);
 }
