@@ -138,8 +138,10 @@ def _moe_worker(rank: int, world: int, init: str, results: Any) -> None:
                         _same(name, got[name], ref, bad)
                 label = f"moe ops case {i} ({'fixed exchange' if fixed else 'rounds'}, {len(want)} outputs)"
                 out.append(f"{label}: {'ok' if not bad else 'WRONG ' + '; '.join(bad[:4])}")
-        memory.fixed_capacity = 8 << 20
-        out += _kernel_profile(group, device, transport)
+        # the profile's own memory: blocks and slots of the sizes the hopper backend lays out by default
+        # (issue 14's 4096-token exchanges in 32 MiB rounds, the low-latency ones through 8 MiB slots)
+        big = CudaPeerMemory(group, device, capacity=32 << 20, timeout_s=60.0, mapping="ipc", fixed_capacity=8 << 20)
+        out += _kernel_profile(group, device, PeerTransport(big))
         torch.cuda.synchronize(device)
         dist.barrier()
     except Exception:
@@ -148,36 +150,51 @@ def _moe_worker(rank: int, world: int, init: str, results: Any) -> None:
 
 
 def _kernel_profile(group: Any, device: torch.device, transport: Any, calls: int = 5) -> list[str]:
-    """The GPU kernels of the hopper path's low-latency ops at issue 14's size (128 tokens, hidden 7168,
-    top-8 of 256, FP8 dispatch, EP=2) under torch.profiler: per call, how many kernels and their summed
-    time, the exchange kernel apart. The two processes time-slice the GPU, so a kernel that waits for the
-    peer (the exchange) is inflated by the other's turn; the rest is this rank's own compute: the floor
-    the op's time cannot go under, however fast the exchange."""
+    """The GPU kernels of the hopper path's ops at issue 14's sizes (hidden 7168, top-8 of 256, EP=2: the
+    low-latency ops at 128 tokens with the FP8 dispatch, the normal ops at 4096 bf16 tokens) under
+    torch.profiler: per call, how many kernels and their summed time, the transport's own kernels (the
+    exchange, flags) apart. The two processes time-slice the GPU, so a kernel that waits for the peer is
+    inflated by the other's turn; the rest is this rank's own compute: the floor the op's time cannot go
+    under, however fast the exchange (for the normal ops it includes the copies of the rounds, which move
+    the bytes, and the host waits for the counts are not kernel time)."""
+    import deepport
     from deepport.bench.configs.moe import routing
 
     rank = dist.get_rank(group)
     x, idx, w = routing(128, 7168, 256, 8, 1000 + rank, device)
     y = torch.randn(128, 2 * 128, 7168, device=device).to(torch.bfloat16)
+    xn, idxn, wn = routing(4096, 7168, 256, 8, 2000 + rank, device)
 
     lines = []
     for backend in ("triton", "torch"):  # the hopper path's steps, then the torch backend's (the portable path)
-        lines += _profile_backend(group, device, transport, backend, x, idx, w, y, calls)
+        def ll_dispatch(backend: str = backend) -> Any:
+            return deepport.moe_low_latency_dispatch(x, idx, 128, 256, group=group, use_fp8=True, backend=backend)
+
+        def dispatch(backend: str = backend) -> Any:
+            return deepport.moe_dispatch(xn, idxn, wn, 256, group=group, backend=backend)
+
+        with _transport(transport):
+            handle, normal = ll_dispatch().handle, dispatch()
+        steps = [("low-latency dispatch", ll_dispatch),
+                 ("low-latency combine", lambda b=backend, h=handle: deepport.moe_low_latency_combine(
+                     y, idx, w, h, backend=b)),
+                 ("dispatch 4096", dispatch),
+                 ("combine 4096", lambda b=backend, r=normal: deepport.moe_combine(r.recv_x, r.handle, backend=b))]
+        lines += _profile_steps(group, device, transport, backend, steps, calls)
     return lines
 
 
-def _profile_backend(group: Any, device: torch.device, transport: Any, backend: str, x: torch.Tensor,
-                     idx: torch.Tensor, w: torch.Tensor, y: torch.Tensor, calls: int) -> list[str]:
-    import deepport
+def _transport(transport: Any) -> Any:
     from deepport.backends.torch.moe_comm import use_transport
 
-    def dispatch() -> Any:
-        return deepport.moe_low_latency_dispatch(x, idx, 128, 256, group=group, use_fp8=True, backend=backend)
+    return use_transport(transport)
 
+
+def _profile_steps(group: Any, device: torch.device, transport: Any, backend: str, steps: list[tuple[str, Any]],
+                   calls: int) -> list[str]:
     lines = []
-    with use_transport(transport):
-        handle = dispatch().handle
-        for name, step in (("dispatch", dispatch),
-                           ("combine", lambda: deepport.moe_low_latency_combine(y, idx, w, handle, backend=backend))):
+    with _transport(transport):
+        for name, step in steps:
             step()
             torch.cuda.synchronize(device)
             dist.barrier()
@@ -186,16 +203,16 @@ def _profile_backend(group: Any, device: torch.device, transport: Any, backend: 
                     step()
                 torch.cuda.synchronize(device)
             kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-            exchange = [e for e in kernels if "exchange" in e.name]
-            rest = [e for e in kernels if "exchange" not in e.name]
+            exchange = [e for e in kernels if "dp_fixed_exchange" in e.name or "dp_peer_flags" in e.name]
+            rest = [e for e in kernels if e not in exchange]
             own = sum(e.device_time for e in rest) / calls
             by_name: dict[str, list[float]] = {}
             for e in rest:
                 by_name.setdefault(e.name, []).append(e.device_time)
-            lines.append(f"profile low-latency {name} ({backend} steps): {len(kernels) / calls:.0f} kernels per "
-                         f"call, {len(exchange) / calls:.0f} exchange; own compute {own:.1f} us per call; exchange "
-                         f"kernels {sum(e.device_time for e in exchange) / calls:.1f} us (time-sliced)")
-            for kname, times in sorted(by_name.items(), key=lambda kv: -sum(kv[1])):
+            lines.append(f"profile {name} ({backend} steps): {len(kernels) / calls:.0f} kernels per "
+                         f"call, {len(exchange) / calls:.0f} of the transport; own compute {own:.1f} us per call; "
+                         f"transport kernels {sum(e.device_time for e in exchange) / calls:.1f} us (time-sliced)")
+            for kname, times in sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:14]:
                 lines.append(f"    {len(times) / calls:4.1f} x {sum(times) / calls:7.1f} us  {kname[:100]}")
             dist.barrier()
     return lines
@@ -288,7 +305,8 @@ def _local_memories(device: torch.device, capacity: int, fixed: int) -> list[Any
     for rank in range(world):
         m = pm.CudaPeerMemory.__new__(pm.CudaPeerMemory)
         m.__dict__.update(device=device, rank=rank, world_size=world, capacity=capacity, timeout_ns=int(5e9),
-                          fixed_capacity=fixed, header=header, fixed_at=header + world * capacity, buffer=bufs[rank],
+                          slot_bytes=fixed, _limit=fixed, header=header, fixed_at=header + world * capacity,
+                          buffer=bufs[rank],
                           areas=bufs, flag_base=[int(b.data_ptr()) for b in bufs], error=error, function=function,
                           counters=torch.zeros((3, world), dtype=torch.int64, device=device),
                           fixed_counters=torch.zeros(pm.peer_exchange_kernel.CTAS, dtype=torch.int64, device=device),

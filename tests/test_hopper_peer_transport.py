@@ -169,6 +169,23 @@ def test_peer_memory_refuses_an_unknown_mapping_and_a_bad_capacity_before_any_co
         peer_memory_cuda.CudaPeerMemory(None, device, 100, 1.0, mapping="ipc")
 
 
+def test_the_fixed_exchange_limit_never_exceeds_the_slots_laid_out() -> None:
+    """``fixed_capacity`` may be lowered (0: rounds only) and raised back, never past the slots a memory laid
+    out when it was created: an exchange could otherwise write beyond them."""
+    from deepport.backends.hopper.fixed_slots import FixedSlots
+
+    memory = FixedSlots()
+    memory._lay_out_slots(4096)
+    memory.fixed_capacity = 0
+    memory.fixed_capacity = 4096
+    assert (memory.slot_bytes, memory.fixed_capacity) == (4096, 4096)
+    with pytest.raises(ValueError, match=r"within 0 \.\. 4096 bytes"):
+        memory.fixed_capacity = 8192
+    with pytest.raises(ValueError, match="multiple of 16"):
+        FixedSlots()._lay_out_slots(100)
+    assert memory.fixed_capacity == 4096
+
+
 def test_exchange_params_pack_to_the_kernel_struct() -> None:
     raw = peer_exchange_kernel.pack_params([0x10, 0x20, 0x30], [0x11, 0x21, 0x31], 0x40, 0x50, 0x60, 0x70,
                                            pair_bytes=100, slot_bytes=128, timeout_ns=9, rank=2)

@@ -164,6 +164,21 @@ def moe_lowering_report() -> dict[str, dict[str, int]]:
         "cast_fp8": compile_for(k.moe_cast_fp8_kernel, dict(
             x_ptr=Ptr("bf16"), q_ptr=Ptr("fp8e4nv"), scale_ptr=Ptr("fp32"), hidden=7168, fp8_max=448.0,
             fp8_max_inv=1 / 448, amax_floor=1e-4, STORE_FP32=False)),
+        "ll_cast_send": compile_for(k.moe_ll_cast_send_kernel, dict(
+            x_ptr=Ptr("bf16"), stride_x=7168, targets_ptr=Ptr("i64"), q_ptr=Ptr("fp8e4nv"), stride_q=7408,
+            scale_ptr=Ptr("fp32"), stride_s=1852, fp8_max=448.0, fp8_max_inv=1 / 448, amax_floor=1e-4, Q=2,
+            STORE_FP32=False)),
+        "ll_return": compile_for(k.moe_ll_return_kernel, dict(
+            idx_ptr=Ptr("i64"), stride_idx=8, weight_ptr=Ptr("fp32"), stride_w=8, send_slot_ptr=Ptr("i64"), num_ranks=2,
+            num_local=128, t_max=128, table_ptr=Ptr("i64"), table_w_ptr=Ptr("fp32"), w_send_ptr=Ptr("fp32"), K=8, KP=8,
+            Q=2, QP=2, PER_RANK=True, SINGLE=False, SEND_WEIGHTS=True)),
+        "ll_return_slots": compile_for(k.moe_ll_return_kernel, dict(
+            idx_ptr=Ptr("i64"), stride_idx=2, weight_ptr=Ptr("fp32"), stride_w=2, send_slot_ptr=Ptr("i64"),
+            num_ranks=16, num_local=16, t_max=128, table_ptr=Ptr("i64"), table_w_ptr=Ptr("fp32"),
+            w_send_ptr=Ptr("fp32"), K=2, KP=2, Q=2, QP=2, PER_RANK=False, SINGLE=True, SEND_WEIGHTS=False)),
+        "ll_pairs": compile_for(k.moe_ll_pairs_kernel, dict(
+            recv_local_ptr=Ptr("i64"), valid_ptr=Ptr("i8"), position_ptr=Ptr("i64"), w_ptr=Ptr("fp32"),
+            table_ptr=Ptr("i64"), pair_w_ptr=Ptr("fp32"), slots=256, K=8, KP=8, BLOCK_S=64, HAS_W=True)),
         "expanded_count": compile_for(x.moe_expanded_count_kernel, dict(
             idx_ptr=Ptr("i64"), counts_ptr=Ptr("i32"), hist_ptr=Ptr("i32"), flags_ptr=Ptr("u8"), num_tokens=4096,
             num_topk=8, num_experts=256, BLOCK_T=64, BLOCK_K=8, BLOCK_E=64)),
@@ -186,9 +201,11 @@ def moe_lowering_report() -> dict[str, dict[str, int]]:
             HAS_SCALES=True, BLOCK_C=2048, BLOCK_S=64)),
     }
     report = {name: _counts(kernel) for name, kernel in kernels.items()}
-    report["cast_fp8"]["e4m3_cvt"] = kernels["cast_fp8"].asm["ptx"].count("e4m3x2.f32")
+    for name in ("cast_fp8", "ll_cast_send"):
+        report[name]["e4m3_cvt"] = kernels[name].asm["ptx"].count("e4m3x2.f32")
     for name in ("expanded_count", "expanded_layout", "expanded_scatter", "expanded_pad_rows", "token_rows",
-                 "token_table", "ll_layout", "ll_positions"):
+                 "token_table", "ll_layout", "ll_positions", "ll_cast_send", "ll_return", "ll_return_slots",
+                 "ll_pairs"):
         ptx = kernels[name].asm["ptx"]
         report[name]["atomics"] = ptx.count("atom.") + ptx.count("red.global")
     return report

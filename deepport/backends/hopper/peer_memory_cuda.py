@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from deepport.backends.hopper import peer_exchange_kernel
+from deepport.backends.hopper.fixed_slots import FixedSlots
 from deepport.backends.torch.moe_comm import MoECommTimeout
 
 HEADER_ALIGN = 64
@@ -111,7 +112,7 @@ def _flag_function(device_index: int) -> Any:
     return launch.load_function(key, cubin, source.entry, device_index, 0)
 
 
-class CudaPeerMemory:
+class CudaPeerMemory(FixedSlots):
     """:class:`~deepport.backends.hopper.peer_transport.PeerMemory` over symmetric memory (collective:
     every rank of ``group`` constructs it together, each on its own GPU), or with ``mapping="ipc"`` over
     CUDA IPC handles (ranks may share a GPU)."""
@@ -123,8 +124,7 @@ class CudaPeerMemory:
         forbid_multicast()
         if capacity <= 0 or capacity % 16:
             raise ValueError(f"capacity must be a positive multiple of 16 bytes, got {capacity}")
-        if fixed_capacity < 0 or fixed_capacity % 16:
-            raise ValueError(f"fixed_capacity must be a non-negative multiple of 16 bytes, got {fixed_capacity}")
+        self._lay_out_slots(fixed_capacity)
         if mapping not in MAPPINGS:
             raise ValueError(f"mapping must be one of {MAPPINGS}, got {mapping!r}")
         self.device = device
@@ -132,11 +132,10 @@ class CudaPeerMemory:
         if self.world_size - 1 > MAX_OPS:
             raise ValueError(f"the peer transport handles up to {MAX_OPS + 1} ranks, got {self.world_size}")
         self.capacity, self.timeout_ns = int(capacity), int(timeout_s * 1e9)
-        self.fixed_capacity = int(fixed_capacity)
         w = self.world_size
         self.header = -(-3 * w * 8 // HEADER_ALIGN) * HEADER_ALIGN
         self.fixed_at = self.header + w * self.capacity
-        nbytes = self.fixed_at + 2 * w * self.fixed_capacity
+        nbytes = self.fixed_at + 2 * w * self.slot_bytes
         self.buffer, self.areas = (_map_symmetric if mapping == "symmetric" else _map_ipc)(group, device, nbytes,
                                                                                        self.header)
         self.flag_base = [int(a.data_ptr()) for a in self.areas]
@@ -197,7 +196,7 @@ class CudaPeerMemory:
         flags = [base + 16 * w for base in self.flag_base]
         params = peer_exchange_kernel.pack_params(
             areas, flags, int(send.data_ptr()), int(out.data_ptr()), int(self.fixed_counters.data_ptr()),
-            int(self.error.data_ptr()), pair, self.fixed_capacity, self.timeout_ns, self.rank)
+            int(self.error.data_ptr()), pair, self.slot_bytes, self.timeout_ns, self.rank)
         peer_exchange_kernel.launch_fixed_exchange(self._fixed_function, params, self.device)
 
     def raise_if_failed(self, what: str) -> None:

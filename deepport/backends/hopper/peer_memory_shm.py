@@ -27,12 +27,13 @@ from typing import Any
 
 import torch
 
+from deepport.backends.hopper.fixed_slots import FixedSlots
 from deepport.backends.torch.moe_comm import MoECommTimeout
 
 HEADER_ALIGN = 64
 
 
-class ShmPeerMemory:
+class ShmPeerMemory(FixedSlots):
     """:class:`~deepport.backends.hopper.peer_transport.PeerMemory` over shared-memory files (collective:
     every rank of ``group`` constructs it together)."""
 
@@ -42,15 +43,13 @@ class ShmPeerMemory:
 
         if capacity <= 0:
             raise ValueError(f"capacity must be positive, got {capacity}")
-        if fixed_capacity < 0 or fixed_capacity % 16:
-            raise ValueError(f"fixed_capacity must be a non-negative multiple of 16 bytes, got {fixed_capacity}")
+        self._lay_out_slots(fixed_capacity)
         self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
         self.capacity, self.timeout_s = int(capacity), float(timeout_s)
-        self.fixed_capacity = int(fixed_capacity)
         w = self.world_size
         self.header = -(-3 * w * 8 // HEADER_ALIGN) * HEADER_ALIGN
         self.fixed_at = self.header + w * self.capacity
-        nbytes = self.fixed_at + 2 * w * self.fixed_capacity
+        nbytes = self.fixed_at + 2 * w * self.slot_bytes
         token = [uuid.uuid4().hex if self.rank == 0 else ""]
         dist.broadcast_object_list(token, src=dist.get_global_rank(group, 0), group=group)
         names = [Path(directory) / f"deepport-peer-{token[0]}-{r}" for r in range(w)]
@@ -107,9 +106,9 @@ class ShmPeerMemory:
             self.flags[s][w + self.rank] = self.received[s]
 
     def fixed_slot(self, owner: int, parity: int, source: int) -> torch.Tensor:
-        """uint8 ``[fixed_capacity]``: ``owner``'s slot for ``source`` in its area ``parity``."""
-        at = self.fixed_at + (parity * self.world_size + source) * self.fixed_capacity
-        return self.areas[owner][at: at + self.fixed_capacity]
+        """uint8 ``[slot_bytes]``: ``owner``'s slot for ``source`` in its area ``parity``."""
+        at = self.fixed_at + (parity * self.world_size + source) * self.slot_bytes
+        return self.areas[owner][at: at + self.slot_bytes]
 
     def fixed_exchange(self, out: torch.Tensor, send: torch.Tensor, what: str) -> None:
         """Equal-split all-to-all of the uint8 ``send`` (``[world * pair_bytes]``) into ``out`` in one step

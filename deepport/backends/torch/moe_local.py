@@ -52,6 +52,23 @@ backends' kernels) and reuses everything else.
   derives them (``target``: the pair's row ``l * S + position`` in the ``[L, S]`` layout where valid, else
   -1; ``packed``: the canonical ``packed_src_row``), writing ``count`` also into ``count32`` (int32
   ``[L]``, the op's ``recv_count``). Without it the dispatch derives them with torch ops.
+- ``low_latency_cast_send(x, data_rows, scale_rows, targets)`` (optional, with ``low_latency_send``): the FP8
+  cast of ``x`` (``cast_fp8``'s bits) written straight into the send rows ``targets[t, q] >= 0`` (int64
+  ``[T, Q]``, distinct per token) of ``data_rows`` (``[N, H]`` bytes, dense rows at any stride) and
+  ``scale_rows`` (float32 ``[N, H / 128]``). Without it the dispatch casts, then scatters data and scales.
+- ``low_latency_return(idx, weights, send_slot, num_local, t_max, w_send)`` (optional, with
+  ``token_rows_into`` and ``low_latency_pairs``): the sender's side of a multi-rank low-latency combine.
+  Returns ``(table, weight)``, int64 and float32 ``[T, Q]``: entry ``q`` is rank ``q`` when ``world <= K``,
+  else slot ``q`` (only the first slot naming a rank); ``table`` the send row ``r * t_max + send_slot[t, r]``
+  whose returned row token ``t`` adds, -1 for none; ``weight`` 1, or, when ``w_send`` is None (bf16 expert
+  rows come back), the sum in slot order of ``weights[t, k]`` over ``t``'s slots on that rank. A ``w_send``
+  (float32 ``[>= R * t_max, K]``) receives ``weights[t]`` in each row ``table[t, q] >= 0``. Without it the
+  combine does this with torch ops.
+- ``low_latency_pairs(recv_local, valid, position, w_recv)`` (optional, with ``low_latency_return``): the
+  receiver's side: ``(table, pair_w)``, int64 and float32 ``[S, K]`` from the dispatch's fixed routes:
+  ``table[s, k] = recv_local * S + position`` where ``valid``, else -1; ``pair_w[s, k]`` the sum in slot
+  order of ``w_recv[s, k2]`` over the slots ``k2`` naming the same local expert (0 where not valid;
+  unspecified when ``w_recv`` is None). The partial sums are then ``token_rows_into`` over these terms.
 - ``cast_fp8(x)``: bf16 ``[T, H]`` -> (e4m3 ``[T, H]``, float32 scales ``[T, H / 128]``), DeepEP's rule
   bit for bit (the op's docstring): per 128 channels ``amax = max(|x|, float32(1e-4))``, ``scale =
   float32(amax * float32(1/448))``, ``fp8 = e4m3(float32(x * float32(448 / amax)))``.
@@ -119,6 +136,11 @@ class LocalSteps:
     low_latency_send: Callable[[torch.Tensor, int, int, int, torch.Tensor],
                                tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
     low_latency_receive: Callable[[torch.Tensor, int, int, torch.Tensor], tuple[torch.Tensor, ...]] | None = None
+    low_latency_cast_send: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
+    low_latency_return: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, int, torch.Tensor | None],
+                                 tuple[torch.Tensor, torch.Tensor]] | None = None
+    low_latency_pairs: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None],
+                                tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 def _flat(dst: torch.Tensor) -> torch.Tensor | None:

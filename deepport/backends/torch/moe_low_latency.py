@@ -52,7 +52,7 @@ from deepport.backends.torch.moe_index import (
     slot_weight_sums,
 )
 from deepport.backends.torch.moe_local import TORCH, LocalSteps
-from deepport.kernels.moe_args import FP8_BLOCK, MoEGroup
+from deepport.kernels.moe_args import FP8, FP8_BLOCK, MoEGroup
 from deepport.kernels.moe_handle import MoEHandle, MoELowLatencyHandle
 from deepport.kernels.moe_low_latency_combine import MoELowLatencyCombineCall
 from deepport.kernels.moe_low_latency_dispatch import MoELowLatencyDispatchCall, MoELowLatencyDispatchResult
@@ -187,20 +187,28 @@ def dispatch_low_latency(call: MoELowLatencyDispatchCall, local: LocalSteps = TO
     world, me, t_max = grp.world_size, grp.rank, call.max_tokens_per_rank
     num_local = call.num_experts // world
     slots, dev = world * t_max, x.device
-    data, scales = local.cast_fp8(x) if call.use_fp8 else (x, None)
+    fused = local.low_latency_send is not None and local.scatter_rows is not None  # the backend's fused routes
+    cast_in_send = fused and call.use_fp8 and local.low_latency_cast_send is not None and world > 1
+    data, scales = local.cast_fp8(x) if call.use_fp8 and not cast_in_send else (x, None)
     if grp.world_size == 1:  # one process: the routing alone defines the layout (moe_one_process)
         return one_process.dispatch(call, data, scales, local)
     # sender: the fixed send buffer (plus a trash row), unused rows marked by token index -1
-    parts = [("x", torch.uint8, hidden * data.element_size())]
-    if scales is not None:
+    dtype = FP8 if call.use_fp8 else x.dtype
+    parts = [("x", torch.uint8, hidden * dtype.itemsize)]
+    if call.use_fp8:
         parts.append(("scales", torch.float32, hidden // FP8_BLOCK))
     fmt = RowFormat.of([*parts, ("meta", torch.int32, 1 + k)])
     send = fmt.empty(slots + 1, dev)
-    if local.low_latency_send is not None and local.scatter_rows is not None:  # the backend's fused routes
+    if fused:
+        assert local.low_latency_send is not None and local.scatter_rows is not None
         in_rank, send_slot, targets = local.low_latency_send(idx, world, num_local, t_max, fmt.part(send, "meta"))
-        local.scatter_rows(data, fmt.part(send, "x").view(data.dtype)[None], targets)  # -1 targets skipped
-        if scales is not None:
-            local.scatter_rows(scales, fmt.part(send, "scales")[None], targets)
+        if cast_in_send:  # the cast written straight into the send rows
+            assert local.low_latency_cast_send is not None
+            local.low_latency_cast_send(x, fmt.part(send, "x"), fmt.part(send, "scales"), targets)
+        else:
+            local.scatter_rows(data, fmt.part(send, "x").view(data.dtype)[None], targets)  # -1 targets skipped
+            if scales is not None:
+                local.scatter_rows(scales, fmt.part(send, "scales")[None], targets)
     else:
         in_rank = selection_mask(idx, world, num_local)
         send_slot = running_slot(in_rank)
@@ -214,12 +222,12 @@ def dispatch_low_latency(call: MoELowLatencyDispatchCall, local: LocalSteps = TO
     recv = _fixed_exchange(send[:slots], grp, "moe_low_latency_dispatch")
     # receiver: (slot, local expert) pairs -> [expert, position]
     recv_meta = fmt.part(recv, "meta")
-    recv_x = call.alloc((num_local, slots, hidden), data.dtype)
+    recv_x = call.alloc((num_local, slots, hidden), dtype)
     recv_s = None
-    if scales is not None:
+    if call.use_fp8:
         storage = call.alloc((num_local, hidden // FP8_BLOCK, slots), torch.float32)
         recv_s = storage.transpose(1, 2)  # column-major in the last two dimensions
-    placed = [(fmt.part(recv, "x").view(data.dtype), recv_x)]  # rows of the payload's dtype, as the steps expect
+    placed = [(fmt.part(recv, "x").view(dtype), recv_x)]  # rows of the payload's dtype, as the steps expect
     if recv_s is not None:
         placed.append((fmt.part(recv, "scales"), recv_s))
     recv_count = call.alloc((num_local,), torch.int32)
@@ -303,14 +311,16 @@ def combine_low_latency(call: MoELowLatencyCombineCall, local: LocalSteps = TORC
     t, k = int(idx.shape[0]), int(idx.shape[1])
     world, num_local, t_max = routes.world_size, routes.num_local_experts, f.t_max
     slots, hidden, dev = world * t_max, int(call.y.shape[2]), call.y.device
-    targets = _targets(f.send_slot, idx, num_local, t_max)  # [T, Q] send rows, trash = slots
     y_rows = call.y.view(num_local * slots, hidden)
-    rows = torch.where(f.pair_valid, f.recv_local.clamp(min=0) * slots + f.pair_position, 0)  # [S, K] in y
     single = k == 1 or num_local == 1  # each received slot has at most one local expert
+    fused = (local.low_latency_return is not None and local.low_latency_pairs is not None
+             and local.token_rows_into is not None)
+    if fused:  # the backend's kernels for both sides' terms; partial and final sums by token_rows_into
+        return _combine_fused(call, f, y_rows, single, local)
+    targets = _targets(f.send_slot, idx, num_local, t_max)  # [T, Q] send rows, trash = slots
+    rows = torch.where(f.pair_valid, f.recv_local.clamp(min=0) * slots + f.pair_position, 0)  # [S, K] in y
     if single:  # return that expert's bf16 row; the source applies its weights
-        first = f.pair_valid.to(torch.int8).argmax(1, keepdim=True)
-        back_rows = y_rows.index_select(0, rows.gather(1, first)[:, 0])  # unused slots: any row, never read
-        back = _fixed_exchange(back_rows, grp, "moe_low_latency_combine")  # bf16 rows
+        back = _fixed_exchange(_single_rows(y_rows, rows, f), grp, "moe_low_latency_combine")  # bf16 rows
         rank_of = torch.where(idx >= 0, idx // num_local, -1)
         dest = torch.arange(int(targets.shape[1]), device=dev)[None, :].expand(t, -1)
         weight = slot_weight_sums(rank_of, call.topk_weights, dest if world <= k else rank_of)  # [T, Q]
@@ -339,4 +349,37 @@ def combine_low_latency(call: MoELowLatencyCombineCall, local: LocalSteps = TORC
     picked = back.index_select(0, torch.where(sent, targets, 0).reshape(-1)).view(t, int(targets.shape[1]), hidden)
     total = torch.where(sent[:, :, None], picked.to(torch.float32) * weight[:, :, None], 0.0)
     out.copy_(total.sum(1))
+    return out
+
+
+def _single_rows(y_rows: torch.Tensor, rows: torch.Tensor, f: FixedRoutes) -> torch.Tensor:
+    """bf16 ``[S, hidden]``: each received slot's one expert row (``rows [S, K]``, valid where ``f.pair_valid``);
+    unused slots get some row, never read."""
+    first = f.pair_valid.to(torch.int8).argmax(1, keepdim=True)
+    return y_rows.index_select(0, rows.clamp(min=0).gather(1, first)[:, 0])
+
+
+def _combine_fused(call: MoELowLatencyCombineCall, f: FixedRoutes, y_rows: torch.Tensor, single: bool,
+                   local: LocalSteps) -> torch.Tensor:
+    """:func:`combine_low_latency` with the backend's ``low_latency_return`` (sender) and ``low_latency_pairs``
+    (receiver) steps: the same terms in the same order, a few kernels instead of about 35 torch ops."""
+    assert local.low_latency_return is not None and local.low_latency_pairs is not None
+    assert local.token_rows_into is not None
+    grp, idx = call.group, call.topk_idx.to(torch.int64)
+    num_local, slots, hidden = call.handle.routes.num_local_experts, int(f.recv_token.shape[0]), int(y_rows.shape[1])
+    k, dev = int(idx.shape[1]), y_rows.device
+    if single:  # that expert's bf16 row back; the source applies its weights
+        rows, _ = local.low_latency_pairs(f.recv_local, f.pair_valid, f.pair_position, None)
+        back = _fixed_exchange(_single_rows(y_rows, rows, f), grp, "moe_low_latency_combine")
+        table, weight = local.low_latency_return(idx, call.topk_weights, f.send_slot, num_local, f.t_max, None)
+    else:  # weights out, float32 partial sums back
+        w_send = torch.empty((slots, k), dtype=torch.float32, device=dev)
+        table, weight = local.low_latency_return(idx, call.topk_weights, f.send_slot, num_local, f.t_max, w_send)
+        w_recv = _fixed_exchange(w_send, grp, "moe_low_latency_combine (weights)")
+        rows, pair_w = local.low_latency_pairs(f.recv_local, f.pair_valid, f.pair_position, w_recv)
+        partial = torch.empty((slots, hidden), dtype=torch.float32, device=dev)
+        local.token_rows_into(y_rows, rows, pair_w, partial)
+        back = _fixed_exchange(partial, grp, "moe_low_latency_combine")
+    out = call.alloc((int(idx.shape[0]), hidden), torch.bfloat16)
+    local.token_rows_into(back, table, weight, out)  # per token, its rows of `back` in rank order, rounded once
     return out

@@ -33,9 +33,12 @@ from deepport.backends.triton._runtime import interpreting
 from deepport.backends.triton.moe_permute_kernels import (
     moe_cast_fp8_kernel,
     moe_layout_count_kernel,
+    moe_ll_cast_send_kernel,
     moe_ll_layout_kernel,
+    moe_ll_pairs_kernel,
     moe_ll_positions_kernel,
     moe_ll_receive_kernel,
+    moe_ll_return_kernel,
     moe_ll_send_kernel,
     moe_place_rows_kernel,
     moe_scatter_rows_kernel,
@@ -113,11 +116,13 @@ _PLACE_WARPS = 4
 
 
 def _place_views(src: torch.Tensor, dst: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``src`` (made contiguous) and ``dst`` as integer views of the same bits: the element's width, or
+    """``src`` (made contiguous unless its rows are dense, as views into packed received rows are) and ``dst``
+    as integer views of the same bits: the element's width, or
     with :data:`_PLACE_WIDE` the widest whose size divides a row's bytes, both base addresses and every
     stride in bytes (``dst`` rows dense)."""
     bits = _BITS[src.element_size()]
-    src_bits, dst_bits = src.contiguous().view(bits), dst.view(bits)
+    dense = src.dim() == 2 and (src.stride(1) == 1 or int(src.shape[1]) <= 1)  # rows at any stride: no copy
+    src_bits, dst_bits = (src if dense else src.contiguous()).view(bits), dst.view(bits)
     if not _PLACE_WIDE or dst_bits.stride(2) != 1:
         return src_bits, dst_bits
     size = src_bits.element_size()
@@ -210,6 +215,70 @@ def low_latency_receive(meta: torch.Tensor, rank: int, num_local: int, count32: 
         count32.zero_()
         packed.fill_(-1)
     return recv_token, recv_local, valid, position, count, target, packed
+
+
+def low_latency_cast_send(x: torch.Tensor, data_rows: torch.Tensor, scale_rows: torch.Tensor,
+                          targets: torch.Tensor) -> None:
+    """The FP8 cast of bf16 ``x [T, H]`` (:func:`cast_fp8`'s bits) written straight into the send rows
+    ``targets[t, q] >= 0`` (int64 ``[T, Q]``, distinct per token) of ``data_rows`` (``[N, H]`` of bytes or e4m3,
+    dense rows at any stride) and ``scale_rows`` (float32 ``[N, H / 128]``, same rows): one kernel instead of
+    the cast and two scatters. Under the interpreter (wrong e4m3 rounding) the kernel stores float32 rows that
+    torch rounds."""
+    tokens, hidden = int(x.shape[0]), int(x.shape[1])
+    if tokens == 0 or hidden == 0 or int(targets.shape[1]) == 0:
+        return
+    interp = interpreting()
+    rows = data_rows.view(FP8)
+    out = torch.zeros(rows.shape, dtype=torch.float32, device=x.device) if interp else rows
+    x = x if x.stride(1) == 1 else x.contiguous()
+    with _guard(x.device):
+        moe_ll_cast_send_kernel[(tokens, hidden // FP8_BLOCK)](
+            x, x.stride(0), targets.to(torch.int64).contiguous(), out, out.stride(0), scale_rows, scale_rows.stride(0),
+            FP8_MAX, FP8_MAX_INV, AMAX_FLOOR, Q=int(targets.shape[1]), STORE_FP32=interp)
+    if interp:
+        placed = torch.zeros(int(rows.shape[0]) + 1, dtype=torch.bool, device=x.device)
+        placed[targets.reshape(-1)] = True  # -1 lands on the extra entry
+        rows.view(torch.uint8)[placed[:-1]] = out[placed[:-1]].to(FP8).view(torch.uint8)
+
+
+def low_latency_return(idx: torch.Tensor, weights: torch.Tensor, send_slot: torch.Tensor, num_local: int,
+                       t_max: int, w_send: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sender's side of a multi-rank low-latency combine in one kernel of one program per token (see
+    :class:`deepport.backends.torch.moe_local.LocalSteps`), instead of about 20 torch ops."""
+    t, k = (int(d) for d in idx.shape)
+    world = int(send_slot.shape[1])
+    per_rank = world <= k
+    q = world if per_rank else k
+    table = torch.empty((t, q), dtype=torch.int64, device=idx.device)
+    table_w = torch.empty((t, q), dtype=torch.float32, device=idx.device)
+    if t and k:
+        ids = idx if idx.stride(1) == 1 or k == 1 else idx.contiguous()
+        w = weights if weights.stride(1) == 1 or k == 1 else weights.contiguous()
+        with _guard(idx.device):
+            moe_ll_return_kernel[(t,)](
+                ids, ids.stride(0) if t > 1 else k, w, w.stride(0) if t > 1 else k, send_slot.contiguous(), world,
+                num_local, t_max, table, table_w, table_w if w_send is None else w_send, K=k, KP=_pow2(k), Q=q,
+                QP=_pow2(q), PER_RANK=per_rank, SINGLE=w_send is None, SEND_WEIGHTS=w_send is not None)
+    return table, table_w
+
+
+_PAIR_SLOTS = 64  # received slots per program of the pairs kernel
+
+
+def low_latency_pairs(recv_local: torch.Tensor, valid: torch.Tensor, position: torch.Tensor,
+                      w_recv: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The receiver's side of a multi-rank low-latency combine in one kernel (see
+    :class:`deepport.backends.torch.moe_local.LocalSteps`), instead of about 15 torch ops."""
+    slots, k = (int(d) for d in recv_local.shape)
+    table = torch.empty((slots, k), dtype=torch.int64, device=recv_local.device)
+    pair_w = torch.empty((slots, k), dtype=torch.float32, device=recv_local.device)
+    if slots and k:
+        with _guard(recv_local.device):
+            moe_ll_pairs_kernel[(-(-slots // _PAIR_SLOTS),)](
+                recv_local.contiguous(), valid.contiguous().view(torch.int8), position.contiguous(),
+                pair_w if w_recv is None else w_recv.to(torch.float32).contiguous(), table, pair_w, slots, K=k,
+                KP=_pow2(k), BLOCK_S=_PAIR_SLOTS, HAS_W=w_recv is not None)
+    return table, pair_w
 
 
 def weighted_rows(y: torch.Tensor, src_pos: torch.Tensor, dst_row: torch.Tensor, weights: torch.Tensor,
@@ -350,7 +419,8 @@ TRITON = LocalSteps(place_rows, weighted_rows, cast_fp8, scatter_rows=scatter_ro
                     weighted_rows_into=weighted_rows_into, dispatch_expanded_one_process=_dispatch_expanded_one_process,
                     token_rows_into=token_rows_into, token_table=token_table, low_latency_layout=low_latency_layout,
                     low_latency_positions=low_latency_positions, low_latency_send=low_latency_send,
-                    low_latency_receive=low_latency_receive)
+                    low_latency_receive=low_latency_receive, low_latency_cast_send=low_latency_cast_send,
+                    low_latency_return=low_latency_return, low_latency_pairs=low_latency_pairs)
 
 
 def layout(call: MoELayoutCall) -> MoELayout:

@@ -23,6 +23,12 @@
   float32 product) and ``x * (448 / amax)`` (the quotient an IEEE division), stored as e4m3
   (``STORE_FP32``: as float32, for the interpreter, whose e4m3 rounding is wrong; the caller rounds
   with torch).
+- :func:`moe_ll_cast_send_kernel`, grid ``(T, H / 128)``: the same cast, each block stored straight into the
+  token's send rows of a multi-rank low-latency dispatch (no FP8 copy of ``x`` in between).
+- :func:`moe_ll_return_kernel`, grid ``T``: the sender's side of a multi-rank low-latency combine: the
+  per-token table of returned rows and their weights, and the weight rows sent to the receivers.
+- :func:`moe_ll_pairs_kernel`, grid ``ceil(S / BLOCK_S)``: the receiver's side: each received slot's
+  terms (rows of the expert outputs and their summed weights).
 """
 
 from __future__ import annotations
@@ -308,16 +314,118 @@ def moe_ll_positions_kernel(idx_ptr, stride_idx, src_pos_ptr, capacity, K: tl.co
 
 
 @triton.jit
+def _cast_block(x, fp8_max, amax_floor):
+    """One 128-channel block ``x`` (float32) cast by DeepEP's rule: ``(scaled, amax)``, ``scaled`` still float32
+    (the caller stores it as e4m3, rounding to nearest even, or as float32 under the interpreter)."""
+    amax = tl.maximum(tl.max(tl.abs(x), 0), amax_floor)
+    scaled = x * tl.div_rn(fp8_max + tl.zeros([], tl.float32), amax)  # float32(448 / amax), correctly rounded
+    return scaled, amax
+
+
+@triton.jit
 def moe_cast_fp8_kernel(x_ptr, q_ptr, scale_ptr, hidden, fp8_max, fp8_max_inv, amax_floor,
                         STORE_FP32: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1)
     cols = blk * 128 + tl.arange(0, 128)
-    x = tl.load(x_ptr + t * hidden + cols).to(tl.float32)
-    amax = tl.maximum(tl.max(tl.abs(x), 0), amax_floor)
-    scaled = x * tl.div_rn(fp8_max + tl.zeros([], tl.float32), amax)  # float32(448 / amax), correctly rounded
+    scaled, amax = _cast_block(tl.load(x_ptr + t * hidden + cols).to(tl.float32), fp8_max, amax_floor)
     if STORE_FP32:
         tl.store(q_ptr + t * hidden + cols, scaled)
     else:
         tl.store(q_ptr + t * hidden + cols, scaled.to(tl.float8e4nv))
     tl.store(scale_ptr + t * (hidden // 128) + blk, amax * fp8_max_inv)  # float32(amax * float32(1/448))
+
+
+@triton.jit
+def moe_ll_cast_send_kernel(x_ptr, stride_x, targets_ptr, q_ptr, stride_q, scale_ptr, stride_s, fp8_max,
+                            fp8_max_inv, amax_floor, Q: tl.constexpr, STORE_FP32: tl.constexpr):
+    """Grid ``(T, H / 128)``: :func:`moe_cast_fp8_kernel`'s block ``b`` of token ``t`` (bf16 ``x``, row stride
+    ``stride_x``), stored straight into each send row ``targets[t, q] >= 0`` (int64 ``[T, Q]``, distinct per
+    token): e4m3 bytes into ``q`` (row stride ``stride_q``), the scale into ``scale`` (row stride
+    ``stride_s``). The cast is computed once, whatever the number of rows it goes to."""
+    t = tl.program_id(0).to(tl.int64)
+    blk = tl.program_id(1)
+    cols = blk * 128 + tl.arange(0, 128)
+    scaled, amax = _cast_block(tl.load(x_ptr + t * stride_x + cols).to(tl.float32), fp8_max, amax_floor)
+    scale = amax * fp8_max_inv
+    for j in tl.static_range(Q):
+        row = tl.load(targets_ptr + t * Q + j)
+        if row >= 0:
+            if STORE_FP32:
+                tl.store(q_ptr + row * stride_q + cols, scaled)
+            else:
+                tl.store(q_ptr + row * stride_q + cols, scaled.to(tl.float8e4nv))
+            tl.store(scale_ptr + row * stride_s + blk, scale)
+
+
+@triton.jit
+def moe_ll_return_kernel(idx_ptr, stride_idx, weight_ptr, stride_w, send_slot_ptr, num_ranks, num_local, t_max,
+                         table_ptr, table_w_ptr, w_send_ptr, K: tl.constexpr, KP: tl.constexpr, Q: tl.constexpr,
+                         QP: tl.constexpr, PER_RANK: tl.constexpr, SINGLE: tl.constexpr,
+                         SEND_WEIGHTS: tl.constexpr):
+    """Grid ``T``: the sender's side of a multi-rank low-latency combine for token ``t`` (``idx`` global ids,
+    ``weight`` float32 top-k weights, ``send_slot [T, R]`` the dispatch's rows, -1 none). Entry ``q`` of the
+    returned rows: rank ``q`` (``PER_RANK``, ``Q = R <= K``) or slot ``q`` (``Q = K < R``, the first slot naming
+    a rank only). ``table[t, q]`` is that entry's send row ``r * t_max + slot``, -1 where nothing was sent
+    (or a later slot of a rank already counted); ``table_w[t, q]``: 1, or with ``SINGLE`` (bf16 expert rows
+    come back) the sum in slot order of the weights of ``t``'s slots on that rank. ``SEND_WEIGHTS``: ``t``'s
+    ``K`` weights into each row ``w_send[table[t, q]]`` (float32 ``[*, K]``, contiguous)."""
+    t = tl.program_id(0).to(tl.int64)
+    j = tl.arange(0, KP)
+    jok = j < K
+    ids = tl.load(idx_ptr + t * stride_idx + j, mask=jok, other=-1).to(tl.int64)
+    rank_of = tl.where(ids >= 0, ids // num_local, -1)
+    if PER_RANK:
+        q = tl.arange(0, QP)
+        slot = tl.load(send_slot_ptr + t * num_ranks + q, mask=q < Q, other=-1)
+        table = tl.where(slot >= 0, q.to(tl.int64) * t_max + slot, -1)
+        of = tl.where(q < Q, q.to(tl.int64), -1)
+    else:
+        q = j
+        slot = tl.load(send_slot_ptr + t * num_ranks + tl.maximum(rank_of, 0), mask=rank_of >= 0, other=-1)
+        earlier = j[None, :] < j[:, None]  # [k, k2]: k2 before k
+        dup = tl.sum(((rank_of[:, None] == rank_of[None, :]) & earlier).to(tl.int32), axis=1) > 0
+        table = tl.where((rank_of >= 0) & ~dup, rank_of * t_max + slot, -1)
+        of = rank_of
+    ok = q < Q
+    tl.store(table_ptr + t * Q + q, table, mask=ok)
+    if SINGLE:
+        acc = tl.zeros([QP], tl.float32)
+        for k in tl.static_range(K):  # the weights of this rank's slots, in slot order
+            gk = tl.load(idx_ptr + t * stride_idx + k).to(tl.int64)
+            rk = tl.where(gk >= 0, gk // num_local, -1)
+            wk = tl.load(weight_ptr + t * stride_w + k).to(tl.float32)
+            acc += tl.where((of == rk) & (of >= 0), wk, 0.0)
+        tl.store(table_w_ptr + t * Q + q, acc, mask=ok)
+    else:
+        tl.store(table_w_ptr + t * Q + q, tl.full([QP], 1.0, tl.float32), mask=ok)
+    if SEND_WEIGHTS:
+        w = tl.load(weight_ptr + t * stride_w + j, mask=jok, other=0.0).to(tl.float32)
+        sent = ok & (table >= 0)
+        tl.store(w_send_ptr + table[:, None] * K + j[None, :], tl.broadcast_to(w[None, :], [QP, KP]),
+                 mask=sent[:, None] & jok[None, :])
+
+
+@triton.jit
+def moe_ll_pairs_kernel(recv_local_ptr, valid_ptr, position_ptr, w_ptr, table_ptr, pair_w_ptr, slots,
+                        K: tl.constexpr, KP: tl.constexpr, BLOCK_S: tl.constexpr, HAS_W: tl.constexpr):
+    """Grid ``ceil(S / BLOCK_S)``: the receiver's terms of a multi-rank low-latency combine per received slot
+    (``recv_local``, ``valid`` int8, ``position``: the dispatch's ``[S, K]`` routes): ``table[s, k]`` the valid
+    pair's row ``l * S + position`` in the expert outputs, -1 elsewhere; with ``HAS_W``, ``pair_w[s, k]`` the
+    sum in slot order of the received weights ``w [S, K]`` of the slots naming that pair's expert (0 where
+    not valid)."""
+    s = tl.program_id(0).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
+    j = tl.arange(0, KP)
+    ok = (s < slots)[:, None] & (j < K)[None, :]
+    at = s[:, None] * K + j[None, :]
+    loc = tl.load(recv_local_ptr + at, mask=ok, other=-1)
+    valid = (tl.load(valid_ptr + at, mask=ok, other=0) != 0) & (loc >= 0)
+    pos = tl.load(position_ptr + at, mask=ok, other=0)
+    tl.store(table_ptr + at, tl.where(valid, loc * slots + pos, -1), mask=ok)
+    if HAS_W:
+        acc = tl.zeros([BLOCK_S, KP], tl.float32)
+        for k in tl.static_range(K):  # the weights of the slots naming the pair's expert, in slot order
+            lk = tl.load(recv_local_ptr + s * K + k, mask=s < slots, other=-1)
+            wk = tl.load(w_ptr + s * K + k, mask=s < slots, other=0.0)
+            acc += tl.where(valid & (loc == lk[:, None]), wk[:, None], 0.0)
+        tl.store(pair_w_ptr + at, acc, mask=ok)
