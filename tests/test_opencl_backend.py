@@ -57,6 +57,28 @@ def test_no_device_at_all_is_a_reason() -> None:
     assert device is None and "no OpenCL platform or device" in why
 
 
+def test_a_device_whose_compiler_fails_is_set_aside_with_its_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A driver that cannot build the probe kernel (PoCL 3.0 on a CPU its LLVM does not know) is never chosen:
+    another device is, and the reason names the one set aside; with none left the backend is unavailable."""
+    old_pocl, new_pocl = _device("Portable Computing Language", "pthread-AMD EPYC", CPU), DEVICES[0]
+    errors = {id(old_pocl): "error: unknown target CPU 'generic'", id(new_pocl): None}
+    monkeypatch.delenv(runtime.ENV_DEVICE, raising=False)
+    monkeypatch.setattr(runtime, "build_failure", lambda d: errors[id(d)])
+    monkeypatch.setattr(runtime, "all_devices", lambda: [old_pocl, new_pocl])
+    device, why = runtime._choose()
+    assert device is new_pocl and "pthread-AMD EPYC: error: unknown target CPU 'generic'" in why
+    monkeypatch.setattr(runtime, "all_devices", lambda: [old_pocl])
+    reason = runtime.unavailable_reason()
+    assert reason is not None and reason.startswith("no OpenCL device builds a kernel") and "generic" in reason
+
+
+def test_the_probe_kernel_builds_on_the_chosen_device() -> None:
+    if runtime.unavailable_reason() is not None:
+        pytest.skip(f"no OpenCL device: {runtime.unavailable_reason()}")
+    device, _ = runtime._choose()
+    assert device is not None and runtime.build_failure(device) is None
+
+
 def test_the_probe_names_a_missing_pyopencl(monkeypatch: pytest.MonkeyPatch) -> None:
     def missing() -> Any:
         raise ImportError("No module named 'pyopencl'")

@@ -7,6 +7,10 @@ Device choice (once per process and value of ``DEEPPORT_OPENCL_DEVICE``):
   makes the backend unavailable, with the list of devices in the reason.
 - unset: the GPU with the most ``compute units x clock``; else the first CPU device; else any device.
 
+Only devices whose compiler builds a one-line probe kernel take part (:func:`build_failure`); the others
+are named in the reason, so a driver that cannot compile here (PoCL 3.0 on a CPU its LLVM does not know)
+makes way for another one, or makes the backend unavailable with that reason.
+
 Programs are built once per ``(source, options, device, driver version)`` in this process (the key of
 :data:`_PROGRAMS`); pyopencl's and the driver's own caches make later processes cheap. The first build
 of each program is logged on ``deepport.opencl`` at INFO with its duration.
@@ -73,6 +77,54 @@ def all_devices() -> list[Any]:
     return found
 
 
+_PROBE_SOURCE = "__kernel void deepport_probe(__global int *a) { a[get_global_id(0)] += 1; }"
+_probes: dict[str, str | None] = {}
+_probes_lock = threading.Lock()
+
+
+def build_failure(device: Any) -> str | None:
+    """``None`` when ``device``'s compiler builds a one-line kernel, else the first line of its build log
+    (once per device and driver version in this process). PoCL 3.0's LLVM 14, for one, cannot compile for
+    a CPU it does not know (AMD family 1Ah, seen 2026-12-02: ``unknown target CPU 'generic'``), while a
+    newer PoCL next to it can; such a device is set aside rather than chosen and failing at every call."""
+    cl = _cl()
+    key = f"{label(device)} | {device.driver_version.strip()} | {device.int_ptr}"
+    with _probes_lock:
+        if key not in _probes:
+            try:
+                cl.Program(cl.Context([device]), _PROBE_SOURCE).build()
+                _probes[key] = None
+            except cl.Error as exc:
+                lines = [ln.strip() for ln in str(exc).splitlines() if "error" in ln.lower()]
+                _probes[key] = (lines[-1] if lines else str(exc).splitlines()[0])[:200]
+        return _probes[key]
+
+
+def buildable_devices() -> tuple[list[Any], list[str]]:
+    """``(devices, set_aside)``: the devices of :func:`all_devices` whose compiler works, and for each other
+    one ``"<label>: <build error>"``."""
+    kept, aside = [], []
+    for device in all_devices():
+        failure = build_failure(device)
+        if failure is None:
+            kept.append(device)
+        else:
+            aside.append(f"{label(device)}: {failure}")
+    return kept, aside
+
+
+def _choose() -> tuple[Any | None, str]:
+    """:func:`choose_device` among the devices that build a kernel; the reason names those set aside."""
+    kept, aside = buildable_devices()
+    if aside and not kept:
+        return None, (f"no OpenCL device builds a kernel ({'; '.join(aside)}); PoCL 3.0 cannot compile for a CPU "
+                      f"its LLVM 14 does not know: install a newer PoCL (Debian: apt-get install pocl-opencl-icd)")
+    device, why = choose_device(kept, os.environ.get(ENV_DEVICE, "").strip() or None)
+    if aside:
+        why += f" (set aside, their compiler fails: {'; '.join(aside)})"
+    return device, why
+
+
 def label(device: Any) -> str:
     return f"{device.platform.name.strip()} / {device.name.strip()}"
 
@@ -102,7 +154,7 @@ def unavailable_reason() -> str | None:
         _cl()
     except ImportError as exc:
         return f"pyopencl is not installed ({exc}); pip install 'deepport[opencl]'"
-    device, why = choose_device(all_devices(), os.environ.get(ENV_DEVICE, "").strip() or None)
+    device, why = _choose()
     return why if device is None else None
 
 
@@ -197,7 +249,7 @@ def get_runtime() -> Runtime:
     with _runtimes_lock:
         rt = _runtimes.get(request)
         if rt is None:
-            device, why = choose_device(all_devices(), request or None)
+            device, why = _choose()
             if device is None:
                 raise RuntimeError(f"deepport.opencl: {why}")
             rt = Runtime(device, why)
@@ -212,11 +264,12 @@ def describe_devices() -> list[dict[str, Any]]:
         devices = all_devices()
     except ImportError:
         return []
-    chosen, _ = choose_device(devices, os.environ.get(ENV_DEVICE, "").strip() or None)
+    chosen, _ = _choose()
     rows = []
     for d in devices:
         lim = limits_of(d)
-        rows.append({"device": lim.label, "selected": d == chosen, "version": lim.version,
+        rows.append({"device": lim.label, "selected": d == chosen, "build_failure": build_failure(d),
+                     "version": lim.version,
                      "opencl_c": d.opencl_c_version.strip(), "driver": lim.driver_version, "gpu": lim.is_gpu,
                      "compute_units": lim.compute_units, "max_work_group_size": lim.max_work_group_size,
                      "local_mem_bytes": lim.local_mem_size, "local_mem_emulated": lim.local_mem_is_global,

@@ -30,7 +30,7 @@ import torch
 
 from deepport.backends.torch import moe_one_process_expanded as one_process_expanded
 from deepport.backends.torch.moe_comm import RowFormat, all_to_all_rows, same_bits
-from deepport.backends.torch.moe_index import compact, selection_mask, slot_weight_sums
+from deepport.backends.torch.moe_index import column_cumsum, compact, selection_mask, slot_weight_sums
 from deepport.backends.torch.moe_local import TORCH, LocalSteps
 from deepport.backends.torch.moe_low_latency import combine_low_latency, dispatch_low_latency
 from deepport.backends.torch.moe_routes import return_rows, route, send_tokens, sum_per_token
@@ -77,7 +77,7 @@ def dispatch_expanded_routed(call: MoEExpandedDispatchCall, local: LocalSteps = 
     mask = selection_mask(got.local_idx, num_local, 1)  # [n, L]
     flat = compact(mask.t(), pairs)
     expert, row = flat // max(n, 1), flat % max(n, 1)
-    position = torch.cumsum(mask, 0) - 1
+    position = column_cumsum(mask) - 1
     dest = starts[expert] + position[row, expert]
     src_row = torch.full((m,), -1, dtype=torch.int64, device=dev)
     src_row[dest] = row

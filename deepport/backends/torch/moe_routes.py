@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from deepport.backends.torch.moe_comm import RowFormat, all_to_all_rows, exchange_table, same_bits, start_all_to_all
-from deepport.backends.torch.moe_index import compact, first_occurrence, local_ids, selection_mask
+from deepport.backends.torch.moe_index import column_cumsum, compact, first_occurrence, local_ids, selection_mask
 from deepport.backends.torch.moe_local import TORCH, LocalSteps, sum_rows
 from deepport.kernels.moe_args import Alloc, MoEGroup, align_up, dense
 from deepport.kernels.moe_combine import MoECombineCall, MoECombineResult
@@ -262,7 +262,7 @@ def return_positions(handle: MoEHandle, missing: int) -> torch.Tensor:
     num_topk``, else ``Q = num_topk`` (one entry per slot, each rank counted at its first slot)."""
     in_rank = handle.is_token_in_rank
     per_rank = in_rank.sum(0)
-    rows = torch.where(in_rank, (torch.cumsum(per_rank, 0) - per_rank)[None, :] + torch.cumsum(in_rank, 0) - 1,
+    rows = torch.where(in_rank, (torch.cumsum(per_rank, 0) - per_rank)[None, :] + column_cumsum(in_rank) - 1,
                        missing)
     if handle.world_size <= handle.num_topk:
         return rows
