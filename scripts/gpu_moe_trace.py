@@ -8,6 +8,9 @@ sync points. The bench config's shape: t=4096 tokens, hidden 7168, top-8 of 256 
     ... --combine              the expanded combine: its kernels per call, its weighted-rows kernel per BLOCK_C/warps
     ... --place                the one-process low-latency dispatch (128 tokens, FP8) per place_rows variant
                                (row width, bytes per program, warps): device time per call, bits checked first
+    ... --ll-routes            the multi-rank low-latency routes kernels at EP=2 (128 tokens per rank, top-8
+                               of 256): the receive kernel per slots per step, the send kernel per tokens per
+                               step, outputs checked equal across variants, device time per launch
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ def main() -> None:
                              "scattered (one program per token, then the padding rows): per-kernel device time")
     parser.add_argument("--place", action="store_true",
                         help="the low-latency dispatch per place_rows variant (moe_permute._PLACE_*)")
+    parser.add_argument("--ll-routes", action="store_true",
+                        help="the multi-rank low-latency send and receive routes kernels per step size")
     parser.add_argument("--combine", action="store_true",
                         help="profile the triton expanded combine, then time its weighted-rows kernel alone "
                              "over BLOCK_C and num_warps")
@@ -51,7 +56,9 @@ def main() -> None:
         combine_sweep(args)
     if args.place:
         place_sweep(args)
-    if args.block_t or args.rows or args.rows_mode or args.combine or args.place:
+    if args.ll_routes:
+        ll_routes_sweep()
+    if args.block_t or args.rows or args.rows_mode or args.combine or args.place or args.ll_routes:
         return
     device = torch.device("cuda")
     x, idx, w = routing(args.tokens, HIDDEN, EXPERTS, TOPK, 0, device)
@@ -269,6 +276,58 @@ def place_sweep(args: argparse.Namespace) -> None:
         place = sum(v for k, v in times.items() if k.startswith("moe_place_rows"))
         print(f"{label}: device {sum(times.values()):7.1f} us per call, moe_place_rows_kernel {place:7.1f} us")
     mp._PLACE_WIDE, mp._PLACE_BYTES, mp._PLACE_WARPS = defaults
+
+
+def _kernel_us(launch: Callable[[], object], kernel: str, iters: int = 20) -> float:
+    """Mean device time per call of the kernels whose name starts with ``kernel`` (torch.profiler over
+    ``iters`` calls after a warm one): launch costs on the host, which dominate a lone small kernel's
+    wall time, are left out."""
+    launch()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            launch()
+        torch.cuda.synchronize()
+    return sum(e.self_device_time_total for e in prof.key_averages() if e.key.startswith(kernel)) / iters
+
+
+def ll_routes_sweep(world: int = 2, tokens: int = 128) -> None:
+    """The triton low-latency routes kernels of a multi-rank dispatch at issue 14's EP=2 size: the receiver's
+    (``moe_ll_receive_kernel``, one program per local expert) per slots per step, on the metadata rank 0
+    receives (each source's tokens, then unused slots); the sender's (``moe_ll_send_kernel``) per tokens per
+    step. Every variant's outputs must equal the default's."""
+    from deepport.backends.triton import moe_permute as mp
+
+    device = torch.device("cuda")
+    num_local, slots = EXPERTS // world, world * tokens
+    meta = torch.full((slots, 1 + TOPK), -1, dtype=torch.int32, device=device)
+    for source in range(world):
+        _, idx, _ = routing(tokens, HIDDEN, EXPERTS, TOPK, 10 + source, device)
+        mine = (idx // num_local == 0).any(1)  # the tokens of this source that select an expert of rank 0
+        n = int(mine.sum())
+        meta[source * tokens: source * tokens + n, 0] = torch.nonzero(mine)[:, 0].to(torch.int32)
+        meta[source * tokens: source * tokens + n, 1:] = idx[mine].to(torch.int32)
+    _, idx, _ = routing(tokens, HIDDEN, EXPERTS, TOPK, 10, device)
+
+    def receive() -> tuple[torch.Tensor, ...]:
+        return mp.low_latency_receive(meta, 0, num_local, torch.empty(num_local, dtype=torch.int32, device=device))
+
+    def send() -> tuple[torch.Tensor, ...]:
+        out = torch.empty((world * tokens, 1 + TOPK), dtype=torch.int32, device=device)
+        return (*mp.low_latency_send(idx, world, num_local, tokens, out), out)
+
+    for name, attr, fn, sizes in (("receive", "_RECEIVE_SLOTS", receive, (32, 64, 128, 256)),
+                                  ("send", "_SEND_TOKENS", send, (32, 64, 128))):
+        kernel = f"moe_ll_{name}_kernel"
+        default = getattr(mp, attr)
+        want = fn()
+        for size in sizes:
+            setattr(mp, attr, size)
+            got = fn()
+            ok = all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+            print(f"ll {name} routes, {attr} = {size:3d}{' (default)' if size == default else ''}: "
+                  + (f"{_kernel_us(fn, kernel):6.1f} us per launch" if ok else "WRONG (differs from the default)"))
+        setattr(mp, attr, default)
 
 
 if __name__ == "__main__":

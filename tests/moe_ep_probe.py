@@ -517,6 +517,44 @@ def low_latency_steps(rank: int, group: Any, device: torch.device, params: dict[
     return {"bad": bad, "used": dict(used)}
 
 
+def normal_token_rows(rank: int, group: Any, device: torch.device, params: dict[str, Any],
+                      seed: int = 0) -> dict[str, Any]:
+    """The normal combine (no weights) with the triton backend's steps: each token's returned rows summed by
+    ``token_rows_into`` straight into the bf16 output, against the same steps without it (``sum_rows``, then a
+    copy) bit for bit, and within one bf16 step of the torch steps; which step ran is counted."""
+    import dataclasses
+
+    from deepport.backends.torch import moe_routes
+    from deepport.backends.torch.moe_local import TORCH
+    from deepport.backends.triton.moe_routes import ROUTES
+    from deepport.kernels import moe_combine, moe_dispatch
+
+    used: Counter[str] = Counter()
+
+    def counted(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def run(*args: Any) -> Any:
+            used[name] += 1
+            return fn(*args)
+        return run
+
+    assert ROUTES.token_rows_into is not None and ROUTES.sum_rows is not None
+    fused = dataclasses.replace(ROUTES, token_rows_into=counted("token_rows_into", ROUTES.token_rows_into),
+                                sum_rows=counted("sum_rows", ROUTES.sum_rows))
+    plain = dataclasses.replace(ROUTES, token_rows_into=None)
+    x = _inputs(rank, params, seed)
+    data, idx, w = x["x"].to(device), x["topk_idx"].to(device), x["topk_weights"].to(device)
+    got = moe_routes.dispatch(moe_dispatch.bind(data, idx, w, int(params["experts"]), group=group), TORCH)
+    y = torch.randn(tuple(got.recv_x.shape), generator=torch.Generator().manual_seed(seed + rank))  # type: ignore[union-attr]
+    y = y.to(torch.bfloat16).to(device)
+    out = {name: moe_routes.combine(moe_combine.bind(y, got.handle), steps).combined_x
+           for name, steps in (("fused", fused), ("plain", plain), ("torch", TORCH))}
+    bad: list[str] = []
+    _same("combine with token_rows_into vs sum_rows", out["fused"], out["plain"], bad)
+    if bf16_ulps(out["fused"], out["torch"]) > 1:
+        bad.append("combine more than one bf16 step from the torch steps")
+    return {"bad": bad, "used": dict(used)}
+
+
 def stalled_peer(rank: int, group: Any, device: torch.device, timeout_s: float, tokens: tuple[int, ...] = (8, 8),
                  experts: int = 16) -> str:
     """Run on every rank of the rank group: ranks ``0 .. len(tokens) - 1`` make a group whose collectives

@@ -168,6 +168,21 @@ def test_triton_low_latency_steps_give_the_torch_routes_rows_and_sums(world: int
         assert got["used"].get("low_latency_return") == 2 and got["used"].get("low_latency_pairs") == 2, (rank, got)
 
 
+@pytest.mark.parametrize("world, params", [
+    (2, dict(tokens=(13, 0))),  # rank 1 sends nothing
+    (3, dict(tokens=(9, 4, 5), experts=12, topk=2)),  # more ranks than slots
+    (4, dict(tokens=(5, 12, 0, 8), experts=32, topk=6, dup=0.3, nowhere=0.2)),
+])
+def test_triton_normal_combine_sums_each_token_in_one_kernel(world: int, params: dict[str, Any]) -> None:
+    """The triton backend's normal combine (no weights) sums each token's returned rows with ``token_rows_into``
+    straight into the bf16 output: the bits of its ``sum_rows`` path, within one bf16 step of torch's."""
+    pytest.importorskip("triton")
+    p = {**SMALL, "world": world, **params}
+    for rank, got in enumerate(_run("normal_token_rows", world, params=p, seed=3)):
+        assert got["bad"] == [], (rank, got["bad"])
+        assert got["used"] == {"token_rows_into": 1}, (rank, got["used"])
+
+
 @pytest.mark.parametrize("tokens, experts", [((8, 8), 16), ((9, 0, 5), 12), ((3, 11, 0, 6), 16)])
 def test_a_stalled_peer_raises_a_timeout_with_a_message(tokens: tuple[int, ...], experts: int) -> None:
     """The last rank never calls the dispatch: every other rank, the one sending nothing included, gets

@@ -279,10 +279,21 @@ def return_rows(rows: torch.Tensor, handle: MoEHandle, grp: MoEGroup, what: str 
     num_topk)`` rows, a zero row where a rank holds none) and reduced with one ``sum`` in rank order
     (deterministic) that converts on load. With ``out`` (bf16 ``[num_tokens, ...]``) on a device whose
     reductions accumulate 16-bit inputs in float32 (:data:`FLOAT_ACCUMULATING_SUM`), the sum writes the
-    rounded result straight into ``out`` (no float32 intermediate) and returns it. A ``local.sum_rows``
-    step, when given, sums every dtype instead."""
+    rounded result straight into ``out`` (no float32 intermediate) and returns it. With ``out`` and 16-bit
+    rows, a ``local.token_rows_into`` step sums each token's rows (in rank order) straight into ``out``;
+    otherwise a ``local.sum_rows`` step, when given, sums every dtype."""
     sends, recvs = list(handle.recv_counts), list(handle.send_counts)
     n, t = sum(recvs), handle.num_tokens
+    if out is not None and out.is_contiguous() and rows.dtype != torch.float32 and local.token_rows_into is not None:
+        # per token, its returned rows in rank order, summed in float32 and rounded once by one kernel: the
+        # bits of the sum_rows path below (same terms, same order), without its sort by token
+        back = torch.empty((n, *rows.shape[1:]), dtype=rows.dtype, device=rows.device)
+        all_to_all_rows(rows.contiguous(), sends, recvs, grp, out=back, what=what)
+        table = return_positions(handle, -1)
+        width = int(torch.Size(rows.shape[1:]).numel())
+        local.token_rows_into(back.view(n, width), table, torch.ones(table.shape, dtype=torch.float32,
+                                                                     device=rows.device), out.view(t, width))
+        return out
     if rows.dtype == torch.float32 or local.sum_rows is not None:
         back = all_to_all_rows(rows.contiguous(), sends, recvs, grp, what=what)
         return sum_per_token(local, back, send_tokens(handle.is_token_in_rank, n), t)
