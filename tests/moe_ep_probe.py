@@ -452,6 +452,14 @@ def optional_steps(rank: int, group: Any, device: torch.device, params: dict[str
     return {"used": dict(used), "bad": bad, "bf16_steps": steps_off}
 
 
+def _counted(used: Counter[str], name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn``, counting its calls in ``used[name]``."""
+    def run(*args: Any) -> Any:
+        used[name] += 1
+        return fn(*args)
+    return run
+
+
 def low_latency_steps(rank: int, group: Any, device: torch.device, params: dict[str, Any],
                       seed: int = 0) -> dict[str, Any]:
     """The multi-rank low-latency ops with the triton backend's steps (its fused send and receive routes, the
@@ -465,12 +473,7 @@ def low_latency_steps(rank: int, group: Any, device: torch.device, params: dict[
     from deepport.kernels import moe_low_latency_combine, moe_low_latency_dispatch
 
     used: Counter[str] = Counter()
-
-    def counted(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-        def run(*args: Any) -> Any:
-            used[name] += 1
-            return fn(*args)
-        return run
+    counted = functools.partial(_counted, used)
 
     assert TRITON.low_latency_receive is not None and TRITON.scatter_rows is not None
     assert TRITON.token_rows_into is not None and TRITON.low_latency_send is not None
@@ -530,12 +533,7 @@ def normal_token_rows(rank: int, group: Any, device: torch.device, params: dict[
     from deepport.kernels import moe_combine, moe_dispatch
 
     used: Counter[str] = Counter()
-
-    def counted(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-        def run(*args: Any) -> Any:
-            used[name] += 1
-            return fn(*args)
-        return run
+    counted = functools.partial(_counted, used)
 
     assert ROUTES.token_rows_into is not None and ROUTES.sum_rows is not None
     fused = dataclasses.replace(ROUTES, token_rows_into=counted("token_rows_into", ROUTES.token_rows_into),
