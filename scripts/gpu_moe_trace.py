@@ -313,7 +313,7 @@ def ll_routes_sweep(world: int = 2, tokens: int = 128) -> None:
         return mp.low_latency_receive(meta, 0, num_local, torch.empty(num_local, dtype=torch.int32, device=device))
 
     def send() -> tuple[torch.Tensor, ...]:
-        out = torch.empty((world * tokens, 1 + TOPK), dtype=torch.int32, device=device)
+        out = torch.full((world * tokens, 1 + TOPK), -7, dtype=torch.int32, device=device)  # unused rows: ids left
         return (*mp.low_latency_send(idx, world, num_local, tokens, out), out)
 
     for name, attr, fn, sizes in (("receive", "_RECEIVE_SLOTS", receive, (32, 64, 128, 256)),

@@ -462,11 +462,12 @@ def _counted(used: Counter[str], name: str, fn: Callable[..., Any]) -> Callable[
 
 def low_latency_steps(rank: int, group: Any, device: torch.device, params: dict[str, Any],
                       seed: int = 0) -> dict[str, Any]:
-    """The multi-rank low-latency ops with the triton backend's steps (its fused send and receive routes, the
-    FP8 cast written into the send rows, source-side placement, the combine's sender and receiver terms and
-    per-slot partial sums) against the torch steps on the same group: every route field and
-    count bit for bit, the received rows and ``packed_src_row`` too, combines bit for bit from either
-    handle (same terms, same order). Which optional steps ran is counted."""
+    """The multi-rank low-latency ops with the triton backend's steps (the sender's routes, meta and FP8-cast
+    rows in one kernel, and without it its routes kernel and scatters; the receiver's routes kernel,
+    source-side placement, the combine's sender and receiver terms and per-slot partial sums) against the
+    torch steps on the same group: every route field and count bit for bit, the received rows and
+    ``packed_src_row`` too, combines bit for bit from either handle (same terms, same order). Which
+    optional steps ran is counted."""
     from deepport.backends.torch import moe_low_latency as ll
     from deepport.backends.torch.moe_local import TORCH
     from deepport.backends.triton.moe_permute import TRITON
@@ -477,35 +478,40 @@ def low_latency_steps(rank: int, group: Any, device: torch.device, params: dict[
 
     assert TRITON.low_latency_receive is not None and TRITON.scatter_rows is not None
     assert TRITON.token_rows_into is not None and TRITON.low_latency_send is not None
-    assert TRITON.low_latency_cast_send is not None and TRITON.low_latency_return is not None
+    assert TRITON.low_latency_send_rows is not None and TRITON.low_latency_return is not None
     assert TRITON.low_latency_pairs is not None
     steps = dataclasses.replace(TRITON, low_latency_receive=counted("low_latency_receive", TRITON.low_latency_receive),
                                 low_latency_send=counted("low_latency_send", TRITON.low_latency_send),
                                 scatter_rows=counted("scatter_rows", TRITON.scatter_rows),
                                 token_rows_into=counted("token_rows_into", TRITON.token_rows_into),
-                                low_latency_cast_send=counted("low_latency_cast_send", TRITON.low_latency_cast_send),
+                                low_latency_send_rows=counted("low_latency_send_rows", TRITON.low_latency_send_rows),
                                 low_latency_return=counted("low_latency_return", TRITON.low_latency_return),
                                 low_latency_pairs=counted("low_latency_pairs", TRITON.low_latency_pairs))
+    unfused = dataclasses.replace(steps, low_latency_send_rows=None)  # routes kernel, then scatters
     x = _inputs(rank, params, seed)
     data, idx, w = x["x"].to(device), x["topk_idx"].to(device), x["topk_weights"].to(device)
     experts, t_max, bad = int(params["experts"]), int(params.get("t_max", 32)), []
     for fp8 in (False, True):
         got = {name: ll.dispatch_low_latency(moe_low_latency_dispatch.bind(data, idx, t_max, experts, group=group,
                                                                             use_fp8=fp8), local)
-               for name, local in (("torch", TORCH), ("triton", steps))}
-        a, b = got["torch"], got["triton"]
-        _same(f"fp8={fp8} recv_count", b.recv_count, a.recv_count, bad)
-        fa, fb = ll.fixed_routes(a.handle), ll.fixed_routes(b.handle)
-        for name in ("send_slot", "recv_token", "recv_local", "pair_valid", "count"):
-            _same(f"fp8={fp8} routes.{name}", getattr(fb, name), getattr(fa, name), bad)
-        _same(f"fp8={fp8} is_token_in_rank", b.handle.routes.is_token_in_rank, a.handle.routes.is_token_in_rank, bad)
-        _same(f"fp8={fp8} routes.pair_position (valid pairs)", fb.pair_position[fa.pair_valid],
-              fa.pair_position[fa.pair_valid], bad)
-        _same(f"fp8={fp8} packed_src_row", b.handle.packed_src_row, a.handle.packed_src_row, bad)
-        parts = [(b.recv_x, a.recv_x)] if not fp8 else list(zip(b.recv_x, a.recv_x, strict=True))  # type: ignore[arg-type]
-        for i, (gb, ga) in enumerate(parts):
-            _same(f"fp8={fp8} recv_x[{i}] (valid rows)", _valid_rows(gb, a.recv_count), _valid_rows(ga, a.recv_count),
-                  bad)
+               for name, local in (("torch", TORCH), ("triton", steps), ("unfused", unfused))}
+        a = got["torch"]
+        fa = ll.fixed_routes(a.handle)
+        for variant in ("triton", "unfused"):
+            b, tag = got[variant], f"{variant} fp8={fp8}"
+            _same(f"{tag} recv_count", b.recv_count, a.recv_count, bad)
+            fb = ll.fixed_routes(b.handle)
+            for name in ("send_slot", "recv_token", "recv_local", "pair_valid", "count"):
+                _same(f"{tag} routes.{name}", getattr(fb, name), getattr(fa, name), bad)
+            _same(f"{tag} is_token_in_rank", b.handle.routes.is_token_in_rank, a.handle.routes.is_token_in_rank, bad)
+            _same(f"{tag} routes.pair_position (valid pairs)", fb.pair_position[fa.pair_valid],
+                  fa.pair_position[fa.pair_valid], bad)
+            _same(f"{tag} packed_src_row", b.handle.packed_src_row, a.handle.packed_src_row, bad)
+            parts = [(b.recv_x, a.recv_x)] if not fp8 else list(zip(b.recv_x, a.recv_x, strict=True))  # type: ignore[arg-type]
+            for i, (gb, ga) in enumerate(parts):
+                _same(f"{tag} recv_x[{i}] (valid rows)", _valid_rows(gb, a.recv_count), _valid_rows(ga, a.recv_count),
+                      bad)
+        del got["unfused"]
         if fp8:
             continue
         y = a.recv_x.clone()  # type: ignore[union-attr]

@@ -275,3 +275,63 @@ def test_normal_dispatch_and_combine_match_torch(monkeypatch: pytest.MonkeyPatch
     assert torch.equal(out.combined_x, ref.combined_x)
     assert torch.equal(out.combined_topk_weights, ref.combined_topk_weights)
     assert {"take_rows_into", "sum_rows"} <= set(ran)  # the triton steps did the per-device work
+
+
+def test_low_latency_sender_and_receiver_kernels_agree_across_step_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The send, send-rows and receive routes kernels walk tokens / received slots in steps, carrying counts from
+    one step to the next: many small steps give the outputs of one large step (the rank tests' sizes fit one);
+    the one-kernel sender writes the routes, meta and (FP8-cast) rows of the routes kernel and the scatters."""
+    g = torch.Generator().manual_seed(11)
+    world, t_max, num_local, k = 3, 70, 4, 3
+    idx = torch.randint(-1, world * num_local, (t_max, k), generator=g).to(DEVICE)
+
+    def send() -> tuple[torch.Tensor, ...]:
+        meta = torch.full((world * t_max, 1 + k), -7, dtype=torch.int32, device=DEVICE)
+        return (*moe_permute.low_latency_send(idx, world, num_local, t_max, meta), meta)
+
+    slots = world * t_max
+    meta = torch.full((slots, 1 + k), -1, dtype=torch.int32)
+    for s in range(world):  # each source's routed slots first, then unused ones
+        n = int(torch.randint(0, t_max + 1, (1,), generator=g))
+        meta[s * t_max: s * t_max + n, 0] = torch.randint(0, 500, (n,), generator=g).to(torch.int32)
+        meta[s * t_max: s * t_max + n, 1:] = torch.randint(-1, world * num_local, (n, k), generator=g).to(torch.int32)
+    meta = meta.to(DEVICE)
+
+    def receive() -> tuple[torch.Tensor, ...]:
+        return moe_permute.low_latency_receive(meta, 1, num_local, torch.empty(num_local, dtype=torch.int32,
+                                                                                device=DEVICE))
+
+    x = torch.randn(t_max, 256, generator=g).to(torch.bfloat16).to(DEVICE)
+
+    def send_rows(fp8: bool) -> tuple[torch.Tensor, ...]:
+        meta = torch.full((world * t_max, 1 + k), -7, dtype=torch.int32, device=DEVICE)
+        rows = torch.zeros((world * t_max, 256 * (1 if fp8 else 2)), dtype=torch.uint8, device=DEVICE)
+        scales = torch.zeros((world * t_max, 2), dtype=torch.float32, device=DEVICE) if fp8 else None
+        got = moe_permute.low_latency_send_rows(x, idx, world, num_local, t_max, meta, rows, scales)
+        return (*got, meta, rows, *(() if scales is None else (scales,)))
+
+    for fn, attr in ((send, "_SEND_TOKENS"), (receive, "_RECEIVE_SLOTS"),
+                     (lambda: send_rows(False), "_SEND_ROWS_TOKENS"), (lambda: send_rows(True), "_SEND_ROWS_TOKENS")):
+        monkeypatch.setattr(moe_permute, attr, 256)
+        want = fn()
+        monkeypatch.setattr(moe_permute, attr, 16)
+        got = fn()
+        for i, (a, b) in enumerate(zip(got, want, strict=True)):
+            assert torch.equal(a, b), (attr, i)
+    # the one-kernel sender writes what the routes kernel and the scatters write
+    want_send = send()
+    for fp8 in (False, True):
+        got_rows = send_rows(fp8)
+        for i in range(3):
+            assert torch.equal(got_rows[i], want_send[i]), (fp8, i)
+        sent = want_send[3][:, 0] >= 0
+        assert torch.equal(got_rows[3][:, 0], want_send[3][:, 0]) and torch.equal(got_rows[3][sent], want_send[3][sent])
+        payload, scales = moe_permute.cast_fp8(x) if fp8 else (x, None)
+        expect = torch.zeros_like(got_rows[4])
+        expect.view(payload.dtype)[want_send[2][want_send[2] >= 0]] = payload[
+            torch.nonzero(want_send[2] >= 0)[:, 0]]
+        assert torch.equal(got_rows[4].view(torch.uint8), expect.view(torch.uint8)), fp8
+        if scales is not None:
+            expect_s = torch.zeros_like(got_rows[5])
+            expect_s[want_send[2][want_send[2] >= 0]] = scales[torch.nonzero(want_send[2] >= 0)[:, 0]]
+            assert torch.equal(got_rows[5], expect_s)

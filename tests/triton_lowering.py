@@ -164,10 +164,12 @@ def moe_lowering_report() -> dict[str, dict[str, int]]:
         "cast_fp8": compile_for(k.moe_cast_fp8_kernel, dict(
             x_ptr=Ptr("bf16"), q_ptr=Ptr("fp8e4nv"), scale_ptr=Ptr("fp32"), hidden=7168, fp8_max=448.0,
             fp8_max_inv=1 / 448, amax_floor=1e-4, STORE_FP32=False)),
-        "ll_cast_send": compile_for(k.moe_ll_cast_send_kernel, dict(
-            x_ptr=Ptr("bf16"), stride_x=7168, targets_ptr=Ptr("i64"), q_ptr=Ptr("fp8e4nv"), stride_q=7408,
-            scale_ptr=Ptr("fp32"), stride_s=1852, fp8_max=448.0, fp8_max_inv=1 / 448, amax_floor=1e-4, Q=2,
-            STORE_FP32=False)),
+        "ll_send_rows": compile_for(k.moe_ll_send_rows_kernel, dict(
+            x_ptr=Ptr("bf16"), stride_x=7168, idx_ptr=Ptr("i64"), stride_idx=8, num_tokens=128, num_local=128,
+            num_ranks=2, t_max=128, in_rank_ptr=Ptr("u8"), send_slot_ptr=Ptr("i64"), target_ptr=Ptr("i64"),
+            meta_ptr=Ptr("i32"), stride_meta=1857, q_ptr=Ptr("fp8e4nv"), stride_q=7428, scale_ptr=Ptr("fp32"),
+            stride_s=1857, hidden=7168, fp8_max=448.0, fp8_max_inv=1 / 448, amax_floor=1e-4, K=8, KP=8, RP=2,
+            BLOCK_T=128, CAST=True, STORE_FP32=False)),
         "ll_return": compile_for(k.moe_ll_return_kernel, dict(
             idx_ptr=Ptr("i64"), stride_idx=8, weight_ptr=Ptr("fp32"), stride_w=8, send_slot_ptr=Ptr("i64"), num_ranks=2,
             num_local=128, t_max=128, table_ptr=Ptr("i64"), table_w_ptr=Ptr("fp32"), w_send_ptr=Ptr("fp32"), K=8, KP=8,
@@ -201,10 +203,10 @@ def moe_lowering_report() -> dict[str, dict[str, int]]:
             HAS_SCALES=True, BLOCK_C=2048, BLOCK_S=64)),
     }
     report = {name: _counts(kernel) for name, kernel in kernels.items()}
-    for name in ("cast_fp8", "ll_cast_send"):
+    for name in ("cast_fp8", "ll_send_rows"):
         report[name]["e4m3_cvt"] = kernels[name].asm["ptx"].count("e4m3x2.f32")
     for name in ("expanded_count", "expanded_layout", "expanded_scatter", "expanded_pad_rows", "token_rows",
-                 "token_table", "ll_layout", "ll_positions", "ll_cast_send", "ll_return", "ll_return_slots",
+                 "token_table", "ll_layout", "ll_positions", "ll_send_rows", "ll_return", "ll_return_slots",
                  "ll_pairs"):
         ptx = kernels[name].asm["ptx"]
         report[name]["atomics"] = ptx.count("atom.") + ptx.count("red.global")

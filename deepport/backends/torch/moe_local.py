@@ -52,10 +52,12 @@ backends' kernels) and reuses everything else.
   derives them (``target``: the pair's row ``l * S + position`` in the ``[L, S]`` layout where valid, else
   -1; ``packed``: the canonical ``packed_src_row``), writing ``count`` also into ``count32`` (int32
   ``[L]``, the op's ``recv_count``). Without it the dispatch derives them with torch ops.
-- ``low_latency_cast_send(x, data_rows, scale_rows, targets)`` (optional, with ``low_latency_send``): the FP8
-  cast of ``x`` (``cast_fp8``'s bits) written straight into the send rows ``targets[t, q] >= 0`` (int64
-  ``[T, Q]``, distinct per token) of ``data_rows`` (``[N, H]`` bytes, dense rows at any stride) and
-  ``scale_rows`` (float32 ``[N, H / 128]``). Without it the dispatch casts, then scatters data and scales.
+- ``low_latency_send_rows(x, idx, num_ranks, num_local, t_max, meta, data_rows, scale_rows)`` (optional): the
+  whole sender's side of a multi-rank low-latency dispatch: ``low_latency_send``'s routes (returned) and
+  ``meta`` rows, and each sent token's payload written straight into its rows of ``data_rows`` (``[R *
+  t_max, H * size]`` bytes, dense rows at any stride): FP8-cast (``cast_fp8``'s bits) with its scales into
+  ``scale_rows`` (float32 ``[R * t_max, H / 128]``) when that is given, else ``x``'s bits. Without it the
+  dispatch casts, then runs ``low_latency_send`` and scatters.
 - ``low_latency_return(idx, weights, send_slot, num_local, t_max, w_send)`` (optional, with
   ``token_rows_into`` and ``low_latency_pairs``): the sender's side of a multi-rank low-latency combine.
   Returns ``(table, weight)``, int64 and float32 ``[T, Q]``: entry ``q`` is rank ``q`` when ``world <= K``,
@@ -136,7 +138,9 @@ class LocalSteps:
     low_latency_send: Callable[[torch.Tensor, int, int, int, torch.Tensor],
                                tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
     low_latency_receive: Callable[[torch.Tensor, int, int, torch.Tensor], tuple[torch.Tensor, ...]] | None = None
-    low_latency_cast_send: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
+    low_latency_send_rows: Callable[[torch.Tensor, torch.Tensor, int, int, int, torch.Tensor, torch.Tensor,
+                                     torch.Tensor | None],
+                                    tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
     low_latency_return: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, int, torch.Tensor | None],
                                  tuple[torch.Tensor, torch.Tensor]] | None = None
     low_latency_pairs: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None],

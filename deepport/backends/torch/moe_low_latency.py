@@ -188,8 +188,8 @@ def dispatch_low_latency(call: MoELowLatencyDispatchCall, local: LocalSteps = TO
     num_local = call.num_experts // world
     slots, dev = world * t_max, x.device
     fused = local.low_latency_send is not None and local.scatter_rows is not None  # the backend's fused routes
-    cast_in_send = fused and call.use_fp8 and local.low_latency_cast_send is not None and world > 1
-    data, scales = local.cast_fp8(x) if call.use_fp8 and not cast_in_send else (x, None)
+    one_kernel = local.low_latency_send_rows is not None and world > 1  # routes, cast and rows in one kernel
+    data, scales = local.cast_fp8(x) if call.use_fp8 and not one_kernel else (x, None)
     if grp.world_size == 1:  # one process: the routing alone defines the layout (moe_one_process)
         return one_process.dispatch(call, data, scales, local)
     # sender: the fixed send buffer (plus a trash row), unused rows marked by token index -1
@@ -199,16 +199,17 @@ def dispatch_low_latency(call: MoELowLatencyDispatchCall, local: LocalSteps = TO
         parts.append(("scales", torch.float32, hidden // FP8_BLOCK))
     fmt = RowFormat.of([*parts, ("meta", torch.int32, 1 + k)])
     send = fmt.empty(slots + 1, dev)
-    if fused:
+    if one_kernel:
+        assert local.low_latency_send_rows is not None
+        in_rank, send_slot, _ = local.low_latency_send_rows(
+            x, idx, world, num_local, t_max, fmt.part(send, "meta"), fmt.part(send, "x"),
+            fmt.part(send, "scales") if call.use_fp8 else None)
+    elif fused:
         assert local.low_latency_send is not None and local.scatter_rows is not None
         in_rank, send_slot, targets = local.low_latency_send(idx, world, num_local, t_max, fmt.part(send, "meta"))
-        if cast_in_send:  # the cast written straight into the send rows
-            assert local.low_latency_cast_send is not None
-            local.low_latency_cast_send(x, fmt.part(send, "x"), fmt.part(send, "scales"), targets)
-        else:
-            local.scatter_rows(data, fmt.part(send, "x").view(data.dtype)[None], targets)  # -1 targets skipped
-            if scales is not None:
-                local.scatter_rows(scales, fmt.part(send, "scales")[None], targets)
+        local.scatter_rows(data, fmt.part(send, "x").view(data.dtype)[None], targets)  # -1 targets skipped
+        if scales is not None:
+            local.scatter_rows(scales, fmt.part(send, "scales")[None], targets)
     else:
         in_rank = selection_mask(idx, world, num_local)
         send_slot = running_slot(in_rank)

@@ -33,13 +33,13 @@ from deepport.backends.triton._runtime import interpreting
 from deepport.backends.triton.moe_permute_kernels import (
     moe_cast_fp8_kernel,
     moe_layout_count_kernel,
-    moe_ll_cast_send_kernel,
     moe_ll_layout_kernel,
     moe_ll_pairs_kernel,
     moe_ll_positions_kernel,
     moe_ll_receive_kernel,
     moe_ll_return_kernel,
     moe_ll_send_kernel,
+    moe_ll_send_rows_kernel,
     moe_place_rows_kernel,
     moe_scatter_rows_kernel,
     moe_token_rows_kernel,
@@ -171,7 +171,9 @@ def scatter_rows(src: torch.Tensor, dst: torch.Tensor, targets: torch.Tensor) ->
             dst_bits.stride(0), dst_bits.stride(1), dst_bits.stride(2), Q=q, BLOCK_C=block, num_warps=MOVE_WARPS)
 
 
-_RECEIVE_SLOTS = 64  # received slots per step of the receive kernel's walk
+# received slots per step of the receive kernel's walk (H200, EP=2, 256 slots: 5.7 us per launch at 256, 8.2 at
+# 64, 2026-12-02, scripts/gpu_moe_trace.py --ll-routes)
+_RECEIVE_SLOTS = 256
 _SEND_TOKENS = 64  # tokens per step of the send kernel's walk
 
 
@@ -217,28 +219,51 @@ def low_latency_receive(meta: torch.Tensor, rank: int, num_local: int, count32: 
     return recv_token, recv_local, valid, position, count, target, packed
 
 
-def low_latency_cast_send(x: torch.Tensor, data_rows: torch.Tensor, scale_rows: torch.Tensor,
-                          targets: torch.Tensor) -> None:
-    """The FP8 cast of bf16 ``x [T, H]`` (:func:`cast_fp8`'s bits) written straight into the send rows
-    ``targets[t, q] >= 0`` (int64 ``[T, Q]``, distinct per token) of ``data_rows`` (``[N, H]`` of bytes or e4m3,
-    dense rows at any stride) and ``scale_rows`` (float32 ``[N, H / 128]``, same rows): one kernel instead of
-    the cast and two scatters. Under the interpreter (wrong e4m3 rounding) the kernel stores float32 rows that
-    torch rounds."""
-    tokens, hidden = int(x.shape[0]), int(x.shape[1])
-    if tokens == 0 or hidden == 0 or int(targets.shape[1]) == 0:
-        return
-    interp = interpreting()
-    rows = data_rows.view(FP8)
-    out = torch.zeros(rows.shape, dtype=torch.float32, device=x.device) if interp else rows
-    x = x if x.stride(1) == 1 else x.contiguous()
-    with _guard(x.device):
-        moe_ll_cast_send_kernel[(tokens, hidden // FP8_BLOCK)](
-            x, x.stride(0), targets.to(torch.int64).contiguous(), out, out.stride(0), scale_rows, scale_rows.stride(0),
-            FP8_MAX, FP8_MAX_INV, AMAX_FLOOR, Q=int(targets.shape[1]), STORE_FP32=interp)
-    if interp:
-        placed = torch.zeros(int(rows.shape[0]) + 1, dtype=torch.bool, device=x.device)
-        placed[targets.reshape(-1)] = True  # -1 lands on the extra entry
+_SEND_ROWS_TOKENS = 128  # most tokens per step of the send-rows kernel's count
+
+
+def _send_rows_block(k: int, ranks: int) -> int:
+    """Tokens per step of the send-rows kernel's count: a ``[BLOCK_T, K, R]`` tile of at most 8192 entries."""
+    return max(16, min(_SEND_ROWS_TOKENS, 8192 // (_pow2(k) * _pow2(ranks))))
+
+
+def low_latency_send_rows(x: torch.Tensor, idx: torch.Tensor, num_ranks: int, num_local: int, t_max: int,
+                          meta: torch.Tensor, data_rows: torch.Tensor, scale_rows: torch.Tensor | None
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The whole sender's side of a multi-rank low-latency dispatch in one kernel of one program per token (see
+    :class:`deepport.backends.torch.moe_local.LocalSteps`): :func:`low_latency_send`'s routes and meta rows,
+    and the payload in the send rows, FP8-cast (:func:`cast_fp8`'s bits) when ``scale_rows`` is given. Under
+    the interpreter (wrong e4m3 rounding) the kernel stores float32 rows that torch rounds."""
+    t, k = (int(d) for d in idx.shape)
+    hidden, dev = int(x.shape[1]), idx.device
+    in_rank = torch.empty((t, num_ranks), dtype=torch.bool, device=dev)
+    send_slot = torch.empty((t, num_ranks), dtype=torch.int64, device=dev)
+    target = torch.empty((t, num_ranks), dtype=torch.int64, device=dev)
+    if t == 0:
+        meta[:, 0].fill_(-1)
+        return in_rank, send_slot, target
+    cast = scale_rows is not None
+    staged = cast and interpreting()
+    if cast:
+        rows = data_rows.view(FP8)
+        out = torch.zeros(rows.shape, dtype=torch.float32, device=dev) if staged else rows
+        src = x if x.stride(1) == 1 else x.contiguous()
+    else:
+        src, out = _place_views(x, data_rows[None])
+        out = out[0]
+    ids = idx if idx.stride(1) == 1 or k == 1 else idx.contiguous()
+    scales = scale_rows if scale_rows is not None else meta  # not written without the cast
+    with _guard(dev):
+        moe_ll_send_rows_kernel[(t,)](
+            src, src.stride(0), ids, ids.stride(0) if t > 1 else k, t, num_local, num_ranks, t_max,
+            in_rank.view(torch.uint8), send_slot, target, meta, meta.stride(0), out, out.stride(0), scales,
+            scales.stride(0), hidden, FP8_MAX, FP8_MAX_INV, AMAX_FLOOR, K=k, KP=_pow2(k), RP=_pow2(num_ranks),
+            BLOCK_T=_send_rows_block(k, num_ranks), CAST=cast, STORE_FP32=staged)
+    if staged:
+        placed = torch.zeros(int(out.shape[0]) + 1, dtype=torch.bool, device=dev)
+        placed[target.reshape(-1)] = True  # -1 lands on the extra entry
         rows.view(torch.uint8)[placed[:-1]] = out[placed[:-1]].to(FP8).view(torch.uint8)
+    return in_rank, send_slot, target
 
 
 def low_latency_return(idx: torch.Tensor, weights: torch.Tensor, send_slot: torch.Tensor, num_local: int,
@@ -419,7 +444,7 @@ TRITON = LocalSteps(place_rows, weighted_rows, cast_fp8, scatter_rows=scatter_ro
                     weighted_rows_into=weighted_rows_into, dispatch_expanded_one_process=_dispatch_expanded_one_process,
                     token_rows_into=token_rows_into, token_table=token_table, low_latency_layout=low_latency_layout,
                     low_latency_positions=low_latency_positions, low_latency_send=low_latency_send,
-                    low_latency_receive=low_latency_receive, low_latency_cast_send=low_latency_cast_send,
+                    low_latency_receive=low_latency_receive, low_latency_send_rows=low_latency_send_rows,
                     low_latency_return=low_latency_return, low_latency_pairs=low_latency_pairs)
 
 

@@ -23,8 +23,9 @@
   float32 product) and ``x * (448 / amax)`` (the quotient an IEEE division), stored as e4m3
   (``STORE_FP32``: as float32, for the interpreter, whose e4m3 rounding is wrong; the caller rounds
   with torch).
-- :func:`moe_ll_cast_send_kernel`, grid ``(T, H / 128)``: the same cast, each block stored straight into the
-  token's send rows of a multi-rank low-latency dispatch (no FP8 copy of ``x`` in between).
+- :func:`moe_ll_send_rows_kernel`, grid ``T``: the whole sender's side of a multi-rank low-latency dispatch in
+  one kernel: the routes of :func:`moe_ll_send_kernel` (each token counts the tokens before it itself) and the
+  payload written straight into the send rows, FP8-cast on the way (no FP8 copy of ``x`` in between).
 - :func:`moe_ll_return_kernel`, grid ``T``: the sender's side of a multi-rank low-latency combine: the
   per-token table of returned rows and their weights, and the weight rows sent to the receivers.
 - :func:`moe_ll_pairs_kernel`, grid ``ceil(S / BLOCK_S)``: the receiver's side: each received slot's
@@ -337,25 +338,63 @@ def moe_cast_fp8_kernel(x_ptr, q_ptr, scale_ptr, hidden, fp8_max, fp8_max_inv, a
 
 
 @triton.jit
-def moe_ll_cast_send_kernel(x_ptr, stride_x, targets_ptr, q_ptr, stride_q, scale_ptr, stride_s, fp8_max,
-                            fp8_max_inv, amax_floor, Q: tl.constexpr, STORE_FP32: tl.constexpr):
-    """Grid ``(T, H / 128)``: :func:`moe_cast_fp8_kernel`'s block ``b`` of token ``t`` (bf16 ``x``, row stride
-    ``stride_x``), stored straight into each send row ``targets[t, q] >= 0`` (int64 ``[T, Q]``, distinct per
-    token): e4m3 bytes into ``q`` (row stride ``stride_q``), the scale into ``scale`` (row stride
-    ``stride_s``). The cast is computed once, whatever the number of rows it goes to."""
-    t = tl.program_id(0).to(tl.int64)
-    blk = tl.program_id(1)
-    cols = blk * 128 + tl.arange(0, 128)
-    scaled, amax = _cast_block(tl.load(x_ptr + t * stride_x + cols).to(tl.float32), fp8_max, amax_floor)
-    scale = amax * fp8_max_inv
-    for j in tl.static_range(Q):
-        row = tl.load(targets_ptr + t * Q + j)
-        if row >= 0:
+def moe_ll_send_rows_kernel(x_ptr, stride_x, idx_ptr, stride_idx, num_tokens, num_local, num_ranks, t_max,
+                            in_rank_ptr, send_slot_ptr, target_ptr, meta_ptr, stride_meta, q_ptr, stride_q,
+                            scale_ptr, stride_s, hidden, fp8_max, fp8_max_inv, amax_floor, K: tl.constexpr,
+                            KP: tl.constexpr, RP: tl.constexpr, BLOCK_T: tl.constexpr, CAST: tl.constexpr,
+                            STORE_FP32: tl.constexpr):
+    """Grid ``T``: the whole sender's side of a multi-rank low-latency dispatch for token ``t`` in one program.
+    Its ranks (``idx [T, K]`` global ids, -1 none; ``num_local`` experts per rank), its row in each one's block
+    of ``t_max`` send rows (the tokens before it that select an expert of that rank, counted by walking
+    ``idx`` in steps of ``BLOCK_T``), ``in_rank``/``send_slot``/``target`` as :func:`moe_ll_send_kernel`
+    writes them, each sent row's int32 ``meta`` (token, ``K`` ids); token -1 into its share of each block's
+    unused rows; then the payload of each sent row: with ``CAST``, :func:`moe_cast_fp8_kernel`'s blocks of
+    bf16 ``x`` (e4m3 into ``q``, scales into ``scale``), computed once per block whatever the number of
+    rows; without, ``x``'s row bits copied into ``q`` (both integer views of one width)."""
+    t = tl.program_id(0)
+    t64 = t.to(tl.int64)
+    j = tl.arange(0, KP)
+    r = tl.arange(0, RP)
+    rok = r < num_ranks
+    ids = tl.load(idx_ptr + t64 * stride_idx + j, mask=j < K, other=-1).to(tl.int64)
+    mine = tl.max(((ids[:, None] >= 0) & (ids[:, None] // num_local == r[None, :])).to(tl.int32), axis=0) > 0
+    before = tl.zeros([RP], tl.int32)
+    total = tl.zeros([RP], tl.int32)
+    for start in range(0, num_tokens, BLOCK_T):
+        u = start + tl.arange(0, BLOCK_T)
+        g = tl.load(idx_ptr + u.to(tl.int64)[:, None] * stride_idx + j[None, :],
+                    mask=(u < num_tokens)[:, None] & (j[None, :] < K), other=-1).to(tl.int64)
+        hit = tl.max(((g[:, :, None] >= 0) & (g[:, :, None] // num_local == r[None, None, :])).to(tl.int32), axis=1)
+        total += tl.sum(hit, axis=0)
+        before += tl.sum(tl.where((u < t)[:, None], hit, 0), axis=0)
+    row = r.to(tl.int64) * t_max + before.to(tl.int64)  # [RP]: this token's send row in each rank's block
+    sent = mine & rok
+    tl.store(in_rank_ptr + t64 * num_ranks + r, mine.to(tl.uint8), mask=rok)
+    tl.store(send_slot_ptr + t64 * num_ranks + r, tl.where(mine, before.to(tl.int64), -1), mask=rok)
+    tl.store(target_ptr + t64 * num_ranks + r, tl.where(mine, row, -1), mask=rok)
+    tl.store(meta_ptr + row * stride_meta, tl.zeros([RP], tl.int32) + t, mask=sent)
+    tl.store(meta_ptr + row[:, None] * stride_meta + 1 + j[None, :],
+             tl.broadcast_to(ids[None, :], [RP, KP]).to(tl.int32), mask=sent[:, None] & (j[None, :] < K))
+    for p0 in range(0, t_max, num_tokens):  # unused rows p = total + t, total + t + T, ... of each block
+        p = total + p0 + t
+        tl.store(meta_ptr + (r.to(tl.int64) * t_max + p) * stride_meta, tl.full([RP], -1, tl.int32),
+                 mask=rok & (p < t_max))
+    c = tl.arange(0, 128)
+    for blk in range(0, tl.cdiv(hidden, 128)):  # with CAST, hidden is a multiple of 128
+        cols = blk * 128 + c
+        cok = cols < hidden
+        x = tl.load(x_ptr + t64 * stride_x + cols, mask=cok, other=0)
+        dst = q_ptr + row[:, None] * stride_q + cols[None, :]
+        keep = sent[:, None] & cok[None, :]
+        if CAST:
+            scaled, amax = _cast_block(x.to(tl.float32), fp8_max, amax_floor)
             if STORE_FP32:
-                tl.store(q_ptr + row * stride_q + cols, scaled)
+                tl.store(dst, tl.broadcast_to(scaled[None, :], [RP, 128]), mask=keep)
             else:
-                tl.store(q_ptr + row * stride_q + cols, scaled.to(tl.float8e4nv))
-            tl.store(scale_ptr + row * stride_s + blk, scale)
+                tl.store(dst, tl.broadcast_to(scaled.to(tl.float8e4nv)[None, :], [RP, 128]), mask=keep)
+            tl.store(scale_ptr + row * stride_s + blk, tl.zeros([RP], tl.float32) + amax * fp8_max_inv, mask=sent)
+        else:
+            tl.store(dst, tl.broadcast_to(x[None, :], [RP, 128]), mask=keep)
 
 
 @triton.jit
