@@ -168,8 +168,8 @@ def moe_lowering_report() -> dict[str, dict[str, int]]:
             x_ptr=Ptr("bf16"), stride_x=7168, idx_ptr=Ptr("i64"), stride_idx=8, num_tokens=128, num_local=128,
             num_ranks=2, t_max=128, in_rank_ptr=Ptr("u8"), send_slot_ptr=Ptr("i64"), target_ptr=Ptr("i64"),
             meta_ptr=Ptr("i32"), stride_meta=1857, q_ptr=Ptr("fp8e4nv"), stride_q=7428, scale_ptr=Ptr("fp32"),
-            stride_s=1857, hidden=7168, fp8_max=448.0, fp8_max_inv=1 / 448, amax_floor=1e-4, K=8, KP=8, RP=2,
-            BLOCK_T=128, CAST=True, STORE_FP32=False)),
+            stride_s=1857, hidden=7168, blocks_per_program=4, fp8_max=448.0, fp8_max_inv=1 / 448, amax_floor=1e-4,
+            K=8, KP=8, RP=2, BLOCK_T=128, CAST=True, STORE_FP32=False)),
         "ll_return": compile_for(k.moe_ll_return_kernel, dict(
             idx_ptr=Ptr("i64"), stride_idx=8, weight_ptr=Ptr("fp32"), stride_w=8, send_slot_ptr=Ptr("i64"), num_ranks=2,
             num_local=128, t_max=128, table_ptr=Ptr("i64"), table_w_ptr=Ptr("fp32"), w_send_ptr=Ptr("fp32"), K=8, KP=8,

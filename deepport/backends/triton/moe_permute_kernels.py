@@ -23,9 +23,10 @@
   float32 product) and ``x * (448 / amax)`` (the quotient an IEEE division), stored as e4m3
   (``STORE_FP32``: as float32, for the interpreter, whose e4m3 rounding is wrong; the caller rounds
   with torch).
-- :func:`moe_ll_send_rows_kernel`, grid ``T``: the whole sender's side of a multi-rank low-latency dispatch in
-  one kernel: the routes of :func:`moe_ll_send_kernel` (each token counts the tokens before it itself) and the
-  payload written straight into the send rows, FP8-cast on the way (no FP8 copy of ``x`` in between).
+- :func:`moe_ll_send_rows_kernel`, grid ``(T, chunks of H)``: the whole sender's side of a multi-rank
+  low-latency dispatch in one kernel: the routes of :func:`moe_ll_send_kernel` (each token counts the tokens
+  before it itself) and the payload written straight into the send rows, FP8-cast on the way (no FP8 copy
+  of ``x`` in between).
 - :func:`moe_ll_return_kernel`, grid ``T``: the sender's side of a multi-rank low-latency combine: the
   per-token table of returned rows and their weights, and the weight rows sent to the receivers.
 - :func:`moe_ll_pairs_kernel`, grid ``ceil(S / BLOCK_S)``: the receiver's side: each received slot's
@@ -340,10 +341,12 @@ def moe_cast_fp8_kernel(x_ptr, q_ptr, scale_ptr, hidden, fp8_max, fp8_max_inv, a
 @triton.jit
 def moe_ll_send_rows_kernel(x_ptr, stride_x, idx_ptr, stride_idx, num_tokens, num_local, num_ranks, t_max,
                             in_rank_ptr, send_slot_ptr, target_ptr, meta_ptr, stride_meta, q_ptr, stride_q,
-                            scale_ptr, stride_s, hidden, fp8_max, fp8_max_inv, amax_floor, K: tl.constexpr,
-                            KP: tl.constexpr, RP: tl.constexpr, BLOCK_T: tl.constexpr, CAST: tl.constexpr,
-                            STORE_FP32: tl.constexpr):
-    """Grid ``T``: the whole sender's side of a multi-rank low-latency dispatch for token ``t`` in one program.
+                            scale_ptr, stride_s, hidden, blocks_per_program, fp8_max, fp8_max_inv, amax_floor,
+                            K: tl.constexpr, KP: tl.constexpr, RP: tl.constexpr, BLOCK_T: tl.constexpr,
+                            CAST: tl.constexpr, STORE_FP32: tl.constexpr):
+    """Grid ``(T, ceil(H / 128 / blocks_per_program))``: the whole sender's side of a multi-rank low-latency
+    dispatch for token ``t``; program ``(t, c)`` moves the payload's 128-channel blocks ``c * blocks_per_program``
+    onwards, and program ``(t, 0)`` also writes the routes and metadata.
     Its ranks (``idx [T, K]`` global ids, -1 none; ``num_local`` experts per rank), its row in each one's block
     of ``t_max`` send rows (the tokens before it that select an expert of that rank, counted by walking
     ``idx`` in steps of ``BLOCK_T``), ``in_rank``/``send_slot``/``target`` as :func:`moe_ll_send_kernel`
@@ -369,18 +372,21 @@ def moe_ll_send_rows_kernel(x_ptr, stride_x, idx_ptr, stride_idx, num_tokens, nu
         before += tl.sum(tl.where((u < t)[:, None], hit, 0), axis=0)
     row = r.to(tl.int64) * t_max + before.to(tl.int64)  # [RP]: this token's send row in each rank's block
     sent = mine & rok
-    tl.store(in_rank_ptr + t64 * num_ranks + r, mine.to(tl.uint8), mask=rok)
-    tl.store(send_slot_ptr + t64 * num_ranks + r, tl.where(mine, before.to(tl.int64), -1), mask=rok)
-    tl.store(target_ptr + t64 * num_ranks + r, tl.where(mine, row, -1), mask=rok)
-    tl.store(meta_ptr + row * stride_meta, tl.zeros([RP], tl.int32) + t, mask=sent)
-    tl.store(meta_ptr + row[:, None] * stride_meta + 1 + j[None, :],
-             tl.broadcast_to(ids[None, :], [RP, KP]).to(tl.int32), mask=sent[:, None] & (j[None, :] < K))
-    for p0 in range(0, t_max, num_tokens):  # unused rows p = total + t, total + t + T, ... of each block
-        p = total + p0 + t
-        tl.store(meta_ptr + (r.to(tl.int64) * t_max + p) * stride_meta, tl.full([RP], -1, tl.int32),
-                 mask=rok & (p < t_max))
+    chunk = tl.program_id(1)
+    if chunk == 0:
+        tl.store(in_rank_ptr + t64 * num_ranks + r, mine.to(tl.uint8), mask=rok)
+        tl.store(send_slot_ptr + t64 * num_ranks + r, tl.where(mine, before.to(tl.int64), -1), mask=rok)
+        tl.store(target_ptr + t64 * num_ranks + r, tl.where(mine, row, -1), mask=rok)
+        tl.store(meta_ptr + row * stride_meta, tl.zeros([RP], tl.int32) + t, mask=sent)
+        tl.store(meta_ptr + row[:, None] * stride_meta + 1 + j[None, :],
+                 tl.broadcast_to(ids[None, :], [RP, KP]).to(tl.int32), mask=sent[:, None] & (j[None, :] < K))
+        for p0 in range(0, t_max, num_tokens):  # unused rows p = total + t, total + t + T, ... of each block
+            p = total + p0 + t
+            tl.store(meta_ptr + (r.to(tl.int64) * t_max + p) * stride_meta, tl.full([RP], -1, tl.int32),
+                     mask=rok & (p < t_max))
     c = tl.arange(0, 128)
-    for blk in range(0, tl.cdiv(hidden, 128)):  # with CAST, hidden is a multiple of 128
+    first = chunk * blocks_per_program
+    for blk in range(first, tl.minimum(first + blocks_per_program, tl.cdiv(hidden, 128))):  # CAST: H % 128 == 0
         cols = blk * 128 + c
         cok = cols < hidden
         x = tl.load(x_ptr + t64 * stride_x + cols, mask=cok, other=0)
