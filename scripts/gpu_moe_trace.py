@@ -10,7 +10,8 @@ sync points. The bench config's shape: t=4096 tokens, hidden 7168, top-8 of 256 
                                (row width, bytes per program, warps): device time per call, bits checked first
     ... --ll-routes            the multi-rank low-latency routes kernels at EP=2 (128 tokens per rank, top-8
                                of 256): the receive kernel per slots per step, the send kernel per tokens per
-                               step, outputs checked equal across variants, device time per launch
+                               step, the one-kernel sender (FP8 cast) per blocks per program; outputs checked
+                               equal across variants, device time per launch
 """
 
 from __future__ import annotations
@@ -316,8 +317,20 @@ def ll_routes_sweep(world: int = 2, tokens: int = 128) -> None:
         out = torch.full((world * tokens, 1 + TOPK), -7, dtype=torch.int32, device=device)  # unused rows: ids left
         return (*mp.low_latency_send(idx, world, num_local, tokens, out), out)
 
+    x, _, _ = routing(tokens, HIDDEN, EXPERTS, TOPK, 10, device)
+    fmt_bytes = HIDDEN + 4 * (HIDDEN // 128) + 4 * (1 + TOPK)  # the send buffer's row: FP8 data, scales, meta
+    send_buffer = torch.zeros((world * tokens, fmt_bytes), dtype=torch.uint8, device=device)
+
+    def send_rows() -> tuple[torch.Tensor, ...]:
+        meta = send_buffer[:, HIDDEN + 4 * (HIDDEN // 128):].view(torch.int32)
+        meta.fill_(-7)
+        scales = send_buffer[:, HIDDEN: HIDDEN + 4 * (HIDDEN // 128)].view(torch.float32)
+        got = mp.low_latency_send_rows(x, idx, world, num_local, tokens, meta, send_buffer[:, :HIDDEN], scales)
+        return (*got, send_buffer.clone())
+
     for name, attr, fn, sizes in (("receive", "_RECEIVE_SLOTS", receive, (32, 64, 128, 256)),
-                                  ("send", "_SEND_TOKENS", send, (32, 64, 128))):
+                                  ("send", "_SEND_TOKENS", send, (32, 64, 128)),
+                                  ("send_rows", "_SEND_ROWS_BLOCKS", send_rows, (1, 2, 4, 8, 14))):
         kernel = f"moe_ll_{name}_kernel"
         default = getattr(mp, attr)
         want = fn()
