@@ -221,9 +221,10 @@ def low_latency_receive(meta: torch.Tensor, rank: int, num_local: int, count32: 
 
 _SEND_ROWS_TOKENS = 128  # most tokens per step of the send-rows kernel's count
 # 128-channel blocks per program of the send-rows kernel (one program per token and chunk; each counts its
-# token's rows itself): one program per token walking all 56 blocks of hidden 7168 took 38.6 us on an H200
-# (2026-12-02), against 10 us for the routes kernel and the cast over (token, block) programs it replaced
-_SEND_ROWS_BLOCKS = 4
+# token's rows itself). H200, EP=2, 128 tokens x 7168, FP8 (2026-12-02, scripts/gpu_moe_trace.py --ll-routes):
+# 22.1 / 13.5 / 9.8 / 7.5 / 8.3 us at 1 / 2 / 4 / 8 / 14 blocks, one program per token 38.6 us; the routes
+# kernel and the cast into the rows it replaces took 3.6 + 6.3 us in two launches
+_SEND_ROWS_BLOCKS = 8
 
 
 def _send_rows_block(k: int, ranks: int) -> int:
