@@ -528,7 +528,8 @@ def low_latency_steps(rank: int, group: Any, device: torch.device, params: dict[
 
 def normal_token_rows(rank: int, group: Any, device: torch.device, params: dict[str, Any],
                       seed: int = 0) -> dict[str, Any]:
-    """The normal combine (no weights) with the triton backend's steps: each token's returned rows summed by
+    """The normal dispatch with the triton backend's steps (its routing counts in one kernel) against the torch
+    steps bit for bit; the normal combine (no weights) with them: each token's returned rows summed by
     ``token_rows_into`` straight into the bf16 output, against the same steps without it (``sum_rows``, then a
     copy) bit for bit, and within one bf16 step of the torch steps; which step ran is counted."""
     import dataclasses
@@ -541,18 +542,24 @@ def normal_token_rows(rank: int, group: Any, device: torch.device, params: dict[
     used: Counter[str] = Counter()
     counted = functools.partial(_counted, used)
 
-    assert ROUTES.token_rows_into is not None and ROUTES.sum_rows is not None
+    assert ROUTES.token_rows_into is not None and ROUTES.sum_rows is not None and ROUTES.layout_counts is not None
     fused = dataclasses.replace(ROUTES, token_rows_into=counted("token_rows_into", ROUTES.token_rows_into),
-                                sum_rows=counted("sum_rows", ROUTES.sum_rows))
+                                sum_rows=counted("sum_rows", ROUTES.sum_rows),
+                                layout_counts=counted("layout_counts", ROUTES.layout_counts))
     plain = dataclasses.replace(ROUTES, token_rows_into=None)
     x = _inputs(rank, params, seed)
     data, idx, w = x["x"].to(device), x["topk_idx"].to(device), x["topk_weights"].to(device)
-    got = moe_routes.dispatch(moe_dispatch.bind(data, idx, w, int(params["experts"]), group=group), TORCH)
+    bad: list[str] = []
+    got, mine = (moe_routes.dispatch(moe_dispatch.bind(data, idx, w, int(params["experts"]), group=group), steps)
+                 for steps in (TORCH, fused))
+    for name in ("recv_x", "recv_topk_idx", "recv_topk_weights", "num_recv_tokens_per_expert"):
+        _same(f"dispatch {name} (layout_counts)", getattr(mine, name), getattr(got, name), bad)
+    for name in ("send_counts", "recv_counts", "recv_src_idx", "is_token_in_rank"):
+        _same(f"dispatch handle.{name} (layout_counts)", getattr(mine.handle, name), getattr(got.handle, name), bad)
     y = torch.randn(tuple(got.recv_x.shape), generator=torch.Generator().manual_seed(seed + rank))  # type: ignore[union-attr]
     y = y.to(torch.bfloat16).to(device)
     out = {name: moe_routes.combine(moe_combine.bind(y, got.handle), steps).combined_x
            for name, steps in (("fused", fused), ("plain", plain), ("torch", TORCH))}
-    bad: list[str] = []
     _same("combine with token_rows_into vs sum_rows", out["fused"], out["plain"], bad)
     if bf16_ulps(out["fused"], out["torch"]) > 1:
         bad.append("combine more than one bf16 step from the torch steps")

@@ -71,6 +71,10 @@ backends' kernels) and reuses everything else.
   ``table[s, k] = recv_local * S + position`` where ``valid``, else -1; ``pair_w[s, k]`` the sum in slot
   order of ``w_recv[s, k2]`` over the slots ``k2`` naming the same local expert (0 where not valid;
   unspecified when ``w_recv`` is None). The partial sums are then ``token_rows_into`` over these terms.
+- ``layout_counts(idx, num_experts, num_ranks)`` (optional): the routing counts of ``topk_idx [T, K]``:
+  ``(in_rank bool [T, R], per_rank [R], per_expert [E])`` (integers of any type): which ranks each token
+  reaches, how many tokens reach each rank, and how many tokens select each expert (a token counted once
+  per distinct expert). Without it the normal dispatch derives them with torch ops.
 - ``cast_fp8(x)``: bf16 ``[T, H]`` -> (e4m3 ``[T, H]``, float32 scales ``[T, H / 128]``), DeepEP's rule
   bit for bit (the op's docstring): per 128 channels ``amax = max(|x|, float32(1e-4))``, ``scale =
   float32(amax * float32(1/448))``, ``fp8 = e4m3(float32(x * float32(448 / amax)))``.
@@ -145,6 +149,7 @@ class LocalSteps:
                                  tuple[torch.Tensor, torch.Tensor]] | None = None
     low_latency_pairs: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None],
                                 tuple[torch.Tensor, torch.Tensor]] | None = None
+    layout_counts: Callable[[torch.Tensor, int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
 
 
 def _flat(dst: torch.Tensor) -> torch.Tensor | None:

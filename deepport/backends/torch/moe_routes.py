@@ -174,9 +174,13 @@ def route(data: torch.Tensor, scales: torch.Tensor | None, topk_idx: torch.Tenso
     idx = topk_idx.to(torch.int64)
     t, k = int(idx.shape[0]), int(idx.shape[1])
     world, me, num_local = grp.world_size, grp.rank, num_experts // grp.world_size
-    by_expert = selection_mask(idx, num_experts, 1)
-    in_rank = by_expert.view(t, world, num_local).any(2)
-    table = torch.cat([in_rank.sum(0)[:, None], by_expert.sum(0).view(world, num_local)], dim=1)
+    if local.layout_counts is not None:  # the backend's one kernel
+        in_rank, per_rank, per_exp = local.layout_counts(idx, num_experts, world)
+        table = torch.cat([per_rank.to(torch.int64)[:, None], per_exp.to(torch.int64).view(world, num_local)], dim=1)
+    else:
+        by_expert = selection_mask(idx, num_experts, 1)
+        in_rank = by_expert.view(t, world, num_local).any(2)
+        table = torch.cat([in_rank.sum(0)[:, None], by_expert.sum(0).view(world, num_local)], dim=1)
     counts = exchange_table(table, grp, f"{what} (counts)")
     meta = _meta(idx, weights)  # overlaps the count exchange
     got = counts.wait()

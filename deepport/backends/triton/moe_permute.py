@@ -447,28 +447,36 @@ def _dispatch_expanded_one_process(call: MoEExpandedDispatchCall) -> MoEExpanded
     return moe_expanded_dispatch.dispatch(call)
 
 
+def layout_counts(topk_idx: torch.Tensor, num_experts: int, num_ranks: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(in_rank bool [T, R], per_rank int32 [R], per_expert int32 [E])`` of ``topk_idx`` in one kernel (see
+    :class:`deepport.backends.torch.moe_local.LocalSteps`): integer atomics, exact in any order."""
+    idx = topk_idx.contiguous()
+    tokens, topk = int(idx.shape[0]), int(idx.shape[1])
+    device = idx.device
+    per_rank = torch.zeros(num_ranks, dtype=torch.int32, device=device)
+    per_expert = torch.zeros(num_experts, dtype=torch.int32, device=device)
+    in_rank = torch.zeros((tokens, num_ranks), dtype=torch.bool, device=device)
+    if tokens and topk:
+        block_t = 64
+        with _guard(device):
+            moe_layout_count_kernel[(-(-tokens // block_t),)](
+                idx, per_rank, per_expert, in_rank.view(torch.uint8), tokens, topk, num_experts // num_ranks,
+                num_ranks, BLOCK_T=block_t, BLOCK_K=max(2, 1 << max(topk - 1, 0).bit_length()))
+    return in_rank, per_rank, per_expert
+
+
 TRITON = LocalSteps(place_rows, weighted_rows, cast_fp8, scatter_rows=scatter_rows,
                     weighted_rows_into=weighted_rows_into, dispatch_expanded_one_process=_dispatch_expanded_one_process,
                     token_rows_into=token_rows_into, token_table=token_table, low_latency_layout=low_latency_layout,
                     low_latency_positions=low_latency_positions, low_latency_send=low_latency_send,
                     low_latency_receive=low_latency_receive, low_latency_send_rows=low_latency_send_rows,
-                    low_latency_return=low_latency_return, low_latency_pairs=low_latency_pairs)
+                    low_latency_return=low_latency_return, low_latency_pairs=low_latency_pairs,
+                    layout_counts=layout_counts)
 
 
 def layout(call: MoELayoutCall) -> MoELayout:
-    idx = call.topk_idx.contiguous()
-    tokens, topk = int(idx.shape[0]), int(idx.shape[1])
-    device = idx.device
-    per_rank = torch.zeros(call.num_ranks, dtype=torch.int32, device=device)
-    per_expert = torch.zeros(call.num_experts, dtype=torch.int32, device=device)
-    in_rank = torch.zeros((tokens, call.num_ranks), dtype=torch.bool, device=device)
-    if tokens and topk:
-        block_t = 64
-        with _guard(device):
-            moe_layout_count_kernel[(-(-tokens // block_t),)](
-                idx, per_rank, per_expert, in_rank.view(torch.uint8), tokens, topk,
-                call.num_experts // call.num_ranks, call.num_ranks,
-                BLOCK_T=block_t, BLOCK_K=max(2, 1 << max(topk - 1, 0).bit_length()))
+    in_rank, per_rank, per_expert = layout_counts(call.topk_idx, call.num_experts, call.num_ranks)
     return MoELayout(per_rank, per_expert, in_rank)
 
 
