@@ -154,10 +154,11 @@ def place_rows(src: torch.Tensor, dst: torch.Tensor, index: torch.Tensor, zero_m
 
 def scatter_rows(src: torch.Tensor, dst: torch.Tensor, targets: torch.Tensor) -> None:
     """``dst.view(G * R, C)[targets[j, q]] = src[j]`` bit for bit (see :mod:`deepport.backends.torch.moe_local`;
-    a target -1 is skipped, as :func:`low_latency_receive`'s targets need):
-    programs over the ``n * Q`` source entries, so a sparse layout (the low-latency one: ``G * R`` rows for a
-    few hundred placed) costs what it places, where :func:`place_rows` visits every destination row (61 us
-    per call for the FP8 rows of 128 tokens, hidden 7168, 128 local experts at EP=2 on an H200, 2026-12-02)."""
+    a target -1 is skipped, as :func:`low_latency_receive`'s targets need): programs over the ``n`` source
+    rows (each read once, stored at its distinct targets), so a sparse layout (the low-latency one: ``G * R``
+    rows for a few hundred placed) costs what it places, where :func:`place_rows` visits every destination
+    row (61 us per call for the FP8 rows of 128 tokens, hidden 7168, 128 local experts at EP=2 on an H200,
+    2026-12-02)."""
     rows, cols = int(dst.shape[1]), int(dst.shape[2])
     n, q = (int(d) for d in targets.shape)
     if n * q == 0 or cols == 0:
@@ -166,7 +167,7 @@ def scatter_rows(src: torch.Tensor, dst: torch.Tensor, targets: torch.Tensor) ->
     cols = int(dst_bits.shape[2])
     block = block_for_bytes(cols, src_bits.element_size(), _MOVE_BYTES)
     with _guard(dst.device):
-        moe_scatter_rows_kernel[(n * q, -(-cols // block))](
+        moe_scatter_rows_kernel[(n, -(-cols // block))](
             src_bits, targets.to(torch.int64).contiguous(), dst_bits, rows, cols, src_bits.stride(0),
             dst_bits.stride(0), dst_bits.stride(1), dst_bits.stride(2), Q=q, BLOCK_C=block, num_warps=MOVE_WARPS)
 

@@ -6,9 +6,10 @@
   (uint8 ``[T, R]``, zeroed by the caller). Integer sums: exact in any order.
 - :func:`moe_place_rows_kernel`, grid ``(G * R, ceil(C / BLOCK_C))``: ``dst[g, i, :] = src[index[g, i], :]``
   as raw bits (integer views of the payload), zero (``ZERO_MISSING``) or untouched where the index is -1.
-- :func:`moe_scatter_rows_kernel`, grid ``(n * Q, ceil(C / BLOCK_C))``: the same placement from the source
-  side, ``dst.view(G * R, C)[targets[j, q]] = src[j]`` as raw bits, each distinct target of a row written
-  once (a ``q`` repeating an earlier ``q``'s target of row ``j`` is skipped, and so is a target ``-1``).
+- :func:`moe_scatter_rows_kernel`, grid ``(n, ceil(C / BLOCK_C))``: the same placement from the source
+  side, ``dst.view(G * R, C)[targets[j, q]] = src[j]`` as raw bits, each source row read once (not at all
+  when every target is ``-1``) and written once to each distinct target (a ``q`` repeating an earlier ``q``'s
+  target of row ``j`` is skipped, and so is a target ``-1``).
 - :func:`moe_ll_send_kernel`, grid ``R``: the sender's routes of a multi-rank low-latency dispatch for
   destination rank ``r``: which tokens go there, their rows in ``r``'s block, and those rows' metadata.
 - :func:`moe_ll_receive_kernel`, grid ``L``: the routes of a multi-rank low-latency dispatch's received
@@ -82,20 +83,23 @@ def moe_place_rows_kernel(src_ptr, index_ptr, dst_ptr, rows_per_group, num_cols,
 @triton.jit
 def moe_scatter_rows_kernel(src_ptr, targets_ptr, dst_ptr, rows_per_group, num_cols,
                             stride_src, stride_dg, stride_dr, stride_dc, Q: tl.constexpr, BLOCK_C: tl.constexpr):
-    p = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     ok = cols < num_cols
-    j = p // Q
-    target = tl.load(targets_ptr + p)
-    q = p - j * Q
-    repeat = tl.zeros([], tl.int32)
-    for e in tl.static_range(Q):  # an earlier slot of this row naming the same target: already written
-        same = tl.load(targets_ptr + j * Q + e) == target
-        repeat += tl.where(e < q, same.to(tl.int32), 0)
-    if (repeat == 0) & (target >= 0):
-        g = target // rows_per_group
-        dst = dst_ptr + g * stride_dg + (target - g * rows_per_group) * stride_dr + cols * stride_dc
-        tl.store(dst, tl.load(src_ptr + j * stride_src + cols, mask=ok), mask=ok)
+    live = tl.zeros([], tl.int32)
+    for q in tl.static_range(Q):
+        live += (tl.load(targets_ptr + j * Q + q) >= 0).to(tl.int32)
+    if live > 0:  # the row is read once, then stored at each of its distinct targets
+        row = tl.load(src_ptr + j * stride_src + cols, mask=ok)
+        for q in tl.static_range(Q):
+            target = tl.load(targets_ptr + j * Q + q)
+            repeat = tl.zeros([], tl.int32)
+            for e in tl.static_range(q):  # an earlier slot of this row naming the same target: already written
+                repeat += (tl.load(targets_ptr + j * Q + e) == target).to(tl.int32)
+            if (repeat == 0) & (target >= 0):
+                g = target // rows_per_group
+                dst = dst_ptr + g * stride_dg + (target - g * rows_per_group) * stride_dr + cols * stride_dc
+                tl.store(dst, row, mask=ok)
 
 
 @triton.jit
