@@ -9,9 +9,9 @@ sync points. The bench config's shape: t=4096 tokens, hidden 7168, top-8 of 256 
     ... --place                the one-process low-latency dispatch (128 tokens, FP8) per place_rows variant
                                (row width, bytes per program, warps): device time per call, bits checked first
     ... --ll-routes            the multi-rank low-latency routes kernels at EP=2 (128 tokens per rank, top-8
-                               of 256): the receive kernel per slots per step, the send kernel per tokens per
-                               step, the one-kernel sender (FP8 cast) per blocks per program; outputs checked
-                               equal across variants, device time per launch
+                               of 256): the receive kernel per slots per step, the one-kernel sender (FP8
+                               cast) per blocks per program; outputs checked equal across variants, device
+                               time per launch
 """
 
 from __future__ import annotations
@@ -295,8 +295,8 @@ def _kernel_us(launch: Callable[[], object], kernel: str, iters: int = 20) -> fl
 def ll_routes_sweep(world: int = 2, tokens: int = 128) -> None:
     """The triton low-latency routes kernels of a multi-rank dispatch at issue 14's EP=2 size: the receiver's
     (``moe_ll_receive_kernel``, one program per local expert) per slots per step, on the metadata rank 0
-    receives (each source's tokens, then unused slots); the sender's (``moe_ll_send_kernel``) per tokens per
-    step. Every variant's outputs must equal the default's."""
+    receives (each source's tokens, then unused slots); the one-kernel sender's (``moe_ll_send_rows_kernel``,
+    FP8 cast) per blocks of 128 channels per program. Every variant's outputs must equal the default's."""
     from deepport.backends.triton import moe_permute as mp
 
     device = torch.device("cuda")
@@ -313,10 +313,6 @@ def ll_routes_sweep(world: int = 2, tokens: int = 128) -> None:
     def receive() -> tuple[torch.Tensor, ...]:
         return mp.low_latency_receive(meta, 0, num_local, torch.empty(num_local, dtype=torch.int32, device=device))
 
-    def send() -> tuple[torch.Tensor, ...]:
-        out = torch.full((world * tokens, 1 + TOPK), -7, dtype=torch.int32, device=device)  # unused rows: ids left
-        return (*mp.low_latency_send(idx, world, num_local, tokens, out), out)
-
     x, _, _ = routing(tokens, HIDDEN, EXPERTS, TOPK, 10, device)
     fmt_bytes = HIDDEN + 4 * (HIDDEN // 128) + 4 * (1 + TOPK)  # the send buffer's row: FP8 data, scales, meta
     send_buffer = torch.zeros((world * tokens, fmt_bytes), dtype=torch.uint8, device=device)
@@ -329,7 +325,6 @@ def ll_routes_sweep(world: int = 2, tokens: int = 128) -> None:
         return (*got, send_buffer.clone())
 
     for name, attr, fn, sizes in (("receive", "_RECEIVE_SLOTS", receive, (32, 64, 128, 256)),
-                                  ("send", "_SEND_TOKENS", send, (32, 64, 128)),
                                   ("send_rows", "_SEND_ROWS_BLOCKS", send_rows, (1, 2, 4, 8, 14))):
         kernel = f"moe_ll_{name}_kernel"
         default = getattr(mp, attr)

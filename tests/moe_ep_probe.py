@@ -463,7 +463,7 @@ def _counted(used: Counter[str], name: str, fn: Callable[..., Any]) -> Callable[
 def low_latency_steps(rank: int, group: Any, device: torch.device, params: dict[str, Any],
                       seed: int = 0) -> dict[str, Any]:
     """The multi-rank low-latency ops with the triton backend's steps (the sender's routes, meta and FP8-cast
-    rows in one kernel, and without it its routes kernel and scatters; the receiver's routes kernel,
+    rows in one kernel, also with the torch sender in front of triton's receiver; the receiver's routes kernel,
     source-side placement, the combine's sender and receiver terms and per-slot partial sums) against the
     torch steps on the same group: every route field and count bit for bit, the received rows and
     ``packed_src_row`` too, combines bit for bit from either handle (same terms, same order). Which
@@ -477,17 +477,15 @@ def low_latency_steps(rank: int, group: Any, device: torch.device, params: dict[
     counted = functools.partial(_counted, used)
 
     assert TRITON.low_latency_receive is not None and TRITON.scatter_rows is not None
-    assert TRITON.token_rows_into is not None and TRITON.low_latency_send is not None
-    assert TRITON.low_latency_send_rows is not None and TRITON.low_latency_return is not None
-    assert TRITON.low_latency_pairs is not None
+    assert TRITON.token_rows_into is not None and TRITON.low_latency_send_rows is not None
+    assert TRITON.low_latency_return is not None and TRITON.low_latency_pairs is not None
     steps = dataclasses.replace(TRITON, low_latency_receive=counted("low_latency_receive", TRITON.low_latency_receive),
-                                low_latency_send=counted("low_latency_send", TRITON.low_latency_send),
                                 scatter_rows=counted("scatter_rows", TRITON.scatter_rows),
                                 token_rows_into=counted("token_rows_into", TRITON.token_rows_into),
                                 low_latency_send_rows=counted("low_latency_send_rows", TRITON.low_latency_send_rows),
                                 low_latency_return=counted("low_latency_return", TRITON.low_latency_return),
                                 low_latency_pairs=counted("low_latency_pairs", TRITON.low_latency_pairs))
-    unfused = dataclasses.replace(steps, low_latency_send_rows=None)  # routes kernel, then scatters
+    unfused = dataclasses.replace(steps, low_latency_send_rows=None)  # the torch sender, triton's receiver
     x = _inputs(rank, params, seed)
     data, idx, w = x["x"].to(device), x["topk_idx"].to(device), x["topk_weights"].to(device)
     experts, t_max, bad = int(params["experts"]), int(params.get("t_max", 32)), []

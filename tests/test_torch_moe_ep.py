@@ -151,21 +151,18 @@ def test_optional_take_rows_and_sum_rows_steps_run_on_every_rank(world: int, tok
     (4, dict(tokens=(6, 3, 8, 5), experts=8, topk=8)),  # every expert picked, full blocks
 ])
 def test_triton_low_latency_steps_give_the_torch_routes_rows_and_sums(world: int, params: dict[str, Any]) -> None:
-    """The triton backend's sender (routes, meta and FP8-cast rows in one kernel of one program per token; or
-    its routes kernel of one program per destination rank and scatters), receive routes (one program per
-    local expert), source-side placement, the combine's terms per token
-    and per received slot (one kernel each) and their sums, on gloo ranks: the torch
-    steps' routes and rows bit for bit, the combines too; each optional step ran on every rank."""
+    """The triton backend's sender (routes, meta and FP8-cast rows in one kernel; also torch's sender in front
+    of triton's receiver), receive routes (one program per local expert), source-side placement, the combine's
+    terms per token and per received slot (one kernel each) and their sums, on gloo ranks: the torch steps'
+    routes and rows bit for bit, the combines too; each optional step ran on every rank."""
     pytest.importorskip("triton")
     p = {**SMALL, "world": world, **params}
     for rank, got in enumerate(_run("low_latency_steps", world, params=p, seed=6)):
         assert got["bad"] == [], (rank, got["bad"])
-        # two dispatches (bf16, FP8) per variant: one kernel for the sender's side, or the routes kernel
+        # two dispatches (bf16, FP8) per variant: triton's one-kernel sender, or torch's sender
         used = got["used"]
-        assert used.get("low_latency_send_rows") == 2 and used.get("low_latency_send") == 2, (rank, got)
-        assert used.get("low_latency_receive") == 4, (rank, got)
-        # received rows (bf16; FP8 and scales) in both variants, sent rows only without the one-kernel sender
-        assert used.get("scatter_rows", 0) == 2 * 3 + 3, (rank, got)
+        assert used.get("low_latency_send_rows") == 2 and used.get("low_latency_receive") == 4, (rank, got)
+        assert used.get("scatter_rows", 0) == 2 * 3, (rank, got)  # received rows: bf16; FP8 and scales
         single = p["topk"] == 1 or p["experts"] == world
         # two combines on triton steps: each sums per token once, and per received slot unless single
         assert got["used"].get("token_rows_into", 0) == (2 if single else 4), (rank, got)

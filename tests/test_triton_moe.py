@@ -278,17 +278,14 @@ def test_normal_dispatch_and_combine_match_torch(monkeypatch: pytest.MonkeyPatch
 
 
 def test_low_latency_sender_and_receiver_kernels_agree_across_step_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The send, send-rows and receive routes kernels walk tokens / received slots in steps, carrying counts from
-    one step to the next: many small steps give the outputs of one large step (the rank tests' sizes fit one);
-    the one-kernel sender writes the routes, meta and (FP8-cast) rows of the routes kernel and the scatters."""
+    """The one-kernel sender and the receive routes kernel walk tokens / received slots in steps, carrying counts
+    from one step to the next: many small steps give the outputs of one large step (the rank tests' sizes fit
+    one); the sender writes the routes, meta and (FP8-cast) rows that the torch ops derive."""
+    from deepport.backends.torch.moe_index import running_slot, selection_mask
+
     g = torch.Generator().manual_seed(11)
     world, t_max, num_local, k = 3, 70, 4, 3
     idx = torch.randint(-1, world * num_local, (t_max, k), generator=g).to(DEVICE)
-
-    def send() -> tuple[torch.Tensor, ...]:
-        meta = torch.full((world * t_max, 1 + k), -7, dtype=torch.int32, device=DEVICE)
-        return (*moe_permute.low_latency_send(idx, world, num_local, t_max, meta), meta)
-
     slots = world * t_max
     meta = torch.full((slots, 1 + k), -1, dtype=torch.int32)
     for s in range(world):  # each source's routed slots first, then unused ones
@@ -310,8 +307,8 @@ def test_low_latency_sender_and_receiver_kernels_agree_across_step_sizes(monkeyp
         got = moe_permute.low_latency_send_rows(x, idx, world, num_local, t_max, meta, rows, scales)
         return (*got, meta, rows, *(() if scales is None else (scales,)))
 
-    for fn, attr in ((send, "_SEND_TOKENS"), (receive, "_RECEIVE_SLOTS"),
-                     (lambda: send_rows(False), "_SEND_ROWS_TOKENS"), (lambda: send_rows(True), "_SEND_ROWS_TOKENS")):
+    for fn, attr in ((receive, "_RECEIVE_SLOTS"), (lambda: send_rows(False), "_SEND_ROWS_TOKENS"),
+                     (lambda: send_rows(True), "_SEND_ROWS_TOKENS")):
         monkeypatch.setattr(moe_permute, attr, 256)
         want = fn()
         monkeypatch.setattr(moe_permute, attr, 16)
@@ -320,20 +317,24 @@ def test_low_latency_sender_and_receiver_kernels_agree_across_step_sizes(monkeyp
         monkeypatch.setattr(moe_permute, "_SEND_ROWS_BLOCKS", 8)
         for i, (a, b) in enumerate(zip(got, want, strict=True)):
             assert torch.equal(a, b), (attr, i)
-    # the one-kernel sender writes what the routes kernel and the scatters write
-    want_send = send()
+    # what the torch ops derive: ranks, rows in each rank's block, metadata of the sent rows, the rest token -1
+    in_rank = selection_mask(idx, world, num_local)
+    send_slot = running_slot(in_rank)
+    target = torch.where(send_slot >= 0, torch.arange(world, device=DEVICE)[None, :] * t_max + send_slot, -1)
+    tok, rank = torch.nonzero(target >= 0, as_tuple=True)
+    want_meta = torch.full((slots, 1 + k), -1, dtype=torch.int32, device=DEVICE)
+    want_meta[target[tok, rank]] = torch.cat([tok.to(torch.int32)[:, None], idx[tok].to(torch.int32)], dim=1)
     for fp8 in (False, True):
         got_rows = send_rows(fp8)
-        for i in range(3):
-            assert torch.equal(got_rows[i], want_send[i]), (fp8, i)
-        sent = want_send[3][:, 0] >= 0
-        assert torch.equal(got_rows[3][:, 0], want_send[3][:, 0]) and torch.equal(got_rows[3][sent], want_send[3][sent])
+        assert torch.equal(got_rows[0], in_rank) and torch.equal(got_rows[1], send_slot)
+        assert torch.equal(got_rows[2], target)
+        sent = want_meta[:, 0] >= 0  # unused rows: token -1, their ids left as they were
+        assert torch.equal(got_rows[3][:, 0], want_meta[:, 0]) and torch.equal(got_rows[3][sent], want_meta[sent])
         payload, scales = moe_permute.cast_fp8(x) if fp8 else (x, None)
         expect = torch.zeros_like(got_rows[4])
-        expect.view(payload.dtype)[want_send[2][want_send[2] >= 0]] = payload[
-            torch.nonzero(want_send[2] >= 0)[:, 0]]
+        expect.view(payload.dtype)[target[tok, rank]] = payload[tok]
         assert torch.equal(got_rows[4].view(torch.uint8), expect.view(torch.uint8)), fp8
         if scales is not None:
             expect_s = torch.zeros_like(got_rows[5])
-            expect_s[want_send[2][want_send[2] >= 0]] = scales[torch.nonzero(want_send[2] >= 0)[:, 0]]
+            expect_s[target[tok, rank]] = scales[tok]
             assert torch.equal(got_rows[5], expect_s)

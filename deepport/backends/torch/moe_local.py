@@ -37,13 +37,6 @@ backends' kernels) and reuses everything else.
 - ``low_latency_positions(topk_idx, capacity)`` (optional): int64 ``[T, K]``, the packed row
   ``e * capacity + p`` that slot ``k`` of token ``t`` (expert ``e``) reads in the one-process low-latency
   combine, ``-1`` for a ``-1`` slot. Without it the combine derives them from the handle with torch ops.
-- ``low_latency_send(idx, num_ranks, num_local, t_max, meta)`` (optional, with a ``scatter_rows`` that skips
-  targets -1): the sender's routes of a multi-rank low-latency dispatch from ``topk_idx`` int64 ``[T, K]``:
-  ``(in_rank bool [T, R], send_slot int64 [T, R], target int64 [T, R])`` (token ``t``'s row in rank ``r``'s
-  block of ``t_max`` send rows, the tokens before it that select an expert of ``r``, -1 if ``t`` selects
-  none; ``target = r * t_max + send_slot``, -1 if none), writing each sent row's int32 ``meta [R * t_max,
-  1 + K]`` (token index, then its ``K`` ids) and token -1 into the unused rows. Without it the dispatch
-  does this with torch ops.
 - ``low_latency_receive(meta, rank, num_local, count32)`` (optional, with a ``scatter_rows`` that skips
   targets -1): the receiver's routes of a multi-rank low-latency dispatch from the received slots' int32
   ``meta [S, 1 + K]`` (source token, -1 for an unused slot, then the global top-k ids; routed slots fill
@@ -53,11 +46,14 @@ backends' kernels) and reuses everything else.
   -1; ``packed``: the canonical ``packed_src_row``), writing ``count`` also into ``count32`` (int32
   ``[L]``, the op's ``recv_count``). Without it the dispatch derives them with torch ops.
 - ``low_latency_send_rows(x, idx, num_ranks, num_local, t_max, meta, data_rows, scale_rows)`` (optional): the
-  whole sender's side of a multi-rank low-latency dispatch: ``low_latency_send``'s routes (returned) and
-  ``meta`` rows, and each sent token's payload written straight into its rows of ``data_rows`` (``[R *
-  t_max, H * size]`` bytes, dense rows at any stride): FP8-cast (``cast_fp8``'s bits) with its scales into
-  ``scale_rows`` (float32 ``[R * t_max, H / 128]``) when that is given, else ``x``'s bits. Without it the
-  dispatch casts, then runs ``low_latency_send`` and scatters.
+  whole sender's side of a multi-rank low-latency dispatch from ``topk_idx`` int64 ``[T, K]``: returns
+  ``(in_rank bool [T, R], send_slot int64 [T, R], target int64 [T, R])`` (token ``t``'s row in rank
+  ``r``'s block of ``t_max`` send rows: the tokens before it that select an expert of ``r``, -1 if ``t``
+  selects none; ``target = r * t_max + send_slot``, -1 if none); writes each sent row's int32 ``meta [R *
+  t_max, 1 + K]`` (token index, then its ``K`` ids) and token -1 into the unused rows, and each sent
+  token's payload into its rows of ``data_rows`` (``[R * t_max, H * size]`` bytes, dense rows at any
+  stride): FP8-cast (``cast_fp8``'s bits) with its scales into ``scale_rows`` (float32 ``[R * t_max, H /
+  128]``) when that is given, else ``x``'s bits. Without it the dispatch does this with torch ops.
 - ``low_latency_return(idx, weights, send_slot, num_local, t_max, w_send)`` (optional, with
   ``token_rows_into`` and ``low_latency_pairs``): the sender's side of a multi-rank low-latency combine.
   Returns ``(table, weight)``, int64 and float32 ``[T, Q]``: entry ``q`` is rank ``q`` when ``world <= K``,
@@ -139,8 +135,6 @@ class LocalSteps:
     low_latency_layout: Callable[[torch.Tensor, int, int, torch.Tensor],
                                  tuple[torch.Tensor, torch.Tensor]] | None = None
     low_latency_positions: Callable[[torch.Tensor, int], torch.Tensor] | None = None
-    low_latency_send: Callable[[torch.Tensor, int, int, int, torch.Tensor],
-                               tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
     low_latency_receive: Callable[[torch.Tensor, int, int, torch.Tensor], tuple[torch.Tensor, ...]] | None = None
     low_latency_send_rows: Callable[[torch.Tensor, torch.Tensor, int, int, int, torch.Tensor, torch.Tensor,
                                      torch.Tensor | None],

@@ -187,7 +187,6 @@ def dispatch_low_latency(call: MoELowLatencyDispatchCall, local: LocalSteps = TO
     world, me, t_max = grp.world_size, grp.rank, call.max_tokens_per_rank
     num_local = call.num_experts // world
     slots, dev = world * t_max, x.device
-    fused = local.low_latency_send is not None and local.scatter_rows is not None  # the backend's fused routes
     one_kernel = local.low_latency_send_rows is not None and world > 1  # routes, cast and rows in one kernel
     data, scales = local.cast_fp8(x) if call.use_fp8 and not one_kernel else (x, None)
     if grp.world_size == 1:  # one process: the routing alone defines the layout (moe_one_process)
@@ -204,12 +203,6 @@ def dispatch_low_latency(call: MoELowLatencyDispatchCall, local: LocalSteps = TO
         in_rank, send_slot, _ = local.low_latency_send_rows(
             x, idx, world, num_local, t_max, fmt.part(send, "meta"), fmt.part(send, "x"),
             fmt.part(send, "scales") if call.use_fp8 else None)
-    elif fused:
-        assert local.low_latency_send is not None and local.scatter_rows is not None
-        in_rank, send_slot, targets = local.low_latency_send(idx, world, num_local, t_max, fmt.part(send, "meta"))
-        local.scatter_rows(data, fmt.part(send, "x").view(data.dtype)[None], targets)  # -1 targets skipped
-        if scales is not None:
-            local.scatter_rows(scales, fmt.part(send, "scales")[None], targets)
     else:
         in_rank = selection_mask(idx, world, num_local)
         send_slot = running_slot(in_rank)

@@ -12,10 +12,12 @@ combine of 4096 tokens on an H200, trace of 2026-12-01). The expanded combine's 
 kernel, ``token_table`` (torch's ten gathers, scatter and sort took about 85 us around the 132 us sum
 kernel, trace of 2026-12-02); the one-process low-latency layout and the combine's row of each slot also
 come from one kernel each (``low_latency_layout``, ``low_latency_positions``) instead of a dozen torch
-scans, scatters and gathers apiece; so do the multi-rank low-latency dispatch's sender and receiver routes
-(``low_latency_send``, ``low_latency_receive``: 103 kernels and 285 us of one rank's GPU time per dispatch
-of 128 tokens x 7168 at EP=2 became 17 and 46 us with ``scatter_rows``, trace of 2026-12-02); the FP8
-cast uses IEEE divisions and e4m3
+scans, scatters and gathers apiece. The multi-rank low-latency dispatch's sender is one kernel (routes,
+metadata and the FP8-cast rows: ``low_latency_send_rows``), its receiver's routes one more
+(``low_latency_receive``), then ``scatter_rows``; the combine's terms take one kernel per side
+(``low_latency_return``, ``low_latency_pairs``). A dispatch of 128 tokens x 7168 at EP=2 took 103 kernels
+and 285 us of one rank's GPU time before these, the combine 60 and 235 (traces of 2026-12-02; the figures
+since are in benchmarks/results/2026-12-02-h200-ll-fused-steps). The FP8 cast uses IEEE divisions and e4m3
 round-to-nearest-even (under the interpreter, whose e4m3 and bf16 roundings are wrong, the kernels store
 float32 and torch rounds). The one-process expanded dispatch is fused
 (:mod:`deepport.backends.triton.moe_expanded_dispatch`, the ``dispatch_expanded_one_process`` step).
@@ -38,7 +40,6 @@ from deepport.backends.triton.moe_permute_kernels import (
     moe_ll_positions_kernel,
     moe_ll_receive_kernel,
     moe_ll_return_kernel,
-    moe_ll_send_kernel,
     moe_ll_send_rows_kernel,
     moe_place_rows_kernel,
     moe_scatter_rows_kernel,
@@ -175,24 +176,6 @@ def scatter_rows(src: torch.Tensor, dst: torch.Tensor, targets: torch.Tensor) ->
 # received slots per step of the receive kernel's walk (H200, EP=2, 256 slots: 5.7 us per launch at 256, 8.2 at
 # 64, 2026-12-02, scripts/gpu_moe_trace.py --ll-routes)
 _RECEIVE_SLOTS = 256
-_SEND_TOKENS = 64  # tokens per step of the send kernel's walk
-
-
-def low_latency_send(idx: torch.Tensor, num_ranks: int, num_local: int, t_max: int,
-                     meta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The sender's routes of a multi-rank low-latency dispatch in one kernel of one program per destination
-    rank (see :class:`deepport.backends.torch.moe_local.LocalSteps`), instead of about 20 torch ops."""
-    t, k = (int(d) for d in idx.shape)
-    dev = idx.device
-    in_rank = torch.empty((t, num_ranks), dtype=torch.bool, device=dev)
-    send_slot = torch.empty((t, num_ranks), dtype=torch.int64, device=dev)
-    target = torch.empty((t, num_ranks), dtype=torch.int64, device=dev)
-    ids = idx if idx.stride(1) == 1 or k == 1 else idx.contiguous()
-    with _guard(dev):
-        moe_ll_send_kernel[(num_ranks,)](
-            ids, ids.stride(0) if t > 1 else k, t, num_local, num_ranks, t_max, in_rank.view(torch.uint8), send_slot,
-            target, meta, meta.stride(0), K=k, KP=_pow2(k), BLOCK_T=_SEND_TOKENS)
-    return in_rank, send_slot, target
 
 
 def low_latency_receive(meta: torch.Tensor, rank: int, num_local: int, count32: torch.Tensor
@@ -237,8 +220,8 @@ def low_latency_send_rows(x: torch.Tensor, idx: torch.Tensor, num_ranks: int, nu
                           meta: torch.Tensor, data_rows: torch.Tensor, scale_rows: torch.Tensor | None
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The whole sender's side of a multi-rank low-latency dispatch in one kernel of one program per token (see
-    :class:`deepport.backends.torch.moe_local.LocalSteps`): :func:`low_latency_send`'s routes and meta rows,
-    and the payload in the send rows, FP8-cast (:func:`cast_fp8`'s bits) when ``scale_rows`` is given. Under
+    :class:`deepport.backends.torch.moe_local.LocalSteps`): the routes and meta rows, and the payload in the
+    send rows, FP8-cast (:func:`cast_fp8`'s bits) when ``scale_rows`` is given. Under
     the interpreter (wrong e4m3 rounding) the kernel stores float32 rows that torch rounds."""
     t, k = (int(d) for d in idx.shape)
     hidden, dev = int(x.shape[1]), idx.device
@@ -470,7 +453,7 @@ def layout_counts(topk_idx: torch.Tensor, num_experts: int, num_ranks: int
 TRITON = LocalSteps(place_rows, weighted_rows, cast_fp8, scatter_rows=scatter_rows,
                     weighted_rows_into=weighted_rows_into, dispatch_expanded_one_process=_dispatch_expanded_one_process,
                     token_rows_into=token_rows_into, token_table=token_table, low_latency_layout=low_latency_layout,
-                    low_latency_positions=low_latency_positions, low_latency_send=low_latency_send,
+                    low_latency_positions=low_latency_positions,
                     low_latency_receive=low_latency_receive, low_latency_send_rows=low_latency_send_rows,
                     low_latency_return=low_latency_return, low_latency_pairs=low_latency_pairs,
                     layout_counts=layout_counts)

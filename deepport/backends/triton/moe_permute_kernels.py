@@ -10,8 +10,6 @@
   side, ``dst.view(G * R, C)[targets[j, q]] = src[j]`` as raw bits, each source row read once (not at all
   when every target is ``-1``) and written once to each distinct target (a ``q`` repeating an earlier ``q``'s
   target of row ``j`` is skipped, and so is a target ``-1``).
-- :func:`moe_ll_send_kernel`, grid ``R``: the sender's routes of a multi-rank low-latency dispatch for
-  destination rank ``r``: which tokens go there, their rows in ``r``'s block, and those rows' metadata.
 - :func:`moe_ll_receive_kernel`, grid ``L``: the routes of a multi-rank low-latency dispatch's received
   slots for local expert ``l`` (what :func:`deepport.backends.torch.moe_low_latency.dispatch_low_latency`
   derives with torch ops).
@@ -25,9 +23,9 @@
   (``STORE_FP32``: as float32, for the interpreter, whose e4m3 rounding is wrong; the caller rounds
   with torch).
 - :func:`moe_ll_send_rows_kernel`, grid ``(T, chunks of H)``: the whole sender's side of a multi-rank
-  low-latency dispatch in one kernel: the routes of :func:`moe_ll_send_kernel` (each token counts the tokens
-  before it itself) and the payload written straight into the send rows, FP8-cast on the way (no FP8 copy
-  of ``x`` in between).
+  low-latency dispatch in one kernel: which ranks each token goes to, its row in each rank's block (each
+  token counts the tokens before it itself), the rows' metadata, and the payload written straight into the
+  send rows, FP8-cast on the way (no FP8 copy of ``x`` in between).
 - :func:`moe_ll_return_kernel`, grid ``T``: the sender's side of a multi-rank low-latency combine: the
   per-token table of returned rows and their weights, and the weight rows sent to the receivers.
 - :func:`moe_ll_pairs_kernel`, grid ``ceil(S / BLOCK_S)``: the receiver's side: each received slot's
@@ -100,43 +98,6 @@ def moe_scatter_rows_kernel(src_ptr, targets_ptr, dst_ptr, rows_per_group, num_c
                 g = target // rows_per_group
                 dst = dst_ptr + g * stride_dg + (target - g * rows_per_group) * stride_dr + cols * stride_dc
                 tl.store(dst, row, mask=ok)
-
-
-@triton.jit
-def moe_ll_send_kernel(idx_ptr, stride_idx, num_tokens, num_local, num_ranks, t_max, in_rank_ptr, send_slot_ptr,
-                       target_ptr, meta_ptr, stride_meta, K: tl.constexpr, KP: tl.constexpr,
-                       BLOCK_T: tl.constexpr):
-    """Grid ``R``. Program ``r`` walks the tokens of ``idx [T, K]`` (global expert ids, -1 none; row stride
-    ``stride_idx``) in order: ``in_rank[t, r]`` (uint8: token ``t`` selects an expert of rank ``r``),
-    ``send_slot[t, r]`` (its row in ``r``'s block: the selecting tokens before it; -1 if none) and
-    ``target[t, r] = r * t_max + send_slot`` (-1 if none); into that send row's int32 ``meta`` (row stride
-    ``stride_meta``) the token index and its ``K`` ids; the block's rows from the count on get token -1."""
-    r = tl.program_id(0)
-    j = tl.arange(0, KP)
-    taken = tl.zeros([], tl.int32)
-    for start in range(0, num_tokens, BLOCK_T):
-        t = start + tl.arange(0, BLOCK_T)
-        tok = t < num_tokens
-        t64 = t.to(tl.int64)
-        ids = tl.load(idx_ptr + t64[:, None] * stride_idx + j[None, :], mask=tok[:, None] & (j[None, :] < K),
-                      other=-1)
-        hits = ((ids >= 0) & (ids // num_local == r)).to(tl.int32)
-        mine = tl.max(hits, axis=1)  # [BLOCK_T]
-        slot = taken + tl.cumsum(mine, axis=0) - 1
-        at = t64 * num_ranks + r
-        tl.store(in_rank_ptr + at, mine.to(tl.uint8), mask=tok)
-        tl.store(send_slot_ptr + at, tl.where(mine > 0, slot, -1).to(tl.int64), mask=tok)
-        row = r.to(tl.int64) * t_max + slot.to(tl.int64)
-        tl.store(target_ptr + at, tl.where(mine > 0, row, -1), mask=tok)
-        sent = tok & (mine > 0)
-        tl.store(meta_ptr + row * stride_meta, t.to(tl.int32), mask=sent)
-        tl.store(meta_ptr + row[:, None] * stride_meta + 1 + j[None, :], ids.to(tl.int32),
-                 mask=sent[:, None] & (j[None, :] < K))
-        taken += tl.sum(mine, axis=0)
-    for start in range(0, t_max, BLOCK_T):
-        p = start + tl.arange(0, BLOCK_T)
-        tl.store(meta_ptr + (r.to(tl.int64) * t_max + p) * stride_meta, tl.full([BLOCK_T], -1, tl.int32),
-                 mask=(p >= taken) & (p < t_max))
 
 
 @triton.jit
@@ -349,15 +310,16 @@ def moe_ll_send_rows_kernel(x_ptr, stride_x, idx_ptr, stride_idx, num_tokens, nu
                             K: tl.constexpr, KP: tl.constexpr, RP: tl.constexpr, BLOCK_T: tl.constexpr,
                             CAST: tl.constexpr, STORE_FP32: tl.constexpr):
     """Grid ``(T, ceil(H / 128 / blocks_per_program))``: the whole sender's side of a multi-rank low-latency
-    dispatch for token ``t``; program ``(t, c)`` moves the payload's 128-channel blocks ``c * blocks_per_program``
-    onwards, and program ``(t, 0)`` also writes the routes and metadata.
-    Its ranks (``idx [T, K]`` global ids, -1 none; ``num_local`` experts per rank), its row in each one's block
-    of ``t_max`` send rows (the tokens before it that select an expert of that rank, counted by walking
-    ``idx`` in steps of ``BLOCK_T``), ``in_rank``/``send_slot``/``target`` as :func:`moe_ll_send_kernel`
-    writes them, each sent row's int32 ``meta`` (token, ``K`` ids); token -1 into its share of each block's
-    unused rows; then the payload of each sent row: with ``CAST``, :func:`moe_cast_fp8_kernel`'s blocks of
-    bf16 ``x`` (e4m3 into ``q``, scales into ``scale``), computed once per block whatever the number of
-    rows; without, ``x``'s row bits copied into ``q`` (both integer views of one width)."""
+    dispatch for token ``t``. Program ``(t, c)`` moves the payload's 128-channel blocks from
+    ``c * blocks_per_program`` on; program ``(t, 0)`` also writes the routes and metadata. Every program
+    finds the token's ranks (``idx [T, K]`` global ids, -1 none; ``num_local`` experts per rank) and its row
+    in each one's block of ``t_max`` send rows (the tokens before it that select an expert of that rank,
+    counted by walking ``idx`` in steps of ``BLOCK_T``). Routes: ``in_rank[t, r]`` (uint8), ``send_slot[t,
+    r]`` (-1 if none) and ``target[t, r] = r * t_max + send_slot`` (-1 if none); each sent row's int32
+    ``meta`` (token, ``K`` ids); token -1 into the token's share of each block's unused rows. Payload of each
+    sent row: with ``CAST``, :func:`moe_cast_fp8_kernel`'s blocks of bf16 ``x`` (e4m3 into ``q``, scales
+    into ``scale``), computed once per block whatever the number of rows; without, ``x``'s row bits copied
+    into ``q`` (both integer views of one width)."""
     t = tl.program_id(0)
     t64 = t.to(tl.int64)
     j = tl.arange(0, KP)
