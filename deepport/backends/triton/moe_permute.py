@@ -219,10 +219,11 @@ def _send_rows_block(k: int, ranks: int) -> int:
 def low_latency_send_rows(x: torch.Tensor, idx: torch.Tensor, num_ranks: int, num_local: int, t_max: int,
                           meta: torch.Tensor, data_rows: torch.Tensor, scale_rows: torch.Tensor | None
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The whole sender's side of a multi-rank low-latency dispatch in one kernel of one program per token (see
-    :class:`deepport.backends.torch.moe_local.LocalSteps`): the routes and meta rows, and the payload in the
-    send rows, FP8-cast (:func:`cast_fp8`'s bits) when ``scale_rows`` is given. Under
-    the interpreter (wrong e4m3 rounding) the kernel stores float32 rows that torch rounds."""
+    """The whole sender's side of a multi-rank low-latency dispatch in one kernel of one program per token and
+    :data:`_SEND_ROWS_BLOCKS` blocks of 128 channels (see :class:`deepport.backends.torch.moe_local.LocalSteps`):
+    the routes and meta rows, and the payload in the send rows, FP8-cast (:func:`cast_fp8`'s bits) when
+    ``scale_rows`` is given. Under the interpreter (wrong e4m3 rounding) the kernel stores float32 rows that
+    torch rounds."""
     t, k = (int(d) for d in idx.shape)
     hidden, dev = int(x.shape[1]), idx.device
     in_rank = torch.empty((t, num_ranks), dtype=torch.bool, device=dev)
