@@ -63,8 +63,9 @@ def _outputs(group: Any, device: torch.device, p: dict[str, Any], seed: int, ran
 
 
 def peer_agreement(rank: int, group: Any, device: torch.device, params: dict[str, Any], capacity: int,
-                   seed: int = 0, calls: int = 2, fixed: int = 0) -> dict[str, Any]:
-    """Every MoE op over all_to_all_single, then over the peer transport (``calls`` times, the same
+                   seed: int = 0, calls: int = 2, fixed: int = 0, backend: str = "torch") -> dict[str, Any]:
+    """Every MoE op of the torch backend over all_to_all_single, then of ``backend`` (its steps, e.g. triton's
+    sender that writes straight into the peers' slots) over the peer transport (``calls`` times, the same
     memory: counters carry over between calls); bit-exact agreement, and no collective in the peer runs.
     ``fixed``: the memory's fixed-exchange slot bytes (0: every exchange in rounds)."""
     from deepport.backends.hopper.peer_memory_shm import ShmPeerMemory
@@ -88,7 +89,7 @@ def peer_agreement(rank: int, group: Any, device: torch.device, params: dict[str
         dist.all_to_all_single = counting  # type: ignore[assignment]
         try:
             with use_transport(transport):
-                got = _outputs(group, device, p, seed + call, rank)
+                got = _outputs(group, device, p, seed + call, rank, backend)
         finally:
             dist.all_to_all_single = original
         if got.keys() != want.keys():
@@ -96,7 +97,7 @@ def peer_agreement(rank: int, group: Any, device: torch.device, params: dict[str
         for name in want:
             _same(f"call {call}: {name}", got.get(name), want[name], bad)
     return {"bad": bad, "collectives": collectives, "chunks": sum(memory.sent), "compared": len(want),
-            "fixed_exchanges": memory.fixed_exchanges}
+            "fixed_exchanges": memory.fixed_exchanges, "written": memory.written_exchanges}
 
 
 def fixed_exchanges(rank: int, group: Any, device: torch.device, sizes: list[int], fixed: int,
@@ -174,7 +175,10 @@ def peer_agreement_cuda(rank: int, group: Any, device: torch.device, params: dic
     return {"bad": bad}
 
 
-def _graph_replays(rank: int, group: Any, device: torch.device) -> list[str]:
+def _graph_replays(rank: int, group: Any, device: torch.device, backend: str = "hopper",
+                   reference: str = "torch") -> list[str]:
+    """The low-latency dispatch + combine of ``backend`` captured in a CUDA graph and replayed three times on
+    new inputs, each against an eager call of ``reference`` (the peer counters must advance per replay)."""
     import deepport
     from tests.moe_ep_probe import bf16_ulps
 
@@ -200,20 +204,20 @@ def _graph_replays(rank: int, group: Any, device: torch.device) -> list[str]:
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
-        step("hopper")
+        step(backend)
     torch.cuda.current_stream(device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     os.environ["DEEPPORT_CHECK_VALUES"] = "0"  # the combine's routing comparison reads the device
     try:
         with torch.cuda.graph(graph):
-            captured = step("hopper")
+            captured = step(backend)
     finally:
         os.environ.pop("DEEPPORT_CHECK_VALUES", None)
     for replay in range(3):
         refill()
         graph.replay()
-        eager = step("torch")
+        eager = step(reference)
         if bf16_ulps(captured, eager) > 1:
-            bad.append(f"graph replay {replay}: more than one bf16 step from the eager torch call")
+            bad.append(f"graph replay {replay}: more than one bf16 step from the eager {reference} call")
     torch.cuda.synchronize(device)
     return bad

@@ -106,7 +106,7 @@ def _moe_worker(rank: int, world: int, init: str, results: Any) -> None:
     from deepport.backends.torch.moe_comm import use_transport
     from deepport.kernels import moe_args
     from tests.moe_ep_probe import _same, bf16_ulps
-    from tests.moe_peer_jobs import _outputs
+    from tests.moe_peer_jobs import _graph_replays, _outputs
 
     out: list[str] = []
     try:
@@ -138,10 +138,19 @@ def _moe_worker(rank: int, world: int, init: str, results: Any) -> None:
                         _same(name, got[name], ref, bad)
                 label = f"moe ops case {i} ({'fixed exchange' if fixed else 'rounds'}, {len(want)} outputs)"
                 out.append(f"{label}: {'ok' if not bad else 'WRONG ' + '; '.join(bad[:4])}")
+        written = memory.written_exchanges
+        out.append(f"low-latency dispatches whose sender wrote straight into the peer's slots: {written} "
+                   f"({'ok' if written >= 4 else 'WRONG: expected at least 4'})")
         # the profile's own memory: blocks and slots of the sizes the hopper backend lays out by default
         # (issue 14's 4096-token exchanges in 32 MiB rounds, the low-latency ones through 8 MiB slots)
         big = CudaPeerMemory(group, device, capacity=32 << 20, timeout_s=60.0, mapping="ipc", fixed_capacity=8 << 20)
-        out += _kernel_profile(group, device, PeerTransport(big))
+        big_transport = PeerTransport(big)
+        with use_transport(big_transport):  # issue 14's low-latency sizes captured in a graph, replayed on new data
+            replays = _graph_replays(rank, group, device, backend="triton", reference="triton")
+        verdict = "ok" if not replays and big.written_exchanges else "WRONG " + "; ".join(replays)
+        out.append(f"low-latency dispatch + combine, graph replays against eager calls (written exchange "
+                   f"{big.written_exchanges}x): {verdict}")
+        out += _kernel_profile(group, device, big_transport)
         torch.cuda.synchronize(device)
         dist.barrier()
     except Exception:
@@ -170,12 +179,20 @@ def _kernel_profile(group: Any, device: torch.device, transport: Any, calls: int
         def ll_dispatch(backend: str = backend) -> Any:
             return deepport.moe_low_latency_dispatch(x, idx, 128, 256, group=group, use_fp8=True, backend=backend)
 
+        def ll_dispatch_buffered(backend: str = backend) -> Any:  # triton's sender into a send buffer, as before
+            window, transport.window_memory = transport.window_memory, None
+            try:
+                return ll_dispatch(backend)
+            finally:
+                transport.window_memory = window
+
         def dispatch(backend: str = backend) -> Any:
             return deepport.moe_dispatch(xn, idxn, wn, 256, group=group, backend=backend)
 
         with _transport(transport):
             handle, normal = ll_dispatch().handle, dispatch()
         steps = [("low-latency dispatch", ll_dispatch),
+                 *([("low-latency dispatch via a send buffer", ll_dispatch_buffered)] if backend == "triton" else []),
                  ("low-latency combine", lambda b=backend, h=handle: deepport.moe_low_latency_combine(
                      y, idx, w, h, backend=b)),
                  ("dispatch 4096", dispatch),
@@ -310,7 +327,7 @@ def _local_memories(device: torch.device, capacity: int, fixed: int) -> list[Any
                           areas=bufs, flag_base=[int(b.data_ptr()) for b in bufs], error=error, function=function,
                           counters=torch.zeros((3, world), dtype=torch.int64, device=device),
                           fixed_counters=torch.zeros(pm.peer_exchange_kernel.CTAS, dtype=torch.int64, device=device),
-                          _fixed_function=None)
+                          _fixed_function=None, _targets=None, written_exchanges=0)
         memories.append(m)
     return memories
 
@@ -343,20 +360,29 @@ def loopback(pair_bytes: tuple[int, ...] = (0, 65536, 950784, 3670016), iters: i
     world, slot = 2, max(pair_bytes) // 16 * 16 + 16
     streams = [torch.cuda.Stream(device) for _ in range(world)]
     lines = []
-    for kind in ("fixed", "rounds"):
-        memories = _local_memories(device, slot, slot if kind == "fixed" else 0)
+    for kind in ("fixed", "written", "rounds"):
+        memories = _local_memories(device, slot, 0 if kind == "rounds" else slot)
         transports = [PeerTransport(m) for m in memories]
         for n in pair_bytes:
             sends = [torch.randint(0, 256, (world * n,), dtype=torch.uint8, device=device) for _ in range(world)]
             outs = [torch.full_like(x, 7) for x in sends]
+            if kind == "written":  # the senders' parts already in both parities' slots: the exchange kernel alone
+                for q in range(world):
+                    for r in range(world):
+                        for parity in range(2):
+                            at = memories[q].fixed_at + (parity * world + r) * slot
+                            memories[q].buffer[at: at + n].copy_(sends[r][q * n: (q + 1) * n])
 
             def both(sends: list[torch.Tensor] = sends, outs: list[torch.Tensor] = outs,
-                     transports: list[PeerTransport] = transports) -> None:
+                     transports: list[PeerTransport] = transports, kind: str = kind) -> None:
                 here = torch.cuda.current_stream(device)
                 for r in range(world):  # fork: both ranks at once
                     streams[r].wait_stream(here)
                     with torch.cuda.stream(streams[r]):
-                        transports[r].exchange(outs[r], sends[r], None, None, "loopback")
+                        if kind == "written":
+                            transports[r].memory.fixed_exchange_written(outs[r], "loopback")  # type: ignore[attr-defined]
+                        else:
+                            transports[r].exchange(outs[r], sends[r], None, None, "loopback")
                 for r in range(world):  # join
                     here.wait_stream(streams[r])
 
@@ -366,7 +392,7 @@ def loopback(pair_bytes: tuple[int, ...] = (0, 65536, 950784, 3670016), iters: i
             ok = all(torch.equal(outs[r].view(world, n)[q], sends[q].view(world, n)[r])
                      for r in range(world) for q in range(world)) if n else True
             fixed_runs = int(memories[0].fixed_counters[0])
-            ok = ok and not int(memories[0].error[0]) and (fixed_runs > 0) == (kind == "fixed")
+            ok = ok and not int(memories[0].error[0]) and (fixed_runs > 0) == (kind != "rounds")
             line = f"loopback {kind} {n} bytes per pair: {'ok' if ok else 'WRONG'}, {us:.1f} us per exchange"
             if kind == "fixed" and n:
                 big = torch.empty(2 * n, dtype=torch.uint8, device=device)

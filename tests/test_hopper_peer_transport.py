@@ -113,6 +113,24 @@ def test_the_fixed_exchange_gives_the_low_latency_ops_the_bits_of_all_to_all(
         assert got["chunks"] >= 3 * (world - 1), (rank, got)  # the uneven exchanges still run in rounds
 
 
+# triton's low-latency sender stores its rows straight into the peers' slots (the written fixed exchange); a
+# rank with no tokens fills a send buffer instead, in the same exchange
+@pytest.mark.parametrize("world, params, written_per_call", [
+    (2, dict(tokens=(13, 5)), [2, 2]),
+    (4, dict(tokens=(5, 12, 0, 8), experts=32, topk=6, dup=0.3, nowhere=0.2), [2, 2, 0, 2]),
+])
+def test_a_sender_writing_straight_into_the_peers_slots_gives_the_bits_of_all_to_all(
+        world: int, params: dict[str, Any], written_per_call: list[int]) -> None:
+    pytest.importorskip("triton")
+    p = {**SMALL, "world": world, **params}
+    results = rank_group(world, "cpu").run(f"{JOBS}:peer_agreement", world, params=p, capacity=4096, seed=5,
+                                           calls=2, fixed=1 << 20, backend="triton")
+    for rank, got in enumerate(results):
+        assert got["bad"] == [], f"rank {rank}: {got['bad']}"
+        assert got["collectives"] == 0, (rank, got)
+        assert got["written"] == 2 * written_per_call[rank], (rank, got)
+
+
 @pytest.mark.parametrize("world", [2, 3])
 def test_back_to_back_fixed_exchanges_never_hand_out_stale_bytes(world: int) -> None:
     sizes = [0, 5, 1000, 4096, 3, 4096, 17, 0, 2048, 4095, 1, 4096, 640, 12, 4096, 100]

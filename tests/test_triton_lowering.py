@@ -70,12 +70,17 @@ def test_moe_kernels_compile_for_sm_90a_and_cast_with_the_e4m3_instruction() -> 
     assert set(report) == {"layout", "place_rows", "weighted_rows", "weighted_rows_prefetch", "token_rows",
                            "token_table", "ll_layout", "ll_positions", "cast_fp8", "expanded_count",
                            "expanded_layout", "expanded_rows", "expanded_scatter", "expanded_pad_rows",
-                           "ll_send_rows", "ll_return", "ll_return_slots", "ll_pairs"}
+                           "ll_send_rows", "ll_send_window", "ll_window_rows", "ll_return", "ll_return_slots",
+                           "ll_pairs"}
     assert all(counts["sm_90a"] == 1 for counts in report.values())
     assert report["cast_fp8"]["e4m3_cvt"] > 0 and report["ll_send_rows"]["e4m3_cvt"] > 0
+    # the sender that stores straight into the peers' slots: the same cast, its rows in words (the one byte
+    # store is the in_rank flag), no atomics (the exchange kernel signals)
+    window = report["ll_send_window"]
+    assert window["e4m3_cvt"] > 0 and window["wide_stores"] > 0 and window["byte_stores"] <= 1, window
     assert report["expanded_count"]["atomics"] > 0  # the integer totals
     no_atomics = ("expanded_layout", "expanded_scatter", "expanded_pad_rows", "token_rows", "token_table", "ll_layout",
-                  "ll_positions", "ll_send_rows", "ll_return", "ll_return_slots", "ll_pairs")
+                  "ll_positions", "ll_send_rows", "ll_send_window", "ll_return", "ll_return_slots", "ll_pairs")
     for name in no_atomics:
         assert report[name]["atomics"] == 0, name
 

@@ -169,7 +169,21 @@ def moe_lowering_report() -> dict[str, dict[str, int]]:
             num_ranks=2, t_max=128, in_rank_ptr=Ptr("u8"), send_slot_ptr=Ptr("i64"), target_ptr=Ptr("i64"),
             meta_ptr=Ptr("i32"), stride_meta=1857, q_ptr=Ptr("fp8e4nv"), stride_q=7428, scale_ptr=Ptr("fp32"),
             stride_s=1857, hidden=7168, blocks_per_program=4, fp8_max=448.0, fp8_max_inv=1 / 448, amax_floor=1e-4,
-            K=8, KP=8, RP=2, BLOCK_T=128, CAST=True, STORE_FP32=False)),
+            win_ptr=Ptr("i64"), seq_ptr=Ptr("i64"), row_bytes=0, meta_off=0, q_off=0, scale_off=0,
+            K=8, KP=8, RP=2, BLOCK_T=128, CAST=True, STORE_FP32=False, DIRECT=False, DIRECT_Q=False, META_ALIGN=16,
+            Q_ALIGN=16, S_ALIGN=16)),
+        # the same sender storing straight into the peers' slots (rows of 7168 + 224 + 36 bytes, padded to 7440)
+        "ll_send_window": compile_for(k.moe_ll_send_rows_kernel, dict(
+            x_ptr=Ptr("bf16"), stride_x=7168, idx_ptr=Ptr("i64"), stride_idx=8, num_tokens=128, num_local=128,
+            num_ranks=2, t_max=128, in_rank_ptr=Ptr("u8"), send_slot_ptr=Ptr("i64"), target_ptr=Ptr("i64"),
+            meta_ptr=Ptr("bf16"), stride_meta=7168, q_ptr=Ptr("bf16"), stride_q=7168, scale_ptr=Ptr("bf16"),
+            stride_s=7168, hidden=7168, blocks_per_program=8, fp8_max=448.0, fp8_max_inv=1 / 448, amax_floor=1e-4,
+            win_ptr=Ptr("i64"), seq_ptr=Ptr("i64"), row_bytes=7440, meta_off=7392, q_off=0, scale_off=7168,
+            K=8, KP=8, RP=2, BLOCK_T=128, CAST=True, STORE_FP32=False, DIRECT=True, DIRECT_Q=True, META_ALIGN=16,
+            Q_ALIGN=16, S_ALIGN=16)),
+        "ll_window_rows": compile_for(k.moe_ll_window_rows_kernel, dict(
+            src_ptr=Ptr("u8"), stride_src=7168, target_ptr=Ptr("i64"), win_ptr=Ptr("i64"), seq_ptr=Ptr("i64"),
+            num_ranks=2, t_max=128, row_bytes=7440, part_off=0, width=7168, BLOCK=4096)),
         "ll_return": compile_for(k.moe_ll_return_kernel, dict(
             idx_ptr=Ptr("i64"), stride_idx=8, weight_ptr=Ptr("fp32"), stride_w=8, send_slot_ptr=Ptr("i64"), num_ranks=2,
             num_local=128, t_max=128, table_ptr=Ptr("i64"), table_w_ptr=Ptr("fp32"), w_send_ptr=Ptr("fp32"), K=8, KP=8,
@@ -203,11 +217,15 @@ def moe_lowering_report() -> dict[str, dict[str, int]]:
             HAS_SCALES=True, BLOCK_C=2048, BLOCK_S=64)),
     }
     report = {name: _counts(kernel) for name, kernel in kernels.items()}
-    for name in ("cast_fp8", "ll_send_rows"):
+    for name in ("cast_fp8", "ll_send_rows", "ll_send_window"):
         report[name]["e4m3_cvt"] = kernels[name].asm["ptx"].count("e4m3x2.f32")
+    for name in ("ll_send_rows", "ll_send_window"):  # stores of 4 bytes or more, and of single bytes
+        ptx = kernels[name].asm["ptx"]
+        report[name]["wide_stores"] = sum(ptx.count(f"st.global.{w}") for w in ("b32", "v2.b32", "v4.b32"))
+        report[name]["byte_stores"] = ptx.count("st.global.b8")
     for name in ("expanded_count", "expanded_layout", "expanded_scatter", "expanded_pad_rows", "token_rows",
-                 "token_table", "ll_layout", "ll_positions", "ll_send_rows", "ll_return", "ll_return_slots",
-                 "ll_pairs"):
+                 "token_table", "ll_layout", "ll_positions", "ll_send_rows", "ll_send_window", "ll_return",
+                 "ll_return_slots", "ll_pairs"):
         ptx = kernels[name].asm["ptx"]
         report[name]["atomics"] = ptx.count("atom.") + ptx.count("red.global")
     return report

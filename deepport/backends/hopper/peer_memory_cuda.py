@@ -143,10 +143,14 @@ class CudaPeerMemory(FixedSlots):
         self.counters = torch.zeros((3, w), dtype=torch.int64, device=device)
         self.fixed_counters = torch.zeros(peer_exchange_kernel.CTAS, dtype=torch.int64, device=device)
         self._fixed_function: Any = None
+        self._targets: torch.Tensor | None = None
+        self.written_exchanges = 0  # written fixed exchanges issued from the host (a captured one counts once)
         self.error = torch.zeros(4, dtype=torch.int64, pin_memory=True)
         torch.cuda.synchronize(device)
         dist.barrier(group=group)  # every rank's flags are zero before anyone signals
         self.function = _flag_function(device.index if device.index is not None else torch.cuda.current_device())
+        if self.slot_bytes:
+            self.fixed_targets()  # now, not inside a caller's graph capture
 
     def _flag(self, owner: int, slot: int) -> int:
         return self.flag_base[owner] + 8 * slot
@@ -183,19 +187,43 @@ class CudaPeerMemory(FixedSlots):
         """Equal-split all-to-all of the uint8 ``send`` (``[world * pair_bytes]``) into ``out``: one launch of
         ``kernels/sm90_peer_exchange.cu`` on torch's current stream (capturable; module docstring of
         :mod:`.peer_transport` for the protocol)."""
+        if int(out.numel()) != int(send.numel()):
+            raise ValueError(f"{what}: a fixed exchange sends and receives the same bytes, got send "
+                             f"{int(send.numel())} and out {int(out.numel())}")
+        self._launch_fixed(out, int(send.data_ptr()), what)
+
+    def fixed_targets(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(table, seq)`` for a sender that writes its parts straight into the slots (then
+        :meth:`fixed_exchange_written`): int64 ``[2, world]`` on this GPU, ``table[p, r]`` the address (mapped
+        here) of slot ``me`` in rank ``r``'s area ``p``; int64 ``[1]`` on this GPU, the fixed exchanges done
+        (this one uses area ``seq & 1``; advanced by the exchange kernel, so graph replays move on)."""
+        if self._targets is None:  # made at the first call, which must not be inside a graph capture
+            w, me = self.world_size, self.rank
+            addresses = [[int(self.areas[r].data_ptr()) + self.fixed_at + (p * w + me) * self.slot_bytes
+                          for r in range(w)] for p in range(2)]
+            self._targets = torch.tensor(addresses, dtype=torch.int64, device=self.device)
+        return self._targets, self.fixed_counters[:1]
+
+    def fixed_exchange_written(self, out: torch.Tensor, what: str) -> None:
+        """The fixed exchange of ``out``'s size whose parts every rank has already stored into the slots of
+        :meth:`fixed_targets` (on this stream): signal, wait, copy the slots (own one included) into ``out``."""
+        self._launch_fixed(out, 0, what)
+        self.written_exchanges += 1
+
+    def _launch_fixed(self, out: torch.Tensor, send: int, what: str) -> None:
         self.raise_if_failed(what)
         w = self.world_size
-        pair = int(send.numel()) // w
-        if pair > self.fixed_capacity or int(out.numel()) != int(send.numel()):
-            raise ValueError(f"{what}: a fixed exchange of {pair} bytes per rank (out {int(out.numel())}, send "
-                             f"{int(send.numel())} bytes) does not fit slots of {self.fixed_capacity} bytes")
+        pair = int(out.numel()) // w
+        if pair > self.fixed_capacity or pair * w != int(out.numel()):
+            raise ValueError(f"{what}: a fixed exchange of {int(out.numel())} bytes over {w} ranks does not fit "
+                             f"slots of {self.fixed_capacity} bytes per rank")
         if self._fixed_function is None:
             index = self.device.index if self.device.index is not None else torch.cuda.current_device()
             self._fixed_function = peer_exchange_kernel.function(index)
         areas = [int(a.data_ptr()) + self.fixed_at for a in self.areas]
         flags = [base + 16 * w for base in self.flag_base]
         params = peer_exchange_kernel.pack_params(
-            areas, flags, int(send.data_ptr()), int(out.data_ptr()), int(self.fixed_counters.data_ptr()),
+            areas, flags, send, int(out.data_ptr()), int(self.fixed_counters.data_ptr()),
             int(self.error.data_ptr()), pair, self.slot_bytes, self.timeout_ns, self.rank)
         peer_exchange_kernel.launch_fixed_exchange(self._fixed_function, params, self.device)
 

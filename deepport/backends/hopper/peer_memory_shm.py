@@ -66,6 +66,9 @@ class ShmPeerMemory(FixedSlots):
         self.sent = [0] * w  # chunks written to each peer
         self.received = [0] * w  # chunks read from each peer
         self.fixed_exchanges = 0  # fixed exchanges completed (the kernel's per-CTA counter)
+        self.seq = torch.zeros(1, dtype=torch.int64)  # the same, as a tensor (fixed_targets)
+        self.written_exchanges = 0  # of those, the ones whose senders wrote straight into the slots
+        self._targets: torch.Tensor | None = None
 
     def block(self, owner: int, source: int) -> torch.Tensor:
         at = self.header + source * self.capacity
@@ -119,16 +122,45 @@ class ShmPeerMemory(FixedSlots):
         pair = int(send.numel()) // w
         if pair > self.fixed_capacity:
             raise ValueError(f"{what}: {pair} bytes per rank exceed the fixed exchange's {self.fixed_capacity}")
-        seq, parity = self.fixed_exchanges, self.fixed_exchanges & 1
+        parity = self.fixed_exchanges & 1
         for r in range(w):
             part = send[r * pair: (r + 1) * pair]
             if r == me:
                 out[r * pair: (r + 1) * pair].copy_(part)
             else:
                 self.fixed_slot(r, parity, me)[:pair].copy_(part)
+        self._signal_wait_copy(out, pair, what, own=False)
+
+    def fixed_targets(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(table, seq)``: int64 ``[2, world]``, ``table[p, r]`` the address in this process of slot ``me`` in
+        rank ``r``'s area ``p``; int64 ``[1]``, the fixed exchanges done (this one uses area ``seq & 1``). As
+        :meth:`.peer_memory_cuda.CudaPeerMemory.fixed_targets`."""
+        if self._targets is None:
+            w = self.world_size
+            self._targets = torch.tensor([[int(self.fixed_slot(r, p, self.rank).data_ptr()) for r in range(w)]
+                                          for p in range(2)], dtype=torch.int64)
+        return self._targets, self.seq
+
+    def fixed_exchange_written(self, out: torch.Tensor, what: str) -> None:
+        """The fixed exchange of ``out``'s size whose parts every rank has already written into the slots of
+        :meth:`fixed_targets`: raise the flags, wait for the sources', copy every slot (own one included) out."""
+        w = self.world_size
+        pair = int(out.numel()) // w
+        if pair > self.fixed_capacity or pair * w != int(out.numel()):
+            raise ValueError(f"{what}: {int(out.numel())} bytes over {w} ranks exceed the fixed exchange's "
+                             f"{self.fixed_capacity} per rank")
+        self._signal_wait_copy(out, pair, what, own=True)
+        self.written_exchanges += 1
+
+    def _signal_wait_copy(self, out: torch.Tensor, pair: int, what: str, own: bool) -> None:
+        w, me = self.world_size, self.rank
+        seq, parity = self.fixed_exchanges, self.fixed_exchanges & 1
+        for r in range(w):
+            if r != me:
                 self.flags[r][2 * w + me] = seq + 1
         self._wait([(2 * w + s, seq + 1, s) for s in range(w) if s != me], what, "fixed-exchange data")
         for s in range(w):
-            if s != me:
+            if s != me or own:
                 out[s * pair: (s + 1) * pair].copy_(self.fixed_slot(me, parity, s)[:pair])
         self.fixed_exchanges = seq + 1
+        self.seq.fill_(seq + 1)

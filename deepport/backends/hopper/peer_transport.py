@@ -41,7 +41,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from deepport.backends.torch.moe_comm import Pending
+from deepport.backends.torch.moe_comm import FixedWindow, Pending
 from deepport.kernels.moe_args import MoEGroup
 
 
@@ -85,6 +85,22 @@ class FixedExchangeMemory(PeerMemory, Protocol):
     def fixed_exchange(self, out: torch.Tensor, send: torch.Tensor, what: str) -> None:
         """uint8 ``send`` (``[world * pair_bytes]``, contiguous) to ``out`` (the same size): rank ``r`` gets
         bytes ``[r * pair_bytes, (r + 1) * pair_bytes)``; ``out``'s part ``s`` is what rank ``s`` sent."""
+        ...
+
+
+@runtime_checkable
+class FixedWindowMemory(FixedExchangeMemory, Protocol):
+    """A :class:`FixedExchangeMemory` whose senders may store their parts straight into the slots (the
+    *written* fixed exchange, :class:`~deepport.backends.torch.moe_comm.FixedWindow`)."""
+
+    def fixed_targets(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(table, seq)``: int64 ``[2, world]``, the address (mapped here) of slot ``me`` in rank ``r``'s area
+        ``p`` at ``[p, r]``; int64 ``[1]``, the fixed exchanges done (the next one uses area ``seq & 1``)."""
+        ...
+
+    def fixed_exchange_written(self, out: torch.Tensor, what: str) -> None:
+        """The fixed exchange of ``out``'s size whose parts every rank has stored into the slots of
+        :meth:`fixed_targets`: signal, wait, every slot (this rank's own included) into ``out``."""
         ...
 
 
@@ -145,6 +161,29 @@ class PeerTransport:
         self.memory = memory
         # the memory's one-step path for equal splits, where it has one (its fixed_capacity is read per call)
         self.fixed = memory if isinstance(memory, FixedExchangeMemory) else None
+        self.window_memory = memory if isinstance(memory, FixedWindowMemory) else None
+
+    def fixed_window(self, pair_bytes: int, grp: MoEGroup, what: str) -> FixedWindow | None:
+        """Where a sender stores an equal split of ``pair_bytes`` per rank straight into the peers' slots
+        (:class:`~deepport.backends.torch.moe_comm.FixedWindow`), or None when the memory has no such slots
+        or they are too small (the caller then exchanges a send buffer)."""
+        mem = self.window_memory
+        if mem is None or grp.world_size < 2 or not 0 < pair_bytes <= mem.fixed_capacity:
+            return None
+        if (grp.rank, grp.world_size) != (mem.rank, mem.world_size):
+            raise ValueError(f"{what}: the peer memory belongs to rank {mem.rank} of {mem.world_size}, the call "
+                             f"to rank {grp.rank} of {grp.world_size}")
+        table, seq = mem.fixed_targets()
+
+        def finish(out: torch.Tensor) -> torch.Tensor:
+            flat = _flat_bytes(out)
+            if int(flat.numel()) != pair_bytes * mem.world_size:
+                raise ValueError(f"{what}: the written exchange fills {pair_bytes * mem.world_size} bytes, got an "
+                                 f"output of {int(flat.numel())}")
+            mem.fixed_exchange_written(flat, what)
+            return out
+
+        return FixedWindow(table, seq, pair_bytes, finish)
 
     def start(self, out: torch.Tensor, send: torch.Tensor, recv_counts: Sequence[int] | None,
               send_counts: Sequence[int] | None, grp: MoEGroup, what: str) -> Pending:

@@ -119,6 +119,34 @@ def start_all_to_all(out: torch.Tensor, send: torch.Tensor, recv_counts: Sequenc
     return Pending(what, grp, _guarded(what, "all_to_all_single", grp, launch), out, send)
 
 
+@dataclass(frozen=True)
+class FixedWindow:
+    """Where a sender stores an equal-split exchange straight into the receivers' memory (a transport with
+    one-sided writes offers it, :func:`fixed_window`): part ``r`` (``pair_bytes``) of this rank's send buffer
+    goes to the address ``table[seq & 1, r]`` (int64 ``[2, world]`` on the device, this rank's own part
+    included), where ``seq`` (int64 ``[1]`` on the device) is read by the writing kernel, so a captured graph
+    writes the right area at every replay. Once every part is stored (kernels on the current stream),
+    ``finish(out)`` completes the exchange into ``out`` (uint8 ``[world * pair_bytes]``) exactly as
+    ``all_to_all_single`` of those parts would, and returns it."""
+
+    table: torch.Tensor
+    seq: torch.Tensor
+    pair_bytes: int
+    finish: Callable[[torch.Tensor], torch.Tensor]
+
+
+def fixed_window(pair_bytes: int, grp: MoEGroup, what: str) -> FixedWindow | None:
+    """The active transport's :class:`FixedWindow` for an equal split of ``pair_bytes`` per rank on ``grp``,
+    or None (``all_to_all_single``, one process, or a transport or size without one): then fill a send
+    buffer and call :func:`start_all_to_all`."""
+    transport = _ACTIVE.get()
+    offer = getattr(transport, "fixed_window", None)
+    if grp.group is None or offer is None:
+        return None
+    window: FixedWindow | None = offer(pair_bytes, grp, what)
+    return window
+
+
 def exchange_table(table: torch.Tensor, grp: MoEGroup, what: str) -> Pending:
     """Row ``r`` of the int64 ``[world, C]`` ``table`` goes to rank ``r``; the result's row ``s`` came
     from rank ``s``. One small collective, no host sync (wait on the result)."""

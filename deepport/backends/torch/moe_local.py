@@ -54,6 +54,13 @@ backends' kernels) and reuses everything else.
   token's payload into its rows of ``data_rows`` (``[R * t_max, H * size]`` bytes, dense rows at any
   stride): FP8-cast (``cast_fp8``'s bits) with its scales into ``scale_rows`` (float32 ``[R * t_max, H /
   128]``) when that is given, else ``x``'s bits. Without it the dispatch does this with torch ops.
+- ``low_latency_send_window(x, idx, num_ranks, num_local, t_max, fmt, window, cast)`` (optional; ``T >= 1``):
+  ``low_latency_send_rows`` without a send buffer, for a transport that offers a
+  :class:`~deepport.backends.torch.moe_comm.FixedWindow` (the hopper backend's peer memory): the same routes,
+  and the same rows (``fmt``'s parts ``meta``, ``x`` and, with ``cast``, ``scales``; :class:`RowFormat`)
+  stored straight into each destination rank's memory, row ``i`` of rank ``r``'s block at ``window.table[seq
+  & 1, r] + i * fmt.row_bytes``. The dispatch then calls ``window.finish``. Without it (or without a window)
+  the dispatch fills a send buffer and exchanges it.
 - ``low_latency_return(idx, weights, send_slot, num_local, t_max, w_send)`` (optional, with
   ``token_rows_into`` and ``low_latency_pairs``): the sender's side of a multi-rank low-latency combine.
   Returns ``(table, weight)``, int64 and float32 ``[T, Q]``: entry ``q`` is rank ``q`` when ``world <= K``,
@@ -109,7 +116,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from deepport.backends.torch.moe_comm import same_bits
+from deepport.backends.torch.moe_comm import FixedWindow, RowFormat, same_bits
 from deepport.kernels.fp8_layout import amax_scales
 from deepport.kernels.moe_args import FP8, FP8_BLOCK
 
@@ -139,6 +146,8 @@ class LocalSteps:
     low_latency_send_rows: Callable[[torch.Tensor, torch.Tensor, int, int, int, torch.Tensor, torch.Tensor,
                                      torch.Tensor | None],
                                     tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+    low_latency_send_window: Callable[[torch.Tensor, torch.Tensor, int, int, int, RowFormat, FixedWindow, bool],
+                                      tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
     low_latency_return: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, int, torch.Tensor | None],
                                  tuple[torch.Tensor, torch.Tensor]] | None = None
     low_latency_pairs: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None],

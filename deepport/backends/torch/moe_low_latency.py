@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from deepport.backends.torch import moe_one_process as one_process
-from deepport.backends.torch.moe_comm import RowFormat, same_bits, start_all_to_all
+from deepport.backends.torch.moe_comm import RowFormat, fixed_window, same_bits, start_all_to_all
 from deepport.backends.torch.moe_index import (
     column_cumsum,
     first_occurrence,
@@ -191,29 +191,20 @@ def dispatch_low_latency(call: MoELowLatencyDispatchCall, local: LocalSteps = TO
     data, scales = local.cast_fp8(x) if call.use_fp8 and not one_kernel else (x, None)
     if grp.world_size == 1:  # one process: the routing alone defines the layout (moe_one_process)
         return one_process.dispatch(call, data, scales, local)
-    # sender: the fixed send buffer (plus a trash row), unused rows marked by token index -1
     dtype = FP8 if call.use_fp8 else x.dtype
     parts = [("x", torch.uint8, hidden * dtype.itemsize)]
     if call.use_fp8:
         parts.append(("scales", torch.float32, hidden // FP8_BLOCK))
     fmt = RowFormat.of([*parts, ("meta", torch.int32, 1 + k)])
-    send = fmt.empty(slots + 1, dev)
-    if one_kernel:
-        assert local.low_latency_send_rows is not None
-        in_rank, send_slot, _ = local.low_latency_send_rows(
-            x, idx, world, num_local, t_max, fmt.part(send, "meta"), fmt.part(send, "x"),
-            fmt.part(send, "scales") if call.use_fp8 else None)
+    window = fixed_window(t_max * fmt.row_bytes, grp, "moe_low_latency_dispatch") \
+        if local.low_latency_send_window is not None and one_kernel and t > 0 else None
+    if window is not None:  # the rows go straight into the receivers' memory: no send buffer
+        assert local.low_latency_send_window is not None
+        in_rank, send_slot, _ = local.low_latency_send_window(x, idx, world, num_local, t_max, fmt, window,
+                                                              call.use_fp8)
+        recv = window.finish(fmt.empty(slots, dev))
     else:
-        in_rank = selection_mask(idx, world, num_local)
-        send_slot = running_slot(in_rank)
-        fmt.part(send, "meta")[:, 0].fill_(-1)
-        targets = _targets(send_slot, idx, num_local, t_max)
-        meta = torch.cat([torch.arange(t, device=dev, dtype=torch.int32)[:, None], idx.to(torch.int32)], dim=1)
-        _scatter_rows(fmt.part(send, "x"), targets, data)
-        if scales is not None:
-            _scatter_rows(fmt.part(send, "scales"), targets, scales)
-        _scatter_rows(fmt.part(send, "meta"), targets, meta)
-    recv = _fixed_exchange(send[:slots], grp, "moe_low_latency_dispatch")
+        in_rank, send_slot, recv = _send(call, fmt, idx, data, scales, one_kernel, local)
     # receiver: (slot, local expert) pairs -> [expert, position]
     recv_meta = fmt.part(recv, "meta")
     recv_x = call.alloc((num_local, slots, hidden), dtype)
@@ -239,6 +230,33 @@ def dispatch_low_latency(call: MoELowLatencyDispatchCall, local: LocalSteps = TO
     routes = LazyRoutes(grp, call.num_experts, hidden, idx.clone(), in_rank, fixed)
     handle = MoELowLatencyHandle(routes, t_max, recv_count.clone(), packed_rows)
     return MoELowLatencyDispatchResult(x_out, recv_count, handle)
+
+
+def _send(call: MoELowLatencyDispatchCall, fmt: RowFormat, idx: torch.Tensor, data: torch.Tensor,
+          scales: torch.Tensor | None, one_kernel: bool, local: LocalSteps
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The sender's side through a fixed send buffer (plus a trash row; unused rows marked by token index
+    -1), then the exchange: ``(in_rank, send_slot, received rows)``."""
+    grp, x = call.group, call.x
+    t, world, t_max = int(idx.shape[0]), grp.world_size, call.max_tokens_per_rank
+    num_local, slots, dev = call.num_experts // world, world * t_max, x.device
+    send = fmt.empty(slots + 1, dev)
+    if one_kernel:
+        assert local.low_latency_send_rows is not None
+        in_rank, send_slot, _ = local.low_latency_send_rows(
+            x, idx, world, num_local, t_max, fmt.part(send, "meta"), fmt.part(send, "x"),
+            fmt.part(send, "scales") if call.use_fp8 else None)
+    else:
+        in_rank = selection_mask(idx, world, num_local)
+        send_slot = running_slot(in_rank)
+        fmt.part(send, "meta")[:, 0].fill_(-1)
+        targets = _targets(send_slot, idx, num_local, t_max)
+        meta = torch.cat([torch.arange(t, device=dev, dtype=torch.int32)[:, None], idx.to(torch.int32)], dim=1)
+        _scatter_rows(fmt.part(send, "x"), targets, data)
+        if scales is not None:
+            _scatter_rows(fmt.part(send, "scales"), targets, scales)
+        _scatter_rows(fmt.part(send, "meta"), targets, meta)
+    return in_rank, send_slot, _fixed_exchange(send[:slots], grp, "moe_low_latency_dispatch")
 
 
 def _receive(recv_meta: torch.Tensor, placed: list[tuple[torch.Tensor, torch.Tensor]], me: int, num_local: int,

@@ -30,6 +30,7 @@ import contextlib
 import torch
 
 from deepport.backends.torch import moe_layouts
+from deepport.backends.torch.moe_comm import FixedWindow, RowFormat
 from deepport.backends.torch.moe_local import LocalSteps
 from deepport.backends.triton._runtime import interpreting
 from deepport.backends.triton.moe_permute_kernels import (
@@ -41,6 +42,7 @@ from deepport.backends.triton.moe_permute_kernels import (
     moe_ll_receive_kernel,
     moe_ll_return_kernel,
     moe_ll_send_rows_kernel,
+    moe_ll_window_rows_kernel,
     moe_place_rows_kernel,
     moe_scatter_rows_kernel,
     moe_token_rows_kernel,
@@ -224,11 +226,8 @@ def low_latency_send_rows(x: torch.Tensor, idx: torch.Tensor, num_ranks: int, nu
     the routes and meta rows, and the payload in the send rows, FP8-cast (:func:`cast_fp8`'s bits) when
     ``scale_rows`` is given. Under the interpreter (wrong e4m3 rounding) the kernel stores float32 rows that
     torch rounds."""
-    t, k = (int(d) for d in idx.shape)
-    hidden, dev = int(x.shape[1]), idx.device
-    in_rank = torch.empty((t, num_ranks), dtype=torch.bool, device=dev)
-    send_slot = torch.empty((t, num_ranks), dtype=torch.int64, device=dev)
-    target = torch.empty((t, num_ranks), dtype=torch.int64, device=dev)
+    t = int(idx.shape[0])
+    in_rank, send_slot, target = _route_tensors(t, num_ranks, idx.device)
     if t == 0:
         meta[:, 0].fill_(-1)
         return in_rank, send_slot, target
@@ -236,26 +235,101 @@ def low_latency_send_rows(x: torch.Tensor, idx: torch.Tensor, num_ranks: int, nu
     staged = cast and interpreting()
     if cast:
         rows = data_rows.view(FP8)
-        out = torch.zeros(rows.shape, dtype=torch.float32, device=dev) if staged else rows
+        out = torch.zeros(rows.shape, dtype=torch.float32, device=idx.device) if staged else rows
         src = x if x.stride(1) == 1 else x.contiguous()
     else:
         src, out = _place_views(x, data_rows[None])
         out = out[0]
-    ids = idx if idx.stride(1) == 1 or k == 1 else idx.contiguous()
     scales = scale_rows if scale_rows is not None else meta  # not written without the cast
+    _launch_send_rows(src, idx, num_ranks, num_local, t_max, (in_rank, send_slot, target), meta, out, scales,
+                      cast, staged, None)
+    if staged:
+        _round_staged(out, target, rows.view(torch.uint8))
+    return in_rank, send_slot, target
+
+
+def low_latency_send_window(x: torch.Tensor, idx: torch.Tensor, num_ranks: int, num_local: int, t_max: int,
+                            fmt: RowFormat, window: FixedWindow, cast: bool
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`low_latency_send_rows` with no send buffer: each sent row (``fmt``'s parts ``meta``, ``x`` and,
+    with ``cast``, ``scales``) stored straight into its rank's memory through ``window`` (the written fixed
+    exchange; see :class:`deepport.backends.torch.moe_local.LocalSteps`). Under the interpreter the FP8 payload
+    is staged in float32, rounded by torch and moved by a second kernel."""
+    t, dev = int(idx.shape[0]), idx.device
+    if t == 0:
+        raise ValueError("low_latency_send_window needs at least one token (its programs mark the unused rows)")
+    routes = _route_tensors(t, num_ranks, dev)
+    staged = cast and interpreting()
+    src = x if x.stride(1) == 1 else x.contiguous()
+    if not cast:  # raw bits, as every moved payload
+        src = src.view(_BITS[src.element_size()])
+    hidden = int(x.shape[1])
+    out = torch.zeros((num_ranks * t_max, hidden), dtype=torch.float32, device=dev) if staged else src
+    _launch_send_rows(src, idx, num_ranks, num_local, t_max, routes, src, out, src, cast, staged, (fmt, window))
+    if staged:
+        rows = torch.zeros((num_ranks * t_max, hidden), dtype=torch.uint8, device=dev)
+        _round_staged(out, routes[2], rows)
+        at = fmt.offsets[fmt.names.index("x")]
+        block = min(4096, _pow2(hidden))
+        with _guard(dev):
+            moe_ll_window_rows_kernel[(t * num_ranks, -(-hidden // block))](
+                rows, rows.stride(0), routes[2], window.table, window.seq, num_ranks, t_max, fmt.row_bytes, at,
+                hidden, BLOCK=block)
+    return routes
+
+
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _route_tensors(t: int, num_ranks: int, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Empty ``(in_rank bool, send_slot int64, target int64)``, each ``[t, num_ranks]``."""
+    return (torch.empty((t, num_ranks), dtype=torch.bool, device=dev),
+            torch.empty((t, num_ranks), dtype=torch.int64, device=dev),
+            torch.empty((t, num_ranks), dtype=torch.int64, device=dev))
+
+
+def _round_staged(staged: torch.Tensor, target: torch.Tensor, rows: torch.Tensor) -> None:
+    """The interpreter's float32 payload rows into e4m3 bytes ``rows``, the sent rows only."""
+    placed = torch.zeros(int(staged.shape[0]) + 1, dtype=torch.bool, device=staged.device)
+    placed[target.reshape(-1)] = True  # -1 lands on the extra entry
+    rows[placed[:-1]] = staged[placed[:-1]].to(FP8).view(torch.uint8)
+
+
+def _align(offset: int) -> int:
+    """The largest power of two up to 16 dividing ``offset`` (window rows start 16-byte aligned)."""
+    return 16 if offset % 16 == 0 else offset & -offset
+
+
+def _launch_send_rows(src: torch.Tensor, idx: torch.Tensor, num_ranks: int, num_local: int, t_max: int,
+                      routes: tuple[torch.Tensor, torch.Tensor, torch.Tensor], meta: torch.Tensor, out: torch.Tensor,
+                      scales: torch.Tensor, cast: bool, staged: bool,
+                      direct: tuple[RowFormat, FixedWindow] | None) -> None:
+    t, k = (int(d) for d in idx.shape)
+    hidden = int(src.shape[1])
+    in_rank, send_slot, target = routes
+    ids = idx if idx.stride(1) == 1 or k == 1 else idx.contiguous()
     blocks = max(1, -(-hidden // FP8_BLOCK))
     per_program = min(blocks, _SEND_ROWS_BLOCKS)
-    with _guard(dev):
+    if direct is None:
+        win, seq, row_bytes, offs = send_slot, send_slot, 0, (0, 0, 0)  # unused
+    else:
+        fmt, window = direct
+        if window.table.dtype != torch.int64 or tuple(window.table.shape) != (2, num_ranks) or \
+                window.seq.dtype != torch.int64 or window.seq.numel() != 1:
+            raise ValueError(f"expected a window table int64 [2, {num_ranks}] and seq int64 [1], got "
+                             f"{window.table.dtype} {tuple(window.table.shape)} and {window.seq.dtype} "
+                             f"{tuple(window.seq.shape)}")
+        win, seq, row_bytes = window.table, window.seq, fmt.row_bytes
+        at = {name: fmt.offsets[i] for i, name in enumerate(fmt.names)}
+        offs = (at["meta"], at["x"], at.get("scales", 0))
+    with _guard(idx.device):
         moe_ll_send_rows_kernel[(t, -(-blocks // per_program))](
             src, src.stride(0), ids, ids.stride(0) if t > 1 else k, t, num_local, num_ranks, t_max,
             in_rank.view(torch.uint8), send_slot, target, meta, meta.stride(0), out, out.stride(0), scales,
-            scales.stride(0), hidden, per_program, FP8_MAX, FP8_MAX_INV, AMAX_FLOOR, K=k, KP=_pow2(k),
-            RP=_pow2(num_ranks), BLOCK_T=_send_rows_block(k, num_ranks), CAST=cast, STORE_FP32=staged)
-    if staged:
-        placed = torch.zeros(int(out.shape[0]) + 1, dtype=torch.bool, device=dev)
-        placed[target.reshape(-1)] = True  # -1 lands on the extra entry
-        rows.view(torch.uint8)[placed[:-1]] = out[placed[:-1]].to(FP8).view(torch.uint8)
-    return in_rank, send_slot, target
+            scales.stride(0), hidden, per_program, FP8_MAX, FP8_MAX_INV, AMAX_FLOOR, win, seq, row_bytes, *offs,
+            K=k, KP=_pow2(k), RP=_pow2(num_ranks), BLOCK_T=_send_rows_block(k, num_ranks), CAST=cast,
+            STORE_FP32=staged, DIRECT=direct is not None, DIRECT_Q=direct is not None and not staged,
+            META_ALIGN=_align(offs[0]), Q_ALIGN=_align(offs[1]), S_ALIGN=_align(offs[2]))
 
 
 def low_latency_return(idx: torch.Tensor, weights: torch.Tensor, send_slot: torch.Tensor, num_local: int,
@@ -456,6 +530,7 @@ TRITON = LocalSteps(place_rows, weighted_rows, cast_fp8, scatter_rows=scatter_ro
                     token_rows_into=token_rows_into, token_table=token_table, low_latency_layout=low_latency_layout,
                     low_latency_positions=low_latency_positions,
                     low_latency_receive=low_latency_receive, low_latency_send_rows=low_latency_send_rows,
+                    low_latency_send_window=low_latency_send_window,
                     low_latency_return=low_latency_return, low_latency_pairs=low_latency_pairs,
                     layout_counts=layout_counts)
 

@@ -307,8 +307,11 @@ def moe_cast_fp8_kernel(x_ptr, q_ptr, scale_ptr, hidden, fp8_max, fp8_max_inv, a
 def moe_ll_send_rows_kernel(x_ptr, stride_x, idx_ptr, stride_idx, num_tokens, num_local, num_ranks, t_max,
                             in_rank_ptr, send_slot_ptr, target_ptr, meta_ptr, stride_meta, q_ptr, stride_q,
                             scale_ptr, stride_s, hidden, blocks_per_program, fp8_max, fp8_max_inv, amax_floor,
+                            win_ptr, seq_ptr, row_bytes, meta_off, q_off, scale_off,
                             K: tl.constexpr, KP: tl.constexpr, RP: tl.constexpr, BLOCK_T: tl.constexpr,
-                            CAST: tl.constexpr, STORE_FP32: tl.constexpr):
+                            CAST: tl.constexpr, STORE_FP32: tl.constexpr, DIRECT: tl.constexpr,
+                            DIRECT_Q: tl.constexpr, META_ALIGN: tl.constexpr, Q_ALIGN: tl.constexpr,
+                            S_ALIGN: tl.constexpr):
     """Grid ``(T, ceil(H / 128 / blocks_per_program))``: the whole sender's side of a multi-rank low-latency
     dispatch for token ``t``. Program ``(t, c)`` moves the payload's 128-channel blocks from
     ``c * blocks_per_program`` on; program ``(t, 0)`` also writes the routes and metadata. Every program
@@ -319,7 +322,14 @@ def moe_ll_send_rows_kernel(x_ptr, stride_x, idx_ptr, stride_idx, num_tokens, nu
     ``meta`` (token, ``K`` ids); token -1 into the token's share of each block's unused rows. Payload of each
     sent row: with ``CAST``, :func:`moe_cast_fp8_kernel`'s blocks of bf16 ``x`` (e4m3 into ``q``, scales
     into ``scale``), computed once per block whatever the number of rows; without, ``x``'s row bits copied
-    into ``q`` (both integer views of one width)."""
+    into ``q`` (both integer views of one width).
+
+    ``DIRECT``: no send buffer. Rank ``r``'s rows go straight into its memory: row ``i`` of its block at the
+    address ``win[seq & 1, r] + i * row_bytes`` (``win`` int64 ``[2, R]``, ``seq`` int64 ``[1]``, read here so a
+    captured graph follows the exchanges), its meta, payload and scales at byte ``meta_off``, ``q_off`` and
+    ``scale_off`` of the row (aligned to ``META_ALIGN``, ``Q_ALIGN`` and ``S_ALIGN`` bytes). ``DIRECT_Q`` False
+    (with ``STORE_FP32``): the payload still goes to the local ``q`` rows, to be rounded and moved by
+    :func:`moe_ll_window_rows_kernel`."""
     t = tl.program_id(0)
     t64 = t.to(tl.int64)
     j = tl.arange(0, KP)
@@ -342,25 +352,48 @@ def moe_ll_send_rows_kernel(x_ptr, stride_x, idx_ptr, stride_idx, num_tokens, nu
         before += tl.sum(tl.where((u < t)[:, None], hit, 0), axis=0)
     row = r.to(tl.int64) * t_max + before.to(tl.int64)  # [RP]: this token's send row in each rank's block
     sent = mine & rok
+    if DIRECT:  # the address of this token's row in each rank's slot for this rank
+        base = tl.load(win_ptr + (tl.load(seq_ptr) & 1) * num_ranks + r, mask=rok, other=0)
+        row_at = base + before.to(tl.int64) * row_bytes
+        meta_row = tl.multiple_of((row_at + meta_off).to(tl.pointer_type(tl.int32)), META_ALIGN)
+    else:
+        base = tl.zeros([RP], tl.int64)
+        row_at = base
+        meta_row = meta_ptr + row * stride_meta
     chunk = tl.program_id(1)
     if chunk == 0:
         tl.store(in_rank_ptr + t64 * num_ranks + r, mine.to(tl.uint8), mask=rok)
         tl.store(send_slot_ptr + t64 * num_ranks + r, tl.where(mine, before.to(tl.int64), -1), mask=rok)
         tl.store(target_ptr + t64 * num_ranks + r, tl.where(mine, row, -1), mask=rok)
-        tl.store(meta_ptr + row * stride_meta, tl.zeros([RP], tl.int32) + t, mask=sent)
-        tl.store(meta_ptr + row[:, None] * stride_meta + 1 + j[None, :],
+        tl.store(meta_row, tl.zeros([RP], tl.int32) + t, mask=sent)
+        tl.store(meta_row[:, None] + 1 + j[None, :],
                  tl.broadcast_to(ids[None, :], [RP, KP]).to(tl.int32), mask=sent[:, None] & (j[None, :] < K))
         for p0 in range(0, t_max, num_tokens):  # unused rows p = total + t, total + t + T, ... of each block
             p = total + p0 + t
-            tl.store(meta_ptr + (r.to(tl.int64) * t_max + p) * stride_meta, tl.full([RP], -1, tl.int32),
-                     mask=rok & (p < t_max))
+            if DIRECT:
+                unused = tl.multiple_of((base + p.to(tl.int64) * row_bytes + meta_off).to(tl.pointer_type(tl.int32)),
+                                        META_ALIGN)
+            else:
+                unused = meta_ptr + (r.to(tl.int64) * t_max + p) * stride_meta
+            tl.store(unused, tl.full([RP], -1, tl.int32), mask=rok & (p < t_max))
+    if DIRECT:
+        scale_row = tl.multiple_of((row_at + scale_off).to(tl.pointer_type(tl.float32)), S_ALIGN)
+    else:
+        scale_row = scale_ptr + row * stride_s
+    if DIRECT_Q:
+        if CAST:
+            q_row = tl.multiple_of((row_at + q_off).to(tl.pointer_type(tl.float8e4nv)), Q_ALIGN)
+        else:
+            q_row = tl.multiple_of((row_at + q_off).to(tl.pointer_type(x_ptr.dtype.element_ty)), Q_ALIGN)
+    else:
+        q_row = q_ptr + row * stride_q
     c = tl.arange(0, 128)
     first = chunk * blocks_per_program
     for blk in range(first, tl.minimum(first + blocks_per_program, tl.cdiv(hidden, 128))):  # CAST: H % 128 == 0
         cols = blk * 128 + c
         cok = cols < hidden
         x = tl.load(x_ptr + t64 * stride_x + cols, mask=cok, other=0)
-        dst = q_ptr + row[:, None] * stride_q + cols[None, :]
+        dst = q_row[:, None] + cols[None, :]
         keep = sent[:, None] & cok[None, :]
         if CAST:
             scaled, amax = _cast_block(x.to(tl.float32), fp8_max, amax_floor)
@@ -368,9 +401,27 @@ def moe_ll_send_rows_kernel(x_ptr, stride_x, idx_ptr, stride_idx, num_tokens, nu
                 tl.store(dst, tl.broadcast_to(scaled[None, :], [RP, 128]), mask=keep)
             else:
                 tl.store(dst, tl.broadcast_to(scaled.to(tl.float8e4nv)[None, :], [RP, 128]), mask=keep)
-            tl.store(scale_ptr + row * stride_s + blk, tl.zeros([RP], tl.float32) + amax * fp8_max_inv, mask=sent)
+            tl.store(scale_row + blk, tl.zeros([RP], tl.float32) + amax * fp8_max_inv, mask=sent)
         else:
             tl.store(dst, tl.broadcast_to(x[None, :], [RP, 128]), mask=keep)
+
+
+@triton.jit
+def moe_ll_window_rows_kernel(src_ptr, stride_src, target_ptr, win_ptr, seq_ptr, num_ranks, t_max, row_bytes,
+                              part_off, width, BLOCK: tl.constexpr):
+    """Grid ``(T * R, cdiv(width, BLOCK))``: the bytes ``src[target[t, r], :width]`` (uint8 rows) of every sent
+    pair ``(t, r)`` (``target [T, R]`` = ``r * t_max + slot``, -1 none) to byte ``part_off`` of row ``slot`` at
+    ``win[seq & 1, r]`` (the layout of :func:`moe_ll_send_rows_kernel`'s ``DIRECT`` rows). The interpreter's
+    FP8 payload takes this way: staged in float32, rounded by torch, then moved here."""
+    pair = tl.program_id(0)
+    r = pair % num_ranks
+    row = tl.load(target_ptr + pair)
+    if row >= 0:
+        slot = row - r.to(tl.int64) * t_max
+        base = tl.load(win_ptr + (tl.load(seq_ptr) & 1) * num_ranks + r)
+        dst = (base + slot * row_bytes + part_off).to(tl.pointer_type(tl.uint8))
+        c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(dst + c, tl.load(src_ptr + row * stride_src + c, mask=c < width), mask=c < width)
 
 
 @triton.jit

@@ -17,6 +17,13 @@
 //   4. copies its share of every source's slot into out[s] (L2 loads: the slots are written by peers),
 //      then stores seq + 1 into its counter.
 //
+// With send == 0 the bytes are already in place: the kernels before this one on the stream wrote each
+// rank's part straight into slot `me` of its area of parity seq & 1, this rank's own part included (the
+// "written" exchange: a sender that stores its rows straight into the peers' memory, reading the parity
+// from counters[0]). Step 1 is skipped and step 4 also copies this rank's own slot into out[me]. The fence
+// of step 2 orders those earlier kernels' stores (finished before this grid started, on this stream)
+// before the flag.
+//
 // No acknowledgement is needed before writing: a rank writes area p again two exchanges later, after it
 // has seen (step 3 of the exchange in between) every peer's writes of that exchange, which each peer's
 // stream issued only after finishing the kernel that copied area p out. All CTAs wait on peers, never on
@@ -47,7 +54,7 @@ namespace dp {
 struct FixedExchangeParams {
     u64 area[DP_FX_MAX_RANKS];  // rank r's parity-0 area, mapped here (slots, then the parity-1 area)
     u64 flag[DP_FX_MAX_RANKS];  // rank r's fixed_flag[world] (int64), mapped here
-    u64 send;                   // [world][pair_bytes], this GPU
+    u64 send;                   // [world][pair_bytes], this GPU; 0: already written into the slots
     u64 out;                    // [world][pair_bytes], this GPU
     u64 counters;               // i64[DP_FX_CTAS], this GPU: exchanges completed, per CTA
     u64 error;                  // i64[4] host-mapped: {failed, source, seen, target}
@@ -111,9 +118,10 @@ dp_fixed_exchange_kernel(const __grid_constant__ dp::FixedExchangeParams p) {
     const i64 lo = min(p.pair_bytes, per * c), hi = min(p.pair_bytes, lo + per);
     const char* send = reinterpret_cast<const char*>(p.send);
     char* out = reinterpret_cast<char*>(p.out);
+    const bool written = p.send == 0;  // every part already stored in its slot
 
     // 1. into the peers' slots, and this rank's own pair straight to out
-    for (int r = 0; r < p.world; ++r) {
+    for (int r = 0; r < p.world && !written; ++r) {
         char* dst = r == p.rank ? out + r * p.pair_bytes
                                 : reinterpret_cast<char*>(p.area[r]) + parity_offset + p.rank * p.slot_bytes;
         dp::copy_range(dst, send + r * p.pair_bytes, lo, hi, false);
@@ -138,8 +146,8 @@ dp_fixed_exchange_kernel(const __grid_constant__ dp::FixedExchangeParams p) {
     // 4. out of this rank's slots
     const char* mine = reinterpret_cast<const char*>(p.area[p.rank]) + parity_offset;
     for (int s = 0; s < p.world; ++s) {
-        if (s == p.rank) continue;
-        dp::copy_range(out + s * p.pair_bytes, mine + s * p.slot_bytes, lo, hi, true);
+        if (s == p.rank && !written) continue;
+        dp::copy_range(out + s * p.pair_bytes, mine + s * p.slot_bytes, lo, hi, s != p.rank);
     }
     __syncthreads();
     if (threadIdx.x == 0) counters[c] = seq + 1;
