@@ -113,11 +113,12 @@ def test_the_fixed_exchange_gives_the_low_latency_ops_the_bits_of_all_to_all(
         assert got["chunks"] >= 3 * (world - 1), (rank, got)  # the uneven exchanges still run in rounds
 
 
-# triton's low-latency sender stores its rows straight into the peers' slots (the written fixed exchange); a
-# rank with no tokens fills a send buffer instead, in the same exchange
+# triton's low-latency sender stores its rows straight into the peers' slots, and its combine its float32
+# partial sums into the sources' (the written fixed exchange): per call two dispatches and one combine; a rank
+# with no tokens fills a send buffer for its dispatches instead, within the same exchanges
 @pytest.mark.parametrize("world, params, written_per_call", [
-    (2, dict(tokens=(13, 5)), [2, 2]),
-    (4, dict(tokens=(5, 12, 0, 8), experts=32, topk=6, dup=0.3, nowhere=0.2), [2, 2, 0, 2]),
+    (2, dict(tokens=(13, 5)), [3, 3]),
+    (4, dict(tokens=(5, 12, 0, 8), experts=32, topk=6, dup=0.3, nowhere=0.2), [3, 3, 1, 3]),
 ])
 def test_a_sender_writing_straight_into_the_peers_slots_gives_the_bits_of_all_to_all(
         world: int, params: dict[str, Any], written_per_call: list[int]) -> None:

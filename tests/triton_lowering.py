@@ -151,7 +151,13 @@ def moe_lowering_report() -> dict[str, dict[str, int]]:
             out_ptr=Ptr("bf16"), num_cols=7168, stride_y=7168, BLOCK_C=2048, PREFETCH=True)),
         "token_rows": compile_for(k.moe_token_rows_kernel, dict(
             y_ptr=Ptr("bf16"), table_ptr=Ptr("i64"), weight_ptr=Ptr("fp32"), out_ptr=Ptr("bf16"), num_cols=7168,
-            stride_y=7168, K=8, BLOCK_C=2048)),
+            stride_y=7168, win_ptr=Ptr("i64"), seq_ptr=Ptr("i64"), num_ranks=2, rows_per_rank=128, K=8, BLOCK_C=2048,
+            DIRECT=False)),
+        # the low-latency combine's float32 partial sums stored straight into the source ranks' slots
+        "token_rows_window": compile_for(k.moe_token_rows_kernel, dict(
+            y_ptr=Ptr("bf16"), table_ptr=Ptr("i64"), weight_ptr=Ptr("fp32"), out_ptr=Ptr("fp32"), num_cols=7168,
+            stride_y=7168, win_ptr=Ptr("i64"), seq_ptr=Ptr("i64"), num_ranks=2, rows_per_rank=128, K=8, BLOCK_C=2048,
+            DIRECT=True)),
         "token_table": compile_for(k.moe_token_table_kernel, dict(
             src_row_ptr=Ptr("i64"), expert_ptr=Ptr("i32"), token_of_ptr=Ptr("i64"), topk_ptr=Ptr("i64"),
             row_weight_ptr=Ptr("fp32"), table_ptr=Ptr("i64"), table_weight_ptr=Ptr("fp32"), num_rows=65536,
@@ -219,13 +225,13 @@ def moe_lowering_report() -> dict[str, dict[str, int]]:
     report = {name: _counts(kernel) for name, kernel in kernels.items()}
     for name in ("cast_fp8", "ll_send_rows", "ll_send_window"):
         report[name]["e4m3_cvt"] = kernels[name].asm["ptx"].count("e4m3x2.f32")
-    for name in ("ll_send_rows", "ll_send_window"):  # stores of 4 bytes or more, and of single bytes
+    for name in ("ll_send_rows", "ll_send_window", "token_rows_window"):  # stores of 4 bytes or more, and of bytes
         ptx = kernels[name].asm["ptx"]
         report[name]["wide_stores"] = sum(ptx.count(f"st.global.{w}") for w in ("b32", "v2.b32", "v4.b32"))
         report[name]["byte_stores"] = ptx.count("st.global.b8")
     for name in ("expanded_count", "expanded_layout", "expanded_scatter", "expanded_pad_rows", "token_rows",
-                 "token_table", "ll_layout", "ll_positions", "ll_send_rows", "ll_send_window", "ll_return",
-                 "ll_return_slots", "ll_pairs"):
+                 "token_rows_window", "token_table", "ll_layout", "ll_positions", "ll_send_rows", "ll_send_window",
+                 "ll_return", "ll_return_slots", "ll_pairs"):
         ptx = kernels[name].asm["ptx"]
         report[name]["atomics"] = ptx.count("atom.") + ptx.count("red.global")
     return report

@@ -61,6 +61,11 @@ backends' kernels) and reuses everything else.
   stored straight into each destination rank's memory, row ``i`` of rank ``r``'s block at ``window.table[seq
   & 1, r] + i * fmt.row_bytes``. The dispatch then calls ``window.finish``. Without it (or without a window)
   the dispatch fills a send buffer and exchanges it.
+- ``token_rows_window(y, table, weights, window, rows_per_rank)`` (optional): ``token_rows_into``'s sums
+  as float32 rows of ``C = y.shape[1]`` stored straight into the receivers' memory through ``window`` (a
+  :class:`~deepport.backends.torch.moe_comm.FixedWindow` of ``rows_per_rank * C * 4`` bytes per rank): row
+  ``t`` of the ``[world * rows_per_rank, C]`` result is row ``t % rows_per_rank`` of rank ``t //
+  rows_per_rank``'s part. The low-latency combine's partial sums take it when the transport offers a window.
 - ``low_latency_return(idx, weights, send_slot, num_local, t_max, w_send)`` (optional, with
   ``token_rows_into`` and ``low_latency_pairs``): the sender's side of a multi-rank low-latency combine.
   Returns ``(table, weight)``, int64 and float32 ``[T, Q]``: entry ``q`` is rank ``q`` when ``world <= K``,
@@ -148,6 +153,7 @@ class LocalSteps:
                                     tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
     low_latency_send_window: Callable[[torch.Tensor, torch.Tensor, int, int, int, RowFormat, FixedWindow, bool],
                                       tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+    token_rows_window: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, FixedWindow, int], None] | None = None
     low_latency_return: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, int, torch.Tensor | None],
                                  tuple[torch.Tensor, torch.Tensor]] | None = None
     low_latency_pairs: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None],

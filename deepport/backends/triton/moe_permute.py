@@ -421,9 +421,30 @@ def token_rows_into(y: torch.Tensor, table: torch.Tensor, weights: torch.Tensor,
     block, warps = _sum_tiling(cols, y.element_size())
     with _guard(y.device):
         moe_token_rows_kernel[(tokens, -(-cols // block))](
-            y, table, weights, target, cols, y.stride(0), K=int(table.shape[1]), BLOCK_C=block, num_warps=warps)
+            y, table, weights, target, cols, y.stride(0), table, table, 1, 1, K=int(table.shape[1]), BLOCK_C=block,
+            num_warps=warps)
     if target is not out:
         out.copy_(target)
+
+
+def token_rows_window(y: torch.Tensor, table: torch.Tensor, weights: torch.Tensor, window: FixedWindow,
+                      rows_per_rank: int) -> None:
+    """:func:`token_rows_into` into float32 rows of ``C = y.shape[1]`` stored straight into the receivers'
+    memory: row ``t`` is row ``t % rows_per_rank`` of rank ``t // rows_per_rank``'s part of ``window`` (see
+    :class:`deepport.backends.torch.moe_local.LocalSteps`)."""
+    tokens, cols = int(table.shape[0]), int(y.shape[1])
+    world = int(window.table.shape[1])
+    if tokens != world * rows_per_rank or window.pair_bytes != rows_per_rank * cols * 4 or cols % 4:
+        raise ValueError(f"token_rows_window: {tokens} rows of {cols} float32 do not fill {world} parts of "
+                         f"{window.pair_bytes} bytes ({rows_per_rank} rows each, 16-byte aligned rows)")
+    if tokens == 0 or cols == 0:
+        return
+    y, table, weights = y.contiguous(), table.to(torch.int64).contiguous(), weights.to(torch.float32).contiguous()
+    block, warps = _sum_tiling(cols, y.element_size())
+    with _guard(y.device):
+        moe_token_rows_kernel[(tokens, -(-cols // block))](
+            y, table, weights, weights, cols, y.stride(0), window.table, window.seq, world, rows_per_rank,
+            K=int(table.shape[1]), BLOCK_C=block, num_warps=warps, DIRECT=True)
 
 
 _TABLE_ROWS = 128  # expanded rows per program of the token-table kernel
@@ -530,7 +551,7 @@ TRITON = LocalSteps(place_rows, weighted_rows, cast_fp8, scatter_rows=scatter_ro
                     token_rows_into=token_rows_into, token_table=token_table, low_latency_layout=low_latency_layout,
                     low_latency_positions=low_latency_positions,
                     low_latency_receive=low_latency_receive, low_latency_send_rows=low_latency_send_rows,
-                    low_latency_send_window=low_latency_send_window,
+                    low_latency_send_window=low_latency_send_window, token_rows_window=token_rows_window,
                     low_latency_return=low_latency_return, low_latency_pairs=low_latency_pairs,
                     layout_counts=layout_counts)
 
