@@ -179,6 +179,16 @@ def test_a_config_builds_random_inputs_and_the_same_seed_gives_the_same_data() -
 
 # ---- the CLI on CPU -------------------------------------------------------------------------------------------------
 
+def test_the_recorded_commit_is_the_one_named_by_the_run_scripts(monkeypatch: pytest.MonkeyPatch) -> None:
+    from deepport.conformance import runner
+
+    monkeypatch.setenv("DEEPPORT_GIT_REVISION", "0123abc")
+    assert runner.environment(torch.device("cpu"))["deepport_git"] == "0123abc"
+    monkeypatch.delenv("DEEPPORT_GIT_REVISION")
+    found = runner.environment(torch.device("cpu"))["deepport_git"]
+    assert found is None or (found != "0123abc" and len(found.split("-")[0]) == 40), found
+
+
 def test_cli_benchmarks_the_tiny_cpu_configs_and_the_json_has_every_field(cpu_run: Any) -> None:
     code, doc, _ = cpu_run
     assert code == 0

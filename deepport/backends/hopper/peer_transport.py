@@ -29,6 +29,14 @@ sources' flags and copies its slots out, double-buffered by the exchange's parit
 acknowledgement is needed (a slot is written again only two fixed exchanges later, after its owner has
 finished the exchange that read it). Larger or uneven exchanges use the rounds above.
 
+A sender may also skip its send buffer: :meth:`PeerTransport.fixed_window` hands it the slots' addresses
+(a :class:`~deepport.backends.torch.moe_comm.FixedWindow`: per parity and rank, where this rank's part
+goes, and the device counter that selects the parity), its kernel stores each part straight into them
+(its own part into its own slot), and ``window.finish`` runs the *written* fixed exchange: the same kernel
+without its first copy (signal, wait, every slot copied out). Both kinds may meet in one exchange (a rank
+with no tokens fills a send buffer), as both fill the same slots of the same parity. The triton backend's
+low-latency sender and its combine's partial sums write this way.
+
 Why it deadlocks never: each wait of round ``j`` depends only on a peer's actions of round ``j`` or
 earlier, which that peer performs in the same order; a pair's chunk count is the same at both ends.
 """
