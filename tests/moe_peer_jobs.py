@@ -97,7 +97,8 @@ def peer_agreement(rank: int, group: Any, device: torch.device, params: dict[str
         for name in want:
             _same(f"call {call}: {name}", got.get(name), want[name], bad)
     return {"bad": bad, "collectives": collectives, "chunks": sum(memory.sent), "compared": len(want),
-            "fixed_exchanges": memory.fixed_exchanges, "written": memory.written_exchanges}
+            "fixed_exchanges": memory.fixed_exchanges, "written": memory.written_exchanges,
+            "rows_windows": transport.rows_windows}
 
 
 def fixed_exchanges(rank: int, group: Any, device: torch.device, sizes: list[int], fixed: int,

@@ -145,8 +145,8 @@ def _moe_worker(rank: int, world: int, init: str, results: Any) -> None:
         out.append(f"low-latency exchanges written straight into the peer's slots: {written} "
                    f"({'ok' if written == expected else f'WRONG: expected {expected}'})")
         # the profile's own memory: blocks and slots of the sizes the hopper backend lays out by default
-        # (issue 14's 4096-token exchanges in 32 MiB rounds, the low-latency ones through 8 MiB slots)
-        big = CudaPeerMemory(group, device, capacity=32 << 20, timeout_s=60.0, mapping="ipc", fixed_capacity=8 << 20)
+        # (issue 14's 4096-token exchanges through 64 MiB blocks, the low-latency ones through 8 MiB slots)
+        big = CudaPeerMemory(group, device, capacity=64 << 20, timeout_s=60.0, mapping="ipc", fixed_capacity=8 << 20)
         big_transport = PeerTransport(big)
         with use_transport(big_transport):  # issue 14's low-latency sizes captured in a graph, replayed on new data
             replays = _graph_replays(rank, group, device, backend="triton", reference="triton")
@@ -194,11 +194,19 @@ def _kernel_profile(group: Any, device: torch.device, transport: Any, calls: int
 
         with _transport(transport):
             handle, normal = ll_dispatch().handle, dispatch()
+        def dispatch_in_rounds(backend: str = backend) -> Any:  # a send buffer, the transport's copies
+            transport.rows_window = lambda *args: None
+            try:
+                return dispatch(backend)
+            finally:
+                del transport.rows_window
+
         steps = [("low-latency dispatch", ll_dispatch),
                  *([("low-latency dispatch via a send buffer", ll_dispatch_buffered)] if backend == "triton" else []),
                  ("low-latency combine", lambda b=backend, h=handle: deepport.moe_low_latency_combine(
                      y, idx, w, h, backend=b)),
                  ("dispatch 4096", dispatch),
+                 *([("dispatch 4096 via a send buffer", dispatch_in_rounds)] if backend == "triton" else []),
                  ("combine 4096", lambda b=backend, r=normal: deepport.moe_combine(r.recv_x, r.handle, backend=b))]
         lines += _profile_steps(group, device, transport, backend, steps, calls)
     return lines

@@ -49,7 +49,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from deepport.backends.torch.moe_comm import FixedWindow, Pending
+from deepport.backends.torch.moe_comm import FixedWindow, Pending, RowsWindow
 from deepport.kernels.moe_args import MoEGroup
 
 
@@ -170,6 +170,34 @@ class PeerTransport:
         # the memory's one-step path for equal splits, where it has one (its fixed_capacity is read per call)
         self.fixed = memory if isinstance(memory, FixedExchangeMemory) else None
         self.window_memory = memory if isinstance(memory, FixedWindowMemory) else None
+        self.rows_windows = 0  # exchanges handed out as a RowsWindow (tests and profiles count them)
+
+    def rows_window(self, send_bytes: Sequence[int], recv_bytes: Sequence[int], grp: MoEGroup,
+                    what: str) -> RowsWindow | None:
+        """Round 0 of the rounds above with the caller's kernels as its copies
+        (:class:`~deepport.backends.torch.moe_comm.RowsWindow`): wait for the peers' acknowledgements now;
+        the caller stores its part for ``r`` into block ``me`` of ``r``; ``receive`` raises the data flags,
+        waits for the sources' and hands out this rank's blocks; ``release`` acknowledges them. None when a
+        part exceeds a block (several rounds) or this rank's own part is not zero."""
+        mem = self.memory
+        me, world = mem.rank, mem.world_size
+        if (grp.rank, grp.world_size) != (me, world):
+            raise ValueError(f"{what}: the peer memory belongs to rank {me} of {world}, the call to rank "
+                             f"{grp.rank} of {grp.world_size}")
+        if world < 2 or len(send_bytes) != world or len(recv_bytes) != world or send_bytes[me] or recv_bytes[me] \
+                or max(*send_bytes, *recv_bytes) > mem.capacity:
+            return None
+        peers = [r for r in range(world) if r != me]
+        mem.wait_acks(peers, what)  # every pair has one chunk, empty or not: an empty message still signals
+        self.rows_windows += 1
+
+        def receive() -> list[torch.Tensor | None]:
+            mem.signal_data(peers)
+            mem.wait_data(peers, what)
+            return [None if s == me else mem.block(me, s)[: int(recv_bytes[s])] for s in range(world)]
+
+        return RowsWindow([None if r == me else mem.block(r, me)[: int(send_bytes[r])] for r in range(world)],
+                          receive, lambda: mem.signal_acks(peers))
 
     def fixed_window(self, pair_bytes: int, grp: MoEGroup, what: str) -> FixedWindow | None:
         """Where a sender stores an equal split of ``pair_bytes`` per rank straight into the peers' slots

@@ -147,6 +147,32 @@ def fixed_window(pair_bytes: int, grp: MoEGroup, what: str) -> FixedWindow | Non
     return window
 
 
+@dataclass(frozen=True)
+class RowsWindow:
+    """One all-to-all of uneven sizes whose sender stores straight into the receivers' memory and whose
+    receiver reads what arrived where it landed (a transport with one-sided writes offers it:
+    :func:`rows_window`). ``send[r]``: uint8 ``[send_bytes[r]]``, where this rank's part for rank ``r`` goes
+    (None for this rank: its own rows never travel). Once they are written (kernels on the current stream),
+    ``receive()`` returns per source ``s`` the uint8 ``[recv_bytes[s]]`` of what ``s`` sent (None for this
+    rank), valid until ``release()``, which the caller calls (once) after copying them out."""
+
+    send: list[torch.Tensor | None]
+    receive: Callable[[], list[torch.Tensor | None]]
+    release: Callable[[], None]
+
+
+def rows_window(send_bytes: Sequence[int], recv_bytes: Sequence[int], grp: MoEGroup, what: str) -> RowsWindow | None:
+    """The active transport's :class:`RowsWindow` for parts of ``send_bytes[r]`` to and ``recv_bytes[s]`` from
+    each rank (zero for this rank), or None (``all_to_all_single``, one process, or parts too large for the
+    transport's memory): then pack a send buffer and call :func:`start_all_to_all`."""
+    transport = _ACTIVE.get()
+    offer = getattr(transport, "rows_window", None)
+    if grp.group is None or offer is None:
+        return None
+    window: RowsWindow | None = offer(send_bytes, recv_bytes, grp, what)
+    return window
+
+
 def exchange_table(table: torch.Tensor, grp: MoEGroup, what: str) -> Pending:
     """Row ``r`` of the int64 ``[world, C]`` ``table`` goes to rank ``r``; the result's row ``s`` came
     from rank ``s``. One small collective, no host sync (wait on the result)."""

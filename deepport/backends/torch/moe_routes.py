@@ -29,7 +29,15 @@ from dataclasses import dataclass
 
 import torch
 
-from deepport.backends.torch.moe_comm import RowFormat, all_to_all_rows, exchange_table, same_bits, start_all_to_all
+from deepport.backends.torch.moe_comm import (
+    RowFormat,
+    RowsWindow,
+    all_to_all_rows,
+    exchange_table,
+    rows_window,
+    same_bits,
+    start_all_to_all,
+)
 from deepport.backends.torch.moe_index import column_cumsum, compact, first_occurrence, local_ids, selection_mask
 from deepport.backends.torch.moe_local import TORCH, LocalSteps, sum_rows
 from deepport.kernels.moe_args import Alloc, MoEGroup, align_up, dense
@@ -135,6 +143,12 @@ def _exchange(fmt: RowFormat, sources: dict[str, torch.Tensor], in_rank: torch.T
         mask[me].fill_(False)
         wire_sends[me] = wire_recvs[me] = 0
     rows = compact(mask, sum(wire_sends)) % max(t, 1)
+    window = None if outs is None else rows_window([c * fmt.row_bytes for c in wire_sends],
+                                                   [c * fmt.row_bytes for c in wire_recvs], grp, what)
+    if window is not None:
+        assert outs is not None
+        _exchange_window(window, fmt, sources, in_rank, rows, sends, recvs, wire_sends, me, outs, local)
+        return None
     send = fmt.empty(sum(wire_sends), in_rank.device)
     for name, src in sources.items():
         _take_rows(TORCH if name == "meta" else local, fmt.part(send, name), src, rows)
@@ -161,6 +175,36 @@ def _exchange(fmt: RowFormat, sources: dict[str, torch.Tensor], in_rank: torch.T
         else:
             _copy_rows(out, got)
     return None
+
+
+def _exchange_window(window: RowsWindow, fmt: RowFormat, sources: dict[str, torch.Tensor], in_rank: torch.Tensor,
+                     rows: torch.Tensor, sends: list[int], recvs: list[int], wire_sends: list[int], me: int,
+                     outs: dict[str, torch.Tensor], local: LocalSteps) -> None:
+    """:func:`_exchange` with ``outs`` through a :class:`RowsWindow`: each destination's rows gathered straight
+    into its memory (no send buffer), this rank's own rows into ``outs`` meanwhile, and each source's rows
+    copied into ``outs`` from where they landed (no receive buffer)."""
+    at = 0
+    for r, count in enumerate(wire_sends):
+        part = window.send[r]
+        if count and part is not None:
+            dst = part.view(count, fmt.row_bytes)
+            for name, src in sources.items():
+                _take_rows(TORCH if name == "meta" else local, fmt.part(dst, name), src, rows[at: at + count])
+        at += count
+    start = sum(recvs[:me])
+    mine = compact(in_rank[:, me], sends[me])
+    for name, src in sources.items():
+        _take_rows(TORCH if name == "meta" else local, outs[name][start: start + recvs[me]], src, mine)
+    got = window.receive()
+    at = 0
+    for s, count in enumerate(recvs):
+        block = got[s]
+        if count and block is not None:
+            view = block.view(count, fmt.row_bytes)
+            for name, out in outs.items():
+                _copy_rows(out[at: at + count], fmt.part(view, name))
+        at += count
+    window.release()
 
 
 def route(data: torch.Tensor, scales: torch.Tensor | None, topk_idx: torch.Tensor, weights: torch.Tensor | None,
