@@ -152,12 +152,17 @@ def moe_lowering_report() -> dict[str, dict[str, int]]:
         "token_rows": compile_for(k.moe_token_rows_kernel, dict(
             y_ptr=Ptr("bf16"), table_ptr=Ptr("i64"), weight_ptr=Ptr("fp32"), out_ptr=Ptr("bf16"), num_cols=7168,
             stride_y=7168, win_ptr=Ptr("i64"), seq_ptr=Ptr("i64"), num_ranks=2, rows_per_rank=128, K=8, BLOCK_C=2048,
-            DIRECT=False)),
+            DIRECT=False, ADDRESSED=False)),
+        # the normal combine's sums of rows read where they landed (each term's row by its address)
+        "token_rows_at": compile_for(k.moe_token_rows_kernel, dict(
+            y_ptr=Ptr("bf16"), table_ptr=Ptr("i64"), weight_ptr=Ptr("fp32"), out_ptr=Ptr("bf16"), num_cols=7168,
+            stride_y=7168, win_ptr=Ptr("i64"), seq_ptr=Ptr("i64"), num_ranks=2, rows_per_rank=128, K=8, BLOCK_C=2048,
+            DIRECT=False, ADDRESSED=True)),
         # the low-latency combine's float32 partial sums stored straight into the source ranks' slots
         "token_rows_window": compile_for(k.moe_token_rows_kernel, dict(
             y_ptr=Ptr("bf16"), table_ptr=Ptr("i64"), weight_ptr=Ptr("fp32"), out_ptr=Ptr("fp32"), num_cols=7168,
             stride_y=7168, win_ptr=Ptr("i64"), seq_ptr=Ptr("i64"), num_ranks=2, rows_per_rank=128, K=8, BLOCK_C=2048,
-            DIRECT=True)),
+            DIRECT=True, ADDRESSED=False)),
         "token_table": compile_for(k.moe_token_table_kernel, dict(
             src_row_ptr=Ptr("i64"), expert_ptr=Ptr("i32"), token_of_ptr=Ptr("i64"), topk_ptr=Ptr("i64"),
             row_weight_ptr=Ptr("fp32"), table_ptr=Ptr("i64"), table_weight_ptr=Ptr("fp32"), num_rows=65536,
@@ -229,9 +234,12 @@ def moe_lowering_report() -> dict[str, dict[str, int]]:
         ptx = kernels[name].asm["ptx"]
         report[name]["wide_stores"] = sum(ptx.count(f"st.global.{w}") for w in ("b32", "v2.b32", "v4.b32"))
         report[name]["byte_stores"] = ptx.count("st.global.b8")
+    for name in ("token_rows", "token_rows_at"):  # loads of 16 bytes (8 bf16) per thread
+        ptx = kernels[name].asm["ptx"]
+        report[name]["v4_loads"] = ptx.count("ld.global.v4.b32")
     for name in ("expanded_count", "expanded_layout", "expanded_scatter", "expanded_pad_rows", "token_rows",
-                 "token_rows_window", "token_table", "ll_layout", "ll_positions", "ll_send_rows", "ll_send_window",
-                 "ll_return", "ll_return_slots", "ll_pairs"):
+                 "token_rows_window", "token_rows_at", "token_table", "ll_layout", "ll_positions", "ll_send_rows",
+                 "ll_send_window", "ll_return", "ll_return_slots", "ll_pairs"):
         ptx = kernels[name].asm["ptx"]
         report[name]["atomics"] = ptx.count("atom.") + ptx.count("red.global")
     return report

@@ -61,6 +61,10 @@ backends' kernels) and reuses everything else.
   stored straight into each destination rank's memory, row ``i`` of rank ``r``'s block at ``window.table[seq
   & 1, r] + i * fmt.row_bytes``. The dispatch then calls ``window.finish``. Without it (or without a window)
   the dispatch fills a send buffer and exchanges it.
+- ``token_rows_at(like, addresses, weights, out)`` (optional): ``token_rows_into`` with each term's row given
+  by its address (int64 ``[T, K]``, -1 none, 16-byte aligned rows of ``out.shape[1]`` elements of ``like``'s
+  dtype) instead of its index: the normal combine sums the rows where they arrived in a peer transport's
+  memory (no copy out of it).
 - ``token_rows_window(y, table, weights, window, rows_per_rank)`` (optional): ``token_rows_into``'s sums
   as float32 rows of ``C = y.shape[1]`` stored straight into the receivers' memory through ``window`` (a
   :class:`~deepport.backends.torch.moe_comm.FixedWindow` of ``rows_per_rank * C * 4`` bytes per rank): row
@@ -154,6 +158,7 @@ class LocalSteps:
     low_latency_send_window: Callable[[torch.Tensor, torch.Tensor, int, int, int, RowFormat, FixedWindow, bool],
                                       tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
     token_rows_window: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, FixedWindow, int], None] | None = None
+    token_rows_at: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
     low_latency_return: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, int, torch.Tensor | None],
                                  tuple[torch.Tensor, torch.Tensor]] | None = None
     low_latency_pairs: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None],

@@ -332,6 +332,11 @@ def return_rows(rows: torch.Tensor, handle: MoEHandle, grp: MoEGroup, what: str 
     otherwise a ``local.sum_rows`` step, when given, sums every dtype."""
     sends, recvs = list(handle.recv_counts), list(handle.send_counts)
     n, t = sum(recvs), handle.num_tokens
+    if out is not None and out.is_contiguous() and rows.dtype != torch.float32 and local.token_rows_at is not None:
+        window = _rows_back_window(rows, handle, grp, what)
+        if window is not None:  # summed where the rows landed
+            _sum_in_place(window, rows, handle, out, local)
+            return out
     if out is not None and out.is_contiguous() and rows.dtype != torch.float32 and local.token_rows_into is not None:
         # per token, its returned rows in rank order, summed in float32 and rounded once by one kernel: the
         # bits of the sum_rows path below (same terms, same order), without its sort by token
@@ -353,6 +358,60 @@ def return_rows(rows: torch.Tensor, handle: MoEHandle, grp: MoEGroup, what: str 
     if out is not None and rows.device.type in FLOAT_ACCUMULATING_SUM:
         return torch.sum(picked, 1, dtype=out.dtype, out=out)
     return picked.sum(1, dtype=torch.float32)
+
+
+def _rows_back_window(rows: torch.Tensor, handle: MoEHandle, grp: MoEGroup, what: str) -> RowsWindow | None:
+    """A :class:`RowsWindow` for :func:`return_rows`' collective (this rank's own rows stay), or None."""
+    me = grp.rank
+    width = rows.element_size() * int(torch.Size(rows.shape[1:]).numel())
+    sends, recvs = list(handle.recv_counts), list(handle.send_counts)
+    if width % 16 or int(rows.data_ptr()) % 16 or not rows.is_contiguous():
+        return None
+    return rows_window([0 if r == me else c * width for r, c in enumerate(sends)],
+                       [0 if s == me else c * width for s, c in enumerate(recvs)], grp, what)
+
+
+_BLOCKS: dict[tuple[tuple[int, ...], str], torch.Tensor] = {}
+
+
+def _block_addresses(addresses: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """int64 ``addresses`` on ``device``, made once per memory (a peer transport's blocks stay put)."""
+    key = (addresses, str(device))
+    found = _BLOCKS.get(key)
+    if found is None:
+        found = _BLOCKS[key] = torch.tensor(addresses, dtype=torch.int64).to(device)
+    return found
+
+
+def _sum_in_place(window: RowsWindow, rows: torch.Tensor, handle: MoEHandle, out: torch.Tensor,
+                  local: LocalSteps) -> None:
+    """:func:`return_rows` through ``window``: each part copied straight into its source's memory, then each
+    token's rows summed (in rank order, as the ``token_rows_into`` path) where they are: this rank's own rows
+    in ``rows``, the others in this rank's blocks; no receive buffer."""
+    assert local.token_rows_at is not None
+    me, t = handle.rank, handle.num_tokens
+    sends = list(handle.recv_counts)
+    cols = int(torch.Size(rows.shape[1:]).numel())
+    flat = rows.view(int(rows.shape[0]), cols)
+    width = flat.element_size() * cols
+    at = 0
+    for r, count in enumerate(sends):
+        part = window.send[r]
+        if count and part is not None:
+            _copy_rows(part.view(count, width), flat[at: at + count])
+        at += count
+    got = window.receive()
+    in_rank = handle.is_token_in_rank
+    blocks = _block_addresses(tuple(0 if g is None else int(g.data_ptr()) for g in got), in_rank.device)
+    own = int(flat.data_ptr()) + sum(sends[:me]) * width  # this rank's rows for itself never left `rows`
+    base = torch.where(torch.arange(len(got), device=in_rank.device) == me, own, blocks)
+    addresses = torch.where(in_rank, base[None, :] + (column_cumsum(in_rank) - 1) * width, -1)  # [T, world]
+    if handle.world_size > handle.num_topk:  # one entry per slot, each rank at its first slot
+        rank_of = torch.where(handle.topk_idx >= 0, handle.topk_idx // handle.num_local_experts, -1)
+        addresses = torch.where(first_occurrence(rank_of), addresses.gather(1, rank_of.clamp(min=0)), -1)
+    local.token_rows_at(flat, addresses, torch.ones(addresses.shape, dtype=torch.float32, device=out.device),
+                        out.view(t, cols))
+    window.release()
 
 
 def return_rows_weighted(rows: torch.Tensor, weights: torch.Tensor, handle: MoEHandle, grp: MoEGroup,

@@ -427,6 +427,24 @@ def token_rows_into(y: torch.Tensor, table: torch.Tensor, weights: torch.Tensor,
         out.copy_(target)
 
 
+def token_rows_at(like: torch.Tensor, addresses: torch.Tensor, weights: torch.Tensor, out: torch.Tensor) -> None:
+    """:func:`token_rows_into` whose table holds each row's address (int64, 16-byte aligned; rows of
+    ``C = out.shape[1]`` elements of ``like``'s dtype, e.g. in a peer transport's blocks) instead of its index
+    (see :class:`deepport.backends.torch.moe_local.LocalSteps`)."""
+    tokens, cols = int(out.shape[0]), int(out.shape[1])
+    if tokens == 0 or cols == 0:
+        return
+    table, weights = addresses.to(torch.int64).contiguous(), weights.to(torch.float32).contiguous()
+    target = torch.empty((tokens, cols), dtype=torch.float32, device=out.device) if interpreting() else out
+    block, warps = _sum_tiling(cols, like.element_size())
+    with _guard(out.device):
+        moe_token_rows_kernel[(tokens, -(-cols // block))](
+            like, table, weights, target, cols, cols, table, table, 1, 1, K=int(table.shape[1]), BLOCK_C=block,
+            num_warps=warps, ADDRESSED=True)
+    if target is not out:
+        out.copy_(target)
+
+
 def token_rows_window(y: torch.Tensor, table: torch.Tensor, weights: torch.Tensor, window: FixedWindow,
                       rows_per_rank: int) -> None:
     """:func:`token_rows_into` into float32 rows of ``C = y.shape[1]`` stored straight into the receivers'
@@ -552,6 +570,7 @@ TRITON = LocalSteps(place_rows, weighted_rows, cast_fp8, scatter_rows=scatter_ro
                     low_latency_positions=low_latency_positions,
                     low_latency_receive=low_latency_receive, low_latency_send_rows=low_latency_send_rows,
                     low_latency_send_window=low_latency_send_window, token_rows_window=token_rows_window,
+                    token_rows_at=token_rows_at,
                     low_latency_return=low_latency_return, low_latency_pairs=low_latency_pairs,
                     layout_counts=layout_counts)
 
