@@ -194,20 +194,26 @@ def _kernel_profile(group: Any, device: torch.device, transport: Any, calls: int
 
         with _transport(transport):
             handle, normal = ll_dispatch().handle, dispatch()
-        def dispatch_in_rounds(backend: str = backend) -> Any:  # a send buffer, the transport's copies
-            transport.rows_window = lambda *args: None
-            try:
-                return dispatch(backend)
-            finally:
-                del transport.rows_window
+        def without_windows(step: Any) -> Any:  # send and receive buffers, the transport's copies
+            def run() -> Any:
+                transport.rows_window = lambda *args: None
+                try:
+                    return step()
+                finally:
+                    del transport.rows_window
+            return run
+
+        def combine(b: str = backend, r: Any = normal) -> Any:
+            return deepport.moe_combine(r.recv_x, r.handle, backend=b)
 
         steps = [("low-latency dispatch", ll_dispatch),
                  *([("low-latency dispatch via a send buffer", ll_dispatch_buffered)] if backend == "triton" else []),
                  ("low-latency combine", lambda b=backend, h=handle: deepport.moe_low_latency_combine(
                      y, idx, w, h, backend=b)),
                  ("dispatch 4096", dispatch),
-                 *([("dispatch 4096 via a send buffer", dispatch_in_rounds)] if backend == "triton" else []),
-                 ("combine 4096", lambda b=backend, r=normal: deepport.moe_combine(r.recv_x, r.handle, backend=b))]
+                 *([("dispatch 4096 via buffers", without_windows(dispatch))] if backend == "triton" else []),
+                 ("combine 4096", combine),
+                 *([("combine 4096 via buffers", without_windows(combine))] if backend == "triton" else [])]
         lines += _profile_steps(group, device, transport, backend, steps, calls)
     return lines
 
