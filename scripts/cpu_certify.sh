@@ -26,7 +26,7 @@ set -uo pipefail
 backend="${1:?BACKEND OUT_DIR [CERTIFY ARGS...]}"; out="${2:?BACKEND OUT_DIR [CERTIFY ARGS...]}"; shift 2
 py="${PYTHON:-python3}"; niceness="${NICE:-10}"; device="${DEVICE:-cpu}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-# the commit the JSON records: the carried .git_revision (a copied tree's .git may be stale or absent)
+# the commit the bench JSON records: the carried .git_revision (a copied tree's .git may be stale or absent)
 if [ -f .git_revision ]; then export DEEPPORT_GIT_REVISION="$(cat .git_revision)"; fi
 mkdir -p "$out"
 

@@ -48,7 +48,7 @@
 set -uo pipefail
 stage="${1:-mla}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-# the commit the JSON records: the carried .git_revision (a copied tree's .git may be stale or absent)
+# the commit the bench JSON records: the carried .git_revision (a copied tree's .git may be stale or absent)
 if [ -f .git_revision ]; then export DEEPPORT_GIT_REVISION="$(cat .git_revision)"; fi
 OUT="${OUT:-/tmp/deepport-out}"; mkdir -p "$OUT"
 

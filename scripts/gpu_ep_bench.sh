@@ -24,7 +24,7 @@
 # MoE configs) and exits 0.
 set -uo pipefail
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-# the commit the JSON records: the carried .git_revision (a copied tree's .git may be stale or absent)
+# the commit the bench JSON records: the carried .git_revision (a copied tree's .git may be stale or absent)
 if [ -f .git_revision ]; then export DEEPPORT_GIT_REVISION="$(cat .git_revision)"; fi
 # never NVLink multicast (it can put a shared host's GPUs out of service)
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1

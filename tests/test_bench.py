@@ -180,12 +180,12 @@ def test_a_config_builds_random_inputs_and_the_same_seed_gives_the_same_data() -
 # ---- the CLI on CPU -------------------------------------------------------------------------------------------------
 
 def test_the_recorded_commit_is_the_one_named_by_the_run_scripts(monkeypatch: pytest.MonkeyPatch) -> None:
-    from deepport.conformance import runner
+    from deepport.bench.runner import bench_environment
 
     monkeypatch.setenv("DEEPPORT_GIT_REVISION", "0123abc")
-    assert runner.environment(torch.device("cpu"))["deepport_git"] == "0123abc"
+    assert bench_environment(torch.device("cpu"))["deepport_git"] == "0123abc"
     monkeypatch.delenv("DEEPPORT_GIT_REVISION")
-    found = runner.environment(torch.device("cpu"))["deepport_git"]
+    found = bench_environment(torch.device("cpu"))["deepport_git"]
     assert found is None or (found != "0123abc" and len(found.split("-")[0]) == 40), found
 
 

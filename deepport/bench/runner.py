@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import gc
+import os
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -28,6 +29,17 @@ from deepport.bench.results import SCHEMA, SCHEMA_VERSION, BenchResult, summariz
 from deepport.conformance.call import synchronize
 from deepport.conformance.runner import concrete_device, environment
 from deepport.errors import BackendNotSupportedError
+
+
+def bench_environment(device: torch.device) -> dict[str, Any]:
+    """The suite's record of what ran, with the commit named by ``DEEPPORT_GIT_REVISION`` when set: a copied
+    work tree (a lent GPU machine's) has no ``.git`` of its own or a stale one, so the run scripts export the
+    commit they were started from."""
+    env = environment(device)
+    named = os.environ.get("DEEPPORT_GIT_REVISION", "").strip()
+    if named:
+        env["deepport_git"] = named
+    return env
 
 Progress = Callable[[str], None]
 
@@ -182,7 +194,7 @@ def run(request: Request, progress: Progress | None = None) -> dict[str, Any]:
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "command": request.command,
         "started": started.isoformat(timespec="seconds"), "finished": finished.isoformat(timespec="seconds"),
         "duration_s": round(time.perf_counter() - t0, 3),
-        "environment": environment(device),
+        "environment": bench_environment(device),
         "settings": {"device": str(device), "quick": request.quick, "seed": request.seed, "samples": request.samples,
                      "baseline": request.baseline, "backends": list(request.backends or []) or None,
                      **request.settings},

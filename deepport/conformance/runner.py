@@ -15,7 +15,6 @@ import contextlib
 import datetime as _dt
 import fnmatch
 import gc
-import os
 import platform
 import secrets
 import shlex
@@ -263,12 +262,6 @@ def _fits_at_once(suite: ModuleType, case: Case, backends: int) -> bool:
 
 
 def _git_revision() -> str | None:
-    """``DEEPPORT_GIT_REVISION`` when set (a copied work tree whose ``.git`` is absent or stale, as on a lent
-    GPU machine: the run scripts export it), else ``git rev-parse HEAD`` of this checkout (``-dirty`` when
-    tracked files differ), else None."""
-    named = os.environ.get("DEEPPORT_GIT_REVISION", "").strip()
-    if named:
-        return named
     root = Path(__file__).resolve().parents[2]
     try:
         rev = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
