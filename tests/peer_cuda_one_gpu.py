@@ -232,10 +232,15 @@ def _profile_steps(group: Any, device: torch.device, transport: Any, backend: st
             step()
             torch.cuda.synchronize(device)
             dist.barrier()
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            ops = os.environ.get("DEEPPORT_PROFILE_OPS", "") in name and "DEEPPORT_PROFILE_OPS" in os.environ
+            activities = [torch.profiler.ProfilerActivity.CUDA, *([torch.profiler.ProfilerActivity.CPU] if ops else [])]
+            with torch.profiler.profile(activities=activities) as prof:
                 for _ in range(calls):
                     step()
                 torch.cuda.synchronize(device)
+            if ops:  # which torch ops launched the kernels (DEEPPORT_PROFILE_OPS=<part of a step's name>)
+                lines += [f"ops of {name} ({backend} steps):",
+                          prof.key_averages().table(sort_by="self_device_time_total", row_limit=30)]
             kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
             exchange = [e for e in kernels if "dp_fixed_exchange" in e.name or "dp_peer_flags" in e.name]
             rest = [e for e in kernels if e not in exchange]
