@@ -91,6 +91,13 @@ def _copy_rows(dst: torch.Tensor, src: torch.Tensor, rows: torch.Tensor | None =
         torch.index_select(s, 0, rows, out=d)
 
 
+def _steps_for(part: str, local: LocalSteps) -> LocalSteps:
+    """The steps that gather ``part`` of the packed rows: the backend's, except that the int32 metadata goes
+    through torch unless the backend's ``take_rows_into`` (a bit copy of any row type) takes it; torch's
+    gather into the strided metadata part took 17 us per 4096-token dispatch on an H200 (2026-12-02)."""
+    return local if part != "meta" or local.take_rows_into is not None else TORCH
+
+
 def _take_rows(local: LocalSteps, dst: torch.Tensor, src: torch.Tensor, rows: torch.Tensor) -> None:
     """``dst[i] = src[rows[i]]`` for payload rows: the backend's ``take_rows_into`` or ``take_rows`` step when
     it has one."""
@@ -151,7 +158,7 @@ def _exchange(fmt: RowFormat, sources: dict[str, torch.Tensor], in_rank: torch.T
         return None
     send = fmt.empty(sum(wire_sends), in_rank.device)
     for name, src in sources.items():
-        _take_rows(TORCH if name == "meta" else local, fmt.part(send, name), src, rows)
+        _take_rows(_steps_for(name, local), fmt.part(send, name), src, rows)
     n = sum(wire_recvs)
     buf = fmt.empty(n + int(zero_row), in_rank.device)
     if zero_row:
@@ -165,7 +172,7 @@ def _exchange(fmt: RowFormat, sources: dict[str, torch.Tensor], in_rank: torch.T
     if direct:  # overlaps the collective
         mine = compact(in_rank[:, me], sends[me])
         for name, src in sources.items():
-            _take_rows(TORCH if name == "meta" else local, outs[name][start: start + recvs[me]], src, mine)
+            _take_rows(_steps_for(name, local), outs[name][start: start + recvs[me]], src, mine)
     pending.wait()
     for name, out in outs.items():
         got = fmt.part(recv, name)
@@ -189,12 +196,12 @@ def _exchange_window(window: RowsWindow, fmt: RowFormat, sources: dict[str, torc
         if count and part is not None:
             dst = part.view(count, fmt.row_bytes)
             for name, src in sources.items():
-                _take_rows(TORCH if name == "meta" else local, fmt.part(dst, name), src, rows[at: at + count])
+                _take_rows(_steps_for(name, local), fmt.part(dst, name), src, rows[at: at + count])
         at += count
     start = sum(recvs[:me])
     mine = compact(in_rank[:, me], sends[me])
     for name, src in sources.items():
-        _take_rows(TORCH if name == "meta" else local, outs[name][start: start + recvs[me]], src, mine)
+        _take_rows(_steps_for(name, local), outs[name][start: start + recvs[me]], src, mine)
     got = window.receive()
     at = 0
     for s, count in enumerate(recvs):
