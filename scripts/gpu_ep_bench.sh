@@ -14,7 +14,8 @@
 # 3. deepport bench --device cuda --op moe_dispatch moe_combine moe_low_latency_dispatch moe_low_latency_combine
 #    --config 'ep2_*' (the 2-rank configs): every backend implementing them next to nccl_all_to_all (raw
 #    all_to_all_single of the same split sizes and bytes, same run; for the low-latency ops, of the same fixed
-#    T_max rows per rank pair, both timed as a CUDA graph), and the nvlink_all_to_all ceiling.
+#    T_max rows per rank pair, both timed as a CUDA graph), and the nvlink_all_to_all ceiling;
+# 4. the 4096-token dispatch of torch and triton with DEEPPORT_MOE_CHUNKS=2 and 4, next to raw NCCL.
 #
 # Writes under $OUT: gpu.txt, commit.txt, tests.txt, certify/ (results.json, summary.md, junit.xml),
 # certify.log, bench.json, bench.png, bench.log, ep_summary.json (per config: each backend's median us and
@@ -106,7 +107,8 @@ timeout 180 "$PY" -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_torch_m
 echo "tests: exit $? after $((SECONDS - start)) s"; tail -n 25 "$OUT/tests.txt"
 # the hopper backend's NVLink peer transport is opt-in (DEEPPORT_HOPPER_EP=1) until it has run on GPUs: its
 # 2-GPU test first (agreement with NCCL, CUDA-graph replays); certify and bench include hopper only if it passed
-timeout 180 "$PY" -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_hopper_peer_transport.py \
+# (its 2-GPU test only: the one-GPU ones, two processes on one GPU, take minutes and run on nvidia-h200)
+timeout 180 "$PY" -m pytest -q -p no:cacheprovider -m gpu -rs -k two_gpus tests/test_hopper_peer_transport.py \
   > "$OUT/tests_hopper_ep.txt" 2>&1
 hopper_rc=$?
 tail -n 15 "$OUT/tests_hopper_ep.txt"
@@ -132,4 +134,12 @@ echo "certify: exit $? after $((SECONDS - start)) s"; tail -n 25 "$OUT/certify.l
 
 # 3. bench next to raw NCCL
 bench cuda
+# 4. the 4096-token dispatch with its payload in 2 and 4 collectives (DEEPPORT_MOE_CHUNKS: gathers and unpacking
+#    under the transfer), torch and triton next to raw NCCL again: bench_chunks2.json, bench_chunks4.json
+for chunks in 2 4; do
+  DEEPPORT_MOE_CHUNKS=$chunks timeout 120 "$PY" -m deepport bench --device cuda --op moe_dispatch \
+    --config 'ep2_t4096*' --backend torch triton --out "$OUT/chunks$chunks" > "$OUT/bench_chunks$chunks.log" 2>&1
+  echo "bench with $chunks chunks: exit $? after $((SECONDS - start)) s"; tail -n 8 "$OUT/bench_chunks$chunks.log"
+  cp "$OUT/chunks$chunks/bench.json" "$OUT/bench_chunks$chunks.json" 2>/dev/null; rm -rf "$OUT/chunks$chunks"
+done
 echo "total $((SECONDS - start)) s"

@@ -392,3 +392,37 @@ def test_bf16_sum_accumulates_in_float32(device: str) -> None:
     out = torch.empty((1, 1), dtype=torch.bfloat16, device=device)
     torch.sum(x, 1, dtype=torch.bfloat16, out=out)
     assert float(out) == 1.0 + 2.0**-7
+
+
+# the normal dispatch's payload in several collectives (DEEPPORT_MOE_CHUNKS): the bits of one collective,
+# chunks + 1 collectives (the counts of every range ride in the one count exchange); more chunks than
+# tokens, a rank with no tokens, FP8 payloads, and triton's steps
+@pytest.mark.parametrize("world, params, chunks, backend", [
+    (2, dict(tokens=(13, 0), experts=8), 3, "torch"),
+    (3, dict(tokens=(7, 5, 11), experts=12, fp8=True), 4, "torch"),
+    (4, dict(tokens=(5, 12, 0, 8), experts=32, topk=6, dup=0.3, nowhere=0.2), 7, "torch"),
+    (2, dict(tokens=(9, 4), experts=8), 2, "triton"),
+])
+def test_the_chunked_dispatch_gives_the_bits_of_one_collective(world: int, params: dict[str, Any], chunks: int,
+                                                               backend: str) -> None:
+    if backend == "triton":
+        pytest.importorskip("triton")
+    p = {"hidden": 256, "topk": 4, "world": world, **params}
+    results = rank_group(world, "cpu").run("tests.moe_chunk_jobs:chunked_dispatch", world, params=p, chunks=chunks,
+                                           backend=backend, seed=2)
+    for rank, got in enumerate(results):
+        assert got["bad"] == [], f"rank {rank}: {got['bad']}"
+        assert got["collectives"] == chunks + 1, (rank, got)
+
+
+def test_the_chunk_setting_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    from deepport.backends.torch import moe_chunks
+
+    monkeypatch.delenv("DEEPPORT_MOE_CHUNKS", raising=False)
+    assert moe_chunks.payload_chunks() == 1
+    monkeypatch.setenv("DEEPPORT_MOE_CHUNKS", "5")
+    assert moe_chunks.payload_chunks() == 5
+    for bad in ("0", "65", "two"):
+        monkeypatch.setenv("DEEPPORT_MOE_CHUNKS", bad)
+        with pytest.raises(ValueError, match="DEEPPORT_MOE_CHUNKS"):
+            moe_chunks.payload_chunks()

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from deepport.backends.torch import moe_chunks
 from deepport.backends.torch.moe_comm import (
     RowFormat,
     RowsWindow,
@@ -232,12 +233,19 @@ def route(data: torch.Tensor, scales: torch.Tensor | None, topk_idx: torch.Tenso
         by_expert = selection_mask(idx, num_experts, 1)
         in_rank = by_expert.view(t, world, num_local).any(2)
         table = torch.cat([in_rank.sum(0)[:, None], by_expert.sum(0).view(world, num_local)], dim=1)
+    chunks = moe_chunks.payload_chunks() if unpack and world > 1 else 1  # every rank reads the same setting
+    if chunks > 1:  # per token range, the tokens each rank gets: in the same count exchange
+        table = torch.cat([table, moe_chunks.chunk_counts(in_rank, chunks)], dim=1)
     counts = exchange_table(table, grp, f"{what} (counts)")
     meta = _meta(idx, weights)  # overlaps the count exchange
     got = counts.wait()
-    per_expert = got[:, 1:].sum(0)
-    host = torch.cat([table[:, 0], got[:, 0], per_expert]).tolist()  # the one host sync
+    per_expert = got[:, 1: 1 + num_local].sum(0)
+    ranged = [table[:, 1 + num_local:].reshape(-1), got[:, 1 + num_local:].reshape(-1)] if chunks > 1 else []
+    host = torch.cat([table[:, 0], got[:, 0], per_expert, *ranged]).tolist()  # the one host sync
     sends, recvs = [int(v) for v in host[:world]], [int(v) for v in host[world: 2 * world]]
+    at = 2 * world + num_local
+    send_chunks = [host[at + r * chunks: at + (r + 1) * chunks] for r in range(world)]
+    recv_chunks = [host[at + (world + s) * chunks: at + (world + s + 1) * chunks] for s in range(world)]
     n, hidden = sum(recvs), int(data.shape[1])
     dense_scales = None if scales is None else dense(scales)
     sources = {"x": data, "meta": meta, **({} if dense_scales is None else {"scales": dense_scales})}
@@ -248,7 +256,12 @@ def route(data: torch.Tensor, scales: torch.Tensor | None, topk_idx: torch.Tenso
                 "meta": torch.empty((n, int(meta.shape[1])), dtype=torch.int32, device=data.device)}
         if dense_scales is not None:
             outs["scales"] = make((n, int(dense_scales.shape[1])), torch.float32)
-        _exchange(fmt, sources, in_rank, sends, recvs, grp, outs, what, local=local)
+        if chunks > 1:
+            moe_chunks.exchange_chunked(fmt, sources, in_rank, sends, recvs, send_chunks, recv_chunks, grp, outs,
+                                        what, lambda part, dst, src, rows: _take_rows(_steps_for(part, local), dst,
+                                                                                     src, rows), _copy_rows)
+        else:
+            _exchange(fmt, sources, in_rank, sends, recvs, grp, outs, what, local=local)
         recv_x, recv_s, recv_meta = outs["x"], outs.get("scales"), outs["meta"]
     else:
         buf = _exchange(fmt, sources, in_rank, sends, recvs, grp, None, what, zero_row, local)
@@ -263,7 +276,7 @@ def route(data: torch.Tensor, scales: torch.Tensor | None, topk_idx: torch.Tenso
         recv_w = torch.where(recv_local >= 0, raw, torch.zeros_like(raw))
     handle = MoEHandle(grp.group, me, world, num_experts, hidden, alignment, idx.clone(), in_rank, tuple(sends),
                        tuple(recvs), recv_meta[:, 0].to(torch.int64), recv_local,
-                       tuple(int(v) for v in host[2 * world:]))
+                       tuple(int(v) for v in host[2 * world: 2 * world + num_local]))
     return Received(recv_x, recv_s, recv_local, recv_w, handle, per_expert)
 
 
