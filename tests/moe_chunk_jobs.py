@@ -4,12 +4,12 @@ run under ``deepport.conformance.rank_group`` on gloo ranks."""
 from __future__ import annotations
 
 import os
+from collections import Counter
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
-from tests.moe_ep_probe import _inputs, _same
+from tests.moe_ep_probe import _inputs, _same, counting_all_to_all
 
 
 def _dispatch(group: Any, p: dict[str, Any], seed: int, rank: int, backend: str) -> dict[str, Any]:
@@ -32,22 +32,14 @@ def chunked_dispatch(rank: int, group: Any, device: torch.device, params: dict[s
     payload collectives plus the count exchange."""
     p = {**params, "tokens": tuple(params["tokens"])}
     want = _dispatch(group, p, seed, rank, backend)
-    calls = 0
-    original = dist.all_to_all_single
-
-    def counting(*args: Any, **kwargs: Any) -> Any:
-        nonlocal calls
-        calls += 1
-        return original(*args, **kwargs)
-
+    used: Counter[str] = Counter()
     os.environ["DEEPPORT_MOE_CHUNKS"] = str(chunks)
-    dist.all_to_all_single = counting  # type: ignore[assignment]
     try:
-        got = _dispatch(group, p, seed, rank, backend)
+        with counting_all_to_all(used):
+            got = _dispatch(group, p, seed, rank, backend)
     finally:
-        dist.all_to_all_single = original
         os.environ.pop("DEEPPORT_MOE_CHUNKS", None)
     bad: list[str] = []
     for name in want:
         _same(name, got[name], want[name], bad)
-    return {"bad": bad, "collectives": calls}
+    return {"bad": bad, "collectives": used["all_to_all_single"]}

@@ -452,11 +452,22 @@ def optional_steps(rank: int, group: Any, device: torch.device, params: dict[str
     return {"used": dict(used), "bad": bad, "bf16_steps": steps_off}
 
 
+@contextlib.contextmanager
+def counting_all_to_all(used: Counter[str]) -> Iterator[None]:
+    """Inside, each ``torch.distributed.all_to_all_single`` call adds one to ``used["all_to_all_single"]``."""
+    original = dist.all_to_all_single
+    dist.all_to_all_single = _counted(used, "all_to_all_single", original)  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        dist.all_to_all_single = original
+
+
 def _counted(used: Counter[str], name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     """``fn``, counting its calls in ``used[name]``."""
-    def run(*args: Any) -> Any:
+    def run(*args: Any, **kwargs: Any) -> Any:
         used[name] += 1
-        return fn(*args)
+        return fn(*args, **kwargs)
     return run
 
 

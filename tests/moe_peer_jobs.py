@@ -9,12 +9,13 @@ same ops over ``all_to_all_single``.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from tests.moe_ep_probe import _inputs, _same
+from tests.moe_ep_probe import _inputs, _same, counting_all_to_all
 
 
 def _outputs(group: Any, device: torch.device, p: dict[str, Any], seed: int, rank: int,
@@ -76,27 +77,16 @@ def peer_agreement(rank: int, group: Any, device: torch.device, params: dict[str
     memory = ShmPeerMemory(group, capacity, timeout_s=30.0, fixed_capacity=fixed)
     transport = PeerTransport(memory)
     bad: list[str] = []
-    collectives = 0
-    original = dist.all_to_all_single
-
-    def counting(*args: Any, **kwargs: Any) -> Any:
-        nonlocal collectives
-        collectives += 1
-        return original(*args, **kwargs)
-
+    used: Counter[str] = Counter()
     for call in range(calls):
         want = _outputs(group, device, p, seed + call, rank)
-        dist.all_to_all_single = counting  # type: ignore[assignment]
-        try:
-            with use_transport(transport):
-                got = _outputs(group, device, p, seed + call, rank, backend)
-        finally:
-            dist.all_to_all_single = original
+        with counting_all_to_all(used), use_transport(transport):
+            got = _outputs(group, device, p, seed + call, rank, backend)
         if got.keys() != want.keys():
             bad.append(f"call {call}: outputs {sorted(got)} vs {sorted(want)}")
         for name in want:
             _same(f"call {call}: {name}", got.get(name), want[name], bad)
-    return {"bad": bad, "collectives": collectives, "chunks": sum(memory.sent), "compared": len(want),
+    return {"bad": bad, "collectives": used["all_to_all_single"], "chunks": sum(memory.sent), "compared": len(want),
             "fixed_exchanges": memory.fixed_exchanges, "written": memory.written_exchanges,
             "rows_windows": transport.rows_windows}
 
