@@ -123,25 +123,33 @@ def _moe_worker(rank: int, world: int, init: str, results: Any) -> None:
         cases = [dict(hidden=256, experts=16, topk=4, t_max=16, world=2, tokens=(13, 9)),
                  dict(hidden=512, experts=8, topk=8, t_max=24, world=2, tokens=(0, 21), dup=0.3),
                  dict(hidden=256, experts=16, topk=4, t_max=16, world=2, tokens=(11, 6), fp8=True)]
-        for i, p in enumerate(cases):
-            for fixed in (1 << 20, 0):  # the fixed exchange, then every exchange in rounds
-                memory.fixed_capacity = fixed
-                want = _outputs(group, torch.device("cpu"), p, 40 + i, rank, backend="torch")
+        # the fixed exchange, then every exchange in rounds; cases 0 and 2 (FP8) also with the normal dispatch's
+        # payload in 3 collectives (DEEPPORT_MOE_CHUNKS: token ranges, here over the peer transport's rounds)
+        runs = [(i, p, fixed, 1) for i, p in enumerate(cases) for fixed in (1 << 20, 0)]
+        runs += [(i, cases[i], 1 << 20, 3) for i in (0, 2)]
+        for i, p, fixed, chunks in runs:
+            memory.fixed_capacity = fixed
+            want = _outputs(group, torch.device("cpu"), p, 40 + i, rank, backend="torch")
+            os.environ["DEEPPORT_MOE_CHUNKS"] = str(chunks)
+            try:
                 with use_transport(transport):
                     got = {k: _to_cpu(v) for k, v in _outputs(group, device, p, 40 + i, rank, backend="triton").items()}
-                bad: list[str] = []
-                for name, ref in want.items():
-                    if "combine" in name and "weights" not in name:
-                        if bf16_ulps(got[name], ref) > 1:
-                            bad.append(f"{name} more than one bf16 step off")
-                    else:
-                        _same(name, got[name], ref, bad)
-                label = f"moe ops case {i} ({'fixed exchange' if fixed else 'rounds'}, {len(want)} outputs)"
-                out.append(f"{label}: {'ok' if not bad else 'WRONG ' + '; '.join(bad[:4])}")
+            finally:
+                os.environ.pop("DEEPPORT_MOE_CHUNKS", None)
+            bad: list[str] = []
+            for name, ref in want.items():
+                if "combine" in name and "weights" not in name:
+                    if bf16_ulps(got[name], ref) > 1:
+                        bad.append(f"{name} more than one bf16 step off")
+                else:
+                    _same(name, got[name], ref, bad)
+            how = ("fixed exchange" if fixed else "rounds") + (f", {chunks} payload chunks" if chunks > 1 else "")
+            label = f"moe ops case {i} ({how}, {len(want)} outputs)"
+            out.append(f"{label}: {'ok' if not bad else 'WRONG ' + '; '.join(bad[:4])}")
         written = memory.written_exchanges
-        # per fixed-exchange run of cases 0 and 1: two dispatches (rank 0 has no tokens in case 1: none there)
-        # and one combine whose partial sums went straight into the sources' slots
-        expected = 6 if rank else 4
+        # per fixed-exchange run of cases 0 (twice) and 1: two dispatches (rank 0 has no tokens in case 1: none
+        # there) and one combine whose partial sums went straight into the sources' slots
+        expected = 9 if rank else 7
         out.append(f"low-latency exchanges written straight into the peer's slots: {written} "
                    f"({'ok' if written == expected else f'WRONG: expected {expected}'})")
         # the profile's own memory: blocks and slots of the sizes the hopper backend lays out by default

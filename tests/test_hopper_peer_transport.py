@@ -333,8 +333,10 @@ def test_the_exchange_kernel_in_loopback_on_one_gpu() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_the_hopper_ep_path_on_one_gpu_matches_torch_over_gloo() -> None:
     done = _one_gpu("--moe")
-    # per rank: 3 cases x (fixed exchange, rounds), the graph replays; the written exchanges counted
-    assert done.returncode == 0 and done.stdout.count(": ok") == 2 * 7, done.stdout + done.stderr
+    # per rank: 3 cases x (fixed exchange, rounds), 2 cases with a chunked payload, the graph replays; the
+    # written exchanges counted
+    assert done.returncode == 0 and done.stdout.count(": ok") == 2 * 9, done.stdout + done.stderr
+    assert done.stdout.count("3 payload chunks") == 2 * 2, done.stdout
     assert done.stdout.count("written straight into the peer's slots") == done.stdout.count("(ok)") == 2, done.stdout
     # triton's steps: with and without the windows; torch's: with them
     assert done.stdout.count("profile low-latency") == 2 * (3 + 2), done.stdout
