@@ -136,6 +136,12 @@ def moe_lowering_report() -> dict[str, dict[str, int]]:
     from deepport.backends.triton import moe_expanded_dispatch_kernels as x
     from deepport.backends.triton import moe_permute_kernels as k
 
+    # the low-latency sender's arguments, but for its buffers (send rows or the peers' slots)
+    send_rows = dict(
+        x_ptr=Ptr("bf16"), stride_x=7168, idx_ptr=Ptr("i64"), stride_idx=8, num_tokens=128, num_local=128, num_ranks=2,
+        t_max=128, in_rank_ptr=Ptr("u8"), send_slot_ptr=Ptr("i64"), target_ptr=Ptr("i64"), hidden=7168, fp8_max=448.0,
+        fp8_max_inv=1 / 448, amax_floor=1e-4, win_ptr=Ptr("i64"), seq_ptr=Ptr("i64"), K=8, KP=8, RP=2, BLOCK_T=128,
+        CAST=True, STORE_FP32=False, META_ALIGN=16, Q_ALIGN=16, S_ALIGN=16)
     kernels = {
         "layout": compile_for(k.moe_layout_count_kernel, dict(
             idx_ptr=Ptr("i64"), per_rank_ptr=Ptr("i32"), per_expert_ptr=Ptr("i32"), in_rank_ptr=Ptr("u8"),
@@ -175,23 +181,15 @@ def moe_lowering_report() -> dict[str, dict[str, int]]:
         "cast_fp8": compile_for(k.moe_cast_fp8_kernel, dict(
             x_ptr=Ptr("bf16"), q_ptr=Ptr("fp8e4nv"), scale_ptr=Ptr("fp32"), hidden=7168, fp8_max=448.0,
             fp8_max_inv=1 / 448, amax_floor=1e-4, STORE_FP32=False)),
-        "ll_send_rows": compile_for(k.moe_ll_send_rows_kernel, dict(
-            x_ptr=Ptr("bf16"), stride_x=7168, idx_ptr=Ptr("i64"), stride_idx=8, num_tokens=128, num_local=128,
-            num_ranks=2, t_max=128, in_rank_ptr=Ptr("u8"), send_slot_ptr=Ptr("i64"), target_ptr=Ptr("i64"),
+        "ll_send_rows": compile_for(k.moe_ll_send_rows_kernel, {**send_rows, **dict(
             meta_ptr=Ptr("i32"), stride_meta=1857, q_ptr=Ptr("fp8e4nv"), stride_q=7428, scale_ptr=Ptr("fp32"),
-            stride_s=1857, hidden=7168, blocks_per_program=4, fp8_max=448.0, fp8_max_inv=1 / 448, amax_floor=1e-4,
-            win_ptr=Ptr("i64"), seq_ptr=Ptr("i64"), row_bytes=0, meta_off=0, q_off=0, scale_off=0,
-            K=8, KP=8, RP=2, BLOCK_T=128, CAST=True, STORE_FP32=False, DIRECT=False, DIRECT_Q=False, META_ALIGN=16,
-            Q_ALIGN=16, S_ALIGN=16)),
+            stride_s=1857, blocks_per_program=4, row_bytes=0, meta_off=0, q_off=0, scale_off=0, DIRECT=False,
+            DIRECT_Q=False)}),
         # the same sender storing straight into the peers' slots (rows of 7168 + 224 + 36 bytes, padded to 7440)
-        "ll_send_window": compile_for(k.moe_ll_send_rows_kernel, dict(
-            x_ptr=Ptr("bf16"), stride_x=7168, idx_ptr=Ptr("i64"), stride_idx=8, num_tokens=128, num_local=128,
-            num_ranks=2, t_max=128, in_rank_ptr=Ptr("u8"), send_slot_ptr=Ptr("i64"), target_ptr=Ptr("i64"),
+        "ll_send_window": compile_for(k.moe_ll_send_rows_kernel, {**send_rows, **dict(
             meta_ptr=Ptr("bf16"), stride_meta=7168, q_ptr=Ptr("bf16"), stride_q=7168, scale_ptr=Ptr("bf16"),
-            stride_s=7168, hidden=7168, blocks_per_program=8, fp8_max=448.0, fp8_max_inv=1 / 448, amax_floor=1e-4,
-            win_ptr=Ptr("i64"), seq_ptr=Ptr("i64"), row_bytes=7440, meta_off=7392, q_off=0, scale_off=7168,
-            K=8, KP=8, RP=2, BLOCK_T=128, CAST=True, STORE_FP32=False, DIRECT=True, DIRECT_Q=True, META_ALIGN=16,
-            Q_ALIGN=16, S_ALIGN=16)),
+            stride_s=7168, blocks_per_program=8, row_bytes=7440, meta_off=7392, q_off=0, scale_off=7168, DIRECT=True,
+            DIRECT_Q=True)}),
         "ll_window_rows": compile_for(k.moe_ll_window_rows_kernel, dict(
             src_ptr=Ptr("u8"), stride_src=7168, target_ptr=Ptr("i64"), win_ptr=Ptr("i64"), seq_ptr=Ptr("i64"),
             num_ranks=2, t_max=128, row_bytes=7440, part_off=0, width=7168, BLOCK=4096)),
