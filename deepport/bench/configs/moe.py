@@ -4,7 +4,9 @@ experts; 128 tokens for latency), with raw NCCL ``all_to_all_single`` of the sam
 - GPU configs run over 2 processes (one GPU each, NCCL; :func:`run_distributed`): per backend, one
   checked call (every output of the backend equal, bit for bit, to the ``reference`` backend's on the
   same group and inputs: routes, counts, payload rows; combine within one bf16 rounding), then timing:
-  a barrier, then CUDA events around each call on every rank; a sample is the slowest rank's time.
+  a barrier, then CUDA events around each public call on every rank (``DEEPPORT_CHECK_VALUES=0``, as
+  the bench times every config: the checked call validated the inputs; the calls still read their
+  counts on the host); a sample is the slowest rank's time.
   The same run times ``all_to_all_single`` of exactly the payload bytes the dispatch moves (same
   split sizes), reported as backend ``nccl_all_to_all``. Bytes counted (``benchmarks/README.md``): payload bytes
   this rank sends to other ranks (dispatch) or returns to them (combine), rank 0's figure.
@@ -29,6 +31,7 @@ import deepport
 from deepport.bench import ceilings
 from deepport.bench.configs import BenchConfig, Workload, bound_runner
 from deepport.bench.results import BenchResult
+from deepport.bench.timing import environment_var
 from deepport.errors import BackendNotSupportedError
 from deepport.kernels.moe_args import Alloc
 
@@ -201,7 +204,8 @@ def _bench_backend(op: str, backend: str, inputs: tuple[torch.Tensor, torch.Tens
     if not int(flag.item()):
         return {"backend": backend, "status": "failed_check", "bytes": moved,
                 "message": "differs from the reference backend on some rank"}
-    times = _timed(dispatch if op == "moe_dispatch" else combine, samples, group)
+    with environment_var("DEEPPORT_CHECK_VALUES", "0"):  # validated by the checked call, as every config times
+        times = _timed(dispatch if op == "moe_dispatch" else combine, samples, group)
     return {"backend": backend, "status": "ok", "bytes": moved, "samples_us": times,
             "check": {"passed": True, "against": "reference backend, same group and inputs"}}
 

@@ -1,0 +1,225 @@
+"""Where the host's time goes in the expert-parallel ops' eager calls: two processes on ONE GPU.
+
+``deepport bench`` times the normal MoE ops (issue 14's 4096-token configs) with CUDA events around one
+eager call, the argument checks included, so the host's work counts wherever the GPU waits for it. Each
+call reads its counts on the host once (and once more for the value checks of ``topk_idx`` unless
+``DEEPPORT_CHECK_VALUES=0``); after the last read the GPU can run no faster than the host launches the rest.
+
+Per call, on each rank, this splits the host's wall time at its device-to-host reads (``tolist``,
+``item``, ``bool`` of a tensor, timed while the step runs):
+
+- **before**: from the call to its first read (launching the routing kernels, the checks);
+- **blocked**: inside the reads (waiting for the GPU, the peer's count exchange, the copy);
+- **between**: host work between two reads;
+- **after**: from the last read's return to the call's return (launching everything that moves the
+  payload and fills the outputs);
+
+and gives the CUDA-event span of the call on this rank's stream. Two processes time-slice the GPU, so
+*blocked* and the span are upper bounds there; *before*, *between* and *after* are this rank's own host
+work: on two GPUs the op cannot take less than ``before + after`` plus the GPU work that must follow the
+last read. Steps: the hopper path (triton's steps over the CUDA-IPC peer transport) and the torch
+backend's steps over the same transport, issue 14's sizes (hidden 7168, top-8 of 256, EP=2).
+
+``python -m tests.peer_cuda_host [--calls N] [--cprofile STEP]`` prints a table per rank (medians over N
+calls, default 20); with ``--cprofile``, rank 0 also runs the steps whose name contains ``STEP`` (value
+checks off) under cProfile and prints the host functions behind them.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+READS = ("tolist", "item", "__bool__", "__int__", "__float__")
+
+
+@contextmanager
+def timed_reads(spans: list[tuple[float, float]]) -> Iterator[None]:
+    """Inside the block, every ``Tensor.tolist``/``item``/``__bool__`` appends its ``(entry, exit)``
+    ``time.perf_counter`` times to ``spans``."""
+    saved = {name: getattr(torch.Tensor, name) for name in READS}
+
+    def wrap(name: str) -> Callable[..., Any]:
+        real = saved[name]
+
+        def read(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            if self.device.type != "cuda":
+                return real(self, *args, **kwargs)
+            t0 = time.perf_counter()
+            try:
+                return real(self, *args, **kwargs)
+            finally:
+                spans.append((t0, time.perf_counter()))
+
+        return read
+
+    for name in READS:
+        setattr(torch.Tensor, name, wrap(name))
+    try:
+        yield
+    finally:
+        for name, real in saved.items():
+            setattr(torch.Tensor, name, real)
+
+
+def split_call(step: Callable[[], Any], device: torch.device) -> dict[str, float]:
+    """One call of ``step`` (GPU idle before it): microseconds before / blocked / between / after its reads,
+    its host wall time and the CUDA-event span, and how many reads it made."""
+    torch.cuda.synchronize(device)
+    start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+    end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+    spans: list[tuple[float, float]] = []
+    with timed_reads(spans):
+        t0 = time.perf_counter()
+        start.record()
+        step()
+        end.record()
+        t1 = time.perf_counter()
+    torch.cuda.synchronize(device)
+    us = 1e6
+    blocked = sum(b - a for a, b in spans)
+    before = (spans[0][0] - t0) if spans else t1 - t0
+    after = (t1 - spans[-1][1]) if spans else 0.0
+    return {"before": before * us, "blocked": blocked * us, "between": (t1 - t0 - blocked - before - after) * us,
+            "after": after * us, "wall": (t1 - t0) * us, "span": start.elapsed_time(end) * 1e3,
+            "reads": float(len(spans))}
+
+
+def _steps(group: Any, device: torch.device) -> list[tuple[str, Callable[[], Any]]]:
+    import deepport
+    from deepport.bench.configs.moe import routing
+
+    rank = dist.get_rank(group)
+    xn, idxn, wn = routing(4096, 7168, 256, 8, 2000 + rank, device)
+    x, idx, w = routing(128, 7168, 256, 8, 1000 + rank, device)
+    y = torch.randn(128, 2 * 128, 7168, device=device).to(torch.bfloat16)
+    from deepport.dispatch import selection
+    from deepport.kernels import OPS
+
+    def op_layer(op: str, *args: Any, **kwargs: Any) -> Callable[[], Any]:  # the public op minus the backend's work
+        def run() -> Any:
+            call = OPS[op].bind(*args, **kwargs)
+            return selection.choose(op, call.signature, "triton")
+        return run
+
+    first = deepport.moe_dispatch(xn, idxn, wn, 256, group=group, backend="triton")
+    steps: list[tuple[str, Callable[[], Any]]] = [
+        ("op layer only: dispatch 4096", op_layer("moe_dispatch", xn, idxn, wn, 256, group=group)),
+        ("op layer only: combine 4096", op_layer("moe_combine", first.recv_x, first.handle)),
+    ]
+    for backend in ("triton", "torch"):
+        normal = deepport.moe_dispatch(xn, idxn, wn, 256, group=group, backend=backend)
+        ll = deepport.moe_low_latency_dispatch(x, idx, 128, 256, group=group, use_fp8=True, backend=backend)
+        steps += [
+            (f"{backend}: dispatch 4096", functools.partial(deepport.moe_dispatch, xn, idxn, wn, 256, group=group,
+                                                            backend=backend)),
+            (f"{backend}: combine 4096", functools.partial(deepport.moe_combine, normal.recv_x, normal.handle,  # type: ignore[arg-type]
+                                                           backend=backend)),
+            (f"{backend}: low-latency dispatch 128", functools.partial(
+                deepport.moe_low_latency_dispatch, x, idx, 128, 256, group=group, use_fp8=True, backend=backend)),
+            (f"{backend}: low-latency combine 128", functools.partial(
+                deepport.moe_low_latency_combine, y, idx, w, ll.handle, backend=backend)),
+        ]
+    return steps
+
+
+def _cprofile(step: Callable[[], Any], device: torch.device, calls: int) -> list[str]:
+    """The host's Python functions behind ``calls`` calls of ``step`` (cProfile, by cumulative time)."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    for _ in range(calls):
+        torch.cuda.synchronize(device)
+        prof.enable()
+        step()
+        prof.disable()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(45)
+    text2 = io.StringIO()
+    pstats.Stats(prof, stream=text2).sort_stats("tottime").print_stats(30)
+    return ["cProfile (cumulative):", text.getvalue(), "cProfile (own time):", text2.getvalue()]
+
+
+def _worker(rank: int, world: int, init: str, calls: int, results: Any, profile: str = "") -> None:
+    from deepport.backends.hopper.peer_memory_cuda import CudaPeerMemory
+    from deepport.backends.hopper.peer_transport import PeerTransport
+    from deepport.backends.torch.moe_comm import use_transport
+    from deepport.kernels import moe_args
+
+    out: list[str] = []
+    try:
+        dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world, timeout=timedelta(seconds=120))
+        device = torch.device("cuda", 0)
+        torch.cuda.set_device(device)
+        group = dist.group.WORLD
+        checked = moe_args.resolve_group  # CUDA tensors on a gloo group: only the peer transport moves bytes
+        moe_args.resolve_group = lambda g, d: checked(g, torch.device("cpu"))  # type: ignore[assignment]
+        memory = CudaPeerMemory(group, device, capacity=64 << 20, timeout_s=60.0, mapping="ipc", fixed_capacity=8 << 20)
+        with use_transport(PeerTransport(memory)):
+            steps = _steps(group, device)
+            out.append(f"{'step':<40} {'checks':>6} {'reads':>5} {'before':>8} {'blocked':>8} {'between':>8} "
+                       f"{'after':>8} {'wall':>8} {'span':>8}   (us, median of {calls})")
+            for checks in ("1", "0"):
+                os.environ["DEEPPORT_CHECK_VALUES"] = checks
+                for name, step in steps:
+                    for _ in range(3):
+                        step()
+                    rows = []
+                    for _ in range(calls):
+                        dist.barrier()
+                        rows.append(split_call(step, device))
+                    med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+                    if profile and profile in name and checks == "0":  # collective calls: both ranks
+                        found = _cprofile(step, device, calls)
+                        out += found if rank == 0 else []
+                    out.append(f"{name:<40} {checks:>6} {med['reads']:>5.0f} {med['before']:>8.1f} "
+                               f"{med['blocked']:>8.1f} {med['between']:>8.1f} {med['after']:>8.1f} "
+                               f"{med['wall']:>8.1f} {med['span']:>8.1f}")
+        torch.cuda.synchronize(device)
+        dist.barrier()
+    except Exception:
+        out.append("FAILED: " + traceback.format_exc())
+    results[rank] = out
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("no CUDA device")
+        return 2
+    calls = int(sys.argv[sys.argv.index("--calls") + 1]) if "--calls" in sys.argv else 20
+    profile = sys.argv[sys.argv.index("--cprofile") + 1] if "--cprofile" in sys.argv else ""
+    world = 2
+    ctx = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory() as tmp:
+        results = ctx.Manager().dict()
+        procs = [ctx.Process(target=_worker, args=(r, world, f"file://{tmp}/rendezvous", calls, results,
+                                                    profile))
+                 for r in range(world)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=400)
+            if p.is_alive():
+                p.kill()
+        lines = [f"rank {r}: {line}" for r in range(world) for line in results.get(r, ["no result (died)"])]
+    print("\n".join(lines))
+    return 1 if any("FAILED" in line or "no result" in line for line in lines) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
