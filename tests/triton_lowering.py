@@ -50,7 +50,7 @@ def compile_for(fn: Any, args: Mapping[str, Any], *, target: GPUTarget = HOPPER,
             signature[name] = "constexpr"
             constexprs[(i,)] = 1
         else:
-            signature[name] = "i32"
+            signature[name] = "i64" if abs(value) >= 1 << 31 else "i32"  # as triton types a Python int
             if value % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
@@ -164,6 +164,10 @@ def moe_lowering_report() -> dict[str, dict[str, int]]:
             y_ptr=Ptr("bf16"), table_ptr=Ptr("i64"), weight_ptr=Ptr("fp32"), out_ptr=Ptr("bf16"), num_cols=7168,
             stride_y=7168, win_ptr=Ptr("i64"), seq_ptr=Ptr("i64"), num_ranks=2, rows_per_rank=128, K=8, BLOCK_C=2048,
             DIRECT=False, ADDRESSED=True)),
+        # the same sums with the addresses made in the kernel from in_rank (2 ranks: 2 terms)
+        "rank_rows_at": compile_for(k.moe_rank_rows_kernel, dict(
+            like_ptr=Ptr("bf16"), in_rank_ptr=Ptr("u8"), cumsum_ptr=Ptr("i64"), base_ptr=Ptr("i64"), own=1 << 40,
+            me=0, out_ptr=Ptr("bf16"), num_cols=7168, WORLD=2, BLOCK_C=2048)),
         # the low-latency combine's float32 partial sums stored straight into the source ranks' slots
         "token_rows_window": compile_for(k.moe_token_rows_kernel, dict(
             y_ptr=Ptr("bf16"), table_ptr=Ptr("i64"), weight_ptr=Ptr("fp32"), out_ptr=Ptr("fp32"), num_cols=7168,
@@ -232,11 +236,11 @@ def moe_lowering_report() -> dict[str, dict[str, int]]:
         ptx = kernels[name].asm["ptx"]
         report[name]["wide_stores"] = sum(ptx.count(f"st.global.{w}") for w in ("b32", "v2.b32", "v4.b32"))
         report[name]["byte_stores"] = ptx.count("st.global.b8")
-    for name in ("token_rows", "token_rows_at"):  # loads of 16 bytes (8 bf16) per thread
+    for name in ("token_rows", "token_rows_at", "rank_rows_at"):  # loads of 16 bytes (8 bf16) per thread
         ptx = kernels[name].asm["ptx"]
         report[name]["v4_loads"] = ptx.count("ld.global.v4.b32")
     for name in ("expanded_count", "expanded_layout", "expanded_scatter", "expanded_pad_rows", "token_rows",
-                 "token_rows_window", "token_rows_at", "token_table", "ll_layout", "ll_positions", "ll_send_rows",
+                 "token_rows_window", "token_rows_at", "rank_rows_at", "token_table", "ll_layout", "ll_positions", "ll_send_rows",
                  "ll_send_window", "ll_return", "ll_return_slots", "ll_pairs"):
         ptx = kernels[name].asm["ptx"]
         report[name]["atomics"] = ptx.count("atom.") + ptx.count("red.global")

@@ -65,6 +65,11 @@ backends' kernels) and reuses everything else.
   by its address (int64 ``[T, K]``, -1 none, 16-byte aligned rows of ``out.shape[1]`` elements of ``like``'s
   dtype) instead of its index: the normal combine sums the rows where they arrived in a peer transport's
   memory (no copy out of it).
+- ``rank_rows_at(like, in_rank, bases, me, own, out)`` (optional): ``token_rows_at`` with weights of one and
+  the addresses made by the step itself from ``in_rank`` (bool ``[T, R]``): token ``t``'s terms are, for each
+  rank ``r`` with ``in_rank[t, r]`` in rank order, row ``k`` of the rows at ``bases[r]`` (int64 ``[R]``; the
+  address ``own`` for ``r == me``), ``k`` the number of tokens before ``t`` in rank ``r``. The normal combine
+  takes it (when ``R <= K``) instead of building the address table with torch ops.
 - ``token_rows_window(y, table, weights, window, rows_per_rank)`` (optional): ``token_rows_into``'s sums
   as float32 rows of ``C = y.shape[1]`` stored straight into the receivers' memory through ``window`` (a
   :class:`~deepport.backends.torch.moe_comm.FixedWindow` of ``rows_per_rank * C * 4`` bytes per rank): row
@@ -159,6 +164,7 @@ class LocalSteps:
                                       tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
     token_rows_window: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, FixedWindow, int], None] | None = None
     token_rows_at: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
+    rank_rows_at: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, int, torch.Tensor], None] | None = None
     low_latency_return: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, int, torch.Tensor | None],
                                  tuple[torch.Tensor, torch.Tensor]] | None = None
     low_latency_pairs: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None],

@@ -424,6 +424,10 @@ def _sum_in_place(window: RowsWindow, rows: torch.Tensor, handle: MoEHandle, out
     in_rank = handle.is_token_in_rank
     blocks = _block_addresses(tuple(0 if g is None else int(g.data_ptr()) for g in got), in_rank.device)
     own = int(flat.data_ptr()) + sum(sends[:me]) * width  # this rank's rows for itself never left `rows`
+    if local.rank_rows_at is not None and handle.world_size <= handle.num_topk:  # the addresses made in the kernel
+        local.rank_rows_at(flat, in_rank, blocks, me, own, out.view(t, cols))
+        window.release()
+        return
     base = torch.where(torch.arange(len(got), device=in_rank.device) == me, own, blocks)
     addresses = torch.where(in_rank, base[None, :] + (column_cumsum(in_rank) - 1) * width, -1)  # [T, world]
     if handle.world_size > handle.num_topk:  # one entry per slot, each rank at its first slot

@@ -44,6 +44,7 @@ from deepport.backends.triton.moe_permute_kernels import (
     moe_ll_send_rows_kernel,
     moe_ll_window_rows_kernel,
     moe_place_rows_kernel,
+    moe_rank_rows_kernel,
     moe_scatter_rows_kernel,
     moe_token_rows_kernel,
     moe_token_table_kernel,
@@ -445,6 +446,27 @@ def token_rows_at(like: torch.Tensor, addresses: torch.Tensor, weights: torch.Te
         out.copy_(target)
 
 
+def rank_rows_at(like: torch.Tensor, in_rank: torch.Tensor, bases: torch.Tensor, me: int, own: int,
+                 out: torch.Tensor) -> None:
+    """:func:`token_rows_at` with the addresses made in the kernel (see
+    :class:`deepport.backends.torch.moe_local.LocalSteps`): token ``t``'s rows are, for each rank ``r`` with
+    ``in_rank[t, r]`` in order, row ``k`` of rank ``r``'s rows at ``bases[r]`` (``own`` for ``r == me``), ``k``
+    the tokens before ``t`` in that rank; weights of one."""
+    tokens, cols = int(out.shape[0]), int(out.shape[1])
+    world = int(in_rank.shape[1])
+    if tokens == 0 or cols == 0:
+        return
+    flags = in_rank.contiguous().view(torch.uint8)
+    cumsum = torch.cumsum(flags, 0, dtype=torch.int64)
+    target = torch.empty((tokens, cols), dtype=torch.float32, device=out.device) if interpreting() else out
+    block, warps = _sum_tiling(cols, like.element_size())
+    with _guard(out.device):
+        moe_rank_rows_kernel[(tokens, -(-cols // block))](
+            like, flags, cumsum, bases, own, me, target, cols, WORLD=world, BLOCK_C=block, num_warps=warps)
+    if target is not out:
+        out.copy_(target)
+
+
 def token_rows_window(y: torch.Tensor, table: torch.Tensor, weights: torch.Tensor, window: FixedWindow,
                       rows_per_rank: int) -> None:
     """:func:`token_rows_into` into float32 rows of ``C = y.shape[1]`` stored straight into the receivers'
@@ -570,7 +592,7 @@ TRITON = LocalSteps(place_rows, weighted_rows, cast_fp8, scatter_rows=scatter_ro
                     low_latency_positions=low_latency_positions,
                     low_latency_receive=low_latency_receive, low_latency_send_rows=low_latency_send_rows,
                     low_latency_send_window=low_latency_send_window, token_rows_window=token_rows_window,
-                    token_rows_at=token_rows_at,
+                    token_rows_at=token_rows_at, rank_rows_at=rank_rows_at,
                     low_latency_return=low_latency_return, low_latency_pairs=low_latency_pairs,
                     layout_counts=layout_counts)
 

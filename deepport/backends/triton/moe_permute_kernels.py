@@ -216,6 +216,29 @@ def moe_token_rows_kernel(y_ptr, table_ptr, weight_ptr, out_ptr, num_cols, strid
 
 
 @triton.jit
+def moe_rank_rows_kernel(like_ptr, in_rank_ptr, cumsum_ptr, base_ptr, own, me, out_ptr, num_cols,
+                         WORLD: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Grid ``(T, ceil(C / BLOCK_C))``: ``out[t]``, the float32 sum over ranks ``r`` in order with
+    ``in_rank[t, r]`` (uint8 ``[T, WORLD]``) of the row of ``C`` elements of ``like``'s type at ``base[r] +
+    (cumsum[t, r] - 1) * row_bytes`` (``own`` instead of ``base[r]`` for ``r == me``; ``cumsum`` int64 ``[T,
+    WORLD]``, the column sums of ``in_rank`` down to ``t``: rank ``r``'s rows are its tokens in order), rounded
+    once to ``out``'s type. The terms and their order of :func:`moe_token_rows_kernel` with ``ADDRESSED``
+    over the table of those addresses and weights of one (the same bits), with the addresses made here."""
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ok = cols < num_cols
+    acc = tl.zeros([BLOCK_C], tl.float32)
+    row_bytes = num_cols * (like_ptr.dtype.element_ty.primitive_bitwidth // 8)
+    for r in tl.static_range(WORLD):
+        if tl.load(in_rank_ptr + t * WORLD + r) != 0:
+            start = tl.where(me == r, own, tl.load(base_ptr + r))
+            row_at = start + (tl.load(cumsum_ptr + t * WORLD + r) - 1) * row_bytes
+            src = tl.multiple_of(row_at.to(tl.pointer_type(like_ptr.dtype.element_ty)), 16) + cols
+            acc += tl.load(src, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + t * num_cols + cols, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
 def moe_token_table_kernel(src_row_ptr, expert_ptr, token_of_ptr, topk_ptr, row_weight_ptr, table_ptr,
                            table_weight_ptr, num_rows, stride_topk, K: tl.constexpr, KP: tl.constexpr,
                            BLOCK_R: tl.constexpr):
