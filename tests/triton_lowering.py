@@ -167,7 +167,7 @@ def moe_lowering_report() -> dict[str, dict[str, int]]:
         # the same sums with the addresses made in the kernel from in_rank (2 ranks: 2 terms)
         "rank_rows_at": compile_for(k.moe_rank_rows_kernel, dict(
             like_ptr=Ptr("bf16"), in_rank_ptr=Ptr("u8"), cumsum_ptr=Ptr("i64"), base_ptr=Ptr("i64"), own=1 << 40,
-            me=0, out_ptr=Ptr("bf16"), num_cols=7168, WORLD=2, BLOCK_C=2048)),
+            me=0, out_ptr=Ptr("bf16"), num_cols=7168, num_tokens=4096, WORLD=2, BLOCK_C=2048)),
         # the low-latency combine's float32 partial sums stored straight into the source ranks' slots
         "token_rows_window": compile_for(k.moe_token_rows_kernel, dict(
             y_ptr=Ptr("bf16"), table_ptr=Ptr("i64"), weight_ptr=Ptr("fp32"), out_ptr=Ptr("fp32"), num_cols=7168,

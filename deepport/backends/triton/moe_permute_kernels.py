@@ -216,12 +216,13 @@ def moe_token_rows_kernel(y_ptr, table_ptr, weight_ptr, out_ptr, num_cols, strid
 
 
 @triton.jit
-def moe_rank_rows_kernel(like_ptr, in_rank_ptr, cumsum_ptr, base_ptr, own, me, out_ptr, num_cols,
+def moe_rank_rows_kernel(like_ptr, in_rank_ptr, cumsum_ptr, base_ptr, own, me, out_ptr, num_cols, num_tokens,
                          WORLD: tl.constexpr, BLOCK_C: tl.constexpr):
     """Grid ``(T, ceil(C / BLOCK_C))``: ``out[t]``, the float32 sum over ranks ``r`` in order with
     ``in_rank[t, r]`` (uint8 ``[T, WORLD]``) of the row of ``C`` elements of ``like``'s type at ``base[r] +
-    (cumsum[t, r] - 1) * row_bytes`` (``own`` instead of ``base[r]`` for ``r == me``; ``cumsum`` int64 ``[T,
-    WORLD]``, the column sums of ``in_rank`` down to ``t``: rank ``r``'s rows are its tokens in order), rounded
+    (cumsum[r, t] - 1) * row_bytes`` (``own`` instead of ``base[r]`` for ``r == me``; ``cumsum`` int64 ``[WORLD,
+    T]``, rank ``r``'s running count of ``in_rank[:, r]`` up to token ``t``: its rows are its tokens in order; laid
+    out by rank so that it is torch's fast inner-dimension scan), rounded
     once to ``out``'s type. The terms and their order of :func:`moe_token_rows_kernel` with ``ADDRESSED``
     over the table of those addresses and weights of one (the same bits), with the addresses made here."""
     t = tl.program_id(0).to(tl.int64)
@@ -232,7 +233,7 @@ def moe_rank_rows_kernel(like_ptr, in_rank_ptr, cumsum_ptr, base_ptr, own, me, o
     for r in tl.static_range(WORLD):
         if tl.load(in_rank_ptr + t * WORLD + r) != 0:
             start = tl.where(me == r, own, tl.load(base_ptr + r))
-            row_at = start + (tl.load(cumsum_ptr + t * WORLD + r) - 1) * row_bytes
+            row_at = start + (tl.load(cumsum_ptr + r * num_tokens + t) - 1) * row_bytes
             src = tl.multiple_of(row_at.to(tl.pointer_type(like_ptr.dtype.element_ty)), 16) + cols
             acc += tl.load(src, mask=ok, other=0.0).to(tl.float32)
     tl.store(out_ptr + t * num_cols + cols, acc.to(out_ptr.dtype.element_ty), mask=ok)
