@@ -68,7 +68,7 @@ def test_memory_bound_mla_configs_use_tensor_cores(mla_report: dict[str, dict[st
 def test_moe_kernels_compile_for_sm_90a_and_cast_with_the_e4m3_instruction() -> None:
     report = _lower("moe")
     assert set(report) == {"layout", "place_rows", "weighted_rows", "weighted_rows_prefetch", "token_rows",
-                           "token_rows_window", "token_rows_at", "rank_rows_at",
+                           "token_rows_window", "token_rows_at", "rank_rows_at", "receive_meta",
                            "token_table", "ll_layout", "ll_positions", "cast_fp8", "expanded_count",
                            "expanded_layout", "expanded_rows", "expanded_scatter", "expanded_pad_rows",
                            "ll_send_rows", "ll_send_window", "ll_window_rows", "ll_return", "ll_return_slots",
@@ -87,7 +87,7 @@ def test_moe_kernels_compile_for_sm_90a_and_cast_with_the_e4m3_instruction() -> 
     assert 4 * report["rank_rows_at"]["v4_loads"] >= report["token_rows_at"]["v4_loads"] > 0, report
     assert report["expanded_count"]["atomics"] > 0  # the integer totals
     no_atomics = ("expanded_layout", "expanded_scatter", "expanded_pad_rows", "token_rows", "token_rows_window",
-                  "token_rows_at", "rank_rows_at",
+                  "token_rows_at", "rank_rows_at", "receive_meta",
                   "token_table", "ll_layout",
                   "ll_positions", "ll_send_rows", "ll_send_window", "ll_return", "ll_return_slots", "ll_pairs")
     for name in no_atomics:

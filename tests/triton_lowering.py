@@ -168,6 +168,10 @@ def moe_lowering_report() -> dict[str, dict[str, int]]:
         "rank_rows_at": compile_for(k.moe_rank_rows_kernel, dict(
             like_ptr=Ptr("bf16"), in_rank_ptr=Ptr("u8"), cumsum_ptr=Ptr("i64"), base_ptr=Ptr("i64"), own=1 << 40,
             me=0, out_ptr=Ptr("bf16"), num_cols=7168, num_tokens=4096, WORLD=2, BLOCK_C=2048)),
+        # the normal dispatch's received routes from its metadata rows
+        "receive_meta": compile_for(k.moe_receive_meta_kernel, dict(
+            meta_ptr=Ptr("i32"), stride_meta=3604, num_rows=8192, src_ptr=Ptr("i64"), local_ptr=Ptr("i64"),
+            weight_ptr=Ptr("fp32"), first_local=128, num_local=128, K=8, KP=8, HAS_WEIGHTS=True, BLOCK_R=128)),
         # the low-latency combine's float32 partial sums stored straight into the source ranks' slots
         "token_rows_window": compile_for(k.moe_token_rows_kernel, dict(
             y_ptr=Ptr("bf16"), table_ptr=Ptr("i64"), weight_ptr=Ptr("fp32"), out_ptr=Ptr("fp32"), num_cols=7168,
@@ -240,7 +244,8 @@ def moe_lowering_report() -> dict[str, dict[str, int]]:
         ptx = kernels[name].asm["ptx"]
         report[name]["v4_loads"] = ptx.count("ld.global.v4.b32")
     for name in ("expanded_count", "expanded_layout", "expanded_scatter", "expanded_pad_rows", "token_rows",
-                 "token_rows_window", "token_rows_at", "rank_rows_at", "token_table", "ll_layout", "ll_positions", "ll_send_rows",
+                 "token_rows_window", "token_rows_at", "rank_rows_at", "receive_meta", "token_table", "ll_layout",
+                 "ll_positions", "ll_send_rows",
                  "ll_send_window", "ll_return", "ll_return_slots", "ll_pairs"):
         ptx = kernels[name].asm["ptx"]
         report[name]["atomics"] = ptx.count("atom.") + ptx.count("red.global")

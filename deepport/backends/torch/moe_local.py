@@ -70,6 +70,12 @@ backends' kernels) and reuses everything else.
   rank ``r`` with ``in_rank[t, r]`` in rank order, row ``k`` of the rows at ``bases[r]`` (int64 ``[R]``; the
   address ``own`` for ``r == me``), ``k`` the number of tokens before ``t`` in rank ``r``. The normal combine
   takes it (when ``R <= K``) instead of building the address table with torch ops.
+- ``receive_meta(meta, rank, num_local, K, with_weights)`` (optional): the normal dispatch's received routes
+  from its int32 metadata rows ``meta [n, 1 + K (+ K)]`` (source token, global ids (, weight bits)):
+  ``(src int64 [n], local int64 [n, K], weights float32 [n, K] or None)``, ids local to ``rank`` (-1
+  elsewhere) and the weights' bits where the id is local, 0 elsewhere (as
+  :func:`deepport.backends.torch.moe_index.local_ids` and ``torch.where`` give them). Without it the dispatch
+  derives them with torch ops.
 - ``token_rows_window(y, table, weights, window, rows_per_rank)`` (optional): ``token_rows_into``'s sums
   as float32 rows of ``C = y.shape[1]`` stored straight into the receivers' memory through ``window`` (a
   :class:`~deepport.backends.torch.moe_comm.FixedWindow` of ``rows_per_rank * C * 4`` bytes per rank): row
@@ -165,6 +171,8 @@ class LocalSteps:
     token_rows_window: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, FixedWindow, int], None] | None = None
     token_rows_at: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
     rank_rows_at: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, int, torch.Tensor], None] | None = None
+    receive_meta: Callable[[torch.Tensor, int, int, int, bool],
+                           tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] | None = None
     low_latency_return: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, int, torch.Tensor | None],
                                  tuple[torch.Tensor, torch.Tensor]] | None = None
     low_latency_pairs: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None],

@@ -269,13 +269,16 @@ def route(data: torch.Tensor, scales: torch.Tensor | None, topk_idx: torch.Tenso
         recv_x = fmt.part(buf, "x").view(data.dtype)
         recv_s = None if dense_scales is None else fmt.part(buf, "scales")
         recv_meta = fmt.part(buf, "meta")[:n]
-    recv_local = local_ids(recv_meta[:, 1: 1 + k].to(torch.int64), me, num_local)
-    recv_w = None
-    if weights is not None:
-        raw = recv_meta[:, 1 + k:].view(torch.float32)
-        recv_w = torch.where(recv_local >= 0, raw, torch.zeros_like(raw))
+    if local.receive_meta is not None:  # the backend's one kernel
+        recv_src, recv_local, recv_w = local.receive_meta(recv_meta, me, num_local, k, weights is not None)
+    else:
+        recv_src, recv_local, recv_w = recv_meta[:, 0].to(torch.int64), local_ids(
+            recv_meta[:, 1: 1 + k].to(torch.int64), me, num_local), None
+        if weights is not None:
+            raw = recv_meta[:, 1 + k:].view(torch.float32)
+            recv_w = torch.where(recv_local >= 0, raw, torch.zeros_like(raw))
     handle = MoEHandle(grp.group, me, world, num_experts, hidden, alignment, idx.clone(), in_rank, tuple(sends),
-                       tuple(recvs), recv_meta[:, 0].to(torch.int64), recv_local,
+                       tuple(recvs), recv_src, recv_local,
                        tuple(int(v) for v in host[2 * world: 2 * world + num_local]))
     return Received(recv_x, recv_s, recv_local, recv_w, handle, per_expert)
 

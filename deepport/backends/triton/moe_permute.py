@@ -45,6 +45,7 @@ from deepport.backends.triton.moe_permute_kernels import (
     moe_ll_window_rows_kernel,
     moe_place_rows_kernel,
     moe_rank_rows_kernel,
+    moe_receive_meta_kernel,
     moe_scatter_rows_kernel,
     moe_token_rows_kernel,
     moe_token_table_kernel,
@@ -469,6 +470,26 @@ def rank_rows_at(like: torch.Tensor, in_rank: torch.Tensor, bases: torch.Tensor,
         out.copy_(target)
 
 
+def receive_meta(meta: torch.Tensor, rank: int, num_local: int, topk: int,
+                 with_weights: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The normal dispatch's received routes from its int32 metadata rows in one kernel (see
+    :class:`deepport.backends.torch.moe_local.LocalSteps`)."""
+    rows = int(meta.shape[0])
+    src = torch.empty(rows, dtype=torch.int64, device=meta.device)
+    local = torch.empty((rows, topk), dtype=torch.int64, device=meta.device)
+    weights = torch.empty((rows, topk), dtype=torch.float32, device=meta.device) if with_weights else None
+    if rows:
+        if meta.stride(1) != 1:
+            meta = meta.contiguous()
+        block_r = 128
+        with _guard(meta.device):
+            moe_receive_meta_kernel[(-(-rows // block_r),)](
+                meta, meta.stride(0), rows, src, local, local if weights is None else weights, rank * num_local,
+                num_local, K=topk, KP=max(2, 1 << max(topk - 1, 0).bit_length()), HAS_WEIGHTS=with_weights,
+                BLOCK_R=block_r)
+    return src, local, weights
+
+
 def token_rows_window(y: torch.Tensor, table: torch.Tensor, weights: torch.Tensor, window: FixedWindow,
                       rows_per_rank: int) -> None:
     """:func:`token_rows_into` into float32 rows of ``C = y.shape[1]`` stored straight into the receivers'
@@ -594,7 +615,7 @@ TRITON = LocalSteps(place_rows, weighted_rows, cast_fp8, scatter_rows=scatter_ro
                     low_latency_positions=low_latency_positions,
                     low_latency_receive=low_latency_receive, low_latency_send_rows=low_latency_send_rows,
                     low_latency_send_window=low_latency_send_window, token_rows_window=token_rows_window,
-                    token_rows_at=token_rows_at, rank_rows_at=rank_rows_at,
+                    token_rows_at=token_rows_at, rank_rows_at=rank_rows_at, receive_meta=receive_meta,
                     low_latency_return=low_latency_return, low_latency_pairs=low_latency_pairs,
                     layout_counts=layout_counts)
 

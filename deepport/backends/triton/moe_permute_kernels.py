@@ -240,6 +240,29 @@ def moe_rank_rows_kernel(like_ptr, in_rank_ptr, cumsum_ptr, base_ptr, own, me, o
 
 
 @triton.jit
+def moe_receive_meta_kernel(meta_ptr, stride_meta, num_rows, src_ptr, local_ptr, weight_ptr, first_local, num_local,
+                            K: tl.constexpr, KP: tl.constexpr, HAS_WEIGHTS: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Grid ``ceil(n / BLOCK_R)``: from received int32 rows ``meta [n, 1 + K (+ K)]`` (row stride
+    ``stride_meta``: source token, the ``K`` global expert ids (, the ``K`` weights' bits)), ``src [n]`` int64
+    the source token, ``local [n, K]`` int64 each id minus ``first_local`` where that lies in ``[0,
+    num_local)`` (and the id is ``>= 0``), else -1, and with ``HAS_WEIGHTS`` ``weight [n, K]`` float32 the
+    weight's bits where the id is local, else 0."""
+    r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    live = r < num_rows
+    tl.store(src_ptr + r, tl.load(meta_ptr + r * stride_meta, mask=live, other=0).to(tl.int64), mask=live)
+    j = tl.arange(0, KP)
+    cell = live[:, None] & (j[None, :] < K)
+    ids = tl.load(meta_ptr + r[:, None] * stride_meta + 1 + j[None, :], mask=cell, other=-1).to(tl.int64)
+    local = ids - first_local
+    mine = (ids >= 0) & (local >= 0) & (local < num_local)
+    tl.store(local_ptr + r[:, None] * K + j[None, :], tl.where(mine, local, -1), mask=cell)
+    if HAS_WEIGHTS:
+        bits = tl.load(meta_ptr + r[:, None] * stride_meta + 1 + K + j[None, :], mask=cell, other=0)
+        tl.store(weight_ptr + r[:, None] * K + j[None, :], tl.where(mine, bits, 0).to(tl.float32, bitcast=True),
+                 mask=cell)
+
+
+@triton.jit
 def moe_token_table_kernel(src_row_ptr, expert_ptr, token_of_ptr, topk_ptr, row_weight_ptr, table_ptr,
                            table_weight_ptr, num_rows, stride_topk, K: tl.constexpr, KP: tl.constexpr,
                            BLOCK_R: tl.constexpr):
