@@ -115,11 +115,13 @@ def test_the_fixed_exchange_gives_the_low_latency_ops_the_bits_of_all_to_all(
 
 # a normal dispatch whose every part fits a block gathers its rows straight into the peers' blocks and copies
 # what arrived out of its own (RowsWindow: one round, no send or receive buffer); FP8 cached dispatches too;
-# triton's unweighted normal combine also sums the returned rows where they landed (no receive buffer)
+# triton's unweighted normal combine also sums the returned rows where they landed (no receive buffer), and
+# its dispatch takes two kernels for the whole exchange (rows_to_blocks, blocks_to_rows)
 @pytest.mark.parametrize("world, params, backend, windows_per_call", [
     (2, dict(tokens=(13, 0)), "torch", 1),
     (2, dict(tokens=(13, 0)), "triton", 2),
     (3, dict(tokens=(7, 5, 11), experts=12, fp8=True), "torch", 2),
+    (3, dict(tokens=(7, 5, 11), experts=12, fp8=True), "triton", 2),
     (4, dict(tokens=(5, 12, 0, 8), experts=32, topk=6, dup=0.3, nowhere=0.2), "torch", 1),
     (4, dict(tokens=(5, 12, 0, 8), experts=32, topk=6, dup=0.3, nowhere=0.2), "triton", 2),
 ])

@@ -161,6 +161,11 @@ class RowsWindow:
     release: Callable[[], None]
 
 
+def offers_rows_window(grp: MoEGroup) -> bool:
+    """Whether :func:`rows_window` may hand out a window on ``grp`` (an active transport that offers them)."""
+    return grp.group is not None and getattr(_ACTIVE.get(), "rows_window", None) is not None
+
+
 def rows_window(send_bytes: Sequence[int], recv_bytes: Sequence[int], grp: MoEGroup, what: str) -> RowsWindow | None:
     """The active transport's :class:`RowsWindow` for parts of ``send_bytes[r]`` to and ``recv_bytes[s]`` from
     each rank (zero for this rank), or None (``all_to_all_single``, one process, or parts too large for the

@@ -76,6 +76,15 @@ backends' kernels) and reuses everything else.
   elsewhere) and the weights' bits where the id is local, 0 elsewhere (as
   :func:`deepport.backends.torch.moe_index.local_ids` and ``torch.where`` give them). Without it the dispatch
   derives them with torch ops.
+- ``rows_to_blocks(data, scales, idx, weights, in_rank, fmt, bases, me, num_local, outs, own_start)`` and
+  ``blocks_to_rows(bases, counts, fmt, me, num_local, outs)`` (optional, together): the normal dispatch
+  through a :class:`~deepport.backends.torch.moe_comm.RowsWindow` in two kernels and no index work. The
+  first stores every token's packed row (``fmt``; the metadata made from ``idx`` and ``weights``) straight
+  into each other destination's part (addresses ``bases``, int64 ``[R]``) and this rank's own rows into
+  :class:`BlockOutputs` from row ``own_start``; the second copies every other source's rows out of this
+  rank's parts (``bases``; ``counts`` int64 ``[R]`` per source on the device) into ``outs``, the routes
+  derived from the metadata (:mod:`deepport.backends.triton.moe_blocks`). Without them the dispatch gathers
+  each part by index.
 - ``token_rows_window(y, table, weights, window, rows_per_rank)`` (optional): ``token_rows_into``'s sums
   as float32 rows of ``C = y.shape[1]`` stored straight into the receivers' memory through ``window`` (a
   :class:`~deepport.backends.torch.moe_comm.FixedWindow` of ``rows_per_rank * C * 4`` bytes per rank): row
@@ -145,6 +154,20 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
+class BlockOutputs:
+    """What a normal dispatch through ``rows_to_blocks`` / ``blocks_to_rows`` fills, ``n`` received rows:
+    ``x`` ``[n, H]`` (the payload's dtype), ``scales`` float32 ``[n, H / 128]`` or None, ``src`` int64 ``[n]``
+    (each row's token on its source), ``local`` int64 ``[n, K]`` (local expert ids, -1 elsewhere),
+    ``weights`` float32 ``[n, K]`` or None (the weight where the id is local, else 0)."""
+
+    x: torch.Tensor
+    scales: torch.Tensor | None
+    src: torch.Tensor
+    local: torch.Tensor
+    weights: torch.Tensor | None
+
+
+@dataclass(frozen=True)
 class LocalSteps:
     place_rows: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool], None]
     weighted_rows: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
@@ -173,6 +196,9 @@ class LocalSteps:
     rank_rows_at: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, int, torch.Tensor], None] | None = None
     receive_meta: Callable[[torch.Tensor, int, int, int, bool],
                            tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] | None = None
+    rows_to_blocks: Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None, torch.Tensor,
+                              RowFormat, torch.Tensor, int, int, BlockOutputs, int], None] | None = None
+    blocks_to_rows: Callable[[torch.Tensor, torch.Tensor, RowFormat, int, int, BlockOutputs], None] | None = None
     low_latency_return: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, int, torch.Tensor | None],
                                  tuple[torch.Tensor, torch.Tensor]] | None = None
     low_latency_pairs: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None],

@@ -35,12 +35,13 @@ from deepport.backends.torch.moe_comm import (
     RowsWindow,
     all_to_all_rows,
     exchange_table,
+    offers_rows_window,
     rows_window,
     same_bits,
     start_all_to_all,
 )
 from deepport.backends.torch.moe_index import column_cumsum, compact, first_occurrence, local_ids, selection_mask
-from deepport.backends.torch.moe_local import TORCH, LocalSteps, sum_rows
+from deepport.backends.torch.moe_local import TORCH, BlockOutputs, LocalSteps, sum_rows
 from deepport.kernels.moe_args import Alloc, MoEGroup, align_up, dense
 from deepport.kernels.moe_combine import MoECombineCall, MoECombineResult
 from deepport.kernels.moe_dispatch import MoEDispatchCall, MoEDispatchResult
@@ -215,6 +216,39 @@ def _exchange_window(window: RowsWindow, fmt: RowFormat, sources: dict[str, torc
     window.release()
 
 
+def _dispatch_blocks(fmt: RowFormat, data: torch.Tensor, scales: torch.Tensor | None, idx: torch.Tensor,
+                     weights: torch.Tensor | None, in_rank: torch.Tensor, sends: list[int], recvs: list[int],
+                     counts: torch.Tensor, grp: MoEGroup, num_local: int, make: Alloc, local: LocalSteps,
+                     what: str) -> BlockOutputs | None:
+    """:func:`route`'s exchange through a :class:`RowsWindow` with ``local``'s ``rows_to_blocks`` and
+    ``blocks_to_rows`` steps (two kernels: every row straight into its destination's part, every received row
+    out of this rank's parts, the routes made from the metadata on the way), or None, nothing started, when
+    the transport offers no window for these sizes. ``counts``: the device column of the received counts per
+    source. The bytes in the parts are those of :func:`_exchange_window`'s, so ranks on either path agree."""
+    assert local.rows_to_blocks is not None and local.blocks_to_rows is not None
+    me, n, k = grp.rank, sum(recvs), int(idx.shape[1])
+    window = rows_window([0 if r == me else c * fmt.row_bytes for r, c in enumerate(sends)],
+                         [0 if s == me else c * fmt.row_bytes for s, c in enumerate(recvs)], grp, what)
+    if window is None:
+        return None
+    device = data.device
+    outs = BlockOutputs(make((n, int(data.shape[1])), data.dtype),
+                        None if scales is None else make((n, int(scales.shape[1])), torch.float32),
+                        torch.empty(n, dtype=torch.int64, device=device),
+                        torch.empty((n, k), dtype=torch.int64, device=device),
+                        None if weights is None else torch.empty((n, k), dtype=torch.float32, device=device))
+    local.rows_to_blocks(data, scales, idx, weights, in_rank, fmt, _addresses(window.send, device), me, num_local,
+                         outs, sum(recvs[:me]))
+    local.blocks_to_rows(_addresses(window.receive(), device), counts, fmt, me, num_local, outs)
+    window.release()
+    return outs
+
+
+def _addresses(parts: list[torch.Tensor | None], device: torch.device) -> torch.Tensor:
+    """int64 device ``[R]``: where each part starts (0 for None), made once per set of addresses."""
+    return _block_addresses(tuple(0 if p is None else int(p.data_ptr()) for p in parts), device)
+
+
 def route(data: torch.Tensor, scales: torch.Tensor | None, topk_idx: torch.Tensor, weights: torch.Tensor | None,
           num_experts: int, grp: MoEGroup, alignment: int, alloc: Alloc | None = None, unpack: bool = True,
           zero_row: bool = False, what: str = "moe_dispatch", local: LocalSteps = TORCH) -> Received:
@@ -237,7 +271,9 @@ def route(data: torch.Tensor, scales: torch.Tensor | None, topk_idx: torch.Tenso
     if chunks > 1:  # per token range, the tokens each rank gets: in the same count exchange
         table = torch.cat([table, moe_chunks.chunk_counts(in_rank, chunks)], dim=1)
     counts = exchange_table(table, grp, f"{what} (counts)")
-    meta = _meta(idx, weights)  # overlaps the count exchange
+    blocks = unpack and chunks == 1 and local.rows_to_blocks is not None and local.blocks_to_rows is not None and \
+        offers_rows_window(grp)
+    meta = None if blocks else _meta(idx, weights)  # overlaps the count exchange (the blocks path makes its own)
     got = counts.wait()
     per_expert = got[:, 1: 1 + num_local].sum(0)
     ranged = [table[:, 1 + num_local:].reshape(-1), got[:, 1 + num_local:].reshape(-1)] if chunks > 1 else []
@@ -248,9 +284,19 @@ def route(data: torch.Tensor, scales: torch.Tensor | None, topk_idx: torch.Tenso
     recv_chunks = [host[at + (world + s) * chunks: at + (world + s + 1) * chunks] for s in range(world)]
     n, hidden = sum(recvs), int(data.shape[1])
     dense_scales = None if scales is None else dense(scales)
-    sources = {"x": data, "meta": meta, **({} if dense_scales is None else {"scales": dense_scales})}
-    fmt = _row_format(data, dense_scales, int(meta.shape[1]))
     make = alloc or (lambda shape, dtype: torch.empty(shape, dtype=dtype, device=data.device))
+    fmt = _row_format(data, dense_scales, 1 + k + (0 if weights is None else k))
+    if blocks:
+        found = _dispatch_blocks(fmt, data, dense_scales, idx, weights, in_rank, sends, recvs, got[:, 0], grp,
+                                 num_local, make, local, what)
+        if found is not None:
+            handle = MoEHandle(grp.group, me, world, num_experts, hidden, alignment, idx.clone(), in_rank,
+                               tuple(sends), tuple(recvs), found.src, found.local,
+                               tuple(int(v) for v in host[2 * world: 2 * world + num_local]))
+            return Received(found.x, found.scales, found.local, found.weights, handle, per_expert)
+        meta = _meta(idx, weights)
+    assert meta is not None
+    sources = {"x": data, "meta": meta, **({} if dense_scales is None else {"scales": dense_scales})}
     if unpack:
         outs = {"x": make((n, hidden), data.dtype),
                 "meta": torch.empty((n, int(meta.shape[1])), dtype=torch.int32, device=data.device)}

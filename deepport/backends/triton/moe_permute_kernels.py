@@ -263,6 +263,111 @@ def moe_receive_meta_kernel(meta_ptr, stride_meta, num_rows, src_ptr, local_ptr,
 
 
 @triton.jit
+def moe_rows_to_blocks_kernel(x_ptr, scale_ptr, idx_ptr, weight_ptr, in_rank_ptr, cumsum_ptr, base_ptr, x_out_ptr,
+                              scale_out_ptr, src_out_ptr, local_out_ptr, weight_out_ptr, own_start, me, first_local,
+                              num_local, num_tokens, x_words, num_scales, stride_st, stride_sc, row_bytes, scale_at,
+                              meta_at, WORLD: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, META: tl.constexpr,
+                              MP: tl.constexpr, HAS_SCALES: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
+                              BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Grid ``(T, ceil(x_words / BLOCK_C))``: token ``t``'s packed row for every other rank ``r`` with
+    ``in_rank[t, r]`` (uint8 ``[T, WORLD]``), row ``cumsum[r, t] - 1`` (int64 ``[WORLD, T]``: the tokens of
+    ``r`` in order) of the rows at ``base[r]`` (int64 ``[WORLD]``; ``row_bytes`` apart, 16-byte aligned):
+    ``x``'s row as words at byte 0 (``x_words`` words of ``x``'s type, dense rows); from column block 0 its
+    float32 scales at byte ``scale_at`` (``[T, num_scales]``, strides ``stride_st, stride_sc``) and its int32
+    metadata at byte ``meta_at`` (``META`` words: ``t``, the ``K`` ids of ``idx`` (int64 ``[T, K]``), with
+    ``HAS_WEIGHTS`` the bits of the ``K`` float32 weights). For ``r == me`` the row goes straight into the
+    outputs at row ``own_start + cumsum - 1``: the words into ``x_out``, the scales into ``scale_out``,
+    ``t`` into ``src_out`` (int64), the ids minus ``first_local`` where in ``[0, num_local)`` (else -1) into
+    ``local_out`` (int64 ``[n, K]``) and the weights where the id is local (else 0) into ``weight_out``."""
+    t = tl.program_id(0).to(tl.int64)
+    cb = tl.program_id(1)
+    cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    ok = cols < x_words
+    words = tl.load(x_ptr + t * x_words + cols, mask=ok)
+    m = tl.arange(0, MP)  # the metadata and the scales: small, loaded by every program
+    ids = tl.load(idx_ptr + t * K + (m - 1), mask=(m >= 1) & (m <= K), other=0).to(tl.int32)
+    meta = tl.where(m == 0, t.to(tl.int32), ids)
+    if HAS_WEIGHTS:
+        wbits = tl.load(weight_ptr + t * K + (m - 1 - K), mask=(m > K) & (m <= 2 * K), other=0.0)
+        meta = tl.where(m > K, wbits.to(tl.int32, bitcast=True), meta)
+    s = tl.arange(0, BLOCK_S)
+    if HAS_SCALES:
+        scales = tl.load(scale_ptr + t * stride_st + s * stride_sc, mask=s < num_scales)
+    for r in tl.static_range(WORLD):
+        if tl.load(in_rank_ptr + t * WORLD + r) != 0:
+            pos = tl.load(cumsum_ptr + r * num_tokens + t) - 1
+            if me == r:
+                row = own_start + pos
+                tl.store(x_out_ptr + row * x_words + cols, words, mask=ok)
+                if cb == 0:
+                    if HAS_SCALES:
+                        tl.store(scale_out_ptr + row * num_scales + s, scales, mask=s < num_scales)
+                    tl.store(src_out_ptr + row, t)
+                    j = tl.arange(0, KP)
+                    own_ids = tl.load(idx_ptr + t * K + j, mask=j < K, other=-1)
+                    local = own_ids - first_local
+                    mine = (own_ids >= 0) & (local >= 0) & (local < num_local)
+                    tl.store(local_out_ptr + row * K + j, tl.where(mine, local, -1), mask=j < K)
+                    if HAS_WEIGHTS:
+                        w = tl.load(weight_ptr + t * K + j, mask=j < K, other=0.0)
+                        tl.store(weight_out_ptr + row * K + j, tl.where(mine, w, 0.0), mask=j < K)
+            else:
+                row_at = tl.load(base_ptr + r) + pos * row_bytes
+                dst = tl.multiple_of(row_at.to(tl.pointer_type(x_ptr.dtype.element_ty)), 16)
+                tl.store(dst + cols, words, mask=ok)
+                if cb == 0:
+                    tl.store((row_at + meta_at).to(tl.pointer_type(tl.int32)) + m, meta, mask=m < META)
+                    if HAS_SCALES:
+                        scale_dst = (row_at + scale_at).to(tl.pointer_type(tl.float32))
+                        tl.store(scale_dst + s, scales, mask=s < num_scales)
+
+
+@triton.jit
+def moe_blocks_to_rows_kernel(base_ptr, count_ptr, stride_count, x_out_ptr, scale_out_ptr, src_ptr, local_ptr,
+                              weight_out_ptr, me, x_words, num_scales, row_bytes, scale_at, meta_at,
+                              first_local, num_local, WORLD: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
+                              HAS_SCALES: tl.constexpr, HAS_WEIGHTS: tl.constexpr, BLOCK_C: tl.constexpr,
+                              BLOCK_S: tl.constexpr):
+    """Grid ``(n, ceil(x_words / BLOCK_C))``: received row ``i`` (rows by source rank, ``count[s]`` int64 from
+    source ``s``, at stride ``stride_count``) is row ``i - (rows of lower sources)`` of the packed rows at
+    ``base[s]`` (the layout :func:`moe_rows_to_blocks_kernel` writes): its words into ``x_out[i]``, its
+    scales into ``scale_out[i]``, and from its metadata ``src[i]`` (int64), ``local[i]`` (int64 ``[n, K]``)
+    the ids minus ``first_local`` where in ``[0, num_local)``, else -1, and with ``HAS_WEIGHTS``
+    ``weight_out[i]`` the weights where the id is local, else 0. Rows from this rank (``s == me``) are left
+    alone: :func:`moe_rows_to_blocks_kernel` wrote them."""
+    i = tl.program_id(0).to(tl.int64)
+    cb = tl.program_id(1)
+    s = tl.zeros([], tl.int64)
+    start = tl.zeros([], tl.int64)
+    below = tl.zeros([], tl.int64)
+    for r in tl.static_range(WORLD - 1):  # the source: how many sources' rows all lie below row i
+        below += tl.load(count_ptr + r * stride_count)
+        s = tl.where(i >= below, r + 1, s)
+        start = tl.where(i >= below, below, start)
+    row_at = tl.load(base_ptr + s) + (i - start) * row_bytes
+    if s != me:
+        cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+        ok = cols < x_words
+        words = tl.load(tl.multiple_of(row_at.to(tl.pointer_type(x_out_ptr.dtype.element_ty)), 16) + cols, mask=ok)
+        tl.store(x_out_ptr + i * x_words + cols, words, mask=ok)
+        if HAS_SCALES and cb == 0:
+            c = tl.arange(0, BLOCK_S)
+            scales = tl.load((row_at + scale_at).to(tl.pointer_type(tl.float32)) + c, mask=c < num_scales)
+            tl.store(scale_out_ptr + i * num_scales + c, scales, mask=c < num_scales)
+    if cb == 0 and s != me:
+        meta = (row_at + meta_at).to(tl.pointer_type(tl.int32))
+        tl.store(src_ptr + i, tl.load(meta).to(tl.int64))
+        j = tl.arange(0, KP)
+        ids = tl.load(meta + 1 + j, mask=j < K, other=-1).to(tl.int64)
+        local = ids - first_local
+        mine = (ids >= 0) & (local >= 0) & (local < num_local)
+        tl.store(local_ptr + i * K + j, tl.where(mine, local, -1), mask=j < K)
+        if HAS_WEIGHTS:
+            bits = tl.load(meta + 1 + K + j, mask=j < K, other=0)
+            tl.store(weight_out_ptr + i * K + j, tl.where(mine, bits, 0).to(tl.float32, bitcast=True), mask=j < K)
+
+
+@triton.jit
 def moe_token_table_kernel(src_row_ptr, expert_ptr, token_of_ptr, topk_ptr, row_weight_ptr, table_ptr,
                            table_weight_ptr, num_rows, stride_topk, K: tl.constexpr, KP: tl.constexpr,
                            BLOCK_R: tl.constexpr):

@@ -25,6 +25,7 @@ import dataclasses
 import torch
 
 from deepport.backends.torch import moe_routes
+from deepport.backends.triton.moe_blocks import blocks_to_rows, rows_to_blocks
 from deepport.backends.triton.moe_permute import TRITON, place_rows, weighted_rows
 from deepport.kernels.moe_combine import MoECombineCall, MoECombineResult
 from deepport.kernels.moe_dispatch import MoEDispatchCall, MoEDispatchResult
@@ -51,7 +52,8 @@ def sum_rows(rows: torch.Tensor, dst: torch.Tensor, n: int) -> torch.Tensor:
     return weighted_rows(flat, entries, dst.to(torch.int64), ones, n).view(n, *rows.shape[1:])
 
 
-ROUTES = dataclasses.replace(TRITON, take_rows_into=take_rows_into, sum_rows=sum_rows)
+ROUTES = dataclasses.replace(TRITON, take_rows_into=take_rows_into, sum_rows=sum_rows, rows_to_blocks=rows_to_blocks,
+                             blocks_to_rows=blocks_to_rows)
 
 
 def dispatch(call: MoEDispatchCall) -> MoEDispatchResult:

@@ -1,0 +1,106 @@
+"""The normal dispatch's per-device work over a transport with one-sided writes, in two kernels.
+
+When the active transport hands out a :class:`~deepport.backends.torch.moe_comm.RowsWindow` (the hopper
+backend's peer memory, or shared memory on CPUs) the dispatch needs no send or receive buffer, and with these
+two steps (:class:`~deepport.backends.torch.moe_local.LocalSteps` ``rows_to_blocks`` / ``blocks_to_rows``) no
+index work on the host's side either:
+
+- :func:`rows_to_blocks`: every token's packed row (payload, FP8 scales, int32 metadata built in the kernel
+  from ``topk_idx`` and the weights) stored straight into each destination's block at the token's place
+  among that destination's tokens (a running count of ``in_rank`` by rank), this rank's own payload straight
+  into its outputs;
+- :func:`blocks_to_rows`: every received row copied out of this rank's blocks into the outputs, and the
+  routes (source token, local ids, weights) derived from its metadata in the same kernel.
+
+The bytes in the blocks are those of :func:`deepport.backends.torch.moe_routes`'s packed rows (the same
+:class:`~deepport.backends.torch.moe_comm.RowFormat` and order), so a peer that exchanges by other means
+(rounds, another backend's steps) reads and writes the same blocks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from deepport.backends.torch.moe_comm import RowFormat
+from deepport.backends.torch.moe_local import BlockOutputs
+from deepport.backends.triton.moe_permute import _guard, block_for_bytes
+from deepport.backends.triton.moe_permute_kernels import moe_blocks_to_rows_kernel, moe_rows_to_blocks_kernel
+
+# bytes of a row per program (as the row-moving kernels: small programs measured fastest on the H200)
+_MOVE_BYTES = 2048
+_WARPS = 2
+
+
+def _pow2(n: int) -> int:
+    return max(2, 1 << max(n - 1, 0).bit_length())
+
+
+def _words(t: torch.Tensor, fmt: RowFormat) -> tuple[torch.Tensor, int]:
+    """``t`` ``[rows, H]`` as ``[rows, words]`` of the widest integer type that the packed row allows too."""
+    raw = t.view(torch.uint8)
+    for wide in (torch.int64, torch.int32, torch.int16):
+        if int(raw.shape[1]) % wide.itemsize == 0 and fmt.row_bytes % wide.itemsize == 0:
+            return raw.view(wide), int(raw.shape[1]) // wide.itemsize
+    return raw, int(raw.shape[1])
+
+
+def rows_to_blocks(data: torch.Tensor, scales: torch.Tensor | None, idx: torch.Tensor, weights: torch.Tensor | None,
+                   in_rank: torch.Tensor, fmt: RowFormat, bases: torch.Tensor, me: int, num_local: int,
+                   outs: BlockOutputs, own_start: int) -> None:
+    """Store token ``t``'s packed row (``fmt``'s parts ``x``, ``scales``, ``meta``: ``t``, its top-k ids
+    and the bits of its weights) for every other rank ``r`` with ``in_rank[t, r]`` (bool ``[T, R]``) as row
+    ``k`` of the rows at ``bases[r]`` (int64 ``[R]`` device addresses, 16-byte aligned), ``k`` the tokens
+    before ``t`` in ``r``; for ``r == me`` write row ``own_start + k`` of ``outs`` instead (payload, scales,
+    source token, local ids, weights). ``data`` ``[T, H]``, ``scales`` float32 ``[T, H / 128]`` or None,
+    ``idx`` int64 ``[T, K]``, ``weights`` float32 ``[T, K]`` or None."""
+    tokens, world = int(in_rank.shape[0]), int(in_rank.shape[1])
+    if tokens == 0:
+        return
+    k = int(idx.shape[1])
+    words, x_words = _words(data.contiguous(), fmt)
+    out_words, _ = _words(outs.x, fmt)  # the same row bytes: the same word type
+    flags = in_rank.contiguous().view(torch.uint8)
+    cumsum = torch.cumsum(flags.t().contiguous(), 1, dtype=torch.int64)  # by rank: torch's fast inner scan
+    idx64 = idx.to(torch.int64).contiguous()
+    w = idx64 if weights is None else weights.to(torch.float32).contiguous()
+    s = scales if scales is not None else w
+    num_scales = 0 if scales is None else int(scales.shape[1])
+    meta_width = fmt.widths[fmt.names.index("meta")]
+    block = block_for_bytes(x_words, words.element_size(), _MOVE_BYTES)
+    with _guard(data.device):
+        moe_rows_to_blocks_kernel[(tokens, -(-x_words // block))](
+            words, s, idx64, w, flags, cumsum, bases, out_words, _or(outs.scales, w), outs.src, outs.local,
+            _or(outs.weights, w), own_start, me, me * num_local, num_local, tokens, x_words, num_scales, s.stride(0),
+            s.stride(1), fmt.row_bytes, _offset(fmt, "scales"), _offset(fmt, "meta"), WORLD=world, K=k, KP=_pow2(k),
+            META=meta_width, MP=_pow2(meta_width), HAS_SCALES=scales is not None, HAS_WEIGHTS=weights is not None,
+            BLOCK_C=block, BLOCK_S=_pow2(max(num_scales, 1)), num_warps=_WARPS)
+
+
+def blocks_to_rows(bases: torch.Tensor, counts: torch.Tensor, fmt: RowFormat, me: int, num_local: int,
+                   outs: BlockOutputs) -> None:
+    """Copy the ``n = sum(counts)`` received rows (``counts`` int64 ``[R]`` on the device, rows by source;
+    source ``s``'s packed rows at ``bases[s]``) into ``outs`` (payload, scales) and derive the routes from
+    their metadata (source token, local ids, the weights where the id is local, else 0), except this rank's
+    own rows, which :func:`rows_to_blocks` wrote."""
+    n, k = int(outs.local.shape[0]), int(outs.local.shape[1])
+    if n == 0:
+        return
+    words, x_words = _words(outs.x, fmt)
+    num_scales = 0 if outs.scales is None else int(outs.scales.shape[1])
+    block = block_for_bytes(x_words, words.element_size(), _MOVE_BYTES)
+    with _guard(outs.x.device):
+        moe_blocks_to_rows_kernel[(n, -(-x_words // block))](
+            bases, counts, counts.stride(0), words, _or(outs.scales, outs.src), outs.src, outs.local,
+            _or(outs.weights, outs.src), me, x_words, num_scales, fmt.row_bytes, _offset(fmt, "scales"),
+            _offset(fmt, "meta"), me * num_local, num_local, WORLD=int(bases.shape[0]), K=k, KP=_pow2(k),
+            HAS_SCALES=outs.scales is not None, HAS_WEIGHTS=outs.weights is not None, BLOCK_C=block,
+            BLOCK_S=_pow2(max(num_scales, 1)), num_warps=_WARPS)
+
+
+def _or(t: torch.Tensor | None, stand_in: torch.Tensor) -> torch.Tensor:
+    """``t``, or a tensor the kernel never touches in its place (its flag is off)."""
+    return stand_in if t is None else t
+
+
+def _offset(fmt: RowFormat, name: str) -> int:
+    return fmt.offsets[fmt.names.index(name)] if name in fmt.names else 0
