@@ -67,8 +67,8 @@ def test_memory_bound_mla_configs_use_tensor_cores(mla_report: dict[str, dict[st
 
 def test_moe_kernels_compile_for_sm_90a_and_cast_with_the_e4m3_instruction() -> None:
     report = _lower("moe")
-    assert set(report) == {"layout", "place_rows", "weighted_rows", "weighted_rows_prefetch", "token_rows",
-                           "token_rows_window", "token_rows_at", "rank_rows_at", "receive_meta",
+    assert set(report) == {"layout", "layout_table", "place_rows", "weighted_rows", "weighted_rows_prefetch",
+                           "token_rows", "token_rows_window", "token_rows_at", "rank_rows_at", "receive_meta",
                            "rows_to_blocks", "blocks_to_rows", "token_table", "ll_layout", "ll_positions", "cast_fp8",
                            "expanded_count",
                            "expanded_layout", "expanded_rows", "expanded_scatter", "expanded_pad_rows",

@@ -55,8 +55,21 @@ def launch(function: Any, grid: int | tuple[int, ...], threads: int, smem_bytes:
     from cupy.cuda.function import CPointer
 
     index = device.index if device.index is not None else torch.cuda.current_device()
-    stream = _Stream(torch.cuda.current_stream(index).cuda_stream)
+    stream = _Stream(_current_raw_stream(index))
     buffer = ctypes.create_string_buffer(params, len(params))
+    dims = (grid,) if isinstance(grid, int) else tuple(grid)
+    args = (CPointer(ctypes.addressof(buffer)),)
+    if cupy.cuda.runtime.getDevice() == index:  # the usual case: no device switch (each costs host time)
+        function(dims, (threads,), args, shared_mem=smem_bytes, stream=stream)
+        return
     with cupy.cuda.Device(index):
-        dims = (grid,) if isinstance(grid, int) else tuple(grid)
-        function(dims, (threads,), (CPointer(ctypes.addressof(buffer)),), shared_mem=smem_bytes, stream=stream)
+        function(dims, (threads,), args, shared_mem=smem_bytes, stream=stream)
+
+
+def _current_raw_stream(index: int) -> int:
+    """torch's current stream on device ``index`` as a raw handle: torch's C accessor where the build has it
+    (what Triton's launcher uses; ``torch.cuda.current_stream`` builds a Python stream object per call)."""
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if raw is not None:
+        return int(raw(index))
+    return int(torch.cuda.current_stream(index).cuda_stream)

@@ -107,6 +107,9 @@ backends' kernels) and reuses everything else.
   ``(in_rank bool [T, R], per_rank [R], per_expert [E])`` (integers of any type): which ranks each token
   reaches, how many tokens reach each rank, and how many tokens select each expert (a token counted once
   per distinct expert). Without it the normal dispatch derives them with torch ops.
+- ``layout_table(idx, num_experts, num_ranks)`` (optional): the same counts laid out as the normal
+  dispatch's count exchange sends them, ``(in_rank bool [T, R], table int64 [R, 1 + E / R])`` (row ``r``:
+  the tokens reaching rank ``r``, then those selecting each of its experts); preferred to ``layout_counts``.
 - ``cast_fp8(x)``: bf16 ``[T, H]`` -> (e4m3 ``[T, H]``, float32 scales ``[T, H / 128]``), DeepEP's rule
   bit for bit (the op's docstring): per 128 channels ``amax = max(|x|, float32(1e-4))``, ``scale =
   float32(amax * float32(1/448))``, ``fp8 = e4m3(float32(x * float32(448 / amax)))``.
@@ -204,6 +207,7 @@ class LocalSteps:
     low_latency_pairs: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None],
                                 tuple[torch.Tensor, torch.Tensor]] | None = None
     layout_counts: Callable[[torch.Tensor, int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+    layout_table: Callable[[torch.Tensor, int, int], tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 def _flat(dst: torch.Tensor) -> torch.Tensor | None:

@@ -260,7 +260,9 @@ def route(data: torch.Tensor, scales: torch.Tensor | None, topk_idx: torch.Tenso
     idx = topk_idx.to(torch.int64)
     t, k = int(idx.shape[0]), int(idx.shape[1])
     world, me, num_local = grp.world_size, grp.rank, num_experts // grp.world_size
-    if local.layout_counts is not None:  # the backend's one kernel
+    if local.layout_table is not None:  # the backend's one kernel, the table as the count exchange sends it
+        in_rank, table = local.layout_table(idx, num_experts, world)
+    elif local.layout_counts is not None:  # the backend's one kernel
         in_rank, per_rank, per_exp = local.layout_counts(idx, num_experts, world)
         table = torch.cat([per_rank.to(torch.int64)[:, None], per_exp.to(torch.int64).view(world, num_local)], dim=1)
     else:
@@ -292,7 +294,7 @@ def route(data: torch.Tensor, scales: torch.Tensor | None, topk_idx: torch.Tenso
         if found is not None:
             handle = MoEHandle(grp.group, me, world, num_experts, hidden, alignment, idx.clone(), in_rank,
                                tuple(sends), tuple(recvs), found.src, found.local,
-                               tuple(int(v) for v in host[2 * world: 2 * world + num_local]))
+                               tuple(host[2 * world: 2 * world + num_local]))  # tolist's ints
             return Received(found.x, found.scales, found.local, found.weights, handle, per_expert)
         meta = _meta(idx, weights)
     assert meta is not None
@@ -363,7 +365,9 @@ def dispatch(call: MoEDispatchCall, local: LocalSteps = TORCH) -> MoEDispatchRes
     if got.weights is not None:
         recv_w = call.alloc((int(n), int(k)), torch.float32)
         recv_w.copy_(got.weights)
-    counts = [align_up(c, call.expert_alignment) for c in got.handle.num_recv_tokens_per_expert]
+    a = call.expert_alignment
+    counts = list(got.handle.num_recv_tokens_per_expert) if a == 1 else [align_up(c, a) for c in
+                                                                        got.handle.num_recv_tokens_per_expert]
     recv_x = got.data if got.scales is None else (got.data, got.scales)
     return MoEDispatchResult(recv_x, recv_idx, recv_w, counts, got.handle)
 

@@ -609,6 +609,23 @@ def layout_counts(topk_idx: torch.Tensor, num_experts: int, num_ranks: int
     return in_rank, per_rank, per_expert
 
 
+def layout_table(topk_idx: torch.Tensor, num_experts: int, num_ranks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(in_rank bool [T, R], table int64 [R, 1 + E / R])`` of ``topk_idx`` in one kernel (see
+    :class:`deepport.backends.torch.moe_local.LocalSteps`)."""
+    idx = topk_idx.contiguous()
+    tokens, topk = int(idx.shape[0]), int(idx.shape[1])
+    num_local = num_experts // num_ranks
+    table = torch.zeros((num_ranks, 1 + num_local), dtype=torch.int64, device=idx.device)
+    in_rank = torch.zeros((tokens, num_ranks), dtype=torch.bool, device=idx.device)
+    if tokens and topk:
+        block_t = 64
+        with _guard(idx.device):
+            moe_layout_count_kernel[(-(-tokens // block_t),)](
+                idx, table, table, in_rank.view(torch.uint8), tokens, topk, num_local, num_ranks, BLOCK_T=block_t,
+                BLOCK_K=max(2, 1 << max(topk - 1, 0).bit_length()), TABLE=True)
+    return in_rank, table
+
+
 TRITON = LocalSteps(place_rows, weighted_rows, cast_fp8, scatter_rows=scatter_rows,
                     weighted_rows_into=weighted_rows_into, dispatch_expanded_one_process=_dispatch_expanded_one_process,
                     token_rows_into=token_rows_into, token_table=token_table, low_latency_layout=low_latency_layout,
@@ -617,7 +634,7 @@ TRITON = LocalSteps(place_rows, weighted_rows, cast_fp8, scatter_rows=scatter_ro
                     low_latency_send_window=low_latency_send_window, token_rows_window=token_rows_window,
                     token_rows_at=token_rows_at, rank_rows_at=rank_rows_at, receive_meta=receive_meta,
                     low_latency_return=low_latency_return, low_latency_pairs=low_latency_pairs,
-                    layout_counts=layout_counts)
+                    layout_counts=layout_counts, layout_table=layout_table)
 
 
 def layout(call: MoELayoutCall) -> MoELayout:
