@@ -22,7 +22,8 @@ backend's steps over the same transport, issue 14's sizes (hidden 7168, top-8 of
 
 ``python -m tests.peer_cuda_host [--calls N] [--cprofile STEP]`` prints a table per rank (medians over N
 calls, default 20); with ``--cprofile``, rank 0 also runs the steps whose name contains ``STEP`` (value
-checks off) under cProfile and prints the host functions behind them.
+checks off) under cProfile and prints the host functions behind them; with ``DEEPPORT_HOST_SPLIT=1`` first
+the inclusive host time of the pieces of triton's dispatch (each piece wrapped with a timer).
 """
 
 from __future__ import annotations
@@ -155,6 +156,66 @@ def _cprofile(step: Callable[[], Any], device: torch.device, calls: int) -> list
     return ["cProfile (cumulative):", text.getvalue(), "cProfile (own time):", text2.getvalue()]
 
 
+def _split_dispatch(group: Any, device: torch.device, calls: int) -> list[str]:
+    """Inclusive host time of the pieces of triton's 4096-token dispatch (value checks off), per call: each
+    piece's module attribute wrapped with a timer for the duration of the calls."""
+    import dataclasses
+
+    import deepport
+    from deepport.backends.torch import moe_routes as torch_routes
+    from deepport.backends.triton import moe_routes as triton_routes
+    from deepport.bench.configs.moe import routing
+    from deepport.dispatch import selection
+    from deepport.kernels import moe_dispatch
+
+    spent: dict[str, float] = {}
+
+    def timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[name] = spent.get(name, 0.0) + time.perf_counter() - t0
+        return run
+
+    rank = dist.get_rank(group)
+    xn, idxn, wn = routing(4096, 7168, 256, 8, 2000 + rank, device)
+    patches = [(moe_dispatch, "bind"), (selection, "choose"), (torch_routes, "route"),
+               (torch_routes, "exchange_table"), (torch_routes, "rows_window"), (torch_routes, "_dispatch_blocks"),
+               (torch_routes, "_meta"), (torch_routes, "MoEHandle")]
+    saved = [(m, a, getattr(m, a)) for m, a in patches]
+    routes = triton_routes.ROUTES
+    steps = {f: timed(f, getattr(routes, f)) for f in ("layout_table", "rows_to_blocks", "blocks_to_rows")}
+    lines = []
+    try:
+        for m, a, fn in saved:
+            setattr(m, a, timed(a, fn))
+        triton_routes.ROUTES = dataclasses.replace(routes, **steps)
+        for _ in range(3):
+            deepport.moe_dispatch(xn, idxn, wn, 256, group=group, backend="triton")
+        spent.clear()
+        walls: list[float] = []
+        reads: list[tuple[float, float]] = []
+        with timed_reads(reads):
+            for _ in range(calls):
+                dist.barrier()
+                torch.cuda.synchronize(device)
+                t0 = time.perf_counter()
+                deepport.moe_dispatch(xn, idxn, wn, 256, group=group, backend="triton")
+                walls.append(time.perf_counter() - t0)
+                torch.cuda.synchronize(device)
+        spent["(host reads: blocked)"] = sum(b - a for a, b in reads)
+        lines.append(f"split of triton dispatch 4096 (checks off), us per call over {calls} calls; wall "
+                     f"{1e6 * sum(walls) / calls:.1f} (inclusive times, nested):")
+        lines += [f"    {1e6 * v / calls:9.1f}  {k}" for k, v in sorted(spent.items(), key=lambda kv: -kv[1])]
+    finally:
+        for m, a, fn in saved:
+            setattr(m, a, fn)
+        triton_routes.ROUTES = routes
+    return lines
+
+
 def _worker(rank: int, world: int, init: str, calls: int, results: Any, profile: str = "") -> None:
     from deepport.backends.hopper.peer_memory_cuda import CudaPeerMemory
     from deepport.backends.hopper.peer_transport import PeerTransport
@@ -174,6 +235,9 @@ def _worker(rank: int, world: int, init: str, calls: int, results: Any, profile:
             steps = _steps(group, device)
             out.append(f"{'step':<40} {'checks':>6} {'reads':>5} {'before':>8} {'blocked':>8} {'between':>8} "
                        f"{'after':>8} {'wall':>8} {'span':>8}   (us, median of {calls})")
+            if os.environ.get("DEEPPORT_HOST_SPLIT"):
+                os.environ["DEEPPORT_CHECK_VALUES"] = "0"
+                out += _split_dispatch(group, device, calls)
             for checks in ("1", "0"):
                 os.environ["DEEPPORT_CHECK_VALUES"] = checks
                 for name, step in steps:

@@ -23,9 +23,12 @@ import torch
 
 from deepport.backends.torch.moe_comm import RowFormat
 from deepport.backends.torch.moe_local import BlockOutputs
+from deepport.backends.triton.fast_launch import FastLaunch
 from deepport.backends.triton.moe_permute import _guard, block_for_bytes
 from deepport.backends.triton.moe_permute_kernels import moe_blocks_to_rows_kernel, moe_rows_to_blocks_kernel
 
+_TO_BLOCKS = FastLaunch(moe_rows_to_blocks_kernel)
+_FROM_BLOCKS = FastLaunch(moe_blocks_to_rows_kernel)
 # bytes of a row per program (as the row-moving kernels: small programs measured fastest on the H200)
 _MOVE_BYTES = 2048
 _WARPS = 2
@@ -68,12 +71,12 @@ def rows_to_blocks(data: torch.Tensor, scales: torch.Tensor | None, idx: torch.T
     meta_width = fmt.widths[fmt.names.index("meta")]
     block = block_for_bytes(x_words, words.element_size(), _MOVE_BYTES)
     with _guard(data.device):
-        moe_rows_to_blocks_kernel[(tokens, -(-x_words // block))](
-            words, s, idx64, w, flags, cumsum, bases, out_words, _or(outs.scales, w), outs.src, outs.local,
-            _or(outs.weights, w), own_start, me, me * num_local, num_local, tokens, x_words, num_scales, s.stride(0),
-            s.stride(1), fmt.row_bytes, _offset(fmt, "scales"), _offset(fmt, "meta"), WORLD=world, K=k, KP=_pow2(k),
-            META=meta_width, MP=_pow2(meta_width), HAS_SCALES=scales is not None, HAS_WEIGHTS=weights is not None,
-            BLOCK_C=block, BLOCK_S=_pow2(max(num_scales, 1)), num_warps=_WARPS)
+        _TO_BLOCKS((tokens, -(-x_words // block)),
+                   words, s, idx64, w, flags, cumsum, bases, out_words, _or(outs.scales, w), outs.src, outs.local,
+                   _or(outs.weights, w), own_start, me, me * num_local, num_local, tokens, x_words, num_scales,
+                   s.stride(0), s.stride(1), fmt.row_bytes, _offset(fmt, "scales"), _offset(fmt, "meta"), world, k,
+                   _pow2(k), meta_width, _pow2(meta_width), scales is not None, weights is not None, block,
+                   _pow2(max(num_scales, 1)), num_warps=_WARPS)
 
 
 def blocks_to_rows(bases: torch.Tensor, counts: torch.Tensor, fmt: RowFormat, me: int, num_local: int,
@@ -89,12 +92,12 @@ def blocks_to_rows(bases: torch.Tensor, counts: torch.Tensor, fmt: RowFormat, me
     num_scales = 0 if outs.scales is None else int(outs.scales.shape[1])
     block = block_for_bytes(x_words, words.element_size(), _MOVE_BYTES)
     with _guard(outs.x.device):
-        moe_blocks_to_rows_kernel[(n, -(-x_words // block))](
-            bases, counts, counts.stride(0), words, _or(outs.scales, outs.src), outs.src, outs.local,
-            _or(outs.weights, outs.src), me, x_words, num_scales, fmt.row_bytes, _offset(fmt, "scales"),
-            _offset(fmt, "meta"), me * num_local, num_local, WORLD=int(bases.shape[0]), K=k, KP=_pow2(k),
-            HAS_SCALES=outs.scales is not None, HAS_WEIGHTS=outs.weights is not None, BLOCK_C=block,
-            BLOCK_S=_pow2(max(num_scales, 1)), num_warps=_WARPS)
+        _FROM_BLOCKS((n, -(-x_words // block)),
+                     bases, counts, counts.stride(0), words, _or(outs.scales, outs.src), outs.src, outs.local,
+                     _or(outs.weights, outs.src), me, x_words, num_scales, fmt.row_bytes, _offset(fmt, "scales"),
+                     _offset(fmt, "meta"), me * num_local, num_local, int(bases.shape[0]), k, _pow2(k),
+                     outs.scales is not None, outs.weights is not None, block, _pow2(max(num_scales, 1)),
+                     num_warps=_WARPS)
 
 
 def _or(t: torch.Tensor | None, stand_in: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,7 @@ from deepport.backends.torch import moe_layouts
 from deepport.backends.torch.moe_comm import FixedWindow, RowFormat
 from deepport.backends.torch.moe_local import LocalSteps
 from deepport.backends.triton._runtime import interpreting
+from deepport.backends.triton.fast_launch import FastLaunch
 from deepport.backends.triton.moe_permute_kernels import (
     moe_cast_fp8_kernel,
     moe_layout_count_kernel,
@@ -69,6 +70,11 @@ _ROW_BLOCK = 4096  # columns per program when moving or summing rows
 # The weighted-rows kernel issues the next row's load before the current row's multiply-add (same sum, same
 # order, same bits): off until measured on a GPU (scripts/gpu_moe_trace.py --combine)
 _PREFETCH = False
+
+
+# the normal EP ops' kernels of many arguments, launched without Triton's per-call binding once compiled
+_LAYOUT = FastLaunch(moe_layout_count_kernel)
+_RANK_ROWS = FastLaunch(moe_rank_rows_kernel)
 
 
 def _guard(device: torch.device) -> contextlib.AbstractContextManager[object]:
@@ -464,8 +470,8 @@ def rank_rows_at(like: torch.Tensor, in_rank: torch.Tensor, bases: torch.Tensor,
     target = torch.empty((tokens, cols), dtype=torch.float32, device=out.device) if interpreting() else out
     block, warps = _sum_tiling(cols, like.element_size())
     with _guard(out.device):
-        moe_rank_rows_kernel[(tokens, -(-cols // block))](
-            like, flags, cumsum, bases, own, me, target, cols, tokens, WORLD=world, BLOCK_C=block, num_warps=warps)
+        _RANK_ROWS((tokens, -(-cols // block)), like, flags, cumsum, bases, own, me, target, cols, tokens, world, block,
+                   num_warps=warps)
     if target is not out:
         out.copy_(target)
 
@@ -620,9 +626,8 @@ def layout_table(topk_idx: torch.Tensor, num_experts: int, num_ranks: int) -> tu
     if tokens and topk:
         block_t = 64
         with _guard(idx.device):
-            moe_layout_count_kernel[(-(-tokens // block_t),)](
-                idx, table, table, in_rank.view(torch.uint8), tokens, topk, num_local, num_ranks, BLOCK_T=block_t,
-                BLOCK_K=max(2, 1 << max(topk - 1, 0).bit_length()), TABLE=True)
+            _LAYOUT((-(-tokens // block_t),), idx, table, table, in_rank.view(torch.uint8), tokens, topk, num_local,
+                    num_ranks, block_t, max(2, 1 << max(topk - 1, 0).bit_length()), True)
     return in_rank, table
 
 
