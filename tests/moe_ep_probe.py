@@ -537,10 +537,11 @@ def low_latency_steps(rank: int, group: Any, device: torch.device, params: dict[
 
 def normal_token_rows(rank: int, group: Any, device: torch.device, params: dict[str, Any],
                       seed: int = 0) -> dict[str, Any]:
-    """The normal dispatch with the triton backend's steps (its routing counts in one kernel) against the torch
-    steps bit for bit; the normal combine (no weights) with them: each token's returned rows summed by
-    ``token_rows_into`` straight into the bf16 output, against the same steps without it (``sum_rows``, then a
-    copy) bit for bit, and within one bf16 step of the torch steps; which step ran is counted."""
+    """The normal dispatch with the triton backend's steps (its routing counts in one kernel, as the count table
+    or as counts) against the torch steps bit for bit; the normal combine (no weights) with them: each token's
+    returned rows summed by ``token_rows_into`` straight into the bf16 output, against the same steps without
+    it (``sum_rows``, then a copy) bit for bit, and within one bf16 step of the torch steps; which step ran is
+    counted."""
     import dataclasses
 
     from deepport.backends.torch import moe_routes
@@ -552,19 +553,23 @@ def normal_token_rows(rank: int, group: Any, device: torch.device, params: dict[
     counted = functools.partial(_counted, used)
 
     assert ROUTES.token_rows_into is not None and ROUTES.sum_rows is not None and ROUTES.layout_counts is not None
+    assert ROUTES.layout_table is not None
     fused = dataclasses.replace(ROUTES, token_rows_into=counted("token_rows_into", ROUTES.token_rows_into),
                                 sum_rows=counted("sum_rows", ROUTES.sum_rows),
-                                layout_counts=counted("layout_counts", ROUTES.layout_counts))
+                                layout_counts=counted("layout_counts", ROUTES.layout_counts),
+                                layout_table=counted("layout_table", ROUTES.layout_table))
+    counts_only = dataclasses.replace(fused, layout_table=None)  # the counts without the table: torch builds it
     plain = dataclasses.replace(ROUTES, token_rows_into=None)
     x = _inputs(rank, params, seed)
     data, idx, w = x["x"].to(device), x["topk_idx"].to(device), x["topk_weights"].to(device)
     bad: list[str] = []
-    got, mine = (moe_routes.dispatch(moe_dispatch.bind(data, idx, w, int(params["experts"]), group=group), steps)
-                 for steps in (TORCH, fused))
-    for name in ("recv_x", "recv_topk_idx", "recv_topk_weights", "num_recv_tokens_per_expert"):
-        _same(f"dispatch {name} (layout_counts)", getattr(mine, name), getattr(got, name), bad)
-    for name in ("send_counts", "recv_counts", "recv_src_idx", "is_token_in_rank"):
-        _same(f"dispatch handle.{name} (layout_counts)", getattr(mine.handle, name), getattr(got.handle, name), bad)
+    got, mine, by_counts = (moe_routes.dispatch(moe_dispatch.bind(data, idx, w, int(params["experts"]), group=group),
+                                                steps) for steps in (TORCH, fused, counts_only))
+    for how, ran in (("layout_table", mine), ("layout_counts", by_counts)):
+        for name in ("recv_x", "recv_topk_idx", "recv_topk_weights", "num_recv_tokens_per_expert"):
+            _same(f"dispatch {name} ({how})", getattr(ran, name), getattr(got, name), bad)
+        for name in ("send_counts", "recv_counts", "recv_src_idx", "is_token_in_rank"):
+            _same(f"dispatch handle.{name} ({how})", getattr(ran.handle, name), getattr(got.handle, name), bad)
     y = torch.randn(tuple(got.recv_x.shape), generator=torch.Generator().manual_seed(seed + rank))  # type: ignore[union-attr]
     y = y.to(torch.bfloat16).to(device)
     out = {name: moe_routes.combine(moe_combine.bind(y, got.handle), steps).combined_x

@@ -175,14 +175,15 @@ def test_triton_low_latency_steps_give_the_torch_routes_rows_and_sums(world: int
     (4, dict(tokens=(5, 12, 0, 8), experts=32, topk=6, dup=0.3, nowhere=0.2)),
 ])
 def test_triton_normal_combine_sums_each_token_in_one_kernel(world: int, params: dict[str, Any]) -> None:
-    """The triton backend's normal dispatch counts its routing in one kernel (the torch steps' bits); its normal
+    """The triton backend's normal dispatch counts its routing in one kernel, the count table or the counts (the
+    torch steps' bits either way); its normal
     combine (no weights) sums each token's returned rows with ``token_rows_into``
     straight into the bf16 output: the bits of its ``sum_rows`` path, within one bf16 step of torch's."""
     pytest.importorskip("triton")
     p = {**SMALL, "world": world, **params}
     for rank, got in enumerate(_run("normal_token_rows", world, params=p, seed=3)):
         assert got["bad"] == [], (rank, got["bad"])
-        assert got["used"] == {"token_rows_into": 1, "layout_counts": 1}, (rank, got["used"])
+        assert got["used"] == {"token_rows_into": 1, "layout_table": 1, "layout_counts": 1}, (rank, got["used"])
 
 
 @pytest.mark.parametrize("tokens, experts", [((8, 8), 16), ((9, 0, 5), 12), ((3, 11, 0, 6), 16)])
