@@ -3,7 +3,7 @@
 # (each under the 10-minute call limit; the second within 30 s of the first, so the machine stays warm):
 #
 #   bash scripts/gpu_ep_bench.sh tests      step 1 (about 6 min at most), records whether hopper's test passed
-#   bash scripts/gpu_ep_bench.sh measure    steps 2 and 3 (about 7 min at most)
+#   bash scripts/gpu_ep_bench.sh measure    steps 2 to 5 (about 8 min at most)
 #   bash scripts/gpu_ep_bench.sh            all three (no call limit)
 #
 # 1. tests on NCCL: tests/test_torch_moe_ep.py and tests/test_moe_gpu.py (-m gpu: 1-GPU low-latency path
@@ -15,7 +15,8 @@
 #    --config 'ep2_*' (the 2-rank configs): every backend implementing them next to nccl_all_to_all (raw
 #    all_to_all_single of the same split sizes and bytes, same run; for the low-latency ops, of the same fixed
 #    T_max rows per rank pair, both timed as a CUDA graph), and the nvlink_all_to_all ceiling;
-# 4. the 4096-token dispatch of torch and triton with DEEPPORT_MOE_CHUNKS=2 and 4, next to raw NCCL.
+# 4. the 4096-token dispatch of torch and triton with DEEPPORT_MOE_CHUNKS=2 and 4, next to raw NCCL;
+# 5. the host's time per eager call split at its host read, and the dispatch's pieces (tests/peer_cuda_host.py).
 #
 # Writes under $OUT: gpu.txt, commit.txt, tests.txt, certify/ (results.json, summary.md, junit.xml),
 # certify.log, bench.json, bench.png, bench.log, ep_summary.json (per config: each backend's median us and
@@ -142,4 +143,8 @@ for chunks in 2 4; do
   echo "bench with $chunks chunks: exit $? after $((SECONDS - start)) s"; tail -n 8 "$OUT/bench_chunks$chunks.log"
   cp "$OUT/chunks$chunks/bench.json" "$OUT/bench_chunks$chunks.json" 2>/dev/null; rm -rf "$OUT/chunks$chunks"
 done
+# 5. where each rank's host time goes in the eager calls, one GPU per rank (tests/peer_cuda_host.py: before /
+#    after the host read, and the dispatch's pieces): host_split.txt
+DEEPPORT_HOST_SPLIT=1 timeout 60 "$PY" -m tests.peer_cuda_host --calls 10 > "$OUT/host_split.txt" 2>&1
+echo "host split: exit $? after $((SECONDS - start)) s"; grep "^rank 0" "$OUT/host_split.txt" | head -16
 echo "total $((SECONDS - start)) s"

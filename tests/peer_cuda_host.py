@@ -1,4 +1,4 @@
-"""Where the host's time goes in the expert-parallel ops' eager calls: two processes on ONE GPU.
+"""Where the host's time goes in the expert-parallel ops' eager calls: two processes, on one GPU or two.
 
 ``deepport bench`` times the normal MoE ops (issue 14's 4096-token configs) with CUDA events around one
 eager call, the argument checks included, so the host's work counts wherever the GPU waits for it. Each
@@ -14,11 +14,12 @@ Per call, on each rank, this splits the host's wall time at its device-to-host r
 - **after**: from the last read's return to the call's return (launching everything that moves the
   payload and fills the outputs);
 
-and gives the CUDA-event span of the call on this rank's stream. Two processes time-slice the GPU, so
-*blocked* and the span are upper bounds there; *before*, *between* and *after* are this rank's own host
-work: on two GPUs the op cannot take less than ``before + after`` plus the GPU work that must follow the
-last read. Steps: the hopper path (triton's steps over the CUDA-IPC peer transport) and the torch
-backend's steps over the same transport, issue 14's sizes (hidden 7168, top-8 of 256, EP=2).
+and gives the CUDA-event span of the call on this rank's stream. With one GPU the two processes time-slice
+it, so *blocked* and the span are upper bounds there (with two GPUs each rank has its own, over CUDA IPC);
+*before*, *between* and *after* are this rank's own host work: on two GPUs the op cannot take less than
+``before + after`` plus the GPU work that must follow the last read. Steps: the hopper path (triton's steps
+over the CUDA-IPC peer transport) and the torch backend's steps over the same transport, issue 14's sizes
+(hidden 7168, top-8 of 256, EP=2).
 
 ``python -m tests.peer_cuda_host [--calls N] [--cprofile STEP]`` prints a table per rank (medians over N
 calls, default 20); with ``--cprofile``, rank 0 also runs the steps whose name contains ``STEP`` (value
@@ -225,7 +226,8 @@ def _worker(rank: int, world: int, init: str, calls: int, results: Any, profile:
     out: list[str] = []
     try:
         dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world, timeout=timedelta(seconds=120))
-        device = torch.device("cuda", 0)
+        # one GPU: both ranks share it (time-sliced); two or more: each rank its own, as on an EP machine
+        device = torch.device("cuda", rank if torch.cuda.device_count() >= world else 0)
         torch.cuda.set_device(device)
         group = dist.group.WORLD
         checked = moe_args.resolve_group  # CUDA tensors on a gloo group: only the peer transport moves bytes
