@@ -195,6 +195,22 @@ def test_flag_params_pack_to_the_kernel_struct() -> None:
         peer_memory_cuda.pack_params([], 0, 0, 0)
 
 
+def test_the_hopper_normal_ops_take_the_triton_routes_steps_where_triton_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The normal dispatch and combine run triton's ROUTES (the two-kernel exchange over the blocks, the
+    per-token sums); the other ops triton's TRITON steps; without triton, torch's steps everywhere."""
+    pytest.importorskip("triton")
+    from deepport.backends.hopper import moe
+    from deepport.backends.torch.moe_local import TORCH
+    from deepport.backends.triton.moe_permute import TRITON
+    from deepport.backends.triton.moe_routes import ROUTES
+
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(moe, "steps_for", lambda device: TRITON)
+    assert moe.normal_steps_for(cuda) is ROUTES and ROUTES.rows_to_blocks is not None
+    monkeypatch.setattr(moe, "steps_for", lambda device: TORCH)
+    assert moe.normal_steps_for(cuda) is TORCH
+
+
 def test_multicast_stays_off(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in peer_memory_cuda.MULTICAST_OFF:
         monkeypatch.delenv(name, raising=False)

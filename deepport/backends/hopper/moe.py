@@ -5,8 +5,9 @@ NVLink (:mod:`.peer_transport` on :mod:`.peer_memory_cuda`) instead of going thr
 communicator launch, no count collective for the fixed-size low-latency layout, and a device-side wait
 per peer. The routing, the layouts and the per-device steps are the tested torch-backend code
 (:mod:`deepport.backends.torch.moe_routes`, :mod:`~deepport.backends.torch.moe_layouts`), with the triton
-backend's kernels for the steps where triton runs, so results are bit for bit those of the torch and
-triton backends (the transport only moves bytes).
+backend's kernels for the steps where triton runs (for the normal dispatch and combine the triton backend's
+own steps of those ops, :func:`normal_steps_for`: over the peer blocks the dispatch is two kernels), so
+results are those of the torch and triton backends (the transport only moves bytes).
 
 The peer memory of a group is created on the group's first call (collectively: every rank calls the op)
 and kept for the process's life. Environment (read at that first call):
@@ -116,21 +117,35 @@ def steps_for(device: torch.device) -> LocalSteps:
     return TORCH
 
 
-def _run(grp: MoEGroup, device: torch.device, what: str, fn: Callable[[LocalSteps], R]) -> R:
+def normal_steps_for(device: torch.device) -> LocalSteps:
+    """The steps of the normal dispatch and combine: the triton backend's for those two ops (its
+    :data:`~deepport.backends.triton.moe_routes.ROUTES`: the row copy, the per-token sums, and over this
+    transport's blocks the two-kernel exchange) where triton runs on ``device``, else :func:`steps_for`'s."""
+    steps = steps_for(device)
+    if steps is TORCH:
+        return steps
+    from deepport.backends.triton.moe_routes import ROUTES
+
+    return ROUTES
+
+
+def _run(grp: MoEGroup, device: torch.device, what: str, fn: Callable[[LocalSteps], R],
+         steps: Callable[[torch.device], LocalSteps] = steps_for) -> R:
     transport = transport_for(grp, device)
     check = getattr(transport.memory, "raise_if_failed", None)
     if check is not None:
         check(what)
     with use_transport(transport):
-        return fn(steps_for(device))
+        return fn(steps(device))
 
 
 def dispatch(call: Any) -> Any:
-    return _run(call.group, call.data.device, "moe_dispatch", lambda s: moe_routes.dispatch(call, s))
+    return _run(call.group, call.data.device, "moe_dispatch", lambda s: moe_routes.dispatch(call, s),
+                normal_steps_for)
 
 
 def combine(call: Any) -> Any:
-    return _run(call.group, call.x.device, "moe_combine", lambda s: moe_routes.combine(call, s))
+    return _run(call.group, call.x.device, "moe_combine", lambda s: moe_routes.combine(call, s), normal_steps_for)
 
 
 def dispatch_expanded(call: Any) -> Any:
