@@ -1,5 +1,10 @@
 """Where the host's time goes in the expert-parallel ops' eager calls: two processes, on one GPU or two.
 
+With two GPUs each rank has its own, over NCCL, and the hopper path is the hopper backend itself
+(``DEEPPORT_HOPPER_EP=1``: symmetric memory over NVLink), the torch backend's exchanges NCCL's. With one GPU
+both ranks share it over a gloo group and the CUDA-IPC peer transport (triton's steps over it: the hopper
+path's work), the torch backend's exchanges through the same transport.
+
 ``deepport bench`` times the normal MoE ops (issue 14's 4096-token configs) with CUDA events around one
 eager call, the argument checks included, so the host's work counts wherever the GPU waits for it. Each
 call reads its counts on the host once (and once more for the value checks of ``topk_idx`` unless
@@ -15,20 +20,19 @@ Per call, on each rank, this splits the host's wall time at its device-to-host r
   payload and fills the outputs);
 
 and gives the CUDA-event span of the call on this rank's stream. With one GPU the two processes time-slice
-it, so *blocked* and the span are upper bounds there (with two GPUs each rank has its own, over CUDA IPC);
-*before*, *between* and *after* are this rank's own host work: on two GPUs the op cannot take less than
-``before + after`` plus the GPU work that must follow the last read. Steps: the hopper path (triton's steps
-over the CUDA-IPC peer transport) and the torch backend's steps over the same transport, issue 14's sizes
-(hidden 7168, top-8 of 256, EP=2).
+it, so *blocked* and the span are upper bounds there; *before*, *between* and *after* are this rank's own
+host work: the op cannot take less than ``before + after`` plus the GPU work that must follow the last
+read. Issue 14's sizes (hidden 7168, top-8 of 256, EP=2).
 
 ``python -m tests.peer_cuda_host [--calls N] [--cprofile STEP]`` prints a table per rank (medians over N
 calls, default 20); with ``--cprofile``, rank 0 also runs the steps whose name contains ``STEP`` (value
 checks off) under cProfile and prints the host functions behind them; with ``DEEPPORT_HOST_SPLIT=1`` first
-the inclusive host time of the pieces of triton's dispatch (each piece wrapped with a timer).
+the inclusive host time of the pieces of the hopper path's dispatch (each piece wrapped with a timer).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import statistics
@@ -100,7 +104,9 @@ def split_call(step: Callable[[], Any], device: torch.device) -> dict[str, float
             "reads": float(len(spans))}
 
 
-def _steps(group: Any, device: torch.device) -> list[tuple[str, Callable[[], Any]]]:
+def _steps(group: Any, device: torch.device, hopper: str) -> list[tuple[str, Callable[[], Any]]]:
+    """The calls timed: the op layer alone, then each op of the hopper path (``hopper``: the backend that runs
+    it) and of the torch backend."""
     import deepport
     from deepport.bench.configs.moe import routing
 
@@ -114,15 +120,15 @@ def _steps(group: Any, device: torch.device) -> list[tuple[str, Callable[[], Any
     def op_layer(op: str, *args: Any, **kwargs: Any) -> Callable[[], Any]:  # the public op minus the backend's work
         def run() -> Any:
             call = OPS[op].bind(*args, **kwargs)
-            return selection.choose(op, call.signature, "triton")
+            return selection.choose(op, call.signature, hopper)
         return run
 
-    first = deepport.moe_dispatch(xn, idxn, wn, 256, group=group, backend="triton")
+    first = deepport.moe_dispatch(xn, idxn, wn, 256, group=group, backend=hopper)
     steps: list[tuple[str, Callable[[], Any]]] = [
         ("op layer only: dispatch 4096", op_layer("moe_dispatch", xn, idxn, wn, 256, group=group)),
         ("op layer only: combine 4096", op_layer("moe_combine", first.recv_x, first.handle)),
     ]
-    for backend in ("triton", "torch"):
+    for backend in (hopper, "torch"):
         normal = deepport.moe_dispatch(xn, idxn, wn, 256, group=group, backend=backend)
         ll = deepport.moe_low_latency_dispatch(x, idx, 128, 256, group=group, use_fp8=True, backend=backend)
         steps += [
@@ -157,9 +163,9 @@ def _cprofile(step: Callable[[], Any], device: torch.device, calls: int) -> list
     return ["cProfile (cumulative):", text.getvalue(), "cProfile (own time):", text2.getvalue()]
 
 
-def _split_dispatch(group: Any, device: torch.device, calls: int) -> list[str]:
-    """Inclusive host time of the pieces of triton's 4096-token dispatch (value checks off), per call: each
-    piece's module attribute wrapped with a timer for the duration of the calls."""
+def _split_dispatch(group: Any, device: torch.device, calls: int, backend: str) -> list[str]:
+    """Inclusive host time of the pieces of the hopper path's 4096-token dispatch (``backend``, value checks
+    off), per call: each piece's module attribute wrapped with a timer for the duration of the calls."""
     import dataclasses
 
     import deepport
@@ -194,7 +200,7 @@ def _split_dispatch(group: Any, device: torch.device, calls: int) -> list[str]:
             setattr(m, a, timed(a, fn))
         triton_routes.ROUTES = dataclasses.replace(routes, **steps)
         for _ in range(3):
-            deepport.moe_dispatch(xn, idxn, wn, 256, group=group, backend="triton")
+            deepport.moe_dispatch(xn, idxn, wn, 256, group=group, backend=backend)
         spent.clear()
         walls: list[float] = []
         reads: list[tuple[float, float]] = []
@@ -203,11 +209,11 @@ def _split_dispatch(group: Any, device: torch.device, calls: int) -> list[str]:
                 dist.barrier()
                 torch.cuda.synchronize(device)
                 t0 = time.perf_counter()
-                deepport.moe_dispatch(xn, idxn, wn, 256, group=group, backend="triton")
+                deepport.moe_dispatch(xn, idxn, wn, 256, group=group, backend=backend)
                 walls.append(time.perf_counter() - t0)
                 torch.cuda.synchronize(device)
         spent["(host reads: blocked)"] = sum(b - a for a, b in reads)
-        lines.append(f"split of triton dispatch 4096 (checks off), us per call over {calls} calls; wall "
+        lines.append(f"split of {backend} dispatch 4096 (checks off), us per call over {calls} calls; wall "
                      f"{1e6 * sum(walls) / calls:.1f} (inclusive times, nested):")
         lines += [f"    {1e6 * v / calls:9.1f}  {k}" for k, v in sorted(spent.items(), key=lambda kv: -kv[1])]
     finally:
@@ -225,21 +231,32 @@ def _worker(rank: int, world: int, init: str, calls: int, results: Any, profile:
 
     out: list[str] = []
     try:
-        dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world, timeout=timedelta(seconds=120))
-        # one GPU: both ranks share it (time-sliced); two or more: each rank its own, as on an EP machine
-        device = torch.device("cuda", rank if torch.cuda.device_count() >= world else 0)
-        torch.cuda.set_device(device)
-        group = dist.group.WORLD
-        checked = moe_args.resolve_group  # CUDA tensors on a gloo group: only the peer transport moves bytes
-        moe_args.resolve_group = lambda g, d: checked(g, torch.device("cpu"))  # type: ignore[assignment]
-        memory = CudaPeerMemory(group, device, capacity=64 << 20, timeout_s=60.0, mapping="ipc", fixed_capacity=8 << 20)
-        with use_transport(PeerTransport(memory)):
-            steps = _steps(group, device)
+        if torch.cuda.device_count() >= world:  # a GPU per rank, as on an EP machine: NCCL, the hopper backend
+            device = torch.device("cuda", rank)
+            torch.cuda.set_device(device)
+            os.environ["DEEPPORT_HOPPER_EP"] = "1"
+            dist.init_process_group("nccl", init_method=init, rank=rank, world_size=world,
+                                    timeout=timedelta(seconds=120))
+            group, hopper = dist.group.WORLD, "hopper"
+            context: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+        else:  # both ranks on one GPU (time-sliced): gloo names the ranks, the CUDA-IPC peer transport moves bytes
+            device = torch.device("cuda", 0)
+            torch.cuda.set_device(device)
+            dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
+                                    timeout=timedelta(seconds=120))
+            group, hopper = dist.group.WORLD, "triton"
+            checked = moe_args.resolve_group  # CUDA tensors on a gloo group: only the peer transport moves bytes
+            moe_args.resolve_group = lambda g, d: checked(g, torch.device("cpu"))  # type: ignore[assignment]
+            memory = CudaPeerMemory(group, device, capacity=64 << 20, timeout_s=60.0, mapping="ipc",
+                                    fixed_capacity=8 << 20)
+            context = use_transport(PeerTransport(memory))
+        with context:
+            steps = _steps(group, device, hopper)
             out.append(f"{'step':<40} {'checks':>6} {'reads':>5} {'before':>8} {'blocked':>8} {'between':>8} "
                        f"{'after':>8} {'wall':>8} {'span':>8}   (us, median of {calls})")
             if os.environ.get("DEEPPORT_HOST_SPLIT"):
                 os.environ["DEEPPORT_CHECK_VALUES"] = "0"
-                out += _split_dispatch(group, device, calls)
+                out += _split_dispatch(group, device, calls, hopper)
             for checks in ("1", "0"):
                 os.environ["DEEPPORT_CHECK_VALUES"] = checks
                 for name, step in steps:
