@@ -37,7 +37,6 @@ import functools
 import os
 import statistics
 import sys
-import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -47,7 +46,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from tests.peer_cuda_one_gpu import run_ranks
 
 READS = ("tolist", "item", "__bool__", "__int__", "__float__")
 
@@ -223,7 +223,7 @@ def _split_dispatch(group: Any, device: torch.device, calls: int, backend: str) 
     return lines
 
 
-def _worker(rank: int, world: int, init: str, calls: int, results: Any, profile: str = "") -> None:
+def _worker(rank: int, world: int, init: str, results: Any, calls: int, profile: str = "") -> None:
     from deepport.backends.hopper.peer_memory_cuda import CudaPeerMemory
     from deepport.backends.hopper.peer_transport import PeerTransport
     from deepport.backends.torch.moe_comm import use_transport
@@ -286,20 +286,7 @@ def main() -> int:
         return 2
     calls = int(sys.argv[sys.argv.index("--calls") + 1]) if "--calls" in sys.argv else 20
     profile = sys.argv[sys.argv.index("--cprofile") + 1] if "--cprofile" in sys.argv else ""
-    world = 2
-    ctx = mp.get_context("spawn")
-    with tempfile.TemporaryDirectory() as tmp:
-        results = ctx.Manager().dict()
-        procs = [ctx.Process(target=_worker, args=(r, world, f"file://{tmp}/rendezvous", calls, results,
-                                                    profile))
-                 for r in range(world)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(timeout=400)
-            if p.is_alive():
-                p.kill()
-        lines = [f"rank {r}: {line}" for r in range(world) for line in results.get(r, ["no result (died)"])]
+    lines = run_ranks(_worker, (calls, profile), timeout_s=400)
     print("\n".join(lines))
     return 1 if any("FAILED" in line or "no result" in line for line in lines) else 0
 

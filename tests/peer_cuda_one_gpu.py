@@ -432,6 +432,24 @@ def loopback(pair_bytes: tuple[int, ...] = (0, 65536, 950784, 3670016), iters: i
     return lines
 
 
+def run_ranks(worker: Any, extra: tuple[Any, ...], world: int = 2, timeout_s: float = 300) -> list[str]:
+    """``worker(rank, world, init, results, *extra)`` in ``world`` spawned processes (a file rendezvous);
+    each puts its lines into ``results[rank]``. Returns them as ``rank r: line``, a rank that died or hung
+    past ``timeout_s`` as ``no result (died)``."""
+    ctx = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory() as tmp:
+        results = ctx.Manager().dict()
+        procs = [ctx.Process(target=worker, args=(r, world, f"file://{tmp}/rendezvous", results, *extra))
+                 for r in range(world)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=timeout_s)
+            if p.is_alive():
+                p.kill()
+        return [f"rank {r}: {line}" for r in range(world) for line in results.get(r, ["no result (died)"])]
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("no CUDA device")
@@ -451,22 +469,7 @@ def main() -> int:
     if stall not in ("rounds", "fixed"):
         print(f"--stall takes rounds or fixed, got {stall!r}")
         return 2
-    moe = "--moe" in sys.argv
-    world = 2
-    with tempfile.TemporaryDirectory() as tmp:
-        init = f"file://{tmp}/rendezvous"
-        manager = mp.get_context("spawn").Manager()
-        results = manager.dict()
-        procs = [mp.get_context("spawn").Process(target=_moe_worker, args=(r, world, init, results)) if moe else
-                 mp.get_context("spawn").Process(target=_worker, args=(r, world, init, results, stall))
-                 for r in range(world)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(timeout=300)
-            if p.is_alive():
-                p.kill()
-        lines = [f"rank {r}: {line}" for r in range(world) for line in results.get(r, ["no result (died)"])]
+    lines = run_ranks(_moe_worker, ()) if "--moe" in sys.argv else run_ranks(_worker, (stall,))
     print("\n".join(lines))
     bad = [line for line in lines if "WRONG" in line or "FAILED" in line or "no result" in line]
     return 1 if bad else 0
