@@ -357,7 +357,7 @@ def _local_memories(device: torch.device, capacity: int, fixed: int) -> list[Any
                           areas=bufs, flag_base=[int(b.data_ptr()) for b in bufs], error=error, function=function,
                           counters=torch.zeros((3, world), dtype=torch.int64, device=device),
                           fixed_counters=torch.zeros(pm.peer_exchange_kernel.CTAS, dtype=torch.int64, device=device),
-                          _fixed_function=None, _targets=None, written_exchanges=0)
+                          _fixed_function=None, _targets=None, written_exchanges=0, _params={})
         memories.append(m)
     return memories
 

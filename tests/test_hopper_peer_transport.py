@@ -63,6 +63,9 @@ class _Loopback:
 
     signal_acks = signal_data
 
+    def signal_then_wait_data(self, peers: Any, sources: Any, what: str) -> None:
+        raise AssertionError("no flags in a world of one")
+
 
 def test_own_rows_are_copied_without_flags() -> None:
     send = torch.arange(12, dtype=torch.int64).view(6, 2)
@@ -209,6 +212,22 @@ def test_the_hopper_normal_ops_take_the_triton_routes_steps_where_triton_runs(mo
     assert moe.normal_steps_for(cuda) is ROUTES and ROUTES.rows_to_blocks is not None
     monkeypatch.setattr(moe, "steps_for", lambda device: TORCH)
     assert moe.normal_steps_for(cuda) is TORCH
+
+
+def test_a_round_raises_its_data_flags_and_awaits_its_sources_in_one_flag_launch() -> None:
+    mem = peer_memory_cuda.CudaPeerMemory.__new__(peer_memory_cuda.CudaPeerMemory)
+    launches: list[tuple[list[tuple[int, int]], int]] = []
+    mem.__dict__.update(rank=1, world_size=3, flag_base=[0x1000, 0x2000, 0x3000], counters=torch.zeros((3, 3),
+                        dtype=torch.int64))
+    mem._launch = lambda ops, mode: launches.append((ops, mode))  # type: ignore[method-assign]
+    mem.signal_then_wait_data([0, 2], [0, 2], "round")
+    (ops, mode), = launches
+    assert mode == peer_memory_cuda.SIGNAL_THEN_WAIT | (2 << 8)  # the first two ops signal, the rest wait
+    assert [f for f, _ in ops] == [0x1000 + 8 * 1, 0x3000 + 8 * 1, 0x2000 + 8 * 0, 0x2000 + 8 * 2]
+    launches.clear()
+    mem.signal_then_wait_data([0], [], "round")  # nothing to wait for: a plain signal
+    mem.signal_then_wait_data([], [2], "round")  # nothing to signal: a plain wait
+    assert [m for _, m in launches] == [peer_memory_cuda.SIGNAL, peer_memory_cuda.WAIT_NEXT]
 
 
 def test_multicast_stays_off(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -45,7 +45,7 @@ MAX_OPS = 64  # flags per launch (DP_PEER_MAX_OPS): one per peer, so groups of u
 _OP = struct.Struct("<2Q")
 _TAIL = struct.Struct("<Qqii")
 PARAMS_SIZE = MAX_OPS * _OP.size + _TAIL.size  # 1048 bytes, well under the 4 KiB parameter limit
-SIGNAL, WAIT_NEXT, WAIT_COUNTER = 0, 1, 2
+SIGNAL, WAIT_NEXT, WAIT_COUNTER, SIGNAL_THEN_WAIT = 0, 1, 2, 3  # the last: | (number of signals << 8)
 MULTICAST_OFF = {"TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NCCL_NVLS_ENABLE": "0", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
@@ -146,6 +146,7 @@ class CudaPeerMemory(FixedSlots):
         self._targets: torch.Tensor | None = None
         self.written_exchanges = 0  # written fixed exchanges issued from the host (a captured one counts once)
         self.error = torch.zeros(4, dtype=torch.int64, pin_memory=True)
+        self._params: dict[tuple[tuple[tuple[int, int], ...], int, int, int], bytes] = {}  # packed flag launches
         torch.cuda.synchronize(device)
         dist.barrier(group=group)  # every rank's flags are zero before anyone signals
         self.function = _flag_function(device.index if device.index is not None else torch.cuda.current_device())
@@ -161,7 +162,11 @@ class CudaPeerMemory(FixedSlots):
     def _launch(self, ops: list[tuple[int, int]], mode: int) -> None:
         from deepport.backends.hopper import launch
 
-        params = pack_params(ops, int(self.error.data_ptr()), self.timeout_ns, mode)
+        error = int(self.error.data_ptr())
+        key = (tuple(ops), mode, error, self.timeout_ns)  # the addresses are fixed for the memory's life
+        params = self._params.get(key)
+        if params is None:  # pack each launch's struct once
+            params = self._params[key] = pack_params(ops, error, self.timeout_ns, mode)
         launch.launch(self.function, 1, 32 * -(-len(ops) // 32), 0, params, self.device)
 
     def block(self, owner: int, source: int) -> torch.Tensor:
@@ -178,6 +183,18 @@ class CudaPeerMemory(FixedSlots):
 
     def wait_data(self, sources: Sequence[int], what: str) -> None:
         self._launch([(self._flag(self.rank, s), self._counter(1, s)) for s in sources], WAIT_NEXT)
+
+    def signal_then_wait_data(self, peers: Sequence[int], sources: Sequence[int], what: str) -> None:
+        """:meth:`signal_data` of ``peers`` then :meth:`wait_data` of ``sources`` in one launch."""
+        signals = [(self._flag(r, self.rank), self._counter(0, r)) for r in peers]
+        waits = [(self._flag(self.rank, s), self._counter(1, s)) for s in sources]
+        if not signals or not waits or len(signals) + len(waits) > MAX_OPS:
+            if signals:
+                self.signal_data(peers)
+            if waits:
+                self.wait_data(sources, what)
+            return
+        self._launch(signals + waits, SIGNAL_THEN_WAIT | (len(signals) << 8))
 
     def signal_acks(self, sources: Sequence[int]) -> None:
         w = self.world_size

@@ -103,6 +103,10 @@ class ShmPeerMemory(FixedSlots):
             self.received[s] += 1
         self._wait([(s, self.received[s], s) for s in sources], what, "data")
 
+    def signal_then_wait_data(self, peers: Sequence[int], sources: Sequence[int], what: str) -> None:
+        self.signal_data(peers)
+        self.wait_data(sources, what)
+
     def signal_acks(self, sources: Sequence[int]) -> None:
         w = self.world_size
         for s in sources:

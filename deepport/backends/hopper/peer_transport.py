@@ -78,6 +78,10 @@ class PeerMemory(Protocol):
         """Until each source's next chunk is in this rank's block for it (acquire)."""
         ...
 
+    def signal_then_wait_data(self, peers: Sequence[int], sources: Sequence[int], what: str) -> None:
+        """:meth:`signal_data` of ``peers`` then :meth:`wait_data` of ``sources`` (one flag launch on a GPU)."""
+        ...
+
     def signal_acks(self, sources: Sequence[int]) -> None:
         """After copying each source's chunk out: its block may be written again."""
         ...
@@ -192,8 +196,7 @@ class PeerTransport:
         self.rows_windows += 1
 
         def receive() -> list[torch.Tensor | None]:
-            mem.signal_data(peers)
-            mem.wait_data(peers, what)
+            mem.signal_then_wait_data(peers, peers, what)
             return [None if s == me else mem.block(me, s)[: int(recv_bytes[s])] for s in range(world)]
 
         return RowsWindow([None if r == me else mem.block(r, me)[: int(send_bytes[r])] for r in range(world)],
@@ -256,10 +259,10 @@ class PeerTransport:
                     lo, hi = j * cap, min((j + 1) * cap, p.send_bytes[r])
                     if hi > lo:
                         mem.block(r, me)[: hi - lo].copy_(src[p.send_offsets[r] + lo: p.send_offsets[r] + hi])
-                mem.signal_data(dests)
             sources = [s for s in peers if p.chunks(p.recv_bytes[s]) > j]
+            if dests or sources:
+                mem.signal_then_wait_data(dests, sources, what)  # one flag launch on a GPU
             if sources:
-                mem.wait_data(sources, what)
                 for s in sources:
                     lo, hi = j * cap, min((j + 1) * cap, p.recv_bytes[s])
                     if hi > lo:

@@ -74,6 +74,7 @@ _PREFETCH = False
 
 # the normal EP ops' kernels of many arguments, launched without Triton's per-call binding once compiled
 _LAYOUT = FastLaunch(moe_layout_count_kernel)
+_PLACE = FastLaunch(moe_place_rows_kernel)
 _RANK_ROWS = FastLaunch(moe_rank_rows_kernel)
 
 
@@ -157,10 +158,9 @@ def place_rows(src: torch.Tensor, dst: torch.Tensor, index: torch.Tensor, zero_m
     size = src_bits.element_size()
     block = block_for_bytes(cols, size, _PLACE_BYTES) if _PLACE_BYTES else _block(cols)
     with _guard(dst.device):
-        moe_place_rows_kernel[(groups * rows, -(-cols // block))](
-            src_bits, idx, dst_bits, rows, cols, src_bits.stride(0),
-            dst_bits.stride(0), dst_bits.stride(1), dst_bits.stride(2),
-            ZERO_MISSING=zero_missing, BLOCK_C=block, num_warps=_PLACE_WARPS)
+        _PLACE((groups * rows, -(-cols // block)), src_bits, idx, dst_bits, rows, cols, src_bits.stride(0),
+               dst_bits.stride(0), dst_bits.stride(1), dst_bits.stride(2), zero_missing, block,
+               num_warps=_PLACE_WARPS)
 
 
 def scatter_rows(src: torch.Tensor, dst: torch.Tensor, targets: torch.Tensor) -> None:

@@ -10,6 +10,8 @@
 //           for the next chunk at each replay, not for a value frozen at capture time); spin with
 //           ld.acquire.sys until the flag reaches target.
 //   mode 2, wait without advancing: target = counter (the acknowledgements of chunks already sent).
+//   mode 3 | (n << 8), signal then wait: the first n ops signal (mode 0), the others wait for their next
+//           chunk (mode 1); one launch where a round raises its data flags and awaits its sources'.
 //
 // A wait is bounded: past timeout_ns (the %globaltimer clock), the first thread that gives up writes
 // {1, op index, flag value seen, target} into the error record (host-mapped pinned memory, read by the
@@ -39,7 +41,7 @@ struct PeerFlagParams {
     u64 error;        // i64[4] host-mapped: {failed, op index, seen, target}
     i64 timeout_ns;
     int num_ops;
-    int mode;         // 0 signal, 1 wait for the next chunk, 2 wait for the counter's value
+    int mode;         // 0 signal, 1 wait for the next chunk, 2 wait for the counter's value, 3 | (n << 8) both
 };
 
 // The host packs this struct (peer_memory_cuda.pack_params): 16 bytes per op, then 24 bytes, no gaps.
@@ -53,12 +55,14 @@ dp_peer_flags_kernel(const __grid_constant__ dp::PeerFlagParams p) {
     if (i >= p.num_ops) return;
     i64* flag = reinterpret_cast<i64*>(p.ops[i].flag);
     i64* counter = reinterpret_cast<i64*>(p.ops[i].counter);
-    if (p.mode == 0) {
+    int mode = p.mode & 0xff;
+    if (mode == 3) mode = i < (p.mode >> 8) ? 0 : 1;
+    if (mode == 0) {
         asm volatile("fence.acq_rel.sys;" ::: "memory");
         dp::add_release_sys(flag, 1);
         *counter += 1;
         return;
     }
-    const i64 target = p.mode == 1 ? (*counter += 1) : *counter;
+    const i64 target = mode == 1 ? (*counter += 1) : *counter;
     dp::wait_at_least(flag, target, p.timeout_ns, reinterpret_cast<i64*>(p.error), i, 1024);
 }
