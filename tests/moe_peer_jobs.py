@@ -86,9 +86,14 @@ def peer_agreement(rank: int, group: Any, device: torch.device, params: dict[str
             bad.append(f"call {call}: outputs {sorted(got)} vs {sorted(want)}")
         for name in want:
             _same(f"call {call}: {name}", got.get(name), want[name], bad)
+    in_place = 0
+    if backend == "triton":
+        from deepport.backends.triton.moe_sum_graph import usage
+
+        in_place = usage(transport)[0]
     return {"bad": bad, "collectives": used["all_to_all_single"], "chunks": sum(memory.sent), "compared": len(want),
             "fixed_exchanges": memory.fixed_exchanges, "written": memory.written_exchanges,
-            "rows_windows": transport.rows_windows}
+            "rows_windows": transport.rows_windows, "in_place": in_place}
 
 
 def fixed_exchanges(rank: int, group: Any, device: torch.device, sizes: list[int], fixed: int,

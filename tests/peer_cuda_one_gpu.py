@@ -146,6 +146,11 @@ def _moe_worker(rank: int, world: int, init: str, results: Any) -> None:
             how = ("fixed exchange" if fixed else "rounds") + (f", {chunks} payload chunks" if chunks > 1 else "")
             label = f"moe ops case {i} ({how}, {len(want)} outputs)"
             out.append(f"{label}: {'ok' if not bad else 'WRONG ' + '; '.join(bad[:4])}")
+        from deepport.backends.triton.moe_sum_graph import usage
+
+        calls, graphs = usage(transport)  # cases 0 and 1 repeat their shapes: captured at the second call
+        out.append(f"normal combine sums through the table: {calls} calls, {graphs} shapes replayed as CUDA graphs "
+                   f"({'ok' if graphs >= 1 and calls >= 3 else 'WRONG: expected a captured shape'})")
         written = memory.written_exchanges
         # per fixed-exchange run of cases 0 (twice) and 1: two dispatches (rank 0 has no tokens in case 1: none
         # there) and one combine whose partial sums went straight into the sources' slots

@@ -139,6 +139,10 @@ def test_a_dispatch_that_fits_the_blocks_writes_straight_into_the_peers_memory(
         assert got["bad"] == [], f"rank {rank}: {got['bad']}"
         assert got["collectives"] == 0, (rank, got)
         assert got["rows_windows"] == 2 * windows_per_call, (rank, got)
+        # triton's unweighted combine (bf16 inputs only): the table-driven path of moe_sum_graph (eager here: no
+        # CUDA) on every rank with tokens (a rank without takes the window path: the same flags and bytes)
+        if backend == "triton":
+            assert got["in_place"] == (2 if p["tokens"][rank] and not p.get("fp8") else 0), (rank, got)
 
 
 # triton's low-latency sender stores its rows straight into the peers' slots, and its combine its float32

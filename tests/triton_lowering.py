@@ -135,6 +135,7 @@ def moe_lowering_report() -> dict[str, dict[str, int]]:
     instructions of the fused dispatch's count and layout kernels."""
     from deepport.backends.triton import moe_expanded_dispatch_kernels as x
     from deepport.backends.triton import moe_permute_kernels as k
+    from deepport.backends.triton import moe_sum_graph_kernels as g
 
     # the low-latency sender's arguments, but for its buffers (send rows or the peers' slots)
     send_rows = dict(
@@ -171,7 +172,21 @@ def moe_lowering_report() -> dict[str, dict[str, int]]:
         # the same sums with the addresses made in the kernel from in_rank (2 ranks: 2 terms)
         "rank_rows_at": compile_for(k.moe_rank_rows_kernel, dict(
             like_ptr=Ptr("bf16"), in_rank_ptr=Ptr("u8"), cumsum_ptr=Ptr("i64"), base_ptr=Ptr("i64"), own=1 << 40,
-            me=0, out_ptr=Ptr("bf16"), num_cols=7168, num_tokens=4096, WORLD=2, BLOCK_C=2048)),
+            me=0, out_ptr=Ptr("bf16"), num_cols=7168, num_tokens=4096, table_ptr=Ptr("i64"), WORLD=2, BLOCK_C=2048,
+            FROM_TABLE=False)),
+        # the combine replayed as a CUDA graph: the same sums with own rows and output from the table, the
+        # table kernel (eager) and the parts into the sources' blocks (table-driven, rows strided per program)
+        "rank_rows_table": compile_for(k.moe_rank_rows_kernel, dict(
+            like_ptr=Ptr("bf16"), in_rank_ptr=Ptr("u8"), cumsum_ptr=Ptr("i64"), base_ptr=Ptr("i64"), own=0,
+            me=0, out_ptr=Ptr("bf16"), num_cols=7168, num_tokens=4096, table_ptr=Ptr("i64"), WORLD=2, BLOCK_C=2048,
+            FROM_TABLE=True)),
+        "sum_table": compile_for(g.moe_sum_table_kernel, dict(
+            table_ptr=Ptr("i64"), rows_ptr=Ptr("bf16"), out_ptr=Ptr("bf16"), own_row=4000, in_rank_ptr=Ptr("u8"),
+            flags_ptr=Ptr("u8"), cumsum_ptr=Ptr("i64"), num_tokens=4096, row_bytes=14336, s0=0, s1=4000, s2=0, s3=0,
+            s4=0, s5=0, s6=0, s7=0, c0=4000, c1=0, c2=0, c3=0, c4=0, c5=0, c6=0, c7=0, WORLD=2, BLOCK_T=1024)),
+        "parts_to_blocks": compile_for(g.moe_parts_to_blocks_kernel, dict(
+            table_ptr=Ptr("i64"), base_ptr=Ptr("i64"), like_ptr=Ptr("i64"), me=0, num_words=1792, WORLD=2,
+            BLOCK_C=256), num_warps=2),
         # the normal dispatch's received routes from its metadata rows
         "receive_meta": compile_for(k.moe_receive_meta_kernel, dict(
             meta_ptr=Ptr("i32"), stride_meta=3604, num_rows=8192, src_ptr=Ptr("i64"), local_ptr=Ptr("i64"),
@@ -254,17 +269,17 @@ def moe_lowering_report() -> dict[str, dict[str, int]]:
     for name in ("cast_fp8", "ll_send_rows", "ll_send_window"):
         report[name]["e4m3_cvt"] = kernels[name].asm["ptx"].count("e4m3x2.f32")
     for name in ("ll_send_rows", "ll_send_window", "token_rows_window", "rows_to_blocks",
-                 "blocks_to_rows"):  # stores of 4 bytes or more, and of bytes
+                 "blocks_to_rows", "parts_to_blocks"):  # stores of 4 bytes or more, and of bytes
         ptx = kernels[name].asm["ptx"]
         report[name]["wide_stores"] = sum(ptx.count(f"st.global.{w}") for w in ("b32", "v2.b32", "v4.b32"))
         report[name]["byte_stores"] = ptx.count("st.global.b8")
         report[name]["stores_16B"] = ptx.count("st.global.v2.b64") + ptx.count("st.global.v4.b32")
-    for name in ("token_rows", "token_rows_at", "rank_rows_at"):  # loads of 16 bytes (8 bf16) per thread
+    for name in ("token_rows", "token_rows_at", "rank_rows_at", "rank_rows_table"):  # 16-byte loads per thread
         ptx = kernels[name].asm["ptx"]
         report[name]["v4_loads"] = ptx.count("ld.global.v4.b32")
     for name in ("expanded_count", "expanded_layout", "expanded_scatter", "expanded_pad_rows", "token_rows",
-                 "token_rows_window", "token_rows_at", "rank_rows_at", "receive_meta", "rows_to_blocks",
-                 "blocks_to_rows", "token_table", "ll_layout",
+                 "token_rows_window", "token_rows_at", "rank_rows_at", "rank_rows_table", "sum_table",
+                 "parts_to_blocks", "receive_meta", "rows_to_blocks", "blocks_to_rows", "token_table", "ll_layout",
                  "ll_positions", "ll_send_rows",
                  "ll_send_window", "ll_return", "ll_return_slots", "ll_pairs"):
         ptx = kernels[name].asm["ptx"]

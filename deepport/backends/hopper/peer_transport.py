@@ -176,6 +176,17 @@ class PeerTransport:
         self.window_memory = memory if isinstance(memory, FixedWindowMemory) else None
         self.rows_windows = 0  # exchanges handed out as a RowsWindow (tests and profiles count them)
 
+    @property
+    def window_capacity(self) -> int:
+        """The most bytes per part a :meth:`rows_window` takes (one block)."""
+        return int(self.memory.capacity)
+
+    def raise_if_failed(self, what: str) -> None:
+        """The memory's record of a stalled wait as :class:`MoECommTimeout` (where it keeps one)."""
+        check = getattr(self.memory, "raise_if_failed", None)
+        if check is not None:
+            check(what)
+
     def rows_window(self, send_bytes: Sequence[int], recv_bytes: Sequence[int], grp: MoEGroup,
                     what: str) -> RowsWindow | None:
         """Round 0 of the rounds above with the caller's kernels as its copies

@@ -166,6 +166,29 @@ def offers_rows_window(grp: MoEGroup) -> bool:
     return grp.group is not None and getattr(_ACTIVE.get(), "rows_window", None) is not None
 
 
+def active_transport() -> Transport | None:
+    """The transport :func:`use_transport` made active in this context, or None (``all_to_all_single``)."""
+    return _ACTIVE.get()
+
+
+def rows_window_capacity(grp: MoEGroup) -> int | None:
+    """The most bytes per part a :func:`rows_window` on ``grp`` takes (the active transport's block), or None
+    when it offers no windows."""
+    transport = _ACTIVE.get()
+    if not offers_rows_window(grp):
+        return None
+    capacity = getattr(transport, "window_capacity", None)
+    return None if capacity is None else int(capacity)
+
+
+def raise_if_transport_failed(what: str) -> None:
+    """Raise the active transport's :class:`MoECommTimeout` where one of its device-side waits has recorded a
+    stall (no device sync); nothing for transports that cannot record one."""
+    check = getattr(_ACTIVE.get(), "raise_if_failed", None)
+    if check is not None:
+        check(what)
+
+
 def rows_window(send_bytes: Sequence[int], recv_bytes: Sequence[int], grp: MoEGroup, what: str) -> RowsWindow | None:
     """The active transport's :class:`RowsWindow` for parts of ``send_bytes[r]`` to and ``recv_bytes[s]`` from
     each rank (zero for this rank), or None (``all_to_all_single``, one process, or parts too large for the

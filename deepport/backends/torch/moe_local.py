@@ -70,6 +70,11 @@ backends' kernels) and reuses everything else.
   rank ``r`` with ``in_rank[t, r]`` in rank order, row ``k`` of the rows at ``bases[r]`` (int64 ``[R]``; the
   address ``own`` for ``r == me``), ``k`` the number of tokens before ``t`` in rank ``r``. The normal combine
   takes it (when ``R <= K``) instead of building the address table with torch ops.
+- ``sum_in_place(rows, handle, grp, out, what)`` (optional, preferred over ``rank_rows_at``): the whole
+  return of the normal combine's 16-bit ``rows`` summed per token into ``out`` through the active transport's
+  blocks (the same bytes, flags and bits as the window path with ``rank_rows_at``), True when it ran; False,
+  nothing started, where it does not apply (then the combine takes its other paths). The triton backend's
+  replays its device work as a CUDA graph (:mod:`deepport.backends.triton.moe_sum_graph`).
 - ``receive_meta(meta, rank, num_local, K, with_weights)`` (optional): the normal dispatch's received routes
   from its int32 metadata rows ``meta [n, 1 + K (+ K)]`` (source token, global ids (, weight bits)):
   ``(src int64 [n], local int64 [n, K], weights float32 [n, K] or None)``, ids local to ``rank`` (-1
@@ -153,7 +158,9 @@ from deepport.kernels.fp8_layout import amax_scales
 from deepport.kernels.moe_args import FP8, FP8_BLOCK
 
 if TYPE_CHECKING:
+    from deepport.kernels.moe_args import MoEGroup
     from deepport.kernels.moe_dispatch_expanded import MoEExpandedDispatchCall, MoEExpandedDispatchResult
+    from deepport.kernels.moe_handle import MoEHandle
 
 
 @dataclass(frozen=True)
@@ -197,6 +204,7 @@ class LocalSteps:
     token_rows_window: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, FixedWindow, int], None] | None = None
     token_rows_at: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
     rank_rows_at: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, int, torch.Tensor], None] | None = None
+    sum_in_place: Callable[[torch.Tensor, MoEHandle, MoEGroup, torch.Tensor, str], bool] | None = None
     receive_meta: Callable[[torch.Tensor, int, int, int, bool],
                            tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] | None = None
     rows_to_blocks: Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None, torch.Tensor,

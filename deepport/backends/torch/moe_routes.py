@@ -405,6 +405,9 @@ def return_rows(rows: torch.Tensor, handle: MoEHandle, grp: MoEGroup, what: str 
     otherwise a ``local.sum_rows`` step, when given, sums every dtype."""
     sends, recvs = list(handle.recv_counts), list(handle.send_counts)
     n, t = sum(recvs), handle.num_tokens
+    if out is not None and rows.dtype != torch.float32 and local.sum_in_place is not None and \
+            local.sum_in_place(rows, handle, grp, out, what):
+        return out
     if out is not None and out.is_contiguous() and rows.dtype != torch.float32 and local.token_rows_at is not None:
         window = _rows_back_window(rows, handle, grp, what)
         if window is not None:  # summed where the rows landed

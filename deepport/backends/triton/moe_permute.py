@@ -470,8 +470,8 @@ def rank_rows_at(like: torch.Tensor, in_rank: torch.Tensor, bases: torch.Tensor,
     target = torch.empty((tokens, cols), dtype=torch.float32, device=out.device) if interpreting() else out
     block, warps = _sum_tiling(cols, like.element_size())
     with _guard(out.device):
-        _RANK_ROWS((tokens, -(-cols // block)), like, flags, cumsum, bases, own, me, target, cols, tokens, world, block,
-                   num_warps=warps)
+        _RANK_ROWS((tokens, -(-cols // block)), like, flags, cumsum, bases, own, me, target, cols, tokens, bases, world,
+                   block, False, num_warps=warps)
     if target is not out:
         out.copy_(target)
 

@@ -229,17 +229,22 @@ def moe_token_rows_kernel(y_ptr, table_ptr, weight_ptr, out_ptr, num_cols, strid
 
 @triton.jit
 def moe_rank_rows_kernel(like_ptr, in_rank_ptr, cumsum_ptr, base_ptr, own, me, out_ptr, num_cols, num_tokens,
-                         WORLD: tl.constexpr, BLOCK_C: tl.constexpr):
+                         table_ptr, WORLD: tl.constexpr, BLOCK_C: tl.constexpr, FROM_TABLE: tl.constexpr):
     """Grid ``(T, ceil(C / BLOCK_C))``: ``out[t]``, the float32 sum over ranks ``r`` in order with
     ``in_rank[t, r]`` (uint8 ``[T, WORLD]``) of the row of ``C`` elements of ``like``'s type at ``base[r] +
     (cumsum[r, t] - 1) * row_bytes`` (``own`` instead of ``base[r]`` for ``r == me``; ``cumsum`` int64 ``[WORLD,
     T]``, rank ``r``'s running count of ``in_rank[:, r]`` up to token ``t``: its rows are its tokens in order; laid
     out by rank so that it is torch's fast inner-dimension scan), rounded
     once to ``out``'s type. The terms and their order of :func:`moe_token_rows_kernel` with ``ADDRESSED``
-    over the table of those addresses and weights of one (the same bits), with the addresses made here."""
+    over the table of those addresses and weights of one (the same bits), with the addresses made here.
+    ``FROM_TABLE``: ``own`` and ``out``'s address are read from ``table`` (int64: ``table[1]`` the output,
+    ``table[2]`` ``own``; :mod:`deepport.backends.triton.moe_sum_graph`), ``out_ptr`` giving only its type."""
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     ok = cols < num_cols
+    if FROM_TABLE:
+        own = tl.load(table_ptr + 2)
+        out_ptr = tl.load(table_ptr + 1).to(tl.pointer_type(out_ptr.dtype.element_ty))
     acc = tl.zeros([BLOCK_C], tl.float32)
     row_bytes = num_cols * (like_ptr.dtype.element_ty.primitive_bitwidth // 8)
     for r in tl.static_range(WORLD):
