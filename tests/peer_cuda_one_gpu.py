@@ -210,10 +210,12 @@ def _kernel_profile(group: Any, device: torch.device, transport: Any, calls: int
         def without_windows(step: Any) -> Any:  # send and receive buffers, the transport's copies
             def run() -> Any:
                 transport.rows_window = lambda *args: None
+                capacity, transport.window_capacity = transport.window_capacity, None
                 try:
                     return step()
                 finally:
                     del transport.rows_window
+                    transport.window_capacity = capacity
             return run
 
         def combine(b: str = backend, r: Any = normal) -> Any:

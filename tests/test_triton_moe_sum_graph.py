@@ -24,7 +24,7 @@ pytestmark = pytest.mark.skipif(not _runtime.interpreting() and not torch.cuda.i
 DEVICE = torch.device("cpu" if _runtime.interpreting() else "cuda")
 
 
-@pytest.mark.parametrize("tokens, world, block", [(2500, 3, 1024), (7, 2, 1024), (64, 8, 16)])
+@pytest.mark.parametrize("tokens, world, block", [(2500, 3, 1024), (7, 2, 1024), (64, 8, 16), (1, 2, 16)])
 def test_the_table_kernel_writes_the_table_and_scans_in_rank_across_blocks(tokens: int, world: int,
                                                                           block: int) -> None:
     g = torch.Generator().manual_seed(tokens * 10 + world)
@@ -40,8 +40,9 @@ def test_the_table_kernel_writes_the_table_and_scans_in_rank_across_blocks(token
     flags = torch.full((tokens, world), 5, dtype=torch.uint8, device=DEVICE)
     cumsum = torch.full((world, tokens), -7, dtype=torch.int64, device=DEVICE)
     row_bytes = 96 * 2
-    moe_sum_table_kernel[(world,)](table, rows, out, starts[me], in_rank.view(torch.uint8), flags, cumsum, tokens,
-                                   row_bytes, *starts, *pad, *counts, *pad, WORLD=world, BLOCK_T=block)
+    own = rows.data_ptr() + starts[me] * row_bytes
+    moe_sum_table_kernel[(world,)](table, rows, out, own, in_rank.view(torch.uint8), flags, cumsum, tokens,
+                                   *starts, *pad, *counts, *pad, WORLD=world, BLOCK_T=block)
     got = table.cpu().tolist()
     assert got[:3] == [rows.data_ptr(), out.data_ptr(), rows.data_ptr() + starts[me] * row_bytes]
     assert got[3:3 + world] == starts and got[11:11 + world] == counts

@@ -181,9 +181,9 @@ def moe_lowering_report() -> dict[str, dict[str, int]]:
             me=0, out_ptr=Ptr("bf16"), num_cols=7168, num_tokens=4096, table_ptr=Ptr("i64"), WORLD=2, BLOCK_C=2048,
             FROM_TABLE=True)),
         "sum_table": compile_for(g.moe_sum_table_kernel, dict(
-            table_ptr=Ptr("i64"), rows_ptr=Ptr("bf16"), out_ptr=Ptr("bf16"), own_row=4000, in_rank_ptr=Ptr("u8"),
-            flags_ptr=Ptr("u8"), cumsum_ptr=Ptr("i64"), num_tokens=4096, row_bytes=14336, s0=0, s1=4000, s2=0, s3=0,
-            s4=0, s5=0, s6=0, s7=0, c0=4000, c1=0, c2=0, c3=0, c4=0, c5=0, c6=0, c7=0, WORLD=2, BLOCK_T=1024)),
+            table_ptr=Ptr("i64"), rows_ptr=Ptr("bf16"), out_ptr=Ptr("bf16"), own_address=1 << 40,
+            in_rank_ptr=Ptr("u8"), flags_ptr=Ptr("u8"), cumsum_ptr=Ptr("i64"), num_tokens=4096, s0=0, s1=1, s2=0,
+            s3=0, s4=0, s5=0, s6=0, s7=0, c0=4000, c1=1, c2=0, c3=0, c4=0, c5=0, c6=0, c7=0, WORLD=2, BLOCK_T=1024)),
         "parts_to_blocks": compile_for(g.moe_parts_to_blocks_kernel, dict(
             table_ptr=Ptr("i64"), base_ptr=Ptr("i64"), like_ptr=Ptr("i64"), me=0, num_words=1792, WORLD=2,
             BLOCK_C=256), num_warps=2),

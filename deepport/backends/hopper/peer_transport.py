@@ -175,11 +175,7 @@ class PeerTransport:
         self.fixed = memory if isinstance(memory, FixedExchangeMemory) else None
         self.window_memory = memory if isinstance(memory, FixedWindowMemory) else None
         self.rows_windows = 0  # exchanges handed out as a RowsWindow (tests and profiles count them)
-
-    @property
-    def window_capacity(self) -> int:
-        """The most bytes per part a :meth:`rows_window` takes (one block)."""
-        return int(self.memory.capacity)
+        self.window_capacity: int | None = int(memory.capacity)  # the most bytes per part of a rows_window
 
     def raise_if_failed(self, what: str) -> None:
         """The memory's record of a stalled wait as :class:`MoECommTimeout` (where it keeps one)."""

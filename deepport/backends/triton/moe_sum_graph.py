@@ -106,8 +106,9 @@ class _Program:
         flags = in_rank.contiguous().view(torch.uint8)
         target = out if self.scratch is None else self.scratch
         with _guard(self.device):
-            _TABLE((self.world,), self.table, rows, target, starts[self.me], flags, self.flags, self.cumsum,
-                   self.tokens, self.row_bytes, *starts, *pad, *counts, *pad, self.world, _SCAN_BLOCK, num_warps=4)
+            _TABLE((self.world,), self.table, rows, target, int(rows.data_ptr()) + starts[self.me] * self.row_bytes,
+                   flags, self.flags, self.cumsum, self.tokens, *starts, *pad, *counts, *pad, self.world, _SCAN_BLOCK,
+                   num_warps=4)
 
     def record(self, grp: MoEGroup, what: str) -> None:
         """The combine's device work reading the table: issued eagerly, or under a graph capture."""

@@ -26,35 +26,35 @@ TABLE_SIZE = 3 + 2 * MAX_WORLD
 
 
 @triton.jit
-def moe_sum_table_kernel(table_ptr, rows_ptr, out_ptr, own_row, in_rank_ptr, flags_ptr, cumsum_ptr, num_tokens,
-                         row_bytes, s0, s1, s2, s3, s4, s5, s6, s7, c0, c1, c2, c3, c4, c5, c6, c7,
+def moe_sum_table_kernel(table_ptr, rows_ptr, out_ptr, own_address, in_rank_ptr, flags_ptr, cumsum_ptr, num_tokens,
+                         s0, s1, s2, s3, s4, s5, s6, s7, c0, c1, c2, c3, c4, c5, c6, c7,
                          WORLD: tl.constexpr, BLOCK_T: tl.constexpr):
     """Grid ``(WORLD,)``: the table (module docstring) from the rows (``rows_ptr``), the output (``out_ptr``),
-    this rank's own rows' first row ``own_row``, and the parts' starts ``s0..`` and counts ``c0..`` (ranks past
+    this rank's own rows' address ``own_address``, and the parts' starts ``s0..`` and counts ``c0..`` (ranks past
     ``WORLD`` ignored); ``flags[:, r] = in_rank[:, r]`` and ``cumsum[r, t]``, the inclusive running count of
     ``in_rank[:t + 1, r]`` (``T = num_tokens``)."""
     r = tl.program_id(0)
     if r == 0:
-        base = rows_ptr.to(tl.int64)
-        tl.store(table_ptr + 0, base)
+        # scalars stored as they come (an argument equal to 1 arrives as a constant): the pointer converts them
+        tl.store(table_ptr + 0, rows_ptr.to(tl.int64))
         tl.store(table_ptr + 1, out_ptr.to(tl.int64))
-        tl.store(table_ptr + 2, base + own_row.to(tl.int64) * row_bytes)
-        tl.store(table_ptr + 3, s0.to(tl.int64))
-        tl.store(table_ptr + 4, s1.to(tl.int64))
-        tl.store(table_ptr + 5, s2.to(tl.int64))
-        tl.store(table_ptr + 6, s3.to(tl.int64))
-        tl.store(table_ptr + 7, s4.to(tl.int64))
-        tl.store(table_ptr + 8, s5.to(tl.int64))
-        tl.store(table_ptr + 9, s6.to(tl.int64))
-        tl.store(table_ptr + 10, s7.to(tl.int64))
-        tl.store(table_ptr + 11, c0.to(tl.int64))
-        tl.store(table_ptr + 12, c1.to(tl.int64))
-        tl.store(table_ptr + 13, c2.to(tl.int64))
-        tl.store(table_ptr + 14, c3.to(tl.int64))
-        tl.store(table_ptr + 15, c4.to(tl.int64))
-        tl.store(table_ptr + 16, c5.to(tl.int64))
-        tl.store(table_ptr + 17, c6.to(tl.int64))
-        tl.store(table_ptr + 18, c7.to(tl.int64))
+        tl.store(table_ptr + 2, own_address)
+        tl.store(table_ptr + 3, s0)
+        tl.store(table_ptr + 4, s1)
+        tl.store(table_ptr + 5, s2)
+        tl.store(table_ptr + 6, s3)
+        tl.store(table_ptr + 7, s4)
+        tl.store(table_ptr + 8, s5)
+        tl.store(table_ptr + 9, s6)
+        tl.store(table_ptr + 10, s7)
+        tl.store(table_ptr + 11, c0)
+        tl.store(table_ptr + 12, c1)
+        tl.store(table_ptr + 13, c2)
+        tl.store(table_ptr + 14, c3)
+        tl.store(table_ptr + 15, c4)
+        tl.store(table_ptr + 16, c5)
+        tl.store(table_ptr + 17, c6)
+        tl.store(table_ptr + 18, c7)
     carry = tl.zeros([1], tl.int64).sum(0)
     for first in range(0, num_tokens, BLOCK_T):
         t = first + tl.arange(0, BLOCK_T)
