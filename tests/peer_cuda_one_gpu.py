@@ -127,6 +127,9 @@ def _moe_worker(rank: int, world: int, init: str, results: Any) -> None:
         # payload in 3 collectives (DEEPPORT_MOE_CHUNKS: token ranges, here over the peer transport's rounds)
         runs = [(i, p, fixed, 1) for i, p in enumerate(cases) for fixed in (1 << 20, 0)]
         runs += [(i, cases[i], 1 << 20, 3) for i in (0, 2)]
+        # case 0 twice more: the dispatch's routing and the combine's sums of a repeated shape captured as CUDA
+        # graphs and replayed (moe_route_graph, moe_sum_graph), each call checked
+        runs += [(0, cases[0], 1 << 20, 1)] * 2
         for i, p, fixed, chunks in runs:
             memory.fixed_capacity = fixed
             want = _outputs(group, torch.device("cpu"), p, 40 + i, rank, backend="torch")
@@ -146,15 +149,18 @@ def _moe_worker(rank: int, world: int, init: str, results: Any) -> None:
             how = ("fixed exchange" if fixed else "rounds") + (f", {chunks} payload chunks" if chunks > 1 else "")
             label = f"moe ops case {i} ({how}, {len(want)} outputs)"
             out.append(f"{label}: {'ok' if not bad else 'WRONG ' + '; '.join(bad[:4])}")
-        from deepport.backends.triton.moe_sum_graph import usage
+        from deepport.backends.triton import moe_route_graph, moe_sum_graph
 
-        calls, graphs = usage(transport)  # cases 0 and 1 repeat their shapes: captured at the second call
+        calls, graphs = moe_sum_graph.usage(transport)  # cases 0 and 1 repeat their shapes: captured at the 2nd call
         out.append(f"normal combine sums through the table: {calls} calls, {graphs} shapes replayed as CUDA graphs "
                    f"({'ok' if graphs >= 1 and calls >= 3 else 'WRONG: expected a captured shape'})")
+        calls, graphs = moe_route_graph.usage(transport)  # case 0's fixed-exchange runs of one payload chunk
+        out.append(f"normal dispatch routing in one step: {calls} calls, {graphs} shapes replayed as CUDA graphs "
+                   f"({'ok' if graphs >= 1 and calls >= 3 else 'WRONG: expected a captured shape'})")
         written = memory.written_exchanges
-        # per fixed-exchange run of cases 0 (twice) and 1: two dispatches (rank 0 has no tokens in case 1: none
-        # there) and one combine whose partial sums went straight into the sources' slots
-        expected = 9 if rank else 7
+        # per fixed-exchange run of cases 0 (four times) and 1: two dispatches (rank 0 has no tokens in case 1:
+        # none there) and one combine whose partial sums went straight into the sources' slots
+        expected = 15 if rank else 13
         out.append(f"low-latency exchanges written straight into the peer's slots: {written} "
                    f"({'ok' if written == expected else f'WRONG: expected {expected}'})")
         # the profile's own memory: blocks and slots of the sizes the hopper backend lays out by default

@@ -133,12 +133,16 @@ def test_a_dispatch_that_fits_the_blocks_writes_straight_into_the_peers_memory(
     if backend == "triton":
         pytest.importorskip("triton")
     p = {**SMALL, "world": world, **params}
+    # triton with the fixed exchange: its normal dispatch's routing up to the host read in one step
+    # (moe_route_graph, eager here), on every rank with tokens; a rank without takes the eager routing
+    fixed = 1 << 20 if backend == "triton" else 0
     results = rank_group(world, "cpu").run(f"{JOBS}:peer_agreement", world, params=p, capacity=1 << 20, seed=3,
-                                           calls=2, backend=backend)
+                                           calls=2, backend=backend, fixed=fixed)
     for rank, got in enumerate(results):
         assert got["bad"] == [], f"rank {rank}: {got['bad']}"
         assert got["collectives"] == 0, (rank, got)
         assert got["rows_windows"] == 2 * windows_per_call, (rank, got)
+        assert got["prelude"] == (2 if backend == "triton" and p["tokens"][rank] else 0), (rank, got)
         # triton's unweighted combine (bf16 inputs only): the table-driven path of moe_sum_graph (eager here: no
         # CUDA) on every rank with tokens (a rank without takes the window path: the same flags and bytes)
         if backend == "triton":
@@ -374,14 +378,15 @@ def test_the_exchange_kernel_in_loopback_on_one_gpu() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_the_hopper_ep_path_on_one_gpu_matches_torch_over_gloo() -> None:
     done = _one_gpu("--moe")
-    # per rank: 3 cases x (fixed exchange, rounds), 2 cases with a chunked payload, the graph replays; the
-    # written exchanges counted
-    assert done.returncode == 0 and done.stdout.count(": ok") == 2 * 9, done.stdout + done.stderr
+    # per rank: 3 cases x (fixed exchange, rounds), 2 cases with a chunked payload, case 0 twice more (its
+    # dispatch's routing and combine's sums replayed as CUDA graphs), the graph replays; the written exchanges
+    # counted
+    assert done.returncode == 0 and done.stdout.count(": ok") == 2 * 11, done.stdout + done.stderr
     assert done.stdout.count("3 payload chunks") == 2 * 2, done.stdout
     assert done.stdout.count("written straight into the peer's slots") == 2, done.stdout
     # the normal combine's sums through the table, a repeated shape replayed as a CUDA graph on each rank
-    assert done.stdout.count("replayed as CUDA graphs (ok)") == 2, done.stdout
-    assert done.stdout.count("(ok)") == 4, done.stdout
+    assert done.stdout.count("replayed as CUDA graphs (ok)") == 2 * 2, done.stdout
+    assert done.stdout.count("(ok)") == 2 * 3, done.stdout
     # triton's steps: with and without the windows; torch's: with them
     assert done.stdout.count("profile low-latency") == 2 * (3 + 2), done.stdout
     assert done.stdout.count("profile dispatch 4096") == done.stdout.count("profile combine 4096") == 2 * 3

@@ -177,6 +177,12 @@ class PeerTransport:
         self.rows_windows = 0  # exchanges handed out as a RowsWindow (tests and profiles count them)
         self.window_capacity: int | None = int(memory.capacity)  # the most bytes per part of a rows_window
 
+    def one_step_exchange(self, pair_bytes: int) -> bool:
+        """Whether an equal-split exchange of ``pair_bytes`` per rank takes the memory's one-launch fixed
+        exchange (as :meth:`exchange` decides)."""
+        fixed = self.fixed
+        return self.memory.world_size > 1 and fixed is not None and 0 < pair_bytes <= fixed.fixed_capacity
+
     def raise_if_failed(self, what: str) -> None:
         """The memory's record of a stalled wait as :class:`MoECommTimeout` (where it keeps one)."""
         check = getattr(self.memory, "raise_if_failed", None)

@@ -181,6 +181,13 @@ def rows_window_capacity(grp: MoEGroup) -> int | None:
     return None if capacity is None else int(capacity)
 
 
+def exchanges_in_one_step(pair_bytes: int, grp: MoEGroup) -> bool:
+    """Whether the active transport moves an equal split of ``pair_bytes`` per rank on ``grp`` in one device
+    step of fixed addresses (a peer memory's fixed exchange), which a CUDA graph may capture."""
+    check = getattr(_ACTIVE.get(), "one_step_exchange", None)
+    return grp.group is not None and check is not None and bool(check(pair_bytes))
+
+
 def raise_if_transport_failed(what: str) -> None:
     """Raise the active transport's :class:`MoECommTimeout` where one of its device-side waits has recorded a
     stall (no device sync); nothing for transports that cannot record one."""

@@ -81,12 +81,17 @@ backends' kernels) and reuses everything else.
   elsewhere) and the weights' bits where the id is local, 0 elsewhere (as
   :func:`deepport.backends.torch.moe_index.local_ids` and ``torch.where`` give them). Without it the dispatch
   derives them with torch ops.
-- ``rows_to_blocks(data, scales, idx, weights, in_rank, fmt, bases, me, num_local, outs, own_start)`` and
+- ``route_prelude(idx, num_experts, grp, what)`` (optional, with ``rows_to_blocks``): the normal dispatch's
+  routing up to its host read in one step through the active transport (layout, the count exchange of the
+  same table, the sums, the read): a :class:`RoutePrelude`, or None, nothing started, where it does not
+  apply. The triton backend's replays it as a CUDA graph (:mod:`deepport.backends.triton.moe_route_graph`).
+- ``rows_to_blocks(data, scales, idx, weights, in_rank, fmt, bases, me, num_local, outs, own_start, cumsum)`` and
   ``blocks_to_rows(bases, counts, fmt, me, num_local, outs)`` (optional, together): the normal dispatch
   through a :class:`~deepport.backends.torch.moe_comm.RowsWindow` in two kernels and no index work. The
   first stores every token's packed row (``fmt``; the metadata made from ``idx`` and ``weights``) straight
   into each other destination's part (addresses ``bases``, int64 ``[R]``) and this rank's own rows into
-  :class:`BlockOutputs` from row ``own_start``; the second copies every other source's rows out of this
+  :class:`BlockOutputs` from row ``own_start`` (``cumsum``: the running count of ``in_rank`` by rank, int64
+  ``[R, T]``, where the routing made it, else None); the second copies every other source's rows out of this
   rank's parts (``bases``; ``counts`` int64 ``[R]`` per source on the device) into ``outs``, the routes
   derived from the metadata (:mod:`deepport.backends.triton.moe_blocks`). Without them the dispatch gathers
   each part by index.
@@ -178,6 +183,25 @@ class BlockOutputs:
 
 
 @dataclass(frozen=True)
+class RoutePrelude:
+    """What a ``route_prelude`` step leaves of the normal dispatch's routing: ``in_rank`` bool ``[T, R]`` (this
+    call's own), ``table`` int64 ``[R, 1 + L]`` (the count table sent: per rank its tokens, then per local
+    expert), ``got`` int64 ``[R, 1 + L]`` (the tables received, by source), ``cumsum`` int64 ``[R, T]`` (the running
+    count of ``in_rank`` by rank), ``per_expert`` int64 ``[L]`` (rows received per local expert); on the host
+    ``sends``, ``recvs`` (tokens to and from each rank) and ``per_expert_host``. The device tensors other than
+    ``in_rank`` may be the step's own buffers, valid until its next call."""
+
+    in_rank: torch.Tensor
+    table: torch.Tensor
+    got: torch.Tensor
+    cumsum: torch.Tensor
+    per_expert: torch.Tensor
+    sends: list[int]
+    recvs: list[int]
+    per_expert_host: list[int]
+
+
+@dataclass(frozen=True)
 class LocalSteps:
     place_rows: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool], None]
     weighted_rows: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
@@ -205,10 +229,12 @@ class LocalSteps:
     token_rows_at: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
     rank_rows_at: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, int, torch.Tensor], None] | None = None
     sum_in_place: Callable[[torch.Tensor, MoEHandle, MoEGroup, torch.Tensor, str], bool] | None = None
+    route_prelude: Callable[[torch.Tensor, int, MoEGroup, str], RoutePrelude | None] | None = None
     receive_meta: Callable[[torch.Tensor, int, int, int, bool],
                            tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] | None = None
     rows_to_blocks: Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None, torch.Tensor,
-                              RowFormat, torch.Tensor, int, int, BlockOutputs, int], None] | None = None
+                              RowFormat, torch.Tensor, int, int, BlockOutputs, int, torch.Tensor | None],
+                             None] | None = None
     blocks_to_rows: Callable[[torch.Tensor, torch.Tensor, RowFormat, int, int, BlockOutputs], None] | None = None
     low_latency_return: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, int, torch.Tensor | None],
                                  tuple[torch.Tensor, torch.Tensor]] | None = None

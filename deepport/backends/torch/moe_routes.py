@@ -219,12 +219,13 @@ def _exchange_window(window: RowsWindow, fmt: RowFormat, sources: dict[str, torc
 def _dispatch_blocks(fmt: RowFormat, data: torch.Tensor, scales: torch.Tensor | None, idx: torch.Tensor,
                      weights: torch.Tensor | None, in_rank: torch.Tensor, sends: list[int], recvs: list[int],
                      counts: torch.Tensor, grp: MoEGroup, num_local: int, make: Alloc, local: LocalSteps,
-                     what: str) -> BlockOutputs | None:
+                     what: str, cumsum: torch.Tensor | None = None) -> BlockOutputs | None:
     """:func:`route`'s exchange through a :class:`RowsWindow` with ``local``'s ``rows_to_blocks`` and
     ``blocks_to_rows`` steps (two kernels: every row straight into its destination's part, every received row
     out of this rank's parts, the routes made from the metadata on the way), or None, nothing started, when
     the transport offers no window for these sizes. ``counts``: the device column of the received counts per
-    source. The bytes in the parts are those of :func:`_exchange_window`'s, so ranks on either path agree."""
+    source; ``cumsum``: the running count of ``in_rank`` by rank where the routing made it. The bytes in the
+    parts are those of :func:`_exchange_window`'s, so ranks on either path agree."""
     assert local.rows_to_blocks is not None and local.blocks_to_rows is not None
     me, n, k = grp.rank, sum(recvs), int(idx.shape[1])
     window = rows_window([0 if r == me else c * fmt.row_bytes for r, c in enumerate(sends)],
@@ -238,7 +239,7 @@ def _dispatch_blocks(fmt: RowFormat, data: torch.Tensor, scales: torch.Tensor | 
                         torch.empty((n, k), dtype=torch.int64, device=device),
                         None if weights is None else torch.empty((n, k), dtype=torch.float32, device=device))
     local.rows_to_blocks(data, scales, idx, weights, in_rank, fmt, _addresses(window.send, device), me, num_local,
-                         outs, sum(recvs[:me]))
+                         outs, sum(recvs[:me]), cumsum)
     local.blocks_to_rows(_addresses(window.receive(), device), counts, fmt, me, num_local, outs)
     window.release()
     return outs
@@ -260,26 +261,34 @@ def route(data: torch.Tensor, scales: torch.Tensor | None, topk_idx: torch.Tenso
     idx = topk_idx.to(torch.int64)
     t, k = int(idx.shape[0]), int(idx.shape[1])
     world, me, num_local = grp.world_size, grp.rank, num_experts // grp.world_size
-    if local.layout_table is not None:  # the backend's one kernel, the table as the count exchange sends it
-        in_rank, table = local.layout_table(idx, num_experts, world)
-    elif local.layout_counts is not None:  # the backend's one kernel
-        in_rank, per_rank, per_exp = local.layout_counts(idx, num_experts, world)
-        table = torch.cat([per_rank.to(torch.int64)[:, None], per_exp.to(torch.int64).view(world, num_local)], dim=1)
-    else:
-        by_expert = selection_mask(idx, num_experts, 1)
-        in_rank = by_expert.view(t, world, num_local).any(2)
-        table = torch.cat([in_rank.sum(0)[:, None], by_expert.sum(0).view(world, num_local)], dim=1)
     chunks = moe_chunks.payload_chunks() if unpack and world > 1 else 1  # every rank reads the same setting
-    if chunks > 1:  # per token range, the tokens each rank gets: in the same count exchange
-        table = torch.cat([table, moe_chunks.chunk_counts(in_rank, chunks)], dim=1)
-    counts = exchange_table(table, grp, f"{what} (counts)")
     blocks = unpack and chunks == 1 and local.rows_to_blocks is not None and local.blocks_to_rows is not None and \
         offers_rows_window(grp)
-    meta = None if blocks else _meta(idx, weights)  # overlaps the count exchange (the blocks path makes its own)
-    got = counts.wait()
-    per_expert = got[:, 1: 1 + num_local].sum(0)
-    ranged = [table[:, 1 + num_local:].reshape(-1), got[:, 1 + num_local:].reshape(-1)] if chunks > 1 else []
-    host = torch.cat([table[:, 0], got[:, 0], per_expert, *ranged]).tolist()  # the one host sync
+    pre = local.route_prelude(idx, num_experts, grp, what) if blocks and local.route_prelude is not None else None
+    cumsum = None
+    if pre is not None:  # the backend's routing up to the host read in one step (the same count exchange)
+        in_rank, table, got, per_expert, cumsum = pre.in_rank, pre.table, pre.got, pre.per_expert, pre.cumsum
+        host: list[int] = [*pre.sends, *pre.recvs, *pre.per_expert_host]
+        meta = None
+    else:
+        if local.layout_table is not None:  # the backend's one kernel, the table as the count exchange sends it
+            in_rank, table = local.layout_table(idx, num_experts, world)
+        elif local.layout_counts is not None:  # the backend's one kernel
+            in_rank, per_rank, per_exp = local.layout_counts(idx, num_experts, world)
+            table = torch.cat([per_rank.to(torch.int64)[:, None], per_exp.to(torch.int64).view(world, num_local)],
+                              dim=1)
+        else:
+            by_expert = selection_mask(idx, num_experts, 1)
+            in_rank = by_expert.view(t, world, num_local).any(2)
+            table = torch.cat([in_rank.sum(0)[:, None], by_expert.sum(0).view(world, num_local)], dim=1)
+        if chunks > 1:  # per token range, the tokens each rank gets: in the same count exchange
+            table = torch.cat([table, moe_chunks.chunk_counts(in_rank, chunks)], dim=1)
+        counts = exchange_table(table, grp, f"{what} (counts)")
+        meta = None if blocks else _meta(idx, weights)  # overlaps the count exchange (the blocks path makes its own)
+        got = counts.wait()
+        per_expert = got[:, 1: 1 + num_local].sum(0)
+        ranged = [table[:, 1 + num_local:].reshape(-1), got[:, 1 + num_local:].reshape(-1)] if chunks > 1 else []
+        host = torch.cat([table[:, 0], got[:, 0], per_expert, *ranged]).tolist()  # the one host sync
     sends, recvs = [int(v) for v in host[:world]], [int(v) for v in host[world: 2 * world]]
     at = 2 * world + num_local
     send_chunks = [host[at + r * chunks: at + (r + 1) * chunks] for r in range(world)]
@@ -290,7 +299,7 @@ def route(data: torch.Tensor, scales: torch.Tensor | None, topk_idx: torch.Tenso
     fmt = _row_format(data, dense_scales, 1 + k + (0 if weights is None else k))
     if blocks:
         found = _dispatch_blocks(fmt, data, dense_scales, idx, weights, in_rank, sends, recvs, got[:, 0], grp,
-                                 num_local, make, local, what)
+                                 num_local, make, local, what, cumsum)
         if found is not None:
             handle = MoEHandle(grp.group, me, world, num_experts, hidden, alignment, idx.clone(), in_rank,
                                tuple(sends), tuple(recvs), found.src, found.local,

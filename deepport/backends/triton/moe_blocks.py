@@ -49,13 +49,14 @@ def _words(t: torch.Tensor, fmt: RowFormat) -> tuple[torch.Tensor, int]:
 
 def rows_to_blocks(data: torch.Tensor, scales: torch.Tensor | None, idx: torch.Tensor, weights: torch.Tensor | None,
                    in_rank: torch.Tensor, fmt: RowFormat, bases: torch.Tensor, me: int, num_local: int,
-                   outs: BlockOutputs, own_start: int) -> None:
+                   outs: BlockOutputs, own_start: int, cumsum: torch.Tensor | None = None) -> None:
     """Store token ``t``'s packed row (``fmt``'s parts ``x``, ``scales``, ``meta``: ``t``, its top-k ids
     and the bits of its weights) for every other rank ``r`` with ``in_rank[t, r]`` (bool ``[T, R]``) as row
     ``k`` of the rows at ``bases[r]`` (int64 ``[R]`` device addresses, 16-byte aligned), ``k`` the tokens
     before ``t`` in ``r``; for ``r == me`` write row ``own_start + k`` of ``outs`` instead (payload, scales,
     source token, local ids, weights). ``data`` ``[T, H]``, ``scales`` float32 ``[T, H / 128]`` or None,
-    ``idx`` int64 ``[T, K]``, ``weights`` float32 ``[T, K]`` or None."""
+    ``idx`` int64 ``[T, K]``, ``weights`` float32 ``[T, K]`` or None; ``cumsum`` int64 ``[R, T]``, the running
+    count of ``in_rank`` by rank, where the caller has it (else made here)."""
     tokens, world = int(in_rank.shape[0]), int(in_rank.shape[1])
     if tokens == 0:
         return
@@ -63,7 +64,8 @@ def rows_to_blocks(data: torch.Tensor, scales: torch.Tensor | None, idx: torch.T
     words, x_words = _words(data.contiguous(), fmt)
     out_words, _ = _words(outs.x, fmt)  # the same row bytes: the same word type
     flags = in_rank.contiguous().view(torch.uint8)
-    cumsum = torch.cumsum(flags.t().contiguous(), 1, dtype=torch.int64)  # by rank: torch's fast inner scan
+    if cumsum is None:
+        cumsum = torch.cumsum(flags.t().contiguous(), 1, dtype=torch.int64)  # by rank: torch's fast inner scan
     idx64 = idx.to(torch.int64).contiguous()
     w = idx64 if weights is None else weights.to(torch.float32).contiguous()
     s = scales if scales is not None else w

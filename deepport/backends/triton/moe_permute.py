@@ -618,17 +618,24 @@ def layout_counts(topk_idx: torch.Tensor, num_experts: int, num_ranks: int
 def layout_table(topk_idx: torch.Tensor, num_experts: int, num_ranks: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(in_rank bool [T, R], table int64 [R, 1 + E / R])`` of ``topk_idx`` in one kernel (see
     :class:`deepport.backends.torch.moe_local.LocalSteps`)."""
+    tokens = int(topk_idx.shape[0])
+    table = torch.zeros((num_ranks, 1 + num_experts // num_ranks), dtype=torch.int64, device=topk_idx.device)
+    in_rank = torch.zeros((tokens, num_ranks), dtype=torch.bool, device=topk_idx.device)
+    layout_table_into(topk_idx, num_experts, num_ranks, in_rank, table)
+    return in_rank, table
+
+
+def layout_table_into(topk_idx: torch.Tensor, num_experts: int, num_ranks: int, in_rank: torch.Tensor,
+                      table: torch.Tensor) -> None:
+    """:func:`layout_table` into the caller's zeroed ``in_rank`` (bool ``[T, R]``) and ``table`` (int64 ``[R,
+    1 + E / R]``)."""
     idx = topk_idx.contiguous()
     tokens, topk = int(idx.shape[0]), int(idx.shape[1])
-    num_local = num_experts // num_ranks
-    table = torch.zeros((num_ranks, 1 + num_local), dtype=torch.int64, device=idx.device)
-    in_rank = torch.zeros((tokens, num_ranks), dtype=torch.bool, device=idx.device)
     if tokens and topk:
         block_t = 64
         with _guard(idx.device):
-            _LAYOUT((-(-tokens // block_t),), idx, table, table, in_rank.view(torch.uint8), tokens, topk, num_local,
-                    num_ranks, block_t, max(2, 1 << max(topk - 1, 0).bit_length()), True)
-    return in_rank, table
+            _LAYOUT((-(-tokens // block_t),), idx, table, table, in_rank.view(torch.uint8), tokens, topk,
+                    num_experts // num_ranks, num_ranks, block_t, max(2, 1 << max(topk - 1, 0).bit_length()), True)
 
 
 TRITON = LocalSteps(place_rows, weighted_rows, cast_fp8, scatter_rows=scatter_rows,
