@@ -86,14 +86,16 @@ def peer_agreement(rank: int, group: Any, device: torch.device, params: dict[str
             bad.append(f"call {call}: outputs {sorted(got)} vs {sorted(want)}")
         for name in want:
             _same(f"call {call}: {name}", got.get(name), want[name], bad)
-    in_place = prelude = 0
+    in_place = prelude = exchanges = 0
     if backend == "triton":
         from deepport.backends.triton import moe_route_graph, moe_sum_graph
 
-        in_place, prelude = moe_sum_graph.usage(transport)[0], moe_route_graph.usage(transport)[0]
+        in_place = moe_sum_graph.usage(transport)[0]
+        prelude, _, exchanges, _ = moe_route_graph.usage(transport)
     return {"bad": bad, "collectives": used["all_to_all_single"], "chunks": sum(memory.sent), "compared": len(want),
             "fixed_exchanges": memory.fixed_exchanges, "written": memory.written_exchanges,
-            "rows_windows": transport.rows_windows, "in_place": in_place, "prelude": prelude}
+            "rows_windows": transport.rows_windows, "in_place": in_place, "prelude": prelude,
+            "exchanges": exchanges}
 
 
 def fixed_exchanges(rank: int, group: Any, device: torch.device, sizes: list[int], fixed: int,

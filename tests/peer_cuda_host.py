@@ -54,7 +54,8 @@ READS = ("tolist", "item", "__bool__", "__int__", "__float__")
 
 @contextmanager
 def timed_reads(spans: list[tuple[float, float]]) -> Iterator[None]:
-    """Inside the block, every ``Tensor.tolist``/``item``/``__bool__`` appends its ``(entry, exit)``
+    """Inside the block, every ``Tensor.tolist``/``item``/``__bool__`` of a CUDA tensor and every
+    ``torch.cuda.Event.synchronize`` (the wait before a read of pinned memory) appends its ``(entry, exit)``
     ``time.perf_counter`` times to ``spans``."""
     saved = {name: getattr(torch.Tensor, name) for name in READS}
 
@@ -72,13 +73,24 @@ def timed_reads(spans: list[tuple[float, float]]) -> Iterator[None]:
 
         return read
 
+    event_sync = torch.cuda.Event.synchronize
+
+    def waited(self: torch.cuda.Event) -> None:  # a read of pinned memory after its event: the wait is the read
+        t0 = time.perf_counter()
+        try:
+            event_sync(self)
+        finally:
+            spans.append((t0, time.perf_counter()))
+
     for name in READS:
         setattr(torch.Tensor, name, wrap(name))
+    torch.cuda.Event.synchronize = waited  # type: ignore[method-assign]
     try:
         yield
     finally:
         for name, real in saved.items():
             setattr(torch.Tensor, name, real)
+        torch.cuda.Event.synchronize = event_sync  # type: ignore[method-assign]
 
 
 def split_call(step: Callable[[], Any], device: torch.device) -> dict[str, float]:
@@ -193,7 +205,8 @@ def _split_dispatch(group: Any, device: torch.device, calls: int, backend: str) 
                (torch_routes, "_meta"), (torch_routes, "MoEHandle")]
     saved = [(m, a, getattr(m, a)) for m, a in patches]
     routes = triton_routes.ROUTES
-    steps = {f: timed(f, getattr(routes, f)) for f in ("layout_table", "rows_to_blocks", "blocks_to_rows")}
+    steps = {f: timed(f, getattr(routes, f)) for f in ("layout_table", "rows_to_blocks", "blocks_to_rows",
+                                                        "route_prelude") if getattr(routes, f) is not None}
     lines = []
     try:
         for m, a, fn in saved:

@@ -154,9 +154,12 @@ def _moe_worker(rank: int, world: int, init: str, results: Any) -> None:
         calls, graphs = moe_sum_graph.usage(transport)  # cases 0 and 1 repeat their shapes: captured at the 2nd call
         out.append(f"normal combine sums through the table: {calls} calls, {graphs} shapes replayed as CUDA graphs "
                    f"({'ok' if graphs >= 1 and calls >= 3 else 'WRONG: expected a captured shape'})")
-        calls, graphs = moe_route_graph.usage(transport)  # case 0's fixed-exchange runs of one payload chunk
-        out.append(f"normal dispatch routing in one step: {calls} calls, {graphs} shapes replayed as CUDA graphs "
-                   f"({'ok' if graphs >= 1 and calls >= 3 else 'WRONG: expected a captured shape'})")
+        calls, graphs, exchanges, captured = moe_route_graph.usage(transport)  # case 0's fixed-exchange runs of
+        # one payload chunk: the routing captured at the 2nd call, the exchange at the 3rd (over the routing's graph)
+        good = graphs >= 1 and calls >= 3 and captured >= 1 and exchanges >= 3
+        out.append(f"normal dispatch routing in one step: {calls} calls, {graphs} shapes replayed as CUDA graphs; "
+                   f"the exchange through the blocks: {exchanges} calls, {captured} formats replayed "
+                   f"({'ok' if good else 'WRONG: expected captured graphs'})")
         written = memory.written_exchanges
         # per fixed-exchange run of cases 0 (four times) and 1: two dispatches (rank 0 has no tokens in case 1:
         # none there) and one combine whose partial sums went straight into the sources' slots

@@ -133,8 +133,9 @@ def test_a_dispatch_that_fits_the_blocks_writes_straight_into_the_peers_memory(
     if backend == "triton":
         pytest.importorskip("triton")
     p = {**SMALL, "world": world, **params}
-    # triton with the fixed exchange: its normal dispatch's routing up to the host read in one step
-    # (moe_route_graph, eager here), on every rank with tokens; a rank without takes the eager routing
+    # triton with the fixed exchange: its normal dispatch's routing up to the host read in one step and its
+    # exchange through the blocks in another (moe_route_graph, eager here), on every rank with tokens; a rank
+    # without takes the eager routing
     fixed = 1 << 20 if backend == "triton" else 0
     results = rank_group(world, "cpu").run(f"{JOBS}:peer_agreement", world, params=p, capacity=1 << 20, seed=3,
                                            calls=2, backend=backend, fixed=fixed)
@@ -142,7 +143,8 @@ def test_a_dispatch_that_fits_the_blocks_writes_straight_into_the_peers_memory(
         assert got["bad"] == [], f"rank {rank}: {got['bad']}"
         assert got["collectives"] == 0, (rank, got)
         assert got["rows_windows"] == 2 * windows_per_call, (rank, got)
-        assert got["prelude"] == (2 if backend == "triton" and p["tokens"][rank] else 0), (rank, got)
+        assert got["prelude"] == got["exchanges"] == (2 if backend == "triton" and p["tokens"][rank] else 0), \
+            (rank, got)
         # triton's unweighted combine (bf16 inputs only): the table-driven path of moe_sum_graph (eager here: no
         # CUDA) on every rank with tokens (a rank without takes the window path: the same flags and bytes)
         if backend == "triton":

@@ -85,6 +85,11 @@ backends' kernels) and reuses everything else.
   routing up to its host read in one step through the active transport (layout, the count exchange of the
   same table, the sums, the read): a :class:`RoutePrelude`, or None, nothing started, where it does not
   apply. The triton backend's replays it as a CUDA graph (:mod:`deepport.backends.triton.moe_route_graph`).
+- ``blocks_exchange(prelude, fmt, data, scales, weights, sends, recvs, outs, grp, num_local, what)`` (optional,
+  with ``route_prelude``): the whole exchange of ``rows_to_blocks`` / ``blocks_to_rows`` below (the acknowledgement
+  wait, both kernels, the data flags, the acknowledgements) in one step after ``route_prelude`` left
+  ``prelude``, every part fitting a block; True when it ran, False, nothing started, where it does not apply.
+  The triton backend's replays it as a CUDA graph.
 - ``rows_to_blocks(data, scales, idx, weights, in_rank, fmt, bases, me, num_local, outs, own_start, cumsum)`` and
   ``blocks_to_rows(bases, counts, fmt, me, num_local, outs)`` (optional, together): the normal dispatch
   through a :class:`~deepport.backends.torch.moe_comm.RowsWindow` in two kernels and no index work. The
@@ -199,6 +204,7 @@ class RoutePrelude:
     sends: list[int]
     recvs: list[int]
     per_expert_host: list[int]
+    state: object = None  # the step's own, for its blocks_exchange
 
 
 @dataclass(frozen=True)
@@ -230,6 +236,8 @@ class LocalSteps:
     rank_rows_at: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, int, torch.Tensor], None] | None = None
     sum_in_place: Callable[[torch.Tensor, MoEHandle, MoEGroup, torch.Tensor, str], bool] | None = None
     route_prelude: Callable[[torch.Tensor, int, MoEGroup, str], RoutePrelude | None] | None = None
+    blocks_exchange: Callable[[RoutePrelude, RowFormat, torch.Tensor, torch.Tensor | None, torch.Tensor | None,
+                               list[int], list[int], BlockOutputs, MoEGroup, int, str], bool] | None = None
     receive_meta: Callable[[torch.Tensor, int, int, int, bool],
                            tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] | None = None
     rows_to_blocks: Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None, torch.Tensor,

@@ -37,11 +37,12 @@ from deepport.backends.torch.moe_comm import (
     exchange_table,
     offers_rows_window,
     rows_window,
+    rows_window_capacity,
     same_bits,
     start_all_to_all,
 )
 from deepport.backends.torch.moe_index import column_cumsum, compact, first_occurrence, local_ids, selection_mask
-from deepport.backends.torch.moe_local import TORCH, BlockOutputs, LocalSteps, sum_rows
+from deepport.backends.torch.moe_local import TORCH, BlockOutputs, LocalSteps, RoutePrelude, sum_rows
 from deepport.kernels.moe_args import Alloc, MoEGroup, align_up, dense
 from deepport.kernels.moe_combine import MoECombineCall, MoECombineResult
 from deepport.kernels.moe_dispatch import MoEDispatchCall, MoEDispatchResult
@@ -219,27 +220,41 @@ def _exchange_window(window: RowsWindow, fmt: RowFormat, sources: dict[str, torc
 def _dispatch_blocks(fmt: RowFormat, data: torch.Tensor, scales: torch.Tensor | None, idx: torch.Tensor,
                      weights: torch.Tensor | None, in_rank: torch.Tensor, sends: list[int], recvs: list[int],
                      counts: torch.Tensor, grp: MoEGroup, num_local: int, make: Alloc, local: LocalSteps,
-                     what: str, cumsum: torch.Tensor | None = None) -> BlockOutputs | None:
+                     what: str, prelude: RoutePrelude | None = None) -> BlockOutputs | None:
     """:func:`route`'s exchange through a :class:`RowsWindow` with ``local``'s ``rows_to_blocks`` and
     ``blocks_to_rows`` steps (two kernels: every row straight into its destination's part, every received row
     out of this rank's parts, the routes made from the metadata on the way), or None, nothing started, when
     the transport offers no window for these sizes. ``counts``: the device column of the received counts per
-    source; ``cumsum``: the running count of ``in_rank`` by rank where the routing made it. The bytes in the
-    parts are those of :func:`_exchange_window`'s, so ranks on either path agree."""
+    source; ``prelude``: what ``local.route_prelude`` left, where it ran (its running counts; with a
+    ``local.blocks_exchange`` step the whole exchange is that step's). The bytes in the parts are those of
+    :func:`_exchange_window`'s, so ranks on either path agree."""
     assert local.rows_to_blocks is not None and local.blocks_to_rows is not None
     me, n, k = grp.rank, sum(recvs), int(idx.shape[1])
-    window = rows_window([0 if r == me else c * fmt.row_bytes for r, c in enumerate(sends)],
-                         [0 if s == me else c * fmt.row_bytes for s, c in enumerate(recvs)], grp, what)
+    send_bytes = [0 if r == me else c * fmt.row_bytes for r, c in enumerate(sends)]
+    recv_bytes = [0 if s == me else c * fmt.row_bytes for s, c in enumerate(recvs)]
+    capacity = rows_window_capacity(grp)
+    if capacity is None or max(send_bytes + recv_bytes) > capacity:
+        return None  # what rows_window would say: several rounds
+
+    def outputs() -> BlockOutputs:
+        device = data.device
+        return BlockOutputs(make((n, int(data.shape[1])), data.dtype),
+                            None if scales is None else make((n, int(scales.shape[1])), torch.float32),
+                            torch.empty(n, dtype=torch.int64, device=device),
+                            torch.empty((n, k), dtype=torch.int64, device=device),
+                            None if weights is None else torch.empty((n, k), dtype=torch.float32, device=device))
+
+    if prelude is not None and local.blocks_exchange is not None:  # the backend's whole exchange in one step
+        outs = outputs()
+        if local.blocks_exchange(prelude, fmt, data, scales, weights, sends, recvs, outs, grp, num_local, what):
+            return outs
+    window = rows_window(send_bytes, recv_bytes, grp, what)
     if window is None:
         return None
     device = data.device
-    outs = BlockOutputs(make((n, int(data.shape[1])), data.dtype),
-                        None if scales is None else make((n, int(scales.shape[1])), torch.float32),
-                        torch.empty(n, dtype=torch.int64, device=device),
-                        torch.empty((n, k), dtype=torch.int64, device=device),
-                        None if weights is None else torch.empty((n, k), dtype=torch.float32, device=device))
+    outs = outputs()
     local.rows_to_blocks(data, scales, idx, weights, in_rank, fmt, _addresses(window.send, device), me, num_local,
-                         outs, sum(recvs[:me]), cumsum)
+                         outs, sum(recvs[:me]), None if prelude is None else prelude.cumsum)
     local.blocks_to_rows(_addresses(window.receive(), device), counts, fmt, me, num_local, outs)
     window.release()
     return outs
@@ -265,9 +280,8 @@ def route(data: torch.Tensor, scales: torch.Tensor | None, topk_idx: torch.Tenso
     blocks = unpack and chunks == 1 and local.rows_to_blocks is not None and local.blocks_to_rows is not None and \
         offers_rows_window(grp)
     pre = local.route_prelude(idx, num_experts, grp, what) if blocks and local.route_prelude is not None else None
-    cumsum = None
     if pre is not None:  # the backend's routing up to the host read in one step (the same count exchange)
-        in_rank, table, got, per_expert, cumsum = pre.in_rank, pre.table, pre.got, pre.per_expert, pre.cumsum
+        in_rank, table, got, per_expert = pre.in_rank, pre.table, pre.got, pre.per_expert
         host: list[int] = [*pre.sends, *pre.recvs, *pre.per_expert_host]
         meta = None
     else:
@@ -299,7 +313,7 @@ def route(data: torch.Tensor, scales: torch.Tensor | None, topk_idx: torch.Tenso
     fmt = _row_format(data, dense_scales, 1 + k + (0 if weights is None else k))
     if blocks:
         found = _dispatch_blocks(fmt, data, dense_scales, idx, weights, in_rank, sends, recvs, got[:, 0], grp,
-                                 num_local, make, local, what, cumsum)
+                                 num_local, make, local, what, pre)
         if found is not None:
             handle = MoEHandle(grp.group, me, world, num_experts, hidden, alignment, idx.clone(), in_rank,
                                tuple(sends), tuple(recvs), found.src, found.local,

@@ -76,9 +76,9 @@ def rows_to_blocks(data: torch.Tensor, scales: torch.Tensor | None, idx: torch.T
         _TO_BLOCKS((tokens, -(-x_words // block)),
                    words, s, idx64, w, flags, cumsum, bases, out_words, _or(outs.scales, w), outs.src, outs.local,
                    _or(outs.weights, w), own_start, me, me * num_local, num_local, tokens, x_words, num_scales,
-                   s.stride(0), s.stride(1), fmt.row_bytes, _offset(fmt, "scales"), _offset(fmt, "meta"), world, k,
-                   _pow2(k), meta_width, _pow2(meta_width), scales is not None, weights is not None, block,
-                   _pow2(max(num_scales, 1)), num_warps=_WARPS)
+                   s.stride(0), s.stride(1), fmt.row_bytes, _offset(fmt, "scales"), _offset(fmt, "meta"), bases, world,
+                   k, _pow2(k), meta_width, _pow2(meta_width), scales is not None, weights is not None, block,
+                   _pow2(max(num_scales, 1)), False, num_warps=_WARPS)
 
 
 def blocks_to_rows(bases: torch.Tensor, counts: torch.Tensor, fmt: RowFormat, me: int, num_local: int,
@@ -97,8 +97,8 @@ def blocks_to_rows(bases: torch.Tensor, counts: torch.Tensor, fmt: RowFormat, me
         _FROM_BLOCKS((n, -(-x_words // block)),
                      bases, counts, counts.stride(0), words, _or(outs.scales, outs.src), outs.src, outs.local,
                      _or(outs.weights, outs.src), me, x_words, num_scales, fmt.row_bytes, _offset(fmt, "scales"),
-                     _offset(fmt, "meta"), me * num_local, num_local, int(bases.shape[0]), k, _pow2(k),
-                     outs.scales is not None, outs.weights is not None, block, _pow2(max(num_scales, 1)),
+                     _offset(fmt, "meta"), me * num_local, num_local, bases, int(bases.shape[0]), k, _pow2(k),
+                     outs.scales is not None, outs.weights is not None, block, _pow2(max(num_scales, 1)), False,
                      num_warps=_WARPS)
 
 

@@ -283,9 +283,10 @@ def moe_receive_meta_kernel(meta_ptr, stride_meta, num_rows, src_ptr, local_ptr,
 def moe_rows_to_blocks_kernel(x_ptr, scale_ptr, idx_ptr, weight_ptr, in_rank_ptr, cumsum_ptr, base_ptr, x_out_ptr,
                               scale_out_ptr, src_out_ptr, local_out_ptr, weight_out_ptr, own_start, me, first_local,
                               num_local, num_tokens, x_words, num_scales, stride_st, stride_sc, row_bytes, scale_at,
-                              meta_at, WORLD: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, META: tl.constexpr,
-                              MP: tl.constexpr, HAS_SCALES: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
-                              BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+                              meta_at, table_ptr, WORLD: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
+                              META: tl.constexpr, MP: tl.constexpr, HAS_SCALES: tl.constexpr,
+                              HAS_WEIGHTS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+                              FROM_TABLE: tl.constexpr):
     """Grid ``(T, ceil(x_words / BLOCK_C))``: token ``t``'s packed row for every other rank ``r`` with
     ``in_rank[t, r]`` (uint8 ``[T, WORLD]``), row ``cumsum[r, t] - 1`` (int64 ``[WORLD, T]``: the tokens of
     ``r`` in order) of the rows at ``base[r]`` (int64 ``[WORLD]``; ``row_bytes`` apart, 16-byte aligned):
@@ -295,7 +296,20 @@ def moe_rows_to_blocks_kernel(x_ptr, scale_ptr, idx_ptr, weight_ptr, in_rank_ptr
     ``HAS_WEIGHTS`` the bits of the ``K`` float32 weights). For ``r == me`` the row goes straight into the
     outputs at row ``own_start + cumsum - 1``: the words into ``x_out``, the scales into ``scale_out``,
     ``t`` into ``src_out`` (int64), the ids minus ``first_local`` where in ``[0, num_local)`` (else -1) into
-    ``local_out`` (int64 ``[n, K]``) and the weights where the id is local (else 0) into ``weight_out``."""
+    ``local_out`` (int64 ``[n, K]``) and the weights where the id is local (else 0) into ``weight_out``.
+    ``FROM_TABLE``: the addresses of ``x``, ``scale``, ``weight``, ``x_out``, ``scale_out``, ``src_out``,
+    ``local_out``, ``weight_out`` and ``own_start`` are read from ``table`` (int64, in that order; the
+    arguments give only the types: :mod:`deepport.backends.triton.moe_route_graph`)."""
+    if FROM_TABLE:
+        x_ptr = _table_ptr(table_ptr, 0, x_ptr)
+        scale_ptr = _table_ptr(table_ptr, 1, scale_ptr)
+        weight_ptr = _table_ptr(table_ptr, 2, weight_ptr)
+        x_out_ptr = _table_ptr(table_ptr, 3, x_out_ptr)
+        scale_out_ptr = _table_ptr(table_ptr, 4, scale_out_ptr)
+        src_out_ptr = _table_ptr(table_ptr, 5, src_out_ptr)
+        local_out_ptr = _table_ptr(table_ptr, 6, local_out_ptr)
+        weight_out_ptr = _table_ptr(table_ptr, 7, weight_out_ptr)
+        own_start = tl.load(table_ptr + 8)
     t = tl.program_id(0).to(tl.int64)
     cb = tl.program_id(1)
     cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -340,20 +354,53 @@ def moe_rows_to_blocks_kernel(x_ptr, scale_ptr, idx_ptr, weight_ptr, in_rank_ptr
 
 
 @triton.jit
+def _table_ptr(table_ptr, at: tl.constexpr, like):
+    """Entry ``at`` of the int64 ``table`` as a pointer of ``like``'s type, 16-byte aligned (the table's writer
+    checks every address it stores)."""
+    return tl.multiple_of(tl.load(table_ptr + at).to(tl.pointer_type(like.dtype.element_ty)), 16)
+
+
+@triton.jit
 def moe_blocks_to_rows_kernel(base_ptr, count_ptr, stride_count, x_out_ptr, scale_out_ptr, src_ptr, local_ptr,
                               weight_out_ptr, me, x_words, num_scales, row_bytes, scale_at, meta_at,
-                              first_local, num_local, WORLD: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
-                              HAS_SCALES: tl.constexpr, HAS_WEIGHTS: tl.constexpr, BLOCK_C: tl.constexpr,
-                              BLOCK_S: tl.constexpr):
+                              first_local, num_local, table_ptr, WORLD: tl.constexpr, K: tl.constexpr,
+                              KP: tl.constexpr, HAS_SCALES: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
+                              BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, FROM_TABLE: tl.constexpr):
     """Grid ``(n, ceil(x_words / BLOCK_C))``: received row ``i`` (rows by source rank, ``count[s]`` int64 from
     source ``s``, at stride ``stride_count``) is row ``i - (rows of lower sources)`` of the packed rows at
     ``base[s]`` (the layout :func:`moe_rows_to_blocks_kernel` writes): its words into ``x_out[i]``, its
     scales into ``scale_out[i]``, and from its metadata ``src[i]`` (int64), ``local[i]`` (int64 ``[n, K]``)
     the ids minus ``first_local`` where in ``[0, num_local)``, else -1, and with ``HAS_WEIGHTS``
     ``weight_out[i]`` the weights where the id is local, else 0. Rows from this rank (``s == me``) are left
-    alone: :func:`moe_rows_to_blocks_kernel` wrote them."""
-    i = tl.program_id(0).to(tl.int64)
+    alone: :func:`moe_rows_to_blocks_kernel` wrote them. ``FROM_TABLE``: grid ``(G, ceil(x_words / BLOCK_C))``,
+    the ``G`` programs of a column block stride over the ``n = sum(count)`` rows (read here), and the outputs'
+    addresses are entries 3 to 7 of ``table`` (as :func:`moe_rows_to_blocks_kernel` reads them)."""
     cb = tl.program_id(1)
+    if FROM_TABLE:
+        x_out_ptr = _table_ptr(table_ptr, 3, x_out_ptr)
+        scale_out_ptr = _table_ptr(table_ptr, 4, scale_out_ptr)
+        src_ptr = _table_ptr(table_ptr, 5, src_ptr)
+        local_ptr = _table_ptr(table_ptr, 6, local_ptr)
+        weight_out_ptr = _table_ptr(table_ptr, 7, weight_out_ptr)
+        n = tl.zeros([], tl.int64)
+        for r in tl.static_range(WORLD):
+            n += tl.load(count_ptr + r * stride_count)
+        for i in range(tl.program_id(0).to(tl.int64), n, tl.num_programs(0)):
+            _block_row(i, cb, base_ptr, count_ptr, stride_count, x_out_ptr, scale_out_ptr, src_ptr, local_ptr,
+                       weight_out_ptr, me, x_words, num_scales, row_bytes, scale_at, meta_at, first_local, num_local,
+                       WORLD, K, KP, HAS_SCALES, HAS_WEIGHTS, BLOCK_C, BLOCK_S)
+    else:
+        _block_row(tl.program_id(0).to(tl.int64), cb, base_ptr, count_ptr, stride_count, x_out_ptr, scale_out_ptr,
+                   src_ptr, local_ptr, weight_out_ptr, me, x_words, num_scales, row_bytes, scale_at, meta_at,
+                   first_local, num_local, WORLD, K, KP, HAS_SCALES, HAS_WEIGHTS, BLOCK_C, BLOCK_S)
+
+
+@triton.jit
+def _block_row(i, cb, base_ptr, count_ptr, stride_count, x_out_ptr, scale_out_ptr, src_ptr, local_ptr,
+               weight_out_ptr, me, x_words, num_scales, row_bytes, scale_at, meta_at, first_local, num_local,
+               WORLD: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, HAS_SCALES: tl.constexpr,
+               HAS_WEIGHTS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Column block ``cb`` of received row ``i`` for :func:`moe_blocks_to_rows_kernel`."""
     s = tl.zeros([], tl.int64)
     start = tl.zeros([], tl.int64)
     below = tl.zeros([], tl.int64)

@@ -28,13 +28,23 @@ from typing import Any
 import torch
 
 from deepport.backends.torch import moe_comm
-from deepport.backends.torch.moe_local import RoutePrelude
+from deepport.backends.torch.moe_comm import RowFormat
+from deepport.backends.torch.moe_local import BlockOutputs, RoutePrelude
 from deepport.backends.triton._runtime import interpreting
-from deepport.backends.triton.moe_permute import layout_table_into
+from deepport.backends.triton.fast_launch import FastLaunch
+from deepport.backends.triton.moe_blocks import _MOVE_BYTES, _WARPS, _offset, _pow2
+from deepport.backends.triton.moe_permute import _guard, block_for_bytes, layout_table_into
+from deepport.backends.triton.moe_permute_kernels import moe_blocks_to_rows_kernel, moe_rows_to_blocks_kernel
 from deepport.backends.triton.moe_sum_graph import graphs_enabled
+from deepport.backends.triton.moe_sum_graph_kernels import moe_store_table_kernel
 from deepport.kernels.moe_args import MoEGroup
 
 log = logging.getLogger(__name__)
+
+_STORE = FastLaunch(moe_store_table_kernel)
+_TO_BLOCKS = FastLaunch(moe_rows_to_blocks_kernel)
+_FROM_BLOCKS = FastLaunch(moe_blocks_to_rows_kernel)
+_ROW_PROGRAMS = 1024  # programs per column block of the rows out of the blocks (each strides over the rows)
 
 
 @dataclass
@@ -50,6 +60,7 @@ class _Program:
     graph: Any = None
     calls: int = 0
     broken: bool = False
+    exchanges: dict[tuple[Any, ...], _Exchange] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.idx = torch.zeros((self.tokens, self.topk), dtype=torch.int64, device=self.device)
@@ -70,6 +81,137 @@ class _Program:
         counts = torch.cat([table[:, 0], got[:, 0], per_expert])
         self.host.copy_(counts, non_blocking=self.done is not None)
         return in_rank, table, got, cumsum, per_expert
+
+
+@dataclass
+class _Exchange:
+    """One payload format's exchange through the blocks: the table of this call's addresses (entries 0-8:
+    ``x``, its scales, the weights, the five outputs, this rank's first own row), the block addresses, the
+    tensors that give the kernels their types, and (once captured) the graph."""
+
+    fmt: RowFormat
+    words: torch.dtype
+    x_words: int
+    num_scales: int
+    has_weights: bool
+    device: torch.device
+    table: torch.Tensor = field(init=False)
+    send_bases: torch.Tensor | None = None
+    recv_bases: torch.Tensor | None = None
+    graph: Any = None
+    calls: int = 0
+    broken: bool = False
+
+    def __post_init__(self) -> None:
+        self.table = torch.zeros(12, dtype=torch.int64, device=self.device)
+        self.like_words = torch.zeros(2, dtype=self.words, device=self.device)
+        self.like_f32 = torch.zeros(2, dtype=torch.float32, device=self.device)
+        self.like_i64 = torch.zeros(2, dtype=torch.int64, device=self.device)
+
+    def prepare(self, data: torch.Tensor, scales: torch.Tensor | None, weights: torch.Tensor | None,
+                outs: BlockOutputs, own_start: int) -> bool:
+        """Write this call's table (one eager kernel); False, nothing written, when an address is not 16-byte
+        aligned (the graph's kernels assume it)."""
+        stand_in = int(self.like_i64.data_ptr())
+        values = [int(data.data_ptr()), stand_in if scales is None else int(scales.data_ptr()),
+                  stand_in if weights is None else int(weights.data_ptr()), int(outs.x.data_ptr()),
+                  stand_in if outs.scales is None else int(outs.scales.data_ptr()), int(outs.src.data_ptr()),
+                  int(outs.local.data_ptr()), stand_in if outs.weights is None else int(outs.weights.data_ptr())]
+        if any(v % 16 for v in values):
+            return False
+        with _guard(self.device):
+            _STORE((1,), self.table, *values, own_start, 0, 0, 0, num_warps=1)
+        return True
+
+    def record(self, program: _Program, grp: MoEGroup, num_local: int, what: str) -> None:
+        """The exchange's device work reading the table and the routing's buffers: issued eagerly, or under a
+        capture."""
+        assert program.outputs is not None
+        in_rank, _, got, cumsum, _ = program.outputs
+        me, world, k = grp.rank, grp.world_size, program.topk
+        capacity = moe_comm.rows_window_capacity(grp)
+        assert capacity is not None
+        full = [0 if r == me else capacity for r in range(world)]
+        window = moe_comm.rows_window(full, full, grp, what)
+        if window is None:
+            raise RuntimeError(f"{what}: the transport refused a window of its own capacity ({capacity} bytes)")
+        if self.send_bases is None:
+            self.send_bases = _addresses(window.send, self.device)
+        fmt, has_scales = self.fmt, self.num_scales > 0
+        meta_width = fmt.widths[fmt.names.index("meta")]
+        block = block_for_bytes(self.x_words, self.like_words.element_size(), _MOVE_BYTES)
+        columns = -(-self.x_words // block)
+        scales_pow2 = _pow2(max(self.num_scales, 1))
+        with _guard(self.device):
+            _TO_BLOCKS((program.tokens, columns), self.like_words, self.like_f32, program.idx, self.like_f32,
+                       in_rank.view(torch.uint8), cumsum, self.send_bases, self.like_words, self.like_f32,
+                       self.like_i64, self.like_i64, self.like_f32, 0, me, me * num_local, num_local, program.tokens,
+                       self.x_words, self.num_scales, max(self.num_scales, 1), 1, fmt.row_bytes, _offset(fmt, "scales"),
+                       _offset(fmt, "meta"), self.table, world, k, _pow2(k), meta_width, _pow2(meta_width), has_scales,
+                       self.has_weights, block, scales_pow2, True, num_warps=_WARPS)
+        got_parts = window.receive()
+        if self.recv_bases is None:
+            self.recv_bases = _addresses(got_parts, self.device)
+        counts = got[:, 0]
+        with _guard(self.device):
+            _FROM_BLOCKS((_ROW_PROGRAMS, columns), self.recv_bases, counts, counts.stride(0), self.like_words,
+                         self.like_f32, self.like_i64, self.like_i64, self.like_f32, me, self.x_words, self.num_scales,
+                         fmt.row_bytes, _offset(fmt, "scales"), _offset(fmt, "meta"), me * num_local, num_local,
+                         self.table, world, k, _pow2(k), has_scales, self.has_weights, block, scales_pow2, True,
+                         num_warps=_WARPS)
+        window.release()
+
+
+def _addresses(parts: list[torch.Tensor | None], device: torch.device) -> torch.Tensor:
+    return torch.tensor([0 if p is None else int(p.data_ptr()) for p in parts], dtype=torch.int64).to(device)
+
+
+def blocks_exchange(pre: RoutePrelude, fmt: RowFormat, data: torch.Tensor, scales: torch.Tensor | None,
+                    weights: torch.Tensor | None, sends: list[int], recvs: list[int], outs: BlockOutputs,
+                    grp: MoEGroup, num_local: int, what: str) -> bool:
+    """``LocalSteps.blocks_exchange``: the normal dispatch's exchange through the blocks (``rows_to_blocks`` and
+    ``blocks_to_rows`` with the flags) after :func:`route_prelude`, replayed as a CUDA graph once the routing's
+    own graph is captured (module docstring); False, nothing started, where it does not apply (the caller checked
+    that every part fits a block)."""
+    program = pre.state
+    if not isinstance(program, _Program) or program.outputs is None or "meta" not in fmt.names:
+        return False
+    x = data.contiguous()
+    raw = x.view(torch.uint8)
+    words = next((w for w in (torch.int64, torch.int32, torch.int16)
+                  if int(raw.shape[1]) % w.itemsize == 0 and fmt.row_bytes % w.itemsize == 0), None)
+    if words is None or (scales is not None and not scales.is_contiguous()) or \
+            (weights is not None and not weights.is_contiguous()):
+        return False
+    x_words = int(raw.shape[1]) // words.itemsize
+    num_scales = 0 if scales is None else int(scales.shape[1])
+    key = (fmt, words, x_words, num_scales, weights is not None)
+    exchange = program.exchanges.get(key)
+    if exchange is None:
+        exchange = program.exchanges[key] = _Exchange(fmt, words, x_words, num_scales, weights is not None,
+                                                      data.device)
+    if not exchange.prepare(x, scales, weights, outs, sum(recvs[:grp.rank])):
+        return False
+    if exchange.graph is not None:
+        moe_comm.raise_if_transport_failed(what)
+        exchange.graph.replay()
+    elif exchange.calls and program.graph is not None and _may_capture(data.device, program) and not exchange.broken:
+        graph = torch.cuda.CUDAGraph()  # the routing's buffers are the graph's own from now on: capture over them
+        try:
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                exchange.record(program, grp, num_local, what)
+        except RuntimeError as exc:
+            exchange.broken = True
+            log.warning("%s: capturing the exchange as a CUDA graph failed (%s); it runs eagerly from now on", what,
+                        exc)
+            exchange.record(program, grp, num_local, what)
+        else:
+            exchange.graph = graph
+            graph.replay()
+    else:
+        exchange.record(program, grp, num_local, what)
+    exchange.calls += 1
+    return True
 
 
 _PROGRAMS: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], _Program]] = weakref.WeakKeyDictionary()
@@ -106,7 +248,7 @@ def route_prelude(idx: torch.Tensor, num_experts: int, grp: MoEGroup, what: str)
     assert program.outputs is not None
     in_rank, table, got, cumsum, per_expert = program.outputs
     return RoutePrelude(in_rank.clone(), table, got, cumsum, per_expert, host[:world], host[world: 2 * world],
-                   host[2 * world:])
+                        host[2 * world:], program)
 
 
 def _may_capture(device: torch.device, program: _Program) -> bool:
@@ -130,7 +272,11 @@ def _capture(program: _Program, grp: MoEGroup, what: str) -> None:
     graph.replay()
 
 
-def usage(transport: object) -> tuple[int, int]:
-    """``(calls, graphs)``: the dispatches whose routing took this path over ``transport``, the shapes captured."""
-    programs = _PROGRAMS.get(transport, {})
-    return sum(p.calls for p in programs.values()), sum(p.graph is not None for p in programs.values())
+def usage(transport: object) -> tuple[int, int, int, int]:
+    """``(calls, graphs, exchanges, exchange graphs)``: the dispatches whose routing took this path over
+    ``transport`` and the shapes captured; the exchanges that took :func:`blocks_exchange` and the formats
+    captured."""
+    programs = list(_PROGRAMS.get(transport, {}).values())
+    exchanges = [e for p in programs for e in p.exchanges.values()]
+    return (sum(p.calls for p in programs), sum(p.graph is not None for p in programs),
+            sum(e.calls for e in exchanges), sum(e.graph is not None for e in exchanges))
