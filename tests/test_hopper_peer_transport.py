@@ -387,7 +387,9 @@ def test_the_hopper_ep_path_on_one_gpu_matches_torch_over_gloo() -> None:
     assert done.stdout.count("3 payload chunks") == 2 * 2, done.stdout
     assert done.stdout.count("written straight into the peer's slots") == 2, done.stdout
     # the normal combine's sums through the table, a repeated shape replayed as a CUDA graph on each rank
-    assert done.stdout.count("replayed as CUDA graphs (ok)") == 2 * 2, done.stdout
+    assert done.stdout.count("replayed as CUDA graphs (ok)") == 2, done.stdout
+    # the dispatch's routing and its exchange through the blocks, each captured on each rank
+    assert done.stdout.count("formats replayed (ok)") == 2, done.stdout
     assert done.stdout.count("(ok)") == 2 * 3, done.stdout
     # triton's steps: with and without the windows; torch's: with them
     assert done.stdout.count("profile low-latency") == 2 * (3 + 2), done.stdout
