@@ -140,6 +140,20 @@ def _steps(group: Any, device: torch.device, hopper: str) -> list[tuple[str, Cal
         ("op layer only: dispatch 4096", op_layer("moe_dispatch", xn, idxn, wn, 256, group=group)),
         ("op layer only: combine 4096", op_layer("moe_combine", first.recv_x, first.handle)),
     ]
+    def graphs_off(step: Callable[[], Any]) -> Callable[[], Any]:  # the same kernels launched one by one
+        def run() -> Any:
+            os.environ["DEEPPORT_MOE_GRAPHS"] = "0"
+            try:
+                return step()
+            finally:
+                os.environ.pop("DEEPPORT_MOE_GRAPHS", None)
+        return run
+
+    normal = deepport.moe_dispatch(xn, idxn, wn, 256, group=group, backend=hopper)
+    steps += [(f"{hopper} (graphs off): dispatch 4096", graphs_off(functools.partial(
+        deepport.moe_dispatch, xn, idxn, wn, 256, group=group, backend=hopper))),
+              (f"{hopper} (graphs off): combine 4096", graphs_off(functools.partial(
+                  deepport.moe_combine, normal.recv_x, normal.handle, backend=hopper)))]
     for backend in (hopper, "torch"):
         normal = deepport.moe_dispatch(xn, idxn, wn, 256, group=group, backend=backend)
         ll = deepport.moe_low_latency_dispatch(x, idx, 128, 256, group=group, use_fp8=True, backend=backend)

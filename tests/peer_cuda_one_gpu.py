@@ -125,20 +125,23 @@ def _moe_worker(rank: int, world: int, init: str, results: Any) -> None:
                  dict(hidden=256, experts=16, topk=4, t_max=16, world=2, tokens=(11, 6), fp8=True)]
         # the fixed exchange, then every exchange in rounds; cases 0 and 2 (FP8) also with the normal dispatch's
         # payload in 3 collectives (DEEPPORT_MOE_CHUNKS: token ranges, here over the peer transport's rounds)
-        runs = [(i, p, fixed, 1) for i, p in enumerate(cases) for fixed in (1 << 20, 0)]
-        runs += [(i, cases[i], 1 << 20, 3) for i in (0, 2)]
-        # case 0 twice more: the dispatch's routing and the combine's sums of a repeated shape captured as CUDA
-        # graphs and replayed (moe_route_graph, moe_sum_graph), each call checked
-        runs += [(0, cases[0], 1 << 20, 1)] * 2
-        for i, p, fixed, chunks in runs:
+        runs = [(i, p, fixed, 1, "1") for i, p in enumerate(cases) for fixed in (1 << 20, 0)]
+        runs += [(i, cases[i], 1 << 20, 3, "1") for i in (0, 2)]
+        # case 0 four times more: the dispatch's routing and exchange and the combine's sums of a repeated shape
+        # captured as CUDA graphs and replayed (moe_route_graph, moe_sum_graph), then once with the graphs off
+        # (the same kernels one by one while the graphs wait) and once replayed again; each call checked
+        runs += [(0, cases[0], 1 << 20, 1, g) for g in ("1", "1", "0", "1")]
+        for i, p, fixed, chunks, graphs in runs:
             memory.fixed_capacity = fixed
             want = _outputs(group, torch.device("cpu"), p, 40 + i, rank, backend="torch")
             os.environ["DEEPPORT_MOE_CHUNKS"] = str(chunks)
+            os.environ["DEEPPORT_MOE_GRAPHS"] = graphs
             try:
                 with use_transport(transport):
                     got = {k: _to_cpu(v) for k, v in _outputs(group, device, p, 40 + i, rank, backend="triton").items()}
             finally:
                 os.environ.pop("DEEPPORT_MOE_CHUNKS", None)
+                os.environ.pop("DEEPPORT_MOE_GRAPHS", None)
             bad: list[str] = []
             for name, ref in want.items():
                 if "combine" in name and "weights" not in name:
@@ -146,7 +149,8 @@ def _moe_worker(rank: int, world: int, init: str, results: Any) -> None:
                         bad.append(f"{name} more than one bf16 step off")
                 else:
                     _same(name, got[name], ref, bad)
-            how = ("fixed exchange" if fixed else "rounds") + (f", {chunks} payload chunks" if chunks > 1 else "")
+            how = ("fixed exchange" if fixed else "rounds") + (f", {chunks} payload chunks" if chunks > 1 else "") + \
+                (", graphs off" if graphs == "0" else "")
             label = f"moe ops case {i} ({how}, {len(want)} outputs)"
             out.append(f"{label}: {'ok' if not bad else 'WRONG ' + '; '.join(bad[:4])}")
         from deepport.backends.triton import moe_route_graph, moe_sum_graph
@@ -161,9 +165,9 @@ def _moe_worker(rank: int, world: int, init: str, results: Any) -> None:
                    f"the exchange through the blocks: {exchanges} calls, {captured} formats replayed "
                    f"({'ok' if good else 'WRONG: expected captured graphs'})")
         written = memory.written_exchanges
-        # per fixed-exchange run of cases 0 (four times) and 1: two dispatches (rank 0 has no tokens in case 1:
+        # per fixed-exchange run of cases 0 (six times) and 1: two dispatches (rank 0 has no tokens in case 1:
         # none there) and one combine whose partial sums went straight into the sources' slots
-        expected = 15 if rank else 13
+        expected = 21 if rank else 19
         out.append(f"low-latency exchanges written straight into the peer's slots: {written} "
                    f"({'ok' if written == expected else f'WRONG: expected {expected}'})")
         # the profile's own memory: blocks and slots of the sizes the hopper backend lays out by default

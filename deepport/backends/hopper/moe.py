@@ -24,9 +24,11 @@ variable                         default  meaning
                                           larger equal splits: the chunked rounds
 ``DEEPPORT_PEER_TIMEOUT_S``      group's  seconds a rank waits for a peer before MoECommTimeout (default:
                                           the process group's timeout, else 300)
-``DEEPPORT_MOE_GRAPHS``          1        the normal combine's work through the blocks replayed as one CUDA
-                                          graph per shape (:mod:`deepport.backends.triton.moe_sum_graph`,
-                                          read per call); ``0``: launched kernel by kernel
+``DEEPPORT_MOE_GRAPHS``          1        the normal dispatch's routing and exchange and the normal
+                                          combine's work through the blocks replayed as CUDA graphs per
+                                          shape (:mod:`deepport.backends.triton.moe_route_graph`,
+                                          :mod:`~deepport.backends.triton.moe_sum_graph`; read per call);
+                                          ``0``: the same kernels launched one by one
 ===============================  =======  ==================================================================
 """
 

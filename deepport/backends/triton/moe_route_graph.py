@@ -13,7 +13,10 @@ rows) for ``rows_to_blocks``. Its count exchange is the transport's one-launch f
 table the eager path sends, so a rank on either path agrees with its peers. The first call of a shape runs
 the same work eagerly (compiling the kernels); the second captures it. Without CUDA, inside a caller's
 capture, with ``DEEPPORT_MOE_GRAPHS=0``, or where the transport has no one-launch exchange for the table,
-the same steps run eagerly. Calls over one transport run on one stream (the graph's buffers are reused
+the same steps run eagerly (``DEEPPORT_MOE_GRAPHS`` is read per call: a captured graph waits unused). The
+exchange through the blocks that follows (:func:`blocks_exchange`: ``rows_to_blocks`` and ``blocks_to_rows``
+reading this call's addresses from a table one eager kernel writes, with the flags) is captured over the
+routing's graph and replayed after it. Calls over one transport run on one stream (the graph's buffers are reused
 from call to call in stream order): the returned ``table``, ``got``, ``cumsum`` and ``per_expert`` are valid
 until the next dispatch of the same shape.
 """
@@ -56,7 +59,8 @@ class _Program:
     device: torch.device
     idx: torch.Tensor = field(init=False)
     host: torch.Tensor = field(init=False)
-    outputs: tuple[torch.Tensor, ...] | None = None
+    outputs: tuple[torch.Tensor, ...] | None = None  # this call's (the graph's own while it replays)
+    graph_outputs: tuple[torch.Tensor, ...] | None = None
     graph: Any = None
     calls: int = 0
     broken: bool = False
@@ -192,10 +196,12 @@ def blocks_exchange(pre: RoutePrelude, fmt: RowFormat, data: torch.Tensor, scale
                                                       data.device)
     if not exchange.prepare(x, scales, weights, outs, sum(recvs[:grp.rank])):
         return False
-    if exchange.graph is not None:
+    static = program.graph is not None and program.outputs is program.graph_outputs  # the routing replayed
+    if exchange.graph is not None and static and graphs_enabled():
         moe_comm.raise_if_transport_failed(what)
         exchange.graph.replay()
-    elif exchange.calls and program.graph is not None and _may_capture(data.device, program) and not exchange.broken:
+    elif exchange.graph is None and exchange.calls and static and _may_capture(data.device, program) \
+            and not exchange.broken:
         graph = torch.cuda.CUDAGraph()  # the routing's buffers are the graph's own from now on: capture over them
         try:
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
@@ -233,10 +239,11 @@ def route_prelude(idx: torch.Tensor, num_experts: int, grp: MoEGroup, what: str)
     if program is None:
         program = programs[key] = _Program(tokens, topk, num_experts, world, idx.device)
     program.idx.copy_(idx)
-    if program.graph is not None:
+    if program.graph is not None and graphs_enabled():
         moe_comm.raise_if_transport_failed(what)
         program.graph.replay()
-    elif program.calls and _may_capture(idx.device, program):
+        program.outputs = program.graph_outputs
+    elif program.graph is None and program.calls and _may_capture(idx.device, program):
         _capture(program, grp, what)
     else:
         program.outputs = program.record(grp, what)
@@ -268,7 +275,7 @@ def _capture(program: _Program, grp: MoEGroup, what: str) -> None:
         log.warning("%s: capturing the routing as a CUDA graph failed (%s); it runs eagerly from now on", what, exc)
         program.outputs = program.record(grp, what)
         return
-    program.graph, program.outputs = graph, outputs
+    program.graph, program.outputs, program.graph_outputs = graph, outputs, outputs
     graph.replay()
 
 

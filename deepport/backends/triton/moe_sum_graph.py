@@ -13,7 +13,8 @@ The bytes, flags and order of the terms are those of :func:`deepport.backends.to
 window path with ``rank_rows_at`` (a rank on either path agrees with its peers; the sums have the same bits).
 The first call of a shape runs the same kernels eagerly (compiling them); the second captures them. Without
 CUDA (the interpreter, CPU transports), inside a caller's own graph capture, or with
-``DEEPPORT_MOE_GRAPHS=0``, every call runs them eagerly (still through the table). Calls of one transport
+``DEEPPORT_MOE_GRAPHS=0`` (read per call: a captured graph waits unused), every call runs them eagerly (still
+through the table). Calls of one transport
 run on one stream (the table and the graph's copies of ``in_rank`` are reused from call to call in stream
 order).
 """
@@ -162,10 +163,10 @@ def sum_in_place(rows: torch.Tensor, handle: MoEHandle, grp: MoEGroup, out: torc
     if program is None:
         program = programs[key] = _Program(t, cols, world, me, capacity, rows.dtype, out.dtype, device)
     program.prepare(rows, out, handle.is_token_in_rank, sends)
-    if program.graph is not None:
+    if program.graph is not None and graphs_enabled():
         moe_comm.raise_if_transport_failed(what)
         program.graph.replay()
-    elif program.calls and _may_capture(device, program):
+    elif program.graph is None and program.calls and _may_capture(device, program):
         _capture(program, grp, what)
     else:
         program.record(grp, what)
