@@ -153,6 +153,8 @@ def _moe_worker(rank: int, world: int, init: str, results: Any) -> None:
                 (", graphs off" if graphs == "0" else "")
             label = f"moe ops case {i} ({how}, {len(want)} outputs)"
             out.append(f"{label}: {'ok' if not bad else 'WRONG ' + '; '.join(bad[:4])}")
+        out.append(f"an older dispatch's results after a newer one of the same shape: "
+                   f"{_kept_after_next(group, device, transport, cases[0], rank)}")
         from deepport.backends.triton import moe_route_graph, moe_sum_graph
 
         calls, graphs = moe_sum_graph.usage(transport)  # cases 0 and 1 repeat their shapes: captured at the 2nd call
@@ -185,6 +187,35 @@ def _moe_worker(rank: int, world: int, init: str, results: Any) -> None:
     except Exception:
         out.append("FAILED: " + traceback.format_exc())
     results[rank] = out
+
+
+def _kept_after_next(group: Any, device: torch.device, transport: Any, p: dict[str, Any], rank: int) -> str:
+    """Two normal dispatches of one shape (the graphs' buffers reused): the first's outputs and handle must not
+    change when the second runs (its copies are its own), and its combine must still give its own sums."""
+    import deepport
+    from deepport.backends.torch.moe_comm import use_transport
+    from tests.moe_ep_probe import _inputs
+
+    memory = transport.memory
+    memory.fixed_capacity = 1 << 20
+    a, b = _inputs(rank, p, 90), _inputs(rank, p, 91)
+    with use_transport(transport):
+        first = deepport.moe_dispatch(a["x"].to(device), a["topk_idx"].to(device), a["topk_weights"].to(device),
+                                      int(p["experts"]), group=group, backend="triton")
+        before = [t.cpu().clone() for t in (first.recv_x, first.recv_topk_idx, first.recv_topk_weights,
+                                            first.handle.topk_idx, first.handle.is_token_in_rank,
+                                            first.handle.recv_src_idx, first.handle.recv_topk_idx)]
+        summed = deepport.moe_combine(first.recv_x, first.handle, backend="triton").combined_x.cpu()
+        deepport.moe_dispatch(b["x"].to(device), b["topk_idx"].to(device), b["topk_weights"].to(device),
+                              int(p["experts"]), group=group, backend="triton")
+        after = [t.cpu() for t in (first.recv_x, first.recv_topk_idx, first.recv_topk_weights, first.handle.topk_idx,
+                                   first.handle.is_token_in_rank, first.handle.recv_src_idx,
+                                   first.handle.recv_topk_idx)]
+        again = deepport.moe_combine(first.recv_x, first.handle, backend="triton").combined_x.cpu()
+    changed = [i for i, (x, y) in enumerate(zip(before, after, strict=True)) if not torch.equal(x, y)]
+    if changed or not torch.equal(summed, again):
+        return f"WRONG: outputs {changed} changed, combine {'same' if torch.equal(summed, again) else 'differs'}"
+    return "ok"
 
 
 def _kernel_profile(group: Any, device: torch.device, transport: Any, calls: int = 5) -> list[str]:

@@ -382,8 +382,9 @@ def test_the_hopper_ep_path_on_one_gpu_matches_torch_over_gloo() -> None:
     done = _one_gpu("--moe")
     # per rank: 3 cases x (fixed exchange, rounds), 2 cases with a chunked payload, case 0 four times more (its
     # dispatch's routing and exchange and its combine's sums replayed as CUDA graphs, once with the graphs off),
-    # the graph replays; the written exchanges counted
-    assert done.returncode == 0 and done.stdout.count(": ok") == 2 * 13, done.stdout + done.stderr
+    # the graph replays, an older dispatch's results intact after a newer one; the written exchanges counted
+    assert done.returncode == 0 and done.stdout.count(": ok") == 2 * 14, done.stdout + done.stderr
+    assert done.stdout.count("an older dispatch's results after a newer one of the same shape: ok") == 2
     assert done.stdout.count("graphs off") == 2, done.stdout
     assert done.stdout.count("3 payload chunks") == 2 * 2, done.stdout
     assert done.stdout.count("written straight into the peer's slots") == 2, done.stdout

@@ -92,7 +92,9 @@ def test_moe_kernels_compile_for_sm_90a_and_cast_with_the_e4m3_instruction() -> 
     # the graphed combine's sums load as wide as the eager ones
     assert report["rank_rows_table"]["v4_loads"] == report["rank_rows_at"]["v4_loads"] > 0, report
     for name in ("rows_to_blocks", "blocks_to_rows", "parts_to_blocks", "rows_to_blocks_table", "blocks_to_rows_table"):
-        assert report[name]["stores_16B"] > 0 and report[name]["byte_stores"] == 0, (name, report[name])
+        # bytes only for the handle's copy of in_rank (the table variant: one flag per rank, 2 here)
+        flags = 2 if name == "rows_to_blocks_table" else 0
+        assert report[name]["stores_16B"] > 0 and report[name]["byte_stores"] == flags, (name, report[name])
     assert report["expanded_count"]["atomics"] > 0  # the integer totals
     no_atomics = ("expanded_layout", "expanded_scatter", "expanded_pad_rows", "token_rows", "token_rows_window",
                   "token_rows_at", "rank_rows_at", "rank_rows_table", "sum_table", "parts_to_blocks", "receive_meta",

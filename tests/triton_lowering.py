@@ -221,7 +221,7 @@ def moe_lowering_report() -> dict[str, dict[str, int]]:
             FROM_TABLE=True), num_warps=2),
         "store_table": compile_for(g.moe_store_table_kernel, dict(
             table_ptr=Ptr("i64"), v0=1 << 40, v1=1 << 40, v2=1 << 40, v3=1 << 40, v4=1 << 40, v5=1 << 40, v6=1 << 40,
-            v7=1 << 40, v8=1, v9=0, v10=0, v11=0)),
+            v7=1 << 40, v8=1, v9=1 << 40, v10=1 << 40, v11=1 << 40, v12=0, v13=0, v14=0, v15=0)),
         # the low-latency combine's float32 partial sums stored straight into the source ranks' slots
         "token_rows_window": compile_for(k.moe_token_rows_kernel, dict(
             y_ptr=Ptr("bf16"), table_ptr=Ptr("i64"), weight_ptr=Ptr("fp32"), out_ptr=Ptr("fp32"), num_cols=7168,

@@ -178,23 +178,28 @@ class BlockOutputs:
     """What a normal dispatch through ``rows_to_blocks`` / ``blocks_to_rows`` fills, ``n`` received rows:
     ``x`` ``[n, H]`` (the payload's dtype), ``scales`` float32 ``[n, H / 128]`` or None, ``src`` int64 ``[n]``
     (each row's token on its source), ``local`` int64 ``[n, K]`` (local expert ids, -1 elsewhere),
-    ``weights`` float32 ``[n, K]`` or None (the weight where the id is local, else 0)."""
+    ``weights`` float32 ``[n, K]`` or None (the weight where the id is local, else 0). A ``blocks_exchange``
+    step also fills ``local_out`` (the local ids again: the caller's tensor, where given), ``in_rank`` (bool ``[T,
+    R]``) and ``idx`` (int64 ``[T, K]``): copies of its routing's for the handle."""
 
     x: torch.Tensor
     scales: torch.Tensor | None
     src: torch.Tensor
     local: torch.Tensor
     weights: torch.Tensor | None
+    local_out: torch.Tensor | None = None
+    in_rank: torch.Tensor | None = None
+    idx: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
 class RoutePrelude:
-    """What a ``route_prelude`` step leaves of the normal dispatch's routing: ``in_rank`` bool ``[T, R]`` (this
-    call's own), ``table`` int64 ``[R, 1 + L]`` (the count table sent: per rank its tokens, then per local
-    expert), ``got`` int64 ``[R, 1 + L]`` (the tables received, by source), ``cumsum`` int64 ``[R, T]`` (the running
-    count of ``in_rank`` by rank), ``per_expert`` int64 ``[L]`` (rows received per local expert); on the host
-    ``sends``, ``recvs`` (tokens to and from each rank) and ``per_expert_host``. The device tensors other than
-    ``in_rank`` may be the step's own buffers, valid until its next call."""
+    """What a ``route_prelude`` step leaves of the normal dispatch's routing: ``in_rank`` bool ``[T, R]``,
+    ``table`` int64 ``[R, 1 + L]`` (the count table sent: per rank its tokens, then per local expert), ``got``
+    int64 ``[R, 1 + L]`` (the tables received, by source), ``cumsum`` int64 ``[R, T]`` (the running count of
+    ``in_rank`` by rank), ``per_expert`` int64 ``[L]`` (rows received per local expert); on the host
+    ``sends``, ``recvs`` (tokens to and from each rank) and ``per_expert_host``. The device tensors may be the
+    step's own buffers, valid until its next call (a handle keeps copies)."""
 
     in_rank: torch.Tensor
     table: torch.Tensor

@@ -74,6 +74,8 @@ class Received:
     weights: torch.Tensor | None  # float32 [num_recv, num_topk], zero on non-local slots
     handle: MoEHandle
     per_expert: torch.Tensor  # int64 [num_local_experts]
+    local_out: torch.Tensor | None = None  # the local ids again, in a tensor of the caller's alloc
+    weights_out: bool = False  # whether ``weights`` came from the caller's alloc (no copy needed)
 
 
 def send_tokens(mask: torch.Tensor, count: int | None = None) -> torch.Tensor:
@@ -220,14 +222,16 @@ def _exchange_window(window: RowsWindow, fmt: RowFormat, sources: dict[str, torc
 def _dispatch_blocks(fmt: RowFormat, data: torch.Tensor, scales: torch.Tensor | None, idx: torch.Tensor,
                      weights: torch.Tensor | None, in_rank: torch.Tensor, sends: list[int], recvs: list[int],
                      counts: torch.Tensor, grp: MoEGroup, num_local: int, make: Alloc, local: LocalSteps,
-                     what: str, prelude: RoutePrelude | None = None) -> BlockOutputs | None:
+                     what: str, prelude: RoutePrelude | None = None,
+                     idx_dtype: torch.dtype = torch.int64) -> BlockOutputs | None:
     """:func:`route`'s exchange through a :class:`RowsWindow` with ``local``'s ``rows_to_blocks`` and
     ``blocks_to_rows`` steps (two kernels: every row straight into its destination's part, every received row
     out of this rank's parts, the routes made from the metadata on the way), or None, nothing started, when
     the transport offers no window for these sizes. ``counts``: the device column of the received counts per
     source; ``prelude``: what ``local.route_prelude`` left, where it ran (its running counts; with a
-    ``local.blocks_exchange`` step the whole exchange is that step's). The bytes in the parts are those of
-    :func:`_exchange_window`'s, so ranks on either path agree."""
+    ``local.blocks_exchange`` step the whole exchange is that step's, and it also fills the caller's weights
+    and, for an ``idx_dtype`` of int64, local ids, and the handle's copies of ``in_rank`` and ``idx``). The
+    bytes in the parts are those of :func:`_exchange_window`'s, so ranks on either path agree."""
     assert local.rows_to_blocks is not None and local.blocks_to_rows is not None
     me, n, k = grp.rank, sum(recvs), int(idx.shape[1])
     send_bytes = [0 if r == me else c * fmt.row_bytes for r, c in enumerate(sends)]
@@ -236,28 +240,36 @@ def _dispatch_blocks(fmt: RowFormat, data: torch.Tensor, scales: torch.Tensor | 
     if capacity is None or max(send_bytes + recv_bytes) > capacity:
         return None  # what rows_window would say: several rounds
 
-    def outputs() -> BlockOutputs:
-        device = data.device
+    device = data.device
+
+    def outputs(copies: bool) -> BlockOutputs:  # copies: the caller's tensors and the handle's copies too
+        t = int(idx.shape[0])
         return BlockOutputs(make((n, int(data.shape[1])), data.dtype),
                             None if scales is None else make((n, int(scales.shape[1])), torch.float32),
                             torch.empty(n, dtype=torch.int64, device=device),
                             torch.empty((n, k), dtype=torch.int64, device=device),
-                            None if weights is None else torch.empty((n, k), dtype=torch.float32, device=device))
+                            None if weights is None else (make if copies else _empty(device))((n, k), torch.float32),
+                            make((n, k), torch.int64) if copies and idx_dtype == torch.int64 else None,
+                            torch.empty((t, grp.world_size), dtype=torch.bool, device=device) if copies else None,
+                            torch.empty((t, k), dtype=torch.int64, device=device) if copies else None)
 
     if prelude is not None and local.blocks_exchange is not None:  # the backend's whole exchange in one step
-        outs = outputs()
+        outs = outputs(True)
         if local.blocks_exchange(prelude, fmt, data, scales, weights, sends, recvs, outs, grp, num_local, what):
             return outs
     window = rows_window(send_bytes, recv_bytes, grp, what)
     if window is None:
         return None
-    device = data.device
-    outs = outputs()
+    outs = outputs(False)
     local.rows_to_blocks(data, scales, idx, weights, in_rank, fmt, _addresses(window.send, device), me, num_local,
                          outs, sum(recvs[:me]), None if prelude is None else prelude.cumsum)
     local.blocks_to_rows(_addresses(window.receive(), device), counts, fmt, me, num_local, outs)
     window.release()
     return outs
+
+
+def _empty(device: torch.device) -> Alloc:
+    return lambda shape, dtype: torch.empty(shape, dtype=dtype, device=device)
 
 
 def _addresses(parts: list[torch.Tensor | None], device: torch.device) -> torch.Tensor:
@@ -280,6 +292,9 @@ def route(data: torch.Tensor, scales: torch.Tensor | None, topk_idx: torch.Tenso
     blocks = unpack and chunks == 1 and local.rows_to_blocks is not None and local.blocks_to_rows is not None and \
         offers_rows_window(grp)
     pre = local.route_prelude(idx, num_experts, grp, what) if blocks and local.route_prelude is not None else None
+    def own(t: torch.Tensor) -> torch.Tensor:  # the handle keeps in_rank: the prelude's is its step's buffer
+        return t if pre is None else t.clone()
+
     if pre is not None:  # the backend's routing up to the host read in one step (the same count exchange)
         in_rank, table, got, per_expert = pre.in_rank, pre.table, pre.got, pre.per_expert
         host: list[int] = [*pre.sends, *pre.recvs, *pre.per_expert_host]
@@ -313,12 +328,15 @@ def route(data: torch.Tensor, scales: torch.Tensor | None, topk_idx: torch.Tenso
     fmt = _row_format(data, dense_scales, 1 + k + (0 if weights is None else k))
     if blocks:
         found = _dispatch_blocks(fmt, data, dense_scales, idx, weights, in_rank, sends, recvs, got[:, 0], grp,
-                                 num_local, make, local, what, pre)
+                                 num_local, make, local, what, pre, topk_idx.dtype)
         if found is not None:
-            handle = MoEHandle(grp.group, me, world, num_experts, hidden, alignment, idx.clone(), in_rank,
+            kept_in_rank = found.in_rank if found.in_rank is not None else own(in_rank)
+            kept_idx = found.idx if found.idx is not None else idx.clone()
+            handle = MoEHandle(grp.group, me, world, num_experts, hidden, alignment, kept_idx, kept_in_rank,
                                tuple(sends), tuple(recvs), found.src, found.local,
                                tuple(host[2 * world: 2 * world + num_local]))  # tolist's ints
-            return Received(found.x, found.scales, found.local, found.weights, handle, per_expert)
+            return Received(found.x, found.scales, found.local, found.weights, handle, per_expert, found.local_out,
+                            found.in_rank is not None)
         meta = _meta(idx, weights)
     assert meta is not None
     sources = {"x": data, "meta": meta, **({} if dense_scales is None else {"scales": dense_scales})}
@@ -348,7 +366,7 @@ def route(data: torch.Tensor, scales: torch.Tensor | None, topk_idx: torch.Tenso
         if weights is not None:
             raw = recv_meta[:, 1 + k:].view(torch.float32)
             recv_w = torch.where(recv_local >= 0, raw, torch.zeros_like(raw))
-    handle = MoEHandle(grp.group, me, world, num_experts, hidden, alignment, idx.clone(), in_rank, tuple(sends),
+    handle = MoEHandle(grp.group, me, world, num_experts, hidden, alignment, idx.clone(), own(in_rank), tuple(sends),
                        tuple(recvs), recv_src, recv_local,
                        tuple(int(v) for v in host[2 * world: 2 * world + num_local]))
     return Received(recv_x, recv_s, recv_local, recv_w, handle, per_expert)
@@ -382,10 +400,12 @@ def dispatch(call: MoEDispatchCall, local: LocalSteps = TORCH) -> MoEDispatchRes
     got = route(call.data, call.scales, call.topk_idx, call.topk_weights, call.num_experts, call.group,
                 call.expert_alignment, call.alloc, local=local)
     n, k = got.local_idx.shape
-    recv_idx = call.alloc((int(n), int(k)), call.topk_idx.dtype)
-    recv_idx.copy_(got.local_idx)
-    recv_w = None
-    if got.weights is not None:
+    recv_idx = got.local_out
+    if recv_idx is None or recv_idx.dtype != call.topk_idx.dtype:
+        recv_idx = call.alloc((int(n), int(k)), call.topk_idx.dtype)
+        recv_idx.copy_(got.local_idx)
+    recv_w = got.weights if got.weights_out else None
+    if got.weights is not None and recv_w is None:
         recv_w = call.alloc((int(n), int(k)), torch.float32)
         recv_w.copy_(got.weights)
     a = call.expert_alignment

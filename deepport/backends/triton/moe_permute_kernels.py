@@ -299,7 +299,9 @@ def moe_rows_to_blocks_kernel(x_ptr, scale_ptr, idx_ptr, weight_ptr, in_rank_ptr
     ``local_out`` (int64 ``[n, K]``) and the weights where the id is local (else 0) into ``weight_out``.
     ``FROM_TABLE``: the addresses of ``x``, ``scale``, ``weight``, ``x_out``, ``scale_out``, ``src_out``,
     ``local_out``, ``weight_out`` and ``own_start`` are read from ``table`` (int64, in that order; the
-    arguments give only the types: :mod:`deepport.backends.triton.moe_route_graph`)."""
+    arguments give only the types: :mod:`deepport.backends.triton.moe_route_graph`), and the kernel also
+    copies ``in_rank`` and ``idx`` to ``table[9]`` and ``table[10]`` and writes its own rows' local ids to
+    ``table[11]`` too (the handle's copies and the caller's)."""
     if FROM_TABLE:
         x_ptr = _table_ptr(table_ptr, 0, x_ptr)
         scale_ptr = _table_ptr(table_ptr, 1, scale_ptr)
@@ -310,8 +312,17 @@ def moe_rows_to_blocks_kernel(x_ptr, scale_ptr, idx_ptr, weight_ptr, in_rank_ptr
         local_out_ptr = _table_ptr(table_ptr, 6, local_out_ptr)
         weight_out_ptr = _table_ptr(table_ptr, 7, weight_out_ptr)
         own_start = tl.load(table_ptr + 8)
+        in_rank_copy = tl.load(table_ptr + 9).to(tl.pointer_type(in_rank_ptr.dtype.element_ty))
+        idx_copy = _table_ptr(table_ptr, 10, idx_ptr)
+        local_copy = _table_ptr(table_ptr, 11, local_out_ptr)
     t = tl.program_id(0).to(tl.int64)
     cb = tl.program_id(1)
+    if FROM_TABLE:  # noqa: SIM102 (a constexpr branch: the names it reads exist only in table mode)
+        if cb == 0:
+            jk = tl.arange(0, KP)
+            tl.store(idx_copy + t * K + jk, tl.load(idx_ptr + t * K + jk, mask=jk < K), mask=jk < K)
+            for q in tl.static_range(WORLD):
+                tl.store(in_rank_copy + t * WORLD + q, tl.load(in_rank_ptr + t * WORLD + q))
     cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     ok = cols < x_words
     words = tl.load(x_ptr + t * x_words + cols, mask=ok)
@@ -339,6 +350,8 @@ def moe_rows_to_blocks_kernel(x_ptr, scale_ptr, idx_ptr, weight_ptr, in_rank_ptr
                     local = own_ids - first_local
                     mine = (own_ids >= 0) & (local >= 0) & (local < num_local)
                     tl.store(local_out_ptr + row * K + j, tl.where(mine, local, -1), mask=j < K)
+                    if FROM_TABLE:
+                        tl.store(local_copy + row * K + j, tl.where(mine, local, -1), mask=j < K)
                     if HAS_WEIGHTS:
                         w = tl.load(weight_ptr + t * K + j, mask=j < K, other=0.0)
                         tl.store(weight_out_ptr + row * K + j, tl.where(mine, w, 0.0), mask=j < K)
@@ -373,8 +386,9 @@ def moe_blocks_to_rows_kernel(base_ptr, count_ptr, stride_count, x_out_ptr, scal
     the ids minus ``first_local`` where in ``[0, num_local)``, else -1, and with ``HAS_WEIGHTS``
     ``weight_out[i]`` the weights where the id is local, else 0. Rows from this rank (``s == me``) are left
     alone: :func:`moe_rows_to_blocks_kernel` wrote them. ``FROM_TABLE``: grid ``(G, ceil(x_words / BLOCK_C))``,
-    the ``G`` programs of a column block stride over the ``n = sum(count)`` rows (read here), and the outputs'
-    addresses are entries 3 to 7 of ``table`` (as :func:`moe_rows_to_blocks_kernel` reads them)."""
+    the ``G`` programs of a column block stride over the ``n = sum(count)`` rows (read here), the outputs'
+    addresses are entries 3 to 7 of ``table`` (as :func:`moe_rows_to_blocks_kernel` reads them), and the local
+    ids go to ``table[11]`` too."""
     cb = tl.program_id(1)
     if FROM_TABLE:
         x_out_ptr = _table_ptr(table_ptr, 3, x_out_ptr)
@@ -382,25 +396,27 @@ def moe_blocks_to_rows_kernel(base_ptr, count_ptr, stride_count, x_out_ptr, scal
         src_ptr = _table_ptr(table_ptr, 5, src_ptr)
         local_ptr = _table_ptr(table_ptr, 6, local_ptr)
         weight_out_ptr = _table_ptr(table_ptr, 7, weight_out_ptr)
+        local_copy = _table_ptr(table_ptr, 11, local_ptr)
         n = tl.zeros([], tl.int64)
         for r in tl.static_range(WORLD):
             n += tl.load(count_ptr + r * stride_count)
         for i in range(tl.program_id(0).to(tl.int64), n, tl.num_programs(0)):
             _block_row(i, cb, base_ptr, count_ptr, stride_count, x_out_ptr, scale_out_ptr, src_ptr, local_ptr,
-                       weight_out_ptr, me, x_words, num_scales, row_bytes, scale_at, meta_at, first_local, num_local,
-                       WORLD, K, KP, HAS_SCALES, HAS_WEIGHTS, BLOCK_C, BLOCK_S)
+                       local_copy, weight_out_ptr, me, x_words, num_scales, row_bytes, scale_at, meta_at, first_local,
+                       num_local, WORLD, K, KP, HAS_SCALES, HAS_WEIGHTS, BLOCK_C, BLOCK_S, True)
     else:
         _block_row(tl.program_id(0).to(tl.int64), cb, base_ptr, count_ptr, stride_count, x_out_ptr, scale_out_ptr,
-                   src_ptr, local_ptr, weight_out_ptr, me, x_words, num_scales, row_bytes, scale_at, meta_at,
-                   first_local, num_local, WORLD, K, KP, HAS_SCALES, HAS_WEIGHTS, BLOCK_C, BLOCK_S)
+                   src_ptr, local_ptr, local_ptr, weight_out_ptr, me, x_words, num_scales, row_bytes, scale_at,
+                   meta_at, first_local, num_local, WORLD, K, KP, HAS_SCALES, HAS_WEIGHTS, BLOCK_C, BLOCK_S, False)
 
 
 @triton.jit
-def _block_row(i, cb, base_ptr, count_ptr, stride_count, x_out_ptr, scale_out_ptr, src_ptr, local_ptr,
+def _block_row(i, cb, base_ptr, count_ptr, stride_count, x_out_ptr, scale_out_ptr, src_ptr, local_ptr, local_copy,
                weight_out_ptr, me, x_words, num_scales, row_bytes, scale_at, meta_at, first_local, num_local,
                WORLD: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, HAS_SCALES: tl.constexpr,
-               HAS_WEIGHTS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Column block ``cb`` of received row ``i`` for :func:`moe_blocks_to_rows_kernel`."""
+               HAS_WEIGHTS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, COPY_LOCAL: tl.constexpr):
+    """Column block ``cb`` of received row ``i`` for :func:`moe_blocks_to_rows_kernel` (``COPY_LOCAL``: the
+    local ids to ``local_copy`` too)."""
     s = tl.zeros([], tl.int64)
     start = tl.zeros([], tl.int64)
     below = tl.zeros([], tl.int64)
@@ -426,6 +442,8 @@ def _block_row(i, cb, base_ptr, count_ptr, stride_count, x_out_ptr, scale_out_pt
         local = ids - first_local
         mine = (ids >= 0) & (local >= 0) & (local < num_local)
         tl.store(local_ptr + i * K + j, tl.where(mine, local, -1), mask=j < K)
+        if COPY_LOCAL:
+            tl.store(local_copy + i * K + j, tl.where(mine, local, -1), mask=j < K)
         if HAS_WEIGHTS:
             bits = tl.load(meta + 1 + K + j, mask=j < K, other=0)
             tl.store(weight_out_ptr + i * K + j, tl.where(mine, bits, 0).to(tl.float32, bitcast=True), mask=j < K)

@@ -5,8 +5,7 @@ ranks each token reaches, the count table), the count exchange, the sums of the 
 copy to the host. Issued one by one these are a dozen host calls (allocations, kernels, the exchange's
 launch, a blocking ``tolist``); here they are captured once per shape (tokens, top-k, experts, group,
 transport) and replayed. Per call the host copies ``topk_idx`` into the graph's own input (one copy), replays
-the graph, waits on an event and reads the counts from pinned memory, then clones ``in_rank`` (the handle
-keeps it).
+the graph, waits on an event and reads the counts from pinned memory.
 
 The graph also leaves the running count of ``in_rank`` by rank (``[R, T]``: each token's row among a rank's
 rows) for ``rows_to_blocks``. Its count exchange is the transport's one-launch fixed exchange of the same
@@ -17,8 +16,9 @@ the same steps run eagerly (``DEEPPORT_MOE_GRAPHS`` is read per call: a captured
 exchange through the blocks that follows (:func:`blocks_exchange`: ``rows_to_blocks`` and ``blocks_to_rows``
 reading this call's addresses from a table one eager kernel writes, with the flags) is captured over the
 routing's graph and replayed after it. Calls over one transport run on one stream (the graph's buffers are reused
-from call to call in stream order): the returned ``table``, ``got``, ``cumsum`` and ``per_expert`` are valid
-until the next dispatch of the same shape.
+from call to call in stream order): the returned ``in_rank``, ``table``, ``got``, ``cumsum`` and ``per_expert``
+are valid until the next dispatch of the same shape (the exchange writes the handle's copies of ``in_rank`` and
+``topk_idx``, and the caller's local ids and weights, in its kernels).
 """
 
 from __future__ import annotations
@@ -89,9 +89,10 @@ class _Program:
 
 @dataclass
 class _Exchange:
-    """One payload format's exchange through the blocks: the table of this call's addresses (entries 0-8:
-    ``x``, its scales, the weights, the five outputs, this rank's first own row), the block addresses, the
-    tensors that give the kernels their types, and (once captured) the graph."""
+    """One payload format's exchange through the blocks: the table of this call's addresses (entries 0-11:
+    ``x``, its scales, the weights, the five outputs, this rank's first own row, the copies of ``in_rank`` and
+    ``idx`` and of the local ids), the block addresses, the tensors that give the kernels their types, and
+    (once captured) the graph."""
 
     fmt: RowFormat
     words: torch.dtype
@@ -107,7 +108,7 @@ class _Exchange:
     broken: bool = False
 
     def __post_init__(self) -> None:
-        self.table = torch.zeros(12, dtype=torch.int64, device=self.device)
+        self.table = torch.zeros(16, dtype=torch.int64, device=self.device)
         self.like_words = torch.zeros(2, dtype=self.words, device=self.device)
         self.like_f32 = torch.zeros(2, dtype=torch.float32, device=self.device)
         self.like_i64 = torch.zeros(2, dtype=torch.int64, device=self.device)
@@ -116,15 +117,20 @@ class _Exchange:
                 outs: BlockOutputs, own_start: int) -> bool:
         """Write this call's table (one eager kernel); False, nothing written, when an address is not 16-byte
         aligned (the graph's kernels assume it)."""
+        if outs.in_rank is None or outs.idx is None:
+            return False
         stand_in = int(self.like_i64.data_ptr())
+        local_out = outs.local if outs.local_out is None else outs.local_out
         values = [int(data.data_ptr()), stand_in if scales is None else int(scales.data_ptr()),
                   stand_in if weights is None else int(weights.data_ptr()), int(outs.x.data_ptr()),
                   stand_in if outs.scales is None else int(outs.scales.data_ptr()), int(outs.src.data_ptr()),
                   int(outs.local.data_ptr()), stand_in if outs.weights is None else int(outs.weights.data_ptr())]
-        if any(v % 16 for v in values):
+        copies = [int(outs.idx.data_ptr()), int(local_out.data_ptr())]
+        if any(v % 16 for v in values + copies):
             return False
         with _guard(self.device):
-            _STORE((1,), self.table, *values, own_start, 0, 0, 0, num_warps=1)
+            _STORE((1,), self.table, *values, own_start, int(outs.in_rank.data_ptr()), *copies, 0, 0, 0, 0,
+                   num_warps=1)
         return True
 
     def record(self, program: _Program, grp: MoEGroup, num_local: int, what: str) -> None:
@@ -254,7 +260,7 @@ def route_prelude(idx: torch.Tensor, num_experts: int, grp: MoEGroup, what: str)
     host = [int(v) for v in program.host.tolist()]  # the one host read (pinned memory, the event waited)
     assert program.outputs is not None
     in_rank, table, got, cumsum, per_expert = program.outputs
-    return RoutePrelude(in_rank.clone(), table, got, cumsum, per_expert, host[:world], host[world: 2 * world],
+    return RoutePrelude(in_rank, table, got, cumsum, per_expert, host[:world], host[world: 2 * world],
                         host[2 * world:], program)
 
 
