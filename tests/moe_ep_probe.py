@@ -553,19 +553,24 @@ def normal_token_rows(rank: int, group: Any, device: torch.device, params: dict[
     counted = functools.partial(_counted, used)
 
     assert ROUTES.token_rows_into is not None and ROUTES.sum_rows is not None and ROUTES.layout_counts is not None
-    assert ROUTES.layout_table is not None
+    assert ROUTES.layout_table is not None and ROUTES.rows_to_blocks is not None and ROUTES.rank_rows_at is not None
     fused = dataclasses.replace(ROUTES, token_rows_into=counted("token_rows_into", ROUTES.token_rows_into),
                                 sum_rows=counted("sum_rows", ROUTES.sum_rows),
                                 layout_counts=counted("layout_counts", ROUTES.layout_counts),
-                                layout_table=counted("layout_table", ROUTES.layout_table))
+                                layout_table=counted("layout_table", ROUTES.layout_table),
+                                rows_to_blocks=counted("rows_to_blocks", ROUTES.rows_to_blocks),
+                                rank_rows_at=counted("rank_rows_at", ROUTES.rank_rows_at))
     counts_only = dataclasses.replace(fused, layout_table=None)  # the counts without the table: torch builds it
-    plain = dataclasses.replace(ROUTES, token_rows_into=None)
+    gathered = dataclasses.replace(fused, rows_to_blocks=None)  # packed by index, not straight into the send buffer
+    by_table = dataclasses.replace(fused, rank_rows_at=None)  # the combine's per-token table, not the staged sum
+    plain = dataclasses.replace(ROUTES, token_rows_into=None, rank_rows_at=None)
     x = _inputs(rank, params, seed)
     data, idx, w = x["x"].to(device), x["topk_idx"].to(device), x["topk_weights"].to(device)
     bad: list[str] = []
-    got, mine, by_counts = (moe_routes.dispatch(moe_dispatch.bind(data, idx, w, int(params["experts"]), group=group),
-                                                steps) for steps in (TORCH, fused, counts_only))
-    for how, ran in (("layout_table", mine), ("layout_counts", by_counts)):
+    got, mine, by_counts, by_index = (
+        moe_routes.dispatch(moe_dispatch.bind(data, idx, w, int(params["experts"]), group=group), steps)
+        for steps in (TORCH, fused, counts_only, gathered))
+    for how, ran in (("layout_table", mine), ("layout_counts", by_counts), ("gathered", by_index)):
         for name in ("recv_x", "recv_topk_idx", "recv_topk_weights", "num_recv_tokens_per_expert"):
             _same(f"dispatch {name} ({how})", getattr(ran, name), getattr(got, name), bad)
         for name in ("send_counts", "recv_counts", "recv_src_idx", "is_token_in_rank"):
@@ -573,8 +578,9 @@ def normal_token_rows(rank: int, group: Any, device: torch.device, params: dict[
     y = torch.randn(tuple(got.recv_x.shape), generator=torch.Generator().manual_seed(seed + rank))  # type: ignore[union-attr]
     y = y.to(torch.bfloat16).to(device)
     out = {name: moe_routes.combine(moe_combine.bind(y, got.handle), steps).combined_x
-           for name, steps in (("fused", fused), ("plain", plain), ("torch", TORCH))}
-    _same("combine with token_rows_into vs sum_rows", out["fused"], out["plain"], bad)
+           for name, steps in (("fused", fused), ("table", by_table), ("plain", plain), ("torch", TORCH))}
+    _same("combine staged (rank_rows_at where it applies) vs sum_rows", out["fused"], out["plain"], bad)
+    _same("combine with token_rows_into vs sum_rows", out["table"], out["plain"], bad)
     if bf16_ulps(out["fused"], out["torch"]) > 1:
         bad.append("combine more than one bf16 step from the torch steps")
     return {"bad": bad, "used": dict(used)}

@@ -208,6 +208,46 @@ def rows_window(send_bytes: Sequence[int], recv_bytes: Sequence[int], grp: MoEGr
     return window
 
 
+def collective_transport(grp: MoEGroup) -> bool:
+    """Whether the exchanges of a call on ``grp`` are collectives of buffers: ``torch.distributed.all_to_all_single``
+    (no transport made active by :func:`use_transport`) or an active transport that moves whole buffers only
+    (no :func:`rows_window`); then :func:`staged_rows_window` applies."""
+    return grp.group is not None and getattr(_ACTIVE.get(), "rows_window", None) is None
+
+
+def staged_rows_window(send_bytes: Sequence[int], recv_bytes: Sequence[int], device: torch.device, grp: MoEGroup,
+                       what: str) -> RowsWindow:
+    """A :class:`RowsWindow` over one all-to-all (:func:`collective_transport`): ``send[r]`` are the parts
+    of one contiguous send buffer (in rank order, as the collective takes them; None for this rank and for
+    empty parts), ``receive()`` runs the one collective (the caller's stream then waits for it; the host does
+    not) and returns the parts of one receive buffer, by source. The sender writes its rows straight into
+    their place in the send buffer and the receiver reads them where they landed: no packing gather and no
+    copy out beyond the caller's own. Every part starts at a multiple of its rows' bytes from a fresh
+    allocation (so 16-byte aligned rows stay aligned)."""
+    me = grp.rank
+    send = torch.empty(sum(send_bytes), dtype=torch.uint8, device=device)
+    recv = torch.empty(sum(recv_bytes), dtype=torch.uint8, device=device)
+
+    def parts(buf: torch.Tensor, sizes: Sequence[int]) -> list[torch.Tensor | None]:
+        out: list[torch.Tensor | None] = []
+        at = 0
+        for r, size in enumerate(sizes):
+            out.append(None if r == me or size == 0 else buf[at: at + size])
+            at += size
+        return out
+
+    held: list[torch.Tensor | None] = [send, recv]
+
+    def receive() -> list[torch.Tensor | None]:
+        start_all_to_all(recv, send, list(recv_bytes), list(send_bytes), grp, what).wait()
+        return parts(recv, recv_bytes)
+
+    def release() -> None:
+        held.clear()  # the collective holds its own references until it is done (the stream waits on it)
+
+    return RowsWindow(parts(send, send_bytes), receive, release)
+
+
 def exchange_table(table: torch.Tensor, grp: MoEGroup, what: str) -> Pending:
     """Row ``r`` of the int64 ``[world, C]`` ``table`` goes to rank ``r``; the result's row ``s`` came
     from rank ``s``. One small collective, no host sync (wait on the result)."""

@@ -34,11 +34,13 @@ from deepport.backends.torch.moe_comm import (
     RowFormat,
     RowsWindow,
     all_to_all_rows,
+    collective_transport,
     exchange_table,
     offers_rows_window,
     rows_window,
     rows_window_capacity,
     same_bits,
+    staged_rows_window,
     start_all_to_all,
 )
 from deepport.backends.torch.moe_index import column_cumsum, compact, first_occurrence, local_ids, selection_mask
@@ -236,8 +238,9 @@ def _dispatch_blocks(fmt: RowFormat, data: torch.Tensor, scales: torch.Tensor | 
     me, n, k = grp.rank, sum(recvs), int(idx.shape[1])
     send_bytes = [0 if r == me else c * fmt.row_bytes for r, c in enumerate(sends)]
     recv_bytes = [0 if s == me else c * fmt.row_bytes for s, c in enumerate(recvs)]
+    staged = collective_transport(grp)  # all_to_all_single: the window's parts are one send and one receive buffer
     capacity = rows_window_capacity(grp)
-    if capacity is None or max(send_bytes + recv_bytes) > capacity:
+    if not staged and (capacity is None or max(send_bytes + recv_bytes) > capacity):
         return None  # what rows_window would say: several rounds
 
     device = data.device
@@ -257,13 +260,14 @@ def _dispatch_blocks(fmt: RowFormat, data: torch.Tensor, scales: torch.Tensor | 
         outs = outputs(True)
         if local.blocks_exchange(prelude, fmt, data, scales, weights, sends, recvs, outs, grp, num_local, what):
             return outs
-    window = rows_window(send_bytes, recv_bytes, grp, what)
+    window = staged_rows_window(send_bytes, recv_bytes, device, grp, what) if staged else \
+        rows_window(send_bytes, recv_bytes, grp, what)
     if window is None:
         return None
     outs = outputs(False)
-    local.rows_to_blocks(data, scales, idx, weights, in_rank, fmt, _addresses(window.send, device), me, num_local,
-                         outs, sum(recvs[:me]), None if prelude is None else prelude.cumsum)
-    local.blocks_to_rows(_addresses(window.receive(), device), counts, fmt, me, num_local, outs)
+    local.rows_to_blocks(data, scales, idx, weights, in_rank, fmt, _addresses(window.send, device, not staged), me,
+                         num_local, outs, sum(recvs[:me]), None if prelude is None else prelude.cumsum)
+    local.blocks_to_rows(_addresses(window.receive(), device, not staged), counts, fmt, me, num_local, outs)
     window.release()
     return outs
 
@@ -272,9 +276,19 @@ def _empty(device: torch.device) -> Alloc:
     return lambda shape, dtype: torch.empty(shape, dtype=dtype, device=device)
 
 
-def _addresses(parts: list[torch.Tensor | None], device: torch.device) -> torch.Tensor:
-    """int64 device ``[R]``: where each part starts (0 for None), made once per set of addresses."""
-    return _block_addresses(tuple(0 if p is None else int(p.data_ptr()) for p in parts), device)
+def _addresses(parts: list[torch.Tensor | None], device: torch.device, fixed: bool = True) -> torch.Tensor:
+    """int64 device ``[R]``: where each part starts (0 for None), made once per set of addresses when they are
+    ``fixed`` (a peer transport's blocks), else per call (a staged window's fresh buffers)."""
+    addresses = tuple(0 if p is None else int(p.data_ptr()) for p in parts)
+    return _block_addresses(addresses, device) if fixed else device_ints(addresses, device)
+
+
+def device_ints(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """int64 ``values`` on ``device`` without making the host wait: through pinned memory on a GPU (an
+    asynchronous copy; the pinned buffer is reused only once the copy is done), a plain tensor elsewhere."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=torch.int64, device=device)
+    return torch.tensor(values, dtype=torch.int64, pin_memory=True).to(device, non_blocking=True)
 
 
 def route(data: torch.Tensor, scales: torch.Tensor | None, topk_idx: torch.Tensor, weights: torch.Tensor | None,
@@ -290,7 +304,7 @@ def route(data: torch.Tensor, scales: torch.Tensor | None, topk_idx: torch.Tenso
     world, me, num_local = grp.world_size, grp.rank, num_experts // grp.world_size
     chunks = moe_chunks.payload_chunks() if unpack and world > 1 else 1  # every rank reads the same setting
     blocks = unpack and chunks == 1 and local.rows_to_blocks is not None and local.blocks_to_rows is not None and \
-        offers_rows_window(grp)
+        (offers_rows_window(grp) or collective_transport(grp))
     pre = local.route_prelude(idx, num_experts, grp, what) if blocks and local.route_prelude is not None else None
     def own(t: torch.Tensor) -> torch.Tensor:  # the handle keeps in_rank: the prelude's is its step's buffer
         return t if pre is None else t.clone()
@@ -456,6 +470,9 @@ def return_rows(rows: torch.Tensor, handle: MoEHandle, grp: MoEGroup, what: str 
         if window is not None:  # summed where the rows landed
             _sum_in_place(window, rows, handle, out, local)
             return out
+    if out is not None and out.is_contiguous() and rows.dtype != torch.float32 and local.rank_rows_at is not None \
+            and collective_transport(grp) and _sum_staged(rows, handle, grp, out, local, what):
+        return out
     if out is not None and out.is_contiguous() and rows.dtype != torch.float32 and local.token_rows_into is not None:
         # per token, its returned rows in rank order, summed in float32 and rounded once by one kernel: the
         # bits of the sum_rows path below (same terms, same order), without its sort by token
@@ -535,6 +552,37 @@ def _sum_in_place(window: RowsWindow, rows: torch.Tensor, handle: MoEHandle, out
     local.token_rows_at(flat, addresses, torch.ones(addresses.shape, dtype=torch.float32, device=out.device),
                         out.view(t, cols))
     window.release()
+
+
+def _sum_staged(rows: torch.Tensor, handle: MoEHandle, grp: MoEGroup, out: torch.Tensor, local: LocalSteps,
+                what: str) -> bool:
+    """:func:`return_rows` over ``all_to_all_single`` with ``local.rank_rows_at``: the rows go back straight from
+    ``rows`` (this rank's own rows stay there when they are its first or last part, as always on two ranks; a
+    middle part travels to itself, as the collective's inputs are one contiguous range), and each token's rows
+    are summed where they are (in rank order: the bits of the ``token_rows_into`` path); False, nothing
+    started, where it does not apply (more ranks than top-k slots, rows not dense and 16-byte aligned)."""
+    assert local.rank_rows_at is not None
+    me, world, t = grp.rank, grp.world_size, handle.num_tokens
+    cols = int(torch.Size(rows.shape[1:]).numel())
+    width = rows.element_size() * cols
+    if world > handle.num_topk or width == 0 or width % 16 or int(rows.data_ptr()) % 16 or not rows.is_contiguous():
+        return False
+    sends, recvs = list(handle.recv_counts), list(handle.send_counts)
+    start, mine = sum(sends[:me]), sends[me]
+    flat = rows.view(int(rows.shape[0]), cols)
+    send = flat
+    if me == 0 or me == world - 1:  # own rows at an end: the others are one range without them
+        send = flat[mine:] if me == 0 else flat[:start]
+        sends[me] = recvs[me] = 0
+    recv = torch.empty((sum(recvs), cols), dtype=rows.dtype, device=rows.device)
+    pending = start_all_to_all(recv.view(torch.uint8), send.view(torch.uint8), recvs, sends, grp, what)
+    base = int(recv.data_ptr())
+    bases = tuple(base + sum(recvs[:s]) * width for s in range(world))
+    own = int(flat.data_ptr()) + start * width  # this rank's rows for itself are read where they are
+    blocks = device_ints(bases, rows.device)
+    pending.wait()
+    local.rank_rows_at(flat, handle.is_token_in_rank, blocks, me, own, out.view(t, cols))
+    return True
 
 
 def return_rows_weighted(rows: torch.Tensor, weights: torch.Tensor, handle: MoEHandle, grp: MoEGroup,

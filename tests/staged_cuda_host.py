@@ -1,0 +1,209 @@
+"""The portable path's normal dispatch and combine on a GPU, staged or gathered: two processes on one GPU.
+
+Over ``all_to_all_single`` (NCCL between GPUs) the triton backend's normal dispatch stores every row straight
+into its place in the collective's send buffer and reads the received rows where they landed
+(``moe_comm.staged_rows_window`` with the ``rows_to_blocks`` / ``blocks_to_rows`` kernels), and its combine
+sends the returned rows straight from the caller's tensor and sums them where they landed (``rank_rows_at``).
+Before, it packed the send buffer by index and copied the received rows out part by part ("gathered").
+
+NCCL needs one GPU per rank, so on one GPU the collective is stood in for by ``--via``:
+
+- ``peer`` (default): the CUDA-IPC peer transport's all-to-all of whole buffers, its one-sided windows hidden
+  (the staged path then runs exactly as over NCCL, the bytes moved by copies on this GPU);
+- ``gloo``: ``torch.distributed.all_to_all_single`` of the CUDA tensors on a gloo group (through host memory).
+
+Per variant it checks the outputs (staged against gathered bit for bit: received rows, routes, counts, handle,
+and the combine's sums; the torch steps' dispatch bit for bit, their combine within one bf16 step), then splits
+each call's host time at its device-to-host reads (``tests.peer_cuda_host.split_call``: *before* the count read,
+*after* it; the collective's own host time counts in both), issue 14's sizes (4096 tokens, hidden 7168, top-8 of
+256, EP=2). The rows ``transport alone`` time the stand-in's all-to-all of the same bytes.
+
+``python -m tests.staged_cuda_host [--calls N] [--via peer|gloo] [--cprofile STEP]``
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import statistics
+import sys
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from tests.peer_cuda_host import _cprofile, split_call
+from tests.peer_cuda_one_gpu import run_ranks
+
+TOKENS, HIDDEN, EXPERTS, TOPK = 4096, 7168, 256, 8
+
+
+class BuffersOnly:
+    """A transport that moves whole buffers only: another transport's ``start``, its windows hidden."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def start(self, *args: Any) -> Any:
+        return self.inner.start(*args)
+
+
+def _compare(bad: list[str], what: str, a: Any, b: Any) -> None:
+    """Bit for bit (tensors through integer views, so NaN payloads compare too), else ``==``."""
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        def raw(t: torch.Tensor) -> torch.Tensor:
+            return t.contiguous().view(torch.uint8) if t.is_floating_point() else t
+        same = a.shape == b.shape and a.dtype == b.dtype and torch.equal(raw(a), raw(b))
+    else:
+        same = a == b
+    if not same:
+        bad.append(what)
+
+
+def _check(group: Any, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, variants: dict[str, Any]) -> list[str]:
+    from deepport.backends.torch import moe_routes
+    from deepport.kernels import moe_combine, moe_dispatch
+    from tests.moe_ep_probe import bf16_ulps
+
+    bad: list[str] = []
+    got = {name: moe_routes.dispatch(moe_dispatch.bind(x, idx, w, EXPERTS, group=group), steps)
+           for name, steps in variants.items()}
+    base = got["gathered"]
+    for name, ran in got.items():
+        for field in ("recv_x", "recv_topk_idx", "recv_topk_weights", "num_recv_tokens_per_expert"):
+            _compare(bad, f"dispatch {name} {field}", getattr(ran, field), getattr(base, field))
+        for field in ("send_counts", "recv_counts", "recv_src_idx", "recv_topk_idx", "is_token_in_rank", "topk_idx"):
+            _compare(bad, f"dispatch {name} handle.{field}", getattr(ran.handle, field), getattr(base.handle, field))
+    y = torch.randn(tuple(base.recv_x.shape), generator=torch.Generator().manual_seed(7 + dist.get_rank(group)))
+    y = y.to(torch.bfloat16).to(x.device)
+    out = {name: moe_routes.combine(moe_combine.bind(y, base.handle), steps).combined_x
+           for name, steps in variants.items()}
+    _compare(bad, "combine staged vs gathered", out["staged"], out["gathered"])
+    if bf16_ulps(out["staged"], out["torch"]) > 1:
+        bad.append("combine staged more than one bf16 step from the torch steps")
+    return bad
+
+
+def _kernels(name: str, step: Callable[[], Any], device: torch.device, calls: int = 5) -> list[str]:
+    """torch.profiler over ``calls`` calls of ``step`` (both ranks call it): kernels and copies per call, their
+    summed GPU time (time-sliced with the other rank), the largest by name."""
+    torch.cuda.synchronize(device)
+    dist.barrier()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            step()
+        torch.cuda.synchronize(device)
+    dist.barrier()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    by_name: dict[str, list[float]] = {}
+    for e in kernels:
+        by_name.setdefault(e.name, []).append(e.device_time)
+    lines = [f"profile {name}: {len(kernels) / calls:.0f} kernels/copies per call, "
+             f"{sum(e.device_time for e in kernels) / calls:.1f} us of GPU time per call"]
+    for kname, times in sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:16]:
+        lines.append(f"    {len(times) / calls:4.1f} x {sum(times) / calls:7.1f} us  {kname[:90]}")
+    return lines
+
+
+def _worker(rank: int, world: int, init: str, results: Any, calls: int, via: str, profile: str) -> None:
+    import os
+
+    import deepport
+    from deepport.backends.hopper.peer_memory_cuda import CudaPeerMemory
+    from deepport.backends.hopper.peer_transport import PeerTransport
+    from deepport.backends.torch import moe_comm, moe_routes
+    from deepport.backends.torch.moe_local import TORCH
+    from deepport.backends.triton.moe_routes import ROUTES
+    from deepport.bench.configs.moe import routing
+    from deepport.kernels import moe_args, moe_combine, moe_dispatch
+
+    out: list[str] = []
+    try:
+        device = torch.device("cuda", 0)
+        torch.cuda.set_device(device)
+        dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world, timeout=timedelta(seconds=120))
+        group = dist.group.WORLD
+        checked = moe_args.resolve_group  # CUDA tensors on a gloo group: the stand-in moves the bytes
+        moe_args.resolve_group = lambda g, d: checked(g, torch.device("cpu"))  # type: ignore[assignment]
+        context: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+        if via == "peer":
+            memory = CudaPeerMemory(group, device, capacity=64 << 20, timeout_s=60.0, mapping="ipc",
+                                    fixed_capacity=8 << 20)
+            context = moe_comm.use_transport(BuffersOnly(PeerTransport(memory)))  # type: ignore[arg-type]
+        os.environ["DEEPPORT_CHECK_VALUES"] = "0"
+        x, idx, w = routing(TOKENS, HIDDEN, EXPERTS, TOPK, 2000 + rank, device)
+        gathered = dataclasses.replace(ROUTES, rows_to_blocks=None, rank_rows_at=None)
+        variants = {"staged": ROUTES, "gathered": gathered, "torch": TORCH}
+        with context:
+            bad = _check(group, x, idx, w, variants)
+            out.append(f"checks ({via}): " + ("ok" if not bad else "WRONG " + "; ".join(bad)))
+            first = moe_routes.dispatch(moe_dispatch.bind(x, idx, w, EXPERTS, group=group), ROUTES)
+            h = first.handle
+            assert isinstance(first.recv_x, torch.Tensor)
+            y = first.recv_x
+            row = HIDDEN * 2
+            wire_d = [0 if r == rank else c for r, c in enumerate(h.send_counts)]
+            wire_r = [0 if s == rank else c for s, c in enumerate(h.recv_counts)]
+            send = torch.empty((sum(wire_d), row), dtype=torch.uint8, device=device)
+            recv = torch.empty((sum(wire_r), row), dtype=torch.uint8, device=device)
+            grp = moe_args.MoEGroup(group, rank, world, via)
+
+            def transport_alone() -> None:
+                moe_comm.start_all_to_all(recv, send, wire_r, wire_d, grp, "transport alone").wait()
+
+            steps: list[tuple[str, Callable[[], Any]]] = [("transport alone (wire rows)", transport_alone)]
+            for name, local in variants.items():
+                dcall = moe_dispatch.bind(x, idx, w, EXPERTS, group=group)
+                ccall = moe_combine.bind(y, h)
+                steps += [(f"{name}: dispatch 4096", functools.partial(moe_routes.dispatch, dcall, local)),
+                          (f"{name}: combine 4096", functools.partial(moe_routes.combine, ccall, local))]
+            steps += [("public op, triton: dispatch 4096", functools.partial(
+                deepport.moe_dispatch, x, idx, w, EXPERTS, group=group, backend="triton")),
+                      ("public op, triton: combine 4096", functools.partial(
+                          deepport.moe_combine, y, h, backend="triton"))]
+            out.append(f"{'step':<36} {'reads':>5} {'before':>8} {'blocked':>8} {'between':>8} {'after':>8} "
+                       f"{'wall':>8} {'span':>8}   (us, median of {calls}, checks off)")
+            for name, step in steps:
+                for _ in range(3):
+                    step()
+                rows = []
+                for _ in range(calls):
+                    dist.barrier()
+                    rows.append(split_call(step, device))
+                med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+                out.append(f"{name:<36} {med['reads']:>5.0f} {med['before']:>8.1f} {med['blocked']:>8.1f} "
+                           f"{med['between']:>8.1f} {med['after']:>8.1f} {med['wall']:>8.1f} {med['span']:>8.1f}")
+                if profile and profile in name:
+                    found = _cprofile(step, device, calls)  # collective calls: both ranks run it
+                    out += found if rank == 0 else []
+            for name, step in steps:  # the GPU's side: kernels per call and their time
+                if name.startswith(("staged", "gathered")):
+                    out += _kernels(name, step, device)
+        torch.cuda.synchronize(device)
+        dist.barrier()
+    except Exception:
+        out.append("FAILED: " + traceback.format_exc())
+    results[rank] = out
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("no CUDA device")
+        return 2
+    calls = int(sys.argv[sys.argv.index("--calls") + 1]) if "--calls" in sys.argv else 20
+    via = sys.argv[sys.argv.index("--via") + 1] if "--via" in sys.argv else "peer"
+    if via not in ("peer", "gloo"):
+        print(f"--via takes peer or gloo, got {via!r}")
+        return 2
+    profile = sys.argv[sys.argv.index("--cprofile") + 1] if "--cprofile" in sys.argv else ""
+    lines = run_ranks(_worker, (calls, via, profile), timeout_s=400)
+    print("\n".join(lines))
+    return 1 if any("FAILED" in line or "WRONG" in line or "no result" in line for line in lines) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
