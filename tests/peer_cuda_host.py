@@ -116,6 +116,18 @@ def split_call(step: Callable[[], Any], device: torch.device) -> dict[str, float
             "reads": float(len(spans))}
 
 
+def median_split(step: Callable[[], Any], device: torch.device, calls: int) -> dict[str, float]:
+    """:func:`split_call`'s figures, medians over ``calls`` calls after 3 untimed ones, the ranks meeting at a
+    barrier before each (``step`` is collective)."""
+    for _ in range(3):
+        step()
+    rows = []
+    for _ in range(calls):
+        dist.barrier()
+        rows.append(split_call(step, device))
+    return {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+
+
 def _steps(group: Any, device: torch.device, hopper: str) -> list[tuple[str, Callable[[], Any]]]:
     """The calls timed: the op layer alone, then each op of the hopper path (``hopper``: the backend that runs
     it) and of the torch backend."""
@@ -287,13 +299,7 @@ def _worker(rank: int, world: int, init: str, results: Any, calls: int, profile:
             for checks in ("1", "0"):
                 os.environ["DEEPPORT_CHECK_VALUES"] = checks
                 for name, step in steps:
-                    for _ in range(3):
-                        step()
-                    rows = []
-                    for _ in range(calls):
-                        dist.barrier()
-                        rows.append(split_call(step, device))
-                    med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+                    med = median_split(step, device, calls)
                     if profile and profile in name and checks == "0":  # collective calls: both ranks
                         found = _cprofile(step, device, calls)
                         out += found if rank == 0 else []

@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import statistics
 import sys
 import traceback
 from collections.abc import Callable
@@ -36,7 +35,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from tests.peer_cuda_host import _cprofile, split_call
+from tests.peer_cuda_host import _cprofile, median_split
 from tests.peer_cuda_one_gpu import run_ranks
 
 TOKENS, HIDDEN, EXPERTS, TOPK = 4096, 7168, 256, 8
@@ -168,13 +167,7 @@ def _worker(rank: int, world: int, init: str, results: Any, calls: int, via: str
             out.append(f"{'step':<36} {'reads':>5} {'before':>8} {'blocked':>8} {'between':>8} {'after':>8} "
                        f"{'wall':>8} {'span':>8}   (us, median of {calls}, checks off)")
             for name, step in steps:
-                for _ in range(3):
-                    step()
-                rows = []
-                for _ in range(calls):
-                    dist.barrier()
-                    rows.append(split_call(step, device))
-                med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+                med = median_split(step, device, calls)
                 out.append(f"{name:<36} {med['reads']:>5.0f} {med['before']:>8.1f} {med['blocked']:>8.1f} "
                            f"{med['between']:>8.1f} {med['after']:>8.1f} {med['wall']:>8.1f} {med['span']:>8.1f}")
                 if profile and profile in name:
