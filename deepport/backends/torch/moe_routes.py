@@ -251,7 +251,7 @@ def _dispatch_blocks(fmt: RowFormat, data: torch.Tensor, scales: torch.Tensor | 
                             None if scales is None else make((n, int(scales.shape[1])), torch.float32),
                             torch.empty(n, dtype=torch.int64, device=device),
                             torch.empty((n, k), dtype=torch.int64, device=device),
-                            None if weights is None else (make if copies else _empty(device))((n, k), torch.float32),
+                            None if weights is None else make((n, k), torch.float32),  # the caller's: no copy
                             make((n, k), torch.int64) if copies and idx_dtype == torch.int64 else None,
                             torch.empty((t, grp.world_size), dtype=torch.bool, device=device) if copies else None,
                             torch.empty((t, k), dtype=torch.int64, device=device) if copies else None)
@@ -270,10 +270,6 @@ def _dispatch_blocks(fmt: RowFormat, data: torch.Tensor, scales: torch.Tensor | 
     local.blocks_to_rows(_addresses(window.receive(), device, not staged), counts, fmt, me, num_local, outs)
     window.release()
     return outs
-
-
-def _empty(device: torch.device) -> Alloc:
-    return lambda shape, dtype: torch.empty(shape, dtype=dtype, device=device)
 
 
 def _addresses(parts: list[torch.Tensor | None], device: torch.device, fixed: bool = True) -> torch.Tensor:
@@ -350,7 +346,7 @@ def route(data: torch.Tensor, scales: torch.Tensor | None, topk_idx: torch.Tenso
                                tuple(sends), tuple(recvs), found.src, found.local,
                                tuple(host[2 * world: 2 * world + num_local]))  # tolist's ints
             return Received(found.x, found.scales, found.local, found.weights, handle, per_expert, found.local_out,
-                            found.in_rank is not None)
+                            True)
         meta = _meta(idx, weights)
     assert meta is not None
     sources = {"x": data, "meta": meta, **({} if dense_scales is None else {"scales": dense_scales})}
