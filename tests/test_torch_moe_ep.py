@@ -385,6 +385,10 @@ def test_two_rank_nccl_collectives_syncs_and_agreement() -> None:
         assert r["host_tensors"] == 0 and r["bf16_steps_from_reference"] <= 1
     for rank, bad in enumerate(rank_group(2, "cuda").run(f"{JOBS}:agreement", 2, params=params, seed=5)):
         assert bad == [], f"rank {rank}: {bad}"
+    # triton's steps over NCCL: staged straight into the collective's buffers, against packing by index and torch
+    for rank, got in enumerate(rank_group(2, "cuda").run(f"{JOBS}:normal_token_rows", 2, params=params, seed=3)):
+        assert got["bad"] == [] and got["used"].get("rows_to_blocks") == 2, (rank, got)
+        assert got["used"].get("rank_rows_at") == 1, (rank, got)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
