@@ -230,13 +230,14 @@ def _exchange_window(window: RowsWindow, fmt: RowFormat, sources: dict[str, torc
 def _dispatch_blocks(fmt: RowFormat, data: torch.Tensor, scales: torch.Tensor | None, idx: torch.Tensor,
                      weights: torch.Tensor | None, in_rank: torch.Tensor, sends: list[int], recvs: list[int],
                      counts: torch.Tensor, grp: MoEGroup, num_local: int, make: Alloc, local: LocalSteps,
-                     what: str, prelude: RoutePrelude | None = None,
-                     idx_dtype: torch.dtype = torch.int64) -> BlockOutputs | None:
+                     what: str, prelude: RoutePrelude | None = None, idx_dtype: torch.dtype = torch.int64,
+                     places: torch.Tensor | None = None) -> BlockOutputs | None:
     """:func:`route`'s exchange through a :class:`RowsWindow` with ``local``'s ``rows_to_blocks`` and
     ``blocks_to_rows`` steps (two kernels: every row straight into its destination's part, every received row
     out of this rank's parts, the routes made from the metadata on the way), or None, nothing started, when
     the transport offers no window for these sizes. ``counts``: the device column of the received counts per
-    source; ``prelude``: what ``local.route_prelude`` left, where it ran (its running counts; with a
+    source; ``places``: the running count of ``in_rank`` by rank (int64 ``[R, T]``) where the caller made it;
+    ``prelude``: what ``local.route_prelude`` left, where it ran (its running counts; with a
     ``local.blocks_exchange`` step the whole exchange is that step's, and it also fills the caller's weights
     and, for an ``idx_dtype`` of int64, local ids, and the handle's copies of ``in_rank`` and ``idx``). The
     bytes in the parts are those of :func:`_exchange_window`'s, so ranks on either path agree."""
@@ -272,7 +273,7 @@ def _dispatch_blocks(fmt: RowFormat, data: torch.Tensor, scales: torch.Tensor | 
         return None
     outs = outputs(False)
     local.rows_to_blocks(data, scales, idx, weights, in_rank, fmt, _addresses(window.send, device, not staged), me,
-                         num_local, outs, sum(recvs[:me]), None if prelude is None else prelude.cumsum)
+                         num_local, outs, sum(recvs[:me]), places if prelude is None else prelude.cumsum)
     local.blocks_to_rows(_addresses(window.receive(), device, not staged), counts, fmt, me, num_local, outs)
     window.release()
     return outs
@@ -311,6 +312,7 @@ def route(data: torch.Tensor, scales: torch.Tensor | None, topk_idx: torch.Tenso
     def own(t: torch.Tensor) -> torch.Tensor:  # the handle keeps in_rank: the prelude's is its step's buffer
         return t if pre is None else t.clone()
 
+    places = None
     if pre is not None:  # the backend's routing up to the host read in one step (the same count exchange)
         in_rank, table, got, per_expert = pre.in_rank, pre.table, pre.got, pre.per_expert
         host: list[int] = [*pre.sends, *pre.recvs, *pre.per_expert_host]
@@ -329,7 +331,10 @@ def route(data: torch.Tensor, scales: torch.Tensor | None, topk_idx: torch.Tenso
         if chunks > 1:  # per token range, the tokens each rank gets: in the same count exchange
             table = torch.cat([table, moe_chunks.chunk_counts(in_rank, chunks)], dim=1)
         counts = exchange_table(table, grp, f"{what} (counts)")
-        meta = None if blocks else _meta(idx, weights)  # overlaps the count exchange (the blocks path makes its own)
+        # overlapping the count exchange: the packed rows' metadata, or for the blocks path (which makes its own)
+        # the running count of in_rank by rank (each row's place), the scan along the contiguous transpose
+        meta = None if blocks else _meta(idx, weights)
+        places = torch.cumsum(in_rank.view(torch.uint8).t().contiguous(), 1, dtype=torch.int64) if blocks else None
         got = counts.wait()
         per_expert = got[:, 1: 1 + num_local].sum(0)
         ranged = [table[:, 1 + num_local:].reshape(-1), got[:, 1 + num_local:].reshape(-1)] if chunks > 1 else []
@@ -344,7 +349,7 @@ def route(data: torch.Tensor, scales: torch.Tensor | None, topk_idx: torch.Tenso
     fmt = _row_format(data, dense_scales, 1 + k + (0 if weights is None else k))
     if blocks:
         found = _dispatch_blocks(fmt, data, dense_scales, idx, weights, in_rank, sends, recvs, got[:, 0], grp,
-                                 num_local, make, local, what, pre, topk_idx.dtype)
+                                 num_local, make, local, what, pre, topk_idx.dtype, places)
         if found is not None:
             kept_in_rank = found.in_rank if found.in_rank is not None else own(in_rank)
             kept_idx = found.idx if found.idx is not None else idx.clone()
