@@ -198,7 +198,7 @@ def moe_lowering_report() -> dict[str, dict[str, int]]:
             src_out_ptr=Ptr("i64"), local_out_ptr=Ptr("i64"), weight_out_ptr=Ptr("fp32"), own_start=4096, me=0,
             first_local=0, num_local=128, num_tokens=4096, x_words=1792, num_scales=0, stride_st=8, stride_sc=1,
             row_bytes=14416, scale_at=0, meta_at=14336, table_ptr=Ptr("i64"), WORLD=2, K=8, KP=8, META=17, MP=32,
-            HAS_SCALES=False, HAS_WEIGHTS=True, BLOCK_C=256, BLOCK_S=2, FROM_TABLE=False), num_warps=2),
+            HAS_SCALES=False, HAS_WEIGHTS=True, BLOCK_C=256, BLOCK_S=2, FROM_TABLE=False, ROWS=0), num_warps=2),
         "blocks_to_rows": compile_for(k.moe_blocks_to_rows_kernel, dict(
             base_ptr=Ptr("i64"), count_ptr=Ptr("i64"), stride_count=129, x_out_ptr=Ptr("i64"),
             scale_out_ptr=Ptr("fp32"), src_ptr=Ptr("i64"), local_ptr=Ptr("i64"), weight_out_ptr=Ptr("fp32"), me=0,
@@ -212,7 +212,7 @@ def moe_lowering_report() -> dict[str, dict[str, int]]:
             src_out_ptr=Ptr("i64"), local_out_ptr=Ptr("i64"), weight_out_ptr=Ptr("fp32"), own_start=0, me=0,
             first_local=0, num_local=128, num_tokens=4096, x_words=1792, num_scales=0, stride_st=8, stride_sc=1,
             row_bytes=14416, scale_at=0, meta_at=14336, table_ptr=Ptr("i64"), WORLD=2, K=8, KP=8, META=17, MP=32,
-            HAS_SCALES=False, HAS_WEIGHTS=True, BLOCK_C=256, BLOCK_S=2, FROM_TABLE=True), num_warps=2),
+            HAS_SCALES=False, HAS_WEIGHTS=True, BLOCK_C=256, BLOCK_S=2, FROM_TABLE=True, ROWS=0), num_warps=2),
         "blocks_to_rows_table": compile_for(k.moe_blocks_to_rows_kernel, dict(
             base_ptr=Ptr("i64"), count_ptr=Ptr("i64"), stride_count=129, x_out_ptr=Ptr("i64"),
             scale_out_ptr=Ptr("fp32"), src_ptr=Ptr("i64"), local_ptr=Ptr("i64"), weight_out_ptr=Ptr("fp32"), me=0,

@@ -159,6 +159,7 @@ class RowsWindow:
     send: list[torch.Tensor | None]
     receive: Callable[[], list[torch.Tensor | None]]
     release: Callable[[], None]
+    begin: Callable[[], None] | None = None  # where offered: start moving what was written (receive() waits)
 
 
 def offers_rows_window(grp: MoEGroup) -> bool:
@@ -217,13 +218,14 @@ def collective_transport(grp: MoEGroup) -> bool:
 
 def staged_rows_window(send_bytes: Sequence[int], recv_bytes: Sequence[int], device: torch.device, grp: MoEGroup,
                        what: str) -> RowsWindow:
-    """A :class:`RowsWindow` over one all-to-all (:func:`collective_transport`): ``send[r]`` are the parts
-    of one contiguous send buffer (in rank order, as the collective takes them; None for this rank and for
-    empty parts), ``receive()`` runs the one collective (the caller's stream then waits for it; the host does
-    not) and returns the parts of one receive buffer, by source. The sender writes its rows straight into
-    their place in the send buffer and the receiver reads them where they landed: no packing gather and no
-    copy out beyond the caller's own. Every part starts at a multiple of its rows' bytes from a fresh
-    allocation (so 16-byte aligned rows stay aligned)."""
+    """A :class:`RowsWindow` over one all-to-all (:func:`collective_transport`): ``send[r]`` are the parts of one
+    contiguous send buffer (in rank order, as the collective takes them; None for this rank and for empty
+    parts), ``receive()`` runs the one collective (the caller's stream then waits for it; the host does not) and
+    returns the parts of one receive buffer, by source; ``begin()`` starts the collective earlier, so that work
+    on the caller's stream after it (this rank's own rows) runs while it travels. The sender writes its rows
+    straight into their place in the send buffer and the receiver reads them where they landed: no packing
+    gather and no copy out beyond the caller's own. Every part starts at a multiple of its rows' bytes from a
+    fresh allocation (so 16-byte aligned rows stay aligned)."""
     me = grp.rank
     send = torch.empty(sum(send_bytes), dtype=torch.uint8, device=device)
     recv = torch.empty(sum(recv_bytes), dtype=torch.uint8, device=device)
@@ -236,16 +238,21 @@ def staged_rows_window(send_bytes: Sequence[int], recv_bytes: Sequence[int], dev
             at += size
         return out
 
-    held: list[torch.Tensor | None] = [send, recv]
+    pending: list[Pending] = []
+
+    def begin() -> None:  # the collective starts once the caller's stream has written the send buffer
+        if not pending:
+            pending.append(start_all_to_all(recv, send, list(recv_bytes), list(send_bytes), grp, what))
 
     def receive() -> list[torch.Tensor | None]:
-        start_all_to_all(recv, send, list(recv_bytes), list(send_bytes), grp, what).wait()
+        begin()
+        pending[0].wait()
         return parts(recv, recv_bytes)
 
     def release() -> None:
-        held.clear()  # the collective holds its own references until it is done (the stream waits on it)
+        pending.clear()  # the collective holds its own references until it is done (the stream waits on it)
 
-    return RowsWindow(parts(send, send_bytes), receive, release)
+    return RowsWindow(parts(send, send_bytes), receive, release, begin)
 
 
 def exchange_table(table: torch.Tensor, grp: MoEGroup, what: str) -> Pending:

@@ -90,16 +90,18 @@ backends' kernels) and reuses everything else.
   wait, both kernels, the data flags, the acknowledgements) in one step after ``route_prelude`` left
   ``prelude``, every part fitting a block; True when it ran, False, nothing started, where it does not apply.
   The triton backend's replays it as a CUDA graph.
-- ``rows_to_blocks(data, scales, idx, weights, in_rank, fmt, bases, me, num_local, outs, own_start, cumsum)`` and
-  ``blocks_to_rows(bases, counts, fmt, me, num_local, outs)`` (optional, together): the normal dispatch
-  through a :class:`~deepport.backends.torch.moe_comm.RowsWindow` in two kernels and no index work. The
-  first stores every token's packed row (``fmt``; the metadata made from ``idx`` and ``weights``) straight
+- ``rows_to_blocks(data, scales, idx, weights, in_rank, fmt, bases, me, num_local, outs, own_start, cumsum,
+  part)`` and ``blocks_to_rows(bases, counts, fmt, me, num_local, outs)`` (optional, together): the normal
+  dispatch through a :class:`~deepport.backends.torch.moe_comm.RowsWindow` in two kernels and no index work.
+  The first stores every token's packed row (``fmt``; the metadata made from ``idx`` and ``weights``) straight
   into each other destination's part (addresses ``bases``, int64 ``[R]``) and this rank's own rows into
   :class:`BlockOutputs` from row ``own_start`` (``cumsum``: the running count of ``in_rank`` by rank, int64
-  ``[R, T]``, where the routing made it, else None); the second copies every other source's rows out of this
-  rank's parts (``bases``; ``counts`` int64 ``[R]`` per source on the device) into ``outs``, the routes
-  derived from the metadata (:mod:`deepport.backends.triton.moe_blocks`). Without them the dispatch gathers
-  each part by index.
+  ``[R, T]``, where the routing made it, else None); ``part`` ``"all"``, or ``"peers"`` (only the other
+  ranks' rows) and ``"own"`` (only this rank's): where the window's ``begin`` starts the exchange early, the
+  dispatch stores the others' rows, begins, then stores its own while they travel. The second copies every
+  other source's rows out of this rank's parts (``bases``; ``counts`` int64 ``[R]`` per source on the device)
+  into ``outs``, the routes derived from the metadata (:mod:`deepport.backends.triton.moe_blocks`). Without
+  them the dispatch gathers each part by index.
 - ``token_rows_window(y, table, weights, window, rows_per_rank)`` (optional): ``token_rows_into``'s sums
   as float32 rows of ``C = y.shape[1]`` stored straight into the receivers' memory through ``window`` (a
   :class:`~deepport.backends.torch.moe_comm.FixedWindow` of ``rows_per_rank * C * 4`` bytes per rank): row
@@ -246,7 +248,7 @@ class LocalSteps:
     receive_meta: Callable[[torch.Tensor, int, int, int, bool],
                            tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] | None = None
     rows_to_blocks: Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None, torch.Tensor,
-                              RowFormat, torch.Tensor, int, int, BlockOutputs, int, torch.Tensor | None],
+                              RowFormat, torch.Tensor, int, int, BlockOutputs, int, torch.Tensor | None, str],
                              None] | None = None
     blocks_to_rows: Callable[[torch.Tensor, torch.Tensor, RowFormat, int, int, BlockOutputs], None] | None = None
     low_latency_return: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, int, torch.Tensor | None],

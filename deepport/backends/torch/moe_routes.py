@@ -272,8 +272,17 @@ def _dispatch_blocks(fmt: RowFormat, data: torch.Tensor, scales: torch.Tensor | 
     if window is None:
         return None
     outs = outputs(False)
-    local.rows_to_blocks(data, scales, idx, weights, in_rank, fmt, _addresses(window.send, device, not staged), me,
-                         num_local, outs, sum(recvs[:me]), places if prelude is None else prelude.cumsum)
+    bases, start, cumsum = _addresses(window.send, device, not staged), sum(recvs[:me]), \
+        places if prelude is None else prelude.cumsum
+    if window.begin is None:
+        local.rows_to_blocks(data, scales, idx, weights, in_rank, fmt, bases, me, num_local, outs, start, cumsum,
+                             "all")
+    else:  # the others' rows, the exchange started, then this rank's own rows while they travel
+        local.rows_to_blocks(data, scales, idx, weights, in_rank, fmt, bases, me, num_local, outs, start, cumsum,
+                             "peers")
+        window.begin()
+        local.rows_to_blocks(data, scales, idx, weights, in_rank, fmt, bases, me, num_local, outs, start, cumsum,
+                             "own")
     local.blocks_to_rows(_addresses(window.receive(), device, not staged), counts, fmt, me, num_local, outs)
     window.release()
     return outs

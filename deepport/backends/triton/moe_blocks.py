@@ -49,14 +49,18 @@ def _words(t: torch.Tensor, fmt: RowFormat) -> tuple[torch.Tensor, int]:
 
 def rows_to_blocks(data: torch.Tensor, scales: torch.Tensor | None, idx: torch.Tensor, weights: torch.Tensor | None,
                    in_rank: torch.Tensor, fmt: RowFormat, bases: torch.Tensor, me: int, num_local: int,
-                   outs: BlockOutputs, own_start: int, cumsum: torch.Tensor | None = None) -> None:
+                   outs: BlockOutputs, own_start: int, cumsum: torch.Tensor | None = None, part: str = "all") -> None:
     """Store token ``t``'s packed row (``fmt``'s parts ``x``, ``scales``, ``meta``: ``t``, its top-k ids
     and the bits of its weights) for every other rank ``r`` with ``in_rank[t, r]`` (bool ``[T, R]``) as row
     ``k`` of the rows at ``bases[r]`` (int64 ``[R]`` device addresses, 16-byte aligned), ``k`` the tokens
     before ``t`` in ``r``; for ``r == me`` write row ``own_start + k`` of ``outs`` instead (payload, scales,
     source token, local ids, weights). ``data`` ``[T, H]``, ``scales`` float32 ``[T, H / 128]`` or None,
     ``idx`` int64 ``[T, K]``, ``weights`` float32 ``[T, K]`` or None; ``cumsum`` int64 ``[R, T]``, the running
-    count of ``in_rank`` by rank, where the caller has it (else made here)."""
+    count of ``in_rank`` by rank, where the caller has it (else made here). ``part``: ``"all"``, or ``"peers"``
+    (only the other ranks' rows) then ``"own"`` (only this rank's, e.g. while the blocks travel)."""
+    rows = _PARTS.get(part)
+    if rows is None:
+        raise ValueError(f"rows_to_blocks: part must be one of {sorted(_PARTS)}, got {part!r}")
     tokens, world = int(in_rank.shape[0]), int(in_rank.shape[1])
     if tokens == 0:
         return
@@ -78,7 +82,10 @@ def rows_to_blocks(data: torch.Tensor, scales: torch.Tensor | None, idx: torch.T
                    _or(outs.weights, w), own_start, me, me * num_local, num_local, tokens, x_words, num_scales,
                    s.stride(0), s.stride(1), fmt.row_bytes, _offset(fmt, "scales"), _offset(fmt, "meta"), bases, world,
                    k, _pow2(k), meta_width, _pow2(meta_width), scales is not None, weights is not None, block,
-                   _pow2(max(num_scales, 1)), False, num_warps=_WARPS)
+                   _pow2(max(num_scales, 1)), False, rows, num_warps=_WARPS)
+
+
+_PARTS = {"all": 0, "peers": 1, "own": 2}  # the kernel's ROWS
 
 
 def blocks_to_rows(bases: torch.Tensor, counts: torch.Tensor, fmt: RowFormat, me: int, num_local: int,

@@ -286,7 +286,7 @@ def moe_rows_to_blocks_kernel(x_ptr, scale_ptr, idx_ptr, weight_ptr, in_rank_ptr
                               meta_at, table_ptr, WORLD: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
                               META: tl.constexpr, MP: tl.constexpr, HAS_SCALES: tl.constexpr,
                               HAS_WEIGHTS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-                              FROM_TABLE: tl.constexpr):
+                              FROM_TABLE: tl.constexpr, ROWS: tl.constexpr):
     """Grid ``(T, ceil(x_words / BLOCK_C))``: token ``t``'s packed row for every other rank ``r`` with
     ``in_rank[t, r]`` (uint8 ``[T, WORLD]``), row ``cumsum[r, t] - 1`` (int64 ``[WORLD, T]``: the tokens of
     ``r`` in order) of the rows at ``base[r]`` (int64 ``[WORLD]``; ``row_bytes`` apart, 16-byte aligned):
@@ -297,9 +297,11 @@ def moe_rows_to_blocks_kernel(x_ptr, scale_ptr, idx_ptr, weight_ptr, in_rank_ptr
     outputs at row ``own_start + cumsum - 1``: the words into ``x_out``, the scales into ``scale_out``,
     ``t`` into ``src_out`` (int64), the ids minus ``first_local`` where in ``[0, num_local)`` (else -1) into
     ``local_out`` (int64 ``[n, K]``) and the weights where the id is local (else 0) into ``weight_out``.
-    ``FROM_TABLE``: the addresses of ``x``, ``scale``, ``weight``, ``x_out``, ``scale_out``, ``src_out``,
-    ``local_out``, ``weight_out`` and ``own_start`` are read from ``table`` (int64, in that order; the
-    arguments give only the types: :mod:`deepport.backends.triton.moe_route_graph`), and the kernel also
+    ``ROWS``: 0 every row, 1 only the other ranks' (into the blocks), 2 only this rank's own (into the outputs:
+    a second launch that runs while the blocks travel). ``FROM_TABLE``: the addresses of ``x``, ``scale``,
+    ``weight``, ``x_out``, ``scale_out``, ``src_out``, ``local_out``, ``weight_out`` and ``own_start`` are read
+    from ``table`` (int64, in that order; the arguments give only the types:
+    :mod:`deepport.backends.triton.moe_route_graph`), and the kernel also
     copies ``in_rank`` and ``idx`` to ``table[9]`` and ``table[10]`` and writes its own rows' local ids to
     ``table[11]`` too (the handle's copies and the caller's)."""
     if FROM_TABLE:
@@ -339,23 +341,24 @@ def moe_rows_to_blocks_kernel(x_ptr, scale_ptr, idx_ptr, weight_ptr, in_rank_ptr
         if tl.load(in_rank_ptr + t * WORLD + r) != 0:
             pos = tl.load(cumsum_ptr + r * num_tokens + t) - 1
             if me == r:
-                row = own_start + pos
-                tl.store(x_out_ptr + row * x_words + cols, words, mask=ok)
-                if cb == 0:
-                    if HAS_SCALES:
-                        tl.store(scale_out_ptr + row * num_scales + s, scales, mask=s < num_scales)
-                    tl.store(src_out_ptr + row, t)
-                    j = tl.arange(0, KP)
-                    own_ids = tl.load(idx_ptr + t * K + j, mask=j < K, other=-1)
-                    local = own_ids - first_local
-                    mine = (own_ids >= 0) & (local >= 0) & (local < num_local)
-                    tl.store(local_out_ptr + row * K + j, tl.where(mine, local, -1), mask=j < K)
-                    if FROM_TABLE:
-                        tl.store(local_copy + row * K + j, tl.where(mine, local, -1), mask=j < K)
-                    if HAS_WEIGHTS:
-                        w = tl.load(weight_ptr + t * K + j, mask=j < K, other=0.0)
-                        tl.store(weight_out_ptr + row * K + j, tl.where(mine, w, 0.0), mask=j < K)
-            else:
+                if ROWS != 1:
+                    row = own_start + pos
+                    tl.store(x_out_ptr + row * x_words + cols, words, mask=ok)
+                    if cb == 0:
+                        if HAS_SCALES:
+                            tl.store(scale_out_ptr + row * num_scales + s, scales, mask=s < num_scales)
+                        tl.store(src_out_ptr + row, t)
+                        j = tl.arange(0, KP)
+                        own_ids = tl.load(idx_ptr + t * K + j, mask=j < K, other=-1)
+                        local = own_ids - first_local
+                        mine = (own_ids >= 0) & (local >= 0) & (local < num_local)
+                        tl.store(local_out_ptr + row * K + j, tl.where(mine, local, -1), mask=j < K)
+                        if FROM_TABLE:
+                            tl.store(local_copy + row * K + j, tl.where(mine, local, -1), mask=j < K)
+                        if HAS_WEIGHTS:
+                            w = tl.load(weight_ptr + t * K + j, mask=j < K, other=0.0)
+                            tl.store(weight_out_ptr + row * K + j, tl.where(mine, w, 0.0), mask=j < K)
+            elif ROWS != 2:
                 row_at = tl.load(base_ptr + r) + pos * row_bytes
                 dst = tl.multiple_of(row_at.to(tl.pointer_type(x_ptr.dtype.element_ty)), 16)
                 tl.store(dst + cols, words, mask=ok)

@@ -158,7 +158,7 @@ class _Exchange:
                        self.like_i64, self.like_i64, self.like_f32, 0, me, me * num_local, num_local, program.tokens,
                        self.x_words, self.num_scales, max(self.num_scales, 1), 1, fmt.row_bytes, _offset(fmt, "scales"),
                        _offset(fmt, "meta"), self.table, world, k, _pow2(k), meta_width, _pow2(meta_width), has_scales,
-                       self.has_weights, block, scales_pow2, True, num_warps=_WARPS)
+                       self.has_weights, block, scales_pow2, True, 0, num_warps=_WARPS)
         got_parts = window.receive()
         if self.recv_bases is None:
             self.recv_bases = _addresses(got_parts, self.device)
