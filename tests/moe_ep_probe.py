@@ -586,6 +586,48 @@ def normal_token_rows(rank: int, group: Any, device: torch.device, params: dict[
     return {"bad": bad, "used": dict(used)}
 
 
+def staged_window(rank: int, group: Any, device: torch.device, ranks: int) -> list[str]:
+    """``moe_comm.staged_rows_window`` on every rank: rank ``s`` sends rank ``r`` ``(s + 2 * r) % 3`` rows of 16
+    bytes (none to itself), each byte naming ``s``, ``r`` and its row; written into the send parts, begun twice
+    (one collective), received, released. Returns what is wrong: a part that should be None or is not, sizes,
+    the bytes that arrived, collectives counted."""
+    from deepport.backends.torch import moe_comm
+    from deepport.kernels.moe_args import MoEGroup
+
+    def rows(s: int, r: int) -> int:
+        return 0 if s == r else (s + 2 * r) % 3
+
+    def pattern(s: int, r: int) -> torch.Tensor:
+        n = rows(s, r)
+        return (torch.arange(n * 16, dtype=torch.int64).view(n, 16) + 50 * s + 7 * r).to(torch.uint8)
+
+    world = ranks
+    grp = MoEGroup(group, rank, world, "gloo")
+    bad: list[str] = []
+    used: Counter[str] = Counter()
+    with counting_all_to_all(used):
+        window = moe_comm.staged_rows_window([16 * rows(rank, r) for r in range(world)],
+                                             [16 * rows(s, rank) for s in range(world)], device, grp, "test")
+        for r, part in enumerate(window.send):
+            if (part is None) != (rows(rank, r) == 0):
+                bad.append(f"send part {r}: {'None' if part is None else 'a tensor'} for {rows(rank, r)} rows")
+            elif part is not None:
+                part.copy_(pattern(rank, r).view(-1))
+        assert window.begin is not None
+        window.begin()
+        window.begin()  # starts nothing more
+        got = window.receive()
+        for s, part in enumerate(got):
+            if (part is None) != (rows(s, rank) == 0):
+                bad.append(f"receive part {s}: {'None' if part is None else 'a tensor'} for {rows(s, rank)} rows")
+            elif part is not None and not torch.equal(part.view(-1, 16), pattern(s, rank)):
+                bad.append(f"receive part {s}: other bytes")
+        window.release()
+    if used["all_to_all_single"] != 1:
+        bad.append(f"{used['all_to_all_single']} collectives, expected 1")
+    return bad
+
+
 def stalled_peer(rank: int, group: Any, device: torch.device, timeout_s: float, tokens: tuple[int, ...] = (8, 8),
                  experts: int = 16) -> str:
     """Run on every rank of the rank group: ranks ``0 .. len(tokens) - 1`` make a group whose collectives

@@ -192,6 +192,14 @@ def test_triton_normal_combine_sums_each_token_in_one_kernel(world: int, params:
         assert got["used"] == want, (rank, got["used"])
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_a_staged_window_moves_each_part_in_one_collective(world: int) -> None:
+    """The window over ``all_to_all_single`` that the staged dispatch writes into: None exactly for this rank and
+    empty parts, every part's bytes arrive at its source's place, one collective however often it is begun."""
+    for rank, bad in enumerate(_run("staged_window", world, ranks=world)):
+        assert bad == [], (rank, bad)
+
+
 @pytest.mark.parametrize("tokens, experts", [((8, 8), 16), ((9, 0, 5), 12), ((3, 11, 0, 6), 16)])
 def test_a_stalled_peer_raises_a_timeout_with_a_message(tokens: tuple[int, ...], experts: int) -> None:
     """The last rank never calls the dispatch: every other rank, the one sending nothing included, gets
