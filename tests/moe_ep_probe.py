@@ -471,6 +471,16 @@ def _counted(used: Counter[str], name: str, fn: Callable[..., Any]) -> Callable[
     return run
 
 
+def _early_counted(used: Counter[str], fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``rows_to_blocks``, counting in ``used["rows_to_blocks before the read"]`` the calls made before the
+    dispatch's outputs exist (no ``outs``: the early send into the collective's send buffer)."""
+    def run(*args: Any) -> Any:
+        if args[9] is None:
+            used["rows_to_blocks before the read"] += 1
+        return fn(*args)
+    return run
+
+
 def low_latency_steps(rank: int, group: Any, device: torch.device, params: dict[str, Any],
                       seed: int = 0) -> dict[str, Any]:
     """The multi-rank low-latency ops with the triton backend's steps (the sender's routes, meta and FP8-cast
@@ -558,7 +568,7 @@ def normal_token_rows(rank: int, group: Any, device: torch.device, params: dict[
                                 sum_rows=counted("sum_rows", ROUTES.sum_rows),
                                 layout_counts=counted("layout_counts", ROUTES.layout_counts),
                                 layout_table=counted("layout_table", ROUTES.layout_table),
-                                rows_to_blocks=counted("rows_to_blocks", ROUTES.rows_to_blocks),
+                                rows_to_blocks=counted("rows_to_blocks", _early_counted(used, ROUTES.rows_to_blocks)),
                                 rank_rows_at=counted("rank_rows_at", ROUTES.rank_rows_at))
     counts_only = dataclasses.replace(fused, layout_table=None)  # the counts without the table: torch builds it
     gathered = dataclasses.replace(fused, rows_to_blocks=None)  # packed by index, not straight into the send buffer

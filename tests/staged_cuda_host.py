@@ -12,7 +12,9 @@ NCCL needs one GPU per rank, so on one GPU the collective is stood in for by ``-
   (the staged path then runs exactly as over NCCL, the bytes moved by copies on this GPU);
 - ``gloo``: ``torch.distributed.all_to_all_single`` of the CUDA tensors on a gloo group (through host memory).
 
-Per variant it checks the outputs (staged against gathered bit for bit: received rows, routes, counts, handle,
+Variants: ``staged`` (the others' rows stored into the send buffer before the host read, while the count
+exchange runs), ``staged late`` (stored after the read), ``gathered``, the torch steps. Per variant it checks
+the outputs (staged against gathered bit for bit: received rows, routes, counts, handle,
 and the combine's sums; the torch steps' dispatch bit for bit, their combine within one bf16 step), then splits
 each call's host time at its device-to-host reads (``tests.peer_cuda_host.split_call``: *before* the count read,
 *after* it; the collective's own host time counts in both), issue 14's sizes (4096 tokens, hidden 7168, top-8 of
@@ -63,13 +65,28 @@ def _compare(bad: list[str], what: str, a: Any, b: Any) -> None:
         bad.append(what)
 
 
+def _dispatch(call: Any, steps: Any, early: bool = True) -> Any:
+    """``moe_routes.dispatch`` with ``steps``; without ``early`` the staged send buffer is made and filled after
+    the host read (``EARLY_SEND_BYTES`` 0 for the call), as before the early send."""
+    from deepport.backends.torch import moe_routes
+
+    if early:
+        return moe_routes.dispatch(call, steps)
+    bound = moe_routes.EARLY_SEND_BYTES
+    moe_routes.EARLY_SEND_BYTES = 0
+    try:
+        return moe_routes.dispatch(call, steps)
+    finally:
+        moe_routes.EARLY_SEND_BYTES = bound
+
+
 def _check(group: Any, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, variants: dict[str, Any]) -> list[str]:
     from deepport.backends.torch import moe_routes
     from deepport.kernels import moe_combine, moe_dispatch
     from tests.moe_ep_probe import bf16_ulps
 
     bad: list[str] = []
-    got = {name: moe_routes.dispatch(moe_dispatch.bind(x, idx, w, EXPERTS, group=group), steps)
+    got = {name: _dispatch(moe_dispatch.bind(x, idx, w, EXPERTS, group=group), steps, name != "staged late")
            for name, steps in variants.items()}
     base = got["gathered"]
     for name, ran in got.items():
@@ -136,7 +153,7 @@ def _worker(rank: int, world: int, init: str, results: Any, calls: int, via: str
         os.environ["DEEPPORT_CHECK_VALUES"] = "0"
         x, idx, w = routing(TOKENS, HIDDEN, EXPERTS, TOPK, 2000 + rank, device)
         gathered = dataclasses.replace(ROUTES, rows_to_blocks=None, rank_rows_at=None)
-        variants = {"staged": ROUTES, "gathered": gathered, "torch": TORCH}
+        variants = {"staged": ROUTES, "staged late": ROUTES, "gathered": gathered, "torch": TORCH}
         with context:
             bad = _check(group, x, idx, w, variants)
             out.append(f"checks ({via}): " + ("ok" if not bad else "WRONG " + "; ".join(bad)))
@@ -158,7 +175,7 @@ def _worker(rank: int, world: int, init: str, results: Any, calls: int, via: str
             for name, local in variants.items():
                 dcall = moe_dispatch.bind(x, idx, w, EXPERTS, group=group)
                 ccall = moe_combine.bind(y, h)
-                steps += [(f"{name}: dispatch 4096", functools.partial(moe_routes.dispatch, dcall, local)),
+                steps += [(f"{name}: dispatch 4096", functools.partial(_dispatch, dcall, local, name != "staged late")),
                           (f"{name}: combine 4096", functools.partial(moe_routes.combine, ccall, local))]
             steps += [("public op, triton: dispatch 4096", functools.partial(
                 deepport.moe_dispatch, x, idx, w, EXPERTS, group=group, backend="triton")),
@@ -174,7 +191,7 @@ def _worker(rank: int, world: int, init: str, results: Any, calls: int, via: str
                     found = _cprofile(step, device, calls)  # collective calls: both ranks run it
                     out += found if rank == 0 else []
             for name, step in steps:  # the GPU's side: kernels per call and their time
-                if name.startswith(("staged", "gathered")):
+                if name.startswith(("staged", "gathered")) and name != "staged late: combine 4096":
                     out += _kernels(name, step, device)
         torch.cuda.synchronize(device)
         dist.barrier()

@@ -217,7 +217,7 @@ def collective_transport(grp: MoEGroup) -> bool:
 
 
 def staged_rows_window(send_bytes: Sequence[int], recv_bytes: Sequence[int], device: torch.device, grp: MoEGroup,
-                       what: str) -> RowsWindow:
+                       what: str, send: torch.Tensor | None = None) -> RowsWindow:
     """A :class:`RowsWindow` over one all-to-all (:func:`collective_transport`): ``send[r]`` are the parts of one
     contiguous send buffer (in rank order, as the collective takes them; None for this rank and for empty
     parts), ``receive()`` runs the one collective (the caller's stream then waits for it; the host does not) and
@@ -225,9 +225,15 @@ def staged_rows_window(send_bytes: Sequence[int], recv_bytes: Sequence[int], dev
     on the caller's stream after it (this rank's own rows) runs while it travels. The sender writes its rows
     straight into their place in the send buffer and the receiver reads them where they landed: no packing
     gather and no copy out beyond the caller's own. Every part starts at a multiple of its rows' bytes from a
-    fresh allocation (so 16-byte aligned rows stay aligned)."""
+    fresh allocation (so 16-byte aligned rows stay aligned). ``send``: a uint8 buffer of at least
+    ``sum(send_bytes)`` bytes to send from instead (its parts already written, e.g. before the host knew the
+    sizes: :func:`~deepport.backends.torch.moe_routes.route`'s early send)."""
     me = grp.rank
-    send = torch.empty(sum(send_bytes), dtype=torch.uint8, device=device)
+    total = sum(send_bytes)
+    if send is not None and (send.dtype != torch.uint8 or send.dim() != 1 or int(send.shape[0]) < total):
+        raise RuntimeError(f"{what}: the send buffer must be uint8 [>= {total}], got {send.dtype} "
+                           f"{tuple(send.shape)} (more rows to send than the buffer was made for)")
+    sending = torch.empty(total, dtype=torch.uint8, device=device) if send is None else send[:total]
     recv = torch.empty(sum(recv_bytes), dtype=torch.uint8, device=device)
 
     def parts(buf: torch.Tensor, sizes: Sequence[int]) -> list[torch.Tensor | None]:
@@ -242,7 +248,7 @@ def staged_rows_window(send_bytes: Sequence[int], recv_bytes: Sequence[int], dev
 
     def begin() -> None:  # the collective starts once the caller's stream has written the send buffer
         if not pending:
-            pending.append(start_all_to_all(recv, send, list(recv_bytes), list(send_bytes), grp, what))
+            pending.append(start_all_to_all(recv, sending, list(recv_bytes), list(send_bytes), grp, what))
 
     def receive() -> list[torch.Tensor | None]:
         begin()
@@ -252,7 +258,7 @@ def staged_rows_window(send_bytes: Sequence[int], recv_bytes: Sequence[int], dev
     def release() -> None:
         pending.clear()  # the collective holds its own references until it is done (the stream waits on it)
 
-    return RowsWindow(parts(send, send_bytes), receive, release, begin)
+    return RowsWindow(parts(sending, send_bytes), receive, release, begin)
 
 
 def exchange_table(table: torch.Tensor, grp: MoEGroup, what: str) -> Pending:

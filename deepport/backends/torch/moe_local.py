@@ -98,7 +98,9 @@ backends' kernels) and reuses everything else.
   :class:`BlockOutputs` from row ``own_start`` (``cumsum``: the running count of ``in_rank`` by rank, int64
   ``[R, T]``, where the routing made it, else None); ``part`` ``"all"``, or ``"peers"`` (only the other
   ranks' rows) and ``"own"`` (only this rank's): where the window's ``begin`` starts the exchange early, the
-  dispatch stores the others' rows, begins, then stores its own while they travel. The second copies every
+  dispatch stores the others' rows, begins, then stores its own while they travel (``outs`` None with
+  ``"peers"``: nothing of it is written; over ``all_to_all_single`` the others' rows are stored before the host
+  read, into a send buffer sized for the most rows a rank can send). The second copies every
   other source's rows out of this rank's parts (``bases``; ``counts`` int64 ``[R]`` per source on the device)
   into ``outs``, the routes derived from the metadata (:mod:`deepport.backends.triton.moe_blocks`). Without
   them the dispatch gathers each part by index.
@@ -248,7 +250,8 @@ class LocalSteps:
     receive_meta: Callable[[torch.Tensor, int, int, int, bool],
                            tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] | None = None
     rows_to_blocks: Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None, torch.Tensor,
-                              RowFormat, torch.Tensor, int, int, BlockOutputs, int, torch.Tensor | None, str],
+                              RowFormat, torch.Tensor, int, int, BlockOutputs | None, int, torch.Tensor | None,
+                              str],
                              None] | None = None
     blocks_to_rows: Callable[[torch.Tensor, torch.Tensor, RowFormat, int, int, BlockOutputs], None] | None = None
     low_latency_return: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, int, torch.Tensor | None],

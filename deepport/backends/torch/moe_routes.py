@@ -231,7 +231,7 @@ def _dispatch_blocks(fmt: RowFormat, data: torch.Tensor, scales: torch.Tensor | 
                      weights: torch.Tensor | None, in_rank: torch.Tensor, sends: list[int], recvs: list[int],
                      counts: torch.Tensor, grp: MoEGroup, num_local: int, make: Alloc, local: LocalSteps,
                      what: str, prelude: RoutePrelude | None = None, idx_dtype: torch.dtype = torch.int64,
-                     places: torch.Tensor | None = None) -> BlockOutputs | None:
+                     places: torch.Tensor | None = None, early: EarlySend | None = None) -> BlockOutputs | None:
     """:func:`route`'s exchange through a :class:`RowsWindow` with ``local``'s ``rows_to_blocks`` and
     ``blocks_to_rows`` steps (two kernels: every row straight into its destination's part, every received row
     out of this rank's parts, the routes made from the metadata on the way), or None, nothing started, when
@@ -239,7 +239,8 @@ def _dispatch_blocks(fmt: RowFormat, data: torch.Tensor, scales: torch.Tensor | 
     source; ``places``: the running count of ``in_rank`` by rank (int64 ``[R, T]``) where the caller made it;
     ``prelude``: what ``local.route_prelude`` left, where it ran (its running counts; with a
     ``local.blocks_exchange`` step the whole exchange is that step's, and it also fills the caller's weights
-    and, for an ``idx_dtype`` of int64, local ids, and the handle's copies of ``in_rank`` and ``idx``). The
+    and, for an ``idx_dtype`` of int64, local ids, and the handle's copies of ``in_rank`` and ``idx``); ``early``:
+    the send buffer :func:`_early_send` already filled with the other ranks' rows (a collective transport). The
     bytes in the parts are those of :func:`_exchange_window`'s, so ranks on either path agree."""
     assert local.rows_to_blocks is not None and local.blocks_to_rows is not None
     me, n, k = grp.rank, sum(recvs), int(idx.shape[1])
@@ -267,13 +268,20 @@ def _dispatch_blocks(fmt: RowFormat, data: torch.Tensor, scales: torch.Tensor | 
         outs = outputs(True)
         if local.blocks_exchange(prelude, fmt, data, scales, weights, sends, recvs, outs, grp, num_local, what):
             return outs
-    window = staged_rows_window(send_bytes, recv_bytes, device, grp, what) if staged else \
-        rows_window(send_bytes, recv_bytes, grp, what)
+    window = staged_rows_window(send_bytes, recv_bytes, device, grp, what, None if early is None else early.buffer) \
+        if staged else rows_window(send_bytes, recv_bytes, grp, what)
     if window is None:
         return None
     outs = outputs(False)
-    bases, start, cumsum = _addresses(window.send, device, not staged), sum(recvs[:me]), \
-        places if prelude is None else prelude.cumsum
+    start, cumsum = sum(recvs[:me]), places if prelude is None else prelude.cumsum
+    if early is not None and window.begin is not None:  # the others' rows are in the send buffer: begin, own rows
+        window.begin()
+        local.rows_to_blocks(data, scales, idx, weights, in_rank, fmt, early.bases, me, num_local, outs, start,
+                             cumsum, "own")
+        local.blocks_to_rows(_addresses(window.receive(), device, False), counts, fmt, me, num_local, outs)
+        window.release()
+        return outs
+    bases = _addresses(window.send, device, not staged)
     if window.begin is None:
         local.rows_to_blocks(data, scales, idx, weights, in_rank, fmt, bases, me, num_local, outs, start, cumsum,
                              "all")
@@ -286,6 +294,43 @@ def _dispatch_blocks(fmt: RowFormat, data: torch.Tensor, scales: torch.Tensor | 
     local.blocks_to_rows(_addresses(window.receive(), device, not staged), counts, fmt, me, num_local, outs)
     window.release()
     return outs
+
+
+EARLY_SEND_BYTES = 1 << 30
+"""The largest send buffer :func:`route` makes before its host read (:func:`_early_send`); above it the send
+buffer is made after the read, at its exact size."""
+
+
+@dataclass(frozen=True)
+class EarlySend:
+    """A dispatch's send buffer filled before its host read: ``buffer`` uint8 ``[bound]``, each other rank's
+    part from device address ``bases[r]`` (int64 ``[R]``) in rank order, as the collective takes them."""
+
+    buffer: torch.Tensor
+    bases: torch.Tensor
+
+
+def _early_send(fmt: RowFormat, data: torch.Tensor, scales: torch.Tensor | None, idx: torch.Tensor,
+                weights: torch.Tensor | None, in_rank: torch.Tensor, table: torch.Tensor, places: torch.Tensor,
+                grp: MoEGroup, num_local: int, local: LocalSteps) -> EarlySend | None:
+    """Over ``all_to_all_single``, the other ranks' packed rows stored by ``local.rows_to_blocks`` (part
+    ``"peers"``) while the count exchange runs, before the host knows how many there are: into a buffer of the
+    most a rank can send (each token to at most ``min(K, R - 1)`` other ranks), rank ``r``'s part after the
+    rows of the ranks before it (the exclusive running sum of the table's first column, this rank's own count
+    left out: the host's parts after its read, from the same table). The host's read then waits on this
+    kernel and the count exchange side by side, and after it the payload collective starts at once. None,
+    nothing started, when nothing can be sent or the bound passes :data:`EARLY_SEND_BYTES`."""
+    assert local.rows_to_blocks is not None
+    me, world = grp.rank, grp.world_size
+    bound = int(idx.shape[0]) * min(int(idx.shape[1]), world - 1) * fmt.row_bytes
+    if bound == 0 or bound > EARLY_SEND_BYTES:
+        return None
+    buffer = torch.empty(bound, dtype=torch.uint8, device=data.device)
+    wire = table[:, 0].to(torch.int64, copy=True)
+    wire[me] = 0
+    bases = (torch.cumsum(wire, 0) - wire) * fmt.row_bytes + int(buffer.data_ptr())
+    local.rows_to_blocks(data, scales, idx, weights, in_rank, fmt, bases, me, num_local, None, 0, places, "peers")
+    return EarlySend(buffer, bases)
 
 
 def _addresses(parts: list[torch.Tensor | None], device: torch.device, fixed: bool = True) -> torch.Tensor:
@@ -321,7 +366,9 @@ def route(data: torch.Tensor, scales: torch.Tensor | None, topk_idx: torch.Tenso
     def own(t: torch.Tensor) -> torch.Tensor:  # the handle keeps in_rank: the prelude's is its step's buffer
         return t if pre is None else t.clone()
 
-    places = None
+    dense_scales = None if scales is None else dense(scales)
+    fmt = _row_format(data, dense_scales, 1 + k + (0 if weights is None else k))
+    places, early = None, None
     if pre is not None:  # the backend's routing up to the host read in one step (the same count exchange)
         in_rank, table, got, per_expert = pre.in_rank, pre.table, pre.got, pre.per_expert
         host: list[int] = [*pre.sends, *pre.recvs, *pre.per_expert_host]
@@ -344,6 +391,8 @@ def route(data: torch.Tensor, scales: torch.Tensor | None, topk_idx: torch.Tenso
         # the running count of in_rank by rank (each row's place), the scan along the contiguous transpose
         meta = None if blocks else _meta(idx, weights)
         places = torch.cumsum(in_rank.view(torch.uint8).t().contiguous(), 1, dtype=torch.int64) if blocks else None
+        if blocks and places is not None and collective_transport(grp):  # the others' rows, before the read
+            early = _early_send(fmt, data, dense_scales, idx, weights, in_rank, table, places, grp, num_local, local)
         got = counts.wait()
         per_expert = got[:, 1: 1 + num_local].sum(0)
         ranged = [table[:, 1 + num_local:].reshape(-1), got[:, 1 + num_local:].reshape(-1)] if chunks > 1 else []
@@ -353,12 +402,10 @@ def route(data: torch.Tensor, scales: torch.Tensor | None, topk_idx: torch.Tenso
     send_chunks = [host[at + r * chunks: at + (r + 1) * chunks] for r in range(world)]
     recv_chunks = [host[at + (world + s) * chunks: at + (world + s + 1) * chunks] for s in range(world)]
     n, hidden = sum(recvs), int(data.shape[1])
-    dense_scales = None if scales is None else dense(scales)
     make = alloc or (lambda shape, dtype: torch.empty(shape, dtype=dtype, device=data.device))
-    fmt = _row_format(data, dense_scales, 1 + k + (0 if weights is None else k))
     if blocks:
         found = _dispatch_blocks(fmt, data, dense_scales, idx, weights, in_rank, sends, recvs, got[:, 0], grp,
-                                 num_local, make, local, what, pre, topk_idx.dtype, places)
+                                 num_local, make, local, what, pre, topk_idx.dtype, places, early)
         if found is not None:
             kept_in_rank = found.in_rank if found.in_rank is not None else own(in_rank)
             kept_idx = found.idx if found.idx is not None else idx.clone()

@@ -49,7 +49,8 @@ def _words(t: torch.Tensor, fmt: RowFormat) -> tuple[torch.Tensor, int]:
 
 def rows_to_blocks(data: torch.Tensor, scales: torch.Tensor | None, idx: torch.Tensor, weights: torch.Tensor | None,
                    in_rank: torch.Tensor, fmt: RowFormat, bases: torch.Tensor, me: int, num_local: int,
-                   outs: BlockOutputs, own_start: int, cumsum: torch.Tensor | None = None, part: str = "all") -> None:
+                   outs: BlockOutputs | None, own_start: int, cumsum: torch.Tensor | None = None,
+                   part: str = "all") -> None:
     """Store token ``t``'s packed row (``fmt``'s parts ``x``, ``scales``, ``meta``: ``t``, its top-k ids
     and the bits of its weights) for every other rank ``r`` with ``in_rank[t, r]`` (bool ``[T, R]``) as row
     ``k`` of the rows at ``bases[r]`` (int64 ``[R]`` device addresses, 16-byte aligned), ``k`` the tokens
@@ -57,22 +58,28 @@ def rows_to_blocks(data: torch.Tensor, scales: torch.Tensor | None, idx: torch.T
     source token, local ids, weights). ``data`` ``[T, H]``, ``scales`` float32 ``[T, H / 128]`` or None,
     ``idx`` int64 ``[T, K]``, ``weights`` float32 ``[T, K]`` or None; ``cumsum`` int64 ``[R, T]``, the running
     count of ``in_rank`` by rank, where the caller has it (else made here). ``part``: ``"all"``, or ``"peers"``
-    (only the other ranks' rows) then ``"own"`` (only this rank's, e.g. while the blocks travel)."""
+    (only the other ranks' rows) then ``"own"`` (only this rank's, e.g. while the blocks travel); ``outs`` may
+    be None for ``"peers"`` (nothing of it is written then: the outputs may not exist yet)."""
     rows = _PARTS.get(part)
     if rows is None:
         raise ValueError(f"rows_to_blocks: part must be one of {sorted(_PARTS)}, got {part!r}")
+    if outs is None and part != "peers":
+        raise ValueError(f"rows_to_blocks: part {part!r} writes this rank's own rows into outs, got outs=None")
     tokens, world = int(in_rank.shape[0]), int(in_rank.shape[1])
     if tokens == 0:
         return
     k = int(idx.shape[1])
-    words, x_words = _words(data.contiguous(), fmt)
-    out_words, _ = _words(outs.x, fmt)  # the same row bytes: the same word type
+    rows_in = data.contiguous()
+    words, x_words = _words(rows_in, fmt)
     flags = in_rank.contiguous().view(torch.uint8)
     if cumsum is None:
         cumsum = torch.cumsum(flags.t().contiguous(), 1, dtype=torch.int64)  # by rank: torch's fast inner scan
     idx64 = idx.to(torch.int64).contiguous()
     w = idx64 if weights is None else weights.to(torch.float32).contiguous()
     s = scales if scales is not None else w
+    if outs is None:  # ROWS 1 never stores into the outputs: inputs of the same types stand in
+        outs = BlockOutputs(rows_in, scales, idx64, idx64, None if weights is None else w)
+    out_words, _ = _words(outs.x, fmt)  # the same row bytes: the same word type
     num_scales = 0 if scales is None else int(scales.shape[1])
     meta_width = fmt.widths[fmt.names.index("meta")]
     block = block_for_bytes(x_words, words.element_size(), _MOVE_BYTES)
