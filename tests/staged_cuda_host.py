@@ -80,6 +80,22 @@ def _dispatch(call: Any, steps: Any, early: bool = True) -> Any:
         moe_routes.EARLY_SEND_BYTES = bound
 
 
+def _syncs(step: Callable[[], Any]) -> list[str]:
+    """Where in deepport ``step`` (a collective call: every rank runs it) made the host wait for the GPU:
+    ``torch.cuda.set_sync_debug_mode("warn")``'s warnings, by file and line."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return [f"{w.filename.split('/deepport/')[-1]}:{w.lineno}" for w in caught
+            if "synchroniz" in str(w.message) and "/deepport/" in w.filename]
+
+
 def _check(group: Any, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, variants: dict[str, Any]) -> list[str]:
     from deepport.backends.torch import moe_routes
     from deepport.kernels import moe_combine, moe_dispatch
@@ -157,6 +173,11 @@ def _worker(rank: int, world: int, init: str, results: Any, calls: int, via: str
         with context:
             bad = _check(group, x, idx, w, variants)
             out.append(f"checks ({via}): " + ("ok" if not bad else "WRONG " + "; ".join(bad)))
+            for name in ("staged", "staged late"):
+                where = _syncs(functools.partial(_dispatch, moe_dispatch.bind(x, idx, w, EXPERTS, group=group),
+                                                 variants[name], name != "staged late"))
+                out.append(f"{name}: dispatch: {len(where)} synchronizing calls in deepport (1 expected: the count "
+                           f"read): {', '.join(where)}")
             first = moe_routes.dispatch(moe_dispatch.bind(x, idx, w, EXPERTS, group=group), ROUTES)
             h = first.handle
             assert isinstance(first.recv_x, torch.Tensor)

@@ -327,7 +327,7 @@ def _early_send(fmt: RowFormat, data: torch.Tensor, scales: torch.Tensor | None,
         return None
     buffer = torch.empty(bound, dtype=torch.uint8, device=data.device)
     wire = table[:, 0].to(torch.int64, copy=True)
-    wire[me] = 0
+    wire[me: me + 1].zero_()  # a fill of a view: `wire[me] = 0` would copy the 0 from the host and wait for it
     bases = (torch.cumsum(wire, 0) - wire) * fmt.row_bytes + int(buffer.data_ptr())
     local.rows_to_blocks(data, scales, idx, weights, in_rank, fmt, bases, me, num_local, None, 0, places, "peers")
     return EarlySend(buffer, bases)
