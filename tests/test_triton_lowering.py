@@ -71,7 +71,8 @@ def test_moe_kernels_compile_for_sm_90a_and_cast_with_the_e4m3_instruction() -> 
                            "token_rows", "token_rows_window", "token_rows_at", "rank_rows_at", "receive_meta",
                            "rank_rows_table", "sum_table", "parts_to_blocks", "rows_to_blocks_table",
                            "blocks_to_rows_table", "store_table",
-                           "rows_to_blocks", "blocks_to_rows", "token_table", "ll_layout", "ll_positions", "cast_fp8",
+                           "rows_to_blocks", "rows_to_blocks_counted", "blocks_to_rows", "token_table", "ll_layout",
+                           "ll_positions", "cast_fp8",
                            "expanded_count",
                            "expanded_layout", "expanded_rows", "expanded_scatter", "expanded_pad_rows",
                            "ll_send_rows", "ll_send_window", "ll_window_rows", "ll_return", "ll_return_slots",
@@ -91,7 +92,8 @@ def test_moe_kernels_compile_for_sm_90a_and_cast_with_the_e4m3_instruction() -> 
     # the normal dispatch's rows into the peers' blocks and out of this rank's: 16 bytes per store, never bytes
     # the graphed combine's sums load as wide as the eager ones
     assert report["rank_rows_table"]["v4_loads"] == report["rank_rows_at"]["v4_loads"] > 0, report
-    for name in ("rows_to_blocks", "blocks_to_rows", "parts_to_blocks", "rows_to_blocks_table", "blocks_to_rows_table"):
+    for name in ("rows_to_blocks", "blocks_to_rows", "parts_to_blocks", "rows_to_blocks_table", "blocks_to_rows_table",
+                 "rows_to_blocks_counted"):
         # bytes only for the handle's copy of in_rank (the table variant: one flag per rank, 2 here)
         flags = 2 if name == "rows_to_blocks_table" else 0
         assert report[name]["stores_16B"] > 0 and report[name]["byte_stores"] == flags, (name, report[name])
@@ -99,7 +101,7 @@ def test_moe_kernels_compile_for_sm_90a_and_cast_with_the_e4m3_instruction() -> 
     no_atomics = ("expanded_layout", "expanded_scatter", "expanded_pad_rows", "token_rows", "token_rows_window",
                   "token_rows_at", "rank_rows_at", "rank_rows_table", "sum_table", "parts_to_blocks", "receive_meta",
                   "rows_to_blocks_table", "blocks_to_rows_table", "store_table",
-                  "rows_to_blocks", "blocks_to_rows",
+                  "rows_to_blocks", "rows_to_blocks_counted", "blocks_to_rows",
                   "token_table", "ll_layout",
                   "ll_positions", "ll_send_rows", "ll_send_window", "ll_return", "ll_return_slots", "ll_pairs")
     for name in no_atomics:

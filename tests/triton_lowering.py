@@ -197,8 +197,19 @@ def moe_lowering_report() -> dict[str, dict[str, int]]:
             cumsum_ptr=Ptr("i64"), base_ptr=Ptr("i64"), x_out_ptr=Ptr("i64"), scale_out_ptr=Ptr("fp32"),
             src_out_ptr=Ptr("i64"), local_out_ptr=Ptr("i64"), weight_out_ptr=Ptr("fp32"), own_start=4096, me=0,
             first_local=0, num_local=128, num_tokens=4096, x_words=1792, num_scales=0, stride_st=8, stride_sc=1,
-            row_bytes=14416, scale_at=0, meta_at=14336, table_ptr=Ptr("i64"), WORLD=2, K=8, KP=8, META=17, MP=32,
-            HAS_SCALES=False, HAS_WEIGHTS=True, BLOCK_C=256, BLOCK_S=2, FROM_TABLE=False, ROWS=0), num_warps=2),
+            row_bytes=14416, scale_at=0, meta_at=14336, table_ptr=Ptr("i64"), send_at=0, count_ptr=Ptr("i64"),
+            stride_count=129, WORLD=2, K=8, KP=8, META=17, MP=32,
+            HAS_SCALES=False, HAS_WEIGHTS=True, BLOCK_C=256, BLOCK_S=2, FROM_TABLE=False, ROWS=0, COUNTED=False),
+            num_warps=2),
+        # the others' rows into one send buffer before the host knows the counts (the early send, FP8 with scales)
+        "rows_to_blocks_counted": compile_for(k.moe_rows_to_blocks_kernel, dict(
+            x_ptr=Ptr("i64"), scale_ptr=Ptr("fp32"), idx_ptr=Ptr("i64"), weight_ptr=Ptr("fp32"), in_rank_ptr=Ptr("u8"),
+            cumsum_ptr=Ptr("i64"), base_ptr=Ptr("i64"), x_out_ptr=Ptr("i64"), scale_out_ptr=Ptr("fp32"),
+            src_out_ptr=Ptr("i64"), local_out_ptr=Ptr("i64"), weight_out_ptr=Ptr("fp32"), own_start=0, me=1,
+            first_local=32, num_local=32, num_tokens=4096, x_words=896, num_scales=56, stride_st=56, stride_sc=1,
+            row_bytes=7472, scale_at=7168, meta_at=7392, table_ptr=Ptr("i64"), send_at=1 << 40,
+            count_ptr=Ptr("i64"), stride_count=33, WORLD=8, K=8, KP=8, META=17, MP=32, HAS_SCALES=True,
+            HAS_WEIGHTS=True, BLOCK_C=256, BLOCK_S=64, FROM_TABLE=False, ROWS=1, COUNTED=True), num_warps=2),
         "blocks_to_rows": compile_for(k.moe_blocks_to_rows_kernel, dict(
             base_ptr=Ptr("i64"), count_ptr=Ptr("i64"), stride_count=129, x_out_ptr=Ptr("i64"),
             scale_out_ptr=Ptr("fp32"), src_ptr=Ptr("i64"), local_ptr=Ptr("i64"), weight_out_ptr=Ptr("fp32"), me=0,
@@ -211,8 +222,10 @@ def moe_lowering_report() -> dict[str, dict[str, int]]:
             cumsum_ptr=Ptr("i64"), base_ptr=Ptr("i64"), x_out_ptr=Ptr("i64"), scale_out_ptr=Ptr("fp32"),
             src_out_ptr=Ptr("i64"), local_out_ptr=Ptr("i64"), weight_out_ptr=Ptr("fp32"), own_start=0, me=0,
             first_local=0, num_local=128, num_tokens=4096, x_words=1792, num_scales=0, stride_st=8, stride_sc=1,
-            row_bytes=14416, scale_at=0, meta_at=14336, table_ptr=Ptr("i64"), WORLD=2, K=8, KP=8, META=17, MP=32,
-            HAS_SCALES=False, HAS_WEIGHTS=True, BLOCK_C=256, BLOCK_S=2, FROM_TABLE=True, ROWS=0), num_warps=2),
+            row_bytes=14416, scale_at=0, meta_at=14336, table_ptr=Ptr("i64"), send_at=0, count_ptr=Ptr("i64"),
+            stride_count=129, WORLD=2, K=8, KP=8, META=17, MP=32,
+            HAS_SCALES=False, HAS_WEIGHTS=True, BLOCK_C=256, BLOCK_S=2, FROM_TABLE=True, ROWS=0, COUNTED=False),
+            num_warps=2),
         "blocks_to_rows_table": compile_for(k.moe_blocks_to_rows_kernel, dict(
             base_ptr=Ptr("i64"), count_ptr=Ptr("i64"), stride_count=129, x_out_ptr=Ptr("i64"),
             scale_out_ptr=Ptr("fp32"), src_ptr=Ptr("i64"), local_ptr=Ptr("i64"), weight_out_ptr=Ptr("fp32"), me=0,
@@ -287,7 +300,8 @@ def moe_lowering_report() -> dict[str, dict[str, int]]:
     for name in ("cast_fp8", "ll_send_rows", "ll_send_window"):
         report[name]["e4m3_cvt"] = kernels[name].asm["ptx"].count("e4m3x2.f32")
     for name in ("ll_send_rows", "ll_send_window", "token_rows_window", "rows_to_blocks", "blocks_to_rows",
-                 "rows_to_blocks_table", "blocks_to_rows_table", "parts_to_blocks"):  # stores of >= 4 bytes, bytes
+                 "rows_to_blocks_table", "blocks_to_rows_table", "parts_to_blocks",
+                 "rows_to_blocks_counted"):  # stores of >= 4 bytes, bytes
         ptx = kernels[name].asm["ptx"]
         report[name]["wide_stores"] = sum(ptx.count(f"st.global.{w}") for w in ("b32", "v2.b32", "v4.b32"))
         report[name]["byte_stores"] = ptx.count("st.global.b8")
@@ -298,8 +312,8 @@ def moe_lowering_report() -> dict[str, dict[str, int]]:
     for name in ("expanded_count", "expanded_layout", "expanded_scatter", "expanded_pad_rows", "token_rows",
                  "token_rows_window", "token_rows_at", "rank_rows_at", "rank_rows_table", "sum_table",
                  "parts_to_blocks", "rows_to_blocks_table", "blocks_to_rows_table", "store_table", "receive_meta",
-                 "rows_to_blocks", "blocks_to_rows", "token_table", "ll_layout", "ll_positions", "ll_send_rows",
-                 "ll_send_window", "ll_return", "ll_return_slots", "ll_pairs"):
+                 "rows_to_blocks", "rows_to_blocks_counted", "blocks_to_rows", "token_table", "ll_layout",
+                 "ll_positions", "ll_send_rows", "ll_send_window", "ll_return", "ll_return_slots", "ll_pairs"):
         ptx = kernels[name].asm["ptx"]
         report[name]["atomics"] = ptx.count("atom.") + ptx.count("red.global")
     return report

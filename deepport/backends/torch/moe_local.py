@@ -100,7 +100,8 @@ backends' kernels) and reuses everything else.
   ranks' rows) and ``"own"`` (only this rank's): where the window's ``begin`` starts the exchange early, the
   dispatch stores the others' rows, begins, then stores its own while they travel (``outs`` None with
   ``"peers"``: nothing of it is written; over ``all_to_all_single`` the others' rows are stored before the host
-  read, into a send buffer sized for the most rows a rank can send). The second copies every
+  read into a send buffer sized for the most rows a rank can send, ``bases`` then a :class:`CountedParts`). The
+  second copies every
   other source's rows out of this rank's parts (``bases``; ``counts`` int64 ``[R]`` per source on the device)
   into ``outs``, the routes derived from the metadata (:mod:`deepport.backends.triton.moe_blocks`). Without
   them the dispatch gathers each part by index.
@@ -197,6 +198,17 @@ class BlockOutputs:
 
 
 @dataclass(frozen=True)
+class CountedParts:
+    """Where ``rows_to_blocks`` stores the other ranks' rows when only the device knows how many go to each: one
+    send buffer (``buffer``, uint8, 16-byte aligned, long enough for all of them) whose parts follow one another
+    in rank order, rank ``r``'s ``counts[r]`` rows long (int64 ``[R]`` on the device, any stride), this rank's
+    left out: the parts ``all_to_all_single`` sends once the host has read the counts."""
+
+    buffer: torch.Tensor
+    counts: torch.Tensor
+
+
+@dataclass(frozen=True)
 class RoutePrelude:
     """What a ``route_prelude`` step leaves of the normal dispatch's routing: ``in_rank`` bool ``[T, R]``,
     ``table`` int64 ``[R, 1 + L]`` (the count table sent: per rank its tokens, then per local expert), ``got``
@@ -250,8 +262,8 @@ class LocalSteps:
     receive_meta: Callable[[torch.Tensor, int, int, int, bool],
                            tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] | None = None
     rows_to_blocks: Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None, torch.Tensor,
-                              RowFormat, torch.Tensor, int, int, BlockOutputs | None, int, torch.Tensor | None,
-                              str],
+                              RowFormat, torch.Tensor | CountedParts, int, int, BlockOutputs | None, int,
+                              torch.Tensor | None, str],
                              None] | None = None
     blocks_to_rows: Callable[[torch.Tensor, torch.Tensor, RowFormat, int, int, BlockOutputs], None] | None = None
     low_latency_return: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, int, torch.Tensor | None],

@@ -50,7 +50,7 @@ from deepport.backends.torch.moe_comm import (
     start_all_to_all,
 )
 from deepport.backends.torch.moe_index import column_cumsum, compact, first_occurrence, local_ids, selection_mask
-from deepport.backends.torch.moe_local import TORCH, BlockOutputs, LocalSteps, RoutePrelude, sum_rows
+from deepport.backends.torch.moe_local import TORCH, BlockOutputs, CountedParts, LocalSteps, RoutePrelude, sum_rows
 from deepport.kernels.moe_args import Alloc, MoEGroup, align_up, dense
 from deepport.kernels.moe_combine import MoECombineCall, MoECombineResult
 from deepport.kernels.moe_dispatch import MoEDispatchCall, MoEDispatchResult
@@ -231,7 +231,7 @@ def _dispatch_blocks(fmt: RowFormat, data: torch.Tensor, scales: torch.Tensor | 
                      weights: torch.Tensor | None, in_rank: torch.Tensor, sends: list[int], recvs: list[int],
                      counts: torch.Tensor, grp: MoEGroup, num_local: int, make: Alloc, local: LocalSteps,
                      what: str, prelude: RoutePrelude | None = None, idx_dtype: torch.dtype = torch.int64,
-                     places: torch.Tensor | None = None, early: EarlySend | None = None) -> BlockOutputs | None:
+                     places: torch.Tensor | None = None, early: CountedParts | None = None) -> BlockOutputs | None:
     """:func:`route`'s exchange through a :class:`RowsWindow` with ``local``'s ``rows_to_blocks`` and
     ``blocks_to_rows`` steps (two kernels: every row straight into its destination's part, every received row
     out of this rank's parts, the routes made from the metadata on the way), or None, nothing started, when
@@ -276,8 +276,8 @@ def _dispatch_blocks(fmt: RowFormat, data: torch.Tensor, scales: torch.Tensor | 
     start, cumsum = sum(recvs[:me]), places if prelude is None else prelude.cumsum
     if early is not None and window.begin is not None:  # the others' rows are in the send buffer: begin, own rows
         window.begin()
-        local.rows_to_blocks(data, scales, idx, weights, in_rank, fmt, early.bases, me, num_local, outs, start,
-                             cumsum, "own")
+        local.rows_to_blocks(data, scales, idx, weights, in_rank, fmt, early, me, num_local, outs, start, cumsum,
+                             "own")
         local.blocks_to_rows(_addresses(window.receive(), device, False), counts, fmt, me, num_local, outs)
         window.release()
         return outs
@@ -301,36 +301,25 @@ EARLY_SEND_BYTES = 1 << 30
 buffer is made after the read, at its exact size."""
 
 
-@dataclass(frozen=True)
-class EarlySend:
-    """A dispatch's send buffer filled before its host read: ``buffer`` uint8 ``[bound]``, each other rank's
-    part from device address ``bases[r]`` (int64 ``[R]``) in rank order, as the collective takes them."""
-
-    buffer: torch.Tensor
-    bases: torch.Tensor
-
-
 def _early_send(fmt: RowFormat, data: torch.Tensor, scales: torch.Tensor | None, idx: torch.Tensor,
                 weights: torch.Tensor | None, in_rank: torch.Tensor, table: torch.Tensor, places: torch.Tensor,
-                grp: MoEGroup, num_local: int, local: LocalSteps) -> EarlySend | None:
+                grp: MoEGroup, num_local: int, local: LocalSteps) -> CountedParts | None:
     """Over ``all_to_all_single``, the other ranks' packed rows stored by ``local.rows_to_blocks`` (part
     ``"peers"``) while the count exchange runs, before the host knows how many there are: into a buffer of the
     most a rank can send (each token to at most ``min(K, R - 1)`` other ranks), rank ``r``'s part after the
-    rows of the ranks before it (the exclusive running sum of the table's first column, this rank's own count
-    left out: the host's parts after its read, from the same table). The host's read then waits on this
-    kernel and the count exchange side by side, and after it the payload collective starts at once. None,
-    nothing started, when nothing can be sent or the bound passes :data:`EARLY_SEND_BYTES`."""
+    rows of the ranks before it as the table's first column counts them, this rank's left out
+    (:class:`~deepport.backends.torch.moe_local.CountedParts`: the host's parts after its read, from the same
+    table). The host's read then waits on this kernel and the count exchange side by side, and after it the
+    payload collective starts at once. None, nothing started, when nothing can be sent or the bound passes
+    :data:`EARLY_SEND_BYTES`."""
     assert local.rows_to_blocks is not None
-    me, world = grp.rank, grp.world_size
-    bound = int(idx.shape[0]) * min(int(idx.shape[1]), world - 1) * fmt.row_bytes
+    bound = int(idx.shape[0]) * min(int(idx.shape[1]), grp.world_size - 1) * fmt.row_bytes
     if bound == 0 or bound > EARLY_SEND_BYTES:
         return None
-    buffer = torch.empty(bound, dtype=torch.uint8, device=data.device)
-    wire = table[:, 0].to(torch.int64, copy=True)
-    wire[me: me + 1].zero_()  # a fill of a view: `wire[me] = 0` would copy the 0 from the host and wait for it
-    bases = (torch.cumsum(wire, 0) - wire) * fmt.row_bytes + int(buffer.data_ptr())
-    local.rows_to_blocks(data, scales, idx, weights, in_rank, fmt, bases, me, num_local, None, 0, places, "peers")
-    return EarlySend(buffer, bases)
+    parts = CountedParts(torch.empty(bound, dtype=torch.uint8, device=data.device), table[:, 0].to(torch.int64))
+    local.rows_to_blocks(data, scales, idx, weights, in_rank, fmt, parts, grp.rank, num_local, None, 0, places,
+                         "peers")
+    return parts
 
 
 def _addresses(parts: list[torch.Tensor | None], device: torch.device, fixed: bool = True) -> torch.Tensor:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from deepport.backends.torch.moe_comm import RowFormat
-from deepport.backends.torch.moe_local import BlockOutputs
+from deepport.backends.torch.moe_local import BlockOutputs, CountedParts
 from deepport.backends.triton.fast_launch import FastLaunch
 from deepport.backends.triton.moe_permute import _guard, block_for_bytes
 from deepport.backends.triton.moe_permute_kernels import moe_blocks_to_rows_kernel, moe_rows_to_blocks_kernel
@@ -48,16 +48,17 @@ def _words(t: torch.Tensor, fmt: RowFormat) -> tuple[torch.Tensor, int]:
 
 
 def rows_to_blocks(data: torch.Tensor, scales: torch.Tensor | None, idx: torch.Tensor, weights: torch.Tensor | None,
-                   in_rank: torch.Tensor, fmt: RowFormat, bases: torch.Tensor, me: int, num_local: int,
+                   in_rank: torch.Tensor, fmt: RowFormat, bases: torch.Tensor | CountedParts, me: int, num_local: int,
                    outs: BlockOutputs | None, own_start: int, cumsum: torch.Tensor | None = None,
                    part: str = "all") -> None:
     """Store token ``t``'s packed row (``fmt``'s parts ``x``, ``scales``, ``meta``: ``t``, its top-k ids
     and the bits of its weights) for every other rank ``r`` with ``in_rank[t, r]`` (bool ``[T, R]``) as row
     ``k`` of the rows at ``bases[r]`` (int64 ``[R]`` device addresses, 16-byte aligned), ``k`` the tokens
-    before ``t`` in ``r``; for ``r == me`` write row ``own_start + k`` of ``outs`` instead (payload, scales,
-    source token, local ids, weights). ``data`` ``[T, H]``, ``scales`` float32 ``[T, H / 128]`` or None,
-    ``idx`` int64 ``[T, K]``, ``weights`` float32 ``[T, K]`` or None; ``cumsum`` int64 ``[R, T]``, the running
-    count of ``in_rank`` by rank, where the caller has it (else made here). ``part``: ``"all"``, or ``"peers"``
+    before ``t`` in ``r`` (or, with :class:`~deepport.backends.torch.moe_local.CountedParts`, in one send buffer
+    whose parts the device's counts place); for ``r == me`` write row ``own_start + k`` of ``outs`` instead
+    (payload, scales, source token, local ids, weights). ``data`` ``[T, H]``, ``scales`` float32 ``[T, H / 128]``
+    or None, ``idx`` int64 ``[T, K]``, ``weights`` float32 ``[T, K]`` or None; ``cumsum`` int64 ``[R, T]``, the
+    running count of ``in_rank`` by rank, where the caller has it (else made here). ``part``: ``"all"``, or ``"peers"``
     (only the other ranks' rows) then ``"own"`` (only this rank's, e.g. while the blocks travel); ``outs`` may
     be None for ``"peers"`` (nothing of it is written then: the outputs may not exist yet)."""
     rows = _PARTS.get(part)
@@ -80,16 +81,27 @@ def rows_to_blocks(data: torch.Tensor, scales: torch.Tensor | None, idx: torch.T
     if outs is None:  # ROWS 1 never stores into the outputs: inputs of the same types stand in
         outs = BlockOutputs(rows_in, scales, idx64, idx64, None if weights is None else w)
     out_words, _ = _words(outs.x, fmt)  # the same row bytes: the same word type
+    counted = isinstance(bases, CountedParts)
+    if counted:
+        assert isinstance(bases, CountedParts)
+        addresses, send_at, counts = cumsum, int(bases.buffer.data_ptr()), bases.counts  # no table of addresses
+        if send_at % 16 or counts.dtype != torch.int64 or tuple(counts.shape) != (world,):
+            raise ValueError(f"rows_to_blocks: counted parts need a 16-byte aligned buffer and int64 [{world}] "
+                             f"counts, got address {send_at:#x} and {counts.dtype} {tuple(counts.shape)}")
+    else:
+        assert isinstance(bases, torch.Tensor)
+        addresses, send_at, counts = bases, 0, bases
     num_scales = 0 if scales is None else int(scales.shape[1])
     meta_width = fmt.widths[fmt.names.index("meta")]
     block = block_for_bytes(x_words, words.element_size(), _MOVE_BYTES)
     with _guard(data.device):
         _TO_BLOCKS((tokens, -(-x_words // block)),
-                   words, s, idx64, w, flags, cumsum, bases, out_words, _or(outs.scales, w), outs.src, outs.local,
-                   _or(outs.weights, w), own_start, me, me * num_local, num_local, tokens, x_words, num_scales,
-                   s.stride(0), s.stride(1), fmt.row_bytes, _offset(fmt, "scales"), _offset(fmt, "meta"), bases, world,
-                   k, _pow2(k), meta_width, _pow2(meta_width), scales is not None, weights is not None, block,
-                   _pow2(max(num_scales, 1)), False, rows, num_warps=_WARPS)
+                   words, s, idx64, w, flags, cumsum, addresses, out_words, _or(outs.scales, w), outs.src,
+                   outs.local, _or(outs.weights, w), own_start, me, me * num_local, num_local, tokens, x_words,
+                   num_scales, s.stride(0), s.stride(1), fmt.row_bytes, _offset(fmt, "scales"), _offset(fmt, "meta"),
+                   addresses, send_at, counts, counts.stride(0), world, k, _pow2(k), meta_width, _pow2(meta_width),
+                   scales is not None, weights is not None, block, _pow2(max(num_scales, 1)), False, rows, counted,
+                   num_warps=_WARPS)
 
 
 _PARTS = {"all": 0, "peers": 1, "own": 2}  # the kernel's ROWS

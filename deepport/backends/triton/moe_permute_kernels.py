@@ -283,10 +283,11 @@ def moe_receive_meta_kernel(meta_ptr, stride_meta, num_rows, src_ptr, local_ptr,
 def moe_rows_to_blocks_kernel(x_ptr, scale_ptr, idx_ptr, weight_ptr, in_rank_ptr, cumsum_ptr, base_ptr, x_out_ptr,
                               scale_out_ptr, src_out_ptr, local_out_ptr, weight_out_ptr, own_start, me, first_local,
                               num_local, num_tokens, x_words, num_scales, stride_st, stride_sc, row_bytes, scale_at,
-                              meta_at, table_ptr, WORLD: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
-                              META: tl.constexpr, MP: tl.constexpr, HAS_SCALES: tl.constexpr,
-                              HAS_WEIGHTS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-                              FROM_TABLE: tl.constexpr, ROWS: tl.constexpr):
+                              meta_at, table_ptr, send_at, count_ptr, stride_count, WORLD: tl.constexpr,
+                              K: tl.constexpr, KP: tl.constexpr, META: tl.constexpr, MP: tl.constexpr,
+                              HAS_SCALES: tl.constexpr, HAS_WEIGHTS: tl.constexpr, BLOCK_C: tl.constexpr,
+                              BLOCK_S: tl.constexpr, FROM_TABLE: tl.constexpr, ROWS: tl.constexpr,
+                              COUNTED: tl.constexpr):
     """Grid ``(T, ceil(x_words / BLOCK_C))``: token ``t``'s packed row for every other rank ``r`` with
     ``in_rank[t, r]`` (uint8 ``[T, WORLD]``), row ``cumsum[r, t] - 1`` (int64 ``[WORLD, T]``: the tokens of
     ``r`` in order) of the rows at ``base[r]`` (int64 ``[WORLD]``; ``row_bytes`` apart, 16-byte aligned):
@@ -303,7 +304,9 @@ def moe_rows_to_blocks_kernel(x_ptr, scale_ptr, idx_ptr, weight_ptr, in_rank_ptr
     from ``table`` (int64, in that order; the arguments give only the types:
     :mod:`deepport.backends.triton.moe_route_graph`), and the kernel also
     copies ``in_rank`` and ``idx`` to ``table[9]`` and ``table[10]`` and writes its own rows' local ids to
-    ``table[11]`` too (the handle's copies and the caller's)."""
+    ``table[11]`` too (the handle's copies and the caller's). ``COUNTED``: no ``base``; the parts lie one after
+    another from address ``send_at`` in rank order, rank ``q``'s ``count[q * stride_count]`` rows long (int64),
+    this rank's left out (one send buffer whose counts only the device knows yet)."""
     if FROM_TABLE:
         x_ptr = _table_ptr(table_ptr, 0, x_ptr)
         scale_ptr = _table_ptr(table_ptr, 1, scale_ptr)
@@ -359,7 +362,13 @@ def moe_rows_to_blocks_kernel(x_ptr, scale_ptr, idx_ptr, weight_ptr, in_rank_ptr
                             w = tl.load(weight_ptr + t * K + j, mask=j < K, other=0.0)
                             tl.store(weight_out_ptr + row * K + j, tl.where(mine, w, 0.0), mask=j < K)
             elif ROWS != 2:
-                row_at = tl.load(base_ptr + r) + pos * row_bytes
+                if COUNTED:
+                    ahead = pos
+                    for q in tl.static_range(r):  # the rows of the ranks before r, this rank's left out
+                        ahead += tl.where(me == q, 0, tl.load(count_ptr + q * stride_count))
+                    row_at = send_at + ahead * row_bytes
+                else:
+                    row_at = tl.load(base_ptr + r) + pos * row_bytes
                 dst = tl.multiple_of(row_at.to(tl.pointer_type(x_ptr.dtype.element_ty)), 16)
                 tl.store(dst + cols, words, mask=ok)
                 if cb == 0:

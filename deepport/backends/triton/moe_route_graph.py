@@ -157,8 +157,9 @@ class _Exchange:
                        in_rank.view(torch.uint8), cumsum, self.send_bases, self.like_words, self.like_f32,
                        self.like_i64, self.like_i64, self.like_f32, 0, me, me * num_local, num_local, program.tokens,
                        self.x_words, self.num_scales, max(self.num_scales, 1), 1, fmt.row_bytes, _offset(fmt, "scales"),
-                       _offset(fmt, "meta"), self.table, world, k, _pow2(k), meta_width, _pow2(meta_width), has_scales,
-                       self.has_weights, block, scales_pow2, True, 0, num_warps=_WARPS)
+                       _offset(fmt, "meta"), self.table, 0, self.table, 0, world, k, _pow2(k), meta_width,
+                       _pow2(meta_width), has_scales, self.has_weights, block, scales_pow2, True, 0, False,
+                       num_warps=_WARPS)
         got_parts = window.receive()
         if self.recv_bases is None:
             self.recv_bases = _addresses(got_parts, self.device)
