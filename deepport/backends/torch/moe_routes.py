@@ -24,8 +24,9 @@ them the rows are gathered straight into the packed send rows and summed with to
 
 With a backend's ``rows_to_blocks`` / ``blocks_to_rows`` the dispatch needs neither: over a peer transport's
 window the rows go straight into the peers' memory, over ``all_to_all_single`` straight into their place in the
-collective's send buffer (:func:`~deepport.backends.torch.moe_comm.staged_rows_window`), and are copied out of
-where they landed, their routes derived on the way. With ``rank_rows_at`` the combine sends the rows straight
+collective's send buffer (:func:`~deepport.backends.torch.moe_comm.staged_rows_window`; the other ranks' rows
+before the host read, while the count exchange runs: :func:`_early_send`), and are copied out of where they
+landed, their routes derived on the way. With ``rank_rows_at`` the combine sends the rows straight
 from the caller's tensor and sums them where they landed.
 """
 
