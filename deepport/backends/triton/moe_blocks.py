@@ -81,16 +81,13 @@ def rows_to_blocks(data: torch.Tensor, scales: torch.Tensor | None, idx: torch.T
     if outs is None:  # ROWS 1 never stores into the outputs: inputs of the same types stand in
         outs = BlockOutputs(rows_in, scales, idx64, idx64, None if weights is None else w)
     out_words, _ = _words(outs.x, fmt)  # the same row bytes: the same word type
-    counted = isinstance(bases, CountedParts)
-    if counted:
-        assert isinstance(bases, CountedParts)
-        addresses, send_at, counts = cumsum, int(bases.buffer.data_ptr()), bases.counts  # no table of addresses
+    if isinstance(bases, CountedParts):  # no table of addresses: the kernel places the parts from the counts
+        addresses, send_at, counts, counted = cumsum, int(bases.buffer.data_ptr()), bases.counts, True
         if send_at % 16 or counts.dtype != torch.int64 or tuple(counts.shape) != (world,):
             raise ValueError(f"rows_to_blocks: counted parts need a 16-byte aligned buffer and int64 [{world}] "
                              f"counts, got address {send_at:#x} and {counts.dtype} {tuple(counts.shape)}")
     else:
-        assert isinstance(bases, torch.Tensor)
-        addresses, send_at, counts = bases, 0, bases
+        addresses, send_at, counts, counted = bases, 0, bases, False
     num_scales = 0 if scales is None else int(scales.shape[1])
     meta_width = fmt.widths[fmt.names.index("meta")]
     block = block_for_bytes(x_words, words.element_size(), _MOVE_BYTES)
