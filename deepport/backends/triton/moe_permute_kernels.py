@@ -137,8 +137,7 @@ def moe_ll_receive_kernel(meta_ptr, stride_meta, first_local, num_local, slots, 
         tok = tl.load(meta_ptr + s64 * stride_meta, mask=sok, other=-1)
         g = tl.load(meta_ptr + s64[:, None] * stride_meta + 1 + j[None, :], mask=sok[:, None] & jok[None, :],
                     other=-1)
-        loc = g - first_local
-        loc = tl.where((g >= 0) & (loc >= 0) & (loc < num_local) & (tok[:, None] >= 0), loc, -1)
+        loc = tl.where(tok[:, None] >= 0, _local_ids(g, first_local, num_local), -1)
         dup = tl.sum(((loc[:, :, None] == loc[:, None, :]) & earlier[None, :, :]).to(tl.int32), axis=2) > 0
         mine = tl.max((loc == e).to(tl.int32), axis=1)  # [BLOCK_S]: slot s selects e
         routed = (tok >= 0).to(tl.int32)
@@ -270,12 +269,11 @@ def moe_receive_meta_kernel(meta_ptr, stride_meta, num_rows, src_ptr, local_ptr,
     j = tl.arange(0, KP)
     cell = live[:, None] & (j[None, :] < K)
     ids = tl.load(meta_ptr + r[:, None] * stride_meta + 1 + j[None, :], mask=cell, other=-1).to(tl.int64)
-    local = ids - first_local
-    mine = (ids >= 0) & (local >= 0) & (local < num_local)
-    tl.store(local_ptr + r[:, None] * K + j[None, :], tl.where(mine, local, -1), mask=cell)
+    local = _local_ids(ids, first_local, num_local)
+    tl.store(local_ptr + r[:, None] * K + j[None, :], local, mask=cell)
     if HAS_WEIGHTS:
         bits = tl.load(meta_ptr + r[:, None] * stride_meta + 1 + K + j[None, :], mask=cell, other=0)
-        tl.store(weight_ptr + r[:, None] * K + j[None, :], tl.where(mine, bits, 0).to(tl.float32, bitcast=True),
+        tl.store(weight_ptr + r[:, None] * K + j[None, :], tl.where(local >= 0, bits, 0).to(tl.float32, bitcast=True),
                  mask=cell)
 
 
@@ -353,14 +351,13 @@ def moe_rows_to_blocks_kernel(x_ptr, scale_ptr, idx_ptr, weight_ptr, in_rank_ptr
                         tl.store(src_out_ptr + row, t)
                         j = tl.arange(0, KP)
                         own_ids = tl.load(idx_ptr + t * K + j, mask=j < K, other=-1)
-                        local = own_ids - first_local
-                        mine = (own_ids >= 0) & (local >= 0) & (local < num_local)
-                        tl.store(local_out_ptr + row * K + j, tl.where(mine, local, -1), mask=j < K)
+                        local = _local_ids(own_ids, first_local, num_local)
+                        tl.store(local_out_ptr + row * K + j, local, mask=j < K)
                         if FROM_TABLE:
-                            tl.store(local_copy + row * K + j, tl.where(mine, local, -1), mask=j < K)
+                            tl.store(local_copy + row * K + j, local, mask=j < K)
                         if HAS_WEIGHTS:
                             w = tl.load(weight_ptr + t * K + j, mask=j < K, other=0.0)
-                            tl.store(weight_out_ptr + row * K + j, tl.where(mine, w, 0.0), mask=j < K)
+                            tl.store(weight_out_ptr + row * K + j, tl.where(local >= 0, w, 0.0), mask=j < K)
             elif ROWS != 2:
                 if COUNTED:
                     ahead = pos
@@ -376,6 +373,14 @@ def moe_rows_to_blocks_kernel(x_ptr, scale_ptr, idx_ptr, weight_ptr, in_rank_ptr
                     if HAS_SCALES:
                         scale_dst = (row_at + scale_at).to(tl.pointer_type(tl.float32))
                         tl.store(scale_dst + s, scales, mask=s < num_scales)
+
+
+@triton.jit
+def _local_ids(ids, first_local, num_local):
+    """Each global expert id of ``ids`` minus ``first_local`` where that lies in ``[0, num_local)`` (and the id
+    is ``>= 0``), else -1: the ids local to the rank whose experts start at ``first_local``."""
+    local = ids - first_local
+    return tl.where((ids >= 0) & (local >= 0) & (local < num_local), local, -1)
 
 
 @triton.jit
@@ -451,14 +456,14 @@ def _block_row(i, cb, base_ptr, count_ptr, stride_count, x_out_ptr, scale_out_pt
         tl.store(src_ptr + i, tl.load(meta).to(tl.int64))
         j = tl.arange(0, KP)
         ids = tl.load(meta + 1 + j, mask=j < K, other=-1).to(tl.int64)
-        local = ids - first_local
-        mine = (ids >= 0) & (local >= 0) & (local < num_local)
-        tl.store(local_ptr + i * K + j, tl.where(mine, local, -1), mask=j < K)
+        local = _local_ids(ids, first_local, num_local)
+        tl.store(local_ptr + i * K + j, local, mask=j < K)
         if COPY_LOCAL:
-            tl.store(local_copy + i * K + j, tl.where(mine, local, -1), mask=j < K)
+            tl.store(local_copy + i * K + j, local, mask=j < K)
         if HAS_WEIGHTS:
             bits = tl.load(meta + 1 + K + j, mask=j < K, other=0)
-            tl.store(weight_out_ptr + i * K + j, tl.where(mine, bits, 0).to(tl.float32, bitcast=True), mask=j < K)
+            tl.store(weight_out_ptr + i * K + j, tl.where(local >= 0, bits, 0).to(tl.float32, bitcast=True),
+                     mask=j < K)
 
 
 @triton.jit
