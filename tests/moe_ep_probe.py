@@ -548,7 +548,8 @@ def low_latency_steps(rank: int, group: Any, device: torch.device, params: dict[
 def normal_token_rows(rank: int, group: Any, device: torch.device, params: dict[str, Any],
                       seed: int = 0) -> dict[str, Any]:
     """The normal dispatch with the triton backend's steps (its routing counts in one kernel, as the count table
-    or as counts) against the torch steps bit for bit; the normal combine (no weights) with them: each token's
+    or as counts; staged with the early send and without it, or packed by index) against the torch steps bit for
+    bit; the normal combine (no weights) with them: each token's
     returned rows summed by ``token_rows_into`` straight into the bf16 output, against the same steps without
     it (``sum_rows``, then a copy) bit for bit, and within one bf16 step of the torch steps; which step ran is
     counted."""
@@ -580,7 +581,14 @@ def normal_token_rows(rank: int, group: Any, device: torch.device, params: dict[
     got, mine, by_counts, by_index = (
         moe_routes.dispatch(moe_dispatch.bind(data, idx, w, int(params["experts"]), group=group), steps)
         for steps in (TORCH, fused, counts_only, gathered))
-    for how, ran in (("layout_table", mine), ("layout_counts", by_counts), ("gathered", by_index)):
+    bound = moe_routes.EARLY_SEND_BYTES
+    moe_routes.EARLY_SEND_BYTES = 0  # the staged order without the early send: every row stored after the read
+    try:
+        late = moe_routes.dispatch(moe_dispatch.bind(data, idx, w, int(params["experts"]), group=group), counts_only)
+    finally:
+        moe_routes.EARLY_SEND_BYTES = bound
+    for how, ran in (("layout_table", mine), ("layout_counts", by_counts), ("gathered", by_index),
+                     ("sent after the read", late)):
         for name in ("recv_x", "recv_topk_idx", "recv_topk_weights", "num_recv_tokens_per_expert"):
             _same(f"dispatch {name} ({how})", getattr(ran, name), getattr(got, name), bad)
         for name in ("send_counts", "recv_counts", "recv_src_idx", "is_token_in_rank"):

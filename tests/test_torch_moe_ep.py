@@ -186,10 +186,10 @@ def test_triton_normal_combine_sums_each_token_in_one_kernel(world: int, params:
         assert got["bad"] == [], (rank, got["bad"])
         staged = world <= p["topk"]  # the staged sum needs at most one term per slot
         # dispatch: two runs staged (by table, by counts; each stores the others' rows, before the host read where
-        # this rank has tokens, then its own while they travel), one packed by index; combine: staged (or by table
-        # where it does not apply), by table
+        # this rank has tokens, then its own while they travel), one packed by index, one staged by counts with
+        # every row stored after the read; combine: staged (or by table where it does not apply), by table
         early = {"rows_to_blocks before the read": 2} if p["tokens"][rank] else {}
-        want = {"token_rows_into": 1 if staged else 2, "layout_table": 2, "layout_counts": 1, "rows_to_blocks": 4,
+        want = {"token_rows_into": 1 if staged else 2, "layout_table": 2, "layout_counts": 2, "rows_to_blocks": 6,
                 **early, **({"rank_rows_at": 1} if staged else {})}
         assert got["used"] == want, (rank, got["used"])
 
@@ -397,7 +397,7 @@ def test_two_rank_nccl_collectives_syncs_and_agreement() -> None:
         assert bad == [], f"rank {rank}: {bad}"
     # triton's steps over NCCL: staged straight into the collective's buffers, against packing by index and torch
     for rank, got in enumerate(rank_group(2, "cuda").run(f"{JOBS}:normal_token_rows", 2, params=params, seed=3)):
-        assert got["bad"] == [] and got["used"].get("rows_to_blocks") == 4, (rank, got)
+        assert got["bad"] == [] and got["used"].get("rows_to_blocks") == 6, (rank, got)
         assert got["used"].get("rows_to_blocks before the read") == 2, (rank, got)
         assert got["used"].get("rank_rows_at") == 1, (rank, got)
 
