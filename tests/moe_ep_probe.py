@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import os
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -578,15 +579,26 @@ def normal_token_rows(rank: int, group: Any, device: torch.device, params: dict[
     x = _inputs(rank, params, seed)
     data, idx, w = x["x"].to(device), x["topk_idx"].to(device), x["topk_weights"].to(device)
     bad: list[str] = []
-    got, mine, by_counts, by_index = (
-        moe_routes.dispatch(moe_dispatch.bind(data, idx, w, int(params["experts"]), group=group), steps)
-        for steps in (TORCH, fused, counts_only, gathered))
+    wire = params.get("wire")  # DEEPPORT_MOE_WIRE for the staged runs: "split" (the default) or "packed"
+    saved = os.environ.get(moe_routes.WIRE_ENV)
     bound = moe_routes.EARLY_SEND_BYTES
-    moe_routes.EARLY_SEND_BYTES = 0  # the staged order without the early send: every row stored after the read
+    original = dist.batch_isend_irecv
+    dist.batch_isend_irecv = _counted(used, "batch_isend_irecv", original)  # type: ignore[assignment]
+    if wire is not None:
+        os.environ[moe_routes.WIRE_ENV] = wire
     try:
+        got, mine, by_counts, by_index = (
+            moe_routes.dispatch(moe_dispatch.bind(data, idx, w, int(params["experts"]), group=group), steps)
+            for steps in (TORCH, fused, counts_only, gathered))
+        moe_routes.EARLY_SEND_BYTES = 0  # the staged order without the early send: every row stored after the read
         late = moe_routes.dispatch(moe_dispatch.bind(data, idx, w, int(params["experts"]), group=group), counts_only)
     finally:
         moe_routes.EARLY_SEND_BYTES = bound
+        dist.batch_isend_irecv = original  # type: ignore[assignment]
+        if saved is None:
+            os.environ.pop(moe_routes.WIRE_ENV, None)
+        else:
+            os.environ[moe_routes.WIRE_ENV] = saved
     for how, ran in (("layout_table", mine), ("layout_counts", by_counts), ("gathered", by_index),
                      ("sent after the read", late)):
         for name in ("recv_x", "recv_topk_idx", "recv_topk_weights", "num_recv_tokens_per_expert"):

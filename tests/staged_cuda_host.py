@@ -44,13 +44,55 @@ TOKENS, HIDDEN, EXPERTS, TOPK = 4096, 7168, 256, 8
 
 
 class BuffersOnly:
-    """A transport that moves whole buffers only: another transport's ``start``, its windows hidden."""
+    """A transport that moves whole buffers only: another transport's ``start`` (``inner``, or gloo's
+    ``all_to_all_single`` when None), its windows hidden; its ``start_parts`` (the split wire's separate
+    tensors, as NCCL's grouped point-to-point moves them) packs the parts per rank into one buffer, moves it with
+    ``start`` and copies them out where they belong once it has arrived."""
 
-    def __init__(self, inner: Any) -> None:
+    def __init__(self, inner: Any = None) -> None:
         self.inner = inner
 
-    def start(self, *args: Any) -> Any:
-        return self.inner.start(*args)
+    def start(self, out: torch.Tensor, send: torch.Tensor, recv_counts: Any, send_counts: Any, grp: Any,
+              what: str) -> Any:
+        if self.inner is not None:
+            return self.inner.start(out, send, recv_counts, send_counts, grp, what)
+        from deepport.backends.torch.moe_comm import Pending
+
+        work = dist.all_to_all_single(out, send, None if recv_counts is None else list(recv_counts),
+                                      None if send_counts is None else list(send_counts), group=grp.group,
+                                      async_op=True)
+        return Pending(what, grp, work, out, send)
+
+    def start_parts(self, recv: list[torch.Tensor | None], send: list[torch.Tensor | None], grp: Any,
+                    what: str) -> Any:
+        from deepport.backends.torch.moe_comm import Pending
+
+        world = grp.world_size
+        parts = len(send) // world
+
+        def size(t: torch.Tensor | None) -> int:
+            return 0 if t is None else int(t.numel())
+
+        empty = torch.empty(0, dtype=torch.uint8, device=torch.cuda.current_device())
+        packed = torch.cat([empty, *(t for r in range(world) for i in range(parts)
+                                     if (t := send[i * world + r]) is not None)])
+        sends = [sum(size(send[i * world + r]) for i in range(parts)) for r in range(world)]
+        recvs = [sum(size(recv[i * world + s]) for i in range(parts)) for s in range(world)]
+        out = torch.empty(sum(recvs), dtype=torch.uint8, device=empty.device)
+        pending = self.start(out, packed, recvs, sends, grp, what)
+
+        class Unpack:
+            def wait(self) -> None:
+                pending.wait()
+                at = 0
+                for s in range(world):
+                    for i in range(parts):
+                        t = recv[i * world + s]
+                        if t is not None:
+                            t.copy_(out[at: at + t.numel()])
+                            at += t.numel()
+
+        return Pending(what, grp, Unpack(), out)
 
 
 def _compare(bad: list[str], what: str, a: Any, b: Any) -> None:
@@ -65,19 +107,30 @@ def _compare(bad: list[str], what: str, a: Any, b: Any) -> None:
         bad.append(what)
 
 
-def _dispatch(call: Any, steps: Any, early: bool = True) -> Any:
-    """``moe_routes.dispatch`` with ``steps``; without ``early`` the staged send buffer is made and filled after
-    the host read (``EARLY_SEND_BYTES`` 0 for the call), as before the early send."""
+MODES = {"staged": (True, "split"), "staged packed": (True, "packed"), "staged late": (False, "split")}
+"""The staged variants: (the early send, ``DEEPPORT_MOE_WIRE``); the others run with the defaults."""
+
+
+def _dispatch(call: Any, steps: Any, name: str = "") -> Any:
+    """``moe_routes.dispatch`` with ``steps`` in variant ``name``'s mode (:data:`MODES`): without the early send
+    the staged send buffers are made and filled after the host read (``EARLY_SEND_BYTES`` 0 for the call), as
+    before the early send; the wire split (payload straight into the output) or packed (one row, copied out)."""
+    import os
+
     from deepport.backends.torch import moe_routes
 
-    if early:
-        return moe_routes.dispatch(call, steps)
-    bound = moe_routes.EARLY_SEND_BYTES
-    moe_routes.EARLY_SEND_BYTES = 0
+    early, wire = MODES.get(name, (True, "split"))
+    bound, saved = moe_routes.EARLY_SEND_BYTES, os.environ.get(moe_routes.WIRE_ENV)
+    moe_routes.EARLY_SEND_BYTES = bound if early else 0
+    os.environ[moe_routes.WIRE_ENV] = wire
     try:
         return moe_routes.dispatch(call, steps)
     finally:
         moe_routes.EARLY_SEND_BYTES = bound
+        if saved is None:
+            os.environ.pop(moe_routes.WIRE_ENV, None)
+        else:
+            os.environ[moe_routes.WIRE_ENV] = saved
 
 
 def _syncs(step: Callable[[], Any]) -> list[str]:
@@ -102,7 +155,7 @@ def _check(group: Any, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, vari
     from tests.moe_ep_probe import bf16_ulps
 
     bad: list[str] = []
-    got = {name: _dispatch(moe_dispatch.bind(x, idx, w, EXPERTS, group=group), steps, name != "staged late")
+    got = {name: _dispatch(moe_dispatch.bind(x, idx, w, EXPERTS, group=group), steps, name)
            for name, steps in variants.items()}
     base = got["gathered"]
     for name, ran in got.items():
@@ -166,16 +219,19 @@ def _worker(rank: int, world: int, init: str, results: Any, calls: int, via: str
             memory = CudaPeerMemory(group, device, capacity=64 << 20, timeout_s=60.0, mapping="ipc",
                                     fixed_capacity=8 << 20)
             context = moe_comm.use_transport(BuffersOnly(PeerTransport(memory)))  # type: ignore[arg-type]
+        else:  # gloo's point-to-point takes no CUDA tensors: the split wire's parts travel packed, as above
+            context = moe_comm.use_transport(BuffersOnly())  # type: ignore[arg-type]
         os.environ["DEEPPORT_CHECK_VALUES"] = "0"
         x, idx, w = routing(TOKENS, HIDDEN, EXPERTS, TOPK, 2000 + rank, device)
         gathered = dataclasses.replace(ROUTES, rows_to_blocks=None, rank_rows_at=None)
-        variants = {"staged": ROUTES, "staged late": ROUTES, "gathered": gathered, "torch": TORCH}
+        variants = {"staged": ROUTES, "staged packed": ROUTES, "staged late": ROUTES, "gathered": gathered,
+                    "torch": TORCH}
         with context:
             bad = _check(group, x, idx, w, variants)
             out.append(f"checks ({via}): " + ("ok" if not bad else "WRONG " + "; ".join(bad)))
-            for name in ("staged", "staged late"):
+            for name in MODES:
                 where = _syncs(functools.partial(_dispatch, moe_dispatch.bind(x, idx, w, EXPERTS, group=group),
-                                                 variants[name], name != "staged late"))
+                                                 variants[name], name))
                 out.append(f"{name}: dispatch: {len(where)} synchronizing calls in deepport (1 expected: the count "
                            f"read): {', '.join(where)}")
             first = moe_routes.dispatch(moe_dispatch.bind(x, idx, w, EXPERTS, group=group), ROUTES)
@@ -196,7 +252,7 @@ def _worker(rank: int, world: int, init: str, results: Any, calls: int, via: str
             for name, local in variants.items():
                 dcall = moe_dispatch.bind(x, idx, w, EXPERTS, group=group)
                 ccall = moe_combine.bind(y, h)
-                steps += [(f"{name}: dispatch 4096", functools.partial(_dispatch, dcall, local, name != "staged late")),
+                steps += [(f"{name}: dispatch 4096", functools.partial(_dispatch, dcall, local, name)),
                           (f"{name}: combine 4096", functools.partial(moe_routes.combine, ccall, local))]
             steps += [("public op, triton: dispatch 4096", functools.partial(
                 deepport.moe_dispatch, x, idx, w, EXPERTS, group=group, backend="triton")),
@@ -212,7 +268,7 @@ def _worker(rank: int, world: int, init: str, results: Any, calls: int, via: str
                     found = _cprofile(step, device, calls)  # collective calls: both ranks run it
                     out += found if rank == 0 else []
             for name, step in steps:  # the GPU's side: kernels per call and their time
-                if name.startswith(("staged", "gathered")) and name != "staged late: combine 4096":
+                if name.split(":")[0] in ("staged", "gathered") or (name.startswith("staged") and "dispatch" in name):
                     out += _kernels(name, step, device)
         torch.cuda.synchronize(device)
         dist.barrier()

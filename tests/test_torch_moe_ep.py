@@ -169,29 +169,39 @@ def test_triton_low_latency_steps_give_the_torch_routes_rows_and_sums(world: int
         assert got["used"].get("low_latency_return") == 2 and got["used"].get("low_latency_pairs") == 2, (rank, got)
 
 
+@pytest.mark.parametrize("wire", ["split", "packed"])
 @pytest.mark.parametrize("world, params", [
     (2, dict(tokens=(13, 0))),  # rank 1 sends nothing
     (3, dict(tokens=(9, 4, 5), experts=12, topk=2)),  # more ranks than slots
     (4, dict(tokens=(5, 12, 0, 8), experts=32, topk=6, dup=0.3, nowhere=0.2)),
 ])
-def test_triton_normal_combine_sums_each_token_in_one_kernel(world: int, params: dict[str, Any]) -> None:
+def test_triton_normal_combine_sums_each_token_in_one_kernel(world: int, params: dict[str, Any], wire: str) -> None:
     """The triton backend's normal dispatch counts its routing in one kernel, the count table or the counts, and
     stores its rows straight into the collective's send buffer or packs them by index (the torch steps' bits every
     way); its normal combine (no weights) sums each token's returned rows where they landed (``rank_rows_at``,
     own rows never sent where they are an end part) or through a per-token table (``token_rows_into``), straight
-    into the bf16 output: the bits of its ``sum_rows`` path, within one bf16 step of torch's."""
+    into the bf16 output: the bits of its ``sum_rows`` path, within one bf16 step of torch's. ``wire``: the staged
+    runs' rows split in two (payload straight into the output, side rows apart: one grouped point-to-point
+    launch, ``batch_isend_irecv``) or packed into one row (one ``all_to_all_single``, copied out)."""
     pytest.importorskip("triton")
-    p = {**SMALL, "world": world, **params}
+    p = {**SMALL, "world": world, "wire": wire, **params}
+    split = wire == "split"
     for rank, got in enumerate(_run("normal_token_rows", world, params=p, seed=3)):
         assert got["bad"] == [], (rank, got["bad"])
         staged = world <= p["topk"]  # the staged sum needs at most one term per slot
         # dispatch: two runs staged (by table, by counts; each stores the others' rows, before the host read where
         # this rank has tokens, then its own while they travel), one packed by index, one staged by counts with
-        # every row stored after the read; combine: staged (or by table where it does not apply), by table
-        early = {"rows_to_blocks before the read": 2} if p["tokens"][rank] else {}
-        want = {"token_rows_into": 1 if staged else 2, "layout_table": 2, "layout_counts": 2, "rows_to_blocks": 6,
-                **early, **({"rank_rows_at": 1} if staged else {})}
-        assert got["used"] == want, (rank, got["used"])
+        # every row stored after the read; combine: staged (or by table where it does not apply), by table.
+        # Split: the others' rows in two launches (payload, side rows), so 3 per staged run, not 2.
+        stores = 2 + int(split)
+        early = {"rows_to_blocks before the read": 2 * (stores - 1)} if p["tokens"][rank] else {}
+        used = dict(got["used"])
+        moves = used.pop("batch_isend_irecv", 0)
+        want = {"token_rows_into": 1 if staged else 2, "layout_table": 2, "layout_counts": 2,
+                "rows_to_blocks": 3 * stores, **early, **({"rank_rows_at": 1} if staged else {})}
+        assert used == want, (rank, used)
+        # split: each staged run's payload in one grouped launch (a rank with tokens always has some to send)
+        assert (moves == 3 if p["tokens"][rank] else moves <= 3) if split else moves == 0, (rank, moves)
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -395,11 +405,16 @@ def test_two_rank_nccl_collectives_syncs_and_agreement() -> None:
         assert r["host_tensors"] == 0 and r["bf16_steps_from_reference"] <= 1
     for rank, bad in enumerate(rank_group(2, "cuda").run(f"{JOBS}:agreement", 2, params=params, seed=5)):
         assert bad == [], f"rank {rank}: {bad}"
-    # triton's steps over NCCL: staged straight into the collective's buffers, against packing by index and torch
-    for rank, got in enumerate(rank_group(2, "cuda").run(f"{JOBS}:normal_token_rows", 2, params=params, seed=3)):
-        assert got["bad"] == [] and got["used"].get("rows_to_blocks") == 6, (rank, got)
-        assert got["used"].get("rows_to_blocks before the read") == 2, (rank, got)
-        assert got["used"].get("rank_rows_at") == 1, (rank, got)
+    # triton's steps over NCCL: staged straight into the collective's buffers, against packing by index and torch;
+    # the split wire (payload and side rows stored apart, moved by one grouped point-to-point launch per staged run)
+    # and the packed one (one row per token and destination, one all_to_all_single)
+    for wire, stores, moves in (("split", 9, 3), ("packed", 6, 0)):
+        for rank, got in enumerate(rank_group(2, "cuda").run(f"{JOBS}:normal_token_rows", 2,
+                                                             params={**params, "wire": wire}, seed=3)):
+            assert got["bad"] == [] and got["used"].get("rows_to_blocks") == stores, (wire, rank, got)
+            assert got["used"].get("rows_to_blocks before the read") == 2 * (stores // 3 - 1), (wire, rank, got)
+            assert got["used"].get("batch_isend_irecv", 0) == moves, (wire, rank, got)
+            assert got["used"].get("rank_rows_at") == 1, (wire, rank, got)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(

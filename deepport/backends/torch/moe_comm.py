@@ -70,10 +70,12 @@ class Pending:
     work: Any
     out: torch.Tensor
     send: torch.Tensor | None = None  # held until the collective is done with it
+    held: tuple[torch.Tensor, ...] = ()  # the same, for the parts of start_parts
+    collective: str = "all_to_all_single"
 
     def wait(self) -> torch.Tensor:
         if self.work is not None:
-            _guarded(self.what, "all_to_all_single", self.grp, self.work.wait)
+            _guarded(self.what, self.collective, self.grp, self.work.wait)
         return self.out
 
 
@@ -259,6 +261,68 @@ def staged_rows_window(send_bytes: Sequence[int], recv_bytes: Sequence[int], dev
         pending.clear()  # the collective holds its own references until it is done (the stream waits on it)
 
     return RowsWindow(parts(sending, send_bytes), receive, release, begin)
+
+
+class _AllWorks:
+    """Several works of one grouped launch, waited on together."""
+
+    def __init__(self, works: Sequence[Any]) -> None:
+        self.works = list(works)
+
+    def wait(self) -> None:
+        for work in self.works:
+            work.wait()
+
+
+def moves_parts(grp: MoEGroup, device: torch.device) -> bool:
+    """Whether :func:`start_parts` moves separate tensors on ``grp``: every rank decides alike (a property of the
+    group, the device type and the active transport). True for ``torch.distributed`` point-to-point (NCCL, or
+    gloo on CPU tensors; not gloo on CUDA tensors, which its point-to-point does not take) with no transport
+    made active, or an active transport that has ``start_parts``."""
+    if grp.group is None:
+        return False
+    transport = _ACTIVE.get()
+    if transport is not None:
+        return getattr(transport, "start_parts", None) is not None
+    import torch.distributed as dist
+
+    return device.type == "cpu" or str(dist.get_backend(grp.group)) != "gloo"
+
+
+def start_parts(recv: Sequence[torch.Tensor | None], send: Sequence[torch.Tensor | None], grp: MoEGroup,
+                what: str) -> Pending:
+    """Move ``send[r]`` to rank ``r`` into its ``recv[s]`` for this rank ``s``, for every part ``i`` of the
+    lists at once, without waiting (:func:`moves_parts` says where it applies). ``send`` and ``recv``: ``P *
+    world`` entries, part ``i`` of rank ``r`` at ``i * world + r``: uint8 1-D tensors (any place in larger
+    tensors: a slice of an output) or None for nothing, this rank's own always None; a receive's size is what
+    its sender sends. NCCL: one group of point-to-point sends and receives (as ``all_to_all_single`` is inside),
+    so the parts travel side by side; part ``i`` uses tag ``i``. Inside :func:`use_transport`, that transport's
+    ``start_parts`` moves them. :meth:`Pending.wait` orders the caller's stream after the moves."""
+    transport = _ACTIVE.get()
+    if transport is not None:
+        offer = getattr(transport, "start_parts", None)
+        if offer is None:
+            raise RuntimeError(f"{what}: the active transport moves whole buffers only (no start_parts)")
+        started: Pending = offer(recv, send, grp, what)
+        return started
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d as c10d  # the ops P2POp accepts (a probe may wrap dist's)
+
+    world, me = grp.world_size, grp.rank
+    ops = []
+    for at, (out, src) in enumerate(zip(recv, send, strict=True)):
+        peer, tag = at % world, at // world
+        if peer == me and (out is not None or src is not None):
+            raise RuntimeError(f"{what}: this rank's own part never travels (part {tag})")
+        if src is not None and src.numel():
+            ops.append(dist.P2POp(c10d.isend, src, peer, grp.group, tag))
+        if out is not None and out.numel():
+            ops.append(dist.P2POp(c10d.irecv, out, peer, grp.group, tag))
+    if not ops:  # nothing to move to or from any rank: no launch (point-to-point needs no peer's call)
+        return Pending(what, grp, None, torch.empty(0, dtype=torch.uint8))
+    works = _guarded(what, "batch_isend_irecv", grp, lambda: dist.batch_isend_irecv(ops))
+    return Pending(what, grp, _AllWorks(works), torch.empty(0, dtype=torch.uint8), None,
+                   tuple(op.tensor for op in ops), "batch_isend_irecv")
 
 
 def exchange_table(table: torch.Tensor, grp: MoEGroup, what: str) -> Pending:

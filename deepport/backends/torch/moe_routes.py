@@ -32,23 +32,27 @@ from the caller's tensor and sums them where they landed.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 
 from deepport.backends.torch import moe_chunks
 from deepport.backends.torch.moe_comm import (
+    ROW_ALIGN,
     RowFormat,
     RowsWindow,
     all_to_all_rows,
     collective_transport,
     exchange_table,
+    moves_parts,
     offers_rows_window,
     rows_window,
     rows_window_capacity,
     same_bits,
     staged_rows_window,
     start_all_to_all,
+    start_parts,
 )
 from deepport.backends.torch.moe_index import column_cumsum, compact, first_occurrence, local_ids, selection_mask
 from deepport.backends.torch.moe_local import TORCH, BlockOutputs, CountedParts, LocalSteps, RoutePrelude, sum_rows
@@ -228,11 +232,104 @@ def _exchange_window(window: RowsWindow, fmt: RowFormat, sources: dict[str, torc
     window.release()
 
 
+WIRE_ENV = "DEEPPORT_MOE_WIRE"
+
+
+@dataclass(frozen=True)
+class SplitWire:
+    """The staged dispatch's rows in two parts that travel side by side (:func:`_split_exchange`): ``x`` the
+    payload rows alone, exactly the output's rows, so they land straight in it; ``side`` each row's FP8 scales
+    and int32 metadata (token index, top-k ids, weight bits), from which the receiver makes the routes."""
+
+    x: RowFormat
+    side: RowFormat
+
+
+def _split_wire(data: torch.Tensor, fmt: RowFormat, grp: MoEGroup) -> SplitWire | None:
+    """The :class:`SplitWire` of ``fmt``'s rows (the packed wire) where the staged dispatch sends them so: the
+    exchange moves separate tensors (:func:`~deepport.backends.torch.moe_comm.moves_parts`), the payload rows
+    are whole multiples of 16 bytes, and ``DEEPPORT_MOE_WIRE`` is not ``packed`` (``split``, the default, or
+    ``packed``: one packed row per token and destination, and a copy out of the receive buffer). Every rank
+    decides alike: the setting, like ``DEEPPORT_MOE_CHUNKS``, must be the same on every rank."""
+    setting = os.environ.get(WIRE_ENV, "").strip() or "split"
+    if setting not in ("split", "packed"):
+        raise ValueError(f"{WIRE_ENV} must be 'split' or 'packed', got {setting!r}")
+    row = int(data.shape[1]) * data.element_size()
+    if setting == "packed" or row % ROW_ALIGN or not moves_parts(grp, data.device):
+        return None
+    side = [(name, dtype, width) for name, dtype, width in zip(fmt.names, fmt.dtypes, fmt.widths, strict=True)
+            if name != "x"]
+    return SplitWire(RowFormat.of([("x", torch.uint8, row)]), RowFormat.of(side))
+
+
+def _store_peers(wire: SplitWire | None, fmt: RowFormat, data: torch.Tensor, scales: torch.Tensor | None,
+                 idx: torch.Tensor, weights: torch.Tensor | None, in_rank: torch.Tensor, sent: torch.Tensor,
+                 rows: int, places: torch.Tensor | None, me: int, num_local: int, local: LocalSteps,
+                 outs: BlockOutputs | None = None) -> tuple[CountedParts, CountedParts | None]:
+    """The other ranks' rows stored by ``local.rows_to_blocks`` into send buffers of ``rows`` rows, placed by
+    ``sent`` (int64 ``[R]`` on the device, the rows for each rank): ``fmt``'s packed rows, or with a ``wire`` the
+    payload rows and the side rows into one buffer each (the second entry). ``outs``: the outputs where they
+    exist already (after the host read; nothing of them is written)."""
+    assert local.rows_to_blocks is not None
+    parts = []
+    for f in (fmt,) if wire is None else (wire.x, wire.side):
+        part = CountedParts(torch.empty(rows * f.row_bytes, dtype=torch.uint8, device=data.device), sent)
+        local.rows_to_blocks(data, scales, idx, weights, in_rank, f, part, me, num_local, outs, 0, places, "peers")
+        parts.append(part)
+    return parts[0], parts[1] if wire is not None else None
+
+
+def _split_exchange(wire: SplitWire, data: torch.Tensor, scales: torch.Tensor | None, idx: torch.Tensor,
+                    weights: torch.Tensor | None, in_rank: torch.Tensor, sends: list[int], recvs: list[int],
+                    counts: torch.Tensor, sent: torch.Tensor, grp: MoEGroup, num_local: int, outs: BlockOutputs,
+                    cumsum: torch.Tensor | None, local: LocalSteps, what: str,
+                    early: tuple[CountedParts, CountedParts | None] | None) -> None:
+    """The staged dispatch with a :class:`SplitWire`: each other rank's payload rows travel straight into their
+    place in ``outs.x`` and their side rows into one small receive buffer, both in one grouped launch
+    (:func:`~deepport.backends.torch.moe_comm.start_parts`); this rank's own rows are stored into ``outs`` while
+    they travel; then one small kernel makes the routes (and copies the scales) from the side rows. No copy of
+    the payload after the exchange. ``early``: the send buffers :func:`_early_send` filled before the host read
+    (else they are filled now, at their exact size)."""
+    assert local.rows_to_blocks is not None and local.blocks_to_rows is not None
+    me, world = grp.rank, grp.world_size
+    if early is None or early[1] is None:
+        early = _store_peers(wire, wire.x, data, scales, idx, weights, in_rank, sent,
+                             sum(c for r, c in enumerate(sends) if r != me), cumsum, me, num_local, local, outs)
+    xs, ss = early
+    assert ss is not None
+    xb, sb = wire.x.row_bytes, wire.side.row_bytes
+    send: list[torch.Tensor | None] = [None] * (2 * world)
+    recv: list[torch.Tensor | None] = [None] * (2 * world)
+    at = 0
+    for r, c in enumerate(sends):
+        if r != me and c:
+            send[r], send[world + r] = xs.buffer[at * xb: (at + c) * xb], ss.buffer[at * sb: (at + c) * sb]
+            at += c
+    side_in = torch.empty((sum(recvs) - recvs[me]) * sb, dtype=torch.uint8, device=data.device)
+    landing = outs.x.view(torch.uint8).view(-1)
+    sides: list[torch.Tensor | None] = []
+    row, got = 0, 0
+    for s, c in enumerate(recvs):
+        mine = s == me or c == 0
+        sides.append(None if mine else side_in[got * sb: (got + c) * sb])
+        if not mine:
+            recv[s], recv[world + s] = landing[row * xb: (row + c) * xb], sides[s]
+            got += c
+        row += c
+    pending = start_parts(recv, send, grp, what)
+    local.rows_to_blocks(data, scales, idx, weights, in_rank, wire.x, xs, me, num_local, outs, sum(recvs[:me]),
+                         cumsum, "own")
+    pending.wait()
+    local.blocks_to_rows(_addresses(sides, data.device, False), counts, wire.side, me, num_local, outs)
+
+
 def _dispatch_blocks(fmt: RowFormat, data: torch.Tensor, scales: torch.Tensor | None, idx: torch.Tensor,
                      weights: torch.Tensor | None, in_rank: torch.Tensor, sends: list[int], recvs: list[int],
                      counts: torch.Tensor, grp: MoEGroup, num_local: int, make: Alloc, local: LocalSteps,
                      what: str, prelude: RoutePrelude | None = None, idx_dtype: torch.dtype = torch.int64,
-                     places: torch.Tensor | None = None, early: CountedParts | None = None) -> BlockOutputs | None:
+                     places: torch.Tensor | None = None,
+                     early: tuple[CountedParts, CountedParts | None] | None = None, wire: SplitWire | None = None,
+                     sent: torch.Tensor | None = None) -> BlockOutputs | None:
     """:func:`route`'s exchange through a :class:`RowsWindow` with ``local``'s ``rows_to_blocks`` and
     ``blocks_to_rows`` steps (two kernels: every row straight into its destination's part, every received row
     out of this rank's parts, the routes made from the metadata on the way), or None, nothing started, when
@@ -241,8 +338,10 @@ def _dispatch_blocks(fmt: RowFormat, data: torch.Tensor, scales: torch.Tensor | 
     ``prelude``: what ``local.route_prelude`` left, where it ran (its running counts; with a
     ``local.blocks_exchange`` step the whole exchange is that step's, and it also fills the caller's weights
     and, for an ``idx_dtype`` of int64, local ids, and the handle's copies of ``in_rank`` and ``idx``); ``early``:
-    the send buffer :func:`_early_send` already filled with the other ranks' rows (a collective transport). The
-    bytes in the parts are those of :func:`_exchange_window`'s, so ranks on either path agree."""
+    the send buffers :func:`_early_send` already filled with the other ranks' rows (a collective transport);
+    ``wire``: their rows split in two (:func:`_split_exchange`; ``sent``, the device column of the rows sent to
+    each rank, places them). Without a ``wire`` the bytes in the parts are those of :func:`_exchange_window`'s,
+    so ranks on either path agree."""
     assert local.rows_to_blocks is not None and local.blocks_to_rows is not None
     me, n, k = grp.rank, sum(recvs), int(idx.shape[1])
     send_bytes = [0 if r == me else c * fmt.row_bytes for r, c in enumerate(sends)]
@@ -269,15 +368,21 @@ def _dispatch_blocks(fmt: RowFormat, data: torch.Tensor, scales: torch.Tensor | 
         outs = outputs(True)
         if local.blocks_exchange(prelude, fmt, data, scales, weights, sends, recvs, outs, grp, num_local, what):
             return outs
-    window = staged_rows_window(send_bytes, recv_bytes, device, grp, what, None if early is None else early.buffer) \
+    start, cumsum = sum(recvs[:me]), places if prelude is None else prelude.cumsum
+    if staged and wire is not None and sent is not None:
+        outs = outputs(False)
+        _split_exchange(wire, data, scales, idx, weights, in_rank, sends, recvs, counts, sent, grp, num_local, outs,
+                        cumsum, local, what, early)
+        return outs
+    packed = None if early is None or early[1] is not None else early[0]
+    window = staged_rows_window(send_bytes, recv_bytes, device, grp, what, None if packed is None else packed.buffer) \
         if staged else rows_window(send_bytes, recv_bytes, grp, what)
     if window is None:
         return None
     outs = outputs(False)
-    start, cumsum = sum(recvs[:me]), places if prelude is None else prelude.cumsum
-    if early is not None and window.begin is not None:  # the others' rows are in the send buffer: begin, own rows
+    if packed is not None and window.begin is not None:  # the others' rows are in the send buffer: begin, own rows
         window.begin()
-        local.rows_to_blocks(data, scales, idx, weights, in_rank, fmt, early, me, num_local, outs, start, cumsum,
+        local.rows_to_blocks(data, scales, idx, weights, in_rank, fmt, packed, me, num_local, outs, start, cumsum,
                              "own")
         local.blocks_to_rows(_addresses(window.receive(), device, False), counts, fmt, me, num_local, outs)
         window.release()
@@ -304,23 +409,23 @@ buffer is made after the read, at its exact size."""
 
 def _early_send(fmt: RowFormat, data: torch.Tensor, scales: torch.Tensor | None, idx: torch.Tensor,
                 weights: torch.Tensor | None, in_rank: torch.Tensor, table: torch.Tensor, places: torch.Tensor,
-                grp: MoEGroup, num_local: int, local: LocalSteps) -> CountedParts | None:
+                grp: MoEGroup, num_local: int, local: LocalSteps,
+                wire: SplitWire | None = None) -> tuple[CountedParts, CountedParts | None] | None:
     """Over ``all_to_all_single``, the other ranks' packed rows stored by ``local.rows_to_blocks`` (part
     ``"peers"``) while the count exchange runs, before the host knows how many there are: into a buffer of the
     most a rank can send (each token to at most ``min(K, R - 1)`` other ranks), rank ``r``'s part after the
     rows of the ranks before it as the table's first column counts them, this rank's left out
     (:class:`~deepport.backends.torch.moe_local.CountedParts`: the host's parts after its read, from the same
     table). The host's read then waits on this kernel and the count exchange side by side, and after it the
-    payload collective starts at once. None, nothing started, when nothing can be sent or the bound passes
+    payload collective starts at once. With a ``wire``, the payload and the side rows into one buffer each
+    (:func:`_store_peers`). None, nothing started, when nothing can be sent or the bound passes
     :data:`EARLY_SEND_BYTES`."""
-    assert local.rows_to_blocks is not None
-    bound = int(idx.shape[0]) * min(int(idx.shape[1]), grp.world_size - 1) * fmt.row_bytes
+    rows = int(idx.shape[0]) * min(int(idx.shape[1]), grp.world_size - 1)
+    bound = rows * (fmt.row_bytes if wire is None else wire.x.row_bytes + wire.side.row_bytes)
     if bound == 0 or bound > EARLY_SEND_BYTES:
         return None
-    parts = CountedParts(torch.empty(bound, dtype=torch.uint8, device=data.device), table[:, 0].to(torch.int64))
-    local.rows_to_blocks(data, scales, idx, weights, in_rank, fmt, parts, grp.rank, num_local, None, 0, places,
-                         "peers")
-    return parts
+    return _store_peers(wire, fmt, data, scales, idx, weights, in_rank, table[:, 0].to(torch.int64), rows, places,
+                        grp.rank, num_local, local)
 
 
 def _addresses(parts: list[torch.Tensor | None], device: torch.device, fixed: bool = True) -> torch.Tensor:
@@ -358,7 +463,9 @@ def route(data: torch.Tensor, scales: torch.Tensor | None, topk_idx: torch.Tenso
 
     dense_scales = None if scales is None else dense(scales)
     fmt = _row_format(data, dense_scales, 1 + k + (0 if weights is None else k))
-    places, early = None, None
+    wire = _split_wire(data, fmt, grp) if blocks and collective_transport(grp) else None
+    places: torch.Tensor | None = None
+    early: tuple[CountedParts, CountedParts | None] | None = None
     if pre is not None:  # the backend's routing up to the host read in one step (the same count exchange)
         in_rank, table, got, per_expert = pre.in_rank, pre.table, pre.got, pre.per_expert
         host: list[int] = [*pre.sends, *pre.recvs, *pre.per_expert_host]
@@ -382,7 +489,8 @@ def route(data: torch.Tensor, scales: torch.Tensor | None, topk_idx: torch.Tenso
         meta = None if blocks else _meta(idx, weights)
         places = torch.cumsum(in_rank.view(torch.uint8).t().contiguous(), 1, dtype=torch.int64) if blocks else None
         if blocks and places is not None and collective_transport(grp):  # the others' rows, before the read
-            early = _early_send(fmt, data, dense_scales, idx, weights, in_rank, table, places, grp, num_local, local)
+            early = _early_send(fmt, data, dense_scales, idx, weights, in_rank, table, places, grp, num_local, local,
+                                wire)
         got = counts.wait()
         per_expert = got[:, 1: 1 + num_local].sum(0)
         ranged = [table[:, 1 + num_local:].reshape(-1), got[:, 1 + num_local:].reshape(-1)] if chunks > 1 else []
@@ -395,7 +503,8 @@ def route(data: torch.Tensor, scales: torch.Tensor | None, topk_idx: torch.Tenso
     make = alloc or (lambda shape, dtype: torch.empty(shape, dtype=dtype, device=data.device))
     if blocks:
         found = _dispatch_blocks(fmt, data, dense_scales, idx, weights, in_rank, sends, recvs, got[:, 0], grp,
-                                 num_local, make, local, what, pre, topk_idx.dtype, places, early)
+                                 num_local, make, local, what, pre, topk_idx.dtype, places, early, wire,
+                                 table[:, 0].to(torch.int64))
         if found is not None:
             kept_in_rank = found.in_rank if found.in_rank is not None else own(in_rank)
             kept_idx = found.idx if found.idx is not None else idx.clone()

@@ -72,6 +72,15 @@ def rows_to_blocks(data: torch.Tensor, scales: torch.Tensor | None, idx: torch.T
     k = int(idx.shape[1])
     rows_in = data.contiguous()
     words, x_words = _words(rows_in, fmt)
+    if "x" not in fmt.names:  # side rows only (a split wire): no payload words into the parts
+        if part != "peers":
+            raise ValueError(f"rows_to_blocks: a format without the payload stores only the other ranks' side "
+                             f"rows (part 'peers'), got part {part!r}")
+        x_words = 0
+    if "scales" not in fmt.names and part != "own":  # the parts carry no scales: none stored there
+        if part == "all" and scales is not None:
+            raise ValueError("rows_to_blocks: part 'all' with scales needs a format that carries them")
+        scales = None
     flags = in_rank.contiguous().view(torch.uint8)
     if cumsum is None:
         cumsum = torch.cumsum(flags.t().contiguous(), 1, dtype=torch.int64)  # by rank: torch's fast inner scan
@@ -89,10 +98,10 @@ def rows_to_blocks(data: torch.Tensor, scales: torch.Tensor | None, idx: torch.T
     else:
         addresses, send_at, counts, counted = bases, 0, bases, False
     num_scales = 0 if scales is None else int(scales.shape[1])
-    meta_width = fmt.widths[fmt.names.index("meta")]
-    block = block_for_bytes(x_words, words.element_size(), _MOVE_BYTES)
+    meta_width = fmt.widths[fmt.names.index("meta")] if "meta" in fmt.names else 0
+    block = block_for_bytes(max(x_words, 1), words.element_size(), _MOVE_BYTES)
     with _guard(data.device):
-        _TO_BLOCKS((tokens, -(-x_words // block)),
+        _TO_BLOCKS((tokens, max(1, -(-x_words // block))),
                    words, s, idx64, w, flags, cumsum, addresses, out_words, _or(outs.scales, w), outs.src,
                    outs.local, _or(outs.weights, w), own_start, me, me * num_local, num_local, tokens, x_words,
                    num_scales, s.stride(0), s.stride(1), fmt.row_bytes, _offset(fmt, "scales"), _offset(fmt, "meta"),
@@ -113,11 +122,17 @@ def blocks_to_rows(bases: torch.Tensor, counts: torch.Tensor, fmt: RowFormat, me
     n, k = int(outs.local.shape[0]), int(outs.local.shape[1])
     if n == 0:
         return
+    if "meta" not in fmt.names:
+        raise ValueError(f"blocks_to_rows: the routes come from the rows' metadata; the format has {fmt.names}")
     words, x_words = _words(outs.x, fmt)
+    if "x" not in fmt.names:  # side rows only (a split wire): the payload already landed in outs.x
+        x_words = 0
+    if "scales" not in fmt.names and outs.scales is not None:
+        raise ValueError("blocks_to_rows: scales to fill, but the format carries none")
     num_scales = 0 if outs.scales is None else int(outs.scales.shape[1])
-    block = block_for_bytes(x_words, words.element_size(), _MOVE_BYTES)
+    block = block_for_bytes(max(x_words, 1), words.element_size(), _MOVE_BYTES)
     with _guard(outs.x.device):
-        _FROM_BLOCKS((n, -(-x_words // block)),
+        _FROM_BLOCKS((n, max(1, -(-x_words // block))),
                      bases, counts, counts.stride(0), words, _or(outs.scales, outs.src), outs.src, outs.local,
                      _or(outs.weights, outs.src), me, x_words, num_scales, fmt.row_bytes, _offset(fmt, "scales"),
                      _offset(fmt, "meta"), me * num_local, num_local, bases, int(bases.shape[0]), k, _pow2(k),
