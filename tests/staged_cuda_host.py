@@ -12,11 +12,12 @@ NCCL needs one GPU per rank, so on one GPU the collective is stood in for by ``-
   (the staged path then runs exactly as over NCCL, the bytes moved by copies on this GPU);
 - ``gloo``: ``torch.distributed.all_to_all_single`` of the CUDA tensors on a gloo group (through host memory).
 
-Variants: ``staged`` (the others' rows stored into the send buffer before the host read, while the count
-exchange runs), ``staged late`` (stored after the read), ``gathered``, the torch steps. Per variant it checks
-the outputs (staged against gathered bit for bit: received rows, routes, counts, handle,
-and the combine's sums; the torch steps' dispatch bit for bit, their combine within one bf16 step), then splits
-each call's host time at its device-to-host reads (``tests.peer_cuda_host.split_call``: *before* the count read,
+Variants: ``staged`` (the others' rows stored into the send buffers before the host read, while the count
+exchange runs; the split wire: payload rows straight into the output, side rows apart), ``staged packed`` (one
+packed row per token and destination, copied out), ``staged late`` (split, stored after the read), ``gathered``,
+the torch steps. Per variant it checks the outputs (against gathered bit for bit: received rows, routes, counts,
+handle, also for an FP8 payload: the rows and their scales; and the combine's sums; the torch steps' dispatch
+bit for bit, their combine within one bf16 step), then splits each call's host time at its device-to-host reads (``tests.peer_cuda_host.split_call``: *before* the count read,
 *after* it; the collective's own host time counts in both), issue 14's sizes (4096 tokens, hidden 7168, top-8 of
 256, EP=2). The rows ``transport alone`` time the stand-in's all-to-all of the same bytes.
 
@@ -151,10 +152,19 @@ def _syncs(step: Callable[[], Any]) -> list[str]:
 
 def _check(group: Any, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, variants: dict[str, Any]) -> list[str]:
     from deepport.backends.torch import moe_routes
+    from deepport.backends.triton.moe_permute import cast_fp8
     from deepport.kernels import moe_combine, moe_dispatch
     from tests.moe_ep_probe import bf16_ulps
 
     bad: list[str] = []
+    fp8 = cast_fp8(x)  # FP8 payloads: their scales travel in the side rows of the split wire
+    got8 = {name: _dispatch(moe_dispatch.bind(fp8, idx, w, EXPERTS, group=group), steps, name)
+            for name, steps in variants.items()}
+    for name, ran in got8.items():
+        for i, (a, b) in enumerate(zip(ran.recv_x, got8["gathered"].recv_x, strict=True)):
+            _compare(bad, f"fp8 dispatch {name} recv_x[{i}]", a, b)
+        _compare(bad, f"fp8 dispatch {name} recv_topk_weights", ran.recv_topk_weights,
+                 got8["gathered"].recv_topk_weights)
     got = {name: _dispatch(moe_dispatch.bind(x, idx, w, EXPERTS, group=group), steps, name)
            for name, steps in variants.items()}
     base = got["gathered"]
