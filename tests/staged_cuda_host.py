@@ -19,7 +19,8 @@ the torch steps. Per variant it checks the outputs (against gathered bit for bit
 handle, also for an FP8 payload: the rows and their scales; and the combine's sums; the torch steps' dispatch
 bit for bit, their combine within one bf16 step), then splits each call's host time at its device-to-host reads
 (``tests.peer_cuda_host.split_call``: *before* the count read, *after* it; the collective's own host time counts
-in both), issue 14's sizes (4096 tokens, hidden 7168, top-8 of 256, EP=2). The rows ``transport alone`` time the stand-in's all-to-all of the same bytes.
+in both), issue 14's sizes (4096 tokens, hidden 7168, top-8 of 256, EP=2). The rows ``transport alone`` time the
+stand-in's all-to-all of the same bytes.
 
 ``python -m tests.staged_cuda_host [--calls N] [--via peer|gloo] [--cprofile STEP]``
 """
