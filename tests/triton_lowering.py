@@ -146,11 +146,13 @@ def moe_lowering_report() -> dict[str, dict[str, int]]:
     kernels = {
         "layout": compile_for(k.moe_layout_count_kernel, dict(
             idx_ptr=Ptr("i64"), per_rank_ptr=Ptr("i32"), per_expert_ptr=Ptr("i32"), in_rank_ptr=Ptr("u8"),
-            num_tokens=4096, num_topk=8, experts_per_rank=32, num_ranks=8, BLOCK_T=64, BLOCK_K=8, TABLE=False)),
+            num_tokens=4096, num_topk=8, experts_per_rank=32, num_ranks=8, BLOCK_T=64, BLOCK_K=8, TABLE=False,
+            RANKS_P=8)),
         # the normal dispatch's count table straight from the kernel
         "layout_table": compile_for(k.moe_layout_count_kernel, dict(
             idx_ptr=Ptr("i64"), per_rank_ptr=Ptr("i64"), per_expert_ptr=Ptr("i64"), in_rank_ptr=Ptr("u8"),
-            num_tokens=4096, num_topk=8, experts_per_rank=128, num_ranks=2, BLOCK_T=64, BLOCK_K=8, TABLE=True)),
+            num_tokens=4096, num_topk=8, experts_per_rank=128, num_ranks=2, BLOCK_T=64, BLOCK_K=8, TABLE=True,
+            RANKS_P=2)),
         "place_rows": compile_for(k.moe_place_rows_kernel, dict(
             src_ptr=Ptr("i16"), index_ptr=Ptr("i64"), dst_ptr=Ptr("i16"), rows_per_group=4096, num_cols=7168,
             stride_src=7168, stride_dg=0, stride_dr=7168, stride_dc=1, ZERO_MISSING=True, BLOCK_C=4096)),

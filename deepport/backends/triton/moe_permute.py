@@ -596,6 +596,16 @@ def _dispatch_expanded_one_process(call: MoEExpandedDispatchCall) -> MoEExpanded
     return moe_expanded_dispatch.dispatch(call)
 
 
+RANKS_SUMMED = 16
+"""Up to this many ranks the layout kernel sums each program's tokens per rank before its atomics."""
+
+
+def _ranks_p(num_ranks: int) -> int:
+    """The layout kernel's ``RANKS_P``: the ranks padded to a power of two (at least 2), or 0 above
+    :data:`RANKS_SUMMED`."""
+    return max(2, 1 << max(num_ranks - 1, 0).bit_length()) if num_ranks <= RANKS_SUMMED else 0
+
+
 def layout_counts(topk_idx: torch.Tensor, num_experts: int, num_ranks: int
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(in_rank bool [T, R], per_rank int32 [R], per_expert int32 [E])`` of ``topk_idx`` in one kernel (see
@@ -611,7 +621,8 @@ def layout_counts(topk_idx: torch.Tensor, num_experts: int, num_ranks: int
         with _guard(device):
             moe_layout_count_kernel[(-(-tokens // block_t),)](
                 idx, per_rank, per_expert, in_rank.view(torch.uint8), tokens, topk, num_experts // num_ranks,
-                num_ranks, BLOCK_T=block_t, BLOCK_K=max(2, 1 << max(topk - 1, 0).bit_length()))
+                num_ranks, BLOCK_T=block_t, BLOCK_K=max(2, 1 << max(topk - 1, 0).bit_length()),
+                RANKS_P=_ranks_p(num_ranks))
     return in_rank, per_rank, per_expert
 
 
@@ -635,7 +646,8 @@ def layout_table_into(topk_idx: torch.Tensor, num_experts: int, num_ranks: int, 
         block_t = 64
         with _guard(idx.device):
             _LAYOUT((-(-tokens // block_t),), idx, table, table, in_rank.view(torch.uint8), tokens, topk,
-                    num_experts // num_ranks, num_ranks, block_t, max(2, 1 << max(topk - 1, 0).bit_length()), True)
+                    num_experts // num_ranks, num_ranks, block_t, max(2, 1 << max(topk - 1, 0).bit_length()), True,
+                    _ranks_p(num_ranks))
 
 
 TRITON = LocalSteps(place_rows, weighted_rows, cast_fp8, scatter_rows=scatter_rows,

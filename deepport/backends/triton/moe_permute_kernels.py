@@ -41,12 +41,15 @@ import triton.language as tl
 @triton.jit
 def moe_layout_count_kernel(idx_ptr, per_rank_ptr, per_expert_ptr, in_rank_ptr,
                             num_tokens, num_topk, experts_per_rank, num_ranks,
-                            BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, TABLE: tl.constexpr = False):
+                            BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, TABLE: tl.constexpr = False,
+                            RANKS_P: tl.constexpr = 0):
     """Grid ``ceil(T / BLOCK_T)``: ``in_rank`` (uint8 ``[T, R]``) and the counts, by integer atomics: per rank
     the tokens selecting one of its experts, per expert the tokens selecting it (once per token). ``TABLE``:
     both into the int64 table ``[R, 1 + experts_per_rank]`` at ``per_rank_ptr`` (row ``r``: rank ``r``'s
     count, then its experts'), as the normal dispatch's count exchange sends it; else int32 ``per_rank [R]``
-    and ``per_expert [E]``."""
+    and ``per_expert [E]``. ``RANKS_P`` (a power of two ``>= R``, or 0): each program sums its tokens per rank
+    first and adds one count per rank (few ranks: thousands of atomics on one counter wait on each other), else
+    one atomic per (token, rank)."""
     tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     slot = tl.arange(0, BLOCK_K)
     ok = (tok[:, None] < num_tokens) & (slot[None, :] < num_topk)
@@ -59,15 +62,26 @@ def moe_layout_count_kernel(idx_ptr, per_rank_ptr, per_expert_ptr, in_rank_ptr,
     same_rank = (ranks[:, :, None] == ranks[:, None, :]) & earlier[None, :, :]
     first_expert = valid & (tl.sum(same_expert.to(tl.int32), 1) == 0)
     first_rank = valid & (tl.sum(same_rank.to(tl.int32), 1) == 0)
+    width = experts_per_rank + 1
     if TABLE:
         ones = tl.full([BLOCK_T, BLOCK_K], 1, tl.int64)
-        width = experts_per_rank + 1
         at_expert = tl.where(first_expert, ranks * width + 1 + (ids - ranks * experts_per_rank), 0)
         tl.atomic_add(per_rank_ptr + at_expert, ones, mask=first_expert)
-        tl.atomic_add(per_rank_ptr + tl.where(first_rank, ranks * width, 0), ones, mask=first_rank)
     else:
         ones = tl.full([BLOCK_T, BLOCK_K], 1, tl.int32)
         tl.atomic_add(per_expert_ptr + tl.where(first_expert, ids, 0), ones, mask=first_expert)
+    if RANKS_P > 0:
+        r = tl.arange(0, RANKS_P)
+        hits = (ranks[:, :, None] == r[None, None, :]) & first_rank[:, :, None]
+        per = tl.sum(tl.sum(hits.to(tl.int32), 1), 0)  # [RANKS_P]: this program's tokens per rank
+        live = (r < num_ranks) & (per > 0)
+        if TABLE:
+            tl.atomic_add(per_rank_ptr + r * width, per.to(tl.int64), mask=live)
+        else:
+            tl.atomic_add(per_rank_ptr + r, per, mask=live)
+    elif TABLE:
+        tl.atomic_add(per_rank_ptr + tl.where(first_rank, ranks * width, 0), ones, mask=first_rank)
+    else:
         tl.atomic_add(per_rank_ptr + tl.where(first_rank, ranks, 0), ones, mask=first_rank)
     flag = tl.full([BLOCK_T, BLOCK_K], 1, tl.uint8)
     tl.store(in_rank_ptr + tok[:, None].to(tl.int64) * num_ranks + tl.where(first_rank, ranks, 0), flag,
