@@ -40,6 +40,7 @@ import torch
 from deepport.backends.torch import moe_chunks
 from deepport.backends.torch.moe_comm import (
     ROW_ALIGN,
+    Pending,
     RowFormat,
     RowsWindow,
     all_to_all_rows,
@@ -402,6 +403,51 @@ def _dispatch_blocks(fmt: RowFormat, data: torch.Tensor, scales: torch.Tensor | 
     return outs
 
 
+_READERS: dict[int, torch.cuda.Stream] = {}
+
+
+def _count_reader(device: torch.device, grp: MoEGroup) -> tuple[torch.cuda.Stream, torch.cuda.Event] | None:
+    """On a GPU over ``all_to_all_single`` (:func:`~deepport.backends.torch.moe_comm.collective_transport`): a side
+    stream of this device (one per device, reused) and an event recorded now on the caller's stream, for
+    :func:`_read_counts`; None elsewhere (the read waits for the caller's stream)."""
+    if device.type != "cuda" or not collective_transport(grp):
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    stream = _READERS.get(index)
+    if stream is None:
+        stream = _READERS[index] = torch.cuda.Stream(torch.device("cuda", index))  # type: ignore[no-untyped-call]
+    ready = torch.cuda.Event()  # type: ignore[no-untyped-call]
+    ready.record(torch.cuda.current_stream(torch.device("cuda", index)))
+    return stream, ready
+
+
+def _read_counts(counts: Pending, table: torch.Tensor, num_local: int, chunks: int,
+                 reader: tuple[torch.cuda.Stream, torch.cuda.Event] | None
+                 ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """The dispatch's one host read: ``(got, per_expert, host)``, the received count tables (int64 ``[R, C]``,
+    by source), the rows per local expert (int64 ``[L]``) and on the host the rows sent to and received from each
+    rank, the rows per local expert and the ranges' counts. With a ``reader`` (:func:`_count_reader`) the read
+    runs on its side stream after the event: the host waits for the count exchange and the table only, not for
+    the work queued on the caller's stream since (the early send), so the host prepares and starts the payload's
+    exchange while that work runs; the caller's stream then waits for the side stream (no host wait)."""
+    def read() -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        got = counts.wait()
+        per_expert = got[:, 1: 1 + num_local].sum(0)
+        ranged = [table[:, 1 + num_local:].reshape(-1), got[:, 1 + num_local:].reshape(-1)] if chunks > 1 else []
+        return got, per_expert, torch.cat([table[:, 0], got[:, 0], per_expert, *ranged]).tolist()  # the one sync
+
+    if reader is None:
+        return read()
+    stream, ready = reader
+    main = torch.cuda.current_stream(stream.device)
+    with torch.cuda.stream(stream):
+        stream.wait_event(ready)
+        got, per_expert, host = read()
+    main.wait_stream(stream)
+    per_expert.record_stream(main)  # made on the side stream, used on the caller's
+    return got, per_expert, host
+
+
 EARLY_SEND_BYTES = 1 << 30
 """The largest send buffer :func:`route` makes before its host read (:func:`_early_send`); above it the send
 buffer is made after the read, at its exact size."""
@@ -484,6 +530,7 @@ def route(data: torch.Tensor, scales: torch.Tensor | None, topk_idx: torch.Tenso
         if chunks > 1:  # per token range, the tokens each rank gets: in the same count exchange
             table = torch.cat([table, moe_chunks.chunk_counts(in_rank, chunks)], dim=1)
         counts = exchange_table(table, grp, f"{what} (counts)")
+        reader = _count_reader(data.device, grp)  # from here the caller's stream is not waited for by the read
         # overlapping the count exchange: the packed rows' metadata, or for the blocks path (which makes its own)
         # the running count of in_rank by rank (each row's place), the scan along the contiguous transpose
         meta = None if blocks else _meta(idx, weights)
@@ -491,10 +538,7 @@ def route(data: torch.Tensor, scales: torch.Tensor | None, topk_idx: torch.Tenso
         if blocks and places is not None and collective_transport(grp):  # the others' rows, before the read
             early = _early_send(fmt, data, dense_scales, idx, weights, in_rank, table, places, grp, num_local, local,
                                 wire)
-        got = counts.wait()
-        per_expert = got[:, 1: 1 + num_local].sum(0)
-        ranged = [table[:, 1 + num_local:].reshape(-1), got[:, 1 + num_local:].reshape(-1)] if chunks > 1 else []
-        host = torch.cat([table[:, 0], got[:, 0], per_expert, *ranged]).tolist()  # the one host sync
+        got, per_expert, host = _read_counts(counts, table, num_local, chunks, reader)
     sends, recvs = [int(v) for v in host[:world]], [int(v) for v in host[world: 2 * world]]
     at = 2 * world + num_local
     send_chunks = [host[at + r * chunks: at + (r + 1) * chunks] for r in range(world)]
