@@ -6,6 +6,10 @@ tensors that travel together (payload, FP8 scales, routing metadata) are packed 
 byte row (:class:`RowFormat`), so a direction costs one collective. A world of one (``group=None``)
 copies.
 
+Separate tensors (the triton dispatch's payload rows straight into their output, their side rows apart) move in
+one grouped launch of point-to-point sends and receives, :func:`start_parts` (``batch_isend_irecv``; NCCL runs it
+as one group, as it runs ``all_to_all_single``), where :func:`moves_parts` says so.
+
 Another transport (the hopper backend's one-sided writes into peers' memory over NVLink,
 :mod:`deepport.backends.hopper.peer_transport`) takes over every exchange of the calls made inside
 :func:`use_transport`: the routing code above it is unchanged, only the bytes travel another way.
@@ -80,7 +84,9 @@ class Pending:
 
 
 class Transport(Protocol):
-    """Moves the rows of one all-to-all (the contract of :func:`start_all_to_all`, ``grp`` a real group)."""
+    """Moves the rows of one all-to-all (the contract of :func:`start_all_to_all`, ``grp`` a real group). A
+    transport may also offer ``start_parts`` (the contract of :func:`start_parts`), ``rows_window`` and
+    ``fixed_window`` (below)."""
 
     def start(self, out: torch.Tensor, send: torch.Tensor, recv_counts: Sequence[int] | None,
               send_counts: Sequence[int] | None, grp: MoEGroup, what: str) -> Pending: ...

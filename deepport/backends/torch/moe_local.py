@@ -100,10 +100,13 @@ backends' kernels) and reuses everything else.
   ranks' rows) and ``"own"`` (only this rank's): where the window's ``begin`` starts the exchange early, the
   dispatch stores the others' rows, begins, then stores its own while they travel (``outs`` None with
   ``"peers"``: nothing of it is written; over ``all_to_all_single`` the others' rows are stored before the host
-  read into a send buffer sized for the most rows a rank can send, ``bases`` then a :class:`CountedParts`). The
-  second copies every
+  read into a send buffer sized for the most rows a rank can send, ``bases`` then a :class:`CountedParts`).
+  ``fmt`` names the parts a row carries: without ``x`` no payload is stored (side rows: part ``"peers"`` only),
+  without ``scales`` none into the parts (the outputs still get them), without ``meta`` no metadata (the
+  payload rows of a split wire). The second copies every
   other source's rows out of this rank's parts (``bases``; ``counts`` int64 ``[R]`` per source on the device)
-  into ``outs``, the routes derived from the metadata (:mod:`deepport.backends.triton.moe_blocks`). Without
+  into ``outs``, the routes derived from the metadata (:mod:`deepport.backends.triton.moe_blocks`); with a
+  ``fmt`` without ``x`` only the routes and scales (the payload landed in ``outs.x`` already). Without
   them the dispatch gathers each part by index.
 - ``token_rows_window(y, table, weights, window, rows_per_rank)`` (optional): ``token_rows_into``'s sums
   as float32 rows of ``C = y.shape[1]`` stored straight into the receivers' memory through ``window`` (a

@@ -26,7 +26,11 @@ With a backend's ``rows_to_blocks`` / ``blocks_to_rows`` the dispatch needs neit
 window the rows go straight into the peers' memory, over ``all_to_all_single`` straight into their place in the
 collective's send buffer (:func:`~deepport.backends.torch.moe_comm.staged_rows_window`; the other ranks' rows
 before the host read, while the count exchange runs: :func:`_early_send`), and are copied out of where they
-landed, their routes derived on the way. With ``rank_rows_at`` the combine sends the rows straight
+landed, their routes derived on the way. Where the exchange moves separate tensors (NCCL's point-to-point) the
+payload rows and their side rows (scales, metadata) travel apart in one grouped launch, the payload straight
+into the output (:class:`SplitWire`, :func:`_split_exchange`: no copy of the payload after the exchange). On a
+GPU the one host read runs on a side stream (:func:`_read_counts`), so it does not wait for the early send.
+With ``rank_rows_at`` the combine sends the rows straight
 from the caller's tensor and sums them where they landed.
 """
 

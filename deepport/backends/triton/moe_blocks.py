@@ -14,7 +14,9 @@ index work on the host's side either:
 
 The bytes in the blocks are those of :func:`deepport.backends.torch.moe_routes`'s packed rows (the same
 :class:`~deepport.backends.torch.moe_comm.RowFormat` and order), so a peer that exchanges by other means
-(rounds, another backend's steps) reads and writes the same blocks.
+(rounds, another backend's steps) reads and writes the same blocks. The staged dispatch's split wire calls both
+with formats of fewer parts (:class:`~deepport.backends.torch.moe_routes.SplitWire`): the payload rows alone
+(no metadata stored), and the side rows alone (no payload stored or copied).
 """
 
 from __future__ import annotations
