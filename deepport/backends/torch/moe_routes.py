@@ -37,6 +37,7 @@ from the caller's tensor and sums them where they landed.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -286,18 +287,21 @@ def _store_peers(wire: SplitWire | None, fmt: RowFormat, data: torch.Tensor, sca
 
 def _split_exchange(wire: SplitWire, data: torch.Tensor, scales: torch.Tensor | None, idx: torch.Tensor,
                     weights: torch.Tensor | None, in_rank: torch.Tensor, sends: list[int], recvs: list[int],
-                    counts: torch.Tensor, sent: torch.Tensor, grp: MoEGroup, num_local: int, outs: BlockOutputs,
-                    cumsum: torch.Tensor | None, local: LocalSteps, what: str,
-                    early: tuple[CountedParts, CountedParts | None] | None) -> None:
+                    counts: torch.Tensor, sent: torch.Tensor, grp: MoEGroup, num_local: int, x_out: torch.Tensor,
+                    rest: Callable[[torch.Tensor], BlockOutputs], cumsum: torch.Tensor | None, local: LocalSteps,
+                    what: str, early: tuple[CountedParts, CountedParts | None] | None) -> BlockOutputs:
     """The staged dispatch with a :class:`SplitWire`: each other rank's payload rows travel straight into their
     place in ``outs.x`` and their side rows into one small receive buffer, both in one grouped launch
     (:func:`~deepport.backends.torch.moe_comm.start_parts`); this rank's own rows are stored into ``outs`` while
     they travel; then one small kernel makes the routes (and copies the scales) from the side rows. No copy of
-    the payload after the exchange. ``early``: the send buffers :func:`_early_send` filled before the host read
-    (else they are filled now, at their exact size)."""
+    the payload after the exchange. ``x_out``: the payload's output (``[n, H]``), made first so that the exchange
+    starts before the other outputs are made (``rest(x_out)``, returned). ``early``: the send buffers
+    :func:`_early_send` filled before the host read (else they are filled now, at their exact size)."""
     assert local.rows_to_blocks is not None and local.blocks_to_rows is not None
     me, world = grp.rank, grp.world_size
-    if early is None or early[1] is None:
+    outs = None
+    if early is None or early[1] is None:  # stored now (the outputs exist first: nothing of them is written)
+        outs = rest(x_out)
         early = _store_peers(wire, wire.x, data, scales, idx, weights, in_rank, sent,
                              sum(c for r, c in enumerate(sends) if r != me), cumsum, me, num_local, local, outs)
     xs, ss = early
@@ -311,7 +315,7 @@ def _split_exchange(wire: SplitWire, data: torch.Tensor, scales: torch.Tensor | 
             send[r], send[world + r] = xs.buffer[at * xb: (at + c) * xb], ss.buffer[at * sb: (at + c) * sb]
             at += c
     side_in = torch.empty((sum(recvs) - recvs[me]) * sb, dtype=torch.uint8, device=data.device)
-    landing = outs.x.view(torch.uint8).view(-1)
+    landing = x_out.view(torch.uint8).view(-1)
     sides: list[torch.Tensor | None] = []
     row, got = 0, 0
     for s, c in enumerate(recvs):
@@ -322,10 +326,13 @@ def _split_exchange(wire: SplitWire, data: torch.Tensor, scales: torch.Tensor | 
             got += c
         row += c
     pending = start_parts(recv, send, grp, what)
+    if outs is None:
+        outs = rest(x_out)
     local.rows_to_blocks(data, scales, idx, weights, in_rank, wire.x, xs, me, num_local, outs, sum(recvs[:me]),
                          cumsum, "own")
     pending.wait()
     local.blocks_to_rows(_addresses(sides, data.device, False), counts, wire.side, me, num_local, outs)
+    return outs
 
 
 def _dispatch_blocks(fmt: RowFormat, data: torch.Tensor, scales: torch.Tensor | None, idx: torch.Tensor,
@@ -358,9 +365,9 @@ def _dispatch_blocks(fmt: RowFormat, data: torch.Tensor, scales: torch.Tensor | 
 
     device = data.device
 
-    def outputs(copies: bool) -> BlockOutputs:  # copies: the caller's tensors and the handle's copies too
-        t = int(idx.shape[0])
-        return BlockOutputs(make((n, int(data.shape[1])), data.dtype),
+    def outputs(copies: bool, x: torch.Tensor | None = None) -> BlockOutputs:  # copies: the caller's tensors and
+        t = int(idx.shape[0])                                                    # the handle's copies too
+        return BlockOutputs(make((n, int(data.shape[1])), data.dtype) if x is None else x,
                             None if scales is None else make((n, int(scales.shape[1])), torch.float32),
                             torch.empty(n, dtype=torch.int64, device=device),
                             torch.empty((n, k), dtype=torch.int64, device=device),
@@ -374,11 +381,10 @@ def _dispatch_blocks(fmt: RowFormat, data: torch.Tensor, scales: torch.Tensor | 
         if local.blocks_exchange(prelude, fmt, data, scales, weights, sends, recvs, outs, grp, num_local, what):
             return outs
     start, cumsum = sum(recvs[:me]), places if prelude is None else prelude.cumsum
-    if staged and wire is not None and sent is not None:
-        outs = outputs(False)
-        _split_exchange(wire, data, scales, idx, weights, in_rank, sends, recvs, counts, sent, grp, num_local, outs,
-                        cumsum, local, what, early)
-        return outs
+    if staged and wire is not None and sent is not None:  # the payload's output first: its exchange starts at once
+        return _split_exchange(wire, data, scales, idx, weights, in_rank, sends, recvs, counts, sent, grp, num_local,
+                               make((n, int(data.shape[1])), data.dtype), lambda x: outputs(False, x), cumsum, local,
+                               what, early)
     packed = None if early is None or early[1] is not None else early[0]
     window = staged_rows_window(send_bytes, recv_bytes, device, grp, what, None if packed is None else packed.buffer) \
         if staged else rows_window(send_bytes, recv_bytes, grp, what)
