@@ -16,8 +16,8 @@
 #    all_to_all_single of the same split sizes and bytes, same run; for the low-latency ops, of the same fixed
 #    T_max rows per rank pair, both timed as a CUDA graph), and the nvlink_all_to_all ceiling;
 # 4. the 4096-token dispatch of torch and triton with DEEPPORT_MOE_CHUNKS=2, and of triton with its rows
-#    packed into one all_to_all_single (DEEPPORT_MOE_WIRE=packed; the default splits them, the payload straight
-#    into the output), next to raw NCCL;
+#    split (DEEPPORT_MOE_WIRE=split: the payload straight into the output, side rows apart, one grouped
+#    point-to-point launch; the default packs them into one all_to_all_single), next to raw NCCL;
 # 5. the host's time per eager call split at its host read, and the dispatch's pieces (tests/peer_cuda_host.py).
 #
 # Writes under $OUT: gpu.txt, commit.txt, tests.txt, certify/ (results.json, summary.md, junit.xml),
@@ -145,12 +145,12 @@ for chunks in 2; do
   echo "bench with $chunks chunks: exit $? after $((SECONDS - start)) s"; tail -n 8 "$OUT/bench_chunks$chunks.log"
   cp "$OUT/chunks$chunks/bench.json" "$OUT/bench_chunks$chunks.json" 2>/dev/null; rm -rf "$OUT/chunks$chunks"
 done
-# the staged dispatch's other wire: each row packed into one all_to_all_single, copied out of the receive buffer
-#    (the default wire sends the payload straight into the output by grouped point-to-point): bench_packed.json
-DEEPPORT_MOE_WIRE=packed timeout 120 "$PY" -m deepport bench --device cuda --op moe_dispatch \
-  --config 'ep2_t*' --backend triton --out "$OUT/packed" > "$OUT/bench_packed.log" 2>&1
-echo "bench with the packed wire: exit $? after $((SECONDS - start)) s"; tail -n 8 "$OUT/bench_packed.log"
-cp "$OUT/packed/bench.json" "$OUT/bench_packed.json" 2>/dev/null; rm -rf "$OUT/packed"
+# the staged dispatch's other wire: the payload rows straight into the output, side rows apart, one grouped
+#    point-to-point launch (the default packs each row into one all_to_all_single): bench_split.json
+DEEPPORT_MOE_WIRE=split timeout 120 "$PY" -m deepport bench --device cuda --op moe_dispatch \
+  --config 'ep2_t*' --backend triton --out "$OUT/split" > "$OUT/bench_split.log" 2>&1
+echo "bench with the split wire: exit $? after $((SECONDS - start)) s"; tail -n 8 "$OUT/bench_split.log"
+cp "$OUT/split/bench.json" "$OUT/bench_split.json" 2>/dev/null; rm -rf "$OUT/split"
 # 5. where each rank's host time goes in the eager calls, one GPU per rank (tests/peer_cuda_host.py: before /
 #    after the host read, and the dispatch's pieces): host_split.txt
 DEEPPORT_HOST_SPLIT=1 timeout 60 "$PY" -m tests.peer_cuda_host --calls 10 > "$OUT/host_split.txt" 2>&1

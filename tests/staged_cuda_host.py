@@ -12,9 +12,9 @@ NCCL needs one GPU per rank, so on one GPU the collective is stood in for by ``-
   (the staged path then runs exactly as over NCCL, the bytes moved by copies on this GPU);
 - ``gloo``: ``torch.distributed.all_to_all_single`` of the CUDA tensors on a gloo group (through host memory).
 
-Variants: ``staged`` (the others' rows stored into the send buffers before the host read, while the count
-exchange runs; the split wire: payload rows straight into the output, side rows apart), ``staged packed`` (one
-packed row per token and destination, copied out), ``staged late`` (split, stored after the read), ``gathered``,
+Variants: ``staged`` (the others' rows stored into the send buffer before the host read, while the count
+exchange runs; one packed row per token and destination, copied out), ``staged split`` (the split wire: payload
+rows straight into the output, side rows apart), ``staged late`` (packed, stored after the read), ``gathered``,
 the torch steps. Per variant it checks the outputs (against gathered bit for bit: received rows, routes, counts,
 handle, also for an FP8 payload: the rows and their scales; and the combine's sums; the torch steps' dispatch
 bit for bit, their combine within one bf16 step), then splits each call's host time at its device-to-host reads
@@ -109,7 +109,7 @@ def _compare(bad: list[str], what: str, a: Any, b: Any) -> None:
         bad.append(what)
 
 
-MODES = {"staged": (True, "split"), "staged packed": (True, "packed"), "staged late": (False, "split")}
+MODES = {"staged": (True, "packed"), "staged split": (True, "split"), "staged late": (False, "packed")}
 """The staged variants: (the early send, ``DEEPPORT_MOE_WIRE``); the others run with the defaults."""
 
 
@@ -121,7 +121,7 @@ def _dispatch(call: Any, steps: Any, name: str = "") -> Any:
 
     from deepport.backends.torch import moe_routes
 
-    early, wire = MODES.get(name, (True, "split"))
+    early, wire = MODES.get(name, (True, "packed"))
     bound, saved = moe_routes.EARLY_SEND_BYTES, os.environ.get(moe_routes.WIRE_ENV)
     moe_routes.EARLY_SEND_BYTES = bound if early else 0
     os.environ[moe_routes.WIRE_ENV] = wire
@@ -235,7 +235,7 @@ def _worker(rank: int, world: int, init: str, results: Any, calls: int, via: str
         os.environ["DEEPPORT_CHECK_VALUES"] = "0"
         x, idx, w = routing(TOKENS, HIDDEN, EXPERTS, TOPK, 2000 + rank, device)
         gathered = dataclasses.replace(ROUTES, rows_to_blocks=None, rank_rows_at=None)
-        variants = {"staged": ROUTES, "staged packed": ROUTES, "staged late": ROUTES, "gathered": gathered,
+        variants = {"staged": ROUTES, "staged split": ROUTES, "staged late": ROUTES, "gathered": gathered,
                     "torch": TORCH}
         with context:
             bad = _check(group, x, idx, w, variants)

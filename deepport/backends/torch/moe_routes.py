@@ -26,9 +26,10 @@ With a backend's ``rows_to_blocks`` / ``blocks_to_rows`` the dispatch needs neit
 window the rows go straight into the peers' memory, over ``all_to_all_single`` straight into their place in the
 collective's send buffer (:func:`~deepport.backends.torch.moe_comm.staged_rows_window`; the other ranks' rows
 before the host read, while the count exchange runs: :func:`_early_send`), and are copied out of where they
-landed, their routes derived on the way. Where the exchange moves separate tensors (NCCL's point-to-point) the
-payload rows and their side rows (scales, metadata) travel apart in one grouped launch, the payload straight
-into the output (:class:`SplitWire`, :func:`_split_exchange`: no copy of the payload after the exchange). On a
+landed, their routes derived on the way. With ``DEEPPORT_MOE_WIRE=split``, where the exchange moves separate
+tensors (NCCL's point-to-point), the payload rows and their side rows (scales, metadata) travel apart in one
+grouped launch, the payload straight into the output (:class:`SplitWire`, :func:`_split_exchange`: no copy of
+the payload after the exchange, but a grouped launch that costs the host more than one collective). On a
 GPU the one host read runs on a side stream (:func:`_read_counts`), so it does not wait for the early send.
 With ``rank_rows_at`` the combine sends the rows straight
 from the caller's tensor and sums them where they landed.
@@ -254,10 +255,13 @@ class SplitWire:
 def _split_wire(data: torch.Tensor, fmt: RowFormat, grp: MoEGroup) -> SplitWire | None:
     """The :class:`SplitWire` of ``fmt``'s rows (the packed wire) where the staged dispatch sends them so: the
     exchange moves separate tensors (:func:`~deepport.backends.torch.moe_comm.moves_parts`), the payload rows
-    are whole multiples of 16 bytes, and ``DEEPPORT_MOE_WIRE`` is not ``packed`` (``split``, the default, or
-    ``packed``: one packed row per token and destination, and a copy out of the receive buffer). Every rank
-    decides alike: the setting, like ``DEEPPORT_MOE_CHUNKS``, must be the same on every rank."""
-    setting = os.environ.get(WIRE_ENV, "").strip() or "split"
+    are whole multiples of 16 bytes, and ``DEEPPORT_MOE_WIRE`` is ``split`` (the default ``packed``: one packed
+    row per token and destination in one ``all_to_all_single``, copied out of the receive buffer after it). Off by
+    default: on an H200 host NCCL's ``batch_isend_irecv`` of four parts took ~95 us of host time to launch
+    against ~40 us for one ``all_to_all_single``, and that launch follows the host read on the critical path,
+    while the copy out it saves is ~31 us of GPU time (``docs/EXPERT_PARALLEL.md``). Every rank decides alike: the
+    setting, like ``DEEPPORT_MOE_CHUNKS``, must be the same on every rank."""
+    setting = os.environ.get(WIRE_ENV, "").strip() or "packed"
     if setting not in ("split", "packed"):
         raise ValueError(f"{WIRE_ENV} must be 'split' or 'packed', got {setting!r}")
     row = int(data.shape[1]) * data.element_size()
@@ -390,14 +394,15 @@ def _dispatch_blocks(fmt: RowFormat, data: torch.Tensor, scales: torch.Tensor | 
         if staged else rows_window(send_bytes, recv_bytes, grp, what)
     if window is None:
         return None
-    outs = outputs(False)
-    if packed is not None and window.begin is not None:  # the others' rows are in the send buffer: begin, own rows
-        window.begin()
+    if packed is not None and window.begin is not None:  # the others' rows are in the send buffer: begin (before
+        window.begin()                                   # the outputs are made), then the own rows
+        outs = outputs(False)
         local.rows_to_blocks(data, scales, idx, weights, in_rank, fmt, packed, me, num_local, outs, start, cumsum,
                              "own")
         local.blocks_to_rows(_addresses(window.receive(), device, False), counts, fmt, me, num_local, outs)
         window.release()
         return outs
+    outs = outputs(False)
     bases = _addresses(window.send, device, not staged)
     if window.begin is None:
         local.rows_to_blocks(data, scales, idx, weights, in_rank, fmt, bases, me, num_local, outs, start, cumsum,
