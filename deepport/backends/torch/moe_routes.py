@@ -272,21 +272,21 @@ def _split_wire(data: torch.Tensor, fmt: RowFormat, grp: MoEGroup) -> SplitWire 
     return SplitWire(RowFormat.of([("x", torch.uint8, row)]), RowFormat.of(side))
 
 
-def _store_peers(wire: SplitWire | None, fmt: RowFormat, data: torch.Tensor, scales: torch.Tensor | None,
+def _store_peers(formats: tuple[RowFormat, ...], data: torch.Tensor, scales: torch.Tensor | None,
                  idx: torch.Tensor, weights: torch.Tensor | None, in_rank: torch.Tensor, sent: torch.Tensor,
                  rows: int, places: torch.Tensor | None, me: int, num_local: int, local: LocalSteps,
                  outs: BlockOutputs | None = None) -> tuple[CountedParts, CountedParts | None]:
     """The other ranks' rows stored by ``local.rows_to_blocks`` into send buffers of ``rows`` rows, placed by
-    ``sent`` (int64 ``[R]`` on the device, the rows for each rank): ``fmt``'s packed rows, or with a ``wire`` the
-    payload rows and the side rows into one buffer each (the second entry). ``outs``: the outputs where they
-    exist already (after the host read; nothing of them is written)."""
+    ``sent`` (int64 ``[R]`` on the device, the rows for each rank), one buffer per format: the packed rows
+    (``(fmt,)``), or a :class:`SplitWire`'s payload rows and side rows (``(wire.x, wire.side)``, the second
+    entry). ``outs``: the outputs where they exist already (after the host read; nothing of them is written)."""
     assert local.rows_to_blocks is not None
     parts = []
-    for f in (fmt,) if wire is None else (wire.x, wire.side):
+    for f in formats:
         part = CountedParts(torch.empty(rows * f.row_bytes, dtype=torch.uint8, device=data.device), sent)
         local.rows_to_blocks(data, scales, idx, weights, in_rank, f, part, me, num_local, outs, 0, places, "peers")
         parts.append(part)
-    return parts[0], parts[1] if wire is not None else None
+    return parts[0], parts[1] if len(parts) > 1 else None
 
 
 def _split_exchange(wire: SplitWire, data: torch.Tensor, scales: torch.Tensor | None, idx: torch.Tensor,
@@ -306,7 +306,7 @@ def _split_exchange(wire: SplitWire, data: torch.Tensor, scales: torch.Tensor | 
     outs = None
     if early is None or early[1] is None:  # stored now (the outputs exist first: nothing of them is written)
         outs = rest(x_out)
-        early = _store_peers(wire, wire.x, data, scales, idx, weights, in_rank, sent,
+        early = _store_peers((wire.x, wire.side), data, scales, idx, weights, in_rank, sent,
                              sum(c for r, c in enumerate(sends) if r != me), cumsum, me, num_local, local, outs)
     xs, ss = early
     assert ss is not None
@@ -485,7 +485,8 @@ def _early_send(fmt: RowFormat, data: torch.Tensor, scales: torch.Tensor | None,
     bound = rows * (fmt.row_bytes if wire is None else wire.x.row_bytes + wire.side.row_bytes)
     if bound == 0 or bound > EARLY_SEND_BYTES:
         return None
-    return _store_peers(wire, fmt, data, scales, idx, weights, in_rank, table[:, 0].to(torch.int64), rows, places,
+    formats = (fmt,) if wire is None else (wire.x, wire.side)
+    return _store_peers(formats, data, scales, idx, weights, in_rank, table[:, 0].to(torch.int64), rows, places,
                         grp.rank, num_local, local)
 
 
