@@ -1,0 +1,222 @@
+"""The portable path's critical path on ONE GPU over real NCCL launches: rank 0 of a mirrored world of two.
+
+NCCL needs one GPU per rank, and two processes sharing one GPU time-slice it, which inflates every host and
+span figure (``tests.staged_cuda_host``). Here one process plays rank 0 of a world of two whose peer routes
+exactly as it does: the :class:`Mirror` transport hands every part rank 0 sends to rank 1 back to rank 0 as
+what rank 1 sent it (so every count and size agrees), moved by a real NCCL ``all_to_all_single`` on a group of
+one. So the host path is the one that runs between two GPUs: the same code, the same NCCL launch and stream
+ordering, the one count read; only the bytes cross HBM instead of NVLink (a copy of tens of µs instead of the
+~280 µs transfer). The payloads' contents are not the real peer's (rows "from rank 1" carry rank 1's expert
+ids), so nothing is checked against the reference here; ``tests/test_mirror_host_tool.py`` checks on CPU that
+the triton steps and the torch steps give the same bits under the mirror.
+
+Per step (median of ``--calls`` calls, GPU idle before each, as ``deepport bench`` times one eager call):
+
+- **to launch**: host µs from the call to the return of the payload exchange's launch (the largest launch of
+  the call): what the GPU waits for before the payload can move;
+- **read**: host µs from the call to the return of its one host read (0: no read), and **blocked** in it;
+- **wall**: host µs of the whole call; **span**: CUDA-event µs of the call on the caller's stream;
+- **launches**: exchanges launched per call.
+
+Then torch.profiler's kernels per call (GPU work besides the stand-in's copy). At EP=2 a dispatch can end no
+sooner than ``to launch`` + the transfer (raw NCCL's 4096-token exchange: 320 µs from its own call, its
+launch included) + the work after it (the copy out), so ``to launch`` is the host's share of the gap.
+
+``python -m tests.mirror_cuda_host [--calls N] [--cprofile STEP]``
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+TOKENS, HIDDEN, EXPERTS, TOPK = 4096, 7168, 256, 8
+
+
+class Mirror:
+    """A transport for rank 0 of a mirrored world of two: what this rank sends to each rank comes back as what
+    that rank sent (the receive sizes must equal the send sizes, as they do when every rank routes alike), moved
+    by one ``all_to_all_single`` on ``group`` (a real group of one: NCCL on a GPU, gloo on CPU). ``launches``
+    records ``(what, bytes, perf_counter after the launch returned)``."""
+
+    def __init__(self, group: Any) -> None:
+        self.group = group
+        self.launches: list[tuple[str, int, float]] = []
+
+    def start(self, out: torch.Tensor, send: torch.Tensor, recv_counts: Any, send_counts: Any, grp: Any,
+              what: str) -> Any:
+        from deepport.backends.torch.moe_comm import Pending
+
+        if (recv_counts is None) != (send_counts is None) or (
+                recv_counts is not None and list(recv_counts) != list(send_counts)):
+            raise RuntimeError(f"{what}: the mirror receives what it sends, got receive counts {recv_counts} "
+                               f"for send counts {send_counts}")
+        if out.shape != send.shape or out.dtype != send.dtype:
+            raise RuntimeError(f"{what}: the mirror needs equal buffers, got {tuple(out.shape)} {out.dtype} for "
+                               f"{tuple(send.shape)} {send.dtype}")
+        work = dist.all_to_all_single(out, send, group=self.group, async_op=True)
+        self.launches.append((what, send.numel() * send.element_size(), time.perf_counter()))
+        return Pending(what, grp, work, out, send)
+
+
+def mirrored(call: Any, group: Any) -> Any:
+    """``call`` (a bound MoE call of a group of one) as rank 0 of a world of two on ``group``'s communicator."""
+    from deepport.kernels.moe_args import MoEGroup
+
+    return dataclasses.replace(call, group=MoEGroup(group, 0, 2, str(dist.get_backend(group))))
+
+
+def steps(group: Any, device: torch.device, tokens: int = TOKENS, hidden: int = HIDDEN, experts: int = EXPERTS,
+          topk: int = TOPK) -> list[tuple[str, Callable[[], Any]]]:
+    """The timed calls: the raw exchange of the dispatch's payload bytes, the op layer, and the normal
+    dispatch and combine of the triton backend (early send, and stored after the read) and of the torch
+    steps, each the backend's implementation on a mirrored call (value checks off)."""
+    from deepport.backends.torch import moe_routes
+    from deepport.backends.torch.moe_local import TORCH
+    from deepport.backends.triton.moe_routes import ROUTES
+    from deepport.bench.configs.moe import routing
+    from deepport.dispatch import selection
+    from deepport.kernels import OPS, moe_combine, moe_dispatch
+
+    x, idx, w = routing(tokens, hidden, experts, topk, 2000, device)
+    first = moe_routes.dispatch(mirrored(moe_dispatch.bind(x, idx, w, experts, group=group), group), ROUTES)
+    handle = first.handle
+    assert isinstance(first.recv_x, torch.Tensor)
+    y = first.recv_x
+    payload = int(handle.send_counts[1]) * hidden * 2
+    send = torch.empty(payload, dtype=torch.uint8, device=device)
+    recv = torch.empty_like(send)
+
+    def raw() -> None:  # the payload's bytes alone, one launch, as the bench's raw NCCL row
+        dist.all_to_all_single(recv, send, group=group)
+
+    def op_layer() -> Any:
+        call = OPS["moe_dispatch"].bind(x, idx, w, experts, group=group)
+        return selection.choose("moe_dispatch", call.signature, "triton")
+
+    def dispatch(local: Any, late: bool = False) -> Callable[[], Any]:
+        def run() -> Any:
+            call = mirrored(moe_dispatch.bind(x, idx, w, experts, group=group), group)
+            if not late:
+                return moe_routes.dispatch(call, local)
+            saved = moe_routes.EARLY_SEND_BYTES
+            moe_routes.EARLY_SEND_BYTES = 0
+            try:
+                return moe_routes.dispatch(call, local)
+            finally:
+                moe_routes.EARLY_SEND_BYTES = saved
+        return run
+
+    def combine(local: Any) -> Callable[[], Any]:
+        def run() -> Any:
+            return moe_routes.combine(mirrored(moe_combine.bind(y, handle), group), local)
+        return run
+
+    return [("raw exchange (payload bytes)", raw), ("op layer (bind + choose)", op_layer),
+            ("triton: dispatch", dispatch(ROUTES)), ("triton: dispatch, late send", dispatch(ROUTES, True)),
+            ("triton: combine", combine(ROUTES)), ("torch: dispatch", dispatch(TORCH)),
+            ("torch: combine", combine(TORCH))]
+
+
+def one_call(step: Callable[[], Any], mirror: Mirror, device: torch.device) -> dict[str, float]:
+    """One call of ``step`` with the GPU idle before it: the module docstring's figures."""
+    from tests.peer_cuda_host import timed_reads
+
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+        end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+    mirror.launches.clear()
+    spans: list[tuple[float, float]] = []
+    with timed_reads(spans):
+        t0 = time.perf_counter()
+        if cuda:
+            start.record()
+        step()
+        if cuda:
+            end.record()
+        t1 = time.perf_counter()
+    if cuda:
+        torch.cuda.synchronize(device)
+    us = 1e6
+    biggest = max(mirror.launches, key=lambda launch: launch[1], default=None)
+    return {"to launch": 0.0 if biggest is None else (biggest[2] - t0) * us,
+            "read": (spans[-1][1] - t0) * us if spans else 0.0, "blocked": sum(b - a for a, b in spans) * us,
+            "wall": (t1 - t0) * us, "span": start.elapsed_time(end) * 1e3 if cuda else 0.0,
+            "launches": float(len(mirror.launches))}
+
+
+def table(group: Any, mirror: Mirror, device: torch.device, calls: int,
+          chosen: list[tuple[str, Callable[[], Any]]]) -> list[str]:
+    lines = [f"{'step':<32} {'to launch':>9} {'read':>8} {'blocked':>8} {'wall':>8} {'span':>8} {'launches':>8}"
+             f"   (us, median of {calls})"]
+    for name, step in chosen:
+        for _ in range(3):
+            step()
+        rows = [one_call(step, mirror, device) for _ in range(calls)]
+        med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+        lines.append(f"{name:<32} {med['to launch']:>9.1f} {med['read']:>8.1f} {med['blocked']:>8.1f} "
+                     f"{med['wall']:>8.1f} {med['span']:>8.1f} {med['launches']:>8.0f}")
+    return lines
+
+
+def kernels(name: str, step: Callable[[], Any], device: torch.device, calls: int = 5) -> list[str]:
+    """torch.profiler over ``calls`` calls: kernels and copies per call and their GPU time, the largest by name."""
+    torch.cuda.synchronize(device)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            step()
+        torch.cuda.synchronize(device)
+    found = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    by_name: dict[str, list[float]] = {}
+    for e in found:
+        by_name.setdefault(e.name, []).append(e.device_time)
+    lines = [f"profile {name}: {len(found) / calls:.0f} kernels/copies per call, "
+             f"{sum(e.device_time for e in found) / calls:.1f} us of GPU time per call"]
+    for kname, times in sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:14]:
+        lines.append(f"    {len(times) / calls:4.1f} x {sum(times) / calls:7.1f} us  {kname[:90]}")
+    return lines
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("no CUDA device")
+        return 2
+    from deepport.backends.torch import moe_comm
+    from tests.peer_cuda_host import _cprofile
+
+    calls = int(sys.argv[sys.argv.index("--calls") + 1]) if "--calls" in sys.argv else 20
+    profile = sys.argv[sys.argv.index("--cprofile") + 1] if "--cprofile" in sys.argv else ""
+    os.environ["DEEPPORT_CHECK_VALUES"] = "0"
+    device = torch.device("cuda", 0)
+    torch.cuda.set_device(device)
+    dist.init_process_group("nccl", init_method="tcp://127.0.0.1:29567", rank=0, world_size=1, device_id=device)
+    group = dist.group.WORLD
+    mirror = Mirror(group)
+    try:
+        with moe_comm.use_transport(mirror):  # type: ignore[arg-type]
+            chosen = steps(group, device)
+            print(f"issue 14's sizes: {TOKENS} tokens, hidden {HIDDEN}, top-{TOPK} of {EXPERTS}, rank 0 of a "
+                  "mirrored EP=2, NCCL launches on one GPU")
+            print("\n".join(table(group, mirror, device, calls, chosen)))
+            for name, step in chosen:
+                if name.endswith("dispatch") or name.endswith("combine"):
+                    print("\n".join(kernels(name, step, device)))
+                if profile and profile in name:
+                    print("\n".join(_cprofile(step, device, calls)))
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""``tests/mirror_cuda_host.py`` on the CPU (gloo group of one, triton through its interpreter): the mirrored
+world of two runs the staged dispatch and the combine through the same launches as between two ranks, and the
+triton steps give the torch steps' bits under it, so the host figures it takes on a GPU are of a path that
+computes what it should."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from deepport.backends.torch import moe_comm, moe_routes
+from deepport.backends.torch.moe_local import TORCH
+from deepport.backends.triton import _runtime
+from deepport.backends.triton.moe_routes import ROUTES
+from deepport.bench.configs.moe import routing
+from deepport.kernels import moe_combine, moe_dispatch
+from tests.mirror_cuda_host import Mirror, mirrored, steps, table
+
+pytestmark = pytest.mark.skipif(not _runtime.interpreting(), reason="the CPU check (TRITON_INTERPRET=1)")
+TOKENS, HIDDEN, EXPERTS, TOPK = 40, 256, 16, 4
+
+
+@pytest.fixture
+def one_rank(tmp_path: Path) -> Iterator[Any]:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
+def test_mirror_runs_the_staged_dispatch_with_the_torch_steps_bits(one_rank: Any) -> None:
+    mirror = Mirror(one_rank)
+    x, idx, w = routing(TOKENS, HIDDEN, EXPERTS, TOPK, 5, torch.device("cpu"))
+    with moe_comm.use_transport(mirror):  # type: ignore[arg-type]
+        staged = moe_routes.dispatch(mirrored(moe_dispatch.bind(x, idx, w, EXPERTS, group=one_rank), one_rank),
+                                     ROUTES)
+        launches = list(mirror.launches)
+        steps_ = moe_routes.dispatch(mirrored(moe_dispatch.bind(x, idx, w, EXPERTS, group=one_rank), one_rank),
+                                     TORCH)
+        h = staged.handle
+        assert h.world_size == 2 and h.rank == 0
+        sums = [moe_routes.combine(mirrored(moe_combine.bind(r.recv_x, r.handle), one_rank), local).combined_x
+                for r, local in ((staged, ROUTES), (steps_, TORCH))]
+    # the two exchanges of a dispatch (counts, then the payload rows for rank 1, which come back as rank 1's)
+    assert [what for what, _, _ in launches] == ["moe_dispatch (counts)", "moe_dispatch"]
+    assert h.recv_counts == h.send_counts and h.send_counts[1] > 0
+    assert launches[1][1] >= h.send_counts[1] * HIDDEN * 2
+    assert isinstance(staged.recv_x, torch.Tensor) and isinstance(steps_.recv_x, torch.Tensor)
+    assert torch.equal(staged.recv_x.view(torch.int16), steps_.recv_x.view(torch.int16))
+    assert torch.equal(staged.recv_topk_idx, steps_.recv_topk_idx)
+    assert staged.recv_topk_weights is not None and steps_.recv_topk_weights is not None
+    assert torch.equal(staged.recv_topk_weights, steps_.recv_topk_weights)
+    assert staged.num_recv_tokens_per_expert == steps_.num_recv_tokens_per_expert
+    assert torch.equal(h.recv_src_idx, steps_.handle.recv_src_idx)
+    # rows from "rank 1" are this rank's rows for rank 1: its token indices, their slots' local ids here
+    mine, local = h.recv_counts[0], EXPERTS // 2
+    tokens = torch.nonzero(h.is_token_in_rank[:, 1]).flatten()
+    assert torch.equal(h.recv_src_idx[mine:], tokens)
+    ids = idx[tokens]
+    assert torch.equal(staged.recv_topk_idx[mine:], torch.where((ids >= 0) & (ids < local), ids, -1))
+    a, b = (s.float() for s in sums)
+    assert torch.isfinite(a).all() and ((a - b).abs() <= b.abs() * 2**-7).all()
+
+
+def test_mirror_refuses_an_exchange_that_does_not_mirror(one_rank: Any) -> None:
+    from deepport.kernels.moe_args import MoEGroup
+
+    grp = MoEGroup(one_rank, 0, 2, "gloo")
+    send = torch.zeros(8, dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match="receives what it sends"):
+        Mirror(one_rank).start(torch.empty(8, dtype=torch.uint8), send, [0, 3], [0, 8], grp, "x")
+    with pytest.raises(RuntimeError, match="equal buffers"):
+        Mirror(one_rank).start(torch.empty(4, dtype=torch.uint8), send, [0, 8], [0, 8], grp, "x")
+
+
+def test_the_table_times_every_step_once(one_rank: Any) -> None:
+    mirror = Mirror(one_rank)
+    device = torch.device("cpu")
+    with moe_comm.use_transport(mirror):  # type: ignore[arg-type]
+        chosen = steps(one_rank, device, TOKENS, HIDDEN, EXPERTS, TOPK)
+        lines = table(one_rank, mirror, device, 1, chosen)
+    assert len(lines) == 1 + len(chosen)
+    rows = {line[:32].strip(): line[32:].split() for line in lines[1:]}
+    assert float(rows["triton: dispatch"][0]) > 0 and rows["triton: dispatch"][-1] == "2"
+    assert rows["triton: combine"][-1] == "1" and rows["op layer (bind + choose)"][-1] == "0"
