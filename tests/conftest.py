@@ -20,6 +20,7 @@ import dataclasses
 import os
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -107,6 +108,18 @@ def make_backend() -> Callable[..., Backend]:
 def mla_inputs() -> Callable[..., MLAInputs]:
     """Factory of small valid MLA decode inputs (defaults: b=2, s_q=2, h_q=4, h_kv=2, 64/32, page 16)."""
     return make_mla_inputs
+
+
+@pytest.fixture
+def one_rank(tmp_path: Path) -> Iterator[Any]:
+    """A gloo process group of one rank (this process) on the CPU, destroyed after the test."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
 
 
 @pytest.fixture

@@ -18,9 +18,10 @@ Per step (median of ``--calls`` calls, GPU idle before each, as ``deepport bench
 - **wall**: host µs of the whole call; **span**: CUDA-event µs of the call on the caller's stream;
 - **launches**: exchanges launched per call.
 
-Then torch.profiler's kernels per call (GPU work besides the stand-in's copy). At EP=2 a dispatch can end no
-sooner than ``to launch`` + the transfer (raw NCCL's 4096-token exchange: 320 µs from its own call, its
-launch included) + the work after it (the copy out), so ``to launch`` is the host's share of the gap.
+Then torch.profiler's kernels per call (``tests.staged_cuda_host``'s count; GPU work besides the stand-in's
+copy). At EP=2 a dispatch can end no sooner than ``to launch`` + the transfer (raw NCCL's 4096-token exchange:
+320 µs from its own call, its launch included) + the work after it (the copy out), so ``to launch`` is the
+host's share of the gap.
 
 ``python -m tests.mirror_cuda_host [--calls N] [--cprofile STEP]``
 """
@@ -169,30 +170,13 @@ def table(group: Any, mirror: Mirror, device: torch.device, calls: int,
     return lines
 
 
-def kernels(name: str, step: Callable[[], Any], device: torch.device, calls: int = 5) -> list[str]:
-    """torch.profiler over ``calls`` calls: kernels and copies per call and their GPU time, the largest by name."""
-    torch.cuda.synchronize(device)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            step()
-        torch.cuda.synchronize(device)
-    found = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    by_name: dict[str, list[float]] = {}
-    for e in found:
-        by_name.setdefault(e.name, []).append(e.device_time)
-    lines = [f"profile {name}: {len(found) / calls:.0f} kernels/copies per call, "
-             f"{sum(e.device_time for e in found) / calls:.1f} us of GPU time per call"]
-    for kname, times in sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:14]:
-        lines.append(f"    {len(times) / calls:4.1f} x {sum(times) / calls:7.1f} us  {kname[:90]}")
-    return lines
-
-
 def main() -> int:
     if not torch.cuda.is_available():
         print("no CUDA device")
         return 2
     from deepport.backends.torch import moe_comm
     from tests.peer_cuda_host import _cprofile
+    from tests.staged_cuda_host import _kernels
 
     calls = int(sys.argv[sys.argv.index("--calls") + 1]) if "--calls" in sys.argv else 20
     profile = sys.argv[sys.argv.index("--cprofile") + 1] if "--cprofile" in sys.argv else ""
@@ -210,7 +194,7 @@ def main() -> int:
             print("\n".join(table(group, mirror, device, calls, chosen)))
             for name, step in chosen:
                 if name.endswith("dispatch") or name.endswith("combine"):
-                    print("\n".join(kernels(name, step, device)))
+                    print("\n".join(_kernels(name, step, device)))
                 if profile and profile in name:
                     print("\n".join(_cprofile(step, device, calls)))
     finally:

@@ -14,7 +14,6 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -157,17 +156,6 @@ def test_static_buffers_hand_every_bound_call_the_same_memory() -> None:
 
 
 # ---- one rank's path, in a 1-rank gloo group -----------------------------------------------------------------------
-
-@pytest.fixture
-def one_rank(tmp_path: Path) -> Iterator[Any]:
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        yield dist.group.WORLD
-    finally:
-        dist.destroy_process_group()
-
 
 def _spec(op: str, backends: list[str]) -> dict[str, Any]:
     return {"op": op, "device_type": "cpu", "world_size": 1, "tokens": 20, "max_tokens_per_rank": 24, "hidden": 256,

@@ -5,8 +5,6 @@ computes what it should."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,17 +22,6 @@ from tests.mirror_cuda_host import Mirror, mirrored, steps, table
 
 pytestmark = pytest.mark.skipif(not _runtime.interpreting(), reason="the CPU check (TRITON_INTERPRET=1)")
 TOKENS, HIDDEN, EXPERTS, TOPK = 40, 256, 16, 4
-
-
-@pytest.fixture
-def one_rank(tmp_path: Path) -> Iterator[Any]:
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        yield dist.group.WORLD
-    finally:
-        dist.destroy_process_group()
 
 
 def test_mirror_runs_the_staged_dispatch_with_the_torch_steps_bits(one_rank: Any) -> None:
