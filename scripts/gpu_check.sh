@@ -45,6 +45,8 @@
 #                                          (CUDA IPC mapping, flag kernel, chunks, the one-launch fixed exchange,
 #                                          graph replays, both stall records; the exchange kernel in loopback, timed):
 #                                          what one GPU can check of issue 14's hopper path (tests/peer_cuda_one_gpu.py)
+#   bash scripts/gpu_check.sh ep-host-1gpu the portable path's host path over real NCCL launches (tests/mirror_cuda_host.py),
+#                                          NCCL launch costs, the staged checks and the MoE GPU tests (~10 min at most)
 set -uo pipefail
 stage="${1:-mla}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -258,10 +260,23 @@ SHAPES
         python3 -m tests.peer_cuda_one_gpu $mode >> "$OUT/peer_1gpu.txt" 2>&1; echo "exit $?" >> "$OUT/peer_1gpu.txt"
     done
     cat "$OUT/peer_1gpu.txt" ;;
+  ep-host-1gpu)  # issue 14 on one GPU: the portable path's host path over real NCCL launches (a mirrored EP=2), the
+    environment   # launch costs, the staged path's checks (two processes, stand-in transport), the MoE GPU tests
+    export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 DEEPPORT_CHECK_VALUES=0
+    step() { local name=$1 limit=$2; shift 2; local t=$SECONDS; timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1
+             echo "$name: exit $? in $((SECONDS - t)) s"; }
+    step mirror 150 python3 -m tests.mirror_cuda_host --calls 20
+    step mirror_cprofile 90 python3 -m tests.mirror_cuda_host --calls 10 --cprofile "triton: dispatch"
+    step nccl_launch 90 python3 -m tests.nccl_launch_host
+    step staged_peer 200 python3 -m tests.staged_cuda_host --calls 10 --via peer
+    step gpu_ep 130 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_torch_moe_ep.py tests/test_triton_moe.py \
+      tests/test_hopper_peer_transport.py tests/test_moe_gpu.py
+    grep -vE "Warning|_warn_once" "$OUT/mirror.txt" | head -n 40; tail -n 8 "$OUT/nccl_launch.txt"
+    grep -E "checks|synchronizing" "$OUT/staged_peer.txt"; tail -n 3 "$OUT/gpu_ep.txt" ;;
   bench)
     environment
     python3 -m deepport bench --device cuda --out "$OUT/bench" 2>&1 | tail -n 80
     cp "$OUT/bench/bench.json" "$OUT/bench.json" 2>/dev/null; cp "$OUT/bench/bench.png" "$OUT/bench.png" 2>/dev/null
     rm -rf "$OUT/bench" ;;
-  *) echo "unknown stage $stage (mla, fp8, moe-tests, cert-a, cert-b, part NAME, merge, parts-start, parts-collect, cpu-cert-start, cpu-cert-collect, hopper-mla, ecosystem, profile, profile-mla, bench, tune, moe-verify, backends, selection, peer-1gpu)"; exit 2 ;;
+  *) echo "unknown stage $stage (mla, fp8, moe-tests, cert-a, cert-b, part NAME, merge, parts-start, parts-collect, cpu-cert-start, cpu-cert-collect, hopper-mla, ecosystem, profile, profile-mla, bench, tune, moe-verify, backends, selection, peer-1gpu, ep-host-1gpu)"; exit 2 ;;
 esac
