@@ -23,7 +23,11 @@ copy). At EP=2 a dispatch can end no sooner than ``to launch`` + the transfer (r
 320 µs from its own call, its launch included) + the work after it (the copy out), so ``to launch`` is the
 host's share of the gap.
 
-``python -m tests.mirror_cuda_host [--calls N] [--cprofile STEP]``
+With ``--timeline``, one call of the triton dispatch as a timeline: when each piece of its host path (the
+routing's functions, the backend's steps, the launches, torch's allocations and small ops, the stream calls)
+started and ended, µs from the call (medians over the calls).
+
+``python -m tests.mirror_cuda_host [--calls N] [--cprofile STEP] [--timeline]``
 """
 
 from __future__ import annotations
@@ -170,6 +174,90 @@ def table(group: Any, mirror: Mirror, device: torch.device, calls: int,
     return lines
 
 
+def _timed_pieces() -> list[tuple[Any, str]]:
+    """``(owner, attribute)`` of every piece :func:`timeline` times."""
+    from deepport.backends.torch import moe_chunks, moe_comm, moe_routes
+
+    routes = ["_row_format", "_split_wire", "exchange_table", "_count_reader", "_early_send", "_store_peers",
+              "_read_counts", "_dispatch_blocks", "staged_rows_window", "_addresses", "device_ints", "dense",
+              "local_ids", "MoEHandle", "Received"]
+    return ([(moe_routes, name) for name in routes] + [(moe_comm, "start_all_to_all"), (moe_chunks, "payload_chunks")]
+            + [(torch, name) for name in ("empty", "zeros", "cumsum", "cat", "tensor", "full")]
+            + [(torch.Tensor, name) for name in ("to", "contiguous", "clone", "sum", "tolist", "record_stream",
+                                                  "copy_", "fill_")]
+            + [(torch.cuda.Stream, name) for name in ("wait_event", "wait_stream", "record_event")]
+            + [(torch.cuda.Event, "record"), (torch.cuda, "current_stream"), (torch.cuda, "stream")])
+
+
+def dispatch_runner(group: Any, device: torch.device, tokens: int = TOKENS, hidden: int = HIDDEN,
+                    experts: int = EXPERTS, topk: int = TOPK) -> Callable[[Any], Any]:
+    """A mirrored normal dispatch on given local steps (value checks off by the caller)."""
+    from deepport.backends.torch import moe_routes
+    from deepport.bench.configs.moe import routing
+    from deepport.kernels import moe_dispatch
+
+    x, idx, w = routing(tokens, hidden, experts, topk, 2000, device)
+
+    def run(local: Any) -> Any:
+        return moe_routes.dispatch(mirrored(moe_dispatch.bind(x, idx, w, experts, group=group), group), local)
+
+    return run
+
+
+def timeline(step: Callable[[Any], Any], device: torch.device, calls: int, local_steps: Any) -> list[str]:
+    """``step(local)`` (a dispatch on ``local_steps``' steps, wrapped) ``calls`` times with every piece of
+    :func:`_timed_pieces` and the backend's steps wrapped with a timer: per piece (by name and order of entry),
+    the median start and end in µs from the call's start, nested calls indented under their caller."""
+    from deepport.backends.triton import moe_routes as triton_routes
+
+    events: list[tuple[str, float, float]] = []
+    depth = [0]
+
+    def timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            at = len(events)
+            events.append(("  " * depth[0] + name, 0.0, 0.0))  # in order of entry, indented by nesting
+            depth[0] += 1
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                depth[0] -= 1
+                events[at] = (events[at][0], t0, time.perf_counter())
+        return run
+
+    saved = [(owner, name, getattr(owner, name)) for owner, name in _timed_pieces()]
+    routes = triton_routes.ROUTES
+    wrapped = {f: timed(f"steps.{f}", getattr(routes, f)) for f in ("layout_table", "rows_to_blocks",
+                                                                      "blocks_to_rows", "receive_meta")
+               if getattr(routes, f) is not None}
+    runs: list[list[tuple[str, float, float]]] = []
+    try:
+        for owner, name, fn in saved:
+            setattr(owner, name, timed(f"{getattr(owner, '__name__', owner)}.{name}", fn))
+        local = dataclasses.replace(local_steps, **wrapped)
+        for i in range(calls + 3):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            events.clear()
+            t0 = time.perf_counter()
+            step(local)
+            t1 = time.perf_counter()
+            if i >= 3:
+                runs.append([(name, a - t0, b - t0) for name, a, b in events] + [("(call)", 0.0, t1 - t0)])
+    finally:
+        for owner, name, fn in saved:
+            setattr(owner, name, fn)
+    lines = [f"timeline of one triton dispatch (medians of {calls} calls, us from the call; nested pieces indented):",
+             f"    {'start':>8} {'end':>8} {'took':>7}  piece"]
+    for i, (name, _, _) in enumerate(runs[0]):
+        same = [r[i] for r in runs if len(r) == len(runs[0]) and r[i][0] == name]
+        a = statistics.median(e[1] for e in same) * 1e6
+        b = statistics.median(e[2] for e in same) * 1e6
+        lines.append(f"    {a:8.1f} {b:8.1f} {b - a:7.1f}  {name.replace('deepport.backends.', '')}")
+    return lines
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("no CUDA device")
@@ -192,6 +280,10 @@ def main() -> int:
             print(f"issue 14's sizes: {TOKENS} tokens, hidden {HIDDEN}, top-{TOPK} of {EXPERTS}, rank 0 of a "
                   "mirrored EP=2, NCCL launches on one GPU")
             print("\n".join(table(group, mirror, device, calls, chosen)))
+            if "--timeline" in sys.argv:
+                from deepport.backends.triton.moe_routes import ROUTES
+
+                print("\n".join(timeline(dispatch_runner(group, device), device, calls, ROUTES)))
             for name, step in chosen:
                 if name.endswith("dispatch") or name.endswith("combine"):
                     print("\n".join(_kernels(name, step, device)))

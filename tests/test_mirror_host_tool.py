@@ -79,3 +79,20 @@ def test_the_table_times_every_step_once(one_rank: Any) -> None:
     rows = {line[:32].strip(): line[32:].split() for line in lines[1:]}
     assert float(rows["triton: dispatch"][0]) > 0 and rows["triton: dispatch"][-1] == "2"
     assert rows["triton: combine"][-1] == "1" and rows["op layer (bind + choose)"][-1] == "0"
+
+
+def test_the_timeline_lists_the_pieces_of_a_dispatch_in_order(one_rank: Any) -> None:
+    from tests.mirror_cuda_host import dispatch_runner, timeline
+
+    with moe_comm.use_transport(Mirror(one_rank)):  # type: ignore[arg-type]
+        lines = timeline(dispatch_runner(one_rank, torch.device("cpu"), TOKENS, HIDDEN, EXPERTS, TOPK),
+                         torch.device("cpu"), 2, ROUTES)
+    pieces = [line.split()[-1] for line in lines[2:]]
+    assert pieces[-1] == "(call)" and "steps.layout_table" in pieces and "steps.blocks_to_rows" in pieces
+    starts = [float(line.split()[0]) for line in lines[2:-1]]
+    assert starts == sorted(starts) and pieces.index("torch.moe_routes._read_counts") < \
+        pieces.index("steps.blocks_to_rows")
+    nested = next(line for line in lines if line.endswith("steps.blocks_to_rows"))
+    assert nested.index("steps.") > lines[-1].index("(call)")  # inside _dispatch_blocks: indented
+    # torch and Tensor methods are restored afterwards
+    assert torch.empty.__module__ != __name__ and "run" not in repr(torch.Tensor.to)
