@@ -27,7 +27,10 @@ With ``--timeline``, one call of the triton dispatch as a timeline: when each pi
 routing's functions, the backend's steps, the launches, torch's allocations and small ops, the stream calls)
 started and ended, µs from the call (medians over the calls).
 
-``python -m tests.mirror_cuda_host [--calls N] [--cprofile STEP] [--timeline]``
+With ``--ops``, torch.profiler's host side of the triton dispatch: the aten ops and CUDA runtime calls by self
+host time per call.
+
+``python -m tests.mirror_cuda_host [--calls N] [--cprofile STEP] [--timeline] [--ops]``
 """
 
 from __future__ import annotations
@@ -258,6 +261,23 @@ def timeline(step: Callable[[Any], Any], device: torch.device, calls: int, local
     return lines
 
 
+def host_ops(step: Callable[[], Any], device: torch.device, calls: int = 10) -> list[str]:
+    """torch.profiler (CPU and CUDA activity) over ``calls`` calls of ``step``: the host's ops and runtime calls
+    by self CPU time, per call."""
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize(device)
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(calls):
+            step()
+            torch.cuda.synchronize(device)
+    rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:30]
+    lines = [f"host ops of the triton dispatch (torch.profiler, {calls} calls; self host us per call, calls per call):"]
+    lines += [f"    {e.self_cpu_time_total / calls:8.1f} {e.count / calls:5.1f}  {e.key[:90]}" for e in rows]
+    return lines
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("no CUDA device")
@@ -284,6 +304,8 @@ def main() -> int:
                 from deepport.backends.triton.moe_routes import ROUTES
 
                 print("\n".join(timeline(dispatch_runner(group, device), device, calls, ROUTES)))
+            if "--ops" in sys.argv:
+                print("\n".join(host_ops(dict(chosen)["triton: dispatch"], device)))
             for name, step in chosen:
                 if name.endswith("dispatch") or name.endswith("combine"):
                     print("\n".join(_kernels(name, step, device)))
