@@ -85,8 +85,9 @@ def mirrored(call: Any, group: Any) -> Any:
 def steps(group: Any, device: torch.device, tokens: int = TOKENS, hidden: int = HIDDEN, experts: int = EXPERTS,
           topk: int = TOPK) -> list[tuple[str, Callable[[], Any]]]:
     """The timed calls: the raw exchange of the dispatch's payload bytes, the op layer, and the normal
-    dispatch and combine of the triton backend (early send, and stored after the read) and of the torch
-    steps, each the backend's implementation on a mirrored call (value checks off)."""
+    dispatch and combine of the triton backend (its routing up to the read in one step, a CUDA graph on a GPU;
+    step by step with the early send, and stored after the read) and of the torch steps, each the backend's
+    implementation on a mirrored call (value checks off)."""
     from deepport.backends.torch import moe_routes
     from deepport.backends.torch.moe_local import TORCH
     from deepport.backends.triton.moe_routes import ROUTES
@@ -129,7 +130,10 @@ def steps(group: Any, device: torch.device, tokens: int = TOKENS, hidden: int = 
         return run
 
     return [("raw exchange (payload bytes)", raw), ("op layer (bind + choose)", op_layer),
-            ("triton: dispatch", dispatch(ROUTES)), ("triton: dispatch, late send", dispatch(ROUTES, True)),
+            ("triton: dispatch", dispatch(ROUTES)),
+            ("triton: dispatch, step by step", dispatch(dataclasses.replace(ROUTES, route_prelude=None))),
+            ("triton: dispatch, step by step, late send",
+             dispatch(dataclasses.replace(ROUTES, route_prelude=None), True)),
             ("triton: combine", combine(ROUTES)), ("torch: dispatch", dispatch(TORCH)),
             ("torch: combine", combine(TORCH))]
 
@@ -165,14 +169,14 @@ def one_call(step: Callable[[], Any], mirror: Mirror, device: torch.device) -> d
 
 def table(group: Any, mirror: Mirror, device: torch.device, calls: int,
           chosen: list[tuple[str, Callable[[], Any]]]) -> list[str]:
-    lines = [f"{'step':<32} {'to launch':>9} {'read':>8} {'blocked':>8} {'wall':>8} {'span':>8} {'launches':>8}"
+    lines = [f"{'step':<42} {'to launch':>9} {'read':>8} {'blocked':>8} {'wall':>8} {'span':>8} {'launches':>8}"
              f"   (us, median of {calls})"]
     for name, step in chosen:
         for _ in range(3):
             step()
         rows = [one_call(step, mirror, device) for _ in range(calls)]
         med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
-        lines.append(f"{name:<32} {med['to launch']:>9.1f} {med['read']:>8.1f} {med['blocked']:>8.1f} "
+        lines.append(f"{name:<42} {med['to launch']:>9.1f} {med['read']:>8.1f} {med['blocked']:>8.1f} "
                      f"{med['wall']:>8.1f} {med['span']:>8.1f} {med['launches']:>8.0f}")
     return lines
 
@@ -231,7 +235,7 @@ def timeline(step: Callable[[Any], Any], device: torch.device, calls: int, local
 
     saved = [(owner, name, getattr(owner, name)) for owner, name in _timed_pieces()]
     routes = triton_routes.ROUTES
-    wrapped = {f: timed(f"steps.{f}", getattr(routes, f)) for f in ("layout_table", "rows_to_blocks",
+    wrapped = {f: timed(f"steps.{f}", getattr(routes, f)) for f in ("route_prelude", "layout_table", "rows_to_blocks",
                                                                       "blocks_to_rows", "receive_meta")
                if getattr(routes, f) is not None}
     runs: list[list[tuple[str, float, float]]] = []

@@ -549,9 +549,9 @@ def low_latency_steps(rank: int, group: Any, device: torch.device, params: dict[
 def normal_token_rows(rank: int, group: Any, device: torch.device, params: dict[str, Any],
                       seed: int = 0) -> dict[str, Any]:
     """The normal dispatch with the triton backend's steps (its routing counts in one kernel, as the count table
-    or as counts; staged with the early send and without it, or packed by index) against the torch steps bit for
-    bit; the normal combine (no weights) with them: each token's
-    returned rows summed by ``token_rows_into`` straight into the bf16 output, against the same steps without
+    or as counts; staged with the early send and without it, or packed by index; its routing up to the read in one
+    step, ``route_prelude``, three calls) against the torch steps bit for bit; the normal combine (no weights)
+    with them: each token's returned rows summed by ``token_rows_into`` straight into the bf16 output, against the same steps without
     it (``sum_rows``, then a copy) bit for bit, and within one bf16 step of the torch steps; which step ran is
     counted."""
     import dataclasses
@@ -566,7 +566,8 @@ def normal_token_rows(rank: int, group: Any, device: torch.device, params: dict[
 
     assert ROUTES.token_rows_into is not None and ROUTES.sum_rows is not None and ROUTES.layout_counts is not None
     assert ROUTES.layout_table is not None and ROUTES.rows_to_blocks is not None and ROUTES.rank_rows_at is not None
-    fused = dataclasses.replace(ROUTES, token_rows_into=counted("token_rows_into", ROUTES.token_rows_into),
+    fused = dataclasses.replace(ROUTES, route_prelude=None,  # step by step: the prelude runs below, apart
+                                token_rows_into=counted("token_rows_into", ROUTES.token_rows_into),
                                 sum_rows=counted("sum_rows", ROUTES.sum_rows),
                                 layout_counts=counted("layout_counts", ROUTES.layout_counts),
                                 layout_table=counted("layout_table", ROUTES.layout_table),
@@ -576,6 +577,16 @@ def normal_token_rows(rank: int, group: Any, device: torch.device, params: dict[
     gathered = dataclasses.replace(fused, rows_to_blocks=None)  # packed by index, not straight into the send buffer
     by_table = dataclasses.replace(fused, rank_rows_at=None)  # the combine's per-token table, not the staged sum
     plain = dataclasses.replace(ROUTES, token_rows_into=None, rank_rows_at=None)
+    assert ROUTES.route_prelude is not None
+    route_prelude = ROUTES.route_prelude
+
+    def prelude_taken(*args: Any) -> Any:
+        found = route_prelude(*args)
+        if found is not None:
+            used["route_prelude"] += 1
+        return found
+
+    prelude = dataclasses.replace(ROUTES, route_prelude=prelude_taken)
     x = _inputs(rank, params, seed)
     data, idx, w = x["x"].to(device), x["topk_idx"].to(device), x["topk_weights"].to(device)
     bad: list[str] = []
@@ -592,6 +603,18 @@ def normal_token_rows(rank: int, group: Any, device: torch.device, params: dict[
             for steps in (TORCH, fused, counts_only, gathered))
         moe_routes.EARLY_SEND_BYTES = 0  # the staged order without the early send: every row stored after the read
         late = moe_routes.dispatch(moe_dispatch.bind(data, idx, w, int(params["experts"]), group=group), counts_only)
+        moe_routes.EARLY_SEND_BYTES = bound
+        # the routing up to the read in one step (on a GPU a CUDA graph: eager, captured, replayed; on CPU its
+        # eager record, made to apply here), then the staged exchange
+        from deepport.backends.triton import moe_route_graph
+
+        applies = moe_route_graph.collective_prelude
+        moe_route_graph.collective_prelude = lambda d: True  # type: ignore[assignment]
+        try:
+            stepped = [moe_routes.dispatch(moe_dispatch.bind(data, idx, w, int(params["experts"]), group=group),
+                                           prelude) for _ in range(3)]
+        finally:
+            moe_route_graph.collective_prelude = applies  # type: ignore[assignment]
     finally:
         moe_routes.EARLY_SEND_BYTES = bound
         dist.batch_isend_irecv = original  # type: ignore[assignment]
@@ -600,7 +623,7 @@ def normal_token_rows(rank: int, group: Any, device: torch.device, params: dict[
         else:
             os.environ[moe_routes.WIRE_ENV] = saved
     for how, ran in (("layout_table", mine), ("layout_counts", by_counts), ("gathered", by_index),
-                     ("sent after the read", late)):
+                     ("sent after the read", late), *((f"prelude, call {i}", r) for i, r in enumerate(stepped))):
         for name in ("recv_x", "recv_topk_idx", "recv_topk_weights", "num_recv_tokens_per_expert"):
             _same(f"dispatch {name} ({how})", getattr(ran, name), getattr(got, name), bad)
         for name in ("send_counts", "recv_counts", "recv_src_idx", "is_token_in_rank"):

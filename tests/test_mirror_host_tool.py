@@ -76,7 +76,7 @@ def test_the_table_times_every_step_once(one_rank: Any) -> None:
         chosen = steps(one_rank, device, TOKENS, HIDDEN, EXPERTS, TOPK)
         lines = table(one_rank, mirror, device, 1, chosen)
     assert len(lines) == 1 + len(chosen)
-    rows = {line[:32].strip(): line[32:].split() for line in lines[1:]}
+    rows = {line[:42].strip(): line[42:].split() for line in lines[1:]}
     assert float(rows["triton: dispatch"][0]) > 0 and rows["triton: dispatch"][-1] == "2"
     assert rows["triton: combine"][-1] == "1" and rows["op layer (bind + choose)"][-1] == "0"
 
@@ -96,3 +96,30 @@ def test_the_timeline_lists_the_pieces_of_a_dispatch_in_order(one_rank: Any) -> 
     assert nested.index("steps.") > lines[-1].index("(call)")  # inside _dispatch_blocks: indented
     # torch and Tensor methods are restored afterwards
     assert torch.empty.__module__ != __name__ and "run" not in repr(torch.Tensor.to)
+
+
+def test_the_collective_prelude_gives_the_torch_steps_bits(one_rank: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The routing up to the read as one step over ``all_to_all_single`` (on a GPU a CUDA graph; here its eager
+    record, the same work): two dispatches of one shape reuse its buffers, and each equals the torch steps."""
+    from deepport.backends.triton import moe_route_graph
+
+    monkeypatch.setattr(moe_route_graph, "collective_prelude", lambda device: True)
+    mirror = Mirror(one_rank)
+    got, want = [], []
+    with moe_comm.use_transport(mirror):  # type: ignore[arg-type]
+        for seed in (5, 6):
+            x, idx, w = routing(TOKENS, HIDDEN, EXPERTS, TOPK, seed, torch.device("cpu"))
+            call = mirrored(moe_dispatch.bind(x, idx, w, EXPERTS, group=one_rank), one_rank)
+            got.append(moe_routes.dispatch(call, ROUTES))
+            assert [what for what, _, _ in mirror.launches[-2:]] == ["moe_dispatch (counts)", "moe_dispatch"]
+            want.append(moe_routes.dispatch(call, TORCH))
+        assert moe_route_graph.usage(mirror)[0] == 2  # both routings took the prelude (keyed by the transport)
+    for a, b in zip(got, want, strict=True):  # the first result intact after the second call
+        assert isinstance(a.recv_x, torch.Tensor) and isinstance(b.recv_x, torch.Tensor)
+        assert torch.equal(a.recv_x.view(torch.int16), b.recv_x.view(torch.int16))
+        assert torch.equal(a.recv_topk_idx, b.recv_topk_idx)
+        assert a.recv_topk_weights is not None and b.recv_topk_weights is not None
+        assert torch.equal(a.recv_topk_weights, b.recv_topk_weights)
+        assert a.num_recv_tokens_per_expert == b.num_recv_tokens_per_expert
+        assert torch.equal(a.handle.recv_src_idx, b.handle.recv_src_idx)
+        assert torch.equal(a.handle.is_token_in_rank, b.handle.is_token_in_rank)

@@ -197,11 +197,13 @@ def test_triton_normal_combine_sums_each_token_in_one_kernel(world: int, params:
         early = {"rows_to_blocks before the read": 2 * (stores - 1)} if p["tokens"][rank] else {}
         used = dict(got["used"])
         moves = used.pop("batch_isend_irecv", 0)
+        prelude = {"route_prelude": 3} if p["tokens"][rank] else {}  # three dispatches, the routing in one step
         want = {"token_rows_into": 1 if staged else 2, "layout_table": 2, "layout_counts": 2,
-                "rows_to_blocks": 3 * stores, **early, **({"rank_rows_at": 1} if staged else {})}
+                "rows_to_blocks": 3 * stores, **early, **({"rank_rows_at": 1} if staged else {}), **prelude}
         assert used == want, (rank, used)
-        # split: each staged run's payload in one grouped launch (a rank with tokens always has some to send)
-        assert (moves == 3 if p["tokens"][rank] else moves <= 3) if split else moves == 0, (rank, moves)
+        # split: each staged run's payload in one grouped launch (a rank with tokens always has some to send): three
+        # runs step by step, three after the prelude
+        assert (moves == 6 if p["tokens"][rank] else moves <= 6) if split else moves == 0, (rank, moves)
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -408,13 +410,15 @@ def test_two_rank_nccl_collectives_syncs_and_agreement() -> None:
     # triton's steps over NCCL: staged straight into the collective's buffers, against packing by index and torch;
     # the split wire (payload and side rows stored apart, moved by one grouped point-to-point launch per staged run)
     # and the packed one (one row per token and destination, one all_to_all_single)
-    for wire, stores, moves in (("split", 9, 3), ("packed", 6, 0)):
+    # (split: 3 grouped launches step by step, 3 after the prelude)
+    for wire, stores, moves in (("split", 9, 6), ("packed", 6, 0)):
         for rank, got in enumerate(rank_group(2, "cuda").run(f"{JOBS}:normal_token_rows", 2,
                                                              params={**params, "wire": wire}, seed=3)):
             assert got["bad"] == [] and got["used"].get("rows_to_blocks") == stores, (wire, rank, got)
             assert got["used"].get("rows_to_blocks before the read") == 2 * (stores // 3 - 1), (wire, rank, got)
             assert got["used"].get("batch_isend_irecv", 0) == moves, (wire, rank, got)
             assert got["used"].get("rank_rows_at") == 1, (wire, rank, got)
+            assert got["used"].get("route_prelude") == 3, (wire, rank, got)  # eager, captured, replayed
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(

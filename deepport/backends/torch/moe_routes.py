@@ -380,7 +380,7 @@ def _dispatch_blocks(fmt: RowFormat, data: torch.Tensor, scales: torch.Tensor | 
                             torch.empty((t, grp.world_size), dtype=torch.bool, device=device) if copies else None,
                             torch.empty((t, k), dtype=torch.int64, device=device) if copies else None)
 
-    if prelude is not None and local.blocks_exchange is not None:  # the backend's whole exchange in one step
+    if prelude is not None and local.blocks_exchange is not None and not staged:  # the backend's whole exchange
         outs = outputs(True)
         if local.blocks_exchange(prelude, fmt, data, scales, weights, sends, recvs, outs, grp, num_local, what):
             return outs

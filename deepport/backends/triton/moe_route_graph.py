@@ -12,8 +12,14 @@ rows) for ``rows_to_blocks``. Its count exchange is the transport's one-launch f
 table the eager path sends, so a rank on either path agrees with its peers. The first call of a shape runs
 the same work eagerly (compiling the kernels); the second captures it. Without CUDA, inside a caller's
 capture, with ``DEEPPORT_MOE_GRAPHS=0``, or where the transport has no one-launch exchange for the table,
-the same steps run eagerly (``DEEPPORT_MOE_GRAPHS`` is read per call: a captured graph waits unused). The
-exchange through the blocks that follows (:func:`blocks_exchange`: ``rows_to_blocks`` and ``blocks_to_rows``
+the same steps run eagerly (``DEEPPORT_MOE_GRAPHS`` is read per call: a captured graph waits unused).
+
+Over ``all_to_all_single`` (no transport made active: NCCL between GPUs; :func:`collective_prelude`) the same
+routing is captured with the count exchange as an equal-split ``all_to_all_single`` in the graph, keyed by the
+process group: the host's dozen calls before its read become one copy, one replay and the read. Every rank
+captures its own graph of the same collective, so a rank replaying and a rank running it eagerly (a rank
+without tokens, or one whose capture failed) meet in the same NCCL call. The exchange through the blocks that
+follows over a peer transport that follows (:func:`blocks_exchange`: ``rows_to_blocks`` and ``blocks_to_rows``
 reading this call's addresses from a table one eager kernel writes, with the flags) is captured over the
 routing's graph and replayed after it. Calls over one transport run on one stream (the graph's buffers are reused
 from call to call in stream order): the returned ``in_rank``, ``table``, ``got``, ``cumsum`` and ``per_expert``
@@ -185,7 +191,8 @@ def blocks_exchange(pre: RoutePrelude, fmt: RowFormat, data: torch.Tensor, scale
     own graph is captured (module docstring); False, nothing started, where it does not apply (the caller checked
     that every part fits a block)."""
     program = pre.state
-    if not isinstance(program, _Program) or program.outputs is None or "meta" not in fmt.names:
+    if not isinstance(program, _Program) or program.outputs is None or "meta" not in fmt.names \
+            or not moe_comm.offers_rows_window(grp):
         return False
     x = data.contiguous()
     raw = x.view(torch.uint8)
@@ -232,16 +239,19 @@ _PROGRAMS: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], _Program]] = wea
 
 def route_prelude(idx: torch.Tensor, num_experts: int, grp: MoEGroup, what: str) -> RoutePrelude | None:
     """``LocalSteps.route_prelude``: the normal dispatch's layout, count exchange and host read of the counts for
-    ``idx`` (int64 ``[T, K]``) through the active transport (module docstring); None, nothing started, where
-    this path does not apply (no transport with a one-launch exchange for the table, one rank, no tokens)."""
+    ``idx`` (int64 ``[T, K]``) through the active transport or ``all_to_all_single`` (module docstring); None,
+    nothing started, where this path does not apply (neither a transport with a one-launch exchange for the table
+    nor a collective one on a GPU, one rank, no tokens)."""
     transport = moe_comm.active_transport()
     world = grp.world_size
     tokens, topk = int(idx.shape[0]), int(idx.shape[1])
-    if transport is None or world < 2 or tokens == 0 or topk == 0 \
-            or not moe_comm.exchanges_in_one_step(8 * (1 + num_experts // world), grp):
+    if world < 2 or tokens == 0 or topk == 0:
+        return None
+    one_step = transport is not None and moe_comm.exchanges_in_one_step(8 * (1 + num_experts // world), grp)
+    if not one_step and not (moe_comm.collective_transport(grp) and collective_prelude(idx.device)):
         return None
     key = (tokens, topk, num_experts, world, grp.rank, str(idx.device))
-    programs = _PROGRAMS.setdefault(transport, {})
+    programs = _PROGRAMS.setdefault(transport if transport is not None else grp.group, {})
     program = programs.get(key)
     if program is None:
         program = programs[key] = _Program(tokens, topk, num_experts, world, idx.device)
@@ -263,6 +273,14 @@ def route_prelude(idx: torch.Tensor, num_experts: int, grp: MoEGroup, what: str)
     in_rank, table, got, cumsum, per_expert = program.outputs
     return RoutePrelude(in_rank, table, got, cumsum, per_expert, host[:world], host[world: 2 * world],
                         host[2 * world:], program)
+
+
+def collective_prelude(device: torch.device) -> bool:
+    """Whether :func:`route_prelude` takes the routing over a collective transport (``all_to_all_single``, NCCL
+    between GPUs: the count exchange is an equal split, which a CUDA graph captures like any kernel): on a GPU,
+    outside Triton's interpreter. Elsewhere (gloo on CPU) the routing runs step by step, its send buffer filled
+    before the read (``moe_routes._early_send``)."""
+    return device.type == "cuda" and not interpreting()
 
 
 def _may_capture(device: torch.device, program: _Program) -> bool:
