@@ -551,9 +551,9 @@ def normal_token_rows(rank: int, group: Any, device: torch.device, params: dict[
     """The normal dispatch with the triton backend's steps (its routing counts in one kernel, as the count table
     or as counts; staged with the early send and without it, or packed by index; its routing up to the read in one
     step, ``route_prelude``, three calls) against the torch steps bit for bit; the normal combine (no weights)
-    with them: each token's returned rows summed by ``token_rows_into`` straight into the bf16 output, against the same steps without
-    it (``sum_rows``, then a copy) bit for bit, and within one bf16 step of the torch steps; which step ran is
-    counted."""
+    with them: each token's returned rows summed by ``token_rows_into`` straight into the bf16 output, against
+    the same steps without it (``sum_rows``, then a copy) bit for bit, and within one bf16 step of the torch
+    steps; which step ran is counted."""
     import dataclasses
 
     from deepport.backends.torch import moe_routes
