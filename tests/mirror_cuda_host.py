@@ -282,6 +282,39 @@ def host_ops(step: Callable[[], Any], device: torch.device, calls: int = 10) -> 
     return lines
 
 
+def check_prelude(group: Any, device: torch.device) -> str:
+    """The triton dispatch with its routing in one step (eager, captured, replayed: three calls on fresh inputs of
+    one shape) against the same dispatch step by step, bit for bit: outputs and handle."""
+    from deepport.backends.torch import moe_routes
+    from deepport.backends.triton import moe_route_graph
+    from deepport.backends.triton.moe_routes import ROUTES
+    from deepport.bench.configs.moe import routing
+    from deepport.kernels import moe_dispatch
+
+    stepwise = dataclasses.replace(ROUTES, route_prelude=None)
+    bad = []
+    before = moe_route_graph.usage(moe_comm_transport())
+    for seed in (11, 12, 13):
+        x, idx, w = routing(TOKENS, HIDDEN, EXPERTS, TOPK, seed, device)
+        a, b = (moe_routes.dispatch(mirrored(moe_dispatch.bind(x, idx, w, EXPERTS, group=group), group), steps)
+                for steps in (ROUTES, stepwise))
+        pairs = [(a.recv_x, b.recv_x), (a.recv_topk_idx, b.recv_topk_idx), (a.recv_topk_weights, b.recv_topk_weights),
+                 (a.handle.recv_src_idx, b.handle.recv_src_idx), (a.handle.is_token_in_rank, b.handle.is_token_in_rank)]
+        if a.num_recv_tokens_per_expert != b.num_recv_tokens_per_expert or not all(
+                torch.equal(p.view(torch.int16) if p.dtype == torch.bfloat16 else p, q.view(torch.int16)
+                            if q.dtype == torch.bfloat16 else q) for p, q in pairs):  # type: ignore[union-attr]
+            bad.append(f"seed {seed}")
+    after = moe_route_graph.usage(moe_comm_transport())
+    return (f"checks (routing in one step vs step by step, 3 calls): {'ok' if not bad else 'WRONG ' + ', '.join(bad)}; "
+            f"prelude calls {after[0] - before[0]}, graphs {after[1]}")
+
+
+def moe_comm_transport() -> Any:
+    from deepport.backends.torch import moe_comm
+
+    return moe_comm.active_transport()
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("no CUDA device")
@@ -300,6 +333,7 @@ def main() -> int:
     mirror = Mirror(group)
     try:
         with moe_comm.use_transport(mirror):  # type: ignore[arg-type]
+            print(check_prelude(group, device))
             chosen = steps(group, device)
             print(f"issue 14's sizes: {TOKENS} tokens, hidden {HIDDEN}, top-{TOPK} of {EXPERTS}, rank 0 of a "
                   "mirrored EP=2, NCCL launches on one GPU")

@@ -123,3 +123,17 @@ def test_the_collective_prelude_gives_the_torch_steps_bits(one_rank: Any, monkey
         assert a.num_recv_tokens_per_expert == b.num_recv_tokens_per_expert
         assert torch.equal(a.handle.recv_src_idx, b.handle.recv_src_idx)
         assert torch.equal(a.handle.is_token_in_rank, b.handle.is_token_in_rank)
+
+
+def test_the_tool_checks_the_prelude_against_the_steps(one_rank: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tests.mirror_cuda_host as tool
+    from deepport.backends.triton import moe_route_graph
+
+    monkeypatch.setattr(moe_route_graph, "collective_prelude", lambda device: True)
+    monkeypatch.setattr(tool, "TOKENS", TOKENS)
+    monkeypatch.setattr(tool, "HIDDEN", HIDDEN)
+    monkeypatch.setattr(tool, "EXPERTS", EXPERTS)
+    monkeypatch.setattr(tool, "TOPK", TOPK)
+    with moe_comm.use_transport(Mirror(one_rank)):  # type: ignore[arg-type]
+        line = tool.check_prelude(one_rank, torch.device("cpu"))
+    assert line.startswith("checks") and ": ok;" in line and "prelude calls 3," in line, line

@@ -30,6 +30,7 @@ are valid until the next dispatch of the same shape (the exchange writes the han
 from __future__ import annotations
 
 import logging
+import os
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -279,8 +280,14 @@ def collective_prelude(device: torch.device) -> bool:
     """Whether :func:`route_prelude` takes the routing over a collective transport (``all_to_all_single``, NCCL
     between GPUs: the count exchange is an equal split, which a CUDA graph captures like any kernel): on a GPU,
     outside Triton's interpreter. Elsewhere (gloo on CPU) the routing runs step by step, its send buffer filled
-    before the read (``moe_routes._early_send``)."""
-    return device.type == "cuda" and not interpreting()
+    before the read (``moe_routes._early_send``), as it does with :data:`COLLECTIVE_ENV` ``0``."""
+    setting = os.environ.get(COLLECTIVE_ENV, "1").strip().lower()
+    return device.type == "cuda" and not interpreting() and setting not in ("0", "false", "no", "off")
+
+
+COLLECTIVE_ENV = "DEEPPORT_MOE_COLLECTIVE_PRELUDE"
+"""``0``: over ``all_to_all_single`` the routing runs step by step (with the early send) on GPUs too. Ranks may
+differ: both orders send the same count table and the same payload rows."""
 
 
 def _may_capture(device: torch.device, program: _Program) -> bool:
