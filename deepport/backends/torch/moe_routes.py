@@ -532,6 +532,9 @@ def route(data: torch.Tensor, scales: torch.Tensor | None, topk_idx: torch.Tenso
         in_rank, table, got, per_expert = pre.in_rank, pre.table, pre.got, pre.per_expert
         host: list[int] = [*pre.sends, *pre.recvs, *pre.per_expert_host]
         meta = None
+        if collective_transport(grp):  # the others' rows placed by the device's counts (no table of addresses),
+            early = _early_send(fmt, data, dense_scales, idx, weights, in_rank, table, pre.cumsum, grp,  # so the
+                                num_local, local, wire)  # exchange starts before the outputs are made
     else:
         if local.layout_table is not None:  # the backend's one kernel, the table as the count exchange sends it
             in_rank, table = local.layout_table(idx, num_experts, world)
