@@ -24,6 +24,18 @@ pytestmark = pytest.mark.skipif(not _runtime.interpreting(), reason="the CPU che
 TOKENS, HIDDEN, EXPERTS, TOPK = 40, 256, 16, 4
 
 
+def assert_same_dispatch(a: Any, b: Any) -> None:
+    """Two dispatch results bit for bit: payload, routes, weights, counts and the handle's routes."""
+    assert isinstance(a.recv_x, torch.Tensor) and isinstance(b.recv_x, torch.Tensor)
+    assert torch.equal(a.recv_x.view(torch.int16), b.recv_x.view(torch.int16))
+    assert torch.equal(a.recv_topk_idx, b.recv_topk_idx)
+    assert a.recv_topk_weights is not None and b.recv_topk_weights is not None
+    assert torch.equal(a.recv_topk_weights, b.recv_topk_weights)
+    assert a.num_recv_tokens_per_expert == b.num_recv_tokens_per_expert
+    assert torch.equal(a.handle.recv_src_idx, b.handle.recv_src_idx)
+    assert torch.equal(a.handle.is_token_in_rank, b.handle.is_token_in_rank)
+
+
 def test_mirror_runs_the_staged_dispatch_with_the_torch_steps_bits(one_rank: Any) -> None:
     mirror = Mirror(one_rank)
     x, idx, w = routing(TOKENS, HIDDEN, EXPERTS, TOPK, 5, torch.device("cpu"))
@@ -41,13 +53,7 @@ def test_mirror_runs_the_staged_dispatch_with_the_torch_steps_bits(one_rank: Any
     assert [what for what, _, _ in launches] == ["moe_dispatch (counts)", "moe_dispatch"]
     assert h.recv_counts == h.send_counts and h.send_counts[1] > 0
     assert launches[1][1] >= h.send_counts[1] * HIDDEN * 2
-    assert isinstance(staged.recv_x, torch.Tensor) and isinstance(steps_.recv_x, torch.Tensor)
-    assert torch.equal(staged.recv_x.view(torch.int16), steps_.recv_x.view(torch.int16))
-    assert torch.equal(staged.recv_topk_idx, steps_.recv_topk_idx)
-    assert staged.recv_topk_weights is not None and steps_.recv_topk_weights is not None
-    assert torch.equal(staged.recv_topk_weights, steps_.recv_topk_weights)
-    assert staged.num_recv_tokens_per_expert == steps_.num_recv_tokens_per_expert
-    assert torch.equal(h.recv_src_idx, steps_.handle.recv_src_idx)
+    assert_same_dispatch(staged, steps_)
     # rows from "rank 1" are this rank's rows for rank 1: its token indices, their slots' local ids here
     mine, local = h.recv_counts[0], EXPERTS // 2
     tokens = torch.nonzero(h.is_token_in_rank[:, 1]).flatten()
@@ -115,14 +121,7 @@ def test_the_collective_prelude_gives_the_torch_steps_bits(one_rank: Any, monkey
             want.append(moe_routes.dispatch(call, TORCH))
         assert moe_route_graph.usage(mirror)[0] == 2  # both routings took the prelude (keyed by the transport)
     for a, b in zip(got, want, strict=True):  # the first result intact after the second call
-        assert isinstance(a.recv_x, torch.Tensor) and isinstance(b.recv_x, torch.Tensor)
-        assert torch.equal(a.recv_x.view(torch.int16), b.recv_x.view(torch.int16))
-        assert torch.equal(a.recv_topk_idx, b.recv_topk_idx)
-        assert a.recv_topk_weights is not None and b.recv_topk_weights is not None
-        assert torch.equal(a.recv_topk_weights, b.recv_topk_weights)
-        assert a.num_recv_tokens_per_expert == b.num_recv_tokens_per_expert
-        assert torch.equal(a.handle.recv_src_idx, b.handle.recv_src_idx)
-        assert torch.equal(a.handle.is_token_in_rank, b.handle.is_token_in_rank)
+        assert_same_dispatch(a, b)
 
 
 def test_the_tool_checks_the_prelude_against_the_steps(one_rank: Any, monkeypatch: pytest.MonkeyPatch) -> None:
