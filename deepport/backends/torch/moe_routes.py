@@ -478,8 +478,10 @@ def _early_send(fmt: RowFormat, data: torch.Tensor, scales: torch.Tensor | None,
     rows of the ranks before it as the table's first column counts them, this rank's left out
     (:class:`~deepport.backends.torch.moe_local.CountedParts`: the host's parts after its read, from the same
     table). The host's read then waits on this kernel and the count exchange side by side, and after it the
-    payload collective starts at once. With a ``wire``, the payload and the side rows into one buffer each
-    (:func:`_store_peers`). None, nothing started, when nothing can be sent or the bound passes
+    payload collective starts at once. After a ``route_prelude`` step (its read already done) the same store
+    places the rows without a table of addresses and lets the exchange start before the outputs are made. With a
+    ``wire``, the payload and the side rows into one buffer each (:func:`_store_peers`). None, nothing started,
+    when nothing can be sent or the bound passes
     :data:`EARLY_SEND_BYTES`."""
     rows = int(idx.shape[0]) * min(int(idx.shape[1]), grp.world_size - 1)
     bound = rows * (fmt.row_bytes if wire is None else wire.x.row_bytes + wire.side.row_bytes)
