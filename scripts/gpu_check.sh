@@ -265,13 +265,12 @@ SHAPES
     export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 DEEPPORT_CHECK_VALUES=0
     step() { local name=$1 limit=$2; shift 2; local t=$SECONDS; timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1
              echo "$name: exit $? in $((SECONDS - t)) s"; }
-    step mirror 150 python3 -m tests.mirror_cuda_host --calls 20
-    step mirror_cprofile 90 python3 -m tests.mirror_cuda_host --calls 10 --cprofile "triton: dispatch"
+    step mirror 200 python3 -m tests.mirror_cuda_host --calls 20 --timeline
     step nccl_launch 90 python3 -m tests.nccl_launch_host
     step staged_peer 200 python3 -m tests.staged_cuda_host --calls 10 --via peer
     step gpu_ep 130 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_torch_moe_ep.py tests/test_triton_moe.py \
       tests/test_hopper_peer_transport.py tests/test_moe_gpu.py
-    grep -vE "Warning|_warn_once" "$OUT/mirror.txt" | head -n 40; tail -n 8 "$OUT/nccl_launch.txt"
+    grep -vE "Warning|_warn_once" "$OUT/mirror.txt" | head -n 75; tail -n 8 "$OUT/nccl_launch.txt"
     grep -E "checks|synchronizing" "$OUT/staged_peer.txt"; tail -n 3 "$OUT/gpu_ep.txt" ;;
   bench)
     environment

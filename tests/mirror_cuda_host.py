@@ -129,8 +129,16 @@ def steps(group: Any, device: torch.device, tokens: int = TOKENS, hidden: int = 
             return moe_routes.combine(mirrored(moe_combine.bind(y, handle), group), local)
         return run
 
+    assert ROUTES.route_prelude is not None
+    prelude = ROUTES.route_prelude
+
+    def rows_after(idx: Any, num_experts: int, grp: Any, what: str, peers: Any = None) -> Any:
+        return prelude(idx, num_experts, grp, what, None)  # the routing's graph without the others' rows
+
     return [("raw exchange (payload bytes)", raw), ("op layer (bind + choose)", op_layer),
             ("triton: dispatch", dispatch(ROUTES)),
+            ("triton: dispatch, rows stored after the read",
+             dispatch(dataclasses.replace(ROUTES, route_prelude=rows_after))),
             ("triton: dispatch, step by step", dispatch(dataclasses.replace(ROUTES, route_prelude=None))),
             ("triton: dispatch, step by step, late send",
              dispatch(dataclasses.replace(ROUTES, route_prelude=None), True)),
@@ -184,11 +192,13 @@ def table(group: Any, mirror: Mirror, device: torch.device, calls: int,
 def _timed_pieces() -> list[tuple[Any, str]]:
     """``(owner, attribute)`` of every piece :func:`timeline` times."""
     from deepport.backends.torch import moe_chunks, moe_comm, moe_routes
+    from deepport.backends.triton.moe_route_send import PeerStore
 
     routes = ["_row_format", "_split_wire", "exchange_table", "_count_reader", "_early_send", "_store_peers",
               "_read_counts", "_dispatch_blocks", "staged_rows_window", "_addresses", "device_ints", "dense",
               "local_ids", "MoEHandle", "Received"]
     return ([(moe_routes, name) for name in routes] + [(moe_comm, "start_all_to_all"), (moe_chunks, "payload_chunks")]
+            + [(PeerStore, "prepare")]
             + [(torch, name) for name in ("empty", "zeros", "cumsum", "cat", "tensor", "full")]
             + [(torch.Tensor, name) for name in ("to", "contiguous", "clone", "sum", "tolist", "record_stream",
                                                   "copy_", "fill_")]
@@ -292,12 +302,21 @@ def check_prelude(group: Any, device: torch.device) -> str:
     from deepport.kernels import moe_dispatch
 
     stepwise = dataclasses.replace(ROUTES, route_prelude=None)
+    assert ROUTES.route_prelude is not None
+    prelude, stored = ROUTES.route_prelude, [0]
+
+    def counted(*args: Any) -> Any:  # counts the calls whose step stored the others' rows too
+        found = prelude(*args)
+        stored[0] += found is not None and found.sent is not None
+        return found
+
+    graph = dataclasses.replace(ROUTES, route_prelude=counted)
     bad = []
     before = moe_route_graph.usage(moe_comm_transport())
     for seed in (11, 12, 13):
         x, idx, w = routing(TOKENS, HIDDEN, EXPERTS, TOPK, seed, device)
         a, b = (moe_routes.dispatch(mirrored(moe_dispatch.bind(x, idx, w, EXPERTS, group=group), group), steps)
-                for steps in (ROUTES, stepwise))
+                for steps in (graph, stepwise))
         pairs = [(a.recv_x, b.recv_x), (a.recv_topk_idx, b.recv_topk_idx), (a.recv_topk_weights, b.recv_topk_weights),
                  (a.handle.recv_src_idx, b.handle.recv_src_idx), (a.handle.is_token_in_rank, b.handle.is_token_in_rank)]
         if a.num_recv_tokens_per_expert != b.num_recv_tokens_per_expert or not all(
@@ -306,7 +325,7 @@ def check_prelude(group: Any, device: torch.device) -> str:
             bad.append(f"seed {seed}")
     after = moe_route_graph.usage(moe_comm_transport())
     return (f"checks (routing in one step vs step by step, 3 calls): {'ok' if not bad else 'WRONG ' + ', '.join(bad)}; "
-            f"prelude calls {after[0] - before[0]}, graphs {after[1]}")
+            f"prelude calls {after[0] - before[0]}, graphs {after[1]}, others' rows stored in it {stored[0]}")
 
 
 def moe_comm_transport() -> Any:

@@ -584,6 +584,8 @@ def normal_token_rows(rank: int, group: Any, device: torch.device, params: dict[
         found = route_prelude(*args)
         if found is not None:
             used["route_prelude"] += 1
+            if found.sent is not None:  # the others' rows stored in the step too (the packed wire)
+                used["rows stored in route_prelude"] += 1
         return found
 
     prelude = dataclasses.replace(ROUTES, route_prelude=prelude_taken)

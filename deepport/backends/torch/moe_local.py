@@ -81,10 +81,12 @@ backends' kernels) and reuses everything else.
   elsewhere) and the weights' bits where the id is local, 0 elsewhere (as
   :func:`deepport.backends.torch.moe_index.local_ids` and ``torch.where`` give them). Without it the dispatch
   derives them with torch ops.
-- ``route_prelude(idx, num_experts, grp, what)`` (optional, with ``rows_to_blocks``): the normal dispatch's
+- ``route_prelude(idx, num_experts, grp, what, peers)`` (optional, with ``rows_to_blocks``): the normal dispatch's
   routing up to its host read in one step through the active transport (layout, the count exchange of the
   same table, the sums, the read): a :class:`RoutePrelude`, or None, nothing started, where it does not
   apply. The triton backend's replays it as a CUDA graph (:mod:`deepport.backends.triton.moe_route_graph`).
+  ``peers`` (:class:`PeerRows`, or None): the rows to send, which the step may also store for the other ranks
+  before its read (the prelude's ``sent`` then says where; None where it did not).
 - ``blocks_exchange(prelude, fmt, data, scales, weights, sends, recvs, outs, grp, num_local, what)`` (optional,
   with ``route_prelude``): the whole exchange of ``rows_to_blocks`` / ``blocks_to_rows`` below (the acknowledgement
   wait, both kernels, the data flags, the acknowledgements) in one step after ``route_prelude`` left
@@ -212,13 +214,29 @@ class CountedParts:
 
 
 @dataclass(frozen=True)
+class PeerRows:
+    """The rows a ``route_prelude`` step may store for the other ranks before its host read (as the early send
+    does, :class:`CountedParts`): ``fmt``'s packed rows of ``data`` ``[T, H]`` (dense), ``scales`` float32
+    ``[T, H / 128]`` (dense) or None and ``weights`` float32 ``[T, K]`` or None, the metadata made from the
+    routing's ``idx``."""
+
+    fmt: RowFormat
+    data: torch.Tensor
+    scales: torch.Tensor | None
+    weights: torch.Tensor | None
+
+
+@dataclass(frozen=True)
 class RoutePrelude:
     """What a ``route_prelude`` step leaves of the normal dispatch's routing: ``in_rank`` bool ``[T, R]``,
     ``table`` int64 ``[R, 1 + L]`` (the count table sent: per rank its tokens, then per local expert), ``got``
     int64 ``[R, 1 + L]`` (the tables received, by source), ``cumsum`` int64 ``[R, T]`` (the running count of
     ``in_rank`` by rank), ``per_expert`` int64 ``[L]`` (rows received per local expert); on the host
     ``sends``, ``recvs`` (tokens to and from each rank) and ``per_expert_host``. The device tensors may be the
-    step's own buffers, valid until its next call (a handle keeps copies)."""
+    step's own buffers, valid until its next call (a handle keeps copies). ``sent``: where the step stored the
+    other ranks' rows of the :class:`PeerRows` it was given (the parts placed by ``table``'s first column; its
+    buffer, too, is the step's own), else None; ``copies``: ``(in_rank, idx)`` copies it made for the handle
+    (this call's, bool ``[T, R]`` and int64 ``[T, K]``), else None."""
 
     in_rank: torch.Tensor
     table: torch.Tensor
@@ -229,6 +247,8 @@ class RoutePrelude:
     recvs: list[int]
     per_expert_host: list[int]
     state: object = None  # the step's own, for its blocks_exchange
+    sent: CountedParts | None = None
+    copies: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -259,7 +279,7 @@ class LocalSteps:
     token_rows_at: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
     rank_rows_at: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, int, torch.Tensor], None] | None = None
     sum_in_place: Callable[[torch.Tensor, MoEHandle, MoEGroup, torch.Tensor, str], bool] | None = None
-    route_prelude: Callable[[torch.Tensor, int, MoEGroup, str], RoutePrelude | None] | None = None
+    route_prelude: Callable[[torch.Tensor, int, MoEGroup, str, PeerRows | None], RoutePrelude | None] | None = None
     blocks_exchange: Callable[[RoutePrelude, RowFormat, torch.Tensor, torch.Tensor | None, torch.Tensor | None,
                                list[int], list[int], BlockOutputs, MoEGroup, int, str], bool] | None = None
     receive_meta: Callable[[torch.Tensor, int, int, int, bool],

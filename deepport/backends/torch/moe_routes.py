@@ -62,7 +62,15 @@ from deepport.backends.torch.moe_comm import (
     start_parts,
 )
 from deepport.backends.torch.moe_index import column_cumsum, compact, first_occurrence, local_ids, selection_mask
-from deepport.backends.torch.moe_local import TORCH, BlockOutputs, CountedParts, LocalSteps, RoutePrelude, sum_rows
+from deepport.backends.torch.moe_local import (
+    TORCH,
+    BlockOutputs,
+    CountedParts,
+    LocalSteps,
+    PeerRows,
+    RoutePrelude,
+    sum_rows,
+)
 from deepport.kernels.moe_args import Alloc, MoEGroup, align_up, dense
 from deepport.kernels.moe_combine import MoECombineCall, MoECombineResult
 from deepport.kernels.moe_dispatch import MoEDispatchCall, MoEDispatchResult
@@ -521,20 +529,28 @@ def route(data: torch.Tensor, scales: torch.Tensor | None, topk_idx: torch.Tenso
     chunks = moe_chunks.payload_chunks() if unpack and world > 1 else 1  # every rank reads the same setting
     blocks = unpack and chunks == 1 and local.rows_to_blocks is not None and local.blocks_to_rows is not None and \
         (offers_rows_window(grp) or collective_transport(grp))
-    pre = local.route_prelude(idx, num_experts, grp, what) if blocks and local.route_prelude is not None else None
-    def own(t: torch.Tensor) -> torch.Tensor:  # the handle keeps in_rank: the prelude's is its step's buffer
-        return t if pre is None else t.clone()
-
     dense_scales = None if scales is None else dense(scales)
     fmt = _row_format(data, dense_scales, 1 + k + (0 if weights is None else k))
     wire = _split_wire(data, fmt, grp) if blocks and collective_transport(grp) else None
+    peers = None  # the others' packed rows, which the prelude step may store before its read (the early send's)
+    if blocks and wire is None and collective_transport(grp) and \
+            0 < t * min(k, world - 1) * fmt.row_bytes <= EARLY_SEND_BYTES:
+        peers = PeerRows(fmt, data, dense_scales, weights)
+    pre = local.route_prelude(idx, num_experts, grp, what, peers) if blocks and local.route_prelude is not None \
+        else None
+
+    def own(t: torch.Tensor) -> torch.Tensor:  # the handle keeps in_rank: the prelude's is its step's buffer
+        return t if pre is None else t.clone()
+
     places: torch.Tensor | None = None
     early: tuple[CountedParts, CountedParts | None] | None = None
     if pre is not None:  # the backend's routing up to the host read in one step (the same count exchange)
         in_rank, table, got, per_expert = pre.in_rank, pre.table, pre.got, pre.per_expert
         host: list[int] = [*pre.sends, *pre.recvs, *pre.per_expert_host]
         meta = None
-        if collective_transport(grp):  # the others' rows placed by the device's counts (no table of addresses),
+        if pre.sent is not None:  # the step stored the others' rows before its read: the exchange starts now
+            early = (pre.sent, None)
+        elif collective_transport(grp):  # the others' rows placed by the device's counts (no table of addresses),
             early = _early_send(fmt, data, dense_scales, idx, weights, in_rank, table, pre.cumsum, grp,  # so the
                                 num_local, local, wire)  # exchange starts before the outputs are made
     else:
@@ -571,8 +587,10 @@ def route(data: torch.Tensor, scales: torch.Tensor | None, topk_idx: torch.Tenso
                                  num_local, make, local, what, pre, topk_idx.dtype, places, early, wire,
                                  table[:, 0].to(torch.int64))
         if found is not None:
-            kept_in_rank = found.in_rank if found.in_rank is not None else own(in_rank)
-            kept_idx = found.idx if found.idx is not None else idx.clone()
+            copies = None if pre is None else pre.copies  # the prelude step's copies for the handle, where made
+            kept_in_rank = found.in_rank if found.in_rank is not None else \
+                copies[0] if copies is not None else own(in_rank)
+            kept_idx = found.idx if found.idx is not None else copies[1] if copies is not None else idx.clone()
             handle = MoEHandle(grp.group, me, world, num_experts, hidden, alignment, kept_idx, kept_in_rank,
                                tuple(sends), tuple(recvs), found.src, found.local,
                                tuple(host[2 * world: 2 * world + num_local]))  # tolist's ints

@@ -16,7 +16,10 @@ the same steps run eagerly (``DEEPPORT_MOE_GRAPHS`` is read per call: a captured
 
 Over ``all_to_all_single`` (no transport made active: NCCL between GPUs; :func:`collective_prelude`) the same
 routing is captured with the count exchange as an equal-split ``all_to_all_single`` in the graph, keyed by the
-process group: the host's dozen calls before its read become one copy, one replay and the read. Every rank
+process group: the host's dozen calls before its read become one copy, one replay and the read. Given the rows
+to send, the graph also stores the other ranks' rows into a send buffer of its own
+(:mod:`deepport.backends.triton.moe_route_send`; one more eager kernel per call writes their addresses), so after
+the read the host launches the payload's exchange at once. Every rank
 captures its own graph of the same collective, so a rank replaying and a rank running it eagerly (a rank
 without tokens, or one whose capture failed) meet in the same NCCL call. The exchange through the blocks that
 follows over a peer transport that follows (:func:`blocks_exchange`: ``rows_to_blocks`` and ``blocks_to_rows``
@@ -39,12 +42,13 @@ import torch
 
 from deepport.backends.torch import moe_comm
 from deepport.backends.torch.moe_comm import RowFormat
-from deepport.backends.torch.moe_local import BlockOutputs, RoutePrelude
+from deepport.backends.torch.moe_local import BlockOutputs, CountedParts, PeerRows, RoutePrelude
 from deepport.backends.triton._runtime import interpreting
 from deepport.backends.triton.fast_launch import FastLaunch
 from deepport.backends.triton.moe_blocks import _MOVE_BYTES, _WARPS, _offset, _pow2
 from deepport.backends.triton.moe_permute import _guard, block_for_bytes, layout_table_into
 from deepport.backends.triton.moe_permute_kernels import moe_blocks_to_rows_kernel, moe_rows_to_blocks_kernel
+from deepport.backends.triton.moe_route_send import PeerStore, peer_key, peer_store
 from deepport.backends.triton.moe_sum_graph import graphs_enabled
 from deepport.backends.triton.moe_sum_graph_kernels import moe_store_table_kernel
 from deepport.kernels.moe_args import MoEGroup
@@ -72,6 +76,7 @@ class _Program:
     calls: int = 0
     broken: bool = False
     exchanges: dict[tuple[Any, ...], _Exchange] = field(default_factory=dict)
+    peers: PeerStore | None = None  # over all_to_all_single: the other ranks' rows stored in the graph too
 
     def __post_init__(self) -> None:
         self.idx = torch.zeros((self.tokens, self.topk), dtype=torch.int64, device=self.device)
@@ -88,6 +93,8 @@ class _Program:
         layout_table_into(self.idx, self.num_experts, self.world, in_rank, table)
         got = moe_comm.exchange_table(table, grp, f"{what} (counts)").wait()
         cumsum = torch.cumsum(in_rank.view(torch.uint8).t().contiguous(), 1, dtype=torch.int64)
+        if self.peers is not None:
+            self.peers.record(self.idx, in_rank, table, cumsum, grp.rank, num_local)
         per_expert = got[:, 1: 1 + num_local].sum(0)
         counts = torch.cat([table[:, 0], got[:, 0], per_expert])
         self.host.copy_(counts, non_blocking=self.done is not None)
@@ -238,11 +245,14 @@ def blocks_exchange(pre: RoutePrelude, fmt: RowFormat, data: torch.Tensor, scale
 _PROGRAMS: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], _Program]] = weakref.WeakKeyDictionary()
 
 
-def route_prelude(idx: torch.Tensor, num_experts: int, grp: MoEGroup, what: str) -> RoutePrelude | None:
+def route_prelude(idx: torch.Tensor, num_experts: int, grp: MoEGroup, what: str,
+                  peers: PeerRows | None = None) -> RoutePrelude | None:
     """``LocalSteps.route_prelude``: the normal dispatch's layout, count exchange and host read of the counts for
     ``idx`` (int64 ``[T, K]``) through the active transport or ``all_to_all_single`` (module docstring); None,
     nothing started, where this path does not apply (neither a transport with a one-launch exchange for the table
-    nor a collective one on a GPU, one rank, no tokens)."""
+    nor a collective one on a GPU, one rank, no tokens). Over ``all_to_all_single`` with ``peers`` whose tensors
+    the store can read (:func:`~deepport.backends.triton.moe_route_send.peer_key`), the other ranks' rows are
+    stored before the read too (the result's ``sent``, with the handle's ``copies``)."""
     transport = moe_comm.active_transport()
     world = grp.world_size
     tokens, topk = int(idx.shape[0]), int(idx.shape[1])
@@ -251,12 +261,16 @@ def route_prelude(idx: torch.Tensor, num_experts: int, grp: MoEGroup, what: str)
     one_step = transport is not None and moe_comm.exchanges_in_one_step(8 * (1 + num_experts // world), grp)
     if not one_step and not (moe_comm.collective_transport(grp) and collective_prelude(idx.device)):
         return None
-    key = (tokens, topk, num_experts, world, grp.rank, str(idx.device))
+    store = None if one_step else peer_key(peers)  # over a collective: the others' rows in the graph too
+    key = (tokens, topk, num_experts, world, grp.rank, str(idx.device), store)
     programs = _PROGRAMS.setdefault(transport if transport is not None else grp.group, {})
     program = programs.get(key)
     if program is None:
         program = programs[key] = _Program(tokens, topk, num_experts, world, idx.device)
+        if store is not None:
+            program.peers = peer_store(grp.group, store, tokens, topk, world, idx.device)
     program.idx.copy_(idx)
+    copies = program.peers.prepare(peers, topk) if program.peers is not None and peers is not None else None
     if program.graph is not None and graphs_enabled():
         moe_comm.raise_if_transport_failed(what)
         program.graph.replay()
@@ -272,8 +286,9 @@ def route_prelude(idx: torch.Tensor, num_experts: int, grp: MoEGroup, what: str)
     host = [int(v) for v in program.host.tolist()]  # the one host read (pinned memory, the event waited)
     assert program.outputs is not None
     in_rank, table, got, cumsum, per_expert = program.outputs
+    sent = None if program.peers is None else CountedParts(program.peers.buffer, table[:, 0])
     return RoutePrelude(in_rank, table, got, cumsum, per_expert, host[:world], host[world: 2 * world],
-                        host[2 * world:], program)
+                        host[2 * world:], program, sent, copies)
 
 
 def collective_prelude(device: torch.device) -> bool:

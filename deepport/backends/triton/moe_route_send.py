@@ -1,0 +1,126 @@
+"""The other ranks' rows stored inside the routing's graph, before the host read (over ``all_to_all_single``).
+
+Over a collective the dispatch's payload exchange can start only once the host has read the counts. What the host
+then launches before it, in :func:`deepport.backends.torch.moe_routes.route`'s early send, is one
+``rows_to_blocks`` of the other ranks' rows into a send buffer placed by the device's counts
+(:class:`~deepport.backends.torch.moe_local.CountedParts`); on the lent H200's host that launch alone cost ~80 us
+between the read and the exchange's launch. Here the same kernel is part of the routing's CUDA graph
+(:mod:`deepport.backends.triton.moe_route_graph`): it reads this call's addresses (``x``, its scales, the weights,
+and the handle's copies of ``in_rank`` and ``idx`` it writes on the way) from a small int64 table that one eager
+kernel writes before the replay, and stores the rows into a send buffer the graph owns. After the read the host
+launches the exchange at once. The bytes are the early send's (the same kernel, format and order), so a rank on
+either path agrees with its peers.
+
+The send buffer holds the most a rank can send (each token to at most ``min(K, R - 1)`` other ranks). One
+buffer per process group and device serves every shape (grown when a larger shape comes; a graph keeps the buffer
+it was captured with): calls run in stream order (the exchange of one call is waited for on the stream before the
+next call's replay writes the buffer again), as the routing's other buffers assume.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from deepport.backends.torch.moe_local import PeerRows
+from deepport.backends.triton.fast_launch import FastLaunch
+from deepport.backends.triton.moe_blocks import _MOVE_BYTES, _WARPS, _offset, _pow2, _words
+from deepport.backends.triton.moe_permute import _guard, block_for_bytes
+from deepport.backends.triton.moe_permute_kernels import moe_rows_to_blocks_kernel
+from deepport.backends.triton.moe_sum_graph_kernels import moe_store_table_kernel
+
+_STORE = FastLaunch(moe_store_table_kernel)
+_TO_BLOCKS = FastLaunch(moe_rows_to_blocks_kernel)
+
+
+def peer_key(peers: PeerRows | None) -> tuple[Any, ...] | None:
+    """What a graph that stores ``peers``' rows is specialised on (format, word type and count, scales, weights),
+    or None where the store cannot read them through the table: a tensor not dense, not of the format's types, or
+    not 16-byte aligned (the kernel assumes it), or a format without the metadata."""
+    if peers is None or "meta" not in peers.fmt.names or "x" not in peers.fmt.names:
+        return None
+    data, scales, weights = peers.data, peers.scales, peers.weights
+    if not data.is_contiguous() or data.dim() != 2:
+        return None
+    for t in (scales, weights):
+        if t is not None and (t.dtype != torch.float32 or not t.is_contiguous() or t.dim() != 2):
+            return None
+    if any(t is not None and int(t.data_ptr()) % 16 for t in (data, scales, weights)):
+        return None
+    if (scales is None) == ("scales" in peers.fmt.names):
+        return None
+    words, x_words = _words(data, peers.fmt)
+    return peers.fmt, words.dtype, x_words, 0 if scales is None else int(scales.shape[1]), weights is not None
+
+
+@dataclass
+class PeerStore:
+    """One format's store of the other ranks' rows in the routing's graph: the table of this call's addresses
+    (entries 0-2: ``x``, its scales, the weights; 3-7 and 11 stand-ins (no output is written); 8: 0; 9 and 10: the
+    handle's copies of ``in_rank`` and ``idx``), the send buffer, the tensors that give the kernel its types."""
+
+    key: tuple[Any, ...]
+    tokens: int
+    world: int
+    buffer: torch.Tensor
+    table: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        device = self.buffer.device
+        self.table = torch.zeros(16, dtype=torch.int64, device=device)
+        self.like_words = torch.zeros(2, dtype=self.key[1], device=device)
+        self.like_f32 = torch.zeros(2, dtype=torch.float32, device=device)
+        self.like_i64 = torch.zeros(2, dtype=torch.int64, device=device)
+
+    def prepare(self, peers: PeerRows, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this call's table (one eager kernel) and return the handle's copies of ``in_rank`` (bool
+        ``[T, R]``) and ``idx`` (int64 ``[T, K]``) that the store fills."""
+        device = self.buffer.device
+        in_rank = torch.empty((self.tokens, self.world), dtype=torch.bool, device=device)
+        idx = torch.empty((self.tokens, topk), dtype=torch.int64, device=device)
+        stand_in = int(self.like_i64.data_ptr())
+        scales = stand_in if peers.scales is None else int(peers.scales.data_ptr())
+        weights = stand_in if peers.weights is None else int(peers.weights.data_ptr())
+        with _guard(device):
+            _STORE((1,), self.table, int(peers.data.data_ptr()), scales, weights, *(stand_in,) * 5, 0,
+                   int(in_rank.data_ptr()), int(idx.data_ptr()), stand_in, 0, 0, 0, 0, num_warps=1)
+        return in_rank, idx
+
+    def record(self, idx: torch.Tensor, in_rank: torch.Tensor, table: torch.Tensor, cumsum: torch.Tensor, me: int,
+               num_local: int) -> None:
+        """The store's kernel (issued eagerly or under the routing's capture): the other ranks' rows of the
+        table's tensors into :attr:`buffer`, rank ``r``'s part after the rows the count table's first column gives
+        the ranks before it (this rank's left out); ``idx`` int64 ``[T, K]`` (the routing's), ``cumsum`` its
+        running count of ``in_rank`` by rank."""
+        fmt, _, x_words, num_scales, has_weights = self.key
+        k = int(idx.shape[1])
+        meta_width = fmt.widths[fmt.names.index("meta")]
+        block = block_for_bytes(x_words, self.like_words.element_size(), _MOVE_BYTES)
+        with _guard(self.buffer.device):
+            _TO_BLOCKS((self.tokens, -(-x_words // block)), self.like_words, self.like_f32, idx, self.like_f32,
+                       in_rank.view(torch.uint8), cumsum, cumsum, self.like_words, self.like_f32, self.like_i64,
+                       self.like_i64, self.like_f32, 0, me, me * num_local, num_local, self.tokens, x_words,
+                       num_scales, max(num_scales, 1), 1, fmt.row_bytes, _offset(fmt, "scales"), _offset(fmt, "meta"),
+                       self.table, int(self.buffer.data_ptr()), table, table.stride(0), self.world, k, _pow2(k),
+                       meta_width, _pow2(meta_width), num_scales > 0, has_weights, block, _pow2(max(num_scales, 1)),
+                       True, 1, True, num_warps=_WARPS)
+
+
+_GROWN_BYTES = 1 << 30  # a buffer grows to twice its size only up to this (a shape that needs more gets its size)
+_BUFFERS: weakref.WeakKeyDictionary[Any, dict[str, torch.Tensor]] = weakref.WeakKeyDictionary()
+
+
+def peer_store(owner: Any, key: tuple[Any, ...], tokens: int, topk: int, world: int,
+               device: torch.device) -> PeerStore:
+    """A :class:`PeerStore` for ``key`` (:func:`peer_key`) over the send buffer of ``owner`` (the process group)
+    on ``device``, grown to at least twice its size when this shape needs more."""
+    nbytes = tokens * min(topk, world - 1) * key[0].row_bytes
+    held = _BUFFERS.setdefault(owner, {})
+    buffer = held.get(str(device))
+    if buffer is None or int(buffer.shape[0]) < nbytes:
+        size = max(nbytes, 0 if buffer is None else min(2 * int(buffer.shape[0]), _GROWN_BYTES))
+        buffer = held[str(device)] = torch.empty(size, dtype=torch.uint8, device=device)
+    return PeerStore(key, tokens, world, buffer)
