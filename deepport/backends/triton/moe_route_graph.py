@@ -17,9 +17,9 @@ the same steps run eagerly (``DEEPPORT_MOE_GRAPHS`` is read per call: a captured
 Over ``all_to_all_single`` (no transport made active: NCCL between GPUs; :func:`collective_prelude`) the same
 routing is captured with the count exchange as an equal-split ``all_to_all_single`` in the graph, keyed by the
 process group: the host's dozen calls before its read become one copy, one replay and the read. Given the rows
-to send, the graph also stores the other ranks' rows into a send buffer of its own
-(:mod:`deepport.backends.triton.moe_route_send`; one more eager kernel per call writes their addresses), so after
-the read the host launches the payload's exchange at once. Every rank
+to send, a second graph replayed after it (after the event the read waits on) stores the other ranks' rows into a
+send buffer of its own (:mod:`deepport.backends.triton.moe_route_send`; one more copy per call brings their
+addresses), so after the read the host launches the payload's exchange at once. Every rank
 captures its own graph of the same collective, so a rank replaying and a rank running it eagerly (a rank
 without tokens, or one whose capture failed) meet in the same NCCL call. The exchange through the blocks that
 follows over a peer transport that follows (:func:`blocks_exchange`: ``rows_to_blocks`` and ``blocks_to_rows``
@@ -93,8 +93,6 @@ class _Program:
         layout_table_into(self.idx, self.num_experts, self.world, in_rank, table)
         got = moe_comm.exchange_table(table, grp, f"{what} (counts)").wait()
         cumsum = torch.cumsum(in_rank.view(torch.uint8).t().contiguous(), 1, dtype=torch.int64)
-        if self.peers is not None:
-            self.peers.record(self.idx, in_rank, table, cumsum, grp.rank, num_local)
         per_expert = got[:, 1: 1 + num_local].sum(0)
         counts = torch.cat([table[:, 0], got[:, 0], per_expert])
         self.host.copy_(counts, non_blocking=self.done is not None)
@@ -282,6 +280,9 @@ def route_prelude(idx: torch.Tensor, num_experts: int, grp: MoEGroup, what: str,
     program.calls += 1
     if program.done is not None:
         program.done.record()
+    if program.peers is not None:  # after the event: the read does not wait for the store
+        _store(program, grp.rank)
+    if program.done is not None:
         program.done.synchronize()
     host = [int(v) for v in program.host.tolist()]  # the one host read (pinned memory, the event waited)
     assert program.outputs is not None
@@ -324,6 +325,22 @@ def _capture(program: _Program, grp: MoEGroup, what: str) -> None:
         return
     program.graph, program.outputs, program.graph_outputs = graph, outputs, outputs
     graph.replay()
+
+
+def _store(program: _Program, me: int) -> None:
+    """The store of the other ranks' rows (:mod:`~deepport.backends.triton.moe_route_send`) over the routing's
+    outputs: its own graph once the routing's is replayed (captured at the first replay), else eagerly."""
+    peers = program.peers
+    assert peers is not None and program.outputs is not None
+    in_rank, table, _, cumsum, _ = program.outputs
+    num_local = program.num_experts // program.world
+    replayed = program.graph is not None and program.outputs is program.graph_outputs
+    if replayed and peers.graph is not None:
+        peers.graph.replay()
+    elif replayed and _may_capture(program.device, program) and not peers.broken:
+        peers.capture(program.idx, in_rank, table, cumsum, me, num_local)
+    else:
+        peers.record(program.idx, in_rank, table, cumsum, me, num_local)
 
 
 def usage(transport: object) -> tuple[int, int, int, int]:

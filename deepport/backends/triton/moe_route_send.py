@@ -4,11 +4,12 @@ Over a collective the dispatch's payload exchange can start only once the host h
 then launches before it, in :func:`deepport.backends.torch.moe_routes.route`'s early send, is one
 ``rows_to_blocks`` of the other ranks' rows into a send buffer placed by the device's counts
 (:class:`~deepport.backends.torch.moe_local.CountedParts`); on the lent H200's host that launch alone cost ~80 us
-between the read and the exchange's launch. Here the same kernel is part of the routing's CUDA graph
-(:mod:`deepport.backends.triton.moe_route_graph`): it reads this call's addresses (``x``, its scales, the weights,
-and the handle's copies of ``in_rank`` and ``idx`` it writes on the way) from a small int64 table that one eager
-kernel writes before the replay, and stores the rows into a send buffer the graph owns. After the read the host
-launches the exchange at once. The bytes are the early send's (the same kernel, format and order), so a rank on
+between the read and the exchange's launch. Here the same kernel is a CUDA graph of its own, replayed right after
+the routing's (:mod:`deepport.backends.triton.moe_route_graph`) and after the event the host's read waits on, so the
+read does not wait for it: it reads this call's addresses (``x``, its scales, the weights, and the handle's copies of
+``in_rank`` and ``idx`` it writes on the way) from a small int64 table copied in from pinned memory before the
+replays, and stores the rows into a send buffer of its own. After the read the host launches the exchange at once
+(behind the store on the stream). The bytes are the early send's (the same kernel, format and order), so a rank on
 either path agrees with its peers.
 
 The send buffer holds the most a rank can send (each token to at most ``min(K, R - 1)`` other ranks). One
@@ -19,6 +20,7 @@ next call's replay writes the buffer again), as the routing's other buffers assu
 
 from __future__ import annotations
 
+import logging
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,9 +32,8 @@ from deepport.backends.triton.fast_launch import FastLaunch
 from deepport.backends.triton.moe_blocks import _MOVE_BYTES, _WARPS, _offset, _pow2, _words
 from deepport.backends.triton.moe_permute import _guard, block_for_bytes
 from deepport.backends.triton.moe_permute_kernels import moe_rows_to_blocks_kernel
-from deepport.backends.triton.moe_sum_graph_kernels import moe_store_table_kernel
 
-_STORE = FastLaunch(moe_store_table_kernel)
+log = logging.getLogger(__name__)
 _TO_BLOCKS = FastLaunch(moe_rows_to_blocks_kernel)
 
 
@@ -67,27 +68,49 @@ class PeerStore:
     world: int
     buffer: torch.Tensor
     table: torch.Tensor = field(init=False)
+    graph: Any = None
+    broken: bool = False
 
     def __post_init__(self) -> None:
         device = self.buffer.device
         self.table = torch.zeros(16, dtype=torch.int64, device=device)
+        # the table's values go through pinned memory: rewritten only at the next call, after the routing's read
+        # (which waits for an event recorded after this copy)
+        self.staging = torch.zeros(16, dtype=torch.int64, pin_memory=device.type == "cuda")
         self.like_words = torch.zeros(2, dtype=self.key[1], device=device)
         self.like_f32 = torch.zeros(2, dtype=torch.float32, device=device)
         self.like_i64 = torch.zeros(2, dtype=torch.int64, device=device)
 
     def prepare(self, peers: PeerRows, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write this call's table (one eager kernel) and return the handle's copies of ``in_rank`` (bool
-        ``[T, R]``) and ``idx`` (int64 ``[T, K]``) that the store fills."""
+        """Write this call's table (one copy from pinned memory, before the routing's event) and return the
+        handle's copies of ``in_rank`` (bool ``[T, R]``) and ``idx`` (int64 ``[T, K]``) that the store fills."""
         device = self.buffer.device
         in_rank = torch.empty((self.tokens, self.world), dtype=torch.bool, device=device)
         idx = torch.empty((self.tokens, topk), dtype=torch.int64, device=device)
         stand_in = int(self.like_i64.data_ptr())
         scales = stand_in if peers.scales is None else int(peers.scales.data_ptr())
         weights = stand_in if peers.weights is None else int(peers.weights.data_ptr())
-        with _guard(device):
-            _STORE((1,), self.table, int(peers.data.data_ptr()), scales, weights, *(stand_in,) * 5, 0,
-                   int(in_rank.data_ptr()), int(idx.data_ptr()), stand_in, 0, 0, 0, 0, num_warps=1)
+        self.staging.numpy()[:12] = (int(peers.data.data_ptr()), scales, weights, *(stand_in,) * 5, 0,
+                                     int(in_rank.data_ptr()), int(idx.data_ptr()), stand_in)
+        self.table.copy_(self.staging, non_blocking=device.type == "cuda")
         return in_rank, idx
+
+    def capture(self, idx: torch.Tensor, in_rank: torch.Tensor, table: torch.Tensor, cumsum: torch.Tensor, me: int,
+                num_local: int) -> None:
+        """Capture :meth:`record` as this store's graph and replay it (this call's); on a capture failure it runs
+        eagerly from now on (logged)."""
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                self.record(idx, in_rank, table, cumsum, me, num_local)
+        except RuntimeError as exc:
+            self.broken = True
+            log.warning("capturing the store of the other ranks' rows as a CUDA graph failed (%s); it runs eagerly "
+                        "from now on", exc)
+            self.record(idx, in_rank, table, cumsum, me, num_local)
+            return
+        self.graph = graph
+        graph.replay()
 
     def record(self, idx: torch.Tensor, in_rank: torch.Tensor, table: torch.Tensor, cumsum: torch.Tensor, me: int,
                num_local: int) -> None:
