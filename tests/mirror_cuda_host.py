@@ -198,7 +198,7 @@ def _timed_pieces() -> list[tuple[Any, str]]:
               "_read_counts", "_dispatch_blocks", "staged_rows_window", "_addresses", "device_ints", "dense",
               "local_ids", "MoEHandle", "Received"]
     return ([(moe_routes, name) for name in routes] + [(moe_comm, "start_all_to_all"), (moe_chunks, "payload_chunks")]
-            + [(PeerStore, "prepare")]
+            + [(PeerStore, "prepare"), (PeerStore, "finish")]
             + [(torch, name) for name in ("empty", "zeros", "cumsum", "cat", "tensor", "full")]
             + [(torch.Tensor, name) for name in ("to", "contiguous", "clone", "sum", "tolist", "record_stream",
                                                   "copy_", "fill_")]
@@ -310,7 +310,15 @@ def check_prelude(group: Any, device: torch.device) -> str:
         stored[0] += found is not None and found.sent is not None
         return found
 
-    graph = dataclasses.replace(ROUTES, route_prelude=counted)
+    assert ROUTES.finish_sent is not None
+    finish, finished = ROUTES.finish_sent, [0]
+
+    def finish_counted(*args: Any) -> bool:  # counts the calls whose own rows and copy out took that step
+        ran = finish(*args)
+        finished[0] += ran
+        return ran
+
+    graph = dataclasses.replace(ROUTES, route_prelude=counted, finish_sent=finish_counted)
     bad = []
     before = moe_route_graph.usage(moe_comm_transport())
     for seed in (11, 12, 13):
@@ -325,7 +333,8 @@ def check_prelude(group: Any, device: torch.device) -> str:
             bad.append(f"seed {seed}")
     after = moe_route_graph.usage(moe_comm_transport())
     return (f"checks (routing in one step vs step by step, 3 calls): {'ok' if not bad else 'WRONG ' + ', '.join(bad)}; "
-            f"prelude calls {after[0] - before[0]}, graphs {after[1]}, others' rows stored in it {stored[0]}")
+            f"prelude calls {after[0] - before[0]}, graphs {after[1]}, others' rows stored in it {stored[0]}, "
+            f"finished in one step {finished[0]}")
 
 
 def moe_comm_transport() -> Any:

@@ -588,7 +588,16 @@ def normal_token_rows(rank: int, group: Any, device: torch.device, params: dict[
                 used["rows stored in route_prelude"] += 1
         return found
 
-    prelude = dataclasses.replace(ROUTES, route_prelude=prelude_taken)
+    assert ROUTES.finish_sent is not None
+    finish_sent = ROUTES.finish_sent
+
+    def finish_taken(*args: Any) -> bool:
+        ran = finish_sent(*args)
+        if ran:  # the own rows and the copy out in one step after that store
+            used["finish_sent"] += 1
+        return ran
+
+    prelude = dataclasses.replace(ROUTES, route_prelude=prelude_taken, finish_sent=finish_taken)
     x = _inputs(rank, params, seed)
     data, idx, w = x["x"].to(device), x["topk_idx"].to(device), x["topk_weights"].to(device)
     bad: list[str] = []

@@ -198,8 +198,8 @@ def test_triton_normal_combine_sums_each_token_in_one_kernel(world: int, params:
         used = dict(got["used"])
         moves = used.pop("batch_isend_irecv", 0)
         prelude = {"route_prelude": 3} if p["tokens"][rank] else {}  # three dispatches, the routing in one step
-        if p["tokens"][rank] and not split:  # the packed rows for the others stored in that step too
-            prelude["rows stored in route_prelude"] = 3
+        if p["tokens"][rank] and not split:  # the packed rows for the others stored in that step too, then the
+            prelude["rows stored in route_prelude"] = prelude["finish_sent"] = 3  # own rows and copy out in one
         want = {"token_rows_into": 1 if staged else 2, "layout_table": 2, "layout_counts": 2,
                 "rows_to_blocks": 3 * stores, **early, **({"rank_rows_at": 1} if staged else {}), **prelude}
         assert used == want, (rank, used)
@@ -423,6 +423,7 @@ def test_two_rank_nccl_collectives_syncs_and_agreement() -> None:
             assert got["used"].get("route_prelude") == 3, (wire, rank, got)  # eager, captured, replayed
             stored = got["used"].get("rows stored in route_prelude", 0)  # the packed rows: in the graph too
             assert stored == (3 if wire == "packed" else 0), (wire, rank, got)
+            assert got["used"].get("finish_sent", 0) == stored, (wire, rank, got)  # then own rows, copy out: graphs
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(

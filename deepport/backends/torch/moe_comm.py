@@ -162,12 +162,14 @@ class RowsWindow:
     :func:`rows_window`). ``send[r]``: uint8 ``[send_bytes[r]]``, where this rank's part for rank ``r`` goes
     (None for this rank: its own rows never travel). Once they are written (kernels on the current stream),
     ``receive()`` returns per source ``s`` the uint8 ``[recv_bytes[s]]`` of what ``s`` sent (None for this
-    rank), valid until ``release()``, which the caller calls (once) after copying them out."""
+    rank), valid until ``release()``, which the caller calls (once) after copying them out. ``landing``: where
+    offered, those parts before they arrive (what ``receive()`` will return; nothing in them yet)."""
 
     send: list[torch.Tensor | None]
     receive: Callable[[], list[torch.Tensor | None]]
     release: Callable[[], None]
     begin: Callable[[], None] | None = None  # where offered: start moving what was written (receive() waits)
+    landing: list[torch.Tensor | None] | None = None
 
 
 def offers_rows_window(grp: MoEGroup) -> bool:
@@ -266,7 +268,7 @@ def staged_rows_window(send_bytes: Sequence[int], recv_bytes: Sequence[int], dev
     def release() -> None:
         pending.clear()  # the collective holds its own references until it is done (the stream waits on it)
 
-    return RowsWindow(parts(sending, send_bytes), receive, release, begin)
+    return RowsWindow(parts(sending, send_bytes), receive, release, begin, parts(recv, recv_bytes))
 
 
 class _AllWorks:

@@ -87,6 +87,12 @@ backends' kernels) and reuses everything else.
   apply. The triton backend's replays it as a CUDA graph (:mod:`deepport.backends.triton.moe_route_graph`).
   ``peers`` (:class:`PeerRows`, or None): the rows to send, which the step may also store for the other ranks
   before its read (the prelude's ``sent`` then says where; None where it did not).
+- ``finish_sent(prelude, outs, own_start, window)`` (optional, with a ``route_prelude`` that stores the others'
+  rows): once the exchange of ``prelude.sent`` began through ``window`` (a staged window that offers its
+  ``landing``), this rank's own rows into ``outs`` from row ``own_start`` while the others' travel, then
+  ``window.receive()`` and every received row out, as ``rows_to_blocks`` (part ``"own"``) and ``blocks_to_rows``
+  would; True when it ran, False, nothing started, where it does not apply. The triton backend's replays both as
+  CUDA graphs.
 - ``blocks_exchange(prelude, fmt, data, scales, weights, sends, recvs, outs, grp, num_local, what)`` (optional,
   with ``route_prelude``): the whole exchange of ``rows_to_blocks`` / ``blocks_to_rows`` below (the acknowledgement
   wait, both kernels, the data flags, the acknowledgements) in one step after ``route_prelude`` left
@@ -173,7 +179,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from deepport.backends.torch.moe_comm import FixedWindow, RowFormat, same_bits
+from deepport.backends.torch.moe_comm import FixedWindow, RowFormat, RowsWindow, same_bits
 from deepport.kernels.fp8_layout import amax_scales
 from deepport.kernels.moe_args import FP8, FP8_BLOCK
 
@@ -280,6 +286,7 @@ class LocalSteps:
     rank_rows_at: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, int, torch.Tensor], None] | None = None
     sum_in_place: Callable[[torch.Tensor, MoEHandle, MoEGroup, torch.Tensor, str], bool] | None = None
     route_prelude: Callable[[torch.Tensor, int, MoEGroup, str, PeerRows | None], RoutePrelude | None] | None = None
+    finish_sent: Callable[[RoutePrelude, BlockOutputs, int, RowsWindow], bool] | None = None
     blocks_exchange: Callable[[RoutePrelude, RowFormat, torch.Tensor, torch.Tensor | None, torch.Tensor | None,
                                list[int], list[int], BlockOutputs, MoEGroup, int, str], bool] | None = None
     receive_meta: Callable[[torch.Tensor, int, int, int, bool],

@@ -405,9 +405,11 @@ def _dispatch_blocks(fmt: RowFormat, data: torch.Tensor, scales: torch.Tensor | 
     if packed is not None and window.begin is not None:  # the others' rows are in the send buffer: begin (before
         window.begin()                                   # the outputs are made), then the own rows
         outs = outputs(False)
-        local.rows_to_blocks(data, scales, idx, weights, in_rank, fmt, packed, me, num_local, outs, start, cumsum,
-                             "own")
-        local.blocks_to_rows(_addresses(window.receive(), device, False), counts, fmt, me, num_local, outs)
+        finish = local.finish_sent  # after a prelude that stored the others' rows: the backend's two steps at once
+        if prelude is None or prelude.sent is None or finish is None or not finish(prelude, outs, start, window):
+            local.rows_to_blocks(data, scales, idx, weights, in_rank, fmt, packed, me, num_local, outs, start,
+                                 cumsum, "own")
+            local.blocks_to_rows(_addresses(window.receive(), device, False), counts, fmt, me, num_local, outs)
         window.release()
         return outs
     outs = outputs(False)

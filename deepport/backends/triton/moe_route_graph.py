@@ -266,7 +266,7 @@ def route_prelude(idx: torch.Tensor, num_experts: int, grp: MoEGroup, what: str,
     if program is None:
         program = programs[key] = _Program(tokens, topk, num_experts, world, idx.device)
         if store is not None:
-            program.peers = peer_store(grp.group, store, tokens, topk, world, idx.device)
+            program.peers = peer_store(grp.group, store, tokens, topk, world, grp.rank, idx.device)
     program.idx.copy_(idx)
     copies = program.peers.prepare(peers, topk) if program.peers is not None and peers is not None else None
     if program.graph is not None and graphs_enabled():
@@ -325,6 +325,18 @@ def _capture(program: _Program, grp: MoEGroup, what: str) -> None:
         return
     program.graph, program.outputs, program.graph_outputs = graph, outputs, outputs
     graph.replay()
+
+
+def finish_sent(pre: RoutePrelude, outs: BlockOutputs, own_start: int, window: moe_comm.RowsWindow) -> bool:
+    """``LocalSteps.finish_sent``: after :func:`route_prelude` stored the other ranks' rows and their exchange
+    began, this rank's own rows and the copy out (:meth:`~deepport.backends.triton.moe_route_send.PeerStore.finish`;
+    CUDA graphs once the routing's own is replayed); False, nothing started, where it does not apply."""
+    program = pre.state
+    if not isinstance(program, _Program) or program.peers is None or program.outputs is None or pre.sent is None:
+        return False
+    replayed = program.graph is not None and program.outputs is program.graph_outputs
+    return program.peers.finish(program.idx, program.outputs, outs, own_start, window,
+                                program.num_experts // program.world, replayed, _may_capture(program.device, program))
 
 
 def _store(program: _Program, me: int) -> None:

@@ -27,14 +27,17 @@ from typing import Any
 
 import torch
 
-from deepport.backends.torch.moe_local import PeerRows
+from deepport.backends.torch.moe_comm import RowsWindow
+from deepport.backends.torch.moe_local import BlockOutputs, PeerRows
 from deepport.backends.triton.fast_launch import FastLaunch
 from deepport.backends.triton.moe_blocks import _MOVE_BYTES, _WARPS, _offset, _pow2, _words
 from deepport.backends.triton.moe_permute import _guard, block_for_bytes
-from deepport.backends.triton.moe_permute_kernels import moe_rows_to_blocks_kernel
+from deepport.backends.triton.moe_permute_kernels import moe_blocks_to_rows_kernel, moe_rows_to_blocks_kernel
 
 log = logging.getLogger(__name__)
 _TO_BLOCKS = FastLaunch(moe_rows_to_blocks_kernel)
+_FROM_BLOCKS = FastLaunch(moe_blocks_to_rows_kernel)
+_ROW_PROGRAMS = 1024  # programs per column block of the copy out (each strides over the rows the device counts)
 
 
 def peer_key(peers: PeerRows | None) -> tuple[Any, ...] | None:
@@ -66,17 +69,25 @@ class PeerStore:
     key: tuple[Any, ...]
     tokens: int
     world: int
+    rank: int
     buffer: torch.Tensor
     table: torch.Tensor = field(init=False)
     graph: Any = None
     broken: bool = False
+    own_graph: Any = None  # the finish (:meth:`finish`): this rank's own rows, then the copy out
+    out_graph: Any = None
 
     def __post_init__(self) -> None:
         device = self.buffer.device
         self.table = torch.zeros(16, dtype=torch.int64, device=device)
         # the table's values go through pinned memory: rewritten only at the next call, after the routing's read
         # (which waits for an event recorded after this copy)
-        self.staging = torch.zeros(16, dtype=torch.int64, pin_memory=device.type == "cuda")
+        pinned = device.type == "cuda"
+        self.staging = torch.zeros(16, dtype=torch.int64, pin_memory=pinned)
+        # the finish's table (entries 0-11 as the kernels read them), then the received parts' addresses by source
+        self.finish_table = torch.zeros(16 + self.world, dtype=torch.int64, device=device)
+        self.finish_staging = torch.zeros(16 + self.world, dtype=torch.int64, pin_memory=pinned)
+        self.inputs: tuple[int, ...] = ()
         self.like_words = torch.zeros(2, dtype=self.key[1], device=device)
         self.like_f32 = torch.zeros(2, dtype=torch.float32, device=device)
         self.like_i64 = torch.zeros(2, dtype=torch.int64, device=device)
@@ -90,10 +101,76 @@ class PeerStore:
         stand_in = int(self.like_i64.data_ptr())
         scales = stand_in if peers.scales is None else int(peers.scales.data_ptr())
         weights = stand_in if peers.weights is None else int(peers.weights.data_ptr())
-        self.staging.numpy()[:12] = (int(peers.data.data_ptr()), scales, weights, *(stand_in,) * 5, 0,
-                                     int(in_rank.data_ptr()), int(idx.data_ptr()), stand_in)
+        self.inputs = (int(peers.data.data_ptr()), scales, weights, int(in_rank.data_ptr()), int(idx.data_ptr()))
+        self.staging.numpy()[:12] = (*self.inputs[:3], *(stand_in,) * 5, 0, *self.inputs[3:], stand_in)
         self.table.copy_(self.staging, non_blocking=device.type == "cuda")
         return in_rank, idx
+
+    def finish(self, idx: torch.Tensor, outputs: tuple[torch.Tensor, ...], outs: BlockOutputs, own_start: int,
+               window: RowsWindow, num_local: int, replayed: bool, capture: bool) -> bool:
+        """After the exchange of :attr:`buffer` began through ``window``: this rank's own rows into ``outs`` from
+        row ``own_start`` (``rows_to_blocks``'s part ``"own"``), ``window.receive()``, then every received row out
+        of ``window.landing`` (``blocks_to_rows``), reading this call's addresses from :attr:`finish_table` (one
+        copy from pinned memory). ``outputs``: the routing's (``in_rank``, ``table``, ``got``, ``cumsum``, ...),
+        its graph's own where ``replayed``, and then each kernel is a graph of its own (captured at the first such
+        call where ``capture``). False, nothing started, where an address is not 16-byte aligned or the window
+        does not offer its landing."""
+        landing = window.landing
+        if landing is None or not self.inputs:
+            return False
+        stand_in = int(self.like_i64.data_ptr())
+        addresses = [int(outs.x.data_ptr()), stand_in if outs.scales is None else int(outs.scales.data_ptr()),
+                     int(outs.src.data_ptr()), int(outs.local.data_ptr()),
+                     stand_in if outs.weights is None else int(outs.weights.data_ptr())]
+        bases = [0 if p is None else int(p.data_ptr()) for p in landing]
+        if any(a % 16 for a in addresses + bases):
+            return False
+        # entry 11 (a second home for the local ids) is the outputs' own: the kernels write the same values twice
+        self.finish_staging.numpy()[:] = (*self.inputs[:3], *addresses, own_start, *self.inputs[3:], addresses[3],
+                                          0, 0, 0, 0, *bases)
+        self.finish_table.copy_(self.finish_staging, non_blocking=self.buffer.device.type == "cuda")
+        in_rank, _, got, cumsum = outputs[:4]
+        own = (idx, in_rank, cumsum, self.rank, num_local)
+        self.own_graph = self._run(self.own_graph, replayed, capture, self._own_rows, own)
+        window.receive()  # the caller's stream waits for the exchange
+        self.out_graph = self._run(self.out_graph, replayed, capture, self._rows_out, (idx, got, self.rank, num_local))
+        return True
+
+    def _run(self, graph: Any, replayed: bool, capture: bool, record: Any, args: tuple[Any, ...]) -> Any:
+        """``record(*args)`` as ``graph`` (replayed; captured first where ``capture``), or eagerly; the graph."""
+        if replayed and graph is not None:
+            graph.replay()
+            return graph
+        if replayed and capture and not self.broken:
+            made = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(made, capture_error_mode="thread_local"):
+                    record(*args)
+            except RuntimeError as exc:
+                self.broken = True
+                log.warning("capturing a step of the dispatch's finish as a CUDA graph failed (%s); it runs eagerly "
+                            "from now on", exc)
+            else:
+                made.replay()
+                return made
+        record(*args)
+        return graph
+
+    def _own_rows(self, idx: torch.Tensor, in_rank: torch.Tensor, cumsum: torch.Tensor, me: int,
+                  num_local: int) -> None:
+        self._to_blocks(idx, in_rank, cumsum, me, num_local, self.finish_table, 0, self.table, 0, 2, False)
+
+    def _rows_out(self, idx: torch.Tensor, got: torch.Tensor, me: int, num_local: int) -> None:
+        fmt, _, x_words, num_scales, has_weights = self.key
+        k = int(idx.shape[1])
+        block = block_for_bytes(x_words, self.like_words.element_size(), _MOVE_BYTES)
+        counts = got[:, 0]
+        with _guard(self.buffer.device):
+            _FROM_BLOCKS((_ROW_PROGRAMS, -(-x_words // block)), self.finish_table[16:], counts, counts.stride(0),
+                         self.like_words, self.like_f32, self.like_i64, self.like_i64, self.like_f32, me, x_words,
+                         num_scales, fmt.row_bytes, _offset(fmt, "scales"), _offset(fmt, "meta"), me * num_local,
+                         num_local, self.finish_table, self.world, k, _pow2(k), num_scales > 0, has_weights, block,
+                         _pow2(max(num_scales, 1)), True, num_warps=_WARPS)
 
     def capture(self, idx: torch.Tensor, in_rank: torch.Tensor, table: torch.Tensor, cumsum: torch.Tensor, me: int,
                 num_local: int) -> None:
@@ -118,6 +195,15 @@ class PeerStore:
         table's tensors into :attr:`buffer`, rank ``r``'s part after the rows the count table's first column gives
         the ranks before it (this rank's left out); ``idx`` int64 ``[T, K]`` (the routing's), ``cumsum`` its
         running count of ``in_rank`` by rank."""
+        self._to_blocks(idx, in_rank, cumsum, me, num_local, self.table, int(self.buffer.data_ptr()), table,
+                        table.stride(0), 1, True)
+
+    def _to_blocks(self, idx: torch.Tensor, in_rank: torch.Tensor, cumsum: torch.Tensor, me: int, num_local: int,
+                   addresses: torch.Tensor, send_at: int, counts: torch.Tensor, stride: int, rows: int,
+                   counted: bool) -> None:
+        """``rows_to_blocks``'s kernel reading its addresses from ``addresses`` (the table): ``rows`` 1, the
+        other ranks' rows into the send buffer at ``send_at`` placed by ``counts`` (``counted``); 2, this rank's own
+        into the outputs."""
         fmt, _, x_words, num_scales, has_weights = self.key
         k = int(idx.shape[1])
         meta_width = fmt.widths[fmt.names.index("meta")]
@@ -127,16 +213,16 @@ class PeerStore:
                        in_rank.view(torch.uint8), cumsum, cumsum, self.like_words, self.like_f32, self.like_i64,
                        self.like_i64, self.like_f32, 0, me, me * num_local, num_local, self.tokens, x_words,
                        num_scales, max(num_scales, 1), 1, fmt.row_bytes, _offset(fmt, "scales"), _offset(fmt, "meta"),
-                       self.table, int(self.buffer.data_ptr()), table, table.stride(0), self.world, k, _pow2(k),
-                       meta_width, _pow2(meta_width), num_scales > 0, has_weights, block, _pow2(max(num_scales, 1)),
-                       True, 1, True, num_warps=_WARPS)
+                       addresses, send_at, counts, stride, self.world, k, _pow2(k), meta_width, _pow2(meta_width),
+                       num_scales > 0, has_weights, block, _pow2(max(num_scales, 1)), True, rows, counted,
+                       num_warps=_WARPS)
 
 
 _GROWN_BYTES = 1 << 30  # a buffer grows to twice its size only up to this (a shape that needs more gets its size)
 _BUFFERS: weakref.WeakKeyDictionary[Any, dict[str, torch.Tensor]] = weakref.WeakKeyDictionary()
 
 
-def peer_store(owner: Any, key: tuple[Any, ...], tokens: int, topk: int, world: int,
+def peer_store(owner: Any, key: tuple[Any, ...], tokens: int, topk: int, world: int, rank: int,
                device: torch.device) -> PeerStore:
     """A :class:`PeerStore` for ``key`` (:func:`peer_key`) over the send buffer of ``owner`` (the process group)
     on ``device``, grown to at least twice its size when this shape needs more."""
@@ -146,4 +232,4 @@ def peer_store(owner: Any, key: tuple[Any, ...], tokens: int, topk: int, world: 
     if buffer is None or int(buffer.shape[0]) < nbytes:
         size = max(nbytes, 0 if buffer is None else min(2 * int(buffer.shape[0]), _GROWN_BYTES))
         buffer = held[str(device)] = torch.empty(size, dtype=torch.uint8, device=device)
-    return PeerStore(key, tokens, world, buffer)
+    return PeerStore(key, tokens, world, rank, buffer)

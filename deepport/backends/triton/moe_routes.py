@@ -27,7 +27,7 @@ import torch
 from deepport.backends.torch import moe_routes
 from deepport.backends.triton.moe_blocks import blocks_to_rows, rows_to_blocks
 from deepport.backends.triton.moe_permute import TRITON, place_rows, weighted_rows
-from deepport.backends.triton.moe_route_graph import blocks_exchange, route_prelude
+from deepport.backends.triton.moe_route_graph import blocks_exchange, finish_sent, route_prelude
 from deepport.backends.triton.moe_sum_graph import sum_in_place
 from deepport.kernels.moe_combine import MoECombineCall, MoECombineResult
 from deepport.kernels.moe_dispatch import MoEDispatchCall, MoEDispatchResult
@@ -56,7 +56,7 @@ def sum_rows(rows: torch.Tensor, dst: torch.Tensor, n: int) -> torch.Tensor:
 
 ROUTES = dataclasses.replace(TRITON, take_rows_into=take_rows_into, sum_rows=sum_rows, rows_to_blocks=rows_to_blocks,
                              blocks_to_rows=blocks_to_rows, sum_in_place=sum_in_place,
-                             route_prelude=route_prelude, blocks_exchange=blocks_exchange)
+                             route_prelude=route_prelude, blocks_exchange=blocks_exchange, finish_sent=finish_sent)
 
 
 def dispatch(call: MoEDispatchCall) -> MoEDispatchResult:
