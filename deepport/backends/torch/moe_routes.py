@@ -587,7 +587,7 @@ def route(data: torch.Tensor, scales: torch.Tensor | None, topk_idx: torch.Tenso
     if blocks:
         found = _dispatch_blocks(fmt, data, dense_scales, idx, weights, in_rank, sends, recvs, got[:, 0], grp,
                                  num_local, make, local, what, pre, topk_idx.dtype, places, early, wire,
-                                 table[:, 0].to(torch.int64))
+                                 None if wire is None else table[:, 0].to(torch.int64))  # the split wire's places
         if found is not None:
             copies = None if pre is None else pre.copies  # the prelude step's copies for the handle, where made
             kept_in_rank = found.in_rank if found.in_rank is not None else \
