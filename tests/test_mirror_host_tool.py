@@ -5,6 +5,7 @@ computes what it should."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -138,3 +139,36 @@ def test_the_tool_checks_the_prelude_against_the_steps(one_rank: Any, monkeypatc
     assert line.startswith("checks") and ": ok;" in line and "prelude calls 3," in line, line
     # the packed wire: the others' rows stored in the routing's step, then the own rows and the copy out in one
     assert line.endswith("others' rows stored in it 3, finished in one step 3"), line
+
+
+@pytest.mark.parametrize("prelude", [True, False], ids=["routing-step", "step-by-step"])
+@pytest.mark.parametrize("shift", [2, 4, 16], ids=lambda b: f"payload-at-{b}-bytes")
+def test_a_payload_that_starts_anywhere_moves_right(one_rank: Any, monkeypatch: pytest.MonkeyPatch,
+                                                    prelude: bool, shift: int) -> None:
+    """The triton dispatch moves rows in the widest words the payload's start allows: a contiguous ``x`` 2 or 4
+    bytes past an aligned address (a view into a larger buffer) gives the torch steps' bits, through the routing
+    step (whose store before the read and finish fall back where an address is not 16-byte aligned) and step by
+    step; at 16 bytes the store applies."""
+    from deepport.backends.triton import moe_route_graph
+
+    monkeypatch.setattr(moe_route_graph, "collective_prelude", lambda device: prelude)
+    assert ROUTES.route_prelude is not None
+    taken = ROUTES.route_prelude
+    sent: list[bool] = []
+
+    def counted(*args: Any) -> Any:
+        found = taken(*args)
+        sent.append(found is not None and found.sent is not None)
+        return found
+
+    steps_ = ROUTES if not prelude else dataclasses.replace(ROUTES, route_prelude=counted)
+    x, idx, w = routing(TOKENS, HIDDEN, EXPERTS, TOPK, 9, torch.device("cpu"))
+    room = torch.zeros(x.numel() + 16, dtype=x.dtype)
+    shifted = room[shift // x.element_size():][: x.numel()].view(x.shape)
+    shifted.copy_(x)
+    assert int(shifted.data_ptr()) % 16 == shift % 16 and shifted.is_contiguous()
+    with moe_comm.use_transport(Mirror(one_rank)):  # type: ignore[arg-type]
+        call = mirrored(moe_dispatch.bind(shifted, idx, w, EXPERTS, group=one_rank), one_rank)
+        assert_same_dispatch(moe_routes.dispatch(call, steps_), moe_routes.dispatch(call, TORCH))
+    if prelude:  # stored before the read only where every address allows it
+        assert sent == [shift % 16 == 0], sent

@@ -40,12 +40,17 @@ def _pow2(n: int) -> int:
     return max(2, 1 << max(n - 1, 0).bit_length())
 
 
-def _words(t: torch.Tensor, fmt: RowFormat) -> tuple[torch.Tensor, int]:
-    """``t`` ``[rows, H]`` as ``[rows, words]`` of the widest integer type that the packed row allows too."""
+def _words(t: torch.Tensor, fmt: RowFormat, other: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """``t`` ``[rows, H]`` (dense rows) as ``[rows, words]`` of the widest integer type that the packed row allows
+    too and whose size divides where ``t`` (and ``other``, the tensor the kernel moves the same words to or from)
+    starts: any contiguous tensor, wherever it starts, is moved right."""
     raw = t.view(torch.uint8)
+    starts = [t] if other is None else [t, other]
     for wide in (torch.int64, torch.int32, torch.int16):
-        if int(raw.shape[1]) % wide.itemsize == 0 and fmt.row_bytes % wide.itemsize == 0:
-            return raw.view(wide), int(raw.shape[1]) // wide.itemsize
+        size = wide.itemsize
+        if int(raw.shape[1]) % size == 0 and fmt.row_bytes % size == 0 and all(
+                int(a.data_ptr()) % size == 0 and a.storage_offset() * a.element_size() % size == 0 for a in starts):
+            return raw.view(wide), int(raw.shape[1]) // size
     return raw, int(raw.shape[1])
 
 
@@ -73,7 +78,7 @@ def rows_to_blocks(data: torch.Tensor, scales: torch.Tensor | None, idx: torch.T
         return
     k = int(idx.shape[1])
     rows_in = data.contiguous()
-    words, x_words = _words(rows_in, fmt)
+    words, x_words = _words(rows_in, fmt, None if outs is None else outs.x)
     if "x" not in fmt.names:  # side rows only (a split wire): no payload words into the parts
         if part != "peers":
             raise ValueError(f"rows_to_blocks: a format without the payload stores only the other ranks' side "
@@ -91,7 +96,7 @@ def rows_to_blocks(data: torch.Tensor, scales: torch.Tensor | None, idx: torch.T
     s = scales if scales is not None else w
     if outs is None:  # ROWS 1 never stores into the outputs: inputs of the same types stand in
         outs = BlockOutputs(rows_in, scales, idx64, idx64, None if weights is None else w)
-    out_words, _ = _words(outs.x, fmt)  # the same row bytes: the same word type
+    out_words, _ = _words(outs.x, fmt, rows_in)  # the same row bytes and starts: the same word type
     if isinstance(bases, CountedParts):  # no table of addresses: the kernel places the parts from the counts
         addresses, send_at, counts, counted = cumsum, int(bases.buffer.data_ptr()), bases.counts, True
         if send_at % 16 or counts.dtype != torch.int64 or tuple(counts.shape) != (world,):
