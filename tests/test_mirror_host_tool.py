@@ -172,3 +172,23 @@ def test_a_payload_that_starts_anywhere_moves_right(one_rank: Any, monkeypatch: 
         assert_same_dispatch(moe_routes.dispatch(call, steps_), moe_routes.dispatch(call, TORCH))
     if prelude:  # stored before the read only where every address allows it
         assert sent == [shift % 16 == 0], sent
+
+
+def test_the_store_before_the_read_shares_one_send_buffer_and_grows_it(one_rank: Any,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shapes of one group share the store's send buffer: a larger shape grows it (to at least twice its size),
+    a smaller one reuses it, and a shape made before keeps the buffer it was made with; every dispatch gives the
+    torch steps' bits, also a repeat of the first shape after the buffer grew."""
+    from deepport.backends.triton import moe_route_graph, moe_route_send
+
+    monkeypatch.setattr(moe_route_graph, "collective_prelude", lambda device: True)
+    monkeypatch.setattr(moe_route_send, "_BUFFERS", type(moe_route_send._BUFFERS)())
+    sizes = []
+    with moe_comm.use_transport(Mirror(one_rank)):  # type: ignore[arg-type]
+        for tokens, seed in ((TOKENS, 1), (3 * TOKENS, 2), (TOKENS // 2, 3), (TOKENS, 4)):
+            x, idx, w = routing(tokens, HIDDEN, EXPERTS, TOPK, seed, torch.device("cpu"))
+            call = mirrored(moe_dispatch.bind(x, idx, w, EXPERTS, group=one_rank), one_rank)
+            assert_same_dispatch(moe_routes.dispatch(call, ROUTES), moe_routes.dispatch(call, TORCH))
+            sizes.append(int(moe_route_send._BUFFERS[one_rank]["cpu"].numel()))
+    row = sizes[0] // TOKENS  # one row for the one other rank per token (EP=2)
+    assert sizes == [TOKENS * row, 3 * TOKENS * row, 3 * TOKENS * row, 3 * TOKENS * row], sizes
