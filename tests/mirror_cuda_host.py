@@ -30,7 +30,8 @@ started and ended, µs from the call (medians over the calls).
 With ``--ops``, torch.profiler's host side of the triton dispatch: the aten ops and CUDA runtime calls by self
 host time per call.
 
-``python -m tests.mirror_cuda_host [--calls N] [--cprofile STEP] [--timeline] [--ops]``
+``python -m tests.mirror_cuda_host [--calls N] [--tokens T] [--cprofile STEP] [--timeline] [--ops]`` (``--tokens``:
+the timed calls' tokens, default 4096; issue 14's other size is 128)
 """
 
 from __future__ import annotations
@@ -356,6 +357,7 @@ def main() -> int:
     from tests.staged_cuda_host import _kernels
 
     calls = int(sys.argv[sys.argv.index("--calls") + 1]) if "--calls" in sys.argv else 20
+    tokens = int(sys.argv[sys.argv.index("--tokens") + 1]) if "--tokens" in sys.argv else TOKENS
     profile = sys.argv[sys.argv.index("--cprofile") + 1] if "--cprofile" in sys.argv else ""
     os.environ["DEEPPORT_CHECK_VALUES"] = "0"
     device = torch.device("cuda", 0)
@@ -366,14 +368,14 @@ def main() -> int:
     try:
         with moe_comm.use_transport(mirror):  # type: ignore[arg-type]
             print(check_prelude(group, device))
-            chosen = steps(group, device)
-            print(f"issue 14's sizes: {TOKENS} tokens, hidden {HIDDEN}, top-{TOPK} of {EXPERTS}, rank 0 of a "
+            chosen = steps(group, device, tokens)
+            print(f"issue 14's sizes: {tokens} tokens, hidden {HIDDEN}, top-{TOPK} of {EXPERTS}, rank 0 of a "
                   "mirrored EP=2, NCCL launches on one GPU")
             print("\n".join(table(group, mirror, device, calls, chosen)))
             if "--timeline" in sys.argv:
                 from deepport.backends.triton.moe_routes import ROUTES
 
-                print("\n".join(timeline(dispatch_runner(group, device), device, calls, ROUTES)))
+                print("\n".join(timeline(dispatch_runner(group, device, tokens), device, calls, ROUTES)))
             if "--ops" in sys.argv:
                 print("\n".join(host_ops(dict(chosen)["triton: dispatch"], device)))
             for name, step in chosen:
