@@ -149,7 +149,8 @@ def test_a_payload_that_starts_anywhere_moves_right(one_rank: Any, monkeypatch: 
     """The triton dispatch moves rows in the widest words the payload's start allows: a contiguous ``x`` 2 or 4
     bytes past an aligned address (a view into a larger buffer) gives the torch steps' bits, through the routing
     step (whose store before the read and finish fall back where an address is not 16-byte aligned) and step by
-    step; at 16 bytes the store applies."""
+    step; at 16 bytes the store applies. The same with outputs from an ``alloc`` that places them as far past
+    aligned starts (poisoned with NaN: every row must be written)."""
     from deepport.backends.triton import moe_route_graph
 
     monkeypatch.setattr(moe_route_graph, "collective_prelude", lambda device: prelude)
@@ -168,11 +169,18 @@ def test_a_payload_that_starts_anywhere_moves_right(one_rank: Any, monkeypatch: 
     shifted = room[shift // x.element_size():][: x.numel()].view(x.shape)
     shifted.copy_(x)
     assert int(shifted.data_ptr()) % 16 == shift % 16 and shifted.is_contiguous()
+    def alloc(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:  # outputs as far past aligned starts
+        numel = int(torch.Size(shape).numel())
+        space = torch.full((numel + 16,), float("nan")).to(dtype)
+        return space[shift // space.element_size():][:numel].view(shape)
+
     with moe_comm.use_transport(Mirror(one_rank)):  # type: ignore[arg-type]
         call = mirrored(moe_dispatch.bind(shifted, idx, w, EXPERTS, group=one_rank), one_rank)
         assert_same_dispatch(moe_routes.dispatch(call, steps_), moe_routes.dispatch(call, TORCH))
-    if prelude:  # stored before the read only where every address allows it
-        assert sent == [shift % 16 == 0], sent
+        placed = mirrored(moe_dispatch.bind(shifted, idx, w, EXPERTS, group=one_rank, alloc=alloc), one_rank)
+        assert_same_dispatch(moe_routes.dispatch(placed, steps_), moe_routes.dispatch(call, TORCH))
+    if prelude:  # stored before the read only where every address allows it (the finish: the outputs' too)
+        assert sent == [shift % 16 == 0] * 2, sent
 
 
 def test_the_store_before_the_read_shares_one_send_buffer_and_grows_it(one_rank: Any,
