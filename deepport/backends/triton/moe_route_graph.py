@@ -217,7 +217,7 @@ def blocks_exchange(pre: RoutePrelude, fmt: RowFormat, data: torch.Tensor, scale
                                                       data.device)
     if not exchange.prepare(x, scales, weights, outs, sum(recvs[:grp.rank])):
         return False
-    static = program.graph is not None and program.outputs is program.graph_outputs  # the routing replayed
+    static = _replayed(program)
     if exchange.graph is not None and static and graphs_enabled():
         moe_comm.raise_if_transport_failed(what)
         exchange.graph.replay()
@@ -282,7 +282,7 @@ def route_prelude(idx: torch.Tensor, num_experts: int, grp: MoEGroup, what: str,
     if program.done is not None:
         program.done.record()
     if program.peers is not None:  # after the event: the read does not wait for the store
-        _store(program, grp.rank)
+        _store(program)
     if program.done is not None:
         program.done.synchronize()
     host = [int(v) for v in program.host.tolist()]  # the one host read (pinned memory, the event waited)
@@ -335,25 +335,24 @@ def finish_sent(pre: RoutePrelude, outs: BlockOutputs, own_start: int, window: m
     program = pre.state
     if not isinstance(program, _Program) or program.peers is None or program.outputs is None or pre.sent is None:
         return False
-    replayed = program.graph is not None and program.outputs is program.graph_outputs
     return program.peers.finish(program.idx, program.outputs, outs, own_start, window,
-                                program.num_experts // program.world, replayed, _may_capture(program.device, program))
+                                program.num_experts // program.world, _replayed(program),
+                                _may_capture(program.device, program))
 
 
-def _store(program: _Program, me: int) -> None:
+def _store(program: _Program) -> None:
     """The store of the other ranks' rows (:mod:`~deepport.backends.triton.moe_route_send`) over the routing's
     outputs: its own graph once the routing's is replayed (captured at the first replay), else eagerly."""
-    peers = program.peers
-    assert peers is not None and program.outputs is not None
+    assert program.peers is not None and program.outputs is not None
     in_rank, table, _, cumsum, _ = program.outputs
-    num_local = program.num_experts // program.world
-    replayed = program.graph is not None and program.outputs is program.graph_outputs
-    if replayed and peers.graph is not None:
-        peers.graph.replay()
-    elif replayed and _may_capture(program.device, program) and not peers.broken:
-        peers.capture(program.idx, in_rank, table, cumsum, me, num_local)
-    else:
-        peers.record(program.idx, in_rank, table, cumsum, me, num_local)
+    program.peers.store(program.idx, in_rank, table, cumsum, program.num_experts // program.world,
+                        _replayed(program), _may_capture(program.device, program))
+
+
+def _replayed(program: _Program) -> bool:
+    """Whether this call's routing outputs are its graph's own (the graph was replayed): steps captured over them
+    may replay too."""
+    return program.graph is not None and program.outputs is program.graph_outputs
 
 
 def usage(transport: object) -> tuple[int, int, int, int]:

@@ -148,8 +148,8 @@ class PeerStore:
                     record(*args)
             except RuntimeError as exc:
                 self.broken = True
-                log.warning("capturing a step of the dispatch's finish as a CUDA graph failed (%s); it runs eagerly "
-                            "from now on", exc)
+                log.warning("capturing the store of the other ranks' rows or the finish as a CUDA graph failed (%s); "
+                            "they run eagerly from now on", exc)
             else:
                 made.replay()
                 return made
@@ -172,22 +172,12 @@ class PeerStore:
                          num_local, self.finish_table, self.world, k, _pow2(k), num_scales > 0, has_weights, block,
                          _pow2(max(num_scales, 1)), True, num_warps=_WARPS)
 
-    def capture(self, idx: torch.Tensor, in_rank: torch.Tensor, table: torch.Tensor, cumsum: torch.Tensor, me: int,
-                num_local: int) -> None:
-        """Capture :meth:`record` as this store's graph and replay it (this call's); on a capture failure it runs
-        eagerly from now on (logged)."""
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                self.record(idx, in_rank, table, cumsum, me, num_local)
-        except RuntimeError as exc:
-            self.broken = True
-            log.warning("capturing the store of the other ranks' rows as a CUDA graph failed (%s); it runs eagerly "
-                        "from now on", exc)
-            self.record(idx, in_rank, table, cumsum, me, num_local)
-            return
-        self.graph = graph
-        graph.replay()
+    def store(self, idx: torch.Tensor, in_rank: torch.Tensor, table: torch.Tensor, cumsum: torch.Tensor,
+              num_local: int, replayed: bool, capture: bool) -> None:
+        """:meth:`record` over the routing's outputs: as this store's graph where the routing's own was replayed
+        (captured at the first such call where ``capture``), else eagerly."""
+        self.graph = self._run(self.graph, replayed, capture, self.record,
+                               (idx, in_rank, table, cumsum, self.rank, num_local))
 
     def record(self, idx: torch.Tensor, in_rank: torch.Tensor, table: torch.Tensor, cumsum: torch.Tensor, me: int,
                num_local: int) -> None:
