@@ -47,6 +47,8 @@
 #                                          what one GPU can check of issue 14's hopper path (tests/peer_cuda_one_gpu.py)
 #   bash scripts/gpu_check.sh ep-host-1gpu the portable path's host path over real NCCL launches (tests/mirror_cuda_host.py),
 #                                          NCCL launch costs, the staged checks and the MoE GPU tests (~10 min at most)
+#   bash scripts/gpu_check.sh ll-1gpu      the hopper path's low-latency dispatch and combine end to end, two ranks in
+#                                          one process (tests/peer_ll_loopback.py: checks, graph timings, kernels)
 set -uo pipefail
 stage="${1:-mla}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -272,10 +274,15 @@ SHAPES
       tests/test_hopper_peer_transport.py tests/test_moe_gpu.py
     grep -vE "Warning|_warn_once" "$OUT/mirror.txt" | head -n 75; tail -n 8 "$OUT/nccl_launch.txt"
     grep -E "checks|synchronizing" "$OUT/staged_peer.txt"; tail -n 3 "$OUT/gpu_ep.txt" ;;
+  ll-1gpu)
+    environment
+    export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+    timeout 240 python3 -m tests.peer_ll_loopback --calls 20 --profile ${LL_ARGS:-} > "$OUT/ll_loopback.txt" 2>&1
+    echo "ll loopback: exit $?" >> "$OUT/ll_loopback.txt"; grep -vE "Warning|_warn_once" "$OUT/ll_loopback.txt" | tail -n 40 ;;
   bench)
     environment
     python3 -m deepport bench --device cuda --out "$OUT/bench" 2>&1 | tail -n 80
     cp "$OUT/bench/bench.json" "$OUT/bench.json" 2>/dev/null; cp "$OUT/bench/bench.png" "$OUT/bench.png" 2>/dev/null
     rm -rf "$OUT/bench" ;;
-  *) echo "unknown stage $stage (mla, fp8, moe-tests, cert-a, cert-b, part NAME, merge, parts-start, parts-collect, cpu-cert-start, cpu-cert-collect, hopper-mla, ecosystem, profile, profile-mla, bench, tune, moe-verify, backends, selection, peer-1gpu, ep-host-1gpu)"; exit 2 ;;
+  *) echo "unknown stage $stage (mla, fp8, moe-tests, cert-a, cert-b, part NAME, merge, parts-start, parts-collect, cpu-cert-start, cpu-cert-collect, hopper-mla, ecosystem, profile, profile-mla, bench, tune, moe-verify, backends, selection, peer-1gpu, ep-host-1gpu, ll-1gpu)"; exit 2 ;;
 esac

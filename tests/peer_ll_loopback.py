@@ -1,0 +1,238 @@
+"""The hopper path's low-latency MoE ops end to end, two ranks in ONE process on one GPU (issue 14's decode step).
+
+What one GPU can say about issue 14's low-latency targets (EP=2, 128 tokens per rank, ``T_max`` 128, hidden
+7168, top-8 of 256 experts: dispatch with the FP8 cast <= 40 us, combine of bf16 rows <= 50 us) before two
+GPUs are lent. Rank 0 and rank 1 each run the hopper backend's own code (``moe_layouts.dispatch_low_latency``
+/ ``combine_low_latency`` with the per-device steps the hopper backend picks, triton's on a GPU) on their own
+stream, over two :class:`~deepport.backends.hopper.peer_memory_cuda.CudaPeerMemory` that see each other's
+buffer as the peer's (``tests.peer_cuda_one_gpu._local_memories``: the real flag and exchange kernels, HBM
+instead of NVLink). Each timing is a CUDA graph of ``--calls`` calls of both ranks (fork, both ranks' call,
+join), replayed and timed with CUDA events: the time per call of the pair, host launches left out, as the
+bench times the low-latency ops (a call bound once on static buffers, replayed).
+
+What it is not: an NVLink figure. Both ranks share one GPU's SMs and HBM, so the exchange's bytes (0.95 MB
+per pair in the dispatch) move at HBM's rate, not the link's, and each rank's kernels compete with the other's.
+Over NVLink add about the bytes' time on the link (0.95 MB at ~400 GB/s: ~2.4 us); the rest (kernels, launch
+gaps in the graph, flag latency within one GPU rather than across the link) is what this measures.
+
+Checks (every run): the eager calls against the torch backend's steps over the same kind of loopback memory
+(dispatch bit for bit in the rows below ``recv_count`` and ``recv_count`` itself, combine within one bf16 step),
+then the graphs' outputs after their replays, poisoned with NaN / 0xFF first, against the eager ones.
+
+``python -m tests.peer_ll_loopback [--calls N] [--tokens T] [--profile]`` prints a short table and exits
+non-zero on a failed check; ``--profile`` adds the kernels of one eager dispatch and one combine of both
+ranks (torch.profiler).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from deepport.bench.configs.moe import routing
+from deepport.bench.configs.moe_low_latency_check import combine_differences, dispatch_differences
+from deepport.bench.configs.moe_low_latency_rank import StaticBuffers
+from deepport.kernels import OPS, moe_args
+from deepport.kernels.moe_args import MoEGroup
+from deepport.kernels.moe_low_latency_combine import MoELowLatencyCombineCall
+from tests.peer_cuda_one_gpu import _local_memories
+
+WORLD = 2
+TARGET_US = {"dispatch": 40.0, "combine": 50.0}  # issue 14 at EP=2, 128 tokens per rank
+
+
+class Ranks:
+    """Both ranks' inputs, transports, static outputs and bound calls on one GPU (module docstring)."""
+
+    def __init__(self, steps: Any, tokens: int, t_max: int, hidden: int, experts: int, topk: int,
+                 seed: int, device: torch.device) -> None:
+        from deepport.backends.hopper.peer_transport import PeerTransport
+
+        self.steps, self.device, self.t_max, self.experts = steps, device, t_max, experts
+        fixed = 8 * 2**20
+        self.transports = [PeerTransport(m) for m in _local_memories(device, 2**20, fixed)]
+        self.streams = [torch.cuda.Stream(device) for _ in range(WORLD)]
+        self.inputs = [routing(tokens, hidden, experts, topk, seed * 100 + r, device) for r in range(WORLD)]
+        local = experts // WORLD
+        g = torch.Generator().manual_seed(seed * 100 + 50)
+        self.y = [torch.randn(local, WORLD * t_max, hidden, generator=g).to(device, torch.bfloat16)
+                  for _ in range(WORLD)]
+        self.groups = [MoEGroup(f"loopback-{r}", r, WORLD, "nccl") for r in range(WORLD)]
+        self.dispatch_out = [StaticBuffers(device) for _ in range(WORLD)]
+        self.combine_out = [StaticBuffers(device) for _ in range(WORLD)]
+        self.handles: list[Any] = [None] * WORLD
+
+    def dispatch(self, r: int) -> Any:
+        """Rank ``r``'s low-latency dispatch (FP8) on the current stream, into its static outputs."""
+        from deepport.backends.torch import moe_layouts
+        from deepport.backends.torch.moe_comm import use_transport
+
+        x, idx, _ = self.inputs[r]
+        call = OPS["moe_low_latency_dispatch"].bind(x, idx, self.t_max, self.experts, use_fp8=True,
+                                                   alloc=self.dispatch_out[r].alloc())
+        call = dataclasses.replace(call, group=self.groups[r])
+        with use_transport(self.transports[r]):
+            return moe_layouts.dispatch_low_latency(call, self.steps)
+
+    def combine(self, r: int) -> torch.Tensor:
+        """Rank ``r``'s low-latency combine of its ``y`` on the handle kept by :meth:`keep`."""
+        from deepport.backends.torch import moe_layouts
+        from deepport.backends.torch.moe_comm import use_transport
+
+        x, idx, w = self.inputs[r]
+        y, grp = self.y[r], self.groups[r]
+        sig = moe_args.signature(self.device, torch.bfloat16, int(x.shape[1]), int(idx.shape[1]), self.experts, grp)
+        call = MoELowLatencyCombineCall(y, idx, w, self.handles[r], grp, self.combine_out[r].alloc(), sig)
+        with use_transport(self.transports[r]):
+            out: torch.Tensor = moe_layouts.combine_low_latency(call, self.steps)
+        return out
+
+    def both(self, step: Callable[[int], Any]) -> list[Any]:
+        """``step(r)`` of both ranks at once, each on its stream (fork from and join into the current one)."""
+        here = torch.cuda.current_stream(self.device)
+        got = []
+        for r in range(WORLD):
+            self.streams[r].wait_stream(here)
+            with torch.cuda.stream(self.streams[r]):
+                got.append(step(r))
+        for r in range(WORLD):
+            here.wait_stream(self.streams[r])
+        return got
+
+    def keep(self, results: list[Any]) -> None:
+        self.handles = [res.handle for res in results]
+
+
+def _graph_us(step: Callable[[], Any], calls: int, replays: int = 5) -> float:
+    """Median over ``replays`` of one replay of ``calls`` captured calls, per call (us)."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            step()
+    graph.replay()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    return sorted(times)[len(times) // 2]
+
+
+def _clone(recv_x: Any) -> Any:
+    return tuple(t.clone() for t in recv_x) if isinstance(recv_x, tuple) else recv_x.clone()
+
+
+def _poison(results: list[Any], combined: list[torch.Tensor]) -> None:
+    for res in results:
+        data, scales = res.recv_x if isinstance(res.recv_x, tuple) else (res.recv_x, None)
+        data.view(torch.uint8).fill_(0xFF)
+        if scales is not None:
+            scales.fill_(float("nan"))
+        res.recv_count.fill_(-1)
+    for out in combined:
+        out.fill_(float("nan"))
+
+
+def _kernels(step: Callable[[], Any]) -> str:
+    """The kernels of one eager ``step()``: count, GPU time and the five longest."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    events = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    total = sum(e.device_time for e in events)
+    top = sorted(events, key=lambda e: -e.device_time)[:5]
+    names = ", ".join(f"{e.name[:40]} {e.device_time:.1f}" for e in top)
+    return f"{len(events)} kernels, {total:.1f} us ({names})"
+
+
+def run(calls: int = 20, tokens: int = 128, profile: bool = False) -> list[str]:
+    from deepport.backends.hopper.moe import steps_for
+    from deepport.backends.torch.moe_local import TORCH
+
+    device = torch.device("cuda", 0)
+    torch.cuda.set_device(device)
+    shape = dict(tokens=tokens, t_max=128, hidden=7168, experts=256, topk=8, seed=7, device=device)
+    path = Ranks(steps_for(device), **shape)  # type: ignore[arg-type]
+    torch_steps = Ranks(TORCH, **shape)  # type: ignore[arg-type]
+    lines = [f"hopper path's steps: {type(path.steps).__name__} {getattr(path.steps, 'name', '')}".rstrip()]
+    bad = False
+    for ranks in (path, torch_steps):  # eager, twice (compiles, then both parities of the fixed exchange)
+        for _ in range(2):
+            ranks.keep(ranks.both(ranks.dispatch))
+            ranks.both(ranks.combine)
+    torch.cuda.synchronize()
+    got = path.both(path.dispatch)
+    want = torch_steps.both(torch_steps.dispatch)
+    path.keep(got)
+    torch_steps.keep(want)
+    combined = path.both(path.combine)
+    combined_want = torch_steps.both(torch_steps.combine)
+    torch.cuda.synchronize()
+    for r in range(WORLD):
+        found = dispatch_differences(got[r].recv_x, got[r].recv_count, want[r].recv_x, want[r].recv_count)
+        found += combine_differences(combined[r], combined_want[r])
+        bad = bad or bool(found)
+        lines.append(f"rank {r} eager, against the torch steps: {'ok' if not found else 'WRONG ' + '; '.join(found)}")
+    kept = [(_clone(g.recv_x), g.recv_count.clone()) for g in got]
+    kept_combined = [c.clone() for c in combined]
+    rows = []
+    for name, ranks, step in (("dispatch", path, "d"), ("combine", path, "c"), ("dispatch + combine", path, "dc"),
+                              ("dispatch, torch steps", torch_steps, "d"), ("combine, torch steps", torch_steps, "c")):
+        def call(ranks: Ranks = ranks, step: str = step) -> None:
+            if "d" in step:
+                results = ranks.both(ranks.dispatch)
+                if "c" in step:
+                    ranks.keep(results)
+            if "c" in step:
+                ranks.both(ranks.combine)
+
+        if ranks is path:
+            _poison(got, combined)
+        us = _graph_us(call, calls)
+        rows.append((name, us))
+        if ranks is path:
+            torch.cuda.synchronize()
+            for r in range(WORLD):
+                ok = True
+                if "d" in step:
+                    ok = not dispatch_differences(got[r].recv_x, got[r].recv_count, *kept[r])
+                if "c" in step:
+                    ok = ok and not combine_differences(combined[r], kept_combined[r])
+                if not ok:
+                    bad = True
+                    lines.append(f"rank {r} {name}: graph replays' outputs WRONG (against the eager call's)")
+            path.handles = [g.handle for g in got]
+    lines.append(f"{'two ranks on one GPU, ' + str(tokens) + ' tokens/rank':<34} {'us per call':>12} {'target':>8}")
+    for name, us in rows:
+        target = TARGET_US.get(name)
+        lines.append(f"{name:<34} {us:>12.1f} {'<= ' + format(target, 'g') if target else '':>8}")
+    if profile:
+        lines.append("both ranks' dispatch: " + _kernels(lambda: path.both(path.dispatch)))
+        lines.append("both ranks' combine: " + _kernels(lambda: path.both(path.combine)))
+    lines.append("checks: " + ("FAILED" if bad else "ok"))
+    return lines
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("no CUDA device")
+        return 2
+    calls = int(sys.argv[sys.argv.index("--calls") + 1]) if "--calls" in sys.argv else 20
+    tokens = int(sys.argv[sys.argv.index("--tokens") + 1]) if "--tokens" in sys.argv else 128
+    lines = run(calls, tokens, "--profile" in sys.argv)
+    print("\n".join(lines))
+    return 1 if any("WRONG" in line or "FAILED" in line for line in lines) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
