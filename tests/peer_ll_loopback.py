@@ -66,16 +66,16 @@ class Ranks:
         self.dispatch_out = [StaticBuffers(device) for _ in range(WORLD)]
         self.combine_out = [StaticBuffers(device) for _ in range(WORLD)]
         self.handles: list[Any] = [None] * WORLD
+        self.dispatch_calls = [  # bound (checked) once, outside any capture; each call only takes new outputs
+            dataclasses.replace(OPS["moe_low_latency_dispatch"].bind(x, idx, t_max, experts, use_fp8=True),
+                                group=self.groups[r]) for r, (x, idx, _) in enumerate(self.inputs)]
 
     def dispatch(self, r: int) -> Any:
         """Rank ``r``'s low-latency dispatch (FP8) on the current stream, into its static outputs."""
         from deepport.backends.torch import moe_layouts
         from deepport.backends.torch.moe_comm import use_transport
 
-        x, idx, _ = self.inputs[r]
-        call = OPS["moe_low_latency_dispatch"].bind(x, idx, self.t_max, self.experts, use_fp8=True,
-                                                   alloc=self.dispatch_out[r].alloc())
-        call = dataclasses.replace(call, group=self.groups[r])
+        call = dataclasses.replace(self.dispatch_calls[r], alloc=self.dispatch_out[r].alloc())
         with use_transport(self.transports[r]):
             return moe_layouts.dispatch_low_latency(call, self.steps)
 
