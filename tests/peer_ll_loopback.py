@@ -20,8 +20,8 @@ Checks (every run): the eager calls against the torch backend's steps over the s
 then the graphs' outputs after their replays, poisoned with NaN / 0xFF first, against the eager ones.
 
 ``python -m tests.peer_ll_loopback [--calls N] [--tokens T] [--profile]`` prints a short table and exits
-non-zero on a failed check; ``--profile`` adds the kernels of one eager dispatch and one combine of both
-ranks (torch.profiler).
+non-zero on a failed check; ``--profile`` adds the kernels of one graph replay of a dispatch and of a
+combine of both ranks (torch.profiler: start, duration, stream).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from deepport.bench.configs.moe import routing
-from deepport.bench.configs.moe_low_latency_check import combine_differences, dispatch_differences
+from deepport.bench.configs.moe_low_latency_check import bf16_steps, combine_differences, dispatch_differences
 from deepport.bench.configs.moe_low_latency_rank import StaticBuffers
 from deepport.kernels import OPS, moe_args
 from deepport.kernels.moe_args import MoEGroup
@@ -143,6 +143,36 @@ def _graph_us(step: Callable[[], Any], calls: int, replays: int = 5) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def oracle(ranks: Ranks) -> list[torch.Tensor]:
+    """Each rank's combine in float64 from its handle's routes (``FixedRoutes``): for every received (slot,
+    local expert) pair on rank ``q``, expert output row ``y_q[l, position]`` times the source token's weight
+    of expert ``q * L + l`` (summed over its top-k), added to that token's row on its source rank."""
+    local = ranks.experts // WORLD
+    out = [torch.zeros(int(x.shape[0]), int(x.shape[1]), dtype=torch.float64, device=ranks.device)
+           for x, _, _ in ranks.inputs]
+    for q in range(WORLD):
+        f = ranks.handles[q].source.fixed
+        slot, k = f.pair_valid.nonzero(as_tuple=True)
+        src, token = slot // f.t_max, f.recv_token[slot]
+        lid, row = f.recv_local[slot, k], f.pair_position[slot, k]
+        for s in range(WORLD):
+            mine = src == s
+            t, e = token[mine], q * local + lid[mine]
+            _, idx, w = ranks.inputs[s]
+            weight = ((idx[t] == e[:, None]) * w[t]).sum(1).double()
+            out[s].index_add_(0, t, ranks.y[q][lid[mine], row[mine]].double() * weight[:, None])
+    return out
+
+
+def _from_oracle(got: torch.Tensor, exact: torch.Tensor) -> str:
+    """The largest distance of a bf16 output from the float64 sums: in bf16 steps from the sums rounded
+    once, and in absolute terms over the sums' rms."""
+    steps = int(bf16_steps(got, exact.to(torch.bfloat16)).max())
+    err = float((got.double() - exact).abs().max())
+    rms = float(exact.pow(2).mean().sqrt())
+    return f"{steps} bf16 steps, |err| {err:.2e} = {err / rms:.1e} x rms"
+
+
 def _clone(recv_x: Any) -> Any:
     return tuple(t.clone() for t in recv_x) if isinstance(recv_x, tuple) else recv_x.clone()
 
@@ -158,19 +188,26 @@ def _poison(results: list[Any], combined: list[torch.Tensor]) -> None:
         out.fill_(float("nan"))
 
 
-def _kernels(step: Callable[[], Any]) -> str:
-    """The kernels of one eager ``step()``: count, GPU time and the five longest."""
+def _graph_timeline(step: Callable[[], Any]) -> list[str]:
+    """The kernels of one replay of a graph of one ``step()``, in start order: us from the first start,
+    duration, stream, name."""
     from torch.profiler import ProfilerActivity, profile
 
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    graph.replay()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        step()
+        graph.replay()
         torch.cuda.synchronize()
-    events = [e for e in prof.events() if e.device_type.name == "CUDA"]
-    total = sum(e.device_time for e in events)
-    top = sorted(events, key=lambda e: -e.device_time)[:5]
-    names = ", ".join(f"{e.name[:40]} {e.device_time:.1f}" for e in top)
-    return f"{len(events)} kernels, {total:.1f} us ({names})"
+    events = sorted((e for e in prof.events() if e.device_type.name == "CUDA"), key=lambda e: e.time_range.start)
+    if not events:
+        return ["  (no kernels recorded)"]
+    t0 = events[0].time_range.start
+    end = max(e.time_range.end for e in events)
+    lines = [f"  {e.time_range.start - t0:7.1f} {e.device_time:7.1f}  s{e.thread:<4} {e.name[:70]}" for e in events]
+    return [*lines, f"  span {end - t0:.1f} us, {len(events)} kernels"]
 
 
 def run(calls: int = 20, tokens: int = 128, profile: bool = False) -> list[str]:
@@ -203,6 +240,10 @@ def run(calls: int = 20, tokens: int = 128, profile: bool = False) -> list[str]:
         found += combine_differences(combined[r], combined_want[r])
         bad = bad or bool(found)
         lines.append(f"rank {r} eager, against the torch steps: {'ok' if not found else 'WRONG ' + '; '.join(found)}")
+    for name, ranks, outs in (("hopper path", path, combined), ("torch steps", torch_steps, combined_want)):
+        exact = oracle(ranks)
+        lines.append(f"{name}'s combine from the float64 sums: "
+                     + "; ".join(f"rank {r} {_from_oracle(outs[r], exact[r])}" for r in range(WORLD)))
     kept = [(_clone(g.recv_x), g.recv_count.clone()) for g in got]
     kept_combined = [c.clone() for c in combined]
     rows = []
@@ -237,8 +278,11 @@ def run(calls: int = 20, tokens: int = 128, profile: bool = False) -> list[str]:
         target = TARGET_US.get(name)
         lines.append(f"{name:<34} {us:>12.1f} {'<= ' + format(target, 'g') if target else '':>8}")
     if profile:
-        lines.append("both ranks' dispatch: " + _kernels(lambda: path.both(path.dispatch)))
-        lines.append("both ranks' combine: " + _kernels(lambda: path.both(path.combine)))
+        lines.append("both ranks' dispatch, one graph replay (start us, took us, stream, kernel):")
+        lines += _graph_timeline(lambda: path.both(path.dispatch))
+        path.handles = [g.handle for g in got]
+        lines.append("both ranks' combine, one graph replay:")
+        lines += _graph_timeline(lambda: path.both(path.combine))
     lines.append("checks: " + ("FAILED" if bad else "ok"))
     return lines
 
