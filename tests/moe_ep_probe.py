@@ -499,10 +499,12 @@ def low_latency_steps(rank: int, group: Any, device: torch.device, params: dict[
     counted = functools.partial(_counted, used)
 
     assert TRITON.low_latency_receive is not None and TRITON.scatter_rows is not None
+    assert TRITON.scatter_row_pair is not None
     assert TRITON.token_rows_into is not None and TRITON.low_latency_send_rows is not None
     assert TRITON.low_latency_return is not None and TRITON.low_latency_pairs is not None
     steps = dataclasses.replace(TRITON, low_latency_receive=counted("low_latency_receive", TRITON.low_latency_receive),
                                 scatter_rows=counted("scatter_rows", TRITON.scatter_rows),
+                                scatter_row_pair=counted("scatter_row_pair", TRITON.scatter_row_pair),
                                 token_rows_into=counted("token_rows_into", TRITON.token_rows_into),
                                 low_latency_send_rows=counted("low_latency_send_rows", TRITON.low_latency_send_rows),
                                 low_latency_return=counted("low_latency_return", TRITON.low_latency_return),
@@ -520,6 +522,8 @@ def low_latency_steps(rank: int, group: Any, device: torch.device, params: dict[
         for variant in ("triton", "unfused"):
             b, tag = got[variant], f"{variant} fp8={fp8}"
             _same(f"{tag} recv_count", b.recv_count, a.recv_count, bad)
+            _same(f"{tag} handle.recv_count", b.handle.recv_count, a.handle.recv_count, bad)
+            _same(f"{tag} handle.topk_idx", b.handle.topk_idx, a.handle.topk_idx, bad)
             fb = ll.fixed_routes(b.handle)
             for name in ("send_slot", "recv_token", "recv_local", "pair_valid", "count"):
                 _same(f"{tag} routes.{name}", getattr(fb, name), getattr(fa, name), bad)

@@ -165,12 +165,17 @@ def oracle(ranks: Ranks) -> list[torch.Tensor]:
 
 
 def _from_oracle(got: torch.Tensor, exact: torch.Tensor) -> str:
-    """The largest distance of a bf16 output from the float64 sums: in bf16 steps from the sums rounded
-    once, and in absolute terms over the sums' rms."""
-    steps = int(bf16_steps(got, exact.to(torch.bfloat16)).max())
-    err = float((got.double() - exact).abs().max())
+    """How far a bf16 output lies from the float64 sums rounded once: the elements more than one bf16 step
+    away, their largest distance in steps and their largest error over the sums' rms (the bench's combine
+    check allows 2^-16: float32 sums of nearly cancelling terms)."""
+    steps = bf16_steps(got, exact.to(torch.bfloat16))
+    far = steps > 1
     rms = float(exact.pow(2).mean().sqrt())
-    return f"{steps} bf16 steps, |err| {err:.2e} = {err / rms:.1e} x rms"
+    if not bool(far.any()):
+        return "all within 1 bf16 step"
+    err = float((got.double() - exact).abs()[far].max())
+    return (f"{int(far.sum())} elements past 1 bf16 step (up to {int(steps.max())}), their |err| <= "
+            f"{err / rms:.1e} x rms")
 
 
 def _clone(recv_x: Any) -> Any:
@@ -221,9 +226,10 @@ def run(calls: int = 20, tokens: int = 128, profile: bool = False) -> list[str]:
         Ranks(steps, **shape).load_kernels()  # type: ignore[arg-type]
     path = Ranks(steps_for(device), **shape)  # type: ignore[arg-type]
     torch_steps = Ranks(TORCH, **shape)  # type: ignore[arg-type]
+    per_part = Ranks(dataclasses.replace(path.steps, scatter_row_pair=None), **shape)  # type: ignore[arg-type]
     lines = [f"hopper path's steps: {type(path.steps).__name__} {getattr(path.steps, 'name', '')}".rstrip()]
     bad = False
-    for ranks in (path, torch_steps):  # eager, twice (compiles, then both parities of the fixed exchange)
+    for ranks in (path, torch_steps, per_part):  # eager, twice (compiles, then both parities of the fixed exchange)
         for _ in range(2):
             ranks.keep(ranks.both(ranks.dispatch))
             ranks.both(ranks.combine)
@@ -248,6 +254,7 @@ def run(calls: int = 20, tokens: int = 128, profile: bool = False) -> list[str]:
     kept_combined = [c.clone() for c in combined]
     rows = []
     for name, ranks, step in (("dispatch", path, "d"), ("combine", path, "c"), ("dispatch + combine", path, "dc"),
+                              ("dispatch, one scatter per part", per_part, "d"),
                               ("dispatch, torch steps", torch_steps, "d"), ("combine, torch steps", torch_steps, "c")):
         def call(ranks: Ranks = ranks, step: str = step) -> None:
             if "d" in step:

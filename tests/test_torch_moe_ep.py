@@ -162,7 +162,8 @@ def test_triton_low_latency_steps_give_the_torch_routes_rows_and_sums(world: int
         # two dispatches (bf16, FP8) per variant: triton's one-kernel sender, or torch's sender
         used = got["used"]
         assert used.get("low_latency_send_rows") == 2 and used.get("low_latency_receive") == 4, (rank, got)
-        assert used.get("scatter_rows", 0) == 2 * 3, (rank, got)  # received rows: bf16; FP8 and scales
+        # received rows: bf16 (one part), FP8 and scales (two parts, one kernel): one step per dispatch
+        assert used.get("scatter_row_pair", 0) == 4 and used.get("scatter_rows", 0) == 0, (rank, got)
         single = p["topk"] == 1 or p["experts"] == world
         # two combines on triton steps: each sums per token once, and per received slot unless single
         assert got["used"].get("token_rows_into", 0) == (2 if single else 4), (rank, got)

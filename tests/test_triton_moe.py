@@ -196,6 +196,36 @@ def test_scatter_rows_writes_each_distinct_target_once_with_the_bits_of_torch() 
     moe_permute.scatter_rows(scales[:0], torch.zeros(3, 5, 2, device=DEVICE), targets[:0])  # nothing to place
 
 
+def test_scatter_row_pair_places_payload_and_scales_in_one_launch_with_the_bits_of_torch() -> None:
+    """The low-latency receiver's two parts (FP8 payload rows, float32 scales into their transposed storage)
+    read from one packed received row each, under targets with -1 (skipped) and repeats (written once): the
+    bits of torch's ``scatter_rows`` per part; rows no target names keep their poison."""
+    g = torch.Generator().manual_seed(9)
+    targets = torch.tensor([[4, 4, -1, 9], [-1, -1, -1, -1], [13, 2, 13, 7], [11, -1, 11, 11], [1, 3, 5, 6]],
+                           device=DEVICE)  # flat rows of a [3, 5] layout
+    packed = torch.randint(0, 255, (5, 224 + 8 + 8), generator=g, dtype=torch.uint8).to(DEVICE)  # payload, scales
+    payload = packed[:, :224].view(torch.float8_e4m3fn)
+    scales = packed[:, 224:232].view(torch.float32)
+    def poisoned() -> list[torch.Tensor]:
+        return [torch.full((3, 5, 224), 0xFF, dtype=torch.uint8, device=DEVICE).view(torch.float8_e4m3fn),
+                torch.full((3, 2, 5), float("nan"), device=DEVICE).transpose(1, 2)]
+
+    got, one_by_one, want = poisoned(), poisoned(), poisoned()
+    moe_permute.scatter_row_pair([(payload, got[0]), (scales, got[1])], targets)
+    assert TORCH.scatter_rows is not None
+    for src, single, dst in ((payload, one_by_one[0], want[0]), (scales, one_by_one[1], want[1])):
+        moe_permute.scatter_rows(src, single, targets)
+        TORCH.scatter_rows(src, dst, targets)  # torch's step never sees -1 targets: only the named rows compare
+    named = sorted(set(targets.reshape(-1).tolist()) - {-1})
+    unnamed = sorted(set(range(15)) - set(named))
+    for a, single, b, fresh in zip(got, one_by_one, want, poisoned(), strict=True):
+        a, single, b, fresh = (t.reshape(15, -1).view(torch.uint8) for t in (a, single, b, fresh))
+        assert torch.equal(a, single)
+        assert torch.equal(a[named], b[named])
+        assert torch.equal(a[unnamed], fresh[unnamed])
+    moe_permute.scatter_row_pair([(payload[:0], got[0]), (scales[:0], got[1])], targets[:0])  # nothing to place
+
+
 def test_token_rows_into_float32_rows_sum_like_weighted_rows() -> None:
     """The low-latency combine's partial sums: float32 rows of a per-slot table (-1 skipped) equal the
     sorted weighted sum over the same terms, bit for bit."""

@@ -37,14 +37,18 @@ backends' kernels) and reuses everything else.
 - ``low_latency_positions(topk_idx, capacity)`` (optional): int64 ``[T, K]``, the packed row
   ``e * capacity + p`` that slot ``k`` of token ``t`` (expert ``e``) reads in the one-process low-latency
   combine, ``-1`` for a ``-1`` slot. Without it the combine derives them from the handle with torch ops.
-- ``low_latency_receive(meta, rank, num_local, count32)`` (optional, with a ``scatter_rows`` that skips
+- ``scatter_row_pair(parts, targets)`` (optional): ``scatter_rows`` of each ``(src, dst)`` of ``parts`` (one or
+  two parts of the same rows: the low-latency dispatch's payload and scales) under the same ``targets``, in
+  one step. Without it the dispatch calls ``scatter_rows`` per part.
+- ``low_latency_receive(meta, rank, num_local, count32, count32_copy)`` (optional, with a ``scatter_rows`` that skips
   targets -1): the receiver's routes of a multi-rank low-latency dispatch from the received slots' int32
   ``meta [S, 1 + K]`` (source token, -1 for an unused slot, then the global top-k ids; routed slots fill
   each source's block from its start): ``(recv_token [S], recv_local [S, K], valid [S, K], position [S, K],
   count [L], target [S, K], packed [L, S])`` as :func:`deepport.backends.torch.moe_low_latency.dispatch_low_latency`
   derives them (``target``: the pair's row ``l * S + position`` in the ``[L, S]`` layout where valid, else
   -1; ``packed``: the canonical ``packed_src_row``), writing ``count`` also into ``count32`` (int32
-  ``[L]``, the op's ``recv_count``). Without it the dispatch derives them with torch ops.
+  ``[L]``, the op's ``recv_count``) and, where ``count32_copy`` is given, into it too (the handle's copy).
+  Without it the dispatch derives them with torch ops.
 - ``low_latency_send_rows(x, idx, num_ranks, num_local, t_max, meta, data_rows, scale_rows)`` (optional): the
   whole sender's side of a multi-rank low-latency dispatch from ``topk_idx`` int64 ``[T, K]``: returns
   ``(in_rank bool [T, R], send_slot int64 [T, R], target int64 [T, R])`` (token ``t``'s row in rank
@@ -54,13 +58,15 @@ backends' kernels) and reuses everything else.
   token's payload into its rows of ``data_rows`` (``[R * t_max, H * size]`` bytes, dense rows at any
   stride): FP8-cast (``cast_fp8``'s bits) with its scales into ``scale_rows`` (float32 ``[R * t_max, H /
   128]``) when that is given, else ``x``'s bits. Without it the dispatch does this with torch ops.
-- ``low_latency_send_window(x, idx, num_ranks, num_local, t_max, fmt, window, cast)`` (optional; ``T >= 1``):
+- ``low_latency_send_window(x, idx, num_ranks, num_local, t_max, fmt, window, cast, idx_copy)`` (optional;
+  ``T >= 1``):
   ``low_latency_send_rows`` without a send buffer, for a transport that offers a
   :class:`~deepport.backends.torch.moe_comm.FixedWindow` (the hopper backend's peer memory): the same routes,
   and the same rows (``fmt``'s parts ``meta``, ``x`` and, with ``cast``, ``scales``; :class:`RowFormat`)
   stored straight into each destination rank's memory, row ``i`` of rank ``r``'s block at ``window.table[seq
-  & 1, r] + i * fmt.row_bytes``. The dispatch then calls ``window.finish``. Without it (or without a window)
-  the dispatch fills a send buffer and exchanges it.
+  & 1, r] + i * fmt.row_bytes``; ``idx`` also copied into ``idx_copy`` (int64 ``[T, K]``, the handle's copy)
+  where given. The dispatch then calls ``window.finish``. Without it (or without a window) the dispatch fills
+  a send buffer and exchanges it.
 - ``token_rows_at(like, addresses, weights, out)`` (optional): ``token_rows_into`` with each term's row given
   by its address (int64 ``[T, K]``, -1 none, 16-byte aligned rows of ``out.shape[1]`` elements of ``like``'s
   dtype) instead of its index: the normal combine sums the rows where they arrived in a peer transport's
@@ -263,6 +269,7 @@ class LocalSteps:
     weighted_rows: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
     cast_fp8: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
     scatter_rows: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
+    scatter_row_pair: Callable[[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor], None] | None = None
     take_rows: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     take_rows_into: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
     sum_rows: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None = None
@@ -275,11 +282,13 @@ class LocalSteps:
     low_latency_layout: Callable[[torch.Tensor, int, int, torch.Tensor],
                                  tuple[torch.Tensor, torch.Tensor]] | None = None
     low_latency_positions: Callable[[torch.Tensor, int], torch.Tensor] | None = None
-    low_latency_receive: Callable[[torch.Tensor, int, int, torch.Tensor], tuple[torch.Tensor, ...]] | None = None
+    low_latency_receive: Callable[[torch.Tensor, int, int, torch.Tensor, torch.Tensor | None],
+                                  tuple[torch.Tensor, ...]] | None = None
     low_latency_send_rows: Callable[[torch.Tensor, torch.Tensor, int, int, int, torch.Tensor, torch.Tensor,
                                      torch.Tensor | None],
                                     tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
-    low_latency_send_window: Callable[[torch.Tensor, torch.Tensor, int, int, int, RowFormat, FixedWindow, bool],
+    low_latency_send_window: Callable[[torch.Tensor, torch.Tensor, int, int, int, RowFormat, FixedWindow, bool,
+                                       torch.Tensor | None],
                                       tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
     token_rows_window: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, FixedWindow, int], None] | None = None
     token_rows_at: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None

@@ -198,10 +198,12 @@ def dispatch_low_latency(call: MoELowLatencyDispatchCall, local: LocalSteps = TO
     fmt = RowFormat.of([*parts, ("meta", torch.int32, 1 + k)])
     window = fixed_window(t_max * fmt.row_bytes, grp, "moe_low_latency_dispatch") \
         if local.low_latency_send_window is not None and one_kernel and t > 0 else None
+    kept_idx = None  # the handle's copy of the routing, where the sender writes it
     if window is not None:  # the rows go straight into the receivers' memory: no send buffer
         assert local.low_latency_send_window is not None
+        kept_idx = torch.empty((t, k), dtype=torch.int64, device=dev)
         in_rank, send_slot, _ = local.low_latency_send_window(x, idx, world, num_local, t_max, fmt, window,
-                                                              call.use_fp8)
+                                                              call.use_fp8, kept_idx)
         recv = window.finish(fmt.empty(slots, dev))
     else:
         in_rank, send_slot, recv = _send(call, fmt, idx, data, scales, one_kernel, local)
@@ -216,19 +218,24 @@ def dispatch_low_latency(call: MoELowLatencyDispatchCall, local: LocalSteps = TO
     if recv_s is not None:
         placed.append((fmt.part(recv, "scales"), recv_s))
     recv_count = call.alloc((num_local,), torch.int32)
+    kept_count = None  # the handle's copy of recv_count, where the receive step writes it
     if local.low_latency_receive is not None and local.scatter_rows is not None:  # the backend's fused routes
+        kept_count = torch.empty(num_local, dtype=torch.int32, device=dev)
         recv_token, recv_local, valid, position, count, target, packed_rows = local.low_latency_receive(
-            recv_meta, me, num_local, recv_count)
-        for src, dst in placed:
-            local.scatter_rows(src, dst, target)  # -1 targets skipped
+            recv_meta, me, num_local, recv_count, kept_count)
+        if local.scatter_row_pair is not None:
+            local.scatter_row_pair(placed, target)  # -1 targets skipped
+        else:
+            for src, dst in placed:
+                local.scatter_rows(src, dst, target)
     else:
         recv_token, recv_local, valid, position, count, packed_rows = _receive(
             recv_meta, placed, me, num_local, t_max, world, local)
         recv_count.copy_(count)
     x_out: Any = recv_x if recv_s is None else (recv_x, recv_s)
     fixed = FixedRoutes(t_max, send_slot, recv_token, recv_local, valid, position, count)
-    routes = LazyRoutes(grp, call.num_experts, hidden, idx.clone(), in_rank, fixed)
-    handle = MoELowLatencyHandle(routes, t_max, recv_count.clone(), packed_rows)
+    routes = LazyRoutes(grp, call.num_experts, hidden, idx.clone() if kept_idx is None else kept_idx, in_rank, fixed)
+    handle = MoELowLatencyHandle(routes, t_max, recv_count.clone() if kept_count is None else kept_count, packed_rows)
     return MoELowLatencyDispatchResult(x_out, recv_count, handle)
 
 

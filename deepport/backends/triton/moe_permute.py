@@ -47,6 +47,7 @@ from deepport.backends.triton.moe_permute_kernels import (
     moe_place_rows_kernel,
     moe_rank_rows_kernel,
     moe_receive_meta_kernel,
+    moe_scatter_row_pair_kernel,
     moe_scatter_rows_kernel,
     moe_token_rows_kernel,
     moe_token_table_kernel,
@@ -183,15 +184,50 @@ def scatter_rows(src: torch.Tensor, dst: torch.Tensor, targets: torch.Tensor) ->
             dst_bits.stride(0), dst_bits.stride(1), dst_bits.stride(2), Q=q, BLOCK_C=block, num_warps=MOVE_WARPS)
 
 
+def scatter_row_pair(parts: list[tuple[torch.Tensor, torch.Tensor]], targets: torch.Tensor) -> None:
+    """:func:`scatter_rows` of each ``(src, dst)`` part (the same rows and targets), two parts in one launch
+    (the low-latency dispatch's payload and scales; one part: :func:`scatter_rows`)."""
+    if len(parts) != 2:
+        for src, dst in parts:
+            scatter_rows(src, dst, targets)
+        return
+    n, q = (int(d) for d in targets.shape)
+    (a_src, a_dst), (b_src, b_dst) = parts
+    if n * q == 0:
+        return
+    rows = int(a_dst.shape[1])
+    if int(b_dst.shape[1]) != rows or int(a_src.shape[0]) != n or int(b_src.shape[0]) != n:
+        raise ValueError(f"expected both parts over {n} source rows into [G, {rows}, C] layouts, got sources "
+                         f"{tuple(a_src.shape)} and {tuple(b_src.shape)}, destinations {tuple(a_dst.shape)} and "
+                         f"{tuple(b_dst.shape)}")
+    views = [_place_views(a_src, a_dst), _place_views(b_src, b_dst)]
+    (a_bits, a_dbits), (b_bits, b_dbits) = views
+    a_cols, b_cols = int(a_dbits.shape[2]), int(b_dbits.shape[2])
+    if a_cols == 0 or b_cols == 0:
+        for src, dst in parts:
+            scatter_rows(src, dst, targets)
+        return
+    a_block = block_for_bytes(a_cols, a_bits.element_size(), _MOVE_BYTES)
+    b_block = block_for_bytes(b_cols, b_bits.element_size(), _MOVE_BYTES)
+    a_blocks = -(-a_cols // a_block)
+    with _guard(a_dst.device):
+        moe_scatter_row_pair_kernel[(n, a_blocks + -(-b_cols // b_block))](
+            a_bits, a_dbits, a_cols, a_bits.stride(0), a_dbits.stride(0), a_dbits.stride(1), a_dbits.stride(2),
+            a_blocks, b_bits, b_dbits, b_cols, b_bits.stride(0), b_dbits.stride(0), b_dbits.stride(1),
+            b_dbits.stride(2), targets.to(torch.int64).contiguous(), rows, Q=q, BLOCK_A=a_block, BLOCK_B=b_block,
+            num_warps=MOVE_WARPS)
+
+
 # received slots per step of the receive kernel's walk (H200, EP=2, 256 slots: 5.7 us per launch at 256, 8.2 at
 # 64, 2026-12-02, scripts/gpu_moe_trace.py --ll-routes)
 _RECEIVE_SLOTS = 256
 
 
-def low_latency_receive(meta: torch.Tensor, rank: int, num_local: int, count32: torch.Tensor
-                        ) -> tuple[torch.Tensor, ...]:
+def low_latency_receive(meta: torch.Tensor, rank: int, num_local: int, count32: torch.Tensor,
+                        count32_copy: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """The receiver's routes of a multi-rank low-latency dispatch in one kernel of one program per local
-    expert (see :class:`deepport.backends.torch.moe_local.LocalSteps`), instead of about 25 torch ops."""
+    expert (see :class:`deepport.backends.torch.moe_local.LocalSteps`), instead of about 25 torch ops; the
+    counts also into ``count32_copy`` where given (in the same kernel)."""
     slots, k = int(meta.shape[0]), int(meta.shape[1]) - 1
     dev = meta.device
     recv_token = torch.empty(slots, dtype=torch.int64, device=dev)
@@ -203,12 +239,15 @@ def low_latency_receive(meta: torch.Tensor, rank: int, num_local: int, count32: 
         with _guard(dev):
             moe_ll_receive_kernel[(num_local,)](
                 meta, meta.stride(0), rank * num_local, num_local, slots, recv_token, recv_local,
-                valid.view(torch.int8), position, target, count, count32, packed, K=k, KP=_pow2(k),
-                BLOCK_S=_RECEIVE_SLOTS)
+                valid.view(torch.int8), position, target, count, count32, packed,
+                count32 if count32_copy is None else count32_copy, K=k, KP=_pow2(k), BLOCK_S=_RECEIVE_SLOTS,
+                COPY_COUNT=count32_copy is not None)
     else:  # nothing received, or no slot to name an expert
         recv_token.copy_(meta[:, 0])
         count.zero_()
         count32.zero_()
+        if count32_copy is not None:
+            count32_copy.zero_()
         packed.fill_(-1)
     return recv_token, recv_local, valid, position, count, target, packed
 
@@ -257,12 +296,13 @@ def low_latency_send_rows(x: torch.Tensor, idx: torch.Tensor, num_ranks: int, nu
 
 
 def low_latency_send_window(x: torch.Tensor, idx: torch.Tensor, num_ranks: int, num_local: int, t_max: int,
-                            fmt: RowFormat, window: FixedWindow, cast: bool
+                            fmt: RowFormat, window: FixedWindow, cast: bool, idx_copy: torch.Tensor | None = None
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`low_latency_send_rows` with no send buffer: each sent row (``fmt``'s parts ``meta``, ``x`` and,
     with ``cast``, ``scales``) stored straight into its rank's memory through ``window`` (the written fixed
-    exchange; see :class:`deepport.backends.torch.moe_local.LocalSteps`). Under the interpreter the FP8 payload
-    is staged in float32, rounded by torch and moved by a second kernel."""
+    exchange; see :class:`deepport.backends.torch.moe_local.LocalSteps`); ``idx`` also copied into ``idx_copy``
+    (int64 ``[T, K]``, contiguous) where given, by the same kernel. Under the interpreter the FP8 payload is
+    staged in float32, rounded by torch and moved by a second kernel."""
     t, dev = int(idx.shape[0]), idx.device
     if t == 0:
         raise ValueError("low_latency_send_window needs at least one token (its programs mark the unused rows)")
@@ -273,7 +313,12 @@ def low_latency_send_window(x: torch.Tensor, idx: torch.Tensor, num_ranks: int, 
         src = src.view(_BITS[src.element_size()])
     hidden = int(x.shape[1])
     out = torch.zeros((num_ranks * t_max, hidden), dtype=torch.float32, device=dev) if staged else src
-    _launch_send_rows(src, idx, num_ranks, num_local, t_max, routes, src, out, src, cast, staged, (fmt, window))
+    if idx_copy is not None and (idx_copy.dtype != torch.int64 or tuple(idx_copy.shape) != tuple(idx.shape)
+                                 or not idx_copy.is_contiguous()):
+        raise ValueError(f"expected idx_copy int64 {tuple(idx.shape)} contiguous, got {idx_copy.dtype} "
+                         f"{tuple(idx_copy.shape)} strides {idx_copy.stride()}")
+    _launch_send_rows(src, idx, num_ranks, num_local, t_max, routes, src, out, src, cast, staged, (fmt, window),
+                      idx_copy)
     if staged:
         rows = torch.zeros((num_ranks * t_max, hidden), dtype=torch.uint8, device=dev)
         _round_staged(out, routes[2], rows)
@@ -311,7 +356,7 @@ def _align(offset: int) -> int:
 def _launch_send_rows(src: torch.Tensor, idx: torch.Tensor, num_ranks: int, num_local: int, t_max: int,
                       routes: tuple[torch.Tensor, torch.Tensor, torch.Tensor], meta: torch.Tensor, out: torch.Tensor,
                       scales: torch.Tensor, cast: bool, staged: bool,
-                      direct: tuple[RowFormat, FixedWindow] | None) -> None:
+                      direct: tuple[RowFormat, FixedWindow] | None, idx_copy: torch.Tensor | None = None) -> None:
     t, k = (int(d) for d in idx.shape)
     hidden = int(src.shape[1])
     in_rank, send_slot, target = routes
@@ -335,9 +380,11 @@ def _launch_send_rows(src: torch.Tensor, idx: torch.Tensor, num_ranks: int, num_
             src, src.stride(0), ids, ids.stride(0) if t > 1 else k, t, num_local, num_ranks, t_max,
             in_rank.view(torch.uint8), send_slot, target, meta, meta.stride(0), out, out.stride(0), scales,
             scales.stride(0), hidden, per_program, FP8_MAX, FP8_MAX_INV, AMAX_FLOOR, win, seq, row_bytes, *offs,
+            ids if idx_copy is None else idx_copy,
             K=k, KP=_pow2(k), RP=_pow2(num_ranks), BLOCK_T=_send_rows_block(k, num_ranks), CAST=cast,
             STORE_FP32=staged, DIRECT=direct is not None, DIRECT_Q=direct is not None and not staged,
-            META_ALIGN=_align(offs[0]), Q_ALIGN=_align(offs[1]), S_ALIGN=_align(offs[2]))
+            META_ALIGN=_align(offs[0]), Q_ALIGN=_align(offs[1]), S_ALIGN=_align(offs[2]),
+            COPY_IDX=idx_copy is not None)
 
 
 def low_latency_return(idx: torch.Tensor, weights: torch.Tensor, send_slot: torch.Tensor, num_local: int,
@@ -651,7 +698,8 @@ def layout_table_into(topk_idx: torch.Tensor, num_experts: int, num_ranks: int, 
 
 
 TRITON = LocalSteps(place_rows, weighted_rows, cast_fp8, scatter_rows=scatter_rows,
-                    weighted_rows_into=weighted_rows_into, dispatch_expanded_one_process=_dispatch_expanded_one_process,
+                    scatter_row_pair=scatter_row_pair, weighted_rows_into=weighted_rows_into,
+                    dispatch_expanded_one_process=_dispatch_expanded_one_process,
                     token_rows_into=token_rows_into, token_table=token_table, low_latency_layout=low_latency_layout,
                     low_latency_positions=low_latency_positions,
                     low_latency_receive=low_latency_receive, low_latency_send_rows=low_latency_send_rows,

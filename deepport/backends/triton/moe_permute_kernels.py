@@ -105,10 +105,10 @@ def moe_place_rows_kernel(src_ptr, index_ptr, dst_ptr, rows_per_group, num_cols,
 
 
 @triton.jit
-def moe_scatter_rows_kernel(src_ptr, targets_ptr, dst_ptr, rows_per_group, num_cols,
-                            stride_src, stride_dg, stride_dr, stride_dc, Q: tl.constexpr, BLOCK_C: tl.constexpr):
-    j = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+def _scatter_row_block(src_ptr, targets_ptr, dst_ptr, j, c, rows_per_group, num_cols, stride_src, stride_dg,
+                       stride_dr, stride_dc, Q: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Columns block ``c`` of source row ``j`` stored at each of its distinct targets (-1: none)."""
+    cols = c * BLOCK_C + tl.arange(0, BLOCK_C)
     ok = cols < num_cols
     live = tl.zeros([], tl.int32)
     for q in tl.static_range(Q):
@@ -127,9 +127,34 @@ def moe_scatter_rows_kernel(src_ptr, targets_ptr, dst_ptr, rows_per_group, num_c
 
 
 @triton.jit
+def moe_scatter_rows_kernel(src_ptr, targets_ptr, dst_ptr, rows_per_group, num_cols,
+                            stride_src, stride_dg, stride_dr, stride_dc, Q: tl.constexpr, BLOCK_C: tl.constexpr):
+    _scatter_row_block(src_ptr, targets_ptr, dst_ptr, tl.program_id(0).to(tl.int64), tl.program_id(1),
+                       rows_per_group, num_cols, stride_src, stride_dg, stride_dr, stride_dc, Q, BLOCK_C)
+
+
+@triton.jit
+def moe_scatter_row_pair_kernel(a_src_ptr, a_dst_ptr, a_cols, a_stride_src, a_dg, a_dr, a_dc, a_blocks,
+                                b_src_ptr, b_dst_ptr, b_cols, b_stride_src, b_dg, b_dr, b_dc,
+                                targets_ptr, rows_per_group, Q: tl.constexpr, BLOCK_A: tl.constexpr,
+                                BLOCK_B: tl.constexpr):
+    """Grid ``(n, a_blocks + cdiv(b_cols, BLOCK_B))``: :func:`moe_scatter_rows_kernel` of two parts of the same
+    rows under the same targets in one launch (the low-latency dispatch's payload and its scales): programs
+    ``c < a_blocks`` move part ``a``'s column blocks, the others part ``b``'s."""
+    j = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    if c < a_blocks:
+        _scatter_row_block(a_src_ptr, targets_ptr, a_dst_ptr, j, c, rows_per_group, a_cols, a_stride_src, a_dg,
+                           a_dr, a_dc, Q, BLOCK_A)
+    else:
+        _scatter_row_block(b_src_ptr, targets_ptr, b_dst_ptr, j, c - a_blocks, rows_per_group, b_cols,
+                           b_stride_src, b_dg, b_dr, b_dc, Q, BLOCK_B)
+
+
+@triton.jit
 def moe_ll_receive_kernel(meta_ptr, stride_meta, first_local, num_local, slots, recv_token_ptr, recv_local_ptr,
-                          valid_ptr, position_ptr, target_ptr, count_ptr, count32_ptr, packed_ptr,
-                          K: tl.constexpr, KP: tl.constexpr, BLOCK_S: tl.constexpr):
+                          valid_ptr, position_ptr, target_ptr, count_ptr, count32_ptr, packed_ptr, count_copy_ptr,
+                          K: tl.constexpr, KP: tl.constexpr, BLOCK_S: tl.constexpr, COPY_COUNT: tl.constexpr):
     """Grid ``L``. ``meta`` int32 ``[S, 1 + K]`` (row stride ``stride_meta``): each received slot's source
     token (-1: unused) and global top-k ids. Program ``l`` walks the slots in order and writes, for the
     entries ``(s, k)`` naming local expert ``l`` (program 0 also those naming none): ``position`` (the rank
@@ -137,7 +162,8 @@ def moe_ll_receive_kernel(meta_ptr, stride_meta, first_local, num_local, slots, 
     ``s``) and ``target`` (``l * S + position`` where valid, else -1); ``count[l]`` (int64 and int32);
     the row ``l`` of ``packed`` (each selecting slot's compact received row: the routed slots before it,
     as routed slots fill each source's block from its start; -1 from ``count[l]`` on); program 0 also
-    ``recv_token`` and ``recv_local`` (local ids, -1 for another rank's expert or an unused slot)."""
+    ``recv_token`` and ``recv_local`` (local ids, -1 for another rank's expert or an unused slot).
+    ``COPY_COUNT``: the int32 count also into ``count_copy`` (the handle's copy of ``recv_count``)."""
     e = tl.program_id(0)
     j = tl.arange(0, KP)
     jok = j < K
@@ -173,6 +199,8 @@ def moe_ll_receive_kernel(meta_ptr, stride_meta, first_local, num_local, slots, 
         received += tl.sum(routed, axis=0)
     tl.store(count_ptr + e, taken.to(tl.int64))
     tl.store(count32_ptr + e, taken)
+    if COPY_COUNT:
+        tl.store(count_copy_ptr + e, taken)
     for start in range(0, slots, BLOCK_S):
         p = start + tl.arange(0, BLOCK_S)
         tl.store(packed_ptr + e.to(tl.int64) * slots + p, tl.full([BLOCK_S], -1, tl.int64),
@@ -588,11 +616,11 @@ def moe_cast_fp8_kernel(x_ptr, q_ptr, scale_ptr, hidden, fp8_max, fp8_max_inv, a
 def moe_ll_send_rows_kernel(x_ptr, stride_x, idx_ptr, stride_idx, num_tokens, num_local, num_ranks, t_max,
                             in_rank_ptr, send_slot_ptr, target_ptr, meta_ptr, stride_meta, q_ptr, stride_q,
                             scale_ptr, stride_s, hidden, blocks_per_program, fp8_max, fp8_max_inv, amax_floor,
-                            win_ptr, seq_ptr, row_bytes, meta_off, q_off, scale_off,
+                            win_ptr, seq_ptr, row_bytes, meta_off, q_off, scale_off, idx_copy_ptr,
                             K: tl.constexpr, KP: tl.constexpr, RP: tl.constexpr, BLOCK_T: tl.constexpr,
                             CAST: tl.constexpr, STORE_FP32: tl.constexpr, DIRECT: tl.constexpr,
                             DIRECT_Q: tl.constexpr, META_ALIGN: tl.constexpr, Q_ALIGN: tl.constexpr,
-                            S_ALIGN: tl.constexpr):
+                            S_ALIGN: tl.constexpr, COPY_IDX: tl.constexpr):
     """Grid ``(T, ceil(H / 128 / blocks_per_program))``: the whole sender's side of a multi-rank low-latency
     dispatch for token ``t``. Program ``(t, c)`` moves the payload's 128-channel blocks from
     ``c * blocks_per_program`` on; program ``(t, 0)`` also writes the routes and metadata. Every program
@@ -610,7 +638,10 @@ def moe_ll_send_rows_kernel(x_ptr, stride_x, idx_ptr, stride_idx, num_tokens, nu
     captured graph follows the exchanges), its meta, payload and scales at byte ``meta_off``, ``q_off`` and
     ``scale_off`` of the row (aligned to ``META_ALIGN``, ``Q_ALIGN`` and ``S_ALIGN`` bytes). ``DIRECT_Q`` False
     (with ``STORE_FP32``): the payload still goes to the local ``q`` rows, to be rounded and moved by
-    :func:`moe_ll_window_rows_kernel`."""
+    :func:`moe_ll_window_rows_kernel`.
+
+    ``COPY_IDX``: program ``(t, 0)`` also writes token ``t``'s ids as int64 into row ``t`` of ``idx_copy``
+    (``[T, K]`` contiguous: the handle's copy of ``topk_idx``)."""
     t = tl.program_id(0)
     t64 = t.to(tl.int64)
     j = tl.arange(0, KP)
@@ -646,6 +677,8 @@ def moe_ll_send_rows_kernel(x_ptr, stride_x, idx_ptr, stride_idx, num_tokens, nu
         tl.store(in_rank_ptr + t64 * num_ranks + r, mine.to(tl.uint8), mask=rok)
         tl.store(send_slot_ptr + t64 * num_ranks + r, tl.where(mine, before.to(tl.int64), -1), mask=rok)
         tl.store(target_ptr + t64 * num_ranks + r, tl.where(mine, row, -1), mask=rok)
+        if COPY_IDX:
+            tl.store(idx_copy_ptr + t64 * K + j, tl.load(idx_ptr + t64 * stride_idx + j, mask=j < K), mask=j < K)
         tl.store(meta_row, tl.zeros([RP], tl.int32) + t, mask=sent)
         tl.store(meta_row[:, None] + 1 + j[None, :],
                  tl.broadcast_to(ids[None, :], [RP, KP]).to(tl.int32), mask=sent[:, None] & (j[None, :] < K))

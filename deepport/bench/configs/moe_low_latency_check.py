@@ -5,7 +5,11 @@ its outputs against the ``reference`` backend's outputs on the same group and in
   only ones the op specifies) equal bit for bit: the payload (bf16, or e4m3 compared as bytes) and,
   with FP8, the float32 scales;
 - combine: every element of the bf16 output within one bf16 step of the reference's (both sum in at
-  least float32 and round once; a sum lying near a rounding boundary may round to either neighbour).
+  least float32 and round once; a sum lying near a rounding boundary may round to either neighbour), or
+  within :data:`CANCELLATION_RMS` times the rms of the reference output: a float32 sum of terms that nearly
+  cancel (a result far smaller than its terms) carries the terms' rounding error, which can be many bf16
+  steps of the small result (up to 66 measured against float64 sums at 128 tokens x 7168, 8 terms of
+  magnitude ~1, H200, 2026-12-03); a wrong or missing term moves an element by about a term, far more.
 
 Each function returns the differences found, one line each saying what was expected and what was got
 (an empty list: the outputs agree).
@@ -16,6 +20,8 @@ from __future__ import annotations
 import torch
 
 from deepport.kernels.moe_args import MoEInput
+
+CANCELLATION_RMS = 2.0 ** -16  # absolute slack of the combine check, in units of the reference output's rms
 
 
 def _payload(recv_x: MoEInput) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -71,11 +77,16 @@ def combine_differences(combined: torch.Tensor, ref_combined: torch.Tensor) -> l
     nan = combined.isnan() != ref_combined.to(combined.device).isnan()
     if bool(nan.any()):
         return [f"combined_x: expected NaN where the reference has NaN, got {int(nan.sum())} elements that differ"]
-    steps = torch.where(combined.isnan(), 0, bf16_steps(combined, ref_combined.to(combined.device)))
-    far = steps > 1
+    ref = ref_combined.to(combined.device)
+    steps = torch.where(combined.isnan(), 0, bf16_steps(combined, ref))
+    finite = ref.float()[ref.isfinite()]
+    slack = CANCELLATION_RMS * (float(finite.pow(2).mean().sqrt()) if finite.numel() else 0.0)
+    err = torch.where(combined.isnan(), 0, (combined.float() - ref.float()).abs())
+    far = (steps > 1) & ~(err <= slack)
     if bool(far.any()):
         i = int(far.flatten().nonzero()[0])
-        return [f"combined_x: expected every element within 1 bf16 step of the reference, got {int(far.sum())} "
-                f"elements further (largest {int(steps.max())} steps; first at flat index {i}: expected "
-                f"{float(ref_combined.flatten()[i])}, got {float(combined.flatten()[i])})"]
+        return [f"combined_x: expected every element within 1 bf16 step of the reference or within {slack:.3g} "
+                f"(2^-16 x its rms), got {int(far.sum())} elements further (largest {int(steps[far].max())} "
+                f"steps; first at flat index {i}: expected {float(ref.flatten()[i])}, got "
+                f"{float(combined.flatten()[i])})"]
     return []
