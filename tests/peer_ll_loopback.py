@@ -222,11 +222,10 @@ def run(calls: int = 20, tokens: int = 128, profile: bool = False) -> list[str]:
     device = torch.device("cuda", 0)
     torch.cuda.set_device(device)
     shape = dict(tokens=tokens, t_max=128, hidden=7168, experts=256, topk=8, seed=7, device=device)
-    for steps in (steps_for(device), TORCH):
+    variants = (steps_for(device), TORCH, dataclasses.replace(steps_for(device), scatter_row_pair=None))
+    for steps in variants:
         Ranks(steps, **shape).load_kernels()  # type: ignore[arg-type]
-    path = Ranks(steps_for(device), **shape)  # type: ignore[arg-type]
-    torch_steps = Ranks(TORCH, **shape)  # type: ignore[arg-type]
-    per_part = Ranks(dataclasses.replace(path.steps, scatter_row_pair=None), **shape)  # type: ignore[arg-type]
+    path, torch_steps, per_part = (Ranks(steps, **shape) for steps in variants)  # type: ignore[arg-type]
     lines = [f"hopper path's steps: {type(path.steps).__name__} {getattr(path.steps, 'name', '')}".rstrip()]
     bad = False
     for ranks in (path, torch_steps, per_part):  # eager, twice (compiles, then both parities of the fixed exchange)
