@@ -513,6 +513,11 @@ def main() -> int:
             k.CTAS = int(sys.argv[sys.argv.index("--ctas") + 1])
             k.OPTIONS = (*tuple(o for o in k.OPTIONS if not o.startswith("-DDP_FX_CTAS=")), f"-DDP_FX_CTAS={k.CTAS}")
             print(f"exchange kernel grid: {k.CTAS} CTAs")
+        if "--fence-every-thread" in sys.argv:  # the exchange kernel before 2026-12-03 (A/B timings)
+            from deepport.backends.hopper import peer_exchange_kernel as k
+
+            k.OPTIONS = (*k.OPTIONS, "-DDP_FX_FENCE_EVERY_THREAD=1")
+            print("exchange kernel: every thread fences before the flags")
         lines = loopback()
         print("\n".join(lines))
         return 1 if any("WRONG" in line for line in lines) else 0

@@ -19,9 +19,10 @@ Checks (every run): the eager calls against the torch backend's steps over the s
 (dispatch bit for bit in the rows below ``recv_count`` and ``recv_count`` itself, combine within one bf16 step),
 then the graphs' outputs after their replays, poisoned with NaN / 0xFF first, against the eager ones.
 
-``python -m tests.peer_ll_loopback [--calls N] [--tokens T] [--profile]`` prints a short table and exits
-non-zero on a failed check; ``--profile`` adds the kernels of one graph replay of a dispatch and of a
-combine of both ranks (torch.profiler: start, duration, stream).
+``python -m tests.peer_ll_loopback [--calls N] [--tokens T] [--profile] [--fence-every-thread]`` prints a
+short table and exits non-zero on a failed check; ``--profile`` adds the kernels of one graph replay of a
+dispatch and of a combine of both ranks (torch.profiler: start, duration, stream); ``--fence-every-thread``
+builds the exchange kernel as before 2026-12-03 (every thread fences before the flags: A/B timings).
 """
 
 from __future__ import annotations
@@ -297,6 +298,11 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("no CUDA device")
         return 2
+    if "--fence-every-thread" in sys.argv:  # the exchange kernel before 2026-12-03 (A/B timings)
+        from deepport.backends.hopper import peer_exchange_kernel
+
+        peer_exchange_kernel.OPTIONS = (*peer_exchange_kernel.OPTIONS, "-DDP_FX_FENCE_EVERY_THREAD=1")
+        print("exchange kernel: every thread fences before the flags")
     calls = int(sys.argv[sys.argv.index("--calls") + 1]) if "--calls" in sys.argv else 20
     tokens = int(sys.argv[sys.argv.index("--tokens") + 1]) if "--tokens" in sys.argv else 128
     lines = run(calls, tokens, "--profile" in sys.argv)

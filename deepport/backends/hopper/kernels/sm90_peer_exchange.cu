@@ -9,9 +9,9 @@
 //
 //   1. writes its share (a 16-byte aligned cut of pair_bytes) of send[r] into slot `me` of rank r's
 //      area, for every r != me, and of send[me] straight into out[me];
-//   2. fences (every thread, system scope), meets its block at a barrier, then raises fixed_flag[me] of
-//      every peer by one (red.release.sys): a peer's flag for this rank reaches (seq + 1) * DP_FX_CTAS
-//      once all of this rank's CTAs have written;
+//   2. meets its block at a barrier; one thread per peer then fences (system scope) and raises
+//      fixed_flag[me] of that peer by one (red.release.sys): a peer's flag for this rank reaches
+//      (seq + 1) * DP_FX_CTAS once all of this rank's CTAs have written;
 //   3. waits (ld.acquire.sys spins, one thread per source, __nanosleep backoff, bounded by timeout_ns on
 //      %globaltimer) until its own fixed_flag[s] has reached (seq + 1) * DP_FX_CTAS for every s != me;
 //   4. copies its share of every source's slot into out[s] (L2 loads: the slots are written by peers),
@@ -38,6 +38,9 @@
 #endif
 #ifndef DP_FX_CTAS
 #define DP_FX_CTAS 64
+#endif
+#ifndef DP_FX_FENCE_EVERY_THREAD
+#define DP_FX_FENCE_EVERY_THREAD 0
 #endif
 #ifndef DP_FX_THREADS
 #define DP_FX_THREADS 512
@@ -126,8 +129,13 @@ dp_fixed_exchange_kernel(const __grid_constant__ dp::FixedExchangeParams p) {
                                 : reinterpret_cast<char*>(p.area[r]) + parity_offset + p.rank * p.slot_bytes;
         dp::copy_range(dst, send + r * p.pair_bytes, lo, hi, false);
     }
-    // 2. written: one more CTA's share at every peer
+    // 2. written: one more CTA's share at every peer. The barrier orders the block's writes before the
+    // signalling thread's system-scope fence and release (cumulative over what the barrier ordered before
+    // it, and over the earlier kernels' stores of a written exchange), so no other thread fences
+    // (-DDP_FX_FENCE_EVERY_THREAD=1: every thread fences first, as before 2026-12-03, for A/B timings).
+#if DP_FX_FENCE_EVERY_THREAD
     __threadfence_system();
+#endif
     __syncthreads();
     if (threadIdx.x < p.world && threadIdx.x != p.rank) {
         asm volatile("fence.acq_rel.sys;" ::: "memory");
