@@ -14,7 +14,9 @@ kernel, trace of 2026-12-02); the one-process low-latency layout and the combine
 come from one kernel each (``low_latency_layout``, ``low_latency_positions``) instead of a dozen torch
 scans, scatters and gathers apiece. The multi-rank low-latency dispatch's sender is one kernel (routes,
 metadata and the FP8-cast rows: ``low_latency_send_rows``), its receiver's routes one more
-(``low_latency_receive``), then ``scatter_rows``; the combine's terms take one kernel per side
+(``low_latency_receive``), then one kernel placing payload and scales (``scatter_row_pair``); the
+handle's copies of ``topk_idx`` and ``recv_count`` are written by the send and receive kernels; the
+combine's terms take one kernel per side
 (``low_latency_return``, ``low_latency_pairs``). A dispatch of 128 tokens x 7168 at EP=2 took 103 kernels
 and 285 us of one rank's GPU time before these, the combine 60 and 235 (traces of 2026-12-02; the figures
 since are in benchmarks/results/2026-12-02-h200-ll-fused-steps). The FP8 cast uses IEEE divisions and e4m3
