@@ -396,3 +396,17 @@ def test_the_hopper_ep_path_on_one_gpu_matches_torch_over_gloo() -> None:
     # triton's steps: with and without the windows; torch's: with them
     assert done.stdout.count("profile low-latency") == 2 * (3 + 2), done.stdout
     assert done.stdout.count("profile dispatch 4096") == done.stdout.count("profile combine 4096") == 2 * 3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_low_latency_ops_end_to_end_with_both_ranks_on_one_gpu() -> None:
+    """tests/peer_ll_loopback.py: the hopper path's low-latency dispatch and combine of both EP=2 ranks in one
+    process, eager against the torch steps and replayed as CUDA graphs against the eager outputs."""
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", "tests.peer_ll_loopback", "--calls", "4"], cwd=root,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(root)})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("eager, against the torch steps: ok") == 2 and "checks: ok" in done.stdout, done.stdout
