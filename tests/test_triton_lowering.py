@@ -76,7 +76,7 @@ def test_moe_kernels_compile_for_sm_90a_and_cast_with_the_e4m3_instruction() -> 
                            "expanded_count",
                            "expanded_layout", "expanded_rows", "expanded_scatter", "expanded_pad_rows",
                            "ll_send_rows", "ll_send_window", "ll_window_rows", "ll_return", "ll_return_slots",
-                           "ll_pairs"}
+                           "ll_pairs", "scatter_row_pair"}
     assert all(counts["sm_90a"] == 1 for counts in report.values())
     assert report["cast_fp8"]["e4m3_cvt"] > 0 and report["ll_send_rows"]["e4m3_cvt"] > 0
     # the sender that stores straight into the peers' slots: the same cast, its rows in words (the one byte
@@ -97,13 +97,17 @@ def test_moe_kernels_compile_for_sm_90a_and_cast_with_the_e4m3_instruction() -> 
         # bytes only for the handle's copy of in_rank (the table variant: one flag per rank, 2 here)
         flags = 2 if name == "rows_to_blocks_table" else 0
         assert report[name]["stores_16B"] > 0 and report[name]["byte_stores"] == flags, (name, report[name])
+    # the receiver's payload and scales in one launch: the payload in 16-byte stores, never bytes
+    pair = report["scatter_row_pair"]
+    assert pair["stores_16B"] > 0 and pair["byte_stores"] == 0, pair
     assert report["expanded_count"]["atomics"] > 0  # the integer totals
     no_atomics = ("expanded_layout", "expanded_scatter", "expanded_pad_rows", "token_rows", "token_rows_window",
                   "token_rows_at", "rank_rows_at", "rank_rows_table", "sum_table", "parts_to_blocks", "receive_meta",
                   "rows_to_blocks_table", "blocks_to_rows_table", "store_table",
                   "rows_to_blocks", "rows_to_blocks_counted", "blocks_to_rows",
                   "token_table", "ll_layout",
-                  "ll_positions", "ll_send_rows", "ll_send_window", "ll_return", "ll_return_slots", "ll_pairs")
+                  "ll_positions", "ll_send_rows", "ll_send_window", "ll_return", "ll_return_slots", "ll_pairs",
+                  "scatter_row_pair")
     for name in no_atomics:
         assert report[name]["atomics"] == 0, name
 

@@ -141,8 +141,8 @@ def moe_lowering_report() -> dict[str, dict[str, int]]:
     send_rows = dict(
         x_ptr=Ptr("bf16"), stride_x=7168, idx_ptr=Ptr("i64"), stride_idx=8, num_tokens=128, num_local=128, num_ranks=2,
         t_max=128, in_rank_ptr=Ptr("u8"), send_slot_ptr=Ptr("i64"), target_ptr=Ptr("i64"), hidden=7168, fp8_max=448.0,
-        fp8_max_inv=1 / 448, amax_floor=1e-4, win_ptr=Ptr("i64"), seq_ptr=Ptr("i64"), K=8, KP=8, RP=2, BLOCK_T=128,
-        CAST=True, STORE_FP32=False, META_ALIGN=16, Q_ALIGN=16, S_ALIGN=16)
+        fp8_max_inv=1 / 448, amax_floor=1e-4, win_ptr=Ptr("i64"), seq_ptr=Ptr("i64"), idx_copy_ptr=Ptr("i64"), K=8,
+        KP=8, RP=2, BLOCK_T=128, CAST=True, STORE_FP32=False, META_ALIGN=16, Q_ALIGN=16, S_ALIGN=16)
     kernels = {
         "layout": compile_for(k.moe_layout_count_kernel, dict(
             idx_ptr=Ptr("i64"), per_rank_ptr=Ptr("i32"), per_expert_ptr=Ptr("i32"), in_rank_ptr=Ptr("u8"),
@@ -257,12 +257,17 @@ def moe_lowering_report() -> dict[str, dict[str, int]]:
         "ll_send_rows": compile_for(k.moe_ll_send_rows_kernel, {**send_rows, **dict(
             meta_ptr=Ptr("i32"), stride_meta=1857, q_ptr=Ptr("fp8e4nv"), stride_q=7428, scale_ptr=Ptr("fp32"),
             stride_s=1857, blocks_per_program=4, row_bytes=0, meta_off=0, q_off=0, scale_off=0, DIRECT=False,
-            DIRECT_Q=False)}),
+            DIRECT_Q=False, COPY_IDX=False)}),
         # the same sender storing straight into the peers' slots (rows of 7168 + 224 + 36 bytes, padded to 7440)
         "ll_send_window": compile_for(k.moe_ll_send_rows_kernel, {**send_rows, **dict(
             meta_ptr=Ptr("bf16"), stride_meta=7168, q_ptr=Ptr("bf16"), stride_q=7168, scale_ptr=Ptr("bf16"),
             stride_s=7168, blocks_per_program=8, row_bytes=7440, meta_off=7392, q_off=0, scale_off=7168, DIRECT=True,
-            DIRECT_Q=True)}),
+            DIRECT_Q=True, COPY_IDX=True)}),
+        # the receiver's placement of payload (int64 words of packed rows) and scales (transposed) in one launch
+        "scatter_row_pair": compile_for(k.moe_scatter_row_pair_kernel, dict(
+            a_src_ptr=Ptr("i64"), a_dst_ptr=Ptr("i64"), a_cols=896, a_stride_src=930, a_dg=229376, a_dr=896, a_dc=1,
+            a_blocks=4, b_src_ptr=Ptr("fp32"), b_dst_ptr=Ptr("fp32"), b_cols=56, b_stride_src=1860, b_dg=14336,
+            b_dr=1, b_dc=256, targets_ptr=Ptr("i64"), rows_per_group=256, Q=8, BLOCK_A=256, BLOCK_B=64)),
         "ll_window_rows": compile_for(k.moe_ll_window_rows_kernel, dict(
             src_ptr=Ptr("u8"), stride_src=7168, target_ptr=Ptr("i64"), win_ptr=Ptr("i64"), seq_ptr=Ptr("i64"),
             num_ranks=2, t_max=128, row_bytes=7440, part_off=0, width=7168, BLOCK=4096)),
@@ -303,7 +308,7 @@ def moe_lowering_report() -> dict[str, dict[str, int]]:
         report[name]["e4m3_cvt"] = kernels[name].asm["ptx"].count("e4m3x2.f32")
     for name in ("ll_send_rows", "ll_send_window", "token_rows_window", "rows_to_blocks", "blocks_to_rows",
                  "rows_to_blocks_table", "blocks_to_rows_table", "parts_to_blocks",
-                 "rows_to_blocks_counted"):  # stores of >= 4 bytes, bytes
+                 "rows_to_blocks_counted", "scatter_row_pair"):  # stores of >= 4 bytes, bytes
         ptx = kernels[name].asm["ptx"]
         report[name]["wide_stores"] = sum(ptx.count(f"st.global.{w}") for w in ("b32", "v2.b32", "v4.b32"))
         report[name]["byte_stores"] = ptx.count("st.global.b8")
@@ -315,7 +320,8 @@ def moe_lowering_report() -> dict[str, dict[str, int]]:
                  "token_rows_window", "token_rows_at", "rank_rows_at", "rank_rows_table", "sum_table",
                  "parts_to_blocks", "rows_to_blocks_table", "blocks_to_rows_table", "store_table", "receive_meta",
                  "rows_to_blocks", "rows_to_blocks_counted", "blocks_to_rows", "token_table", "ll_layout",
-                 "ll_positions", "ll_send_rows", "ll_send_window", "ll_return", "ll_return_slots", "ll_pairs"):
+                 "ll_positions", "ll_send_rows", "ll_send_window", "ll_return", "ll_return_slots", "ll_pairs",
+                 "scatter_row_pair"):
         ptx = kernels[name].asm["ptx"]
         report[name]["atomics"] = ptx.count("atom.") + ptx.count("red.global")
     return report
