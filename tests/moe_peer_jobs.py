@@ -94,6 +94,7 @@ def peer_agreement(rank: int, group: Any, device: torch.device, params: dict[str
         prelude, _, exchanges, _ = moe_route_graph.usage(transport)
     return {"bad": bad, "collectives": used["all_to_all_single"], "chunks": sum(memory.sent), "compared": len(want),
             "fixed_exchanges": memory.fixed_exchanges, "written": memory.written_exchanges,
+            "landed": memory.landed_exchanges,
             "rows_windows": transport.rows_windows, "in_place": in_place, "prelude": prelude,
             "exchanges": exchanges}
 

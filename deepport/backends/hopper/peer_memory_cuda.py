@@ -145,13 +145,16 @@ class CudaPeerMemory(FixedSlots):
         self._fixed_function: Any = None
         self._targets: torch.Tensor | None = None
         self.written_exchanges = 0  # written fixed exchanges issued from the host (a captured one counts once)
+        self.landed_exchanges = 0  # of those, the ones that left the parts in the slots
         self.error = torch.zeros(4, dtype=torch.int64, pin_memory=True)
         self._params: dict[tuple[tuple[tuple[int, int], ...], int, int, int], bytes] = {}  # packed flag launches
         torch.cuda.synchronize(device)
         dist.barrier(group=group)  # every rank's flags are zero before anyone signals
         self.function = _flag_function(device.index if device.index is not None else torch.cuda.current_device())
+        self._received: torch.Tensor | None = None
         if self.slot_bytes:
             self.fixed_targets()  # now, not inside a caller's graph capture
+            self.fixed_received()
 
     def _flag(self, owner: int, slot: int) -> int:
         return self.flag_base[owner] + 8 * slot
@@ -227,12 +230,31 @@ class CudaPeerMemory(FixedSlots):
         self._launch_fixed(out, 0, what)
         self.written_exchanges += 1
 
-    def _launch_fixed(self, out: torch.Tensor, send: int, what: str) -> None:
+    def fixed_received(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(table, seq)`` for the kernels after :meth:`fixed_exchange_landed`: int64 ``[2, world]`` on this GPU,
+        ``table[p, s]`` the address of this rank's slot for source ``s`` in its area ``p``; int64 ``[1]``, the
+        fixed exchanges done (after an exchange, its parts lie in area ``(seq - 1) & 1``)."""
+        if getattr(self, "_received", None) is None:  # made at the first call, which must not be inside a capture
+            w, at = self.world_size, int(self.areas[self.rank].data_ptr()) + self.fixed_at
+            self._received = torch.tensor([[at + (p * w + s) * self.slot_bytes for s in range(w)] for p in range(2)],
+                                          dtype=torch.int64, device=self.device)
+        assert self._received is not None
+        return self._received, self.fixed_counters[:1]
+
+    def fixed_exchange_landed(self, pair_bytes: int, what: str) -> None:
+        """The written fixed exchange of ``pair_bytes`` per rank without its copy out: signal and wait; the
+        parts stay in this rank's slots (:meth:`fixed_received`) for the kernels after it on this stream."""
+        self._launch_fixed(None, 0, what, pair_bytes)
+        self.written_exchanges += 1
+        self.landed_exchanges = getattr(self, "landed_exchanges", 0) + 1
+
+    def _launch_fixed(self, out: torch.Tensor | None, send: int, what: str, pair_bytes: int = -1) -> None:
         self.raise_if_failed(what)
         w = self.world_size
-        pair = int(out.numel()) // w
-        if pair > self.fixed_capacity or pair * w != int(out.numel()):
-            raise ValueError(f"{what}: a fixed exchange of {int(out.numel())} bytes over {w} ranks does not fit "
+        total = pair_bytes * w if out is None else int(out.numel())
+        pair = total // w
+        if pair > self.fixed_capacity or pair * w != total or pair < 0:
+            raise ValueError(f"{what}: a fixed exchange of {total} bytes over {w} ranks does not fit "
                              f"slots of {self.fixed_capacity} bytes per rank")
         if self._fixed_function is None:
             index = self.device.index if self.device.index is not None else torch.cuda.current_device()
@@ -240,7 +262,7 @@ class CudaPeerMemory(FixedSlots):
         areas = [int(a.data_ptr()) + self.fixed_at for a in self.areas]
         flags = [base + 16 * w for base in self.flag_base]
         params = peer_exchange_kernel.pack_params(
-            areas, flags, send, int(out.data_ptr()), int(self.fixed_counters.data_ptr()),
+            areas, flags, send, 0 if out is None else int(out.data_ptr()), int(self.fixed_counters.data_ptr()),
             int(self.error.data_ptr()), pair, self.slot_bytes, self.timeout_ns, self.rank)
         peer_exchange_kernel.launch_fixed_exchange(self._fixed_function, params, self.device)
 

@@ -68,7 +68,9 @@ class ShmPeerMemory(FixedSlots):
         self.fixed_exchanges = 0  # fixed exchanges completed (the kernel's per-CTA counter)
         self.seq = torch.zeros(1, dtype=torch.int64)  # the same, as a tensor (fixed_targets)
         self.written_exchanges = 0  # of those, the ones whose senders wrote straight into the slots
+        self.landed_exchanges = 0  # of those, the ones whose parts stayed in the slots (no copy out)
         self._targets: torch.Tensor | None = None
+        self._received: torch.Tensor | None = None
 
     def block(self, owner: int, source: int) -> torch.Tensor:
         at = self.header + source * self.capacity
@@ -156,7 +158,26 @@ class ShmPeerMemory(FixedSlots):
         self._signal_wait_copy(out, pair, what, own=True)
         self.written_exchanges += 1
 
-    def _signal_wait_copy(self, out: torch.Tensor, pair: int, what: str, own: bool) -> None:
+    def fixed_received(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(table, seq)``: int64 ``[2, world]``, ``table[p, s]`` the address in this process of this rank's slot
+        for source ``s`` in its area ``p``; int64 ``[1]``, the fixed exchanges done. As
+        :meth:`.peer_memory_cuda.CudaPeerMemory.fixed_received`."""
+        if getattr(self, "_received", None) is None:
+            w = self.world_size
+            self._received = torch.tensor([[int(self.fixed_slot(self.rank, p, s).data_ptr()) for s in range(w)]
+                                           for p in range(2)], dtype=torch.int64)
+        assert self._received is not None
+        return self._received, self.seq
+
+    def fixed_exchange_landed(self, pair_bytes: int, what: str) -> None:
+        """:meth:`fixed_exchange_written` without the copy out: the parts stay in this rank's slots."""
+        if not 0 <= pair_bytes <= self.fixed_capacity:
+            raise ValueError(f"{what}: {pair_bytes} bytes per rank exceed the fixed exchange's {self.fixed_capacity}")
+        self._signal_wait_copy(None, pair_bytes, what, own=True)
+        self.written_exchanges += 1
+        self.landed_exchanges += 1
+
+    def _signal_wait_copy(self, out: torch.Tensor | None, pair: int, what: str, own: bool) -> None:
         w, me = self.world_size, self.rank
         seq, parity = self.fixed_exchanges, self.fixed_exchanges & 1
         for r in range(w):
@@ -164,7 +185,7 @@ class ShmPeerMemory(FixedSlots):
                 self.flags[r][2 * w + me] = seq + 1
         self._wait([(2 * w + s, seq + 1, s) for s in range(w) if s != me], what, "fixed-exchange data")
         for s in range(w):
-            if s != me or own:
+            if out is not None and (s != me or own):
                 out[s * pair: (s + 1) * pair].copy_(self.fixed_slot(me, parity, s)[:pair])
         self.fixed_exchanges = seq + 1
         self.seq.fill_(seq + 1)

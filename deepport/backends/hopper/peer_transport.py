@@ -34,7 +34,10 @@ A sender may also skip its send buffer: :meth:`PeerTransport.fixed_window` hands
 goes, and the device counter that selects the parity), its kernel stores each part straight into them
 (its own part into its own slot), and ``window.finish`` runs the *written* fixed exchange: the same kernel
 without its first copy (signal, wait, every slot copied out). Both kinds may meet in one exchange (a rank
-with no tokens fills a send buffer), as both fill the same slots of the same parity. The triton backend's
+with no tokens fills a send buffer), as both fill the same slots of the same parity. ``window.land`` ends
+the written exchange without its copy out: the parts stay in this rank's slots, whose addresses it returns,
+for the next kernels to read (the low-latency combine's final sum), valid until this rank's next fixed
+exchange (a peer writes that area again only in the exchange after it). The triton backend's
 low-latency sender and its combine's partial sums write this way.
 
 Why it deadlocks never: each wait of round ``j`` depends only on a peer's actions of round ``j`` or
@@ -113,6 +116,22 @@ class FixedWindowMemory(FixedExchangeMemory, Protocol):
     def fixed_exchange_written(self, out: torch.Tensor, what: str) -> None:
         """The fixed exchange of ``out``'s size whose parts every rank has stored into the slots of
         :meth:`fixed_targets`: signal, wait, every slot (this rank's own included) into ``out``."""
+        ...
+
+
+@runtime_checkable
+class LandingMemory(FixedWindowMemory, Protocol):
+    """A :class:`FixedWindowMemory` whose written exchange may leave the parts where they landed (no copy out):
+    the kernels after it read them from this rank's slots (``FixedWindow.land``)."""
+
+    def fixed_received(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(table, seq)``: int64 ``[2, world]``, ``table[p, s]`` the address (here) of this rank's slot for
+        source ``s`` in its area ``p``; int64 ``[1]``, the fixed exchanges done (after an exchange its parts lie
+        in area ``(seq - 1) & 1``)."""
+        ...
+
+    def fixed_exchange_landed(self, pair_bytes: int, what: str) -> None:
+        """The written fixed exchange of ``pair_bytes`` per rank, signal and wait only."""
         ...
 
 
@@ -235,7 +254,15 @@ class PeerTransport:
             mem.fixed_exchange_written(flat, what)
             return out
 
-        return FixedWindow(table, seq, pair_bytes, finish)
+        land = None
+        if isinstance(mem, LandingMemory):
+            landing = mem
+
+            def land() -> tuple[torch.Tensor, torch.Tensor]:
+                landing.fixed_exchange_landed(pair_bytes, what)
+                return landing.fixed_received()
+
+        return FixedWindow(table, seq, pair_bytes, finish, land)
 
     def start(self, out: torch.Tensor, send: torch.Tensor, recv_counts: Sequence[int] | None,
               send_counts: Sequence[int] | None, grp: MoEGroup, what: str) -> Pending:

@@ -67,6 +67,11 @@ backends' kernels) and reuses everything else.
   & 1, r] + i * fmt.row_bytes``; ``idx`` also copied into ``idx_copy`` (int64 ``[T, K]``, the handle's copy)
   where given. The dispatch then calls ``window.finish``. Without it (or without a window) the dispatch fills
   a send buffer and exchanges it.
+- ``token_rows_landed(like, table, weights, received, seq, rows_per_rank, out)`` (optional): ``token_rows_into``
+  whose rows (of ``out.shape[1]`` elements of ``like``'s dtype) lie where a written fixed exchange left them
+  (``FixedWindow.land``): row ``i`` is row ``i % rows_per_rank`` of source ``i // rows_per_rank``'s part at
+  ``received[(seq - 1) & 1, source]``. The low-latency combine then sums the partial sums in place, without
+  the exchange's copy out of the slots.
 - ``token_rows_at(like, addresses, weights, out)`` (optional): ``token_rows_into`` with each term's row given
   by its address (int64 ``[T, K]``, -1 none, 16-byte aligned rows of ``out.shape[1]`` elements of ``like``'s
   dtype) instead of its index: the normal combine sums the rows where they arrived in a peer transport's
@@ -292,6 +297,8 @@ class LocalSteps:
                                       tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
     token_rows_window: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, FixedWindow, int], None] | None = None
     token_rows_at: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
+    token_rows_landed: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int,
+                                 torch.Tensor], None] | None = None
     rank_rows_at: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, int, torch.Tensor], None] | None = None
     sum_in_place: Callable[[torch.Tensor, MoEHandle, MoEGroup, torch.Tensor, str], bool] | None = None
     route_prelude: Callable[[torch.Tensor, int, MoEGroup, str, PeerRows | None], RoutePrelude | None] | None = None

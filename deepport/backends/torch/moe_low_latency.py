@@ -396,14 +396,19 @@ def _combine_fused(call: MoELowLatencyCombineCall, f: FixedRoutes, y_rows: torch
         table, weight = local.low_latency_return(idx, call.topk_weights, f.send_slot, num_local, f.t_max, w_send)
         w_recv = _fixed_exchange(w_send, grp, "moe_low_latency_combine (weights)")
         rows, pair_w = local.low_latency_pairs(f.recv_local, f.pair_valid, f.pair_position, w_recv)
-        partial = torch.empty((slots, hidden), dtype=torch.float32, device=dev)
         window = fixed_window(f.t_max * hidden * 4, grp, "moe_low_latency_combine") \
             if local.token_rows_window is not None and hidden % 4 == 0 else None
         if window is not None:  # the partial sums straight into their source ranks' memory
             assert local.token_rows_window is not None
             local.token_rows_window(y_rows, rows, pair_w, window, f.t_max)
-            back = window.finish(partial)
+            if window.land is not None and local.token_rows_landed is not None:  # summed where they landed
+                received, seq = window.land()
+                out = call.alloc((int(idx.shape[0]), hidden), torch.bfloat16)
+                local.token_rows_landed(weight, table, weight, received, seq, f.t_max, out)  # float32 rows
+                return out
+            back = window.finish(torch.empty((slots, hidden), dtype=torch.float32, device=dev))
         else:
+            partial = torch.empty((slots, hidden), dtype=torch.float32, device=dev)
             local.token_rows_into(y_rows, rows, pair_w, partial)
             back = _fixed_exchange(partial, grp, "moe_low_latency_combine")
     out = call.alloc((int(idx.shape[0]), hidden), torch.bfloat16)

@@ -545,6 +545,32 @@ def receive_meta(meta: torch.Tensor, rank: int, num_local: int, topk: int,
     return src, local, weights
 
 
+def token_rows_landed(like: torch.Tensor, table: torch.Tensor, weights: torch.Tensor, received: torch.Tensor,
+                      seq: torch.Tensor, rows_per_rank: int, out: torch.Tensor) -> None:
+    """:func:`token_rows_into` whose rows lie where a fixed exchange left them (``FixedWindow.land``): row ``i``
+    is row ``i % rows_per_rank`` of source ``i // rows_per_rank``'s part at ``received[(seq - 1) & 1, source]``,
+    rows of ``C = out.shape[1]`` elements of ``like``'s dtype (see
+    :class:`deepport.backends.torch.moe_local.LocalSteps`)."""
+    tokens, cols = int(out.shape[0]), int(out.shape[1])
+    world = int(received.shape[1])
+    if received.dtype != torch.int64 or tuple(received.shape) != (2, world) or seq.dtype != torch.int64 \
+            or seq.numel() != 1 or (cols * like.element_size()) % 16:
+        raise ValueError(f"token_rows_landed: expected received int64 [2, R], seq int64 [1] and 16-byte rows, got "
+                         f"{received.dtype} {tuple(received.shape)}, {seq.dtype} {tuple(seq.shape)}, rows of "
+                         f"{cols * like.element_size()} bytes")
+    if tokens == 0 or cols == 0:
+        return
+    table, weights = table.to(torch.int64).contiguous(), weights.to(torch.float32).contiguous()
+    target = torch.empty((tokens, cols), dtype=torch.float32, device=out.device) if interpreting() else out
+    block, warps = _sum_tiling(cols, like.element_size())
+    with _guard(out.device):
+        moe_token_rows_kernel[(tokens, -(-cols // block))](
+            like, table, weights, target, cols, cols, received, seq, world, rows_per_rank, K=int(table.shape[1]),
+            BLOCK_C=block, num_warps=warps, LANDED=True)
+    if target is not out:
+        out.copy_(target)
+
+
 def token_rows_window(y: torch.Tensor, table: torch.Tensor, weights: torch.Tensor, window: FixedWindow,
                       rows_per_rank: int) -> None:
     """:func:`token_rows_into` into float32 rows of ``C = y.shape[1]`` stored straight into the receivers'
@@ -707,6 +733,7 @@ TRITON = LocalSteps(place_rows, weighted_rows, cast_fp8, scatter_rows=scatter_ro
                     low_latency_receive=low_latency_receive, low_latency_send_rows=low_latency_send_rows,
                     low_latency_send_window=low_latency_send_window, token_rows_window=token_rows_window,
                     token_rows_at=token_rows_at, rank_rows_at=rank_rows_at, receive_meta=receive_meta,
+                    token_rows_landed=token_rows_landed,
                     low_latency_return=low_latency_return, low_latency_pairs=low_latency_pairs,
                     layout_counts=layout_counts, layout_table=layout_table)
 

@@ -236,7 +236,7 @@ def moe_weighted_rows_kernel(y_ptr, src_pos_ptr, weight_ptr, seg_ptr, out_ptr, n
 @triton.jit
 def moe_token_rows_kernel(y_ptr, table_ptr, weight_ptr, out_ptr, num_cols, stride_y, win_ptr, seq_ptr, num_ranks,
                           rows_per_rank, K: tl.constexpr, BLOCK_C: tl.constexpr, DIRECT: tl.constexpr = False,
-                          ADDRESSED: tl.constexpr = False):
+                          ADDRESSED: tl.constexpr = False, LANDED: tl.constexpr = False):
     """Grid ``(T, ceil(C / BLOCK_C))``: ``out[t] = sum_j weight[t, j] * y[table[t, j]]`` in float32 over the
     ``K`` entries of row ``t`` of ``table`` in column order, skipping ``-1``; the same multiply-add as
     :func:`moe_weighted_rows_kernel` (so the same bits for the same terms in the same order), without the
@@ -244,7 +244,9 @@ def moe_token_rows_kernel(y_ptr, table_ptr, weight_ptr, out_ptr, num_cols, strid
     ``t // rows_per_rank``'s part, stored straight into its memory at ``win[seq & 1, rank]`` (``win`` int64
     ``[2, num_ranks]``, rows of ``C`` elements of ``out``'s type, 16-byte aligned). ``ADDRESSED``: the table
     holds each row's address (16-byte aligned, any memory mapped here, e.g. a peer's block), not its index
-    in ``y`` (``y_ptr`` then only gives the rows' type)."""
+    in ``y`` (``y_ptr`` then only gives the rows' type). ``LANDED``: row ``i`` of ``y`` is row ``i %
+    rows_per_rank`` of source ``i // rows_per_rank``'s part where a fixed exchange left it, at ``win[(seq - 1) &
+    1, source]`` (this rank's slots, 16-byte aligned rows of ``num_cols`` elements; ``y_ptr`` gives the type)."""
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     ok = cols < num_cols
@@ -255,6 +257,12 @@ def moe_token_rows_kernel(y_ptr, table_ptr, weight_ptr, out_ptr, num_cols, strid
         if row >= 0:
             if ADDRESSED:
                 src = tl.multiple_of(row.to(tl.pointer_type(y_ptr.dtype.element_ty)), 16) + cols
+            elif LANDED:
+                source = row // rows_per_rank
+                base = tl.load(win_ptr + ((tl.load(seq_ptr) - 1) & 1) * num_ranks + source)
+                row_bytes = num_cols * (y_ptr.dtype.element_ty.primitive_bitwidth // 8)
+                row_at = base + (row - source * rows_per_rank) * row_bytes
+                src = tl.multiple_of(row_at.to(tl.pointer_type(y_ptr.dtype.element_ty)), 16) + cols
             else:
                 src = y_ptr + row * stride_y + cols
             acc += tl.load(src, mask=ok, other=0.0).to(tl.float32) * w

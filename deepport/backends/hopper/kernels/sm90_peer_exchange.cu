@@ -17,6 +17,10 @@
 //   4. copies its share of every source's slot into out[s] (L2 loads: the slots are written by peers),
 //      then stores seq + 1 into its counter.
 //
+// With out == 0 step 4 is skipped: the parts stay in this rank's slots of area seq & 1, where the kernels
+// after this one on the stream read them (valid until this rank's next exchange: a peer writes that area
+// again only in the exchange after it, once it has seen this rank's flags of the next one).
+//
 // With send == 0 the bytes are already in place: the kernels before this one on the stream wrote each
 // rank's part straight into slot `me` of its area of parity seq & 1, this rank's own part included (the
 // "written" exchange: a sender that stores its rows straight into the peers' memory, reading the parity
@@ -151,9 +155,9 @@ dp_fixed_exchange_kernel(const __grid_constant__ dp::FixedExchangeParams p) {
                           -1 - static_cast<i64>(threadIdx.x), 256);
     }
     __syncthreads();
-    // 4. out of this rank's slots
+    // 4. out of this rank's slots (out == 0: left where they landed, for the kernels after this one to read)
     const char* mine = reinterpret_cast<const char*>(p.area[p.rank]) + parity_offset;
-    for (int s = 0; s < p.world; ++s) {
+    for (int s = 0; s < p.world && p.out != 0; ++s) {
         if (s == p.rank && !written) continue;
         dp::copy_range(out + s * p.pair_bytes, mine + s * p.slot_bytes, lo, hi, s != p.rank);
     }
