@@ -57,6 +57,9 @@ class Ranks:
         fixed = 8 * 2**20
         self.memories = _local_memories(device, 2**20, fixed)
         self.transports = [PeerTransport(m) for m in self.memories]
+        for m in self.memories:  # the slot tables now (a copy to the GPU), not behind a kernel waiting for the peer
+            m.fixed_targets()
+            m.fixed_received()
         self.streams = [torch.cuda.Stream(device) for _ in range(WORLD)]
         self.inputs = [routing(tokens, hidden, experts, topk, seed * 100 + r, device) for r in range(WORLD)]
         local = experts // WORLD

@@ -259,8 +259,9 @@ class PeerTransport:
             landing = mem
 
             def land() -> tuple[torch.Tensor, torch.Tensor]:
+                received = landing.fixed_received()  # first: made once, never after a launch that waits on peers
                 landing.fixed_exchange_landed(pair_bytes, what)
-                return landing.fixed_received()
+                return received
 
         return FixedWindow(table, seq, pair_bytes, finish, land)
 
