@@ -68,7 +68,8 @@ def test_memory_bound_mla_configs_use_tensor_cores(mla_report: dict[str, dict[st
 def test_moe_kernels_compile_for_sm_90a_and_cast_with_the_e4m3_instruction() -> None:
     report = _lower("moe")
     assert set(report) == {"layout", "layout_table", "place_rows", "weighted_rows", "weighted_rows_prefetch",
-                           "token_rows", "token_rows_window", "token_rows_at", "rank_rows_at", "receive_meta",
+                           "token_rows", "token_rows_window", "token_rows_landed", "token_rows_at", "rank_rows_at",
+                           "receive_meta",
                            "rank_rows_table", "sum_table", "parts_to_blocks", "rows_to_blocks_table",
                            "blocks_to_rows_table", "store_table",
                            "rows_to_blocks", "rows_to_blocks_counted", "blocks_to_rows", "token_table", "ll_layout",
@@ -85,6 +86,8 @@ def test_moe_kernels_compile_for_sm_90a_and_cast_with_the_e4m3_instruction() -> 
     assert window["e4m3_cvt"] > 0 and window["wide_stores"] > 0 and window["byte_stores"] <= 1, window
     partial = report["token_rows_window"]  # the combine's partial sums into the peers' slots: in words
     assert partial["wide_stores"] > 0 and partial["byte_stores"] == 0, partial
+    # the low-latency combine's final sum reads the landed float32 partial sums in 16-byte loads, no atomics
+    assert report["token_rows_landed"]["v4_loads"] > 0 and report["token_rows_landed"]["atomics"] == 0, report
     # rows read by address (a peer transport's blocks) load as wide as rows read by index
     assert report["token_rows_at"]["v4_loads"] >= report["token_rows"]["v4_loads"] > 0, report
     # and with the addresses made in the kernel (2 terms against 8): as wide per term

@@ -165,12 +165,17 @@ def moe_lowering_report() -> dict[str, dict[str, int]]:
         "token_rows": compile_for(k.moe_token_rows_kernel, dict(
             y_ptr=Ptr("bf16"), table_ptr=Ptr("i64"), weight_ptr=Ptr("fp32"), out_ptr=Ptr("bf16"), num_cols=7168,
             stride_y=7168, win_ptr=Ptr("i64"), seq_ptr=Ptr("i64"), num_ranks=2, rows_per_rank=128, K=8, BLOCK_C=2048,
-            DIRECT=False, ADDRESSED=False)),
+            DIRECT=False, ADDRESSED=False, LANDED=False)),
+        # the low-latency combine's final sum of the float32 partial sums where the exchange left them
+        "token_rows_landed": compile_for(k.moe_token_rows_kernel, dict(
+            y_ptr=Ptr("fp32"), table_ptr=Ptr("i64"), weight_ptr=Ptr("fp32"), out_ptr=Ptr("bf16"), num_cols=7168,
+            stride_y=7168, win_ptr=Ptr("i64"), seq_ptr=Ptr("i64"), num_ranks=2, rows_per_rank=128, K=2, BLOCK_C=1024,
+            DIRECT=False, ADDRESSED=False, LANDED=True)),
         # the normal combine's sums of rows read where they landed (each term's row by its address)
         "token_rows_at": compile_for(k.moe_token_rows_kernel, dict(
             y_ptr=Ptr("bf16"), table_ptr=Ptr("i64"), weight_ptr=Ptr("fp32"), out_ptr=Ptr("bf16"), num_cols=7168,
             stride_y=7168, win_ptr=Ptr("i64"), seq_ptr=Ptr("i64"), num_ranks=2, rows_per_rank=128, K=8, BLOCK_C=2048,
-            DIRECT=False, ADDRESSED=True)),
+            DIRECT=False, ADDRESSED=True, LANDED=False)),
         # the same sums with the addresses made in the kernel from in_rank (2 ranks: 2 terms)
         "rank_rows_at": compile_for(k.moe_rank_rows_kernel, dict(
             like_ptr=Ptr("bf16"), in_rank_ptr=Ptr("u8"), cumsum_ptr=Ptr("i64"), base_ptr=Ptr("i64"), own=1 << 40,
@@ -241,7 +246,7 @@ def moe_lowering_report() -> dict[str, dict[str, int]]:
         "token_rows_window": compile_for(k.moe_token_rows_kernel, dict(
             y_ptr=Ptr("bf16"), table_ptr=Ptr("i64"), weight_ptr=Ptr("fp32"), out_ptr=Ptr("fp32"), num_cols=7168,
             stride_y=7168, win_ptr=Ptr("i64"), seq_ptr=Ptr("i64"), num_ranks=2, rows_per_rank=128, K=8, BLOCK_C=2048,
-            DIRECT=True, ADDRESSED=False)),
+            DIRECT=True, ADDRESSED=False, LANDED=False)),
         "token_table": compile_for(k.moe_token_table_kernel, dict(
             src_row_ptr=Ptr("i64"), expert_ptr=Ptr("i32"), token_of_ptr=Ptr("i64"), topk_ptr=Ptr("i64"),
             row_weight_ptr=Ptr("fp32"), table_ptr=Ptr("i64"), table_weight_ptr=Ptr("fp32"), num_rows=65536,
@@ -313,11 +318,13 @@ def moe_lowering_report() -> dict[str, dict[str, int]]:
         report[name]["wide_stores"] = sum(ptx.count(f"st.global.{w}") for w in ("b32", "v2.b32", "v4.b32"))
         report[name]["byte_stores"] = ptx.count("st.global.b8")
         report[name]["stores_16B"] = ptx.count("st.global.v2.b64") + ptx.count("st.global.v4.b32")
-    for name in ("token_rows", "token_rows_at", "rank_rows_at", "rank_rows_table"):  # 16-byte loads per thread
+    for name in ("token_rows", "token_rows_at", "rank_rows_at", "rank_rows_table",
+                 "token_rows_landed"):  # 16-byte loads per thread
         ptx = kernels[name].asm["ptx"]
         report[name]["v4_loads"] = ptx.count("ld.global.v4.b32")
     for name in ("expanded_count", "expanded_layout", "expanded_scatter", "expanded_pad_rows", "token_rows",
-                 "token_rows_window", "token_rows_at", "rank_rows_at", "rank_rows_table", "sum_table",
+                 "token_rows_window", "token_rows_landed", "token_rows_at", "rank_rows_at", "rank_rows_table",
+                 "sum_table",
                  "parts_to_blocks", "rows_to_blocks_table", "blocks_to_rows_table", "store_table", "receive_meta",
                  "rows_to_blocks", "rows_to_blocks_counted", "blocks_to_rows", "token_table", "ll_layout",
                  "ll_positions", "ll_send_rows", "ll_send_window", "ll_return", "ll_return_slots", "ll_pairs",
