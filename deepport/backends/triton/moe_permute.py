@@ -470,16 +470,25 @@ def token_rows_into(y: torch.Tensor, table: torch.Tensor, weights: torch.Tensor,
     over the entries ``table[t, j] >= 0`` (``table`` int64 ``[T, K]``, ``weights`` float32 ``[T, K]``),
     rounded once to bf16 by the kernel's store (under the interpreter, whose float32 -> bf16 store
     truncates, into float32 rows that torch rounds)."""
+    if int(out.shape[0]) and int(out.shape[1]):
+        y = y.contiguous()
+        _sums_per_token(y, y.stride(0), table, weights, out)
+
+
+def _sums_per_token(like: torch.Tensor, stride_y: int, table: torch.Tensor, weights: torch.Tensor, out: torch.Tensor,
+                    rows: tuple[torch.Tensor, torch.Tensor, int, int] | None = None, **mode: bool) -> None:
+    """One launch of :func:`moe_token_rows_kernel` over ``out``'s rows (``T, C >= 1``): ``like`` the rows (or
+    only their type), ``rows`` its ``(win, seq, num_ranks, rows_per_rank)`` where ``mode`` needs them; under the
+    interpreter into float32 rows that torch rounds."""
     tokens, cols = int(out.shape[0]), int(out.shape[1])
-    if tokens == 0 or cols == 0:
-        return
-    y, table, weights = y.contiguous(), table.to(torch.int64).contiguous(), weights.to(torch.float32).contiguous()
+    table, weights = table.to(torch.int64).contiguous(), weights.to(torch.float32).contiguous()
+    win, seq, ranks, per_rank = rows if rows is not None else (table, table, 1, 1)
     target = torch.empty((tokens, cols), dtype=torch.float32, device=out.device) if interpreting() else out
-    block, warps = _sum_tiling(cols, y.element_size())
-    with _guard(y.device):
+    block, warps = _sum_tiling(cols, like.element_size())
+    with _guard(out.device):
         moe_token_rows_kernel[(tokens, -(-cols // block))](
-            y, table, weights, target, cols, y.stride(0), table, table, 1, 1, K=int(table.shape[1]), BLOCK_C=block,
-            num_warps=warps)
+            like, table, weights, target, cols, stride_y, win, seq, ranks, per_rank, K=int(table.shape[1]),
+            BLOCK_C=block, num_warps=warps, **mode)
     if target is not out:
         out.copy_(target)
 
@@ -488,18 +497,8 @@ def token_rows_at(like: torch.Tensor, addresses: torch.Tensor, weights: torch.Te
     """:func:`token_rows_into` whose table holds each row's address (int64, 16-byte aligned; rows of
     ``C = out.shape[1]`` elements of ``like``'s dtype, e.g. in a peer transport's blocks) instead of its index
     (see :class:`deepport.backends.torch.moe_local.LocalSteps`)."""
-    tokens, cols = int(out.shape[0]), int(out.shape[1])
-    if tokens == 0 or cols == 0:
-        return
-    table, weights = addresses.to(torch.int64).contiguous(), weights.to(torch.float32).contiguous()
-    target = torch.empty((tokens, cols), dtype=torch.float32, device=out.device) if interpreting() else out
-    block, warps = _sum_tiling(cols, like.element_size())
-    with _guard(out.device):
-        moe_token_rows_kernel[(tokens, -(-cols // block))](
-            like, table, weights, target, cols, cols, table, table, 1, 1, K=int(table.shape[1]), BLOCK_C=block,
-            num_warps=warps, ADDRESSED=True)
-    if target is not out:
-        out.copy_(target)
+    if int(out.shape[0]) and int(out.shape[1]):
+        _sums_per_token(like, int(out.shape[1]), addresses, weights, out, ADDRESSED=True)
 
 
 def rank_rows_at(like: torch.Tensor, in_rank: torch.Tensor, bases: torch.Tensor, me: int, own: int,
@@ -558,17 +557,8 @@ def token_rows_landed(like: torch.Tensor, table: torch.Tensor, weights: torch.Te
         raise ValueError(f"token_rows_landed: expected received int64 [2, R], seq int64 [1] and 16-byte rows, got "
                          f"{received.dtype} {tuple(received.shape)}, {seq.dtype} {tuple(seq.shape)}, rows of "
                          f"{cols * like.element_size()} bytes")
-    if tokens == 0 or cols == 0:
-        return
-    table, weights = table.to(torch.int64).contiguous(), weights.to(torch.float32).contiguous()
-    target = torch.empty((tokens, cols), dtype=torch.float32, device=out.device) if interpreting() else out
-    block, warps = _sum_tiling(cols, like.element_size())
-    with _guard(out.device):
-        moe_token_rows_kernel[(tokens, -(-cols // block))](
-            like, table, weights, target, cols, cols, received, seq, world, rows_per_rank, K=int(table.shape[1]),
-            BLOCK_C=block, num_warps=warps, LANDED=True)
-    if target is not out:
-        out.copy_(target)
+    if tokens and cols:
+        _sums_per_token(like, cols, table, weights, out, (received, seq, world, rows_per_rank), LANDED=True)
 
 
 def token_rows_window(y: torch.Tensor, table: torch.Tensor, weights: torch.Tensor, window: FixedWindow,
