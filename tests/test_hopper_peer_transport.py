@@ -260,6 +260,55 @@ def test_peer_memory_refuses_an_unknown_mapping_and_a_bad_capacity_before_any_co
         peer_memory_cuda.CudaPeerMemory(None, device, 100, 1.0, mapping="ipc")
 
 
+def test_the_peer_mapping_comes_from_the_environment_and_reaches_the_peer_memory(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from deepport.backends.hopper import moe
+
+    made: list[dict[str, Any]] = []
+
+    class Made(Exception):
+        pass
+
+    def record(*args: Any, **kwargs: Any) -> None:
+        made.append(kwargs)
+        raise Made
+
+    monkeypatch.setattr(peer_memory_cuda, "CudaPeerMemory", record)
+    grp = SimpleNamespace(group=SimpleNamespace(group_name="mapping-test"))
+    for setting, expected in (("", "symmetric"), ("ipc", "ipc"), (" symmetric ", "symmetric")):
+        monkeypatch.setenv("DEEPPORT_PEER_MAPPING", setting)
+        assert moe.peer_mapping() == expected
+        with pytest.raises(Made):
+            moe.transport_for(grp, torch.device("cpu"))  # type: ignore[arg-type]
+        assert made[-1]["mapping"] == expected
+    monkeypatch.setenv("DEEPPORT_PEER_MAPPING", "nvshmem")
+    with pytest.raises(ValueError, match="DEEPPORT_PEER_MAPPING must be one of symmetric, ipc, got 'nvshmem'"):
+        moe.transport_for(grp, torch.device("cpu"))  # type: ignore[arg-type]
+    assert len(made) == 3
+    moe.forget_transports()
+
+
+def test_a_peers_ipc_handle_is_opened_on_this_ranks_own_gpu() -> None:
+    """torch rebuilds a shared CUDA tensor on the owner's device index; between GPUs the peer's buffer must be
+    opened on this rank's device instead (only the device argument changes, at the place torch's rebuild takes
+    it)."""
+    import inspect
+
+    from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
+    names = list(inspect.signature(rebuild_cuda_tensor).parameters)
+    assert names[peer_memory_cuda.IPC_DEVICE_ARG] == "storage_device", names
+    args = tuple(f"arg{i}" for i in range(len(names)))
+    args = (*args[:6], 1, *args[7:])
+    opened = peer_memory_cuda._opened_on(args, 0)
+    assert opened[peer_memory_cuda.IPC_DEVICE_ARG] == 0 and len(opened) == len(args)
+    assert [a for i, a in enumerate(opened) if i != 6] == [a for i, a in enumerate(args) if i != 6]
+    with pytest.raises(RuntimeError, match="unexpected CUDA IPC rebuild arguments"):
+        peer_memory_cuda._opened_on(("a", "b"), 0)
+
+
 def test_the_fixed_exchange_limit_never_exceeds_the_slots_laid_out() -> None:
     """``fixed_capacity`` may be lowered (0: rounds only) and raised back, never past the slots a memory laid
     out when it was created: an exchange could otherwise write beyond them."""

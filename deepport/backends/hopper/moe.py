@@ -12,28 +12,32 @@ results are those of the torch and triton backends (the transport only moves byt
 The peer memory of a group is created on the group's first call (collectively: every rank calls the op)
 and kept for the process's life. Environment (read at that first call):
 
-===============================  =======  ==================================================================
-variable                         default  meaning
-===============================  =======  ==================================================================
-``DEEPPORT_PEER_BUFFER_MB``      64       receive block per source rank (MiB). A normal dispatch whose
-                                          parts all fit gathers its rows straight into the peers' blocks
-                                          (one round; 4096 bf16 tokens of hidden 7168 need 59 MB); larger
-                                          exchanges move in chunks of this size
-``DEEPPORT_PEER_FIXED_MB``       8        slot per source rank and parity (MiB) of the one-launch fixed
-                                          exchange (the low-latency layouts' equal splits); ``0``: off,
-                                          larger equal splits: the chunked rounds
-``DEEPPORT_PEER_TIMEOUT_S``      group's  seconds a rank waits for a peer before MoECommTimeout (default:
-                                          the process group's timeout, else 300)
-``DEEPPORT_MOE_GRAPHS``          1        the normal dispatch's routing and exchange and the normal
-                                          combine's work through the blocks replayed as CUDA graphs per
-                                          shape (:mod:`deepport.backends.triton.moe_route_graph`,
-                                          :mod:`~deepport.backends.triton.moe_sum_graph`; read per call);
-                                          ``0``: the same kernels launched one by one
-===============================  =======  ==================================================================
+===============================  =========  ==================================================================
+variable                         default    meaning
+===============================  =========  ==================================================================
+``DEEPPORT_PEER_BUFFER_MB``      64         receive block per source rank (MiB). A normal dispatch whose
+                                            parts all fit gathers its rows straight into the peers' blocks
+                                            (one round; 4096 bf16 tokens of hidden 7168 need 59 MB); larger
+                                            exchanges move in chunks of this size
+``DEEPPORT_PEER_FIXED_MB``       8          slot per source rank and parity (MiB) of the one-launch fixed
+                                            exchange (the low-latency layouts' equal splits); ``0``: off,
+                                            larger equal splits: the chunked rounds
+``DEEPPORT_PEER_TIMEOUT_S``      group's    seconds a rank waits for a peer before MoECommTimeout (default:
+                                            the process group's timeout, else 300)
+``DEEPPORT_PEER_MAPPING``        symmetric  how the peers' buffers are mapped: ``symmetric`` (PyTorch
+                                            symmetric memory) or ``ipc`` (CUDA IPC handles gathered over the
+                                            group, each opened on this rank's own GPU)
+``DEEPPORT_MOE_GRAPHS``          1          the normal dispatch's routing and exchange and the normal
+                                            combine's work through the blocks replayed as CUDA graphs per
+                                            shape (:mod:`deepport.backends.triton.moe_route_graph`,
+                                            :mod:`~deepport.backends.triton.moe_sum_graph`; read per call);
+                                            ``0``: the same kernels launched one by one
+===============================  =========  ==================================================================
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from collections.abc import Callable
@@ -86,6 +90,17 @@ def fixed_bytes() -> int:
     return int(mb * 2**20) // 16 * 16
 
 
+def peer_mapping() -> str:
+    """``DEEPPORT_PEER_MAPPING``: how the peers' buffers are mapped, ``symmetric`` (PyTorch symmetric memory, the
+    default) or ``ipc`` (CUDA IPC handles gathered over the group, opened on each rank's own GPU)."""
+    from deepport.backends.hopper.peer_memory_cuda import MAPPINGS
+
+    text = os.environ.get("DEEPPORT_PEER_MAPPING", "").strip() or MAPPINGS[0]
+    if text not in MAPPINGS:
+        raise ValueError(f"DEEPPORT_PEER_MAPPING must be one of {', '.join(MAPPINGS)}, got {text!r}")
+    return text
+
+
 def transport_for(grp: MoEGroup, device: torch.device,
                   make: Callable[..., PeerMemory] | None = None) -> PeerTransport:
     """The group's peer transport on ``device``, created on first use (collective) and then reused."""
@@ -96,7 +111,7 @@ def transport_for(grp: MoEGroup, device: torch.device,
             if make is None:
                 from deepport.backends.hopper.peer_memory_cuda import CudaPeerMemory
 
-                make = CudaPeerMemory
+                make = functools.partial(CudaPeerMemory, mapping=peer_mapping())
             found = _transports[key] = PeerTransport(make(grp.group, device, buffer_bytes(),
                                                           group_timeout_s(grp.group, device),
                                                           fixed_capacity=fixed_bytes()))

@@ -99,8 +99,27 @@ def _map_ipc(group: Any, device: torch.device, nbytes: int, header: int) -> tupl
     shared: list[Any] = [None] * dist.get_world_size(group)
     dist.all_gather_object(shared, reduce_tensor(buffer), group=group)  # type: ignore[no-untyped-call]
     rank = dist.get_rank(group)
-    areas = [buffer if r == rank else rebuild(*args) for r, (rebuild, args) in enumerate(shared)]
+    here = device.index if device.index is not None else torch.cuda.current_device()
+    areas = [buffer if r == rank else rebuild(*_opened_on(args, here)) for r, (rebuild, args) in enumerate(shared)]
     return buffer, areas
+
+
+IPC_DEVICE_ARG = 6
+"""Where ``torch.multiprocessing.reductions.rebuild_cuda_tensor``'s arguments name the owner's device index."""
+
+
+def _opened_on(args: tuple[Any, ...], device_index: int) -> tuple[Any, ...]:
+    """A peer's rebuild arguments with the device to open its IPC handle on set to this rank's own GPU.
+
+    torch opens a handle on the owner's device index (in the owner's numbering), with peer access enabled lazily
+    from that device: right when both processes use one GPU, but for a peer on another GPU this process would map
+    the buffer in a context of that GPU and never enable access from its own, whose kernels then fault on the
+    address. Opened on this rank's device, the CUDA driver enables access from it to the owner's GPU (the usual
+    way of CUDA IPC between GPUs of one host)."""
+    if len(args) <= IPC_DEVICE_ARG or not isinstance(args[IPC_DEVICE_ARG], int):
+        raise RuntimeError(f"unexpected CUDA IPC rebuild arguments from this torch ({len(args)} of them; expected "
+                           f"the owner's device index at position {IPC_DEVICE_ARG})")
+    return (*args[:IPC_DEVICE_ARG], device_index, *args[IPC_DEVICE_ARG + 1:])
 
 
 def _flag_function(device_index: int) -> Any:
