@@ -49,6 +49,7 @@
 #                                          NCCL launch costs, the staged checks and the MoE GPU tests (~10 min at most)
 #   bash scripts/gpu_check.sh ll-1gpu      the hopper path's low-latency dispatch and combine end to end, two ranks in
 #                                          one process (tests/peer_ll_loopback.py: checks, graph timings, kernels)
+#   bash scripts/gpu_check.sh ll-ncu       ncu of each kernel of those ops, each rank alone (durations, occupancy, stalls)
 set -uo pipefail
 stage="${1:-mla}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -279,10 +280,19 @@ SHAPES
     export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
     timeout 240 python3 -m tests.peer_ll_loopback --calls 20 --profile ${LL_ARGS:-} > "$OUT/ll_loopback.txt" 2>&1
     echo "ll loopback: exit $?" >> "$OUT/ll_loopback.txt"; grep -vE "Warning|_warn_once" "$OUT/ll_loopback.txt" | tail -n 40 ;;
+  ll-ncu)  # ncu of every kernel of the low-latency ops, each rank alone (tests/peer_ll_loopback.py --ncu):
+    environment  # durations, speed of light, occupancy, warp stalls; the report in ll_ncu.txt, a digest printed
+    export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+    timeout 400 ncu --kernel-name "regex:moe_|dp_fixed" --launch-skip 40 --launch-count 20 --section SpeedOfLight \
+      --section LaunchStats --section Occupancy --section WarpStateStats python3 -m tests.peer_ll_loopback --ncu \
+      > "$OUT/ll_ncu.txt" 2>&1
+    echo "ll ncu: exit $?" >> "$OUT/ll_ncu.txt"
+    grep -E "^  [a-z_]+kernel|Duration|Memory Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per|Block Size|Grid Size|exit" \
+      "$OUT/ll_ncu.txt" | head -n 200 ;;
   bench)
     environment
     python3 -m deepport bench --device cuda --out "$OUT/bench" 2>&1 | tail -n 80
     cp "$OUT/bench/bench.json" "$OUT/bench.json" 2>/dev/null; cp "$OUT/bench/bench.png" "$OUT/bench.png" 2>/dev/null
     rm -rf "$OUT/bench" ;;
-  *) echo "unknown stage $stage (mla, fp8, moe-tests, cert-a, cert-b, part NAME, merge, parts-start, parts-collect, cpu-cert-start, cpu-cert-collect, hopper-mla, ecosystem, profile, profile-mla, bench, tune, moe-verify, backends, selection, peer-1gpu, ep-host-1gpu, ll-1gpu)"; exit 2 ;;
+  *) echo "unknown stage $stage (mla, fp8, moe-tests, cert-a, cert-b, part NAME, merge, parts-start, parts-collect, cpu-cert-start, cpu-cert-collect, hopper-mla, ecosystem, profile, profile-mla, bench, tune, moe-verify, backends, selection, peer-1gpu, ep-host-1gpu, ll-1gpu, ll-ncu)"; exit 2 ;;
 esac

@@ -23,6 +23,7 @@ then the graphs' outputs after their replays, poisoned with NaN / 0xFF first, ag
 short table and exits non-zero on a failed check; ``--profile`` adds the kernels of one graph replay of a
 dispatch and of a combine of both ranks (torch.profiler: start, duration, stream); ``--fence-every-thread``
 builds the exchange kernel as before 2026-12-03 (every thread fences before the flags: A/B timings).
+``--ncu`` only runs every kernel with each rank alone (:func:`kernels_alone`), for ncu.
 """
 
 from __future__ import annotations
@@ -299,6 +300,21 @@ def run(calls: int = 20, tokens: int = 128, profile: bool = False) -> list[str]:
     return lines
 
 
+def kernels_alone(rounds: int = 3) -> int:
+    """Every kernel of both ops, each rank alone with the fixed flags raised (:meth:`Ranks.load_kernels`),
+    ``rounds`` times: for a profiler that serialises kernels (ncu), under which the two ranks' exchange kernels
+    would wait for each other forever. The bytes are whatever the slots hold; nothing is checked."""
+    from deepport.backends.hopper.moe import steps_for
+
+    device = torch.device("cuda", 0)
+    torch.cuda.set_device(device)
+    ranks = Ranks(steps_for(device), tokens=128, t_max=128, hidden=7168, experts=256, topk=8, seed=7, device=device)
+    for _ in range(rounds):
+        ranks.load_kernels()
+    print(f"kernels alone: {rounds} rounds of both parities and both ranks")
+    return 0
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("no CUDA device")
@@ -308,6 +324,8 @@ def main() -> int:
 
         peer_exchange_kernel.OPTIONS = (*peer_exchange_kernel.OPTIONS, "-DDP_FX_FENCE_EVERY_THREAD=1")
         print("exchange kernel: every thread fences before the flags")
+    if "--ncu" in sys.argv:  # under ncu, which runs one kernel at a time: each rank alone, flags raised
+        return kernels_alone()
     calls = int(sys.argv[sys.argv.index("--calls") + 1]) if "--calls" in sys.argv else 20
     tokens = int(sys.argv[sys.argv.index("--tokens") + 1]) if "--tokens" in sys.argv else 128
     lines = run(calls, tokens, "--profile" in sys.argv)
