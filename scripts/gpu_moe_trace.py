@@ -325,6 +325,7 @@ def ll_routes_sweep(world: int = 2, tokens: int = 128) -> None:
         return (*got, send_buffer.clone())
 
     for name, attr, fn, sizes in (("receive", "_RECEIVE_SLOTS", receive, (32, 64, 128, 256)),
+                                  ("receive", "_RECEIVE_WARPS", receive, (1, 2, 4, 8, 16)),
                                   ("send_rows", "_SEND_ROWS_BLOCKS", send_rows, (1, 2, 4, 8, 14))):
         kernel = f"moe_ll_{name}_kernel"
         default = getattr(mp, attr)

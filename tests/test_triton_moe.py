@@ -349,6 +349,19 @@ def test_low_latency_sender_and_receiver_kernels_agree_across_step_sizes(monkeyp
         monkeypatch.setattr(moe_permute, "_SEND_ROWS_BLOCKS", 8)
         for i, (a, b) in enumerate(zip(got, want, strict=True)):
             assert torch.equal(a, b), (attr, i)
+    # the receiver's pairs as the torch ops derive them, duplicate ids in a row included (the first names the pair)
+    from deepport.backends.torch.moe_low_latency import _pairs
+    from deepport.backends.torch.moe_routes import local_ids
+
+    recv_token, recv_local, valid, position, count, target, _ = receive()
+    assert torch.equal(recv_token, meta[:, 0].to(torch.int64))
+    want_local = torch.where(meta[:, :1] >= 0, local_ids(meta[:, 1:].to(torch.int64), 1, num_local), -1)
+    repeats = (want_local[:, :, None] == want_local[:, None, :]) & (want_local[:, :, None] >= 0)
+    assert int(torch.triu(repeats.to(torch.int8), diagonal=1).sum()) > 0  # some row names a local expert twice
+    want_valid, want_position, want_count = _pairs(want_local, num_local)
+    assert torch.equal(recv_local, want_local) and torch.equal(valid, want_valid) and torch.equal(count, want_count)
+    assert torch.equal(position[want_valid], want_position[want_valid])
+    assert torch.equal(target, torch.where(want_valid, want_local * slots + want_position, -1))
     # what the torch ops derive: ranks, rows in each rank's block, metadata of the sent rows, the rest token -1
     in_rank = selection_mask(idx, world, num_local)
     send_slot = running_slot(in_rank)

@@ -223,6 +223,7 @@ def scatter_row_pair(parts: list[tuple[torch.Tensor, torch.Tensor]], targets: to
 # received slots per step of the receive kernel's walk (H200, EP=2, 256 slots: 5.7 us per launch at 256, 8.2 at
 # 64, 2026-12-02, scripts/gpu_moe_trace.py --ll-routes)
 _RECEIVE_SLOTS = 256
+_RECEIVE_WARPS = 4  # warps per program of the receive kernel (one program per local expert)
 
 
 def low_latency_receive(meta: torch.Tensor, rank: int, num_local: int, count32: torch.Tensor,
@@ -243,7 +244,7 @@ def low_latency_receive(meta: torch.Tensor, rank: int, num_local: int, count32: 
                 meta, meta.stride(0), rank * num_local, num_local, slots, recv_token, recv_local,
                 valid.view(torch.int8), position, target, count, count32, packed,
                 count32 if count32_copy is None else count32_copy, K=k, KP=_pow2(k), BLOCK_S=_RECEIVE_SLOTS,
-                COPY_COUNT=count32_copy is not None)
+                COPY_COUNT=count32_copy is not None, num_warps=_RECEIVE_WARPS)
     else:  # nothing received, or no slot to name an expert
         recv_token.copy_(meta[:, 0])
         count.zero_()

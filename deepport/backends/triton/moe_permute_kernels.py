@@ -167,7 +167,6 @@ def moe_ll_receive_kernel(meta_ptr, stride_meta, first_local, num_local, slots, 
     e = tl.program_id(0)
     j = tl.arange(0, KP)
     jok = j < K
-    earlier = j[None, :] < j[:, None]  # [k, k2]: k2 before k
     taken = tl.zeros([], tl.int32)  # slots selecting e so far
     received = tl.zeros([], tl.int32)  # routed slots so far
     for start in range(0, slots, BLOCK_S):
@@ -178,15 +177,17 @@ def moe_ll_receive_kernel(meta_ptr, stride_meta, first_local, num_local, slots, 
         g = tl.load(meta_ptr + s64[:, None] * stride_meta + 1 + j[None, :], mask=sok[:, None] & jok[None, :],
                     other=-1)
         loc = tl.where(tok[:, None] >= 0, _local_ids(g, first_local, num_local), -1)
-        dup = tl.sum(((loc[:, :, None] == loc[:, None, :]) & earlier[None, :, :]).to(tl.int32), axis=2) > 0
-        mine = tl.max((loc == e).to(tl.int32), axis=1)  # [BLOCK_S]: slot s selects e
+        names = (loc == e).to(tl.int32)
+        # the first slot k naming e in its row: none before it names e (a [S, K] scan, not a [S, K, K] compare)
+        first = (loc == e) & (tl.cumsum(names, axis=1) == 1)
+        mine = tl.max(names, axis=1)  # [BLOCK_S]: slot s selects e
         routed = (tok >= 0).to(tl.int32)
         pos = tl.broadcast_to((taken + tl.cumsum(mine, axis=0) - 1)[:, None], [BLOCK_S, KP]).to(tl.int64)
         compact = (received + tl.cumsum(routed, axis=0) - 1).to(tl.int64)
         first_program = (tl.zeros([BLOCK_S, KP], tl.int32) + e) == 0
         entries = ((loc == e) | ((loc < 0) & first_program)) & sok[:, None] & jok[None, :]
         at = s64[:, None] * K + j[None, :]
-        valid = (loc == e) & ~dup
+        valid = first
         tl.store(position_ptr + at, pos, mask=entries)
         tl.store(valid_ptr + at, valid.to(tl.int8), mask=entries)
         tl.store(target_ptr + at, tl.where(valid, e.to(tl.int64) * slots + pos, -1), mask=entries)
