@@ -262,12 +262,12 @@ def moe_lowering_report() -> dict[str, dict[str, int]]:
         "ll_send_rows": compile_for(k.moe_ll_send_rows_kernel, {**send_rows, **dict(
             meta_ptr=Ptr("i32"), stride_meta=1857, q_ptr=Ptr("fp8e4nv"), stride_q=7428, scale_ptr=Ptr("fp32"),
             stride_s=1857, blocks_per_program=4, row_bytes=0, meta_off=0, q_off=0, scale_off=0, DIRECT=False,
-            DIRECT_Q=False, COPY_IDX=False)}),
+            DIRECT_Q=False, COPY_IDX=False, BPP=4)}),
         # the same sender storing straight into the peers' slots (rows of 7168 + 224 + 36 bytes, padded to 7440)
         "ll_send_window": compile_for(k.moe_ll_send_rows_kernel, {**send_rows, **dict(
             meta_ptr=Ptr("bf16"), stride_meta=7168, q_ptr=Ptr("bf16"), stride_q=7168, scale_ptr=Ptr("bf16"),
             stride_s=7168, blocks_per_program=8, row_bytes=7440, meta_off=7392, q_off=0, scale_off=7168, DIRECT=True,
-            DIRECT_Q=True, COPY_IDX=True)}),
+            DIRECT_Q=True, COPY_IDX=True, BPP=8)}),
         # the receiver's placement of payload (int64 words of packed rows) and scales (transposed) in one launch
         "scatter_row_pair": compile_for(k.moe_scatter_row_pair_kernel, dict(
             a_src_ptr=Ptr("i64"), a_dst_ptr=Ptr("i64"), a_cols=896, a_stride_src=930, a_dg=229376, a_dr=896, a_dc=1,

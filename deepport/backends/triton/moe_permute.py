@@ -387,7 +387,7 @@ def _launch_send_rows(src: torch.Tensor, idx: torch.Tensor, num_ranks: int, num_
             K=k, KP=_pow2(k), RP=_pow2(num_ranks), BLOCK_T=_send_rows_block(k, num_ranks), CAST=cast,
             STORE_FP32=staged, DIRECT=direct is not None, DIRECT_Q=direct is not None and not staged,
             META_ALIGN=_align(offs[0]), Q_ALIGN=_align(offs[1]), S_ALIGN=_align(offs[2]),
-            COPY_IDX=idx_copy is not None)
+            COPY_IDX=idx_copy is not None, BPP=_pow2(per_program))
 
 
 def low_latency_return(idx: torch.Tensor, weights: torch.Tensor, send_slot: torch.Tensor, num_local: int,

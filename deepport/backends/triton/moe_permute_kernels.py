@@ -608,6 +608,15 @@ def _cast_block(x, fp8_max, amax_floor):
 
 
 @triton.jit
+def _cast_blocks(x, fp8_max, amax_floor):
+    """:func:`_cast_block` of each row of ``x`` (float32 ``[B, 128]``, one 128-channel block per row), the same
+    operations per element: ``(scaled [B, 128], amax [B])``."""
+    amax = tl.maximum(tl.max(tl.abs(x), 1), amax_floor)
+    scaled = x * tl.div_rn(fp8_max + tl.zeros_like(amax), amax)[:, None]
+    return scaled, amax
+
+
+@triton.jit
 def moe_cast_fp8_kernel(x_ptr, q_ptr, scale_ptr, hidden, fp8_max, fp8_max_inv, amax_floor,
                         STORE_FP32: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
@@ -629,10 +638,11 @@ def moe_ll_send_rows_kernel(x_ptr, stride_x, idx_ptr, stride_idx, num_tokens, nu
                             K: tl.constexpr, KP: tl.constexpr, RP: tl.constexpr, BLOCK_T: tl.constexpr,
                             CAST: tl.constexpr, STORE_FP32: tl.constexpr, DIRECT: tl.constexpr,
                             DIRECT_Q: tl.constexpr, META_ALIGN: tl.constexpr, Q_ALIGN: tl.constexpr,
-                            S_ALIGN: tl.constexpr, COPY_IDX: tl.constexpr):
+                            S_ALIGN: tl.constexpr, COPY_IDX: tl.constexpr, BPP: tl.constexpr):
     """Grid ``(T, ceil(H / 128 / blocks_per_program))``: the whole sender's side of a multi-rank low-latency
     dispatch for token ``t``. Program ``(t, c)`` moves the payload's 128-channel blocks from
-    ``c * blocks_per_program`` on; program ``(t, 0)`` also writes the routes and metadata. Every program
+    ``c * blocks_per_program`` on, all of them as one ``[BPP, 128]`` tile (``BPP``: ``blocks_per_program``
+    rounded up to a power of two); program ``(t, 0)`` also writes the routes and metadata. Every program
     finds the token's ranks (``idx [T, K]`` global ids, -1 none; ``num_local`` experts per rank) and its row
     in each one's block of ``t_max`` send rows (the tokens before it that select an expert of that rank,
     counted by walking ``idx`` in steps of ``BLOCK_T``). Routes: ``in_rank[t, r]`` (uint8), ``send_slot[t,
@@ -710,23 +720,26 @@ def moe_ll_send_rows_kernel(x_ptr, stride_x, idx_ptr, stride_idx, num_tokens, nu
             q_row = tl.multiple_of((row_at + q_off).to(tl.pointer_type(x_ptr.dtype.element_ty)), Q_ALIGN)
     else:
         q_row = q_ptr + row * stride_q
-    c = tl.arange(0, 128)
+    # this program's blocks as one tile: every load in flight at once (one block at a time, each a load, a
+    # reduction and stores in turn, made the kernel a chain of 8 round trips)
     first = chunk * blocks_per_program
-    for blk in range(first, tl.minimum(first + blocks_per_program, tl.cdiv(hidden, 128))):  # CAST: H % 128 == 0
-        cols = blk * 128 + c
-        cok = cols < hidden
-        x = tl.load(x_ptr + t64 * stride_x + cols, mask=cok, other=0)
-        dst = q_row[:, None] + cols[None, :]
-        keep = sent[:, None] & cok[None, :]
-        if CAST:
-            scaled, amax = _cast_block(x.to(tl.float32), fp8_max, amax_floor)
-            if STORE_FP32:
-                tl.store(dst, tl.broadcast_to(scaled[None, :], [RP, 128]), mask=keep)
-            else:
-                tl.store(dst, tl.broadcast_to(scaled.to(tl.float8e4nv)[None, :], [RP, 128]), mask=keep)
-            tl.store(scale_row + blk, tl.zeros([RP], tl.float32) + amax * fp8_max_inv, mask=sent)
+    blk = first + tl.arange(0, BPP)
+    bok = (blk < first + blocks_per_program) & (blk < tl.cdiv(hidden, 128))  # CAST: H % 128 == 0
+    cols = blk[:, None] * 128 + tl.arange(0, 128)[None, :]  # [BPP, 128]
+    cok = bok[:, None] & (cols < hidden)
+    x = tl.load(x_ptr + t64 * stride_x + cols, mask=cok, other=0)
+    dst = q_row[:, None, None] + cols[None, :, :]  # [RP, BPP, 128]
+    keep = sent[:, None, None] & cok[None, :, :]
+    if CAST:
+        scaled, amax = _cast_blocks(x.to(tl.float32), fp8_max, amax_floor)
+        if STORE_FP32:
+            tl.store(dst, tl.broadcast_to(scaled[None, :, :], [RP, BPP, 128]), mask=keep)
         else:
-            tl.store(dst, tl.broadcast_to(x[None, :], [RP, 128]), mask=keep)
+            tl.store(dst, tl.broadcast_to(scaled.to(tl.float8e4nv)[None, :, :], [RP, BPP, 128]), mask=keep)
+        tl.store(scale_row[:, None] + blk[None, :], tl.broadcast_to((amax * fp8_max_inv)[None, :], [RP, BPP]),
+                 mask=sent[:, None] & bok[None, :])
+    else:
+        tl.store(dst, tl.broadcast_to(x[None, :, :], [RP, BPP, 128]), mask=keep)
 
 
 @triton.jit
