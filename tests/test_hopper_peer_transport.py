@@ -151,13 +151,14 @@ def test_a_dispatch_that_fits_the_blocks_writes_straight_into_the_peers_memory(
             assert got["in_place"] == (2 if p["tokens"][rank] and not p.get("fp8") else 0), (rank, got)
 
 
-# triton's low-latency sender stores its rows straight into the peers' slots, and its combine its float32
-# partial sums into the sources' (the written fixed exchange): per call two dispatches and one combine; a rank
-# with no tokens fills a send buffer for its dispatches instead, within the same exchanges. The combine's
-# final sum reads the partial sums where they landed (no copy out of the slots): one landed exchange per call
+# triton's low-latency sender stores its rows straight into the peers' slots, and its combine its weights and
+# its float32 partial sums into the sources' (the written fixed exchange): per call two dispatches and one
+# combine of two exchanges; a rank with no tokens fills a send buffer for its dispatches instead, within the same
+# exchanges. The combine reads the weights and then the partial sums where they landed (no copy out of the
+# slots): two landed exchanges per call
 @pytest.mark.parametrize("world, params, written_per_call", [
-    (2, dict(tokens=(13, 5)), [3, 3]),
-    (4, dict(tokens=(5, 12, 0, 8), experts=32, topk=6, dup=0.3, nowhere=0.2), [3, 3, 1, 3]),
+    (2, dict(tokens=(13, 5)), [4, 4]),
+    (4, dict(tokens=(5, 12, 0, 8), experts=32, topk=6, dup=0.3, nowhere=0.2), [4, 4, 2, 4]),
 ])
 def test_a_sender_writing_straight_into_the_peers_slots_gives_the_bits_of_all_to_all(
         world: int, params: dict[str, Any], written_per_call: list[int]) -> None:
@@ -169,7 +170,7 @@ def test_a_sender_writing_straight_into_the_peers_slots_gives_the_bits_of_all_to
         assert got["bad"] == [], f"rank {rank}: {got['bad']}"
         assert got["collectives"] == 0, (rank, got)
         assert got["written"] == 2 * written_per_call[rank], (rank, got)
-        assert got["landed"] == 2, (rank, got)
+        assert got["landed"] == 2 * 2, (rank, got)
 
 
 @pytest.mark.parametrize("world", [2, 3])

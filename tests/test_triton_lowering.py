@@ -77,7 +77,7 @@ def test_moe_kernels_compile_for_sm_90a_and_cast_with_the_e4m3_instruction() -> 
                            "expanded_count",
                            "expanded_layout", "expanded_rows", "expanded_scatter", "expanded_pad_rows",
                            "ll_send_rows", "ll_send_window", "ll_window_rows", "ll_return", "ll_return_slots",
-                           "ll_pairs", "scatter_row_pair"}
+                           "ll_pairs", "ll_return_window", "ll_pairs_landed", "scatter_row_pair"}
     assert all(counts["sm_90a"] == 1 for counts in report.values())
     assert report["cast_fp8"]["e4m3_cvt"] > 0 and report["ll_send_rows"]["e4m3_cvt"] > 0
     # the sender that stores straight into the peers' slots: the same cast, its rows in words (the one byte
@@ -110,7 +110,7 @@ def test_moe_kernels_compile_for_sm_90a_and_cast_with_the_e4m3_instruction() -> 
                   "rows_to_blocks", "rows_to_blocks_counted", "blocks_to_rows",
                   "token_table", "ll_layout",
                   "ll_positions", "ll_send_rows", "ll_send_window", "ll_return", "ll_return_slots", "ll_pairs",
-                  "scatter_row_pair")
+                  "ll_return_window", "ll_pairs_landed", "scatter_row_pair")
     for name in no_atomics:
         assert report[name]["atomics"] == 0, name
 

@@ -278,15 +278,29 @@ def moe_lowering_report() -> dict[str, dict[str, int]]:
             num_ranks=2, t_max=128, row_bytes=7440, part_off=0, width=7168, BLOCK=4096)),
         "ll_return": compile_for(k.moe_ll_return_kernel, dict(
             idx_ptr=Ptr("i64"), stride_idx=8, weight_ptr=Ptr("fp32"), stride_w=8, send_slot_ptr=Ptr("i64"), num_ranks=2,
-            num_local=128, t_max=128, table_ptr=Ptr("i64"), table_w_ptr=Ptr("fp32"), w_send_ptr=Ptr("fp32"), K=8, KP=8,
-            Q=2, QP=2, PER_RANK=True, SINGLE=False, SEND_WEIGHTS=True)),
+            num_local=128, t_max=128, table_ptr=Ptr("i64"), table_w_ptr=Ptr("fp32"), w_send_ptr=Ptr("fp32"),
+            win_ptr=Ptr("i64"), seq_ptr=Ptr("i64"), K=8, KP=8, Q=2, QP=2, PER_RANK=True, SINGLE=False,
+            SEND_WEIGHTS=True, DIRECT_W=False)),
+        # the weights stored straight into the receivers' slots (the combine's written weights exchange)
+        "ll_return_window": compile_for(k.moe_ll_return_kernel, dict(
+            idx_ptr=Ptr("i64"), stride_idx=8, weight_ptr=Ptr("fp32"), stride_w=8, send_slot_ptr=Ptr("i64"), num_ranks=2,
+            num_local=128, t_max=128, table_ptr=Ptr("i64"), table_w_ptr=Ptr("fp32"), w_send_ptr=Ptr("fp32"),
+            win_ptr=Ptr("i64"), seq_ptr=Ptr("i64"), K=8, KP=8, Q=2, QP=2, PER_RANK=True, SINGLE=False,
+            SEND_WEIGHTS=True, DIRECT_W=True)),
         "ll_return_slots": compile_for(k.moe_ll_return_kernel, dict(
             idx_ptr=Ptr("i64"), stride_idx=2, weight_ptr=Ptr("fp32"), stride_w=2, send_slot_ptr=Ptr("i64"),
             num_ranks=16, num_local=16, t_max=128, table_ptr=Ptr("i64"), table_w_ptr=Ptr("fp32"),
-            w_send_ptr=Ptr("fp32"), K=2, KP=2, Q=2, QP=2, PER_RANK=False, SINGLE=True, SEND_WEIGHTS=False)),
+            w_send_ptr=Ptr("fp32"), win_ptr=Ptr("i64"), seq_ptr=Ptr("i64"), K=2, KP=2, Q=2, QP=2, PER_RANK=False,
+            SINGLE=True, SEND_WEIGHTS=False, DIRECT_W=False)),
         "ll_pairs": compile_for(k.moe_ll_pairs_kernel, dict(
             recv_local_ptr=Ptr("i64"), valid_ptr=Ptr("i8"), position_ptr=Ptr("i64"), w_ptr=Ptr("fp32"),
-            table_ptr=Ptr("i64"), pair_w_ptr=Ptr("fp32"), slots=256, K=8, KP=8, BLOCK_S=64, HAS_W=True)),
+            table_ptr=Ptr("i64"), pair_w_ptr=Ptr("fp32"), slots=256, received_ptr=Ptr("i64"), seq_ptr=Ptr("i64"),
+            t_max=128, num_sources=2, K=8, KP=8, BLOCK_S=64, HAS_W=True, LANDED=False)),
+        # the receiver reading the weights where the written exchange left them
+        "ll_pairs_landed": compile_for(k.moe_ll_pairs_kernel, dict(
+            recv_local_ptr=Ptr("i64"), valid_ptr=Ptr("i8"), position_ptr=Ptr("i64"), w_ptr=Ptr("fp32"),
+            table_ptr=Ptr("i64"), pair_w_ptr=Ptr("fp32"), slots=256, received_ptr=Ptr("i64"), seq_ptr=Ptr("i64"),
+            t_max=128, num_sources=2, K=8, KP=8, BLOCK_S=64, HAS_W=True, LANDED=True)),
         "expanded_count": compile_for(x.moe_expanded_count_kernel, dict(
             idx_ptr=Ptr("i64"), counts_ptr=Ptr("i32"), hist_ptr=Ptr("i32"), flags_ptr=Ptr("u8"), num_tokens=4096,
             num_topk=8, num_experts=256, BLOCK_T=64, BLOCK_K=8, BLOCK_E=64)),
@@ -328,7 +342,7 @@ def moe_lowering_report() -> dict[str, dict[str, int]]:
                  "parts_to_blocks", "rows_to_blocks_table", "blocks_to_rows_table", "store_table", "receive_meta",
                  "rows_to_blocks", "rows_to_blocks_counted", "blocks_to_rows", "token_table", "ll_layout",
                  "ll_positions", "ll_send_rows", "ll_send_window", "ll_return", "ll_return_slots", "ll_pairs",
-                 "scatter_row_pair"):
+                 "ll_return_window", "ll_pairs_landed", "scatter_row_pair"):
         ptx = kernels[name].asm["ptx"]
         report[name]["atomics"] = ptx.count("atom.") + ptx.count("red.global")
     return report

@@ -145,6 +145,14 @@ backends' kernels) and reuses everything else.
   ``table[s, k] = recv_local * S + position`` where ``valid``, else -1; ``pair_w[s, k]`` the sum in slot
   order of ``w_recv[s, k2]`` over the slots ``k2`` naming the same local expert (0 where not valid;
   unspecified when ``w_recv`` is None). The partial sums are then ``token_rows_into`` over these terms.
+- ``low_latency_return_window(idx, weights, send_slot, num_local, t_max, window)`` and
+  ``low_latency_pairs_landed(recv_local, valid, position, received, seq, t_max)`` (optional, both or neither):
+  the weights' exchange of that combine written and read in place, for a transport whose
+  :class:`~deepport.backends.torch.moe_comm.FixedWindow` lands (``window.land``). The first is
+  ``low_latency_return`` with ``w_send`` row ``r * t_max + i`` stored straight into row ``i`` of rank ``r``'s part
+  at ``window.table[seq & 1, r]`` (``K`` float32 per row); the second ``low_latency_pairs`` whose ``w_recv`` row
+  ``s`` is row ``s % t_max`` of source ``s // t_max``'s part at ``received[(seq - 1) & 1, source]`` (what
+  ``window.land()`` returned). The weights' exchange then copies nothing in or out of the slots.
 - ``layout_counts(idx, num_experts, num_ranks)`` (optional): the routing counts of ``topk_idx [T, K]``:
   ``(in_rank bool [T, R], per_rank [R], per_expert [E])`` (integers of any type): which ranks each token
   reaches, how many tokens reach each rank, and how many tokens select each expert (a token counted once
@@ -316,6 +324,10 @@ class LocalSteps:
                                  tuple[torch.Tensor, torch.Tensor]] | None = None
     low_latency_pairs: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None],
                                 tuple[torch.Tensor, torch.Tensor]] | None = None
+    low_latency_return_window: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, int, FixedWindow],
+                                        tuple[torch.Tensor, torch.Tensor]] | None = None
+    low_latency_pairs_landed: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int],
+                                       tuple[torch.Tensor, torch.Tensor]] | None = None
     layout_counts: Callable[[torch.Tensor, int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
     layout_table: Callable[[torch.Tensor, int, int], tuple[torch.Tensor, torch.Tensor]] | None = None
 

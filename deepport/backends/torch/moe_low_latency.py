@@ -378,6 +378,30 @@ def _single_rows(y_rows: torch.Tensor, rows: torch.Tensor, f: FixedRoutes) -> to
     return y_rows.index_select(0, rows.clamp(min=0).gather(1, first)[:, 0])
 
 
+def _weights_out(call: MoELowLatencyCombineCall, f: FixedRoutes, idx: torch.Tensor, num_local: int, slots: int,
+                 local: LocalSteps) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fused combine's weights to the ranks holding the experts: ``(rows, pair_w)`` of the receiver's terms
+    and ``(table, weight)`` of the sender's. Written into the receivers' slots and read there where the transport
+    lands a window and the backend has both steps for it, else through a send buffer and the exchange's copy."""
+    assert local.low_latency_return is not None and local.low_latency_pairs is not None
+    grp, k, dev = call.group, int(idx.shape[1]), idx.device
+    window = fixed_window(f.t_max * k * 4, grp, "moe_low_latency_combine (weights)") \
+        if local.low_latency_return_window is not None and local.low_latency_pairs_landed is not None else None
+    if window is not None and window.land is not None:
+        assert local.low_latency_return_window is not None and local.low_latency_pairs_landed is not None
+        table, weight = local.low_latency_return_window(idx, call.topk_weights, f.send_slot, num_local, f.t_max,
+                                                        window)
+        received, seq = window.land()
+        rows, pair_w = local.low_latency_pairs_landed(f.recv_local, f.pair_valid, f.pair_position, received, seq,
+                                                      f.t_max)
+        return rows, pair_w, table, weight
+    w_send = torch.empty((slots, k), dtype=torch.float32, device=dev)
+    table, weight = local.low_latency_return(idx, call.topk_weights, f.send_slot, num_local, f.t_max, w_send)
+    w_recv = _fixed_exchange(w_send, grp, "moe_low_latency_combine (weights)")
+    rows, pair_w = local.low_latency_pairs(f.recv_local, f.pair_valid, f.pair_position, w_recv)
+    return rows, pair_w, table, weight
+
+
 def _combine_fused(call: MoELowLatencyCombineCall, f: FixedRoutes, y_rows: torch.Tensor, single: bool,
                    local: LocalSteps) -> torch.Tensor:
     """:func:`combine_low_latency` with the backend's ``low_latency_return`` (sender) and ``low_latency_pairs``
@@ -386,16 +410,13 @@ def _combine_fused(call: MoELowLatencyCombineCall, f: FixedRoutes, y_rows: torch
     assert local.token_rows_into is not None
     grp, idx = call.group, call.topk_idx.to(torch.int64)
     num_local, slots, hidden = call.handle.routes.num_local_experts, int(f.recv_token.shape[0]), int(y_rows.shape[1])
-    k, dev = int(idx.shape[1]), y_rows.device
+    dev = y_rows.device
     if single:  # that expert's bf16 row back; the source applies its weights
         rows, _ = local.low_latency_pairs(f.recv_local, f.pair_valid, f.pair_position, None)
         back = _fixed_exchange(_single_rows(y_rows, rows, f), grp, "moe_low_latency_combine")
         table, weight = local.low_latency_return(idx, call.topk_weights, f.send_slot, num_local, f.t_max, None)
     else:  # weights out, float32 partial sums back
-        w_send = torch.empty((slots, k), dtype=torch.float32, device=dev)
-        table, weight = local.low_latency_return(idx, call.topk_weights, f.send_slot, num_local, f.t_max, w_send)
-        w_recv = _fixed_exchange(w_send, grp, "moe_low_latency_combine (weights)")
-        rows, pair_w = local.low_latency_pairs(f.recv_local, f.pair_valid, f.pair_position, w_recv)
+        rows, pair_w, table, weight = _weights_out(call, f, idx, num_local, slots, local)
         window = fixed_window(f.t_max * hidden * 4, grp, "moe_low_latency_combine") \
             if local.token_rows_window is not None and hidden % 4 == 0 else None
         if window is not None:  # the partial sums straight into their source ranks' memory

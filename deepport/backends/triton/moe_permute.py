@@ -394,20 +394,40 @@ def low_latency_return(idx: torch.Tensor, weights: torch.Tensor, send_slot: torc
                        t_max: int, w_send: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """The sender's side of a multi-rank low-latency combine in one kernel of one program per token (see
     :class:`deepport.backends.torch.moe_local.LocalSteps`), instead of about 20 torch ops."""
+    return _return(idx, weights, send_slot, num_local, t_max, w_send, None)
+
+
+def low_latency_return_window(idx: torch.Tensor, weights: torch.Tensor, send_slot: torch.Tensor, num_local: int,
+                              t_max: int, window: FixedWindow) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`low_latency_return` whose weights rows go straight into the receivers' memory through ``window``
+    (``t_max`` rows of ``K`` float32 per rank; see :class:`deepport.backends.torch.moe_local.LocalSteps`)."""
+    k, world = int(idx.shape[1]), int(send_slot.shape[1])
+    if window.pair_bytes != t_max * k * 4 or tuple(window.table.shape) != (2, world):
+        raise ValueError(f"low_latency_return_window: expected a window of {t_max} rows of {k} float32 per rank "
+                         f"({t_max * k * 4} bytes) over {world} ranks, got {window.pair_bytes} bytes over "
+                         f"{tuple(window.table.shape)}")
+    return _return(idx, weights, send_slot, num_local, t_max, None, window)
+
+
+def _return(idx: torch.Tensor, weights: torch.Tensor, send_slot: torch.Tensor, num_local: int, t_max: int,
+            w_send: torch.Tensor | None, window: FixedWindow | None) -> tuple[torch.Tensor, torch.Tensor]:
     t, k = (int(d) for d in idx.shape)
     world = int(send_slot.shape[1])
     per_rank = world <= k
     q = world if per_rank else k
     table = torch.empty((t, q), dtype=torch.int64, device=idx.device)
     table_w = torch.empty((t, q), dtype=torch.float32, device=idx.device)
+    sending = w_send is not None or window is not None
     if t and k:
         ids = idx if idx.stride(1) == 1 or k == 1 else idx.contiguous()
         w = weights if weights.stride(1) == 1 or k == 1 else weights.contiguous()
+        win, seq = (table, table) if window is None else (window.table, window.seq)
         with _guard(idx.device):
             moe_ll_return_kernel[(t,)](
                 ids, ids.stride(0) if t > 1 else k, w, w.stride(0) if t > 1 else k, send_slot.contiguous(), world,
-                num_local, t_max, table, table_w, table_w if w_send is None else w_send, K=k, KP=_pow2(k), Q=q,
-                QP=_pow2(q), PER_RANK=per_rank, SINGLE=w_send is None, SEND_WEIGHTS=w_send is not None)
+                num_local, t_max, table, table_w, table_w if w_send is None else w_send, win, seq, K=k,
+                KP=_pow2(k), Q=q, QP=_pow2(q), PER_RANK=per_rank, SINGLE=not sending, SEND_WEIGHTS=sending,
+                DIRECT_W=window is not None)
     return table, table_w
 
 
@@ -418,15 +438,38 @@ def low_latency_pairs(recv_local: torch.Tensor, valid: torch.Tensor, position: t
                       w_recv: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """The receiver's side of a multi-rank low-latency combine in one kernel (see
     :class:`deepport.backends.torch.moe_local.LocalSteps`), instead of about 15 torch ops."""
+    return _pairs(recv_local, valid, position, w_recv, None)
+
+
+def low_latency_pairs_landed(recv_local: torch.Tensor, valid: torch.Tensor, position: torch.Tensor,
+                             received: torch.Tensor, seq: torch.Tensor, t_max: int
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`low_latency_pairs` reading the received weights where a fixed exchange left them
+    (``FixedWindow.land``: slot ``s``'s row is row ``s % t_max`` of source ``s // t_max``'s part at
+    ``received[(seq - 1) & 1, source]``; see :class:`deepport.backends.torch.moe_local.LocalSteps`)."""
+    slots = int(recv_local.shape[0])
+    world = int(received.shape[1]) if received.dim() == 2 else -1
+    if received.dtype != torch.int64 or tuple(received.shape) != (2, world) or seq.dtype != torch.int64 \
+            or seq.numel() != 1 or world * t_max != slots:
+        raise ValueError(f"low_latency_pairs_landed: expected received int64 [2, R] with R * t_max = {slots} slots "
+                         f"(t_max {t_max}) and seq int64 [1], got {received.dtype} {tuple(received.shape)}, "
+                         f"{seq.dtype} {tuple(seq.shape)}")
+    return _pairs(recv_local, valid, position, None, (received, seq, t_max, world))
+
+
+def _pairs(recv_local: torch.Tensor, valid: torch.Tensor, position: torch.Tensor, w_recv: torch.Tensor | None,
+           landed: tuple[torch.Tensor, torch.Tensor, int, int] | None) -> tuple[torch.Tensor, torch.Tensor]:
     slots, k = (int(d) for d in recv_local.shape)
     table = torch.empty((slots, k), dtype=torch.int64, device=recv_local.device)
     pair_w = torch.empty((slots, k), dtype=torch.float32, device=recv_local.device)
+    received, seq, t_max, sources = (table, table, 1, 1) if landed is None else landed
     if slots and k:
         with _guard(recv_local.device):
             moe_ll_pairs_kernel[(-(-slots // _PAIR_SLOTS),)](
                 recv_local.contiguous(), valid.contiguous().view(torch.int8), position.contiguous(),
-                pair_w if w_recv is None else w_recv.to(torch.float32).contiguous(), table, pair_w, slots, K=k,
-                KP=_pow2(k), BLOCK_S=_PAIR_SLOTS, HAS_W=w_recv is not None)
+                pair_w if w_recv is None else w_recv.to(torch.float32).contiguous(), table, pair_w, slots, received,
+                seq, t_max, sources, K=k, KP=_pow2(k), BLOCK_S=_PAIR_SLOTS,
+                HAS_W=w_recv is not None or landed is not None, LANDED=landed is not None)
     return table, pair_w
 
 
@@ -726,6 +769,8 @@ TRITON = LocalSteps(place_rows, weighted_rows, cast_fp8, scatter_rows=scatter_ro
                     token_rows_at=token_rows_at, rank_rows_at=rank_rows_at, receive_meta=receive_meta,
                     token_rows_landed=token_rows_landed,
                     low_latency_return=low_latency_return, low_latency_pairs=low_latency_pairs,
+                    low_latency_return_window=low_latency_return_window,
+                    low_latency_pairs_landed=low_latency_pairs_landed,
                     layout_counts=layout_counts, layout_table=layout_table)
 
 

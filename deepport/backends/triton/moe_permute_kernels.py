@@ -762,16 +762,19 @@ def moe_ll_window_rows_kernel(src_ptr, stride_src, target_ptr, win_ptr, seq_ptr,
 
 @triton.jit
 def moe_ll_return_kernel(idx_ptr, stride_idx, weight_ptr, stride_w, send_slot_ptr, num_ranks, num_local, t_max,
-                         table_ptr, table_w_ptr, w_send_ptr, K: tl.constexpr, KP: tl.constexpr, Q: tl.constexpr,
-                         QP: tl.constexpr, PER_RANK: tl.constexpr, SINGLE: tl.constexpr,
-                         SEND_WEIGHTS: tl.constexpr):
+                         table_ptr, table_w_ptr, w_send_ptr, win_ptr, seq_ptr, K: tl.constexpr, KP: tl.constexpr,
+                         Q: tl.constexpr, QP: tl.constexpr, PER_RANK: tl.constexpr, SINGLE: tl.constexpr,
+                         SEND_WEIGHTS: tl.constexpr, DIRECT_W: tl.constexpr):
     """Grid ``T``: the sender's side of a multi-rank low-latency combine for token ``t`` (``idx`` global ids,
     ``weight`` float32 top-k weights, ``send_slot [T, R]`` the dispatch's rows, -1 none). Entry ``q`` of the
     returned rows: rank ``q`` (``PER_RANK``, ``Q = R <= K``) or slot ``q`` (``Q = K < R``, the first slot naming
     a rank only). ``table[t, q]`` is that entry's send row ``r * t_max + slot``, -1 where nothing was sent
     (or a later slot of a rank already counted); ``table_w[t, q]``: 1, or with ``SINGLE`` (bf16 expert rows
     come back) the sum in slot order of the weights of ``t``'s slots on that rank. ``SEND_WEIGHTS``: ``t``'s
-    ``K`` weights into each row ``w_send[table[t, q]]`` (float32 ``[*, K]``, contiguous)."""
+    ``K`` weights into each row ``w_send[table[t, q]]`` (float32 ``[*, K]``, contiguous); with ``DIRECT_W``
+    straight into the destination's memory instead: row ``slot`` of rank ``r``'s part at ``win[seq & 1, r]``
+    (``win`` int64 ``[2, R]``, ``seq`` int64 ``[1]`` read here, so a captured graph follows the exchanges), rows
+    of ``K`` float32."""
     t = tl.program_id(0).to(tl.int64)
     j = tl.arange(0, KP)
     jok = j < K
@@ -804,18 +807,29 @@ def moe_ll_return_kernel(idx_ptr, stride_idx, weight_ptr, stride_w, send_slot_pt
     if SEND_WEIGHTS:
         w = tl.load(weight_ptr + t * stride_w + j, mask=jok, other=0.0).to(tl.float32)
         sent = ok & (table >= 0)
-        tl.store(w_send_ptr + table[:, None] * K + j[None, :], tl.broadcast_to(w[None, :], [QP, KP]),
-                 mask=sent[:, None] & jok[None, :])
+        if DIRECT_W:  # row `slot` of this rank's part in rank r's slots for this exchange's parity
+            row = tl.where(sent, table, 0)
+            r = row // t_max
+            base = tl.load(win_ptr + (tl.load(seq_ptr) & 1) * num_ranks + r, mask=sent, other=0)
+            dst = (base + (row - r * t_max) * (K * 4)).to(tl.pointer_type(tl.float32))
+            tl.store(dst[:, None] + j[None, :], tl.broadcast_to(w[None, :], [QP, KP]),
+                     mask=sent[:, None] & jok[None, :])
+        else:
+            tl.store(w_send_ptr + table[:, None] * K + j[None, :], tl.broadcast_to(w[None, :], [QP, KP]),
+                     mask=sent[:, None] & jok[None, :])
 
 
 @triton.jit
 def moe_ll_pairs_kernel(recv_local_ptr, valid_ptr, position_ptr, w_ptr, table_ptr, pair_w_ptr, slots,
-                        K: tl.constexpr, KP: tl.constexpr, BLOCK_S: tl.constexpr, HAS_W: tl.constexpr):
+                        received_ptr, seq_ptr, t_max, num_sources, K: tl.constexpr, KP: tl.constexpr,
+                        BLOCK_S: tl.constexpr, HAS_W: tl.constexpr, LANDED: tl.constexpr):
     """Grid ``ceil(S / BLOCK_S)``: the receiver's terms of a multi-rank low-latency combine per received slot
     (``recv_local``, ``valid`` int8, ``position``: the dispatch's ``[S, K]`` routes): ``table[s, k]`` the valid
     pair's row ``l * S + position`` in the expert outputs, -1 elsewhere; with ``HAS_W``, ``pair_w[s, k]`` the
     sum in slot order of the received weights ``w [S, K]`` of the slots naming that pair's expert (0 where
-    not valid)."""
+    not valid). ``LANDED``: ``w`` where a fixed exchange left it instead, row ``s`` as row ``s % t_max`` (of
+    ``K`` float32) of source ``s // t_max``'s part at ``received[(seq - 1) & 1, source]`` (int64 ``[2,
+    num_sources]``; ``seq`` int64 ``[1]``, the exchange's counter, which it advanced)."""
     s = tl.program_id(0).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
     j = tl.arange(0, KP)
     ok = (s < slots)[:, None] & (j < K)[None, :]
@@ -825,9 +839,16 @@ def moe_ll_pairs_kernel(recv_local_ptr, valid_ptr, position_ptr, w_ptr, table_pt
     pos = tl.load(position_ptr + at, mask=ok, other=0)
     tl.store(table_ptr + at, tl.where(valid, loc * slots + pos, -1), mask=ok)
     if HAS_W:
+        if LANDED:  # each slot's weights row in its source's part of this rank's slots, at the exchange's parity
+            source = tl.where(s < slots, s // t_max, 0)
+            base = tl.load(received_ptr + ((tl.load(seq_ptr) - 1) & 1) * num_sources + source, mask=s < slots,
+                           other=0)
+            w_row = (base + (s - source * t_max) * (K * 4)).to(tl.pointer_type(tl.float32))
+        else:
+            w_row = w_ptr + s * K
         acc = tl.zeros([BLOCK_S, KP], tl.float32)
         for k in tl.static_range(K):  # the weights of the slots naming the pair's expert, in slot order
             lk = tl.load(recv_local_ptr + s * K + k, mask=s < slots, other=-1)
-            wk = tl.load(w_ptr + s * K + k, mask=s < slots, other=0.0)
+            wk = tl.load(w_row + k, mask=s < slots, other=0.0)
             acc += tl.where(valid & (loc == lk[:, None]), wk[:, None], 0.0)
         tl.store(pair_w_ptr + at, acc, mask=ok)
