@@ -168,8 +168,8 @@ def _moe_worker(rank: int, world: int, init: str, results: Any) -> None:
                    f"({'ok' if good else 'WRONG: expected captured graphs'})")
         written = memory.written_exchanges
         # per fixed-exchange run of cases 0 (six times) and 1: two dispatches (rank 0 has no tokens in case 1:
-        # none there) and one combine whose partial sums went straight into the sources' slots
-        expected = 21 if rank else 19
+        # none there) and one combine whose weights and partial sums went straight into the peers' slots
+        expected = 28 if rank else 26
         out.append(f"low-latency exchanges written straight into the peer's slots: {written} "
                    f"({'ok' if written == expected else f'WRONG: expected {expected}'})")
         # the profile's own memory: blocks and slots of the sizes the hopper backend lays out by default
