@@ -152,16 +152,16 @@ def test_a_dispatch_that_fits_the_blocks_writes_straight_into_the_peers_memory(
 
 
 # triton's low-latency sender stores its rows straight into the peers' slots, and its combine its weights and
-# its float32 partial sums into the sources' (the written fixed exchange): per call two dispatches and one
-# combine of two exchanges; a rank with no tokens fills a send buffer for its dispatches instead, within the same
-# exchanges. The combine reads the weights and then the partial sums where they landed (no copy out of the
-# slots): two landed exchanges per call
-@pytest.mark.parametrize("world, params, written_per_call", [
-    (2, dict(tokens=(13, 5)), [4, 4]),
-    (4, dict(tokens=(5, 12, 0, 8), experts=32, topk=6, dup=0.3, nowhere=0.2), [4, 4, 2, 4]),
+# its float32 partial sums into the sources' (the written fixed exchange): per call two dispatches (bf16, FP8)
+# and one combine of two exchanges; a rank with no tokens fills a send buffer for its dispatches instead, within
+# the same exchanges. The FP8 dispatch's receiver reads the rows where they landed, and the combine the weights
+# and then the partial sums (no copy out of the slots): three landed exchanges per call (two without tokens)
+@pytest.mark.parametrize("world, params, written_per_call, landed_per_call", [
+    (2, dict(tokens=(13, 5)), [4, 4], [3, 3]),
+    (4, dict(tokens=(5, 12, 0, 8), experts=32, topk=6, dup=0.3, nowhere=0.2), [4, 4, 2, 4], [3, 3, 2, 3]),
 ])
 def test_a_sender_writing_straight_into_the_peers_slots_gives_the_bits_of_all_to_all(
-        world: int, params: dict[str, Any], written_per_call: list[int]) -> None:
+        world: int, params: dict[str, Any], written_per_call: list[int], landed_per_call: list[int]) -> None:
     pytest.importorskip("triton")
     p = {**SMALL, "world": world, **params}
     results = rank_group(world, "cpu").run(f"{JOBS}:peer_agreement", world, params=p, capacity=4096, seed=5,
@@ -170,7 +170,7 @@ def test_a_sender_writing_straight_into_the_peers_slots_gives_the_bits_of_all_to
         assert got["bad"] == [], f"rank {rank}: {got['bad']}"
         assert got["collectives"] == 0, (rank, got)
         assert got["written"] == 2 * written_per_call[rank], (rank, got)
-        assert got["landed"] == 2 * 2, (rank, got)
+        assert got["landed"] == 2 * landed_per_call[rank], (rank, got)
 
 
 @pytest.mark.parametrize("world", [2, 3])

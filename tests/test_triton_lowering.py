@@ -77,7 +77,8 @@ def test_moe_kernels_compile_for_sm_90a_and_cast_with_the_e4m3_instruction() -> 
                            "expanded_count",
                            "expanded_layout", "expanded_rows", "expanded_scatter", "expanded_pad_rows",
                            "ll_send_rows", "ll_send_window", "ll_window_rows", "ll_return", "ll_return_slots",
-                           "ll_pairs", "ll_return_window", "ll_pairs_landed", "scatter_row_pair"}
+                           "ll_pairs", "ll_return_window", "ll_pairs_landed", "scatter_row_pair",
+                           "scatter_row_pair_landed", "ll_receive_landed"}
     assert all(counts["sm_90a"] == 1 for counts in report.values())
     assert report["cast_fp8"]["e4m3_cvt"] > 0 and report["ll_send_rows"]["e4m3_cvt"] > 0
     # the sender that stores straight into the peers' slots: the same cast, its rows in words (the one byte
@@ -101,8 +102,11 @@ def test_moe_kernels_compile_for_sm_90a_and_cast_with_the_e4m3_instruction() -> 
         flags = 2 if name == "rows_to_blocks_table" else 0
         assert report[name]["stores_16B"] > 0 and report[name]["byte_stores"] == flags, (name, report[name])
     # the receiver's payload and scales in one launch: the payload in 16-byte stores, never bytes
-    pair = report["scatter_row_pair"]
-    assert pair["stores_16B"] > 0 and pair["byte_stores"] == 0, pair
+    for name in ("scatter_row_pair", "scatter_row_pair_landed"):  # also reading the rows where they landed
+        pair = report[name]
+        assert pair["stores_16B"] > 0 and pair["byte_stores"] == 0, (name, pair)
+    # the landed rows' alignment is known (16-byte slots, rows and parts): 16-byte loads
+    assert report["scatter_row_pair_landed"]["v4_loads"] > 0, report["scatter_row_pair_landed"]
     assert report["expanded_count"]["atomics"] > 0  # the integer totals
     no_atomics = ("expanded_layout", "expanded_scatter", "expanded_pad_rows", "token_rows", "token_rows_window",
                   "token_rows_at", "rank_rows_at", "rank_rows_table", "sum_table", "parts_to_blocks", "receive_meta",
@@ -110,7 +114,8 @@ def test_moe_kernels_compile_for_sm_90a_and_cast_with_the_e4m3_instruction() -> 
                   "rows_to_blocks", "rows_to_blocks_counted", "blocks_to_rows",
                   "token_table", "ll_layout",
                   "ll_positions", "ll_send_rows", "ll_send_window", "ll_return", "ll_return_slots", "ll_pairs",
-                  "ll_return_window", "ll_pairs_landed", "scatter_row_pair")
+                  "ll_return_window", "ll_pairs_landed", "scatter_row_pair", "scatter_row_pair_landed",
+                  "ll_receive_landed")
     for name in no_atomics:
         assert report[name]["atomics"] == 0, name
 

@@ -272,7 +272,23 @@ def moe_lowering_report() -> dict[str, dict[str, int]]:
         "scatter_row_pair": compile_for(k.moe_scatter_row_pair_kernel, dict(
             a_src_ptr=Ptr("i64"), a_dst_ptr=Ptr("i64"), a_cols=896, a_stride_src=930, a_dg=229376, a_dr=896, a_dc=1,
             a_blocks=4, b_src_ptr=Ptr("fp32"), b_dst_ptr=Ptr("fp32"), b_cols=56, b_stride_src=1860, b_dg=14336,
-            b_dr=1, b_dc=256, targets_ptr=Ptr("i64"), rows_per_group=256, Q=8, BLOCK_A=256, BLOCK_B=64)),
+            b_dr=1, b_dc=256, targets_ptr=Ptr("i64"), rows_per_group=256, received_ptr=Ptr("i64"), seq_ptr=Ptr("i64"),
+            num_sources=2, t_max=128, row_bytes=7440, a_off=0, b_off=7168, Q=8, BLOCK_A=256, BLOCK_B=64,
+            LANDED=False)),
+        # the same, the rows read where the written exchange left them in this rank's slots
+        "scatter_row_pair_landed": compile_for(k.moe_scatter_row_pair_kernel, dict(
+            a_src_ptr=Ptr("i64"), a_dst_ptr=Ptr("i64"), a_cols=896, a_stride_src=930, a_dg=229376, a_dr=896, a_dc=1,
+            a_blocks=4, b_src_ptr=Ptr("fp32"), b_dst_ptr=Ptr("fp32"), b_cols=56, b_stride_src=1860, b_dg=14336,
+            b_dr=1, b_dc=256, targets_ptr=Ptr("i64"), rows_per_group=256, received_ptr=Ptr("i64"), seq_ptr=Ptr("i64"),
+            num_sources=2, t_max=128, row_bytes=7440, a_off=0, b_off=7168, Q=8, BLOCK_A=256, BLOCK_B=64,
+            LANDED=True)),
+        # the low-latency receiver's routes from the meta of the rows where they landed
+        "ll_receive_landed": compile_for(k.moe_ll_receive_kernel, dict(
+            meta_ptr=Ptr("i32"), stride_meta=0, first_local=0, num_local=128, slots=256, recv_token_ptr=Ptr("i64"),
+            recv_local_ptr=Ptr("i64"), valid_ptr=Ptr("i8"), position_ptr=Ptr("i64"), target_ptr=Ptr("i64"),
+            count_ptr=Ptr("i64"), count32_ptr=Ptr("i32"), packed_ptr=Ptr("i64"), count_copy_ptr=Ptr("i32"),
+            received_ptr=Ptr("i64"), seq_ptr=Ptr("i64"), num_sources=2, t_max=128, row_bytes=7440, meta_off=7392,
+            K=8, KP=8, BLOCK_S=256, COPY_COUNT=True, LANDED=True)),
         "ll_window_rows": compile_for(k.moe_ll_window_rows_kernel, dict(
             src_ptr=Ptr("u8"), stride_src=7168, target_ptr=Ptr("i64"), win_ptr=Ptr("i64"), seq_ptr=Ptr("i64"),
             num_ranks=2, t_max=128, row_bytes=7440, part_off=0, width=7168, BLOCK=4096)),
@@ -327,22 +343,23 @@ def moe_lowering_report() -> dict[str, dict[str, int]]:
         report[name]["e4m3_cvt"] = kernels[name].asm["ptx"].count("e4m3x2.f32")
     for name in ("ll_send_rows", "ll_send_window", "token_rows_window", "rows_to_blocks", "blocks_to_rows",
                  "rows_to_blocks_table", "blocks_to_rows_table", "parts_to_blocks",
-                 "rows_to_blocks_counted", "scatter_row_pair"):  # stores of >= 4 bytes, bytes
+                 "rows_to_blocks_counted", "scatter_row_pair", "scatter_row_pair_landed"):  # stores: >= 4 B, bytes
         ptx = kernels[name].asm["ptx"]
         report[name]["wide_stores"] = sum(ptx.count(f"st.global.{w}") for w in ("b32", "v2.b32", "v4.b32"))
         report[name]["byte_stores"] = ptx.count("st.global.b8")
         report[name]["stores_16B"] = ptx.count("st.global.v2.b64") + ptx.count("st.global.v4.b32")
     for name in ("token_rows", "token_rows_at", "rank_rows_at", "rank_rows_table",
-                 "token_rows_landed"):  # 16-byte loads per thread
+                 "token_rows_landed", "scatter_row_pair", "scatter_row_pair_landed"):  # 16-byte loads per thread
         ptx = kernels[name].asm["ptx"]
-        report[name]["v4_loads"] = ptx.count("ld.global.v4.b32")
+        report[name]["v4_loads"] = ptx.count("ld.global.v4.b32") + ptx.count("ld.global.v2.b64")  # 16 bytes
     for name in ("expanded_count", "expanded_layout", "expanded_scatter", "expanded_pad_rows", "token_rows",
                  "token_rows_window", "token_rows_landed", "token_rows_at", "rank_rows_at", "rank_rows_table",
                  "sum_table",
                  "parts_to_blocks", "rows_to_blocks_table", "blocks_to_rows_table", "store_table", "receive_meta",
                  "rows_to_blocks", "rows_to_blocks_counted", "blocks_to_rows", "token_table", "ll_layout",
                  "ll_positions", "ll_send_rows", "ll_send_window", "ll_return", "ll_return_slots", "ll_pairs",
-                 "ll_return_window", "ll_pairs_landed", "scatter_row_pair"):
+                 "ll_return_window", "ll_pairs_landed", "scatter_row_pair", "scatter_row_pair_landed",
+                 "ll_receive_landed"):
         ptx = kernels[name].asm["ptx"]
         report[name]["atomics"] = ptx.count("atom.") + ptx.count("red.global")
     return report

@@ -255,8 +255,10 @@ class CudaPeerMemory(FixedSlots):
         fixed exchanges done (after an exchange, its parts lie in area ``(seq - 1) & 1``)."""
         if getattr(self, "_received", None) is None:  # made at the first call, which must not be inside a capture
             w, at = self.world_size, int(self.areas[self.rank].data_ptr()) + self.fixed_at
-            self._received = torch.tensor([[at + (p * w + s) * self.slot_bytes for s in range(w)] for p in range(2)],
-                                          dtype=torch.int64, device=self.device)
+            table = [[at + (p * w + s) * self.slot_bytes for s in range(w)] for p in range(2)]
+            if any(a % 16 for row in table for a in row):  # the kernels reading there load 16-byte vectors
+                raise RuntimeError(f"the fixed exchange's slots are not 16-byte aligned: {table}")
+            self._received = torch.tensor(table, dtype=torch.int64, device=self.device)
         assert self._received is not None
         return self._received, self.fixed_counters[:1]
 

@@ -164,8 +164,10 @@ class ShmPeerMemory(FixedSlots):
         :meth:`.peer_memory_cuda.CudaPeerMemory.fixed_received`."""
         if getattr(self, "_received", None) is None:
             w = self.world_size
-            self._received = torch.tensor([[int(self.fixed_slot(self.rank, p, s).data_ptr()) for s in range(w)]
-                                           for p in range(2)], dtype=torch.int64)
+            table = [[int(self.fixed_slot(self.rank, p, s).data_ptr()) for s in range(w)] for p in range(2)]
+            if any(a % 16 for row in table for a in row):  # the kernels reading there load 16-byte vectors
+                raise RuntimeError(f"the fixed exchange's slots are not 16-byte aligned: {table}")
+            self._received = torch.tensor(table, dtype=torch.int64)
         assert self._received is not None
         return self._received, self.seq
 

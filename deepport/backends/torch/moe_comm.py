@@ -143,8 +143,8 @@ class FixedWindow:
     finish: Callable[[torch.Tensor], torch.Tensor]
     # where offered: complete the exchange without copying its parts out; returns ``(received, seq)``, int64
     # ``[2, world]`` on the device, ``received[p, s]`` where source ``s``'s part lies in area ``p`` (this rank's
-    # memory), and the counter, which the exchange advanced: kernels after it on the stream read area
-    # ``(seq - 1) & 1``. Valid until this rank's next exchange through the same memory.
+    # memory, 16-byte aligned), and the counter, which the exchange advanced: kernels after it on the stream read
+    # area ``(seq - 1) & 1``. Valid until this rank's next exchange through the same memory.
     land: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
 
 

@@ -145,6 +145,14 @@ backends' kernels) and reuses everything else.
   ``table[s, k] = recv_local * S + position`` where ``valid``, else -1; ``pair_w[s, k]`` the sum in slot
   order of ``w_recv[s, k2]`` over the slots ``k2`` naming the same local expert (0 where not valid;
   unspecified when ``w_recv`` is None). The partial sums are then ``token_rows_into`` over these terms.
+- ``low_latency_receive_landed(received, seq, t_max, fmt, rank, num_local, count32, count32_copy)`` and
+  ``scatter_row_pair_landed(received, seq, t_max, fmt, placed, targets)`` (optional, both or neither, with
+  ``low_latency_send_window``): the low-latency dispatch's receiver reading the rows where a written fixed exchange
+  left them (``window.land()``'s ``received, seq``): slot ``s`` is row ``s % t_max`` (``fmt.row_bytes`` bytes,
+  16-byte aligned) of source ``s // t_max``'s part at ``received[(seq - 1) & 1, source]``. The first is
+  ``low_latency_receive`` over those rows' ``meta`` parts (``T_max >= 1``, ``K >= 1``); the second
+  ``scatter_row_pair`` of the parts named in ``placed`` (``[(name, layout)]``, two of them: the payload, read as the
+  layout's dtype, and the scales) of those rows. The exchange then copies nothing out of the slots.
 - ``low_latency_return_window(idx, weights, send_slot, num_local, t_max, window)`` and
   ``low_latency_pairs_landed(recv_local, valid, position, received, seq, t_max)`` (optional, both or neither):
   the weights' exchange of that combine written and read in place, for a transport whose
@@ -324,6 +332,10 @@ class LocalSteps:
                                  tuple[torch.Tensor, torch.Tensor]] | None = None
     low_latency_pairs: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None],
                                 tuple[torch.Tensor, torch.Tensor]] | None = None
+    low_latency_receive_landed: Callable[[torch.Tensor, torch.Tensor, int, RowFormat, int, int, torch.Tensor,
+                                          torch.Tensor | None], tuple[torch.Tensor, ...]] | None = None
+    scatter_row_pair_landed: Callable[[torch.Tensor, torch.Tensor, int, RowFormat, list[tuple[str, torch.Tensor]],
+                                       torch.Tensor], None] | None = None
     low_latency_return_window: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, int, FixedWindow],
                                         tuple[torch.Tensor, torch.Tensor]] | None = None
     low_latency_pairs_landed: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int],

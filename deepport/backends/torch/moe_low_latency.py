@@ -199,25 +199,42 @@ def dispatch_low_latency(call: MoELowLatencyDispatchCall, local: LocalSteps = TO
     window = fixed_window(t_max * fmt.row_bytes, grp, "moe_low_latency_dispatch") \
         if local.low_latency_send_window is not None and one_kernel and t > 0 else None
     kept_idx = None  # the handle's copy of the routing, where the sender writes it
+    landed = None  # (received, seq): where the rows lie in this rank's slots, read there by the receiver's steps
+    recv = None
     if window is not None:  # the rows go straight into the receivers' memory: no send buffer
         assert local.low_latency_send_window is not None
         kept_idx = torch.empty((t, k), dtype=torch.int64, device=dev)
         in_rank, send_slot, _ = local.low_latency_send_window(x, idx, world, num_local, t_max, fmt, window,
                                                               call.use_fp8, kept_idx)
-        recv = window.finish(fmt.empty(slots, dev))
+        if window.land is not None and call.use_fp8 and local.low_latency_receive_landed is not None and \
+                local.scatter_row_pair_landed is not None:
+            landed = window.land()
+        else:
+            recv = window.finish(fmt.empty(slots, dev))
     else:
         in_rank, send_slot, recv = _send(call, fmt, idx, data, scales, one_kernel, local)
     # receiver: (slot, local expert) pairs -> [expert, position]
-    recv_meta = fmt.part(recv, "meta")
     recv_x = call.alloc((num_local, slots, hidden), dtype)
     recv_s = None
     if call.use_fp8:
         storage = call.alloc((num_local, hidden // FP8_BLOCK, slots), torch.float32)
         recv_s = storage.transpose(1, 2)  # column-major in the last two dimensions
+    recv_count = call.alloc((num_local,), torch.int32)
+    if landed is not None:  # the backend's steps read the rows in this rank's slots
+        assert local.low_latency_receive_landed is not None and local.scatter_row_pair_landed is not None
+        assert recv_s is not None
+        landed_count = torch.empty(num_local, dtype=torch.int32, device=dev)
+        received, seq = landed
+        recv_token, recv_local, valid, position, count, target, packed_rows = local.low_latency_receive_landed(
+            received, seq, t_max, fmt, me, num_local, recv_count, landed_count)
+        local.scatter_row_pair_landed(received, seq, t_max, fmt, [("x", recv_x), ("scales", recv_s)], target)
+        return _dispatched(call, grp, idx, in_rank, send_slot, kept_idx, recv_x, recv_s, recv_count, landed_count,
+                           FixedRoutes(t_max, send_slot, recv_token, recv_local, valid, position, count), packed_rows)
+    assert recv is not None
+    recv_meta = fmt.part(recv, "meta")
     placed = [(fmt.part(recv, "x").view(dtype), recv_x)]  # rows of the payload's dtype, as the steps expect
     if recv_s is not None:
         placed.append((fmt.part(recv, "scales"), recv_s))
-    recv_count = call.alloc((num_local,), torch.int32)
     kept_count = None  # the handle's copy of recv_count, where the receive step writes it
     if local.low_latency_receive is not None and local.scatter_rows is not None:  # the backend's fused routes
         kept_count = torch.empty(num_local, dtype=torch.int32, device=dev)
@@ -232,10 +249,20 @@ def dispatch_low_latency(call: MoELowLatencyDispatchCall, local: LocalSteps = TO
         recv_token, recv_local, valid, position, count, packed_rows = _receive(
             recv_meta, placed, me, num_local, t_max, world, local)
         recv_count.copy_(count)
+    return _dispatched(call, grp, idx, in_rank, send_slot, kept_idx, recv_x, recv_s, recv_count, kept_count,
+                       FixedRoutes(t_max, send_slot, recv_token, recv_local, valid, position, count), packed_rows)
+
+
+def _dispatched(call: MoELowLatencyDispatchCall, grp: MoEGroup, idx: torch.Tensor, in_rank: torch.Tensor,
+                send_slot: torch.Tensor, kept_idx: torch.Tensor | None, recv_x: torch.Tensor,
+                recv_s: torch.Tensor | None, recv_count: torch.Tensor, kept_count: torch.Tensor | None,
+                fixed: FixedRoutes, packed_rows: torch.Tensor) -> MoELowLatencyDispatchResult:
+    """The dispatch's result and handle (copies of ``idx`` and ``recv_count`` where a step did not write them)."""
     x_out: Any = recv_x if recv_s is None else (recv_x, recv_s)
-    fixed = FixedRoutes(t_max, send_slot, recv_token, recv_local, valid, position, count)
-    routes = LazyRoutes(grp, call.num_experts, hidden, idx.clone() if kept_idx is None else kept_idx, in_rank, fixed)
-    handle = MoELowLatencyHandle(routes, t_max, recv_count.clone() if kept_count is None else kept_count, packed_rows)
+    routes = LazyRoutes(grp, call.num_experts, int(call.x.shape[1]), idx.clone() if kept_idx is None else kept_idx,
+                        in_rank, fixed)
+    handle = MoELowLatencyHandle(routes, call.max_tokens_per_rank,
+                                 recv_count.clone() if kept_count is None else kept_count, packed_rows)
     return MoELowLatencyDispatchResult(x_out, recv_count, handle)
 
 

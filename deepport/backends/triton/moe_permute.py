@@ -203,21 +203,66 @@ def scatter_row_pair(parts: list[tuple[torch.Tensor, torch.Tensor]], targets: to
                          f"{tuple(a_src.shape)} and {tuple(b_src.shape)}, destinations {tuple(a_dst.shape)} and "
                          f"{tuple(b_dst.shape)}")
     views = [_place_views(a_src, a_dst), _place_views(b_src, b_dst)]
-    (a_bits, a_dbits), (b_bits, b_dbits) = views
-    a_cols, b_cols = int(a_dbits.shape[2]), int(b_dbits.shape[2])
-    if a_cols == 0 or b_cols == 0:
+    if int(views[0][1].shape[2]) == 0 or int(views[1][1].shape[2]) == 0:
         for src, dst in parts:
             scatter_rows(src, dst, targets)
         return
+    _scatter_pair(views, targets, rows, None)
+
+
+def _scatter_pair(views: list[tuple[torch.Tensor, torch.Tensor]], targets: torch.Tensor, rows: int,
+                  landed: tuple[torch.Tensor, torch.Tensor, int, int, int, int] | None) -> None:
+    """One launch of the pair kernel over ``views`` (:func:`_place_views` of both parts); ``landed``: ``(received,
+    seq, t_max, row_bytes, a_off, b_off)``, the source rows where a fixed exchange left them."""
+    n, q = (int(d) for d in targets.shape)
+    (a_bits, a_dbits), (b_bits, b_dbits) = views
+    a_cols, b_cols = int(a_dbits.shape[2]), int(b_dbits.shape[2])
     a_block = block_for_bytes(a_cols, a_bits.element_size(), _MOVE_BYTES)
     b_block = block_for_bytes(b_cols, b_bits.element_size(), _MOVE_BYTES)
     a_blocks = -(-a_cols // a_block)
-    with _guard(a_dst.device):
+    table = targets.to(torch.int64).contiguous()
+    received, seq, t_max, row_bytes, a_off, b_off = (table, table, 1, 0, 0, 0) if landed is None else landed
+    with _guard(a_dbits.device):
         moe_scatter_row_pair_kernel[(n, a_blocks + -(-b_cols // b_block))](
             a_bits, a_dbits, a_cols, a_bits.stride(0), a_dbits.stride(0), a_dbits.stride(1), a_dbits.stride(2),
             a_blocks, b_bits, b_dbits, b_cols, b_bits.stride(0), b_dbits.stride(0), b_dbits.stride(1),
-            b_dbits.stride(2), targets.to(torch.int64).contiguous(), rows, Q=q, BLOCK_A=a_block, BLOCK_B=b_block,
-            num_warps=MOVE_WARPS)
+            b_dbits.stride(2), table, rows, received, seq, int(received.shape[-1]), t_max, row_bytes, a_off, b_off,
+            Q=q, BLOCK_A=a_block, BLOCK_B=b_block, LANDED=landed is not None, num_warps=MOVE_WARPS)
+
+
+def _check_landed(what: str, received: torch.Tensor, seq: torch.Tensor, t_max: int, slots: int) -> None:
+    world = int(received.shape[1]) if received.dim() == 2 else -1
+    if received.dtype != torch.int64 or tuple(received.shape) != (2, world) or seq.dtype != torch.int64 \
+            or seq.numel() != 1 or world * t_max != slots:
+        raise ValueError(f"{what}: expected received int64 [2, R] with R * t_max = {slots} slots (t_max {t_max}) "
+                         f"and seq int64 [1], got {received.dtype} {tuple(received.shape)}, {seq.dtype} "
+                         f"{tuple(seq.shape)}")
+
+
+def scatter_row_pair_landed(received: torch.Tensor, seq: torch.Tensor, t_max: int, fmt: RowFormat,
+                            placed: list[tuple[str, torch.Tensor]], targets: torch.Tensor) -> None:
+    """:func:`scatter_row_pair` whose source rows lie where a fixed exchange left them (``FixedWindow.land``):
+    row ``i`` is row ``i % t_max`` (``fmt.row_bytes`` bytes, 16-byte aligned) of source ``i // t_max``'s part at
+    ``received[(seq - 1) & 1, source]``; ``placed`` names each part of ``fmt`` and its ``[G, rows, C]`` layout,
+    whose dtype the part's bits are read as (see :class:`deepport.backends.torch.moe_local.LocalSteps`)."""
+    n = int(targets.shape[0])
+    _check_landed("scatter_row_pair_landed", received, seq, t_max, n)
+    offsets = [fmt.offsets[fmt.names.index(name)] for name, _ in placed]
+    if len(placed) != 2 or fmt.row_bytes % 16 or any(o % 16 for o in offsets):
+        raise ValueError(f"scatter_row_pair_landed: expected two parts at 16-byte offsets of 16-byte rows, got "
+                         f"{len(placed)} parts at {offsets} of {fmt.row_bytes}-byte rows")
+    if n * int(targets.shape[1]) == 0:
+        return
+    like = fmt.empty(1, placed[0][1].device)  # one row shaped as the landed ones: their types and alignment
+    views = []
+    for name, dst in placed:
+        part = fmt.part(like, name)
+        views.append(_place_views(part if part.dtype == dst.dtype else part.view(dst.dtype), dst))
+    rows = int(placed[0][1].shape[1])
+    if any(int(d.shape[1]) != rows for _, d in placed) or any(int(v[1].shape[2]) == 0 for v in views):
+        raise ValueError(f"scatter_row_pair_landed: expected two non-empty [G, {rows}, C] layouts, got "
+                         f"{[tuple(d.shape) for _, d in placed]}")
+    _scatter_pair(views, targets, rows, (received, seq, t_max, fmt.row_bytes, offsets[0], offsets[1]))
 
 
 # received slots per step of the receive kernel's walk (H200, EP=2, 256 slots: 5.7 us per launch at 256, 8.2 at
@@ -231,21 +276,46 @@ def low_latency_receive(meta: torch.Tensor, rank: int, num_local: int, count32: 
     """The receiver's routes of a multi-rank low-latency dispatch in one kernel of one program per local
     expert (see :class:`deepport.backends.torch.moe_local.LocalSteps`), instead of about 25 torch ops; the
     counts also into ``count32_copy`` where given (in the same kernel)."""
-    slots, k = int(meta.shape[0]), int(meta.shape[1]) - 1
+    return _receive(meta, int(meta.shape[0]), int(meta.shape[1]) - 1, None, rank, num_local, count32, count32_copy)
+
+
+def low_latency_receive_landed(received: torch.Tensor, seq: torch.Tensor, t_max: int, fmt: RowFormat, rank: int,
+                               num_local: int, count32: torch.Tensor,
+                               count32_copy: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """:func:`low_latency_receive` reading each slot's meta (``fmt``'s int32 part ``meta``: token, ``K`` ids)
+    where a fixed exchange left it: slot ``s`` is row ``s % t_max`` of source ``s // t_max``'s part at
+    ``received[(seq - 1) & 1, source]`` (see :class:`deepport.backends.torch.moe_local.LocalSteps`)."""
+    i = fmt.names.index("meta")
+    if fmt.dtypes[i] != torch.int32 or fmt.widths[i] < 2 or t_max < 1:
+        raise ValueError(f"low_latency_receive_landed: expected an int32 meta part of a token and at least one id "
+                         f"and t_max >= 1, got {fmt.dtypes[i]} x {fmt.widths[i]}, t_max {t_max}")
+    slots = int(received.shape[1]) * t_max if received.dim() == 2 else -1
+    _check_landed("low_latency_receive_landed", received, seq, t_max, slots)
+    return _receive(count32, slots, fmt.widths[i] - 1, (received, seq, t_max, fmt.row_bytes, fmt.offsets[i]), rank,
+                    num_local, count32, count32_copy)
+
+
+def _receive(meta: torch.Tensor, slots: int, k: int, landed: tuple[torch.Tensor, torch.Tensor, int, int, int] | None,
+             rank: int, num_local: int, count32: torch.Tensor,
+             count32_copy: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """The receive kernel over ``meta`` (int32 ``[S, 1 + K]``) or, with ``landed`` ``(received, seq, t_max,
+    row_bytes, meta_off)``, over the meta of the landed rows (``meta`` then only gives the device)."""
     dev = meta.device
     recv_token = torch.empty(slots, dtype=torch.int64, device=dev)
     recv_local, position, target = (torch.empty((slots, k), dtype=torch.int64, device=dev) for _ in range(3))
     valid = torch.empty((slots, k), dtype=torch.bool, device=dev)
     count = torch.empty(num_local, dtype=torch.int64, device=dev)
     packed = torch.empty((num_local, slots), dtype=torch.int64, device=dev)
+    received, seq, t_max, row_bytes, meta_off = (count, count, 1, 0, 0) if landed is None else landed
     if slots and k:
         with _guard(dev):
             moe_ll_receive_kernel[(num_local,)](
-                meta, meta.stride(0), rank * num_local, num_local, slots, recv_token, recv_local,
-                valid.view(torch.int8), position, target, count, count32, packed,
-                count32 if count32_copy is None else count32_copy, K=k, KP=_pow2(k), BLOCK_S=_RECEIVE_SLOTS,
-                COPY_COUNT=count32_copy is not None, num_warps=_RECEIVE_WARPS)
-    else:  # nothing received, or no slot to name an expert
+                meta, meta.stride(0) if landed is None else 0, rank * num_local, num_local, slots, recv_token,
+                recv_local, valid.view(torch.int8), position, target, count, count32, packed,
+                count32 if count32_copy is None else count32_copy, received, seq, int(received.shape[-1]), t_max,
+                row_bytes, meta_off, K=k, KP=_pow2(k), BLOCK_S=_RECEIVE_SLOTS, COPY_COUNT=count32_copy is not None,
+                LANDED=landed is not None, num_warps=_RECEIVE_WARPS)
+    else:  # nothing received, or no slot to name an expert (never with landed rows: checked by the caller)
         recv_token.copy_(meta[:, 0])
         count.zero_()
         count32.zero_()
@@ -769,6 +839,8 @@ TRITON = LocalSteps(place_rows, weighted_rows, cast_fp8, scatter_rows=scatter_ro
                     token_rows_at=token_rows_at, rank_rows_at=rank_rows_at, receive_meta=receive_meta,
                     token_rows_landed=token_rows_landed,
                     low_latency_return=low_latency_return, low_latency_pairs=low_latency_pairs,
+                    low_latency_receive_landed=low_latency_receive_landed,
+                    scatter_row_pair_landed=scatter_row_pair_landed,
                     low_latency_return_window=low_latency_return_window,
                     low_latency_pairs_landed=low_latency_pairs_landed,
                     layout_counts=layout_counts, layout_table=layout_table)

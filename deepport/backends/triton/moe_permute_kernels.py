@@ -134,27 +134,48 @@ def moe_scatter_rows_kernel(src_ptr, targets_ptr, dst_ptr, rows_per_group, num_c
 
 
 @triton.jit
+def _landed_row(received_ptr, seq_ptr, num_sources, t_max, row_bytes, i):
+    """The address (int64) of received row ``i`` where a fixed exchange left it: row ``i % t_max`` of source
+    ``i // t_max``'s part at ``received[(seq - 1) & 1, source]`` (``received`` int64 ``[2, num_sources]``, ``seq``
+    int64 ``[1]``, the exchange's counter, which it advanced; rows of ``row_bytes``). ``i`` may be a block."""
+    source = i // t_max
+    base = tl.load(received_ptr + ((tl.load(seq_ptr) - 1) & 1) * num_sources + source)
+    return base + (i - source * t_max) * row_bytes
+
+
+@triton.jit
 def moe_scatter_row_pair_kernel(a_src_ptr, a_dst_ptr, a_cols, a_stride_src, a_dg, a_dr, a_dc, a_blocks,
                                 b_src_ptr, b_dst_ptr, b_cols, b_stride_src, b_dg, b_dr, b_dc,
-                                targets_ptr, rows_per_group, Q: tl.constexpr, BLOCK_A: tl.constexpr,
-                                BLOCK_B: tl.constexpr):
+                                targets_ptr, rows_per_group, received_ptr, seq_ptr, num_sources, t_max, row_bytes,
+                                a_off, b_off, Q: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+                                LANDED: tl.constexpr):
     """Grid ``(n, a_blocks + cdiv(b_cols, BLOCK_B))``: :func:`moe_scatter_rows_kernel` of two parts of the same
     rows under the same targets in one launch (the low-latency dispatch's payload and its scales): programs
-    ``c < a_blocks`` move part ``a``'s column blocks, the others part ``b``'s."""
+    ``c < a_blocks`` move part ``a``'s column blocks, the others part ``b``'s. ``LANDED``: source row ``j`` is
+    where a fixed exchange left it (:func:`_landed_row`), its parts at byte ``a_off`` and ``b_off`` of the row
+    (``a_src_ptr`` and ``b_src_ptr`` then only give the parts' types; rows and parts 16-byte aligned)."""
     j = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
-    if c < a_blocks:
-        _scatter_row_block(a_src_ptr, targets_ptr, a_dst_ptr, j, c, rows_per_group, a_cols, a_stride_src, a_dg,
-                           a_dr, a_dc, Q, BLOCK_A)
+    if LANDED:
+        row = _landed_row(received_ptr, seq_ptr, num_sources, t_max, row_bytes, j)
+        a_src = tl.multiple_of((row + a_off).to(tl.pointer_type(a_src_ptr.dtype.element_ty)), 16)
+        b_src = tl.multiple_of((row + b_off).to(tl.pointer_type(b_src_ptr.dtype.element_ty)), 16)
+        a_row, b_row = tl.zeros([], tl.int64), tl.zeros([], tl.int64)  # strides: the rows' own addresses
     else:
-        _scatter_row_block(b_src_ptr, targets_ptr, b_dst_ptr, j, c - a_blocks, rows_per_group, b_cols,
-                           b_stride_src, b_dg, b_dr, b_dc, Q, BLOCK_B)
+        a_src, b_src, a_row, b_row = a_src_ptr, b_src_ptr, a_stride_src, b_stride_src
+    if c < a_blocks:
+        _scatter_row_block(a_src, targets_ptr, a_dst_ptr, j, c, rows_per_group, a_cols, a_row, a_dg, a_dr, a_dc, Q,
+                           BLOCK_A)
+    else:
+        _scatter_row_block(b_src, targets_ptr, b_dst_ptr, j, c - a_blocks, rows_per_group, b_cols, b_row, b_dg,
+                           b_dr, b_dc, Q, BLOCK_B)
 
 
 @triton.jit
 def moe_ll_receive_kernel(meta_ptr, stride_meta, first_local, num_local, slots, recv_token_ptr, recv_local_ptr,
                           valid_ptr, position_ptr, target_ptr, count_ptr, count32_ptr, packed_ptr, count_copy_ptr,
-                          K: tl.constexpr, KP: tl.constexpr, BLOCK_S: tl.constexpr, COPY_COUNT: tl.constexpr):
+                          received_ptr, seq_ptr, num_sources, t_max, row_bytes, meta_off, K: tl.constexpr,
+                          KP: tl.constexpr, BLOCK_S: tl.constexpr, COPY_COUNT: tl.constexpr, LANDED: tl.constexpr):
     """Grid ``L``. ``meta`` int32 ``[S, 1 + K]`` (row stride ``stride_meta``): each received slot's source
     token (-1: unused) and global top-k ids. Program ``l`` walks the slots in order and writes, for the
     entries ``(s, k)`` naming local expert ``l`` (program 0 also those naming none): ``position`` (the rank
@@ -163,7 +184,9 @@ def moe_ll_receive_kernel(meta_ptr, stride_meta, first_local, num_local, slots, 
     the row ``l`` of ``packed`` (each selecting slot's compact received row: the routed slots before it,
     as routed slots fill each source's block from its start; -1 from ``count[l]`` on); program 0 also
     ``recv_token`` and ``recv_local`` (local ids, -1 for another rank's expert or an unused slot).
-    ``COPY_COUNT``: the int32 count also into ``count_copy`` (the handle's copy of ``recv_count``)."""
+    ``COPY_COUNT``: the int32 count also into ``count_copy`` (the handle's copy of ``recv_count``). ``LANDED``:
+    slot ``s``'s meta is at byte ``meta_off`` of received row ``s`` where a fixed exchange left it
+    (:func:`_landed_row`), not in ``meta``."""
     e = tl.program_id(0)
     j = tl.arange(0, KP)
     jok = j < K
@@ -173,9 +196,13 @@ def moe_ll_receive_kernel(meta_ptr, stride_meta, first_local, num_local, slots, 
         s = start + tl.arange(0, BLOCK_S)
         sok = s < slots
         s64 = s.to(tl.int64)
-        tok = tl.load(meta_ptr + s64 * stride_meta, mask=sok, other=-1)
-        g = tl.load(meta_ptr + s64[:, None] * stride_meta + 1 + j[None, :], mask=sok[:, None] & jok[None, :],
-                    other=-1)
+        if LANDED:
+            landed_at = _landed_row(received_ptr, seq_ptr, num_sources, t_max, row_bytes, tl.where(sok, s64, 0))
+            rows = (landed_at + meta_off).to(tl.pointer_type(tl.int32))
+        else:
+            rows = meta_ptr + s64 * stride_meta
+        tok = tl.load(rows, mask=sok, other=-1)
+        g = tl.load(rows[:, None] + 1 + j[None, :], mask=sok[:, None] & jok[None, :], other=-1)
         loc = tl.where(tok[:, None] >= 0, _local_ids(g, first_local, num_local), -1)
         names = (loc == e).to(tl.int32)
         # the first slot k naming e in its row: none before it names e (a [S, K] scan, not a [S, K, K] compare)
