@@ -143,6 +143,11 @@ def moe_lowering_report() -> dict[str, dict[str, int]]:
         t_max=128, in_rank_ptr=Ptr("u8"), send_slot_ptr=Ptr("i64"), target_ptr=Ptr("i64"), hidden=7168, fp8_max=448.0,
         fp8_max_inv=1 / 448, amax_floor=1e-4, win_ptr=Ptr("i64"), seq_ptr=Ptr("i64"), idx_copy_ptr=Ptr("i64"), K=8,
         KP=8, RP=2, BLOCK_T=128, CAST=True, STORE_FP32=False, META_ALIGN=16, Q_ALIGN=16, S_ALIGN=16)
+    pair = dict(  # the pair scatter of the low-latency dispatch's payload (int64 words) and scales (transposed)
+        a_src_ptr=Ptr("i64"), a_dst_ptr=Ptr("i64"), a_cols=896, a_stride_src=930, a_dg=229376, a_dr=896, a_dc=1,
+        a_blocks=4, b_src_ptr=Ptr("fp32"), b_dst_ptr=Ptr("fp32"), b_cols=56, b_stride_src=1860, b_dg=14336, b_dr=1,
+        b_dc=256, targets_ptr=Ptr("i64"), rows_per_group=256, received_ptr=Ptr("i64"), seq_ptr=Ptr("i64"),
+        num_sources=2, t_max=128, row_bytes=7440, a_off=0, b_off=7168, Q=8, BLOCK_A=256, BLOCK_B=64)
     kernels = {
         "layout": compile_for(k.moe_layout_count_kernel, dict(
             idx_ptr=Ptr("i64"), per_rank_ptr=Ptr("i32"), per_expert_ptr=Ptr("i32"), in_rank_ptr=Ptr("u8"),
@@ -269,19 +274,9 @@ def moe_lowering_report() -> dict[str, dict[str, int]]:
             stride_s=7168, blocks_per_program=8, row_bytes=7440, meta_off=7392, q_off=0, scale_off=7168, DIRECT=True,
             DIRECT_Q=True, COPY_IDX=True, BPP=8)}),
         # the receiver's placement of payload (int64 words of packed rows) and scales (transposed) in one launch
-        "scatter_row_pair": compile_for(k.moe_scatter_row_pair_kernel, dict(
-            a_src_ptr=Ptr("i64"), a_dst_ptr=Ptr("i64"), a_cols=896, a_stride_src=930, a_dg=229376, a_dr=896, a_dc=1,
-            a_blocks=4, b_src_ptr=Ptr("fp32"), b_dst_ptr=Ptr("fp32"), b_cols=56, b_stride_src=1860, b_dg=14336,
-            b_dr=1, b_dc=256, targets_ptr=Ptr("i64"), rows_per_group=256, received_ptr=Ptr("i64"), seq_ptr=Ptr("i64"),
-            num_sources=2, t_max=128, row_bytes=7440, a_off=0, b_off=7168, Q=8, BLOCK_A=256, BLOCK_B=64,
-            LANDED=False)),
+        "scatter_row_pair": compile_for(k.moe_scatter_row_pair_kernel, {**pair, "LANDED": False}),
         # the same, the rows read where the written exchange left them in this rank's slots
-        "scatter_row_pair_landed": compile_for(k.moe_scatter_row_pair_kernel, dict(
-            a_src_ptr=Ptr("i64"), a_dst_ptr=Ptr("i64"), a_cols=896, a_stride_src=930, a_dg=229376, a_dr=896, a_dc=1,
-            a_blocks=4, b_src_ptr=Ptr("fp32"), b_dst_ptr=Ptr("fp32"), b_cols=56, b_stride_src=1860, b_dg=14336,
-            b_dr=1, b_dc=256, targets_ptr=Ptr("i64"), rows_per_group=256, received_ptr=Ptr("i64"), seq_ptr=Ptr("i64"),
-            num_sources=2, t_max=128, row_bytes=7440, a_off=0, b_off=7168, Q=8, BLOCK_A=256, BLOCK_B=64,
-            LANDED=True)),
+        "scatter_row_pair_landed": compile_for(k.moe_scatter_row_pair_kernel, {**pair, "LANDED": True}),
         # the low-latency receiver's routes from the meta of the rows where they landed
         "ll_receive_landed": compile_for(k.moe_ll_receive_kernel, dict(
             meta_ptr=Ptr("i32"), stride_meta=0, first_local=0, num_local=128, slots=256, recv_token_ptr=Ptr("i64"),

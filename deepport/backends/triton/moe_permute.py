@@ -517,14 +517,8 @@ def low_latency_pairs_landed(recv_local: torch.Tensor, valid: torch.Tensor, posi
     """:func:`low_latency_pairs` reading the received weights where a fixed exchange left them
     (``FixedWindow.land``: slot ``s``'s row is row ``s % t_max`` of source ``s // t_max``'s part at
     ``received[(seq - 1) & 1, source]``; see :class:`deepport.backends.torch.moe_local.LocalSteps`)."""
-    slots = int(recv_local.shape[0])
-    world = int(received.shape[1]) if received.dim() == 2 else -1
-    if received.dtype != torch.int64 or tuple(received.shape) != (2, world) or seq.dtype != torch.int64 \
-            or seq.numel() != 1 or world * t_max != slots:
-        raise ValueError(f"low_latency_pairs_landed: expected received int64 [2, R] with R * t_max = {slots} slots "
-                         f"(t_max {t_max}) and seq int64 [1], got {received.dtype} {tuple(received.shape)}, "
-                         f"{seq.dtype} {tuple(seq.shape)}")
-    return _pairs(recv_local, valid, position, None, (received, seq, t_max, world))
+    _check_landed("low_latency_pairs_landed", received, seq, t_max, int(recv_local.shape[0]))
+    return _pairs(recv_local, valid, position, None, (received, seq, t_max, int(received.shape[1])))
 
 
 def _pairs(recv_local: torch.Tensor, valid: torch.Tensor, position: torch.Tensor, w_recv: torch.Tensor | None,
