@@ -230,15 +230,14 @@ def run(calls: int = 20, tokens: int = 128, profile: bool = False) -> list[str]:
     variants = (steps_for(device), TORCH, dataclasses.replace(steps_for(device), scatter_row_pair=None),
                 dataclasses.replace(steps_for(device), token_rows_landed=None),
                 dataclasses.replace(steps_for(device), low_latency_return_window=None),
-                dataclasses.replace(steps_for(device), low_latency_receive_landed=None),
-                dataclasses.replace(steps_for(device), low_latency_pair_sums_window=None))
+                dataclasses.replace(steps_for(device), low_latency_receive_landed=None))
     for steps in variants:
         Ranks(steps, **shape).load_kernels()  # type: ignore[arg-type]
-    path, torch_steps, per_part, copied, weights_copied, rows_copied, pairs_apart = (
+    path, torch_steps, per_part, copied, weights_copied, rows_copied = (
         Ranks(steps, **shape) for steps in variants)  # type: ignore[arg-type]
     lines = [f"hopper path's steps: {type(path.steps).__name__} {getattr(path.steps, 'name', '')}".rstrip()]
     bad = False
-    for ranks in (path, torch_steps, per_part, copied, weights_copied, rows_copied, pairs_apart):  # eager, twice
+    for ranks in (path, torch_steps, per_part, copied, weights_copied, rows_copied):  # eager, twice: both parities
         for _ in range(2):
             ranks.keep(ranks.both(ranks.dispatch))
             ranks.both(ranks.combine)
@@ -267,7 +266,6 @@ def run(calls: int = 20, tokens: int = 128, profile: bool = False) -> list[str]:
                               ("dispatch, rows copied out of the slots", rows_copied, "d"),
                               ("combine, sums copied out of the slots", copied, "c"),
                               ("combine, weights through a send buffer", weights_copied, "c"),
-                              ("combine, pairs and partial sums apart", pairs_apart, "c"),
                               ("dispatch, torch steps", torch_steps, "d"), ("combine, torch steps", torch_steps, "c")):
         def call(ranks: Ranks = ranks, step: str = step) -> None:
             if "d" in step:

@@ -78,16 +78,15 @@ def test_moe_kernels_compile_for_sm_90a_and_cast_with_the_e4m3_instruction() -> 
                            "expanded_layout", "expanded_rows", "expanded_scatter", "expanded_pad_rows",
                            "ll_send_rows", "ll_send_window", "ll_window_rows", "ll_return", "ll_return_slots",
                            "ll_pairs", "ll_return_window", "ll_pairs_landed", "scatter_row_pair",
-                           "scatter_row_pair_landed", "ll_receive_landed", "ll_pair_sums"}
+                           "scatter_row_pair_landed", "ll_receive_landed"}
     assert all(counts["sm_90a"] == 1 for counts in report.values())
     assert report["cast_fp8"]["e4m3_cvt"] > 0 and report["ll_send_rows"]["e4m3_cvt"] > 0
     # the sender that stores straight into the peers' slots: the same cast, its rows in words (the one byte
     # store is the in_rank flag), no atomics (the exchange kernel signals)
     window = report["ll_send_window"]
     assert window["e4m3_cvt"] > 0 and window["wide_stores"] > 0 and window["byte_stores"] <= 1, window
-    for name in ("token_rows_window", "ll_pair_sums"):  # the combine's partial sums into the peers' slots: words
-        partial = report[name]
-        assert partial["wide_stores"] > 0 and partial["byte_stores"] == 0, (name, partial)
+    partial = report["token_rows_window"]  # the combine's partial sums into the peers' slots: in words
+    assert partial["wide_stores"] > 0 and partial["byte_stores"] == 0, partial
     # the low-latency combine's final sum reads the landed float32 partial sums in 16-byte loads, no atomics
     assert report["token_rows_landed"]["v4_loads"] > 0 and report["token_rows_landed"]["atomics"] == 0, report
     # rows read by address (a peer transport's blocks) load as wide as rows read by index
@@ -116,7 +115,7 @@ def test_moe_kernels_compile_for_sm_90a_and_cast_with_the_e4m3_instruction() -> 
                   "token_table", "ll_layout",
                   "ll_positions", "ll_send_rows", "ll_send_window", "ll_return", "ll_return_slots", "ll_pairs",
                   "ll_return_window", "ll_pairs_landed", "scatter_row_pair", "scatter_row_pair_landed",
-                  "ll_receive_landed", "ll_pair_sums")
+                  "ll_receive_landed")
     for name in no_atomics:
         assert report[name]["atomics"] == 0, name
 

@@ -252,11 +252,6 @@ def moe_lowering_report() -> dict[str, dict[str, int]]:
             y_ptr=Ptr("bf16"), table_ptr=Ptr("i64"), weight_ptr=Ptr("fp32"), out_ptr=Ptr("fp32"), num_cols=7168,
             stride_y=7168, win_ptr=Ptr("i64"), seq_ptr=Ptr("i64"), num_ranks=2, rows_per_rank=128, K=8, BLOCK_C=2048,
             DIRECT=True, ADDRESSED=False, LANDED=False)),
-        # the LL combine's pairs and partial sums in one kernel, weights read where they landed, sums into the peers
-        "ll_pair_sums": compile_for(k.moe_ll_pair_sums_kernel, dict(
-            y_ptr=Ptr("bf16"), stride_y=7168, recv_local_ptr=Ptr("i64"), valid_ptr=Ptr("i8"), position_ptr=Ptr("i64"),
-            received_ptr=Ptr("i64"), w_seq_ptr=Ptr("i64"), win_ptr=Ptr("i64"), seq_ptr=Ptr("i64"), num_cols=7168,
-            num_ranks=2, t_max=128, K=8, BLOCK_C=2048), num_warps=8),
         "token_table": compile_for(k.moe_token_table_kernel, dict(
             src_row_ptr=Ptr("i64"), expert_ptr=Ptr("i32"), token_of_ptr=Ptr("i64"), topk_ptr=Ptr("i64"),
             row_weight_ptr=Ptr("fp32"), table_ptr=Ptr("i64"), table_weight_ptr=Ptr("fp32"), num_rows=65536,
@@ -341,8 +336,7 @@ def moe_lowering_report() -> dict[str, dict[str, int]]:
     report = {name: _counts(kernel) for name, kernel in kernels.items()}
     for name in ("cast_fp8", "ll_send_rows", "ll_send_window"):
         report[name]["e4m3_cvt"] = kernels[name].asm["ptx"].count("e4m3x2.f32")
-    for name in ("ll_send_rows", "ll_send_window", "token_rows_window", "ll_pair_sums", "rows_to_blocks",
-                 "blocks_to_rows",
+    for name in ("ll_send_rows", "ll_send_window", "token_rows_window", "rows_to_blocks", "blocks_to_rows",
                  "rows_to_blocks_table", "blocks_to_rows_table", "parts_to_blocks",
                  "rows_to_blocks_counted", "scatter_row_pair", "scatter_row_pair_landed"):  # stores: >= 4 B, bytes
         ptx = kernels[name].asm["ptx"]
@@ -360,7 +354,7 @@ def moe_lowering_report() -> dict[str, dict[str, int]]:
                  "rows_to_blocks", "rows_to_blocks_counted", "blocks_to_rows", "token_table", "ll_layout",
                  "ll_positions", "ll_send_rows", "ll_send_window", "ll_return", "ll_return_slots", "ll_pairs",
                  "ll_return_window", "ll_pairs_landed", "scatter_row_pair", "scatter_row_pair_landed",
-                 "ll_receive_landed", "ll_pair_sums"):
+                 "ll_receive_landed"):
         ptx = kernels[name].asm["ptx"]
         report[name]["atomics"] = ptx.count("atom.") + ptx.count("red.global")
     return report

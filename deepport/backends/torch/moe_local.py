@@ -161,10 +161,6 @@ backends' kernels) and reuses everything else.
   at ``window.table[seq & 1, r]`` (``K`` float32 per row); the second ``low_latency_pairs`` whose ``w_recv`` row
   ``s`` is row ``s % t_max`` of source ``s // t_max``'s part at ``received[(seq - 1) & 1, source]`` (what
   ``window.land()`` returned). The weights' exchange then copies nothing in or out of the slots.
-- ``low_latency_pair_sums_window(y, recv_local, valid, position, received, seq, window, t_max)`` (optional, with
-  those two and ``token_rows_window``): ``low_latency_pairs_landed`` then ``token_rows_window`` of its terms in one
-  step: each received slot's float32 partial sum (``[S, C]`` of ``y [L * S, C]``) stored straight into its source's
-  part of ``window`` (the partial sums' window), the same terms in the same order.
 - ``layout_counts(idx, num_experts, num_ranks)`` (optional): the routing counts of ``topk_idx [T, K]``:
   ``(in_rank bool [T, R], per_rank [R], per_expert [E])`` (integers of any type): which ranks each token
   reaches, how many tokens reach each rank, and how many tokens select each expert (a token counted once
@@ -344,8 +340,6 @@ class LocalSteps:
                                         tuple[torch.Tensor, torch.Tensor]] | None = None
     low_latency_pairs_landed: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int],
                                        tuple[torch.Tensor, torch.Tensor]] | None = None
-    low_latency_pair_sums_window: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                            torch.Tensor, FixedWindow, int], None] | None = None
     layout_counts: Callable[[torch.Tensor, int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
     layout_table: Callable[[torch.Tensor, int, int], tuple[torch.Tensor, torch.Tensor]] | None = None
 

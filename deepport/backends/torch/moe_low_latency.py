@@ -405,36 +405,28 @@ def _single_rows(y_rows: torch.Tensor, rows: torch.Tensor, f: FixedRoutes) -> to
     return y_rows.index_select(0, rows.clamp(min=0).gather(1, first)[:, 0])
 
 
-Arrived = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
-"""Weights that reached the ranks holding the experts: ``[S, K]``, or ``(received, seq)`` where they landed."""
-
-
-def _weights_sent(call: MoELowLatencyCombineCall, f: FixedRoutes, idx: torch.Tensor, num_local: int, slots: int,
-                  local: LocalSteps) -> tuple[torch.Tensor, torch.Tensor, Arrived]:
-    """The fused combine's weights to the ranks holding the experts: ``(table, weight)`` of the sender's terms and
-    what arrived here, the weights ``[S, K]`` or, where the transport lands a window and the backend has both steps
-    for it, ``(received, seq)``: the weights where they landed in this rank's slots (:func:`_pair_terms`)."""
-    assert local.low_latency_return is not None
+def _weights_out(call: MoELowLatencyCombineCall, f: FixedRoutes, idx: torch.Tensor, num_local: int, slots: int,
+                 local: LocalSteps) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fused combine's weights to the ranks holding the experts: ``(rows, pair_w)`` of the receiver's terms
+    and ``(table, weight)`` of the sender's. Written into the receivers' slots and read there where the transport
+    lands a window and the backend has both steps for it, else through a send buffer and the exchange's copy."""
+    assert local.low_latency_return is not None and local.low_latency_pairs is not None
     grp, k, dev = call.group, int(idx.shape[1]), idx.device
     window = fixed_window(f.t_max * k * 4, grp, "moe_low_latency_combine (weights)") \
         if local.low_latency_return_window is not None and local.low_latency_pairs_landed is not None else None
     if window is not None and window.land is not None:
-        assert local.low_latency_return_window is not None
+        assert local.low_latency_return_window is not None and local.low_latency_pairs_landed is not None
         table, weight = local.low_latency_return_window(idx, call.topk_weights, f.send_slot, num_local, f.t_max,
                                                         window)
-        return table, weight, window.land()
+        received, seq = window.land()
+        rows, pair_w = local.low_latency_pairs_landed(f.recv_local, f.pair_valid, f.pair_position, received, seq,
+                                                      f.t_max)
+        return rows, pair_w, table, weight
     w_send = torch.empty((slots, k), dtype=torch.float32, device=dev)
     table, weight = local.low_latency_return(idx, call.topk_weights, f.send_slot, num_local, f.t_max, w_send)
-    return table, weight, _fixed_exchange(w_send, grp, "moe_low_latency_combine (weights)")
-
-
-def _pair_terms(f: FixedRoutes, arrived: Arrived, local: LocalSteps) -> tuple[torch.Tensor, torch.Tensor]:
-    """The receiver's terms ``(rows, pair_w)`` from the weights that arrived (:func:`_weights_sent`)."""
-    assert local.low_latency_pairs is not None
-    if isinstance(arrived, tuple):
-        assert local.low_latency_pairs_landed is not None
-        return local.low_latency_pairs_landed(f.recv_local, f.pair_valid, f.pair_position, *arrived, f.t_max)
-    return local.low_latency_pairs(f.recv_local, f.pair_valid, f.pair_position, arrived)
+    w_recv = _fixed_exchange(w_send, grp, "moe_low_latency_combine (weights)")
+    rows, pair_w = local.low_latency_pairs(f.recv_local, f.pair_valid, f.pair_position, w_recv)
+    return rows, pair_w, table, weight
 
 
 def _combine_fused(call: MoELowLatencyCombineCall, f: FixedRoutes, y_rows: torch.Tensor, single: bool,
@@ -451,16 +443,12 @@ def _combine_fused(call: MoELowLatencyCombineCall, f: FixedRoutes, y_rows: torch
         back = _fixed_exchange(_single_rows(y_rows, rows, f), grp, "moe_low_latency_combine")
         table, weight = local.low_latency_return(idx, call.topk_weights, f.send_slot, num_local, f.t_max, None)
     else:  # weights out, float32 partial sums back
-        table, weight, arrived = _weights_sent(call, f, idx, num_local, slots, local)
+        rows, pair_w, table, weight = _weights_out(call, f, idx, num_local, slots, local)
         window = fixed_window(f.t_max * hidden * 4, grp, "moe_low_latency_combine") \
             if local.token_rows_window is not None and hidden % 4 == 0 else None
         if window is not None:  # the partial sums straight into their source ranks' memory
             assert local.token_rows_window is not None
-            if isinstance(arrived, tuple) and local.low_latency_pair_sums_window is not None:  # terms and sums
-                local.low_latency_pair_sums_window(y_rows, f.recv_local, f.pair_valid, f.pair_position, *arrived,
-                                                   window, f.t_max)  # in one kernel
-            else:
-                local.token_rows_window(y_rows, *_pair_terms(f, arrived, local), window, f.t_max)
+            local.token_rows_window(y_rows, rows, pair_w, window, f.t_max)
             if window.land is not None and local.token_rows_landed is not None:  # summed where they landed
                 received, seq = window.land()
                 out = call.alloc((int(idx.shape[0]), hidden), torch.bfloat16)
@@ -469,7 +457,7 @@ def _combine_fused(call: MoELowLatencyCombineCall, f: FixedRoutes, y_rows: torch
             back = window.finish(torch.empty((slots, hidden), dtype=torch.float32, device=dev))
         else:
             partial = torch.empty((slots, hidden), dtype=torch.float32, device=dev)
-            local.token_rows_into(y_rows, *_pair_terms(f, arrived, local), partial)
+            local.token_rows_into(y_rows, rows, pair_w, partial)
             back = _fixed_exchange(partial, grp, "moe_low_latency_combine")
     out = call.alloc((int(idx.shape[0]), hidden), torch.bfloat16)
     local.token_rows_into(back, table, weight, out)  # per token, its rows of `back` in rank order, rounded once

@@ -40,7 +40,6 @@ from deepport.backends.triton.moe_permute_kernels import (
     moe_cast_fp8_kernel,
     moe_layout_count_kernel,
     moe_ll_layout_kernel,
-    moe_ll_pair_sums_kernel,
     moe_ll_pairs_kernel,
     moe_ll_positions_kernel,
     moe_ll_receive_kernel,
@@ -690,30 +689,6 @@ def token_rows_window(y: torch.Tensor, table: torch.Tensor, weights: torch.Tenso
             K=int(table.shape[1]), BLOCK_C=block, num_warps=warps, DIRECT=True)
 
 
-def low_latency_pair_sums_window(y: torch.Tensor, recv_local: torch.Tensor, valid: torch.Tensor,
-                                 position: torch.Tensor, received: torch.Tensor, seq: torch.Tensor,
-                                 window: FixedWindow, t_max: int) -> None:
-    """:func:`low_latency_pairs_landed` then :func:`token_rows_window` in one kernel (see
-    :class:`deepport.backends.torch.moe_local.LocalSteps`): each received slot's float32 partial sum of its
-    experts' rows of ``y`` (``[L * S, C]``), weighted by the weights where their exchange left them, stored straight
-    into its source rank's part of ``window``."""
-    slots, k = (int(d) for d in recv_local.shape)
-    cols = int(y.shape[1])
-    _check_landed("low_latency_pair_sums_window", received, seq, t_max, slots)
-    world = int(received.shape[1])
-    if tuple(window.table.shape) != (2, world) or window.pair_bytes != t_max * cols * 4 or cols % 4:
-        raise ValueError(f"low_latency_pair_sums_window: {slots} rows of {cols} float32 do not fill {world} parts of "
-                         f"{window.pair_bytes} bytes ({t_max} rows each, 16-byte aligned rows)")
-    if slots == 0 or cols == 0 or k == 0:
-        return
-    y = y if y.stride(1) == 1 else y.contiguous()
-    block, warps = _sum_tiling(cols, y.element_size())
-    with _guard(y.device):
-        moe_ll_pair_sums_kernel[(slots, -(-cols // block))](
-            y, y.stride(0), recv_local.contiguous(), valid.contiguous().view(torch.int8), position.contiguous(),
-            received, seq, window.table, window.seq, cols, world, t_max, K=k, BLOCK_C=block, num_warps=warps)
-
-
 _TABLE_ROWS = 128  # expanded rows per program of the token-table kernel
 
 
@@ -861,7 +836,6 @@ TRITON = LocalSteps(place_rows, weighted_rows, cast_fp8, scatter_rows=scatter_ro
                     low_latency_receive_landed=low_latency_receive_landed,
                     scatter_row_pair_landed=scatter_row_pair_landed,
                     low_latency_return_window=low_latency_return_window,
-                    low_latency_pair_sums_window=low_latency_pair_sums_window,
                     low_latency_pairs_landed=low_latency_pairs_landed,
                     layout_counts=layout_counts, layout_table=layout_table)
 

@@ -305,37 +305,6 @@ def moe_token_rows_kernel(y_ptr, table_ptr, weight_ptr, out_ptr, num_cols, strid
 
 
 @triton.jit
-def moe_ll_pair_sums_kernel(y_ptr, stride_y, recv_local_ptr, valid_ptr, position_ptr, received_ptr, w_seq_ptr,
-                            win_ptr, seq_ptr, num_cols, num_ranks, t_max, K: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Grid ``(S, ceil(C / BLOCK_C))``: the receiver's side of a multi-rank low-latency combine for received slot
-    ``s`` in one kernel, :func:`moe_ll_pairs_kernel` (``LANDED``) then :func:`moe_token_rows_kernel` (``DIRECT``)
-    with the same terms in the same order, so the same bits. Slot ``s``'s pairs come from the dispatch's routes
-    (``recv_local``, ``valid`` int8 and ``position``, ``[S, K]``): pair ``j`` is row ``recv_local * S + position``
-    of ``y`` where valid, its weight the sum in slot order of the slot's received weights naming the same expert
-    (read where the weights' exchange left them: :func:`_landed_row` over ``received`` and ``w_seq``, rows of
-    ``K`` float32). The float32 partial sum of row ``s`` goes straight into the source's memory: row ``s %
-    t_max`` of rank ``s // t_max``'s part at ``win[seq & 1, rank]`` (16-byte aligned rows of ``C`` float32)."""
-    s = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    ok = cols < num_cols
-    slots = num_ranks * t_max
-    w_row = _landed_row(received_ptr, w_seq_ptr, num_ranks, t_max, K * 4, s).to(tl.pointer_type(tl.float32))
-    acc = tl.zeros([BLOCK_C], tl.float32)
-    for j in tl.static_range(K):
-        loc = tl.load(recv_local_ptr + s * K + j)
-        if (tl.load(valid_ptr + s * K + j) != 0) & (loc >= 0):
-            w = tl.zeros([], tl.float32)
-            for k in tl.static_range(K):  # the weights of the slots naming the pair's expert, in slot order
-                w += tl.where(tl.load(recv_local_ptr + s * K + k) == loc, tl.load(w_row + k), 0.0)
-            row = loc * slots + tl.load(position_ptr + s * K + j)
-            acc += tl.load(y_ptr + row * stride_y + cols, mask=ok, other=0.0).to(tl.float32) * w
-    rank = s // t_max
-    base = tl.load(win_ptr + (tl.load(seq_ptr) & 1) * num_ranks + rank)
-    dst = tl.multiple_of((base + (s - rank * t_max) * num_cols * 4).to(tl.pointer_type(tl.float32)), 16) + cols
-    tl.store(dst, acc, mask=ok)
-
-
-@triton.jit
 def moe_rank_rows_kernel(like_ptr, in_rank_ptr, cumsum_ptr, base_ptr, own, me, out_ptr, num_cols, num_tokens,
                          table_ptr, WORLD: tl.constexpr, BLOCK_C: tl.constexpr, FROM_TABLE: tl.constexpr):
     """Grid ``(T, ceil(C / BLOCK_C))``: ``out[t]``, the float32 sum over ranks ``r`` in order with
