@@ -1,9 +1,11 @@
 """Host cost of the calls the EP ops are made of, on this machine: ``torch.empty``, a tiny torch kernel, a
-tiny Triton kernel, ``clone`` (microseconds per call, medians of 5 rounds of 2000 calls). With ``--busy``, a
+tiny Triton kernel, ``clone``, a CUDA graph's replay (microseconds per call, medians of 5 rounds of 2000 calls;
+the replays also one at a time after a synchronize, as the EP host harness calls them). With ``--busy``, a
 second process keeps the same GPU busy meanwhile (as the one-GPU two-process harness does), to see whether
-sharing the GPU inflates the launches.
+sharing the GPU inflates the launches; with ``--busy-launch`` the second process launches small kernels
+back to back instead (as the harness's other rank does while this one launches).
 
-``python3 scripts/host_launch_cost.py [--busy]``
+``python3 scripts/host_launch_cost.py [--busy | --busy-launch]``
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import multiprocessing as mp
 import statistics
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 import triton
@@ -36,10 +39,15 @@ def _guard() -> None:
         pass
 
 
-def _busy(stop: mp.Event) -> None:  # type: ignore[valid-type]
+def _busy(stop: mp.Event, launches: bool) -> None:  # type: ignore[valid-type]
     torch.cuda.init()  # type: ignore[no-untyped-call]
+    x = torch.zeros(1024, device="cuda")
     while not stop.is_set():  # type: ignore[attr-defined]
-        torch.cuda._sleep(10_000_000)  # type: ignore[no-untyped-call]
+        if launches:
+            for _ in range(200):
+                x.add_(1)
+        else:
+            torch.cuda._sleep(10_000_000)  # type: ignore[no-untyped-call]
         torch.cuda.synchronize()
 
 
@@ -55,11 +63,52 @@ def _per_call_us(fn: object, n: int = 2000) -> float:
     return statistics.median(rounds)
 
 
+def _synced_us(fn: object, n: int = 300) -> float:
+    """Median host time of one call made right after a synchronize (the GPU idle for this process)."""
+    times = []
+    for _ in range(n):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()  # type: ignore[operator]
+        times.append((time.perf_counter() - t0) * 1e6)
+    torch.cuda.synchronize()
+    return statistics.median(times)
+
+
+def _graph(x: torch.Tensor, kernels: int) -> torch.cuda.CUDAGraph:
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()  # type: ignore[no-untyped-call]
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        _tiny[(1,)](x, 1024)
+    torch.cuda.current_stream().wait_stream(side)
+    with torch.cuda.graph(graph):
+        for _ in range(kernels):
+            _tiny[(1,)](x, 1024)
+    graph.replay()
+    return graph
+
+
+def _sum_table() -> Callable[[], None]:
+    """The normal combine's per-call table kernel (``moe_sum_graph._Program.prepare``) at issue 14's 4096-token
+    size, EP=2, alone in this process."""
+    from deepport.backends.triton.moe_sum_graph import _Program
+
+    device = torch.device("cuda")
+    program = _Program(4096, 7168, 2, 0, 64 << 20, torch.bfloat16, torch.bfloat16, device)
+    rows = torch.zeros(8000, 7168, dtype=torch.bfloat16, device=device)
+    out = torch.empty(4096, 7168, dtype=torch.bfloat16, device=device)
+    in_rank = torch.rand(4096, 2, device=device) > 0.3
+    sends = [3000, 5000]
+    program.prepare(rows, out, in_rank, sends)
+    return lambda: program.prepare(rows, out, in_rank, sends)
+
+
 def main() -> None:
     stop = mp.get_context("spawn").Event()
     proc = None
-    if "--busy" in sys.argv:
-        proc = mp.get_context("spawn").Process(target=_busy, args=(stop,))
+    if "--busy" in sys.argv or "--busy-launch" in sys.argv:
+        proc = mp.get_context("spawn").Process(target=_busy, args=(stop, "--busy-launch" in sys.argv))
         proc.start()
         time.sleep(5)
     x = torch.zeros(1024, device="cuda")
@@ -76,8 +125,14 @@ def main() -> None:
              "triton tiny kernel": lambda: _tiny[(1,)](x, 1024),
              "clone [128, 7168] bf16": lambda: big.clone(),
              "torch.cuda.current_stream()": lambda: torch.cuda.current_stream()}
+    cases["moe combine's table kernel (prepare)"] = _sum_table()
+    for kernels in (1, 8):
+        cases[f"graph replay, {kernels} triton kernels"] = _graph(x, kernels).replay
     for name, fn in cases.items():
-        print(f"{name:<32} {_per_call_us(fn):7.2f} us per call{' (GPU shared)' if proc else ''}")
+        print(f"{name:<36} {_per_call_us(fn):7.2f} us per call{' (GPU shared)' if proc else ''}")
+    for name, fn in cases.items():
+        if name.startswith(("graph", "triton tiny", "x.add_", "moe")):
+            print(f"{name + ', after a sync':<48} {_synced_us(fn):7.2f} us{' (GPU shared)' if proc else ''}")
     if proc:
         stop.set()
         proc.join()

@@ -27,7 +27,8 @@ read. Issue 14's sizes (hidden 7168, top-8 of 256, EP=2).
 ``python -m tests.peer_cuda_host [--calls N] [--cprofile STEP]`` prints a table per rank (medians over N
 calls, default 20); with ``--cprofile``, rank 0 also runs the steps whose name contains ``STEP`` (value
 checks off) under cProfile and prints the host functions behind them; with ``DEEPPORT_HOST_SPLIT=1`` first
-the inclusive host time of the pieces of the hopper path's dispatch (each piece wrapped with a timer).
+the inclusive host time of the pieces of the hopper path's dispatch and combine (each piece wrapped with
+a timer).
 """
 
 from __future__ import annotations
@@ -201,17 +202,19 @@ def _cprofile(step: Callable[[], Any], device: torch.device, calls: int) -> list
     return ["cProfile (cumulative):", text.getvalue(), "cProfile (own time):", text2.getvalue()]
 
 
-def _split_dispatch(group: Any, device: torch.device, calls: int, backend: str) -> list[str]:
-    """Inclusive host time of the pieces of the hopper path's 4096-token dispatch (``backend``, value checks
-    off), per call: each piece's module attribute wrapped with a timer for the duration of the calls."""
+def _split(group: Any, device: torch.device, calls: int, backend: str) -> list[str]:
+    """Inclusive host time of the pieces of the hopper path's 4096-token dispatch and combine (``backend``, value
+    checks off), per call: each piece's module or class attribute wrapped with a timer for the duration of the
+    calls (a CUDA graph's replay and a Triton launch among them)."""
     import dataclasses
 
     import deepport
     from deepport.backends.torch import moe_routes as torch_routes
+    from deepport.backends.triton import fast_launch, moe_route_graph, moe_sum_graph
     from deepport.backends.triton import moe_routes as triton_routes
     from deepport.bench.configs.moe import routing
     from deepport.dispatch import selection
-    from deepport.kernels import moe_dispatch
+    from deepport.kernels import moe_combine, moe_dispatch
 
     spent: dict[str, float] = {}
 
@@ -226,35 +229,44 @@ def _split_dispatch(group: Any, device: torch.device, calls: int, backend: str) 
 
     rank = dist.get_rank(group)
     xn, idxn, wn = routing(4096, 7168, 256, 8, 2000 + rank, device)
-    patches = [(moe_dispatch, "bind"), (selection, "choose"), (torch_routes, "route"),
+    patches = [(moe_dispatch, "bind"), (moe_combine, "bind"), (selection, "choose"), (torch_routes, "route"),
                (torch_routes, "exchange_table"), (torch_routes, "rows_window"), (torch_routes, "_dispatch_blocks"),
-               (torch_routes, "_meta"), (torch_routes, "MoEHandle")]
+               (torch_routes, "_meta"), (torch_routes, "MoEHandle"), (torch_routes, "return_rows"),
+               (torch.cuda.CUDAGraph, "replay"), (fast_launch.FastLaunch, "__call__"),
+               (moe_sum_graph._Program, "prepare"), (moe_route_graph._Exchange, "prepare"),
+               (moe_route_graph, "_store"), (torch.Tensor, "copy_")]
     saved = [(m, a, getattr(m, a)) for m, a in patches]
     routes = triton_routes.ROUTES
     steps = {f: timed(f, getattr(routes, f)) for f in ("layout_table", "rows_to_blocks", "blocks_to_rows",
-                                                        "route_prelude") if getattr(routes, f) is not None}
+                                                        "route_prelude", "blocks_exchange", "sum_in_place")
+             if getattr(routes, f, None) is not None}
     lines = []
     try:
         for m, a, fn in saved:
-            setattr(m, a, timed(a, fn))
+            setattr(m, a, timed(f"{getattr(m, '__name__', m)}.{a}", fn))
         triton_routes.ROUTES = dataclasses.replace(routes, **steps)
-        for _ in range(3):
-            deepport.moe_dispatch(xn, idxn, wn, 256, group=group, backend=backend)
-        spent.clear()
-        walls: list[float] = []
-        reads: list[tuple[float, float]] = []
-        with timed_reads(reads):
-            for _ in range(calls):
-                dist.barrier()
-                torch.cuda.synchronize(device)
-                t0 = time.perf_counter()
-                deepport.moe_dispatch(xn, idxn, wn, 256, group=group, backend=backend)
-                walls.append(time.perf_counter() - t0)
-                torch.cuda.synchronize(device)
-        spent["(host reads: blocked)"] = sum(b - a for a, b in reads)
-        lines.append(f"split of {backend} dispatch 4096 (checks off), us per call over {calls} calls; wall "
-                     f"{1e6 * sum(walls) / calls:.1f} (inclusive times, nested):")
-        lines += [f"    {1e6 * v / calls:9.1f}  {k}" for k, v in sorted(spent.items(), key=lambda kv: -kv[1])]
+        normal = deepport.moe_dispatch(xn, idxn, wn, 256, group=group, backend=backend)
+        ops = {"dispatch": functools.partial(deepport.moe_dispatch, xn, idxn, wn, 256, group=group, backend=backend),
+               "combine": functools.partial(deepport.moe_combine, normal.recv_x, normal.handle, backend=backend)}
+        for op, call in ops.items():
+            for _ in range(3):
+                call()
+            spent.clear()
+            walls: list[float] = []
+            reads: list[tuple[float, float]] = []
+            with timed_reads(reads):
+                for _ in range(calls):
+                    dist.barrier()
+                    torch.cuda.synchronize(device)
+                    t0 = time.perf_counter()
+                    call()
+                    walls.append(time.perf_counter() - t0)
+                    torch.cuda.synchronize(device)
+            spent["(host reads: blocked)"] = sum(b - a for a, b in reads)
+            lines.append(f"split of {backend} {op} 4096 (checks off), us per call over {calls} calls; wall "
+                         f"{1e6 * sum(walls) / calls:.1f}, median {1e6 * statistics.median(walls):.1f} "
+                         f"(inclusive times, nested):")
+            lines += [f"    {1e6 * v / calls:9.1f}  {k}" for k, v in sorted(spent.items(), key=lambda kv: -kv[1])]
     finally:
         for m, a, fn in saved:
             setattr(m, a, fn)
@@ -295,7 +307,7 @@ def _worker(rank: int, world: int, init: str, results: Any, calls: int, profile:
                        f"{'after':>8} {'wall':>8} {'span':>8}   (us, median of {calls})")
             if os.environ.get("DEEPPORT_HOST_SPLIT"):
                 os.environ["DEEPPORT_CHECK_VALUES"] = "0"
-                out += _split_dispatch(group, device, calls, hopper)
+                out += _split(group, device, calls, hopper)
             for checks in ("1", "0"):
                 os.environ["DEEPPORT_CHECK_VALUES"] = checks
                 for name, step in steps:
