@@ -70,7 +70,7 @@ def test_moe_kernels_compile_for_sm_90a_and_cast_with_the_e4m3_instruction() -> 
     assert set(report) == {"layout", "layout_table", "place_rows", "weighted_rows", "weighted_rows_prefetch",
                            "token_rows", "token_rows_window", "token_rows_landed", "token_rows_at", "rank_rows_at",
                            "receive_meta",
-                           "rank_rows_table", "sum_scan", "parts_to_blocks", "rows_to_blocks_table",
+                           "rank_rows_table", "sum_table", "parts_to_blocks", "rows_to_blocks_table",
                            "blocks_to_rows_table", "store_table",
                            "rows_to_blocks", "rows_to_blocks_counted", "blocks_to_rows", "token_table", "ll_layout",
                            "ll_positions", "cast_fp8",
@@ -109,7 +109,7 @@ def test_moe_kernels_compile_for_sm_90a_and_cast_with_the_e4m3_instruction() -> 
     assert report["scatter_row_pair_landed"]["v4_loads"] > 0, report["scatter_row_pair_landed"]
     assert report["expanded_count"]["atomics"] > 0  # the integer totals
     no_atomics = ("expanded_layout", "expanded_scatter", "expanded_pad_rows", "token_rows", "token_rows_window",
-                  "token_rows_at", "rank_rows_at", "rank_rows_table", "sum_scan", "parts_to_blocks", "receive_meta",
+                  "token_rows_at", "rank_rows_at", "rank_rows_table", "sum_table", "parts_to_blocks", "receive_meta",
                   "rows_to_blocks_table", "blocks_to_rows_table", "store_table",
                   "rows_to_blocks", "rows_to_blocks_counted", "blocks_to_rows",
                   "token_table", "ll_layout",

@@ -1,6 +1,5 @@
 """The kernels of the normal combine replayed as a CUDA graph (deepport/backends/triton/moe_sum_graph*.py):
-the scan kernel (``in_rank``'s copy and running counts across scan blocks, ``in_rank`` read at the table's
-address) and the
+the eager table kernel (table entries, ``in_rank``'s copy and running counts across scan blocks) and the
 table-driven copy of each rank's part into its block, on fresh random inputs with poisoned outputs (the
 interpreter here, the GPU where there is one). The whole path against all_to_all runs in
 tests/test_hopper_peer_transport.py (and captured on a GPU in tests/peer_cuda_one_gpu.py)."""
@@ -14,10 +13,10 @@ pytest.importorskip("triton")
 
 from deepport.backends.triton import _runtime
 from deepport.backends.triton.moe_sum_graph_kernels import (
-    IN_RANK,
+    MAX_WORLD,
     TABLE_SIZE,
     moe_parts_to_blocks_kernel,
-    moe_sum_scan_kernel,
+    moe_sum_table_kernel,
 )
 
 pytestmark = pytest.mark.skipif(not _runtime.interpreting() and not torch.cuda.is_available(),
@@ -26,39 +25,30 @@ DEVICE = torch.device("cpu" if _runtime.interpreting() else "cuda")
 
 
 @pytest.mark.parametrize("tokens, world, block", [(2500, 3, 1024), (7, 2, 1024), (64, 8, 16), (1, 2, 16)])
-def test_the_scan_kernel_copies_in_rank_from_the_tables_address_and_scans_it_across_blocks(tokens: int, world: int,
-                                                                                          block: int) -> None:
+def test_the_table_kernel_writes_the_table_and_scans_in_rank_across_blocks(tokens: int, world: int,
+                                                                          block: int) -> None:
     g = torch.Generator().manual_seed(tokens * 10 + world)
     in_rank = (torch.rand((tokens, world), generator=g) < 0.4).to(DEVICE)
-    decoy = (torch.rand((tokens, world), generator=g) < 0.4).to(DEVICE)  # what a kernel reading its argument sees
-    table = torch.full((TABLE_SIZE,), -7, dtype=torch.int64)
-    table[IN_RANK] = in_rank.data_ptr()
+    rows = torch.empty((50, 96), dtype=torch.bfloat16, device=DEVICE)
+    out = torch.empty((tokens, 96), dtype=torch.bfloat16, device=DEVICE)
+    sends = torch.randint(0, 9, (world,), generator=g).tolist()
+    me = world - 1
+    starts = [sum(sends[:r]) for r in range(world)]
+    counts = [0 if r == me else c for r, c in enumerate(sends)]
+    pad = [0] * (MAX_WORLD - world)
+    table = torch.full((TABLE_SIZE,), -7, dtype=torch.int64, device=DEVICE)
     flags = torch.full((tokens, world), 5, dtype=torch.uint8, device=DEVICE)
     cumsum = torch.full((world, tokens), -7, dtype=torch.int64, device=DEVICE)
-    moe_sum_scan_kernel[(world,)](table.to(DEVICE), decoy.view(torch.uint8), flags, cumsum, tokens, WORLD=world,
-                                  BLOCK_T=block)
+    row_bytes = 96 * 2
+    own = rows.data_ptr() + starts[me] * row_bytes
+    moe_sum_table_kernel[(world,)](table, rows, out, own, in_rank.view(torch.uint8), flags, cumsum, tokens,
+                                   *starts, *pad, *counts, *pad, WORLD=world, BLOCK_T=block)
+    got = table.cpu().tolist()
+    assert got[:3] == [rows.data_ptr(), out.data_ptr(), rows.data_ptr() + starts[me] * row_bytes]
+    assert got[3:3 + world] == starts and got[11:11 + world] == counts
+    assert got[3 + world:11] == pad and got[11 + world:] == pad
     assert torch.equal(flags.cpu(), in_rank.cpu().view(torch.uint8))
     assert torch.equal(cumsum.cpu(), torch.cumsum(in_rank.cpu().t().to(torch.int64), 1))
-
-
-def test_the_combine_table_lists_its_addresses_counts_and_in_rank() -> None:
-    from deepport.backends.triton.moe_sum_graph import _Program
-
-    world, me, tokens = 3, 1, 6
-    program = _Program(tokens, 8, world, me, 1 << 20, torch.bfloat16, torch.bfloat16, DEVICE)
-    rows = torch.empty((9, 8), dtype=torch.bfloat16, device=DEVICE)
-    out = torch.empty((tokens, 8), dtype=torch.bfloat16, device=DEVICE)
-    in_rank = torch.ones((tokens, world), dtype=torch.bool, device=DEVICE)
-    sends = [2, 3, 4]
-    for _ in range(6):  # every pinned table in turn, and again
-        program.table.fill_(-1)
-        program.prepare(rows, out, in_rank, sends)
-        got = program.table.cpu().tolist()
-        target = out if program.scratch is None else program.scratch
-        assert got[:3] == [rows.data_ptr(), target.data_ptr(), rows.data_ptr() + 2 * 16]
-        assert got[3:6] == [0, 2, 5] and got[6:11] == [0] * 5
-        assert got[11:14] == [2, 0, 4] and got[14:19] == [0] * 5
-        assert got[IN_RANK] == in_rank.data_ptr()
 
 
 @pytest.mark.parametrize("world, me, sends", [(2, 0, [3, 5]), (3, 1, [4, 2, 0]), (4, 3, [1, 0, 6, 2])])

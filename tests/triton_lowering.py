@@ -187,15 +187,15 @@ def moe_lowering_report() -> dict[str, dict[str, int]]:
             me=0, out_ptr=Ptr("bf16"), num_cols=7168, num_tokens=4096, table_ptr=Ptr("i64"), WORLD=2, BLOCK_C=2048,
             FROM_TABLE=False)),
         # the combine replayed as a CUDA graph: the same sums with own rows and output from the table, the
-        # scan kernel (in_rank read at the table's address) and the parts into the sources' blocks (table-driven,
-        # rows strided per program)
+        # table kernel (eager) and the parts into the sources' blocks (table-driven, rows strided per program)
         "rank_rows_table": compile_for(k.moe_rank_rows_kernel, dict(
             like_ptr=Ptr("bf16"), in_rank_ptr=Ptr("u8"), cumsum_ptr=Ptr("i64"), base_ptr=Ptr("i64"), own=0,
             me=0, out_ptr=Ptr("bf16"), num_cols=7168, num_tokens=4096, table_ptr=Ptr("i64"), WORLD=2, BLOCK_C=2048,
             FROM_TABLE=True)),
-        "sum_scan": compile_for(g.moe_sum_scan_kernel, dict(
-            table_ptr=Ptr("i64"), like_ptr=Ptr("u8"), flags_ptr=Ptr("u8"), cumsum_ptr=Ptr("i64"), num_tokens=4096,
-            WORLD=2, BLOCK_T=1024)),
+        "sum_table": compile_for(g.moe_sum_table_kernel, dict(
+            table_ptr=Ptr("i64"), rows_ptr=Ptr("bf16"), out_ptr=Ptr("bf16"), own_address=1 << 40,
+            in_rank_ptr=Ptr("u8"), flags_ptr=Ptr("u8"), cumsum_ptr=Ptr("i64"), num_tokens=4096, s0=0, s1=1, s2=0,
+            s3=0, s4=0, s5=0, s6=0, s7=0, c0=4000, c1=1, c2=0, c3=0, c4=0, c5=0, c6=0, c7=0, WORLD=2, BLOCK_T=1024)),
         "parts_to_blocks": compile_for(g.moe_parts_to_blocks_kernel, dict(
             table_ptr=Ptr("i64"), base_ptr=Ptr("i64"), like_ptr=Ptr("i64"), me=0, num_words=1792, WORLD=2,
             BLOCK_C=256), num_warps=2),
@@ -349,7 +349,7 @@ def moe_lowering_report() -> dict[str, dict[str, int]]:
         report[name]["v4_loads"] = ptx.count("ld.global.v4.b32") + ptx.count("ld.global.v2.b64")  # 16 bytes
     for name in ("expanded_count", "expanded_layout", "expanded_scatter", "expanded_pad_rows", "token_rows",
                  "token_rows_window", "token_rows_landed", "token_rows_at", "rank_rows_at", "rank_rows_table",
-                 "sum_scan",
+                 "sum_table",
                  "parts_to_blocks", "rows_to_blocks_table", "blocks_to_rows_table", "store_table", "receive_meta",
                  "rows_to_blocks", "rows_to_blocks_counted", "blocks_to_rows", "token_table", "ll_layout",
                  "ll_positions", "ll_send_rows", "ll_send_window", "ll_return", "ll_return_slots", "ll_pairs",

@@ -5,9 +5,9 @@ count wherever the GPU waits for them; issued one by one, the combine's device w
 acknowledgements, each part of the rows into its source's block, raise and await the data flags, the
 per-token sum, acknowledge) costs far more host time than GPU time. Here that work is captured once per shape
 (tokens, columns, dtypes, group, transport) and replayed; what changes from call to call (the rows' and the
-output's addresses, the handle's counts and ``in_rank``'s address) reaches the graph's kernels through a small
-table copied in from pinned memory before each replay (:mod:`.moe_sum_graph_kernels`; the graph's first kernel
-copies ``in_rank`` and makes its running counts). Per call the host issues two things: that copy and the graph.
+output's addresses, the handle's counts and ``in_rank``) reaches the graph's kernels through a small table
+that one eager kernel writes before each replay (:mod:`.moe_sum_graph_kernels`). Per call the host launches
+two things: that kernel and the graph.
 
 The bytes, flags and order of the terms are those of :func:`deepport.backends.torch.moe_routes.return_rows`'
 window path with ``rank_rows_at`` (a rank on either path agrees with its peers; the sums have the same bits).
@@ -35,24 +35,22 @@ from deepport.backends.triton.fast_launch import FastLaunch
 from deepport.backends.triton.moe_permute import _guard, _sum_tiling, block_for_bytes
 from deepport.backends.triton.moe_permute_kernels import moe_rank_rows_kernel
 from deepport.backends.triton.moe_sum_graph_kernels import (
-    IN_RANK,
     MAX_WORLD,
     TABLE_SIZE,
     moe_parts_to_blocks_kernel,
-    moe_sum_scan_kernel,
+    moe_sum_table_kernel,
 )
 from deepport.kernels.moe_args import MoEGroup
 from deepport.kernels.moe_handle import MoEHandle
 
 log = logging.getLogger(__name__)
 
-_SCAN = FastLaunch(moe_sum_scan_kernel)
+_TABLE = FastLaunch(moe_sum_table_kernel)
 _PARTS = FastLaunch(moe_parts_to_blocks_kernel)
 _SUM = FastLaunch(moe_rank_rows_kernel)
 _PARTS_PROGRAMS = 1024  # programs per column block of the part copies (each strides over its part's rows)
 _MOVE_BYTES = 2048  # bytes of a row per program, 2 warps (the row-moving kernels' measured best on the H200)
 _SCAN_BLOCK = 1024
-_STAGING = 4  # pinned tables in turn: one is rewritten only after the copy out of it issued STAGING calls ago ran
 
 
 def graphs_enabled() -> bool:
@@ -90,12 +88,6 @@ class _Program:
 
     def __post_init__(self) -> None:
         self.table = torch.zeros(TABLE_SIZE, dtype=torch.int64, device=self.device)
-        pinned = self.device.type == "cuda"
-        self.staging = [torch.zeros(TABLE_SIZE, dtype=torch.int64, pin_memory=pinned) for _ in range(_STAGING)]
-        self.copied: list[Any] = [None] * _STAGING  # the event after each staging table's copy (CUDA)
-        self.turn = 0
-        self.kept: list[torch.Tensor] = []  # the tables of copies captured in a caller's graph
-        self.in_rank_like = torch.zeros(1, dtype=torch.uint8, device=self.device)
         self.flags = torch.zeros((self.tokens, self.world), dtype=torch.uint8, device=self.device)
         self.cumsum = torch.zeros((self.world, self.tokens), dtype=torch.int64, device=self.device)
         self.row_bytes = self.cols * torch.empty((), dtype=self.rows_dtype).element_size()
@@ -108,39 +100,19 @@ class _Program:
                                     device=self.device)
 
     def prepare(self, rows: torch.Tensor, out: torch.Tensor, in_rank: torch.Tensor, sends: list[int]) -> None:
-        """This call's table (module docstring), copied in from one of the pinned tables in turn."""
+        """The eager kernel: this call's table and ``in_rank``'s copy and running counts."""
         starts = [sum(sends[:r]) for r in range(self.world)]
         counts = [0 if r == self.me else c for r, c in enumerate(sends)]
         pad = [0] * (MAX_WORLD - self.world)
-        flags = in_rank if in_rank.is_contiguous() else in_rank.contiguous()  # stream-ordered: alive long enough
+        flags = in_rank.contiguous().view(torch.uint8)
         target = out if self.scratch is None else self.scratch
-        cuda = self.device.type == "cuda"
-        capturing = cuda and torch.cuda.is_current_stream_capturing()
-        if capturing:  # a caller's own capture: the copy is its node, reading a table of its own, never rewritten
-            staging = torch.zeros(TABLE_SIZE, dtype=torch.int64, pin_memory=True)
-            self.kept.append(staging)
-        else:
-            turn = self.turn
-            self.turn = (turn + 1) % _STAGING
-            done = self.copied[turn]
-            if done is not None:
-                done.synchronize()  # the copy out of this table, issued _STAGING calls ago (long done unless the
-            staging = self.staging[turn]  # host is far ahead of the GPU)
-        values = staging.numpy()
-        values[:IN_RANK] = (int(rows.data_ptr()), int(target.data_ptr()),
-                            int(rows.data_ptr()) + starts[self.me] * self.row_bytes, *starts, *pad, *counts, *pad)
-        values[IN_RANK] = int(flags.data_ptr())
-        self.table.copy_(staging, non_blocking=cuda)
-        if cuda and not capturing:
-            if done is None:
-                done = self.copied[turn] = torch.cuda.Event()  # type: ignore[no-untyped-call]
-            done.record()
+        with _guard(self.device):
+            _TABLE((self.world,), self.table, rows, target, int(rows.data_ptr()) + starts[self.me] * self.row_bytes,
+                   flags, self.flags, self.cumsum, self.tokens, *starts, *pad, *counts, *pad, self.world, _SCAN_BLOCK,
+                   num_warps=4)
 
     def record(self, grp: MoEGroup, what: str) -> None:
         """The combine's device work reading the table: issued eagerly, or under a graph capture."""
-        with _guard(self.device):
-            _SCAN((self.world,), self.table, self.in_rank_like, self.flags, self.cumsum, self.tokens, self.world,
-                  _SCAN_BLOCK, num_warps=4)
         full = [0 if r == self.me else self.capacity for r in range(self.world)]
         window = moe_comm.rows_window(full, full, grp, what)
         if window is None:

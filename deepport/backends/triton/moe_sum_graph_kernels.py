@@ -1,13 +1,12 @@
 """Triton kernels of the normal combine replayed as a CUDA graph (:mod:`deepport.backends.triton.moe_sum_graph`).
 
 A captured graph keeps the addresses its kernels were launched with, so the kernels inside it take every
-per-call address and count from a small int64 *table* that the host copies in from pinned memory before each
-replay (one copy: on the lent H200's host a Triton launch of the table kernel this replaced cost ~50-70 us of
-host time per call, the copy ~10):
+per-call address and count from a small int64 *table* that one eager kernel writes before each replay:
 
-- :func:`moe_sum_scan_kernel`, grid ``(WORLD,)`` (in the graph): program ``r`` copies column ``r`` of
-  ``in_rank`` (uint8 ``[T, WORLD]``, its address in the table) into the graph's own copy and writes its running
-  count (int64 ``[WORLD, T]``: the row of each token among rank ``r``'s rows).
+- :func:`moe_sum_table_kernel`, grid ``(WORLD,)`` (eager): program 0 writes the table (the rows' address,
+  the output's, this rank's own rows', and per rank where its part of the rows starts and how many rows it
+  has); program ``r`` copies column ``r`` of ``in_rank`` (uint8 ``[T, WORLD]``) into the graph's own copy
+  and writes its running count (int64 ``[WORLD, T]``: the row of each token among rank ``r``'s rows).
 - :func:`moe_store_table_kernel`, grid ``(1,)`` (eager): sixteen int64 values into a table (the normal
   dispatch's exchange replayed as a graph, :mod:`deepport.backends.triton.moe_route_graph`).
 - :func:`moe_parts_to_blocks_kernel`, grid ``(G, ceil(words / BLOCK_C))`` (in the graph): rank ``r``'s part of
@@ -16,7 +15,7 @@ host time per call, the copy ~10):
 
 Table layout (int64 ``[TABLE_SIZE]``, up to :data:`MAX_WORLD` ranks): ``[0]`` the rows' address, ``[1]`` the
 output's, ``[2]`` this rank's own rows', ``[3 + r]`` the first row of rank ``r``'s part, ``[11 + r]`` its number
-of rows, ``[19]`` (``IN_RANK``) the handle's ``in_rank``.
+of rows.
 """
 
 from __future__ import annotations
@@ -25,19 +24,39 @@ import triton
 import triton.language as tl
 
 MAX_WORLD = 8
-IN_RANK = 3 + 2 * MAX_WORLD  # the table's entry of in_rank's address
-_IN_RANK = tl.constexpr(IN_RANK)
-TABLE_SIZE = 4 + 2 * MAX_WORLD
+TABLE_SIZE = 3 + 2 * MAX_WORLD
 
 
 @triton.jit
-def moe_sum_scan_kernel(table_ptr, like_ptr, flags_ptr, cumsum_ptr, num_tokens, WORLD: tl.constexpr,
-                        BLOCK_T: tl.constexpr):
-    """Grid ``(WORLD,)``: program ``r`` copies column ``r`` of ``in_rank`` (uint8 ``[T, WORLD]`` at
-    ``table[IN_RANK]``; ``like_ptr`` gives only its type) into ``flags`` and writes ``cumsum[r, t]``, the
-    inclusive running count of ``in_rank[:t + 1, r]`` (``T = num_tokens``)."""
+def moe_sum_table_kernel(table_ptr, rows_ptr, out_ptr, own_address, in_rank_ptr, flags_ptr, cumsum_ptr, num_tokens,
+                         s0, s1, s2, s3, s4, s5, s6, s7, c0, c1, c2, c3, c4, c5, c6, c7,
+                         WORLD: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Grid ``(WORLD,)``: the table (module docstring) from the rows (``rows_ptr``), the output (``out_ptr``),
+    this rank's own rows' address ``own_address``, and the parts' starts ``s0..`` and counts ``c0..`` (ranks past
+    ``WORLD`` ignored); ``flags[:, r] = in_rank[:, r]`` and ``cumsum[r, t]``, the inclusive running count of
+    ``in_rank[:t + 1, r]`` (``T = num_tokens``)."""
     r = tl.program_id(0)
-    in_rank_ptr = tl.load(table_ptr + _IN_RANK).to(tl.pointer_type(like_ptr.dtype.element_ty))
+    if r == 0:
+        # scalars stored as they come (an argument equal to 1 arrives as a constant): the pointer converts them
+        tl.store(table_ptr + 0, rows_ptr.to(tl.int64))
+        tl.store(table_ptr + 1, out_ptr.to(tl.int64))
+        tl.store(table_ptr + 2, own_address)
+        tl.store(table_ptr + 3, s0)
+        tl.store(table_ptr + 4, s1)
+        tl.store(table_ptr + 5, s2)
+        tl.store(table_ptr + 6, s3)
+        tl.store(table_ptr + 7, s4)
+        tl.store(table_ptr + 8, s5)
+        tl.store(table_ptr + 9, s6)
+        tl.store(table_ptr + 10, s7)
+        tl.store(table_ptr + 11, c0)
+        tl.store(table_ptr + 12, c1)
+        tl.store(table_ptr + 13, c2)
+        tl.store(table_ptr + 14, c3)
+        tl.store(table_ptr + 15, c4)
+        tl.store(table_ptr + 16, c5)
+        tl.store(table_ptr + 17, c6)
+        tl.store(table_ptr + 18, c7)
     carry = tl.zeros([1], tl.int64).sum(0)
     for first in range(0, num_tokens, BLOCK_T):
         t = first + tl.arange(0, BLOCK_T)
