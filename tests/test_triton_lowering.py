@@ -71,7 +71,7 @@ def test_moe_kernels_compile_for_sm_90a_and_cast_with_the_e4m3_instruction() -> 
                            "token_rows", "token_rows_window", "token_rows_landed", "token_rows_at", "rank_rows_at",
                            "receive_meta",
                            "rank_rows_table", "sum_table", "parts_to_blocks", "rows_to_blocks_table",
-                           "blocks_to_rows_table", "store_table",
+                           "blocks_to_rows_table",
                            "rows_to_blocks", "rows_to_blocks_counted", "blocks_to_rows", "token_table", "ll_layout",
                            "ll_positions", "cast_fp8",
                            "expanded_count",
@@ -110,7 +110,7 @@ def test_moe_kernels_compile_for_sm_90a_and_cast_with_the_e4m3_instruction() -> 
     assert report["expanded_count"]["atomics"] > 0  # the integer totals
     no_atomics = ("expanded_layout", "expanded_scatter", "expanded_pad_rows", "token_rows", "token_rows_window",
                   "token_rows_at", "rank_rows_at", "rank_rows_table", "sum_table", "parts_to_blocks", "receive_meta",
-                  "rows_to_blocks_table", "blocks_to_rows_table", "store_table",
+                  "rows_to_blocks_table", "blocks_to_rows_table",
                   "rows_to_blocks", "rows_to_blocks_counted", "blocks_to_rows",
                   "token_table", "ll_layout",
                   "ll_positions", "ll_send_rows", "ll_send_window", "ll_return", "ll_return_slots", "ll_pairs",

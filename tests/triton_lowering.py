@@ -244,9 +244,6 @@ def moe_lowering_report() -> dict[str, dict[str, int]]:
             x_words=1792, num_scales=0, row_bytes=14416, scale_at=0, meta_at=14336, first_local=0, num_local=128,
             table_ptr=Ptr("i64"), WORLD=2, K=8, KP=8, HAS_SCALES=False, HAS_WEIGHTS=True, BLOCK_C=256, BLOCK_S=2,
             FROM_TABLE=True), num_warps=2),
-        "store_table": compile_for(g.moe_store_table_kernel, dict(
-            table_ptr=Ptr("i64"), v0=1 << 40, v1=1 << 40, v2=1 << 40, v3=1 << 40, v4=1 << 40, v5=1 << 40, v6=1 << 40,
-            v7=1 << 40, v8=1, v9=1 << 40, v10=1 << 40, v11=1 << 40, v12=0, v13=0, v14=0, v15=0)),
         # the low-latency combine's float32 partial sums stored straight into the source ranks' slots
         "token_rows_window": compile_for(k.moe_token_rows_kernel, dict(
             y_ptr=Ptr("bf16"), table_ptr=Ptr("i64"), weight_ptr=Ptr("fp32"), out_ptr=Ptr("fp32"), num_cols=7168,
@@ -350,7 +347,7 @@ def moe_lowering_report() -> dict[str, dict[str, int]]:
     for name in ("expanded_count", "expanded_layout", "expanded_scatter", "expanded_pad_rows", "token_rows",
                  "token_rows_window", "token_rows_landed", "token_rows_at", "rank_rows_at", "rank_rows_table",
                  "sum_table",
-                 "parts_to_blocks", "rows_to_blocks_table", "blocks_to_rows_table", "store_table", "receive_meta",
+                 "parts_to_blocks", "rows_to_blocks_table", "blocks_to_rows_table", "receive_meta",
                  "rows_to_blocks", "rows_to_blocks_counted", "blocks_to_rows", "token_table", "ll_layout",
                  "ll_positions", "ll_send_rows", "ll_send_window", "ll_return", "ll_return_slots", "ll_pairs",
                  "ll_return_window", "ll_pairs_landed", "scatter_row_pair", "scatter_row_pair_landed",

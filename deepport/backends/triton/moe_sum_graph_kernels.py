@@ -7,8 +7,6 @@ per-call address and count from a small int64 *table* that one eager kernel writ
   the output's, this rank's own rows', and per rank where its part of the rows starts and how many rows it
   has); program ``r`` copies column ``r`` of ``in_rank`` (uint8 ``[T, WORLD]``) into the graph's own copy
   and writes its running count (int64 ``[WORLD, T]``: the row of each token among rank ``r``'s rows).
-- :func:`moe_store_table_kernel`, grid ``(1,)`` (eager): sixteen int64 values into a table (the normal
-  dispatch's exchange replayed as a graph, :mod:`deepport.backends.triton.moe_route_graph`).
 - :func:`moe_parts_to_blocks_kernel`, grid ``(G, ceil(words / BLOCK_C))`` (in the graph): rank ``r``'s part of
   the rows (``table``'s start and count) copied into ``r``'s block at ``base[r]``, for every rank but this one;
   the ``G`` programs of a column block stride over the part's rows (the count is read on the device).
@@ -90,25 +88,3 @@ def moe_parts_to_blocks_kernel(table_ptr, base_ptr, like_ptr, me, num_words, WOR
                 src = tl.multiple_of((rows + (start + i) * row_bytes).to(tl.pointer_type(word)), 16) + cols
                 dst = tl.multiple_of((dst_base + i * row_bytes).to(tl.pointer_type(word)), 16) + cols
                 tl.store(dst, tl.load(src, mask=ok), mask=ok)
-
-
-@triton.jit
-def moe_store_table_kernel(table_ptr, v0, v1, v2, v3, v4, v5, v6, v7, v8, v9, v10, v11, v12, v13, v14, v15):
-    """Grid ``(1,)``: ``table[i] = v<i>`` (int64 ``[16]``; addresses and counts a graph's kernels read), stored as
-    they come (an argument equal to 1 arrives as a constant)."""
-    tl.store(table_ptr + 0, v0)
-    tl.store(table_ptr + 1, v1)
-    tl.store(table_ptr + 2, v2)
-    tl.store(table_ptr + 3, v3)
-    tl.store(table_ptr + 4, v4)
-    tl.store(table_ptr + 5, v5)
-    tl.store(table_ptr + 6, v6)
-    tl.store(table_ptr + 7, v7)
-    tl.store(table_ptr + 8, v8)
-    tl.store(table_ptr + 9, v9)
-    tl.store(table_ptr + 10, v10)
-    tl.store(table_ptr + 11, v11)
-    tl.store(table_ptr + 12, v12)
-    tl.store(table_ptr + 13, v13)
-    tl.store(table_ptr + 14, v14)
-    tl.store(table_ptr + 15, v15)
