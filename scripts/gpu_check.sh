@@ -38,7 +38,9 @@
 #   bash scripts/gpu_check.sh bench        deepport bench (MoE configs need 2 GPUs)
 #   bash scripts/gpu_check.sh tune         sweeps of code not yet measured on a GPU (fused MoE dispatch and
 #                                          combine kernels, triton FP8 tail split), with their GPU tests
-#   bash scripts/gpu_check.sh backends     GPU tests + smoke certify of torch/triton/hopper on cuda + deepport bench
+#   bash scripts/gpu_check.sh backends     GPU tests + smoke certify of torch/triton/hopper on cuda (a cold machine
+#                                          needs ~250 s and ~210 s for them: deepport bench is the next call's
+#                                          stage, `bench`, within 30 s)
 #   bash scripts/gpu_check.sh selection    automatic choice on real inputs vs the shipped performance table
 #                                          (scripts/gpu_selection.py) + the automatic-choice GPU tests
 #   bash scripts/gpu_check.sh peer-1gpu    the hopper NVLink transport's protocol with 2 processes on ONE GPU
@@ -132,16 +134,13 @@ case "$stage" in
     python3 -m deepport merge "$parts_dir"/part-*/results.json --out "$out_dir" || exit $?
     python3 -m deepport verify "$out_dir/results.json" 2>&1 | tee "$out_dir/verify.txt" | tail -n 12
     exit "${PIPESTATUS[0]}" ;;
-  backends)  # every GPU backend in one call: GPU tests, smoke certify on cuda (torch, triton, hopper;
-             # opencl through NVIDIA's OpenCL when .whl carries pyopencl), then deepport bench
+  backends)  # every GPU backend in one call: GPU tests, smoke certify on cuda (torch, triton, hopper)
     environment
-    timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_triton_gpu.py tests/test_hopper_gpu.py \
+    timeout 330 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_triton_gpu.py tests/test_hopper_gpu.py \
       tests/test_custom_ops_gpu.py tests/test_mla_decode_gpu.py tests/test_fp8_gemm_gpu.py \
       tests/test_fp8_grouped_gemm_gpu.py > "$OUT/gpu_tests.txt" 2>&1; tail -n 25 "$OUT/gpu_tests.txt"
-    timeout 120 python3 -m deepport certify --device cuda --tier smoke --backend torch triton hopper \
-      --out "$OUT/smoke" > "$OUT/smoke.log" 2>&1; tail -n 30 "$OUT/smoke.log"
-    timeout 250 python3 -m deepport bench --device cuda --out "$OUT/bench" > "$OUT/bench.log" 2>&1
-    tail -n 70 "$OUT/bench.log" ;;
+    timeout 250 python3 -m deepport certify --device cuda --tier smoke --backend torch triton hopper \
+      --out "$OUT/smoke" > "$OUT/smoke.log" 2>&1; tail -n 30 "$OUT/smoke.log" ;;
   selection)
     environment
     timeout 300 python3 scripts/gpu_selection.py > "$OUT/selection.txt" 2>&1; echo "gpu_selection exit $?"
