@@ -6,6 +6,13 @@
 #   bash scripts/gpu_ep_bench.sh measure    steps 2 to 5 (about 8 min at most)
 #   bash scripts/gpu_ep_bench.sh            all three (no call limit)
 #
+# EP=4 on 4 GPUs (issue 15, nvidia-h200-x4): `tests` as above, then each within 30 s of the last
+#   bash scripts/gpu_ep_bench.sh ep4        the full-tier certify of the MoE ops on torch, triton and hopper (every
+#                                           2- and 4-rank case on NCCL; hopper only if its test passed) and its
+#                                           `deepport verify` (certify-full/, certify-full.log, verify.txt)
+#   bash scripts/gpu_ep_bench.sh ep4-bench  the bench of the ep4_* configs next to raw NCCL over 4 GPUs and the
+#                                           table (bench.json, ep_summary.json, with issue 15's EP=4 targets)
+#
 # 1. tests on NCCL: tests/test_torch_moe_ep.py and tests/test_moe_gpu.py (-m gpu: 1-GPU low-latency path
 #    under set_sync_debug_mode("error") and replayed as a CUDA graph; 2-rank NCCL collectives, host syncs,
 #    agreement with the reference backend) and the custom ops' low-latency CUDA-graph test;
@@ -39,7 +46,8 @@ OPS="moe_layout moe_dispatch moe_combine moe_dispatch_expanded moe_combine_expan
 start=$SECONDS
 stage="${1:-all}"
 HOPPER_OK=/tmp/deepport-ep-hopper-ok  # written by the tests stage when hopper's GPU test passed
-case "$stage" in tests|measure|all) ;; *) echo "unknown stage $stage (tests, measure, all)"; exit 2 ;; esac
+case "$stage" in tests|measure|all|ep4|ep4-bench) ;;
+  *) echo "unknown stage $stage (tests, measure, all, ep4, ep4-bench)"; exit 2 ;; esac
 
 gpus="$("$PY" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)"
 { nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv 2>/dev/null || echo "no nvidia-smi"
@@ -52,7 +60,7 @@ echo "deepport commit: $(cat .git_revision 2>/dev/null || git rev-parse HEAD 2>/
 summary() {  # the bench table: per (op, config) each backend's median and raw NCCL time / its time
   "$PY" - "$OUT/bench.json" "$OUT/ep_summary.json" <<'EOF'
 import json, sys
-from deepport.bench.configs.moe_low_latency import target_us  # issue 14's low-latency targets (us, EP=2)
+from deepport.bench.configs.moe_low_latency import target_us  # the low-latency targets (us; EP=2: 14, EP=4: 15)
 results = json.load(open(sys.argv[1]))["results"]
 RAW = ("nccl_all_to_all", "gloo_all_to_all")  # the raw collective of a config (gloo: the CPU configs)
 rows, raw = [], {}
@@ -80,13 +88,14 @@ for r in results:
           f"{goal:>10}" + (f"  {r.get('message', '')[:60]}" if r["status"] != "ok" else ""))
 json.dump({"rows": rows, "targets": "issue 14: dispatch and combine >= 0.9x raw NCCL at 4096 tokens; "
            "backend time <= 1.5x raw NCCL time (ratio >= 0.67x) at 128 tokens; low-latency (128 tokens per rank, "
-           "T_max 128, FP8 dispatch, bf16 combine, EP=2): dispatch <= 40 us, combine <= 50 us (target_us)"},
+           "T_max 128, FP8 dispatch, bf16 combine, EP=2): dispatch <= 40 us, combine <= 50 us (target_us); "
+           "issue 15 (EP=4): portable >= 0.9x raw NCCL at 4096 tokens, hopper >= 1.3x, low-latency dispatch <= 50 us"},
           open(sys.argv[2], "w"), indent=1)
 EOF
 }
 
-bench() {  # bench DEVICE [--quick]; on GPUs the 2-rank configs only (ep2_*: not the 1-GPU low-latency permutes)
-  local configs=(); [ "$1" = cuda ] && configs=(--config 'ep2_*')
+bench() {  # bench DEVICE [--quick]; on GPUs the $EP_CONFIGS configs only (default ep2_*: not the 1-GPU permutes)
+  local configs=(); [ "$1" = cuda ] && configs=(--config "${EP_CONFIGS:-ep2_*}")
   timeout 300 "$PY" -m deepport bench --device "$1" --op moe_dispatch moe_combine moe_low_latency_dispatch \
     moe_low_latency_combine ${configs[@]+"${configs[@]}"} ${2:-} --out "$OUT/bench-out" > "$OUT/bench.log" 2>&1
   echo "bench: exit $? after $((SECONDS - start)) s"; tail -n 30 "$OUT/bench.log"
@@ -102,7 +111,7 @@ if [ "$gpus" -lt 1 ]; then
   exit 0
 fi
 
-if [ "$stage" != measure ]; then
+if [ "$stage" = tests ] || [ "$stage" = all ]; then
 # 1. tests (1 GPU and 2-rank NCCL; skipped with reasons on fewer GPUs)
 rm -f "$HOPPER_OK"
 timeout 180 "$PY" -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_torch_moe_ep.py tests/test_moe_gpu.py \
@@ -132,6 +141,21 @@ fi
 if [ -f "$HOPPER_OK" ]; then
   export DEEPPORT_HOPPER_EP=1 DEEPPORT_PEER_MAPPING="$(cat "$HOPPER_OK")"
   echo "hopper EP path included, peers mapped by $DEEPPORT_PEER_MAPPING" | tee "$OUT/hopper_mapping.txt"
+fi
+
+if [ "$stage" = ep4 ] || [ "$stage" = ep4-bench ]; then
+  if [ "$gpus" -lt 4 ]; then
+    echo "only $gpus GPU(s): the 4-rank NCCL cases and the EP=4 bench need 4 GPUs (nvidia-h200-x4)"; exit 0
+  fi
+  if [ "$stage" = ep4-bench ]; then EP_CONFIGS='ep4_*' bench cuda; echo "total $((SECONDS - start)) s"; exit 0; fi
+  backends="torch triton"; [ -f "$HOPPER_OK" ] && backends="torch triton hopper"
+  # shellcheck disable=SC2086 # the op and backend lists are meant to split into words
+  timeout 540 "$PY" -m deepport certify --device cuda --tier full --backend $backends --op $OPS \
+    --out "$OUT/certify-full" > "$OUT/certify-full.log" 2>&1
+  echo "certify (full tier, $backends): exit $? after $((SECONDS - start)) s"; tail -n 25 "$OUT/certify-full.log"
+  "$PY" -m deepport verify "$OUT/certify-full/results.json" > "$OUT/verify.txt" 2>&1
+  echo "verify: exit $?"; tail -n 12 "$OUT/verify.txt"
+  echo "total $((SECONDS - start)) s"; exit 0
 fi
 
 if [ "$gpus" -lt 2 ]; then

@@ -36,8 +36,8 @@ OPS = [ll.DISPATCH, ll.COMBINE]
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_ep_bench.sh"
 
 
-def _ep(device_type: str) -> dict[str, Any]:
-    return {c.op: c for c in select(device_type, OPS) if c.world_size > 1}
+def _ep(device_type: str, world: int = 2) -> dict[str, Any]:
+    return {c.op: c for c in select(device_type, OPS) if c.world_size == world}
 
 
 # ---- the configs ---------------------------------------------------------------------------------------------------
@@ -58,13 +58,32 @@ def test_gpu_configs_are_issue_14s_decode_step_over_two_nccl_ranks() -> None:
     assert {op: ll.target_us(op, c.params) for op, c in configs.items()} == ll.TARGET_US
     assert all(ll.target_us(op, c.params) is None for op, c in _ep("cpu").items())  # other shapes: no target
     assert ll.target_us("moe_dispatch", configs[ll.DISPATCH].params) is None
+    assert {c.world_size for c in select("cuda", OPS)} == {1, 2, 4}  # the 1-GPU permutes, EP=2, EP=4
 
 
-def test_cpu_configs_run_the_same_runner_on_two_gloo_ranks() -> None:
-    configs = _ep("cpu")
+def test_ep4_gpu_configs_are_issue_15s_decode_step_over_four_nccl_ranks() -> None:
+    configs = _ep("cuda", 4)
     assert set(configs) == set(OPS)
-    assert all(c.cpu and c.world_size == 2 and c.distributed is ll.run_distributed and c.ceiling == "memory"
-               for c in configs.values())
+    for op, c in configs.items():
+        assert {k: c.params[k] for k in ("tokens_per_rank", "max_tokens_per_rank", "hidden", "topk", "num_experts",
+                                         "world_size")} == {"tokens_per_rank": 128, "max_tokens_per_rank": 128,
+                                                            "hidden": 7168, "topk": 8, "num_experts": 256,
+                                                            "world_size": 4}
+        assert c.world_size == 4 and c.distributed is ll.run_distributed and not c.cpu
+        assert c.ceiling == "nvlink_all_to_all_ep4" and c.name.startswith("ep4_")
+        assert c.check_case is not None and find_case(c.check_case).op == op
+    # issue 15: the low-latency dispatch of 128 tokens at most 50 us; the combine as at EP=2
+    assert {op: ll.target_us(op, c.params) for op, c in configs.items()} == {ll.DISPATCH: 50.0, ll.COMBINE: 50.0}
+    assert ll.target_us(ll.DISPATCH, {**configs[ll.DISPATCH].params, "world_size": 8}) is None  # no target there
+    assert all(ll.target_us(op, c.params) is None for op, c in _ep("cpu", 4).items())
+
+
+def test_cpu_configs_run_the_same_runner_on_two_and_four_gloo_ranks() -> None:
+    for world in (2, 4):
+        configs = _ep("cpu", world)
+        assert set(configs) == set(OPS)
+        assert all(c.cpu and c.world_size == world and c.distributed is ll.run_distributed and c.ceiling == "memory"
+                   for c in configs.values())
 
 
 def test_the_configs_are_registered_through_a_bench_module_of_the_ops_descriptors() -> None:
@@ -81,6 +100,8 @@ def test_bytes_are_the_fixed_rows_a_rank_sends_to_the_other_ranks() -> None:
     configs = _ep("cuda")
     assert configs[ll.DISPATCH].bytes == 128 * (7168 + 4 * 7168 // 128) == 946176  # e4m3 + float32 scales
     assert configs[ll.COMBINE].bytes == 128 * 7168 * 2 == 1835008  # bf16
+    four = _ep("cuda", 4)
+    assert four[ll.DISPATCH].bytes == 3 * 946176 and four[ll.COMBINE].bytes == 3 * 1835008  # to 3 other ranks
     assert counting.moe_low_latency_bytes(4, 128, 7168, fp8=True) == 3 * 128 * 7392
     assert counting.moe_low_latency_row_bytes(200, fp8=True) == 200 + 4 * 2  # a partial 128-channel block
     assert counting.moe_low_latency_bytes(1, 128, 7168, fp8=False) == 0  # one rank sends to no other
@@ -256,36 +277,43 @@ def test_gpu_ep_bench_benches_the_low_latency_ops_and_prints_ratio_and_target(tm
     assert call is not None and all(op in call.group(0) for op in OPS)
     summary = re.search(r"<<'EOF'\n(.*?)\nEOF\n", text, re.S)
     assert summary is not None
-    times = {("moe_low_latency_dispatch", "torch"): 60.0, ("moe_low_latency_combine", "torch"): 45.0}
-    results = [{"op": op, "config": c.name, "backend": b, "status": "ok", "time_us": times.get((op, b), 80.0),
-                "gbps": 1.0, "params": dict(c.params)} for op, c in _ep("cuda").items()
-               for b in ("torch", "nccl_all_to_all")]
+    times = {("moe_low_latency_dispatch", "torch", 2): 60.0, ("moe_low_latency_combine", "torch", 2): 45.0,
+             ("moe_low_latency_dispatch", "torch", 4): 45.0, ("moe_low_latency_combine", "torch", 4): 55.0}
+    results = [{"op": op, "config": c.name, "backend": b, "status": "ok",
+                "time_us": times.get((op, b, world), 80.0), "gbps": 1.0, "params": dict(c.params)}
+               for world in (2, 4) for op, c in _ep("cuda", world).items() for b in ("torch", "nccl_all_to_all")]
     (tmp_path / "bench.json").write_text(json.dumps({"results": results}))
     env = {**os.environ, "PYTHONPATH": str(SCRIPT.parents[1])}
     done = subprocess.run([sys.executable, "-", str(tmp_path / "bench.json"), str(tmp_path / "ep.json")],
                           input=summary.group(1), text=True, capture_output=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
-    rows = {(r["op"], r["backend"]): r for r in json.loads((tmp_path / "ep.json").read_text())["rows"]}
-    dispatch, combine = rows[(ll.DISPATCH, "torch")], rows[(ll.COMBINE, "torch")]
+    rows = {(r["op"], r["config"][:3], r["backend"]): r for r in json.loads((tmp_path / "ep.json").read_text())["rows"]}
+    dispatch, combine = rows[(ll.DISPATCH, "ep2", "torch")], rows[(ll.COMBINE, "ep2", "torch")]
     assert dispatch["raw_over_backend"] == pytest.approx(80 / 60) and dispatch["target_us"] == 40.0
     assert dispatch["meets_target"] is False and combine["meets_target"] is True
-    assert rows[(ll.DISPATCH, "nccl_all_to_all")]["target_us"] is None
+    assert rows[(ll.DISPATCH, "ep2", "nccl_all_to_all")]["target_us"] is None
     assert "<=40 NO" in done.stdout and "<=50 yes" in done.stdout
+    dispatch, combine = rows[(ll.DISPATCH, "ep4", "torch")], rows[(ll.COMBINE, "ep4", "torch")]  # issue 15's
+    assert dispatch["target_us"] == combine["target_us"] == 50.0
+    assert dispatch["meets_target"] is True and combine["meets_target"] is False and "<=50 NO" in done.stdout
+    assert len(rows) == 8
 
 
 # ---- the 2-process configs, end to end -----------------------------------------------------------------------------
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_cpu_configs_run_on_two_gloo_processes_through_the_bench_runner() -> None:
-    configs = list(_ep("cpu").values())
+@pytest.mark.parametrize("world", [2, 4])
+def test_cpu_configs_run_on_gloo_processes_through_the_bench_runner(world: int) -> None:
+    configs = list(_ep("cpu", world).values())
     doc = run(Request(device=torch.device("cpu"), configs=configs, backends=["torch"], quick=True))
     by_key = {(r["op"], r["backend"]): r for r in doc["results"]}
     assert set(by_key) == {(op, b) for op in OPS for b in ("torch", "gloo_all_to_all")}
     for (op, _), r in by_key.items():
-        c = _ep("cpu")[op]
-        assert r["status"] == "ok" and r["bytes"] == c.bytes == 32 * counting.moe_low_latency_row_bytes(
-            256, fp8=op == ll.DISPATCH)
+        c = _ep("cpu", world)[op]
+        t_max = c.params["max_tokens_per_rank"]
+        row = counting.moe_low_latency_row_bytes(256, fp8=op == ll.DISPATCH)
+        assert r["status"] == "ok" and r["bytes"] == c.bytes == (world - 1) * t_max * row
         samples = r["timing"]["samples"]
         assert r["timing"]["method"] == "host_perf_counter_barrier_max_over_ranks"
         assert samples["n"] == doc["settings"]["samples"] and samples["median_us"] == r["time_us"] > 0

@@ -26,6 +26,30 @@ def test_gpu_moe_configs_cover_deepep_shapes_over_two_ranks_with_the_nccl_yardst
     shapes = {(c.op, c.params["tokens"], c.params["hidden"], c.params["topk"], c.params["num_experts"])
               for c in configs}
     assert {(op, t, 7168, 8, 256) for op in MOE for t in (4096, 128)} <= shapes
-    assert all(c.world_size == 2 and c.distributed is not None and c.ceiling == "nvlink_all_to_all"
-               for c in configs)
+    ep2 = [c for c in configs if c.world_size == 2]
+    assert {(c.op, c.params["tokens"]) for c in ep2} == {(op, t) for op in MOE for t in (4096, 128)}
+    assert all(c.name.startswith("ep2_") and c.distributed is not None and c.ceiling == "nvlink_all_to_all"
+               for c in ep2)
     assert ceilings.resolve("nvlink_all_to_all", "cuda") == "nvlink_all_to_all"
+
+
+def test_gpu_moe_configs_at_ep4_are_issue_15s_shapes_with_a_four_gpu_yardstick() -> None:
+    ep4 = [c for c in select("cuda", ops=MOE) if c.world_size == 4]
+    assert {(c.op, c.params["tokens"], c.params["hidden"], c.params["topk"], c.params["num_experts"])
+            for c in ep4} == {(op, t, 7168, 8, 256) for op in MOE for t in (4096, 128)}
+    assert all(c.name.startswith("ep4_") and c.params["world_size"] == 4 and c.distributed is not None
+               and c.ceiling == "nvlink_all_to_all_ep4" for c in ep4)
+    assert ceilings.resolve("nvlink_all_to_all_ep4", "cuda") == "nvlink_all_to_all_ep4"
+    assert {c.world_size for c in select("cuda", ops=MOE)} == {2, 4}
+
+
+def test_expected_cross_bytes_counts_each_other_rank_a_token_reaches_once() -> None:
+    from deepport.bench.configs.moe import EXPERTS, HIDDEN, TOPK, expected_cross_bytes, routing
+
+    # against the bench's own routing (DeepEP's): rank 0's (token, other rank) pairs with an expert there
+    for world in (2, 4, 8):
+        _, idx, _ = routing(4096, 8, EXPERTS, TOPK, seed=world, device=torch.device("cpu"))
+        dest = idx // (EXPERTS // world)
+        pairs = sum(int((dest == r).any(dim=1).sum()) for r in range(1, world))
+        assert expected_cross_bytes(4096, world) == pytest.approx(pairs * HIDDEN * 2, rel=0.02), world
+    assert expected_cross_bytes(128, 1) == 0.0

@@ -1,7 +1,8 @@
 """Bench configs for MoE dispatch and combine (DeepEP's shapes: 4096 tokens, hidden 7168, top-8 of 256
 experts; 128 tokens for latency), with raw NCCL ``all_to_all_single`` of the same bytes as the yardstick.
 
-- GPU configs run over 2 processes (one GPU each, NCCL; :func:`run_distributed`): per backend, one
+- GPU configs run over 2 processes (``ep2_*``, issue 14) or 4 (``ep4_*``, issue 15), one GPU each, NCCL
+  (:func:`run_distributed`); with fewer GPUs visible the runner skips them with the reason. Per backend, one
   checked call (every output of the backend equal, bit for bit, to the ``reference`` backend's on the
   same group and inputs: routes, counts, payload rows; combine within one bf16 rounding), then timing:
   a barrier, then CUDA events around each public call on every rank (``DEEPPORT_CHECK_VALUES=0``, as
@@ -11,7 +12,8 @@ experts; 128 tokens for latency), with raw NCCL ``all_to_all_single`` of the sam
   split sizes), reported as backend ``nccl_all_to_all``. Bytes counted (``benchmarks/README.md``): payload bytes
   this rank sends to other ranks (dispatch) or returns to them (combine), rank 0's figure.
 - The ceiling ``nvlink_all_to_all`` (registered here) is the microbenchmark of ``benchmarks/README.md``: NCCL
-  ``all_to_all_single`` of 4096 x 8 rows of 7168 bf16 over 2 GPUs, cross-GPU bytes / time.
+  ``all_to_all_single`` of 4096 x 8 rows of 7168 bf16 over 2 GPUs, cross-GPU bytes / time;
+  ``nvlink_all_to_all_ep4`` the same over 4 GPUs (the ``ep4_*`` configs' ceiling).
 - CPU configs (CI) are single-process (``group=None``: dispatch is a gather), checked by the suite's
   conformance case.
 """
@@ -140,7 +142,7 @@ def _worker(rank: int, spec: dict[str, Any], store: str, out_path: str) -> None:
 
     torch.cuda.set_device(rank)
     device = torch.device("cuda", rank)
-    dist.init_process_group("nccl", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    dist.init_process_group("nccl", init_method=f"file://{store}", rank=rank, world_size=spec["world_size"])
     group = dist.group.WORLD
     try:
         rows = _run_rank(rank, spec, device, group)
@@ -211,17 +213,18 @@ def _bench_backend(op: str, backend: str, inputs: tuple[torch.Tensor, torch.Tens
 
 
 def run_distributed(config: BenchConfig, request: Any) -> list[BenchResult]:
-    """Spawn ``WORLD`` NCCL processes, check and time every backend and the raw collective (module docstring)."""
+    """Spawn ``config.world_size`` NCCL processes, check and time every backend and the raw collective (module
+    docstring)."""
     from torch.multiprocessing.spawn import spawn
 
     from deepport.bench.runner import backends_for
 
     backends = backends_for(config, request)
     spec = {"op": config.op, "tokens": config.params["tokens"], "backends": backends, "seed": request.seed,
-            "samples": request.samples}
+            "samples": request.samples, "world_size": config.world_size}
     with tempfile.TemporaryDirectory(prefix="deepport-bench-moe-") as tmp:
         out_path = os.path.join(tmp, "rank0.json")
-        spawn(_worker, args=(spec, os.path.join(tmp, "store"), out_path), nprocs=WORLD, join=True)  # type: ignore[no-untyped-call]
+        spawn(_worker, args=(spec, os.path.join(tmp, "store"), out_path), nprocs=config.world_size, join=True)  # type: ignore[no-untyped-call]
         with open(out_path) as f:
             rows = json.load(f)
     found = []
@@ -236,28 +239,33 @@ def run_distributed(config: BenchConfig, request: Any) -> list[BenchResult]:
     return found
 
 
-def _nvlink_all_to_all(device: torch.device, quick: bool) -> tuple[float, dict[str, Any]]:
-    """The NVLink ceiling: all_to_all_single of 4096 x 8 rows of 7168 bf16 over 2 GPUs (cross-GPU bytes)."""
-    if device.type != "cuda" or torch.cuda.device_count() < WORLD:
-        raise RuntimeError(f"needs {WORLD} CUDA GPUs")
-    from torch.multiprocessing.spawn import spawn
+def nvlink_all_to_all(world: int) -> Callable[[torch.device, bool], tuple[float, dict[str, Any]]]:
+    """The NVLink ceiling over ``world`` GPUs: all_to_all_single of 4096 x 8 rows of 7168 bf16 per rank;
+    the rate counts the bytes each rank sends to the other GPUs ((world - 1) / world of its rows)."""
 
-    with tempfile.TemporaryDirectory(prefix="deepport-bench-a2a-") as tmp:
-        out_path = os.path.join(tmp, "rank0.json")
-        spawn(_ceiling_worker, args=(os.path.join(tmp, "store"), out_path, 7 if quick else 20), nprocs=WORLD,  # type: ignore[no-untyped-call]
-                 join=True)
-        with open(out_path) as f:
-            samples = json.load(f)
-    median = statistics.median(samples)
-    cross = 4096 * 8 // WORLD * HIDDEN * 2
-    return cross / median / 1e3, {"method": "cuda_events_barrier_max_over_ranks", "median_us": median}
+    def measure(device: torch.device, quick: bool) -> tuple[float, dict[str, Any]]:
+        if device.type != "cuda" or torch.cuda.device_count() < world:
+            raise RuntimeError(f"needs {world} CUDA GPUs")
+        from torch.multiprocessing.spawn import spawn
+
+        with tempfile.TemporaryDirectory(prefix="deepport-bench-a2a-") as tmp:
+            out_path = os.path.join(tmp, "rank0.json")
+            spawn(_ceiling_worker, args=(os.path.join(tmp, "store"), out_path, 7 if quick else 20, world),  # type: ignore[no-untyped-call]
+                  nprocs=world, join=True)
+            with open(out_path) as f:
+                samples = json.load(f)
+        median = statistics.median(samples)
+        cross = 4096 * 8 * (world - 1) // world * HIDDEN * 2
+        return cross / median / 1e3, {"method": "cuda_events_barrier_max_over_ranks", "median_us": median}
+
+    return measure
 
 
-def _ceiling_worker(rank: int, store: str, out_path: str, samples: int) -> None:
+def _ceiling_worker(rank: int, store: str, out_path: str, samples: int, world: int) -> None:
     import torch.distributed as dist
 
     torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    dist.init_process_group("nccl", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         rows = 4096 * 8
         send = torch.randn(rows, HIDDEN, device="cuda").to(torch.bfloat16)
@@ -270,32 +278,42 @@ def _ceiling_worker(rank: int, store: str, out_path: str, samples: int) -> None:
         dist.destroy_process_group()
 
 
-ceilings.CEILINGS.setdefault("nvlink_all_to_all", ceilings.Ceiling(
-    "nvlink_all_to_all", "GB/s", "NCCL all_to_all_single, 4096x8 rows of 7168 bf16, 2 GPUs, cross-GPU bytes / time",
-    _nvlink_all_to_all))
+CEILING_OF_WORLD = {2: "nvlink_all_to_all", 4: "nvlink_all_to_all_ep4"}  # the GPU configs' ceiling by group size
+for _world, _name in CEILING_OF_WORLD.items():
+    ceilings.CEILINGS.setdefault(_name, ceilings.Ceiling(
+        _name, "GB/s", f"NCCL all_to_all_single, 4096x8 rows of 7168 bf16 per rank, {_world} GPUs, "
+        "cross-GPU bytes / time", nvlink_all_to_all(_world)))
+
+# The suite case whose routing a GPU config's check follows (informational: the runner checks every backend
+# against the reference backend on the config's own inputs).
+CHECK_CASE_OF_WORLD = {
+    2: {"moe_dispatch": "world2_t1024_h7168_top8_of_256", "moe_combine": "world2_t1024_h7168_top8_of_256"},
+    4: {"moe_dispatch": "world4_uneven_duplicates", "moe_combine": "world4_empty_rank_hot_expert"},
+}
 
 
-def expected_cross_bytes(tokens: int) -> float:
-    """Expected payload bytes a rank sends to the other one: tokens with at least one of their ``TOPK``
-    distinct experts among the other rank's half (the run records the measured count)."""
-    local = EXPERTS // WORLD
+def expected_cross_bytes(tokens: int, world: int = WORLD) -> float:
+    """Expected payload bytes a rank sends to the other ``world - 1`` ranks: per other rank, its tokens with
+    at least one of their ``TOPK`` distinct experts among that rank's ``EXPERTS / world`` (the run records the
+    measured count)."""
+    local = EXPERTS // world
     p_none = 1.0
     for i in range(TOPK):
         p_none *= (EXPERTS - local - i) / (EXPERTS - i)
-    return tokens * (1.0 - p_none) * HIDDEN * 2
+    return tokens * (world - 1) * (1.0 - p_none) * HIDDEN * 2
 
 
-def _gpu(op: str, name: str, tokens: int) -> BenchConfig:
+def _gpu(op: str, name: str, tokens: int, world: int = WORLD) -> BenchConfig:
     return BenchConfig(name=name, op=op, params={"tokens_per_rank": tokens, "tokens": tokens, "hidden": HIDDEN,
-                                                 "num_experts": EXPERTS, "topk": TOPK, "world_size": WORLD},
-                       build=_no_local_build, flops=0.0, bytes=expected_cross_bytes(tokens),
-                       ceiling="nvlink_all_to_all",
-                       check_case=f"{op}/world2_t1024_h7168_top8_of_256", world_size=WORLD,
+                                                 "num_experts": EXPERTS, "topk": TOPK, "world_size": world},
+                       build=_no_local_build, flops=0.0, bytes=expected_cross_bytes(tokens, world),
+                       ceiling=CEILING_OF_WORLD[world],
+                       check_case=f"{op}/{CHECK_CASE_OF_WORLD[world][op]}", world_size=world,
                        distributed=run_distributed)
 
 
 def _no_local_build(device: torch.device, seed: int) -> Workload:
-    raise RuntimeError("a 2-process config runs through run_distributed")
+    raise RuntimeError("a multi-process config runs through run_distributed")
 
 
 def _cpu(op: str, name: str, tokens: int, experts: int, topk: int) -> BenchConfig:
@@ -311,6 +329,10 @@ CONFIGS: tuple[BenchConfig, ...] = (
     _gpu("moe_combine", "ep2_t4096_h7168_top8_of_256", 4096),
     _gpu("moe_dispatch", "ep2_t128_h7168_top8_of_256_latency", 128),
     _gpu("moe_combine", "ep2_t128_h7168_top8_of_256_latency", 128),
+    _gpu("moe_dispatch", "ep4_t4096_h7168_top8_of_256", 4096, world=4),
+    _gpu("moe_combine", "ep4_t4096_h7168_top8_of_256", 4096, world=4),
+    _gpu("moe_dispatch", "ep4_t128_h7168_top8_of_256_latency", 128, world=4),
+    _gpu("moe_combine", "ep4_t128_h7168_top8_of_256_latency", 128, world=4),
     _cpu("moe_dispatch", "cpu_t64_top4_of_16", 64, 16, 4),
     _cpu("moe_combine", "cpu_t64_top4_of_16", 64, 16, 4),
 )
