@@ -53,3 +53,29 @@ def test_expected_cross_bytes_counts_each_other_rank_a_token_reaches_once() -> N
         pairs = sum(int((dest == r).any(dim=1).sum()) for r in range(1, world))
         assert expected_cross_bytes(4096, world) == pytest.approx(pairs * HIDDEN * 2, rel=0.02), world
     assert expected_cross_bytes(128, 1) == 0.0
+
+
+def test_gpu_runners_spawn_one_process_per_rank_of_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the NCCL runners hand ``spawn`` (they run only on GPUs): the config's group size, told to every rank."""
+    import importlib
+
+    from deepport.bench.configs import moe
+
+    mp_spawn = importlib.import_module("torch.multiprocessing.spawn")  # the module (the package exports a function)
+
+    seen: list[tuple[int, object]] = []
+
+    def fake_spawn(fn: object, args: tuple[object, ...], nprocs: int, join: bool) -> None:
+        seen.append((nprocs, args[0]))
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(mp_spawn, "spawn", fake_spawn)
+    request = Request(device=torch.device("cuda"), configs=[], backends=["torch"], quick=True)
+    for world in (2, 4):
+        config = next(c for c in select("cuda", ops=MOE) if c.world_size == world)
+        with pytest.raises(RuntimeError, match="stop here"):
+            moe.run_distributed(config, request)
+        nprocs, spec = seen.pop()
+        assert nprocs == world and isinstance(spec, dict) and spec["world_size"] == world
+    with pytest.raises(RuntimeError, match="needs 4 CUDA GPUs"):
+        ceilings.CEILINGS["nvlink_all_to_all_ep4"].measure(torch.device("cpu"), True)
